@@ -1,0 +1,27 @@
+//! Compute kernels for lora-rs.
+//!
+//! This crate knows nothing of tensors or models: every kernel works on plain `f32` slices plus
+//! the dimensions that give them shape, so the tensor layer (`lora-core`) and a future CUDA twin
+//! can share one argument convention. Dimension legend used throughout:
+//!
+//! ```text
+//! N = tokens (batch * sequence), K = in features, M = out features, R = LoRA rank,
+//! C = channels, V = vocabulary, B = batch, T = sequence length, H = heads, D = head dim
+//! ```
+//!
+//! Conventions (after llm.c): forward is `(outputs, inputs and weights, dims)`; backward is
+//! `(gradients written, dout, what forward saved, ...)`, and backward *accumulates* (`+=`) into
+//! every gradient it writes, so gradient accumulation and residual fan-in are free. Every op keeps
+//! a naive `reference` implementation (in `f64`) beside the fast one; the tests use it as the
+//! oracle.
+
+pub mod error;
+pub mod gemm;
+pub mod lora_linear;
+pub mod ops;
+mod par;
+mod simd;
+pub mod rng;
+pub mod workload;
+
+pub use error::{KernelError, Result};

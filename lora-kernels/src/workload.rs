@@ -1,0 +1,116 @@
+//! Benchmark workloads shared by the criterion benches and `lora bench`: one LoRA linear layer's
+//! forward + backward on seeded random data, and the same layer with the adapter removed (the
+//! frozen-base baseline), plus a square GEMM for the machine's ceiling.
+//!
+//! FLOP counts are the multiply-adds of the formulas times two (useful work only): base forward
+//! `2NKM`, input gradient `2NKM`; the adapter adds `2NR(K + M)` in forward (shrink, expand) and
+//! `2NR(2K + 2M)` in backward (g, dB, dA, gA).
+
+use crate::gemm::{matmul, Par, Trans};
+use crate::lora_linear::{
+    lora_linear_backward, lora_linear_forward, BaseLinear, LinearDims, LinearGrads, LoraWeights,
+    WeightLayout,
+};
+use crate::rng::Rng;
+
+fn random(len: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
+    (0..len).map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * scale).collect()
+}
+
+/// One linear layer's buffers, ready to run forward + backward repeatedly.
+pub struct LinearWorkload {
+    /// Shape.
+    pub dims: LinearDims,
+    /// R; 0 means the frozen base layer alone.
+    pub rank: usize,
+    x: Vec<f32>,     // (N, K)
+    w: Vec<f32>,     // (M, K)
+    bias: Option<Vec<f32>>, // (M)
+    a: Vec<f32>,     // (R, K)
+    b: Vec<f32>,     // (M, R)
+    y: Vec<f32>,     // (N, M)
+    u: Vec<f32>,     // (N, R)
+    dy: Vec<f32>,    // (N, M)
+    dx: Vec<f32>,    // (N, K)
+    da: Vec<f32>,    // (R, K)
+    db: Vec<f32>,    // (M, R)
+}
+
+impl LinearWorkload {
+    /// Seeded random layer; `rank == 0` builds the base-only layer.
+    pub fn new(tokens: usize, inp: usize, out: usize, rank: usize, bias: bool, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let ws = 1.0 / (inp as f32).sqrt();
+        Self {
+            dims: LinearDims { tokens, inp, out },
+            rank,
+            x: random(tokens * inp, &mut rng, 1.0),
+            w: random(out * inp, &mut rng, ws),
+            bias: bias.then(|| random(out, &mut rng, 0.1)),
+            a: random(rank * inp, &mut rng, ws),
+            b: random(out * rank, &mut rng, 0.1),
+            y: vec![0.0; tokens * out],
+            u: vec![0.0; tokens * rank],
+            dy: random(tokens * out, &mut rng, 1.0),
+            dx: vec![0.0; tokens * inp],
+            da: vec![0.0; rank * inp],
+            db: vec![0.0; out * rank],
+        }
+    }
+
+    /// Useful FLOPs of one forward + backward.
+    pub fn flops(&self) -> f64 {
+        let LinearDims { tokens: n, inp: k, out: m } = self.dims;
+        let (n, k, m, r) = (n as f64, k as f64, m as f64, self.rank as f64);
+        4.0 * n * k * m + 2.0 * n * r * (3.0 * k + 3.0 * m)
+    }
+
+    /// Forward then backward (input gradient, and A/B gradients when there is an adapter).
+    pub fn step(&mut self) -> crate::Result<()> {
+        let base = BaseLinear { weight: &self.w, layout: WeightLayout::OutIn, bias: self.bias.as_deref() };
+        let lora = (self.rank > 0).then_some(LoraWeights {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            scale: 2.0,
+            dropout: None,
+        });
+        let u = (self.rank > 0).then_some(&mut self.u[..]);
+        lora_linear_forward(&mut self.y, u, &self.x, &base, lora.as_ref(), self.dims)?;
+        let has = self.rank > 0;
+        let grads = LinearGrads {
+            dx: Some(&mut self.dx),
+            dw: None,
+            dbias: None,
+            da: has.then_some(&mut self.da[..]),
+            db: has.then_some(&mut self.db[..]),
+        };
+        let u = has.then_some(&self.u[..]);
+        lora_linear_backward(grads, &self.dy, &self.x, &base, lora.as_ref(), u, self.dims)
+    }
+}
+
+/// A square `n x n x n` f32 GEMM: the machine's dense ceiling for comparison.
+pub struct GemmWorkload {
+    n: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl GemmWorkload {
+    /// Seeded random operands.
+    pub fn new(n: usize) -> Self {
+        let mut rng = Rng::new(1);
+        Self { n, a: random(n * n, &mut rng, 1.0), b: random(n * n, &mut rng, 1.0), c: vec![0.0; n * n] }
+    }
+    /// `2 n^3`.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n as f64).powi(3)
+    }
+    /// One product.
+    pub fn step(&mut self) -> crate::Result<()> {
+        let n = self.n;
+        matmul(&mut self.c, &self.a, Trans::No, &self.b, Trans::No, (n, n, n), 1.0, false, Par::Auto)
+    }
+}
