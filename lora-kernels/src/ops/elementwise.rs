@@ -1,0 +1,161 @@
+//! Elementwise ops: residual add, GELU (tanh approximation, as GPT-2's `gelu_new`), SiLU and
+//! SwiGLU (`silu(gate) * up`, Llama's MLP).
+
+use crate::error::{check_len, Result};
+use crate::par::for_row_blocks;
+
+/// Chunk length for parallel elementwise loops (treated as rows of one wide matrix).
+const CHUNK: usize = 4096;
+
+fn zip_map(op: &'static str, out: &mut [f32], ins: &[(&'static str, &[f32])], f: impl Fn(usize) -> f32 + Sync + Send) -> Result<()> {
+    for (name, x) in ins {
+        check_len(op, name, x.len(), &[out.len()])?;
+    }
+    let n = out.len();
+    let cols = CHUNK.min(n.max(1));
+    // Treat out as rows of `cols`; the last partial chunk is handled by the tail below.
+    let full = n / cols * cols;
+    let (head, tail) = out.split_at_mut(full);
+    for_row_blocks(head, cols, |row0, blk| {
+        let base = row0 * cols;
+        for (i, o) in blk.iter_mut().enumerate() {
+            *o = f(base + i);
+        }
+    });
+    for (i, o) in tail.iter_mut().enumerate() {
+        *o = f(full + i);
+    }
+    Ok(())
+}
+
+/// `out = a + b`.
+pub fn add_forward(out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
+    zip_map("add_forward", out, &[("a", a), ("b", b)], |i| a[i] + b[i])
+}
+
+/// `dst += src` (the backward of `add` for each operand, and gradient fan-in in general).
+pub fn accumulate(dst: &mut [f32], src: &[f32]) -> Result<()> {
+    check_len("accumulate", "src", src.len(), &[dst.len()])?;
+    let cols = CHUNK.min(dst.len().max(1));
+    let full = dst.len() / cols * cols;
+    let (head, tail) = dst.split_at_mut(full);
+    for_row_blocks(head, cols, |row0, blk| {
+        let base = row0 * cols;
+        for (i, d) in blk.iter_mut().enumerate() {
+            *d += src[base + i];
+        }
+    });
+    for (i, d) in tail.iter_mut().enumerate() {
+        *d += src[full + i];
+    }
+    Ok(())
+}
+
+const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_C: f32 = 0.044_715;
+
+#[inline]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (GELU_K * (x + GELU_C * x * x * x)).tanh())
+}
+
+#[inline]
+fn gelu_grad(x: f32) -> f32 {
+    let inner = GELU_K * (x + GELU_C * x * x * x);
+    let t = inner.tanh();
+    let sech2 = 1.0 - t * t;
+    0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `out = gelu_tanh(x)`.
+pub fn gelu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
+    zip_map("gelu_forward", out, &[("x", x)], |i| gelu(x[i]))
+}
+
+/// `dx += dout * gelu_tanh'(x)`.
+pub fn gelu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    check_len("gelu_backward", "x", x.len(), &[dx.len()])?;
+    check_len("gelu_backward", "dout", dout.len(), &[dx.len()])?;
+    let mut g = vec![0.0f32; dx.len()];
+    zip_map("gelu_backward", &mut g, &[], |i| dout[i] * gelu_grad(x[i]))?;
+    accumulate(dx, &g)
+}
+
+/// `out = x * sigmoid(x)`.
+pub fn silu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
+    zip_map("silu_forward", out, &[("x", x)], |i| x[i] * sigmoid(x[i]))
+}
+
+#[inline]
+fn silu_grad(x: f32) -> f32 {
+    let s = sigmoid(x);
+    s * (1.0 + x * (1.0 - s))
+}
+
+/// `dx += dout * silu'(x)`.
+pub fn silu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    check_len("silu_backward", "x", x.len(), &[dx.len()])?;
+    check_len("silu_backward", "dout", dout.len(), &[dx.len()])?;
+    let mut g = vec![0.0f32; dx.len()];
+    zip_map("silu_backward", &mut g, &[], |i| dout[i] * silu_grad(x[i]))?;
+    accumulate(dx, &g)
+}
+
+/// `out = silu(gate) * up` (all the same length).
+pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
+    zip_map("swiglu_forward", out, &[("gate", gate), ("up", up)], |i| gate[i] * sigmoid(gate[i]) * up[i])
+}
+
+/// `dgate += dout * up * silu'(gate)`, `dup += dout * silu(gate)`; either may be skipped.
+pub fn swiglu_backward(
+    dgate: Option<&mut [f32]>,
+    dup: Option<&mut [f32]>,
+    dout: &[f32],
+    gate: &[f32],
+    up: &[f32],
+) -> Result<()> {
+    const OP: &str = "swiglu_backward";
+    check_len(OP, "gate", gate.len(), &[dout.len()])?;
+    check_len(OP, "up", up.len(), &[dout.len()])?;
+    let mut tmp = vec![0.0f32; dout.len()];
+    if let Some(dg) = dgate {
+        check_len(OP, "dgate", dg.len(), &[dout.len()])?;
+        zip_map(OP, &mut tmp, &[], |i| dout[i] * up[i] * silu_grad(gate[i]))?;
+        accumulate(dg, &tmp)?;
+    }
+    if let Some(du) = dup {
+        check_len(OP, "dup", du.len(), &[dout.len()])?;
+        zip_map(OP, &mut tmp, &[], |i| dout[i] * gate[i] * sigmoid(gate[i]))?;
+        accumulate(du, &tmp)?;
+    }
+    Ok(())
+}
+
+/// `f64` oracles.
+pub mod reference {
+    /// GELU, tanh approximation.
+    pub fn gelu(x: f64) -> f64 {
+        let k = (2.0 / std::f64::consts::PI).sqrt();
+        0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh())
+    }
+    /// Its derivative.
+    pub fn gelu_grad(x: f64) -> f64 {
+        let k = (2.0 / std::f64::consts::PI).sqrt();
+        let t = (k * (x + 0.044715 * x.powi(3))).tanh();
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x)
+    }
+    /// SiLU.
+    pub fn silu(x: f64) -> f64 {
+        x / (1.0 + (-x).exp())
+    }
+    /// Its derivative.
+    pub fn silu_grad(x: f64) -> f64 {
+        let s = 1.0 / (1.0 + (-x).exp());
+        s * (1.0 + x * (1.0 - s))
+    }
+}

@@ -1,0 +1,43 @@
+//! Test helpers: seeded data, f32/f64 conversion, error metrics and central finite differences.
+#![allow(dead_code)]
+
+use lora_kernels::rng::Rng;
+
+/// Seeded uniform values in `[-scale, scale)`.
+pub fn rand_vec(len: usize, seed: u64, scale: f64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..len).map(|_| r.uniform_range(-scale, scale) as f32).collect()
+}
+
+pub fn f64s(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// `max |got - want| / max(max |want|, floor)`: error relative to the tensor's scale.
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs())) / scale
+}
+
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
+}
+
+/// Gradient of `L(x) = sum_i f(x)_i * w_i` with respect to `x`, by central differences in f64.
+pub fn fd_grad(x: &[f64], w: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+    let h = 1e-5;
+    let mut xp = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = xp[i];
+            xp[i] = orig + h;
+            let lp: f64 = f(&xp).iter().zip(w).map(|(a, b)| a * b).sum();
+            xp[i] = orig - h;
+            let lm: f64 = f(&xp).iter().zip(w).map(|(a, b)| a * b).sum();
+            xp[i] = orig;
+            (lp - lm) / (2.0 * h)
+        })
+        .collect()
+}

@@ -1,0 +1,204 @@
+//! Every transformer op: the fast forward against its f64 oracle on random shapes (proptest),
+//! and the fast backward against central finite differences of the f64 oracle's forward.
+//!
+//! Bounds (relative to the tensor's max magnitude): elementwise, embedding, RoPE 1e-6 forward /
+//! 1e-5 backward; norms 1e-5 / 5e-5; attention 1e-5 / 5e-5; cross-entropy 1e-5 / 1e-5.
+
+mod common;
+use common::*;
+use lora_kernels::ops::attention::{self, attention_backward, attention_forward, AttnDims};
+use lora_kernels::ops::cross_entropy::{self, cross_entropy_backward, cross_entropy_forward};
+use lora_kernels::ops::elementwise::{self as ew, *};
+use lora_kernels::ops::embedding::{self, embedding_backward, embedding_forward};
+use lora_kernels::ops::norm::{self, *};
+use lora_kernels::ops::rope::{self, rope_backward, rope_forward, rope_inv_freq, rope_tables};
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn embedding_gather_and_scatter(n in 1usize..50, v in 1usize..20, c in 1usize..40, seed in any::<u64>()) {
+        let table = rand_vec(v * c, seed, 1.0);
+        let ids: Vec<u32> = rand_vec(n, seed ^ 1, 1.0).iter().map(|x| ((x.abs() * 1000.0) as u32) % v as u32).collect();
+        let mut out = vec![f32::NAN; n * c];
+        embedding_forward(&mut out, &table, &ids, c).unwrap();
+        assert_close("embedding", &out, &embedding::reference::forward(&f64s(&table), &ids, c), 0.0);
+        let dout = rand_vec(n * c, seed ^ 2, 1.0);
+        let mut dt = vec![0.0; v * c];
+        embedding_backward(&mut dt, &dout, &ids, c).unwrap();
+        let fd = fd_grad(&f64s(&table), &f64s(&dout), |t| embedding::reference::forward(t, &ids, c));
+        assert_close("dtable", &dt, &fd, 1e-5);
+    }
+
+    #[test]
+    fn elementwise_ops(len in 1usize..5000, seed in any::<u64>()) {
+        let x = rand_vec(len, seed, 4.0);
+        let y = rand_vec(len, seed ^ 1, 4.0);
+        let dout = rand_vec(len, seed ^ 2, 1.0);
+        let x64 = f64s(&x);
+        let mut out = vec![f32::NAN; len];
+        add_forward(&mut out, &x, &y).unwrap();
+        assert_close("add", &out, &x64.iter().zip(f64s(&y)).map(|(a, b)| a + b).collect::<Vec<_>>(), 1e-7);
+        let mut acc = y.clone();
+        accumulate(&mut acc, &x).unwrap();
+        assert_close("accumulate", &acc, &x64.iter().zip(f64s(&y)).map(|(a, b)| a + b).collect::<Vec<_>>(), 1e-7);
+
+        gelu_forward(&mut out, &x).unwrap();
+        assert_close("gelu", &out, &x64.iter().map(|&v| ew::reference::gelu(v)).collect::<Vec<_>>(), 1e-6);
+        let mut dx = vec![0.0; len];
+        gelu_backward(&mut dx, &dout, &x).unwrap();
+        let fd = fd_grad(&x64, &f64s(&dout), |v| v.iter().map(|&t| ew::reference::gelu(t)).collect());
+        assert_close("gelu'", &dx, &fd, 1e-5);
+
+        silu_forward(&mut out, &x).unwrap();
+        assert_close("silu", &out, &x64.iter().map(|&v| ew::reference::silu(v)).collect::<Vec<_>>(), 1e-6);
+        let mut dx = vec![0.0; len];
+        silu_backward(&mut dx, &dout, &x).unwrap();
+        let fd = fd_grad(&x64, &f64s(&dout), |v| v.iter().map(|&t| ew::reference::silu(t)).collect());
+        assert_close("silu'", &dx, &fd, 1e-5);
+    }
+
+    #[test]
+    fn swiglu(len in 1usize..3000, seed in any::<u64>()) {
+        let g = rand_vec(len, seed, 4.0);
+        let u = rand_vec(len, seed ^ 1, 2.0);
+        let dout = rand_vec(len, seed ^ 2, 1.0);
+        let (g64, u64_) = (f64s(&g), f64s(&u));
+        let f = |g: &[f64], u: &[f64]| g.iter().zip(u).map(|(a, b)| ew::reference::silu(*a) * b).collect::<Vec<_>>();
+        let mut out = vec![f32::NAN; len];
+        swiglu_forward(&mut out, &g, &u).unwrap();
+        assert_close("swiglu", &out, &f(&g64, &u64_), 1e-6);
+        let (mut dg, mut du) = (vec![0.0; len], vec![0.0; len]);
+        swiglu_backward(Some(&mut dg), Some(&mut du), &dout, &g, &u).unwrap();
+        assert_close("dgate", &dg, &fd_grad(&g64, &f64s(&dout), |v| f(v, &u64_)), 1e-5);
+        assert_close("dup", &du, &fd_grad(&u64_, &f64s(&dout), |v| f(&g64, v)), 1e-5);
+    }
+
+    #[test]
+    fn layernorm(n in 1usize..12, c in 2usize..70, beta in any::<bool>(), seed in any::<u64>()) {
+        let x = rand_vec(n * c, seed, 3.0);
+        let gm = rand_vec(c, seed ^ 1, 1.5);
+        let bt = rand_vec(c, seed ^ 2, 1.0);
+        let dout = rand_vec(n * c, seed ^ 3, 1.0);
+        let eps = 1e-5;
+        let (x64, g64, b64) = (f64s(&x), f64s(&gm), f64s(&bt));
+        let bopt = beta.then_some(&b64[..]);
+        let (mut out, mut mean, mut rstd) = (vec![f32::NAN; n * c], vec![0.0; n], vec![0.0; n]);
+        layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &gm, beta.then_some(&bt[..]), c, eps).unwrap();
+        assert_close("layernorm", &out, &norm::reference::layernorm(&x64, &g64, bopt, c, eps as f64), 1e-5);
+        let (mut dx, mut dg, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        layernorm_backward(Some(&mut dx), Some(&mut dg), Some(&mut db), &dout, &x, &gm, &mean, &rstd, c).unwrap();
+        let w = f64s(&dout);
+        assert_close("ln dx", &dx, &fd_grad(&x64, &w, |v| norm::reference::layernorm(v, &g64, bopt, c, eps as f64)), 5e-5);
+        assert_close("ln dgamma", &dg, &fd_grad(&g64, &w, |v| norm::reference::layernorm(&x64, v, bopt, c, eps as f64)), 5e-5);
+        assert_close("ln dbeta", &db, &fd_grad(&b64, &w, |v| norm::reference::layernorm(&x64, &g64, Some(v), c, eps as f64)), 5e-5);
+    }
+
+    #[test]
+    fn rmsnorm(n in 1usize..12, c in 1usize..70, seed in any::<u64>()) {
+        let x = rand_vec(n * c, seed, 3.0);
+        let gm = rand_vec(c, seed ^ 1, 1.5);
+        let dout = rand_vec(n * c, seed ^ 3, 1.0);
+        let eps = 1e-6;
+        let (x64, g64) = (f64s(&x), f64s(&gm));
+        let (mut out, mut rstd) = (vec![f32::NAN; n * c], vec![0.0; n]);
+        rmsnorm_forward(&mut out, &mut rstd, &x, &gm, c, eps).unwrap();
+        assert_close("rmsnorm", &out, &norm::reference::rmsnorm(&x64, &g64, c, eps as f64), 1e-5);
+        let (mut dx, mut dg) = (vec![0.0; n * c], vec![0.0; c]);
+        rmsnorm_backward(Some(&mut dx), Some(&mut dg), &dout, &x, &gm, &rstd, c).unwrap();
+        let w = f64s(&dout);
+        assert_close("rms dx", &dx, &fd_grad(&x64, &w, |v| norm::reference::rmsnorm(v, &g64, c, eps as f64)), 5e-5);
+        assert_close("rms dgamma", &dg, &fd_grad(&g64, &w, |v| norm::reference::rmsnorm(&x64, v, c, eps as f64)), 5e-5);
+    }
+
+    #[test]
+    fn rope_rotate_half(n in 1usize..10, h in 1usize..4, half in 1usize..12, seed in any::<u64>()) {
+        let d = 2 * half;
+        let x = rand_vec(n * h * d, seed, 1.0);
+        let dout = rand_vec(n * h * d, seed ^ 1, 1.0);
+        let positions: Vec<u32> = (0..n as u32).map(|p| (p * 7 + 3) % 40).collect();
+        let inv = rope_inv_freq(d, 10000.0);
+        let (cos, sin) = rope_tables(&inv, 40);
+        let mut out = vec![f32::NAN; x.len()];
+        rope_forward(&mut out, &x, &cos, &sin, &positions, h, d).unwrap();
+        assert_close("rope", &out, &rope::reference::forward(&f64s(&x), &inv, &positions, h, d), 1e-6);
+        let mut dx = vec![0.0; x.len()];
+        rope_backward(&mut dx, &dout, &cos, &sin, &positions, h, d).unwrap();
+        let fd = fd_grad(&f64s(&x), &f64s(&dout), |v| rope::reference::forward(v, &inv, &positions, h, d));
+        assert_close("rope dx", &dx, &fd, 1e-5);
+    }
+
+    #[test]
+    fn causal_gqa_attention(b in 1usize..3, t in 1usize..9, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, seed in any::<u64>()) {
+        let d = AttnDims { batch: b, seq: t, q_heads: hkv * rep, kv_heads: hkv, head_dim: hd };
+        let hq = hkv * rep;
+        let q = rand_vec(b * t * hq * hd, seed, 1.0);
+        let k = rand_vec(b * t * hkv * hd, seed ^ 1, 1.0);
+        let v = rand_vec(b * t * hkv * hd, seed ^ 2, 1.0);
+        let dout = rand_vec(q.len(), seed ^ 3, 1.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (mut out, mut att) = (vec![f32::NAN; q.len()], vec![f32::NAN; b * hq * t * t]);
+        attention_forward(&mut out, &mut att, &q, &k, &v, d, scale).unwrap();
+        let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
+        let f = |q: &[f64], k: &[f64], v: &[f64]| attention::reference::forward(q, k, v, d, scale as f64);
+        assert_close("attention", &out, &f(&q64, &k64, &v64), 1e-5);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &att, &q, &k, &v, d, scale).unwrap();
+        let w = f64s(&dout);
+        assert_close("dq", &dq, &fd_grad(&q64, &w, |x| f(x, &k64, &v64)), 5e-5);
+        assert_close("dk", &dk, &fd_grad(&k64, &w, |x| f(&q64, x, &v64)), 5e-5);
+        assert_close("dv", &dv, &fd_grad(&v64, &w, |x| f(&q64, &k64, x)), 5e-5);
+    }
+
+    #[test]
+    fn cross_entropy_with_ignored_targets(n in 1usize..20, v in 1usize..60, seed in any::<u64>()) {
+        let logits = rand_vec(n * v, seed, 5.0);
+        let targets: Vec<i32> = rand_vec(n, seed ^ 1, 1.0).iter().map(|x| {
+            let t = ((x.abs() * 1000.0) as i32) % (v as i32 + 1);
+            if t == v as i32 { -100 } else { t }
+        }).collect();
+        let mut lse = vec![0.0; n];
+        let (loss, count) = cross_entropy_forward(&mut lse, &logits, &targets, v).unwrap();
+        prop_assert_eq!(count, targets.iter().filter(|&&t| t >= 0).count());
+        let l64 = f64s(&logits);
+        let want = cross_entropy::reference::forward(&l64, &targets, v);
+        prop_assert!(((loss as f64) - want).abs() <= 1e-5 * want.abs().max(1.0), "{} vs {}", loss, want);
+        let mut dl = vec![0.0; n * v];
+        cross_entropy_backward(&mut dl, 1.0, &logits, &lse, &targets, v, count).unwrap();
+        let fd = fd_grad(&l64, &[1.0], |z| vec![cross_entropy::reference::forward(z, &targets, v)]);
+        assert_close("dlogits", &dl, &fd, 1e-5);
+    }
+}
+
+#[test]
+fn out_of_range_indices_are_named_errors() {
+    let e = embedding_forward(&mut [0.0; 2], &[0.0; 4], &[5], 2).unwrap_err();
+    assert!(e.to_string().contains("`ids`[0] = 5"), "{e}");
+    let e = cross_entropy_forward(&mut [0.0; 1], &[0.0; 3], &[3], 3).unwrap_err();
+    assert!(e.to_string().contains("`targets`[0] = 3"), "{e}");
+    let (cos, sin) = rope_tables(&rope_inv_freq(4, 10000.0), 2);
+    let e = rope_forward(&mut [0.0; 4], &[0.0; 4], &cos, &sin, &[2], 1, 4).unwrap_err();
+    assert!(e.to_string().contains("`positions`[0] = 2"), "{e}");
+    let d = AttnDims { batch: 1, seq: 1, q_heads: 3, kv_heads: 2, head_dim: 1 };
+    let e = attention_forward(&mut [0.0; 3], &mut [0.0; 3], &[0.0; 3], &[0.0; 2], &[0.0; 2], d, 1.0).unwrap_err();
+    assert!(e.to_string().contains("kv_heads"), "{e}");
+}
+
+#[test]
+fn large_attention_and_norms_run_in_parallel_paths() {
+    // Shapes above the parallel thresholds, checked against the oracle.
+    let d = AttnDims { batch: 2, seq: 64, q_heads: 4, kv_heads: 2, head_dim: 16 };
+    let q = rand_vec(2 * 64 * 4 * 16, 1, 1.0);
+    let k = rand_vec(2 * 64 * 2 * 16, 2, 1.0);
+    let v = rand_vec(2 * 64 * 2 * 16, 3, 1.0);
+    let (mut out, mut att) = (vec![0.0; q.len()], vec![0.0; 2 * 4 * 64 * 64]);
+    attention_forward(&mut out, &mut att, &q, &k, &v, d, 0.25).unwrap();
+    assert_close("attention", &out, &attention::reference::forward(&f64s(&q), &f64s(&k), &f64s(&v), d, 0.25), 1e-5);
+    let (n, c) = (300, 257);
+    let x = rand_vec(n * c, 4, 2.0);
+    let g = rand_vec(c, 5, 1.0);
+    let (mut o, mut rs) = (vec![0.0; n * c], vec![0.0; n]);
+    rmsnorm_forward(&mut o, &mut rs, &x, &g, c, 1e-6).unwrap();
+    assert_close("rmsnorm", &o, &norm::reference::rmsnorm(&f64s(&x), &f64s(&g), c, 1e-6), 1e-5);
+}
