@@ -1,0 +1,304 @@
+//! The tape: ops append a [`Node`] as they run; [`Tape::backward`] walks the nodes in reverse.
+//!
+//! This file is the one place that maps each primitive op to its local gradient
+//! ([`backward_node`]); composites (a transformer block, a model) are written in these
+//! primitives and need no rule of their own. What each op's backward needs is saved in its
+//! [`Op`] variant, next to the forward in `ops.rs` that fills it.
+//!
+//! Frozen tensors (`requires_grad == false`) never get a gradient buffer, and the linear op is
+//! told which of its inputs need one, so a frozen weight also costs no weight-gradient GEMM.
+
+use crate::error::{CoreError, Result};
+use crate::tensor::Tensor;
+use lora_kernels::lora_linear::{lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightLayout};
+use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Saved state of the adapter part of a linear op.
+pub(crate) struct LoraSaved {
+    pub rank: usize,
+    pub scale: f32,
+    pub dropout: Option<Dropout>,
+    pub u: Vec<f32>, // (N, R)
+}
+
+/// A recorded op and what its backward reads. Input order is given per variant.
+pub(crate) enum Op {
+    /// inputs: [a, b]
+    Add,
+    /// inputs: [x, w, (bias), (lora_a, lora_b)]
+    Linear { layout: WeightLayout, has_bias: bool, dims: LinearDims, lora: Option<LoraSaved> },
+    /// inputs: [x]
+    Gelu,
+    /// inputs: [x]
+    Silu,
+    /// inputs: [gate, up]
+    SwiGlu,
+    /// inputs: [x, gamma, (beta)]
+    LayerNorm { mean: Vec<f32>, rstd: Vec<f32> },
+    /// inputs: [x, gamma]
+    RmsNorm { rstd: Vec<f32> },
+    /// inputs: [table]
+    Embedding { ids: Vec<u32> },
+    /// inputs: [x]
+    Rope { cos: Arc<Vec<f32>>, sin: Arc<Vec<f32>>, positions: Vec<u32>, heads: usize, head_dim: usize },
+    /// inputs: [q, k, v]
+    Attention { att: Vec<f32>, dims: attention::AttnDims, scale: f32 },
+    /// inputs: [logits]
+    CrossEntropy { lse: Vec<f32>, targets: Vec<i32>, count: usize },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Add => "add",
+            Op::Linear { .. } => "lora_linear",
+            Op::Gelu => "gelu",
+            Op::Silu => "silu",
+            Op::SwiGlu => "swiglu",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Embedding { .. } => "embedding",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::CrossEntropy { .. } => "cross_entropy",
+        }
+    }
+}
+
+struct Node {
+    op: Op,
+    inputs: Vec<Tensor>,
+    output: Tensor,
+}
+
+/// Records ops for one forward pass and runs their backward.
+///
+/// A tape made with [`Tape::new`] records and applies dropout (training); one made with
+/// [`Tape::inference`] records nothing and disables dropout. Dropout masks are drawn from the
+/// tape's seed in op order, so the same seed and the same graph give the same masks.
+pub struct Tape {
+    nodes: RefCell<Vec<Node>>,
+    training: bool,
+    seed: u64,
+    draws: Cell<u64>,
+}
+
+impl Tape {
+    /// A recording (training) tape whose dropout masks derive from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { nodes: RefCell::new(Vec::new()), training: true, seed, draws: Cell::new(0) }
+    }
+
+    /// A non-recording tape: no graph is kept, dropout is off.
+    pub fn inference() -> Self {
+        Self { nodes: RefCell::new(Vec::new()), training: false, seed: 0, draws: Cell::new(0) }
+    }
+
+    /// Whether ops are recorded and dropout applied.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// Whether nothing has been recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Names of the recorded ops, in order (for inspection and tests).
+    pub fn op_names(&self) -> Vec<&'static str> {
+        self.nodes.borrow().iter().map(|n| n.op.name()).collect()
+    }
+
+    /// A fresh seed for the next random op (dropout), deterministic in op order.
+    pub(crate) fn next_seed(&self) -> u64 {
+        let k = self.draws.get();
+        self.draws.set(k + 1);
+        lora_kernels::rng::splitmix64(self.seed ^ lora_kernels::rng::splitmix64(k))
+    }
+
+    /// Appends a node when training and the output needs a gradient.
+    pub(crate) fn record(&self, op: Op, inputs: Vec<Tensor>, output: &Tensor) {
+        if self.training && output.requires_grad() {
+            self.nodes.borrow_mut().push(Node { op, inputs, output: output.clone() });
+        }
+    }
+
+    /// Reverse pass from a scalar `loss`. Returns the gradients of the leaf tensors that require
+    /// them (parameters); intermediate gradients are freed as soon as they are consumed. The tape
+    /// is emptied (its saved activations are released).
+    pub fn backward(&self, loss: &Tensor) -> Result<Gradients> {
+        if loss.numel() != 1 {
+            return Err(CoreError::NotScalar(loss.shape().to_vec()));
+        }
+        let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
+        let mut grads: HashMap<u64, Vec<f32>> = HashMap::new();
+        if loss.requires_grad() {
+            grads.insert(loss.id(), vec![1.0]);
+        }
+        for node in nodes.into_iter().rev() {
+            let Some(dout) = grads.remove(&node.output.id()) else { continue };
+            // One buffer per input that needs a gradient: the accumulated one if it exists.
+            let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
+            for (i, t) in node.inputs.iter().enumerate() {
+                if !t.requires_grad() {
+                    bufs.push(None);
+                    continue;
+                }
+                let dup = node.inputs[..i].iter().any(|p| p.id() == t.id());
+                let buf = if dup { None } else { grads.remove(&t.id()) };
+                bufs.push(Some(buf.unwrap_or_else(|| vec![0.0; t.numel()])));
+            }
+            backward_node(&node.op, &node.inputs, &dout, &mut bufs)?;
+            for (t, buf) in node.inputs.iter().zip(bufs) {
+                if let Some(b) = buf {
+                    match grads.get_mut(&t.id()) {
+                        Some(g) => lora_kernels::ops::elementwise::accumulate(g, &b)?,
+                        None => {
+                            grads.insert(t.id(), b);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Gradients { map: grads })
+    }
+}
+
+/// Gradients of the parameters, keyed by tensor.
+#[derive(Debug, Default)]
+pub struct Gradients {
+    map: HashMap<u64, Vec<f32>>,
+}
+
+impl Gradients {
+    /// The gradient of `t`, if it required one and the loss depends on it.
+    pub fn get(&self, t: &Tensor) -> Option<&[f32]> {
+        self.map.get(&t.id()).map(|v| v.as_slice())
+    }
+    /// Removes and returns the gradient of `t`.
+    pub fn take(&mut self, t: &Tensor) -> Option<Vec<f32>> {
+        self.map.remove(&t.id())
+    }
+    /// Number of gradient buffers held (one per parameter reached by the loss).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Whether no gradient was produced.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    /// Adds `other` into `self` (gradient accumulation over micro-batches).
+    pub fn accumulate(&mut self, other: Gradients) -> Result<()> {
+        for (id, g) in other.map {
+            match self.map.get_mut(&id) {
+                Some(mine) => lora_kernels::ops::elementwise::accumulate(mine, &g)?,
+                None => {
+                    self.map.insert(id, g);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The local gradient of every op: accumulates into `bufs[i]` for each input `i` that needs one.
+fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Vec<f32>>]) -> Result<()> {
+    let data: Vec<_> = inputs.iter().map(|t| t.data()).collect();
+    // Split the buffers so several inputs' gradients can be borrowed mutably at once.
+    let mut slots: Vec<Option<&mut [f32]>> = bufs.iter_mut().map(|b| b.as_deref_mut()).collect();
+    let mut take = |i: usize| slots.get_mut(i).and_then(|s| s.take());
+    match op {
+        Op::Add => {
+            for i in 0..2 {
+                if let Some(g) = take(i) {
+                    elementwise::accumulate(g, dout)?;
+                }
+            }
+        }
+        Op::Linear { layout, has_bias, dims, lora } => {
+            let bias_idx = has_bias.then_some(2);
+            let a_idx = if *has_bias { 3 } else { 2 };
+            let base = BaseLinear { weight: &data[1], layout: *layout, bias: bias_idx.map(|i| &data[i][..]) };
+            let lw = lora.as_ref().map(|l| LoraWeights {
+                a: &data[a_idx],
+                b: &data[a_idx + 1],
+                rank: l.rank,
+                scale: l.scale,
+                dropout: l.dropout,
+            });
+            let grads = LinearGrads {
+                dx: take(0),
+                dw: take(1),
+                dbias: bias_idx.and_then(&mut take),
+                da: if lora.is_some() { take(a_idx) } else { None },
+                db: if lora.is_some() { take(a_idx + 1) } else { None },
+            };
+            lora_linear_backward(grads, dout, &data[0], &base, lw.as_ref(), lora.as_ref().map(|l| &l.u[..]), *dims)?;
+        }
+        Op::Gelu => {
+            if let Some(g) = take(0) {
+                elementwise::gelu_backward(g, dout, &data[0])?;
+            }
+        }
+        Op::Silu => {
+            if let Some(g) = take(0) {
+                elementwise::silu_backward(g, dout, &data[0])?;
+            }
+        }
+        Op::SwiGlu => {
+            let (dg, du) = (take(0), take(1));
+            elementwise::swiglu_backward(dg, du, dout, &data[0], &data[1])?;
+        }
+        Op::LayerNorm { mean, rstd } => {
+            let c = inputs[0].last_dim();
+            let (dx, dg, db) = (take(0), take(1), take(2));
+            norm::layernorm_backward(dx, dg, db, dout, &data[0], &data[1], mean, rstd, c)?;
+        }
+        Op::RmsNorm { rstd } => {
+            let c = inputs[0].last_dim();
+            let (dx, dg) = (take(0), take(1));
+            norm::rmsnorm_backward(dx, dg, dout, &data[0], &data[1], rstd, c)?;
+        }
+        Op::Embedding { ids } => {
+            if let Some(g) = take(0) {
+                embedding::embedding_backward(g, dout, ids, inputs[0].last_dim())?;
+            }
+        }
+        Op::Rope { cos, sin, positions, heads, head_dim } => {
+            if let Some(g) = take(0) {
+                rope::rope_backward(g, dout, cos, sin, positions, *heads, *head_dim)?;
+            }
+        }
+        Op::Attention { att, dims, scale } => {
+            // The kernel writes all three; an input that needs no gradient gets a scratch buffer.
+            let mut scratch: [Vec<f32>; 3] = Default::default();
+            let gs = [take(0), take(1), take(2)];
+            for (i, g) in gs.iter().enumerate() {
+                if g.is_none() {
+                    scratch[i] = vec![0.0; inputs[i].numel()];
+                }
+            }
+            let [s0, s1, s2] = &mut scratch;
+            let [g0, g1, g2] = gs;
+            let dq = g0.unwrap_or(&mut s0[..]);
+            let dk = g1.unwrap_or(&mut s1[..]);
+            let dv = g2.unwrap_or(&mut s2[..]);
+            attention::attention_backward(dq, dk, dv, dout, att, &data[0], &data[1], &data[2], *dims, *scale)?;
+        }
+        Op::CrossEntropy { lse, targets, count } => {
+            if let Some(g) = take(0) {
+                let v = inputs[0].last_dim();
+                cross_entropy::cross_entropy_backward(g, dout[0], &data[0], lse, targets, v, *count)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The error type of lora-core: structured fields (op, tensor, shapes, field names) so callers
+//! can print a message that says what was wrong and where.
+
+use lora_kernels::KernelError;
+
+/// Errors from tensor ops, autograd and LoRA layers.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// A kernel rejected its arguments.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// Tensor shapes do not fit an op.
+    #[error("{op}: {what} has shape {got:?}, expected {expected}")]
+    Shape {
+        /// The op.
+        op: &'static str,
+        /// Which operand.
+        what: &'static str,
+        /// Its shape.
+        got: Vec<usize>,
+        /// What was expected, in words.
+        expected: String,
+    },
+    /// A data buffer does not hold `product(shape)` values.
+    #[error("tensor data has {len} values but shape {shape:?} needs {needed}")]
+    DataLength {
+        /// Values given.
+        len: usize,
+        /// Shape asked for.
+        shape: Vec<usize>,
+        /// Values needed.
+        needed: usize,
+    },
+    /// The CUDA backend is not built yet.
+    #[error("device {0}: CUDA backend not available yet (this build runs on the CPU only; use --device cpu)")]
+    CudaUnavailable(String),
+    /// A device name could not be parsed.
+    #[error("unknown device `{0}` (expected cpu, cuda or cuda:N)")]
+    BadDevice(String),
+    /// `backward` reached an op that has no backward rule.
+    #[error("op `{0}` has no backward rule")]
+    NoBackward(&'static str),
+    /// `backward` was called on something that is not a scalar.
+    #[error("backward needs a scalar loss, got shape {0:?}")]
+    NotScalar(Vec<usize>),
+    /// A NaN or infinity where finite values are required.
+    #[error("{what}: non-finite value {value} at index {index}")]
+    NonFinite {
+        /// What was being computed or checked.
+        what: String,
+        /// First offending index.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A configuration field is out of range.
+    #[error("invalid config field `{field}`: {reason}")]
+    InvalidConfig {
+        /// The field name as the user writes it.
+        field: &'static str,
+        /// What is allowed.
+        reason: String,
+    },
+    /// An operation that needs an unmerged (or merged) layer.
+    #[error("{0}")]
+    MergeState(&'static str),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, CoreError>;
+
+/// Checks a buffer for NaN/inf, naming `what` and the first bad index.
+pub fn check_finite(what: impl Into<String>, data: &[f32]) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(CoreError::NonFinite { what: what.into(), index: i, value: data[i] }),
+    }
+}

@@ -1,0 +1,166 @@
+//! The tape against finite differences through a composite graph that uses every op, and the
+//! bookkeeping rules (shared inputs, accumulation, non-scalar losses).
+//!
+//! The graph runs in f32, so the check uses central differences with h = 1e-2 on a loss of
+//! order 1 and compares each gradient tensor with relative error (to its max magnitude) <= 2e-2.
+
+use lora_core::lora::WeightLayout;
+use lora_core::ops::{self, LoraArgs, RopeTables};
+use lora_core::{Gradients, LoraConfig, LoraLinear, Tape, Tensor};
+use lora_kernels::ops::rope::rope_inv_freq;
+use lora_kernels::rng::Rng;
+
+fn rand(len: usize, seed: u64, s: f64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..len).map(|_| r.uniform_range(-s, s) as f32).collect()
+}
+
+struct Graph {
+    params: Vec<Tensor>,
+}
+
+const B: usize = 2;
+const T: usize = 5;
+const C: usize = 8;
+const V: usize = 11;
+
+impl Graph {
+    fn new() -> Self {
+        let shapes: [&[usize]; 13] = [
+            &[V, C],     // 0 embedding
+            &[C],        // 1 ln gamma
+            &[C],        // 2 ln beta
+            &[4, C],     // 3 lora A for q (rank 4)
+            &[C, 4],     // 4 lora B for q
+            &[C],        // 5 rms gamma
+            &[2, C],     // 6 A for mlp up (rank 2)
+            &[2 * C, 2], // 7 B for mlp up
+            &[2 * C, C], // 8 trainable down proj (InOut layout: (in, out))
+            &[C],        // 9 down bias (trainable)
+            &[2 * C, C], // 10 gate weight (trainable, OutIn)
+            &[C, C],     // 11 frozen k/v weights are built inline; this one is the lm head (trainable)
+            &[C],        // 12 final norm gamma
+        ];
+        let params = shapes.iter().enumerate().map(|(i, s)| Tensor::param(rand(s.iter().product(), 100 + i as u64, 0.6), s).unwrap()).collect();
+        Self { params }
+    }
+
+    fn loss(&self, tape: &Tape) -> Tensor {
+        let p = &self.params;
+        let ids: Vec<u32> = (0..(B * T) as u32).map(|i| (i * 7 + 1) % V as u32).collect();
+        let targets: Vec<i32> = (0..(B * T) as i32).map(|i| if i % 4 == 3 { -100 } else { (i * 3 + 2) % V as i32 }).collect();
+        let wq = Tensor::new(rand(C * C, 1, 0.5), &[C, C]).unwrap();
+        let wk = Tensor::new(rand(4 * C, 2, 0.5), &[4, C]).unwrap(); // 1 kv head of dim 4
+        let wv = Tensor::new(rand(4 * C, 3, 0.5), &[4, C]).unwrap();
+        let wup = Tensor::new(rand(2 * C * C, 4, 0.5), &[2 * C, C]).unwrap();
+        let wo = Tensor::new(rand(C * C, 5, 0.5), &[C, C]).unwrap();
+
+        let x = ops::embedding(tape, &p[0], &ids, &[B, T]).unwrap();
+        let h = ops::layer_norm(tape, &x, &p[1], Some(&p[2]), 1e-5).unwrap();
+        let q = ops::linear(tape, &h, &wq, WeightLayout::OutIn, None, Some(LoraArgs { a: &p[3], b: &p[4], scale: 0.5, dropout: 0.0 })).unwrap();
+        let k = ops::linear(tape, &h, &wk, WeightLayout::OutIn, None, None).unwrap();
+        let v = ops::linear(tape, &h, &wv, WeightLayout::OutIn, None, None).unwrap();
+        let tables = RopeTables::new(&rope_inv_freq(4, 10000.0), T);
+        let pos: Vec<u32> = (0..B).flat_map(|_| 0..T as u32).collect();
+        let q = ops::rope(tape, &q, &tables, &pos, 2).unwrap();
+        let k = ops::rope(tape, &k, &tables, &pos, 1).unwrap();
+        let a = ops::attention(tape, &q, &k, &v, 2, 1).unwrap();
+        let a = ops::linear(tape, &a, &wo, WeightLayout::OutIn, None, None).unwrap();
+        let x = ops::add(tape, &x, &a).unwrap();
+        let h = ops::rms_norm(tape, &x, &p[5], 1e-6).unwrap();
+        let up = ops::linear(tape, &h, &wup, WeightLayout::OutIn, None, Some(LoraArgs { a: &p[6], b: &p[7], scale: 2.0, dropout: 0.0 })).unwrap();
+        let gate = ops::linear(tape, &h, &p[10], WeightLayout::OutIn, None, None).unwrap();
+        let m = ops::swiglu(tape, &gate, &up).unwrap();
+        let m = ops::gelu(tape, &m).unwrap();
+        let m = ops::silu(tape, &m).unwrap();
+        let d = ops::linear(tape, &m, &p[8], WeightLayout::InOut, Some(&p[9]), None).unwrap();
+        let x = ops::add(tape, &x, &d).unwrap();
+        let x = ops::rms_norm(tape, &x, &p[12], 1e-6).unwrap();
+        let x = ops::linear(tape, &x, &p[11], WeightLayout::OutIn, None, None).unwrap();
+        let logits = ops::linear(tape, &x, &p[0], WeightLayout::OutIn, None, None).unwrap(); // tied head
+        ops::cross_entropy(tape, &logits, &targets).unwrap()
+    }
+}
+
+#[test]
+fn every_parameter_gradient_matches_finite_differences() {
+    let g = Graph::new();
+    let tape = Tape::new(0);
+    let loss = g.loss(&tape);
+    let grads: Gradients = tape.backward(&loss).unwrap();
+    let h = 1e-2f32;
+    for (pi, p) in g.params.iter().enumerate() {
+        let analytic = grads.get(p).unwrap_or_else(|| panic!("param {pi} has no gradient")).to_vec();
+        let mut fd = vec![0.0f32; p.numel()];
+        for i in 0..p.numel() {
+            let orig = p.data()[i];
+            p.data_mut()[i] = orig + h;
+            let lp = g.loss(&Tape::inference()).scalar().unwrap() as f64;
+            p.data_mut()[i] = orig - h;
+            let lm = g.loss(&Tape::inference()).scalar().unwrap() as f64;
+            p.data_mut()[i] = orig;
+            fd[i] = ((lp - lm) / (2.0 * h as f64)) as f32;
+        }
+        let scale = fd.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let err = analytic.iter().zip(&fd).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err <= 2e-2, "param {pi}: relative error {err:.3e}");
+    }
+}
+
+#[test]
+fn shared_inputs_and_accumulation() {
+    // y = x + x: dL/dx must be twice the upstream gradient.
+    let x = Tensor::param(vec![0.3, -0.2, 0.5], &[1, 3]).unwrap();
+    let tape = Tape::new(0);
+    let y = ops::add(&tape, &x, &x).unwrap();
+    let loss = ops::cross_entropy(&tape, &y, &[1]).unwrap();
+    let g1 = tape.backward(&loss).unwrap();
+    let tape = Tape::new(0);
+    let loss = ops::cross_entropy(&tape, &x, &[1]).unwrap();
+    let g2 = tape.backward(&loss).unwrap();
+    // d/dx CE(2x) = 2 * softmax(2x) - 2 * onehot; compare against that directly.
+    let z: Vec<f32> = x.to_vec().iter().map(|v| 2.0 * v).collect();
+    let m = z.iter().cloned().fold(f32::MIN, f32::max);
+    let s: f32 = z.iter().map(|v| (v - m).exp()).sum();
+    let want: Vec<f32> = z.iter().enumerate().map(|(i, v)| 2.0 * ((v - m).exp() / s - if i == 1 { 1.0 } else { 0.0 })).collect();
+    for (a, b) in g1.get(&x).unwrap().iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    // Accumulating two gradient sets adds them.
+    let mut acc = g2;
+    let single = acc.get(&x).unwrap().to_vec();
+    let tape = Tape::new(0);
+    let loss = ops::cross_entropy(&tape, &x, &[1]).unwrap();
+    acc.accumulate(tape.backward(&loss).unwrap()).unwrap();
+    for (a, b) in acc.get(&x).unwrap().iter().zip(&single) {
+        assert!((a - 2.0 * b).abs() < 1e-7);
+    }
+}
+
+#[test]
+fn backward_needs_a_scalar_and_shapes_are_checked() {
+    let x = Tensor::param(vec![0.0; 6], &[2, 3]).unwrap();
+    let tape = Tape::new(0);
+    let e = tape.backward(&x).unwrap_err().to_string();
+    assert!(e.contains("scalar loss"), "{e}");
+    let w = Tensor::new(vec![0.0; 8], &[2, 4]).unwrap();
+    let e = ops::linear(&tape, &x, &w, WeightLayout::OutIn, None, None).unwrap_err().to_string();
+    assert!(e.contains("linear: x has shape [2, 3], expected (..., 4)"), "{e}");
+    let cfg = LoraConfig { rank: 0, ..Default::default() };
+    let e = LoraLinear::new(w, WeightLayout::OutIn, None, &cfg, 0).unwrap_err().to_string();
+    assert!(e.contains("`rank`"), "{e}");
+}
+
+#[test]
+fn dropout_is_seeded_by_the_tape_and_off_for_inference() {
+    let w = Tensor::new(rand(16 * 8, 1, 0.5), &[16, 8]).unwrap();
+    let cfg = LoraConfig { rank: 4, dropout: 0.5, ..Default::default() };
+    let layer = LoraLinear::new(w, WeightLayout::OutIn, None, &cfg, 0).unwrap();
+    layer.lora_b.data_mut().copy_from_slice(&rand(64, 2, 1.0));
+    let x = Tensor::new(rand(3 * 8, 3, 1.0), &[3, 8]).unwrap();
+    let run = |tape: &Tape| layer.forward(tape, &x).unwrap().to_vec();
+    assert_eq!(run(&Tape::new(7)), run(&Tape::new(7)));
+    assert_ne!(run(&Tape::new(7)), run(&Tape::new(8)));
+    assert_eq!(run(&Tape::inference()), run(&Tape::inference()));
+    assert_ne!(run(&Tape::inference()), run(&Tape::new(7)));
+}
