@@ -1,1 +1,43 @@
-fn main(){}
+//! Criterion benchmarks: LoRA linear forward+backward against the frozen-base layer alone
+//! (forward + input gradient), at the reference shapes, named by scenario. Throughput is
+//! reported in FLOP (criterion prints it as "elem/s": read Gelem/s as GFLOP/s).
+//!
+//! Run: `cargo bench -p lora-benches` (about 2 minutes on 2 cores). For the ratio and the GEMM
+//! ceiling in one table, use `lora bench linear --suite`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use lora_kernels::workload::{GemmWorkload, LinearWorkload};
+use std::time::Duration;
+
+const SCENARIOS: [(&str, usize, usize, usize, usize); 4] = [
+    ("gpt2_attn_768x768_r8", 2048, 768, 768, 8),
+    ("gpt2_mlp_768x3072_r16", 2048, 768, 3072, 16),
+    ("llama1b_proj_2048x2048_r16", 4096, 2048, 2048, 16),
+    ("llama7b_qproj_4096x4096_r64", 512, 4096, 4096, 64),
+];
+
+fn linear(c: &mut Criterion) {
+    for (name, t, k, m, r) in SCENARIOS {
+        let mut g = c.benchmark_group(name);
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        let mut lora = LinearWorkload::new(t, k, m, r, false, 1);
+        g.throughput(Throughput::Elements(lora.flops() as u64));
+        g.bench_function("lora_fwd_bwd", |b| b.iter(|| lora.step().unwrap()));
+        let mut base = LinearWorkload::new(t, k, m, 0, false, 1);
+        g.throughput(Throughput::Elements(base.flops() as u64));
+        g.bench_function("base_fwd_dx", |b| b.iter(|| base.step().unwrap()));
+        g.finish();
+    }
+}
+
+fn ceiling(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm_ceiling");
+    g.sample_size(10);
+    let mut w = GemmWorkload::new(2048);
+    g.throughput(Throughput::Elements(w.flops() as u64));
+    g.bench_function("square_2048", |b| b.iter(|| w.step().unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, ceiling, linear);
+criterion_main!(benches);

@@ -1,1 +1,102 @@
-fn main(){}
+//! `lora`: the command-line front end of lora-rs.
+//!
+//! Flags are defined once here with their help text; each subcommand turns them into a plain
+//! run configuration and hands it to its module. Errors print their whole chain and exit 1.
+//! Today: `lora bench linear` and `lora bench gemm`; training, eval, generate, merge, inspect
+//! and convert arrive with their issues.
+
+mod bench;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lora", version, about = "LoRA fine-tuning in Rust: train, run and benchmark low-rank adapters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure kernel speed on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// LoRA linear forward+backward vs the frozen base layer alone (forward + input gradient).
+    Linear(LinearArgs),
+    /// Square f32 GEMM: this machine's dense matrix-product ceiling.
+    Gemm(GemmArgs),
+}
+
+#[derive(Args)]
+struct LinearArgs {
+    /// Tokens N (rows of x).
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Input features K.
+    #[arg(long = "in", default_value_t = 768)]
+    inp: usize,
+    /// Output features M.
+    #[arg(long, default_value_t = 768)]
+    out: usize,
+    /// LoRA rank R.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Give the layer a bias (both the LoRA and the base-only layer).
+    #[arg(long)]
+    bias: bool,
+    /// Run the four reference shapes (2048x768x768 r8, 2048x768x3072 r16, 4096x2048x2048 r16,
+    /// 512x4096x4096 r64) instead of one.
+    #[arg(long, conflicts_with_all = ["tokens", "inp", "out", "rank"])]
+    suite: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed iterations of each layer (default: enough for about 2 s per layer, at least 5).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Print one JSON object per shape instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GemmArgs {
+    /// Matrix size n (an n x n by n x n product).
+    #[arg(long, default_value_t = 2048)]
+    size: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 7)]
+    iters: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(BenchCommand::Linear(a)) => {
+            let shapes = if a.suite { bench::SUITE.to_vec() } else { vec![(a.tokens, a.inp, a.out, a.rank)] };
+            let cfg = bench::LinearBench { shapes, bias: a.bias, threads: a.threads, iters: a.iters, json: a.json };
+            bench::run_linear(&cfg)
+        }
+        Command::Bench(BenchCommand::Gemm(a)) => bench::run_gemm(a.size, a.threads, a.iters, a.json),
+    }
+}

@@ -7,7 +7,7 @@ use lora_kernels::gemm::{matmul, reference, Par, Trans};
 use proptest::prelude::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(200))]
     #[test]
     fn matmul_matches_reference(m in 1usize..70, n in 1usize..70, k in 1usize..300, lt in any::<bool>(), rt in any::<bool>(), acc in any::<bool>(), seed in any::<u64>()) {
         let lt = if lt { Trans::Yes } else { Trans::No };

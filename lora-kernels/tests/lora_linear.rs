@@ -91,7 +91,7 @@ fn layout() -> impl Strategy<Value = WeightLayout> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
     fn fused_matches_reference(
         n in 1usize..40, k in 1usize..90, m in 1usize..90, r in 0usize..=80,

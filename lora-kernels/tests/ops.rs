@@ -2,7 +2,8 @@
 //! and the fast backward against central finite differences of the f64 oracle's forward.
 //!
 //! Bounds (relative to the tensor's max magnitude): elementwise, embedding, RoPE 1e-6 forward /
-//! 1e-5 backward; norms 1e-5 / 5e-5; attention 1e-5 / 5e-5; cross-entropy 1e-5 / 1e-5.
+//! 1e-5 backward; norms 1e-5 / 5e-5 (dx of a norm: 1e-5 of the term scale rstd * |dout * gamma|,
+//! since it is a difference of such terms); attention 1e-5 / 5e-5; cross-entropy 1e-5 / 1e-5.
 
 mod common;
 use common::*;
@@ -14,8 +15,13 @@ use lora_kernels::ops::norm::{self, *};
 use lora_kernels::ops::rope::{self, rope_backward, rope_forward, rope_inv_freq, rope_tables};
 use proptest::prelude::*;
 
+/// `max |dout[i, j] * gamma[j]|`.
+fn max_abs_prod(dout: &[f64], gamma: &[f64], c: usize) -> f64 {
+    dout.iter().enumerate().fold(0.0f64, |m, (i, d)| m.max((d * gamma[i % c]).abs()))
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn embedding_gather_and_scatter(n in 1usize..50, v in 1usize..20, c in 1usize..40, seed in any::<u64>()) {
@@ -90,7 +96,10 @@ proptest! {
         let (mut dx, mut dg, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
         layernorm_backward(Some(&mut dx), Some(&mut dg), Some(&mut db), &dout, &x, &gm, &mean, &rstd, c).unwrap();
         let w = f64s(&dout);
-        assert_close("ln dx", &dx, &fd_grad(&x64, &w, |v| norm::reference::layernorm(v, &g64, bopt, c, eps as f64)), 5e-5);
+        // dx is a difference of terms of size rstd * |dout * gamma|; near-constant rows make it
+        // cancel to almost nothing, so its error is measured against that term scale.
+        let term = rstd.iter().fold(0.0f64, |m, &r| m.max(r as f64)) * max_abs_prod(&w, &g64, c);
+        assert_close_scaled("ln dx", &dx, &fd_grad(&x64, &w, |v| norm::reference::layernorm(v, &g64, bopt, c, eps as f64)), term, 1e-5);
         assert_close("ln dgamma", &dg, &fd_grad(&g64, &w, |v| norm::reference::layernorm(&x64, v, bopt, c, eps as f64)), 5e-5);
         assert_close("ln dbeta", &db, &fd_grad(&b64, &w, |v| norm::reference::layernorm(&x64, &g64, Some(v), c, eps as f64)), 5e-5);
     }
@@ -108,7 +117,8 @@ proptest! {
         let (mut dx, mut dg) = (vec![0.0; n * c], vec![0.0; c]);
         rmsnorm_backward(Some(&mut dx), Some(&mut dg), &dout, &x, &gm, &rstd, c).unwrap();
         let w = f64s(&dout);
-        assert_close("rms dx", &dx, &fd_grad(&x64, &w, |v| norm::reference::rmsnorm(v, &g64, c, eps as f64)), 5e-5);
+        let term = rstd.iter().fold(0.0f64, |m, &r| m.max(r as f64)) * max_abs_prod(&w, &g64, c);
+        assert_close_scaled("rms dx", &dx, &fd_grad(&x64, &w, |v| norm::reference::rmsnorm(v, &g64, c, eps as f64)), term, 1e-5);
         assert_close("rms dgamma", &dg, &fd_grad(&g64, &w, |v| norm::reference::rmsnorm(&x64, v, c, eps as f64)), 5e-5);
     }
 

@@ -41,3 +41,12 @@ pub fn fd_grad(x: &[f64], w: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64>
         })
         .collect()
 }
+
+/// `max |got - want| / scale <= tol` for results that are differences of larger terms (the norm
+/// backwards): `scale` is the magnitude of those terms, so cancellation does not inflate the
+/// bound's meaning the way dividing by a tiny `max |want|` would.
+pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], scale: f64, tol: f64) {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let e = got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs())) / scale.max(1e-12);
+    assert!(e <= tol, "{what}: error {e:.3e} (relative to term scale {scale:.3e}) > {tol:.1e}");
+}

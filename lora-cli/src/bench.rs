@@ -1,0 +1,152 @@
+//! `lora bench`: medians of interleaved runs, so a noisy shared machine hits both layers alike.
+//!
+//! For `linear`, each iteration runs the LoRA layer then the base-only layer; the overhead is the
+//! median of the per-iteration time ratios. The ceiling is a square GEMM measured in the same
+//! process just before.
+
+use anyhow::{bail, Context, Result};
+use lora_kernels::workload::{GemmWorkload, LinearWorkload};
+use serde::Serialize;
+use std::time::Instant;
+
+/// The reference shapes (tokens, in, out, rank) of the foundation issue.
+pub const SUITE: [(usize, usize, usize, usize); 4] =
+    [(2048, 768, 768, 8), (2048, 768, 3072, 16), (4096, 2048, 2048, 16), (512, 4096, 4096, 64)];
+
+/// What `lora bench linear` runs.
+pub struct LinearBench {
+    pub shapes: Vec<(usize, usize, usize, usize)>,
+    pub bias: bool,
+    pub threads: Option<usize>,
+    pub iters: Option<usize>,
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct LinearResult {
+    tokens: usize,
+    #[serde(rename = "in")]
+    inp: usize,
+    out: usize,
+    rank: usize,
+    bias: bool,
+    threads: usize,
+    iters: usize,
+    median_ms: f64,
+    gflops: f64,
+    base_only_median_ms: f64,
+    base_only_gflops: f64,
+    overhead_pct: f64,
+    gemm_ceiling_gflops: f64,
+    fraction_of_ceiling: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        b = b.num_threads(t);
+    }
+    b.build().context("could not start the worker threads")
+}
+
+fn time<F: FnMut() -> lora_kernels::Result<()>>(mut f: F) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn gemm_ceiling(size: usize, iters: usize) -> Result<f64> {
+    let mut g = GemmWorkload::new(size);
+    g.step()?; // warm-up
+    let mut ts = (0..iters).map(|_| time(|| g.step())).collect::<Result<Vec<_>>>()?;
+    Ok(g.flops() / median(&mut ts) / 1e9)
+}
+
+pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -> Result<()> {
+    if size == 0 || iters == 0 {
+        bail!("--size and --iters must be at least 1");
+    }
+    let pool = pool(threads)?;
+    let n = pool.current_num_threads();
+    let gf = pool.install(|| gemm_ceiling(size, iters))?;
+    if json {
+        println!("{}", serde_json::json!({"size": size, "threads": n, "iters": iters, "gflops": gf}));
+    } else {
+        println!("f32 GEMM {size}x{size}x{size}, {n} threads: {gf:.1} GFLOP/s (median of {iters})");
+    }
+    Ok(())
+}
+
+pub fn run_linear(cfg: &LinearBench) -> Result<()> {
+    for &(t, k, m, r) in &cfg.shapes {
+        if t == 0 || k == 0 || m == 0 || r == 0 {
+            bail!("--tokens, --in, --out and --rank must all be at least 1 (got {t}, {k}, {m}, {r})");
+        }
+    }
+    let pool = pool(cfg.threads)?;
+    let threads = pool.current_num_threads();
+    pool.install(|| -> Result<()> {
+        let ceiling = gemm_ceiling(2048, 5)?;
+        if !cfg.json {
+            println!("machine: f32 GEMM ceiling {ceiling:.1} GFLOP/s (2048^3, {threads} threads)");
+            println!("{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>10}", "shape N x K x M, rank", "lora ms", "GFLOP/s", "base-only ms", "GFLOP/s", "overhead", "% ceiling");
+        }
+        for &(t, k, m, r) in &cfg.shapes {
+            let mut lora = LinearWorkload::new(t, k, m, r, cfg.bias, 1);
+            let mut base = LinearWorkload::new(t, k, m, 0, cfg.bias, 1);
+            // Warm-up, and a first timing to size the run.
+            lora.step()?;
+            let once = time(|| base.step())?.max(1e-6);
+            let iters = cfg.iters.unwrap_or(((2.0 / once) as usize).clamp(5, 200));
+            let (mut tl, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..iters {
+                let a = time(|| lora.step())?;
+                let b = time(|| base.step())?;
+                tl.push(a);
+                tb.push(b);
+                ratio.push(a / b);
+            }
+            let (ml, mb, mr) = (median(&mut tl), median(&mut tb), median(&mut ratio));
+            let res = LinearResult {
+                tokens: t,
+                inp: k,
+                out: m,
+                rank: r,
+                bias: cfg.bias,
+                threads,
+                iters,
+                median_ms: ml * 1e3,
+                gflops: lora.flops() / ml / 1e9,
+                base_only_median_ms: mb * 1e3,
+                base_only_gflops: base.flops() / mb / 1e9,
+                overhead_pct: (mr - 1.0) * 100.0,
+                gemm_ceiling_gflops: ceiling,
+                fraction_of_ceiling: lora.flops() / ml / 1e9 / ceiling,
+            };
+            if cfg.json {
+                println!("{}", serde_json::to_string(&res)?);
+            } else {
+                println!(
+                    "{:>24} {:>11.2} {:>9.1} {:>13.2} {:>9.1} {:>8.1}% {:>9.0}%",
+                    format!("{t} x {k} x {m}, r{r}"),
+                    res.median_ms,
+                    res.gflops,
+                    res.base_only_median_ms,
+                    res.base_only_gflops,
+                    res.overhead_pct,
+                    res.fraction_of_ceiling * 100.0
+                );
+            }
+        }
+        Ok(())
+    })
+}
