@@ -1,8 +1,8 @@
 //! `lora bench`: medians of interleaved runs, so a noisy shared machine hits both layers alike.
 //!
 //! For `linear`, each iteration runs the LoRA layer then the base-only layer; the overhead is the
-//! median of the per-iteration time ratios. The ceiling is a square GEMM measured in the same
-//! process just before.
+//! median of the per-iteration time ratios. The ceiling is a square GEMM timed between those
+//! iterations, so all three see the same machine conditions.
 
 use anyhow::{bail, Context, Result};
 use lora_kernels::workload::{GemmWorkload, LinearWorkload};
@@ -12,6 +12,9 @@ use std::time::Instant;
 /// The reference shapes (tokens, in, out, rank) of the foundation issue.
 pub const SUITE: [(usize, usize, usize, usize); 4] =
     [(2048, 768, 768, 8), (2048, 768, 3072, 16), (4096, 2048, 2048, 16), (512, 4096, 4096, 64)];
+
+/// Size of the square GEMM that stands for the machine's ceiling.
+const CEILING_SIZE: usize = 2048;
 
 /// What `lora bench linear` runs.
 pub struct LinearBench {
@@ -95,10 +98,13 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
     let pool = pool(cfg.threads)?;
     let threads = pool.current_num_threads();
     pool.install(|| -> Result<()> {
-        let ceiling = gemm_ceiling(2048, 5)?;
+        // The ceiling is measured interleaved with each shape's iterations (one square GEMM per
+        // iteration), so a noisy neighbour slows it exactly as much as the layers.
+        let mut gemm = GemmWorkload::new(CEILING_SIZE);
+        gemm.step()?;
         if !cfg.json {
-            println!("machine: f32 GEMM ceiling {ceiling:.1} GFLOP/s (2048^3, {threads} threads)");
-            println!("{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>10}", "shape N x K x M, rank", "lora ms", "GFLOP/s", "base-only ms", "GFLOP/s", "overhead", "% ceiling");
+            println!("{threads} threads; ceiling = f32 GEMM {CEILING_SIZE}^3, timed between the layer runs");
+            println!("{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}", "shape N x K x M, rank", "lora ms", "GFLOP/s", "base-only ms", "GFLOP/s", "overhead", "ceiling", "% ceiling");
         }
         for &(t, k, m, r) in &cfg.shapes {
             let mut lora = LinearWorkload::new(t, k, m, r, cfg.bias, 1);
@@ -106,16 +112,21 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
             // Warm-up, and a first timing to size the run.
             lora.step()?;
             let once = time(|| base.step())?.max(1e-6);
-            let iters = cfg.iters.unwrap_or(((2.0 / once) as usize).clamp(5, 200));
-            let (mut tl, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..iters {
+            let iters = cfg.iters.unwrap_or(((2.0 / once) as usize).clamp(9, 200));
+            let (mut tl, mut tb, mut ratio, mut tg) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for i in 0..iters {
                 let a = time(|| lora.step())?;
                 let b = time(|| base.step())?;
                 tl.push(a);
                 tb.push(b);
                 ratio.push(a / b);
+                // At most ~15 ceiling samples per shape: enough for a median.
+                if i % iters.div_ceil(15) == 0 {
+                    tg.push(time(|| gemm.step())?);
+                }
             }
             let (ml, mb, mr) = (median(&mut tl), median(&mut tb), median(&mut ratio));
+            let ceiling = gemm.flops() / median(&mut tg) / 1e9;
             let res = LinearResult {
                 tokens: t,
                 inp: k,
@@ -136,13 +147,14 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                 println!("{}", serde_json::to_string(&res)?);
             } else {
                 println!(
-                    "{:>24} {:>11.2} {:>9.1} {:>13.2} {:>9.1} {:>8.1}% {:>9.0}%",
+                    "{:>24} {:>11.2} {:>9.1} {:>13.2} {:>9.1} {:>8.1}% {:>9.1} {:>9.0}%",
                     format!("{t} x {k} x {m}, r{r}"),
                     res.median_ms,
                     res.gflops,
                     res.base_only_median_ms,
                     res.base_only_gflops,
                     res.overhead_pct,
+                    res.gemm_ceiling_gflops,
                     res.fraction_of_ceiling * 100.0
                 );
             }

@@ -56,7 +56,7 @@ struct LinearArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Timed iterations of each layer (default: enough for about 2 s per layer, at least 5).
+    /// Timed iterations of each layer (default: enough for about 2 s per layer, at least 9).
     #[arg(long)]
     iters: Option<usize>,
     /// Print one JSON object per shape instead of the table.

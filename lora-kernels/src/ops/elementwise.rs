@@ -7,24 +7,25 @@ use crate::par::for_row_blocks;
 /// Chunk length for parallel elementwise loops (treated as rows of one wide matrix).
 const CHUNK: usize = 4096;
 
-fn zip_map(op: &'static str, out: &mut [f32], ins: &[(&'static str, &[f32])], f: impl Fn(usize) -> f32 + Sync + Send) -> Result<()> {
-    for (name, x) in ins {
-        check_len(op, name, x.len(), &[out.len()])?;
-    }
+/// Runs `f(i, &mut out[i])` for every element, in parallel chunks when large.
+fn for_each_elem(out: &mut [f32], f: impl Fn(usize, &mut f32) + Sync + Send) {
     let n = out.len();
     let cols = CHUNK.min(n.max(1));
-    // Treat out as rows of `cols`; the last partial chunk is handled by the tail below.
+    // Treat `out` as rows of `cols`; the last partial chunk is handled on this thread.
     let full = n / cols * cols;
     let (head, tail) = out.split_at_mut(full);
     for_row_blocks(head, cols, |row0, blk| {
         let base = row0 * cols;
-        for (i, o) in blk.iter_mut().enumerate() {
-            *o = f(base + i);
-        }
+        blk.iter_mut().enumerate().for_each(|(i, o)| f(base + i, o));
     });
-    for (i, o) in tail.iter_mut().enumerate() {
-        *o = f(full + i);
+    tail.iter_mut().enumerate().for_each(|(i, o)| f(full + i, o));
+}
+
+fn zip_map(op: &'static str, out: &mut [f32], ins: &[(&'static str, &[f32])], f: impl Fn(usize) -> f32 + Sync + Send) -> Result<()> {
+    for (name, x) in ins {
+        check_len(op, name, x.len(), &[out.len()])?;
     }
+    for_each_elem(out, |i, o| *o = f(i));
     Ok(())
 }
 
@@ -36,18 +37,7 @@ pub fn add_forward(out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
 /// `dst += src` (the backward of `add` for each operand, and gradient fan-in in general).
 pub fn accumulate(dst: &mut [f32], src: &[f32]) -> Result<()> {
     check_len("accumulate", "src", src.len(), &[dst.len()])?;
-    let cols = CHUNK.min(dst.len().max(1));
-    let full = dst.len() / cols * cols;
-    let (head, tail) = dst.split_at_mut(full);
-    for_row_blocks(head, cols, |row0, blk| {
-        let base = row0 * cols;
-        for (i, d) in blk.iter_mut().enumerate() {
-            *d += src[base + i];
-        }
-    });
-    for (i, d) in tail.iter_mut().enumerate() {
-        *d += src[full + i];
-    }
+    for_each_elem(dst, |i, d| *d += src[i]);
     Ok(())
 }
 
