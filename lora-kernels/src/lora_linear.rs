@@ -181,7 +181,7 @@ pub fn lora_linear_forward(
                 let acc = base.bias.is_some();
                 matmul(y, u, Trans::No, l.b, Trans::Yes, (d.tokens, d.out, l.rank), l.scale, acc, Par::Auto)?;
             } else {
-                shrink_rows(u, x, l.a, d.inp, l.rank, 1.0, l.dropout, None);
+                shrink_rows(u, x, l.a, d.inp, l.rank, 1.0, l.dropout, None, None);
                 let bt = transpose(l.b, d.out, l.rank); // (R, M), tiny
                 expand_rows(y, u, &bt, d.out, l.rank, l.scale, ExpandInit::Set(base.bias), None);
             }
@@ -232,47 +232,60 @@ pub fn lora_linear_backward(
         check_len(OP, "u", u.len(), &[d.tokens, l.rank])?;
         let r = l.rank;
         let need_g = da.is_some() || dx.is_some();
-        if need_g || dbias.is_some() {
-            // One pass over dy: g = s * dy B (as dots with the rows of B^T) and db += colsum(dy).
-            let mut g = vec![0.0f32; if need_g { d.tokens * r } else { 0 }];
-            let big = use_gemm_for_rank(l);
-            if big {
-                if need_g {
-                    // g (N, R) = s * dy (N, M) @ B (M, R)
-                    matmul(&mut g, dy, Trans::No, l.b, Trans::No, (d.tokens, r, d.out), l.scale, false, Par::Auto)?;
-                }
-                if let Some(dbias) = dbias.take() {
-                    shrink_rows(&mut [], dy, &[], d.out, 0, 1.0, None, Some(dbias));
-                }
-            } else {
-                let bt = transpose(l.b, d.out, r); // (R, M)
-                shrink_rows(&mut g, dy, &bt, d.out, r, l.scale, None, dbias.take());
+        if let Some(db) = db.as_deref() {
+            check_len(OP, "db", db.len(), &[d.out, r])?;
+        }
+        let big = use_gemm_for_rank(l);
+        // The row pass computes g whenever it runs for dB, even if only dB is wanted.
+        let g_len = if need_g || (!big && db.is_some()) { d.tokens * r } else { 0 };
+        let mut g = vec![0.0f32; g_len];
+        if big {
+            if need_g {
+                // g (N, R) = s * dy (N, M) @ B (M, R)
+                matmul(&mut g, dy, Trans::No, l.b, Trans::No, (d.tokens, r, d.out), l.scale, false, Par::Auto)?;
             }
-            if let Some(da) = da {
-                check_len(OP, "da", da.len(), &[r, d.inp])?;
-                if big {
-                    // dA (R, K) += g^T (R, N) @ x (N, K)
-                    matmul(da, &g, Trans::Yes, x, Trans::No, (r, d.inp, d.tokens), 1.0, true, Par::Auto)?;
-                } else {
-                    outer_accumulate(da, &g, x, d.inp, r, 1.0, l.dropout);
-                }
+            if let Some(db) = db {
+                // dB (M, R) += s * dy^T (M, N) @ u (N, R)
+                matmul(db, dy, Trans::Yes, u, Trans::No, (d.out, r, d.tokens), l.scale, true, Par::Auto)?;
             }
-            if let Some(dx) = dx.as_deref_mut() {
-                if big {
-                    // dx (N, K) += g (N, R) @ A (R, K)
-                    matmul(dx, &g, Trans::No, l.a, Trans::No, (d.tokens, d.inp, r), 1.0, true, Par::Auto)?;
-                } else {
-                    expand_rows(dx, &g, l.a, d.inp, r, 1.0, ExpandInit::Accumulate, l.dropout);
+            if let Some(dbias) = dbias.take() {
+                shrink_rows(&mut [], dy, &[], d.out, 0, 1.0, None, Some(dbias), None);
+            }
+        } else if need_g || db.is_some() || dbias.is_some() {
+            // One pass over dy: g = s * dy B (dots with the rows of B^T), dB^T += s * u^T dy and
+            // db += colsum(dy).
+            let bt = transpose(l.b, d.out, r); // (R, M)
+            let mut dbt = if db.is_some() { vec![0.0f32; r * d.out] } else { Vec::new() };
+            let outer = db.is_some().then_some((u, &mut dbt[..]));
+            let rr = if g.is_empty() { 0 } else { r };
+            shrink_rows(&mut g, dy, &bt, d.out, rr, l.scale, None, dbias.take(), outer);
+            if let Some(db) = db {
+                for o in 0..d.out {
+                    for j in 0..r {
+                        db[o * r + j] += dbt[j * d.out + o];
+                    }
                 }
             }
         }
-        if let Some(db) = db {
-            check_len(OP, "db", db.len(), &[d.out, r])?;
-            // dB (M, R) += s * dy^T (M, N) @ u (N, R)
-            matmul(db, dy, Trans::Yes, u, Trans::No, (d.out, r, d.tokens), l.scale, true, Par::Auto)?;
+        if let Some(da) = da {
+            check_len(OP, "da", da.len(), &[r, d.inp])?;
+            if big {
+                // dA (R, K) += g^T (R, N) @ x (N, K)
+                matmul(da, &g, Trans::Yes, x, Trans::No, (r, d.inp, d.tokens), 1.0, true, Par::Auto)?;
+            } else {
+                outer_accumulate(da, &g, x, d.inp, r, 1.0, l.dropout);
+            }
+        }
+        if let Some(dx) = dx.as_deref_mut() {
+            if big {
+                // dx (N, K) += g (N, R) @ A (R, K)
+                matmul(dx, &g, Trans::No, l.a, Trans::No, (d.tokens, d.inp, r), 1.0, true, Par::Auto)?;
+            } else {
+                expand_rows(dx, &g, l.a, d.inp, r, 1.0, ExpandInit::Accumulate, l.dropout);
+            }
         }
     } else if let Some(dbias) = dbias.take() {
-        shrink_rows(&mut [], dy, &[], d.out, 0, 1.0, None, Some(dbias));
+        shrink_rows(&mut [], dy, &[], d.out, 0, 1.0, None, Some(dbias), None);
     }
     if let Some(dx) = dx {
         // dx (N, K) += dy (N, M) @ W (M, K)
@@ -374,8 +387,12 @@ fn expand_block<S: Simd>(
 }
 
 /// `out[i, j] = scale * sum_c mask(i, c) * x[i, c] * mat[j, c]` (`out`: `(N, R)`, `x`: `(N, C)`,
-/// `mat`: `(R, C)`), and, when `colsum` is given, `colsum[c] += sum_i x[i, c]` from the same pass.
-/// The column sums are reduced over a fixed partition of rows in a fixed order, so the result does
+/// `mat`: `(R, C)`), and from the same pass over `x`:
+/// - `colsum[c] += sum_i x[i, c]` when given (the bias gradient when `x` is `dy`);
+/// - `outer.1[j, c] += scale * sum_i outer.0[i, j] * x[i, c]` when given (`outer.0`: `(N, R)`,
+///   `outer.1`: `(R, C)`; with `x = dy`, `outer.0 = u` this is `dB^T`).
+///
+/// Partial sums are reduced over a fixed partition of rows in a fixed order, so the result does
 /// not depend on scheduling.
 #[allow(clippy::too_many_arguments)]
 fn shrink_rows(
@@ -387,6 +404,7 @@ fn shrink_rows(
     scale: f32,
     mask: Option<Dropout>,
     colsum: Option<&mut [f32]>,
+    outer: Option<(&[f32], &mut [f32])>,
 ) {
     let n = if c == 0 { 0 } else { x.len() / c };
     if n == 0 {
@@ -396,23 +414,32 @@ fn shrink_rows(
     let tasks = n.div_ceil(rpt);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let want_sums = colsum.is_some();
-    let run = |t: usize| -> Vec<f32> {
+    let (outer_coeffs, outer_dst) = match outer {
+        Some((co, dst)) => (Some(co), Some(dst)),
+        None => (None, None),
+    };
+    let run = |t: usize| -> (Vec<f32>, Vec<f32>) {
         let rows = t * rpt..((t + 1) * rpt).min(n);
         let mut sums = if want_sums { vec![0.0f32; c] } else { Vec::new() };
+        let mut outer_part = if outer_coeffs.is_some() { vec![0.0f32; r * c] } else { Vec::new() };
         let out_len = rows.len() * r;
         // SAFETY: task t writes only rows [t*rpt, (t+1)*rpt) of `out` (length n*r when r > 0),
         // disjoint from every other task; `out` is mutably borrowed for the whole call.
         let out_blk = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(rows.start * r), out_len) };
-        with_simd!(shrink_block(out_blk, rows.start, &x[rows.start * c..rows.end * c], mat, c, r, scale, mask, &mut sums));
-        sums
+        let co = outer_coeffs.map(|co| &co[rows.start * r..rows.end * r]);
+        with_simd!(shrink_block(out_blk, rows.start, &x[rows.start * c..rows.end * c], mat, c, r, scale, mask, &mut sums, co, &mut outer_part));
+        (sums, outer_part)
     };
-    let partials: Vec<Vec<f32>> =
+    let partials: Vec<(Vec<f32>, Vec<f32>)> =
         if tasks == 1 { vec![run(0)] } else { (0..tasks).into_par_iter().map(run).collect() };
     if let Some(cs) = colsum {
-        for p in &partials {
-            for (a, b) in cs.iter_mut().zip(p) {
-                *a += b;
-            }
+        for (p, _) in &partials {
+            cs.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+    }
+    if let Some(dst) = outer_dst {
+        for (_, p) in &partials {
+            dst.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
     }
 }
@@ -429,10 +456,13 @@ fn shrink_block<S: Simd>(
     scale: f32,
     mask: Option<Dropout>,
     sums: &mut [f32],
+    outer_coeffs: Option<&[f32]>,
+    outer: &mut [f32],
 ) {
     let mat_rows: Vec<&[f32]> = if r == 0 { Vec::new() } else { mat.chunks_exact(c).collect() };
     let mut tmp = if mask.is_some() { vec![0.0f32; c] } else { Vec::new() };
-    for (bi, xrow) in x.chunks_exact(c).enumerate() {
+    let rows: Vec<&[f32]> = x.chunks_exact(c).collect();
+    for (bi, xrow) in rows.iter().enumerate() {
         if !sums.is_empty() {
             S::axpy(sums, 1.0, xrow);
         }
@@ -443,13 +473,32 @@ fn shrink_block<S: Simd>(
             None => xrow,
             Some(dr) => {
                 let base = ((row0 + bi) * c) as u64;
-                for (cc, (t, xv)) in tmp.iter_mut().zip(xrow).enumerate() {
+                for (cc, (t, xv)) in tmp.iter_mut().zip(xrow.iter()).enumerate() {
                     *t = dropout_mult(dr.p, dr.seed, base + cc as u64) * xv;
                 }
                 &tmp
             }
         };
         dot_many::<S>(&mut out[bi * r..(bi + 1) * r], scale, row, &mat_rows);
+    }
+    // outer[j, :] += scale * sum_i coeffs[i, j] * x[i, :], four rows of x per update of outer.
+    if let Some(co) = outer_coeffs {
+        let mut i = 0;
+        while i < rows.len() {
+            let take = (rows.len() - i).min(4);
+            for j in 0..r {
+                let dst = &mut outer[j * c..(j + 1) * c];
+                if take == 4 {
+                    let cf = [co[i * r + j] * scale, co[(i + 1) * r + j] * scale, co[(i + 2) * r + j] * scale, co[(i + 3) * r + j] * scale];
+                    S::axpy4(dst, cf, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
+                } else {
+                    for t in 0..take {
+                        S::axpy(dst, co[(i + t) * r + j] * scale, rows[i + t]);
+                    }
+                }
+            }
+            i += take;
+        }
     }
 }
 
