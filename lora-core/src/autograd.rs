@@ -11,7 +11,7 @@
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use lora_kernels::lora_linear::{lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightLayout};
-use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope};
+use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,6 +46,8 @@ pub(crate) enum Op {
     Rope { cos: Arc<Vec<f32>>, sin: Arc<Vec<f32>>, positions: Vec<u32>, heads: usize, head_dim: usize },
     /// inputs: [q, k, v]
     Attention { att: Vec<f32>, dims: attention::AttnDims, scale: f32 },
+    /// inputs: [x]
+    Narrow { start: usize, len: usize },
     /// inputs: [logits]
     CrossEntropy { lse: Vec<f32>, targets: Vec<i32>, count: usize },
 }
@@ -63,6 +65,7 @@ impl Op {
             Op::Embedding { .. } => "embedding",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
+            Op::Narrow { .. } => "narrow",
             Op::CrossEntropy { .. } => "cross_entropy",
         }
     }
@@ -292,6 +295,11 @@ fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Ve
             let dk = g1.unwrap_or(&mut s1[..]);
             let dv = g2.unwrap_or(&mut s2[..]);
             attention::attention_backward(dq, dk, dv, dout, att, &data[0], &data[1], &data[2], *dims, *scale)?;
+        }
+        Op::Narrow { start, len } => {
+            if let Some(g) = take(0) {
+                slice::narrow_backward(g, dout, inputs[0].last_dim(), *start, *len)?;
+            }
         }
         Op::CrossEntropy { lse, targets, count } => {
             if let Some(g) = take(0) {

@@ -28,6 +28,7 @@ pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod lora;
+pub mod models;
 pub mod ops;
 pub mod tensor;
 

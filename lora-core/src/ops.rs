@@ -7,7 +7,7 @@ use crate::autograd::{LoraSaved, Op, Tape};
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use lora_kernels::lora_linear::{lora_linear_forward, BaseLinear, Dropout, LinearDims, LoraWeights, WeightLayout};
-use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope};
+use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::sync::Arc;
 
 fn shape_err(op: &'static str, what: &'static str, t: &Tensor, expected: impl Into<String>) -> CoreError {
@@ -258,6 +258,16 @@ pub fn attention(tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor, q_heads: usize
     attention::attention_forward(&mut out, &mut att, &q.data(), &k.data(), &v.data(), dims, scale)?;
     let y = Tensor::from_op(out, q.shape(), any_grad(&[q, k, v]))?;
     tape.record(Op::Attention { att, dims, scale }, vec![q.clone(), k.clone(), v.clone()], &y);
+    Ok(y)
+}
+
+/// Columns `[start, start + len)` of the last dimension.
+pub fn narrow(tape: &Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    let cols = x.last_dim();
+    let mut out = vec![0.0; x.rows() * len];
+    slice::narrow_forward(&mut out, &x.data(), cols, start, len)?;
+    let y = Tensor::from_op(out, &with_last(x.shape(), len), x.requires_grad())?;
+    tape.record(Op::Narrow { start, len }, vec![x.clone()], &y);
     Ok(y)
 }
 

@@ -1,6 +1,16 @@
-//! lora-io: file formats (safetensors, Hugging Face model directories, PEFT and kohya adapters,
-//! training checkpoints).
+//! lora-io: files in and out of lora-rs.
 //!
-//! Not implemented yet: this crate holds its place in the workspace's dependency chain
-//! (`lora-kernels <- lora-core <- lora-io <- lora-train <- lora-cli`). Loading models arrives
-//! with issue 3, adapter formats and merging with issue 4.
+//! - [`safetensors`]: memory-mapped safetensors files (f32, f16, bf16), validated on open;
+//! - [`hf`]: Hugging Face model directories (`config.json`, single or sharded safetensors) into
+//!   a [`lora_core::models::CausalLm`];
+//! - [`peft`]: PEFT adapter configs, injection with PEFT's module-matching rules, adapter weights.
+//!
+//! Every error names the file, and where it applies the tensor key or config field.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod hf;
+pub mod peft;
+pub mod safetensors;
+
+pub use error::{IoError, Result};

@@ -13,6 +13,7 @@ use lora_kernels::ops::elementwise::{self as ew, *};
 use lora_kernels::ops::embedding::{self, embedding_backward, embedding_forward};
 use lora_kernels::ops::norm::{self, *};
 use lora_kernels::ops::rope::{self, rope_backward, rope_forward, rope_inv_freq, rope_tables};
+use lora_kernels::ops::slice::{self, narrow_backward, narrow_forward};
 use proptest::prelude::*;
 
 /// `max |dout[i, j] * gamma[j]|`.
@@ -63,6 +64,21 @@ proptest! {
         silu_backward(&mut dx, &dout, &x).unwrap();
         let fd = fd_grad(&x64, &f64s(&dout), |v| v.iter().map(|&t| ew::reference::silu(t)).collect());
         assert_close("silu'", &dx, &fd, 1e-5);
+    }
+
+    #[test]
+    fn narrow_columns(n in 1usize..30, cols in 1usize..40, a in 0usize..40, b in 0usize..40, seed in any::<u64>()) {
+        let start = a % cols;
+        let len = b % (cols - start) + 1;
+        let x = rand_vec(n * cols, seed, 1.0);
+        let mut out = vec![f32::NAN; n * len];
+        narrow_forward(&mut out, &x, cols, start, len).unwrap();
+        assert_close("narrow", &out, &slice::reference::forward(&f64s(&x), cols, start, len), 0.0);
+        let dout = rand_vec(n * len, seed ^ 1, 1.0);
+        let mut dx = vec![0.0; n * cols];
+        narrow_backward(&mut dx, &dout, cols, start, len).unwrap();
+        let fd = fd_grad(&f64s(&x), &f64s(&dout), |v| slice::reference::forward(v, cols, start, len));
+        assert_close("narrow dx", &dx, &fd, 1e-5);
     }
 
     #[test]

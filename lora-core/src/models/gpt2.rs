@@ -1,0 +1,170 @@
+//! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, fused `c_attn`, GELU (tanh)
+//! MLP, `Conv1D` weights stored `(in, out)` and used as stored, output head tied to `wte`.
+
+use super::{CausalLm, Linear};
+use crate::autograd::Tape;
+use crate::error::{CoreError, Result};
+use crate::lora::WeightLayout;
+use crate::ops;
+use crate::tensor::Tensor;
+
+/// The fields of GPT-2's `config.json` that the math depends on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Config {
+    /// `vocab_size`
+    pub vocab_size: usize,
+    /// `n_positions`
+    pub n_positions: usize,
+    /// `n_embd`
+    pub n_embd: usize,
+    /// `n_layer`
+    pub n_layer: usize,
+    /// `n_head`
+    pub n_head: usize,
+    /// `n_inner` (default `4 * n_embd`)
+    pub n_inner: usize,
+    /// `layer_norm_epsilon`
+    pub layer_norm_epsilon: f32,
+}
+
+struct Block {
+    ln_1: (Tensor, Tensor),
+    c_attn: Linear,
+    attn_c_proj: Linear,
+    ln_2: (Tensor, Tensor),
+    c_fc: Linear,
+    mlp_c_proj: Linear,
+}
+
+/// GPT-2 with optional LoRA adapters on any of its `Conv1D` layers.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor, // (V, C)
+    wpe: Tensor, // (P, C)
+    blocks: Vec<Block>,
+    ln_f: (Tensor, Tensor),
+}
+
+impl Gpt2 {
+    /// Builds the model from `load(name, shape)` (transformers' parameter names).
+    pub fn load<E: From<CoreError>>(cfg: &Gpt2Config, load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>) -> std::result::Result<Self, E> {
+        let c = cfg.n_embd;
+        if cfg.n_head == 0 || c % cfg.n_head != 0 {
+            return Err(CoreError::InvalidConfig { field: "n_head", reason: format!("{} must divide n_embd {c}", cfg.n_head) }.into());
+        }
+        let mut ln = |p: &str| -> std::result::Result<(Tensor, Tensor), E> { Ok((load(&format!("{p}.weight"), &[c])?, load(&format!("{p}.bias"), &[c])?)) };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            let ln_1 = ln(&format!("{p}.ln_1"))?;
+            let ln_2 = ln(&format!("{p}.ln_2"))?;
+            blocks.push((p, ln_1, ln_2));
+        }
+        let ln_f = ln("transformer.ln_f")?;
+        let mut conv = |name: String, inp: usize, out: usize| -> std::result::Result<Linear, E> {
+            let w = load(&format!("{name}.weight"), &[inp, out])?;
+            let b = load(&format!("{name}.bias"), &[out])?;
+            Ok(Linear::frozen(w, WeightLayout::InOut, Some(b)))
+        };
+        let mut built = Vec::with_capacity(cfg.n_layer);
+        for (p, ln_1, ln_2) in blocks {
+            built.push(Block {
+                ln_1,
+                c_attn: conv(format!("{p}.attn.c_attn"), c, 3 * c)?,
+                attn_c_proj: conv(format!("{p}.attn.c_proj"), c, c)?,
+                ln_2,
+                c_fc: conv(format!("{p}.mlp.c_fc"), c, cfg.n_inner)?,
+                mlp_c_proj: conv(format!("{p}.mlp.c_proj"), cfg.n_inner, c)?,
+            });
+        }
+        Ok(Self {
+            wte: load("transformer.wte.weight", &[cfg.vocab_size, c])?,
+            wpe: load("transformer.wpe.weight", &[cfg.n_positions, c])?,
+            blocks: built,
+            ln_f,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+        let c = self.cfg.n_embd;
+        if seq > self.cfg.n_positions {
+            return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("{seq} exceeds n_positions {}", self.cfg.n_positions) });
+        }
+        let pos: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
+        let tok = ops::embedding(tape, &self.wte, ids, &[batch, seq])?;
+        let pe = ops::embedding(tape, &self.wpe, &pos, &[batch, seq])?;
+        let mut x = ops::add(tape, &tok, &pe)?;
+        let eps = self.cfg.layer_norm_epsilon;
+        let h = self.cfg.n_head;
+        for b in &self.blocks {
+            let a = ops::layer_norm(tape, &x, &b.ln_1.0, Some(&b.ln_1.1), eps)?;
+            let qkv = b.c_attn.forward(tape, &a, adapters)?;
+            let q = ops::narrow(tape, &qkv, 0, c)?;
+            let k = ops::narrow(tape, &qkv, c, c)?;
+            let v = ops::narrow(tape, &qkv, 2 * c, c)?;
+            let att = ops::attention(tape, &q, &k, &v, h, h)?;
+            let o = b.attn_c_proj.forward(tape, &att, adapters)?;
+            x = ops::add(tape, &x, &o)?;
+            let m = ops::layer_norm(tape, &x, &b.ln_2.0, Some(&b.ln_2.1), eps)?;
+            let m = b.c_fc.forward(tape, &m, adapters)?;
+            let m = ops::gelu(tape, &m)?;
+            let m = b.mlp_c_proj.forward(tape, &m, adapters)?;
+            x = ops::add(tape, &x, &m)?;
+        }
+        let x = ops::layer_norm(tape, &x, &self.ln_f.0, Some(&self.ln_f.1), eps)?;
+        ops::linear(tape, &x, &self.wte, WeightLayout::OutIn, None, None)
+    }
+
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            v.push((format!("{p}.attn.c_attn"), &b.c_attn));
+            v.push((format!("{p}.attn.c_proj"), &b.attn_c_proj));
+            v.push((format!("{p}.mlp.c_fc"), &b.c_fc));
+            v.push((format!("{p}.mlp.c_proj"), &b.mlp_c_proj));
+        }
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            v.push((format!("{p}.attn.c_attn"), &mut b.c_attn));
+            v.push((format!("{p}.attn.c_proj"), &mut b.attn_c_proj));
+            v.push((format!("{p}.mlp.c_fc"), &mut b.c_fc));
+            v.push((format!("{p}.mlp.c_proj"), &mut b.mlp_c_proj));
+        }
+        v
+    }
+
+    fn output_head(&self) -> &str {
+        "lm_head"
+    }
+
+    fn base_params(&self) -> usize {
+        let lin: usize = self.linears().iter().map(|(_, l)| {
+            let (w, _, b) = l.base();
+            w.numel() + b.map_or(0, |b| b.numel())
+        }).sum();
+        let ln = self.blocks.len() * 4 * self.cfg.n_embd + 2 * self.cfg.n_embd;
+        self.wte.numel() + self.wpe.numel() + lin + ln
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.n_positions
+    }
+}

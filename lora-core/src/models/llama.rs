@@ -1,0 +1,281 @@
+//! The Llama family (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`): RMSNorm,
+//! rotary embeddings (`rotate_half`), grouped-query attention, SwiGLU MLP; optional q/k/v bias
+//! (Qwen2) and tied or untied output head.
+
+use super::{CausalLm, Linear};
+use crate::autograd::Tape;
+use crate::error::{CoreError, Result};
+use crate::lora::WeightLayout;
+use crate::ops::{self, RopeTables};
+use crate::tensor::Tensor;
+use lora_kernels::ops::rope::rope_inv_freq;
+
+/// `rope_scaling` variants that change the inverse frequencies.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// `factor`
+        factor: f32,
+    },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        /// `factor`
+        factor: f32,
+        /// `low_freq_factor`
+        low_freq_factor: f32,
+        /// `high_freq_factor`
+        high_freq_factor: f32,
+        /// `original_max_position_embeddings`
+        original_max_position_embeddings: f32,
+    },
+}
+
+/// The fields of a Llama-family `config.json` that the math depends on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// `vocab_size`
+    pub vocab_size: usize,
+    /// `hidden_size`
+    pub hidden_size: usize,
+    /// `intermediate_size`
+    pub intermediate_size: usize,
+    /// `num_hidden_layers`
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads`
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads` (defaults to `num_attention_heads`)
+    pub num_key_value_heads: usize,
+    /// `head_dim` (defaults to `hidden_size / num_attention_heads`)
+    pub head_dim: usize,
+    /// `rms_norm_eps`
+    pub rms_norm_eps: f32,
+    /// `rope_theta`
+    pub rope_theta: f32,
+    /// `rope_scaling`
+    pub rope_scaling: RopeScaling,
+    /// `max_position_embeddings`
+    pub max_position_embeddings: usize,
+    /// `tie_word_embeddings`
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// Mistral's `sliding_window`, if any: sequences longer than it are refused (not implemented).
+    pub sliding_window: Option<usize>,
+}
+
+impl LlamaConfig {
+    /// RoPE inverse frequencies after `rope_scaling`, computed in f32 as transformers does.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let base = rope_inv_freq(self.head_dim, self.rope_theta);
+        match self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A Llama-family causal LM.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor, // (V, C)
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Linear>, // None when tied to `embed`
+    rope: RopeTables,
+}
+
+impl Llama {
+    /// Builds the model from `load(name, shape)` (transformers' parameter names).
+    pub fn load<E: From<CoreError>>(cfg: &LlamaConfig, load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>) -> std::result::Result<Self, E> {
+        let (c, hq, hkv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(CoreError::InvalidConfig { field: "num_key_value_heads", reason: format!("{hkv} must divide num_attention_heads {hq}") }.into());
+        }
+        if d == 0 || d % 2 != 0 {
+            return Err(CoreError::InvalidConfig { field: "head_dim", reason: format!("must be even and positive, got {d}") }.into());
+        }
+        let mut lin = |name: String, inp: usize, out: usize, bias: bool| -> std::result::Result<Linear, E> {
+            let w = load(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias { Some(load(&format!("{name}.bias"), &[out])?) } else { None };
+            Ok(Linear::frozen(w, WeightLayout::OutIn, b))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut norms = Vec::new();
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push((
+                lin(format!("{a}.q_proj"), c, hq * d, cfg.qkv_bias)?,
+                lin(format!("{a}.k_proj"), c, hkv * d, cfg.qkv_bias)?,
+                lin(format!("{a}.v_proj"), c, hkv * d, cfg.qkv_bias)?,
+                lin(format!("{a}.o_proj"), hq * d, c, cfg.o_bias)?,
+                lin(format!("{m}.gate_proj"), c, cfg.intermediate_size, cfg.mlp_bias)?,
+                lin(format!("{m}.up_proj"), c, cfg.intermediate_size, cfg.mlp_bias)?,
+                lin(format!("{m}.down_proj"), cfg.intermediate_size, c, cfg.mlp_bias)?,
+            ));
+            norms.push(p);
+        }
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin("lm_head".into(), c, cfg.vocab_size, false)?) };
+        let mut built = Vec::with_capacity(layers.len());
+        for ((q, k, v, o, gate, up, down), p) in layers.into_iter().zip(norms) {
+            built.push(Layer {
+                input_norm: load(&format!("{p}.input_layernorm.weight"), &[c])?,
+                post_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[c])?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        Ok(Self {
+            embed: load("model.embed_tokens.weight", &[cfg.vocab_size, c])?,
+            norm: load("model.norm.weight", &[c])?,
+            layers: built,
+            lm_head,
+            rope: RopeTables::new(&cfg.inv_freq(), cfg.max_position_embeddings),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        if seq > cfg.max_position_embeddings {
+            return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("{seq} exceeds max_position_embeddings {}", cfg.max_position_embeddings) });
+        }
+        if let Some(w) = cfg.sliding_window {
+            if seq > w {
+                return Err(CoreError::InvalidConfig { field: "sliding_window", reason: format!("sequences longer than the window ({w}) are not supported yet (got {seq})") });
+            }
+        }
+        let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let pos: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
+        let mut x = ops::embedding(tape, &self.embed, ids, &[batch, seq])?;
+        for l in &self.layers {
+            let h = ops::rms_norm(tape, &x, &l.input_norm, cfg.rms_norm_eps)?;
+            let q = l.q.forward(tape, &h, adapters)?;
+            let k = l.k.forward(tape, &h, adapters)?;
+            let v = l.v.forward(tape, &h, adapters)?;
+            let q = ops::rope(tape, &q, &self.rope, &pos, hq)?;
+            let k = ops::rope(tape, &k, &self.rope, &pos, hkv)?;
+            let a = ops::attention(tape, &q, &k, &v, hq, hkv)?;
+            let o = l.o.forward(tape, &a, adapters)?;
+            x = ops::add(tape, &x, &o)?;
+            let h = ops::rms_norm(tape, &x, &l.post_norm, cfg.rms_norm_eps)?;
+            let g = l.gate.forward(tape, &h, adapters)?;
+            let u = l.up.forward(tape, &h, adapters)?;
+            let m = ops::swiglu(tape, &g, &u)?;
+            let m = l.down.forward(tape, &m, adapters)?;
+            x = ops::add(tape, &x, &m)?;
+        }
+        let x = ops::rms_norm(tape, &x, &self.norm, cfg.rms_norm_eps)?;
+        match &self.lm_head {
+            Some(head) => head.forward(tape, &x, adapters),
+            None => ops::linear(tape, &x, &self.embed, WeightLayout::OutIn, None, None),
+        }
+    }
+
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = format!("model.layers.{i}.self_attn");
+            let m = format!("model.layers.{i}.mlp");
+            v.push((format!("{a}.q_proj"), &l.q));
+            v.push((format!("{a}.k_proj"), &l.k));
+            v.push((format!("{a}.v_proj"), &l.v));
+            v.push((format!("{a}.o_proj"), &l.o));
+            v.push((format!("{m}.gate_proj"), &l.gate));
+            v.push((format!("{m}.up_proj"), &l.up));
+            v.push((format!("{m}.down_proj"), &l.down));
+        }
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head".into(), h));
+        }
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = format!("model.layers.{i}.self_attn");
+            let m = format!("model.layers.{i}.mlp");
+            v.push((format!("{a}.q_proj"), &mut l.q));
+            v.push((format!("{a}.k_proj"), &mut l.k));
+            v.push((format!("{a}.v_proj"), &mut l.v));
+            v.push((format!("{a}.o_proj"), &mut l.o));
+            v.push((format!("{m}.gate_proj"), &mut l.gate));
+            v.push((format!("{m}.up_proj"), &mut l.up));
+            v.push((format!("{m}.down_proj"), &mut l.down));
+        }
+        if let Some(h) = &mut self.lm_head {
+            v.push(("lm_head".into(), h));
+        }
+        v
+    }
+
+    fn output_head(&self) -> &str {
+        "lm_head"
+    }
+
+    fn base_params(&self) -> usize {
+        let lin: usize = self.linears().iter().map(|(_, l)| {
+            let (w, _, b) = l.base();
+            w.numel() + b.map_or(0, |b| b.numel())
+        }).sum();
+        self.embed.numel() + lin + (2 * self.layers.len() + 1) * self.cfg.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}

@@ -1,0 +1,274 @@
+//! Hugging Face model directories: `config.json`, `model.safetensors` or a sharded
+//! `model.safetensors.index.json`, and `tokenizer.json` beside them.
+//!
+//! Supported `model_type`s: `gpt2`, `llama`, `mistral`, `qwen2`. Config fields that change the
+//! math are read (with transformers' defaults where it has them) and checked; a value we do not
+//! implement is an error naming the field rather than a silently different model.
+
+use crate::error::{io_err, IoError, Result};
+use crate::safetensors::SafetensorsFile;
+use lora_core::models::gpt2::{Gpt2, Gpt2Config};
+use lora_core::models::llama::{Llama, LlamaConfig, RopeScaling};
+use lora_core::models::CausalLm;
+use lora_core::Tensor;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The parsed architecture configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ArchConfig {
+    /// `gpt2`
+    Gpt2(Gpt2Config),
+    /// `llama`, `mistral`, `qwen2`
+    Llama(LlamaConfig),
+}
+
+/// Reads and parses a JSON file, naming it in errors.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IoError::Missing { path: path.into(), what: "JSON file" }),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    serde_json::from_slice(&text).map_err(|source| IoError::Json { path: path.into(), source })
+}
+
+struct Fields<'a> {
+    path: &'a Path,
+    v: &'a Value,
+}
+
+impl Fields<'_> {
+    fn err(&self, field: &str, reason: impl Into<String>) -> IoError {
+        IoError::Config { path: self.path.into(), field: field.into(), reason: reason.into() }
+    }
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.v.get(field).filter(|x| !x.is_null())
+    }
+    fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
+        match self.get(field) {
+            None => default.ok_or_else(|| self.err(field, "missing")),
+            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| self.err(field, format!("expected a non-negative integer, got {x}"))),
+        }
+    }
+    fn usize(&self, field: &str) -> Result<usize> {
+        let n = self.usize_or(field, None)?;
+        if n == 0 {
+            return Err(self.err(field, "must be at least 1"));
+        }
+        Ok(n)
+    }
+    fn f32_or(&self, field: &str, default: f32) -> Result<f32> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| self.err(field, format!("expected a number, got {x}"))),
+        }
+    }
+    fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(x) => x.as_bool().ok_or_else(|| self.err(field, format!("expected true or false, got {x}"))),
+        }
+    }
+    fn str_or<'b>(&'b self, field: &str, default: &'b str) -> Result<&'b str> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(x) => x.as_str().ok_or_else(|| self.err(field, format!("expected a string, got {x}"))),
+        }
+    }
+}
+
+/// Parses a `config.json` value (`path` is only for messages).
+pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
+    let f = Fields { path, v };
+    let model_type = f.get("model_type").and_then(|x| x.as_str()).ok_or_else(|| f.err("model_type", "missing"))?;
+    match model_type {
+        "gpt2" => {
+            let act = f.str_or("activation_function", "gelu_new")?;
+            if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
+                return Err(f.err("activation_function", format!("`{act}` is not supported (gelu_new, gelu_pytorch_tanh)")));
+            }
+            if !f.bool_or("scale_attn_weights", true)? {
+                return Err(f.err("scale_attn_weights", "false is not supported"));
+            }
+            if f.bool_or("scale_attn_by_inverse_layer_idx", false)? {
+                return Err(f.err("scale_attn_by_inverse_layer_idx", "true is not supported"));
+            }
+            let n_embd = f.usize("n_embd")?;
+            Ok(ArchConfig::Gpt2(Gpt2Config {
+                vocab_size: f.usize("vocab_size")?,
+                n_positions: f.usize("n_positions")?,
+                n_embd,
+                n_layer: f.usize("n_layer")?,
+                n_head: f.usize("n_head")?,
+                n_inner: f.usize_or("n_inner", Some(4 * n_embd))?,
+                layer_norm_epsilon: f.f32_or("layer_norm_epsilon", 1e-5)?,
+            }))
+        }
+        "llama" | "mistral" | "qwen2" => {
+            let act = f.str_or("hidden_act", "silu")?;
+            if act != "silu" {
+                return Err(f.err("hidden_act", format!("`{act}` is not supported (silu)")));
+            }
+            let hidden = f.usize("hidden_size")?;
+            let heads = f.usize("num_attention_heads")?;
+            let kv = f.usize_or("num_key_value_heads", Some(heads))?;
+            let head_dim = f.usize_or("head_dim", Some(hidden / heads))?;
+            // transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
+            let rope_params = f.get("rope_parameters");
+            let (theta, scaling_v, scaling_field) = match rope_params {
+                Some(p) => (p.get("rope_theta").and_then(|x| x.as_f64()).map(|x| x as f32).unwrap_or(10000.0), Some(p), "rope_parameters"),
+                None => (f.f32_or("rope_theta", 10000.0)?, f.get("rope_scaling"), "rope_scaling"),
+            };
+            let rope_scaling = parse_rope_scaling(&f, scaling_v, scaling_field)?;
+            let (qkv_bias, o_bias) = match model_type {
+                "qwen2" => (true, false),
+                "llama" => {
+                    let b = f.bool_or("attention_bias", false)?;
+                    (b, b)
+                }
+                _ => (false, false),
+            };
+            if model_type == "qwen2" && f.bool_or("use_sliding_window", false)? {
+                return Err(f.err("use_sliding_window", "true is not supported yet"));
+            }
+            let sliding_window = if model_type == "mistral" { f.get("sliding_window").and_then(|x| x.as_u64()).map(|x| x as usize) } else { None };
+            Ok(ArchConfig::Llama(LlamaConfig {
+                vocab_size: f.usize("vocab_size")?,
+                hidden_size: hidden,
+                intermediate_size: f.usize("intermediate_size")?,
+                num_hidden_layers: f.usize("num_hidden_layers")?,
+                num_attention_heads: heads,
+                num_key_value_heads: kv,
+                head_dim,
+                rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+                rope_theta: theta,
+                rope_scaling,
+                max_position_embeddings: f.usize_or("max_position_embeddings", Some(2048))?,
+                tie_word_embeddings: f.bool_or("tie_word_embeddings", model_type == "qwen2")?,
+                qkv_bias,
+                o_bias,
+                mlp_bias: f.bool_or("mlp_bias", false)?,
+                sliding_window,
+            }))
+        }
+        other => Err(f.err("model_type", format!("`{other}` is not supported (gpt2, llama, mistral, qwen2)"))),
+    }
+}
+
+fn parse_rope_scaling(f: &Fields, v: Option<&Value>, field: &str) -> Result<RopeScaling> {
+    let Some(v) = v else { return Ok(RopeScaling::None) };
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+    let num = |k: &str| -> Result<f32> {
+        v.get(k).and_then(|x| x.as_f64()).map(|x| x as f32).ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(f.err(&format!("{field}.rope_type"), format!("`{other}` is not supported (default, linear, llama3)"))),
+    }
+}
+
+/// The weight files of a model directory: one file, or shards named by an index.
+pub struct Weights {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// tensor name -> index into `files`
+    map: HashMap<String, usize>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors.index.json` (and its shards) or `model.safetensors` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut files = Vec::new();
+        let mut map = HashMap::new();
+        if index.exists() {
+            let v = read_json(&index)?;
+            let wm = v.get("weight_map").and_then(|x| x.as_object()).ok_or_else(|| IoError::Config {
+                path: index.clone(),
+                field: "weight_map".into(),
+                reason: "missing or not an object".into(),
+            })?;
+            let mut by_file: HashMap<String, usize> = HashMap::new();
+            let mut shard_names: Vec<&str> = wm.values().filter_map(|x| x.as_str()).collect();
+            shard_names.sort_unstable();
+            shard_names.dedup();
+            for name in shard_names {
+                if name.contains('/') || name.contains("..") {
+                    return Err(IoError::Config { path: index.clone(), field: "weight_map".into(), reason: format!("shard name `{name}` must be a file in the same directory") });
+                }
+                let p = dir.join(name);
+                if !p.exists() {
+                    return Err(IoError::Missing { path: p, what: "shard listed in model.safetensors.index.json" });
+                }
+                by_file.insert(name.to_string(), files.len());
+                files.push(SafetensorsFile::open(&p)?);
+            }
+            for (k, f) in wm {
+                let f = f.as_str().ok_or_else(|| IoError::Config { path: index.clone(), field: format!("weight_map.{k}"), reason: "expected a file name".into() })?;
+                map.insert(k.clone(), by_file[f]);
+            }
+        } else if single.exists() {
+            let f = SafetensorsFile::open(&single)?;
+            for k in f.names() {
+                map.insert(k.to_string(), 0);
+            }
+            files.push(f);
+        } else {
+            return Err(IoError::Missing { path: single, what: "model weights (model.safetensors or model.safetensors.index.json); pickle .bin checkpoints are not read" });
+        }
+        Ok(Self { dir: dir.to_path_buf(), files, map })
+    }
+
+    /// Loads `key` as a frozen f32 tensor of shape `expected`.
+    pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        // The original GPT-2 checkpoints store `h.0...` without the `transformer.` prefix.
+        let key = match (self.map.contains_key(key), key.strip_prefix("transformer.")) {
+            (false, Some(bare)) if self.map.contains_key(bare) => bare,
+            _ => key,
+        };
+        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor { path: self.dir.clone(), key: key.into() })?;
+        self.files[i].tensor(key, expected)
+    }
+}
+
+/// A loaded model directory.
+pub struct ModelDir {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its parsed config.
+    pub config: ArchConfig,
+}
+
+impl ModelDir {
+    /// Reads and checks `dir/config.json`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(IoError::Missing { path: dir, what: "model directory" });
+        }
+        let cfg_path = dir.join("config.json");
+        let v = read_json(&cfg_path)?;
+        let config = parse_config(&cfg_path, &v)?;
+        Ok(Self { dir, config })
+    }
+
+    /// Loads the weights and builds the model (all weights frozen).
+    pub fn load_model(&self) -> Result<Box<dyn CausalLm>> {
+        let w = Weights::open(&self.dir)?;
+        let mut load = |k: &str, shape: &[usize]| w.tensor(k, shape);
+        Ok(match &self.config {
+            ArchConfig::Gpt2(c) => Box::new(Gpt2::load(c, &mut load)?),
+            ArchConfig::Llama(c) => Box::new(Llama::load(c, &mut load)?),
+        })
+    }
+}

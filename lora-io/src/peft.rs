@@ -1,0 +1,289 @@
+//! PEFT LoRA adapters: `adapter_config.json`, injection by module path with PEFT's matching
+//! rules, and `adapter_model.safetensors` weights (keys
+//! `base_model.model.<module>.lora_A.weight` `(r, in)` and `...lora_B.weight` `(out, r)`).
+//!
+//! Matching, as PEFT does it: `target_modules` as a list matches a module whose path equals an
+//! entry or ends with `.` + entry; as a string it is a regex that must match the whole path;
+//! `all-linear` means every linear layer except the output head. `exclude_modules` uses the same
+//! rules. `layers_to_transform` keeps modules whose layer index (the number after
+//! `.<layers_pattern>.`, e.g. `model.layers.3.` or `transformer.h.3.`) is listed.
+//! `rank_pattern` / `alpha_pattern` keys are regexes matched against the end of the path.
+
+use crate::error::{IoError, Result};
+use crate::hf::read_json;
+use crate::safetensors::SafetensorsFile;
+use lora_core::models::CausalLm;
+use lora_core::{LoraConfig, LoraInit};
+use regex::Regex;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Which modules get an adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Targets {
+    /// Names: exact path or dotted suffix.
+    List(Vec<String>),
+    /// A regex over the whole path.
+    Regex(String),
+    /// Every linear layer but the output head.
+    AllLinear,
+}
+
+impl Targets {
+    fn parse(path: &Path, field: &str, v: &Value) -> Result<Option<Self>> {
+        Ok(match v {
+            Value::Null => None,
+            Value::String(s) if s == "all-linear" => Some(Targets::AllLinear),
+            Value::String(s) => Some(Targets::Regex(s.clone())),
+            Value::Array(a) => Some(Targets::List(
+                a.iter()
+                    .map(|x| x.as_str().map(String::from).ok_or_else(|| cfg_err(path, field, "expected a list of strings")))
+                    .collect::<Result<_>>()?,
+            )),
+            _ => return Err(cfg_err(path, field, "expected a string or a list of strings")),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Targets::List(l) => format!("{l:?}"),
+            Targets::Regex(r) => format!("regex `{r}`"),
+            Targets::AllLinear => "all-linear".into(),
+        }
+    }
+
+    fn matches(&self, module: &str, head: &str) -> Result<bool> {
+        Ok(match self {
+            Targets::List(l) => l.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
+            Targets::Regex(r) => full_regex(r)?.is_match(module),
+            Targets::AllLinear => module != head,
+        })
+    }
+}
+
+fn full_regex(r: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{r})$")).map_err(|e| IoError::Config { path: PathBuf::from("adapter_config.json"), field: "target_modules".into(), reason: format!("invalid regex: {e}") })
+}
+
+fn cfg_err(path: &Path, field: &str, reason: impl Into<String>) -> IoError {
+    IoError::Config { path: path.into(), field: field.into(), reason: reason.into() }
+}
+
+/// The fields of a PEFT `LoraConfig` that decide what is adapted and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeftConfig {
+    /// `r`
+    pub r: usize,
+    /// `lora_alpha`
+    pub lora_alpha: f32,
+    /// `target_modules`
+    pub target_modules: Targets,
+    /// `exclude_modules`
+    pub exclude_modules: Option<Targets>,
+    /// `layers_to_transform`
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// `layers_pattern`
+    pub layers_pattern: Option<Vec<String>>,
+    /// `rank_pattern`
+    pub rank_pattern: Vec<(String, usize)>,
+    /// `alpha_pattern`
+    pub alpha_pattern: Vec<(String, f32)>,
+    /// `use_rslora`
+    pub use_rslora: bool,
+    /// `lora_dropout`
+    pub lora_dropout: f32,
+    /// `fan_in_fan_out` (true for GPT-2 `Conv1D` targets)
+    pub fan_in_fan_out: bool,
+    /// `base_model_name_or_path`
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl PeftConfig {
+    /// Parses an `adapter_config.json` value. Variants that change the math and are not
+    /// implemented (DoRA, `lora_bias`, trained biases) are errors naming the field.
+    pub fn from_json(path: &Path, v: &Value) -> Result<Self> {
+        let get = |k: &str| v.get(k).unwrap_or(&Value::Null);
+        let peft_type = get("peft_type").as_str().unwrap_or("LORA");
+        if peft_type != "LORA" {
+            return Err(cfg_err(path, "peft_type", format!("`{peft_type}` is not supported (LORA)")));
+        }
+        if get("use_dora").as_bool().unwrap_or(false) {
+            return Err(cfg_err(path, "use_dora", "DoRA adapters are not supported"));
+        }
+        if get("lora_bias").as_bool().unwrap_or(false) {
+            return Err(cfg_err(path, "lora_bias", "true is not supported"));
+        }
+        let bias = get("bias").as_str().unwrap_or("none");
+        if bias != "none" {
+            return Err(cfg_err(path, "bias", format!("`{bias}` is not supported (none)")));
+        }
+        let r = get("r").as_u64().filter(|&r| r > 0).ok_or_else(|| cfg_err(path, "r", "must be a positive integer"))? as usize;
+        let lora_alpha = match get("lora_alpha") {
+            Value::Null => 8.0,
+            x => x.as_f64().ok_or_else(|| cfg_err(path, "lora_alpha", "expected a number"))? as f32,
+        };
+        let target_modules = Targets::parse(path, "target_modules", get("target_modules"))?.ok_or_else(|| cfg_err(path, "target_modules", "missing"))?;
+        let layers_to_transform = match get("layers_to_transform") {
+            Value::Null => None,
+            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| cfg_err(path, "layers_to_transform", "expected a layer index"))? as usize]),
+            Value::Array(a) => Some(a.iter().map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| cfg_err(path, "layers_to_transform", "expected layer indices"))).collect::<Result<_>>()?),
+            _ => return Err(cfg_err(path, "layers_to_transform", "expected an integer or a list")),
+        };
+        let layers_pattern = match get("layers_pattern") {
+            Value::Null => None,
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Array(a) => Some(a.iter().filter_map(|x| x.as_str().map(String::from)).collect()),
+            _ => return Err(cfg_err(path, "layers_pattern", "expected a string or a list")),
+        };
+        let pattern = |field: &str| -> Result<Vec<(String, f64)>> {
+            match get(field) {
+                Value::Null => Ok(Vec::new()),
+                Value::Object(m) => m.iter().map(|(k, x)| x.as_f64().map(|f| (k.clone(), f)).ok_or_else(|| cfg_err(path, &format!("{field}.{k}"), "expected a number"))).collect(),
+                _ => Err(cfg_err(path, field, "expected an object")),
+            }
+        };
+        let rank_pattern = pattern("rank_pattern")?.into_iter().map(|(k, f)| (k, f as usize)).collect::<Vec<_>>();
+        if let Some((k, _)) = rank_pattern.iter().find(|(_, r)| *r == 0) {
+            return Err(cfg_err(path, &format!("rank_pattern.{k}"), "rank must be at least 1"));
+        }
+        let lora_dropout = get("lora_dropout").as_f64().unwrap_or(0.0) as f32;
+        if !(0.0..1.0).contains(&lora_dropout) {
+            return Err(cfg_err(path, "lora_dropout", format!("must be in [0, 1), got {lora_dropout}")));
+        }
+        Ok(Self {
+            r,
+            lora_alpha,
+            target_modules,
+            exclude_modules: Targets::parse(path, "exclude_modules", get("exclude_modules"))?,
+            layers_to_transform,
+            layers_pattern,
+            rank_pattern,
+            alpha_pattern: pattern("alpha_pattern")?.into_iter().map(|(k, f)| (k, f as f32)).collect(),
+            use_rslora: get("use_rslora").as_bool().unwrap_or(false),
+            lora_dropout,
+            fan_in_fan_out: get("fan_in_fan_out").as_bool().unwrap_or(false),
+            base_model_name_or_path: get("base_model_name_or_path").as_str().map(String::from),
+        })
+    }
+
+    /// Reads `dir/adapter_config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join("adapter_config.json");
+        Self::from_json(&p, &read_json(&p)?)
+    }
+
+    fn layer_index(&self, module: &str) -> Option<usize> {
+        let parts: Vec<&str> = module.split('.').collect();
+        for w in parts.windows(2) {
+            let is_layers = match &self.layers_pattern {
+                Some(pats) => pats.iter().any(|p| p == w[0]),
+                None => true,
+            };
+            if is_layers {
+                if let Ok(i) = w[1].parse::<usize>() {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether `module` gets an adapter.
+    pub fn selects(&self, module: &str, head: &str) -> Result<bool> {
+        if !self.target_modules.matches(module, head)? {
+            return Ok(false);
+        }
+        if let Some(ex) = &self.exclude_modules {
+            if ex.matches(module, "")? && !matches!(ex, Targets::AllLinear) {
+                return Ok(false);
+            }
+        }
+        if let Some(layers) = &self.layers_to_transform {
+            match self.layer_index(module) {
+                Some(i) if layers.contains(&i) => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    fn pattern_value<T: Copy>(pats: &[(String, T)], module: &str) -> Result<Option<T>> {
+        for (k, v) in pats {
+            let re = Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).map_err(|e| IoError::Config { path: PathBuf::from("adapter_config.json"), field: format!("pattern `{k}`"), reason: e.to_string() })?;
+            if re.is_match(module) {
+                return Ok(Some(*v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The `LoraConfig` for `module`, after `rank_pattern` / `alpha_pattern`.
+    pub fn lora_config_for(&self, module: &str) -> Result<LoraConfig> {
+        let rank = Self::pattern_value(&self.rank_pattern, module)?.unwrap_or(self.r);
+        let alpha = Self::pattern_value(&self.alpha_pattern, module)?.unwrap_or(self.lora_alpha);
+        let cfg = LoraConfig { rank, alpha, use_rslora: self.use_rslora, dropout: self.lora_dropout, init: LoraInit::KaimingUniform };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Adds adapters to every module `cfg` selects; returns their paths. A target that selects
+/// nothing is an error listing the model's linear modules.
+pub fn inject(model: &mut dyn CausalLm, cfg: &PeftConfig, seed: u64) -> Result<Vec<String>> {
+    let head = model.output_head().to_string();
+    let mut chosen = Vec::new();
+    for (i, (name, lin)) in model.linears_mut().into_iter().enumerate() {
+        if cfg.selects(&name, &head)? {
+            let lc = cfg.lora_config_for(&name)?;
+            lin.inject(&lc, seed.wrapping_add(i as u64))?;
+            chosen.push(name);
+        }
+    }
+    if chosen.is_empty() {
+        let available: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
+        return Err(IoError::NoTarget { target: cfg.target_modules.describe(), available: available.join(", ") });
+    }
+    Ok(chosen)
+}
+
+/// Loads a PEFT adapter directory into `model`: reads the config, injects, and copies the
+/// weights. Every adapted module must have both tensors with the right shapes, and every tensor
+/// in the file must belong to an adapted module (an adapter for another model is refused).
+pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> {
+    if !dir.is_dir() {
+        return Err(IoError::Missing { path: dir.into(), what: "adapter directory" });
+    }
+    let cfg = PeftConfig::load(dir)?;
+    let st = dir.join("adapter_model.safetensors");
+    if !st.exists() {
+        let bin = dir.join("adapter_model.bin");
+        let what = if bin.exists() {
+            "adapter_model.safetensors (adapter_model.bin is a pickle file, which is never read: unpickling can run arbitrary code; convert it with PEFT's save_pretrained(safe_serialization=True))"
+        } else {
+            "adapter weights"
+        };
+        return Err(IoError::Missing { path: st, what });
+    }
+    let file = SafetensorsFile::open(&st)?;
+    let chosen = inject(model, &cfg, 0)?;
+    let mut used = std::collections::HashSet::new();
+    for (name, lin) in model.linears_mut() {
+        if !chosen.contains(&name) {
+            continue;
+        }
+        let l = match lin {
+            lora_core::models::Linear::Lora(l) => l,
+            lora_core::models::Linear::Frozen { .. } => unreachable!("inject wrapped every chosen module"),
+        };
+        for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
+            let key = format!("base_model.model.{name}.{part}.weight");
+            let loaded = file.tensor(&key, t.shape())?;
+            *t.data_mut() = loaded.to_vec();
+            used.insert(key);
+        }
+    }
+    if let Some(extra) = file.names().into_iter().find(|k| !used.contains(*k)) {
+        return Err(IoError::Config { path: st, field: extra.to_string(), reason: "tensor does not belong to any adapted module of this model".into() });
+    }
+    Ok(cfg)
+}

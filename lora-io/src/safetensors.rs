@@ -1,0 +1,112 @@
+//! Memory-mapped safetensors files. The header is validated when the file is opened (a header
+//! length larger than the file, offsets past the end, overlapping or truncated data are all
+//! errors naming the file); tensors are then converted to f32 on read (f16/bf16 widened).
+
+use crate::error::{io_err, IoError, Result};
+use lora_core::Tensor;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Metadata of one stored tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    /// Storage dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// An open, validated safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorMeta>,
+    /// The free-form `__metadata__` map.
+    pub metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Maps and validates `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+        // SAFETY: the map is read-only; a file changed underneath by another process could
+        // change the bytes we read but not memory safety of the slice accesses, which are all
+        // bounds-checked against the map's length.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
+        let bad = |reason: String| IoError::Safetensors { path: path.clone(), reason };
+        if mmap.len() < 8 {
+            return Err(bad(format!("file is {} bytes, shorter than the 8-byte header length", mmap.len())));
+        }
+        let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
+        if n > mmap.len() - 8 {
+            return Err(bad(format!("header length {n} is larger than the rest of the file ({} bytes)", mmap.len() - 8)));
+        }
+        // Full validation (JSON, offsets contiguous and inside the file, sizes match dtypes).
+        SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+        let tensors = meta
+            .tensors()
+            .into_iter()
+            .map(|(k, info)| (k, TensorMeta { dtype: info.dtype, shape: info.shape.clone(), start: info.data_offsets.0, end: info.data_offsets.1 }))
+            .collect();
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(Self { path, mmap, data_start: 8 + n, tensors, metadata })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(|s| s.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Metadata of `key`, if present.
+    pub fn meta(&self, key: &str) -> Option<&TensorMeta> {
+        self.tensors.get(key)
+    }
+
+    /// Reads `key` as f32 values.
+    pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor { path: self.path.clone(), key: key.into() })?;
+        let bytes = &self.mmap[self.data_start + m.start..self.data_start + m.end];
+        let values = match m.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => return Err(IoError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}") }),
+        };
+        Ok((values, m.shape.clone()))
+    }
+
+    /// Reads `key` as a frozen tensor and checks its shape.
+    pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        let (v, shape) = self.read_f32(key)?;
+        if shape != expected {
+            return Err(IoError::TensorShape { path: self.path.clone(), key: key.into(), got: shape, expected: expected.to_vec() });
+        }
+        Ok(Tensor::new(v, expected)?)
+    }
+
+    /// Reads an integer tensor (I64/I32) as i64 values (used for token-id fixtures).
+    pub fn read_i64(&self, key: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor { path: self.path.clone(), key: key.into() })?;
+        let bytes = &self.mmap[self.data_start + m.start..self.data_start + m.end];
+        let v = match m.dtype {
+            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect(),
+            other => return Err(IoError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}") }),
+        };
+        Ok((v, m.shape.clone()))
+    }
+}
