@@ -195,7 +195,7 @@ impl LoraLinear {
         let new: Vec<f32> = self.weight.data().iter().zip(&delta).map(|(w, d)| w + sign * d).collect();
         // Nothing is written unless every merged value is finite.
         check_finite(format!("{what}: W {} s*B@A", if sign > 0.0 { "+" } else { "-" }), &new)?;
-        *self.weight.data_mut() = new;
+        self.weight.set_data(new)?;
         Ok(())
     }
 

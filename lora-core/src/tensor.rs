@@ -3,6 +3,10 @@
 //! Cloning a tensor clones the handle, not the data. Data sit behind a lock so an optimizer (or
 //! `merge`) can update a parameter in place while other handles see the change; ops read it
 //! through [`Tensor::data`]. Each tensor has a process-unique id, which is how gradients are keyed.
+//!
+//! Data are either owned (`Vec<f32>`) or borrowed from outside without a copy ([`ExternalF32`],
+//! e.g. a memory-mapped safetensors file): frozen pretrained weights then cost no heap memory.
+//! Writing to external data first copies it (copy on write).
 
 use crate::device::Device;
 use crate::error::{CoreError, Result};
@@ -11,10 +15,46 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Read-only f32 data owned elsewhere (a memory map, a buffer shared with another engine).
+pub trait ExternalF32: Send + Sync {
+    /// The values; must be the same slice on every call.
+    fn as_f32(&self) -> &[f32];
+}
+
+/// Where a tensor's values live.
+pub enum Storage {
+    /// On the heap, owned.
+    Owned(Vec<f32>),
+    /// Borrowed, read-only; converted to `Owned` on first write.
+    External(Arc<dyn ExternalF32>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::External(e) => e.as_f32(),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Storage {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        if let Storage::External(e) = self {
+            *self = Storage::Owned(e.as_f32().to_vec());
+        }
+        match self {
+            Storage::Owned(v) => v,
+            Storage::External(_) => unreachable!("converted above"),
+        }
+    }
+}
+
 struct Inner {
     id: u64,
     shape: Vec<usize>,
-    data: RwLock<Vec<f32>>,
+    data: RwLock<Storage>,
     requires_grad: bool,
     device: Device,
 }
@@ -31,6 +71,10 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     fn build(data: Vec<f32>, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
+        Self::build_storage(Storage::Owned(data), shape, requires_grad, device)
+    }
+
+    fn build_storage(data: Storage, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
         device.ensure_available()?;
         let needed: usize = shape.iter().product();
         if data.len() != needed {
@@ -58,6 +102,11 @@ impl Tensor {
     /// A tensor on `device` (errors for CUDA until that backend exists).
     pub fn new_on(data: Vec<f32>, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
         Self::build(data, shape, requires_grad, device)
+    }
+
+    /// A frozen tensor over external data, without copying it.
+    pub fn from_external(data: Arc<dyn ExternalF32>, shape: &[usize]) -> Result<Self> {
+        Self::build_storage(Storage::External(data), shape, false, Device::Cpu)
     }
 
     /// Zeros, frozen.
@@ -99,16 +148,28 @@ impl Tensor {
         self.0.device
     }
     /// Read access to the data.
-    pub fn data(&self) -> RwLockReadGuard<'_, Vec<f32>> {
+    pub fn data(&self) -> RwLockReadGuard<'_, Storage> {
         self.0.data.read().unwrap_or_else(|e| e.into_inner())
     }
-    /// Write access to the data (optimizer steps, merge). The shape cannot change.
-    pub fn data_mut(&self) -> RwLockWriteGuard<'_, Vec<f32>> {
+    /// Write access to the data (optimizer steps, merge); external data are copied first.
+    pub fn data_mut(&self) -> RwLockWriteGuard<'_, Storage> {
         self.0.data.write().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Replaces all values (same length).
+    pub fn set_data(&self, values: Vec<f32>) -> Result<()> {
+        if values.len() != self.numel() {
+            return Err(CoreError::DataLength { len: values.len(), shape: self.shape().to_vec(), needed: self.numel() });
+        }
+        *self.data_mut() = Storage::Owned(values);
+        Ok(())
+    }
+    /// Whether the values are borrowed (e.g. memory-mapped) rather than owned.
+    pub fn is_external(&self) -> bool {
+        matches!(*self.data(), Storage::External(_))
     }
     /// A copy of the data.
     pub fn to_vec(&self) -> Vec<f32> {
-        self.data().clone()
+        self.data().to_vec()
     }
     /// The single value of a one-element tensor.
     pub fn scalar(&self) -> Result<f32> {
@@ -139,5 +200,24 @@ mod tests {
         u.data_mut()[0] = 5.0;
         assert_eq!(t.data()[0], 5.0);
         assert!(t.same(&u) && t.id() == u.id());
+    }
+
+    struct Ext(Vec<f32>);
+    impl ExternalF32 for Ext {
+        fn as_f32(&self) -> &[f32] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn external_data_is_read_in_place_and_copied_on_write() {
+        let t = Tensor::from_external(Arc::new(Ext(vec![1.0, 2.0, 3.0])), &[3]).unwrap();
+        assert!(t.is_external());
+        assert_eq!(t.to_vec(), vec![1.0, 2.0, 3.0]);
+        t.data_mut()[1] = 5.0;
+        assert!(!t.is_external());
+        assert_eq!(t.to_vec(), vec![1.0, 5.0, 3.0]);
+        assert!(Tensor::from_external(Arc::new(Ext(vec![1.0])), &[2]).is_err());
+        assert!(t.set_data(vec![0.0; 2]).is_err());
     }
 }

@@ -278,7 +278,7 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
             let key = format!("base_model.model.{name}.{part}.weight");
             let loaded = file.tensor(&key, t.shape())?;
-            *t.data_mut() = loaded.to_vec();
+            t.set_data(loaded.to_vec())?;
             used.insert(key);
         }
     }

@@ -1,10 +1,13 @@
 //! Memory-mapped safetensors files. The header is validated when the file is opened (a header
 //! length larger than the file, offsets past the end, overlapping or truncated data are all
-//! errors naming the file); tensors are then converted to f32 on read (f16/bf16 widened).
+//! errors naming the file). F32 tensors become frozen [`Tensor`]s that read the mapped bytes in
+//! place (no copy; the map stays alive as long as any tensor uses it); f16/bf16 are widened to
+//! f32 into owned memory.
 
 use crate::error::{io_err, IoError, Result};
-use lora_core::Tensor;
+use lora_core::{ExternalF32, Tensor};
 use memmap2::Mmap;
+use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +26,7 @@ pub struct TensorMeta {
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     data_start: usize,
     tensors: HashMap<String, TensorMeta>,
     /// The free-form `__metadata__` map.
@@ -56,7 +59,7 @@ impl SafetensorsFile {
             .map(|(k, info)| (k, TensorMeta { dtype: info.dtype, shape: info.shape.clone(), start: info.data_offsets.0, end: info.data_offsets.1 }))
             .collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(Self { path, mmap, data_start: 8 + n, tensors, metadata })
+        Ok(Self { path, mmap: Arc::new(mmap), data_start: 8 + n, tensors, metadata })
     }
 
     /// The file's path.
@@ -89,12 +92,21 @@ impl SafetensorsFile {
         Ok((values, m.shape.clone()))
     }
 
-    /// Reads `key` as a frozen tensor and checks its shape.
+    /// Reads `key` as a frozen tensor and checks its shape. F32 data are used in place (memory
+    /// mapped) when aligned; other dtypes are converted into owned f32.
     pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
-        let (v, shape) = self.read_f32(key)?;
-        if shape != expected {
-            return Err(IoError::TensorShape { path: self.path.clone(), key: key.into(), got: shape, expected: expected.to_vec() });
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor { path: self.path.clone(), key: key.into() })?;
+        if m.shape != expected {
+            return Err(IoError::TensorShape { path: self.path.clone(), key: key.into(), got: m.shape.clone(), expected: expected.to_vec() });
         }
+        let offset = self.data_start + m.start;
+        let len = (m.end - m.start) / 4;
+        let aligned = (self.mmap.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
+        if m.dtype == Dtype::F32 && aligned && cfg!(target_endian = "little") {
+            let mapped = MappedF32 { map: self.mmap.clone(), offset, len };
+            return Ok(Tensor::from_external(Arc::new(mapped), expected)?);
+        }
+        let (v, _) = self.read_f32(key)?;
         Ok(Tensor::new(v, expected)?)
     }
 
@@ -108,5 +120,22 @@ impl SafetensorsFile {
             other => return Err(IoError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}") }),
         };
         Ok((v, m.shape.clone()))
+    }
+}
+
+/// A run of little-endian f32 values inside a memory map, checked aligned at construction.
+struct MappedF32 {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+impl ExternalF32 for MappedF32 {
+    fn as_f32(&self) -> &[f32] {
+        // SAFETY: `offset..offset + 4 * len` lies inside the map (validated against the file's
+        // length when it was opened), the start is 4-byte aligned (checked in `tensor`), every
+        // bit pattern is a valid f32, the target is little-endian, and the map is read-only and
+        // kept alive by the Arc for as long as this slice can be borrowed.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const f32, self.len) }
     }
 }

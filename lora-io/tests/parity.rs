@@ -92,3 +92,11 @@ fn llama_bf16_all_linear_matches() {
 fn qwen2_bias_tied_regex_rslora_matches() {
     check("qwen2_bias", 8);
 }
+
+#[test]
+fn f32_weights_are_memory_mapped_and_bf16_weights_are_widened() {
+    let model = ModelDir::open(fixture("gpt2").join("model")).unwrap().load_model().unwrap();
+    assert!(model.linears().iter().all(|(_, l)| l.base().0.is_external()), "f32 weights should be read in place");
+    let model = ModelDir::open(fixture("llama_bf16").join("model")).unwrap().load_model().unwrap();
+    assert!(model.linears().iter().all(|(_, l)| !l.base().0.is_external()));
+}
