@@ -87,6 +87,14 @@ pub enum IoError {
         /// The model's linear module names.
         available: String,
     },
+    /// The tokenizer could not be loaded or failed on an input.
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
     /// Error from the tensor layer.
     #[error(transparent)]
     Core(#[from] CoreError),

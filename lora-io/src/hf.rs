@@ -262,6 +262,20 @@ impl ModelDir {
         Ok(Self { dir, config })
     }
 
+    /// End-of-sequence ids for generation: `generation_config.json`'s `eos_token_id` if present,
+    /// else `config.json`'s (an integer or a list; absent means none).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let ids = |v: &Value| -> Option<Vec<u32>> {
+            match v.get("eos_token_id")? {
+                Value::Number(n) => Some(vec![n.as_u64()? as u32]),
+                Value::Array(a) => Some(a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect()),
+                _ => None,
+            }
+        };
+        let from = |f: &str| read_json(&self.dir.join(f)).ok().and_then(|v| ids(&v));
+        from("generation_config.json").or_else(|| from("config.json")).unwrap_or_default()
+    }
+
     /// Loads the weights and builds the model (all weights frozen).
     pub fn load_model(&self) -> Result<Box<dyn CausalLm>> {
         let w = Weights::open(&self.dir)?;

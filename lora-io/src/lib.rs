@@ -3,7 +3,8 @@
 //! - [`safetensors`]: memory-mapped safetensors files (f32, f16, bf16), validated on open;
 //! - [`hf`]: Hugging Face model directories (`config.json`, single or sharded safetensors) into
 //!   a [`lora_core::models::CausalLm`];
-//! - [`peft`]: PEFT adapter configs, injection with PEFT's module-matching rules, adapter weights.
+//! - [`peft`]: PEFT adapter configs, injection with PEFT's module-matching rules, adapter weights;
+//! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate (pure Rust, no network).
 //!
 //! Every error names the file, and where it applies the tensor key or config field.
 #![warn(missing_docs)]
@@ -12,5 +13,6 @@ pub mod error;
 pub mod hf;
 pub mod peft;
 pub mod safetensors;
+pub mod tokenizer;
 
 pub use error::{IoError, Result};

@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use lora_kernels::ops::attention::{self, attention_backward, attention_forward, AttnDims};
+use lora_kernels::ops::attention::{self, attention_backward, attention_decode, attention_forward, AttnDims};
 use lora_kernels::ops::cross_entropy::{self, cross_entropy_backward, cross_entropy_forward};
 use lora_kernels::ops::elementwise::{self as ew, *};
 use lora_kernels::ops::embedding::{self, embedding_backward, embedding_forward};
@@ -175,6 +175,20 @@ proptest! {
         assert_close("dq", &dq, &fd_grad(&q64, &w, |x| f(x, &k64, &v64)), 5e-5);
         assert_close("dk", &dk, &fd_grad(&k64, &w, |x| f(&q64, x, &v64)), 5e-5);
         assert_close("dv", &dv, &fd_grad(&v64, &w, |x| f(&q64, &k64, x)), 5e-5);
+    }
+
+    #[test]
+    fn cached_decode_equals_the_last_rows_of_full_attention(t in 1usize..10, n0 in 0usize..10, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, seed in any::<u64>()) {
+        let n = n0 % t + 1;
+        let hq = hkv * rep;
+        let d = AttnDims { batch: 1, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd };
+        let q = rand_vec(t * hq * hd, seed, 1.0);
+        let k = rand_vec(t * hkv * hd, seed ^ 1, 1.0);
+        let v = rand_vec(t * hkv * hd, seed ^ 2, 1.0);
+        let full = attention::reference::forward(&f64s(&q), &f64s(&k), &f64s(&v), d, 0.5);
+        let mut out = vec![f32::NAN; n * hq * hd];
+        attention_decode(&mut out, &q[(t - n) * hq * hd..], &k, &v, n, t, hq, hkv, hd, 0.5).unwrap();
+        assert_close("decode", &out, &full[(t - n) * hq * hd..], 1e-5);
     }
 
     #[test]

@@ -1,4 +1,33 @@
-//! lora-train: optimizers, schedules, the data pipeline and the training loop.
+//! lora-train: data, evaluation and (with the training issue) optimizers, schedules and the
+//! training loop.
 //!
-//! Not implemented yet: this crate holds its place in the workspace's dependency chain; it is
-//! filled by the training issue (5).
+//! Today: [`data`] reads text datasets (`.txt` paragraphs, `.jsonl` with `text`) and [`eval`]
+//! computes the token-weighted mean cross-entropy that transformers reports.
+#![warn(missing_docs)]
+
+pub mod data;
+pub mod eval;
+
+use std::path::PathBuf;
+
+/// Errors of the training crate.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A data file is unreadable or malformed.
+    #[error("{path}: {reason}")]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line where it applies.
+        reason: String,
+    },
+    /// From lora-io.
+    #[error(transparent)]
+    Io(#[from] lora_io::IoError),
+    /// From lora-core.
+    #[error(transparent)]
+    Core(#[from] lora_core::CoreError),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,7 +1,7 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, fused `c_attn`, GELU (tanh)
 //! MLP, `Conv1D` weights stored `(in, out)` and used as stored, output head tied to `wte`.
 
-use super::{CausalLm, Linear};
+use super::{AttnMode, CausalLm, KvCache, Linear};
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
 use crate::lora::WeightLayout;
@@ -92,25 +92,27 @@ impl Gpt2 {
     }
 }
 
-impl CausalLm for Gpt2 {
-    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+impl Gpt2 {
+    fn run(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool, mut mode: AttnMode) -> Result<Tensor> {
         let c = self.cfg.n_embd;
-        if seq > self.cfg.n_positions {
-            return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("{seq} exceeds n_positions {}", self.cfg.n_positions) });
+        let pos = mode.positions(batch, seq);
+        if let Some(&p) = pos.iter().max() {
+            if p as usize >= self.cfg.n_positions {
+                return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("position {p} exceeds n_positions {}", self.cfg.n_positions) });
+            }
         }
-        let pos: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
         let tok = ops::embedding(tape, &self.wte, ids, &[batch, seq])?;
         let pe = ops::embedding(tape, &self.wpe, &pos, &[batch, seq])?;
         let mut x = ops::add(tape, &tok, &pe)?;
         let eps = self.cfg.layer_norm_epsilon;
         let h = self.cfg.n_head;
-        for b in &self.blocks {
+        for (li, b) in self.blocks.iter().enumerate() {
             let a = ops::layer_norm(tape, &x, &b.ln_1.0, Some(&b.ln_1.1), eps)?;
             let qkv = b.c_attn.forward(tape, &a, adapters)?;
             let q = ops::narrow(tape, &qkv, 0, c)?;
             let k = ops::narrow(tape, &qkv, c, c)?;
             let v = ops::narrow(tape, &qkv, 2 * c, c)?;
-            let att = ops::attention(tape, &q, &k, &v, h, h)?;
+            let att = mode.attend(tape, &q, &k, &v, h, h, li)?;
             let o = b.attn_c_proj.forward(tape, &att, adapters)?;
             x = ops::add(tape, &x, &o)?;
             let m = ops::layer_norm(tape, &x, &b.ln_2.0, Some(&b.ln_2.1), eps)?;
@@ -119,8 +121,23 @@ impl CausalLm for Gpt2 {
             let m = b.mlp_c_proj.forward(tape, &m, adapters)?;
             x = ops::add(tape, &x, &m)?;
         }
+        mode.advance(seq);
         let x = ops::layer_norm(tape, &x, &self.ln_f.0, Some(&self.ln_f.1), eps)?;
         ops::linear(tape, &x, &self.wte, WeightLayout::OutIn, None, None)
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+        self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
+    }
+
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor> {
+        self.run(&Tape::inference(), ids, 1, ids.len(), adapters, AttnMode::Cached(cache))
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     fn linears(&self) -> Vec<(String, &Linear)> {

@@ -2,7 +2,7 @@
 //! rotary embeddings (`rotate_half`), grouped-query attention, SwiGLU MLP; optional q/k/v bias
 //! (Qwen2) and tied or untied output head.
 
-use super::{CausalLm, Linear};
+use super::{AttnMode, CausalLm, KvCache, Linear};
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
 use crate::lora::WeightLayout;
@@ -183,28 +183,29 @@ impl Llama {
     }
 }
 
-impl CausalLm for Llama {
-    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+impl Llama {
+    fn run(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool, mut mode: AttnMode) -> Result<Tensor> {
         let cfg = &self.cfg;
-        if seq > cfg.max_position_embeddings {
-            return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("{seq} exceeds max_position_embeddings {}", cfg.max_position_embeddings) });
+        let pos = mode.positions(batch, seq);
+        let end = pos.iter().max().map_or(0, |&p| p as usize + 1);
+        if end > cfg.max_position_embeddings {
+            return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("{end} positions exceed max_position_embeddings {}", cfg.max_position_embeddings) });
         }
         if let Some(w) = cfg.sliding_window {
-            if seq > w {
-                return Err(CoreError::InvalidConfig { field: "sliding_window", reason: format!("sequences longer than the window ({w}) are not supported yet (got {seq})") });
+            if end > w {
+                return Err(CoreError::InvalidConfig { field: "sliding_window", reason: format!("sequences longer than the window ({w}) are not supported yet (got {end})") });
             }
         }
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let pos: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
         let mut x = ops::embedding(tape, &self.embed, ids, &[batch, seq])?;
-        for l in &self.layers {
+        for (li, l) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(tape, &x, &l.input_norm, cfg.rms_norm_eps)?;
             let q = l.q.forward(tape, &h, adapters)?;
             let k = l.k.forward(tape, &h, adapters)?;
             let v = l.v.forward(tape, &h, adapters)?;
             let q = ops::rope(tape, &q, &self.rope, &pos, hq)?;
             let k = ops::rope(tape, &k, &self.rope, &pos, hkv)?;
-            let a = ops::attention(tape, &q, &k, &v, hq, hkv)?;
+            let a = mode.attend(tape, &q, &k, &v, hq, hkv, li)?;
             let o = l.o.forward(tape, &a, adapters)?;
             x = ops::add(tape, &x, &o)?;
             let h = ops::rms_norm(tape, &x, &l.post_norm, cfg.rms_norm_eps)?;
@@ -214,11 +215,26 @@ impl CausalLm for Llama {
             let m = l.down.forward(tape, &m, adapters)?;
             x = ops::add(tape, &x, &m)?;
         }
+        mode.advance(seq);
         let x = ops::rms_norm(tape, &x, &self.norm, cfg.rms_norm_eps)?;
         match &self.lm_head {
             Some(head) => head.forward(tape, &x, adapters),
             None => ops::linear(tape, &x, &self.embed, WeightLayout::OutIn, None, None),
         }
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+        self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
+    }
+
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor> {
+        self.run(&Tape::inference(), ids, 1, ids.len(), adapters, AttnMode::Cached(cache))
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     fn linears(&self) -> Vec<(String, &Linear)> {

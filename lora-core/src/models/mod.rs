@@ -5,6 +5,7 @@
 //! Models are built from a weight loader (`FnMut(name, shape) -> Tensor`), which keeps this crate
 //! free of file formats: `lora-io` supplies the loader for a Hugging Face directory.
 
+pub mod generate;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
@@ -20,6 +21,12 @@ pub trait CausalLm {
     /// Logits `(B, T, V)` for token ids `(B, T)` (row-major). With `adapters == false` every
     /// LoRA adapter is bypassed (the base model's output).
     fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor>;
+    /// Logits `(1, n, V)` for `n` new tokens of one sequence, attending to (and extending) the
+    /// keys and values in `cache`: each new token costs one position, not the whole prefix.
+    /// Inference only (no tape).
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor>;
+    /// Number of transformer blocks (the size of a [`KvCache`]).
+    fn num_layers(&self) -> usize;
     /// Every linear layer with its module path, in model order.
     fn linears(&self) -> Vec<(String, &Linear)>;
     /// The same, mutable (for injection and loading adapter weights).
@@ -32,6 +39,72 @@ pub trait CausalLm {
     fn vocab_size(&self) -> usize;
     /// Longest sequence the position embedding / RoPE tables cover.
     fn max_positions(&self) -> usize;
+}
+
+/// Keys and values of the tokens seen so far, per layer, for one sequence.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>, // per layer: k (T, Hkv * D), v (T, Hkv * D)
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `layers` blocks.
+    pub fn new(layers: usize) -> Self {
+        Self { layers: vec![(Vec::new(), Vec::new()); layers], len: 0 }
+    }
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// How a forward pass attends: over whole sequences (training, recorded on the tape) or
+/// incrementally against a cache (generation).
+pub(crate) enum AttnMode<'a> {
+    Full,
+    Cached(&'a mut KvCache),
+}
+
+impl AttnMode<'_> {
+    /// Position of each row: `0..seq` per sequence, or continuing after the cache.
+    pub(crate) fn positions(&self, batch: usize, seq: usize) -> Vec<u32> {
+        let p0 = match self {
+            AttnMode::Full => 0,
+            AttnMode::Cached(c) => c.len as u32,
+        };
+        (0..batch).flat_map(|_| p0..p0 + seq as u32).collect()
+    }
+
+    /// Causal attention of `q` over `k`, `v` (and the cache), for block `layer`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(&mut self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor, hq: usize, hkv: usize, layer: usize) -> Result<Tensor> {
+        match self {
+            AttnMode::Full => ops::attention(tape, q, k, v, hq, hkv),
+            AttnMode::Cached(cache) => {
+                let (kc, vc) = &mut cache.layers[layer];
+                kc.extend_from_slice(&k.data());
+                vc.extend_from_slice(&v.data());
+                let n = q.rows();
+                let t = cache.len + n;
+                let hd = q.last_dim() / hq;
+                let mut out = vec![0.0; q.numel()];
+                lora_kernels::ops::attention::attention_decode(&mut out, &q.data(), kc, vc, n, t, hq, hkv, hd, 1.0 / (hd as f32).sqrt())?;
+                Tensor::new(out, q.shape())
+            }
+        }
+    }
+
+    /// Marks `n` new tokens as cached (after the last layer).
+    pub(crate) fn advance(&mut self, n: usize) {
+        if let AttnMode::Cached(c) = self {
+            c.len += n;
+        }
+    }
 }
 
 /// Trainable (adapter) and total parameter counts.

@@ -140,6 +140,49 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
     Ok(())
 }
 
+/// Inference with a KV cache: `n` new query rows `q` `(n, Hq * D)` at positions
+/// `t - n .. t` attend causally to the first `t` rows of `k`, `v` `(t, Hkv * D)` (the cache, with
+/// the new rows already appended). Batch 1; no probabilities are saved (no backward).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], n: usize, t: usize, q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+    const OP: &str = "attention_decode";
+    let (hq, hkv, hd) = (q_heads, kv_heads, head_dim);
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(invalid(OP, "kv_heads", format!("{hkv} must divide q_heads {hq}")));
+    }
+    if n > t {
+        return Err(invalid(OP, "n", format!("{n} new rows but only {t} cached")));
+    }
+    check_len(OP, "q", q.len(), &[n, hq, hd])?;
+    check_len(OP, "out", out.len(), &[n, hq, hd])?;
+    check_len(OP, "k", k.len(), &[t, hkv, hd])?;
+    check_len(OP, "v", v.len(), &[t, hkv, hd])?;
+    let rep = hq / hkv;
+    out.par_chunks_mut(hd).enumerate().for_each(|(ih, o)| {
+        let (i, h) = (ih / hq, ih % hq);
+        let g = h / rep;
+        let last = t - n + i; // this row's position: attends to 0..=last
+        let qi = &q[(i * hq + h) * hd..(i * hq + h + 1) * hd];
+        let mut s: Vec<f32> = (0..=last)
+            .map(|j| scale * qi.iter().zip(&k[(j * hkv + g) * hd..(j * hkv + g + 1) * hd]).map(|(a, b)| a * b).sum::<f32>())
+            .collect();
+        let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut z = 0.0f32;
+        for x in s.iter_mut() {
+            *x = (*x - m).exp();
+            z += *x;
+        }
+        o.fill(0.0);
+        for (j, p) in s.iter().enumerate() {
+            let w = p / z;
+            for (oc, vc) in o.iter_mut().zip(&v[(j * hkv + g) * hd..(j * hkv + g + 1) * hd]) {
+                *oc += w * vc;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// `f64` oracle: returns `out`.
 pub mod reference {
     use super::AttnDims;

@@ -1,0 +1,45 @@
+//! `tokenizer.json` through the `tokenizers` crate (built without network or C dependencies).
+//! Encoding adds special tokens as the file's post-processor defines, which is what
+//! transformers' `tokenizer(text)` does by default.
+
+use crate::error::{IoError, Result};
+use std::path::{Path, PathBuf};
+
+/// A loaded tokenizer.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl TextTokenizer {
+    /// Loads `path` (a `tokenizer.json`).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            return Err(IoError::Missing { path, what: "tokenizer.json (the model directory needs its tokenizer)" });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
+        Ok(Self { inner, path })
+    }
+
+    /// Loads `dir/tokenizer.json`.
+    pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open(dir.as_ref().join("tokenizer.json"))
+    }
+
+    /// Token ids of `text`, with the special tokens the file's post-processor adds.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids` (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })
+    }
+
+    /// Id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
