@@ -2,10 +2,11 @@
 //!
 //! Flags are defined once here with their help text; each subcommand turns them into a plain
 //! run configuration and hands it to its module. Errors print their whole chain and exit 1.
-//! Today: `lora bench linear` and `lora bench gemm`; training, eval, generate, merge, inspect
-//! and convert arrive with their issues.
+//! Today: `lora eval`, `lora generate`, `lora bench linear|gemm`; training, merge, inspect and
+//! convert arrive with their issues.
 
 mod bench;
+mod infer;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -19,9 +20,61 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Mean token cross-entropy of a model (and adapter) over a dataset, as transformers computes it.
+    Eval(EvalArgs),
+    /// Continue a prompt (greedy at temperature 0), with a KV cache.
+    Generate(GenerateArgs),
     /// Measure kernel speed on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face model directory (config.json, model.safetensors or a sharded index,
+    /// tokenizer.json).
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Dataset: .jsonl (one object per line with a `text` field) or .txt (paragraphs separated
+    /// by blank lines). Each example is one sequence.
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// Truncate each example to this many tokens (default: the model's maximum).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Print one JSON object: {"loss", "perplexity", "tokens", "examples"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum tokens to add.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token every time.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -92,6 +145,22 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Eval(a) => infer::run_eval(&infer::EvalRun {
+            model: a.model.model,
+            adapter: a.model.adapter,
+            data: a.data,
+            seq_len: a.seq_len,
+            json: a.json,
+        }),
+        Command::Generate(a) => infer::run_generate(&infer::GenerateRun {
+            model: a.model.model,
+            adapter: a.model.adapter,
+            prompt: a.prompt,
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        }),
         Command::Bench(BenchCommand::Linear(a)) => {
             let shapes = if a.suite { bench::SUITE.to_vec() } else { vec![(a.tokens, a.inp, a.out, a.rank)] };
             let cfg = bench::LinearBench { shapes, bias: a.bias, threads: a.threads, iters: a.iters, json: a.json };

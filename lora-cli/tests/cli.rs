@@ -33,3 +33,30 @@ fn bad_arguments_fail_cleanly() {
         assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+fn fixture(p: &str) -> String {
+    format!("{}/../fixtures/parity/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn eval_json_matches_the_transformers_reference() {
+    let out = lora(&["eval", "--model", &fixture("qwen2_bias/model"), "--adapter", &fixture("qwen2_bias/adapter"), "--data", &fixture("eval.txt"), "--seq-len", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("qwen2_bias/reference.json")).unwrap()).unwrap();
+    let (got, want) = (v["loss"].as_f64().unwrap(), reference["eval.txt.loss"].as_f64().unwrap());
+    assert!(((got - want) / want).abs() < 1e-5, "{got} vs {want}");
+    assert_eq!(v["tokens"], reference["eval.txt.tokens"]);
+    assert!((v["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-6);
+}
+
+#[test]
+fn generate_prints_the_greedy_continuation() {
+    let out = lora(&["generate", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--prompt", "the red cat", "--max-new-tokens", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
+    let out = lora(&["generate", "--model", &fixture("gpt2"), "--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json") && err.contains("is this a Hugging Face model directory"), "{err}");
+}

@@ -257,6 +257,9 @@ impl ModelDir {
             return Err(IoError::Missing { path: dir, what: "model directory" });
         }
         let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            return Err(IoError::Missing { path: cfg_path, what: "config.json: is this a Hugging Face model directory?" });
+        }
         let v = read_json(&cfg_path)?;
         let config = parse_config(&cfg_path, &v)?;
         Ok(Self { dir, config })

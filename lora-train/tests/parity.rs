@@ -101,3 +101,21 @@ fn parameter_counts_match_peft() {
         assert!(trainable_summary(model.as_ref()).starts_with(&format!("trainable params: {t} || all params: {all} || trainable%: ")));
     }
 }
+
+#[test]
+fn bad_data_files_are_named_errors() {
+    let dir = std::env::temp_dir().join(format!("lora-train-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes, needle) in [
+        ("a.txt", &b"hello\n\n\xff\xfe world"[..], "not valid UTF-8 (first bad byte at offset 7)"),
+        ("b.jsonl", &b"{\"text\": \"ok\"}\n{\"txt\": 1}\n"[..], "line 2: no string field `text`"),
+        ("c.jsonl", &b"{\"text\": \"ok\"}\nnot json\n"[..], "line 2: invalid JSON"),
+        ("d.txt", &b"\n\n  \n"[..], "no examples"),
+        ("e.csv", &b"a,b"[..], "unknown data format `.csv`"),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = read_texts(&p).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(needle), "{e}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Bad input: every case is a clear error naming the file (and key or field), never a panic.
+
+use lora_io::hf::ModelDir;
+use lora_io::peft::load_adapter;
+use lora_io::safetensors::SafetensorsFile;
+use lora_io::tokenizer::TextTokenizer;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity").join(name)
+}
+
+/// A fresh copy of a fixture directory tree in the temp dir.
+fn scratch(tag: &str, from: &Path) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("lora-io-bad-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(from, &dst);
+    dst
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn load_err(dir: &Path) -> String {
+    match ModelDir::open(dir).and_then(|m| m.load_model()) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = scratch("trunc", &fixture("gpt2/model"));
+    let f = d.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("model.safetensors") && e.contains("invalid safetensors"), "{e}");
+}
+
+#[test]
+fn header_length_larger_than_file() {
+    let p = std::env::temp_dir().join(format!("lora-io-bad-{}-hdr.safetensors", std::process::id()));
+    let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = SafetensorsFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("header length 1099511627776 is larger than the rest of the file (2 bytes)"), "{e}");
+    std::fs::write(&p, b"abc").unwrap();
+    let e = SafetensorsFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("shorter than the 8-byte header"), "{e}");
+    let mut bytes = 5u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{oops");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = SafetensorsFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("invalid safetensors"), "{e}");
+}
+
+#[test]
+fn tensor_shape_disagrees_with_config() {
+    let d = scratch("shape", &fixture("gpt2/model"));
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"vocab_size\": 300", "\"vocab_size\": 301");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("`transformer.wte.weight` has shape [300, 32], config.json implies [301, 32]"), "{e}");
+}
+
+#[test]
+fn missing_files_and_tensors() {
+    let d = scratch("missing", &fixture("gpt2/model"));
+    std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+    let e = TextTokenizer::from_model_dir(&d).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("model.safetensors") && e.contains("not found"), "{e}");
+    let e = load_err(&d.join("nope"));
+    assert!(e.contains("not found (model directory)"), "{e}");
+    // A shard named in the index but absent.
+    let s = scratch("shard", &fixture("llama_gqa/model"));
+    std::fs::remove_file(s.join("model-00002-of-00004.safetensors")).unwrap();
+    let e = load_err(&s);
+    assert!(e.contains("model-00002-of-00004.safetensors") && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn unsupported_config_values_are_named() {
+    for (from, to, needle) in [
+        ("\"model_type\": \"gpt2\"", "\"model_type\": \"bert\"", "field `model_type`: `bert` is not supported"),
+        ("\"activation_function\": \"gelu_new\"", "\"activation_function\": \"relu\"", "field `activation_function`"),
+        ("\"n_head\": 4", "\"n_head\": \"four\"", "field `n_head`: expected a non-negative integer"),
+        ("\"n_layer\": 2", "\"n_layer\": 0", "field `n_layer`: must be at least 1"),
+    ] {
+        let d = scratch("cfg", &fixture("gpt2/model"));
+        let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+        assert!(cfg.contains(from), "{from}");
+        std::fs::write(d.join("config.json"), cfg.replace(from, to)).unwrap();
+        let e = load_err(&d);
+        assert!(e.contains("config.json") && e.contains(needle), "{e}");
+    }
+    let d = scratch("json", &fixture("gpt2/model"));
+    std::fs::write(d.join("config.json"), "{ not json").unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("config.json: invalid JSON"), "{e}");
+}
+
+#[test]
+fn adapters_that_do_not_fit_the_model() {
+    // GPT-2's targets on a Llama model: nothing matches; the message lists what exists.
+    let mut llama = ModelDir::open(fixture("llama_gqa/model")).unwrap().load_model().unwrap();
+    let e = load_adapter(llama.as_mut(), &fixture("gpt2/adapter")).err().unwrap().to_string();
+    assert!(e.contains("matched no module") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
+
+    // Rank in the config disagrees with the stored tensors.
+    let a = scratch("rank", &fixture("gpt2/adapter"));
+    let cfg = std::fs::read_to_string(a.join("adapter_config.json")).unwrap().replace("\"r\": 4", "\"r\": 8");
+    std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
+    let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+    let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
+    assert!(e.contains("lora_A.weight` has shape [4, 32]") && e.contains("[8, 32]"), "{e}");
+
+    // Fewer targets than the file has tensors: the extra ones are refused, not ignored.
+    let a = scratch("extra", &fixture("gpt2/adapter"));
+    let cfg = std::fs::read_to_string(a.join("adapter_config.json")).unwrap().replace("\"c_fc\",", "");
+    std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
+    let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+    let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
+    assert!(e.contains("mlp.c_fc.lora_") && e.contains("does not belong to any adapted module"), "{e}");
+
+    // Pickle weights only.
+    let a = scratch("pickle", &fixture("gpt2/adapter"));
+    std::fs::rename(a.join("adapter_model.safetensors"), a.join("adapter_model.bin")).unwrap();
+    let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+    let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
+    assert!(e.contains("pickle") && e.contains("never read"), "{e}");
+
+    // Unknown peft_type, DoRA.
+    for (from, to, field) in [("\"peft_type\": \"LORA\"", "\"peft_type\": \"IA3\"", "peft_type"), ("\"use_dora\": false", "\"use_dora\": true", "use_dora")] {
+        let a = scratch("type", &fixture("gpt2/adapter"));
+        let cfg = std::fs::read_to_string(a.join("adapter_config.json")).unwrap().replace(from, to);
+        std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
+        let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+        let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
+        assert!(e.contains(&format!("field `{field}`")), "{e}");
+    }
+}
