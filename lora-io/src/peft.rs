@@ -7,7 +7,8 @@
 //! `all-linear` means every linear layer except the output head. `exclude_modules` uses the same
 //! rules. `layers_to_transform` keeps modules whose layer index (the number after
 //! `.<layers_pattern>.`, e.g. `model.layers.3.` or `transformer.h.3.`) is listed.
-//! `rank_pattern` / `alpha_pattern` keys are regexes matched against the end of the path.
+//! `rank_pattern` / `alpha_pattern` keys are regexes matched against the end of the path; the
+//! first matching key in the file's order wins, as in PEFT.
 
 use crate::error::{IoError, Result};
 use crate::hf::read_json;
@@ -172,16 +173,22 @@ impl PeftConfig {
         Self::from_json(&p, &read_json(&p)?)
     }
 
+    /// The layer index PEFT reads from a module path: the first numeric segment that follows a
+    /// `layers_pattern` segment, or (without a pattern) the first `.<name>.<digits>.` after at
+    /// least one leading segment.
     fn layer_index(&self, module: &str) -> Option<usize> {
         let parts: Vec<&str> = module.split('.').collect();
-        for w in parts.windows(2) {
-            let is_layers = match &self.layers_pattern {
-                Some(pats) => pats.iter().any(|p| p == w[0]),
-                None => true,
+        // The index segment must be followed by another segment (PEFT's regex ends in `\.`).
+        for i in 1..parts.len().saturating_sub(1) {
+            let ok = match &self.layers_pattern {
+                Some(pats) if !pats.is_empty() => pats.iter().any(|p| p == parts[i - 1]),
+                _ => i >= 2,
             };
-            if is_layers {
-                if let Ok(i) = w[1].parse::<usize>() {
-                    return Some(i);
+            if ok {
+                if let Ok(n) = parts[i].parse::<usize>() {
+                    if parts[i].bytes().all(|b| b.is_ascii_digit()) {
+                        return Some(n);
+                    }
                 }
             }
         }
@@ -198,7 +205,9 @@ impl PeftConfig {
                 return Ok(false);
             }
         }
-        if let Some(layers) = &self.layers_to_transform {
+        // As in PEFT, layer filtering applies to name-list targets (and all-linear, which PEFT
+        // expands into a name list), not to a regex, which already says what it wants.
+        if let (Some(layers), false) = (&self.layers_to_transform, matches!(self.target_modules, Targets::Regex(_))) {
             match self.layer_index(module) {
                 Some(i) if layers.contains(&i) => {}
                 _ => return Ok(false),

@@ -80,3 +80,30 @@ fn config_fields_are_checked() {
         assert!(e.contains("adapter_config.json") && e.contains(field), "{e}");
     }
 }
+
+/// Every case of `fixtures/parity/targets.json`: the modules PEFT itself adapted (with rank and
+/// scaling) for a config on the tiny Llama and GPT-2, or the fact that PEFT found no target.
+#[test]
+fn same_modules_ranks_and_scales_as_peft() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity");
+    let cases = lora_io::hf::read_json(&root.join("targets.json")).unwrap();
+    for case in cases.as_array().unwrap() {
+        let arch = case["model"].as_str().unwrap();
+        let mut m = ModelDir::open(root.join(arch).join("model")).unwrap().load_model().unwrap();
+        let cfg = PeftConfig::from_json(Path::new("adapter_config.json"), &case["config"]).unwrap();
+        let res = inject(m.as_mut(), &cfg, 0);
+        if case.get("error").is_some() {
+            assert!(res.is_err(), "{arch} {}: PEFT found no target, we adapted {:?}", case["config"], res.unwrap());
+            continue;
+        }
+        res.unwrap_or_else(|e| panic!("{arch} {}: {e}", case["config"]));
+        let want = case["modules"].as_object().unwrap();
+        let got: Vec<(String, usize, f32)> = m.linears().into_iter().filter_map(|(n, l)| l.lora().map(|l| (n, l.config().rank, l.scale()))).collect();
+        assert_eq!(got.len(), want.len(), "{arch} {}: {got:?} vs {want:?}", case["config"]);
+        for (name, r, s) in got {
+            let w = want.get(&name).unwrap_or_else(|| panic!("{arch} {}: PEFT did not adapt {name}", case["config"]));
+            assert_eq!(r as u64, w["r"].as_u64().unwrap(), "{name} rank");
+            assert!((s as f64 - w["scaling"].as_f64().unwrap()).abs() < 1e-6, "{name} scaling {s} vs {}", w["scaling"]);
+        }
+    }
+}
