@@ -14,5 +14,6 @@ pub mod hf;
 pub mod peft;
 pub mod safetensors;
 pub mod tokenizer;
+pub mod write;
 
 pub use error::{IoError, Result};

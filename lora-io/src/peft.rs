@@ -97,6 +97,8 @@ pub struct PeftConfig {
     pub fan_in_fan_out: bool,
     /// `base_model_name_or_path`
     pub base_model_name_or_path: Option<String>,
+    /// `task_type` (e.g. `CAUSAL_LM`)
+    pub task_type: Option<String>,
 }
 
 impl PeftConfig {
@@ -164,6 +166,7 @@ impl PeftConfig {
             lora_dropout,
             fan_in_fan_out: get("fan_in_fan_out").as_bool().unwrap_or(false),
             base_model_name_or_path: get("base_model_name_or_path").as_str().map(String::from),
+            task_type: get("task_type").as_str().map(String::from),
         })
     }
 
@@ -295,4 +298,89 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         return Err(IoError::Config { path: st, field: extra.to_string(), reason: "tensor does not belong to any adapted module of this model".into() });
     }
     Ok(cfg)
+}
+
+fn number(x: f64) -> Value {
+    // PEFT writes what Python holds: an int stays an int (`"lora_alpha": 8`).
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        Value::from(x as i64)
+    } else {
+        Value::from(x)
+    }
+}
+
+fn targets_json(t: &Targets, adapted: &[String]) -> Value {
+    match t {
+        Targets::List(l) => Value::from(l.clone()),
+        Targets::Regex(r) => Value::from(r.clone()),
+        // PEFT saves all-linear expanded into the leaf names it matched.
+        Targets::AllLinear => {
+            let mut names: Vec<String> = adapted.iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_string()).collect();
+            names.sort();
+            names.dedup();
+            Value::from(names)
+        }
+    }
+}
+
+/// The `adapter_config.json` PEFT would write for `cfg` (keys sorted, as PEFT's
+/// `json.dumps(..., sort_keys=True)`).
+pub fn config_json(cfg: &PeftConfig, adapted: &[String], fan_in_fan_out: bool) -> Value {
+    let opt_targets = |t: &Option<Targets>| t.as_ref().map_or(Value::Null, |t| targets_json(t, adapted));
+    let pattern = |p: Vec<(String, f64)>| Value::Object(p.into_iter().map(|(k, v)| (k, number(v))).collect());
+    let mut fields: Vec<(&str, Value)> = vec![
+        ("alpha_pattern", pattern(cfg.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect())),
+        ("auto_mapping", Value::Null),
+        ("base_model_name_or_path", cfg.base_model_name_or_path.clone().map_or(Value::Null, Value::from)),
+        ("bias", Value::from("none")),
+        ("exclude_modules", opt_targets(&cfg.exclude_modules)),
+        ("fan_in_fan_out", Value::from(fan_in_fan_out)),
+        ("inference_mode", Value::from(true)),
+        ("init_lora_weights", Value::from(true)),
+        ("layers_pattern", cfg.layers_pattern.clone().map_or(Value::Null, Value::from)),
+        ("layers_to_transform", cfg.layers_to_transform.clone().map_or(Value::Null, Value::from)),
+        ("lora_alpha", number(cfg.lora_alpha as f64)),
+        ("lora_bias", Value::from(false)),
+        ("lora_dropout", Value::from(cfg.lora_dropout as f64)),
+        ("modules_to_save", Value::Null),
+        ("peft_type", Value::from("LORA")),
+        ("r", Value::from(cfg.r)),
+        ("rank_pattern", pattern(cfg.rank_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect())),
+        ("revision", Value::Null),
+        ("target_modules", targets_json(&cfg.target_modules, adapted)),
+        ("task_type", cfg.task_type.clone().map_or(Value::Null, Value::from)),
+        ("use_dora", Value::from(false)),
+        ("use_rslora", Value::from(cfg.use_rslora)),
+    ];
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json`,
+/// `adapter_model.safetensors`, f32), each file atomically. `dir` is created if needed.
+pub fn save_adapter(model: &dyn CausalLm, cfg: &PeftConfig, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
+    let mut adapted = Vec::new();
+    let mut fan_in_fan_out = false;
+    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, lin) in model.linears() {
+        let Some(l) = lin.lora() else { continue };
+        fan_in_fan_out |= l.layout == lora_core::lora::WeightLayout::InOut;
+        for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
+            data.push((format!("base_model.model.{name}.{part}.weight"), t.shape().to_vec(), t.to_vec()));
+        }
+        adapted.push(name);
+    }
+    if adapted.is_empty() {
+        return Err(IoError::NoTarget { target: "(save)".into(), available: "the model has no adapters to save".into() });
+    }
+    let tensors: Vec<crate::write::OutTensor> = data
+        .iter()
+        .map(|(n, s, v)| crate::write::OutTensor { name: n.clone(), shape: s.clone(), values: v, dtype: crate::write::OutDtype::F32 })
+        .collect();
+    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    crate::write::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, meta)?;
+    let json = config_json(cfg, &adapted, fan_in_fan_out);
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value always serialises");
+    crate::write::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
 }
