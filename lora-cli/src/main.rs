@@ -2,8 +2,8 @@
 //!
 //! Flags are defined once here with their help text; each subcommand turns them into a plain
 //! run configuration and hands it to its module. Errors print their whole chain and exit 1.
-//! Today: `lora eval`, `lora generate`, `lora bench linear|gemm`; training, merge, inspect and
-//! convert arrive with their issues.
+//! Today: `lora eval`, `lora generate`, `lora merge`, `lora bench linear|gemm`; training,
+//! inspect, combine and convert arrive with their issues.
 
 mod bench;
 mod infer;
@@ -24,9 +24,30 @@ enum Command {
     Eval(EvalArgs),
     /// Continue a prompt (greedy at temperature 0), with a KV cache.
     Generate(GenerateArgs),
+    /// Fold an adapter into its base model and write a complete model directory.
+    Merge(MergeArgs),
     /// Measure kernel speed on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    adapter: std::path::PathBuf,
+    /// Output directory (config, tokenizer and model.safetensors with W + s*B@A).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Storage dtype of the output: f32, bf16 or f16 (default: the checkpoint's).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Replace an existing non-empty output directory.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -152,6 +173,15 @@ fn run(cli: Cli) -> Result<()> {
             seq_len: a.seq_len,
             json: a.json,
         }),
+        Command::Merge(a) => {
+            let dtype = match a.dtype.as_deref() {
+                None => None,
+                Some(d) => Some(lora_io::write::OutDtype::parse(d).ok_or_else(|| anyhow::anyhow!("--dtype must be f32, bf16 or f16, got `{d}`"))?),
+            };
+            let rep = lora_io::merge::merge_to_dir(&a.model, &a.adapter, &a.out, lora_io::merge::MergeOptions { dtype, force: a.force })?;
+            println!("merged {} layers; wrote {} tensors to {}", rep.merged.len(), rep.tensors, rep.out.display());
+            Ok(())
+        }
         Command::Generate(a) => infer::run_generate(&infer::GenerateRun {
             model: a.model.model,
             adapter: a.model.adapter,

@@ -60,3 +60,25 @@ fn generate_prints_the_greedy_continuation() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config.json") && err.contains("is this a Hugging Face model directory"), "{err}");
 }
+
+#[test]
+fn merge_writes_a_model_that_eval_reads() {
+    let out = std::env::temp_dir().join(format!("lora-cli-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_string_lossy().to_string();
+    let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("merged 4 layers"));
+    // The merged model alone evaluates like base + adapter.
+    let merged = lora(&["eval", "--model", &o, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    let with_adapter = lora(&["eval", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    let a: serde_json::Value = serde_json::from_slice(&merged.stdout).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&with_adapter.stdout).unwrap();
+    assert!((a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs() < 1e-5);
+    // A second merge into the same place is refused without --force.
+    let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
+    let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o, "--dtype", "f8"]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--dtype must be f32, bf16 or f16"));
+}

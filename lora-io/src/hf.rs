@@ -229,6 +229,23 @@ impl Weights {
         Ok(Self { dir: dir.to_path_buf(), files, map })
     }
 
+    /// Every stored tensor: name, storage dtype, shape (sorted by name).
+    pub fn entries(&self) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .filter_map(|(k, &i)| self.files[i].meta(k).map(|m| (k.clone(), m.dtype, m.shape.clone())))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Reads `key` as f32 values, whatever its float dtype.
+    pub fn read_f32(&self, key: &str) -> Result<Vec<f32>> {
+        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor { path: self.dir.clone(), key: key.into() })?;
+        Ok(self.files[i].read_f32(key)?.0)
+    }
+
     /// Loads `key` as a frozen f32 tensor of shape `expected`.
     pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         // The original GPT-2 checkpoints store `h.0...` without the `transformer.` prefix.

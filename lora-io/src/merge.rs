@@ -1,0 +1,136 @@
+//! `lora merge`: fold a PEFT adapter into its base model and write a complete model directory
+//! that transformers loads: `W' = W + s * B @ A` computed in f32, NaN/inf-checked for every
+//! layer before anything is written, stored in the checkpoint's dtype (or the one asked for).
+//!
+//! The output is assembled in a temporary directory next to the target and renamed into place
+//! at the end, so a failure never leaves a half-written model; an existing non-empty target is
+//! refused unless `force`.
+
+use crate::error::{io_err, IoError, Result};
+use crate::hf::{read_json, ModelDir, Weights};
+use crate::peft::load_adapter;
+use crate::write::{write_atomic, write_safetensors, OutDtype, OutTensor};
+use lora_core::models::Linear;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Options of [`merge_to_dir`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MergeOptions {
+    /// Storage dtype of the output (default: each tensor's dtype in the checkpoint).
+    pub dtype: Option<OutDtype>,
+    /// Replace an existing non-empty output directory.
+    pub force: bool,
+}
+
+/// What [`merge_to_dir`] did.
+#[derive(Clone, Debug)]
+pub struct MergeReport {
+    /// Module paths whose weights changed.
+    pub merged: Vec<String>,
+    /// Tensors written.
+    pub tensors: usize,
+    /// The output directory.
+    pub out: PathBuf,
+}
+
+fn is_nonempty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+/// Merges `adapter_dir` into the model at `model_dir` and writes the result to `out`.
+pub fn merge_to_dir(model_dir: &Path, adapter_dir: &Path, out: &Path, opts: MergeOptions) -> Result<MergeReport> {
+    if out.exists() && !out.is_dir() {
+        return Err(IoError::Config { path: out.into(), field: "--out".into(), reason: "exists and is not a directory".into() });
+    }
+    if is_nonempty_dir(out) && !opts.force {
+        return Err(IoError::Config { path: out.into(), field: "--out".into(), reason: "directory exists and is not empty (pass --force to replace it)".into() });
+    }
+    if let (Ok(a), Ok(b)) = (out.canonicalize(), model_dir.canonicalize()) {
+        if a == b {
+            return Err(IoError::Config { path: out.into(), field: "--out".into(), reason: "is the input model directory".into() });
+        }
+    }
+    let md = ModelDir::open(model_dir)?;
+    let mut model = md.load_model()?;
+    load_adapter(model.as_mut(), adapter_dir)?;
+
+    // Merge every layer first: a NaN anywhere stops the run before a byte is written.
+    let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut names = Vec::new();
+    for (name, lin) in model.linears_mut() {
+        if let Linear::Lora(l) = lin {
+            l.merge().map_err(|e| IoError::Config { path: adapter_dir.into(), field: name.clone(), reason: e.to_string() })?;
+            merged.insert(format!("{name}.weight"), l.weight.to_vec());
+            names.push(name);
+        }
+    }
+
+    let weights = Weights::open(model_dir)?;
+    let entries = weights.entries();
+    let mut values: Vec<(String, Vec<usize>, Vec<f32>, OutDtype)> = Vec::with_capacity(entries.len());
+    let mut used = 0;
+    for (key, dtype, shape) in entries {
+        let stored = OutDtype::from_dtype(dtype).ok_or_else(|| IoError::Dtype { path: model_dir.into(), key: key.clone(), dtype: format!("{dtype:?}") })?;
+        // Original GPT-2 files omit the `transformer.` prefix our module paths carry.
+        let m = merged.get(&key).or_else(|| merged.get(&format!("transformer.{key}")));
+        let v = match m {
+            Some(v) => {
+                used += 1;
+                v.clone()
+            }
+            None => weights.read_f32(&key)?,
+        };
+        values.push((key, shape, v, opts.dtype.unwrap_or(stored)));
+    }
+    if used != merged.len() {
+        return Err(IoError::Config { path: model_dir.into(), field: "weights".into(), reason: format!("{} merged layers but only {used} found in the checkpoint", merged.len()) });
+    }
+
+    // Assemble next to the target, then rename into place.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let tmp = parent.join(format!(".{}.merge-tmp-{}", out.file_name().map_or("out".into(), |n| n.to_string_lossy()), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let result = (|| -> Result<()> {
+        let tensors: Vec<OutTensor> = values.iter().map(|(k, s, v, d)| OutTensor { name: k.clone(), shape: s.clone(), values: v, dtype: *d }).collect();
+        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        write_safetensors(&tmp.join("model.safetensors"), &tensors, meta)?;
+        for entry in std::fs::read_dir(model_dir).map_err(io_err(model_dir))? {
+            let entry = entry.map_err(io_err(model_dir))?;
+            let p = entry.path();
+            let fname = entry.file_name().to_string_lossy().to_string();
+            if !p.is_file() || fname.ends_with(".safetensors") || fname == "model.safetensors.index.json" || fname.ends_with(".bin") {
+                continue;
+            }
+            if fname == "config.json" {
+                let mut cfg = read_json(&p)?;
+                if let (Some(d), Some(obj)) = (opts.dtype, cfg.as_object_mut()) {
+                    let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+                    obj.insert(key.into(), d.torch_name().into());
+                }
+                let text = serde_json::to_string_pretty(&cfg).expect("JSON value serialises");
+                write_atomic(&tmp.join(&fname), text.as_bytes())?;
+            } else {
+                std::fs::copy(&p, tmp.join(&fname)).map_err(io_err(&p))?;
+            }
+        }
+        // Replace: move the old directory aside, move the new one in, then delete the old one,
+        // so at every moment `out` is either the old model or the complete new one.
+        let old = tmp.with_extension("old");
+        if out.exists() {
+            std::fs::rename(out, &old).map_err(io_err(out))?;
+        }
+        std::fs::rename(&tmp, out).map_err(io_err(out))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result?;
+    Ok(MergeReport { merged: names, tensors: values.len(), out: out.into() })
+}

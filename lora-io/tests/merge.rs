@@ -1,0 +1,99 @@
+//! `merge_to_dir`: the merged model directory loads and gives the adapter model's logits (the
+//! transformers + PEFT reference), in f32 or in the checkpoint's bf16; NaN adapters and existing
+//! outputs are refused without writing anything.
+
+use lora_core::Tape;
+use lora_io::hf::ModelDir;
+use lora_io::merge::{merge_to_dir, MergeOptions};
+use lora_io::safetensors::SafetensorsFile;
+use lora_io::write::OutDtype;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("lora-io-merge-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+fn logits_err(model_dir: &Path, fixture: &str) -> f32 {
+    let m = ModelDir::open(model_dir).unwrap().load_model().unwrap();
+    assert!(m.linears().iter().all(|(_, l)| l.lora().is_none()));
+    let r = SafetensorsFile::open(root().join(fixture).join("reference.safetensors")).unwrap();
+    let (ids, shape) = r.read_i64("input_ids").unwrap();
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let got = m.forward(&Tape::inference(), &ids, shape[0], shape[1], false).unwrap().to_vec();
+    let (want, _) = r.read_f32("logits").unwrap();
+    let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    got.iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs())) / scale
+}
+
+#[test]
+fn merged_models_reproduce_the_adapter_logits() {
+    for name in ["gpt2", "llama_gqa", "llama_bf16", "qwen2_bias"] {
+        // LORA_WRITE_DIR keeps the outputs for the transformers-side check
+        // (fixtures/parity/check_written_adapters.py).
+        let out = match std::env::var_os("LORA_WRITE_DIR") {
+            Some(d) => {
+                let p = PathBuf::from(d).join(format!("merged-{name}"));
+                let _ = std::fs::remove_dir_all(&p);
+                p
+            }
+            None => tmp(name),
+        };
+        let rep = merge_to_dir(&root().join(name).join("model"), &root().join(name).join("adapter"), &out, MergeOptions { dtype: Some(OutDtype::F32), force: false }).unwrap();
+        assert!(!rep.merged.is_empty());
+        assert!(out.join("config.json").exists() && out.join("tokenizer.json").exists());
+        let e = logits_err(&out, name);
+        assert!(e < 1e-5, "{name}: merged f32 logits relative error {e:e}");
+    }
+}
+
+#[test]
+fn bf16_checkpoint_merges_into_bf16_by_default() {
+    let out = tmp("bf16");
+    merge_to_dir(&root().join("llama_bf16/model"), &root().join("llama_bf16/adapter"), &out, MergeOptions::default()).unwrap();
+    let f = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
+    assert!(f.names().iter().all(|k| f.meta(k).unwrap().dtype == safetensors::Dtype::BF16));
+    // The merged weights are rounded to bf16 (8 bits of mantissa): logits within bf16 tolerance.
+    let e = logits_err(&out, "llama_bf16");
+    assert!(e < 2e-2, "bf16 merged logits relative error {e:e}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+}
+
+#[test]
+fn existing_outputs_and_nan_adapters_are_refused() {
+    let m = root().join("gpt2/model");
+    let a = root().join("gpt2/adapter");
+    let out = tmp("exists");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let e = merge_to_dir(&m, &a, &out, MergeOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    merge_to_dir(&m, &a, &out, MergeOptions { force: true, ..Default::default() }).unwrap();
+    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
+    let e = merge_to_dir(&m, &a, &m, MergeOptions { force: true, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("input model directory"), "{e}");
+
+    // An adapter with an infinity: nothing is written.
+    let bad = tmp("nan-adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(a.join("adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    let src = SafetensorsFile::open(a.join("adapter_model.safetensors")).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = src.names().iter().map(|k| {
+        let (v, s) = src.read_f32(k).unwrap();
+        (k.to_string(), s, v)
+    }).collect();
+    data[1].2[0] = f32::INFINITY;
+    let tensors: Vec<lora_io::write::OutTensor> = data.iter().map(|(k, s, v)| lora_io::write::OutTensor { name: k.clone(), shape: s.clone(), values: v, dtype: OutDtype::F32 }).collect();
+    lora_io::write::write_safetensors(&bad.join("adapter_model.safetensors"), &tensors, Default::default()).unwrap();
+    let out = tmp("nan-out");
+    let e = merge_to_dir(&m, &bad, &out, MergeOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("non-finite"), "{e}");
+    assert!(!out.exists(), "nothing may be written when a merge is refused");
+}
