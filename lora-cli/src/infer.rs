@@ -74,3 +74,41 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
     println!("{}", tok.decode(&ids)?);
     Ok(())
 }
+
+pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
+    use lora_io::inspect::{inspect, Report};
+    let rep = inspect(path)?;
+    if json {
+        println!("{}", serde_json::to_string(&rep)?);
+        return Ok(());
+    }
+    let tensors = |ts: &[lora_io::inspect::TensorEntry]| {
+        for t in ts {
+            println!("  {:<60} {:<5} {:?}", t.name, t.dtype, t.shape);
+        }
+    };
+    match rep {
+        Report::Model { architecture, params, linear_modules, tensors: ts } => {
+            println!("model: {architecture}");
+            println!("parameters: {params}");
+            println!("linear modules ({}): {}", linear_modules.len(), linear_modules.join(", "));
+            println!("tensors ({}):", ts.len());
+            tensors(&ts);
+        }
+        Report::Adapter { target_modules, use_rslora, params, modules } => {
+            println!("PEFT LoRA adapter: target_modules {target_modules}, rsLoRA {use_rslora}, {params} parameters, {} modules", modules.len());
+            println!("  {:<50} {:>4} {:>7} {:>8} {:>10} {:>10} {:>12}", "module", "r", "alpha", "scale", "|A|", "|B|", "|s*B@A|");
+            for m in modules {
+                println!("  {:<50} {:>4} {:>7} {:>8.4} {:>10.4} {:>10.4} {:>12.4}", m.module, m.r, m.alpha, m.scale, m.norm_a, m.norm_b, m.norm_delta);
+            }
+        }
+        Report::File { params, metadata, tensors: ts } => {
+            println!("safetensors file: {} tensors, {params} parameters", ts.len());
+            for (k, v) in metadata {
+                println!("  metadata {k} = {v}");
+            }
+            tensors(&ts);
+        }
+    }
+    Ok(())
+}

@@ -26,9 +26,20 @@ enum Command {
     Generate(GenerateArgs),
     /// Fold an adapter into its base model and write a complete model directory.
     Merge(MergeArgs),
+    /// Show what a model directory, an adapter directory or a safetensors file holds.
+    Inspect(InspectArgs),
     /// Measure kernel speed on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A model directory, an adapter directory or a .safetensors file.
+    path: std::path::PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -173,6 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len: a.seq_len,
             json: a.json,
         }),
+        Command::Inspect(a) => infer::run_inspect(&a.path, a.json),
         Command::Merge(a) => {
             let dtype = match a.dtype.as_deref() {
                 None => None,

@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod hf;
+pub mod inspect;
 pub mod merge;
 pub mod peft;
 pub mod safetensors;

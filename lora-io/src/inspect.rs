@@ -1,0 +1,161 @@
+//! `lora inspect`: what is in a model directory, an adapter directory or a safetensors file.
+//! For adapters: rank, alpha and scale per module (after `rank_pattern`/`alpha_pattern`), and the
+//! Frobenius norms of A, B and the update `s * B @ A` (computed from the r x r Gram matrices,
+//! `||B A||_F^2 = sum((B^T B) * (A A^T))`, without forming the full matrix).
+
+use crate::error::{IoError, Result};
+use crate::hf::{ModelDir, Weights};
+use crate::peft::PeftConfig;
+use crate::safetensors::SafetensorsFile;
+use serde::Serialize;
+use std::path::Path;
+
+/// One stored tensor.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorEntry {
+    /// Key.
+    pub name: String,
+    /// Storage dtype.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// One adapted module.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterModule {
+    /// Module path.
+    pub module: String,
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f32,
+    /// Scale `s`.
+    pub scale: f32,
+    /// `||A||_F`
+    pub norm_a: f64,
+    /// `||B||_F`
+    pub norm_b: f64,
+    /// `||s B A||_F`
+    pub norm_delta: f64,
+}
+
+/// What `inspect` found.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Report {
+    /// A Hugging Face model directory.
+    Model {
+        /// `model_type` and main sizes, as text.
+        architecture: String,
+        /// Parameters stored.
+        params: usize,
+        /// Linear modules adapters can target.
+        linear_modules: Vec<String>,
+        /// Stored tensors.
+        tensors: Vec<TensorEntry>,
+    },
+    /// A PEFT adapter directory.
+    Adapter {
+        /// `target_modules` as written.
+        target_modules: String,
+        /// `use_rslora`.
+        use_rslora: bool,
+        /// Trainable parameters in the file.
+        params: usize,
+        /// Per module.
+        modules: Vec<AdapterModule>,
+    },
+    /// A bare safetensors file.
+    File {
+        /// Parameters stored.
+        params: usize,
+        /// `__metadata__`.
+        metadata: std::collections::BTreeMap<String, String>,
+        /// Stored tensors.
+        tensors: Vec<TensorEntry>,
+    },
+}
+
+fn gram_rows(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    // (rows x rows) = M M^T for M (rows, cols)
+    let mut g = vec![0.0f64; rows * rows];
+    for i in 0..rows {
+        for j in 0..rows {
+            g[i * rows + j] = (0..cols).map(|c| m[i * cols + c] as f64 * m[j * cols + c] as f64).sum();
+        }
+    }
+    g
+}
+
+fn gram_cols(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    // (cols x cols) = M^T M for M (rows, cols)
+    let mut g = vec![0.0f64; cols * cols];
+    for r in 0..rows {
+        for i in 0..cols {
+            for j in 0..cols {
+                g[i * cols + j] += m[r * cols + i] as f64 * m[r * cols + j] as f64;
+            }
+        }
+    }
+    g
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Inspects `path`.
+pub fn inspect(path: &Path) -> Result<Report> {
+    if path.is_dir() && path.join("adapter_config.json").exists() {
+        let cfg = PeftConfig::load(path)?;
+        let f = SafetensorsFile::open(path.join("adapter_model.safetensors"))?;
+        let mut modules = Vec::new();
+        let mut params = 0;
+        for key in f.names() {
+            let Some(module) = key.strip_prefix("base_model.model.").and_then(|k| k.strip_suffix(".lora_A.weight")) else { continue };
+            let (a, ash) = f.read_f32(key)?;
+            let bkey = format!("base_model.model.{module}.lora_B.weight");
+            let (b, bsh) = f.read_f32(&bkey)?;
+            let r = ash[0];
+            if ash.len() != 2 || bsh.len() != 2 || bsh[1] != r {
+                return Err(IoError::Config { path: f.path().into(), field: bkey, reason: format!("A is {ash:?} and B is {bsh:?}: ranks disagree") });
+            }
+            let lc = cfg.lora_config_for(module)?;
+            let s = if cfg.use_rslora { lc.alpha / (r as f32).sqrt() } else { lc.alpha / r as f32 };
+            let (ga, gb) = (gram_rows(&a, r, ash[1]), gram_cols(&b, bsh[0], r));
+            let delta2: f64 = ga.iter().zip(&gb).map(|(x, y)| x * y).sum();
+            params += a.len() + b.len();
+            modules.push(AdapterModule { module: module.into(), r, alpha: lc.alpha, scale: s, norm_a: norm(&a), norm_b: norm(&b), norm_delta: s as f64 * delta2.max(0.0).sqrt() });
+        }
+        let target_modules = match &cfg.target_modules {
+            crate::peft::Targets::List(l) => l.join(", "),
+            crate::peft::Targets::Regex(r) => format!("regex {r}"),
+            crate::peft::Targets::AllLinear => "all-linear".into(),
+        };
+        return Ok(Report::Adapter { target_modules, use_rslora: cfg.use_rslora, params, modules });
+    }
+    if path.is_dir() {
+        let md = ModelDir::open(path)?;
+        let w = Weights::open(path)?;
+        let tensors: Vec<TensorEntry> = w.entries().into_iter().map(|(name, d, shape)| TensorEntry { name, dtype: format!("{d:?}"), shape }).collect();
+        let params = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        let architecture = match &md.config {
+            crate::hf::ArchConfig::Gpt2(c) => format!("gpt2: {} layers, {} hidden, {} heads, vocab {}", c.n_layer, c.n_embd, c.n_head, c.vocab_size),
+            crate::hf::ArchConfig::Llama(c) => format!(
+                "llama family: {} layers, {} hidden, {} heads ({} kv), head dim {}, vocab {}, tied head {}",
+                c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size, c.tie_word_embeddings
+            ),
+        };
+        let model = md.load_model()?;
+        let linear_modules = model.linears().into_iter().map(|(n, _)| n).collect();
+        return Ok(Report::Model { architecture, params, linear_modules, tensors });
+    }
+    let f = SafetensorsFile::open(path)?;
+    let tensors: Vec<TensorEntry> = f.names().into_iter().map(|n| {
+        let m = f.meta(n).expect("listed");
+        TensorEntry { name: n.into(), dtype: format!("{:?}", m.dtype), shape: m.shape.clone() }
+    }).collect();
+    let params = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    Ok(Report::File { params, metadata: f.metadata.clone().into_iter().collect(), tensors })
+}
