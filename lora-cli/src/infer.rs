@@ -112,3 +112,27 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn run_convert(from: &Path, to: &Path, model: Option<&Path>, prefix: &str, force: bool) -> Result<()> {
+    use lora_io::kohya::KohyaLora;
+    if to.exists() && !force {
+        anyhow::bail!("{} exists (pass --force to replace it)", to.display());
+    }
+    if from.is_dir() {
+        if to.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            anyhow::bail!("PEFT -> kohya writes one file: --to must end in .safetensors");
+        }
+        let k = KohyaLora::from_peft(from, prefix)?;
+        k.write(to)?;
+        println!("wrote {} modules to {} (kohya, prefix {prefix})", k.modules.len(), to.display());
+    } else {
+        let model = model.ok_or_else(|| anyhow::anyhow!(
+            "kohya -> PEFT needs --model DIR: kohya flattens module paths with `_`, and only the model's module list can restore the dots"
+        ))?;
+        let k = KohyaLora::read(from)?;
+        let m = ModelDir::open(model)?.load_model()?;
+        k.to_peft(m.as_ref(), to)?;
+        println!("wrote {} modules to {} (PEFT)", k.modules.len(), to.display());
+    }
+    Ok(())
+}

@@ -28,9 +28,30 @@ enum Command {
     Merge(MergeArgs),
     /// Show what a model directory, an adapter directory or a safetensors file holds.
     Inspect(InspectArgs),
+    /// Convert between a PEFT adapter directory and a kohya .safetensors file (either way).
+    Convert(ConvertArgs),
     /// Measure kernel speed on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// A PEFT adapter directory or a kohya .safetensors file.
+    #[arg(long)]
+    from: std::path::PathBuf,
+    /// The output: a .safetensors file (PEFT -> kohya) or a directory (kohya -> PEFT).
+    #[arg(long)]
+    to: std::path::PathBuf,
+    /// Model directory whose module paths resolve kohya's flattened names (kohya -> PEFT).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// kohya name prefix for PEFT -> kohya: lora_te, lora_te1, lora_te2 or lora_unet.
+    #[arg(long, default_value = "lora_te")]
+    prefix: String,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -185,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             json: a.json,
         }),
         Command::Inspect(a) => infer::run_inspect(&a.path, a.json),
+        Command::Convert(a) => infer::run_convert(&a.from, &a.to, a.model.as_deref(), &a.prefix, a.force),
         Command::Merge(a) => {
             let dtype = match a.dtype.as_deref() {
                 None => None,

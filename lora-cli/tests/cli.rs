@@ -82,3 +82,26 @@ fn merge_writes_a_model_that_eval_reads() {
     let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o, "--dtype", "f8"]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--dtype must be f32, bf16 or f16"));
 }
+
+#[test]
+fn convert_round_trip_and_inspect() {
+    let t = std::env::temp_dir().join(format!("lora-cli-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    std::fs::create_dir_all(&t).unwrap();
+    let k = t.join("lora.safetensors").to_string_lossy().to_string();
+    let p = t.join("peft").to_string_lossy().to_string();
+    let r = lora(&["convert", "--from", &fixture("llama_gqa/adapter"), "--to", &k]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = lora(&["convert", "--from", &k, "--to", &p]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("needs --model"));
+    let r = lora(&["convert", "--from", &k, "--to", &p, "--model", &fixture("llama_gqa/model")]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let a = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &p, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    let b = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &fixture("llama_gqa/adapter"), "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    let (a, b): (serde_json::Value, serde_json::Value) = (serde_json::from_slice(&a.stdout).unwrap(), serde_json::from_slice(&b.stdout).unwrap());
+    assert!((a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs() < 1e-6);
+    let r = lora(&["inspect", &p, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["kind"], "adapter");
+    assert_eq!(v["modules"].as_array().unwrap().len(), 6);
+}

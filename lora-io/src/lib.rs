@@ -12,6 +12,7 @@
 pub mod error;
 pub mod hf;
 pub mod inspect;
+pub mod kohya;
 pub mod merge;
 pub mod peft;
 pub mod safetensors;
