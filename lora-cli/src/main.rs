@@ -30,6 +30,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Convert between a PEFT adapter directory and a kohya .safetensors file (either way).
     Convert(ConvertArgs),
+    /// Combine adapters into a new one (PEFT's add_weighted_adapter: cat, linear, svd).
+    Combine(CombineArgs),
     /// Measure kernel speed on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -49,6 +51,29 @@ struct ConvertArgs {
     /// kohya name prefix for PEFT -> kohya: lora_te, lora_te1, lora_te2 or lora_unet.
     #[arg(long, default_value = "lora_te")]
     prefix: String,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct CombineArgs {
+    /// A PEFT adapter directory; repeat for each adapter.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<std::path::PathBuf>,
+    /// Weight of each adapter, in the same order (default 1 for all).
+    #[arg(long = "weight", allow_negative_numbers = true)]
+    weights: Vec<f32>,
+    /// cat (exact, rank = sum of ranks), linear (equal ranks, PEFT's factor-wise sum) or svd
+    /// (truncated SVD of the weighted sum of updates).
+    #[arg(long, default_value = "cat")]
+    how: String,
+    /// Output rank for svd (default: the largest input rank).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Output adapter directory.
+    #[arg(long)]
+    out: std::path::PathBuf,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -206,6 +231,28 @@ fn run(cli: Cli) -> Result<()> {
             json: a.json,
         }),
         Command::Inspect(a) => infer::run_inspect(&a.path, a.json),
+        Command::Combine(a) => {
+            use lora_io::combine::Combination;
+            let how = match (a.how.as_str(), a.rank) {
+                ("cat", None) => Combination::Cat,
+                ("linear", None) => Combination::Linear,
+                ("svd", rank) => Combination::Svd { rank },
+                ("cat" | "linear", Some(_)) => anyhow::bail!("--rank applies to --how svd only"),
+                (other, _) => anyhow::bail!("--how must be cat, linear or svd, got `{other}`"),
+            };
+            let weights = if a.weights.is_empty() { vec![1.0; a.adapters.len()] } else { a.weights.clone() };
+            if weights.len() != a.adapters.len() {
+                anyhow::bail!("{} --adapter but {} --weight", a.adapters.len(), weights.len());
+            }
+            if a.out.exists() && !a.force {
+                anyhow::bail!("{} exists (pass --force to replace it)", a.out.display());
+            }
+            let inputs = a.adapters.iter().map(|d| lora_io::combine::AdapterWeights::read(d)).collect::<Result<Vec<_>, _>>()?;
+            let (cfg, modules) = lora_io::combine::combine(&inputs, &weights, how)?;
+            lora_io::combine::write(&a.out, &cfg, &modules)?;
+            println!("combined {} adapters ({}) into rank {} over {} modules: {}", inputs.len(), a.how, cfg.r, modules.len(), a.out.display());
+            Ok(())
+        }
         Command::Convert(a) => infer::run_convert(&a.from, &a.to, a.model.as_deref(), &a.prefix, a.force),
         Command::Merge(a) => {
             let dtype = match a.dtype.as_deref() {

@@ -105,3 +105,17 @@ fn convert_round_trip_and_inspect() {
     assert_eq!(v["kind"], "adapter");
     assert_eq!(v["modules"].as_array().unwrap().len(), 6);
 }
+
+#[test]
+fn combine_cat_then_eval() {
+    let t = std::env::temp_dir().join(format!("lora-cli-combine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    let o = t.to_string_lossy().to_string();
+    let r = lora(&["combine", "--adapter", &fixture("llama_gqa/adapter"), "--weight", "0.7", "--adapter", &fixture("llama_gqa/adapter2"), "--weight", "-1.3", "--how", "cat", "--out", &o]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("rank 8"));
+    let r = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &o, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = lora(&["combine", "--adapter", &fixture("llama_gqa/adapter"), "--how", "mean", "--out", &format!("{o}-2")]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--how must be cat, linear or svd"));
+}
