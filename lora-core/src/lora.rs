@@ -77,7 +77,7 @@ impl LoraConfig {
 }
 
 /// A linear layer with a frozen base weight and a trainable low-rank adapter.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LoraLinear {
     /// Frozen base weight: `(out, in)` for [`WeightLayout::OutIn`], `(in, out)` for
     /// [`WeightLayout::InOut`] (GPT-2 `Conv1D`).

@@ -9,6 +9,7 @@
 //! Every error names the file, and where it applies the tensor key or config field.
 #![warn(missing_docs)]
 
+pub mod adapters;
 pub mod combine;
 pub mod error;
 pub mod hf;

@@ -7,7 +7,7 @@ use crate::ops;
 use crate::tensor::Tensor;
 
 /// A linear layer of a model. Injection turns `Frozen` into `Lora` without copying the weight.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Linear {
     /// The pretrained layer alone.
     Frozen {
