@@ -6,7 +6,7 @@
 //! ceiling in one table, use `lora bench linear --suite`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use lora_kernels::workload::{GemmWorkload, LinearWorkload};
+use lora_kernels::workload::{GemmWorkload, LinearWorkload, MixedWorkload};
 use std::time::Duration;
 
 const SCENARIOS: [(&str, usize, usize, usize, usize); 4] = [
@@ -39,5 +39,17 @@ fn ceiling(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ceiling, linear);
+/// Inference batch of 512 rows over 8 adapters (r16, 2048 -> 2048): one base GEMM + per-row
+/// rank-R passes, against one full layer call per adapter.
+fn mixed(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mixed_8_adapters_512x2048x2048_r16");
+    g.sample_size(10);
+    let mut w = MixedWorkload::new(512, 2048, 2048, 16, 8);
+    g.throughput(Throughput::Elements(w.flops() as u64));
+    g.bench_function("mixed_kernel", |b| b.iter(|| w.step(false).unwrap()));
+    g.bench_function("looped_per_adapter", |b| b.iter(|| w.step(true).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, ceiling, linear, mixed);
 criterion_main!(benches);

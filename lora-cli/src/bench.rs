@@ -5,7 +5,7 @@
 //! iterations, so all three see the same machine conditions.
 
 use anyhow::{bail, Context, Result};
-use lora_kernels::workload::{GemmWorkload, LinearWorkload};
+use lora_kernels::workload::{GemmWorkload, LinearWorkload, MixedWorkload};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -158,6 +158,33 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                     res.fraction_of_ceiling * 100.0
                 );
             }
+        }
+        Ok(())
+    })
+}
+
+pub fn run_mixed((t, k, m, r, n_ad): (usize, usize, usize, usize, usize), threads: Option<usize>, iters: usize, json: bool) -> Result<()> {
+    if [t, k, m, r, n_ad, iters].contains(&0) {
+        bail!("--tokens, --in, --out, --rank, --adapters and --iters must all be at least 1");
+    }
+    let pool = pool(threads)?;
+    let n = pool.current_num_threads();
+    pool.install(|| -> Result<()> {
+        let mut w = MixedWorkload::new(t, k, m, r, n_ad);
+        w.step(false)?;
+        w.step(true)?;
+        let (mut tm, mut tl) = (Vec::new(), Vec::new());
+        for _ in 0..iters {
+            tm.push(time(|| w.step(false))?);
+            tl.push(time(|| w.step(true))?);
+        }
+        let (mm, ml) = (median(&mut tm), median(&mut tl));
+        if json {
+            println!("{}", serde_json::json!({"tokens": t, "in": k, "out": m, "rank": r, "adapters": n_ad, "threads": n, "mixed_median_ms": mm * 1e3, "looped_median_ms": ml * 1e3, "speedup": ml / mm}));
+        } else {
+            println!("{t} rows x {k} -> {m}, {n_ad} adapters of rank {r}, {n} threads:");
+            println!("  mixed kernel        {:>9.2} ms  ({:.1} GFLOP/s)", mm * 1e3, w.flops() / mm / 1e9);
+            println!("  loop over adapters  {:>9.2} ms  ({:.2}x slower)", ml * 1e3, ml / mm);
         }
         Ok(())
     })

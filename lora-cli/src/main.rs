@@ -161,6 +161,37 @@ enum BenchCommand {
     Linear(LinearArgs),
     /// Square f32 GEMM: this machine's dense matrix-product ceiling.
     Gemm(GemmArgs),
+    /// Inference batch whose rows use different adapters: the mixed kernel vs one layer call
+    /// per adapter.
+    Mixed(MixedArgs),
+}
+
+#[derive(Args)]
+struct MixedArgs {
+    /// Rows in the batch.
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// Input features.
+    #[arg(long = "in", default_value_t = 2048)]
+    inp: usize,
+    /// Output features.
+    #[arg(long, default_value_t = 2048)]
+    out: usize,
+    /// Rank of every adapter.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Distinct adapters (rows assigned round-robin).
+    #[arg(long, default_value_t = 8)]
+    adapters: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed iterations of each.
+    #[arg(long, default_value_t = 9)]
+    iters: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -278,5 +309,6 @@ fn run(cli: Cli) -> Result<()> {
             bench::run_linear(&cfg)
         }
         Command::Bench(BenchCommand::Gemm(a)) => bench::run_gemm(a.size, a.threads, a.iters, a.json),
+        Command::Bench(BenchCommand::Mixed(a)) => bench::run_mixed((a.tokens, a.inp, a.out, a.rank, a.adapters), a.threads, a.iters, a.json),
     }
 }

@@ -18,6 +18,7 @@
 pub mod error;
 pub mod gemm;
 pub mod lora_linear;
+pub mod mixed;
 pub mod ops;
 mod par;
 mod simd;

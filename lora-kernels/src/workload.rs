@@ -114,3 +114,46 @@ impl GemmWorkload {
         matmul(&mut self.c, &self.a, Trans::No, &self.b, Trans::No, (n, n, n), 1.0, false, Par::Auto)
     }
 }
+
+/// A mixed-adapter inference batch: `adapters` adapters of one rank, rows assigned round-robin
+/// (every adapter gets `tokens / adapters` rows, scattered through the batch).
+pub struct MixedWorkload {
+    dims: LinearDims,
+    rank: usize,
+    x: Vec<f32>,                  // (N, K)
+    w: Vec<f32>,                  // (M, K)
+    mats: Vec<(Vec<f32>, Vec<f32>)>, // per adapter: A (R, K), B (M, R)
+    assign: Vec<i32>,             // (N)
+    y: Vec<f32>,                  // (N, M)
+}
+
+impl MixedWorkload {
+    /// Seeded random batch.
+    pub fn new(tokens: usize, inp: usize, out: usize, rank: usize, adapters: usize) -> Self {
+        let mut rng = Rng::new(3);
+        let ws = 1.0 / (inp as f32).sqrt();
+        Self {
+            dims: LinearDims { tokens, inp, out },
+            rank,
+            x: random(tokens * inp, &mut rng, 1.0),
+            w: random(out * inp, &mut rng, ws),
+            mats: (0..adapters).map(|_| (random(rank * inp, &mut rng, ws), random(out * rank, &mut rng, 0.1))).collect(),
+            assign: (0..tokens).map(|i| (i % adapters.max(1)) as i32).collect(),
+            y: vec![0.0; tokens * out],
+        }
+    }
+
+    /// Forward FLOPs (base GEMM plus each row's shrink and expand).
+    pub fn flops(&self) -> f64 {
+        let LinearDims { tokens: n, inp: k, out: m } = self.dims;
+        2.0 * n as f64 * k as f64 * m as f64 + 2.0 * n as f64 * self.rank as f64 * (k + m) as f64
+    }
+
+    /// One forward, with the mixed kernel (`looped = false`) or one layer call per adapter.
+    pub fn step(&mut self, looped: bool) -> crate::Result<()> {
+        let base = BaseLinear { weight: &self.w, layout: WeightLayout::OutIn, bias: None };
+        let adapters: Vec<LoraWeights> = self.mats.iter().map(|(a, b)| LoraWeights { a, b, rank: self.rank, scale: 2.0, dropout: None }).collect();
+        let f = if looped { crate::mixed::lora_linear_looped_forward } else { crate::mixed::lora_linear_mixed_forward };
+        f(&mut self.y, &self.x, &base, &adapters, &self.assign, self.dims)
+    }
+}
