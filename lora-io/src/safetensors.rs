@@ -50,6 +50,11 @@ impl SafetensorsFile {
         if n > mmap.len() - 8 {
             return Err(bad(format!("header length {n} is larger than the rest of the file ({} bytes)", mmap.len() - 8)));
         }
+        // JSON objects may repeat a key and parsers keep one silently: refuse such headers.
+        let header = &mmap[8..8 + n];
+        if let Err(e) = serde_json::from_slice::<UniqueKeys>(header) {
+            return Err(bad(format!("header: {e}")));
+        }
         // Full validation (JSON, offsets contiguous and inside the file, sizes match dtypes).
         SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("{e:?}")))?;
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
@@ -137,5 +142,31 @@ impl ExternalF32 for MappedF32 {
         // bit pattern is a valid f32, the target is little-endian, and the map is read-only and
         // kept alive by the Arc for as long as this slice can be borrowed.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const f32, self.len) }
+    }
+}
+
+/// Deserialises a JSON object only to check that no key repeats.
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate tensor name `{k}`")));
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(V)
     }
 }

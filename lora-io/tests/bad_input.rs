@@ -131,8 +131,9 @@ fn adapters_that_do_not_fit_the_model() {
 
     // Fewer targets than the file has tensors: the extra ones are refused, not ignored.
     let a = scratch("extra", &fixture("gpt2/adapter"));
-    let cfg = std::fs::read_to_string(a.join("adapter_config.json")).unwrap().replace("\"c_fc\",", "");
-    std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap()).unwrap();
+    cfg["target_modules"] = serde_json::json!(["c_attn"]);
+    std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
     let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
     let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
     assert!(e.contains("mlp.c_fc.lora_") && e.contains("does not belong to any adapted module"), "{e}");
@@ -153,4 +154,18 @@ fn adapters_that_do_not_fit_the_model() {
         let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
         assert!(e.contains(&format!("field `{field}`")), "{e}");
     }
+}
+
+#[test]
+fn duplicate_keys_in_a_safetensors_header_are_refused() {
+    // Two entries named "a": a JSON object with a repeated key. Which one a reader keeps is
+    // arbitrary, so the file is refused.
+    let hdr = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    let mut bytes = (hdr.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(hdr.as_bytes());
+    bytes.extend_from_slice(&[0u8; 8]);
+    let p = std::env::temp_dir().join(format!("lora-io-bad-{}-dup.safetensors", std::process::id()));
+    std::fs::write(&p, &bytes).unwrap();
+    let e = SafetensorsFile::open(&p).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("dup.safetensors") && e.contains("duplicate"), "{e}");
 }
