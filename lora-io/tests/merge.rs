@@ -97,3 +97,15 @@ fn existing_outputs_and_nan_adapters_are_refused() {
     assert!(e.contains("non-finite"), "{e}");
     assert!(!out.exists(), "nothing may be written when a merge is refused");
 }
+
+#[test]
+fn unwritable_output_fails_cleanly() {
+    // The output's parent is a regular file: nothing can be created there (a read-only location
+    // as far as the merge is concerned; permission bits do not stop root, this does).
+    let f = tmp("parent-file");
+    std::fs::write(&f, "not a dir").unwrap();
+    let out = f.join("merged");
+    let e = merge_to_dir(&root().join("gpt2/model"), &root().join("gpt2/adapter"), &out, MergeOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("parent-file"), "{e}");
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "not a dir");
+}
