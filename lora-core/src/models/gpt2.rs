@@ -127,6 +127,21 @@ impl Gpt2 {
     }
 }
 
+/// Module paths and layer slots, in model order; one list for `linears` and `linears_mut`.
+macro_rules! block_linears {
+    ($blocks:expr, $($borrow:tt)+) => {{
+        let mut v = Vec::new();
+        for (i, b) in $blocks.enumerate() {
+            let p = format!("transformer.h.{i}");
+            v.push((format!("{p}.attn.c_attn"), $($borrow)+ b.c_attn));
+            v.push((format!("{p}.attn.c_proj"), $($borrow)+ b.attn_c_proj));
+            v.push((format!("{p}.mlp.c_fc"), $($borrow)+ b.c_fc));
+            v.push((format!("{p}.mlp.c_proj"), $($borrow)+ b.mlp_c_proj));
+        }
+        v
+    }};
+}
+
 impl CausalLm for Gpt2 {
     fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
         self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
@@ -141,27 +156,11 @@ impl CausalLm for Gpt2 {
     }
 
     fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut v = Vec::new();
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            v.push((format!("{p}.attn.c_attn"), &b.c_attn));
-            v.push((format!("{p}.attn.c_proj"), &b.attn_c_proj));
-            v.push((format!("{p}.mlp.c_fc"), &b.c_fc));
-            v.push((format!("{p}.mlp.c_proj"), &b.mlp_c_proj));
-        }
-        v
+        block_linears!(self.blocks.iter(), &)
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v = Vec::new();
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("transformer.h.{i}");
-            v.push((format!("{p}.attn.c_attn"), &mut b.c_attn));
-            v.push((format!("{p}.attn.c_proj"), &mut b.attn_c_proj));
-            v.push((format!("{p}.mlp.c_fc"), &mut b.c_fc));
-            v.push((format!("{p}.mlp.c_proj"), &mut b.mlp_c_proj));
-        }
-        v
+        block_linears!(self.blocks.iter_mut(), &mut)
     }
 
     fn output_head(&self) -> &str {
@@ -169,10 +168,7 @@ impl CausalLm for Gpt2 {
     }
 
     fn base_params(&self) -> usize {
-        let lin: usize = self.linears().iter().map(|(_, l)| {
-            let (w, _, b) = l.base();
-            w.numel() + b.map_or(0, |b| b.numel())
-        }).sum();
+        let lin = super::linear_base_params(self);
         let ln = self.blocks.len() * 4 * self.cfg.n_embd + 2 * self.cfg.n_embd;
         self.wte.numel() + self.wpe.numel() + lin + ln
     }

@@ -224,6 +224,25 @@ impl Llama {
     }
 }
 
+/// Module paths and layer slots, in model order; one list for `linears` and `linears_mut`.
+macro_rules! layer_linears {
+    ($layers:expr, $($borrow:tt)+) => {{
+        let mut v = Vec::new();
+        for (i, l) in $layers.enumerate() {
+            let a = format!("model.layers.{i}.self_attn");
+            let m = format!("model.layers.{i}.mlp");
+            v.push((format!("{a}.q_proj"), $($borrow)+ l.q));
+            v.push((format!("{a}.k_proj"), $($borrow)+ l.k));
+            v.push((format!("{a}.v_proj"), $($borrow)+ l.v));
+            v.push((format!("{a}.o_proj"), $($borrow)+ l.o));
+            v.push((format!("{m}.gate_proj"), $($borrow)+ l.gate));
+            v.push((format!("{m}.up_proj"), $($borrow)+ l.up));
+            v.push((format!("{m}.down_proj"), $($borrow)+ l.down));
+        }
+        v
+    }};
+}
+
 impl CausalLm for Llama {
     fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
         self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
@@ -238,18 +257,7 @@ impl CausalLm for Llama {
     }
 
     fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            let a = format!("model.layers.{i}.self_attn");
-            let m = format!("model.layers.{i}.mlp");
-            v.push((format!("{a}.q_proj"), &l.q));
-            v.push((format!("{a}.k_proj"), &l.k));
-            v.push((format!("{a}.v_proj"), &l.v));
-            v.push((format!("{a}.o_proj"), &l.o));
-            v.push((format!("{m}.gate_proj"), &l.gate));
-            v.push((format!("{m}.up_proj"), &l.up));
-            v.push((format!("{m}.down_proj"), &l.down));
-        }
+        let mut v = layer_linears!(self.layers.iter(), &);
         if let Some(h) = &self.lm_head {
             v.push(("lm_head".into(), h));
         }
@@ -257,18 +265,7 @@ impl CausalLm for Llama {
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let a = format!("model.layers.{i}.self_attn");
-            let m = format!("model.layers.{i}.mlp");
-            v.push((format!("{a}.q_proj"), &mut l.q));
-            v.push((format!("{a}.k_proj"), &mut l.k));
-            v.push((format!("{a}.v_proj"), &mut l.v));
-            v.push((format!("{a}.o_proj"), &mut l.o));
-            v.push((format!("{m}.gate_proj"), &mut l.gate));
-            v.push((format!("{m}.up_proj"), &mut l.up));
-            v.push((format!("{m}.down_proj"), &mut l.down));
-        }
+        let mut v = layer_linears!(self.layers.iter_mut(), &mut);
         if let Some(h) = &mut self.lm_head {
             v.push(("lm_head".into(), h));
         }
@@ -280,10 +277,7 @@ impl CausalLm for Llama {
     }
 
     fn base_params(&self) -> usize {
-        let lin: usize = self.linears().iter().map(|(_, l)| {
-            let (w, _, b) = l.base();
-            w.numel() + b.map_or(0, |b| b.numel())
-        }).sum();
+        let lin = super::linear_base_params(self);
         self.embed.numel() + lin + (2 * self.layers.len() + 1) * self.cfg.hidden_size
     }
 

@@ -107,6 +107,18 @@ impl AttnMode<'_> {
     }
 }
 
+/// Base parameters of a model's linear layers (weights and biases).
+pub(crate) fn linear_base_params(model: &dyn CausalLm) -> usize {
+    model
+        .linears()
+        .iter()
+        .map(|(_, l)| {
+            let (w, _, b) = l.base();
+            w.numel() + b.map_or(0, |b| b.numel())
+        })
+        .sum()
+}
+
 /// Trainable (adapter) and total parameter counts.
 pub fn param_counts(model: &dyn CausalLm) -> (usize, usize) {
     let trainable: usize = model.linears().iter().filter_map(|(_, l)| l.lora()).map(|l| l.trainable_params()).sum();
