@@ -1,6 +1,7 @@
 //! Parity with transformers + PEFT on the committed fixtures (`fixtures/parity`, written by
 //! `fixtures/parity/make_fixtures.py`): logits, loss and every LoRA gradient for a fixed batch,
-//! for GPT-2, Llama with grouped-query attention (sharded checkpoint, rank/alpha patterns),
+//! for GPT-2, Llama with grouped-query attention (sharded checkpoint, rank/alpha patterns), Mistral,
+//! Llama with Llama-3 RoPE scaling,
 //! Llama stored in bf16 (all-linear), and Qwen2 (q/k/v bias, tied head, regex targets, rsLoRA).
 //!
 //! Bounds: logits and loss relative error <= 1e-5, LoRA gradients <= 1e-4 (relative to each
@@ -99,4 +100,14 @@ fn f32_weights_are_memory_mapped_and_bf16_weights_are_widened() {
     assert!(model.linears().iter().all(|(_, l)| l.base().0.is_external()), "f32 weights should be read in place");
     let model = ModelDir::open(fixture("llama_bf16").join("model")).unwrap().load_model().unwrap();
     assert!(model.linears().iter().all(|(_, l)| !l.base().0.is_external()));
+}
+
+#[test]
+fn mistral_matches() {
+    check("mistral", 4);
+}
+
+#[test]
+fn llama3_rope_scaling_matches() {
+    check("llama3_rope", 4);
 }

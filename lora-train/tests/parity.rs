@@ -28,7 +28,7 @@ fn load(name: &str) -> (Box<dyn CausalLm>, TextTokenizer, Value) {
     (model, tok, reference)
 }
 
-const ALL: [&str; 4] = ["gpt2", "llama_gqa", "llama_bf16", "qwen2_bias"];
+const ALL: [&str; 6] = ["gpt2", "llama_gqa", "llama_bf16", "qwen2_bias", "mistral", "llama3_rope"];
 
 #[test]
 fn eval_loss_matches_transformers_for_jsonl_and_txt() {
