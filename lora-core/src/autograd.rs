@@ -186,6 +186,18 @@ impl Gradients {
     pub fn get(&self, t: &Tensor) -> Option<&[f32]> {
         self.map.get(&t.id()).map(|v| v.as_slice())
     }
+    /// Sets the gradient of `t` (e.g. after an all-reduce, or in tests); the length must match.
+    pub fn set(&mut self, t: &Tensor, g: Vec<f32>) -> Result<()> {
+        if g.len() != t.numel() {
+            return Err(CoreError::DataLength { len: g.len(), shape: t.shape().to_vec(), needed: t.numel() });
+        }
+        self.map.insert(t.id(), g);
+        Ok(())
+    }
+    /// Mutable access to the gradient of `t` (clipping, scaling).
+    pub fn get_mut(&mut self, t: &Tensor) -> Option<&mut [f32]> {
+        self.map.get_mut(&t.id()).map(|v| v.as_mut_slice())
+    }
     /// Removes and returns the gradient of `t`.
     pub fn take(&mut self, t: &Tensor) -> Option<Vec<f32>> {
         self.map.remove(&t.id())

@@ -1,12 +1,14 @@
 //! lora-train: data, evaluation and (with the training issue) optimizers, schedules and the
 //! training loop.
 //!
-//! Today: [`data`] reads text datasets (`.txt` paragraphs, `.jsonl` with `text`) and [`eval`]
+//! Today: [`data`] reads text datasets (`.txt` paragraphs, `.jsonl` with `text`), [`optim`] has
+//! AdamW / SGD / LoRA+ groups / clipping / schedules, and [`eval`]
 //! computes the token-weighted mean cross-entropy that transformers reports.
 #![warn(missing_docs)]
 
 pub mod data;
 pub mod eval;
+pub mod optim;
 
 use std::path::PathBuf;
 
