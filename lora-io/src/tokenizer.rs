@@ -33,6 +33,12 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` without any special tokens (for pieces appended to an encoded text).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids` (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })

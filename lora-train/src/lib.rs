@@ -6,9 +6,11 @@
 //! computes the token-weighted mean cross-entropy that transformers reports.
 #![warn(missing_docs)]
 
+pub mod batches;
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod trainer;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,182 @@
+//! From examples to training batches: tokenization (prompt/completion examples get labels only
+//! on the completion), optional packing into fixed-length blocks, padding that the loss ignores,
+//! and a seeded, resumable shuffle.
+
+use crate::{Result, TrainError};
+use lora_io::tokenizer::TextTokenizer;
+use lora_kernels::rng::Rng;
+use std::path::Path;
+
+/// Label value the loss ignores (transformers' convention).
+pub const IGNORE: i64 = -100;
+
+/// One training example as read from a file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Example {
+    /// Plain text: every token is a target.
+    Text(String),
+    /// Only the completion's tokens are targets.
+    PromptCompletion {
+        /// The prompt.
+        prompt: String,
+        /// What the model should learn to produce after it.
+        completion: String,
+    },
+}
+
+/// Reads `.txt` (paragraphs), `.jsonl` with `text`, or `.jsonl` with `prompt` + `completion`.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    let is_jsonl = path.extension().and_then(|e| e.to_str()) == Some("jsonl");
+    if !is_jsonl {
+        return Ok(crate::data::read_texts(path)?.into_iter().map(Example::Text).collect());
+    }
+    let err = |reason: String| TrainError::Data { path: path.into(), reason };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8(bytes).map_err(|e| err(format!("not valid UTF-8 (first bad byte at offset {})", e.utf8_error().valid_up_to())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+        out.push(match (s("text"), s("prompt"), s("completion")) {
+            (_, Some(prompt), Some(completion)) => Example::PromptCompletion { prompt, completion },
+            (Some(t), None, None) => Example::Text(t),
+            _ => return Err(err(format!("line {}: expected a string `text`, or strings `prompt` and `completion`", i + 1))),
+        });
+    }
+    if out.is_empty() {
+        return Err(err("no examples".into()));
+    }
+    Ok(out)
+}
+
+/// Token ids and per-position labels (`IGNORE` where no loss is taken).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Labels: the id itself, or `IGNORE`.
+    pub labels: Vec<i64>,
+}
+
+/// Tokenizes examples (the tokenizer's special tokens on the text or prompt; none added inside a
+/// completion), truncating each to `seq_len` unless `pack` (packing cuts blocks later).
+pub fn tokenize(tok: &TextTokenizer, examples: &[Example], seq_len: usize, pack: bool) -> Result<Vec<Sequence>> {
+    let mut out = Vec::with_capacity(examples.len());
+    for e in examples {
+        let mut s = match e {
+            Example::Text(t) => {
+                let ids = tok.encode(t)?;
+                let labels = ids.iter().map(|&x| x as i64).collect();
+                Sequence { ids, labels }
+            }
+            Example::PromptCompletion { prompt, completion } => {
+                let p = tok.encode(prompt)?;
+                let c = tok.encode_plain(completion)?;
+                let labels = p.iter().map(|_| IGNORE).chain(c.iter().map(|&x| x as i64)).collect();
+                Sequence { ids: [p, c].concat(), labels }
+            }
+        };
+        if !pack {
+            s.ids.truncate(seq_len);
+            s.labels.truncate(seq_len);
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Concatenates sequences and cuts them into blocks of exactly `seq_len` (the remainder is
+/// dropped).
+pub fn pack(seqs: &[Sequence], seq_len: usize) -> Vec<Sequence> {
+    let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let labels: Vec<i64> = seqs.iter().flat_map(|s| s.labels.iter().copied()).collect();
+    ids.chunks_exact(seq_len).zip(labels.chunks_exact(seq_len)).map(|(i, l)| Sequence { ids: i.to_vec(), labels: l.to_vec() }).collect()
+}
+
+/// A padded batch `(B, T)`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Ids (padding: 0).
+    pub ids: Vec<u32>,
+    /// Labels (padding: `IGNORE`).
+    pub labels: Vec<i64>,
+    /// B
+    pub batch: usize,
+    /// T (the longest sequence of the batch)
+    pub seq: usize,
+}
+
+impl Batch {
+    /// Pads `seqs` to their longest length.
+    pub fn pad(seqs: &[&Sequence]) -> Self {
+        let seq = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * seq);
+        let mut labels = Vec::with_capacity(seqs.len() * seq);
+        for s in seqs {
+            ids.extend_from_slice(&s.ids);
+            ids.resize(ids.len() + seq - s.ids.len(), 0);
+            labels.extend_from_slice(&s.labels);
+            labels.resize(labels.len() + seq - s.labels.len(), IGNORE);
+        }
+        Self { ids, labels, batch: seqs.len(), seq }
+    }
+
+    /// Positions whose label is a target after the causal shift.
+    pub fn target_tokens(&self) -> usize {
+        (0..self.batch).map(|b| (1..self.seq).filter(|&t| self.labels[b * self.seq + t] >= 0).count()).sum()
+    }
+}
+
+/// Walks the sequences in a seeded random order, epoch after epoch. Its position is two
+/// integers, so a checkpoint can resume it exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sampler {
+    n: usize,
+    seed: u64,
+    /// Completed epochs.
+    pub epoch: u64,
+    /// Next index into this epoch's order.
+    pub pos: usize,
+    order: Vec<usize>,
+}
+
+impl Sampler {
+    /// Starts at epoch 0, position 0.
+    pub fn new(n: usize, seed: u64) -> Self {
+        Self::resume(n, seed, 0, 0)
+    }
+
+    /// Restores a saved position.
+    pub fn resume(n: usize, seed: u64, epoch: u64, pos: usize) -> Self {
+        let mut s = Self { n, seed, epoch, pos, order: Vec::new() };
+        s.shuffle();
+        s
+    }
+
+    fn shuffle(&mut self) {
+        let mut rng = Rng::new(lora_kernels::rng::splitmix64(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9)));
+        self.order = (0..self.n).collect();
+        for i in (1..self.n).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            self.order.swap(i, j);
+        }
+    }
+
+    /// The next `k` indices, moving to a new shuffled epoch when one runs out.
+    pub fn take(&mut self, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k && self.n > 0 {
+            if self.pos == self.n {
+                self.epoch += 1;
+                self.pos = 0;
+                self.shuffle();
+            }
+            out.push(self.order[self.pos]);
+            self.pos += 1;
+        }
+        out
+    }
+}

@@ -1,0 +1,84 @@
+//! One optimizer step of LoRA training on a causal LM: forward and backward over the
+//! micro-batches of a gradient-accumulation step (the gradient is the mean of the micro-batch
+//! gradients, as transformers' Trainer computes it), global-norm clipping, then the optimizer.
+//! A non-finite loss or gradient stops the step before any weight changes.
+
+use crate::batches::Batch;
+use crate::optim::{clip_grad_norm, Optimizer, ParamGroup};
+use crate::{Result, TrainError};
+use lora_core::models::{causal_lm_loss, CausalLm};
+use lora_core::{Gradients, Tape, Tensor};
+
+/// The adapter tensors of `model` as optimizer groups: all A at `lr`, all B at
+/// `lr * loraplus_ratio` (LoRA+; 1 = plain LoRA).
+pub fn adapter_groups(model: &dyn CausalLm, loraplus_ratio: f32) -> Vec<ParamGroup> {
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for (_, lin) in model.linears() {
+        if let Some(l) = lin.lora() {
+            a.push(l.lora_a.clone());
+            b.push(l.lora_b.clone());
+        }
+    }
+    vec![ParamGroup { params: a, lr_scale: 1.0 }, ParamGroup { params: b, lr_scale: loraplus_ratio }]
+}
+
+/// What one step measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean of the micro-batch losses.
+    pub loss: f32,
+    /// Target tokens seen.
+    pub tokens: usize,
+    /// Gradient norm before clipping.
+    pub grad_norm: f32,
+}
+
+/// Runs one optimizer step over `micro` batches. `seed` drives dropout masks.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: &dyn CausalLm,
+    opt: &mut dyn Optimizer,
+    groups: &[ParamGroup],
+    micro: &[Batch],
+    lr: f32,
+    max_grad_norm: Option<f32>,
+    seed: u64,
+    step: u64,
+) -> Result<StepStats> {
+    let mut total: Option<Gradients> = None;
+    let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+    for (k, b) in micro.iter().enumerate() {
+        let tape = Tape::new(lora_kernels::rng::splitmix64(seed ^ (step << 16) ^ k as u64));
+        let logits = model.forward(&tape, &b.ids, b.batch, b.seq, true)?;
+        let loss = causal_lm_loss(&tape, &logits, &b.labels, b.batch, b.seq)?;
+        let l = loss.scalar()?;
+        if !l.is_finite() {
+            return Err(TrainError::Data { path: "<training>".into(), reason: format!("loss is {l} at step {step} (micro-batch {k}); stopping before the update") });
+        }
+        loss_sum += l as f64;
+        tokens += b.target_tokens();
+        let g = tape.backward(&loss)?;
+        match total.as_mut() {
+            None => total = Some(g),
+            Some(t) => t.accumulate(g)?,
+        }
+    }
+    let mut grads = total.ok_or_else(|| TrainError::Data { path: "<training>".into(), reason: "a step needs at least one batch".into() })?;
+    let params: Vec<Tensor> = groups.iter().flat_map(|g| g.params.iter().cloned()).collect();
+    let inv = 1.0 / micro.len() as f32;
+    for p in &params {
+        if let Some(g) = grads.get_mut(p) {
+            g.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+    let norm = match max_grad_norm {
+        Some(m) => clip_grad_norm(&mut grads, &params, m),
+        None => clip_grad_norm(&mut grads, &params, f32::INFINITY),
+    };
+    if !norm.is_finite() {
+        return Err(TrainError::Data { path: "<training>".into(), reason: format!("gradient norm is {norm} at step {step}; stopping before the update") });
+    }
+    opt.step(groups, &grads, lr);
+    Ok(StepStats { loss: (loss_sum / micro.len() as f64) as f32, tokens, grad_norm: norm })
+}
