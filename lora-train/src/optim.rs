@@ -15,6 +15,15 @@ pub struct ParamGroup {
     pub lr_scale: f32,
 }
 
+/// Optimizer state by parameter name, for checkpoints: named f32 buffers and step counts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState {
+    /// `"<buffer>.<param name>"` -> values.
+    pub buffers: Vec<(String, Vec<f32>)>,
+    /// param name -> steps taken.
+    pub steps: Vec<(String, u64)>,
+}
+
 /// An optimizer step over parameter groups.
 pub trait Optimizer {
     /// Updates every tensor of `groups` that has a gradient in `grads`, at learning rate
@@ -22,6 +31,10 @@ pub trait Optimizer {
     fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32);
     /// Number of tensors holding optimizer state.
     fn state_len(&self) -> usize;
+    /// The state of the `named` tensors, keyed by name (tensor ids do not survive a restart).
+    fn export(&self, named: &[(String, Tensor)]) -> OptimizerState;
+    /// Restores state exported for the same names.
+    fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState);
 }
 
 /// AdamW (decoupled weight decay, bias-corrected moments), as `torch.optim.AdamW`.
@@ -74,6 +87,28 @@ impl Optimizer for AdamW {
     fn state_len(&self) -> usize {
         self.state.len()
     }
+
+    fn export(&self, named: &[(String, Tensor)]) -> OptimizerState {
+        let mut st = OptimizerState::default();
+        for (n, t) in named {
+            if let Some((m, v)) = self.state.get(&t.id()) {
+                st.buffers.push((format!("exp_avg.{n}"), m.clone()));
+                st.buffers.push((format!("exp_avg_sq.{n}"), v.clone()));
+                st.steps.push((n.clone(), self.steps[&t.id()]));
+            }
+        }
+        st
+    }
+
+    fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState) {
+        let buf: std::collections::HashMap<&str, &Vec<f32>> = state.buffers.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        for (n, t) in named {
+            if let (Some(m), Some(v), Some((_, s))) = (buf.get(format!("exp_avg.{n}").as_str()), buf.get(format!("exp_avg_sq.{n}").as_str()), state.steps.iter().find(|(k, _)| k == n)) {
+                self.state.insert(t.id(), ((*m).clone(), (*v).clone()));
+                self.steps.insert(t.id(), *s);
+            }
+        }
+    }
 }
 
 /// SGD with momentum and (coupled) weight decay, as `torch.optim.SGD` (no dampening).
@@ -122,6 +157,24 @@ impl Optimizer for Sgd {
 
     fn state_len(&self) -> usize {
         self.state.len()
+    }
+
+    fn export(&self, named: &[(String, Tensor)]) -> OptimizerState {
+        let mut st = OptimizerState::default();
+        for (n, t) in named {
+            if let Some(b) = self.state.get(&t.id()) {
+                st.buffers.push((format!("momentum.{n}"), b.clone()));
+            }
+        }
+        st
+    }
+
+    fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState) {
+        for (n, t) in named {
+            if let Some((_, b)) = state.buffers.iter().find(|(k, _)| *k == format!("momentum.{n}")) {
+                self.state.insert(t.id(), b.clone());
+            }
+        }
     }
 }
 

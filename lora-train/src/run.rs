@@ -1,0 +1,380 @@
+//! A whole training run: load the model, inject adapters, tokenize the data, step with the
+//! schedule, evaluate, log metrics, checkpoint, resume.
+//!
+//! Output directory layout:
+//! ```text
+//! out/adapter_config.json, out/adapter_model.safetensors   the final adapter (PEFT format)
+//! out/metrics.jsonl                                         one JSON object per step / eval
+//! out/checkpoint-000100/                                    adapter + optimizer.safetensors +
+//!                                                           trainer_state.json
+//! ```
+//! A checkpoint is assembled in a temporary directory and renamed into place, so the newest
+//! `checkpoint-*` directory is always complete. Resuming restores the adapter, the optimizer
+//! moments, the step (which drives the schedule and dropout seeds) and the sampler position,
+//! so a resumed run ends with the same adapter as an uninterrupted one.
+
+use crate::batches::{pack, read_examples, tokenize, Batch, Sampler, Sequence};
+use crate::optim::{lr_factor, AdamW, Optimizer, OptimizerState, Schedule, Sgd};
+use crate::trainer::{adapter_groups, train_step};
+use crate::{Result, TrainError};
+use lora_core::models::{causal_lm_loss, param_counts, CausalLm};
+use lora_core::{Tape, Tensor};
+use lora_io::hf::ModelDir;
+use lora_io::peft::{inject, load_adapter, save_adapter, PeftConfig, Targets};
+use lora_io::safetensors::SafetensorsFile;
+use lora_io::tokenizer::TextTokenizer;
+use lora_io::write::{write_atomic, write_safetensors, OutDtype, OutTensor};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything a run needs. Defaults are the CLI's (see `lora train --help`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Hugging Face model directory.
+    pub model: PathBuf,
+    /// Training data (.txt, .jsonl with text, or .jsonl with prompt/completion).
+    pub data: PathBuf,
+    /// Output directory.
+    pub out: PathBuf,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// `all-linear`, a comma-separated list of module names, or a regex (anything with regex
+    /// metacharacters).
+    pub target: String,
+    /// Adapter dropout.
+    pub dropout: f32,
+    /// rsLoRA scaling.
+    pub rslora: bool,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// LoRA+ learning-rate ratio for B.
+    pub loraplus_ratio: f32,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// Decay after warmup.
+    pub schedule: Schedule,
+    /// AdamW weight decay (SGD: L2).
+    pub weight_decay: f32,
+    /// `adamw` or `sgd` (momentum 0.9).
+    pub optimizer: String,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub max_grad_norm: Option<f32>,
+    /// Pack examples into full `seq_len` blocks.
+    pub pack: bool,
+    /// Seed for init, shuffling, dropout.
+    pub seed: u64,
+    /// Held-out data file.
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the data held out when no eval file is given.
+    pub eval_split: f32,
+    /// Evaluate every this many steps (0: only before and after).
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: usize,
+    /// Stop after this many steps of this invocation (a checkpoint is written): for tests and
+    /// time-boxed runs; `None` runs to `steps`.
+    pub stop_after: Option<usize>,
+}
+
+impl TrainConfig {
+    fn to_json(&self) -> Value {
+        json!({
+            "model": self.model, "data": self.data, "rank": self.rank, "alpha": self.alpha, "target": self.target,
+            "dropout": self.dropout, "rslora": self.rslora, "lr": self.lr, "loraplus_ratio": self.loraplus_ratio,
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps,
+            "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": self.weight_decay,
+            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "seed": self.seed,
+            "eval_data": self.eval_data, "eval_split": self.eval_split,
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |f: &str, r: String| Err(TrainError::Data { path: PathBuf::from(format!("--{f}")), reason: r });
+        if self.steps == 0 {
+            return bad("steps", "must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch-size", "batch size and grad-accum must be at least 1".into());
+        }
+        if self.seq_len < 2 {
+            return bad("seq-len", "must be at least 2".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("must be positive, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.eval_split) {
+            return bad("eval-split", format!("must be in [0, 1), got {}", self.eval_split));
+        }
+        if !matches!(self.optimizer.as_str(), "adamw" | "sgd") {
+            return bad("optimizer", format!("must be adamw or sgd, got `{}`", self.optimizer));
+        }
+        Ok(())
+    }
+
+    fn peft(&self) -> PeftConfig {
+        let t = self.target.trim();
+        let targets = if t == "all-linear" {
+            Targets::AllLinear
+        } else if t.chars().any(|c| "\\^$*+?()[]{}|".contains(c)) {
+            Targets::Regex(t.to_string())
+        } else {
+            Targets::List(t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        };
+        PeftConfig {
+            r: self.rank,
+            lora_alpha: self.alpha,
+            target_modules: targets,
+            exclude_modules: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            use_rslora: self.rslora,
+            lora_dropout: self.dropout,
+            fan_in_fan_out: false,
+            base_model_name_or_path: Some(self.model.to_string_lossy().to_string()),
+            task_type: Some("CAUSAL_LM".into()),
+        }
+    }
+}
+
+/// One line of progress.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepLog {
+    /// 1-based step.
+    pub step: usize,
+    /// Of this many.
+    pub total: usize,
+    /// Training loss.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Target tokens per second over the run so far.
+    pub tokens_per_s: f64,
+    /// Eval loss, when this step evaluated.
+    pub eval_loss: Option<f64>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSummary {
+    /// Steps completed (in total, including before a resume).
+    pub steps: usize,
+    /// Last training loss.
+    pub final_loss: f32,
+    /// Eval loss before training (None when resumed or no eval data).
+    pub eval_before: Option<f64>,
+    /// Eval loss at the end.
+    pub eval_after: Option<f64>,
+    /// Target tokens trained on in this invocation.
+    pub tokens: usize,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+    /// Trainable parameters.
+    pub trainable: usize,
+    /// All parameters.
+    pub all_params: usize,
+    /// The output directory.
+    pub out: PathBuf,
+}
+
+fn err(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Data { path: path.into(), reason: reason.into() }
+}
+
+/// Mean loss over the target tokens of `seqs`, one sequence at a time.
+pub fn eval_sequences(model: &dyn CausalLm, seqs: &[Sequence]) -> Result<Option<f64>> {
+    let (mut total, mut n) = (0.0f64, 0usize);
+    for s in seqs {
+        let b = Batch::pad(&[s]);
+        let k = b.target_tokens();
+        if k == 0 {
+            continue;
+        }
+        let tape = Tape::inference();
+        let logits = model.forward(&tape, &b.ids, 1, b.seq, true)?;
+        total += causal_lm_loss(&tape, &logits, &b.labels, 1, b.seq)?.scalar()? as f64 * k as f64;
+        n += k;
+    }
+    Ok((n > 0).then(|| total / n as f64))
+}
+
+fn named_params(model: &dyn CausalLm) -> Vec<(String, Tensor)> {
+    model
+        .linears()
+        .into_iter()
+        .filter_map(|(n, l)| l.lora().map(|l| vec![(format!("{n}.lora_A"), l.lora_a.clone()), (format!("{n}.lora_B"), l.lora_b.clone())]))
+        .flatten()
+        .collect()
+}
+
+fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            e.path().join("trainer_state.json").exists().then_some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(out: &Path, step: usize, model: &dyn CausalLm, peft: &PeftConfig, opt: &dyn Optimizer, sampler: &Sampler, cfg: &TrainConfig) -> Result<()> {
+    let final_dir = out.join(format!("checkpoint-{step:06}"));
+    let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
+    save_adapter(model, peft, &tmp)?;
+    let st: OptimizerState = opt.export(&named_params(model));
+    let tensors: Vec<OutTensor> = st.buffers.iter().map(|(k, v)| OutTensor { name: k.clone(), shape: vec![v.len()], values: v, dtype: OutDtype::F32 }).collect();
+    write_safetensors(&tmp.join("optimizer.safetensors"), &tensors, Default::default())?;
+    let state = json!({
+        "step": step, "sampler_epoch": sampler.epoch, "sampler_pos": sampler.pos,
+        "optimizer_steps": st.steps.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "config": cfg.to_json(),
+    });
+    write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("serialises").as_bytes())?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| err(&final_dir, e.to_string()))?;
+    Ok(())
+}
+
+/// Runs (or, with `resume`, continues) training; `on_step` sees every step.
+pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnMut(&StepLog)) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let out = &cfg.out;
+    let checkpoint = if resume { latest_checkpoint(out) } else { None };
+    if resume && checkpoint.is_none() {
+        return Err(err(out, "--resume: no complete checkpoint-* directory found"));
+    }
+    let nonempty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if nonempty && !resume && !force {
+        return Err(err(out, "output directory is not empty (pass --resume to continue or --force to start over)"));
+    }
+    if nonempty && force && !resume {
+        std::fs::remove_dir_all(out).map_err(|e| err(out, e.to_string()))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| err(out, e.to_string()))?;
+
+    let md = ModelDir::open(&cfg.model)?;
+    let tok = TextTokenizer::from_model_dir(&cfg.model)?;
+    let mut model = md.load_model()?;
+    let peft = cfg.peft();
+    let (start, mut sampler_state) = match &checkpoint {
+        Some((step, dir)) => {
+            let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
+            if saved["config"] != cfg.to_json() {
+                return Err(err(&dir.join("trainer_state.json"), "the run's settings differ from this checkpoint's; resume with the same flags"));
+            }
+            load_adapter(model.as_mut(), dir)?;
+            (*step, Some((saved["sampler_epoch"].as_u64().unwrap_or(0), saved["sampler_pos"].as_u64().unwrap_or(0) as usize)))
+        }
+        None => {
+            inject(model.as_mut(), &peft, cfg.seed)?;
+            (0, None)
+        }
+    };
+    if start >= cfg.steps && !resume {
+        return Err(err(out, "nothing to do"));
+    }
+
+    // Data: a seeded split of the examples when no eval file is given.
+    let mut examples = read_examples(&cfg.data)?;
+    let eval_examples = match &cfg.eval_data {
+        Some(p) => read_examples(p)?,
+        None if cfg.eval_split > 0.0 => {
+            let mut order = Sampler::new(examples.len(), cfg.seed ^ 0xE7A1).take(examples.len());
+            let k = ((examples.len() as f32 * cfg.eval_split).round() as usize).clamp(1, examples.len().saturating_sub(1).max(1));
+            order.truncate(k);
+            order.sort_unstable();
+            let held: Vec<_> = order.iter().rev().map(|&i| examples.remove(i)).collect();
+            held.into_iter().rev().collect()
+        }
+        None => Vec::new(),
+    };
+    let mut train_seqs = tokenize(&tok, &examples, cfg.seq_len, cfg.pack)?;
+    if cfg.pack {
+        train_seqs = pack(&train_seqs, cfg.seq_len);
+    }
+    train_seqs.retain(|s| s.ids.len() >= 2);
+    if train_seqs.is_empty() {
+        return Err(err(&cfg.data, format!("no training sequence of two or more tokens (seq-len {})", cfg.seq_len)));
+    }
+    let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false)?;
+    let mut sampler = match sampler_state.take() {
+        Some((e, p)) => Sampler::resume(train_seqs.len(), cfg.seed, e, p),
+        None => Sampler::new(train_seqs.len(), cfg.seed),
+    };
+
+    let groups = adapter_groups(model.as_ref(), cfg.loraplus_ratio);
+    let mut opt: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
+        "sgd" => Box::new(Sgd::new(0.9, cfg.weight_decay)),
+        _ => Box::new(AdamW::new(0.9, 0.999, 1e-8, cfg.weight_decay)),
+    };
+    if let Some((_, dir)) = &checkpoint {
+        let f = SafetensorsFile::open(dir.join("optimizer.safetensors"))?;
+        let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
+        let mut st = OptimizerState::default();
+        for k in f.names() {
+            st.buffers.push((k.to_string(), f.read_f32(k)?.0));
+        }
+        if let Some(m) = saved["optimizer_steps"].as_object() {
+            st.steps = m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect();
+        }
+        opt.import(&named_params(model.as_ref()), &st);
+    }
+
+    let (trainable, all_params) = param_counts(model.as_ref());
+    let eval_before = if checkpoint.is_none() { eval_sequences(model.as_ref(), &eval_seqs)? } else { None };
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl")).map_err(|e| err(out, e.to_string()))?;
+    let t0 = Instant::now();
+    let (mut tokens, mut last_loss) = (0usize, f32::NAN);
+    let end = match cfg.stop_after {
+        Some(k) => (start + k).min(cfg.steps),
+        None => cfg.steps,
+    };
+    for step in start..end {
+        let micro: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|_| {
+                let idx = sampler.take(cfg.batch_size);
+                Batch::pad(&idx.iter().map(|&i| &train_seqs[i]).collect::<Vec<_>>())
+            })
+            .collect();
+        let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, cfg.steps);
+        let st = train_step(model.as_ref(), opt.as_mut(), &groups, &micro, lr, cfg.max_grad_norm, cfg.seed, step as u64)?;
+        tokens += st.tokens;
+        last_loss = st.loss;
+        let done = step + 1;
+        let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != cfg.steps { eval_sequences(model.as_ref(), &eval_seqs)? } else { None };
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let line = json!({"step": done, "loss": st.loss, "lr": lr, "grad_norm": st.grad_norm, "tokens": st.tokens, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_loss": eval_loss});
+        writeln!(metrics, "{line}").map_err(|e| err(out, e.to_string()))?;
+        on_step(&StepLog { step: done, total: cfg.steps, loss: st.loss, lr, tokens_per_s: tps, eval_loss });
+        if cfg.save_every > 0 && done % cfg.save_every == 0 && done != end {
+            save_checkpoint(out, done, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
+        }
+    }
+    save_checkpoint(out, end, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
+    let eval_after = eval_sequences(model.as_ref(), &eval_seqs)?;
+    if end == cfg.steps {
+        save_adapter(model.as_ref(), &peft, out)?;
+        if let Some(e) = eval_after {
+            writeln!(metrics, "{}", json!({"step": end, "eval_loss": e})).map_err(|e| err(out, e.to_string()))?;
+        }
+    }
+    Ok(TrainSummary { steps: end, final_loss: last_loss, eval_before, eval_after, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone() })
+}
