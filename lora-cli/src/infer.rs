@@ -136,3 +136,37 @@ pub fn run_convert(from: &Path, to: &Path, model: Option<&Path>, prefix: &str, f
     }
     Ok(())
 }
+
+pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, threads: Option<usize>, json: bool) -> Result<()> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        b = b.num_threads(t);
+    }
+    let pool = b.build()?;
+    let sum = pool.install(|| {
+        lora_train::run::train(cfg, resume, force, &mut |s| {
+            if !json {
+                let eval = s.eval_loss.map(|e| format!(" | eval {e:.4}")).unwrap_or_default();
+                println!("step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.step, s.total, s.loss, s.lr, s.tokens_per_s);
+            }
+        })
+    })?;
+    let obj = serde_json::json!({
+        "steps": sum.steps, "final_loss": sum.final_loss, "eval_loss_before": sum.eval_before, "eval_loss_after": sum.eval_after,
+        "tokens": sum.tokens, "seconds": sum.seconds, "tokens_per_s": sum.tokens as f64 / sum.seconds.max(1e-9),
+        "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
+    });
+    if json {
+        println!("{obj}");
+    } else {
+        let pct = 100.0 * sum.trainable as f64 / sum.all_params.max(1) as f64;
+        println!("trainable params: {} || all params: {} || trainable%: {pct:.4}", sum.trainable, sum.all_params);
+        println!("{} steps in {:.1} s ({:.0} tokens/s); final train loss {:.4}", sum.steps, sum.seconds, sum.tokens as f64 / sum.seconds.max(1e-9), sum.final_loss);
+        if let (Some(a), Some(b)) = (sum.eval_before, sum.eval_after) {
+            println!("eval loss {a:.4} -> {b:.4}");
+        }
+        println!("adapter: {}/adapter_model.safetensors; metrics: {}/metrics.jsonl", sum.out.display(), sum.out.display());
+    }
+    Ok(())
+}

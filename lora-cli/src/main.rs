@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LoRA adapter on a Hugging Face model and a dataset; writes a PEFT adapter.
+    Train(TrainArgs),
     /// Mean token cross-entropy of a model (and adapter) over a dataset, as transformers computes it.
     Eval(EvalArgs),
     /// Continue a prompt (greedy at temperature 0), with a KV cache.
@@ -105,6 +107,98 @@ struct MergeArgs {
     /// Replace an existing non-empty output directory.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// Training data: .txt (paragraphs), .jsonl with `text`, or .jsonl with `prompt` and
+    /// `completion` (loss on the completion only).
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// Output directory (final adapter, metrics.jsonl, checkpoint-* folders).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with --rslora).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Modules to adapt: comma-separated names (exact or dotted suffix), a regex, or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    target: String,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// rsLoRA scaling (alpha / sqrt(rank)).
+    #[arg(long)]
+    rslora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    /// LoRA+: learning-rate ratio of B to A.
+    #[arg(long, default_value_t = 1.0)]
+    loraplus_ratio: f32,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Tokens per sequence (longer examples are truncated; with --pack, the block length).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Decay after warmup: cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Weight decay (AdamW: decoupled).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// adamw or sgd (momentum 0.9).
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Clip the global gradient norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Pack examples into full --seq-len blocks.
+    #[arg(long)]
+    pack: bool,
+    /// Seed for initialisation, shuffling and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Held-out data file (otherwise --eval-split of the data is held out).
+    #[arg(long)]
+    eval_data: Option<std::path::PathBuf>,
+    /// Fraction of the data held out for evaluation when no --eval-data is given.
+    #[arg(long, default_value_t = 0.0)]
+    eval_split: f32,
+    /// Evaluate every N steps (0: before and after only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Write a checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Continue from the newest checkpoint in --out (same flags as the original run).
+    #[arg(long)]
+    resume: bool,
+    /// Delete a non-empty --out and start over.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -254,6 +348,43 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => {
+            let schedule = match a.schedule.as_str() {
+                "cosine" => lora_train::optim::Schedule::Cosine,
+                "linear" => lora_train::optim::Schedule::Linear,
+                "constant" => lora_train::optim::Schedule::Constant,
+                other => anyhow::bail!("--schedule must be cosine, linear or constant, got `{other}`"),
+            };
+            let cfg = lora_train::run::TrainConfig {
+                model: a.model,
+                data: a.data,
+                out: a.out,
+                rank: a.rank,
+                alpha: a.alpha,
+                target: a.target,
+                dropout: a.dropout,
+                rslora: a.rslora,
+                lr: a.lr,
+                loraplus_ratio: a.loraplus_ratio,
+                batch_size: a.batch_size,
+                grad_accum: a.grad_accum,
+                seq_len: a.seq_len,
+                steps: a.steps,
+                warmup: a.warmup,
+                schedule,
+                weight_decay: a.weight_decay,
+                optimizer: a.optimizer,
+                max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+                pack: a.pack,
+                seed: a.seed,
+                eval_data: a.eval_data,
+                eval_split: a.eval_split,
+                eval_every: a.eval_every,
+                save_every: a.save_every,
+                stop_after: None,
+            };
+            infer::run_train(&cfg, a.resume, a.force, a.threads, a.json)
+        }
         Command::Eval(a) => infer::run_eval(&infer::EvalRun {
             model: a.model.model,
             adapter: a.model.adapter,

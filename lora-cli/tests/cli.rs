@@ -119,3 +119,23 @@ fn combine_cat_then_eval() {
     let r = lora(&["combine", "--adapter", &fixture("llama_gqa/adapter"), "--how", "mean", "--out", &format!("{o}-2")]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--how must be cat, linear or svd"));
 }
+
+#[test]
+fn train_writes_an_adapter_that_eval_loads() {
+    let t = std::env::temp_dir().join(format!("lora-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    std::fs::create_dir_all(&t).unwrap();
+    let data = t.join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"the red cat sings one two three\"}\n{\"prompt\": \"count:\", \"completion\": \" one two three\"}\n{\"text\": \"blue dog runs\"}\n").unwrap();
+    let out = t.join("out").to_string_lossy().to_string();
+    let d = data.to_string_lossy().to_string();
+    let r = lora(&["train", "--model", &fixture("llama_gqa/model"), "--data", &d, "--out", &out, "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--rank", "2", "--target", "q_proj,v_proj", "--json", "--threads", "1"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["steps"], 3);
+    assert_eq!(v["trainable_params"], 2 * 2 * (2 * (32 + 32) + 2 * (32 + 16)) / 2);
+    let e = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &out, "--data", &fixture("eval.jsonl"), "--json"]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let r = lora(&["train", "--model", &fixture("llama_gqa/model"), "--data", &d, "--out", &out, "--steps", "3", "--schedule", "step"]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--schedule must be"));
+}
