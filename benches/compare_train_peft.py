@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""PyTorch + PEFT side of `lora bench train`: GPT-2 small (random weights, no download), LoRA r=8
+on c_attn, batch 4 x 256, f32, one AdamW step per iteration; median step time, tokens/s, peak RSS.
+
+Run (needs torch, transformers, peft), after the Rust side, on the same machine:
+    ./target/release/lora bench train --threads 2
+    python3 benches/compare_train_peft.py --threads 2
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 50257, (args.batch, args.seq))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
+    print(json.dumps({"torch": torch.__version__, "threads": args.threads, "median_step_s": med,
+                      "tokens_per_s": args.batch * args.seq / med, "peak_rss_gib": rss}))
+
+
+if __name__ == "__main__":
+    main()
