@@ -156,17 +156,19 @@ pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, 
         "steps": sum.steps, "final_loss": sum.final_loss, "eval_loss_before": sum.eval_before, "eval_loss_after": sum.eval_after,
         "tokens": sum.tokens, "seconds": sum.seconds, "tokens_per_s": sum.tokens as f64 / sum.seconds.max(1e-9),
         "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
+        "peak_rss_bytes": crate::train_bench::peak_rss_bytes(),
     });
     if json {
         println!("{obj}");
     } else {
         let pct = 100.0 * sum.trainable as f64 / sum.all_params.max(1) as f64;
         println!("trainable params: {} || all params: {} || trainable%: {pct:.4}", sum.trainable, sum.all_params);
-        println!("{} steps in {:.1} s ({:.0} tokens/s); final train loss {:.4}", sum.steps, sum.seconds, sum.tokens as f64 / sum.seconds.max(1e-9), sum.final_loss);
+        let rss = crate::train_bench::peak_rss_bytes().map_or("n/a".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
+        println!("{} steps in {:.1} s ({:.0} tokens/s, peak memory {rss}); final train loss {:.4}", sum.steps, sum.seconds, sum.tokens as f64 / sum.seconds.max(1e-9), sum.final_loss);
         if let (Some(a), Some(b)) = (sum.eval_before, sum.eval_after) {
             println!("eval loss {a:.4} -> {b:.4}");
         }
-        println!("adapter: {}/adapter_model.safetensors; metrics: {}/metrics.jsonl", sum.out.display(), sum.out.display());
+        println!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
     }
     Ok(())
 }

@@ -155,6 +155,9 @@ struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
+    /// Train for this many passes over the data instead of --steps.
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<f32>,
     /// Linear warmup steps.
     #[arg(long, default_value_t = 0)]
     warmup: usize,
@@ -424,6 +427,7 @@ fn run(cli: Cli) -> Result<()> {
                 grad_accum: a.grad_accum,
                 seq_len: a.seq_len,
                 steps: a.steps,
+                epochs: a.epochs,
                 warmup: a.warmup,
                 schedule,
                 weight_decay: a.weight_decay,

@@ -10,6 +10,7 @@ pub mod batches;
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod plot;
 pub mod run;
 pub mod trainer;
 

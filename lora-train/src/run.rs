@@ -5,6 +5,7 @@
 //! ```text
 //! out/adapter_config.json, out/adapter_model.safetensors   the final adapter (PEFT format)
 //! out/metrics.jsonl                                         one JSON object per step / eval
+//! out/loss.svg                                              train and eval loss over steps
 //! out/checkpoint-000100/                                    adapter + optimizer.safetensors +
 //!                                                           trainer_state.json
 //! ```
@@ -59,8 +60,10 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
-    /// Optimizer steps.
+    /// Optimizer steps (ignored when `epochs` is set).
     pub steps: usize,
+    /// Passes over the training sequences; sets the step count from the data size.
+    pub epochs: Option<f32>,
     /// Warmup steps.
     pub warmup: usize,
     /// Decay after warmup.
@@ -93,7 +96,7 @@ impl TrainConfig {
         json!({
             "model": self.model, "data": self.data, "rank": self.rank, "alpha": self.alpha, "target": self.target,
             "dropout": self.dropout, "rslora": self.rslora, "lr": self.lr, "loraplus_ratio": self.loraplus_ratio,
-            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps,
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs,
             "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": self.weight_decay,
             "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "seed": self.seed,
             "eval_data": self.eval_data, "eval_split": self.eval_split,
@@ -102,8 +105,13 @@ impl TrainConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |f: &str, r: String| Err(TrainError::Data { path: PathBuf::from(format!("--{f}")), reason: r });
-        if self.steps == 0 {
+        if self.steps == 0 && self.epochs.is_none() {
             return bad("steps", "must be at least 1".into());
+        }
+        if let Some(e) = self.epochs {
+            if !(e.is_finite() && e > 0.0) {
+                return bad("epochs", format!("must be positive, got {e}"));
+            }
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad("batch-size", "batch size and grad-accum must be at least 1".into());
@@ -288,9 +296,6 @@ pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnM
             (0, None)
         }
     };
-    if start >= cfg.steps && !resume {
-        return Err(err(out, "nothing to do"));
-    }
 
     // Data: a seeded split of the examples when no eval file is given.
     let mut examples = read_examples(&cfg.data)?;
@@ -315,6 +320,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnM
         return Err(err(&cfg.data, format!("no training sequence of two or more tokens (seq-len {})", cfg.seq_len)));
     }
     let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false)?;
+    let total_steps = match cfg.epochs {
+        Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64).ceil() as usize).max(1),
+        None => cfg.steps,
+    };
     let mut sampler = match sampler_state.take() {
         Some((e, p)) => Sampler::resume(train_seqs.len(), cfg.seed, e, p),
         None => Sampler::new(train_seqs.len(), cfg.seed),
@@ -344,8 +353,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnM
     let t0 = Instant::now();
     let (mut tokens, mut last_loss) = (0usize, f32::NAN);
     let end = match cfg.stop_after {
-        Some(k) => (start + k).min(cfg.steps),
-        None => cfg.steps,
+        Some(k) => (start + k).min(total_steps),
+        None => total_steps,
     };
     for step in start..end {
         let micro: Vec<Batch> = (0..cfg.grad_accum)
@@ -354,27 +363,33 @@ pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnM
                 Batch::pad(&idx.iter().map(|&i| &train_seqs[i]).collect::<Vec<_>>())
             })
             .collect();
-        let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, cfg.steps);
+        let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, total_steps);
         let st = train_step(model.as_ref(), opt.as_mut(), &groups, &micro, lr, cfg.max_grad_norm, cfg.seed, step as u64)?;
         tokens += st.tokens;
         last_loss = st.loss;
         let done = step + 1;
-        let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != cfg.steps { eval_sequences(model.as_ref(), &eval_seqs)? } else { None };
+        let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != total_steps { eval_sequences(model.as_ref(), &eval_seqs)? } else { None };
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let line = json!({"step": done, "loss": st.loss, "lr": lr, "grad_norm": st.grad_norm, "tokens": st.tokens, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_loss": eval_loss});
         writeln!(metrics, "{line}").map_err(|e| err(out, e.to_string()))?;
-        on_step(&StepLog { step: done, total: cfg.steps, loss: st.loss, lr, tokens_per_s: tps, eval_loss });
+        on_step(&StepLog { step: done, total: total_steps, loss: st.loss, lr, tokens_per_s: tps, eval_loss });
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done != end {
             save_checkpoint(out, done, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
         }
     }
     save_checkpoint(out, end, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
     let eval_after = eval_sequences(model.as_ref(), &eval_seqs)?;
-    if end == cfg.steps {
+    if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
         if let Some(e) = eval_after {
             writeln!(metrics, "{}", json!({"step": end, "eval_loss": e})).map_err(|e| err(out, e.to_string()))?;
         }
+        let (train_pts, mut eval_pts) = crate::plot::read_metrics(&out.join("metrics.jsonl"))?;
+        if let Some(e) = eval_before {
+            // The eval loss before training is plotted at step 0 (a resumed run has no such point).
+            eval_pts.insert(0, (0.0, e));
+        }
+        crate::plot::write_loss_svg(&out.join("loss.svg"), &train_pts, &eval_pts)?;
     }
     Ok(TrainSummary { steps: end, final_loss: last_loss, eval_before, eval_after, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone() })
 }

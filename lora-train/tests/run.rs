@@ -32,6 +32,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         grad_accum: 2,
         seq_len: 16,
         steps: 6,
+        epochs: None,
         warmup: 2,
         schedule: Schedule::Cosine,
         weight_decay: 0.01,
@@ -73,6 +74,8 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     let steps: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(steps.iter().filter(|v| v.get("loss").is_some()).count(), 6);
     assert!(steps.iter().any(|v| v["step"] == 3 && v["eval_loss"].is_number()), "eval every 3 steps");
+    let svg = std::fs::read_to_string(a.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.matches("<circle").count() >= 3, "train line and eval points");
     for f in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-000002/trainer_state.json", "checkpoint-000006/optimizer.safetensors"] {
         assert!(a.join(f).exists(), "{f}");
     }
@@ -91,6 +94,11 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
         std::fs::read(b.join("adapter_model.safetensors")).unwrap(),
         "resumed run must end with the same adapter bytes"
     );
+    // --epochs sets the step count from the data: 9 training sequences, 2 x 2 per step.
+    let c = tmp("epochs");
+    let mut ecfg = config(c.clone(), data.clone());
+    ecfg.epochs = Some(2.0);
+    assert_eq!(train(&ecfg, false, false, &mut |_| {}).unwrap().steps, 5);
     // A different setting cannot resume this run.
     let mut other = config(b.clone(), data.clone());
     other.lr = 1e-3;
