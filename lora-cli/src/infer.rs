@@ -137,7 +137,20 @@ pub fn run_convert(from: &Path, to: &Path, model: Option<&Path>, prefix: &str, f
     Ok(())
 }
 
+/// Set by SIGINT; the training loop checkpoints and stops after the current step.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, threads: Option<usize>, json: bool) -> Result<()> {
+    // SAFETY: installs a handler that only performs an atomic store.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
     let mut b = rayon::ThreadPoolBuilder::new();
     if let Some(t) = threads {
         anyhow::ensure!(t > 0, "--threads must be at least 1");
@@ -145,18 +158,21 @@ pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, 
     }
     let pool = b.build()?;
     let sum = pool.install(|| {
-        lora_train::run::train(cfg, resume, force, &mut |s| {
+        lora_train::run::train_until(cfg, resume, force, &mut |s| {
             if !json {
                 let eval = s.eval_loss.map(|e| format!(" | eval {e:.4}")).unwrap_or_default();
                 println!("step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.step, s.total, s.loss, s.lr, s.tokens_per_s);
             }
-        })
+        }, &STOP)
     })?;
+    if sum.interrupted {
+        eprintln!("interrupted: checkpoint written at step {}; continue with the same flags and --resume", sum.steps);
+    }
     let obj = serde_json::json!({
         "steps": sum.steps, "final_loss": sum.final_loss, "eval_loss_before": sum.eval_before, "eval_loss_after": sum.eval_after,
         "tokens": sum.tokens, "seconds": sum.seconds, "tokens_per_s": sum.tokens as f64 / sum.seconds.max(1e-9),
         "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
-        "peak_rss_bytes": crate::train_bench::peak_rss_bytes(),
+        "peak_rss_bytes": crate::train_bench::peak_rss_bytes(), "interrupted": sum.interrupted,
     });
     if json {
         println!("{obj}");
@@ -168,7 +184,11 @@ pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, 
         if let (Some(a), Some(b)) = (sum.eval_before, sum.eval_after) {
             println!("eval loss {a:.4} -> {b:.4}");
         }
-        println!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
+        if sum.interrupted {
+            println!("checkpoint: {}/checkpoint-{:06} | metrics: {}/metrics.jsonl", sum.out.display(), sum.steps, sum.out.display());
+        } else {
+            println!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
+        }
     }
     Ok(())
 }

@@ -191,6 +191,9 @@ struct TrainArgs {
     /// Write a checkpoint every N steps (0: at the end only).
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Keep only the newest N checkpoints (0: keep all).
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -439,6 +442,7 @@ fn run(cli: Cli) -> Result<()> {
                 eval_split: a.eval_split,
                 eval_every: a.eval_every,
                 save_every: a.save_every,
+                keep_checkpoints: a.keep_checkpoints,
                 stop_after: None,
             };
             infer::run_train(&cfg, a.resume, a.force, a.threads, a.json)

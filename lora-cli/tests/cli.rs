@@ -139,3 +139,68 @@ fn train_writes_an_adapter_that_eval_loads() {
     let r = lora(&["train", "--model", &fixture("llama_gqa/model"), "--data", &d, "--out", &out, "--steps", "3", "--schedule", "step"]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--schedule must be"));
 }
+
+/// Kills a real training run with SIGKILL while it checkpoints every step: the newest complete
+/// checkpoint loads, `--resume` finishes the run, and the final adapter is byte-identical to an
+/// uninterrupted run's. Also SIGINT: a clean exit with a checkpoint.
+#[test]
+#[cfg(unix)]
+fn killed_runs_resume_to_the_same_adapter() {
+    use std::process::{Command, Stdio};
+    let t = std::env::temp_dir().join(format!("lora-cli-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    std::fs::create_dir_all(&t).unwrap();
+    let data = t.join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"the red cat sings one two three\"}\n{\"text\": \"blue dog runs one two\"}\n{\"prompt\": \"count:\", \"completion\": \" one two three\"}\n").unwrap();
+    let args = |out: &str| -> Vec<String> {
+        ["train", "--model", &fixture("gpt2/model"), "--data", &data.to_string_lossy(), "--out", out, "--steps", "1500", "--save-every", "1", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-3", "--rank", "4", "--dropout", "0.1", "--threads", "1", "--json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let full = t.join("full").to_string_lossy().to_string();
+    let r = Command::new(env!("CARGO_BIN_EXE_lora")).args(args(&full)).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let killed = t.join("killed").to_string_lossy().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora")).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Wait until a few checkpoints exist, then kill without warning.
+    let start = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_dir(&killed).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).count()).unwrap_or(0);
+        if n >= 2 || start.elapsed().as_secs() > 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!std::path::Path::new(&killed).join("adapter_model.safetensors").exists(), "killed before the end");
+    // The newest checkpoint is complete: it loads as an adapter.
+    let newest = std::fs::read_dir(&killed).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("checkpoint-")).max().unwrap();
+    let ev = lora(&["eval", "--model", &fixture("gpt2/model"), "--adapter", &newest.to_string_lossy(), "--data", &fixture("eval.jsonl"), "--json"]);
+    assert!(ev.status.success(), "newest checkpoint {}: {}", newest.display(), String::from_utf8_lossy(&ev.stderr));
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    let r = Command::new(env!("CARGO_BIN_EXE_lora")).args(&resume).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        std::fs::read(format!("{full}/adapter_model.safetensors")).unwrap(),
+        std::fs::read(format!("{killed}/adapter_model.safetensors")).unwrap(),
+        "resumed after SIGKILL: same adapter bytes as the uninterrupted run"
+    );
+
+    // SIGINT: checkpoint and clean exit.
+    let int = t.join("int").to_string_lossy().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_lora")).args(args(&int)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if v["interrupted"] == true {
+        assert!(std::path::Path::new(&int).join(format!("checkpoint-{:06}", v["steps"].as_u64().unwrap())).exists());
+    }
+}

@@ -86,6 +86,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: usize,
+    /// Keep only the newest this many checkpoints (0: keep all).
+    pub keep_checkpoints: usize,
     /// Stop after this many steps of this invocation (a checkpoint is written): for tests and
     /// time-boxed runs; `None` runs to `steps`.
     pub stop_after: Option<usize>,
@@ -196,6 +198,8 @@ pub struct TrainSummary {
     pub all_params: usize,
     /// The output directory.
     pub out: PathBuf,
+    /// Stopped early by the stop flag (a checkpoint was written; `--resume` continues).
+    pub interrupted: bool,
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> TrainError {
@@ -258,11 +262,30 @@ fn save_checkpoint(out: &Path, step: usize, model: &dyn CausalLm, peft: &PeftCon
     write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("serialises").as_bytes())?;
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| err(&final_dir, e.to_string()))?;
+    if cfg.keep_checkpoints > 0 {
+        // Only after the new one is complete: older ones go, newest first kept.
+        let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+            .map_err(|e| err(out, e.to_string()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse().ok()?, e.path())))
+            .collect();
+        all.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, p) in all.into_iter().skip(cfg.keep_checkpoints) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
     Ok(())
 }
 
-/// Runs (or, with `resume`, continues) training; `on_step` sees every step.
+/// Runs (or, with `resume`, continues) training; `on_step` sees every step. When `stop` becomes
+/// true (Ctrl-C), the run checkpoints after the current step and returns early
+/// (`TrainSummary::interrupted`).
 pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnMut(&StepLog)) -> Result<TrainSummary> {
+    train_until(cfg, resume, force, on_step, &std::sync::atomic::AtomicBool::new(false))
+}
+
+/// [`train`] with a stop flag.
+pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnMut(&StepLog), stop: &std::sync::atomic::AtomicBool) -> Result<TrainSummary> {
     cfg.validate()?;
     let out = &cfg.out;
     let checkpoint = if resume { latest_checkpoint(out) } else { None };
@@ -373,6 +396,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnM
         let line = json!({"step": done, "loss": st.loss, "lr": lr, "grad_norm": st.grad_norm, "tokens": st.tokens, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_loss": eval_loss});
         writeln!(metrics, "{line}").map_err(|e| err(out, e.to_string()))?;
         on_step(&StepLog { step: done, total: total_steps, loss: st.loss, lr, tokens_per_s: tps, eval_loss });
+        if stop.load(std::sync::atomic::Ordering::SeqCst) && done != end {
+            save_checkpoint(out, done, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
+            return Ok(TrainSummary { steps: done, final_loss: last_loss, eval_before, eval_after: None, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone(), interrupted: true });
+        }
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done != end {
             save_checkpoint(out, done, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
         }
@@ -391,5 +418,5 @@ pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnM
         }
         crate::plot::write_loss_svg(&out.join("loss.svg"), &train_pts, &eval_pts)?;
     }
-    Ok(TrainSummary { steps: end, final_loss: last_loss, eval_before, eval_after, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone() })
+    Ok(TrainSummary { steps: end, final_loss: last_loss, eval_before, eval_after, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone(), interrupted: false })
 }

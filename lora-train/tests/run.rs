@@ -44,6 +44,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         eval_split: 0.25,
         eval_every: 3,
         save_every: 2,
+        keep_checkpoints: 0,
         stop_after: None,
     }
 }
@@ -99,6 +100,28 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     let mut ecfg = config(c.clone(), data.clone());
     ecfg.epochs = Some(2.0);
     assert_eq!(train(&ecfg, false, false, &mut |_| {}).unwrap().steps, 5);
+    // Keeping only the newest checkpoints.
+    let k = tmp("keep");
+    let mut kcfg = config(k.clone(), data.clone());
+    kcfg.save_every = 1;
+    kcfg.keep_checkpoints = 2;
+    train(&kcfg, false, false, &mut |_| {}).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&k).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("checkpoint-")).collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-000005", "checkpoint-000006"]);
+    // A stop request checkpoints after the current step; resuming finishes the same run.
+    let s = tmp("stop");
+    let flag = std::sync::atomic::AtomicBool::new(false);
+    let mut n = 0;
+    let sum = lora_train::run::train_until(&config(s.clone(), data.clone()), false, false, &mut |_| {
+        n += 1;
+        if n == 4 {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }, &flag).unwrap();
+    assert!(sum.interrupted && sum.steps == 4 && s.join("checkpoint-000004").exists());
+    train(&config(s.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(a.join("adapter_model.safetensors")).unwrap(), std::fs::read(s.join("adapter_model.safetensors")).unwrap());
     // A different setting cannot resume this run.
     let mut other = config(b.clone(), data.clone());
     other.lr = 1e-3;
