@@ -9,8 +9,9 @@ mod bench;
 mod infer;
 mod train_bench;
 
-use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
 
 #[derive(Parser)]
 #[command(name = "lora", version, about = "LoRA fine-tuning in Rust: train, run and benchmark low-rank adapters")]
@@ -112,6 +113,10 @@ struct MergeArgs {
 
 #[derive(Args)]
 struct TrainArgs {
+    /// A TOML file with any of these settings as keys (`lr = 1e-4`, `target = "q_proj,v_proj"`,
+    /// `rslora = true`); flags given on the command line override it.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Hugging Face model directory.
     #[arg(long)]
     model: std::path::PathBuf,
@@ -395,9 +400,50 @@ fn tune_allocator() {
     }
 }
 
+/// `lora train --config FILE.toml`: the file's keys become flags placed before the command
+/// line's own, and clap lets a later occurrence override an earlier one, so flags win. Keys are
+/// checked against the flags of `lora train` and named with the file in errors.
+fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    if argv.get(1).map(|a| a != "train").unwrap_or(true) {
+        return Ok(argv);
+    }
+    let Some(i) = argv.iter().position(|a| a == "--config") else { return Ok(argv) };
+    let path = argv.get(i + 1).cloned().context("--config needs a file")?;
+    argv.drain(i..i + 2);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("{}: invalid TOML", path.to_string_lossy()))?;
+    let cmd = Cli::command();
+    let train = cmd.find_subcommand("train").expect("train subcommand exists");
+    let known: Vec<String> = train.get_arguments().filter_map(|a| a.get_long().map(String::from)).collect();
+    let mut extra: Vec<OsString> = Vec::new();
+    for (k, v) in table {
+        let flag = k.replace('_', "-");
+        if !known.contains(&flag) || flag == "config" {
+            anyhow::bail!("{}: unknown key `{k}` (keys are the flags of `lora train`, e.g. lr, rank, target)", path.to_string_lossy());
+        }
+        match v {
+            toml::Value::Boolean(true) => extra.push(format!("--{flag}").into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => extra.extend([format!("--{flag}").into(), s.into()]),
+            toml::Value::Integer(n) => extra.extend([format!("--{flag}").into(), n.to_string().into()]),
+            toml::Value::Float(f) => extra.extend([format!("--{flag}").into(), f.to_string().into()]),
+            other => anyhow::bail!("{}: key `{k}` must be a string, number or boolean, got {}", path.to_string_lossy(), other.type_str()),
+        }
+    }
+    argv.splice(2..2, extra);
+    Ok(argv)
+}
+
+fn parse_cli() -> Result<Cli> {
+    let argv = expand_config(std::env::args_os().collect())?;
+    let matches = Cli::command().args_override_self(true).try_get_matches_from(argv).unwrap_or_else(|e| e.exit());
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
 fn main() {
     tune_allocator();
-    if let Err(e) = run(Cli::parse()) {
+    let result = parse_cli().and_then(run);
+    if let Err(e) = result {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
             eprintln!("  caused by: {cause}");

@@ -204,3 +204,26 @@ fn killed_runs_resume_to_the_same_adapter() {
         assert!(std::path::Path::new(&int).join(format!("checkpoint-{:06}", v["steps"].as_u64().unwrap())).exists());
     }
 }
+
+#[test]
+fn train_config_file_with_flag_overrides() {
+    let t = std::env::temp_dir().join(format!("lora-cli-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    std::fs::create_dir_all(&t).unwrap();
+    let data = t.join("d.txt");
+    std::fs::write(&data, "the red cat sings\n\nblue dog runs one two three\n").unwrap();
+    let cfg = t.join("run.toml");
+    std::fs::write(&cfg, "lr = 5e-3\nsteps = 7\nrank = 4\ntarget = \"c_attn\"\nseq_len = 16\nbatch_size = 2\nrslora = true\n").unwrap();
+    let (d, c) = (data.to_string_lossy().to_string(), cfg.to_string_lossy().to_string());
+    let out = t.join("a").to_string_lossy().to_string();
+    let r = lora(&["train", "--model", &fixture("gpt2/model"), "--data", &d, "--out", &out, "--config", &c, "--steps", "3", "--json"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["steps"], 3, "the flag overrides the file");
+    assert_eq!(v["trainable_params"], 2 * 4 * (32 + 96), "rank and target from the file");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{out}/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["use_rslora"], true);
+    std::fs::write(&cfg, "lr = 5e-3\nlearning_rate = 1\n").unwrap();
+    let r = lora(&["train", "--model", &fixture("gpt2/model"), "--data", &d, "--out", &t.join("b").to_string_lossy(), "--config", &c]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("unknown key `learning_rate`"));
+}
