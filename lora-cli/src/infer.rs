@@ -157,14 +157,36 @@ pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, 
         b = b.num_threads(t);
     }
     let pool = b.build()?;
+    // A live bar on a terminal; one plain line per step when stdout is a file or a pipe.
+    use std::io::IsTerminal;
+    let bar = (!json && std::io::stdout().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
+                .expect("valid template"),
+        );
+        b
+    });
     let sum = pool.install(|| {
         lora_train::run::train_until(cfg, resume, force, &mut |s| {
-            if !json {
-                let eval = s.eval_loss.map(|e| format!(" | eval {e:.4}")).unwrap_or_default();
-                println!("step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.step, s.total, s.loss, s.lr, s.tokens_per_s);
+            let eval = s.eval_loss.map(|e| format!(" | eval {e:.4}")).unwrap_or_default();
+            match &bar {
+                Some(b) => {
+                    b.set_length(s.total as u64);
+                    b.set_position(s.step as u64);
+                    b.set_message(format!("loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.loss, s.lr, s.tokens_per_s));
+                    if s.eval_loss.is_some() {
+                        b.println(format!("step {}: eval loss {:.4}", s.step, s.eval_loss.unwrap_or_default()));
+                    }
+                }
+                None if !json => println!("step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.step, s.total, s.loss, s.lr, s.tokens_per_s),
+                None => {}
             }
         }, &STOP)
     })?;
+    if let Some(b) = &bar {
+        b.finish();
+    }
     if sum.interrupted {
         eprintln!("interrupted: checkpoint written at step {}; continue with the same flags and --resume", sum.steps);
     }
