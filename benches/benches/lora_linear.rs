@@ -19,7 +19,9 @@ const SCENARIOS: [(&str, usize, usize, usize, usize); 4] = [
 fn linear(c: &mut Criterion) {
     for (name, t, k, m, r) in SCENARIOS {
         let mut g = c.benchmark_group(name);
-        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
         let mut lora = LinearWorkload::new(t, k, m, r, false, 1);
         g.throughput(Throughput::Elements(lora.flops() as u64));
         g.bench_function("lora_fwd_bwd", |b| b.iter(|| lora.step().unwrap()));

@@ -10,8 +10,12 @@ use serde::Serialize;
 use std::time::Instant;
 
 /// The reference shapes (tokens, in, out, rank) of the foundation issue.
-pub const SUITE: [(usize, usize, usize, usize); 4] =
-    [(2048, 768, 768, 8), (2048, 768, 3072, 16), (4096, 2048, 2048, 16), (512, 4096, 4096, 64)];
+pub const SUITE: [(usize, usize, usize, usize); 4] = [
+    (2048, 768, 768, 8),
+    (2048, 768, 3072, 16),
+    (4096, 2048, 2048, 16),
+    (512, 4096, 4096, 64),
+];
 
 /// Size of the square GEMM that stands for the machine's ceiling.
 const CEILING_SIZE: usize = 2048;
@@ -47,7 +51,11 @@ struct LinearResult {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
@@ -70,7 +78,9 @@ fn time<F: FnMut() -> lora_kernels::Result<()>>(mut f: F) -> Result<f64> {
 fn gemm_ceiling(size: usize, iters: usize) -> Result<f64> {
     let mut g = GemmWorkload::new(size);
     g.step()?; // warm-up
-    let mut ts = (0..iters).map(|_| time(|| g.step())).collect::<Result<Vec<_>>>()?;
+    let mut ts = (0..iters)
+        .map(|_| time(|| g.step()))
+        .collect::<Result<Vec<_>>>()?;
     Ok(g.flops() / median(&mut ts) / 1e9)
 }
 
@@ -82,7 +92,10 @@ pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -
     let n = pool.current_num_threads();
     let gf = pool.install(|| gemm_ceiling(size, iters))?;
     if json {
-        println!("{}", serde_json::json!({"size": size, "threads": n, "iters": iters, "gflops": gf}));
+        println!(
+            "{}",
+            serde_json::json!({"size": size, "threads": n, "iters": iters, "gflops": gf})
+        );
     } else {
         println!("f32 GEMM {size}x{size}x{size}, {n} threads: {gf:.1} GFLOP/s (median of {iters})");
     }
@@ -92,7 +105,9 @@ pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -
 pub fn run_linear(cfg: &LinearBench) -> Result<()> {
     for &(t, k, m, r) in &cfg.shapes {
         if t == 0 || k == 0 || m == 0 || r == 0 {
-            bail!("--tokens, --in, --out and --rank must all be at least 1 (got {t}, {k}, {m}, {r})");
+            bail!(
+                "--tokens, --in, --out and --rank must all be at least 1 (got {t}, {k}, {m}, {r})"
+            );
         }
     }
     let pool = pool(cfg.threads)?;
@@ -163,7 +178,12 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
     })
 }
 
-pub fn run_mixed((t, k, m, r, n_ad): (usize, usize, usize, usize, usize), threads: Option<usize>, iters: usize, json: bool) -> Result<()> {
+pub fn run_mixed(
+    (t, k, m, r, n_ad): (usize, usize, usize, usize, usize),
+    threads: Option<usize>,
+    iters: usize,
+    json: bool,
+) -> Result<()> {
     if [t, k, m, r, n_ad, iters].contains(&0) {
         bail!("--tokens, --in, --out, --rank, --adapters and --iters must all be at least 1");
     }

@@ -29,11 +29,16 @@ pub struct GenerateRun {
     pub seed: u64,
 }
 
-fn load(model: &Path, adapter: Option<&Path>) -> Result<(ModelDir, Box<dyn CausalLm>, TextTokenizer)> {
+fn load(
+    model: &Path,
+    adapter: Option<&Path>,
+) -> Result<(ModelDir, Box<dyn CausalLm>, TextTokenizer)> {
     let md = ModelDir::open(model).with_context(|| format!("loading model {}", model.display()))?;
     // The tokenizer first: a missing tokenizer.json should not cost a weight load.
     let tok = TextTokenizer::from_model_dir(model)?;
-    let mut m = md.load_model().with_context(|| format!("loading weights of {}", model.display()))?;
+    let mut m = md
+        .load_model()
+        .with_context(|| format!("loading weights of {}", model.display()))?;
     if let Some(a) = adapter {
         load_adapter(m.as_mut(), a).with_context(|| format!("loading adapter {}", a.display()))?;
     }
@@ -43,10 +48,16 @@ fn load(model: &Path, adapter: Option<&Path>) -> Result<(ModelDir, Box<dyn Causa
 pub fn run_eval(r: &EvalRun) -> Result<()> {
     let (_, model, tok) = load(&r.model, r.adapter.as_deref())?;
     let texts = lora_train::data::read_texts(&r.data)?;
-    let seq_len = r.seq_len.unwrap_or(model.max_positions()).min(model.max_positions());
+    let seq_len = r
+        .seq_len
+        .unwrap_or(model.max_positions())
+        .min(model.max_positions());
     let res = lora_train::eval::evaluate(model.as_ref(), &tok, &texts, seq_len, true)?;
     if r.json {
-        println!("{}", serde_json::json!({"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "examples": res.examples}));
+        println!(
+            "{}",
+            serde_json::json!({"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "examples": res.examples})
+        );
     } else {
         if r.adapter.is_some() {
             println!("{}", trainable_summary(model.as_ref()));
@@ -88,22 +99,49 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
         }
     };
     match rep {
-        Report::Model { architecture, params, linear_modules, tensors: ts } => {
+        Report::Model {
+            architecture,
+            params,
+            linear_modules,
+            tensors: ts,
+        } => {
             println!("model: {architecture}");
             println!("parameters: {params}");
-            println!("linear modules ({}): {}", linear_modules.len(), linear_modules.join(", "));
+            println!(
+                "linear modules ({}): {}",
+                linear_modules.len(),
+                linear_modules.join(", ")
+            );
             println!("tensors ({}):", ts.len());
             tensors(&ts);
         }
-        Report::Adapter { target_modules, use_rslora, params, modules } => {
+        Report::Adapter {
+            target_modules,
+            use_rslora,
+            params,
+            modules,
+        } => {
             println!("PEFT LoRA adapter: target_modules {target_modules}, rsLoRA {use_rslora}, {params} parameters, {} modules", modules.len());
-            println!("  {:<50} {:>4} {:>7} {:>8} {:>10} {:>10} {:>12}", "module", "r", "alpha", "scale", "|A|", "|B|", "|s*B@A|");
+            println!(
+                "  {:<50} {:>4} {:>7} {:>8} {:>10} {:>10} {:>12}",
+                "module", "r", "alpha", "scale", "|A|", "|B|", "|s*B@A|"
+            );
             for m in modules {
-                println!("  {:<50} {:>4} {:>7} {:>8.4} {:>10.4} {:>10.4} {:>12.4}", m.module, m.r, m.alpha, m.scale, m.norm_a, m.norm_b, m.norm_delta);
+                println!(
+                    "  {:<50} {:>4} {:>7} {:>8.4} {:>10.4} {:>10.4} {:>12.4}",
+                    m.module, m.r, m.alpha, m.scale, m.norm_a, m.norm_b, m.norm_delta
+                );
             }
         }
-        Report::File { params, metadata, tensors: ts } => {
-            println!("safetensors file: {} tensors, {params} parameters", ts.len());
+        Report::File {
+            params,
+            metadata,
+            tensors: ts,
+        } => {
+            println!(
+                "safetensors file: {} tensors, {params} parameters",
+                ts.len()
+            );
             for (k, v) in metadata {
                 println!("  metadata {k} = {v}");
             }
@@ -113,7 +151,13 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn run_convert(from: &Path, to: &Path, model: Option<&Path>, prefix: &str, force: bool) -> Result<()> {
+pub fn run_convert(
+    from: &Path,
+    to: &Path,
+    model: Option<&Path>,
+    prefix: &str,
+    force: bool,
+) -> Result<()> {
     use lora_io::kohya::KohyaLora;
     if to.exists() && !force {
         anyhow::bail!("{} exists (pass --force to replace it)", to.display());
@@ -124,7 +168,11 @@ pub fn run_convert(from: &Path, to: &Path, model: Option<&Path>, prefix: &str, f
         }
         let k = KohyaLora::from_peft(from, prefix)?;
         k.write(to)?;
-        println!("wrote {} modules to {} (kohya, prefix {prefix})", k.modules.len(), to.display());
+        println!(
+            "wrote {} modules to {} (kohya, prefix {prefix})",
+            k.modules.len(),
+            to.display()
+        );
     } else {
         let model = model.ok_or_else(|| anyhow::anyhow!(
             "kohya -> PEFT needs --model DIR: kohya flattens module paths with `_`, and only the model's module list can restore the dots"
@@ -132,7 +180,11 @@ pub fn run_convert(from: &Path, to: &Path, model: Option<&Path>, prefix: &str, f
         let k = KohyaLora::read(from)?;
         let m = ModelDir::open(model)?.load_model()?;
         k.to_peft(m.as_ref(), to)?;
-        println!("wrote {} modules to {} (PEFT)", k.modules.len(), to.display());
+        println!(
+            "wrote {} modules to {} (PEFT)",
+            k.modules.len(),
+            to.display()
+        );
     }
     Ok(())
 }
@@ -145,7 +197,13 @@ extern "C" fn on_sigint(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, threads: Option<usize>, json: bool) -> Result<()> {
+pub fn run_train(
+    cfg: &lora_train::run::TrainConfig,
+    resume: bool,
+    force: bool,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<()> {
     // SAFETY: installs a handler that only performs an atomic store.
     #[cfg(unix)]
     unsafe {
@@ -162,33 +220,57 @@ pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, 
     let bar = (!json && std::io::stdout().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
+            )
+            .expect("valid template"),
         );
         b
     });
     let sum = pool.install(|| {
-        lora_train::run::train_until(cfg, resume, force, &mut |s| {
-            let eval = s.eval_loss.map(|e| format!(" | eval {e:.4}")).unwrap_or_default();
-            match &bar {
-                Some(b) => {
-                    b.set_length(s.total as u64);
-                    b.set_position(s.step as u64);
-                    b.set_message(format!("loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.loss, s.lr, s.tokens_per_s));
-                    if s.eval_loss.is_some() {
-                        b.println(format!("step {}: eval loss {:.4}", s.step, s.eval_loss.unwrap_or_default()));
+        lora_train::run::train_until(
+            cfg,
+            resume,
+            force,
+            &mut |s| {
+                let eval = s
+                    .eval_loss
+                    .map(|e| format!(" | eval {e:.4}"))
+                    .unwrap_or_default();
+                match &bar {
+                    Some(b) => {
+                        b.set_length(s.total as u64);
+                        b.set_position(s.step as u64);
+                        b.set_message(format!(
+                            "loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
+                            s.loss, s.lr, s.tokens_per_s
+                        ));
+                        if s.eval_loss.is_some() {
+                            b.println(format!(
+                                "step {}: eval loss {:.4}",
+                                s.step,
+                                s.eval_loss.unwrap_or_default()
+                            ));
+                        }
                     }
+                    None if !json => println!(
+                        "step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
+                        s.step, s.total, s.loss, s.lr, s.tokens_per_s
+                    ),
+                    None => {}
                 }
-                None if !json => println!("step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}", s.step, s.total, s.loss, s.lr, s.tokens_per_s),
-                None => {}
-            }
-        }, &STOP)
+            },
+            &STOP,
+        )
     })?;
     if let Some(b) = &bar {
         b.finish();
     }
     if sum.interrupted {
-        eprintln!("interrupted: checkpoint written at step {}; continue with the same flags and --resume", sum.steps);
+        eprintln!(
+            "interrupted: checkpoint written at step {}; continue with the same flags and --resume",
+            sum.steps
+        );
     }
     let obj = serde_json::json!({
         "steps": sum.steps, "final_loss": sum.final_loss, "eval_loss_before": sum.eval_before, "eval_loss_after": sum.eval_after,
@@ -200,14 +282,30 @@ pub fn run_train(cfg: &lora_train::run::TrainConfig, resume: bool, force: bool, 
         println!("{obj}");
     } else {
         let pct = 100.0 * sum.trainable as f64 / sum.all_params.max(1) as f64;
-        println!("trainable params: {} || all params: {} || trainable%: {pct:.4}", sum.trainable, sum.all_params);
-        let rss = crate::train_bench::peak_rss_bytes().map_or("n/a".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
-        println!("{} steps in {:.1} s ({:.0} tokens/s, peak memory {rss}); final train loss {:.4}", sum.steps, sum.seconds, sum.tokens as f64 / sum.seconds.max(1e-9), sum.final_loss);
+        println!(
+            "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+            sum.trainable, sum.all_params
+        );
+        let rss = crate::train_bench::peak_rss_bytes().map_or("n/a".into(), |b| {
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+        });
+        println!(
+            "{} steps in {:.1} s ({:.0} tokens/s, peak memory {rss}); final train loss {:.4}",
+            sum.steps,
+            sum.seconds,
+            sum.tokens as f64 / sum.seconds.max(1e-9),
+            sum.final_loss
+        );
         if let (Some(a), Some(b)) = (sum.eval_before, sum.eval_after) {
             println!("eval loss {a:.4} -> {b:.4}");
         }
         if sum.interrupted {
-            println!("checkpoint: {}/checkpoint-{:06} | metrics: {}/metrics.jsonl", sum.out.display(), sum.steps, sum.out.display());
+            println!(
+                "checkpoint: {}/checkpoint-{:06} | metrics: {}/metrics.jsonl",
+                sum.out.display(),
+                sum.steps,
+                sum.out.display()
+            );
         } else {
             println!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
         }

@@ -14,7 +14,11 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
 
 #[derive(Parser)]
-#[command(name = "lora", version, about = "LoRA fine-tuning in Rust: train, run and benchmark low-rank adapters")]
+#[command(
+    name = "lora",
+    version,
+    about = "LoRA fine-tuning in Rust: train, run and benchmark low-rank adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -407,27 +411,48 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
     if argv.get(1).map(|a| a != "train").unwrap_or(true) {
         return Ok(argv);
     }
-    let Some(i) = argv.iter().position(|a| a == "--config") else { return Ok(argv) };
+    let Some(i) = argv.iter().position(|a| a == "--config") else {
+        return Ok(argv);
+    };
     let path = argv.get(i + 1).cloned().context("--config needs a file")?;
     argv.drain(i..i + 2);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("{}: invalid TOML", path.to_string_lossy()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.to_string_lossy()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}: invalid TOML", path.to_string_lossy()))?;
     let cmd = Cli::command();
-    let train = cmd.find_subcommand("train").expect("train subcommand exists");
-    let known: Vec<String> = train.get_arguments().filter_map(|a| a.get_long().map(String::from)).collect();
+    let train = cmd
+        .find_subcommand("train")
+        .expect("train subcommand exists");
+    let known: Vec<String> = train
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(String::from))
+        .collect();
     let mut extra: Vec<OsString> = Vec::new();
     for (k, v) in table {
         let flag = k.replace('_', "-");
         if !known.contains(&flag) || flag == "config" {
-            anyhow::bail!("{}: unknown key `{k}` (keys are the flags of `lora train`, e.g. lr, rank, target)", path.to_string_lossy());
+            anyhow::bail!(
+                "{}: unknown key `{k}` (keys are the flags of `lora train`, e.g. lr, rank, target)",
+                path.to_string_lossy()
+            );
         }
         match v {
             toml::Value::Boolean(true) => extra.push(format!("--{flag}").into()),
             toml::Value::Boolean(false) => {}
             toml::Value::String(s) => extra.extend([format!("--{flag}").into(), s.into()]),
-            toml::Value::Integer(n) => extra.extend([format!("--{flag}").into(), n.to_string().into()]),
-            toml::Value::Float(f) => extra.extend([format!("--{flag}").into(), f.to_string().into()]),
-            other => anyhow::bail!("{}: key `{k}` must be a string, number or boolean, got {}", path.to_string_lossy(), other.type_str()),
+            toml::Value::Integer(n) => {
+                extra.extend([format!("--{flag}").into(), n.to_string().into()])
+            }
+            toml::Value::Float(f) => {
+                extra.extend([format!("--{flag}").into(), f.to_string().into()])
+            }
+            other => anyhow::bail!(
+                "{}: key `{k}` must be a string, number or boolean, got {}",
+                path.to_string_lossy(),
+                other.type_str()
+            ),
         }
     }
     argv.splice(2..2, extra);
@@ -436,7 +461,10 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
 
 fn parse_cli() -> Result<Cli> {
     let argv = expand_config(std::env::args_os().collect())?;
-    let matches = Cli::command().args_override_self(true).try_get_matches_from(argv).unwrap_or_else(|e| e.exit());
+    let matches = Cli::command()
+        .args_override_self(true)
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| e.exit());
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
@@ -459,7 +487,9 @@ fn run(cli: Cli) -> Result<()> {
                 "cosine" => lora_train::optim::Schedule::Cosine,
                 "linear" => lora_train::optim::Schedule::Linear,
                 "constant" => lora_train::optim::Schedule::Constant,
-                other => anyhow::bail!("--schedule must be cosine, linear or constant, got `{other}`"),
+                other => {
+                    anyhow::bail!("--schedule must be cosine, linear or constant, got `{other}`")
+                }
             };
             let cfg = lora_train::run::TrainConfig {
                 model: a.model,
@@ -510,27 +540,63 @@ fn run(cli: Cli) -> Result<()> {
                 ("cat" | "linear", Some(_)) => anyhow::bail!("--rank applies to --how svd only"),
                 (other, _) => anyhow::bail!("--how must be cat, linear or svd, got `{other}`"),
             };
-            let weights = if a.weights.is_empty() { vec![1.0; a.adapters.len()] } else { a.weights.clone() };
+            let weights = if a.weights.is_empty() {
+                vec![1.0; a.adapters.len()]
+            } else {
+                a.weights.clone()
+            };
             if weights.len() != a.adapters.len() {
-                anyhow::bail!("{} --adapter but {} --weight", a.adapters.len(), weights.len());
+                anyhow::bail!(
+                    "{} --adapter but {} --weight",
+                    a.adapters.len(),
+                    weights.len()
+                );
             }
             if a.out.exists() && !a.force {
                 anyhow::bail!("{} exists (pass --force to replace it)", a.out.display());
             }
-            let inputs = a.adapters.iter().map(|d| lora_io::combine::AdapterWeights::read(d)).collect::<Result<Vec<_>, _>>()?;
+            let inputs = a
+                .adapters
+                .iter()
+                .map(|d| lora_io::combine::AdapterWeights::read(d))
+                .collect::<Result<Vec<_>, _>>()?;
             let (cfg, modules) = lora_io::combine::combine(&inputs, &weights, how)?;
             lora_io::combine::write(&a.out, &cfg, &modules)?;
-            println!("combined {} adapters ({}) into rank {} over {} modules: {}", inputs.len(), a.how, cfg.r, modules.len(), a.out.display());
+            println!(
+                "combined {} adapters ({}) into rank {} over {} modules: {}",
+                inputs.len(),
+                a.how,
+                cfg.r,
+                modules.len(),
+                a.out.display()
+            );
             Ok(())
         }
-        Command::Convert(a) => infer::run_convert(&a.from, &a.to, a.model.as_deref(), &a.prefix, a.force),
+        Command::Convert(a) => {
+            infer::run_convert(&a.from, &a.to, a.model.as_deref(), &a.prefix, a.force)
+        }
         Command::Merge(a) => {
             let dtype = match a.dtype.as_deref() {
                 None => None,
-                Some(d) => Some(lora_io::write::OutDtype::parse(d).ok_or_else(|| anyhow::anyhow!("--dtype must be f32, bf16 or f16, got `{d}`"))?),
+                Some(d) => Some(lora_io::write::OutDtype::parse(d).ok_or_else(|| {
+                    anyhow::anyhow!("--dtype must be f32, bf16 or f16, got `{d}`")
+                })?),
             };
-            let rep = lora_io::merge::merge_to_dir(&a.model, &a.adapter, &a.out, lora_io::merge::MergeOptions { dtype, force: a.force })?;
-            println!("merged {} layers; wrote {} tensors to {}", rep.merged.len(), rep.tensors, rep.out.display());
+            let rep = lora_io::merge::merge_to_dir(
+                &a.model,
+                &a.adapter,
+                &a.out,
+                lora_io::merge::MergeOptions {
+                    dtype,
+                    force: a.force,
+                },
+            )?;
+            println!(
+                "merged {} layers; wrote {} tensors to {}",
+                rep.merged.len(),
+                rep.tensors,
+                rep.out.display()
+            );
             Ok(())
         }
         Command::Generate(a) => infer::run_generate(&infer::GenerateRun {
@@ -543,20 +609,44 @@ fn run(cli: Cli) -> Result<()> {
             seed: a.seed,
         }),
         Command::Bench(BenchCommand::Linear(a)) => {
-            let shapes = if a.suite { bench::SUITE.to_vec() } else { vec![(a.tokens, a.inp, a.out, a.rank)] };
-            let cfg = bench::LinearBench { shapes, bias: a.bias, threads: a.threads, iters: a.iters, json: a.json };
+            let shapes = if a.suite {
+                bench::SUITE.to_vec()
+            } else {
+                vec![(a.tokens, a.inp, a.out, a.rank)]
+            };
+            let cfg = bench::LinearBench {
+                shapes,
+                bias: a.bias,
+                threads: a.threads,
+                iters: a.iters,
+                json: a.json,
+            };
             bench::run_linear(&cfg)
         }
-        Command::Bench(BenchCommand::Gemm(a)) => bench::run_gemm(a.size, a.threads, a.iters, a.json),
+        Command::Bench(BenchCommand::Gemm(a)) => {
+            bench::run_gemm(a.size, a.threads, a.iters, a.json)
+        }
         Command::Bench(BenchCommand::Train(a)) => {
             let mut b = rayon::ThreadPoolBuilder::new();
             if let Some(t) = a.threads {
                 anyhow::ensure!(t > 0, "--threads must be at least 1");
                 b = b.num_threads(t);
             }
-            anyhow::ensure!(a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0, "--steps, --batch, --rank must be at least 1 and --seq at least 2");
-            b.build()?.install(|| train_bench::run(a.layers, a.hidden, a.heads, a.vocab, a.batch, a.seq, a.rank, a.steps, a.json))
+            anyhow::ensure!(
+                a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0,
+                "--steps, --batch, --rank must be at least 1 and --seq at least 2"
+            );
+            b.build()?.install(|| {
+                train_bench::run(
+                    a.layers, a.hidden, a.heads, a.vocab, a.batch, a.seq, a.rank, a.steps, a.json,
+                )
+            })
         }
-        Command::Bench(BenchCommand::Mixed(a)) => bench::run_mixed((a.tokens, a.inp, a.out, a.rank, a.adapters), a.threads, a.iters, a.json),
+        Command::Bench(BenchCommand::Mixed(a)) => bench::run_mixed(
+            (a.tokens, a.inp, a.out, a.rank, a.adapters),
+            a.threads,
+            a.iters,
+            a.json,
+        ),
     }
 }

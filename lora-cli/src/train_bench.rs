@@ -22,35 +22,88 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Runs `steps` timed steps (after one warm-up) and prints the medians.
 #[allow(clippy::too_many_arguments)]
-pub fn run(layers: usize, hidden: usize, heads: usize, vocab: usize, batch: usize, seq: usize, rank: usize, steps: usize, json: bool) -> Result<()> {
-    let cfg = Gpt2Config { vocab_size: vocab, n_positions: seq.max(1024), n_embd: hidden, n_layer: layers, n_head: heads, n_inner: 4 * hidden, layer_norm_epsilon: 1e-5 };
+pub fn run(
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    rank: usize,
+    steps: usize,
+    json: bool,
+) -> Result<()> {
+    let cfg = Gpt2Config {
+        vocab_size: vocab,
+        n_positions: seq.max(1024),
+        n_embd: hidden,
+        n_layer: layers,
+        n_head: heads,
+        n_inner: 4 * hidden,
+        layer_norm_epsilon: 1e-5,
+    };
     let mut rng = Rng::new(0);
     let mut load = |_: &str, shape: &[usize]| -> std::result::Result<Tensor, CoreError> {
         let n: usize = shape.iter().product();
-        Tensor::new((0..n).map(|_| (rng.normal() * 0.02) as f32).collect(), shape)
+        Tensor::new(
+            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect(),
+            shape,
+        )
     };
     let mut model = Gpt2::load(&cfg, &mut load)?;
-    let lora = LoraConfig { rank, alpha: 2.0 * rank as f32, use_rslora: false, dropout: 0.0, init: LoraInit::KaimingUniform };
+    let lora = LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f32,
+        use_rslora: false,
+        dropout: 0.0,
+        init: LoraInit::KaimingUniform,
+    };
     for (i, (name, lin)) in model.linears_mut().into_iter().enumerate() {
         if name.ends_with("attn.c_attn") {
             lin.inject(&lora, i as u64)?;
             // Non-zero B so the adapter path carries real values, as after a few steps.
             if let Some(l) = lin.lora() {
                 let n = l.lora_b.numel();
-                l.lora_b.set_data((0..n).map(|k| ((k % 7) as f32 - 3.0) * 1e-3).collect())?;
+                l.lora_b
+                    .set_data((0..n).map(|k| ((k % 7) as f32 - 3.0) * 1e-3).collect())?;
             }
         }
     }
-    let ids: Vec<u32> = (0..batch * seq).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    let b = Batch { ids, labels, batch, seq };
+    let b = Batch {
+        ids,
+        labels,
+        batch,
+        seq,
+    };
     let groups = adapter_groups(&model, 1.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
-    train_step(&model, &mut opt, &groups, std::slice::from_ref(&b), 1e-4, Some(1.0), 0, 0)?;
+    train_step(
+        &model,
+        &mut opt,
+        &groups,
+        std::slice::from_ref(&b),
+        1e-4,
+        Some(1.0),
+        0,
+        0,
+    )?;
     let mut times = Vec::new();
     for s in 0..steps {
         let t = Instant::now();
-        train_step(&model, &mut opt, &groups, std::slice::from_ref(&b), 1e-4, Some(1.0), 0, s as u64 + 1)?;
+        train_step(
+            &model,
+            &mut opt,
+            &groups,
+            std::slice::from_ref(&b),
+            1e-4,
+            Some(1.0),
+            0,
+            s as u64 + 1,
+        )?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -59,10 +112,17 @@ pub fn run(layers: usize, hidden: usize, heads: usize, vocab: usize, batch: usiz
     let rss = peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     let params: usize = model.base_params();
     if json {
-        println!("{}", serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss}));
+        println!(
+            "{}",
+            serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
+        );
     } else {
         println!("GPT-2 shape: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank} on c_attn; batch {batch} x {seq}; {} threads", rayon::current_num_threads());
-        println!("median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}", med, rss.map_or("n/a".into(), |g| format!("{g:.2} GiB")));
+        println!(
+            "median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}",
+            med,
+            rss.map_or("n/a".into(), |g| format!("{g:.2} GiB"))
+        );
     }
     Ok(())
 }

@@ -4,17 +4,51 @@
 use std::process::Command;
 
 fn lora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lora")).args(args).output().expect("run lora")
+    Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args)
+        .output()
+        .expect("run lora")
 }
 
 #[test]
 fn bench_linear_json_has_the_documented_fields() {
-    let out = lora(&["bench", "linear", "--tokens", "33", "--in", "17", "--out", "29", "--rank", "3", "--iters", "3", "--threads", "1", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lora(&[
+        "bench",
+        "linear",
+        "--tokens",
+        "33",
+        "--in",
+        "17",
+        "--out",
+        "29",
+        "--rank",
+        "3",
+        "--iters",
+        "3",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8(out.stdout).unwrap();
     let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
-    for key in ["median_ms", "gflops", "base_only_median_ms", "base_only_gflops", "overhead_pct", "gemm_ceiling_gflops", "fraction_of_ceiling"] {
-        assert!(v[key].as_f64().is_some_and(|x| x.is_finite() && x > -100.0), "{key}: {v}");
+    for key in [
+        "median_ms",
+        "gflops",
+        "base_only_median_ms",
+        "base_only_gflops",
+        "overhead_pct",
+        "gemm_ceiling_gflops",
+        "fraction_of_ceiling",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x.is_finite() && x > -100.0),
+            "{key}: {v}"
+        );
     }
     assert_eq!(v["threads"], 1);
     assert_eq!(v["rank"], 3);
@@ -23,14 +57,23 @@ fn bench_linear_json_has_the_documented_fields() {
 #[test]
 fn bad_arguments_fail_cleanly() {
     for (args, needle) in [
-        (vec!["bench", "linear", "--rank", "0"], "must all be at least 1"),
-        (vec!["bench", "linear", "--threads", "0"], "--threads must be at least 1"),
+        (
+            vec!["bench", "linear", "--rank", "0"],
+            "must all be at least 1",
+        ),
+        (
+            vec!["bench", "linear", "--threads", "0"],
+            "--threads must be at least 1",
+        ),
         (vec!["bench", "gemm", "--size", "0"], "--size and --iters"),
     ] {
         let out = lora(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
     }
 }
 
@@ -40,11 +83,32 @@ fn fixture(p: &str) -> String {
 
 #[test]
 fn eval_json_matches_the_transformers_reference() {
-    let out = lora(&["eval", "--model", &fixture("qwen2_bias/model"), "--adapter", &fixture("qwen2_bias/adapter"), "--data", &fixture("eval.txt"), "--seq-len", "16", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lora(&[
+        "eval",
+        "--model",
+        &fixture("qwen2_bias/model"),
+        "--adapter",
+        &fixture("qwen2_bias/adapter"),
+        "--data",
+        &fixture("eval.txt"),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("qwen2_bias/reference.json")).unwrap()).unwrap();
-    let (got, want) = (v["loss"].as_f64().unwrap(), reference["eval.txt.loss"].as_f64().unwrap());
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("qwen2_bias/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let (got, want) = (
+        v["loss"].as_f64().unwrap(),
+        reference["eval.txt.loss"].as_f64().unwrap(),
+    );
     assert!(((got - want) / want).abs() < 1e-5, "{got} vs {want}");
     assert_eq!(v["tokens"], reference["eval.txt.tokens"]);
     assert!((v["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-6);
@@ -52,13 +116,30 @@ fn eval_json_matches_the_transformers_reference() {
 
 #[test]
 fn generate_prints_the_greedy_continuation() {
-    let out = lora(&["generate", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--prompt", "the red cat", "--max-new-tokens", "4"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lora(&[
+        "generate",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &fixture("gpt2/adapter"),
+        "--prompt",
+        "the red cat",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
     let out = lora(&["generate", "--model", &fixture("gpt2"), "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config.json") && err.contains("is this a Hugging Face model directory"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("is this a Hugging Face model directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,20 +147,66 @@ fn merge_writes_a_model_that_eval_reads() {
     let out = std::env::temp_dir().join(format!("lora-cli-merge-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = out.to_string_lossy().to_string();
-    let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o]);
+    let r = lora(&[
+        "merge",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &fixture("gpt2/adapter"),
+        "--out",
+        &o,
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(String::from_utf8_lossy(&r.stdout).contains("merged 4 layers"));
     // The merged model alone evaluates like base + adapter.
-    let merged = lora(&["eval", "--model", &o, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
-    let with_adapter = lora(&["eval", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    let merged = lora(&[
+        "eval",
+        "--model",
+        &o,
+        "--data",
+        &fixture("eval.jsonl"),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    let with_adapter = lora(&[
+        "eval",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &fixture("gpt2/adapter"),
+        "--data",
+        &fixture("eval.jsonl"),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
     let a: serde_json::Value = serde_json::from_slice(&merged.stdout).unwrap();
     let b: serde_json::Value = serde_json::from_slice(&with_adapter.stdout).unwrap();
     assert!((a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs() < 1e-5);
     // A second merge into the same place is refused without --force.
-    let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o]);
+    let r = lora(&[
+        "merge",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &fixture("gpt2/adapter"),
+        "--out",
+        &o,
+    ]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
-    let r = lora(&["merge", "--model", &fixture("gpt2/model"), "--adapter", &fixture("gpt2/adapter"), "--out", &o, "--dtype", "f8"]);
+    let r = lora(&[
+        "merge",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &fixture("gpt2/adapter"),
+        "--out",
+        &o,
+        "--dtype",
+        "f8",
+    ]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--dtype must be f32, bf16 or f16"));
 }
 
@@ -90,15 +217,54 @@ fn convert_round_trip_and_inspect() {
     std::fs::create_dir_all(&t).unwrap();
     let k = t.join("lora.safetensors").to_string_lossy().to_string();
     let p = t.join("peft").to_string_lossy().to_string();
-    let r = lora(&["convert", "--from", &fixture("llama_gqa/adapter"), "--to", &k]);
+    let r = lora(&[
+        "convert",
+        "--from",
+        &fixture("llama_gqa/adapter"),
+        "--to",
+        &k,
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let r = lora(&["convert", "--from", &k, "--to", &p]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("needs --model"));
-    let r = lora(&["convert", "--from", &k, "--to", &p, "--model", &fixture("llama_gqa/model")]);
+    let r = lora(&[
+        "convert",
+        "--from",
+        &k,
+        "--to",
+        &p,
+        "--model",
+        &fixture("llama_gqa/model"),
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let a = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &p, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
-    let b = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &fixture("llama_gqa/adapter"), "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
-    let (a, b): (serde_json::Value, serde_json::Value) = (serde_json::from_slice(&a.stdout).unwrap(), serde_json::from_slice(&b.stdout).unwrap());
+    let a = lora(&[
+        "eval",
+        "--model",
+        &fixture("llama_gqa/model"),
+        "--adapter",
+        &p,
+        "--data",
+        &fixture("eval.jsonl"),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    let b = lora(&[
+        "eval",
+        "--model",
+        &fixture("llama_gqa/model"),
+        "--adapter",
+        &fixture("llama_gqa/adapter"),
+        "--data",
+        &fixture("eval.jsonl"),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&a.stdout).unwrap(),
+        serde_json::from_slice(&b.stdout).unwrap(),
+    );
     assert!((a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs() < 1e-6);
     let r = lora(&["inspect", &p, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
@@ -111,12 +277,45 @@ fn combine_cat_then_eval() {
     let t = std::env::temp_dir().join(format!("lora-cli-combine-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&t);
     let o = t.to_string_lossy().to_string();
-    let r = lora(&["combine", "--adapter", &fixture("llama_gqa/adapter"), "--weight", "0.7", "--adapter", &fixture("llama_gqa/adapter2"), "--weight", "-1.3", "--how", "cat", "--out", &o]);
+    let r = lora(&[
+        "combine",
+        "--adapter",
+        &fixture("llama_gqa/adapter"),
+        "--weight",
+        "0.7",
+        "--adapter",
+        &fixture("llama_gqa/adapter2"),
+        "--weight",
+        "-1.3",
+        "--how",
+        "cat",
+        "--out",
+        &o,
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(String::from_utf8_lossy(&r.stdout).contains("rank 8"));
-    let r = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &o, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    let r = lora(&[
+        "eval",
+        "--model",
+        &fixture("llama_gqa/model"),
+        "--adapter",
+        &o,
+        "--data",
+        &fixture("eval.jsonl"),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = lora(&["combine", "--adapter", &fixture("llama_gqa/adapter"), "--how", "mean", "--out", &format!("{o}-2")]);
+    let r = lora(&[
+        "combine",
+        "--adapter",
+        &fixture("llama_gqa/adapter"),
+        "--how",
+        "mean",
+        "--out",
+        &format!("{o}-2"),
+    ]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--how must be cat, linear or svd"));
 }
 
@@ -129,14 +328,59 @@ fn train_writes_an_adapter_that_eval_loads() {
     std::fs::write(&data, "{\"text\": \"the red cat sings one two three\"}\n{\"prompt\": \"count:\", \"completion\": \" one two three\"}\n{\"text\": \"blue dog runs\"}\n").unwrap();
     let out = t.join("out").to_string_lossy().to_string();
     let d = data.to_string_lossy().to_string();
-    let r = lora(&["train", "--model", &fixture("llama_gqa/model"), "--data", &d, "--out", &out, "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--rank", "2", "--target", "q_proj,v_proj", "--json", "--threads", "1"]);
+    let r = lora(&[
+        "train",
+        "--model",
+        &fixture("llama_gqa/model"),
+        "--data",
+        &d,
+        "--out",
+        &out,
+        "--steps",
+        "3",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--rank",
+        "2",
+        "--target",
+        "q_proj,v_proj",
+        "--json",
+        "--threads",
+        "1",
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["steps"], 3);
-    assert_eq!(v["trainable_params"], 2 * 2 * (2 * (32 + 32) + 2 * (32 + 16)) / 2);
-    let e = lora(&["eval", "--model", &fixture("llama_gqa/model"), "--adapter", &out, "--data", &fixture("eval.jsonl"), "--json"]);
+    assert_eq!(
+        v["trainable_params"],
+        2 * 2 * (2 * (32 + 32) + 2 * (32 + 16)) / 2
+    );
+    let e = lora(&[
+        "eval",
+        "--model",
+        &fixture("llama_gqa/model"),
+        "--adapter",
+        &out,
+        "--data",
+        &fixture("eval.jsonl"),
+        "--json",
+    ]);
     assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
-    let r = lora(&["train", "--model", &fixture("llama_gqa/model"), "--data", &d, "--out", &out, "--steps", "3", "--schedule", "step"]);
+    let r = lora(&[
+        "train",
+        "--model",
+        &fixture("llama_gqa/model"),
+        "--data",
+        &d,
+        "--out",
+        &out,
+        "--steps",
+        "3",
+        "--schedule",
+        "step",
+    ]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--schedule must be"));
 }
 
@@ -153,21 +397,60 @@ fn killed_runs_resume_to_the_same_adapter() {
     let data = t.join("d.jsonl");
     std::fs::write(&data, "{\"text\": \"the red cat sings one two three\"}\n{\"text\": \"blue dog runs one two\"}\n{\"prompt\": \"count:\", \"completion\": \" one two three\"}\n").unwrap();
     let args = |out: &str| -> Vec<String> {
-        ["train", "--model", &fixture("gpt2/model"), "--data", &data.to_string_lossy(), "--out", out, "--steps", "1500", "--save-every", "1", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-3", "--rank", "4", "--dropout", "0.1", "--threads", "1", "--json"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "train",
+            "--model",
+            &fixture("gpt2/model"),
+            "--data",
+            &data.to_string_lossy(),
+            "--out",
+            out,
+            "--steps",
+            "1500",
+            "--save-every",
+            "1",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--rank",
+            "4",
+            "--dropout",
+            "0.1",
+            "--threads",
+            "1",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let full = t.join("full").to_string_lossy().to_string();
-    let r = Command::new(env!("CARGO_BIN_EXE_lora")).args(args(&full)).output().unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args(&full))
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 
     let killed = t.join("killed").to_string_lossy().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lora")).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args(&killed))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait until a few checkpoints exist, then kill without warning.
     let start = std::time::Instant::now();
     loop {
-        let n = std::fs::read_dir(&killed).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).count()).unwrap_or(0);
+        let n = std::fs::read_dir(&killed)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+                    .count()
+            })
+            .unwrap_or(0);
         if n >= 2 || start.elapsed().as_secs() > 60 {
             break;
         }
@@ -176,14 +459,47 @@ fn killed_runs_resume_to_the_same_adapter() {
     std::thread::sleep(std::time::Duration::from_millis(150));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!std::path::Path::new(&killed).join("adapter_model.safetensors").exists(), "killed before the end");
+    assert!(
+        !std::path::Path::new(&killed)
+            .join("adapter_model.safetensors")
+            .exists(),
+        "killed before the end"
+    );
     // The newest checkpoint is complete: it loads as an adapter.
-    let newest = std::fs::read_dir(&killed).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("checkpoint-")).max().unwrap();
-    let ev = lora(&["eval", "--model", &fixture("gpt2/model"), "--adapter", &newest.to_string_lossy(), "--data", &fixture("eval.jsonl"), "--json"]);
-    assert!(ev.status.success(), "newest checkpoint {}: {}", newest.display(), String::from_utf8_lossy(&ev.stderr));
+    let newest = std::fs::read_dir(&killed)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+        })
+        .max()
+        .unwrap();
+    let ev = lora(&[
+        "eval",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &newest.to_string_lossy(),
+        "--data",
+        &fixture("eval.jsonl"),
+        "--json",
+    ]);
+    assert!(
+        ev.status.success(),
+        "newest checkpoint {}: {}",
+        newest.display(),
+        String::from_utf8_lossy(&ev.stderr)
+    );
     let mut resume = args(&killed);
     resume.push("--resume".into());
-    let r = Command::new(env!("CARGO_BIN_EXE_lora")).args(&resume).output().unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(&resume)
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(
         std::fs::read(format!("{full}/adapter_model.safetensors")).unwrap(),
@@ -193,15 +509,26 @@ fn killed_runs_resume_to_the_same_adapter() {
 
     // SIGINT: checkpoint and clean exit.
     let int = t.join("int").to_string_lossy().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_lora")).args(args(&int)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args(&int))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     if v["interrupted"] == true {
-        assert!(std::path::Path::new(&int).join(format!("checkpoint-{:06}", v["steps"].as_u64().unwrap())).exists());
+        assert!(std::path::Path::new(&int)
+            .join(format!("checkpoint-{:06}", v["steps"].as_u64().unwrap()))
+            .exists());
     }
 }
 
@@ -214,16 +541,49 @@ fn train_config_file_with_flag_overrides() {
     std::fs::write(&data, "the red cat sings\n\nblue dog runs one two three\n").unwrap();
     let cfg = t.join("run.toml");
     std::fs::write(&cfg, "lr = 5e-3\nsteps = 7\nrank = 4\ntarget = \"c_attn\"\nseq_len = 16\nbatch_size = 2\nrslora = true\n").unwrap();
-    let (d, c) = (data.to_string_lossy().to_string(), cfg.to_string_lossy().to_string());
+    let (d, c) = (
+        data.to_string_lossy().to_string(),
+        cfg.to_string_lossy().to_string(),
+    );
     let out = t.join("a").to_string_lossy().to_string();
-    let r = lora(&["train", "--model", &fixture("gpt2/model"), "--data", &d, "--out", &out, "--config", &c, "--steps", "3", "--json"]);
+    let r = lora(&[
+        "train",
+        "--model",
+        &fixture("gpt2/model"),
+        "--data",
+        &d,
+        "--out",
+        &out,
+        "--config",
+        &c,
+        "--steps",
+        "3",
+        "--json",
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["steps"], 3, "the flag overrides the file");
-    assert_eq!(v["trainable_params"], 2 * 4 * (32 + 96), "rank and target from the file");
-    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{out}/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        v["trainable_params"],
+        2 * 4 * (32 + 96),
+        "rank and target from the file"
+    );
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{out}/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(saved["use_rslora"], true);
     std::fs::write(&cfg, "lr = 5e-3\nlearning_rate = 1\n").unwrap();
-    let r = lora(&["train", "--model", &fixture("gpt2/model"), "--data", &d, "--out", &t.join("b").to_string_lossy(), "--config", &c]);
+    let r = lora(&[
+        "train",
+        "--model",
+        &fixture("gpt2/model"),
+        "--data",
+        &d,
+        "--out",
+        &t.join("b").to_string_lossy(),
+        "--config",
+        &c,
+    ]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("unknown key `learning_rate`"));
 }

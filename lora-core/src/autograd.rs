@@ -10,7 +10,9 @@
 
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
-use lora_kernels::lora_linear::{lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightLayout};
+use lora_kernels::lora_linear::{
+    lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightLayout,
+};
 use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -29,7 +31,12 @@ pub(crate) enum Op {
     /// inputs: [a, b]
     Add,
     /// inputs: [x, w, (bias), (lora_a, lora_b)]
-    Linear { layout: WeightLayout, has_bias: bool, dims: LinearDims, lora: Option<LoraSaved> },
+    Linear {
+        layout: WeightLayout,
+        has_bias: bool,
+        dims: LinearDims,
+        lora: Option<LoraSaved>,
+    },
     /// inputs: [x]
     Gelu,
     /// inputs: [x]
@@ -43,13 +50,27 @@ pub(crate) enum Op {
     /// inputs: [table]
     Embedding { ids: Vec<u32> },
     /// inputs: [x]
-    Rope { cos: Arc<Vec<f32>>, sin: Arc<Vec<f32>>, positions: Vec<u32>, heads: usize, head_dim: usize },
+    Rope {
+        cos: Arc<Vec<f32>>,
+        sin: Arc<Vec<f32>>,
+        positions: Vec<u32>,
+        heads: usize,
+        head_dim: usize,
+    },
     /// inputs: [q, k, v]
-    Attention { att: Vec<f32>, dims: attention::AttnDims, scale: f32 },
+    Attention {
+        att: Vec<f32>,
+        dims: attention::AttnDims,
+        scale: f32,
+    },
     /// inputs: [x]
     Narrow { start: usize, len: usize },
     /// inputs: [logits]
-    CrossEntropy { lse: Vec<f32>, targets: Vec<i32>, count: usize },
+    CrossEntropy {
+        lse: Vec<f32>,
+        targets: Vec<i32>,
+        count: usize,
+    },
 }
 
 impl Op {
@@ -92,12 +113,22 @@ pub struct Tape {
 impl Tape {
     /// A recording (training) tape whose dropout masks derive from `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { nodes: RefCell::new(Vec::new()), training: true, seed, draws: Cell::new(0) }
+        Self {
+            nodes: RefCell::new(Vec::new()),
+            training: true,
+            seed,
+            draws: Cell::new(0),
+        }
     }
 
     /// A non-recording tape: no graph is kept, dropout is off.
     pub fn inference() -> Self {
-        Self { nodes: RefCell::new(Vec::new()), training: false, seed: 0, draws: Cell::new(0) }
+        Self {
+            nodes: RefCell::new(Vec::new()),
+            training: false,
+            seed: 0,
+            draws: Cell::new(0),
+        }
     }
 
     /// Whether ops are recorded and dropout applied.
@@ -130,7 +161,11 @@ impl Tape {
     /// Appends a node when training and the output needs a gradient.
     pub(crate) fn record(&self, op: Op, inputs: Vec<Tensor>, output: &Tensor) {
         if self.training && output.requires_grad() {
-            self.nodes.borrow_mut().push(Node { op, inputs, output: output.clone() });
+            self.nodes.borrow_mut().push(Node {
+                op,
+                inputs,
+                output: output.clone(),
+            });
         }
     }
 
@@ -147,7 +182,9 @@ impl Tape {
             grads.insert(loss.id(), vec![1.0]);
         }
         for node in nodes.into_iter().rev() {
-            let Some(dout) = grads.remove(&node.output.id()) else { continue };
+            let Some(dout) = grads.remove(&node.output.id()) else {
+                continue;
+            };
             // One buffer per input that needs a gradient: the accumulated one if it exists.
             let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
             for (i, t) in node.inputs.iter().enumerate() {
@@ -189,7 +226,11 @@ impl Gradients {
     /// Sets the gradient of `t` (e.g. after an all-reduce, or in tests); the length must match.
     pub fn set(&mut self, t: &Tensor, g: Vec<f32>) -> Result<()> {
         if g.len() != t.numel() {
-            return Err(CoreError::DataLength { len: g.len(), shape: t.shape().to_vec(), needed: t.numel() });
+            return Err(CoreError::DataLength {
+                len: g.len(),
+                shape: t.shape().to_vec(),
+                needed: t.numel(),
+            });
         }
         self.map.insert(t.id(), g);
         Ok(())
@@ -225,7 +266,12 @@ impl Gradients {
 }
 
 /// The local gradient of every op: accumulates into `bufs[i]` for each input `i` that needs one.
-fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Vec<f32>>]) -> Result<()> {
+fn backward_node(
+    op: &Op,
+    inputs: &[Tensor],
+    dout: &[f32],
+    bufs: &mut [Option<Vec<f32>>],
+) -> Result<()> {
     let data: Vec<_> = inputs.iter().map(|t| t.data()).collect();
     // Split the buffers so several inputs' gradients can be borrowed mutably at once.
     let mut slots: Vec<Option<&mut [f32]>> = bufs.iter_mut().map(|b| b.as_deref_mut()).collect();
@@ -238,10 +284,19 @@ fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Ve
                 }
             }
         }
-        Op::Linear { layout, has_bias, dims, lora } => {
+        Op::Linear {
+            layout,
+            has_bias,
+            dims,
+            lora,
+        } => {
             let bias_idx = has_bias.then_some(2);
             let a_idx = if *has_bias { 3 } else { 2 };
-            let base = BaseLinear { weight: &data[1], layout: *layout, bias: bias_idx.map(|i| &data[i][..]) };
+            let base = BaseLinear {
+                weight: &data[1],
+                layout: *layout,
+                bias: bias_idx.map(|i| &data[i][..]),
+            };
             let lw = lora.as_ref().map(|l| LoraWeights {
                 a: &data[a_idx],
                 b: &data[a_idx + 1],
@@ -254,9 +309,21 @@ fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Ve
                 dw: take(1),
                 dbias: bias_idx.and_then(&mut take),
                 da: if lora.is_some() { take(a_idx) } else { None },
-                db: if lora.is_some() { take(a_idx + 1) } else { None },
+                db: if lora.is_some() {
+                    take(a_idx + 1)
+                } else {
+                    None
+                },
             };
-            lora_linear_backward(grads, dout, &data[0], &base, lw.as_ref(), lora.as_ref().map(|l| &l.u[..]), *dims)?;
+            lora_linear_backward(
+                grads,
+                dout,
+                &data[0],
+                &base,
+                lw.as_ref(),
+                lora.as_ref().map(|l| &l.u[..]),
+                *dims,
+            )?;
         }
         Op::Gelu => {
             if let Some(g) = take(0) {
@@ -287,7 +354,13 @@ fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Ve
                 embedding::embedding_backward(g, dout, ids, inputs[0].last_dim())?;
             }
         }
-        Op::Rope { cos, sin, positions, heads, head_dim } => {
+        Op::Rope {
+            cos,
+            sin,
+            positions,
+            heads,
+            head_dim,
+        } => {
             if let Some(g) = take(0) {
                 rope::rope_backward(g, dout, cos, sin, positions, *heads, *head_dim)?;
             }
@@ -306,17 +379,25 @@ fn backward_node(op: &Op, inputs: &[Tensor], dout: &[f32], bufs: &mut [Option<Ve
             let dq = g0.unwrap_or(&mut s0[..]);
             let dk = g1.unwrap_or(&mut s1[..]);
             let dv = g2.unwrap_or(&mut s2[..]);
-            attention::attention_backward(dq, dk, dv, dout, att, &data[0], &data[1], &data[2], *dims, *scale)?;
+            attention::attention_backward(
+                dq, dk, dv, dout, att, &data[0], &data[1], &data[2], *dims, *scale,
+            )?;
         }
         Op::Narrow { start, len } => {
             if let Some(g) = take(0) {
                 slice::narrow_backward(g, dout, inputs[0].last_dim(), *start, *len)?;
             }
         }
-        Op::CrossEntropy { lse, targets, count } => {
+        Op::CrossEntropy {
+            lse,
+            targets,
+            count,
+        } => {
             if let Some(g) = take(0) {
                 let v = inputs[0].last_dim();
-                cross_entropy::cross_entropy_backward(g, dout[0], &data[0], lse, targets, v, *count)?;
+                cross_entropy::cross_entropy_backward(
+                    g, dout[0], &data[0], lse, targets, v, *count,
+                )?;
             }
         }
     }

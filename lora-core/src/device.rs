@@ -57,7 +57,11 @@ mod tests {
     fn parse_and_availability() {
         assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
-        assert!("tpu".parse::<Device>().unwrap_err().to_string().contains("unknown device `tpu`"));
+        assert!("tpu"
+            .parse::<Device>()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device `tpu`"));
         assert!(Device::Cpu.ensure_available().is_ok());
         let e = Device::Cuda(0).ensure_available().unwrap_err().to_string();
         assert!(e.contains("CUDA backend not available yet"), "{e}");

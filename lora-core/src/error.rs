@@ -73,6 +73,10 @@ pub type Result<T> = std::result::Result<T, CoreError>;
 pub fn check_finite(what: impl Into<String>, data: &[f32]) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(i) => Err(CoreError::NonFinite { what: what.into(), index: i, value: data[i] }),
+        Some(i) => Err(CoreError::NonFinite {
+            what: what.into(),
+            index: i,
+            value: data[i],
+        }),
     }
 }

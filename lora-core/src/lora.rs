@@ -47,7 +47,13 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { rank: 8, alpha: 8.0, use_rslora: false, dropout: 0.0, init: LoraInit::KaimingUniform }
+        Self {
+            rank: 8,
+            alpha: 8.0,
+            use_rslora: false,
+            dropout: 0.0,
+            init: LoraInit::KaimingUniform,
+        }
     }
 }
 
@@ -55,13 +61,22 @@ impl LoraConfig {
     /// Checks every field, naming the first one out of range.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(CoreError::InvalidConfig { field: "rank", reason: "must be at least 1".into() });
+            return Err(CoreError::InvalidConfig {
+                field: "rank",
+                reason: "must be at least 1".into(),
+            });
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(CoreError::InvalidConfig { field: "alpha", reason: format!("must be finite and > 0, got {}", self.alpha) });
+            return Err(CoreError::InvalidConfig {
+                field: "alpha",
+                reason: format!("must be finite and > 0, got {}", self.alpha),
+            });
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(CoreError::InvalidConfig { field: "dropout", reason: format!("must be in [0, 1), got {}", self.dropout) });
+            return Err(CoreError::InvalidConfig {
+                field: "dropout",
+                reason: format!("must be in [0, 1), got {}", self.dropout),
+            });
         }
         Ok(())
     }
@@ -96,13 +111,29 @@ pub struct LoraLinear {
 
 impl LoraLinear {
     /// Wraps a frozen base weight with a freshly initialised adapter (`seed` drives the init).
-    pub fn new(weight: Tensor, layout: WeightLayout, bias: Option<Tensor>, config: &LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(
+        weight: Tensor,
+        layout: WeightLayout,
+        bias: Option<Tensor>,
+        config: &LoraConfig,
+        seed: u64,
+    ) -> Result<Self> {
         config.validate()?;
         if weight.shape().len() != 2 {
-            return Err(CoreError::Shape { op: "LoraLinear::new", what: "weight", got: weight.shape().to_vec(), expected: "2 dimensions".into() });
+            return Err(CoreError::Shape {
+                op: "LoraLinear::new",
+                what: "weight",
+                got: weight.shape().to_vec(),
+                expected: "2 dimensions".into(),
+            });
         }
         if weight.requires_grad() {
-            return Err(CoreError::Shape { op: "LoraLinear::new", what: "weight", got: weight.shape().to_vec(), expected: "a frozen tensor (Tensor::new), not a parameter".into() });
+            return Err(CoreError::Shape {
+                op: "LoraLinear::new",
+                what: "weight",
+                got: weight.shape().to_vec(),
+                expected: "a frozen tensor (Tensor::new), not a parameter".into(),
+            });
         }
         let (inp, out) = match layout {
             WeightLayout::OutIn => (weight.shape()[1], weight.shape()[0]),
@@ -110,7 +141,12 @@ impl LoraLinear {
         };
         if let Some(b) = &bias {
             if b.shape() != [out] {
-                return Err(CoreError::Shape { op: "LoraLinear::new", what: "bias", got: b.shape().to_vec(), expected: format!("[{out}]") });
+                return Err(CoreError::Shape {
+                    op: "LoraLinear::new",
+                    what: "bias",
+                    got: b.shape().to_vec(),
+                    expected: format!("[{out}]"),
+                });
             }
         }
         let r = config.rank;
@@ -119,9 +155,13 @@ impl LoraLinear {
             LoraInit::KaimingUniform => {
                 // kaiming_uniform_(a=sqrt(5)): gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in)
                 let bound = (1.0 / inp as f64).sqrt();
-                (0..r * inp).map(|_| rng.uniform_range(-bound, bound) as f32).collect()
+                (0..r * inp)
+                    .map(|_| rng.uniform_range(-bound, bound) as f32)
+                    .collect()
             }
-            LoraInit::Gaussian => (0..r * inp).map(|_| (rng.normal() / r as f64) as f32).collect(),
+            LoraInit::Gaussian => (0..r * inp)
+                .map(|_| (rng.normal() / r as f64) as f32)
+                .collect(),
             LoraInit::Zero => vec![0.0; r * inp],
         };
         Ok(Self {
@@ -170,8 +210,20 @@ impl LoraLinear {
             }
             return ops::linear(tape, x, &self.weight, self.layout, self.bias.as_ref(), None);
         }
-        let lora = LoraArgs { a: &self.lora_a, b: &self.lora_b, scale: self.scale(), dropout: self.config.dropout };
-        ops::linear(tape, x, &self.weight, self.layout, self.bias.as_ref(), Some(lora))
+        let lora = LoraArgs {
+            a: &self.lora_a,
+            b: &self.lora_b,
+            scale: self.scale(),
+            dropout: self.config.dropout,
+        };
+        ops::linear(
+            tape,
+            x,
+            &self.weight,
+            self.layout,
+            self.bias.as_ref(),
+            Some(lora),
+        )
     }
 
     /// `s * B @ A` in the weight's own layout (`(out, in)` or `(in, out)`), computed in f32.
@@ -182,9 +234,29 @@ impl LoraLinear {
         let mut delta = vec![0.0f32; out * inp];
         let res = match self.layout {
             // (out, in) = B (out, r) @ A (r, in)
-            WeightLayout::OutIn => matmul(&mut delta, &b, Trans::No, &a, Trans::No, (out, inp, r), s, false, Par::Auto),
+            WeightLayout::OutIn => matmul(
+                &mut delta,
+                &b,
+                Trans::No,
+                &a,
+                Trans::No,
+                (out, inp, r),
+                s,
+                false,
+                Par::Auto,
+            ),
             // (in, out) = A^T (in, r) @ B^T (r, out)
-            WeightLayout::InOut => matmul(&mut delta, &a, Trans::Yes, &b, Trans::Yes, (inp, out, r), s, false, Par::Auto),
+            WeightLayout::InOut => matmul(
+                &mut delta,
+                &a,
+                Trans::Yes,
+                &b,
+                Trans::Yes,
+                (inp, out, r),
+                s,
+                false,
+                Par::Auto,
+            ),
         };
         res.expect("A and B shapes are fixed at construction");
         delta
@@ -192,9 +264,18 @@ impl LoraLinear {
 
     fn apply_delta(&mut self, sign: f32, what: &str) -> Result<()> {
         let delta = self.delta_weight();
-        let new: Vec<f32> = self.weight.data().iter().zip(&delta).map(|(w, d)| w + sign * d).collect();
+        let new: Vec<f32> = self
+            .weight
+            .data()
+            .iter()
+            .zip(&delta)
+            .map(|(w, d)| w + sign * d)
+            .collect();
         // Nothing is written unless every merged value is finite.
-        check_finite(format!("{what}: W {} s*B@A", if sign > 0.0 { "+" } else { "-" }), &new)?;
+        check_finite(
+            format!("{what}: W {} s*B@A", if sign > 0.0 { "+" } else { "-" }),
+            &new,
+        )?;
         self.weight.set_data(new)?;
         Ok(())
     }

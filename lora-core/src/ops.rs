@@ -6,12 +6,24 @@
 use crate::autograd::{LoraSaved, Op, Tape};
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
-use lora_kernels::lora_linear::{lora_linear_forward, BaseLinear, Dropout, LinearDims, LoraWeights, WeightLayout};
+use lora_kernels::lora_linear::{
+    lora_linear_forward, BaseLinear, Dropout, LinearDims, LoraWeights, WeightLayout,
+};
 use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::sync::Arc;
 
-fn shape_err(op: &'static str, what: &'static str, t: &Tensor, expected: impl Into<String>) -> CoreError {
-    CoreError::Shape { op, what, got: t.shape().to_vec(), expected: expected.into() }
+fn shape_err(
+    op: &'static str,
+    what: &'static str,
+    t: &Tensor,
+    expected: impl Into<String>,
+) -> CoreError {
+    CoreError::Shape {
+        op,
+        what,
+        got: t.shape().to_vec(),
+        expected: expected.into(),
+    }
 }
 
 fn any_grad(ts: &[&Tensor]) -> bool {
@@ -30,7 +42,12 @@ fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 /// `a + b` (same shapes).
 pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() {
-        return Err(shape_err("add", "b", b, format!("{:?} (the shape of a)", a.shape())));
+        return Err(shape_err(
+            "add",
+            "b",
+            b,
+            format!("{:?} (the shape of a)", a.shape()),
+        ));
     }
     let mut out = vec![0.0; a.numel()];
     elementwise::add_forward(&mut out, &a.data(), &b.data())?;
@@ -72,21 +89,34 @@ pub fn linear(
         WeightLayout::InOut => (w.shape()[0], w.shape()[1]),
     };
     if x.last_dim() != k || x.shape().is_empty() {
-        return Err(shape_err(OP, "x", x, format!("(..., {k}) to match the weight {:?}", w.shape())));
+        return Err(shape_err(
+            OP,
+            "x",
+            x,
+            format!("(..., {k}) to match the weight {:?}", w.shape()),
+        ));
     }
     if let Some(b) = bias {
         if b.shape() != [m] {
             return Err(shape_err(OP, "bias", b, format!("[{m}]")));
         }
     }
-    let dims = LinearDims { tokens: x.rows(), inp: k, out: m };
+    let dims = LinearDims {
+        tokens: x.rows(),
+        inp: k,
+        out: m,
+    };
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(bias.cloned());
     let mut y = vec![0.0; dims.tokens * m];
     let xd = x.data();
     let wd = w.data();
     let bd = bias.map(|b| b.data());
-    let base = BaseLinear { weight: &wd, layout, bias: bd.as_deref().map(|v| &v[..]) };
+    let base = BaseLinear {
+        weight: &wd,
+        layout,
+        bias: bd.as_deref().map(|v| &v[..]),
+    };
     let saved = match lora {
         None => {
             lora_linear_forward(&mut y, None, &xd, &base, None, dims)?;
@@ -100,25 +130,53 @@ pub fn linear(
             if l.b.shape() != [m, r] {
                 return Err(shape_err(OP, "lora_b", l.b, format!("[{m}, {r}]")));
             }
-            let dropout = (tape.is_training() && l.dropout > 0.0).then(|| Dropout { p: l.dropout, seed: tape.next_seed() });
+            let dropout = (tape.is_training() && l.dropout > 0.0).then(|| Dropout {
+                p: l.dropout,
+                seed: tape.next_seed(),
+            });
             let (ad, bd2) = (l.a.data(), l.b.data());
-            let lw = LoraWeights { a: &ad, b: &bd2, rank: r, scale: l.scale, dropout };
+            let lw = LoraWeights {
+                a: &ad,
+                b: &bd2,
+                rank: r,
+                scale: l.scale,
+                dropout,
+            };
             let mut u = vec![0.0; dims.tokens * r];
             lora_linear_forward(&mut y, Some(&mut u), &xd, &base, Some(&lw), dims)?;
             inputs.push(l.a.clone());
             inputs.push(l.b.clone());
-            Some(LoraSaved { rank: r, scale: l.scale, dropout, u })
+            Some(LoraSaved {
+                rank: r,
+                scale: l.scale,
+                dropout,
+                u,
+            })
         }
     };
     drop((xd, wd, bd));
     let requires = inputs.iter().any(|t| t.requires_grad());
     let out = Tensor::from_op(y, &with_last(x.shape(), m), requires)?;
     let has_bias = bias.is_some();
-    tape.record(Op::Linear { layout, has_bias, dims, lora: saved }, inputs, &out);
+    tape.record(
+        Op::Linear {
+            layout,
+            has_bias,
+            dims,
+            lora: saved,
+        },
+        inputs,
+        &out,
+    );
     Ok(out)
 }
 
-fn unary(tape: &Tape, x: &Tensor, op: Op, f: fn(&mut [f32], &[f32]) -> lora_kernels::Result<()>) -> Result<Tensor> {
+fn unary(
+    tape: &Tape,
+    x: &Tensor,
+    op: Op,
+    f: fn(&mut [f32], &[f32]) -> lora_kernels::Result<()>,
+) -> Result<Tensor> {
     let mut out = vec![0.0; x.numel()];
     f(&mut out, &x.data())?;
     let y = Tensor::from_op(out, x.shape(), x.requires_grad())?;
@@ -139,7 +197,12 @@ pub fn silu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 /// SwiGLU: `silu(gate) * up`.
 pub fn swiglu(tape: &Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {
-        return Err(shape_err("swiglu", "up", up, format!("{:?} (the shape of gate)", gate.shape())));
+        return Err(shape_err(
+            "swiglu",
+            "up",
+            up,
+            format!("{:?} (the shape of gate)", gate.shape()),
+        ));
     }
     let mut out = vec![0.0; gate.numel()];
     elementwise::swiglu_forward(&mut out, &gate.data(), &up.data())?;
@@ -156,7 +219,13 @@ fn check_vec(op: &'static str, what: &'static str, t: &Tensor, c: usize) -> Resu
 }
 
 /// LayerNorm over the last dimension.
-pub fn layer_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+pub fn layer_norm(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    eps: f32,
+) -> Result<Tensor> {
     let c = x.last_dim();
     check_vec("layer_norm", "gamma", gamma, c)?;
     if let Some(b) = beta {
@@ -165,7 +234,16 @@ pub fn layer_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>
     let n = x.rows();
     let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     let bd = beta.map(|b| b.data());
-    norm::layernorm_forward(&mut out, &mut mean, &mut rstd, &x.data(), &gamma.data(), bd.as_deref().map(|v| &v[..]), c, eps)?;
+    norm::layernorm_forward(
+        &mut out,
+        &mut mean,
+        &mut rstd,
+        &x.data(),
+        &gamma.data(),
+        bd.as_deref().map(|v| &v[..]),
+        c,
+        eps,
+    )?;
     drop(bd);
     let mut inputs = vec![x.clone(), gamma.clone()];
     inputs.extend(beta.cloned());
@@ -192,7 +270,11 @@ pub fn embedding(tape: &Tape, table: &Tensor, ids: &[u32], shape: &[usize]) -> R
         return Err(shape_err("embedding", "table", table, "[vocab, channels]"));
     }
     if shape.iter().product::<usize>() != ids.len() {
-        return Err(CoreError::DataLength { len: ids.len(), shape: shape.to_vec(), needed: shape.iter().product() });
+        return Err(CoreError::DataLength {
+            len: ids.len(),
+            shape: shape.to_vec(),
+            needed: shape.iter().product(),
+        });
     }
     let c = table.shape()[1];
     let mut out = vec![0.0; ids.len() * c];
@@ -219,45 +301,109 @@ impl RopeTables {
     /// Tables for positions `0..max_pos` from inverse frequencies `(D/2)`.
     pub fn new(inv_freq: &[f32], max_pos: usize) -> Self {
         let (c, s) = rope::rope_tables(inv_freq, max_pos);
-        Self { cos: Arc::new(c), sin: Arc::new(s), head_dim: inv_freq.len() * 2 }
+        Self {
+            cos: Arc::new(c),
+            sin: Arc::new(s),
+            head_dim: inv_freq.len() * 2,
+        }
     }
 }
 
 /// Rotary embedding on `x` `(N, H * D)` (or `(B, T, H * D)`) with one position per row.
-pub fn rope(tape: &Tape, x: &Tensor, tables: &RopeTables, positions: &[u32], heads: usize) -> Result<Tensor> {
+pub fn rope(
+    tape: &Tape,
+    x: &Tensor,
+    tables: &RopeTables,
+    positions: &[u32],
+    heads: usize,
+) -> Result<Tensor> {
     let hd = tables.head_dim;
     if x.last_dim() != heads * hd || x.rows() != positions.len() {
-        return Err(shape_err("rope", "x", x, format!("({} rows, {heads} * {hd})", positions.len())));
+        return Err(shape_err(
+            "rope",
+            "x",
+            x,
+            format!("({} rows, {heads} * {hd})", positions.len()),
+        ));
     }
     let mut out = vec![0.0; x.numel()];
-    rope::rope_forward(&mut out, &x.data(), &tables.cos, &tables.sin, positions, heads, hd)?;
+    rope::rope_forward(
+        &mut out,
+        &x.data(),
+        &tables.cos,
+        &tables.sin,
+        positions,
+        heads,
+        hd,
+    )?;
     let y = Tensor::from_op(out, x.shape(), x.requires_grad())?;
-    let op = Op::Rope { cos: tables.cos.clone(), sin: tables.sin.clone(), positions: positions.to_vec(), heads, head_dim: hd };
+    let op = Op::Rope {
+        cos: tables.cos.clone(),
+        sin: tables.sin.clone(),
+        positions: positions.to_vec(),
+        heads,
+        head_dim: hd,
+    };
     tape.record(op, vec![x.clone()], &y);
     Ok(y)
 }
 
 /// Causal GQA attention. `q`: `(B, T, Hq * D)`, `k`, `v`: `(B, T, Hkv * D)`; returns
 /// `(B, T, Hq * D)`. Scale `1 / sqrt(D)`.
-pub fn attention(tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor, q_heads: usize, kv_heads: usize) -> Result<Tensor> {
+pub fn attention(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
     const OP: &str = "attention";
     if q.shape().len() != 3 || q_heads == 0 || q.shape()[2] % q_heads != 0 {
-        return Err(shape_err(OP, "q", q, format!("[batch, seq, {q_heads} * head_dim]")));
+        return Err(shape_err(
+            OP,
+            "q",
+            q,
+            format!("[batch, seq, {q_heads} * head_dim]"),
+        ));
     }
     let (b, t) = (q.shape()[0], q.shape()[1]);
     let hd = q.shape()[2] / q_heads;
     for (what, x) in [("k", k), ("v", v)] {
         if x.shape() != [b, t, kv_heads * hd] {
-            return Err(shape_err(OP, what, x, format!("[{b}, {t}, {}]", kv_heads * hd)));
+            return Err(shape_err(
+                OP,
+                what,
+                x,
+                format!("[{b}, {t}, {}]", kv_heads * hd),
+            ));
         }
     }
-    let dims = attention::AttnDims { batch: b, seq: t, q_heads, kv_heads, head_dim: hd };
+    let dims = attention::AttnDims {
+        batch: b,
+        seq: t,
+        q_heads,
+        kv_heads,
+        head_dim: hd,
+    };
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0.0; q.numel()];
     let mut att = vec![0.0; b * q_heads * t * t];
-    attention::attention_forward(&mut out, &mut att, &q.data(), &k.data(), &v.data(), dims, scale)?;
+    attention::attention_forward(
+        &mut out,
+        &mut att,
+        &q.data(),
+        &k.data(),
+        &v.data(),
+        dims,
+        scale,
+    )?;
     let y = Tensor::from_op(out, q.shape(), any_grad(&[q, k, v]))?;
-    tape.record(Op::Attention { att, dims, scale }, vec![q.clone(), k.clone(), v.clone()], &y);
+    tape.record(
+        Op::Attention { att, dims, scale },
+        vec![q.clone(), k.clone(), v.clone()],
+        &y,
+    );
     Ok(y)
 }
 
@@ -276,11 +422,24 @@ pub fn narrow(tape: &Tape, x: &Tensor, start: usize, len: usize) -> Result<Tenso
 pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
     let v = logits.last_dim();
     if logits.rows() != targets.len() {
-        return Err(shape_err("cross_entropy", "logits", logits, format!("{} rows (one per target)", targets.len())));
+        return Err(shape_err(
+            "cross_entropy",
+            "logits",
+            logits,
+            format!("{} rows (one per target)", targets.len()),
+        ));
     }
     let mut lse = vec![0.0; targets.len()];
     let (loss, count) = cross_entropy::cross_entropy_forward(&mut lse, &logits.data(), targets, v)?;
     let y = Tensor::from_op(vec![loss], &[1], logits.requires_grad())?;
-    tape.record(Op::CrossEntropy { lse, targets: targets.to_vec(), count }, vec![logits.clone()], &y);
+    tape.record(
+        Op::CrossEntropy {
+            lse,
+            targets: targets.to_vec(),
+            count,
+        },
+        vec![logits.clone()],
+        &y,
+    );
     Ok(y)
 }

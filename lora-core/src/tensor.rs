@@ -65,7 +65,11 @@ pub struct Tensor(Arc<Inner>);
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor(id={}, shape={:?}, requires_grad={})", self.0.id, self.0.shape, self.0.requires_grad)
+        write!(
+            f,
+            "Tensor(id={}, shape={:?}, requires_grad={})",
+            self.0.id, self.0.shape, self.0.requires_grad
+        )
     }
 }
 
@@ -74,11 +78,20 @@ impl Tensor {
         Self::build_storage(Storage::Owned(data), shape, requires_grad, device)
     }
 
-    fn build_storage(data: Storage, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
+    fn build_storage(
+        data: Storage,
+        shape: &[usize],
+        requires_grad: bool,
+        device: Device,
+    ) -> Result<Self> {
         device.ensure_available()?;
         let needed: usize = shape.iter().product();
         if data.len() != needed {
-            return Err(CoreError::DataLength { len: data.len(), shape: shape.to_vec(), needed });
+            return Err(CoreError::DataLength {
+                len: data.len(),
+                shape: shape.to_vec(),
+                needed,
+            });
         }
         Ok(Tensor(Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -100,7 +113,12 @@ impl Tensor {
     }
 
     /// A tensor on `device` (errors for CUDA until that backend exists).
-    pub fn new_on(data: Vec<f32>, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
+    pub fn new_on(
+        data: Vec<f32>,
+        shape: &[usize],
+        requires_grad: bool,
+        device: Device,
+    ) -> Result<Self> {
         Self::build(data, shape, requires_grad, device)
     }
 
@@ -158,7 +176,11 @@ impl Tensor {
     /// Replaces all values (same length).
     pub fn set_data(&self, values: Vec<f32>) -> Result<()> {
         if values.len() != self.numel() {
-            return Err(CoreError::DataLength { len: values.len(), shape: self.shape().to_vec(), needed: self.numel() });
+            return Err(CoreError::DataLength {
+                len: values.len(),
+                shape: self.shape().to_vec(),
+                needed: self.numel(),
+            });
         }
         *self.data_mut() = Storage::Owned(values);
         Ok(())
@@ -192,7 +214,9 @@ mod tests {
     fn construction_checks_length_and_device() {
         let e = Tensor::new(vec![0.0; 5], &[2, 3]).unwrap_err().to_string();
         assert!(e.contains("5 values but shape [2, 3] needs 6"), "{e}");
-        let e = Tensor::new_on(vec![0.0; 6], &[2, 3], false, Device::Cuda(0)).unwrap_err().to_string();
+        let e = Tensor::new_on(vec![0.0; 6], &[2, 3], false, Device::Cuda(0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("CUDA backend not available yet"), "{e}");
         let t = Tensor::param(vec![1.0; 6], &[2, 3]).unwrap();
         assert_eq!((t.rows(), t.last_dim(), t.requires_grad()), (2, 3, true));

@@ -38,17 +38,31 @@ impl Graph {
             &[2 * C, C], // 8 trainable down proj (InOut layout: (in, out))
             &[C],        // 9 down bias (trainable)
             &[2 * C, C], // 10 gate weight (trainable, OutIn)
-            &[C, C],     // 11 frozen k/v weights are built inline; this one is the lm head (trainable)
-            &[C],        // 12 final norm gamma
+            &[C, C], // 11 frozen k/v weights are built inline; this one is the lm head (trainable)
+            &[C],    // 12 final norm gamma
         ];
-        let params = shapes.iter().enumerate().map(|(i, s)| Tensor::param(rand(s.iter().product(), 100 + i as u64, 0.6), s).unwrap()).collect();
+        let params = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Tensor::param(rand(s.iter().product(), 100 + i as u64, 0.6), s).unwrap())
+            .collect();
         Self { params }
     }
 
     fn loss(&self, tape: &Tape) -> Tensor {
         let p = &self.params;
-        let ids: Vec<u32> = (0..(B * T) as u32).map(|i| (i * 7 + 1) % V as u32).collect();
-        let targets: Vec<i32> = (0..(B * T) as i32).map(|i| if i % 4 == 3 { -100 } else { (i * 3 + 2) % V as i32 }).collect();
+        let ids: Vec<u32> = (0..(B * T) as u32)
+            .map(|i| (i * 7 + 1) % V as u32)
+            .collect();
+        let targets: Vec<i32> = (0..(B * T) as i32)
+            .map(|i| {
+                if i % 4 == 3 {
+                    -100
+                } else {
+                    (i * 3 + 2) % V as i32
+                }
+            })
+            .collect();
         let wq = Tensor::new(rand(C * C, 1, 0.5), &[C, C]).unwrap();
         let wk = Tensor::new(rand(4 * C, 2, 0.5), &[4, C]).unwrap(); // 1 kv head of dim 4
         let wv = Tensor::new(rand(4 * C, 3, 0.5), &[4, C]).unwrap();
@@ -57,7 +71,20 @@ impl Graph {
 
         let x = ops::embedding(tape, &p[0], &ids, &[B, T]).unwrap();
         let h = ops::layer_norm(tape, &x, &p[1], Some(&p[2]), 1e-5).unwrap();
-        let q = ops::linear(tape, &h, &wq, WeightLayout::OutIn, None, Some(LoraArgs { a: &p[3], b: &p[4], scale: 0.5, dropout: 0.0 })).unwrap();
+        let q = ops::linear(
+            tape,
+            &h,
+            &wq,
+            WeightLayout::OutIn,
+            None,
+            Some(LoraArgs {
+                a: &p[3],
+                b: &p[4],
+                scale: 0.5,
+                dropout: 0.0,
+            }),
+        )
+        .unwrap();
         let k = ops::linear(tape, &h, &wk, WeightLayout::OutIn, None, None).unwrap();
         let v = ops::linear(tape, &h, &wv, WeightLayout::OutIn, None, None).unwrap();
         let tables = RopeTables::new(&rope_inv_freq(4, 10000.0), T);
@@ -68,7 +95,20 @@ impl Graph {
         let a = ops::linear(tape, &a, &wo, WeightLayout::OutIn, None, None).unwrap();
         let x = ops::add(tape, &x, &a).unwrap();
         let h = ops::rms_norm(tape, &x, &p[5], 1e-6).unwrap();
-        let up = ops::linear(tape, &h, &wup, WeightLayout::OutIn, None, Some(LoraArgs { a: &p[6], b: &p[7], scale: 2.0, dropout: 0.0 })).unwrap();
+        let up = ops::linear(
+            tape,
+            &h,
+            &wup,
+            WeightLayout::OutIn,
+            None,
+            Some(LoraArgs {
+                a: &p[6],
+                b: &p[7],
+                scale: 2.0,
+                dropout: 0.0,
+            }),
+        )
+        .unwrap();
         let gate = ops::linear(tape, &h, &p[10], WeightLayout::OutIn, None, None).unwrap();
         let m = ops::swiglu(tape, &gate, &up).unwrap();
         let m = ops::gelu(tape, &m).unwrap();
@@ -90,7 +130,10 @@ fn every_parameter_gradient_matches_finite_differences() {
     let grads: Gradients = tape.backward(&loss).unwrap();
     let h = 1e-2f32;
     for (pi, p) in g.params.iter().enumerate() {
-        let analytic = grads.get(p).unwrap_or_else(|| panic!("param {pi} has no gradient")).to_vec();
+        let analytic = grads
+            .get(p)
+            .unwrap_or_else(|| panic!("param {pi} has no gradient"))
+            .to_vec();
         let mut fd = vec![0.0f32; p.numel()];
         for i in 0..p.numel() {
             let orig = p.data()[i];
@@ -102,7 +145,11 @@ fn every_parameter_gradient_matches_finite_differences() {
             fd[i] = ((lp - lm) / (2.0 * h as f64)) as f32;
         }
         let scale = fd.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        let err = analytic.iter().zip(&fd).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        let err = analytic
+            .iter()
+            .zip(&fd)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
         assert!(err <= 2e-2, "param {pi}: relative error {err:.3e}");
     }
 }
@@ -122,7 +169,11 @@ fn shared_inputs_and_accumulation() {
     let z: Vec<f32> = x.to_vec().iter().map(|v| 2.0 * v).collect();
     let m = z.iter().cloned().fold(f32::MIN, f32::max);
     let s: f32 = z.iter().map(|v| (v - m).exp()).sum();
-    let want: Vec<f32> = z.iter().enumerate().map(|(i, v)| 2.0 * ((v - m).exp() / s - if i == 1 { 1.0 } else { 0.0 })).collect();
+    let want: Vec<f32> = z
+        .iter()
+        .enumerate()
+        .map(|(i, v)| 2.0 * ((v - m).exp() / s - if i == 1 { 1.0 } else { 0.0 }))
+        .collect();
     for (a, b) in g1.get(&x).unwrap().iter().zip(&want) {
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
@@ -144,17 +195,31 @@ fn backward_needs_a_scalar_and_shapes_are_checked() {
     let e = tape.backward(&x).unwrap_err().to_string();
     assert!(e.contains("scalar loss"), "{e}");
     let w = Tensor::new(vec![0.0; 8], &[2, 4]).unwrap();
-    let e = ops::linear(&tape, &x, &w, WeightLayout::OutIn, None, None).unwrap_err().to_string();
-    assert!(e.contains("linear: x has shape [2, 3], expected (..., 4)"), "{e}");
-    let cfg = LoraConfig { rank: 0, ..Default::default() };
-    let e = LoraLinear::new(w, WeightLayout::OutIn, None, &cfg, 0).unwrap_err().to_string();
+    let e = ops::linear(&tape, &x, &w, WeightLayout::OutIn, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("linear: x has shape [2, 3], expected (..., 4)"),
+        "{e}"
+    );
+    let cfg = LoraConfig {
+        rank: 0,
+        ..Default::default()
+    };
+    let e = LoraLinear::new(w, WeightLayout::OutIn, None, &cfg, 0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`rank`"), "{e}");
 }
 
 #[test]
 fn dropout_is_seeded_by_the_tape_and_off_for_inference() {
     let w = Tensor::new(rand(16 * 8, 1, 0.5), &[16, 8]).unwrap();
-    let cfg = LoraConfig { rank: 4, dropout: 0.5, ..Default::default() };
+    let cfg = LoraConfig {
+        rank: 4,
+        dropout: 0.5,
+        ..Default::default()
+    };
     let layer = LoraLinear::new(w, WeightLayout::OutIn, None, &cfg, 0).unwrap();
     layer.lora_b.data_mut().copy_from_slice(&rand(64, 2, 1.0));
     let x = Tensor::new(rand(3 * 8, 3, 1.0), &[3, 8]).unwrap();

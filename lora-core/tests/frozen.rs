@@ -9,7 +9,9 @@ use lora_kernels::rng::Rng;
 
 fn rand(len: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
-    (0..len).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect()
+    (0..len)
+        .map(|_| r.uniform_range(-1.0, 1.0) as f32)
+        .collect()
 }
 
 fn is_weight_grad(c: &GemmCall, inp: usize, out: usize, n: usize) -> bool {
@@ -23,9 +25,28 @@ fn frozen_weight_costs_no_gradient_buffer_and_no_dw_gemm() {
     // rank-R products also go through GEMMs and are traced.
     let (n, inp, out) = (37, 48, 40);
     for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-        let w = Tensor::new(rand(inp * out, 1), &[if layout == WeightLayout::OutIn { out } else { inp }, if layout == WeightLayout::OutIn { inp } else { out }]).unwrap();
+        let w = Tensor::new(
+            rand(inp * out, 1),
+            &[
+                if layout == WeightLayout::OutIn {
+                    out
+                } else {
+                    inp
+                },
+                if layout == WeightLayout::OutIn {
+                    inp
+                } else {
+                    out
+                },
+            ],
+        )
+        .unwrap();
         let bias = Tensor::new(rand(out, 2), &[out]).unwrap();
-        let cfg = LoraConfig { rank: 20, alpha: 16.0, ..Default::default() };
+        let cfg = LoraConfig {
+            rank: 20,
+            alpha: 16.0,
+            ..Default::default()
+        };
         let layer = LoraLinear::new(w.clone(), layout, Some(bias.clone()), &cfg, 3).unwrap();
         layer.lora_b.data_mut().copy_from_slice(&rand(out * 20, 4));
         let x = Tensor::param(rand(n * inp, 5), &[n, inp]).unwrap();
@@ -44,7 +65,10 @@ fn frozen_weight_costs_no_gradient_buffer_and_no_dw_gemm() {
         assert!(grads.get(&x).is_some());
         assert_eq!(grads.len(), 3, "exactly A, B and x hold gradient buffers");
         assert!(!calls.is_empty(), "trace saw no GEMM at all");
-        assert!(!calls.iter().any(|c| is_weight_grad(c, inp, out, n)), "{layout:?}: weight-gradient GEMM ran: {calls:?}");
+        assert!(
+            !calls.iter().any(|c| is_weight_grad(c, inp, out, n)),
+            "{layout:?}: weight-gradient GEMM ran: {calls:?}"
+        );
 
         // Control: the same layer with a trainable weight does run the dW GEMM.
         let wt = Tensor::param(w.to_vec(), w.shape()).unwrap();
@@ -55,7 +79,10 @@ fn frozen_weight_costs_no_gradient_buffer_and_no_dw_gemm() {
         let grads = tape.backward(&loss).unwrap();
         let calls = trace_take();
         assert!(grads.get(&wt).is_some());
-        assert!(calls.iter().any(|c| is_weight_grad(c, inp, out, n)), "control saw no dW GEMM: {calls:?}");
+        assert!(
+            calls.iter().any(|c| is_weight_grad(c, inp, out, n)),
+            "control saw no dW GEMM: {calls:?}"
+        );
     }
 }
 

@@ -44,12 +44,19 @@ impl AdapterSet {
     /// adapter does not change.
     pub fn load(&mut self, model: &mut dyn CausalLm, name: &str, dir: &Path) -> Result<()> {
         if self.adapters.contains_key(name) {
-            return Err(IoError::Config { path: dir.into(), field: "name".into(), reason: format!("an adapter named `{name}` is already loaded") });
+            return Err(IoError::Config {
+                path: dir.into(),
+                field: "name".into(),
+                reason: format!("an adapter named `{name}` is already loaded"),
+            });
         }
         strip(model);
         let loaded = load_adapter(model, dir);
-        let taken: BTreeMap<String, LoraLinear> =
-            model.linears().into_iter().filter_map(|(n, l)| l.lora().map(|l| (n, l.clone()))).collect();
+        let taken: BTreeMap<String, LoraLinear> = model
+            .linears()
+            .into_iter()
+            .filter_map(|(n, l)| l.lora().map(|l| (n, l.clone())))
+            .collect();
         strip(model);
         let restore = self.active.clone();
         match loaded {
@@ -86,7 +93,11 @@ impl AdapterSet {
     /// Removes `name`; if it was active, the model is left with no adapter.
     pub fn delete(&mut self, model: &mut dyn CausalLm, name: &str) -> Result<()> {
         if self.adapters.remove(name).is_none() {
-            return Err(IoError::Config { path: "adapters".into(), field: "name".into(), reason: format!("no adapter named `{name}`") });
+            return Err(IoError::Config {
+                path: "adapters".into(),
+                field: "name".into(),
+                reason: format!("no adapter named `{name}`"),
+            });
         }
         if self.active.as_deref() == Some(name) {
             self.set_active(model, None)?;

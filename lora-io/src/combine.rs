@@ -67,12 +67,23 @@ impl AdapterWeights {
     pub fn read(dir: &Path) -> Result<Self> {
         let config = PeftConfig::load(dir)?;
         let file = SafetensorsFile::open(dir.join("adapter_model.safetensors"))?;
-        let bad = |k: &str, reason: String| IoError::Config { path: file.path().into(), field: k.into(), reason };
+        let bad = |k: &str, reason: String| IoError::Config {
+            path: file.path().into(),
+            field: k.into(),
+            reason,
+        };
         let mut modules = BTreeMap::new();
         for k in file.names() {
-            let Some(m) = k.strip_prefix("base_model.model.").and_then(|x| x.strip_suffix(".lora_A.weight")) else {
+            let Some(m) = k
+                .strip_prefix("base_model.model.")
+                .and_then(|x| x.strip_suffix(".lora_A.weight"))
+            else {
                 if !k.ends_with(".lora_B.weight") {
-                    return Err(bad(k, "not a LoRA tensor (expected base_model.model.<module>.lora_A/B.weight)".into()));
+                    return Err(bad(
+                        k,
+                        "not a LoRA tensor (expected base_model.model.<module>.lora_A/B.weight)"
+                            .into(),
+                    ));
                 }
                 continue;
             };
@@ -83,17 +94,44 @@ impl AdapterWeights {
             }
             let (b, bsh) = file.read_f32(&bk)?;
             if ash.len() != 2 || bsh.len() != 2 || ash[0] != bsh[1] {
-                return Err(bad(m, format!("lora_A {ash:?} and lora_B {bsh:?} ranks disagree")));
+                return Err(bad(
+                    m,
+                    format!("lora_A {ash:?} and lora_B {bsh:?} ranks disagree"),
+                ));
             }
             let lc = config.lora_config_for(m)?;
             let r = ash[0];
-            let scale = if config.use_rslora { lc.alpha / (r as f32).sqrt() } else { lc.alpha / r as f32 };
-            modules.insert(m.to_string(), Factors { a, b, r, inp: ash[1], out: bsh[0], scale });
+            let scale = if config.use_rslora {
+                lc.alpha / (r as f32).sqrt()
+            } else {
+                lc.alpha / r as f32
+            };
+            modules.insert(
+                m.to_string(),
+                Factors {
+                    a,
+                    b,
+                    r,
+                    inp: ash[1],
+                    out: bsh[0],
+                    scale,
+                },
+            );
         }
-        if file.names().iter().filter(|k| k.ends_with(".lora_B.weight")).count() != modules.len() {
+        if file
+            .names()
+            .iter()
+            .filter(|k| k.ends_with(".lora_B.weight"))
+            .count()
+            != modules.len()
+        {
             return Err(bad("lora_B", "a lora_B without its lora_A".into()));
         }
-        Ok(Self { dir: dir.into(), config, modules })
+        Ok(Self {
+            dir: dir.into(),
+            config,
+            modules,
+        })
     }
 
     /// The factors of `dir` without checking them against its config (to compare files PEFT
@@ -105,15 +143,41 @@ impl AdapterWeights {
         };
         let mut out = BTreeMap::new();
         for k in file.names() {
-            let Some(m) = k.strip_prefix("base_model.model.").and_then(|x| x.strip_suffix(".lora_A.weight")) else { continue };
-            let (Ok((a, ash)), Ok((b, bsh))) = (file.read_f32(k), file.read_f32(&format!("base_model.model.{m}.lora_B.weight"))) else { continue };
-            out.insert(m.to_string(), Factors { a, b, r: ash[0], inp: ash[1], out: bsh[0], scale: 1.0 });
+            let Some(m) = k
+                .strip_prefix("base_model.model.")
+                .and_then(|x| x.strip_suffix(".lora_A.weight"))
+            else {
+                continue;
+            };
+            let (Ok((a, ash)), Ok((b, bsh))) = (
+                file.read_f32(k),
+                file.read_f32(&format!("base_model.model.{m}.lora_B.weight")),
+            ) else {
+                continue;
+            };
+            out.insert(
+                m.to_string(),
+                Factors {
+                    a,
+                    b,
+                    r: ash[0],
+                    inp: ash[1],
+                    out: bsh[0],
+                    scale: 1.0,
+                },
+            );
         }
         out
     }
 
     fn max_rank(&self) -> usize {
-        self.config.rank_pattern.iter().map(|(_, r)| *r).chain([self.config.r]).max().unwrap_or(self.config.r)
+        self.config
+            .rank_pattern
+            .iter()
+            .map(|(_, r)| *r)
+            .chain([self.config.r])
+            .max()
+            .unwrap_or(self.config.r)
     }
 }
 
@@ -125,7 +189,13 @@ fn combined_targets(adapters: &[AdapterWeights]) -> Result<Targets> {
             for a in adapters {
                 match &a.config.target_modules {
                     Targets::Regex(r) => parts.push(format!("({r})")),
-                    _ => return Err(IoError::Config { path: a.dir.clone(), field: "target_modules".into(), reason: "cannot combine regex targets with name lists".into() }),
+                    _ => {
+                        return Err(IoError::Config {
+                            path: a.dir.clone(),
+                            field: "target_modules".into(),
+                            reason: "cannot combine regex targets with name lists".into(),
+                        })
+                    }
                 }
             }
             Ok(Targets::Regex(parts.join("|")))
@@ -135,8 +205,18 @@ fn combined_targets(adapters: &[AdapterWeights]) -> Result<Targets> {
             for a in adapters {
                 match &a.config.target_modules {
                     Targets::List(l) => names.extend(l.iter().cloned()),
-                    Targets::AllLinear => names.extend(a.modules.keys().map(|m| m.rsplit('.').next().unwrap_or(m).to_string())),
-                    Targets::Regex(_) => return Err(IoError::Config { path: a.dir.clone(), field: "target_modules".into(), reason: "cannot combine regex targets with name lists".into() }),
+                    Targets::AllLinear => names.extend(
+                        a.modules
+                            .keys()
+                            .map(|m| m.rsplit('.').next().unwrap_or(m).to_string()),
+                    ),
+                    Targets::Regex(_) => {
+                        return Err(IoError::Config {
+                            path: a.dir.clone(),
+                            field: "target_modules".into(),
+                            reason: "cannot combine regex targets with name lists".into(),
+                        })
+                    }
                 }
             }
             names.sort();
@@ -147,17 +227,35 @@ fn combined_targets(adapters: &[AdapterWeights]) -> Result<Targets> {
 }
 
 /// Combines `adapters` with `weights`; returns the new config and factors per module.
-pub fn combine(adapters: &[AdapterWeights], weights: &[f32], how: Combination) -> Result<(PeftConfig, BTreeMap<String, Factors>)> {
+pub fn combine(
+    adapters: &[AdapterWeights],
+    weights: &[f32],
+    how: Combination,
+) -> Result<(PeftConfig, BTreeMap<String, Factors>)> {
     if adapters.is_empty() || adapters.len() != weights.len() {
-        return Err(IoError::Config { path: PathBuf::from("combine"), field: "weights".into(), reason: format!("{} adapters but {} weights", adapters.len(), weights.len()) });
+        return Err(IoError::Config {
+            path: PathBuf::from("combine"),
+            field: "weights".into(),
+            reason: format!("{} adapters but {} weights", adapters.len(), weights.len()),
+        });
     }
     // PEFT: a single adapter can only be combined linearly.
-    let how = if adapters.len() == 1 { Combination::Linear } else { how };
+    let how = if adapters.len() == 1 {
+        Combination::Linear
+    } else {
+        how
+    };
     let ranks: Vec<usize> = adapters.iter().map(|a| a.max_rank()).collect();
     let new_rank = match how {
         Combination::Linear => {
             if ranks.iter().any(|&r| r != ranks[0]) {
-                return Err(IoError::Config { path: adapters[0].dir.clone(), field: "r".into(), reason: format!("linear combination needs equal ranks, got {ranks:?} (use cat or svd)") });
+                return Err(IoError::Config {
+                    path: adapters[0].dir.clone(),
+                    field: "r".into(),
+                    reason: format!(
+                        "linear combination needs equal ranks, got {ranks:?} (use cat or svd)"
+                    ),
+                });
             }
             ranks[0]
         }
@@ -165,17 +263,32 @@ pub fn combine(adapters: &[AdapterWeights], weights: &[f32], how: Combination) -
         Combination::Svd { rank } => rank.unwrap_or(*ranks.iter().max().expect("non-empty")),
     };
     if new_rank == 0 {
-        return Err(IoError::Config { path: adapters[0].dir.clone(), field: "rank".into(), reason: "must be at least 1".into() });
+        return Err(IoError::Config {
+            path: adapters[0].dir.clone(),
+            field: "rank".into(),
+            reason: "must be at least 1".into(),
+        });
     }
     let mut names: Vec<&String> = adapters.iter().flat_map(|a| a.modules.keys()).collect();
     names.sort();
     names.dedup();
     let mut out = BTreeMap::new();
     for name in names {
-        let present: Vec<(&Factors, f32)> = adapters.iter().zip(weights).filter_map(|(a, &w)| a.modules.get(name).map(|f| (f, w))).collect();
+        let present: Vec<(&Factors, f32)> = adapters
+            .iter()
+            .zip(weights)
+            .filter_map(|(a, &w)| a.modules.get(name).map(|f| (f, w)))
+            .collect();
         let (inp, outd) = (present[0].0.inp, present[0].0.out);
         if let Some((f, _)) = present.iter().find(|(f, _)| f.inp != inp || f.out != outd) {
-            return Err(IoError::Config { path: PathBuf::from("combine"), field: name.clone(), reason: format!("layer shapes differ between adapters: ({}, {}) vs ({}, {})", outd, inp, f.out, f.inp) });
+            return Err(IoError::Config {
+                path: PathBuf::from("combine"),
+                field: name.clone(),
+                reason: format!(
+                    "layer shapes differ between adapters: ({}, {}) vs ({}, {})",
+                    outd, inp, f.out, f.inp
+                ),
+            });
         }
         let f = match how {
             Combination::Cat => {
@@ -194,12 +307,26 @@ pub fn combine(adapters: &[AdapterWeights], weights: &[f32], how: Combination) -
                     }
                     row += fac.r;
                 }
-                Factors { a, b, r: new_rank, inp, out: outd, scale: 1.0 }
+                Factors {
+                    a,
+                    b,
+                    r: new_rank,
+                    inp,
+                    out: outd,
+                    scale: 1.0,
+                }
             }
             Combination::Linear => {
                 let r = present[0].0.r;
                 if let Some((fac, _)) = present.iter().find(|(f, _)| f.r != r) {
-                    return Err(IoError::Config { path: PathBuf::from("combine"), field: name.clone(), reason: format!("linear combination needs equal ranks, got {r} and {}", fac.r) });
+                    return Err(IoError::Config {
+                        path: PathBuf::from("combine"),
+                        field: name.clone(),
+                        reason: format!(
+                            "linear combination needs equal ranks, got {r} and {}",
+                            fac.r
+                        ),
+                    });
                 }
                 let mut a = vec![0.0f32; r * inp];
                 let mut b = vec![0.0f32; outd * r];
@@ -210,7 +337,14 @@ pub fn combine(adapters: &[AdapterWeights], weights: &[f32], how: Combination) -
                     a.iter_mut().zip(&fac.a).for_each(|(d, s)| *d += sa * s);
                     b.iter_mut().zip(&fac.b).for_each(|(d, s)| *d += root * s);
                 }
-                Factors { a, b, r, inp, out: outd, scale: 1.0 }
+                Factors {
+                    a,
+                    b,
+                    r,
+                    inp,
+                    out: outd,
+                    scale: 1.0,
+                }
             }
             Combination::Svd { .. } => svd_combine(&present, new_rank, inp, outd),
         };
@@ -229,8 +363,16 @@ pub fn combine(adapters: &[AdapterWeights], weights: &[f32], how: Combination) -
     for (name, f) in &out {
         if f.r != new_rank {
             // Keep PEFT's in-memory scale (alpha/r of the new adapter) with the module's own rank.
-            let s = if cfg.use_rslora { (new_rank as f32).sqrt() } else { 1.0 };
-            let alpha = if cfg.use_rslora { s * (f.r as f32).sqrt() } else { s * f.r as f32 };
+            let s = if cfg.use_rslora {
+                (new_rank as f32).sqrt()
+            } else {
+                1.0
+            };
+            let alpha = if cfg.use_rslora {
+                s * (f.r as f32).sqrt()
+            } else {
+                s * f.r as f32
+            };
             cfg.rank_pattern.push((regex::escape(name), f.r));
             cfg.alpha_pattern.push((regex::escape(name), alpha));
         }
@@ -243,14 +385,31 @@ pub fn write(dir: &Path, cfg: &PeftConfig, modules: &BTreeMap<String, Factors>) 
     std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
     let mut tensors = Vec::new();
     for (m, f) in modules {
-        tensors.push(crate::write::OutTensor { name: format!("base_model.model.{m}.lora_A.weight"), shape: vec![f.r, f.inp], values: &f.a, dtype: crate::write::OutDtype::F32 });
-        tensors.push(crate::write::OutTensor { name: format!("base_model.model.{m}.lora_B.weight"), shape: vec![f.out, f.r], values: &f.b, dtype: crate::write::OutDtype::F32 });
+        tensors.push(crate::write::OutTensor {
+            name: format!("base_model.model.{m}.lora_A.weight"),
+            shape: vec![f.r, f.inp],
+            values: &f.a,
+            dtype: crate::write::OutDtype::F32,
+        });
+        tensors.push(crate::write::OutTensor {
+            name: format!("base_model.model.{m}.lora_B.weight"),
+            shape: vec![f.out, f.r],
+            values: &f.b,
+            dtype: crate::write::OutDtype::F32,
+        });
     }
-    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
     crate::write::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, meta)?;
     let names: Vec<String> = modules.keys().cloned().collect();
     let json = crate::peft::config_json(cfg, &names, cfg.fan_in_fan_out);
-    crate::write::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&json).expect("serialises").as_bytes())
+    crate::write::write_atomic(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&json)
+            .expect("serialises")
+            .as_bytes(),
+    )
 }
 
 /// Modified Gram-Schmidt (twice, for orthogonality) of the columns of `x` (`n x k`, row-major):
@@ -258,7 +417,10 @@ pub fn write(dir: &Path, cfg: &PeftConfig, modules: &BTreeMap<String, Factors>) 
 fn qr(x: &[f64], n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
     let mut q = x.to_vec();
     let mut r = vec![0.0; k * k];
-    let scale = x.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(f64::MIN_POSITIVE);
+    let scale = x
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
     for j in 0..k {
         for _ in 0..2 {
             for i in 0..j {
@@ -318,7 +480,9 @@ fn jacobi_svd(m: &[f64], k: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
             break;
         }
     }
-    let sig: Vec<f64> = (0..k).map(|j| (0..k).map(|t| a[t * k + j].powi(2)).sum::<f64>().sqrt()).collect();
+    let sig: Vec<f64> = (0..k)
+        .map(|j| (0..k).map(|t| a[t * k + j].powi(2)).sum::<f64>().sqrt())
+        .collect();
     let mut order: Vec<usize> = (0..k).collect();
     order.sort_by(|&x, &y| sig[y].total_cmp(&sig[x]));
     let mut u = vec![0.0; k * k];
@@ -327,7 +491,11 @@ fn jacobi_svd(m: &[f64], k: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     for (nj, &j) in order.iter().enumerate() {
         s[nj] = sig[j];
         for t in 0..k {
-            u[t * k + nj] = if sig[j] > 0.0 { a[t * k + j] / sig[j] } else { 0.0 };
+            u[t * k + nj] = if sig[j] > 0.0 {
+                a[t * k + j] / sig[j]
+            } else {
+                0.0
+            };
             vs[t * k + nj] = v[t * k + j];
         }
     }
@@ -368,11 +536,19 @@ fn svd_combine(present: &[(&Factors, f32)], r: usize, inp: usize, out: usize) ->
     let mut b = vec![0.0f32; out * r];
     for c in 0..keep {
         for o in 0..out {
-            b[o * r + c] = ((0..k).map(|t| qb[o * k + t] * u[t * k + c]).sum::<f64>() * s[c]) as f32;
+            b[o * r + c] =
+                ((0..k).map(|t| qb[o * k + t] * u[t * k + c]).sum::<f64>() * s[c]) as f32;
         }
         for i in 0..inp {
             a[c * inp + i] = (0..k).map(|t| qa[i * k + t] * v[t * k + c]).sum::<f64>() as f32;
         }
     }
-    Factors { a, b, r, inp, out, scale: 1.0 }
+    Factors {
+        a,
+        b,
+        r,
+        inp,
+        out,
+        scale: 1.0,
+    }
 }

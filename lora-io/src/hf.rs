@@ -28,10 +28,18 @@ pub enum ArchConfig {
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IoError::Missing { path: path.into(), what: "JSON file" }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(IoError::Missing {
+                path: path.into(),
+                what: "JSON file",
+            })
+        }
         Err(e) => return Err(io_err(path)(e)),
     };
-    serde_json::from_slice(&text).map_err(|source| IoError::Json { path: path.into(), source })
+    serde_json::from_slice(&text).map_err(|source| IoError::Json {
+        path: path.into(),
+        source,
+    })
 }
 
 struct Fields<'a> {
@@ -41,7 +49,11 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, field: &str, reason: impl Into<String>) -> IoError {
-        IoError::Config { path: self.path.into(), field: field.into(), reason: reason.into() }
+        IoError::Config {
+            path: self.path.into(),
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
     fn get(&self, field: &str) -> Option<&Value> {
         self.v.get(field).filter(|x| !x.is_null())
@@ -49,7 +61,9 @@ impl Fields<'_> {
     fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
         match self.get(field) {
             None => default.ok_or_else(|| self.err(field, "missing")),
-            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| self.err(field, format!("expected a non-negative integer, got {x}"))),
+            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                self.err(field, format!("expected a non-negative integer, got {x}"))
+            }),
         }
     }
     fn usize(&self, field: &str) -> Result<usize> {
@@ -62,19 +76,26 @@ impl Fields<'_> {
     fn f32_or(&self, field: &str, default: f32) -> Result<f32> {
         match self.get(field) {
             None => Ok(default),
-            Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| self.err(field, format!("expected a number, got {x}"))),
+            Some(x) => x
+                .as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| self.err(field, format!("expected a number, got {x}"))),
         }
     }
     fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
-            Some(x) => x.as_bool().ok_or_else(|| self.err(field, format!("expected true or false, got {x}"))),
+            Some(x) => x
+                .as_bool()
+                .ok_or_else(|| self.err(field, format!("expected true or false, got {x}"))),
         }
     }
     fn str_or<'b>(&'b self, field: &str, default: &'b str) -> Result<&'b str> {
         match self.get(field) {
             None => Ok(default),
-            Some(x) => x.as_str().ok_or_else(|| self.err(field, format!("expected a string, got {x}"))),
+            Some(x) => x
+                .as_str()
+                .ok_or_else(|| self.err(field, format!("expected a string, got {x}"))),
         }
     }
 }
@@ -82,12 +103,18 @@ impl Fields<'_> {
 /// Parses a `config.json` value (`path` is only for messages).
 pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
     let f = Fields { path, v };
-    let model_type = f.get("model_type").and_then(|x| x.as_str()).ok_or_else(|| f.err("model_type", "missing"))?;
+    let model_type = f
+        .get("model_type")
+        .and_then(|x| x.as_str())
+        .ok_or_else(|| f.err("model_type", "missing"))?;
     match model_type {
         "gpt2" => {
             let act = f.str_or("activation_function", "gelu_new")?;
             if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
-                return Err(f.err("activation_function", format!("`{act}` is not supported (gelu_new, gelu_pytorch_tanh)")));
+                return Err(f.err(
+                    "activation_function",
+                    format!("`{act}` is not supported (gelu_new, gelu_pytorch_tanh)"),
+                ));
             }
             if !f.bool_or("scale_attn_weights", true)? {
                 return Err(f.err("scale_attn_weights", "false is not supported"));
@@ -118,8 +145,19 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
             // transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
             let rope_params = f.get("rope_parameters");
             let (theta, scaling_v, scaling_field) = match rope_params {
-                Some(p) => (p.get("rope_theta").and_then(|x| x.as_f64()).map(|x| x as f32).unwrap_or(10000.0), Some(p), "rope_parameters"),
-                None => (f.f32_or("rope_theta", 10000.0)?, f.get("rope_scaling"), "rope_scaling"),
+                Some(p) => (
+                    p.get("rope_theta")
+                        .and_then(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .unwrap_or(10000.0),
+                    Some(p),
+                    "rope_parameters",
+                ),
+                None => (
+                    f.f32_or("rope_theta", 10000.0)?,
+                    f.get("rope_scaling"),
+                    "rope_scaling",
+                ),
             };
             let rope_scaling = parse_rope_scaling(&f, scaling_v, scaling_field)?;
             let (qkv_bias, o_bias) = match model_type {
@@ -133,7 +171,13 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
             if model_type == "qwen2" && f.bool_or("use_sliding_window", false)? {
                 return Err(f.err("use_sliding_window", "true is not supported yet"));
             }
-            let sliding_window = if model_type == "mistral" { f.get("sliding_window").and_then(|x| x.as_u64()).map(|x| x as usize) } else { None };
+            let sliding_window = if model_type == "mistral" {
+                f.get("sliding_window")
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as usize)
+            } else {
+                None
+            };
             Ok(ArchConfig::Llama(LlamaConfig {
                 vocab_size: f.usize("vocab_size")?,
                 hidden_size: hidden,
@@ -153,26 +197,43 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                 sliding_window,
             }))
         }
-        other => Err(f.err("model_type", format!("`{other}` is not supported (gpt2, llama, mistral, qwen2)"))),
+        other => Err(f.err(
+            "model_type",
+            format!("`{other}` is not supported (gpt2, llama, mistral, qwen2)"),
+        )),
     }
 }
 
 fn parse_rope_scaling(f: &Fields, v: Option<&Value>, field: &str) -> Result<RopeScaling> {
-    let Some(v) = v else { return Ok(RopeScaling::None) };
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+    let Some(v) = v else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("default");
     let num = |k: &str| -> Result<f32> {
-        v.get(k).and_then(|x| x.as_f64()).map(|x| x as f32).ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number"))
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .map(|x| x as f32)
+            .ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number"))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(f.err(&format!("{field}.rope_type"), format!("`{other}` is not supported (default, linear, llama3)"))),
+        other => Err(f.err(
+            &format!("{field}.rope_type"),
+            format!("`{other}` is not supported (default, linear, llama3)"),
+        )),
     }
 }
 
@@ -193,28 +254,42 @@ impl Weights {
         let mut map = HashMap::new();
         if index.exists() {
             let v = read_json(&index)?;
-            let wm = v.get("weight_map").and_then(|x| x.as_object()).ok_or_else(|| IoError::Config {
-                path: index.clone(),
-                field: "weight_map".into(),
-                reason: "missing or not an object".into(),
-            })?;
+            let wm = v
+                .get("weight_map")
+                .and_then(|x| x.as_object())
+                .ok_or_else(|| IoError::Config {
+                    path: index.clone(),
+                    field: "weight_map".into(),
+                    reason: "missing or not an object".into(),
+                })?;
             let mut by_file: HashMap<String, usize> = HashMap::new();
             let mut shard_names: Vec<&str> = wm.values().filter_map(|x| x.as_str()).collect();
             shard_names.sort_unstable();
             shard_names.dedup();
             for name in shard_names {
                 if name.contains('/') || name.contains("..") {
-                    return Err(IoError::Config { path: index.clone(), field: "weight_map".into(), reason: format!("shard name `{name}` must be a file in the same directory") });
+                    return Err(IoError::Config {
+                        path: index.clone(),
+                        field: "weight_map".into(),
+                        reason: format!("shard name `{name}` must be a file in the same directory"),
+                    });
                 }
                 let p = dir.join(name);
                 if !p.exists() {
-                    return Err(IoError::Missing { path: p, what: "shard listed in model.safetensors.index.json" });
+                    return Err(IoError::Missing {
+                        path: p,
+                        what: "shard listed in model.safetensors.index.json",
+                    });
                 }
                 by_file.insert(name.to_string(), files.len());
                 files.push(SafetensorsFile::open(&p)?);
             }
             for (k, f) in wm {
-                let f = f.as_str().ok_or_else(|| IoError::Config { path: index.clone(), field: format!("weight_map.{k}"), reason: "expected a file name".into() })?;
+                let f = f.as_str().ok_or_else(|| IoError::Config {
+                    path: index.clone(),
+                    field: format!("weight_map.{k}"),
+                    reason: "expected a file name".into(),
+                })?;
                 map.insert(k.clone(), by_file[f]);
             }
         } else if single.exists() {
@@ -226,7 +301,11 @@ impl Weights {
         } else {
             return Err(IoError::Missing { path: single, what: "model weights (model.safetensors or model.safetensors.index.json); pickle .bin checkpoints are not read" });
         }
-        Ok(Self { dir: dir.to_path_buf(), files, map })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            map,
+        })
     }
 
     /// Every stored tensor: name, storage dtype, shape (sorted by name).
@@ -234,7 +313,11 @@ impl Weights {
         let mut v: Vec<_> = self
             .map
             .iter()
-            .filter_map(|(k, &i)| self.files[i].meta(k).map(|m| (k.clone(), m.dtype, m.shape.clone())))
+            .filter_map(|(k, &i)| {
+                self.files[i]
+                    .meta(k)
+                    .map(|m| (k.clone(), m.dtype, m.shape.clone()))
+            })
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -242,7 +325,10 @@ impl Weights {
 
     /// Reads `key` as f32 values, whatever its float dtype.
     pub fn read_f32(&self, key: &str) -> Result<Vec<f32>> {
-        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor { path: self.dir.clone(), key: key.into() })?;
+        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.dir.clone(),
+            key: key.into(),
+        })?;
         Ok(self.files[i].read_f32(key)?.0)
     }
 
@@ -253,7 +339,10 @@ impl Weights {
             (false, Some(bare)) if self.map.contains_key(bare) => bare,
             _ => key,
         };
-        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor { path: self.dir.clone(), key: key.into() })?;
+        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.dir.clone(),
+            key: key.into(),
+        })?;
         self.files[i].tensor(key, expected)
     }
 }
@@ -271,11 +360,17 @@ impl ModelDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(IoError::Missing { path: dir, what: "model directory" });
+            return Err(IoError::Missing {
+                path: dir,
+                what: "model directory",
+            });
         }
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
-            return Err(IoError::Missing { path: cfg_path, what: "config.json: is this a Hugging Face model directory?" });
+            return Err(IoError::Missing {
+                path: cfg_path,
+                what: "config.json: is this a Hugging Face model directory?",
+            });
         }
         let v = read_json(&cfg_path)?;
         let config = parse_config(&cfg_path, &v)?;
@@ -288,12 +383,18 @@ impl ModelDir {
         let ids = |v: &Value| -> Option<Vec<u32>> {
             match v.get("eos_token_id")? {
                 Value::Number(n) => Some(vec![n.as_u64()? as u32]),
-                Value::Array(a) => Some(a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect()),
+                Value::Array(a) => Some(
+                    a.iter()
+                        .filter_map(|x| x.as_u64().map(|n| n as u32))
+                        .collect(),
+                ),
                 _ => None,
             }
         };
         let from = |f: &str| read_json(&self.dir.join(f)).ok().and_then(|v| ids(&v));
-        from("generation_config.json").or_else(|| from("config.json")).unwrap_or_default()
+        from("generation_config.json")
+            .or_else(|| from("config.json"))
+            .unwrap_or_default()
     }
 
     /// Loads the weights and builds the model (all weights frozen).

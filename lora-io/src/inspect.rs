@@ -82,7 +82,9 @@ fn gram_rows(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
     let mut g = vec![0.0f64; rows * rows];
     for i in 0..rows {
         for j in 0..rows {
-            g[i * rows + j] = (0..cols).map(|c| m[i * cols + c] as f64 * m[j * cols + c] as f64).sum();
+            g[i * rows + j] = (0..cols)
+                .map(|c| m[i * cols + c] as f64 * m[j * cols + c] as f64)
+                .sum();
         }
     }
     g
@@ -113,33 +115,70 @@ pub fn inspect(path: &Path) -> Result<Report> {
         let mut modules = Vec::new();
         let mut params = 0;
         for key in f.names() {
-            let Some(module) = key.strip_prefix("base_model.model.").and_then(|k| k.strip_suffix(".lora_A.weight")) else { continue };
+            let Some(module) = key
+                .strip_prefix("base_model.model.")
+                .and_then(|k| k.strip_suffix(".lora_A.weight"))
+            else {
+                continue;
+            };
             let (a, ash) = f.read_f32(key)?;
             let bkey = format!("base_model.model.{module}.lora_B.weight");
             let (b, bsh) = f.read_f32(&bkey)?;
             let r = ash[0];
             if ash.len() != 2 || bsh.len() != 2 || bsh[1] != r {
-                return Err(IoError::Config { path: f.path().into(), field: bkey, reason: format!("A is {ash:?} and B is {bsh:?}: ranks disagree") });
+                return Err(IoError::Config {
+                    path: f.path().into(),
+                    field: bkey,
+                    reason: format!("A is {ash:?} and B is {bsh:?}: ranks disagree"),
+                });
             }
             let lc = cfg.lora_config_for(module)?;
-            let s = if cfg.use_rslora { lc.alpha / (r as f32).sqrt() } else { lc.alpha / r as f32 };
+            let s = if cfg.use_rslora {
+                lc.alpha / (r as f32).sqrt()
+            } else {
+                lc.alpha / r as f32
+            };
             let (ga, gb) = (gram_rows(&a, r, ash[1]), gram_cols(&b, bsh[0], r));
             let delta2: f64 = ga.iter().zip(&gb).map(|(x, y)| x * y).sum();
             params += a.len() + b.len();
-            modules.push(AdapterModule { module: module.into(), r, alpha: lc.alpha, scale: s, norm_a: norm(&a), norm_b: norm(&b), norm_delta: s as f64 * delta2.max(0.0).sqrt() });
+            modules.push(AdapterModule {
+                module: module.into(),
+                r,
+                alpha: lc.alpha,
+                scale: s,
+                norm_a: norm(&a),
+                norm_b: norm(&b),
+                norm_delta: s as f64 * delta2.max(0.0).sqrt(),
+            });
         }
         let target_modules = match &cfg.target_modules {
             crate::peft::Targets::List(l) => l.join(", "),
             crate::peft::Targets::Regex(r) => format!("regex {r}"),
             crate::peft::Targets::AllLinear => "all-linear".into(),
         };
-        return Ok(Report::Adapter { target_modules, use_rslora: cfg.use_rslora, params, modules });
+        return Ok(Report::Adapter {
+            target_modules,
+            use_rslora: cfg.use_rslora,
+            params,
+            modules,
+        });
     }
     if path.is_dir() {
         let md = ModelDir::open(path)?;
         let w = Weights::open(path)?;
-        let tensors: Vec<TensorEntry> = w.entries().into_iter().map(|(name, d, shape)| TensorEntry { name, dtype: format!("{d:?}"), shape }).collect();
-        let params = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        let tensors: Vec<TensorEntry> = w
+            .entries()
+            .into_iter()
+            .map(|(name, d, shape)| TensorEntry {
+                name,
+                dtype: format!("{d:?}"),
+                shape,
+            })
+            .collect();
+        let params = tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         let architecture = match &md.config {
             crate::hf::ArchConfig::Gpt2(c) => format!("gpt2: {} layers, {} hidden, {} heads, vocab {}", c.n_layer, c.n_embd, c.n_head, c.vocab_size),
             crate::hf::ArchConfig::Llama(c) => format!(
@@ -149,13 +188,33 @@ pub fn inspect(path: &Path) -> Result<Report> {
         };
         let model = md.load_model()?;
         let linear_modules = model.linears().into_iter().map(|(n, _)| n).collect();
-        return Ok(Report::Model { architecture, params, linear_modules, tensors });
+        return Ok(Report::Model {
+            architecture,
+            params,
+            linear_modules,
+            tensors,
+        });
     }
     let f = SafetensorsFile::open(path)?;
-    let tensors: Vec<TensorEntry> = f.names().into_iter().map(|n| {
-        let m = f.meta(n).expect("listed");
-        TensorEntry { name: n.into(), dtype: format!("{:?}", m.dtype), shape: m.shape.clone() }
-    }).collect();
-    let params = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
-    Ok(Report::File { params, metadata: f.metadata.clone().into_iter().collect(), tensors })
+    let tensors: Vec<TensorEntry> = f
+        .names()
+        .into_iter()
+        .map(|n| {
+            let m = f.meta(n).expect("listed");
+            TensorEntry {
+                name: n.into(),
+                dtype: format!("{:?}", m.dtype),
+                shape: m.shape.clone(),
+            }
+        })
+        .collect();
+    let params = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    Ok(Report::File {
+        params,
+        metadata: f.metadata.clone().into_iter().collect(),
+        tensors,
+    })
 }

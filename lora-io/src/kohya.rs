@@ -13,8 +13,8 @@ use crate::error::{IoError, Result};
 use crate::peft::{PeftConfig, Targets};
 use crate::safetensors::SafetensorsFile;
 use crate::write::{write_safetensors, OutDtype, OutTensor};
-use std::collections::{BTreeMap, HashMap};
 use lora_core::models::CausalLm;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// The prefixes kohya uses.
@@ -63,13 +63,21 @@ impl KohyaLora {
     /// agree, and no other keys are allowed.
     pub fn read(path: &Path) -> Result<Self> {
         let f = SafetensorsFile::open(path)?;
-        let bad = |key: &str, reason: String| IoError::Config { path: path.into(), field: key.into(), reason };
+        let bad = |key: &str, reason: String| IoError::Config {
+            path: path.into(),
+            field: key.into(),
+            reason,
+        };
         let mut names: Vec<String> = Vec::new();
         for k in f.names() {
             if let Some(n) = k.strip_suffix(".lora_down.weight") {
                 names.push(n.to_string());
             } else if k.ends_with(".lora_up.weight") || k.ends_with(".alpha") {
-                let n = k.rsplit_once(".lora_up.weight").map(|x| x.0).or_else(|| k.strip_suffix(".alpha")).unwrap_or(k);
+                let n = k
+                    .rsplit_once(".lora_up.weight")
+                    .map(|x| x.0)
+                    .or_else(|| k.strip_suffix(".alpha"))
+                    .unwrap_or(k);
                 if f.meta(&format!("{n}.lora_down.weight")).is_none() {
                     return Err(bad(k, "has no matching `.lora_down.weight`".into()));
                 }
@@ -78,12 +86,18 @@ impl KohyaLora {
             }
         }
         if names.is_empty() {
-            return Err(bad("(file)", "no `.lora_down.weight` tensors: not a kohya LoRA file".into()));
+            return Err(bad(
+                "(file)",
+                "no `.lora_down.weight` tensors: not a kohya LoRA file".into(),
+            ));
         }
         let mut modules = Vec::new();
         for n in names {
             if !PREFIXES.iter().any(|p| n.starts_with(&format!("{p}_"))) {
-                return Err(bad(&n, format!("unknown prefix (expected one of {PREFIXES:?})")));
+                return Err(bad(
+                    &n,
+                    format!("unknown prefix (expected one of {PREFIXES:?})"),
+                ));
             }
             let (dv, ds) = f.read_f32(&format!("{n}.lora_down.weight"))?;
             let upk = format!("{n}.lora_up.weight");
@@ -91,20 +105,36 @@ impl KohyaLora {
                 return Err(bad(&upk, "missing".into()));
             }
             let (uv, us) = f.read_f32(&upk)?;
-            if !(ds.len() == 2 || ds.len() == 4) || us.len() != ds.len() || us[1] != ds[0] || ds[0] == 0 {
-                return Err(bad(&n, format!("lora_down {ds:?} and lora_up {us:?} do not form a rank-r pair")));
+            if !(ds.len() == 2 || ds.len() == 4)
+                || us.len() != ds.len()
+                || us[1] != ds[0]
+                || ds[0] == 0
+            {
+                return Err(bad(
+                    &n,
+                    format!("lora_down {ds:?} and lora_up {us:?} do not form a rank-r pair"),
+                ));
             }
             let alpha = match f.meta(&format!("{n}.alpha")) {
                 None => ds[0] as f32,
                 Some(_) => {
                     let (a, _) = f.read_f32(&format!("{n}.alpha"))?;
-                    *a.first().ok_or_else(|| bad(&format!("{n}.alpha"), "empty".into()))?
+                    *a.first()
+                        .ok_or_else(|| bad(&format!("{n}.alpha"), "empty".into()))?
                 }
             };
-            modules.push(KohyaModule { name: n, down: (ds, dv), up: (us, uv), alpha });
+            modules.push(KohyaModule {
+                name: n,
+                down: (ds, dv),
+                up: (us, uv),
+                alpha,
+            });
         }
         modules.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self { modules, metadata: f.metadata.clone().into_iter().collect() })
+        Ok(Self {
+            modules,
+            metadata: f.metadata.clone().into_iter().collect(),
+        })
     }
 
     /// Writes the file (f32 pairs, f32 scalar alpha), atomically.
@@ -112,9 +142,24 @@ impl KohyaLora {
         let alphas: Vec<[f32; 1]> = self.modules.iter().map(|m| [m.alpha]).collect();
         let mut tensors = Vec::new();
         for (m, a) in self.modules.iter().zip(&alphas) {
-            tensors.push(OutTensor { name: format!("{}.lora_down.weight", m.name), shape: m.down.0.clone(), values: &m.down.1, dtype: OutDtype::F32 });
-            tensors.push(OutTensor { name: format!("{}.lora_up.weight", m.name), shape: m.up.0.clone(), values: &m.up.1, dtype: OutDtype::F32 });
-            tensors.push(OutTensor { name: format!("{}.alpha", m.name), shape: vec![], values: a, dtype: OutDtype::F32 });
+            tensors.push(OutTensor {
+                name: format!("{}.lora_down.weight", m.name),
+                shape: m.down.0.clone(),
+                values: &m.down.1,
+                dtype: OutDtype::F32,
+            });
+            tensors.push(OutTensor {
+                name: format!("{}.lora_up.weight", m.name),
+                shape: m.up.0.clone(),
+                values: &m.up.1,
+                dtype: OutDtype::F32,
+            });
+            tensors.push(OutTensor {
+                name: format!("{}.alpha", m.name),
+                shape: vec![],
+                values: a,
+                dtype: OutDtype::F32,
+            });
         }
         write_safetensors(path, &tensors, self.metadata.clone().into_iter().collect())
     }
@@ -123,22 +168,43 @@ impl KohyaLora {
     /// rsLoRA adapter gets `alpha * sqrt(r)`).
     pub fn from_peft(dir: &Path, prefix: &str) -> Result<Self> {
         if !PREFIXES.contains(&prefix) {
-            return Err(IoError::Config { path: dir.into(), field: "--prefix".into(), reason: format!("must be one of {PREFIXES:?}") });
+            return Err(IoError::Config {
+                path: dir.into(),
+                field: "--prefix".into(),
+                reason: format!("must be one of {PREFIXES:?}"),
+            });
         }
         let cfg = PeftConfig::load(dir)?;
         let f = SafetensorsFile::open(dir.join("adapter_model.safetensors"))?;
         let mut modules = Vec::new();
         for k in f.names() {
-            let Some(module) = k.strip_prefix("base_model.model.").and_then(|x| x.strip_suffix(".lora_A.weight")) else { continue };
+            let Some(module) = k
+                .strip_prefix("base_model.model.")
+                .and_then(|x| x.strip_suffix(".lora_A.weight"))
+            else {
+                continue;
+            };
             let down = f.read_f32(k)?;
             let up = f.read_f32(&format!("base_model.model.{module}.lora_B.weight"))?;
             let r = down.1[0];
             let lc = cfg.lora_config_for(module)?;
-            let s = if cfg.use_rslora { lc.alpha / (r as f32).sqrt() } else { lc.alpha / r as f32 };
-            modules.push(KohyaModule { name: flatten(prefix, module), down: (down.1, down.0), up: (up.1, up.0), alpha: s * r as f32 });
+            let s = if cfg.use_rslora {
+                lc.alpha / (r as f32).sqrt()
+            } else {
+                lc.alpha / r as f32
+            };
+            modules.push(KohyaModule {
+                name: flatten(prefix, module),
+                down: (down.1, down.0),
+                up: (up.1, up.0),
+                alpha: s * r as f32,
+            });
         }
         modules.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self { modules, metadata: BTreeMap::new() })
+        Ok(Self {
+            modules,
+            metadata: BTreeMap::new(),
+        })
     }
 
     /// To a PEFT adapter directory for `model` (whose module paths resolve the flattened names).
@@ -148,16 +214,26 @@ impl KohyaLora {
     pub fn to_peft(&self, model: &dyn CausalLm, dir: &Path) -> Result<()> {
         let linears = model.linears();
         let model_modules: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-        let by_flat: HashMap<String, &String> = model_modules.iter().map(|m| (m.replace('.', "_"), m)).collect();
+        let by_flat: HashMap<String, &String> = model_modules
+            .iter()
+            .map(|m| (m.replace('.', "_"), m))
+            .collect();
         let mut resolved = Vec::new();
         for m in &self.modules {
-            let bare = PREFIXES.iter().find_map(|p| m.name.strip_prefix(&format!("{p}_"))).unwrap_or(&m.name);
+            let bare = PREFIXES
+                .iter()
+                .find_map(|p| m.name.strip_prefix(&format!("{p}_")))
+                .unwrap_or(&m.name);
             let path = by_flat.get(bare).ok_or_else(|| IoError::NoTarget {
                 target: format!("kohya module `{}`", m.name),
                 available: model_modules.join(", "),
             })?;
             if m.down.0.len() != 2 {
-                return Err(IoError::Config { path: dir.into(), field: m.name.clone(), reason: "conv (4-D) pairs have no linear module to map to".into() });
+                return Err(IoError::Config {
+                    path: dir.into(),
+                    field: m.name.clone(),
+                    reason: "conv (4-D) pairs have no linear module to map to".into(),
+                });
             }
             resolved.push(((*path).clone(), m));
         }
@@ -166,10 +242,17 @@ impl KohyaLora {
             for x in xs {
                 *c.entry(x).or_default() += 1;
             }
-            c.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k).unwrap_or_default()
+            c.into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(k, _)| k)
+                .unwrap_or_default()
         };
-        let r: usize = mode(resolved.iter().map(|(_, m)| m.rank().to_string()).collect()).parse().unwrap_or(1);
-        let alpha: f32 = mode(resolved.iter().map(|(_, m)| m.alpha.to_string()).collect()).parse().unwrap_or(r as f32);
+        let r: usize = mode(resolved.iter().map(|(_, m)| m.rank().to_string()).collect())
+            .parse()
+            .unwrap_or(1);
+        let alpha: f32 = mode(resolved.iter().map(|(_, m)| m.alpha.to_string()).collect())
+            .parse()
+            .unwrap_or(r as f32);
         let mut rank_pattern = Vec::new();
         let mut alpha_pattern = Vec::new();
         for (path, m) in &resolved {
@@ -199,14 +282,33 @@ impl KohyaLora {
         std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
         let mut tensors = Vec::new();
         for (path, m) in &resolved {
-            tensors.push(OutTensor { name: format!("base_model.model.{path}.lora_A.weight"), shape: m.down.0.clone(), values: &m.down.1, dtype: OutDtype::F32 });
-            tensors.push(OutTensor { name: format!("base_model.model.{path}.lora_B.weight"), shape: m.up.0.clone(), values: &m.up.1, dtype: OutDtype::F32 });
+            tensors.push(OutTensor {
+                name: format!("base_model.model.{path}.lora_A.weight"),
+                shape: m.down.0.clone(),
+                values: &m.down.1,
+                dtype: OutDtype::F32,
+            });
+            tensors.push(OutTensor {
+                name: format!("base_model.model.{path}.lora_B.weight"),
+                shape: m.up.0.clone(),
+                values: &m.up.1,
+                dtype: OutDtype::F32,
+            });
         }
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        let meta = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
         write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, meta)?;
         // GPT-2's Conv1D layers are stored (in, out): PEFT marks such adapters fan_in_fan_out.
-        let fan_in_fan_out = linears.iter().any(|(n, l)| targets.contains(n) && l.base().1 == lora_core::lora::WeightLayout::InOut);
+        let fan_in_fan_out = linears.iter().any(|(n, l)| {
+            targets.contains(n) && l.base().1 == lora_core::lora::WeightLayout::InOut
+        });
         let json = crate::peft::config_json(&cfg, &targets, fan_in_fan_out);
-        crate::write::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&json).expect("serialises").as_bytes())
+        crate::write::write_atomic(
+            &dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&json)
+                .expect("serialises")
+                .as_bytes(),
+        )
     }
 }

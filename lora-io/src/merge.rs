@@ -35,20 +35,39 @@ pub struct MergeReport {
 }
 
 fn is_nonempty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false)
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }
 
 /// Merges `adapter_dir` into the model at `model_dir` and writes the result to `out`.
-pub fn merge_to_dir(model_dir: &Path, adapter_dir: &Path, out: &Path, opts: MergeOptions) -> Result<MergeReport> {
+pub fn merge_to_dir(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out: &Path,
+    opts: MergeOptions,
+) -> Result<MergeReport> {
     if out.exists() && !out.is_dir() {
-        return Err(IoError::Config { path: out.into(), field: "--out".into(), reason: "exists and is not a directory".into() });
+        return Err(IoError::Config {
+            path: out.into(),
+            field: "--out".into(),
+            reason: "exists and is not a directory".into(),
+        });
     }
     if is_nonempty_dir(out) && !opts.force {
-        return Err(IoError::Config { path: out.into(), field: "--out".into(), reason: "directory exists and is not empty (pass --force to replace it)".into() });
+        return Err(IoError::Config {
+            path: out.into(),
+            field: "--out".into(),
+            reason: "directory exists and is not empty (pass --force to replace it)".into(),
+        });
     }
     if let (Ok(a), Ok(b)) = (out.canonicalize(), model_dir.canonicalize()) {
         if a == b {
-            return Err(IoError::Config { path: out.into(), field: "--out".into(), reason: "is the input model directory".into() });
+            return Err(IoError::Config {
+                path: out.into(),
+                field: "--out".into(),
+                reason: "is the input model directory".into(),
+            });
         }
     }
     let md = ModelDir::open(model_dir)?;
@@ -60,7 +79,11 @@ pub fn merge_to_dir(model_dir: &Path, adapter_dir: &Path, out: &Path, opts: Merg
     let mut names = Vec::new();
     for (name, lin) in model.linears_mut() {
         if let Linear::Lora(l) = lin {
-            l.merge().map_err(|e| IoError::Config { path: adapter_dir.into(), field: name.clone(), reason: e.to_string() })?;
+            l.merge().map_err(|e| IoError::Config {
+                path: adapter_dir.into(),
+                field: name.clone(),
+                reason: e.to_string(),
+            })?;
             merged.insert(format!("{name}.weight"), l.weight.to_vec());
             names.push(name);
         }
@@ -68,12 +91,19 @@ pub fn merge_to_dir(model_dir: &Path, adapter_dir: &Path, out: &Path, opts: Merg
 
     let weights = Weights::open(model_dir)?;
     let entries = weights.entries();
-    let mut values: Vec<(String, Vec<usize>, Vec<f32>, OutDtype)> = Vec::with_capacity(entries.len());
+    let mut values: Vec<(String, Vec<usize>, Vec<f32>, OutDtype)> =
+        Vec::with_capacity(entries.len());
     let mut used = 0;
     for (key, dtype, shape) in entries {
-        let stored = OutDtype::from_dtype(dtype).ok_or_else(|| IoError::Dtype { path: model_dir.into(), key: key.clone(), dtype: format!("{dtype:?}") })?;
+        let stored = OutDtype::from_dtype(dtype).ok_or_else(|| IoError::Dtype {
+            path: model_dir.into(),
+            key: key.clone(),
+            dtype: format!("{dtype:?}"),
+        })?;
         // Original GPT-2 files omit the `transformer.` prefix our module paths carry.
-        let m = merged.get(&key).or_else(|| merged.get(&format!("transformer.{key}")));
+        let m = merged
+            .get(&key)
+            .or_else(|| merged.get(&format!("transformer.{key}")));
         let v = match m {
             Some(v) => {
                 used += 1;
@@ -84,30 +114,63 @@ pub fn merge_to_dir(model_dir: &Path, adapter_dir: &Path, out: &Path, opts: Merg
         values.push((key, shape, v, opts.dtype.unwrap_or(stored)));
     }
     if used != merged.len() {
-        return Err(IoError::Config { path: model_dir.into(), field: "weights".into(), reason: format!("{} merged layers but only {used} found in the checkpoint", merged.len()) });
+        return Err(IoError::Config {
+            path: model_dir.into(),
+            field: "weights".into(),
+            reason: format!(
+                "{} merged layers but only {used} found in the checkpoint",
+                merged.len()
+            ),
+        });
     }
 
     // Assemble next to the target, then rename into place.
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = parent.join(format!(".{}.merge-tmp-{}", out.file_name().map_or("out".into(), |n| n.to_string_lossy()), std::process::id()));
+    let tmp = parent.join(format!(
+        ".{}.merge-tmp-{}",
+        out.file_name()
+            .map_or("out".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let result = (|| -> Result<()> {
-        let tensors: Vec<OutTensor> = values.iter().map(|(k, s, v, d)| OutTensor { name: k.clone(), shape: s.clone(), values: v, dtype: *d }).collect();
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        let tensors: Vec<OutTensor> = values
+            .iter()
+            .map(|(k, s, v, d)| OutTensor {
+                name: k.clone(),
+                shape: s.clone(),
+                values: v,
+                dtype: *d,
+            })
+            .collect();
+        let meta = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
         write_safetensors(&tmp.join("model.safetensors"), &tensors, meta)?;
         for entry in std::fs::read_dir(model_dir).map_err(io_err(model_dir))? {
             let entry = entry.map_err(io_err(model_dir))?;
             let p = entry.path();
             let fname = entry.file_name().to_string_lossy().to_string();
-            if !p.is_file() || fname.ends_with(".safetensors") || fname == "model.safetensors.index.json" || fname.ends_with(".bin") {
+            if !p.is_file()
+                || fname.ends_with(".safetensors")
+                || fname == "model.safetensors.index.json"
+                || fname.ends_with(".bin")
+            {
                 continue;
             }
             if fname == "config.json" {
                 let mut cfg = read_json(&p)?;
                 if let (Some(d), Some(obj)) = (opts.dtype, cfg.as_object_mut()) {
-                    let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+                    let key = if obj.contains_key("torch_dtype") {
+                        "torch_dtype"
+                    } else {
+                        "dtype"
+                    };
                     obj.insert(key.into(), d.torch_name().into());
                 }
                 let text = serde_json::to_string_pretty(&cfg).expect("JSON value serialises");
@@ -132,5 +195,9 @@ pub fn merge_to_dir(model_dir: &Path, adapter_dir: &Path, out: &Path, opts: Merg
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result?;
-    Ok(MergeReport { merged: names, tensors: values.len(), out: out.into() })
+    Ok(MergeReport {
+        merged: names,
+        tensors: values.len(),
+        out: out.into(),
+    })
 }

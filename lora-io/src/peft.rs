@@ -38,10 +38,20 @@ impl Targets {
             Value::String(s) => Some(Targets::Regex(s.clone())),
             Value::Array(a) => Some(Targets::List(
                 a.iter()
-                    .map(|x| x.as_str().map(String::from).ok_or_else(|| cfg_err(path, field, "expected a list of strings")))
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .ok_or_else(|| cfg_err(path, field, "expected a list of strings"))
+                    })
                     .collect::<Result<_>>()?,
             )),
-            _ => return Err(cfg_err(path, field, "expected a string or a list of strings")),
+            _ => {
+                return Err(cfg_err(
+                    path,
+                    field,
+                    "expected a string or a list of strings",
+                ))
+            }
         })
     }
 
@@ -55,7 +65,9 @@ impl Targets {
 
     fn matches(&self, module: &str, head: &str) -> Result<bool> {
         Ok(match self {
-            Targets::List(l) => l.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
+            Targets::List(l) => l
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}"))),
             Targets::Regex(r) => full_regex(r)?.is_match(module),
             Targets::AllLinear => module != head,
         })
@@ -63,11 +75,19 @@ impl Targets {
 }
 
 fn full_regex(r: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{r})$")).map_err(|e| IoError::Config { path: PathBuf::from("adapter_config.json"), field: "target_modules".into(), reason: format!("invalid regex: {e}") })
+    Regex::new(&format!("^(?:{r})$")).map_err(|e| IoError::Config {
+        path: PathBuf::from("adapter_config.json"),
+        field: "target_modules".into(),
+        reason: format!("invalid regex: {e}"),
+    })
 }
 
 fn cfg_err(path: &Path, field: &str, reason: impl Into<String>) -> IoError {
-    IoError::Config { path: path.into(), field: field.into(), reason: reason.into() }
+    IoError::Config {
+        path: path.into(),
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The fields of a PEFT `LoraConfig` that decide what is adapted and how.
@@ -108,7 +128,11 @@ impl PeftConfig {
         let get = |k: &str| v.get(k).unwrap_or(&Value::Null);
         let peft_type = get("peft_type").as_str().unwrap_or("LORA");
         if peft_type != "LORA" {
-            return Err(cfg_err(path, "peft_type", format!("`{peft_type}` is not supported (LORA)")));
+            return Err(cfg_err(
+                path,
+                "peft_type",
+                format!("`{peft_type}` is not supported (LORA)"),
+            ));
         }
         if get("use_dora").as_bool().unwrap_or(false) {
             return Err(cfg_err(path, "use_dora", "DoRA adapters are not supported"));
@@ -118,40 +142,97 @@ impl PeftConfig {
         }
         let bias = get("bias").as_str().unwrap_or("none");
         if bias != "none" {
-            return Err(cfg_err(path, "bias", format!("`{bias}` is not supported (none)")));
+            return Err(cfg_err(
+                path,
+                "bias",
+                format!("`{bias}` is not supported (none)"),
+            ));
         }
-        let r = get("r").as_u64().filter(|&r| r > 0).ok_or_else(|| cfg_err(path, "r", "must be a positive integer"))? as usize;
+        let r = get("r")
+            .as_u64()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| cfg_err(path, "r", "must be a positive integer"))?
+            as usize;
         let lora_alpha = match get("lora_alpha") {
             Value::Null => 8.0,
-            x => x.as_f64().ok_or_else(|| cfg_err(path, "lora_alpha", "expected a number"))? as f32,
+            x => x
+                .as_f64()
+                .ok_or_else(|| cfg_err(path, "lora_alpha", "expected a number"))?
+                as f32,
         };
-        let target_modules = Targets::parse(path, "target_modules", get("target_modules"))?.ok_or_else(|| cfg_err(path, "target_modules", "missing"))?;
+        let target_modules = Targets::parse(path, "target_modules", get("target_modules"))?
+            .ok_or_else(|| cfg_err(path, "target_modules", "missing"))?;
         let layers_to_transform = match get("layers_to_transform") {
             Value::Null => None,
-            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| cfg_err(path, "layers_to_transform", "expected a layer index"))? as usize]),
-            Value::Array(a) => Some(a.iter().map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| cfg_err(path, "layers_to_transform", "expected layer indices"))).collect::<Result<_>>()?),
-            _ => return Err(cfg_err(path, "layers_to_transform", "expected an integer or a list")),
+            Value::Number(n) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| cfg_err(path, "layers_to_transform", "expected a layer index"))?
+                as usize]),
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| {
+                        x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                            cfg_err(path, "layers_to_transform", "expected layer indices")
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            _ => {
+                return Err(cfg_err(
+                    path,
+                    "layers_to_transform",
+                    "expected an integer or a list",
+                ))
+            }
         };
         let layers_pattern = match get("layers_pattern") {
             Value::Null => None,
             Value::String(s) => Some(vec![s.clone()]),
-            Value::Array(a) => Some(a.iter().filter_map(|x| x.as_str().map(String::from)).collect()),
-            _ => return Err(cfg_err(path, "layers_pattern", "expected a string or a list")),
+            Value::Array(a) => Some(
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect(),
+            ),
+            _ => {
+                return Err(cfg_err(
+                    path,
+                    "layers_pattern",
+                    "expected a string or a list",
+                ))
+            }
         };
         let pattern = |field: &str| -> Result<Vec<(String, f64)>> {
             match get(field) {
                 Value::Null => Ok(Vec::new()),
-                Value::Object(m) => m.iter().map(|(k, x)| x.as_f64().map(|f| (k.clone(), f)).ok_or_else(|| cfg_err(path, &format!("{field}.{k}"), "expected a number"))).collect(),
+                Value::Object(m) => m
+                    .iter()
+                    .map(|(k, x)| {
+                        x.as_f64().map(|f| (k.clone(), f)).ok_or_else(|| {
+                            cfg_err(path, &format!("{field}.{k}"), "expected a number")
+                        })
+                    })
+                    .collect(),
                 _ => Err(cfg_err(path, field, "expected an object")),
             }
         };
-        let rank_pattern = pattern("rank_pattern")?.into_iter().map(|(k, f)| (k, f as usize)).collect::<Vec<_>>();
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(k, f)| (k, f as usize))
+            .collect::<Vec<_>>();
         if let Some((k, _)) = rank_pattern.iter().find(|(_, r)| *r == 0) {
-            return Err(cfg_err(path, &format!("rank_pattern.{k}"), "rank must be at least 1"));
+            return Err(cfg_err(
+                path,
+                &format!("rank_pattern.{k}"),
+                "rank must be at least 1",
+            ));
         }
         let lora_dropout = get("lora_dropout").as_f64().unwrap_or(0.0) as f32;
         if !(0.0..1.0).contains(&lora_dropout) {
-            return Err(cfg_err(path, "lora_dropout", format!("must be in [0, 1), got {lora_dropout}")));
+            return Err(cfg_err(
+                path,
+                "lora_dropout",
+                format!("must be in [0, 1), got {lora_dropout}"),
+            ));
         }
         Ok(Self {
             r,
@@ -161,7 +242,10 @@ impl PeftConfig {
             layers_to_transform,
             layers_pattern,
             rank_pattern,
-            alpha_pattern: pattern("alpha_pattern")?.into_iter().map(|(k, f)| (k, f as f32)).collect(),
+            alpha_pattern: pattern("alpha_pattern")?
+                .into_iter()
+                .map(|(k, f)| (k, f as f32))
+                .collect(),
             use_rslora: get("use_rslora").as_bool().unwrap_or(false),
             lora_dropout,
             fan_in_fan_out: get("fan_in_fan_out").as_bool().unwrap_or(false),
@@ -210,7 +294,10 @@ impl PeftConfig {
         }
         // As in PEFT, layer filtering applies to name-list targets (and all-linear, which PEFT
         // expands into a name list), not to a regex, which already says what it wants.
-        if let (Some(layers), false) = (&self.layers_to_transform, matches!(self.target_modules, Targets::Regex(_))) {
+        if let (Some(layers), false) = (
+            &self.layers_to_transform,
+            matches!(self.target_modules, Targets::Regex(_)),
+        ) {
             match self.layer_index(module) {
                 Some(i) if layers.contains(&i) => {}
                 _ => return Ok(false),
@@ -221,7 +308,11 @@ impl PeftConfig {
 
     fn pattern_value<T: Copy>(pats: &[(String, T)], module: &str) -> Result<Option<T>> {
         for (k, v) in pats {
-            let re = Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).map_err(|e| IoError::Config { path: PathBuf::from("adapter_config.json"), field: format!("pattern `{k}`"), reason: e.to_string() })?;
+            let re = Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).map_err(|e| IoError::Config {
+                path: PathBuf::from("adapter_config.json"),
+                field: format!("pattern `{k}`"),
+                reason: e.to_string(),
+            })?;
             if re.is_match(module) {
                 return Ok(Some(*v));
             }
@@ -233,7 +324,13 @@ impl PeftConfig {
     pub fn lora_config_for(&self, module: &str) -> Result<LoraConfig> {
         let rank = Self::pattern_value(&self.rank_pattern, module)?.unwrap_or(self.r);
         let alpha = Self::pattern_value(&self.alpha_pattern, module)?.unwrap_or(self.lora_alpha);
-        let cfg = LoraConfig { rank, alpha, use_rslora: self.use_rslora, dropout: self.lora_dropout, init: LoraInit::KaimingUniform };
+        let cfg = LoraConfig {
+            rank,
+            alpha,
+            use_rslora: self.use_rslora,
+            dropout: self.lora_dropout,
+            init: LoraInit::KaimingUniform,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -253,7 +350,10 @@ pub fn inject(model: &mut dyn CausalLm, cfg: &PeftConfig, seed: u64) -> Result<V
     }
     if chosen.is_empty() {
         let available: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
-        return Err(IoError::NoTarget { target: cfg.target_modules.describe(), available: available.join(", ") });
+        return Err(IoError::NoTarget {
+            target: cfg.target_modules.describe(),
+            available: available.join(", "),
+        });
     }
     Ok(chosen)
 }
@@ -263,7 +363,10 @@ pub fn inject(model: &mut dyn CausalLm, cfg: &PeftConfig, seed: u64) -> Result<V
 /// in the file must belong to an adapted module (an adapter for another model is refused).
 pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> {
     if !dir.is_dir() {
-        return Err(IoError::Missing { path: dir.into(), what: "adapter directory" });
+        return Err(IoError::Missing {
+            path: dir.into(),
+            what: "adapter directory",
+        });
     }
     let cfg = PeftConfig::load(dir)?;
     let st = dir.join("adapter_model.safetensors");
@@ -285,7 +388,9 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         }
         let l = match lin {
             lora_core::models::Linear::Lora(l) => l,
-            lora_core::models::Linear::Frozen { .. } => unreachable!("inject wrapped every chosen module"),
+            lora_core::models::Linear::Frozen { .. } => {
+                unreachable!("inject wrapped every chosen module")
+            }
         };
         for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
             let key = format!("base_model.model.{name}.{part}.weight");
@@ -295,7 +400,11 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         }
     }
     if let Some(extra) = file.names().into_iter().find(|k| !used.contains(*k)) {
-        return Err(IoError::Config { path: st, field: extra.to_string(), reason: "tensor does not belong to any adapted module of this model".into() });
+        return Err(IoError::Config {
+            path: st,
+            field: extra.to_string(),
+            reason: "tensor does not belong to any adapted module of this model".into(),
+        });
     }
     Ok(cfg)
 }
@@ -315,7 +424,10 @@ fn targets_json(t: &Targets, adapted: &[String]) -> Value {
         Targets::Regex(r) => Value::from(r.clone()),
         // PEFT saves all-linear expanded into the leaf names it matched.
         Targets::AllLinear => {
-            let mut names: Vec<String> = adapted.iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_string()).collect();
+            let mut names: Vec<String> = adapted
+                .iter()
+                .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
+                .collect();
             names.sort();
             names.dedup();
             Value::from(names)
@@ -326,34 +438,73 @@ fn targets_json(t: &Targets, adapted: &[String]) -> Value {
 /// The `adapter_config.json` PEFT would write for `cfg` (keys sorted, as PEFT's
 /// `json.dumps(..., sort_keys=True)`).
 pub fn config_json(cfg: &PeftConfig, adapted: &[String], fan_in_fan_out: bool) -> Value {
-    let opt_targets = |t: &Option<Targets>| t.as_ref().map_or(Value::Null, |t| targets_json(t, adapted));
-    let pattern = |p: Vec<(String, f64)>| Value::Object(p.into_iter().map(|(k, v)| (k, number(v))).collect());
+    let opt_targets =
+        |t: &Option<Targets>| t.as_ref().map_or(Value::Null, |t| targets_json(t, adapted));
+    let pattern =
+        |p: Vec<(String, f64)>| Value::Object(p.into_iter().map(|(k, v)| (k, number(v))).collect());
     let mut fields: Vec<(&str, Value)> = vec![
-        ("alpha_pattern", pattern(cfg.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect())),
+        (
+            "alpha_pattern",
+            pattern(
+                cfg.alpha_pattern
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v as f64))
+                    .collect(),
+            ),
+        ),
         ("auto_mapping", Value::Null),
-        ("base_model_name_or_path", cfg.base_model_name_or_path.clone().map_or(Value::Null, Value::from)),
+        (
+            "base_model_name_or_path",
+            cfg.base_model_name_or_path
+                .clone()
+                .map_or(Value::Null, Value::from),
+        ),
         ("bias", Value::from("none")),
         ("exclude_modules", opt_targets(&cfg.exclude_modules)),
         ("fan_in_fan_out", Value::from(fan_in_fan_out)),
         ("inference_mode", Value::from(true)),
         ("init_lora_weights", Value::from(true)),
-        ("layers_pattern", cfg.layers_pattern.clone().map_or(Value::Null, Value::from)),
-        ("layers_to_transform", cfg.layers_to_transform.clone().map_or(Value::Null, Value::from)),
+        (
+            "layers_pattern",
+            cfg.layers_pattern.clone().map_or(Value::Null, Value::from),
+        ),
+        (
+            "layers_to_transform",
+            cfg.layers_to_transform
+                .clone()
+                .map_or(Value::Null, Value::from),
+        ),
         ("lora_alpha", number(cfg.lora_alpha as f64)),
         ("lora_bias", Value::from(false)),
         ("lora_dropout", Value::from(cfg.lora_dropout as f64)),
         ("modules_to_save", Value::Null),
         ("peft_type", Value::from("LORA")),
         ("r", Value::from(cfg.r)),
-        ("rank_pattern", pattern(cfg.rank_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect())),
+        (
+            "rank_pattern",
+            pattern(
+                cfg.rank_pattern
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v as f64))
+                    .collect(),
+            ),
+        ),
         ("revision", Value::Null),
         ("target_modules", targets_json(&cfg.target_modules, adapted)),
-        ("task_type", cfg.task_type.clone().map_or(Value::Null, Value::from)),
+        (
+            "task_type",
+            cfg.task_type.clone().map_or(Value::Null, Value::from),
+        ),
         ("use_dora", Value::from(false)),
         ("use_rslora", Value::from(cfg.use_rslora)),
     ];
     fields.sort_by(|a, b| a.0.cmp(b.0));
-    Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 /// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json`,
@@ -367,18 +518,32 @@ pub fn save_adapter(model: &dyn CausalLm, cfg: &PeftConfig, dir: &Path) -> Resul
         let Some(l) = lin.lora() else { continue };
         fan_in_fan_out |= l.layout == lora_core::lora::WeightLayout::InOut;
         for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
-            data.push((format!("base_model.model.{name}.{part}.weight"), t.shape().to_vec(), t.to_vec()));
+            data.push((
+                format!("base_model.model.{name}.{part}.weight"),
+                t.shape().to_vec(),
+                t.to_vec(),
+            ));
         }
         adapted.push(name);
     }
     if adapted.is_empty() {
-        return Err(IoError::NoTarget { target: "(save)".into(), available: "the model has no adapters to save".into() });
+        return Err(IoError::NoTarget {
+            target: "(save)".into(),
+            available: "the model has no adapters to save".into(),
+        });
     }
     let tensors: Vec<crate::write::OutTensor> = data
         .iter()
-        .map(|(n, s, v)| crate::write::OutTensor { name: n.clone(), shape: s.clone(), values: v, dtype: crate::write::OutDtype::F32 })
+        .map(|(n, s, v)| crate::write::OutTensor {
+            name: n.clone(),
+            shape: s.clone(),
+            values: v,
+            dtype: crate::write::OutDtype::F32,
+        })
         .collect();
-    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
     crate::write::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, meta)?;
     let json = config_json(cfg, &adapted, fan_in_fan_out);
     let text = serde_json::to_string_pretty(&json).expect("a JSON value always serialises");

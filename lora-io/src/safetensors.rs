@@ -7,10 +7,10 @@
 use crate::error::{io_err, IoError, Result};
 use lora_core::{ExternalF32, Tensor};
 use memmap2::Mmap;
-use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Metadata of one stored tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,13 +42,22 @@ impl SafetensorsFile {
         // change the bytes we read but not memory safety of the slice accesses, which are all
         // bounds-checked against the map's length.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-        let bad = |reason: String| IoError::Safetensors { path: path.clone(), reason };
+        let bad = |reason: String| IoError::Safetensors {
+            path: path.clone(),
+            reason,
+        };
         if mmap.len() < 8 {
-            return Err(bad(format!("file is {} bytes, shorter than the 8-byte header length", mmap.len())));
+            return Err(bad(format!(
+                "file is {} bytes, shorter than the 8-byte header length",
+                mmap.len()
+            )));
         }
         let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
         if n > mmap.len() - 8 {
-            return Err(bad(format!("header length {n} is larger than the rest of the file ({} bytes)", mmap.len() - 8)));
+            return Err(bad(format!(
+                "header length {n} is larger than the rest of the file ({} bytes)",
+                mmap.len() - 8
+            )));
         }
         // JSON objects may repeat a key and parsers keep one silently: refuse such headers.
         let header = &mmap[8..8 + n];
@@ -61,10 +70,26 @@ impl SafetensorsFile {
         let tensors = meta
             .tensors()
             .into_iter()
-            .map(|(k, info)| (k, TensorMeta { dtype: info.dtype, shape: info.shape.clone(), start: info.data_offsets.0, end: info.data_offsets.1 }))
+            .map(|(k, info)| {
+                (
+                    k,
+                    TensorMeta {
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: info.data_offsets.0,
+                        end: info.data_offsets.1,
+                    },
+                )
+            })
             .collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(Self { path, mmap: Arc::new(mmap), data_start: 8 + n, tensors, metadata })
+        Ok(Self {
+            path,
+            mmap: Arc::new(mmap),
+            data_start: 8 + n,
+            tensors,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -86,13 +111,31 @@ impl SafetensorsFile {
 
     /// Reads `key` as f32 values.
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor { path: self.path.clone(), key: key.into() })?;
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.path.clone(),
+            key: key.into(),
+        })?;
         let bytes = &self.mmap[self.data_start + m.start..self.data_start + m.end];
         let values = match m.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => return Err(IoError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}") }),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(IoError::Dtype {
+                    path: self.path.clone(),
+                    key: key.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         };
         Ok((values, m.shape.clone()))
     }
@@ -100,15 +143,27 @@ impl SafetensorsFile {
     /// Reads `key` as a frozen tensor and checks its shape. F32 data are used in place (memory
     /// mapped) when aligned; other dtypes are converted into owned f32.
     pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
-        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor { path: self.path.clone(), key: key.into() })?;
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.path.clone(),
+            key: key.into(),
+        })?;
         if m.shape != expected {
-            return Err(IoError::TensorShape { path: self.path.clone(), key: key.into(), got: m.shape.clone(), expected: expected.to_vec() });
+            return Err(IoError::TensorShape {
+                path: self.path.clone(),
+                key: key.into(),
+                got: m.shape.clone(),
+                expected: expected.to_vec(),
+            });
         }
         let offset = self.data_start + m.start;
         let len = (m.end - m.start) / 4;
         let aligned = (self.mmap.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
         if m.dtype == Dtype::F32 && aligned && cfg!(target_endian = "little") {
-            let mapped = MappedF32 { map: self.mmap.clone(), offset, len };
+            let mapped = MappedF32 {
+                map: self.mmap.clone(),
+                offset,
+                len,
+            };
             return Ok(Tensor::from_external(Arc::new(mapped), expected)?);
         }
         let (v, _) = self.read_f32(key)?;
@@ -117,12 +172,27 @@ impl SafetensorsFile {
 
     /// Reads an integer tensor (I64/I32) as i64 values (used for token-id fixtures).
     pub fn read_i64(&self, key: &str) -> Result<(Vec<i64>, Vec<usize>)> {
-        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor { path: self.path.clone(), key: key.into() })?;
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.path.clone(),
+            key: key.into(),
+        })?;
         let bytes = &self.mmap[self.data_start + m.start..self.data_start + m.end];
         let v = match m.dtype {
-            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
-            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect(),
-            other => return Err(IoError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}") }),
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            other => {
+                return Err(IoError::Dtype {
+                    path: self.path.clone(),
+                    key: key.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         };
         Ok((v, m.shape.clone()))
     }
@@ -141,7 +211,9 @@ impl ExternalF32 for MappedF32 {
         // length when it was opened), the start is 4-byte aligned (checked in `tensor`), every
         // bit pattern is a valid f32, the target is little-endian, and the map is read-only and
         // kept alive by the Arc for as long as this slice can be borrowed.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const f32, self.len) }
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const f32, self.len)
+        }
     }
 }
 
@@ -156,11 +228,16 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<UniqueKeys, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<UniqueKeys, A::Error> {
                 let mut seen = std::collections::HashSet::new();
                 while let Some(k) = map.next_key::<String>()? {
                     if !seen.insert(k.clone()) {
-                        return Err(serde::de::Error::custom(format!("duplicate tensor name `{k}`")));
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate tensor name `{k}`"
+                        )));
                     }
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }

@@ -16,9 +16,15 @@ impl TextTokenizer {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if !path.exists() {
-            return Err(IoError::Missing { path, what: "tokenizer.json (the model directory needs its tokenizer)" });
+            return Err(IoError::Missing {
+                path,
+                what: "tokenizer.json (the model directory needs its tokenizer)",
+            });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(Self { inner, path })
     }
 
@@ -29,19 +35,36 @@ impl TextTokenizer {
 
     /// Token ids of `text`, with the special tokens the file's post-processor adds.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| IoError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Token ids of `text` without any special tokens (for pieces appended to an encoded text).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| IoError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids` (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| IoError::Tokenizer { path: self.path.clone(), reason: e.to_string() })
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| IoError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// Id of a token string, if the vocabulary has it.

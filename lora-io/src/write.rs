@@ -62,17 +62,33 @@ impl OutDtype {
     fn encode(self, v: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Self::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            Self::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            Self::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Self::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
         }
     }
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| IoError::Missing { path: path.into(), what: "file name" })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| IoError::Missing {
+        path: path.into(),
+        what: "file name",
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all(bytes).map_err(io_err(&tmp))?;
@@ -102,17 +118,40 @@ pub struct OutTensor<'a> {
 }
 
 /// Serialises tensors (sorted by name, as safetensors does) with `metadata`, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: HashMap<String, String>) -> Result<()> {
-    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|t| (t.name.clone(), t.dtype.dtype(), t.shape.clone(), t.dtype.encode(t.values))).collect();
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[OutTensor],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.dtype.dtype(),
+                t.shape.clone(),
+                t.dtype.encode(t.values),
+            )
+        })
+        .collect();
     let views: Vec<(String, TensorView)> = encoded
         .iter()
         .map(|(n, d, s, b)| {
-            let v = TensorView::new(*d, s.clone(), b).map_err(|e| IoError::Safetensors { path: path.into(), reason: format!("{n}: {e:?}") })?;
+            let v = TensorView::new(*d, s.clone(), b).map_err(|e| IoError::Safetensors {
+                path: path.into(),
+                reason: format!("{n}: {e:?}"),
+            })?;
             Ok((n.clone(), v))
         })
         .collect::<Result<_>>()?;
-    let meta = if metadata.is_empty() { None } else { Some(metadata) };
-    let bytes = safetensors::serialize(views, meta).map_err(|e| IoError::Safetensors { path: path.into(), reason: format!("{e:?}") })?;
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata)
+    };
+    let bytes = safetensors::serialize(views, meta).map_err(|e| IoError::Safetensors {
+        path: path.into(),
+        reason: format!("{e:?}"),
+    })?;
     write_atomic(path, &bytes)
 }

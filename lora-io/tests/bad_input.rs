@@ -7,7 +7,9 @@ use lora_io::tokenizer::TextTokenizer;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/parity")
+        .join(name)
 }
 
 /// A fresh copy of a fixture directory tree in the temp dir.
@@ -43,19 +45,33 @@ fn truncated_safetensors() {
     let d = scratch("trunc", &fixture("gpt2/model"));
     let f = d.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     let e = load_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("invalid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("invalid safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
 fn header_length_larger_than_file() {
-    let p = std::env::temp_dir().join(format!("lora-io-bad-{}-hdr.safetensors", std::process::id()));
+    let p = std::env::temp_dir().join(format!(
+        "lora-io-bad-{}-hdr.safetensors",
+        std::process::id()
+    ));
     let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     std::fs::write(&p, &bytes).unwrap();
     let e = SafetensorsFile::open(&p).err().unwrap().to_string();
-    assert!(e.contains("header length 1099511627776 is larger than the rest of the file (2 bytes)"), "{e}");
+    assert!(
+        e.contains("header length 1099511627776 is larger than the rest of the file (2 bytes)"),
+        "{e}"
+    );
     std::fs::write(&p, b"abc").unwrap();
     let e = SafetensorsFile::open(&p).err().unwrap().to_string();
     assert!(e.contains("shorter than the 8-byte header"), "{e}");
@@ -69,10 +85,15 @@ fn header_length_larger_than_file() {
 #[test]
 fn tensor_shape_disagrees_with_config() {
     let d = scratch("shape", &fixture("gpt2/model"));
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"vocab_size\": 300", "\"vocab_size\": 301");
+    let cfg = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("\"vocab_size\": 300", "\"vocab_size\": 301");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("`transformer.wte.weight` has shape [300, 32], config.json implies [301, 32]"), "{e}");
+    assert!(
+        e.contains("`transformer.wte.weight` has shape [300, 32], config.json implies [301, 32]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -80,26 +101,51 @@ fn missing_files_and_tensors() {
     let d = scratch("missing", &fixture("gpt2/model"));
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     let e = TextTokenizer::from_model_dir(&d).err().unwrap().to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not found"),
+        "{e}"
+    );
     std::fs::remove_file(d.join("model.safetensors")).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not found"),
+        "{e}"
+    );
     let e = load_err(&d.join("nope"));
     assert!(e.contains("not found (model directory)"), "{e}");
     // A shard named in the index but absent.
     let s = scratch("shard", &fixture("llama_gqa/model"));
     std::fs::remove_file(s.join("model-00002-of-00004.safetensors")).unwrap();
     let e = load_err(&s);
-    assert!(e.contains("model-00002-of-00004.safetensors") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00004.safetensors") && e.contains("not found"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unsupported_config_values_are_named() {
     for (from, to, needle) in [
-        ("\"model_type\": \"gpt2\"", "\"model_type\": \"bert\"", "field `model_type`: `bert` is not supported"),
-        ("\"activation_function\": \"gelu_new\"", "\"activation_function\": \"relu\"", "field `activation_function`"),
-        ("\"n_head\": 4", "\"n_head\": \"four\"", "field `n_head`: expected a non-negative integer"),
-        ("\"n_layer\": 2", "\"n_layer\": 0", "field `n_layer`: must be at least 1"),
+        (
+            "\"model_type\": \"gpt2\"",
+            "\"model_type\": \"bert\"",
+            "field `model_type`: `bert` is not supported",
+        ),
+        (
+            "\"activation_function\": \"gelu_new\"",
+            "\"activation_function\": \"relu\"",
+            "field `activation_function`",
+        ),
+        (
+            "\"n_head\": 4",
+            "\"n_head\": \"four\"",
+            "field `n_head`: expected a non-negative integer",
+        ),
+        (
+            "\"n_layer\": 2",
+            "\"n_layer\": 0",
+            "field `n_layer`: must be at least 1",
+        ),
     ] {
         let d = scratch("cfg", &fixture("gpt2/model"));
         let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
@@ -117,40 +163,84 @@ fn unsupported_config_values_are_named() {
 #[test]
 fn adapters_that_do_not_fit_the_model() {
     // GPT-2's targets on a Llama model: nothing matches; the message lists what exists.
-    let mut llama = ModelDir::open(fixture("llama_gqa/model")).unwrap().load_model().unwrap();
-    let e = load_adapter(llama.as_mut(), &fixture("gpt2/adapter")).err().unwrap().to_string();
-    assert!(e.contains("matched no module") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
+    let mut llama = ModelDir::open(fixture("llama_gqa/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    let e = load_adapter(llama.as_mut(), &fixture("gpt2/adapter"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("matched no module") && e.contains("model.layers.0.self_attn.q_proj"),
+        "{e}"
+    );
 
     // Rank in the config disagrees with the stored tensors.
     let a = scratch("rank", &fixture("gpt2/adapter"));
-    let cfg = std::fs::read_to_string(a.join("adapter_config.json")).unwrap().replace("\"r\": 4", "\"r\": 8");
+    let cfg = std::fs::read_to_string(a.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"r\": 4", "\"r\": 8");
     std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
-    let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+    let mut gpt2 = ModelDir::open(fixture("gpt2/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
     let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
-    assert!(e.contains("lora_A.weight` has shape [4, 32]") && e.contains("[8, 32]"), "{e}");
+    assert!(
+        e.contains("lora_A.weight` has shape [4, 32]") && e.contains("[8, 32]"),
+        "{e}"
+    );
 
     // Fewer targets than the file has tensors: the extra ones are refused, not ignored.
     let a = scratch("extra", &fixture("gpt2/adapter"));
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
+            .unwrap();
     cfg["target_modules"] = serde_json::json!(["c_attn"]);
     std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+    let mut gpt2 = ModelDir::open(fixture("gpt2/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
     let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
-    assert!(e.contains("mlp.c_fc.lora_") && e.contains("does not belong to any adapted module"), "{e}");
+    assert!(
+        e.contains("mlp.c_fc.lora_") && e.contains("does not belong to any adapted module"),
+        "{e}"
+    );
 
     // Pickle weights only.
     let a = scratch("pickle", &fixture("gpt2/adapter"));
-    std::fs::rename(a.join("adapter_model.safetensors"), a.join("adapter_model.bin")).unwrap();
-    let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+    std::fs::rename(
+        a.join("adapter_model.safetensors"),
+        a.join("adapter_model.bin"),
+    )
+    .unwrap();
+    let mut gpt2 = ModelDir::open(fixture("gpt2/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
     let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
     assert!(e.contains("pickle") && e.contains("never read"), "{e}");
 
     // Unknown peft_type, DoRA.
-    for (from, to, field) in [("\"peft_type\": \"LORA\"", "\"peft_type\": \"IA3\"", "peft_type"), ("\"use_dora\": false", "\"use_dora\": true", "use_dora")] {
+    for (from, to, field) in [
+        (
+            "\"peft_type\": \"LORA\"",
+            "\"peft_type\": \"IA3\"",
+            "peft_type",
+        ),
+        ("\"use_dora\": false", "\"use_dora\": true", "use_dora"),
+    ] {
         let a = scratch("type", &fixture("gpt2/adapter"));
-        let cfg = std::fs::read_to_string(a.join("adapter_config.json")).unwrap().replace(from, to);
+        let cfg = std::fs::read_to_string(a.join("adapter_config.json"))
+            .unwrap()
+            .replace(from, to);
         std::fs::write(a.join("adapter_config.json"), cfg).unwrap();
-        let mut gpt2 = ModelDir::open(fixture("gpt2/model")).unwrap().load_model().unwrap();
+        let mut gpt2 = ModelDir::open(fixture("gpt2/model"))
+            .unwrap()
+            .load_model()
+            .unwrap();
         let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
         assert!(e.contains(&format!("field `{field}`")), "{e}");
     }
@@ -164,8 +254,17 @@ fn duplicate_keys_in_a_safetensors_header_are_refused() {
     let mut bytes = (hdr.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(hdr.as_bytes());
     bytes.extend_from_slice(&[0u8; 8]);
-    let p = std::env::temp_dir().join(format!("lora-io-bad-{}-dup.safetensors", std::process::id()));
+    let p = std::env::temp_dir().join(format!(
+        "lora-io-bad-{}-dup.safetensors",
+        std::process::id()
+    ));
     std::fs::write(&p, &bytes).unwrap();
-    let e = SafetensorsFile::open(&p).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(e.contains("dup.safetensors") && e.contains("duplicate"), "{e}");
+    let e = SafetensorsFile::open(&p)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("dup.safetensors") && e.contains("duplicate"),
+        "{e}"
+    );
 }

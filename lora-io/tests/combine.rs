@@ -13,14 +13,19 @@ fn root() -> PathBuf {
 }
 
 fn inputs() -> Vec<AdapterWeights> {
-    vec![AdapterWeights::read(&root().join("adapter")).unwrap(), AdapterWeights::read(&root().join("adapter2")).unwrap()]
+    vec![
+        AdapterWeights::read(&root().join("adapter")).unwrap(),
+        AdapterWeights::read(&root().join("adapter2")).unwrap(),
+    ]
 }
 
 fn product(f: &Factors) -> Vec<f64> {
     let mut d = vec![0.0; f.out * f.inp];
     for o in 0..f.out {
         for i in 0..f.inp {
-            d[o * f.inp + i] = (0..f.r).map(|j| f.b[o * f.r + j] as f64 * f.a[j * f.inp + i] as f64).sum();
+            d[o * f.inp + i] = (0..f.r)
+                .map(|j| f.b[o * f.r + j] as f64 * f.a[j * f.inp + i] as f64)
+                .sum();
         }
     }
     d
@@ -28,20 +33,33 @@ fn product(f: &Factors) -> Vec<f64> {
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let s = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / s
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / s
 }
 
 #[test]
 fn cat_and_linear_equal_peft_factors() {
-    for (how, dir, rank) in [(Combination::Cat, "cat", 8), (Combination::Linear, "linear", 4)] {
+    for (how, dir, rank) in [
+        (Combination::Cat, "cat", 8),
+        (Combination::Linear, "linear", 4),
+    ] {
         let (cfg, ours) = combine(&inputs(), &[0.7, -1.3], how).unwrap();
         assert_eq!((cfg.r, cfg.lora_alpha), (rank, rank as f32));
         let peft = AdapterWeights::read_unchecked(&root().join("combined").join(dir));
-        assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "{dir}: modules");
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            peft.keys().collect::<Vec<_>>(),
+            "{dir}: modules"
+        );
         for (m, f) in &ours {
             let p = &peft[m];
             assert_eq!((f.r, f.inp, f.out), (p.r, p.inp, p.out), "{dir} {m}: shape");
-            assert!(max_rel(&f.a, &p.a) < 1e-6 && max_rel(&f.b, &p.b) < 1e-6, "{dir} {m}: factors differ");
+            assert!(
+                max_rel(&f.a, &p.a) < 1e-6 && max_rel(&f.b, &p.b) < 1e-6,
+                "{dir} {m}: factors differ"
+            );
         }
     }
 }
@@ -55,7 +73,11 @@ fn svd_equals_peft_update() {
         let p = &peft.modules[m];
         let (x, y) = (product(f), product(p));
         let s = y.iter().fold(1e-9f64, |a, v| a.max(v.abs()));
-        let e = x.iter().zip(&y).fold(0.0f64, |a, (u, v)| a.max((u - v).abs())) / s;
+        let e = x
+            .iter()
+            .zip(&y)
+            .fold(0.0f64, |a, (u, v)| a.max((u - v).abs()))
+            / s;
         assert!(e < 1e-4, "svd {m}: B@A relative error {e:e}");
     }
     // With the full rank, svd reproduces the exact weighted sum (= cat).
@@ -64,7 +86,11 @@ fn svd_equals_peft_update() {
     for (m, f) in &full {
         let (x, y) = (product(f), product(&cat[m]));
         let s = y.iter().fold(1e-9f64, |a, v| a.max(v.abs()));
-        let e = x.iter().zip(&y).fold(0.0f64, |a, (u, v)| a.max((u - v).abs())) / s;
+        let e = x
+            .iter()
+            .zip(&y)
+            .fold(0.0f64, |a, (u, v)| a.max((u - v).abs()))
+            / s;
         assert!(e < 1e-5, "full-rank svd {m}: {e:e}");
     }
 }
@@ -72,9 +98,14 @@ fn svd_equals_peft_update() {
 #[test]
 fn combined_adapters_load_and_peft_subfolders_read() {
     let model_dir = root().join("model");
-    for how in [Combination::Cat, Combination::Linear, Combination::Svd { rank: None }] {
+    for how in [
+        Combination::Cat,
+        Combination::Linear,
+        Combination::Svd { rank: None },
+    ] {
         let (cfg, ours) = combine(&inputs(), &[0.7, -1.3], how).unwrap();
-        let out = std::env::temp_dir().join(format!("lora-io-combine-{}-{how:?}", std::process::id()));
+        let out =
+            std::env::temp_dir().join(format!("lora-io-combine-{}-{how:?}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         write(&out, &cfg, &ours).unwrap();
         let mut m = ModelDir::open(&model_dir).unwrap().load_model().unwrap();
@@ -89,11 +120,16 @@ fn combined_adapters_load_and_peft_subfolders_read() {
     // its config says r=4 with no rank_pattern: a file PEFT itself cannot reload. Refused with
     // the key named (ours records the rank in rank_pattern instead).
     let mut m = ModelDir::open(&model_dir).unwrap().load_model().unwrap();
-    let e = load_adapter(m.as_mut(), &root().join("combined/linear")).unwrap_err().to_string();
+    let e = load_adapter(m.as_mut(), &root().join("combined/linear"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("v_proj.lora_A.weight` has shape [2, 32]"), "{e}");
     // Unequal ranks cannot be combined linearly.
     let two = AdapterWeights::read(&root().join("adapter2")).unwrap();
     let mut r2 = two.clone();
     r2.config.r = 2;
-    assert!(combine(&[two, r2], &[1.0, 1.0], Combination::Linear).unwrap_err().to_string().contains("equal ranks"));
+    assert!(combine(&[two, r2], &[1.0, 1.0], Combination::Linear)
+        .unwrap_err()
+        .to_string()
+        .contains("equal ranks"));
 }

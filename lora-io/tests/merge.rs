@@ -25,10 +25,16 @@ fn logits_err(model_dir: &Path, fixture: &str) -> f32 {
     let r = SafetensorsFile::open(root().join(fixture).join("reference.safetensors")).unwrap();
     let (ids, shape) = r.read_i64("input_ids").unwrap();
     let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
-    let got = m.forward(&Tape::inference(), &ids, shape[0], shape[1], false).unwrap().to_vec();
+    let got = m
+        .forward(&Tape::inference(), &ids, shape[0], shape[1], false)
+        .unwrap()
+        .to_vec();
     let (want, _) = r.read_f32("logits").unwrap();
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    got.iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs())) / scale
+    got.iter()
+        .zip(&want)
+        .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()))
+        / scale
 }
 
 #[test]
@@ -44,7 +50,16 @@ fn merged_models_reproduce_the_adapter_logits() {
             }
             None => tmp(name),
         };
-        let rep = merge_to_dir(&root().join(name).join("model"), &root().join(name).join("adapter"), &out, MergeOptions { dtype: Some(OutDtype::F32), force: false }).unwrap();
+        let rep = merge_to_dir(
+            &root().join(name).join("model"),
+            &root().join(name).join("adapter"),
+            &out,
+            MergeOptions {
+                dtype: Some(OutDtype::F32),
+                force: false,
+            },
+        )
+        .unwrap();
         assert!(!rep.merged.is_empty());
         assert!(out.join("config.json").exists() && out.join("tokenizer.json").exists());
         let e = logits_err(&out, name);
@@ -55,13 +70,23 @@ fn merged_models_reproduce_the_adapter_logits() {
 #[test]
 fn bf16_checkpoint_merges_into_bf16_by_default() {
     let out = tmp("bf16");
-    merge_to_dir(&root().join("llama_bf16/model"), &root().join("llama_bf16/adapter"), &out, MergeOptions::default()).unwrap();
+    merge_to_dir(
+        &root().join("llama_bf16/model"),
+        &root().join("llama_bf16/adapter"),
+        &out,
+        MergeOptions::default(),
+    )
+    .unwrap();
     let f = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
-    assert!(f.names().iter().all(|k| f.meta(k).unwrap().dtype == safetensors::Dtype::BF16));
+    assert!(f
+        .names()
+        .iter()
+        .all(|k| f.meta(k).unwrap().dtype == safetensors::Dtype::BF16));
     // The merged weights are rounded to bf16 (8 bits of mantissa): logits within bf16 tolerance.
     let e = logits_err(&out, "llama_bf16");
     assert!(e < 2e-2, "bf16 merged logits relative error {e:e}");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "bfloat16");
 }
 
@@ -72,30 +97,80 @@ fn existing_outputs_and_nan_adapters_are_refused() {
     let out = tmp("exists");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let e = merge_to_dir(&m, &a, &out, MergeOptions::default()).unwrap_err().to_string();
+    let e = merge_to_dir(&m, &a, &out, MergeOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not empty") && e.contains("--force"), "{e}");
-    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
-    merge_to_dir(&m, &a, &out, MergeOptions { force: true, ..Default::default() }).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    merge_to_dir(
+        &m,
+        &a,
+        &out,
+        MergeOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
-    let e = merge_to_dir(&m, &a, &m, MergeOptions { force: true, ..Default::default() }).unwrap_err().to_string();
+    let e = merge_to_dir(
+        &m,
+        &a,
+        &m,
+        MergeOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("input model directory"), "{e}");
 
     // An adapter with an infinity: nothing is written.
     let bad = tmp("nan-adapter");
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::copy(a.join("adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    std::fs::copy(
+        a.join("adapter_config.json"),
+        bad.join("adapter_config.json"),
+    )
+    .unwrap();
     let src = SafetensorsFile::open(a.join("adapter_model.safetensors")).unwrap();
-    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = src.names().iter().map(|k| {
-        let (v, s) = src.read_f32(k).unwrap();
-        (k.to_string(), s, v)
-    }).collect();
+    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = src
+        .names()
+        .iter()
+        .map(|k| {
+            let (v, s) = src.read_f32(k).unwrap();
+            (k.to_string(), s, v)
+        })
+        .collect();
     data[1].2[0] = f32::INFINITY;
-    let tensors: Vec<lora_io::write::OutTensor> = data.iter().map(|(k, s, v)| lora_io::write::OutTensor { name: k.clone(), shape: s.clone(), values: v, dtype: OutDtype::F32 }).collect();
-    lora_io::write::write_safetensors(&bad.join("adapter_model.safetensors"), &tensors, Default::default()).unwrap();
+    let tensors: Vec<lora_io::write::OutTensor> = data
+        .iter()
+        .map(|(k, s, v)| lora_io::write::OutTensor {
+            name: k.clone(),
+            shape: s.clone(),
+            values: v,
+            dtype: OutDtype::F32,
+        })
+        .collect();
+    lora_io::write::write_safetensors(
+        &bad.join("adapter_model.safetensors"),
+        &tensors,
+        Default::default(),
+    )
+    .unwrap();
     let out = tmp("nan-out");
-    let e = merge_to_dir(&m, &bad, &out, MergeOptions::default()).unwrap_err().to_string();
+    let e = merge_to_dir(&m, &bad, &out, MergeOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("non-finite"), "{e}");
-    assert!(!out.exists(), "nothing may be written when a merge is refused");
+    assert!(
+        !out.exists(),
+        "nothing may be written when a merge is refused"
+    );
 }
 
 #[test]
@@ -105,7 +180,14 @@ fn unwritable_output_fails_cleanly() {
     let f = tmp("parent-file");
     std::fs::write(&f, "not a dir").unwrap();
     let out = f.join("merged");
-    let e = merge_to_dir(&root().join("gpt2/model"), &root().join("gpt2/adapter"), &out, MergeOptions::default()).unwrap_err().to_string();
+    let e = merge_to_dir(
+        &root().join("gpt2/model"),
+        &root().join("gpt2/adapter"),
+        &out,
+        MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("parent-file"), "{e}");
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "not a dir");
 }

@@ -17,13 +17,18 @@ use lora_io::safetensors::SafetensorsFile;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/parity")
+        .join(name)
 }
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs() as f64));
-    got.iter().zip(want).fold(0.0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs())) / scale
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
+        / scale
 }
 
 fn check(name: &str, expect_modules: usize) {
@@ -31,8 +36,17 @@ fn check(name: &str, expect_modules: usize) {
     let md = ModelDir::open(dir.join("model")).unwrap();
     let mut model: Box<dyn CausalLm> = md.load_model().unwrap();
     load_adapter(model.as_mut(), &dir.join("adapter")).unwrap();
-    let adapted: Vec<String> = model.linears().into_iter().filter(|(_, l)| l.lora().is_some()).map(|(n, _)| n).collect();
-    assert_eq!(adapted.len(), expect_modules, "{name}: adapted modules {adapted:?}");
+    let adapted: Vec<String> = model
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.lora().is_some())
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        adapted.len(),
+        expect_modules,
+        "{name}: adapted modules {adapted:?}"
+    );
 
     let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
     let (ids, shape) = reference.read_i64("input_ids").unwrap();
@@ -48,7 +62,12 @@ fn check(name: &str, expect_modules: usize) {
     let loss = causal_lm_loss(&tape, &logits, &ids, b, t).unwrap();
     let (ref_loss, _) = reference.read_f32("loss").unwrap();
     let e = ((loss.scalar().unwrap() - ref_loss[0]) / ref_loss[0]).abs();
-    assert!(e <= 1e-5, "{name}: loss {} vs {} (rel {e:.2e})", loss.scalar().unwrap(), ref_loss[0]);
+    assert!(
+        e <= 1e-5,
+        "{name}: loss {} vs {} (rel {e:.2e})",
+        loss.scalar().unwrap(),
+        ref_loss[0]
+    );
 
     let grads = tape.backward(&loss).unwrap();
     let mut checked = 0;
@@ -57,17 +76,28 @@ fn check(name: &str, expect_modules: usize) {
         for (part, tensor) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
             let key = format!("grad.base_model.model.{module}.{part}.weight");
             let (want, _) = reference.read_f32(&key).unwrap();
-            let got = grads.get(tensor).unwrap_or_else(|| panic!("{name}: no gradient for {module}.{part}"));
+            let got = grads
+                .get(tensor)
+                .unwrap_or_else(|| panic!("{name}: no gradient for {module}.{part}"));
             let e = rel_err(got, &want);
-            assert!(e <= 1e-4, "{name}: {module}.{part} gradient relative error {e:.2e}");
+            assert!(
+                e <= 1e-4,
+                "{name}: {module}.{part} gradient relative error {e:.2e}"
+            );
             checked += 1;
         }
     }
     assert_eq!(checked, 2 * expect_modules);
     // Only the adapter tensors got gradient buffers.
-    assert_eq!(grads.len(), 2 * expect_modules, "{name}: gradient buffers beyond the adapters");
+    assert_eq!(
+        grads.len(),
+        2 * expect_modules,
+        "{name}: gradient buffers beyond the adapters"
+    );
 
-    let base = model.forward(&Tape::inference(), &ids_u32, b, t, false).unwrap();
+    let base = model
+        .forward(&Tape::inference(), &ids_u32, b, t, false)
+        .unwrap();
     let (ref_base, _) = reference.read_f32("base_logits").unwrap();
     let e = rel_err(&base.to_vec(), &ref_base);
     assert!(e <= 1e-5, "{name}: base logits relative error {e:.2e}");
@@ -96,10 +126,25 @@ fn qwen2_bias_tied_regex_rslora_matches() {
 
 #[test]
 fn f32_weights_are_memory_mapped_and_bf16_weights_are_widened() {
-    let model = ModelDir::open(fixture("gpt2").join("model")).unwrap().load_model().unwrap();
-    assert!(model.linears().iter().all(|(_, l)| l.base().0.is_external()), "f32 weights should be read in place");
-    let model = ModelDir::open(fixture("llama_bf16").join("model")).unwrap().load_model().unwrap();
-    assert!(model.linears().iter().all(|(_, l)| !l.base().0.is_external()));
+    let model = ModelDir::open(fixture("gpt2").join("model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    assert!(
+        model
+            .linears()
+            .iter()
+            .all(|(_, l)| l.base().0.is_external()),
+        "f32 weights should be read in place"
+    );
+    let model = ModelDir::open(fixture("llama_bf16").join("model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    assert!(model
+        .linears()
+        .iter()
+        .all(|(_, l)| !l.base().0.is_external()));
 }
 
 #[test]

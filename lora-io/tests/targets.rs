@@ -22,26 +22,55 @@ fn chosen(cfg: serde_json::Value) -> Vec<String> {
 #[test]
 fn list_regex_all_linear_exclude_and_layers() {
     let c = chosen(json!({"r": 2, "target_modules": ["q_proj", "model.layers.1.mlp.down_proj"]}));
-    assert_eq!(c, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]);
+    assert_eq!(
+        c,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj"
+        ]
+    );
     // A suffix must end at a dot: "proj" alone matches nothing.
-    let cfg = PeftConfig::from_json(Path::new("a.json"), &json!({"r": 2, "target_modules": ["proj"]})).unwrap();
+    let cfg = PeftConfig::from_json(
+        Path::new("a.json"),
+        &json!({"r": 2, "target_modules": ["proj"]}),
+    )
+    .unwrap();
     let e = inject(model().as_mut(), &cfg, 0).unwrap_err().to_string();
-    assert!(e.contains("matched no module; available modules: model.layers.0.self_attn.q_proj"), "{e}");
+    assert!(
+        e.contains("matched no module; available modules: model.layers.0.self_attn.q_proj"),
+        "{e}"
+    );
 
     let c = chosen(json!({"r": 2, "target_modules": r".*\.layers\.0\..*_proj"}));
     assert_eq!(c.len(), 7);
     assert!(c.iter().all(|n| n.starts_with("model.layers.0.")));
     // Regex must match the whole path.
-    let cfg = PeftConfig::from_json(Path::new("a.json"), &json!({"r": 2, "target_modules": "q_proj"})).unwrap();
+    let cfg = PeftConfig::from_json(
+        Path::new("a.json"),
+        &json!({"r": 2, "target_modules": "q_proj"}),
+    )
+    .unwrap();
     assert!(inject(model().as_mut(), &cfg, 0).is_err());
 
     let c = chosen(json!({"r": 2, "target_modules": "all-linear"}));
     assert_eq!(c.len(), 14, "all-linear must skip lm_head: {c:?}");
-    let c = chosen(json!({"r": 2, "target_modules": "all-linear", "exclude_modules": ["gate_proj", "up_proj"]}));
+    let c = chosen(
+        json!({"r": 2, "target_modules": "all-linear", "exclude_modules": ["gate_proj", "up_proj"]}),
+    );
     assert_eq!(c.len(), 10);
-    let c = chosen(json!({"r": 2, "target_modules": ["v_proj", "o_proj"], "layers_to_transform": [1]}));
-    assert_eq!(c, ["model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj"]);
-    let c = chosen(json!({"r": 2, "target_modules": ["v_proj"], "layers_to_transform": 0, "layers_pattern": "layers"}));
+    let c =
+        chosen(json!({"r": 2, "target_modules": ["v_proj", "o_proj"], "layers_to_transform": [1]}));
+    assert_eq!(
+        c,
+        [
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.1.self_attn.o_proj"
+        ]
+    );
+    let c = chosen(
+        json!({"r": 2, "target_modules": ["v_proj"], "layers_to_transform": 0, "layers_pattern": "layers"}),
+    );
     assert_eq!(c, ["model.layers.0.self_attn.v_proj"]);
 }
 
@@ -60,9 +89,22 @@ fn rank_and_alpha_patterns() {
         .into_iter()
         .filter_map(|(n, l)| l.lora().map(|l| (n, l.config().rank, l.scale())))
         .collect();
-    assert_eq!(ranks[0], ("model.layers.0.self_attn.q_proj".into(), 4, 8.0 / 2.0));
-    assert_eq!(ranks[1], ("model.layers.0.self_attn.v_proj".into(), 2, 6.0 / 2f32.sqrt()));
-    assert_eq!(ranks[2], ("model.layers.1.self_attn.q_proj".into(), 16, 8.0 / 4.0));
+    assert_eq!(
+        ranks[0],
+        ("model.layers.0.self_attn.q_proj".into(), 4, 8.0 / 2.0)
+    );
+    assert_eq!(
+        ranks[1],
+        (
+            "model.layers.0.self_attn.v_proj".into(),
+            2,
+            6.0 / 2f32.sqrt()
+        )
+    );
+    assert_eq!(
+        ranks[2],
+        ("model.layers.1.self_attn.q_proj".into(), 16, 8.0 / 4.0)
+    );
 }
 
 #[test]
@@ -72,12 +114,26 @@ fn config_fields_are_checked() {
         (json!({"r": 0, "target_modules": ["q_proj"]}), "`r`"),
         (json!({"r": 2}), "`target_modules`"),
         (json!({"r": 2, "target_modules": 5}), "`target_modules`"),
-        (json!({"r": 2, "target_modules": ["q"], "lora_dropout": 1.5}), "`lora_dropout`"),
-        (json!({"r": 2, "target_modules": ["q"], "bias": "all"}), "`bias`"),
-        (json!({"r": 2, "target_modules": ["q"], "rank_pattern": {"q": 0}}), "`rank_pattern.q`"),
+        (
+            json!({"r": 2, "target_modules": ["q"], "lora_dropout": 1.5}),
+            "`lora_dropout`",
+        ),
+        (
+            json!({"r": 2, "target_modules": ["q"], "bias": "all"}),
+            "`bias`",
+        ),
+        (
+            json!({"r": 2, "target_modules": ["q"], "rank_pattern": {"q": 0}}),
+            "`rank_pattern.q`",
+        ),
     ] {
-        let e = PeftConfig::from_json(Path::new("adapter_config.json"), &cfg).unwrap_err().to_string();
-        assert!(e.contains("adapter_config.json") && e.contains(field), "{e}");
+        let e = PeftConfig::from_json(Path::new("adapter_config.json"), &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("adapter_config.json") && e.contains(field),
+            "{e}"
+        );
     }
 }
 
@@ -89,21 +145,44 @@ fn same_modules_ranks_and_scales_as_peft() {
     let cases = lora_io::hf::read_json(&root.join("targets.json")).unwrap();
     for case in cases.as_array().unwrap() {
         let arch = case["model"].as_str().unwrap();
-        let mut m = ModelDir::open(root.join(arch).join("model")).unwrap().load_model().unwrap();
+        let mut m = ModelDir::open(root.join(arch).join("model"))
+            .unwrap()
+            .load_model()
+            .unwrap();
         let cfg = PeftConfig::from_json(Path::new("adapter_config.json"), &case["config"]).unwrap();
         let res = inject(m.as_mut(), &cfg, 0);
         if case.get("error").is_some() {
-            assert!(res.is_err(), "{arch} {}: PEFT found no target, we adapted {:?}", case["config"], res.unwrap());
+            assert!(
+                res.is_err(),
+                "{arch} {}: PEFT found no target, we adapted {:?}",
+                case["config"],
+                res.unwrap()
+            );
             continue;
         }
         res.unwrap_or_else(|e| panic!("{arch} {}: {e}", case["config"]));
         let want = case["modules"].as_object().unwrap();
-        let got: Vec<(String, usize, f32)> = m.linears().into_iter().filter_map(|(n, l)| l.lora().map(|l| (n, l.config().rank, l.scale()))).collect();
-        assert_eq!(got.len(), want.len(), "{arch} {}: {got:?} vs {want:?}", case["config"]);
+        let got: Vec<(String, usize, f32)> = m
+            .linears()
+            .into_iter()
+            .filter_map(|(n, l)| l.lora().map(|l| (n, l.config().rank, l.scale())))
+            .collect();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "{arch} {}: {got:?} vs {want:?}",
+            case["config"]
+        );
         for (name, r, s) in got {
-            let w = want.get(&name).unwrap_or_else(|| panic!("{arch} {}: PEFT did not adapt {name}", case["config"]));
+            let w = want
+                .get(&name)
+                .unwrap_or_else(|| panic!("{arch} {}: PEFT did not adapt {name}", case["config"]));
             assert_eq!(r as u64, w["r"].as_u64().unwrap(), "{name} rank");
-            assert!((s as f64 - w["scaling"].as_f64().unwrap()).abs() < 1e-6, "{name} scaling {s} vs {}", w["scaling"]);
+            assert!(
+                (s as f64 - w["scaling"].as_f64().unwrap()).abs() < 1e-6,
+                "{name} scaling {s} vs {}",
+                w["scaling"]
+            );
         }
     }
 }

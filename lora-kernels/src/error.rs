@@ -68,6 +68,14 @@ pub(crate) fn check_len(
 }
 
 /// Builds an [`KernelError::InvalidArg`].
-pub(crate) fn invalid(op: &'static str, arg: &'static str, reason: impl Into<String>) -> KernelError {
-    KernelError::InvalidArg { op, arg, reason: reason.into() }
+pub(crate) fn invalid(
+    op: &'static str,
+    arg: &'static str,
+    reason: impl Into<String>,
+) -> KernelError {
+    KernelError::InvalidArg {
+        op,
+        arg,
+        reason: reason.into(),
+    }
 }

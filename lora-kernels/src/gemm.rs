@@ -53,7 +53,10 @@ pub fn trace_take() -> Vec<GemmCall> {
 
 fn record(m: usize, n: usize, k: usize) {
     if TRACE_ON.load(Ordering::Relaxed) {
-        TRACE.lock().unwrap_or_else(|e| e.into_inner()).push(GemmCall { m, n, k });
+        TRACE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(GemmCall { m, n, k });
     }
 }
 

@@ -21,8 +21,8 @@ pub mod lora_linear;
 pub mod mixed;
 pub mod ops;
 mod par;
-mod simd;
 pub mod rng;
+mod simd;
 pub mod workload;
 
 pub use error::{KernelError, Result};

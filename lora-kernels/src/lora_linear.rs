@@ -123,11 +123,19 @@ fn check_lora(op: &'static str, l: &LoraWeights, d: LinearDims) -> Result<()> {
     check_len(op, "lora_a", l.a.len(), &[l.rank, d.inp])?;
     check_len(op, "lora_b", l.b.len(), &[d.out, l.rank])?;
     if !l.scale.is_finite() {
-        return Err(invalid(op, "scale", format!("must be finite, got {}", l.scale)));
+        return Err(invalid(
+            op,
+            "scale",
+            format!("must be finite, got {}", l.scale),
+        ));
     }
     if let Some(dr) = l.dropout {
         if !(0.0..1.0).contains(&dr.p) {
-            return Err(invalid(op, "dropout.p", format!("must be in [0, 1), got {}", dr.p)));
+            return Err(invalid(
+                op,
+                "dropout.p",
+                format!("must be in [0, 1), got {}", dr.p),
+            ));
         }
     }
     Ok(())
@@ -173,23 +181,58 @@ pub fn lora_linear_forward(
             check_len(OP, "u", u.len(), &[d.tokens, l.rank])?;
             if use_gemm_for_rank(l) {
                 // u (N, R) = x (N, K) @ A^T
-                matmul(u, x, Trans::No, l.a, Trans::Yes, (d.tokens, l.rank, d.inp), 1.0, false, Par::Auto)?;
+                matmul(
+                    u,
+                    x,
+                    Trans::No,
+                    l.a,
+                    Trans::Yes,
+                    (d.tokens, l.rank, d.inp),
+                    1.0,
+                    false,
+                    Par::Auto,
+                )?;
                 if let Some(b) = base.bias {
-                    for_rows(y, d.out, |_, blk| blk.chunks_exact_mut(d.out).for_each(|r| r.copy_from_slice(b)));
+                    for_rows(y, d.out, |_, blk| {
+                        blk.chunks_exact_mut(d.out)
+                            .for_each(|r| r.copy_from_slice(b))
+                    });
                 }
                 // y (N, M) (+)= s * u (N, R) @ B^T
                 let acc = base.bias.is_some();
-                matmul(y, u, Trans::No, l.b, Trans::Yes, (d.tokens, d.out, l.rank), l.scale, acc, Par::Auto)?;
+                matmul(
+                    y,
+                    u,
+                    Trans::No,
+                    l.b,
+                    Trans::Yes,
+                    (d.tokens, d.out, l.rank),
+                    l.scale,
+                    acc,
+                    Par::Auto,
+                )?;
             } else {
                 shrink_rows(u, x, l.a, d.inp, l.rank, 1.0, l.dropout, None, None);
                 let bt = transpose(l.b, d.out, l.rank); // (R, M), tiny
-                expand_rows(y, u, &bt, d.out, l.rank, l.scale, ExpandInit::Set(base.bias), None);
+                expand_rows(
+                    y,
+                    u,
+                    &bt,
+                    d.out,
+                    l.rank,
+                    l.scale,
+                    ExpandInit::Set(base.bias),
+                    None,
+                );
             }
             true
         }
         None => match base.bias {
             Some(b) => {
-                for_rows(y, d.out, |_, blk| blk.chunks_exact_mut(d.out).for_each(|r| r.copy_from_slice(b)));
+                for_rows(y, d.out, |_, blk| {
+                    blk.chunks_exact_mut(d.out)
+                        .for_each(|r| r.copy_from_slice(b))
+                });
                 true
             }
             None => false,
@@ -199,7 +242,17 @@ pub fn lora_linear_forward(
         WeightLayout::OutIn => Trans::Yes,
         WeightLayout::InOut => Trans::No,
     };
-    matmul(y, x, Trans::No, base.weight, w_t, (d.tokens, d.out, d.inp), 1.0, initialised, Par::Auto)
+    matmul(
+        y,
+        x,
+        Trans::No,
+        base.weight,
+        w_t,
+        (d.tokens, d.out, d.inp),
+        1.0,
+        initialised,
+        Par::Auto,
+    )
 }
 
 /// Backward of [`lora_linear_forward`]. `dy`: `(N, M)`; `u`: what forward wrote (required iff
@@ -217,7 +270,13 @@ pub fn lora_linear_backward(
     check_len(OP, "dy", dy.len(), &[d.tokens, d.out])?;
     check_len(OP, "x", x.len(), &[d.tokens, d.inp])?;
     check_base(OP, base, d)?;
-    let LinearGrads { dx, dw, dbias, da, db } = grads;
+    let LinearGrads {
+        dx,
+        dw,
+        dbias,
+        da,
+        db,
+    } = grads;
     if let Some(dx) = dx.as_deref() {
         check_len(OP, "dx", dx.len(), &[d.tokens, d.inp])?;
     }
@@ -237,16 +296,40 @@ pub fn lora_linear_backward(
         }
         let big = use_gemm_for_rank(l);
         // The row pass computes g whenever it runs for dB, even if only dB is wanted.
-        let g_len = if need_g || (!big && db.is_some()) { d.tokens * r } else { 0 };
+        let g_len = if need_g || (!big && db.is_some()) {
+            d.tokens * r
+        } else {
+            0
+        };
         let mut g = vec![0.0f32; g_len];
         if big {
             if need_g {
                 // g (N, R) = s * dy (N, M) @ B (M, R)
-                matmul(&mut g, dy, Trans::No, l.b, Trans::No, (d.tokens, r, d.out), l.scale, false, Par::Auto)?;
+                matmul(
+                    &mut g,
+                    dy,
+                    Trans::No,
+                    l.b,
+                    Trans::No,
+                    (d.tokens, r, d.out),
+                    l.scale,
+                    false,
+                    Par::Auto,
+                )?;
             }
             if let Some(db) = db {
                 // dB (M, R) += s * dy^T (M, N) @ u (N, R)
-                matmul(db, dy, Trans::Yes, u, Trans::No, (d.out, r, d.tokens), l.scale, true, Par::Auto)?;
+                matmul(
+                    db,
+                    dy,
+                    Trans::Yes,
+                    u,
+                    Trans::No,
+                    (d.out, r, d.tokens),
+                    l.scale,
+                    true,
+                    Par::Auto,
+                )?;
             }
             if let Some(dbias) = dbias.take() {
                 shrink_rows(&mut [], dy, &[], d.out, 0, 1.0, None, Some(dbias), None);
@@ -255,10 +338,24 @@ pub fn lora_linear_backward(
             // One pass over dy: g = s * dy B (dots with the rows of B^T), dB^T += s * u^T dy and
             // db += colsum(dy).
             let bt = transpose(l.b, d.out, r); // (R, M)
-            let mut dbt = if db.is_some() { vec![0.0f32; r * d.out] } else { Vec::new() };
+            let mut dbt = if db.is_some() {
+                vec![0.0f32; r * d.out]
+            } else {
+                Vec::new()
+            };
             let outer = db.is_some().then_some((u, &mut dbt[..]));
             let rr = if g.is_empty() { 0 } else { r };
-            shrink_rows(&mut g, dy, &bt, d.out, rr, l.scale, None, dbias.take(), outer);
+            shrink_rows(
+                &mut g,
+                dy,
+                &bt,
+                d.out,
+                rr,
+                l.scale,
+                None,
+                dbias.take(),
+                outer,
+            );
             if let Some(db) = db {
                 for o in 0..d.out {
                     for j in 0..r {
@@ -271,7 +368,17 @@ pub fn lora_linear_backward(
             check_len(OP, "da", da.len(), &[r, d.inp])?;
             if big {
                 // dA (R, K) += g^T (R, N) @ x (N, K)
-                matmul(da, &g, Trans::Yes, x, Trans::No, (r, d.inp, d.tokens), 1.0, true, Par::Auto)?;
+                matmul(
+                    da,
+                    &g,
+                    Trans::Yes,
+                    x,
+                    Trans::No,
+                    (r, d.inp, d.tokens),
+                    1.0,
+                    true,
+                    Par::Auto,
+                )?;
             } else {
                 outer_accumulate(da, &g, x, d.inp, r, 1.0, l.dropout);
             }
@@ -279,9 +386,28 @@ pub fn lora_linear_backward(
         if let Some(dx) = dx.as_deref_mut() {
             if big {
                 // dx (N, K) += g (N, R) @ A (R, K)
-                matmul(dx, &g, Trans::No, l.a, Trans::No, (d.tokens, d.inp, r), 1.0, true, Par::Auto)?;
+                matmul(
+                    dx,
+                    &g,
+                    Trans::No,
+                    l.a,
+                    Trans::No,
+                    (d.tokens, d.inp, r),
+                    1.0,
+                    true,
+                    Par::Auto,
+                )?;
             } else {
-                expand_rows(dx, &g, l.a, d.inp, r, 1.0, ExpandInit::Accumulate, l.dropout);
+                expand_rows(
+                    dx,
+                    &g,
+                    l.a,
+                    d.inp,
+                    r,
+                    1.0,
+                    ExpandInit::Accumulate,
+                    l.dropout,
+                );
             }
         }
     } else if let Some(dbias) = dbias.take() {
@@ -293,19 +419,49 @@ pub fn lora_linear_backward(
             WeightLayout::OutIn => Trans::No,
             WeightLayout::InOut => Trans::Yes,
         };
-        matmul(dx, dy, Trans::No, base.weight, w_t, (d.tokens, d.inp, d.out), 1.0, true, Par::Auto)?;
+        matmul(
+            dx,
+            dy,
+            Trans::No,
+            base.weight,
+            w_t,
+            (d.tokens, d.inp, d.out),
+            1.0,
+            true,
+            Par::Auto,
+        )?;
     }
     if let Some(dw) = dw {
         match base.layout {
             // dW (M, K) += dy^T (M, N) @ x (N, K)
             WeightLayout::OutIn => {
                 check_len(OP, "dw", dw.len(), &[d.out, d.inp])?;
-                matmul(dw, dy, Trans::Yes, x, Trans::No, (d.out, d.inp, d.tokens), 1.0, true, Par::Auto)?;
+                matmul(
+                    dw,
+                    dy,
+                    Trans::Yes,
+                    x,
+                    Trans::No,
+                    (d.out, d.inp, d.tokens),
+                    1.0,
+                    true,
+                    Par::Auto,
+                )?;
             }
             // dW (K, M) += x^T (K, N) @ dy (N, M)
             WeightLayout::InOut => {
                 check_len(OP, "dw", dw.len(), &[d.inp, d.out])?;
-                matmul(dw, x, Trans::Yes, dy, Trans::No, (d.inp, d.out, d.tokens), 1.0, true, Par::Auto)?;
+                matmul(
+                    dw,
+                    x,
+                    Trans::Yes,
+                    dy,
+                    Trans::No,
+                    (d.inp, d.out, d.tokens),
+                    1.0,
+                    true,
+                    Par::Auto,
+                )?;
             }
         }
     }
@@ -341,7 +497,9 @@ fn expand_rows(
     mask: Option<Dropout>,
 ) {
     for_rows(out, c, |row0, blk| {
-        with_simd!(expand_block(blk, row0, coeffs, mat, c, r, scale, init, mask))
+        with_simd!(expand_block(
+            blk, row0, coeffs, mat, c, r, scale, init, mask
+        ))
     });
 }
 
@@ -359,7 +517,11 @@ fn expand_block<S: Simd>(
     mask: Option<Dropout>,
 ) {
     let mat_rows: Vec<&[f32]> = mat.chunks_exact(c).collect();
-    let mut tmp = if mask.is_some() { vec![0.0f32; c] } else { Vec::new() };
+    let mut tmp = if mask.is_some() {
+        vec![0.0f32; c]
+    } else {
+        Vec::new()
+    };
     let mut co = vec![0.0f32; r];
     for (bi, orow) in blk.chunks_exact_mut(c).enumerate() {
         let i = row0 + bi;
@@ -410,7 +572,11 @@ fn shrink_rows(
     if n == 0 {
         return;
     }
-    let rpt = if n * c < PAR_THRESHOLD { n } else { rows_per_task(n, c) };
+    let rpt = if n * c < PAR_THRESHOLD {
+        n
+    } else {
+        rows_per_task(n, c)
+    };
     let tasks = n.div_ceil(rpt);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let want_sums = colsum.is_some();
@@ -420,18 +586,42 @@ fn shrink_rows(
     };
     let run = |t: usize| -> (Vec<f32>, Vec<f32>) {
         let rows = t * rpt..((t + 1) * rpt).min(n);
-        let mut sums = if want_sums { vec![0.0f32; c] } else { Vec::new() };
-        let mut outer_part = if outer_coeffs.is_some() { vec![0.0f32; r * c] } else { Vec::new() };
+        let mut sums = if want_sums {
+            vec![0.0f32; c]
+        } else {
+            Vec::new()
+        };
+        let mut outer_part = if outer_coeffs.is_some() {
+            vec![0.0f32; r * c]
+        } else {
+            Vec::new()
+        };
         let out_len = rows.len() * r;
         // SAFETY: task t writes only rows [t*rpt, (t+1)*rpt) of `out` (length n*r when r > 0),
         // disjoint from every other task; `out` is mutably borrowed for the whole call.
-        let out_blk = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(rows.start * r), out_len) };
+        let out_blk =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(rows.start * r), out_len) };
         let co = outer_coeffs.map(|co| &co[rows.start * r..rows.end * r]);
-        with_simd!(shrink_block(out_blk, rows.start, &x[rows.start * c..rows.end * c], mat, c, r, scale, mask, &mut sums, co, &mut outer_part));
+        with_simd!(shrink_block(
+            out_blk,
+            rows.start,
+            &x[rows.start * c..rows.end * c],
+            mat,
+            c,
+            r,
+            scale,
+            mask,
+            &mut sums,
+            co,
+            &mut outer_part
+        ));
         (sums, outer_part)
     };
-    let partials: Vec<(Vec<f32>, Vec<f32>)> =
-        if tasks == 1 { vec![run(0)] } else { (0..tasks).into_par_iter().map(run).collect() };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = if tasks == 1 {
+        vec![run(0)]
+    } else {
+        (0..tasks).into_par_iter().map(run).collect()
+    };
     if let Some(cs) = colsum {
         for (p, _) in &partials {
             cs.iter_mut().zip(p).for_each(|(a, b)| *a += b);
@@ -459,8 +649,16 @@ fn shrink_block<S: Simd>(
     outer_coeffs: Option<&[f32]>,
     outer: &mut [f32],
 ) {
-    let mat_rows: Vec<&[f32]> = if r == 0 { Vec::new() } else { mat.chunks_exact(c).collect() };
-    let mut tmp = if mask.is_some() { vec![0.0f32; c] } else { Vec::new() };
+    let mat_rows: Vec<&[f32]> = if r == 0 {
+        Vec::new()
+    } else {
+        mat.chunks_exact(c).collect()
+    };
+    let mut tmp = if mask.is_some() {
+        vec![0.0f32; c]
+    } else {
+        Vec::new()
+    };
     let rows: Vec<&[f32]> = x.chunks_exact(c).collect();
     for (bi, xrow) in rows.iter().enumerate() {
         if !sums.is_empty() {
@@ -489,7 +687,12 @@ fn shrink_block<S: Simd>(
             for j in 0..r {
                 let dst = &mut outer[j * c..(j + 1) * c];
                 if take == 4 {
-                    let cf = [co[i * r + j] * scale, co[(i + 1) * r + j] * scale, co[(i + 2) * r + j] * scale, co[(i + 3) * r + j] * scale];
+                    let cf = [
+                        co[i * r + j] * scale,
+                        co[(i + 1) * r + j] * scale,
+                        co[(i + 2) * r + j] * scale,
+                        co[(i + 3) * r + j] * scale,
+                    ];
                     S::axpy4(dst, cf, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
                 } else {
                     for t in 0..take {
@@ -582,7 +785,12 @@ fn outer_strip<S: Simd>(
         for j in 0..r {
             let a = &mut acc[j * w..(j + 1) * w];
             if take == 4 {
-                let cf = [coeffs[i * r + j], coeffs[(i + 1) * r + j], coeffs[(i + 2) * r + j], coeffs[(i + 3) * r + j]];
+                let cf = [
+                    coeffs[i * r + j],
+                    coeffs[(i + 1) * r + j],
+                    coeffs[(i + 2) * r + j],
+                    coeffs[(i + 3) * r + j],
+                ];
                 S::axpy4(a, cf, src);
             } else {
                 for t in 0..take {
@@ -656,7 +864,9 @@ pub mod reference {
         }
         for i in 0..n {
             for o in 0..out {
-                let mut acc: f64 = (0..inp).map(|k| x[i * inp + k] * w_at(w, layout, o, k, inp, out)).sum();
+                let mut acc: f64 = (0..inp)
+                    .map(|k| x[i * inp + k] * w_at(w, layout, o, k, inp, out))
+                    .sum();
                 if let Some(b) = bias {
                     acc += b[o];
                 }
@@ -710,13 +920,17 @@ pub mod reference {
             let mut g = vec![0.0; n * r];
             for i in 0..n {
                 for j in 0..r {
-                    g[i * r + j] = l.scale * (0..out).map(|o| dy[i * out + o] * l.b[o * r + j]).sum::<f64>();
+                    g[i * r + j] = l.scale
+                        * (0..out)
+                            .map(|o| dy[i * out + o] * l.b[o * r + j])
+                            .sum::<f64>();
                 }
             }
             db = vec![0.0; out * r];
             for o in 0..out {
                 for j in 0..r {
-                    db[o * r + j] = l.scale * (0..n).map(|i| dy[i * out + o] * u[i * r + j]).sum::<f64>();
+                    db[o * r + j] =
+                        l.scale * (0..n).map(|i| dy[i * out + o] * u[i * r + j]).sum::<f64>();
                 }
             }
             da = vec![0.0; r * inp];

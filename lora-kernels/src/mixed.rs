@@ -24,7 +24,13 @@ pub fn lora_linear_mixed_forward(
     check_len(OP, "row_adapter", row_adapter.len(), &[d.tokens])?;
     for (i, &a) in row_adapter.iter().enumerate() {
         if a >= adapters.len() as i32 {
-            return Err(KernelError::IndexOutOfRange { op: OP, arg: "row_adapter", index: i, value: a as i64, limit: adapters.len() });
+            return Err(KernelError::IndexOutOfRange {
+                op: OP,
+                arg: "row_adapter",
+                index: i,
+                value: a as i64,
+                limit: adapters.len(),
+            });
         }
     }
     for l in adapters {
@@ -45,18 +51,36 @@ pub fn lora_linear_mixed_forward(
             t
         })
         .collect();
-    for_row_blocks(y, d.out, |row0, blk| with_simd!(mixed_block(blk, row0, x, adapters, &bts, row_adapter, d)));
+    for_row_blocks(y, d.out, |row0, blk| {
+        with_simd!(mixed_block(blk, row0, x, adapters, &bts, row_adapter, d))
+    });
     Ok(())
 }
 
 #[inline(always)]
-fn mixed_block<S: Simd>(blk: &mut [f32], row0: usize, x: &[f32], adapters: &[LoraWeights], bts: &[Vec<f32>], row_adapter: &[i32], d: LinearDims) {
-    let a_rows: Vec<Vec<&[f32]>> = adapters.iter().map(|l| l.a.chunks_exact(d.inp).collect()).collect();
-    let bt_rows: Vec<Vec<&[f32]>> = bts.iter().map(|t| t.chunks_exact(d.out).collect()).collect();
+fn mixed_block<S: Simd>(
+    blk: &mut [f32],
+    row0: usize,
+    x: &[f32],
+    adapters: &[LoraWeights],
+    bts: &[Vec<f32>],
+    row_adapter: &[i32],
+    d: LinearDims,
+) {
+    let a_rows: Vec<Vec<&[f32]>> = adapters
+        .iter()
+        .map(|l| l.a.chunks_exact(d.inp).collect())
+        .collect();
+    let bt_rows: Vec<Vec<&[f32]>> = bts
+        .iter()
+        .map(|t| t.chunks_exact(d.out).collect())
+        .collect();
     let mut u = Vec::new();
     for (bi, yrow) in blk.chunks_exact_mut(d.out).enumerate() {
         let i = row0 + bi;
-        let Ok(a) = usize::try_from(row_adapter[i]) else { continue };
+        let Ok(a) = usize::try_from(row_adapter[i]) else {
+            continue;
+        };
         let l = &adapters[a];
         u.resize(l.rank, 0.0);
         dot_many::<S>(&mut u, l.scale, &x[i * d.inp..(i + 1) * d.inp], &a_rows[a]);
@@ -75,7 +99,9 @@ pub fn lora_linear_looped_forward(
     d: LinearDims,
 ) -> Result<()> {
     for a in -1..adapters.len() as i32 {
-        let rows: Vec<usize> = (0..d.tokens).filter(|&i| row_adapter[i].max(-1) == a).collect();
+        let rows: Vec<usize> = (0..d.tokens)
+            .filter(|&i| row_adapter[i].max(-1) == a)
+            .collect();
         if rows.is_empty() {
             continue;
         }
@@ -83,14 +109,20 @@ pub fn lora_linear_looped_forward(
         for &i in &rows {
             xs.extend_from_slice(&x[i * d.inp..(i + 1) * d.inp]);
         }
-        let sub = LinearDims { tokens: rows.len(), ..d };
+        let sub = LinearDims {
+            tokens: rows.len(),
+            ..d
+        };
         let mut ys = vec![0.0f32; rows.len() * d.out];
         if a < 0 {
             lora_linear_forward(&mut ys, None, &xs, base, None, sub)?;
         } else {
             let l = &adapters[a as usize];
             let mut u = vec![0.0f32; rows.len() * l.rank];
-            let l = LoraWeights { dropout: None, ..*l };
+            let l = LoraWeights {
+                dropout: None,
+                ..*l
+            };
             lora_linear_forward(&mut ys, Some(&mut u), &xs, base, Some(&l), sub)?;
         }
         for (k, &i) in rows.iter().enumerate() {

@@ -15,7 +15,8 @@ pub(crate) fn has_avx2_fma() -> bool {
     *FLAG.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -73,7 +74,8 @@ impl Simd for Scalar {
                 acc[l] += x[l] * y[l];
             }
         }
-        let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        let mut s =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         for (x, y) in a[n8..].iter().zip(&b[n8..]) {
             s += x * y;
         }
@@ -81,7 +83,12 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     fn dot4(x: &[f32], m: [&[f32]; 4]) -> [f32; 4] {
-        [Self::dot(x, m[0]), Self::dot(x, m[1]), Self::dot(x, m[2]), Self::dot(x, m[3])]
+        [
+            Self::dot(x, m[0]),
+            Self::dot(x, m[1]),
+            Self::dot(x, m[2]),
+            Self::dot(x, m[3]),
+        ]
     }
     #[inline(always)]
     fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
@@ -130,12 +137,18 @@ mod avx2 {
             let mut acc1 = _mm256_setzero_ps();
             let mut i = 0;
             while i + 16 <= n {
-                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(pb.add(i + 8)),
+                    acc1,
+                );
                 i += 16;
             }
             if i + 8 <= n {
-                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
                 i += 8;
             }
             let mut s = hsum(_mm256_add_ps(acc0, acc1));
@@ -207,7 +220,12 @@ mod avx2 {
         let pv = [v[0].as_ptr(), v[1].as_ptr(), v[2].as_ptr(), v[3].as_ptr()];
         // SAFETY: indices < n, within all five slices.
         unsafe {
-            let cv = [_mm256_set1_ps(c[0]), _mm256_set1_ps(c[1]), _mm256_set1_ps(c[2]), _mm256_set1_ps(c[3])];
+            let cv = [
+                _mm256_set1_ps(c[0]),
+                _mm256_set1_ps(c[1]),
+                _mm256_set1_ps(c[2]),
+                _mm256_set1_ps(c[3]),
+            ];
             let mut i = 0;
             while i + 8 <= n {
                 let mut acc = _mm256_loadu_ps(py.add(i));
@@ -263,7 +281,11 @@ impl Simd for Avx2 {
 pub(crate) fn axpy_many<S: Simd>(y: &mut [f32], c: &[f32], rows: &[&[f32]]) {
     let full = c.len() / 4 * 4;
     for j in (0..full).step_by(4) {
-        S::axpy4(y, [c[j], c[j + 1], c[j + 2], c[j + 3]], [rows[j], rows[j + 1], rows[j + 2], rows[j + 3]]);
+        S::axpy4(
+            y,
+            [c[j], c[j + 1], c[j + 2], c[j + 3]],
+            [rows[j], rows[j + 1], rows[j + 2], rows[j + 3]],
+        );
     }
     for j in full..c.len() {
         S::axpy(y, c[j], rows[j]);

@@ -14,7 +14,9 @@ use crate::lora_linear::{
 use crate::rng::Rng;
 
 fn random(len: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
-    (0..len).map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * scale).collect()
+    (0..len)
+        .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 /// One linear layer's buffers, ready to run forward + backward repeatedly.
@@ -23,17 +25,17 @@ pub struct LinearWorkload {
     pub dims: LinearDims,
     /// R; 0 means the frozen base layer alone.
     pub rank: usize,
-    x: Vec<f32>,     // (N, K)
-    w: Vec<f32>,     // (M, K)
+    x: Vec<f32>,            // (N, K)
+    w: Vec<f32>,            // (M, K)
     bias: Option<Vec<f32>>, // (M)
-    a: Vec<f32>,     // (R, K)
-    b: Vec<f32>,     // (M, R)
-    y: Vec<f32>,     // (N, M)
-    u: Vec<f32>,     // (N, R)
-    dy: Vec<f32>,    // (N, M)
-    dx: Vec<f32>,    // (N, K)
-    da: Vec<f32>,    // (R, K)
-    db: Vec<f32>,    // (M, R)
+    a: Vec<f32>,            // (R, K)
+    b: Vec<f32>,            // (M, R)
+    y: Vec<f32>,            // (N, M)
+    u: Vec<f32>,            // (N, R)
+    dy: Vec<f32>,           // (N, M)
+    dx: Vec<f32>,           // (N, K)
+    da: Vec<f32>,           // (R, K)
+    db: Vec<f32>,           // (M, R)
 }
 
 impl LinearWorkload {
@@ -60,14 +62,22 @@ impl LinearWorkload {
 
     /// Useful FLOPs of one forward + backward.
     pub fn flops(&self) -> f64 {
-        let LinearDims { tokens: n, inp: k, out: m } = self.dims;
+        let LinearDims {
+            tokens: n,
+            inp: k,
+            out: m,
+        } = self.dims;
         let (n, k, m, r) = (n as f64, k as f64, m as f64, self.rank as f64);
         4.0 * n * k * m + 2.0 * n * r * (3.0 * k + 3.0 * m)
     }
 
     /// Forward then backward (input gradient, and A/B gradients when there is an adapter).
     pub fn step(&mut self) -> crate::Result<()> {
-        let base = BaseLinear { weight: &self.w, layout: WeightLayout::OutIn, bias: self.bias.as_deref() };
+        let base = BaseLinear {
+            weight: &self.w,
+            layout: WeightLayout::OutIn,
+            bias: self.bias.as_deref(),
+        };
         let lora = (self.rank > 0).then_some(LoraWeights {
             a: &self.a,
             b: &self.b,
@@ -102,7 +112,12 @@ impl GemmWorkload {
     /// Seeded random operands.
     pub fn new(n: usize) -> Self {
         let mut rng = Rng::new(1);
-        Self { n, a: random(n * n, &mut rng, 1.0), b: random(n * n, &mut rng, 1.0), c: vec![0.0; n * n] }
+        Self {
+            n,
+            a: random(n * n, &mut rng, 1.0),
+            b: random(n * n, &mut rng, 1.0),
+            c: vec![0.0; n * n],
+        }
     }
     /// `2 n^3`.
     pub fn flops(&self) -> f64 {
@@ -111,7 +126,17 @@ impl GemmWorkload {
     /// One product.
     pub fn step(&mut self) -> crate::Result<()> {
         let n = self.n;
-        matmul(&mut self.c, &self.a, Trans::No, &self.b, Trans::No, (n, n, n), 1.0, false, Par::Auto)
+        matmul(
+            &mut self.c,
+            &self.a,
+            Trans::No,
+            &self.b,
+            Trans::No,
+            (n, n, n),
+            1.0,
+            false,
+            Par::Auto,
+        )
     }
 }
 
@@ -120,11 +145,11 @@ impl GemmWorkload {
 pub struct MixedWorkload {
     dims: LinearDims,
     rank: usize,
-    x: Vec<f32>,                  // (N, K)
-    w: Vec<f32>,                  // (M, K)
+    x: Vec<f32>,                     // (N, K)
+    w: Vec<f32>,                     // (M, K)
     mats: Vec<(Vec<f32>, Vec<f32>)>, // per adapter: A (R, K), B (M, R)
-    assign: Vec<i32>,             // (N)
-    y: Vec<f32>,                  // (N, M)
+    assign: Vec<i32>,                // (N)
+    y: Vec<f32>,                     // (N, M)
 }
 
 impl MixedWorkload {
@@ -137,7 +162,14 @@ impl MixedWorkload {
             rank,
             x: random(tokens * inp, &mut rng, 1.0),
             w: random(out * inp, &mut rng, ws),
-            mats: (0..adapters).map(|_| (random(rank * inp, &mut rng, ws), random(out * rank, &mut rng, 0.1))).collect(),
+            mats: (0..adapters)
+                .map(|_| {
+                    (
+                        random(rank * inp, &mut rng, ws),
+                        random(out * rank, &mut rng, 0.1),
+                    )
+                })
+                .collect(),
             assign: (0..tokens).map(|i| (i % adapters.max(1)) as i32).collect(),
             y: vec![0.0; tokens * out],
         }
@@ -145,15 +177,44 @@ impl MixedWorkload {
 
     /// Forward FLOPs (base GEMM plus each row's shrink and expand).
     pub fn flops(&self) -> f64 {
-        let LinearDims { tokens: n, inp: k, out: m } = self.dims;
+        let LinearDims {
+            tokens: n,
+            inp: k,
+            out: m,
+        } = self.dims;
         2.0 * n as f64 * k as f64 * m as f64 + 2.0 * n as f64 * self.rank as f64 * (k + m) as f64
     }
 
     /// One forward, with the mixed kernel (`looped = false`) or one layer call per adapter.
     pub fn step(&mut self, looped: bool) -> crate::Result<()> {
-        let base = BaseLinear { weight: &self.w, layout: WeightLayout::OutIn, bias: None };
-        let adapters: Vec<LoraWeights> = self.mats.iter().map(|(a, b)| LoraWeights { a, b, rank: self.rank, scale: 2.0, dropout: None }).collect();
-        let f = if looped { crate::mixed::lora_linear_looped_forward } else { crate::mixed::lora_linear_mixed_forward };
-        f(&mut self.y, &self.x, &base, &adapters, &self.assign, self.dims)
+        let base = BaseLinear {
+            weight: &self.w,
+            layout: WeightLayout::OutIn,
+            bias: None,
+        };
+        let adapters: Vec<LoraWeights> = self
+            .mats
+            .iter()
+            .map(|(a, b)| LoraWeights {
+                a,
+                b,
+                rank: self.rank,
+                scale: 2.0,
+                dropout: None,
+            })
+            .collect();
+        let f = if looped {
+            crate::mixed::lora_linear_looped_forward
+        } else {
+            crate::mixed::lora_linear_mixed_forward
+        };
+        f(
+            &mut self.y,
+            &self.x,
+            &base,
+            &adapters,
+            &self.assign,
+            self.dims,
+        )
     }
 }

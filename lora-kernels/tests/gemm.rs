@@ -27,13 +27,38 @@ fn overwrite_never_reads_dst() {
     let a = rand_vec(6, 1, 1.0);
     let b = rand_vec(6, 2, 1.0);
     let mut c = vec![f32::NAN; 4];
-    matmul(&mut c, &a, Trans::No, &b, Trans::No, (2, 2, 3), 1.0, false, Par::Auto).unwrap();
+    matmul(
+        &mut c,
+        &a,
+        Trans::No,
+        &b,
+        Trans::No,
+        (2, 2, 3),
+        1.0,
+        false,
+        Par::Auto,
+    )
+    .unwrap();
     assert!(c.iter().all(|v| v.is_finite()));
 }
 
 #[test]
 fn wrong_lengths_are_named() {
     let mut c = vec![0.0; 4];
-    let err = matmul(&mut c, &[0.0; 5], Trans::No, &[0.0; 6], Trans::No, (2, 2, 3), 1.0, false, Par::Auto).unwrap_err();
-    assert!(err.to_string().contains("`lhs` has 5 elements, expected 6"), "{err}");
+    let err = matmul(
+        &mut c,
+        &[0.0; 5],
+        Trans::No,
+        &[0.0; 6],
+        Trans::No,
+        (2, 2, 3),
+        1.0,
+        false,
+        Par::Auto,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("`lhs` has 5 elements, expected 6"),
+        "{err}"
+    );
 }

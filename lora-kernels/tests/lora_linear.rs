@@ -8,8 +8,8 @@
 mod common;
 use common::*;
 use lora_kernels::lora_linear::{
-    lora_linear_backward, lora_linear_forward, reference, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights,
-    WeightLayout,
+    lora_linear_backward, lora_linear_forward, reference, BaseLinear, Dropout, LinearDims,
+    LinearGrads, LoraWeights, WeightLayout,
 };
 use proptest::prelude::*;
 
@@ -27,8 +27,22 @@ struct Case {
 }
 
 fn run_case(c: &Case) {
-    let Case { n, k, m, r, layout, bias, dropout, train_w, seed } = c.clone();
-    let dims = LinearDims { tokens: n, inp: k, out: m };
+    let Case {
+        n,
+        k,
+        m,
+        r,
+        layout,
+        bias,
+        dropout,
+        train_w,
+        seed,
+    } = c.clone();
+    let dims = LinearDims {
+        tokens: n,
+        inp: k,
+        out: m,
+    };
     let x = rand_vec(n * k, seed, 1.0);
     let w = rand_vec(m * k, seed ^ 1, 0.5);
     let b = rand_vec(m, seed ^ 2, 0.5);
@@ -37,18 +51,50 @@ fn run_case(c: &Case) {
     let dy = rand_vec(n * m, seed ^ 5, 1.0);
     let drop = dropout.map(|p| Dropout { p, seed: seed ^ 6 });
     let scale = 1.7f32;
-    let base = BaseLinear { weight: &w, layout, bias: bias.then_some(&b[..]) };
-    let lora = (r > 0).then_some(LoraWeights { a: &a, b: &bm, rank: r, scale, dropout: drop });
+    let base = BaseLinear {
+        weight: &w,
+        layout,
+        bias: bias.then_some(&b[..]),
+    };
+    let lora = (r > 0).then_some(LoraWeights {
+        a: &a,
+        b: &bm,
+        rank: r,
+        scale,
+        dropout: drop,
+    });
 
     // Poison outputs: everything must be written (y) or accumulated onto (grads) exactly.
     let mut y = vec![f32::NAN; n * m];
     let mut u = vec![f32::NAN; n * r];
-    lora_linear_forward(&mut y, (r > 0).then_some(&mut u[..]), &x, &base, lora.as_ref(), dims).unwrap();
+    lora_linear_forward(
+        &mut y,
+        (r > 0).then_some(&mut u[..]),
+        &x,
+        &base,
+        lora.as_ref(),
+        dims,
+    )
+    .unwrap();
 
-    let (x64, w64, b64, a64, bm64, dy64) = (f64s(&x), f64s(&w), f64s(&b), f64s(&a), f64s(&bm), f64s(&dy));
-    let rl = reference::Lora { a: &a64, b: &bm64, rank: r, scale: scale as f64, dropout: drop };
+    let (x64, w64, b64, a64, bm64, dy64) =
+        (f64s(&x), f64s(&w), f64s(&b), f64s(&a), f64s(&bm), f64s(&dy));
+    let rl = reference::Lora {
+        a: &a64,
+        b: &bm64,
+        rank: r,
+        scale: scale as f64,
+        dropout: drop,
+    };
     let rlora = (r > 0).then_some(&rl);
-    let (y_ref, u_ref) = reference::forward(&x64, &w64, layout, bias.then_some(&b64[..]), rlora, (n, k, m));
+    let (y_ref, u_ref) = reference::forward(
+        &x64,
+        &w64,
+        layout,
+        bias.then_some(&b64[..]),
+        rlora,
+        (n, k, m),
+    );
     assert_close("y", &y, &y_ref, 1e-5);
     if r > 0 {
         assert_close("u", &u, &u_ref, 1e-5);
@@ -68,8 +114,18 @@ fn run_case(c: &Case) {
         da: (r > 0).then_some(&mut da[..]),
         db: (r > 0).then_some(&mut dbm[..]),
     };
-    lora_linear_backward(grads, &dy, &x, &base, lora.as_ref(), (r > 0).then_some(&u[..]), dims).unwrap();
-    let (dx_r, dw_r, dbias_r, da_r, db_r) = reference::backward(&dy64, &x64, &w64, layout, rlora, (n, k, m));
+    lora_linear_backward(
+        grads,
+        &dy,
+        &x,
+        &base,
+        lora.as_ref(),
+        (r > 0).then_some(&u[..]),
+        dims,
+    )
+    .unwrap();
+    let (dx_r, dw_r, dbias_r, da_r, db_r) =
+        reference::backward(&dy64, &x64, &w64, layout, rlora, (n, k, m));
     let sub = |v: &[f32]| v.iter().map(|g| g - init).collect::<Vec<f32>>();
     assert_close("dx", &sub(&dx), &dx_r, 2e-5);
     if train_w {
@@ -117,7 +173,17 @@ fn edge_shapes() {
         (3, 5, 7, 100, None),
     ] {
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            run_case(&Case { n, k, m, r, layout, bias: true, dropout, train_w: false, seed: 9 });
+            run_case(&Case {
+                n,
+                k,
+                m,
+                r,
+                layout,
+                bias: true,
+                dropout,
+                train_w: false,
+                seed: 9,
+            });
         }
     }
 }
@@ -135,18 +201,38 @@ fn reference_backward_matches_finite_differences() {
             let dy = f64s(&rand_vec(n * m, 6, 1.0));
             let s = 0.8;
             let fwd = |x: &[f64], w: &[f64], b: &[f64], a: &[f64], bm: &[f64]| {
-                let l = reference::Lora { a, b: bm, rank: r, scale: s, dropout };
+                let l = reference::Lora {
+                    a,
+                    b: bm,
+                    rank: r,
+                    scale: s,
+                    dropout,
+                };
                 reference::forward(x, w, layout, Some(b), Some(&l), (n, k, m)).0
             };
-            let l = reference::Lora { a: &a, b: &bm, rank: r, scale: s, dropout };
-            let (dx, dw, dbias, da, db) = reference::backward(&dy, &x, &w, layout, Some(&l), (n, k, m));
+            let l = reference::Lora {
+                a: &a,
+                b: &bm,
+                rank: r,
+                scale: s,
+                dropout,
+            };
+            let (dx, dw, dbias, da, db) =
+                reference::backward(&dy, &x, &w, layout, Some(&l), (n, k, m));
             let close = |what: &str, got: &[f64], want: &[f64]| {
-                let e = got.iter().zip(want).fold(0.0f64, |e, (g, w)| e.max((g - w).abs()));
+                let e = got
+                    .iter()
+                    .zip(want)
+                    .fold(0.0f64, |e, (g, w)| e.max((g - w).abs()));
                 assert!(e < 1e-6, "{what}: {e:e}");
             };
             close("dx", &dx, &fd_grad(&x, &dy, |v| fwd(v, &w, &b, &a, &bm)));
             close("dw", &dw, &fd_grad(&w, &dy, |v| fwd(&x, v, &b, &a, &bm)));
-            close("dbias", &dbias, &fd_grad(&b, &dy, |v| fwd(&x, &w, v, &a, &bm)));
+            close(
+                "dbias",
+                &dbias,
+                &fd_grad(&b, &dy, |v| fwd(&x, &w, v, &a, &bm)),
+            );
             close("da", &da, &fd_grad(&a, &dy, |v| fwd(&x, &w, &b, v, &bm)));
             close("db", &db, &fd_grad(&bm, &dy, |v| fwd(&x, &w, &b, &a, v)));
         }
@@ -155,14 +241,28 @@ fn reference_backward_matches_finite_differences() {
 
 #[test]
 fn dropout_mask_is_reproducible_and_seed_dependent() {
-    let dims = LinearDims { tokens: 4, inp: 32, out: 8 };
+    let dims = LinearDims {
+        tokens: 4,
+        inp: 32,
+        out: 8,
+    };
     let x = rand_vec(4 * 32, 1, 1.0);
     let w = rand_vec(8 * 32, 2, 1.0);
     let a = rand_vec(4 * 32, 3, 1.0);
     let b = rand_vec(8 * 4, 4, 1.0);
     let run = |seed| {
-        let lora = LoraWeights { a: &a, b: &b, rank: 4, scale: 1.0, dropout: Some(Dropout { p: 0.5, seed }) };
-        let base = BaseLinear { weight: &w, layout: WeightLayout::OutIn, bias: None };
+        let lora = LoraWeights {
+            a: &a,
+            b: &b,
+            rank: 4,
+            scale: 1.0,
+            dropout: Some(Dropout { p: 0.5, seed }),
+        };
+        let base = BaseLinear {
+            weight: &w,
+            layout: WeightLayout::OutIn,
+            bias: None,
+        };
         let (mut y, mut u) = (vec![0.0; 32], vec![0.0; 16]);
         lora_linear_forward(&mut y, Some(&mut u), &x, &base, Some(&lora), dims).unwrap();
         y
@@ -173,17 +273,50 @@ fn dropout_mask_is_reproducible_and_seed_dependent() {
 
 #[test]
 fn bad_arguments_are_errors_naming_the_argument() {
-    let dims = LinearDims { tokens: 2, inp: 3, out: 4 };
-    let base = BaseLinear { weight: &[0.0; 12], layout: WeightLayout::OutIn, bias: None };
+    let dims = LinearDims {
+        tokens: 2,
+        inp: 3,
+        out: 4,
+    };
+    let base = BaseLinear {
+        weight: &[0.0; 12],
+        layout: WeightLayout::OutIn,
+        bias: None,
+    };
     let a = [0.0; 6];
     let b = [0.0; 7]; // should be 8
-    let lora = LoraWeights { a: &a, b: &b, rank: 2, scale: 1.0, dropout: None };
+    let lora = LoraWeights {
+        a: &a,
+        b: &b,
+        rank: 2,
+        scale: 1.0,
+        dropout: None,
+    };
     let (mut y, mut u) = (vec![0.0; 8], vec![0.0; 4]);
-    let e = lora_linear_forward(&mut y, Some(&mut u), &[0.0; 6], &base, Some(&lora), dims).unwrap_err();
+    let e =
+        lora_linear_forward(&mut y, Some(&mut u), &[0.0; 6], &base, Some(&lora), dims).unwrap_err();
     assert!(e.to_string().contains("lora_b"), "{e}");
-    let lora = LoraWeights { a: &a, b: &[0.0; 8], rank: 2, scale: 1.0, dropout: Some(Dropout { p: 1.0, seed: 0 }) };
-    let e = lora_linear_forward(&mut y, Some(&mut u), &[0.0; 6], &base, Some(&lora), dims).unwrap_err();
+    let lora = LoraWeights {
+        a: &a,
+        b: &[0.0; 8],
+        rank: 2,
+        scale: 1.0,
+        dropout: Some(Dropout { p: 1.0, seed: 0 }),
+    };
+    let e =
+        lora_linear_forward(&mut y, Some(&mut u), &[0.0; 6], &base, Some(&lora), dims).unwrap_err();
     assert!(e.to_string().contains("dropout.p"), "{e}");
-    let e = lora_linear_forward(&mut y, None, &[0.0; 6], &base, Some(&LoraWeights { dropout: None, ..lora }), dims).unwrap_err();
+    let e = lora_linear_forward(
+        &mut y,
+        None,
+        &[0.0; 6],
+        &base,
+        Some(&LoraWeights {
+            dropout: None,
+            ..lora
+        }),
+        dims,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("`u`"), "{e}");
 }

@@ -3,7 +3,9 @@
 
 mod common;
 use common::*;
-use lora_kernels::lora_linear::{lora_linear_forward, BaseLinear, LinearDims, LoraWeights, WeightLayout};
+use lora_kernels::lora_linear::{
+    lora_linear_forward, BaseLinear, LinearDims, LoraWeights, WeightLayout,
+};
 use lora_kernels::mixed::{lora_linear_looped_forward, lora_linear_mixed_forward};
 use proptest::prelude::*;
 
@@ -44,11 +46,27 @@ proptest! {
 
 #[test]
 fn adapter_index_out_of_range_is_named() {
-    let d = LinearDims { tokens: 2, inp: 3, out: 2 };
-    let base = BaseLinear { weight: &[0.0; 6], layout: WeightLayout::OutIn, bias: None };
+    let d = LinearDims {
+        tokens: 2,
+        inp: 3,
+        out: 2,
+    };
+    let base = BaseLinear {
+        weight: &[0.0; 6],
+        layout: WeightLayout::OutIn,
+        bias: None,
+    };
     let a = [0.0; 3];
     let b = [0.0; 2];
-    let ad = [LoraWeights { a: &a, b: &b, rank: 1, scale: 1.0, dropout: None }];
-    let e = lora_linear_mixed_forward(&mut [0.0; 4], &[0.0; 6], &base, &ad, &[0, 1], d).unwrap_err().to_string();
+    let ad = [LoraWeights {
+        a: &a,
+        b: &b,
+        rank: 1,
+        scale: 1.0,
+        dropout: None,
+    }];
+    let e = lora_linear_mixed_forward(&mut [0.0; 4], &[0.0; 6], &base, &ad, &[0, 1], d)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`row_adapter`[1] = 1"), "{e}");
 }

@@ -7,7 +7,9 @@
 
 mod common;
 use common::*;
-use lora_kernels::ops::attention::{self, attention_backward, attention_decode, attention_forward, AttnDims};
+use lora_kernels::ops::attention::{
+    self, attention_backward, attention_decode, attention_forward, AttnDims,
+};
 use lora_kernels::ops::cross_entropy::{self, cross_entropy_backward, cross_entropy_forward};
 use lora_kernels::ops::elementwise::{self as ew, *};
 use lora_kernels::ops::embedding::{self, embedding_backward, embedding_forward};
@@ -18,7 +20,9 @@ use proptest::prelude::*;
 
 /// `max |dout[i, j] * gamma[j]|`.
 fn max_abs_prod(dout: &[f64], gamma: &[f64], c: usize) -> f64 {
-    dout.iter().enumerate().fold(0.0f64, |m, (i, d)| m.max((d * gamma[i % c]).abs()))
+    dout.iter()
+        .enumerate()
+        .fold(0.0f64, |m, (i, d)| m.max((d * gamma[i % c]).abs()))
 }
 
 proptest! {
@@ -220,25 +224,56 @@ fn out_of_range_indices_are_named_errors() {
     let (cos, sin) = rope_tables(&rope_inv_freq(4, 10000.0), 2);
     let e = rope_forward(&mut [0.0; 4], &[0.0; 4], &cos, &sin, &[2], 1, 4).unwrap_err();
     assert!(e.to_string().contains("`positions`[0] = 2"), "{e}");
-    let d = AttnDims { batch: 1, seq: 1, q_heads: 3, kv_heads: 2, head_dim: 1 };
-    let e = attention_forward(&mut [0.0; 3], &mut [0.0; 3], &[0.0; 3], &[0.0; 2], &[0.0; 2], d, 1.0).unwrap_err();
+    let d = AttnDims {
+        batch: 1,
+        seq: 1,
+        q_heads: 3,
+        kv_heads: 2,
+        head_dim: 1,
+    };
+    let e = attention_forward(
+        &mut [0.0; 3],
+        &mut [0.0; 3],
+        &[0.0; 3],
+        &[0.0; 2],
+        &[0.0; 2],
+        d,
+        1.0,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("kv_heads"), "{e}");
 }
 
 #[test]
 fn large_attention_and_norms_run_in_parallel_paths() {
     // Shapes above the parallel thresholds, checked against the oracle.
-    let d = AttnDims { batch: 2, seq: 64, q_heads: 4, kv_heads: 2, head_dim: 16 };
+    let d = AttnDims {
+        batch: 2,
+        seq: 64,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+    };
     let q = rand_vec(2 * 64 * 4 * 16, 1, 1.0);
     let k = rand_vec(2 * 64 * 2 * 16, 2, 1.0);
     let v = rand_vec(2 * 64 * 2 * 16, 3, 1.0);
     let (mut out, mut att) = (vec![0.0; q.len()], vec![0.0; 2 * 4 * 64 * 64]);
     attention_forward(&mut out, &mut att, &q, &k, &v, d, 0.25).unwrap();
-    assert_close("attention", &out, &attention::reference::forward(&f64s(&q), &f64s(&k), &f64s(&v), d, 0.25), 1e-5);
+    assert_close(
+        "attention",
+        &out,
+        &attention::reference::forward(&f64s(&q), &f64s(&k), &f64s(&v), d, 0.25),
+        1e-5,
+    );
     let (n, c) = (300, 257);
     let x = rand_vec(n * c, 4, 2.0);
     let g = rand_vec(c, 5, 1.0);
     let (mut o, mut rs) = (vec![0.0; n * c], vec![0.0; n]);
     rmsnorm_forward(&mut o, &mut rs, &x, &g, c, 1e-6).unwrap();
-    assert_close("rmsnorm", &o, &norm::reference::rmsnorm(&f64s(&x), &f64s(&g), c, 1e-6), 1e-5);
+    assert_close(
+        "rmsnorm",
+        &o,
+        &norm::reference::rmsnorm(&f64s(&x), &f64s(&g), c, 1e-6),
+        1e-5,
+    );
 }

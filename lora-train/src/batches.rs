@@ -28,22 +28,39 @@ pub enum Example {
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     let is_jsonl = path.extension().and_then(|e| e.to_str()) == Some("jsonl");
     if !is_jsonl {
-        return Ok(crate::data::read_texts(path)?.into_iter().map(Example::Text).collect());
+        return Ok(crate::data::read_texts(path)?
+            .into_iter()
+            .map(Example::Text)
+            .collect());
     }
-    let err = |reason: String| TrainError::Data { path: path.into(), reason };
+    let err = |reason: String| TrainError::Data {
+        path: path.into(),
+        reason,
+    };
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let text = String::from_utf8(bytes).map_err(|e| err(format!("not valid UTF-8 (first bad byte at offset {})", e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        err(format!(
+            "not valid UTF-8 (first bad byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
         out.push(match (s("text"), s("prompt"), s("completion")) {
             (_, Some(prompt), Some(completion)) => Example::PromptCompletion { prompt, completion },
             (Some(t), None, None) => Example::Text(t),
-            _ => return Err(err(format!("line {}: expected a string `text`, or strings `prompt` and `completion`", i + 1))),
+            _ => {
+                return Err(err(format!(
+                    "line {}: expected a string `text`, or strings `prompt` and `completion`",
+                    i + 1
+                )))
+            }
         });
     }
     if out.is_empty() {
@@ -63,7 +80,12 @@ pub struct Sequence {
 
 /// Tokenizes examples (the tokenizer's special tokens on the text or prompt; none added inside a
 /// completion), truncating each to `seq_len` unless `pack` (packing cuts blocks later).
-pub fn tokenize(tok: &TextTokenizer, examples: &[Example], seq_len: usize, pack: bool) -> Result<Vec<Sequence>> {
+pub fn tokenize(
+    tok: &TextTokenizer,
+    examples: &[Example],
+    seq_len: usize,
+    pack: bool,
+) -> Result<Vec<Sequence>> {
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
         let mut s = match e {
@@ -75,8 +97,15 @@ pub fn tokenize(tok: &TextTokenizer, examples: &[Example], seq_len: usize, pack:
             Example::PromptCompletion { prompt, completion } => {
                 let p = tok.encode(prompt)?;
                 let c = tok.encode_plain(completion)?;
-                let labels = p.iter().map(|_| IGNORE).chain(c.iter().map(|&x| x as i64)).collect();
-                Sequence { ids: [p, c].concat(), labels }
+                let labels = p
+                    .iter()
+                    .map(|_| IGNORE)
+                    .chain(c.iter().map(|&x| x as i64))
+                    .collect();
+                Sequence {
+                    ids: [p, c].concat(),
+                    labels,
+                }
             }
         };
         if !pack {
@@ -93,7 +122,13 @@ pub fn tokenize(tok: &TextTokenizer, examples: &[Example], seq_len: usize, pack:
 pub fn pack(seqs: &[Sequence], seq_len: usize) -> Vec<Sequence> {
     let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
     let labels: Vec<i64> = seqs.iter().flat_map(|s| s.labels.iter().copied()).collect();
-    ids.chunks_exact(seq_len).zip(labels.chunks_exact(seq_len)).map(|(i, l)| Sequence { ids: i.to_vec(), labels: l.to_vec() }).collect()
+    ids.chunks_exact(seq_len)
+        .zip(labels.chunks_exact(seq_len))
+        .map(|(i, l)| Sequence {
+            ids: i.to_vec(),
+            labels: l.to_vec(),
+        })
+        .collect()
 }
 
 /// A padded batch `(B, T)`, row-major.
@@ -121,12 +156,23 @@ impl Batch {
             labels.extend_from_slice(&s.labels);
             labels.resize(labels.len() + seq - s.labels.len(), IGNORE);
         }
-        Self { ids, labels, batch: seqs.len(), seq }
+        Self {
+            ids,
+            labels,
+            batch: seqs.len(),
+            seq,
+        }
     }
 
     /// Positions whose label is a target after the causal shift.
     pub fn target_tokens(&self) -> usize {
-        (0..self.batch).map(|b| (1..self.seq).filter(|&t| self.labels[b * self.seq + t] >= 0).count()).sum()
+        (0..self.batch)
+            .map(|b| {
+                (1..self.seq)
+                    .filter(|&t| self.labels[b * self.seq + t] >= 0)
+                    .count()
+            })
+            .sum()
     }
 }
 
@@ -151,13 +197,21 @@ impl Sampler {
 
     /// Restores a saved position.
     pub fn resume(n: usize, seed: u64, epoch: u64, pos: usize) -> Self {
-        let mut s = Self { n, seed, epoch, pos, order: Vec::new() };
+        let mut s = Self {
+            n,
+            seed,
+            epoch,
+            pos,
+            order: Vec::new(),
+        };
         s.shuffle();
         s
     }
 
     fn shuffle(&mut self) {
-        let mut rng = Rng::new(lora_kernels::rng::splitmix64(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9)));
+        let mut rng = Rng::new(lora_kernels::rng::splitmix64(
+            self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9),
+        ));
         self.order = (0..self.n).collect();
         for i in (1..self.n).rev() {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;

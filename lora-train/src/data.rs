@@ -7,7 +7,10 @@ use std::path::Path;
 
 /// Reads the examples of `path` (by extension: `.txt` or `.jsonl`).
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let err = |reason: String| TrainError::Data { path: path.into(), reason };
+    let err = |reason: String| TrainError::Data {
+        path: path.into(),
+        reason,
+    };
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
@@ -28,13 +31,21 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let obj: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
-                let t = obj.get("text").and_then(|t| t.as_str()).ok_or_else(|| err(format!("line {}: no string field `text`", i + 1)))?;
+                let obj: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
+                let t = obj
+                    .get("text")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| err(format!("line {}: no string field `text`", i + 1)))?;
                 v.push(t.to_string());
             }
             v
         }
-        other => return Err(err(format!("unknown data format `.{other}` (expected .txt or .jsonl)"))),
+        other => {
+            return Err(err(format!(
+                "unknown data format `.{other}` (expected .txt or .jsonl)"
+            )))
+        }
     };
     if texts.is_empty() {
         return Err(err("no examples".into()));

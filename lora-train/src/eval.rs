@@ -22,9 +22,19 @@ pub struct EvalResult {
 }
 
 /// Token-weighted mean loss of `model` over `texts`.
-pub fn evaluate(model: &dyn CausalLm, tok: &TextTokenizer, texts: &[String], seq_len: usize, adapters: bool) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &dyn CausalLm,
+    tok: &TextTokenizer,
+    texts: &[String],
+    seq_len: usize,
+    adapters: bool,
+) -> Result<EvalResult> {
     if seq_len < 2 {
-        return Err(lora_core::CoreError::InvalidConfig { field: "seq_len", reason: format!("must be at least 2, got {seq_len}") }.into());
+        return Err(lora_core::CoreError::InvalidConfig {
+            field: "seq_len",
+            reason: format!("must be at least 2, got {seq_len}"),
+        }
+        .into());
     }
     let (mut total, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
     for text in texts {
@@ -43,8 +53,16 @@ pub fn evaluate(model: &dyn CausalLm, tok: &TextTokenizer, texts: &[String], seq
         examples += 1;
     }
     if tokens == 0 {
-        return Err(TrainError::Data { path: "<data>".into(), reason: "no example has two or more tokens".into() });
+        return Err(TrainError::Data {
+            path: "<data>".into(),
+            reason: "no example has two or more tokens".into(),
+        });
     }
     let loss = total / tokens as f64;
-    Ok(EvalResult { loss, perplexity: loss.exp(), tokens, examples })
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+        examples,
+    })
 }

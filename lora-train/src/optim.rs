@@ -55,7 +55,14 @@ pub struct AdamW {
 impl AdamW {
     /// A fresh optimizer.
     pub fn new(beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Self {
-        Self { beta1, beta2, eps, weight_decay, steps: HashMap::new(), state: HashMap::new() }
+        Self {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            steps: HashMap::new(),
+            state: HashMap::new(),
+        }
     }
 }
 
@@ -67,7 +74,10 @@ impl Optimizer for AdamW {
                 let Some(grad) = grads.get(p) else { continue };
                 let t = self.steps.entry(p.id()).or_insert(0);
                 *t += 1;
-                let (m, v) = self.state.entry(p.id()).or_insert_with(|| (vec![0.0; p.numel()], vec![0.0; p.numel()]));
+                let (m, v) = self
+                    .state
+                    .entry(p.id())
+                    .or_insert_with(|| (vec![0.0; p.numel()], vec![0.0; p.numel()]));
                 let bc1 = 1.0 - self.beta1.powi(*t as i32);
                 let bc2_sqrt = (1.0 - self.beta2.powi(*t as i32)).sqrt();
                 let step_size = lr / bc1;
@@ -101,9 +111,14 @@ impl Optimizer for AdamW {
     }
 
     fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState) {
-        let buf: std::collections::HashMap<&str, &Vec<f32>> = state.buffers.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let buf: std::collections::HashMap<&str, &Vec<f32>> =
+            state.buffers.iter().map(|(k, v)| (k.as_str(), v)).collect();
         for (n, t) in named {
-            if let (Some(m), Some(v), Some((_, s))) = (buf.get(format!("exp_avg.{n}").as_str()), buf.get(format!("exp_avg_sq.{n}").as_str()), state.steps.iter().find(|(k, _)| k == n)) {
+            if let (Some(m), Some(v), Some((_, s))) = (
+                buf.get(format!("exp_avg.{n}").as_str()),
+                buf.get(format!("exp_avg_sq.{n}").as_str()),
+                state.steps.iter().find(|(k, _)| k == n),
+            ) {
                 self.state.insert(t.id(), ((*m).clone(), (*v).clone()));
                 self.steps.insert(t.id(), *s);
             }
@@ -124,7 +139,11 @@ pub struct Sgd {
 impl Sgd {
     /// A fresh optimizer.
     pub fn new(momentum: f32, weight_decay: f32) -> Self {
-        Self { momentum, weight_decay, state: HashMap::new() }
+        Self {
+            momentum,
+            weight_decay,
+            state: HashMap::new(),
+        }
     }
 }
 
@@ -135,11 +154,17 @@ impl Optimizer for Sgd {
             for p in &g.params {
                 let Some(grad) = grads.get(p) else { continue };
                 let mut data = p.data_mut();
-                let d: Vec<f32> = grad.iter().zip(data.iter()).map(|(g, w)| g + self.weight_decay * w).collect();
+                let d: Vec<f32> = grad
+                    .iter()
+                    .zip(data.iter())
+                    .map(|(g, w)| g + self.weight_decay * w)
+                    .collect();
                 let upd = if self.momentum != 0.0 {
                     match self.state.get_mut(&p.id()) {
                         Some(buf) => {
-                            buf.iter_mut().zip(&d).for_each(|(b, x)| *b = self.momentum * *b + x);
+                            buf.iter_mut()
+                                .zip(&d)
+                                .for_each(|(b, x)| *b = self.momentum * *b + x);
                             buf.clone()
                         }
                         None => {
@@ -171,7 +196,11 @@ impl Optimizer for Sgd {
 
     fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState) {
         for (n, t) in named {
-            if let Some((_, b)) = state.buffers.iter().find(|(k, _)| *k == format!("momentum.{n}")) {
+            if let Some((_, b)) = state
+                .buffers
+                .iter()
+                .find(|(k, _)| *k == format!("momentum.{n}"))
+            {
                 self.state.insert(t.id(), b.clone());
             }
         }
@@ -184,7 +213,12 @@ pub fn clip_grad_norm(grads: &mut Gradients, params: &[Tensor], max_norm: f32) -
     let total: f32 = params
         .iter()
         .filter_map(|p| grads.get(p))
-        .map(|g| g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt() as f32)
+        .map(|g| {
+            g.iter()
+                .map(|x| (*x as f64) * (*x as f64))
+                .sum::<f64>()
+                .sqrt() as f32
+        })
         .map(|n| n * n)
         .sum::<f32>()
         .sqrt();
@@ -216,7 +250,9 @@ pub fn lr_factor(schedule: Schedule, step: usize, warmup: usize, total: usize) -
     }
     match schedule {
         Schedule::Constant => 1.0,
-        Schedule::Linear => ((total as f32 - step as f32) / (total - warmup).max(1) as f32).max(0.0),
+        Schedule::Linear => {
+            ((total as f32 - step as f32) / (total - warmup).max(1) as f32).max(0.0)
+        }
         Schedule::Cosine => {
             let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
             (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0) as f32

@@ -106,7 +106,12 @@ impl TrainConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |f: &str, r: String| Err(TrainError::Data { path: PathBuf::from(format!("--{f}")), reason: r });
+        let bad = |f: &str, r: String| {
+            Err(TrainError::Data {
+                path: PathBuf::from(format!("--{f}")),
+                reason: r,
+            })
+        };
         if self.steps == 0 && self.epochs.is_none() {
             return bad("steps", "must be at least 1".into());
         }
@@ -116,7 +121,10 @@ impl TrainConfig {
             }
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
-            return bad("batch-size", "batch size and grad-accum must be at least 1".into());
+            return bad(
+                "batch-size",
+                "batch size and grad-accum must be at least 1".into(),
+            );
         }
         if self.seq_len < 2 {
             return bad("seq-len", "must be at least 2".into());
@@ -125,10 +133,16 @@ impl TrainConfig {
             return bad("lr", format!("must be positive, got {}", self.lr));
         }
         if !(0.0..1.0).contains(&self.eval_split) {
-            return bad("eval-split", format!("must be in [0, 1), got {}", self.eval_split));
+            return bad(
+                "eval-split",
+                format!("must be in [0, 1), got {}", self.eval_split),
+            );
         }
         if !matches!(self.optimizer.as_str(), "adamw" | "sgd") {
-            return bad("optimizer", format!("must be adamw or sgd, got `{}`", self.optimizer));
+            return bad(
+                "optimizer",
+                format!("must be adamw or sgd, got `{}`", self.optimizer),
+            );
         }
         Ok(())
     }
@@ -140,7 +154,12 @@ impl TrainConfig {
         } else if t.chars().any(|c| "\\^$*+?()[]{}|".contains(c)) {
             Targets::Regex(t.to_string())
         } else {
-            Targets::List(t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            Targets::List(
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            )
         };
         PeftConfig {
             r: self.rank,
@@ -203,7 +222,10 @@ pub struct TrainSummary {
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Data { path: path.into(), reason: reason.into() }
+    TrainError::Data {
+        path: path.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Mean loss over the target tokens of `seqs`, one sequence at a time.
@@ -227,7 +249,14 @@ fn named_params(model: &dyn CausalLm) -> Vec<(String, Tensor)> {
     model
         .linears()
         .into_iter()
-        .filter_map(|(n, l)| l.lora().map(|l| vec![(format!("{n}.lora_A"), l.lora_a.clone()), (format!("{n}.lora_B"), l.lora_b.clone())]))
+        .filter_map(|(n, l)| {
+            l.lora().map(|l| {
+                vec![
+                    (format!("{n}.lora_A"), l.lora_a.clone()),
+                    (format!("{n}.lora_B"), l.lora_b.clone()),
+                ]
+            })
+        })
         .flatten()
         .collect()
 }
@@ -239,27 +268,56 @@ fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            e.path().join("trainer_state.json").exists().then_some((step, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then_some((step, e.path()))
         })
         .max_by_key(|(s, _)| *s)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn save_checkpoint(out: &Path, step: usize, model: &dyn CausalLm, peft: &PeftConfig, opt: &dyn Optimizer, sampler: &Sampler, cfg: &TrainConfig) -> Result<()> {
+fn save_checkpoint(
+    out: &Path,
+    step: usize,
+    model: &dyn CausalLm,
+    peft: &PeftConfig,
+    opt: &dyn Optimizer,
+    sampler: &Sampler,
+    cfg: &TrainConfig,
+) -> Result<()> {
     let final_dir = out.join(format!("checkpoint-{step:06}"));
     let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
     save_adapter(model, peft, &tmp)?;
     let st: OptimizerState = opt.export(&named_params(model));
-    let tensors: Vec<OutTensor> = st.buffers.iter().map(|(k, v)| OutTensor { name: k.clone(), shape: vec![v.len()], values: v, dtype: OutDtype::F32 }).collect();
-    write_safetensors(&tmp.join("optimizer.safetensors"), &tensors, Default::default())?;
+    let tensors: Vec<OutTensor> = st
+        .buffers
+        .iter()
+        .map(|(k, v)| OutTensor {
+            name: k.clone(),
+            shape: vec![v.len()],
+            values: v,
+            dtype: OutDtype::F32,
+        })
+        .collect();
+    write_safetensors(
+        &tmp.join("optimizer.safetensors"),
+        &tensors,
+        Default::default(),
+    )?;
     let state = json!({
         "step": step, "sampler_epoch": sampler.epoch, "sampler_pos": sampler.pos,
         "optimizer_steps": st.steps.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "config": cfg.to_json(),
     });
-    write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("serialises").as_bytes())?;
+    write_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(&state)
+            .expect("serialises")
+            .as_bytes(),
+    )?;
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| err(&final_dir, e.to_string()))?;
     if cfg.keep_checkpoints > 0 {
@@ -267,7 +325,16 @@ fn save_checkpoint(out: &Path, step: usize, model: &dyn CausalLm, peft: &PeftCon
         let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
             .map_err(|e| err(out, e.to_string()))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse().ok()?, e.path())))
+            .filter_map(|e| {
+                Some((
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("checkpoint-")?
+                        .parse()
+                        .ok()?,
+                    e.path(),
+                ))
+            })
             .collect();
         all.sort_by(|a, b| b.0.cmp(&a.0));
         for (_, p) in all.into_iter().skip(cfg.keep_checkpoints) {
@@ -280,21 +347,46 @@ fn save_checkpoint(out: &Path, step: usize, model: &dyn CausalLm, peft: &PeftCon
 /// Runs (or, with `resume`, continues) training; `on_step` sees every step. When `stop` becomes
 /// true (Ctrl-C), the run checkpoints after the current step and returns early
 /// (`TrainSummary::interrupted`).
-pub fn train(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnMut(&StepLog)) -> Result<TrainSummary> {
-    train_until(cfg, resume, force, on_step, &std::sync::atomic::AtomicBool::new(false))
+pub fn train(
+    cfg: &TrainConfig,
+    resume: bool,
+    force: bool,
+    on_step: &mut dyn FnMut(&StepLog),
+) -> Result<TrainSummary> {
+    train_until(
+        cfg,
+        resume,
+        force,
+        on_step,
+        &std::sync::atomic::AtomicBool::new(false),
+    )
 }
 
 /// [`train`] with a stop flag.
-pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut dyn FnMut(&StepLog), stop: &std::sync::atomic::AtomicBool) -> Result<TrainSummary> {
+pub fn train_until(
+    cfg: &TrainConfig,
+    resume: bool,
+    force: bool,
+    on_step: &mut dyn FnMut(&StepLog),
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<TrainSummary> {
     cfg.validate()?;
     let out = &cfg.out;
     let checkpoint = if resume { latest_checkpoint(out) } else { None };
     if resume && checkpoint.is_none() {
-        return Err(err(out, "--resume: no complete checkpoint-* directory found"));
+        return Err(err(
+            out,
+            "--resume: no complete checkpoint-* directory found",
+        ));
     }
-    let nonempty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let nonempty = std::fs::read_dir(out)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
     if nonempty && !resume && !force {
-        return Err(err(out, "output directory is not empty (pass --resume to continue or --force to start over)"));
+        return Err(err(
+            out,
+            "output directory is not empty (pass --resume to continue or --force to start over)",
+        ));
     }
     if nonempty && force && !resume {
         std::fs::remove_dir_all(out).map_err(|e| err(out, e.to_string()))?;
@@ -309,10 +401,19 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
         Some((step, dir)) => {
             let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
             if saved["config"] != cfg.to_json() {
-                return Err(err(&dir.join("trainer_state.json"), "the run's settings differ from this checkpoint's; resume with the same flags"));
+                return Err(err(
+                    &dir.join("trainer_state.json"),
+                    "the run's settings differ from this checkpoint's; resume with the same flags",
+                ));
             }
             load_adapter(model.as_mut(), dir)?;
-            (*step, Some((saved["sampler_epoch"].as_u64().unwrap_or(0), saved["sampler_pos"].as_u64().unwrap_or(0) as usize)))
+            (
+                *step,
+                Some((
+                    saved["sampler_epoch"].as_u64().unwrap_or(0),
+                    saved["sampler_pos"].as_u64().unwrap_or(0) as usize,
+                )),
+            )
         }
         None => {
             inject(model.as_mut(), &peft, cfg.seed)?;
@@ -326,7 +427,8 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
         Some(p) => read_examples(p)?,
         None if cfg.eval_split > 0.0 => {
             let mut order = Sampler::new(examples.len(), cfg.seed ^ 0xE7A1).take(examples.len());
-            let k = ((examples.len() as f32 * cfg.eval_split).round() as usize).clamp(1, examples.len().saturating_sub(1).max(1));
+            let k = ((examples.len() as f32 * cfg.eval_split).round() as usize)
+                .clamp(1, examples.len().saturating_sub(1).max(1));
             order.truncate(k);
             order.sort_unstable();
             let held: Vec<_> = order.iter().rev().map(|&i| examples.remove(i)).collect();
@@ -340,11 +442,19 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
     }
     train_seqs.retain(|s| s.ids.len() >= 2);
     if train_seqs.is_empty() {
-        return Err(err(&cfg.data, format!("no training sequence of two or more tokens (seq-len {})", cfg.seq_len)));
+        return Err(err(
+            &cfg.data,
+            format!(
+                "no training sequence of two or more tokens (seq-len {})",
+                cfg.seq_len
+            ),
+        ));
     }
     let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false)?;
     let total_steps = match cfg.epochs {
-        Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64).ceil() as usize).max(1),
+        Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64)
+            .ceil() as usize)
+            .max(1),
         None => cfg.steps,
     };
     let mut sampler = match sampler_state.take() {
@@ -365,14 +475,25 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
             st.buffers.push((k.to_string(), f.read_f32(k)?.0));
         }
         if let Some(m) = saved["optimizer_steps"].as_object() {
-            st.steps = m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect();
+            st.steps = m
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect();
         }
         opt.import(&named_params(model.as_ref()), &st);
     }
 
     let (trainable, all_params) = param_counts(model.as_ref());
-    let eval_before = if checkpoint.is_none() { eval_sequences(model.as_ref(), &eval_seqs)? } else { None };
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl")).map_err(|e| err(out, e.to_string()))?;
+    let eval_before = if checkpoint.is_none() {
+        eval_sequences(model.as_ref(), &eval_seqs)?
+    } else {
+        None
+    };
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("metrics.jsonl"))
+        .map_err(|e| err(out, e.to_string()))?;
     let t0 = Instant::now();
     let (mut tokens, mut last_loss) = (0usize, f32::NAN);
     let end = match cfg.stop_after {
@@ -387,21 +508,68 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
             })
             .collect();
         let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, total_steps);
-        let st = train_step(model.as_ref(), opt.as_mut(), &groups, &micro, lr, cfg.max_grad_norm, cfg.seed, step as u64)?;
+        let st = train_step(
+            model.as_ref(),
+            opt.as_mut(),
+            &groups,
+            &micro,
+            lr,
+            cfg.max_grad_norm,
+            cfg.seed,
+            step as u64,
+        )?;
         tokens += st.tokens;
         last_loss = st.loss;
         let done = step + 1;
-        let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != total_steps { eval_sequences(model.as_ref(), &eval_seqs)? } else { None };
+        let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != total_steps {
+            eval_sequences(model.as_ref(), &eval_seqs)?
+        } else {
+            None
+        };
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let line = json!({"step": done, "loss": st.loss, "lr": lr, "grad_norm": st.grad_norm, "tokens": st.tokens, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_loss": eval_loss});
         writeln!(metrics, "{line}").map_err(|e| err(out, e.to_string()))?;
-        on_step(&StepLog { step: done, total: total_steps, loss: st.loss, lr, tokens_per_s: tps, eval_loss });
+        on_step(&StepLog {
+            step: done,
+            total: total_steps,
+            loss: st.loss,
+            lr,
+            tokens_per_s: tps,
+            eval_loss,
+        });
         if stop.load(std::sync::atomic::Ordering::SeqCst) && done != end {
-            save_checkpoint(out, done, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
-            return Ok(TrainSummary { steps: done, final_loss: last_loss, eval_before, eval_after: None, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone(), interrupted: true });
+            save_checkpoint(
+                out,
+                done,
+                model.as_ref(),
+                &peft,
+                opt.as_ref(),
+                &sampler,
+                cfg,
+            )?;
+            return Ok(TrainSummary {
+                steps: done,
+                final_loss: last_loss,
+                eval_before,
+                eval_after: None,
+                tokens,
+                seconds: t0.elapsed().as_secs_f64(),
+                trainable,
+                all_params,
+                out: out.clone(),
+                interrupted: true,
+            });
         }
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done != end {
-            save_checkpoint(out, done, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
+            save_checkpoint(
+                out,
+                done,
+                model.as_ref(),
+                &peft,
+                opt.as_ref(),
+                &sampler,
+                cfg,
+            )?;
         }
     }
     save_checkpoint(out, end, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
@@ -409,7 +577,8 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
     if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
         if let Some(e) = eval_after {
-            writeln!(metrics, "{}", json!({"step": end, "eval_loss": e})).map_err(|e| err(out, e.to_string()))?;
+            writeln!(metrics, "{}", json!({"step": end, "eval_loss": e}))
+                .map_err(|e| err(out, e.to_string()))?;
         }
         let (train_pts, mut eval_pts) = crate::plot::read_metrics(&out.join("metrics.jsonl"))?;
         if let Some(e) = eval_before {
@@ -418,5 +587,16 @@ pub fn train_until(cfg: &TrainConfig, resume: bool, force: bool, on_step: &mut d
         }
         crate::plot::write_loss_svg(&out.join("loss.svg"), &train_pts, &eval_pts)?;
     }
-    Ok(TrainSummary { steps: end, final_loss: last_loss, eval_before, eval_after, tokens, seconds: t0.elapsed().as_secs_f64(), trainable, all_params, out: out.clone(), interrupted: false })
+    Ok(TrainSummary {
+        steps: end,
+        final_loss: last_loss,
+        eval_before,
+        eval_after,
+        tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+        trainable,
+        all_params,
+        out: out.clone(),
+        interrupted: false,
+    })
 }

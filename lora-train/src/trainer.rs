@@ -20,7 +20,16 @@ pub fn adapter_groups(model: &dyn CausalLm, loraplus_ratio: f32) -> Vec<ParamGro
             b.push(l.lora_b.clone());
         }
     }
-    vec![ParamGroup { params: a, lr_scale: 1.0 }, ParamGroup { params: b, lr_scale: loraplus_ratio }]
+    vec![
+        ParamGroup {
+            params: a,
+            lr_scale: 1.0,
+        },
+        ParamGroup {
+            params: b,
+            lr_scale: loraplus_ratio,
+        },
+    ]
 }
 
 /// What one step measured.
@@ -49,12 +58,19 @@ pub fn train_step(
     let mut total: Option<Gradients> = None;
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     for (k, b) in micro.iter().enumerate() {
-        let tape = Tape::new(lora_kernels::rng::splitmix64(seed ^ (step << 16) ^ k as u64));
+        let tape = Tape::new(lora_kernels::rng::splitmix64(
+            seed ^ (step << 16) ^ k as u64,
+        ));
         let logits = model.forward(&tape, &b.ids, b.batch, b.seq, true)?;
         let loss = causal_lm_loss(&tape, &logits, &b.labels, b.batch, b.seq)?;
         let l = loss.scalar()?;
         if !l.is_finite() {
-            return Err(TrainError::Data { path: "<training>".into(), reason: format!("loss is {l} at step {step} (micro-batch {k}); stopping before the update") });
+            return Err(TrainError::Data {
+                path: "<training>".into(),
+                reason: format!(
+                    "loss is {l} at step {step} (micro-batch {k}); stopping before the update"
+                ),
+            });
         }
         loss_sum += l as f64;
         tokens += b.target_tokens();
@@ -64,8 +80,14 @@ pub fn train_step(
             Some(t) => t.accumulate(g)?,
         }
     }
-    let mut grads = total.ok_or_else(|| TrainError::Data { path: "<training>".into(), reason: "a step needs at least one batch".into() })?;
-    let params: Vec<Tensor> = groups.iter().flat_map(|g| g.params.iter().cloned()).collect();
+    let mut grads = total.ok_or_else(|| TrainError::Data {
+        path: "<training>".into(),
+        reason: "a step needs at least one batch".into(),
+    })?;
+    let params: Vec<Tensor> = groups
+        .iter()
+        .flat_map(|g| g.params.iter().cloned())
+        .collect();
     let inv = 1.0 / micro.len() as f32;
     for p in &params {
         if let Some(g) = grads.get_mut(p) {
@@ -77,8 +99,15 @@ pub fn train_step(
         None => clip_grad_norm(&mut grads, &params, f32::INFINITY),
     };
     if !norm.is_finite() {
-        return Err(TrainError::Data { path: "<training>".into(), reason: format!("gradient norm is {norm} at step {step}; stopping before the update") });
+        return Err(TrainError::Data {
+            path: "<training>".into(),
+            reason: format!("gradient norm is {norm} at step {step}; stopping before the update"),
+        });
     }
     opt.step(groups, &grads, lr);
-    Ok(StepStats { loss: (loss_sum / micro.len() as f64) as f32, tokens, grad_norm: norm })
+    Ok(StepStats {
+        loss: (loss_sum / micro.len() as f64) as f32,
+        tokens,
+        grad_norm: norm,
+    })
 }

@@ -13,12 +13,20 @@ fn reference() -> Value {
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let s = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let e = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / s;
+    let e = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / s;
     assert!(e <= tol, "{what}: relative error {e:e}");
 }
 
@@ -32,12 +40,43 @@ fn optimizers_match_pytorch() {
         let p2 = Tensor::param(floats(&init[1]), &[5]).unwrap();
         let f = |k: &str| case[k].as_f64().unwrap() as f32;
         let (mut opt, groups): (Box<dyn Optimizer>, Vec<ParamGroup>) = match name {
-            "adamw" => (Box::new(AdamW::new(f("beta1"), f("beta2"), f("eps"), f("weight_decay"))), vec![ParamGroup { params: vec![p1.clone(), p2.clone()], lr_scale: 1.0 }]),
-            "adamw_groups" => (
-                Box::new(AdamW::new(f("beta1"), f("beta2"), f("eps"), f("weight_decay"))),
-                vec![ParamGroup { params: vec![p1.clone()], lr_scale: 1.0 }, ParamGroup { params: vec![p2.clone()], lr_scale: f("lr_ratio_second") }],
+            "adamw" => (
+                Box::new(AdamW::new(
+                    f("beta1"),
+                    f("beta2"),
+                    f("eps"),
+                    f("weight_decay"),
+                )),
+                vec![ParamGroup {
+                    params: vec![p1.clone(), p2.clone()],
+                    lr_scale: 1.0,
+                }],
             ),
-            "sgd" => (Box::new(Sgd::new(f("momentum"), f("weight_decay"))), vec![ParamGroup { params: vec![p1.clone(), p2.clone()], lr_scale: 1.0 }]),
+            "adamw_groups" => (
+                Box::new(AdamW::new(
+                    f("beta1"),
+                    f("beta2"),
+                    f("eps"),
+                    f("weight_decay"),
+                )),
+                vec![
+                    ParamGroup {
+                        params: vec![p1.clone()],
+                        lr_scale: 1.0,
+                    },
+                    ParamGroup {
+                        params: vec![p2.clone()],
+                        lr_scale: f("lr_ratio_second"),
+                    },
+                ],
+            ),
+            "sgd" => (
+                Box::new(Sgd::new(f("momentum"), f("weight_decay"))),
+                vec![ParamGroup {
+                    params: vec![p1.clone(), p2.clone()],
+                    lr_scale: 1.0,
+                }],
+            ),
             other => panic!("unknown case {other}"),
         };
         for step in case["grads"].as_array().unwrap() {
@@ -49,7 +88,11 @@ fn optimizers_match_pytorch() {
         let fin = case["final"].as_array().unwrap();
         close(&format!("{name} p1"), &p1.to_vec(), &floats(&fin[0]), 1e-6);
         close(&format!("{name} p2"), &p2.to_vec(), &floats(&fin[1]), 1e-6);
-        assert_eq!(opt.state_len(), 2, "{name}: state for exactly the two tensors");
+        assert_eq!(
+            opt.state_len(),
+            2,
+            "{name}: state for exactly the two tensors"
+        );
     }
 }
 
@@ -60,7 +103,14 @@ fn state_only_for_tensors_with_gradients() {
     let mut g = Gradients::default();
     g.set(&a, vec![0.5; 4]).unwrap();
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
-    opt.step(&[ParamGroup { params: vec![a.clone(), frozen.clone()], lr_scale: 1.0 }], &g, 0.1);
+    opt.step(
+        &[ParamGroup {
+            params: vec![a.clone(), frozen.clone()],
+            lr_scale: 1.0,
+        }],
+        &g,
+        0.1,
+    );
     assert_eq!(opt.state_len(), 1);
     assert_eq!(frozen.to_vec(), vec![1.0; 4]);
 }
@@ -69,10 +119,19 @@ fn state_only_for_tensors_with_gradients() {
 fn schedules_match_transformers() {
     let r = reference();
     let s = &r["schedules"];
-    let (warmup, total) = (s["warmup"].as_u64().unwrap() as usize, s["total"].as_u64().unwrap() as usize);
-    for (name, kind) in [("cosine", Schedule::Cosine), ("linear", Schedule::Linear), ("constant", Schedule::Constant)] {
+    let (warmup, total) = (
+        s["warmup"].as_u64().unwrap() as usize,
+        s["total"].as_u64().unwrap() as usize,
+    );
+    for (name, kind) in [
+        ("cosine", Schedule::Cosine),
+        ("linear", Schedule::Linear),
+        ("constant", Schedule::Constant),
+    ] {
         let want = floats(&s["values"][name]);
-        let got: Vec<f32> = (0..want.len()).map(|i| lr_factor(kind, i, warmup, total)).collect();
+        let got: Vec<f32> = (0..want.len())
+            .map(|i| lr_factor(kind, i, warmup, total))
+            .collect();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() < 1e-6, "{name} step {i}: {g} vs {w}");
         }
@@ -88,8 +147,22 @@ fn clipping_matches_pytorch() {
     let mut g = Gradients::default();
     g.set(&a, floats(&c["grads"][0])).unwrap();
     g.set(&b, floats(&c["grads"][1])).unwrap();
-    let total = clip_grad_norm(&mut g, &[a.clone(), b.clone()], c["max_norm"].as_f64().unwrap() as f32);
+    let total = clip_grad_norm(
+        &mut g,
+        &[a.clone(), b.clone()],
+        c["max_norm"].as_f64().unwrap() as f32,
+    );
     assert!((total - c["total_norm"].as_f64().unwrap() as f32).abs() < 1e-5);
-    close("clipped a", g.get(&a).unwrap(), &floats(&c["clipped"][0]), 1e-6);
-    close("clipped b", g.get(&b).unwrap(), &floats(&c["clipped"][1]), 1e-6);
+    close(
+        "clipped a",
+        g.get(&a).unwrap(),
+        &floats(&c["clipped"][0]),
+        1e-6,
+    );
+    close(
+        "clipped b",
+        g.get(&b).unwrap(),
+        &floats(&c["clipped"][1]),
+        1e-6,
+    );
 }

@@ -21,14 +21,24 @@ fn root() -> PathBuf {
 
 fn load(name: &str) -> (Box<dyn CausalLm>, TextTokenizer, Value) {
     let dir = root().join(name);
-    let mut model = ModelDir::open(dir.join("model")).unwrap().load_model().unwrap();
+    let mut model = ModelDir::open(dir.join("model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
     load_adapter(model.as_mut(), &dir.join("adapter")).unwrap();
     let tok = TextTokenizer::from_model_dir(dir.join("model")).unwrap();
     let reference = read_json(&dir.join("reference.json")).unwrap();
     (model, tok, reference)
 }
 
-const ALL: [&str; 6] = ["gpt2", "llama_gqa", "llama_bf16", "qwen2_bias", "mistral", "llama3_rope"];
+const ALL: [&str; 6] = [
+    "gpt2",
+    "llama_gqa",
+    "llama_bf16",
+    "qwen2_bias",
+    "mistral",
+    "llama3_rope",
+];
 
 #[test]
 fn eval_loss_matches_transformers_for_jsonl_and_txt() {
@@ -42,7 +52,11 @@ fn eval_loss_matches_transformers_for_jsonl_and_txt() {
             let tokens = r[format!("eval.{kind}.tokens")].as_u64().unwrap() as usize;
             assert_eq!(res.tokens, tokens, "{name} {kind}: token count");
             let e = ((res.loss - want) / want).abs();
-            assert!(e <= 1e-5, "{name} {kind}: loss {} vs {want} (rel {e:.2e})", res.loss);
+            assert!(
+                e <= 1e-5,
+                "{name} {kind}: loss {} vs {want} (rel {e:.2e})",
+                res.loss
+            );
             assert!((res.perplexity - res.loss.exp()).abs() < 1e-9);
         }
     }
@@ -54,10 +68,25 @@ fn greedy_generation_matches_transformers() {
         let (model, tok, r) = load(name);
         let g = &r["generate"];
         let prompt = tok.encode(g["prompt"].as_str().unwrap()).unwrap();
-        let want: Vec<u32> = g["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        assert_eq!(&want[..prompt.len()], &prompt[..], "{name}: prompt tokenization differs from transformers");
-        let eos = ModelDir::open(root().join(name).join("model")).unwrap().eos_token_ids();
-        let cfg = GenerateConfig { max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize, eos, ..Default::default() };
+        let want: Vec<u32> = g["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            &want[..prompt.len()],
+            &prompt[..],
+            "{name}: prompt tokenization differs from transformers"
+        );
+        let eos = ModelDir::open(root().join(name).join("model"))
+            .unwrap()
+            .eos_token_ids();
+        let cfg = GenerateConfig {
+            max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize,
+            eos,
+            ..Default::default()
+        };
         let got = generate(model.as_ref(), &prompt, &cfg).unwrap();
         assert_eq!(got, want, "{name}: greedy continuation");
     }
@@ -67,13 +96,19 @@ fn greedy_generation_matches_transformers() {
 fn kv_cache_generation_equals_full_recompute() {
     let (model, tok, _) = load("llama_gqa");
     let prompt = tok.encode("green dogs").unwrap();
-    let cfg = GenerateConfig { max_new_tokens: 10, ..Default::default() };
+    let cfg = GenerateConfig {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
     let cached = generate(model.as_ref(), &prompt, &cfg).unwrap();
     // Without a cache: the whole prefix again for every token.
     let mut ids = prompt.clone();
     let v = model.vocab_size();
     for _ in 0..10 {
-        let logits = model.forward(&Tape::inference(), &ids, 1, ids.len(), true).unwrap().to_vec();
+        let logits = model
+            .forward(&Tape::inference(), &ids, 1, ids.len(), true)
+            .unwrap()
+            .to_vec();
         let last = &logits[logits.len() - v..];
         let next = (0..v).fold(0, |b, i| if last[i] > last[b] { i } else { b }) as u32;
         ids.push(next);
@@ -85,7 +120,13 @@ fn kv_cache_generation_equals_full_recompute() {
 fn sampling_is_seeded() {
     let (model, tok, _) = load("gpt2");
     let prompt = tok.encode("the red cat").unwrap();
-    let cfg = |seed| GenerateConfig { max_new_tokens: 12, temperature: 1.5, top_p: 0.9, seed, ..Default::default() };
+    let cfg = |seed| GenerateConfig {
+        max_new_tokens: 12,
+        temperature: 1.5,
+        top_p: 0.9,
+        seed,
+        ..Default::default()
+    };
     let a = generate(model.as_ref(), &prompt, &cfg(1)).unwrap();
     assert_eq!(a, generate(model.as_ref(), &prompt, &cfg(1)).unwrap());
     assert_ne!(a, generate(model.as_ref(), &prompt, &cfg(2)).unwrap());
@@ -96,9 +137,15 @@ fn parameter_counts_match_peft() {
     for name in ALL {
         let (model, _, r) = load(name);
         let (t, all) = param_counts(model.as_ref());
-        assert_eq!(t as u64, r["trainable_params"].as_u64().unwrap(), "{name} trainable");
+        assert_eq!(
+            t as u64,
+            r["trainable_params"].as_u64().unwrap(),
+            "{name} trainable"
+        );
         assert_eq!(all as u64, r["all_params"].as_u64().unwrap(), "{name} all");
-        assert!(trainable_summary(model.as_ref()).starts_with(&format!("trainable params: {t} || all params: {all} || trainable%: ")));
+        assert!(trainable_summary(model.as_ref()).starts_with(&format!(
+            "trainable params: {t} || all params: {all} || trainable%: "
+        )));
     }
 }
 
@@ -107,9 +154,21 @@ fn bad_data_files_are_named_errors() {
     let dir = std::env::temp_dir().join(format!("lora-train-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, bytes, needle) in [
-        ("a.txt", &b"hello\n\n\xff\xfe world"[..], "not valid UTF-8 (first bad byte at offset 7)"),
-        ("b.jsonl", &b"{\"text\": \"ok\"}\n{\"txt\": 1}\n"[..], "line 2: no string field `text`"),
-        ("c.jsonl", &b"{\"text\": \"ok\"}\nnot json\n"[..], "line 2: invalid JSON"),
+        (
+            "a.txt",
+            &b"hello\n\n\xff\xfe world"[..],
+            "not valid UTF-8 (first bad byte at offset 7)",
+        ),
+        (
+            "b.jsonl",
+            &b"{\"text\": \"ok\"}\n{\"txt\": 1}\n"[..],
+            "line 2: no string field `text`",
+        ),
+        (
+            "c.jsonl",
+            &b"{\"text\": \"ok\"}\nnot json\n"[..],
+            "line 2: invalid JSON",
+        ),
         ("d.txt", &b"\n\n  \n"[..], "no examples"),
         ("e.csv", &b"a,b"[..], "unknown data format `.csv`"),
     ] {

@@ -72,12 +72,28 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     assert_eq!(sa.steps, 6);
     assert!(sa.eval_before.is_some() && sa.eval_after.is_some());
     let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
-    let steps: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(steps.iter().filter(|v| v.get("loss").is_some()).count(), 6);
-    assert!(steps.iter().any(|v| v["step"] == 3 && v["eval_loss"].is_number()), "eval every 3 steps");
+    assert!(
+        steps
+            .iter()
+            .any(|v| v["step"] == 3 && v["eval_loss"].is_number()),
+        "eval every 3 steps"
+    );
     let svg = std::fs::read_to_string(a.join("loss.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.matches("<circle").count() >= 3, "train line and eval points");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-000002/trainer_state.json", "checkpoint-000006/optimizer.safetensors"] {
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline") && svg.matches("<circle").count() >= 3,
+        "train line and eval points"
+    );
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint-000002/trainer_state.json",
+        "checkpoint-000006/optimizer.safetensors",
+    ] {
         assert!(a.join(f).exists(), "{f}");
     }
 
@@ -86,7 +102,9 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     cfg.stop_after = Some(3);
     train(&cfg, false, false, &mut |_| {}).unwrap();
     assert!(b.join("checkpoint-000003").exists() && !b.join("adapter_model.safetensors").exists());
-    let e = train(&config(b.clone(), data.clone()), false, false, &mut |_| {}).unwrap_err().to_string();
+    let e = train(&config(b.clone(), data.clone()), false, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not empty") && e.contains("--resume"), "{e}");
     let sb = train(&config(b.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
     assert_eq!(sb.steps, 6);
@@ -106,26 +124,44 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     kcfg.save_every = 1;
     kcfg.keep_checkpoints = 2;
     train(&kcfg, false, false, &mut |_| {}).unwrap();
-    let mut left: Vec<String> = std::fs::read_dir(&k).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("checkpoint-")).collect();
+    let mut left: Vec<String> = std::fs::read_dir(&k)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
     left.sort();
     assert_eq!(left, ["checkpoint-000005", "checkpoint-000006"]);
     // A stop request checkpoints after the current step; resuming finishes the same run.
     let s = tmp("stop");
     let flag = std::sync::atomic::AtomicBool::new(false);
     let mut n = 0;
-    let sum = lora_train::run::train_until(&config(s.clone(), data.clone()), false, false, &mut |_| {
-        n += 1;
-        if n == 4 {
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }, &flag).unwrap();
+    let sum = lora_train::run::train_until(
+        &config(s.clone(), data.clone()),
+        false,
+        false,
+        &mut |_| {
+            n += 1;
+            if n == 4 {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        },
+        &flag,
+    )
+    .unwrap();
     assert!(sum.interrupted && sum.steps == 4 && s.join("checkpoint-000004").exists());
     train(&config(s.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
-    assert_eq!(std::fs::read(a.join("adapter_model.safetensors")).unwrap(), std::fs::read(s.join("adapter_model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(s.join("adapter_model.safetensors")).unwrap()
+    );
     // A different setting cannot resume this run.
     let mut other = config(b.clone(), data.clone());
     other.lr = 1e-3;
-    assert!(train(&other, true, false, &mut |_| {}).unwrap_err().to_string().contains("settings differ"));
+    assert!(train(&other, true, false, &mut |_| {})
+        .unwrap_err()
+        .to_string()
+        .contains("settings differ"));
 }
 
 #[test]
@@ -138,9 +174,25 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
     cfg.warmup = 0;
     cfg.save_every = 1;
     cfg.optimizer = "sgd".into();
-    let e = train(&cfg, false, false, &mut |_| {}).unwrap_err().to_string();
-    assert!(e.contains("loss is") || e.contains("gradient norm is"), "{e}");
-    let ckpts: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("checkpoint-")).collect();
-    assert!(!ckpts.is_empty(), "a checkpoint from before the failure is kept");
-    assert!(!out.join("adapter_model.safetensors").exists(), "no final adapter from a failed run");
+    let e = train(&cfg, false, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("loss is") || e.contains("gradient norm is"),
+        "{e}"
+    );
+    let ckpts: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert!(
+        !ckpts.is_empty(),
+        "a checkpoint from before the failure is kept"
+    );
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "no final adapter from a failed run"
+    );
 }

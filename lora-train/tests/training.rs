@@ -19,73 +19,140 @@ fn root() -> PathBuf {
 #[test]
 fn labels_packing_padding_and_sampler() {
     let tok = TextTokenizer::from_model_dir(root().join("llama_gqa/model")).unwrap();
-    let ex = vec![Example::PromptCompletion { prompt: "red cat".into(), completion: " sings".into() }, Example::Text("blue dog runs".into())];
+    let ex = vec![
+        Example::PromptCompletion {
+            prompt: "red cat".into(),
+            completion: " sings".into(),
+        },
+        Example::Text("blue dog runs".into()),
+    ];
     let s = tokenize(&tok, &ex, 64, false).unwrap();
     let p = tok.encode("red cat").unwrap();
     assert_eq!(p[0], 0, "the llama fixture's tokenizer adds a BOS");
     assert!(s[0].labels[..p.len()].iter().all(|&l| l == IGNORE));
     assert!(s[0].labels[p.len()..].iter().all(|&l| l >= 0));
-    assert_eq!(s[0].ids.len(), p.len() + tok.encode_plain(" sings").unwrap().len());
+    assert_eq!(
+        s[0].ids.len(),
+        p.len() + tok.encode_plain(" sings").unwrap().len()
+    );
     let packed = pack(&s, 4);
     assert_eq!(packed.len(), (s[0].ids.len() + s[1].ids.len()) / 4);
     assert!(packed.iter().all(|q| q.ids.len() == 4));
     let b = Batch::pad(&[&s[0], &s[1]]);
     assert_eq!(b.seq, s[0].ids.len().max(s[1].ids.len()));
-    let short = if s[0].ids.len() < s[1].ids.len() { 0 } else { 1 };
-    assert_eq!(b.labels[short * b.seq + b.seq - 1], IGNORE, "padding is ignored by the loss");
+    let short = if s[0].ids.len() < s[1].ids.len() {
+        0
+    } else {
+        1
+    };
+    assert_eq!(
+        b.labels[short * b.seq + b.seq - 1],
+        IGNORE,
+        "padding is ignored by the loss"
+    );
 
     let mut a = Sampler::new(10, 7);
     let first: Vec<usize> = a.take(25);
     let mut sorted = first[..10].to_vec();
     sorted.sort();
-    assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "an epoch visits every example once");
+    assert_eq!(
+        sorted,
+        (0..10).collect::<Vec<_>>(),
+        "an epoch visits every example once"
+    );
     let mut b2 = Sampler::new(10, 7);
     b2.take(13);
     let mut resumed = Sampler::resume(10, 7, b2.epoch, b2.pos);
-    assert_eq!(resumed.take(12), first[13..25].to_vec(), "resuming continues the same order");
+    assert_eq!(
+        resumed.take(12),
+        first[13..25].to_vec(),
+        "resuming continues the same order"
+    );
     assert_ne!(Sampler::new(10, 8).take(10), first[..10].to_vec());
 }
 
 fn train(dir: &Path, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>, Box<dyn CausalLm>) {
-    let mut model = ModelDir::open(dir.join("model")).unwrap().load_model().unwrap();
-    let cfg = PeftConfig::from_json(Path::new("cfg"), &json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1})).unwrap();
+    let mut model = ModelDir::open(dir.join("model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    let cfg = PeftConfig::from_json(
+        Path::new("cfg"),
+        &json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1}),
+    )
+    .unwrap();
     inject(model.as_mut(), &cfg, 42).unwrap();
     let tok = TextTokenizer::from_model_dir(dir.join("model")).unwrap();
-    let text: Vec<Example> = ["red cat sings one two three", "blue dog runs one two three", "green bird sleeps one two three"].iter().map(|t| Example::Text(t.to_string())).collect();
+    let text: Vec<Example> = [
+        "red cat sings one two three",
+        "blue dog runs one two three",
+        "green bird sleeps one two three",
+    ]
+    .iter()
+    .map(|t| Example::Text(t.to_string()))
+    .collect();
     let seqs = tokenize(&tok, &text, 16, false).unwrap();
     let groups = adapter_groups(model.as_ref(), 4.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     let mut sampler = Sampler::new(seqs.len(), 1);
     let mut losses = Vec::new();
     for step in 0..steps {
-        let micro: Vec<Batch> = (0..2).map(|_| {
-            let idx = sampler.take(2);
-            Batch::pad(&idx.iter().map(|&i| &seqs[i]).collect::<Vec<_>>())
-        }).collect();
-        let st = train_step(model.as_ref(), &mut opt, &groups, &micro, 5e-3, Some(1.0), 3, step as u64).unwrap();
+        let micro: Vec<Batch> = (0..2)
+            .map(|_| {
+                let idx = sampler.take(2);
+                Batch::pad(&idx.iter().map(|&i| &seqs[i]).collect::<Vec<_>>())
+            })
+            .collect();
+        let st = train_step(
+            model.as_ref(),
+            &mut opt,
+            &groups,
+            &micro,
+            5e-3,
+            Some(1.0),
+            3,
+            step as u64,
+        )
+        .unwrap();
         losses.push(st.loss);
     }
     assert!(opt.state_len() > 0);
-    let adapter: Vec<Vec<f32>> = groups.iter().flat_map(|g| g.params.iter().map(|p| p.to_vec())).collect();
+    let adapter: Vec<Vec<f32>> = groups
+        .iter()
+        .flat_map(|g| g.params.iter().map(|p| p.to_vec()))
+        .collect();
     (losses, adapter, model)
 }
 
 #[test]
 fn training_lowers_the_loss_reproducibly_and_leaves_the_base_alone() {
     let dir = root().join("gpt2");
-    let before: Vec<Vec<f32>> = ModelDir::open(dir.join("model")).unwrap().load_model().unwrap().linears().iter().map(|(_, l)| l.base().0.to_vec()).collect();
+    let before: Vec<Vec<f32>> = ModelDir::open(dir.join("model"))
+        .unwrap()
+        .load_model()
+        .unwrap()
+        .linears()
+        .iter()
+        .map(|(_, l)| l.base().0.to_vec())
+        .collect();
     let (losses, adapter, model) = train(&dir, 30);
     let first = losses[..3].iter().sum::<f32>() / 3.0;
     let last = losses[losses.len() - 3..].iter().sum::<f32>() / 3.0;
     // The fixture's random weights (std 0.02, tied head) keep every logit near zero, so even a
     // perfect adapter cannot go far below ln(300) = 5.70 here; a working step still removes a
     // clear fraction of a nat in 30 steps (measured 5.53 -> 5.19), a broken one leaves it flat.
-    assert!(last < first - 0.2, "loss should fall: {first} -> {last} ({losses:?})");
+    assert!(
+        last < first - 0.2,
+        "loss should fall: {first} -> {last} ({losses:?})"
+    );
     let (losses2, adapter2, _) = train(&dir, 30);
     assert_eq!(losses, losses2, "same seed, same data: the same losses");
     assert_eq!(adapter, adapter2, "and a bit-identical adapter");
     for ((_, l), w) in model.linears().iter().zip(&before) {
-        assert!(l.base().0.is_external(), "frozen weights are still the untouched memory map");
+        assert!(
+            l.base().0.is_external(),
+            "frozen weights are still the untouched memory map"
+        );
         assert_eq!(&l.base().0.to_vec(), w);
     }
 }

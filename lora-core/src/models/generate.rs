@@ -25,7 +25,14 @@ pub struct GenerateConfig {
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0, eos: Vec::new(), adapters: true }
+        Self {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos: Vec::new(),
+            adapters: true,
+        }
     }
 }
 
@@ -42,7 +49,11 @@ pub fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
         return best as u32;
     }
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &z)| (i, (((z - m) / cfg.temperature) as f64).exp())).collect();
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (i, (((z - m) / cfg.temperature) as f64).exp()))
+        .collect();
     let z: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= z);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -70,19 +81,39 @@ pub fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
 /// the model's last position.
 pub fn generate(model: &dyn CausalLm, prompt: &[u32], cfg: &GenerateConfig) -> Result<Vec<u32>> {
     if prompt.is_empty() {
-        return Err(CoreError::InvalidConfig { field: "prompt", reason: "must contain at least one token".into() });
+        return Err(CoreError::InvalidConfig {
+            field: "prompt",
+            reason: "must contain at least one token".into(),
+        });
     }
-    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) || !(cfg.temperature >= 0.0 && cfg.temperature.is_finite()) {
-        return Err(CoreError::InvalidConfig { field: "temperature/top_p", reason: format!("need temperature >= 0 and 0 < top_p <= 1, got {} and {}", cfg.temperature, cfg.top_p) });
+    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0)
+        || !(cfg.temperature >= 0.0 && cfg.temperature.is_finite())
+    {
+        return Err(CoreError::InvalidConfig {
+            field: "temperature/top_p",
+            reason: format!(
+                "need temperature >= 0 and 0 < top_p <= 1, got {} and {}",
+                cfg.temperature, cfg.top_p
+            ),
+        });
     }
     if prompt.len() > model.max_positions() {
-        return Err(CoreError::InvalidConfig { field: "prompt", reason: format!("{} tokens exceed the model's {} positions", prompt.len(), model.max_positions()) });
+        return Err(CoreError::InvalidConfig {
+            field: "prompt",
+            reason: format!(
+                "{} tokens exceed the model's {} positions",
+                prompt.len(),
+                model.max_positions()
+            ),
+        });
     }
     let v = model.vocab_size();
     let mut rng = Rng::new(cfg.seed);
     let mut cache = KvCache::new(model.num_layers());
     let mut out = prompt.to_vec();
-    let mut logits = model.forward_cached(prompt, &mut cache, cfg.adapters)?.to_vec();
+    let mut logits = model
+        .forward_cached(prompt, &mut cache, cfg.adapters)?
+        .to_vec();
     for _ in 0..cfg.max_new_tokens {
         let last = &logits[logits.len() - v..];
         let next = pick(last, cfg, &mut rng);
@@ -90,7 +121,9 @@ pub fn generate(model: &dyn CausalLm, prompt: &[u32], cfg: &GenerateConfig) -> R
         if cfg.eos.contains(&next) || out.len() >= model.max_positions() {
             break;
         }
-        logits = model.forward_cached(&[next], &mut cache, cfg.adapters)?.to_vec();
+        logits = model
+            .forward_cached(&[next], &mut cache, cfg.adapters)?
+            .to_vec();
     }
     Ok(out)
 }

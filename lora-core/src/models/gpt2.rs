@@ -47,12 +47,24 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     /// Builds the model from `load(name, shape)` (transformers' parameter names).
-    pub fn load<E: From<CoreError>>(cfg: &Gpt2Config, load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>) -> std::result::Result<Self, E> {
+    pub fn load<E: From<CoreError>>(
+        cfg: &Gpt2Config,
+        load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
         let c = cfg.n_embd;
         if cfg.n_head == 0 || c % cfg.n_head != 0 {
-            return Err(CoreError::InvalidConfig { field: "n_head", reason: format!("{} must divide n_embd {c}", cfg.n_head) }.into());
+            return Err(CoreError::InvalidConfig {
+                field: "n_head",
+                reason: format!("{} must divide n_embd {c}", cfg.n_head),
+            }
+            .into());
         }
-        let mut ln = |p: &str| -> std::result::Result<(Tensor, Tensor), E> { Ok((load(&format!("{p}.weight"), &[c])?, load(&format!("{p}.bias"), &[c])?)) };
+        let mut ln = |p: &str| -> std::result::Result<(Tensor, Tensor), E> {
+            Ok((
+                load(&format!("{p}.weight"), &[c])?,
+                load(&format!("{p}.bias"), &[c])?,
+            ))
+        };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("transformer.h.{i}");
@@ -93,12 +105,23 @@ impl Gpt2 {
 }
 
 impl Gpt2 {
-    fn run(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool, mut mode: AttnMode) -> Result<Tensor> {
+    fn run(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+        mut mode: AttnMode,
+    ) -> Result<Tensor> {
         let c = self.cfg.n_embd;
         let pos = mode.positions(batch, seq);
         if let Some(&p) = pos.iter().max() {
             if p as usize >= self.cfg.n_positions {
-                return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("position {p} exceeds n_positions {}", self.cfg.n_positions) });
+                return Err(CoreError::InvalidConfig {
+                    field: "seq_len",
+                    reason: format!("position {p} exceeds n_positions {}", self.cfg.n_positions),
+                });
             }
         }
         let tok = ops::embedding(tape, &self.wte, ids, &[batch, seq])?;
@@ -143,12 +166,26 @@ macro_rules! block_linears {
 }
 
 impl CausalLm for Gpt2 {
-    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
         self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor> {
-        self.run(&Tape::inference(), ids, 1, ids.len(), adapters, AttnMode::Cached(cache))
+        self.run(
+            &Tape::inference(),
+            ids,
+            1,
+            ids.len(),
+            adapters,
+            AttnMode::Cached(cache),
+        )
     }
 
     fn num_layers(&self) -> usize {

@@ -25,13 +25,21 @@ pub enum Linear {
 impl Linear {
     /// A frozen layer.
     pub fn frozen(weight: Tensor, layout: WeightLayout, bias: Option<Tensor>) -> Self {
-        Linear::Frozen { weight, layout, bias }
+        Linear::Frozen {
+            weight,
+            layout,
+            bias,
+        }
     }
 
     /// Forward; `adapters == false` bypasses the adapter.
     pub fn forward(&self, tape: &Tape, x: &Tensor, adapters: bool) -> Result<Tensor> {
         match self {
-            Linear::Frozen { weight, layout, bias } => ops::linear(tape, x, weight, *layout, bias.as_ref(), None),
+            Linear::Frozen {
+                weight,
+                layout,
+                bias,
+            } => ops::linear(tape, x, weight, *layout, bias.as_ref(), None),
             Linear::Lora(l) if adapters => l.forward(tape, x),
             Linear::Lora(l) => ops::linear(tape, x, &l.weight, l.layout, l.bias.as_ref(), None),
         }
@@ -48,7 +56,11 @@ impl Linear {
     /// The base weight, its layout and bias.
     pub fn base(&self) -> (&Tensor, WeightLayout, Option<&Tensor>) {
         match self {
-            Linear::Frozen { weight, layout, bias } => (weight, *layout, bias.as_ref()),
+            Linear::Frozen {
+                weight,
+                layout,
+                bias,
+            } => (weight, *layout, bias.as_ref()),
             Linear::Lora(l) => (&l.weight, l.layout, l.bias.as_ref()),
         }
     }

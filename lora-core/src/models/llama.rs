@@ -77,7 +77,12 @@ impl LlamaConfig {
         match self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 base.iter()
@@ -88,7 +93,8 @@ impl LlamaConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -122,19 +128,40 @@ pub struct Llama {
 
 impl Llama {
     /// Builds the model from `load(name, shape)` (transformers' parameter names).
-    pub fn load<E: From<CoreError>>(cfg: &LlamaConfig, load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>) -> std::result::Result<Self, E> {
-        let (c, hq, hkv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    pub fn load<E: From<CoreError>>(
+        cfg: &LlamaConfig,
+        load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
+        let (c, hq, hkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         if hkv == 0 || hq % hkv != 0 {
-            return Err(CoreError::InvalidConfig { field: "num_key_value_heads", reason: format!("{hkv} must divide num_attention_heads {hq}") }.into());
+            return Err(CoreError::InvalidConfig {
+                field: "num_key_value_heads",
+                reason: format!("{hkv} must divide num_attention_heads {hq}"),
+            }
+            .into());
         }
         if d == 0 || d % 2 != 0 {
-            return Err(CoreError::InvalidConfig { field: "head_dim", reason: format!("must be even and positive, got {d}") }.into());
+            return Err(CoreError::InvalidConfig {
+                field: "head_dim",
+                reason: format!("must be even and positive, got {d}"),
+            }
+            .into());
         }
-        let mut lin = |name: String, inp: usize, out: usize, bias: bool| -> std::result::Result<Linear, E> {
-            let w = load(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(load(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Linear::frozen(w, WeightLayout::OutIn, b))
-        };
+        let mut lin =
+            |name: String, inp: usize, out: usize, bias: bool| -> std::result::Result<Linear, E> {
+                let w = load(&format!("{name}.weight"), &[out, inp])?;
+                let b = if bias {
+                    Some(load(&format!("{name}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Linear::frozen(w, WeightLayout::OutIn, b))
+            };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let mut norms = Vec::new();
         for i in 0..cfg.num_hidden_layers {
@@ -146,13 +173,32 @@ impl Llama {
                 lin(format!("{a}.k_proj"), c, hkv * d, cfg.qkv_bias)?,
                 lin(format!("{a}.v_proj"), c, hkv * d, cfg.qkv_bias)?,
                 lin(format!("{a}.o_proj"), hq * d, c, cfg.o_bias)?,
-                lin(format!("{m}.gate_proj"), c, cfg.intermediate_size, cfg.mlp_bias)?,
-                lin(format!("{m}.up_proj"), c, cfg.intermediate_size, cfg.mlp_bias)?,
-                lin(format!("{m}.down_proj"), cfg.intermediate_size, c, cfg.mlp_bias)?,
+                lin(
+                    format!("{m}.gate_proj"),
+                    c,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
+                lin(
+                    format!("{m}.up_proj"),
+                    c,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
+                lin(
+                    format!("{m}.down_proj"),
+                    cfg.intermediate_size,
+                    c,
+                    cfg.mlp_bias,
+                )?,
             ));
             norms.push(p);
         }
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin("lm_head".into(), c, cfg.vocab_size, false)?) };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(lin("lm_head".into(), c, cfg.vocab_size, false)?)
+        };
         let mut built = Vec::with_capacity(layers.len());
         for ((q, k, v, o, gate, up, down), p) in layers.into_iter().zip(norms) {
             built.push(Layer {
@@ -184,16 +230,35 @@ impl Llama {
 }
 
 impl Llama {
-    fn run(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool, mut mode: AttnMode) -> Result<Tensor> {
+    fn run(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+        mut mode: AttnMode,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let pos = mode.positions(batch, seq);
         let end = pos.iter().max().map_or(0, |&p| p as usize + 1);
         if end > cfg.max_position_embeddings {
-            return Err(CoreError::InvalidConfig { field: "seq_len", reason: format!("{end} positions exceed max_position_embeddings {}", cfg.max_position_embeddings) });
+            return Err(CoreError::InvalidConfig {
+                field: "seq_len",
+                reason: format!(
+                    "{end} positions exceed max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                ),
+            });
         }
         if let Some(w) = cfg.sliding_window {
             if end > w {
-                return Err(CoreError::InvalidConfig { field: "sliding_window", reason: format!("sequences longer than the window ({w}) are not supported yet (got {end})") });
+                return Err(CoreError::InvalidConfig {
+                    field: "sliding_window",
+                    reason: format!(
+                        "sequences longer than the window ({w}) are not supported yet (got {end})"
+                    ),
+                });
             }
         }
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -244,12 +309,26 @@ macro_rules! layer_linears {
 }
 
 impl CausalLm for Llama {
-    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
         self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor> {
-        self.run(&Tape::inference(), ids, 1, ids.len(), adapters, AttnMode::Cached(cache))
+        self.run(
+            &Tape::inference(),
+            ids,
+            1,
+            ids.len(),
+            adapters,
+            AttnMode::Cached(cache),
+        )
     }
 
     fn num_layers(&self) -> usize {

@@ -20,7 +20,14 @@ pub use linear::Linear;
 pub trait CausalLm {
     /// Logits `(B, T, V)` for token ids `(B, T)` (row-major). With `adapters == false` every
     /// LoRA adapter is bypassed (the base model's output).
-    fn forward(&self, tape: &Tape, ids: &[u32], batch: usize, seq: usize, adapters: bool) -> Result<Tensor>;
+    fn forward(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+    ) -> Result<Tensor>;
     /// Logits `(1, n, V)` for `n` new tokens of one sequence, attending to (and extending) the
     /// keys and values in `cache`: each new token costs one position, not the whole prefix.
     /// Inference only (no tape).
@@ -51,7 +58,10 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `layers` blocks.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![(Vec::new(), Vec::new()); layers], len: 0 }
+        Self {
+            layers: vec![(Vec::new(), Vec::new()); layers],
+            len: 0,
+        }
     }
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
@@ -82,7 +92,16 @@ impl AttnMode<'_> {
 
     /// Causal attention of `q` over `k`, `v` (and the cache), for block `layer`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attend(&mut self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor, hq: usize, hkv: usize, layer: usize) -> Result<Tensor> {
+    pub(crate) fn attend(
+        &mut self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        hq: usize,
+        hkv: usize,
+        layer: usize,
+    ) -> Result<Tensor> {
         match self {
             AttnMode::Full => ops::attention(tape, q, k, v, hq, hkv),
             AttnMode::Cached(cache) => {
@@ -93,7 +112,18 @@ impl AttnMode<'_> {
                 let t = cache.len + n;
                 let hd = q.last_dim() / hq;
                 let mut out = vec![0.0; q.numel()];
-                lora_kernels::ops::attention::attention_decode(&mut out, &q.data(), kc, vc, n, t, hq, hkv, hd, 1.0 / (hd as f32).sqrt())?;
+                lora_kernels::ops::attention::attention_decode(
+                    &mut out,
+                    &q.data(),
+                    kc,
+                    vc,
+                    n,
+                    t,
+                    hq,
+                    hkv,
+                    hd,
+                    1.0 / (hd as f32).sqrt(),
+                )?;
                 Tensor::new(out, q.shape())
             }
         }
@@ -121,21 +151,36 @@ pub(crate) fn linear_base_params(model: &dyn CausalLm) -> usize {
 
 /// Trainable (adapter) and total parameter counts.
 pub fn param_counts(model: &dyn CausalLm) -> (usize, usize) {
-    let trainable: usize = model.linears().iter().filter_map(|(_, l)| l.lora()).map(|l| l.trainable_params()).sum();
+    let trainable: usize = model
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| l.lora())
+        .map(|l| l.trainable_params())
+        .sum();
     (trainable, model.base_params() + trainable)
 }
 
 /// The line PEFT's `print_trainable_parameters` prints.
 pub fn trainable_summary(model: &dyn CausalLm) -> String {
     let (t, all) = param_counts(model);
-    let pct = if all == 0 { 0.0 } else { 100.0 * t as f64 / all as f64 };
+    let pct = if all == 0 {
+        0.0
+    } else {
+        100.0 * t as f64 / all as f64
+    };
     format!("trainable params: {t} || all params: {all} || trainable%: {pct:.4}")
 }
 
 /// transformers' causal-LM loss: position `t` predicts token `t + 1`; the last position of each
 /// sequence has no target. Mean over the `B * (T - 1)` predicted tokens. `labels` may mark
 /// positions to ignore with a negative value (it defaults to `ids`).
-pub fn causal_lm_loss(tape: &Tape, logits: &Tensor, labels: &[i64], batch: usize, seq: usize) -> Result<Tensor> {
+pub fn causal_lm_loss(
+    tape: &Tape,
+    logits: &Tensor,
+    labels: &[i64],
+    batch: usize,
+    seq: usize,
+) -> Result<Tensor> {
     let mut targets = vec![-100i32; batch * seq];
     for b in 0..batch {
         for t in 0..seq.saturating_sub(1) {

@@ -35,7 +35,11 @@ pub struct AttnDims {
 impl AttnDims {
     fn check(&self, op: &'static str) -> Result<()> {
         if self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 {
-            return Err(invalid(op, "kv_heads", format!("{} must divide q_heads {}", self.kv_heads, self.q_heads)));
+            return Err(invalid(
+                op,
+                "kv_heads",
+                format!("{} must divide q_heads {}", self.kv_heads, self.q_heads),
+            ));
         }
         Ok(())
     }
@@ -48,10 +52,24 @@ impl AttnDims {
 }
 
 /// Forward. `scale` is usually `1 / sqrt(D)`.
-pub fn attention_forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, scale: f32) -> Result<()> {
+pub fn attention_forward(
+    out: &mut [f32],
+    att: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+    scale: f32,
+) -> Result<()> {
     const OP: &str = "attention_forward";
     d.check(OP)?;
-    let AttnDims { batch: b, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd } = d;
+    let AttnDims {
+        batch: b,
+        seq: t,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: hd,
+    } = d;
     check_len(OP, "q", q.len(), &[b, t, hq, hd])?;
     check_len(OP, "k", k.len(), &[b, t, hkv, hd])?;
     check_len(OP, "v", v.len(), &[b, t, hkv, hd])?;
@@ -68,7 +86,18 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32],
         // SAFETY: q/k/v were length-checked for (B, T, H, D); the views address rows < T and
         // columns < D of head h (g) of batch bi, all in bounds. `a` is this task's own (T, T).
         unsafe {
-            gemm_raw(a.as_mut_ptr(), (t as isize, 1), q.as_ptr().add(qo), (qs, 1), k.as_ptr().add(ko), (1, ks), (t, t, hd), scale, false, Par::Single);
+            gemm_raw(
+                a.as_mut_ptr(),
+                (t as isize, 1),
+                q.as_ptr().add(qo),
+                (qs, 1),
+                k.as_ptr().add(ko),
+                (1, ks),
+                (t, t, hd),
+                scale,
+                false,
+                Par::Single,
+            );
         }
         for i in 0..t {
             let row = &mut a[i * t..(i + 1) * t];
@@ -85,7 +114,18 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32],
         // SAFETY: out is (B, T, Hq, D) (checked); this task writes only head h of batch bi,
         // which no other task writes. `a` is (T, T) and v's head-g view is in bounds.
         unsafe {
-            gemm_raw(out_p.get().add(qo), (qs, 1), a.as_ptr(), (t as isize, 1), v.as_ptr().add(ko), (ks, 1), (t, hd, t), 1.0, false, Par::Single);
+            gemm_raw(
+                out_p.get().add(qo),
+                (qs, 1),
+                a.as_ptr(),
+                (t as isize, 1),
+                v.as_ptr().add(ko),
+                (ks, 1),
+                (t, hd, t),
+                1.0,
+                false,
+                Par::Single,
+            );
         }
     });
     Ok(())
@@ -93,17 +133,46 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32],
 
 /// Backward; accumulates into `dq`, `dk`, `dv` (shapes as `q`, `k`, `v`).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], att: &[f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, scale: f32) -> Result<()> {
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    att: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+    scale: f32,
+) -> Result<()> {
     const OP: &str = "attention_backward";
     d.check(OP)?;
-    let AttnDims { batch: b, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd } = d;
-    for (name, len, want) in [("dq", dq.len(), d.q_len()), ("dout", dout.len(), d.q_len()), ("q", q.len(), d.q_len()), ("dk", dk.len(), d.kv_len()), ("dv", dv.len(), d.kv_len()), ("k", k.len(), d.kv_len()), ("v", v.len(), d.kv_len())] {
+    let AttnDims {
+        batch: b,
+        seq: t,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: hd,
+    } = d;
+    for (name, len, want) in [
+        ("dq", dq.len(), d.q_len()),
+        ("dout", dout.len(), d.q_len()),
+        ("q", q.len(), d.q_len()),
+        ("dk", dk.len(), d.kv_len()),
+        ("dv", dv.len(), d.kv_len()),
+        ("k", k.len(), d.kv_len()),
+        ("v", v.len(), d.kv_len()),
+    ] {
         check_len(OP, name, len, &[want])?;
     }
     check_len(OP, "att", att.len(), &[b, hq, t, t])?;
     let rep = hq / hkv;
     let (qs, ks) = ((hq * hd) as isize, (hkv * hd) as isize);
-    let (dq_p, dk_p, dv_p) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let (dq_p, dk_p, dv_p) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
     (0..b * hkv).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / hkv, bg % hkv);
         let ko = bi * t * hkv * hd + g * hd;
@@ -116,7 +185,18 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
             // written by this task only (h ranges over g's group).
             unsafe {
                 // dP (T, T) = dO_h (T, D) @ V_g^T (D, T)
-                gemm_raw(ds.as_mut_ptr(), (t as isize, 1), dout.as_ptr().add(qo), (qs, 1), v.as_ptr().add(ko), (1, ks), (t, t, hd), 1.0, false, Par::Single);
+                gemm_raw(
+                    ds.as_mut_ptr(),
+                    (t as isize, 1),
+                    dout.as_ptr().add(qo),
+                    (qs, 1),
+                    v.as_ptr().add(ko),
+                    (1, ks),
+                    (t, t, hd),
+                    1.0,
+                    false,
+                    Par::Single,
+                );
             }
             for i in 0..t {
                 let pr = &p[i * t..(i + 1) * t];
@@ -129,11 +209,44 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
             }
             unsafe {
                 // dQ_h += scale * dS (T, T) @ K_g (T, D)
-                gemm_raw(dq_p.get().add(qo), (qs, 1), ds.as_ptr(), (t as isize, 1), k.as_ptr().add(ko), (ks, 1), (t, hd, t), scale, true, Par::Single);
+                gemm_raw(
+                    dq_p.get().add(qo),
+                    (qs, 1),
+                    ds.as_ptr(),
+                    (t as isize, 1),
+                    k.as_ptr().add(ko),
+                    (ks, 1),
+                    (t, hd, t),
+                    scale,
+                    true,
+                    Par::Single,
+                );
                 // dK_g += scale * dS^T (T, T) @ Q_h (T, D)
-                gemm_raw(dk_p.get().add(ko), (ks, 1), ds.as_ptr(), (1, t as isize), q.as_ptr().add(qo), (qs, 1), (t, hd, t), scale, true, Par::Single);
+                gemm_raw(
+                    dk_p.get().add(ko),
+                    (ks, 1),
+                    ds.as_ptr(),
+                    (1, t as isize),
+                    q.as_ptr().add(qo),
+                    (qs, 1),
+                    (t, hd, t),
+                    scale,
+                    true,
+                    Par::Single,
+                );
                 // dV_g += P^T (T, T) @ dO_h (T, D)
-                gemm_raw(dv_p.get().add(ko), (ks, 1), p.as_ptr(), (1, t as isize), dout.as_ptr().add(qo), (qs, 1), (t, hd, t), 1.0, true, Par::Single);
+                gemm_raw(
+                    dv_p.get().add(ko),
+                    (ks, 1),
+                    p.as_ptr(),
+                    (1, t as isize),
+                    dout.as_ptr().add(qo),
+                    (qs, 1),
+                    (t, hd, t),
+                    1.0,
+                    true,
+                    Par::Single,
+                );
             }
         }
     });
@@ -144,14 +257,33 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
 /// `t - n .. t` attend causally to the first `t` rows of `k`, `v` `(t, Hkv * D)` (the cache, with
 /// the new rows already appended). Batch 1; no probabilities are saved (no backward).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], n: usize, t: usize, q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+pub fn attention_decode(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    t: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Result<()> {
     const OP: &str = "attention_decode";
     let (hq, hkv, hd) = (q_heads, kv_heads, head_dim);
     if hkv == 0 || hq % hkv != 0 {
-        return Err(invalid(OP, "kv_heads", format!("{hkv} must divide q_heads {hq}")));
+        return Err(invalid(
+            OP,
+            "kv_heads",
+            format!("{hkv} must divide q_heads {hq}"),
+        ));
     }
     if n > t {
-        return Err(invalid(OP, "n", format!("{n} new rows but only {t} cached")));
+        return Err(invalid(
+            OP,
+            "n",
+            format!("{n} new rows but only {t} cached"),
+        ));
     }
     check_len(OP, "q", q.len(), &[n, hq, hd])?;
     check_len(OP, "out", out.len(), &[n, hq, hd])?;
@@ -164,7 +296,13 @@ pub fn attention_decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], n: usi
         let last = t - n + i; // this row's position: attends to 0..=last
         let qi = &q[(i * hq + h) * hd..(i * hq + h + 1) * hd];
         let mut s: Vec<f32> = (0..=last)
-            .map(|j| scale * qi.iter().zip(&k[(j * hkv + g) * hd..(j * hkv + g + 1) * hd]).map(|(a, b)| a * b).sum::<f32>())
+            .map(|j| {
+                scale
+                    * qi.iter()
+                        .zip(&k[(j * hkv + g) * hd..(j * hkv + g + 1) * hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+            })
             .collect();
         let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut z = 0.0f32;
@@ -175,7 +313,10 @@ pub fn attention_decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], n: usi
         o.fill(0.0);
         for (j, p) in s.iter().enumerate() {
             let w = p / z;
-            for (oc, vc) in o.iter_mut().zip(&v[(j * hkv + g) * hd..(j * hkv + g + 1) * hd]) {
+            for (oc, vc) in o
+                .iter_mut()
+                .zip(&v[(j * hkv + g) * hd..(j * hkv + g + 1) * hd])
+            {
                 *oc += w * vc;
             }
         }
@@ -189,7 +330,13 @@ pub mod reference {
 
     /// Naive causal GQA attention.
     pub fn forward(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, scale: f64) -> Vec<f64> {
-        let AttnDims { batch: b, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd } = d;
+        let AttnDims {
+            batch: b,
+            seq: t,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+        } = d;
         let rep = hq / hkv;
         let mut out = vec![0.0; b * t * hq * hd];
         for bi in 0..b {
@@ -198,13 +345,21 @@ pub mod reference {
                 for i in 0..t {
                     let qi = &q[((bi * t + i) * hq + h) * hd..][..hd];
                     let s: Vec<f64> = (0..=i)
-                        .map(|j| scale * qi.iter().zip(&k[((bi * t + j) * hkv + g) * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>())
+                        .map(|j| {
+                            scale
+                                * qi.iter()
+                                    .zip(&k[((bi * t + j) * hkv + g) * hd..][..hd])
+                                    .map(|(a, b)| a * b)
+                                    .sum::<f64>()
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for c in 0..hd {
-                        out[((bi * t + i) * hq + h) * hd + c] = (0..=i).map(|j| e[j] / z * v[((bi * t + j) * hkv + g) * hd + c]).sum();
+                        out[((bi * t + i) * hq + h) * hd + c] = (0..=i)
+                            .map(|j| e[j] / z * v[((bi * t + j) * hkv + g) * hd + c])
+                            .sum();
                     }
                 }
             }

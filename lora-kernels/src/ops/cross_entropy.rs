@@ -8,21 +8,35 @@ use rayon::prelude::*;
 
 /// Writes `lse` `(N)` and returns `(mean loss, count of non-ignored targets)`. `logits`: `(N, V)`,
 /// `targets`: `(N)`. With no valid target the loss is 0 and the count 0.
-pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> Result<(f32, usize)> {
+pub fn cross_entropy_forward(
+    lse: &mut [f32],
+    logits: &[f32],
+    targets: &[i32],
+    v: usize,
+) -> Result<(f32, usize)> {
     const OP: &str = "cross_entropy_forward";
     let n = targets.len();
     check_len(OP, "logits", logits.len(), &[n, v])?;
     check_len(OP, "lse", lse.len(), &[n])?;
     if let Some(i) = targets.iter().position(|&t| t >= 0 && t as usize >= v) {
-        return Err(KernelError::IndexOutOfRange { op: OP, arg: "targets", index: i, value: targets[i] as i64, limit: v });
+        return Err(KernelError::IndexOutOfRange {
+            op: OP,
+            arg: "targets",
+            index: i,
+            value: targets[i] as i64,
+            limit: v,
+        });
     }
     let min_rows = (crate::par::PAR_THRESHOLD / v.max(1)).max(1);
-    lse.par_iter_mut().enumerate().with_min_len(min_rows).for_each(|(i, l)| {
-        let row = &logits[i * v..(i + 1) * v];
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let s: f32 = row.iter().map(|&z| (z - m).exp()).sum();
-        *l = m + s.ln();
-    });
+    lse.par_iter_mut()
+        .enumerate()
+        .with_min_len(min_rows)
+        .for_each(|(i, l)| {
+            let row = &logits[i * v..(i + 1) * v];
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let s: f32 = row.iter().map(|&z| (z - m).exp()).sum();
+            *l = m + s.ln();
+        });
     let mut total = 0.0f64;
     let mut count = 0usize;
     for (i, &t) in targets.iter().enumerate() {
@@ -31,13 +45,25 @@ pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v
             count += 1;
         }
     }
-    let loss = if count == 0 { 0.0 } else { (total / count as f64) as f32 };
+    let loss = if count == 0 {
+        0.0
+    } else {
+        (total / count as f64) as f32
+    };
     Ok((loss, count))
 }
 
 /// `dlogits[i, :] += dloss / count * (softmax(logits[i]) - onehot(targets[i]))` for non-ignored
 /// rows. `count` is what forward returned.
-pub fn cross_entropy_backward(dlogits: &mut [f32], dloss: f32, logits: &[f32], lse: &[f32], targets: &[i32], v: usize, count: usize) -> Result<()> {
+pub fn cross_entropy_backward(
+    dlogits: &mut [f32],
+    dloss: f32,
+    logits: &[f32],
+    lse: &[f32],
+    targets: &[i32],
+    v: usize,
+    count: usize,
+) -> Result<()> {
     const OP: &str = "cross_entropy_backward";
     let n = targets.len();
     check_len(OP, "dlogits", dlogits.len(), &[n, v])?;
@@ -80,6 +106,10 @@ pub mod reference {
             total += lse - row[t as usize];
             count += 1;
         }
-        if count == 0 { 0.0 } else { total / count as f64 }
+        if count == 0 {
+            0.0
+        } else {
+            total / count as f64
+        }
     }
 }

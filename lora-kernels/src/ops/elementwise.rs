@@ -18,10 +18,17 @@ fn for_each_elem(out: &mut [f32], f: impl Fn(usize, &mut f32) + Sync + Send) {
         let base = row0 * cols;
         blk.iter_mut().enumerate().for_each(|(i, o)| f(base + i, o));
     });
-    tail.iter_mut().enumerate().for_each(|(i, o)| f(full + i, o));
+    tail.iter_mut()
+        .enumerate()
+        .for_each(|(i, o)| f(full + i, o));
 }
 
-fn zip_map(op: &'static str, out: &mut [f32], ins: &[(&'static str, &[f32])], f: impl Fn(usize) -> f32 + Sync + Send) -> Result<()> {
+fn zip_map(
+    op: &'static str,
+    out: &mut [f32],
+    ins: &[(&'static str, &[f32])],
+    f: impl Fn(usize) -> f32 + Sync + Send,
+) -> Result<()> {
     for (name, x) in ins {
         check_len(op, name, x.len(), &[out.len()])?;
     }
@@ -98,7 +105,9 @@ pub fn silu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
 
 /// `out = silu(gate) * up` (all the same length).
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
-    zip_map("swiglu_forward", out, &[("gate", gate), ("up", up)], |i| gate[i] * sigmoid(gate[i]) * up[i])
+    zip_map("swiglu_forward", out, &[("gate", gate), ("up", up)], |i| {
+        gate[i] * sigmoid(gate[i]) * up[i]
+    })
 }
 
 /// `dgate += dout * up * silu'(gate)`, `dup += dout * silu(gate)`; either may be skipped.

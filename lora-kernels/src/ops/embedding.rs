@@ -7,7 +7,13 @@ use rayon::prelude::*;
 fn check_ids(op: &'static str, ids: &[u32], v: usize) -> Result<()> {
     match ids.iter().position(|&t| t as usize >= v) {
         None => Ok(()),
-        Some(i) => Err(KernelError::IndexOutOfRange { op, arg: "ids", index: i, value: ids[i] as i64, limit: v }),
+        Some(i) => Err(KernelError::IndexOutOfRange {
+            op,
+            arg: "ids",
+            index: i,
+            value: ids[i] as i64,
+            limit: v,
+        }),
     }
 }
 
@@ -67,7 +73,9 @@ pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], c: usiz
 pub mod reference {
     /// Gather.
     pub fn forward(table: &[f64], ids: &[u32], c: usize) -> Vec<f64> {
-        ids.iter().flat_map(|&t| table[t as usize * c..(t as usize + 1) * c].to_vec()).collect()
+        ids.iter()
+            .flat_map(|&t| table[t as usize * c..(t as usize + 1) * c].to_vec())
+            .collect()
     }
     /// Scatter-add into a zero table of `v` rows.
     pub fn backward(dout: &[f64], ids: &[u32], v: usize, c: usize) -> Vec<f64> {

@@ -14,8 +14,16 @@ fn check_rows(op: &'static str, x: &[f32], c: usize) -> Result<usize> {
 /// Splits `n` rows into a fixed number of contiguous parts (independent of scheduling) and
 /// returns, per part, the partial parameter gradients computed by `f(rows, partial)`, summed in
 /// part order: deterministic for a given thread count.
-fn reduce_rows(n: usize, width: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync + Send) -> Vec<f32> {
-    let parts = if n * width < crate::par::PAR_THRESHOLD { 1 } else { rayon::current_num_threads().max(1) * 2 };
+fn reduce_rows(
+    n: usize,
+    width: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let parts = if n * width < crate::par::PAR_THRESHOLD {
+        1
+    } else {
+        rayon::current_num_threads().max(1) * 2
+    };
     let per = n.div_ceil(parts.max(1)).max(1);
     let partials: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
@@ -154,7 +162,14 @@ pub fn layernorm_backward(
 }
 
 /// `out = x * rstd * gamma` with `rstd = 1 / sqrt(mean(x^2) + eps)`, writing `rstd` `(N)`.
-pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], gamma: &[f32], c: usize, eps: f32) -> Result<()> {
+pub fn rmsnorm_forward(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    c: usize,
+    eps: f32,
+) -> Result<()> {
     const OP: &str = "rmsnorm_forward";
     let n = check_rows(OP, x, c)?;
     check_len(OP, "out", out.len(), &[n, c])?;
@@ -225,13 +240,22 @@ pub fn rmsnorm_backward(
 /// `f64` oracles: forward only; their gradients are checked by finite differences in the tests.
 pub mod reference {
     /// LayerNorm of each row.
-    pub fn layernorm(x: &[f64], gamma: &[f64], beta: Option<&[f64]>, c: usize, eps: f64) -> Vec<f64> {
+    pub fn layernorm(
+        x: &[f64],
+        gamma: &[f64],
+        beta: Option<&[f64]>,
+        c: usize,
+        eps: f64,
+    ) -> Vec<f64> {
         x.chunks(c)
             .flat_map(|r| {
                 let m = r.iter().sum::<f64>() / c as f64;
                 let v = r.iter().map(|x| (x - m).powi(2)).sum::<f64>() / c as f64;
                 let rs = 1.0 / (v + eps).sqrt();
-                r.iter().enumerate().map(move |(j, x)| (x - m) * rs * gamma[j] + beta.map_or(0.0, |b| b[j])).collect::<Vec<_>>()
+                r.iter()
+                    .enumerate()
+                    .map(move |(j, x)| (x - m) * rs * gamma[j] + beta.map_or(0.0, |b| b[j]))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -241,7 +265,10 @@ pub mod reference {
             .flat_map(|r| {
                 let ms = r.iter().map(|x| x * x).sum::<f64>() / c as f64;
                 let rs = 1.0 / (ms + eps).sqrt();
-                r.iter().enumerate().map(move |(j, x)| x * rs * gamma[j]).collect::<Vec<_>>()
+                r.iter()
+                    .enumerate()
+                    .map(move |(j, x)| x * rs * gamma[j])
+                    .collect::<Vec<_>>()
             })
             .collect()
     }

@@ -31,13 +31,27 @@ pub fn rope_tables(inv_freq: &[f32], max_pos: usize) -> (Vec<f32>, Vec<f32>) {
 
 /// Default `inv_freq[i] = 1 / theta^(2i / D)` (computed in f32 like transformers).
 pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(op: &'static str, x_len: usize, cos: &[f32], sin: &[f32], positions: &[u32], h: usize, d: usize) -> Result<usize> {
+fn check(
+    op: &'static str,
+    x_len: usize,
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[u32],
+    h: usize,
+    d: usize,
+) -> Result<usize> {
     if d % 2 != 0 || d == 0 {
-        return Err(invalid(op, "head_dim", format!("must be even and positive, got {d}")));
+        return Err(invalid(
+            op,
+            "head_dim",
+            format!("must be even and positive, got {d}"),
+        ));
     }
     let half = d / 2;
     let p = cos.len() / half;
@@ -45,20 +59,39 @@ fn check(op: &'static str, x_len: usize, cos: &[f32], sin: &[f32], positions: &[
     check_len(op, "sin", sin.len(), &[p, half])?;
     check_len(op, "x", x_len, &[positions.len(), h, d])?;
     if let Some(i) = positions.iter().position(|&q| q as usize >= p) {
-        return Err(KernelError::IndexOutOfRange { op, arg: "positions", index: i, value: positions[i] as i64, limit: p });
+        return Err(KernelError::IndexOutOfRange {
+            op,
+            arg: "positions",
+            index: i,
+            value: positions[i] as i64,
+            limit: p,
+        });
     }
     Ok(half)
 }
 
 /// Applies the rotation (`inverse = false`) or its transpose (`inverse = true`, the backward).
-fn rotate(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], positions: &[u32], h: usize, d: usize, inverse: bool, accumulate: bool) {
+fn rotate(
+    out: &mut [f32],
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[u32],
+    h: usize,
+    d: usize,
+    inverse: bool,
+    accumulate: bool,
+) {
     let half = d / 2;
     let sgn = if inverse { -1.0 } else { 1.0 };
     for_row_blocks(out, h * d, |row0, blk| {
         for (bi, orow) in blk.chunks_exact_mut(h * d).enumerate() {
             let i = row0 + bi;
             let p = positions[i] as usize;
-            let (cs, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            let (cs, sn) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
             for hh in 0..h {
                 let xr = &x[(i * h + hh) * d..(i * h + hh + 1) * d];
                 let or = &mut orow[hh * d..(hh + 1) * d];
@@ -82,8 +115,24 @@ fn rotate(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], positions: &[u32
 
 /// `out = rope(x)`.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_forward(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], positions: &[u32], n_heads: usize, head_dim: usize) -> Result<()> {
-    check("rope_forward", x.len(), cos, sin, positions, n_heads, head_dim)?;
+pub fn rope_forward(
+    out: &mut [f32],
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[u32],
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    check(
+        "rope_forward",
+        x.len(),
+        cos,
+        sin,
+        positions,
+        n_heads,
+        head_dim,
+    )?;
     check_len("rope_forward", "out", out.len(), &[x.len()])?;
     rotate(out, x, cos, sin, positions, n_heads, head_dim, false, false);
     Ok(())
@@ -91,8 +140,24 @@ pub fn rope_forward(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], positi
 
 /// `dx += R^T dout` (the rotation is orthogonal: backward rotates by the negative angle).
 #[allow(clippy::too_many_arguments)]
-pub fn rope_backward(dx: &mut [f32], dout: &[f32], cos: &[f32], sin: &[f32], positions: &[u32], n_heads: usize, head_dim: usize) -> Result<()> {
-    check("rope_backward", dout.len(), cos, sin, positions, n_heads, head_dim)?;
+pub fn rope_backward(
+    dx: &mut [f32],
+    dout: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    positions: &[u32],
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    check(
+        "rope_backward",
+        dout.len(),
+        cos,
+        sin,
+        positions,
+        n_heads,
+        head_dim,
+    )?;
     check_len("rope_backward", "dx", dx.len(), &[dout.len()])?;
     rotate(dx, dout, cos, sin, positions, n_heads, head_dim, true, true);
     Ok(())

@@ -7,7 +7,11 @@ use crate::par::for_row_blocks;
 
 fn check(op: &'static str, x_len: usize, cols: usize, start: usize, len: usize) -> Result<usize> {
     if start + len > cols {
-        return Err(invalid(op, "start", format!("columns {start}..{} exceed the {cols} columns", start + len)));
+        return Err(invalid(
+            op,
+            "start",
+            format!("columns {start}..{} exceed the {cols} columns", start + len),
+        ));
     }
     let n = if cols == 0 { 0 } else { x_len / cols };
     check_len(op, "x", x_len, &[n, cols])?;
@@ -15,7 +19,13 @@ fn check(op: &'static str, x_len: usize, cols: usize, start: usize, len: usize) 
 }
 
 /// `out (N, len) = x (N, cols)[:, start..start + len]`.
-pub fn narrow_forward(out: &mut [f32], x: &[f32], cols: usize, start: usize, len: usize) -> Result<()> {
+pub fn narrow_forward(
+    out: &mut [f32],
+    x: &[f32],
+    cols: usize,
+    start: usize,
+    len: usize,
+) -> Result<()> {
     let n = check("narrow_forward", x.len(), cols, start, len)?;
     check_len("narrow_forward", "out", out.len(), &[n, len])?;
     for_row_blocks(out, len, |row0, blk| {
@@ -28,13 +38,22 @@ pub fn narrow_forward(out: &mut [f32], x: &[f32], cols: usize, start: usize, len
 }
 
 /// `dx[:, start..start + len] += dout`.
-pub fn narrow_backward(dx: &mut [f32], dout: &[f32], cols: usize, start: usize, len: usize) -> Result<()> {
+pub fn narrow_backward(
+    dx: &mut [f32],
+    dout: &[f32],
+    cols: usize,
+    start: usize,
+    len: usize,
+) -> Result<()> {
     let n = check("narrow_backward", dx.len(), cols, start, len)?;
     check_len("narrow_backward", "dout", dout.len(), &[n, len])?;
     for_row_blocks(dx, cols, |row0, blk| {
         for (bi, drow) in blk.chunks_exact_mut(cols).enumerate() {
             let i = row0 + bi;
-            for (d, g) in drow[start..start + len].iter_mut().zip(&dout[i * len..(i + 1) * len]) {
+            for (d, g) in drow[start..start + len]
+                .iter_mut()
+                .zip(&dout[i * len..(i + 1) * len])
+            {
                 *d += g;
             }
         }
@@ -46,6 +65,8 @@ pub fn narrow_backward(dx: &mut [f32], dout: &[f32], cols: usize, start: usize, 
 pub mod reference {
     /// Column slice.
     pub fn forward(x: &[f64], cols: usize, start: usize, len: usize) -> Vec<f64> {
-        x.chunks(cols).flat_map(|r| r[start..start + len].to_vec()).collect()
+        x.chunks(cols)
+            .flat_map(|r| r[start..start + len].to_vec())
+            .collect()
     }
 }

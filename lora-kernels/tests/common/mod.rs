@@ -6,7 +6,9 @@ use lora_kernels::rng::Rng;
 /// Seeded uniform values in `[-scale, scale)`.
 pub fn rand_vec(len: usize, seed: u64, scale: f64) -> Vec<f32> {
     let mut r = Rng::new(seed);
-    (0..len).map(|_| r.uniform_range(-scale, scale) as f32).collect()
+    (0..len)
+        .map(|_| r.uniform_range(-scale, scale) as f32)
+        .collect()
 }
 
 pub fn f64s(x: &[f32]) -> Vec<f64> {
@@ -17,7 +19,10 @@ pub fn f64s(x: &[f32]) -> Vec<f64> {
 pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
-    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs())) / scale
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+        / scale
 }
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
@@ -47,6 +52,13 @@ pub fn fd_grad(x: &[f64], w: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64>
 /// bound's meaning the way dividing by a tiny `max |want|` would.
 pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], scale: f64, tol: f64) {
     assert_eq!(got.len(), want.len(), "length mismatch");
-    let e = got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs())) / scale.max(1e-12);
-    assert!(e <= tol, "{what}: error {e:.3e} (relative to term scale {scale:.3e}) > {tol:.1e}");
+    let e = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+        / scale.max(1e-12);
+    assert!(
+        e <= tol,
+        "{what}: error {e:.3e} (relative to term scale {scale:.3e}) > {tol:.1e}"
+    );
 }
