@@ -507,7 +507,7 @@ fn killed_runs_resume_to_the_same_adapter() {
         "resumed after SIGKILL: same adapter bytes as the uninterrupted run"
     );
 
-    // SIGINT: checkpoint and clean exit.
+    // SIGINT once the run is checkpointing: a checkpoint and a clean exit with `interrupted`.
     let int = t.join("int").to_string_lossy().to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_lora"))
         .args(args(&int))
@@ -515,7 +515,17 @@ fn killed_runs_resume_to_the_same_adapter() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    let start = std::time::Instant::now();
+    while !std::fs::read_dir(&int)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        })
+        .unwrap_or(false)
+    {
+        assert!(start.elapsed().as_secs() < 60, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
@@ -525,11 +535,14 @@ fn killed_runs_resume_to_the_same_adapter() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    if v["interrupted"] == true {
-        assert!(std::path::Path::new(&int)
-            .join(format!("checkpoint-{:06}", v["steps"].as_u64().unwrap()))
-            .exists());
-    }
+    assert_eq!(v["interrupted"], true, "SIGINT mid-run stops early: {v}");
+    let step = v["steps"].as_u64().unwrap();
+    assert!(
+        step < 1500
+            && std::path::Path::new(&int)
+                .join(format!("checkpoint-{step:06}/trainer_state.json"))
+                .exists()
+    );
 }
 
 #[test]

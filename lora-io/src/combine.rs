@@ -134,42 +134,6 @@ impl AdapterWeights {
         })
     }
 
-    /// The factors of `dir` without checking them against its config (to compare files PEFT
-    /// wrote that its own loader would refuse).
-    pub fn read_unchecked(dir: &Path) -> BTreeMap<String, Factors> {
-        let file = match SafetensorsFile::open(dir.join("adapter_model.safetensors")) {
-            Ok(f) => f,
-            Err(_) => return BTreeMap::new(),
-        };
-        let mut out = BTreeMap::new();
-        for k in file.names() {
-            let Some(m) = k
-                .strip_prefix("base_model.model.")
-                .and_then(|x| x.strip_suffix(".lora_A.weight"))
-            else {
-                continue;
-            };
-            let (Ok((a, ash)), Ok((b, bsh))) = (
-                file.read_f32(k),
-                file.read_f32(&format!("base_model.model.{m}.lora_B.weight")),
-            ) else {
-                continue;
-            };
-            out.insert(
-                m.to_string(),
-                Factors {
-                    a,
-                    b,
-                    r: ash[0],
-                    inp: ash[1],
-                    out: bsh[0],
-                    scale: 1.0,
-                },
-            );
-        }
-        out
-    }
-
     fn max_rank(&self) -> usize {
         self.config
             .rank_pattern

@@ -2,72 +2,14 @@
 //! on the completion), optional packing into fixed-length blocks, padding that the loss ignores,
 //! and a seeded, resumable shuffle.
 
-use crate::{Result, TrainError};
+use crate::Result;
 use lora_io::tokenizer::TextTokenizer;
 use lora_kernels::rng::Rng;
-use std::path::Path;
 
 /// Label value the loss ignores (transformers' convention).
 pub const IGNORE: i64 = -100;
 
-/// One training example as read from a file.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Example {
-    /// Plain text: every token is a target.
-    Text(String),
-    /// Only the completion's tokens are targets.
-    PromptCompletion {
-        /// The prompt.
-        prompt: String,
-        /// What the model should learn to produce after it.
-        completion: String,
-    },
-}
-
-/// Reads `.txt` (paragraphs), `.jsonl` with `text`, or `.jsonl` with `prompt` + `completion`.
-pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    let is_jsonl = path.extension().and_then(|e| e.to_str()) == Some("jsonl");
-    if !is_jsonl {
-        return Ok(crate::data::read_texts(path)?
-            .into_iter()
-            .map(Example::Text)
-            .collect());
-    }
-    let err = |reason: String| TrainError::Data {
-        path: path.into(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        err(format!(
-            "not valid UTF-8 (first bad byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
-        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
-        out.push(match (s("text"), s("prompt"), s("completion")) {
-            (_, Some(prompt), Some(completion)) => Example::PromptCompletion { prompt, completion },
-            (Some(t), None, None) => Example::Text(t),
-            _ => {
-                return Err(err(format!(
-                    "line {}: expected a string `text`, or strings `prompt` and `completion`",
-                    i + 1
-                )))
-            }
-        });
-    }
-    if out.is_empty() {
-        return Err(err("no examples".into()));
-    }
-    Ok(out)
-}
+pub use crate::data::{read_examples, Example};
 
 /// Token ids and per-position labels (`IGNORE` where no loss is taken).
 #[derive(Clone, Debug, PartialEq)]

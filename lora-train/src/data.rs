@@ -1,12 +1,27 @@
-//! Text datasets: a `.txt` file is split into paragraphs (separated by blank lines), a `.jsonl`
-//! file has one JSON object per line with a string field `text`. Bad input is an error naming the
-//! file and line: non-UTF-8 bytes, invalid JSON, a missing or non-string `text`, no examples.
+//! Datasets, parsed in one place: a `.txt` file is split into paragraphs (separated by blank
+//! lines); a `.jsonl` file has one JSON object per line with a string `text`, or strings
+//! `prompt` and `completion`. Bad input is an error naming the file and line: non-UTF-8 bytes,
+//! invalid JSON, missing fields, an unknown extension, no examples.
 
 use crate::{Result, TrainError};
 use std::path::Path;
 
-/// Reads the examples of `path` (by extension: `.txt` or `.jsonl`).
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+/// One example as read from a file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Example {
+    /// Plain text: every token is a target.
+    Text(String),
+    /// Only the completion's tokens are targets.
+    PromptCompletion {
+        /// The prompt.
+        prompt: String,
+        /// What the model should learn to produce after it.
+        completion: String,
+    },
+}
+
+/// Reads the examples of `path` (by extension).
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     let err = |reason: String| TrainError::Data {
         path: path.into(),
         reason,
@@ -17,13 +32,13 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
         err(format!("not valid UTF-8 (first bad byte at offset {at})"))
     })?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let texts: Vec<String> = match ext {
+    let out: Vec<Example> = match ext {
         "txt" => text
             .replace("\r\n", "\n")
             .split("\n\n")
             .map(|p| p.trim())
             .filter(|p| !p.is_empty())
-            .map(String::from)
+            .map(|p| Example::Text(p.to_string()))
             .collect(),
         "jsonl" => {
             let mut v = Vec::new();
@@ -33,11 +48,19 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
                 }
                 let obj: serde_json::Value = serde_json::from_str(line)
                     .map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
-                let t = obj
-                    .get("text")
-                    .and_then(|t| t.as_str())
-                    .ok_or_else(|| err(format!("line {}: no string field `text`", i + 1)))?;
-                v.push(t.to_string());
+                let s = |k: &str| obj.get(k).and_then(|x| x.as_str()).map(String::from);
+                v.push(match (s("text"), s("prompt"), s("completion")) {
+                    (_, Some(prompt), Some(completion)) => {
+                        Example::PromptCompletion { prompt, completion }
+                    }
+                    (Some(t), None, None) => Example::Text(t),
+                    _ => {
+                        return Err(err(format!(
+                        "line {}: no string field `text` (or strings `prompt` and `completion`)",
+                        i + 1
+                    )))
+                    }
+                });
             }
             v
         }
@@ -47,8 +70,26 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
             )))
         }
     };
-    if texts.is_empty() {
+    if out.is_empty() {
         return Err(err("no examples".into()));
     }
-    Ok(texts)
+    Ok(out)
+}
+
+/// The texts of a plain-text dataset (evaluation data): prompt/completion lines are refused.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    read_examples(path)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| match e {
+            Example::Text(t) => Ok(t),
+            Example::PromptCompletion { .. } => Err(TrainError::Data {
+                path: path.into(),
+                reason: format!(
+                    "example {}: prompt/completion data needs `lora train`; evaluation reads text",
+                    i + 1
+                ),
+            }),
+        })
+        .collect()
 }

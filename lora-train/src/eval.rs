@@ -3,6 +3,7 @@
 //! Each text is tokenized with the tokenizer's defaults and truncated to `seq_len`; a text of
 //! fewer than two tokens has nothing to predict and contributes nothing.
 
+use crate::batches::{tokenize, Batch, Example, Sequence};
 use crate::{Result, TrainError};
 use lora_core::models::{causal_lm_loss, CausalLm};
 use lora_core::Tape;
@@ -21,7 +22,39 @@ pub struct EvalResult {
     pub examples: usize,
 }
 
-/// Token-weighted mean loss of `model` over `texts`.
+/// Token-weighted mean loss over the target tokens of `seqs`, one sequence at a time; `None`
+/// when no sequence has a target.
+pub fn eval_sequences(
+    model: &dyn CausalLm,
+    seqs: &[Sequence],
+    adapters: bool,
+) -> Result<Option<EvalResult>> {
+    let (mut total, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
+    for s in seqs {
+        let b = Batch::pad(&[s]);
+        let k = b.target_tokens();
+        if k == 0 {
+            continue;
+        }
+        let tape = Tape::inference();
+        let logits = model.forward(&tape, &b.ids, 1, b.seq, adapters)?;
+        total += causal_lm_loss(&tape, &logits, &b.labels, 1, b.seq)?.scalar()? as f64 * k as f64;
+        tokens += k;
+        examples += 1;
+    }
+    Ok((tokens > 0).then(|| {
+        let loss = total / tokens as f64;
+        EvalResult {
+            loss,
+            perplexity: loss.exp(),
+            tokens,
+            examples,
+        }
+    }))
+}
+
+/// Token-weighted mean loss of `model` over `texts`, each tokenized with the tokenizer's
+/// defaults and truncated to `seq_len`.
 pub fn evaluate(
     model: &dyn CausalLm,
     tok: &TextTokenizer,
@@ -36,33 +69,10 @@ pub fn evaluate(
         }
         .into());
     }
-    let (mut total, mut tokens, mut examples) = (0.0f64, 0usize, 0usize);
-    for text in texts {
-        let mut ids = tok.encode(text)?;
-        ids.truncate(seq_len);
-        if ids.len() < 2 {
-            continue;
-        }
-        let t = ids.len();
-        let tape = Tape::inference();
-        let logits = model.forward(&tape, &ids, 1, t, adapters)?;
-        let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let loss = causal_lm_loss(&tape, &logits, &labels, 1, t)?.scalar()? as f64;
-        total += loss * (t - 1) as f64;
-        tokens += t - 1;
-        examples += 1;
-    }
-    if tokens == 0 {
-        return Err(TrainError::Data {
-            path: "<data>".into(),
-            reason: "no example has two or more tokens".into(),
-        });
-    }
-    let loss = total / tokens as f64;
-    Ok(EvalResult {
-        loss,
-        perplexity: loss.exp(),
-        tokens,
-        examples,
+    let examples: Vec<Example> = texts.iter().cloned().map(Example::Text).collect();
+    let seqs = tokenize(tok, &examples, seq_len, false)?;
+    eval_sequences(model, &seqs, adapters)?.ok_or_else(|| TrainError::Data {
+        path: "<data>".into(),
+        reason: "no example has two or more tokens".into(),
     })
 }

@@ -223,6 +223,9 @@ pub fn clip_grad_norm(grads: &mut Gradients, params: &[Tensor], max_norm: f32) -
         .sum::<f32>()
         .sqrt();
     let coef = (max_norm / (total + 1e-6)).min(1.0);
+    if coef == 1.0 {
+        return total; // multiplying by 1 changes nothing: skip the pass
+    }
     for p in params {
         if let Some(g) = grads.get_mut(p) {
             g.iter_mut().for_each(|x| *x *= coef);

@@ -14,12 +14,13 @@
 //! moments, the step (which drives the schedule and dropout seeds) and the sampler position,
 //! so a resumed run ends with the same adapter as an uninterrupted one.
 
-use crate::batches::{pack, read_examples, tokenize, Batch, Sampler, Sequence};
+use crate::batches::{pack, read_examples, tokenize, Batch, Sampler};
+use crate::eval::eval_sequences;
 use crate::optim::{lr_factor, AdamW, Optimizer, OptimizerState, Schedule, Sgd};
 use crate::trainer::{adapter_groups, train_step};
 use crate::{Result, TrainError};
-use lora_core::models::{causal_lm_loss, param_counts, CausalLm};
-use lora_core::{Tape, Tensor};
+use lora_core::models::{param_counts, CausalLm};
+use lora_core::Tensor;
 use lora_io::hf::ModelDir;
 use lora_io::peft::{inject, load_adapter, save_adapter, PeftConfig, Targets};
 use lora_io::safetensors::SafetensorsFile;
@@ -226,23 +227,6 @@ fn err(path: &Path, reason: impl Into<String>) -> TrainError {
         path: path.into(),
         reason: reason.into(),
     }
-}
-
-/// Mean loss over the target tokens of `seqs`, one sequence at a time.
-pub fn eval_sequences(model: &dyn CausalLm, seqs: &[Sequence]) -> Result<Option<f64>> {
-    let (mut total, mut n) = (0.0f64, 0usize);
-    for s in seqs {
-        let b = Batch::pad(&[s]);
-        let k = b.target_tokens();
-        if k == 0 {
-            continue;
-        }
-        let tape = Tape::inference();
-        let logits = model.forward(&tape, &b.ids, 1, b.seq, true)?;
-        total += causal_lm_loss(&tape, &logits, &b.labels, 1, b.seq)?.scalar()? as f64 * k as f64;
-        n += k;
-    }
-    Ok((n > 0).then(|| total / n as f64))
 }
 
 fn named_params(model: &dyn CausalLm) -> Vec<(String, Tensor)> {
@@ -485,7 +469,7 @@ pub fn train_until(
 
     let (trainable, all_params) = param_counts(model.as_ref());
     let eval_before = if checkpoint.is_none() {
-        eval_sequences(model.as_ref(), &eval_seqs)?
+        eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss)
     } else {
         None
     };
@@ -522,7 +506,7 @@ pub fn train_until(
         last_loss = st.loss;
         let done = step + 1;
         let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != total_steps {
-            eval_sequences(model.as_ref(), &eval_seqs)?
+            eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss)
         } else {
             None
         };
@@ -573,7 +557,7 @@ pub fn train_until(
         }
     }
     save_checkpoint(out, end, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
-    let eval_after = eval_sequences(model.as_ref(), &eval_seqs)?;
+    let eval_after = eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss);
     if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
         if let Some(e) = eval_after {

@@ -78,9 +78,8 @@ pub fn gelu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
 pub fn gelu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     check_len("gelu_backward", "x", x.len(), &[dx.len()])?;
     check_len("gelu_backward", "dout", dout.len(), &[dx.len()])?;
-    let mut g = vec![0.0f32; dx.len()];
-    zip_map("gelu_backward", &mut g, &[], |i| dout[i] * gelu_grad(x[i]))?;
-    accumulate(dx, &g)
+    for_each_elem(dx, |i, d| *d += dout[i] * gelu_grad(x[i]));
+    Ok(())
 }
 
 /// `out = x * sigmoid(x)`.
@@ -98,9 +97,8 @@ fn silu_grad(x: f32) -> f32 {
 pub fn silu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     check_len("silu_backward", "x", x.len(), &[dx.len()])?;
     check_len("silu_backward", "dout", dout.len(), &[dx.len()])?;
-    let mut g = vec![0.0f32; dx.len()];
-    zip_map("silu_backward", &mut g, &[], |i| dout[i] * silu_grad(x[i]))?;
-    accumulate(dx, &g)
+    for_each_elem(dx, |i, d| *d += dout[i] * silu_grad(x[i]));
+    Ok(())
 }
 
 /// `out = silu(gate) * up` (all the same length).
@@ -121,16 +119,13 @@ pub fn swiglu_backward(
     const OP: &str = "swiglu_backward";
     check_len(OP, "gate", gate.len(), &[dout.len()])?;
     check_len(OP, "up", up.len(), &[dout.len()])?;
-    let mut tmp = vec![0.0f32; dout.len()];
     if let Some(dg) = dgate {
         check_len(OP, "dgate", dg.len(), &[dout.len()])?;
-        zip_map(OP, &mut tmp, &[], |i| dout[i] * up[i] * silu_grad(gate[i]))?;
-        accumulate(dg, &tmp)?;
+        for_each_elem(dg, |i, d| *d += dout[i] * up[i] * silu_grad(gate[i]));
     }
     if let Some(du) = dup {
         check_len(OP, "dup", du.len(), &[dout.len()])?;
-        zip_map(OP, &mut tmp, &[], |i| dout[i] * gate[i] * sigmoid(gate[i]))?;
-        accumulate(du, &tmp)?;
+        for_each_elem(du, |i, d| *d += dout[i] * gate[i] * sigmoid(gate[i]));
     }
     Ok(())
 }
