@@ -203,7 +203,37 @@ pub fn run_train(
     force: bool,
     threads: Option<usize>,
     json: bool,
-) -> Result<()> {
+) -> Result<lora_train::run::TrainSummary> {
+    run_train_report(
+        cfg,
+        resume,
+        force,
+        threads,
+        if json { Report::Json } else { Report::Human },
+    )
+    .map(|(s, _)| s)
+}
+
+/// How a training run reports its end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Progress bar or lines, then the human summary.
+    Human,
+    /// No progress; the summary as one JSON object on stdout.
+    Json,
+    /// No progress, no summary (the caller reports).
+    Silent,
+}
+
+/// [`run_train`] returning the summary object too.
+pub fn run_train_report(
+    cfg: &lora_train::run::TrainConfig,
+    resume: bool,
+    force: bool,
+    threads: Option<usize>,
+    report: Report,
+) -> Result<(lora_train::run::TrainSummary, serde_json::Value)> {
+    let json = report != Report::Human;
     // SAFETY: installs a handler that only performs an atomic store.
     #[cfg(unix)]
     unsafe {
@@ -278,9 +308,9 @@ pub fn run_train(
         "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
         "peak_rss_bytes": crate::train_bench::peak_rss_bytes(), "interrupted": sum.interrupted,
     });
-    if json {
+    if report == Report::Json {
         println!("{obj}");
-    } else {
+    } else if report == Report::Human {
         let pct = 100.0 * sum.trainable as f64 / sum.all_params.max(1) as f64;
         println!(
             "trainable params: {} || all params: {} || trainable%: {pct:.4}",
@@ -310,5 +340,5 @@ pub fn run_train(
             println!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
         }
     }
-    Ok(())
+    Ok((sum, obj))
 }

@@ -600,3 +600,54 @@ fn train_config_file_with_flag_overrides() {
     ]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("unknown key `learning_rate`"));
 }
+
+/// The README's first command, shortened to 600 steps: the adapter must learn the task the base
+/// model cannot do (measured on the dev machine: 0% -> 76% exact, eval loss 3.13 -> 0.087).
+#[test]
+fn demo_adapter_learns_translation_and_refuses_foreign_output() {
+    let out = std::env::temp_dir().join(format!("lora-demo-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let o = out.to_str().unwrap();
+    let refused = lora(&["demo", "--out", o, "--steps", "2"]);
+    assert!(!refused.status.success());
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(e.contains("not a training output"), "{e}");
+    assert!(out.join("notes.txt").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+
+    let run = lora(&[
+        "demo",
+        "--out",
+        o,
+        "--steps",
+        "600",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    assert!(f("exact_match_before") <= 0.05, "{v}");
+    assert!(f("exact_match_after") >= 0.6, "{v}");
+    assert!(
+        f("eval_loss_before") > 2.0 && f("eval_loss_after") < 0.2,
+        "{v}"
+    );
+    assert!(out.join("adapter_model.safetensors").exists() && out.join("loss.svg").exists());
+    // A second run replaces the first one's output.
+    let again = lora(&["demo", "--out", o, "--steps", "2", "--json"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

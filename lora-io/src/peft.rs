@@ -14,7 +14,7 @@ use crate::error::{IoError, Result};
 use crate::hf::read_json;
 use crate::safetensors::SafetensorsFile;
 use lora_core::models::CausalLm;
-use lora_core::{LoraConfig, LoraInit};
+use lora_core::{LoraConfig, LoraInit, LoraLinear};
 use regex::Regex;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -122,6 +122,26 @@ pub struct PeftConfig {
 }
 
 impl PeftConfig {
+    /// A plain config: rank `r`, `lora_alpha`, the listed target module names (exact paths or
+    /// dotted suffixes), no dropout, no patterns, standard `alpha / r` scaling.
+    pub fn new(r: usize, lora_alpha: f32, target_modules: &[&str]) -> Self {
+        Self {
+            r,
+            lora_alpha,
+            target_modules: Targets::List(target_modules.iter().map(|s| s.to_string()).collect()),
+            exclude_modules: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            use_rslora: false,
+            lora_dropout: 0.0,
+            fan_in_fan_out: false,
+            base_model_name_or_path: None,
+            task_type: None,
+        }
+    }
+
     /// Parses an `adapter_config.json` value. Variants that change the math and are not
     /// implemented (DoRA, `lora_bias`, trained biases) are errors naming the field.
     pub fn from_json(path: &Path, v: &Value) -> Result<Self> {
@@ -510,12 +530,37 @@ pub fn config_json(cfg: &PeftConfig, adapted: &[String], fan_in_fan_out: bool) -
 /// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json`,
 /// `adapter_model.safetensors`, f32), each file atomically. `dir` is created if needed.
 pub fn save_adapter(model: &dyn CausalLm, cfg: &PeftConfig, dir: &Path) -> Result<()> {
+    let layers: Vec<(String, &LoraLinear)> = model
+        .linears()
+        .into_iter()
+        .filter_map(|(name, lin)| lin.lora().map(|l| (name, l)))
+        .collect();
+    save_layers(&layers, cfg, dir)
+}
+
+/// Writes LoRA layers of your own model as a PEFT adapter directory: each `(module path,
+/// layer)` becomes `base_model.model.<path>.lora_A.weight` / `.lora_B.weight`, as PEFT names
+/// them, so PEFT loads the adapter onto a PyTorch model with the same module paths.
+///
+/// ```
+/// use lora_core::{lora::WeightLayout, LoraConfig, LoraLinear, Tensor};
+/// use lora_io::peft::{save_layers, PeftConfig};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg = LoraConfig { rank: 4, alpha: 8.0, ..Default::default() };
+/// let w = Tensor::new(vec![0.0; 16 * 8], &[16, 8])?;
+/// let layer = LoraLinear::new(w, WeightLayout::OutIn, None, &cfg, 0)?;
+/// let dir = std::env::temp_dir().join("lora-doc-save-layers");
+/// save_layers(&[("encoder.proj".into(), &layer)], &PeftConfig::new(4, 8.0, &["proj"]), &dir)?;
+/// assert!(dir.join("adapter_model.safetensors").exists());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
+pub fn save_layers(layers: &[(String, &LoraLinear)], cfg: &PeftConfig, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
     let mut adapted = Vec::new();
     let mut fan_in_fan_out = false;
     let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for (name, lin) in model.linears() {
-        let Some(l) = lin.lora() else { continue };
+    for (name, l) in layers {
         fan_in_fan_out |= l.layout == lora_core::lora::WeightLayout::InOut;
         for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
             data.push((
@@ -524,7 +569,7 @@ pub fn save_adapter(model: &dyn CausalLm, cfg: &PeftConfig, dir: &Path) -> Resul
                 t.to_vec(),
             ));
         }
-        adapted.push(name);
+        adapted.push(name.clone());
     }
     if adapted.is_empty() {
         return Err(IoError::NoTarget {

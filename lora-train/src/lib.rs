@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod optim;
 pub mod plot;
+pub mod pretrain;
 pub mod run;
 pub mod trainer;
 

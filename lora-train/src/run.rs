@@ -372,14 +372,21 @@ pub fn train_until(
             "output directory is not empty (pass --resume to continue or --force to start over)",
         ));
     }
-    if nonempty && force && !resume {
-        std::fs::remove_dir_all(out).map_err(|e| err(out, e.to_string()))?;
-    }
-    std::fs::create_dir_all(out).map_err(|e| err(out, e.to_string()))?;
 
     let md = ModelDir::open(&cfg.model)?;
     let tok = TextTokenizer::from_model_dir(&cfg.model)?;
     let mut model = md.load_model()?;
+    if cfg.seq_len > model.max_positions() {
+        return Err(err(
+            Path::new("--seq-len"),
+            format!(
+                "{} exceeds the model's maximum of {} positions ({})",
+                cfg.seq_len,
+                model.max_positions(),
+                cfg.model.join("config.json").display()
+            ),
+        ));
+    }
     let peft = cfg.peft();
     let (start, mut sampler_state) = match &checkpoint {
         Some((step, dir)) => {
@@ -473,6 +480,11 @@ pub fn train_until(
     } else {
         None
     };
+    // Only now, with the model, data and settings checked, is the output directory touched.
+    if nonempty && force && !resume {
+        std::fs::remove_dir_all(out).map_err(|e| err(out, e.to_string()))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| err(out, e.to_string()))?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

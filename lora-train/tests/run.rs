@@ -196,3 +196,17 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
         "no final adapter from a failed run"
     );
 }
+
+#[test]
+fn bad_settings_are_refused_before_the_output_directory_is_touched() {
+    let data = data_file();
+    let out = tmp("never-created");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cfg = config(out.clone(), data);
+    cfg.seq_len = 5000;
+    let e = lora_train::run::train(&cfg, false, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--seq-len") && e.contains("5000"), "{e}");
+    assert!(!out.exists(), "a refused run left {}", out.display());
+}
