@@ -520,17 +520,35 @@ fn main() {
     }
 }
 
-/// `--device`: `auto` resolves to the CPU until the CUDA backend exists; an explicit CUDA
-/// device is refused with the reason.
-fn resolve_device(s: &str) -> Result<lora_core::Device> {
+/// `--device`: `auto` resolves to the CPU until the CUDA training path exists (saying so when
+/// a GPU is present); an explicit CUDA device is refused with the reason, never a panic (the
+/// driver library is probed before any CUDA call).
+fn resolve_device(s: &str) -> Result<(lora_core::Device, String)> {
+    let gpus = lora_kernels::cuda::device_count();
     let d = match s {
         "auto" => lora_core::Device::Cpu,
         other => other
             .parse::<lora_core::Device>()
             .with_context(|| "--device must be auto, cpu, cuda or cuda:N")?,
     };
-    d.ensure_available().context("--device")?;
-    Ok(d)
+    if let lora_core::Device::Cuda(i) = d {
+        let why = if !lora_kernels::cuda::driver_available() {
+            "no CUDA driver library (libcuda) on this machine".to_string()
+        } else if i >= gpus {
+            format!("{gpus} CUDA device(s) answer, there is no cuda:{i}")
+        } else {
+            "the CUDA kernels compile but are not wired into training yet (the CPU path is complete)"
+                .to_string()
+        };
+        anyhow::bail!("--device {s}: CUDA backend not available yet: {why}; use --device cpu");
+    }
+    let note = match (s, gpus) {
+        ("auto", n) if n > 0 => {
+            format!("device: cpu ({n} CUDA device(s) found, but this build trains on the CPU only)")
+        }
+        _ => "device: cpu".to_string(),
+    };
+    Ok((d, note))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -549,9 +567,9 @@ fn run(cli: Cli) -> Result<()> {
             json: a.json,
         }),
         Command::Train(a) => {
-            let device = resolve_device(&a.device)?;
+            let (_device, note) = resolve_device(&a.device)?;
             if !a.json {
-                println!("device: {device}");
+                println!("{note}");
             }
             let schedule = match a.schedule.as_str() {
                 "cosine" => lora_train::optim::Schedule::Cosine,

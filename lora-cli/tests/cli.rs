@@ -651,3 +651,34 @@ fn demo_adapter_learns_translation_and_refuses_foreign_output() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn device_flag_refuses_cuda_clearly_and_rejects_unknown_names() {
+    let base = |dev: &str| {
+        lora(&[
+            "train",
+            "--model",
+            "../demo/base",
+            "--data",
+            "../demo/data/eval.jsonl",
+            "--out",
+            "/nonexistent/never-written",
+            "--device",
+            dev,
+        ])
+    };
+    let out = base("cuda");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("--device cuda: CUDA backend not available yet"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    let out = base("tpu");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("--device must be auto, cpu, cuda or cuda:N"),
+        "{e}"
+    );
+}
