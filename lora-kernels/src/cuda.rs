@@ -131,3 +131,386 @@ pub fn compile_ptx(src: &Source, arch: &'static str) -> Result<String, CompileFa
             log: format!("{e:?}"),
         })
 }
+
+use crate::lora_linear::WeightLayout;
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Any failure of the CUDA path, as text naming the step.
+#[derive(Debug, Clone)]
+pub struct CudaError(pub String);
+
+impl fmt::Display for CudaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CUDA: {}", self.0)
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+fn cerr<E: fmt::Debug>(what: &'static str) -> impl Fn(E) -> CudaError {
+    move |e| CudaError(format!("{what}: {e:?}"))
+}
+
+/// A device with every kernel compiled for its compute capability, a stream and cuBLAS.
+pub struct CudaDevice {
+    /// The context.
+    pub ctx: Arc<CudaContext>,
+    /// The stream all work is queued on.
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    /// `sm_XY` the kernels were compiled for.
+    pub arch: &'static str,
+    /// Fill every output buffer with NaN before the kernels write it, so an element a kernel
+    /// fails to write shows up (parity tests turn this on; off by default).
+    pub poison: bool,
+}
+
+/// LoRA linear dimensions and settings for the CUDA path (`n` tokens, `k` in, `m` out, `r` rank).
+#[derive(Clone, Copy, Debug)]
+pub struct LoraDims {
+    /// Tokens.
+    pub n: usize,
+    /// In features.
+    pub k: usize,
+    /// Out features.
+    pub m: usize,
+    /// Rank (at most 64 on this path).
+    pub r: usize,
+    /// Scale `s`.
+    pub scale: f32,
+    /// Dropout probability on the adapter input (0 = none).
+    pub p: f32,
+    /// Dropout seed (the CPU kernel's `Dropout::seed`).
+    pub seed: u64,
+}
+
+const THREADS: u32 = 256;
+const TN: usize = 32;
+const TC: usize = 64;
+
+fn blocks(n: usize, t: usize) -> u32 {
+    n.div_ceil(t) as u32
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: checks for the driver first (no panic without one), compiles every
+    /// source with NVRTC for the device's compute capability and loads the kernels.
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        if !driver_available() {
+            return Err(CudaError("no CUDA driver library (libcuda)".into()));
+        }
+        let count = device_count();
+        if ordinal >= count {
+            return Err(CudaError(format!(
+                "cuda:{ordinal} requested, {count} device(s) found"
+            )));
+        }
+        if !nvrtc_available() {
+            return Err(CudaError("libnvrtc not found (LD_LIBRARY_PATH)".into()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cerr("creating the context"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cerr("compute capability"))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(cerr("cuBLAS"))?;
+        let mut funcs = HashMap::new();
+        for src in SOURCES {
+            let ptx = compile_ptx(src, arch).map_err(|e| CudaError(e.to_string()))?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(cerr("loading a module"))?;
+            for k in src.kernels {
+                let f = module.load_function(k).map_err(cerr("loading a kernel"))?;
+                funcs.insert(*k, f);
+            }
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            arch,
+            poison: false,
+        })
+    }
+
+    /// Copies host data to the device.
+    pub fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>, CudaError> {
+        self.stream.clone_htod(v).map_err(cerr("upload"))
+    }
+
+    /// Copies device data to the host (waits for the stream).
+    pub fn download(&self, v: &CudaSlice<f32>) -> Result<Vec<f32>, CudaError> {
+        self.stream.clone_dtoh(v).map_err(cerr("download"))
+    }
+
+    /// A device buffer filled with `value` (tests poison outputs with NaN this way).
+    pub fn filled(&self, len: usize, value: f32) -> Result<CudaSlice<f32>, CudaError> {
+        self.upload(&vec![value; len])
+    }
+
+    /// A buffer every element of which a kernel must write: NaN-poisoned when `poison` is set.
+    fn output(&self, len: usize) -> Result<CudaSlice<f32>, CudaError> {
+        if self.poison {
+            self.filled(len, f32::NAN)
+        } else {
+            self.stream.alloc_zeros::<f32>(len).map_err(cerr("alloc"))
+        }
+    }
+
+    fn func(&self, name: &str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    /// Row-major `c (rows, cols) = x (rows, inner) op(w)` for a base weight in `layout`:
+    /// forward `x W^T` (`transpose_w = true` for `OutIn`), or backward `dy W`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rowmajor(
+        &self,
+        c: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        inner: usize,
+        cols: usize,
+        w_is_cols_by_inner: bool,
+    ) -> Result<(), CudaError> {
+        // Column-major view: C^T (cols, rows) = op(W) (cols, inner) X^T (inner, rows).
+        // W stored row-major (cols, inner) is column-major (inner, cols): transpose it.
+        let (transa, lda) = if w_is_cols_by_inner {
+            (cublasOperation_t::CUBLAS_OP_T, inner)
+        } else {
+            (cublasOperation_t::CUBLAS_OP_N, cols)
+        };
+        let cfg = GemmConfig {
+            transa,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: cols as i32,
+            n: rows as i32,
+            k: inner as i32,
+            alpha: 1.0f32,
+            lda: lda as i32,
+            ldb: inner as i32,
+            beta: 0.0f32,
+            ldc: cols as i32,
+        };
+        // SAFETY: the buffer sizes are checked by the callers against the dimensions.
+        unsafe { self.blas.gemm(cfg, w, x, c) }.map_err(cerr("cuBLAS sgemm"))
+    }
+
+    /// Forward: `y = x W^T + bias + s drop(x) A^T B^T`, returning `(y, u)`. `w` is `(m, k)` for
+    /// `OutIn` or `(k, m)` for `InOut`; `a` `(r, k)`; `b` `(m, r)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        layout: WeightLayout,
+        bias: Option<&CudaSlice<f32>>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        d: LoraDims,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>), CudaError> {
+        check(d, x.len(), w.len(), a.len(), b.len())?;
+        let mut y = self.output(d.n * d.m)?;
+        let mut u = self.output(d.n * d.r)?;
+        self.gemm_rowmajor(&mut y, x, w, d.n, d.k, d.m, layout == WeightLayout::OutIn)?;
+        let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(d.n, TN), blocks(d.r, 64), 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.func("lora_shrink"));
+        l.arg(&mut u)
+            .arg(x)
+            .arg(a)
+            .arg(&n)
+            .arg(&k)
+            .arg(&r)
+            .arg(&d.p)
+            .arg(&d.seed);
+        // SAFETY: argument types and order match lora.cu's signature; sizes checked above.
+        unsafe { l.launch(cfg) }.map_err(cerr("lora_shrink"))?;
+        let null = 0u64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(d.n, TN), blocks(d.m, TC), 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.func("lora_expand"));
+        l.arg(&mut y).arg(&u).arg(b);
+        match bias {
+            Some(bb) => l.arg(bb),
+            None => l.arg(&null),
+        };
+        l.arg(&n).arg(&m).arg(&r).arg(&d.scale);
+        // SAFETY: as above.
+        unsafe { l.launch(cfg) }.map_err(cerr("lora_expand"))?;
+        Ok((y, u))
+    }
+
+    /// Backward: returns `(dx, dA, dB, dbias)` for the frozen base (no dW).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        layout: WeightLayout,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        d: LoraDims,
+    ) -> Result<[CudaSlice<f32>; 4], CudaError> {
+        check(d, x.len(), w.len(), a.len(), b.len())?;
+        if d.r > 64 {
+            return Err(CudaError(format!(
+                "rank {} > 64 is not supported by the fused CUDA backward yet",
+                d.r
+            )));
+        }
+        let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
+        let alloc = |len: usize| self.output(len);
+        // dx = dy W (cuBLAS), then += drop'(g A).
+        let mut dx = alloc(d.n * d.k)?;
+        self.gemm_rowmajor(&mut dx, dy, w, d.n, d.m, d.k, layout == WeightLayout::InOut)?;
+        // g, dB and db partials in one pass over dy.
+        let row_blocks = d.n.div_ceil(TN);
+        let mut g = alloc(d.n * d.r)?;
+        let mut db_b_part = alloc(row_blocks * d.m * d.r)?;
+        let mut dbias_part = alloc(row_blocks * d.m)?;
+        let cfg = LaunchConfig {
+            grid_dim: (row_blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.func("lora_backward_g_db"));
+        l.arg(&mut g)
+            .arg(&mut db_b_part)
+            .arg(&mut dbias_part)
+            .arg(dy)
+            .arg(b)
+            .arg(u)
+            .arg(&n)
+            .arg(&m)
+            .arg(&r)
+            .arg(&d.scale);
+        // SAFETY: argument types and order match lora.cu; buffers sized for the grid.
+        unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_g_db"))?;
+        let mut d_b = alloc(d.m * d.r)?;
+        let mut dbias = alloc(d.m)?;
+        self.reduce(&mut d_b, &db_b_part, row_blocks, d.m * d.r)?;
+        self.reduce(&mut dbias, &dbias_part, row_blocks, d.m)?;
+        // dA partials over row segments, then the fixed-order reduction.
+        let segs = d.n.div_ceil(512).clamp(1, 64);
+        let rows_per_seg = (d.n.div_ceil(segs) as i32).max(1);
+        let mut da_part = alloc(segs * d.r * d.k)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(d.k, TC), segs as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.func("lora_backward_da"));
+        l.arg(&mut da_part)
+            .arg(&g)
+            .arg(x)
+            .arg(&n)
+            .arg(&k)
+            .arg(&r)
+            .arg(&rows_per_seg)
+            .arg(&d.p)
+            .arg(&d.seed);
+        // SAFETY: as above.
+        unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_da"))?;
+        let mut d_a = alloc(d.r * d.k)?;
+        self.reduce(&mut d_a, &da_part, segs, d.r * d.k)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(d.n, TN), blocks(d.k, TC), 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.func("lora_backward_dx"));
+        l.arg(&mut dx)
+            .arg(&g)
+            .arg(a)
+            .arg(&n)
+            .arg(&k)
+            .arg(&r)
+            .arg(&d.p)
+            .arg(&d.seed);
+        // SAFETY: as above.
+        unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_dx"))?;
+        Ok([dx, d_a, d_b, dbias])
+    }
+
+    fn reduce(
+        &self,
+        out: &mut CudaSlice<f32>,
+        part: &CudaSlice<f32>,
+        parts: usize,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let (parts, len_i, acc) = (parts as i32, len as i32, 0i32);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(len, THREADS as usize), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self
+            .stream
+            .launch_builder(self.func("lora_reduce_partials"));
+        l.arg(out).arg(part).arg(&parts).arg(&len_i).arg(&acc);
+        // SAFETY: argument types and order match lora.cu; `part` holds parts * len values.
+        unsafe { l.launch(cfg) }
+            .map(|_| ())
+            .map_err(cerr("lora_reduce_partials"))
+    }
+
+    /// Runs an element-wise kernel of `elementwise.cu` / `adamw.cu` by name over `n` elements
+    /// with the given buffers (outputs first) — the launch shape every such kernel shares.
+    pub fn launch_elementwise(
+        &self,
+        name: &str,
+        outs: &mut [&mut CudaSlice<f32>],
+        ins: &[&CudaSlice<f32>],
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let n_i = n as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(n, THREADS as usize).clamp(1, 65535), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.func(name));
+        for o in outs.iter_mut() {
+            l.arg(&mut **o);
+        }
+        for i in ins {
+            l.arg(*i);
+        }
+        l.arg(&n_i);
+        // SAFETY: callers pass buffers in the kernel's order, each with at least n elements.
+        unsafe { l.launch(cfg) }
+            .map(|_| ())
+            .map_err(cerr("element-wise kernel"))
+    }
+}
+
+fn check(d: LoraDims, x: usize, w: usize, a: usize, b: usize) -> Result<(), CudaError> {
+    let ok = x == d.n * d.k && w == d.k * d.m && a == d.r * d.k && b == d.m * d.r;
+    if !ok || d.r == 0 {
+        return Err(CudaError(format!(
+            "shape mismatch for {d:?}: x {x}, w {w}, a {a}, b {b}"
+        )));
+    }
+    Ok(())
+}
