@@ -1,9 +1,9 @@
-//! The tape: ops append a [`Node`] as they run; [`Tape::backward`] walks the nodes in reverse.
+//! The tape: ops append a `Node` as they run; [`Tape::backward`] walks the nodes in reverse.
 //!
 //! This file is the one place that maps each primitive op to its local gradient
-//! ([`backward_node`]); composites (a transformer block, a model) are written in these
+//! (`backward_node`); composites (a transformer block, a model) are written in these
 //! primitives and need no rule of their own. What each op's backward needs is saved in its
-//! [`Op`] variant, next to the forward in `ops.rs` that fills it.
+//! `Op` variant, next to the forward in `ops.rs` that fills it.
 //!
 //! Frozen tensors (`requires_grad == false`) never get a gradient buffer, and the linear op is
 //! told which of its inputs need one, so a frozen weight also costs no weight-gradient GEMM.

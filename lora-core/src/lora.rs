@@ -282,6 +282,21 @@ impl LoraLinear {
 
     /// Folds the adapter into the base weight: `W <- W + s * B @ A` (f32, NaN/inf-checked
     /// before anything is written). Inference then costs nothing extra.
+    ///
+    /// ```
+    /// use lora_core::{lora::WeightLayout, LoraConfig, LoraLinear, Tape, Tensor};
+    /// # fn main() -> lora_core::Result<()> {
+    /// let w = Tensor::new((0..12).map(|i| i as f32 * 0.1).collect(), &[4, 3])?;
+    /// let mut layer = LoraLinear::new(w, WeightLayout::OutIn, None, &LoraConfig::default(), 7)?;
+    /// layer.lora_b.data_mut().iter_mut().for_each(|v| *v = 0.5); // as if trained
+    /// let x = Tensor::new(vec![1.0, -2.0, 0.5], &[1, 3])?;
+    /// let before = layer.forward(&Tape::inference(), &x)?.to_vec();
+    /// layer.merge()?;
+    /// let after = layer.forward(&Tape::inference(), &x)?.to_vec();
+    /// assert!(before.iter().zip(&after).all(|(a, b)| (a - b).abs() < 1e-5));
+    /// layer.unmerge()?; // W restored within rounding
+    /// # Ok(()) }
+    /// ```
     pub fn merge(&mut self) -> Result<()> {
         if self.merged {
             return Err(CoreError::MergeState("LoraLinear::merge: already merged"));

@@ -348,6 +348,21 @@ impl Weights {
 }
 
 /// A loaded model directory.
+///
+/// ```
+/// use lora_core::models::generate::{generate, GenerateConfig};
+/// use lora_io::{hf::ModelDir, peft::load_adapter, tokenizer::TextTokenizer};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let md = ModelDir::open("../demo/base")?; // the repository's demo model
+/// let tok = TextTokenizer::from_model_dir("../demo/base")?;
+/// let mut model = md.load_model()?;
+/// load_adapter(model.as_mut(), std::path::Path::new("../demo/adapter"))?;
+/// let prompt = tok.encode("english : the cat sees a dog . french :")?;
+/// let cfg = GenerateConfig { max_new_tokens: 5, ..Default::default() };
+/// let ids = generate(model.as_ref(), &prompt, &cfg)?;
+/// assert_eq!(tok.decode(&ids[prompt.len()..])?, "le chat voit un chien");
+/// # Ok(()) }
+/// ```
 pub struct ModelDir {
     /// The directory.
     pub dir: PathBuf,

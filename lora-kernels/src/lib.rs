@@ -15,6 +15,8 @@
 //! a naive `reference` implementation (in `f64`) beside the fast one; the tests use it as the
 //! oracle.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

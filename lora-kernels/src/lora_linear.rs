@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The base GEMMs go to the `gemm` crate; the rank-R work is done by three row-pass kernels
-//! ([`shrink_rows`], [`expand_rows`], [`outer_accumulate`]) that keep a row of `x`/`dy` in L1
+//! (`shrink_rows`, `expand_rows`, `outer_accumulate`) that keep a row of `x`/`dy` in L1
 //! while they touch it, and fold the bias and dropout into passes that happen anyway:
 //! - forward: `y` is initialised to `b + s * u B^T` in one write pass, then the base GEMM
 //!   accumulates `x W^T` onto it (the GEMM reads `y` inside its own epilogue), so the expand
@@ -24,7 +24,7 @@
 //! - backward: `g` and `db` come from one pass over `dy`; `g A` is added into `dx` before the
 //!   base GEMM accumulates `dy W` onto it.
 //!
-//! Versions: v1 (this file) as described; the naive oracle is [`reference`].
+//! Versions: v1 (this file) as described; the naive oracle is [`reference`](mod@reference).
 
 use crate::error::{check_len, invalid, Result};
 use crate::gemm::{matmul, Par, Trans};
@@ -160,6 +160,19 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Forward: `y = x W^T + b + s * drop(x) A^T B^T`, writing `u = drop(x) A^T` for backward.
+///
+/// ```
+/// use lora_kernels::lora_linear::*;
+/// let d = LinearDims { tokens: 2, inp: 3, out: 2 };
+/// let (w, x) = ([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+/// let (a, b) = ([1.0, 1.0, 1.0], [0.5, -0.5]); // rank 1
+/// let base = BaseLinear { weight: &w, layout: WeightLayout::OutIn, bias: None };
+/// let lora = LoraWeights { a: &a, b: &b, rank: 1, scale: 2.0, dropout: None };
+/// let (mut y, mut u) = ([0.0; 4], [0.0; 2]);
+/// lora_linear_forward(&mut y, Some(&mut u), &x, &base, Some(&lora), d).unwrap();
+/// assert_eq!(u, [6.0, 15.0]);                   // x A^T
+/// assert_eq!(y, [1.0 + 6.0, 2.0 - 6.0, 4.0 + 15.0, 5.0 - 15.0]);
+/// ```
 ///
 /// `y`: `(N, M)`, overwritten. `u`: `(N, R)`, required iff `lora` is given. `x`: `(N, K)`.
 pub fn lora_linear_forward(

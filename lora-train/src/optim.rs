@@ -38,6 +38,27 @@ pub trait Optimizer {
 }
 
 /// AdamW (decoupled weight decay, bias-corrected moments), as `torch.optim.AdamW`.
+///
+/// ```
+/// use lora_core::{ops, lora::WeightLayout, LoraConfig, LoraLinear, Tape, Tensor};
+/// use lora_train::optim::{AdamW, Optimizer, ParamGroup};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let w = Tensor::new(vec![0.1; 2 * 4], &[2, 4])?;
+/// let layer = LoraLinear::new(w, WeightLayout::OutIn, None, &LoraConfig::default(), 0)?;
+/// let groups = [ParamGroup { params: vec![layer.lora_a.clone(), layer.lora_b.clone()], lr_scale: 1.0 }];
+/// let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
+/// let x = Tensor::new(vec![1.0, 2.0, 3.0, 4.0], &[1, 4])?;
+/// let mut losses = Vec::new();
+/// for step in 0..20 {
+///     let tape = Tape::new(step);
+///     let loss = ops::cross_entropy(&tape, &layer.forward(&tape, &x)?, &[1])?;
+///     losses.push(loss.scalar()?);
+///     opt.step(&groups, &tape.backward(&loss)?, 1e-2);
+/// }
+/// assert!(losses[19] < losses[0]);
+/// assert_eq!(opt.state_len(), 2); // state for A and B only
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct AdamW {
     /// beta1

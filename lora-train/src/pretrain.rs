@@ -1,5 +1,5 @@
 //! Full-parameter training of a small GPT-2 from scratch: every weight is a trainable tensor, so
-//! the same tape, kernels and [`train_step`](crate::trainer::train_step) that train adapters
+//! the same tape, kernels and [`train_step`] that train adapters
 //! train the whole model. The result is written as a Hugging Face model directory
 //! (`config.json`, `model.safetensors`, `tokenizer.json`) that `lora train` (and transformers)
 //! load like any checkpoint. This is how the built-in demo's base model is made.
