@@ -71,6 +71,12 @@ pub(crate) enum Op {
         targets: Vec<i32>,
         count: usize,
     },
+    /// inputs: [x, w]. The fused head computed the gradients of the mean loss during forward
+    /// (while each chunk's logits existed); backward scales them by `dloss`.
+    LinearCrossEntropy {
+        dx: Option<Vec<f32>>,
+        dw: Option<Vec<f32>>,
+    },
 }
 
 impl Op {
@@ -88,6 +94,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Narrow { .. } => "narrow",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::LinearCrossEntropy { .. } => "linear_cross_entropy",
         }
     }
 }
@@ -398,6 +405,14 @@ fn backward_node(
                 cross_entropy::cross_entropy_backward(
                     g, dout[0], &data[0], lse, targets, v, *count,
                 )?;
+            }
+        }
+        Op::LinearCrossEntropy { dx, dw } => {
+            for (i, saved) in [(0, dx), (1, dw)] {
+                if let (Some(g), Some(s)) = (take(i), saved.as_ref()) {
+                    let d = dout[0];
+                    g.iter_mut().zip(s).for_each(|(g, s)| *g += d * s);
+                }
             }
         }
     }

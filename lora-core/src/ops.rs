@@ -443,3 +443,52 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Te
     );
     Ok(y)
 }
+
+/// The output head fused with the cross-entropy: the mean loss of `logits = x W^T` (`x`
+/// `(..., C)`, `w` `(V, C)`) against `targets` (one per row; negative = ignored), computed in
+/// chunks of rows so the full `(N, V)` logits never exist. On a training tape the gradients for
+/// `x` and (when trainable) `w` are computed chunk by chunk in the same pass and scaled by
+/// `dloss` in backward; equal to `cross_entropy(linear(x, w))` up to rounding.
+pub fn linear_cross_entropy(
+    tape: &Tape,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &[i32],
+) -> Result<Tensor> {
+    const OP: &str = "linear_cross_entropy";
+    let c = x.last_dim();
+    if w.shape().len() != 2 || w.shape()[1] != c {
+        return Err(shape_err(OP, "w", w, format!("(V, {c}) to match x")));
+    }
+    if x.rows() != targets.len() {
+        return Err(shape_err(
+            OP,
+            "x",
+            x,
+            format!("{} rows (one per target)", targets.len()),
+        ));
+    }
+    let v = w.shape()[0];
+    let n = targets.len();
+    let training = tape.is_training();
+    let mut dx = (training && x.requires_grad()).then(|| vec![0.0f32; n * c]);
+    let mut dw = (training && w.requires_grad()).then(|| vec![0.0f32; v * c]);
+    let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
+    let (loss, _) = cross_entropy::linear_cross_entropy(
+        &x.data(),
+        &w.data(),
+        targets,
+        c,
+        v,
+        dx.as_deref_mut(),
+        dw.as_deref_mut(),
+        chunk,
+    )?;
+    let y = Tensor::from_op(vec![loss], &[1], x.requires_grad() || w.requires_grad())?;
+    tape.record(
+        Op::LinearCrossEntropy { dx, dw },
+        vec![x.clone(), w.clone()],
+        &y,
+    );
+    Ok(y)
+}

@@ -213,6 +213,43 @@ proptest! {
         let fd = fd_grad(&l64, &[1.0], |z| vec![cross_entropy::reference::forward(z, &targets, v)]);
         assert_close("dlogits", &dl, &fd, 1e-5);
     }
+
+    /// The fused, chunked head + loss against the f64 oracle (logits = x W^T, then the
+    /// cross-entropy oracle) and finite differences of it, for every chunk size from one row to
+    /// more than all rows.
+    #[test]
+    fn linear_cross_entropy_matches_oracle_in_any_chunking(
+        n in 1usize..14, c in 1usize..9, v in 1usize..31, chunk in 1usize..16, seed in any::<u64>()
+    ) {
+        let x = rand_vec(n * c, seed, 1.0);
+        let w = rand_vec(v * c, seed ^ 7, 1.0);
+        let targets: Vec<i32> = rand_vec(n, seed ^ 1, 1.0).iter().map(|z| {
+            let t = ((z.abs() * 1000.0) as i32) % (v as i32 + 1);
+            if t == v as i32 { -100 } else { t }
+        }).collect();
+        let mut dx = vec![0.5f32; n * c]; // accumulates onto what is there
+        let mut dw = vec![-0.25f32; v * c];
+        let (loss, count) = cross_entropy::linear_cross_entropy(
+            &x, &w, &targets, c, v, Some(&mut dx), Some(&mut dw), chunk,
+        ).unwrap();
+        prop_assert_eq!(count, targets.iter().filter(|&&t| t >= 0).count());
+        let oracle = |x: &[f64], w: &[f64]| -> f64 {
+            let mut logits = vec![0.0; n * v];
+            for i in 0..n {
+                for j in 0..v {
+                    logits[i * v + j] = (0..c).map(|k| x[i * c + k] * w[j * c + k]).sum();
+                }
+            }
+            cross_entropy::reference::forward(&logits, &targets, v)
+        };
+        let (x64, w64) = (f64s(&x), f64s(&w));
+        let want = oracle(&x64, &w64);
+        prop_assert!(((loss as f64) - want).abs() <= 1e-5 * want.abs().max(1.0), "{} vs {}", loss, want);
+        let fdx: Vec<f64> = fd_grad(&x64, &[1.0], |z| vec![oracle(z, &w64)]).iter().map(|g| g + 0.5).collect();
+        let fdw: Vec<f64> = fd_grad(&w64, &[1.0], |z| vec![oracle(&x64, z)]).iter().map(|g| g - 0.25).collect();
+        assert_close("dx", &dx, &fdx, 1e-5);
+        assert_close("dw", &dw, &fdw, 1e-5);
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use crate::batches::{tokenize, Batch, Example, Sequence};
 use crate::{Result, TrainError};
-use lora_core::models::{causal_lm_loss, CausalLm};
+use lora_core::models::CausalLm;
 use lora_core::Tape;
 use lora_io::tokenizer::TextTokenizer;
 
@@ -37,8 +37,10 @@ pub fn eval_sequences(
             continue;
         }
         let tape = Tape::inference();
-        let logits = model.forward(&tape, &b.ids, 1, b.seq, adapters)?;
-        total += causal_lm_loss(&tape, &logits, &b.labels, 1, b.seq)?.scalar()? as f64 * k as f64;
+        total += model
+            .loss(&tape, &b.ids, &b.labels, 1, b.seq, adapters)?
+            .scalar()? as f64
+            * k as f64;
         tokens += k;
         examples += 1;
     }

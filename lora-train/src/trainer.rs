@@ -6,7 +6,7 @@
 use crate::batches::Batch;
 use crate::optim::{clip_grad_norm, Optimizer, ParamGroup};
 use crate::{Result, TrainError};
-use lora_core::models::{causal_lm_loss, CausalLm};
+use lora_core::models::CausalLm;
 use lora_core::{Gradients, Tape, Tensor};
 
 /// The adapter tensors of `model` as optimizer groups: all A at `lr`, all B at
@@ -61,8 +61,8 @@ pub fn train_step(
         let tape = Tape::new(lora_kernels::rng::splitmix64(
             seed ^ (step << 16) ^ k as u64,
         ));
-        let logits = model.forward(&tape, &b.ids, b.batch, b.seq, true)?;
-        let loss = causal_lm_loss(&tape, &logits, &b.labels, b.batch, b.seq)?;
+        // The output head fused with the loss: no (B, T, V) logits.
+        let loss = model.loss(&tape, &b.ids, &b.labels, b.batch, b.seq, true)?;
         let l = loss.scalar()?;
         if !l.is_finite() {
             return Err(TrainError::Data {

@@ -1,7 +1,7 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, fused `c_attn`, GELU (tanh)
 //! MLP, `Conv1D` weights stored `(in, out)` and used as stored, output head tied to `wte`.
 
-use super::{AttnMode, CausalLm, KvCache, Linear};
+use super::{shifted_targets, AttnMode, CausalLm, Head, KvCache, Linear};
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
 use crate::lora::WeightLayout;
@@ -113,6 +113,7 @@ impl Gpt2 {
         seq: usize,
         adapters: bool,
         mut mode: AttnMode,
+        head: Head,
     ) -> Result<Tensor> {
         let c = self.cfg.n_embd;
         let pos = mode.positions(batch, seq);
@@ -146,7 +147,10 @@ impl Gpt2 {
         }
         mode.advance(seq);
         let x = ops::layer_norm(tape, &x, &self.ln_f.0, Some(&self.ln_f.1), eps)?;
-        ops::linear(tape, &x, &self.wte, WeightLayout::OutIn, None, None)
+        match head {
+            Head::Logits => ops::linear(tape, &x, &self.wte, WeightLayout::OutIn, None, None),
+            Head::Loss(targets) => ops::linear_cross_entropy(tape, &x, &self.wte, targets),
+        }
     }
 }
 
@@ -174,7 +178,29 @@ impl CausalLm for Gpt2 {
         seq: usize,
         adapters: bool,
     ) -> Result<Tensor> {
-        self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
+        self.run(
+            tape,
+            ids,
+            batch,
+            seq,
+            adapters,
+            AttnMode::Full,
+            Head::Logits,
+        )
+    }
+
+    fn loss(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        labels: &[i64],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let targets = shifted_targets(labels, batch, seq);
+        let head = Head::Loss(&targets);
+        self.run(tape, ids, batch, seq, adapters, AttnMode::Full, head)
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor> {
@@ -185,6 +211,7 @@ impl CausalLm for Gpt2 {
             ids.len(),
             adapters,
             AttnMode::Cached(cache),
+            Head::Logits,
         )
     }
 

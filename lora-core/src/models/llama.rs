@@ -2,7 +2,7 @@
 //! rotary embeddings (`rotate_half`), grouped-query attention, SwiGLU MLP; optional q/k/v bias
 //! (Qwen2) and tied or untied output head.
 
-use super::{AttnMode, CausalLm, KvCache, Linear};
+use super::{shifted_targets, AttnMode, CausalLm, Head, KvCache, Linear};
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
 use crate::lora::WeightLayout;
@@ -238,6 +238,7 @@ impl Llama {
         seq: usize,
         adapters: bool,
         mut mode: AttnMode,
+        head: Head,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let pos = mode.positions(batch, seq);
@@ -282,9 +283,24 @@ impl Llama {
         }
         mode.advance(seq);
         let x = ops::rms_norm(tape, &x, &self.norm, cfg.rms_norm_eps)?;
-        match &self.lm_head {
-            Some(head) => head.forward(tape, &x, adapters),
-            None => ops::linear(tape, &x, &self.embed, WeightLayout::OutIn, None, None),
+        match (&self.lm_head, head) {
+            (None, Head::Logits) => {
+                ops::linear(tape, &x, &self.embed, WeightLayout::OutIn, None, None)
+            }
+            (None, Head::Loss(t)) => ops::linear_cross_entropy(tape, &x, &self.embed, t),
+            (
+                Some(Linear::Frozen {
+                    weight,
+                    layout: WeightLayout::OutIn,
+                    bias: None,
+                }),
+                Head::Loss(t),
+            ) => ops::linear_cross_entropy(tape, &x, weight, t),
+            (Some(h), Head::Logits) => h.forward(tape, &x, adapters),
+            // An adapted (or unusual) head: the unfused path.
+            (Some(h), Head::Loss(t)) => {
+                ops::cross_entropy(tape, &h.forward(tape, &x, adapters)?, t)
+            }
         }
     }
 }
@@ -317,7 +333,29 @@ impl CausalLm for Llama {
         seq: usize,
         adapters: bool,
     ) -> Result<Tensor> {
-        self.run(tape, ids, batch, seq, adapters, AttnMode::Full)
+        self.run(
+            tape,
+            ids,
+            batch,
+            seq,
+            adapters,
+            AttnMode::Full,
+            Head::Logits,
+        )
+    }
+
+    fn loss(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        labels: &[i64],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let targets = shifted_targets(labels, batch, seq);
+        let head = Head::Loss(&targets);
+        self.run(tape, ids, batch, seq, adapters, AttnMode::Full, head)
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, adapters: bool) -> Result<Tensor> {
@@ -328,6 +366,7 @@ impl CausalLm for Llama {
             ids.len(),
             adapters,
             AttnMode::Cached(cache),
+            Head::Logits,
         )
     }
 

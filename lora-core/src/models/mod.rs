@@ -28,6 +28,22 @@ pub trait CausalLm {
         seq: usize,
         adapters: bool,
     ) -> Result<Tensor>;
+    /// transformers' causal-LM loss (see [`causal_lm_loss`]) of `ids` against `labels`. GPT-2
+    /// and Llama fuse the output head with the loss ([`ops::linear_cross_entropy`]), so the
+    /// `(B, T, V)` logits are never materialised; other models fall back to `forward` +
+    /// [`causal_lm_loss`], which computes the same value.
+    fn loss(
+        &self,
+        tape: &Tape,
+        ids: &[u32],
+        labels: &[i64],
+        batch: usize,
+        seq: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let logits = self.forward(tape, ids, batch, seq, adapters)?;
+        causal_lm_loss(tape, &logits, labels, batch, seq)
+    }
     /// Logits `(1, n, V)` for `n` new tokens of one sequence, attending to (and extending) the
     /// keys and values in `cache`: each new token costs one position, not the whole prefix.
     /// Inference only (no tape).
@@ -181,6 +197,12 @@ pub fn causal_lm_loss(
     batch: usize,
     seq: usize,
 ) -> Result<Tensor> {
+    ops::cross_entropy(tape, logits, &shifted_targets(labels, batch, seq))
+}
+
+/// Per-position targets of the causal-LM loss: position `t` predicts label `t + 1`; the last
+/// position of each sequence and negative labels are ignored (`-100`).
+pub fn shifted_targets(labels: &[i64], batch: usize, seq: usize) -> Vec<i32> {
     let mut targets = vec![-100i32; batch * seq];
     for b in 0..batch {
         for t in 0..seq.saturating_sub(1) {
@@ -188,5 +210,14 @@ pub fn causal_lm_loss(
             targets[b * seq + t] = if l < 0 { -100 } else { l as i32 };
         }
     }
-    ops::cross_entropy(tape, logits, &targets)
+    targets
+}
+
+/// What the last stage of a model computes.
+#[derive(Clone, Copy)]
+pub(crate) enum Head<'a> {
+    /// The logits.
+    Logits,
+    /// The mean loss against these per-position targets, fused with the output head.
+    Loss(&'a [i32]),
 }
