@@ -20,7 +20,14 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn fused_loss_and_gradients_equal_the_unfused_path() {
     let mut checked = 0;
-    for case in ["gpt2", "llama_gqa", "llama_bf16", "qwen2_bias", "mistral", "llama3_rope"] {
+    for case in [
+        "gpt2",
+        "llama_gqa",
+        "llama_bf16",
+        "qwen2_bias",
+        "mistral",
+        "llama3_rope",
+    ] {
         let dir = root().join(case);
         let md = ModelDir::open(dir.join("model")).unwrap();
         let mut model = md.load_model().unwrap();
@@ -46,13 +53,19 @@ fn fused_loss_and_gradients_equal_the_unfused_path() {
         let g2 = t2.backward(&l2).unwrap();
 
         let (a, b) = (l1.scalar().unwrap(), l2.scalar().unwrap());
-        assert!((a - b).abs() <= 1e-5 * a.abs(), "{case}: loss {a} vs fused {b}");
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "{case}: loss {a} vs fused {b}"
+        );
         for (name, lin) in model.linears() {
             if let Some(l) = lin.lora() {
                 for (part, t) in [("A", &l.lora_a), ("B", &l.lora_b)] {
                     let (x, y) = (g2.get(t).unwrap(), g1.get(t).unwrap());
                     let e = rel(x, y);
-                    assert!(e < 1e-4, "{case} {name} {part}: relative gradient error {e}");
+                    assert!(
+                        e < 1e-4,
+                        "{case} {name} {part}: relative gradient error {e}"
+                    );
                     checked += 1;
                 }
             }
