@@ -53,6 +53,24 @@ pub const SOURCES: &[Source] = &[
         ],
     },
     Source {
+        file: "rows.cu",
+        code: include_str!("../cuda/rows.cu"),
+        kernels: &[
+            "layernorm_forward",
+            "layernorm_backward",
+            "layernorm_backward_params",
+            "rmsnorm_forward",
+            "rmsnorm_backward",
+            "rmsnorm_backward_params",
+            "embedding_forward",
+            "embedding_backward",
+            "rope_forward",
+            "rope_backward",
+            "cross_entropy_forward",
+            "cross_entropy_backward",
+        ],
+    },
+    Source {
         file: "adamw.cu",
         code: include_str!("../cuda/adamw.cu"),
         kernels: &["adamw_step"],
@@ -266,7 +284,8 @@ impl CudaDevice {
         }
     }
 
-    fn func(&self, name: &str) -> &CudaFunction {
+    /// A loaded kernel by name (see [`SOURCES`]); panics on an unknown name.
+    pub fn func(&self, name: &str) -> &CudaFunction {
         &self.funcs[name]
     }
 

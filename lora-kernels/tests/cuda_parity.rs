@@ -180,3 +180,258 @@ fn cuda_elementwise_ops_match_their_cpu_twins() {
         }
     }
 }
+
+/// Launches `name` with one block per row (or per 256 columns when `per_column`).
+fn launch<'a>(
+    dev: &'a CudaDevice,
+    name: &str,
+    rows: usize,
+    per_column: Option<usize>,
+    push: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
+) {
+    use cudarc::driver::LaunchConfig;
+    let grid = match per_column {
+        Some(c) => c.div_ceil(256) as u32,
+        None => rows as u32,
+    };
+    let mut l = dev.stream.launch_builder(dev.func(name));
+    push(&mut l);
+    let cfg = LaunchConfig {
+        grid_dim: (grid.max(1), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: each call site pushes the arguments in the kernel's order with sized buffers.
+    unsafe { l.launch(cfg) }.unwrap();
+}
+
+#[test]
+fn cuda_row_ops_match_their_cpu_twins() {
+    use cudarc::driver::PushKernelArg;
+    use lora_kernels::ops::{cross_entropy as ce, embedding as emb, norm, rope};
+    if device_count() == 0 {
+        println!("SKIPPED: no CUDA device answers on this machine");
+        return;
+    }
+    let dev = CudaDevice::open(0).expect("open cuda:0");
+    let mut rng = Rng::new(8);
+    let close = |name: &str, got: &[f32], want: &[f32], tol: f32| {
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{name}[{i}]: cuda {g} cpu {w}"
+            );
+        }
+    };
+    for &(n, c) in &[(1usize, 1usize), (3, 7), (17, 64), (64, 769)] {
+        let (ni, ci) = (n as i32, c as i32);
+        let x = rand(n * c, &mut rng);
+        let gamma = rand(c, &mut rng);
+        let beta = rand(c, &mut rng);
+        let dout = rand(n * c, &mut rng);
+        let up = |v: &[f32]| dev.upload(v).unwrap();
+        let (xg, gg, bg, dg) = (up(&x), up(&gamma), up(&beta), up(&dout));
+        // LayerNorm forward and backward.
+        let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        norm::layernorm_forward(
+            &mut out,
+            &mut mean,
+            &mut rstd,
+            &x,
+            &gamma,
+            Some(&beta),
+            c,
+            1e-5,
+        )
+        .unwrap();
+        let (mut o, mut m, mut r) = (
+            dev.filled(n * c, f32::NAN).unwrap(),
+            dev.filled(n, f32::NAN).unwrap(),
+            dev.filled(n, f32::NAN).unwrap(),
+        );
+        let eps = 1e-5f32;
+        launch(&dev, "layernorm_forward", n, None, |l| {
+            l.arg(&mut o)
+                .arg(&mut m)
+                .arg(&mut r)
+                .arg(&xg)
+                .arg(&gg)
+                .arg(&bg)
+                .arg(&ni)
+                .arg(&ci)
+                .arg(&eps);
+        });
+        close("layernorm out", &dev.download(&o).unwrap(), &out, 1e-5);
+        close("layernorm rstd", &dev.download(&r).unwrap(), &rstd, 1e-5);
+        let (mut dx, mut dgm, mut dbt) = (vec![0.1; n * c], vec![0.2; c], vec![0.3; c]);
+        norm::layernorm_backward(
+            Some(&mut dx),
+            Some(&mut dgm),
+            Some(&mut dbt),
+            &dout,
+            &x,
+            &gamma,
+            &mean,
+            &rstd,
+            c,
+        )
+        .unwrap();
+        let (mut dxg, mut dgg, mut dbg) =
+            (up(&vec![0.1; n * c]), up(&vec![0.2; c]), up(&vec![0.3; c]));
+        let (mg, rg) = (up(&mean), up(&rstd));
+        launch(&dev, "layernorm_backward", n, None, |l| {
+            l.arg(&mut dxg)
+                .arg(&dg)
+                .arg(&xg)
+                .arg(&gg)
+                .arg(&mg)
+                .arg(&rg)
+                .arg(&ni)
+                .arg(&ci);
+        });
+        launch(&dev, "layernorm_backward_params", n, Some(c), |l| {
+            l.arg(&mut dgg)
+                .arg(&mut dbg)
+                .arg(&dg)
+                .arg(&xg)
+                .arg(&mg)
+                .arg(&rg)
+                .arg(&ni)
+                .arg(&ci);
+        });
+        close("layernorm dx", &dev.download(&dxg).unwrap(), &dx, 1e-4);
+        close("layernorm dgamma", &dev.download(&dgg).unwrap(), &dgm, 1e-4);
+        close("layernorm dbeta", &dev.download(&dbg).unwrap(), &dbt, 1e-4);
+        // RMSNorm forward and backward.
+        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        norm::rmsnorm_forward(&mut out, &mut rstd, &x, &gamma, c, 1e-6).unwrap();
+        let (mut o, mut r) = (
+            dev.filled(n * c, f32::NAN).unwrap(),
+            dev.filled(n, f32::NAN).unwrap(),
+        );
+        let eps = 1e-6f32;
+        launch(&dev, "rmsnorm_forward", n, None, |l| {
+            l.arg(&mut o)
+                .arg(&mut r)
+                .arg(&xg)
+                .arg(&gg)
+                .arg(&ni)
+                .arg(&ci)
+                .arg(&eps);
+        });
+        close("rmsnorm out", &dev.download(&o).unwrap(), &out, 1e-5);
+        let (mut dx, mut dgm) = (vec![0.1; n * c], vec![0.2; c]);
+        norm::rmsnorm_backward(Some(&mut dx), Some(&mut dgm), &dout, &x, &gamma, &rstd, c).unwrap();
+        let (mut dxg, mut dgg, rg) = (up(&vec![0.1; n * c]), up(&vec![0.2; c]), up(&rstd));
+        launch(&dev, "rmsnorm_backward", n, None, |l| {
+            l.arg(&mut dxg)
+                .arg(&dg)
+                .arg(&xg)
+                .arg(&gg)
+                .arg(&rg)
+                .arg(&ni)
+                .arg(&ci);
+        });
+        launch(&dev, "rmsnorm_backward_params", n, Some(c), |l| {
+            l.arg(&mut dgg).arg(&dg).arg(&xg).arg(&rg).arg(&ni).arg(&ci);
+        });
+        close("rmsnorm dx", &dev.download(&dxg).unwrap(), &dx, 1e-4);
+        close("rmsnorm dgamma", &dev.download(&dgg).unwrap(), &dgm, 1e-4);
+        // Embedding with repeated ids.
+        let v = 5usize;
+        let table = rand(v * c, &mut rng);
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 3) % v as u32).collect();
+        let mut out = vec![0.0; n * c];
+        emb::embedding_forward(&mut out, &table, &ids, c).unwrap();
+        let idg = dev.stream.clone_htod(&ids).unwrap();
+        let tg = up(&table);
+        let mut o = dev.filled(n * c, f32::NAN).unwrap();
+        launch(&dev, "embedding_forward", n, None, |l| {
+            l.arg(&mut o).arg(&tg).arg(&idg).arg(&ni).arg(&ci);
+        });
+        close("embedding out", &dev.download(&o).unwrap(), &out, 0.0);
+        let mut dt = vec![0.5; v * c];
+        emb::embedding_backward(&mut dt, &dout, &ids, c).unwrap();
+        let mut dtg = up(&vec![0.5; v * c]);
+        launch(&dev, "embedding_backward", n, Some(c), |l| {
+            l.arg(&mut dtg).arg(&dg).arg(&idg).arg(&ni).arg(&ci);
+        });
+        close("embedding dtable", &dev.download(&dtg).unwrap(), &dt, 1e-6);
+        // Cross-entropy over a vocabulary of c, one ignored row.
+        let targets: Vec<i32> = (0..n as i32)
+            .map(|i| if i == 1 { -100 } else { (i * 7) % c as i32 })
+            .collect();
+        let mut lse = vec![0.0; n];
+        let (loss, count) = ce::cross_entropy_forward(&mut lse, &x, &targets, c).unwrap();
+        let tgt = dev.stream.clone_htod(&targets).unwrap();
+        let (mut lg, mut rl) = (
+            dev.filled(n, f32::NAN).unwrap(),
+            dev.filled(n, f32::NAN).unwrap(),
+        );
+        launch(&dev, "cross_entropy_forward", n, None, |l| {
+            l.arg(&mut lg)
+                .arg(&mut rl)
+                .arg(&xg)
+                .arg(&tgt)
+                .arg(&ni)
+                .arg(&ci);
+        });
+        close("lse", &dev.download(&lg).unwrap(), &lse, 1e-5);
+        let total: f32 = dev.download(&rl).unwrap().iter().sum();
+        if count > 0 {
+            close("loss", &[total / count as f32], &[loss], 1e-5);
+            let mut dl = vec![0.25; n * c];
+            ce::cross_entropy_backward(&mut dl, 1.0, &x, &lse, &targets, c, count).unwrap();
+            let mut dlg = up(&vec![0.25; n * c]);
+            let scale = 1.0f32 / count as f32;
+            launch(&dev, "cross_entropy_backward", n, None, |l| {
+                l.arg(&mut dlg)
+                    .arg(&xg)
+                    .arg(&lg)
+                    .arg(&tgt)
+                    .arg(&ni)
+                    .arg(&ci)
+                    .arg(&scale);
+            });
+            close("dlogits", &dev.download(&dlg).unwrap(), &dl, 1e-5);
+        }
+    }
+    // RoPE on (n, h, d) with positions.
+    let (n, h, d) = (6usize, 3usize, 8usize);
+    let x = rand(n * h * d, &mut rng);
+    let (cosv, sinv) = rope::rope_tables(&rope::rope_inv_freq(d, 10000.0), 16);
+    let pos: Vec<u32> = vec![0, 3, 1, 15, 7, 2];
+    let mut out = vec![0.0; n * h * d];
+    rope::rope_forward(&mut out, &x, &cosv, &sinv, &pos, h, d).unwrap();
+    let mut dx = vec![0.5; n * h * d];
+    rope::rope_backward(&mut dx, &x, &cosv, &sinv, &pos, h, d).unwrap();
+    let up = |v: &[f32]| dev.upload(v).unwrap();
+    let (xg, cg, sg) = (up(&x), up(&cosv), up(&sinv));
+    let pg = dev.stream.clone_htod(&pos).unwrap();
+    let (ni, hi, di) = (n as i32, h as i32, d as i32);
+    let mut o = dev.filled(n * h * d, f32::NAN).unwrap();
+    launch(&dev, "rope_forward", n, None, |l| {
+        l.arg(&mut o)
+            .arg(&xg)
+            .arg(&cg)
+            .arg(&sg)
+            .arg(&pg)
+            .arg(&ni)
+            .arg(&hi)
+            .arg(&di);
+    });
+    close("rope out", &dev.download(&o).unwrap(), &out, 1e-6);
+    let mut dxg = up(&vec![0.5; n * h * d]);
+    launch(&dev, "rope_backward", n, None, |l| {
+        l.arg(&mut dxg)
+            .arg(&xg)
+            .arg(&cg)
+            .arg(&sg)
+            .arg(&pg)
+            .arg(&ni)
+            .arg(&hi)
+            .arg(&di);
+    });
+    close("rope dx", &dev.download(&dxg).unwrap(), &dx, 1e-6);
+}
