@@ -95,9 +95,37 @@ fn run_case(c: &Case) {
         rlora,
         (n, k, m),
     );
-    assert_close("y", &y, &y_ref, 1e-5);
+    // Error bounds: the same computation on absolute values (sum of |products|), the scale f32
+    // rounding error is proportional to; a tensor whose sums cancel would otherwise turn
+    // rounding into a large "relative" error (seen: one output of a 61-term dot product).
+    let abs = |v: &[f64]| v.iter().map(|z| z.abs()).collect::<Vec<f64>>();
+    let (xa, wa, ba, aa, bma, dya) = (
+        abs(&x64),
+        abs(&w64),
+        abs(&b64),
+        abs(&a64),
+        abs(&bm64),
+        abs(&dy64),
+    );
+    let rl_abs = reference::Lora {
+        a: &aa,
+        b: &bma,
+        rank: r,
+        scale: scale as f64,
+        dropout: drop,
+    };
+    let rlora_abs = (r > 0).then_some(&rl_abs);
+    let (y_bound, u_bound) = reference::forward(
+        &xa,
+        &wa,
+        layout,
+        bias.then_some(&ba[..]),
+        rlora_abs,
+        (n, k, m),
+    );
+    assert_close_bound("y", &y, &y_ref, &y_bound, 1e-5);
     if r > 0 {
-        assert_close("u", &u, &u_ref, 1e-5);
+        assert_close_bound("u", &u, &u_ref, &u_bound, 1e-5);
     }
 
     // Gradients accumulate: start from a known non-zero value and subtract it afterwards.
@@ -126,19 +154,21 @@ fn run_case(c: &Case) {
     .unwrap();
     let (dx_r, dw_r, dbias_r, da_r, db_r) =
         reference::backward(&dy64, &x64, &w64, layout, rlora, (n, k, m));
+    let (dx_b, dw_b, dbias_b, da_b, db_b) =
+        reference::backward(&dya, &xa, &wa, layout, rlora_abs, (n, k, m));
     let sub = |v: &[f32]| v.iter().map(|g| g - init).collect::<Vec<f32>>();
-    assert_close("dx", &sub(&dx), &dx_r, 2e-5);
+    assert_close_bound("dx", &sub(&dx), &dx_r, &dx_b, 2e-5);
     if train_w {
-        assert_close("dw", &sub(&dw), &dw_r, 2e-5);
+        assert_close_bound("dw", &sub(&dw), &dw_r, &dw_b, 2e-5);
     } else {
         assert!(dw.iter().all(|&g| g == init), "dw touched while frozen");
     }
     if bias {
-        assert_close("dbias", &sub(&db_), &dbias_r, 2e-5);
+        assert_close_bound("dbias", &sub(&db_), &dbias_r, &dbias_b, 2e-5);
     }
     if r > 0 {
-        assert_close("da", &sub(&da), &da_r, 2e-5);
-        assert_close("db", &sub(&dbm), &db_r, 2e-5);
+        assert_close_bound("da", &sub(&da), &da_r, &da_b, 2e-5);
+        assert_close_bound("db", &sub(&dbm), &db_r, &db_b, 2e-5);
     }
 }
 
@@ -319,4 +349,21 @@ fn bad_arguments_are_errors_naming_the_argument() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("`u`"), "{e}");
+}
+
+/// The case proptest found on 2026-11-29 (u is one 61-term dot product that nearly cancels):
+/// kept so the bound above stays honest for it.
+#[test]
+fn cancelling_single_output_case() {
+    run_case(&Case {
+        n: 1,
+        k: 61,
+        m: 1,
+        r: 1,
+        layout: WeightLayout::OutIn,
+        bias: false,
+        dropout: None,
+        train_w: false,
+        seed: 9598941016575653680,
+    });
 }

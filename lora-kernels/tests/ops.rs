@@ -112,7 +112,13 @@ proptest! {
         let bopt = beta.then_some(&b64[..]);
         let (mut out, mut mean, mut rstd) = (vec![f32::NAN; n * c], vec![0.0; n], vec![0.0; n]);
         layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &gm, beta.then_some(&bt[..]), c, eps).unwrap();
-        assert_close("layernorm", &out, &norm::reference::layernorm(&x64, &g64, bopt, c, eps as f64), 1e-5);
+        // The output is (x - mean) * rstd * gamma: on a near-constant row (two close values with
+        // c = 2, found by proptest) x - mean cancels and rstd ~ 1/sqrt(eps) amplifies f32
+        // rounding, so the error is measured against the scale of the terms, |x| rstd |gamma|.
+        let fwd_term = x.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64))
+            * rstd.iter().fold(0.0f64, |m, &r| m.max(r as f64))
+            * g64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert_close_scaled("layernorm", &out, &norm::reference::layernorm(&x64, &g64, bopt, c, eps as f64), fwd_term, 1e-5);
         let (mut dx, mut dg, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
         layernorm_backward(Some(&mut dx), Some(&mut dg), Some(&mut db), &dout, &x, &gm, &mean, &rstd, c).unwrap();
         let w = f64s(&dout);

@@ -62,3 +62,12 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], scale: f64, to
         "{what}: error {e:.3e} (relative to term scale {scale:.3e}) > {tol:.1e}"
     );
 }
+
+/// Like [`assert_close`], but the error is relative to `bound`'s largest element: for a sum of
+/// products, pass the same computation on absolute values (`sum |a_i b_i|`), the scale that f32
+/// rounding error is proportional to. A plain relative error is meaningless where the sum
+/// cancels to near zero (e.g. one output of a 61-term dot product).
+pub fn assert_close_bound(what: &str, got: &[f32], want: &[f64], bound: &[f64], tol: f64) {
+    let scale = bound.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+    assert_close_scaled(what, got, want, scale, tol);
+}
