@@ -2,7 +2,7 @@
 //! the unfused `forward` + `causal_lm_loss` that the parity tests tie to transformers + PEFT:
 //! same loss and same adapter gradients, on every fixture model (tied and untied heads).
 
-use lora_core::models::{causal_lm_loss, CausalLm};
+use lora_core::models::causal_lm_loss;
 use lora_core::Tape;
 use lora_io::hf::ModelDir;
 use lora_io::peft::load_adapter;
