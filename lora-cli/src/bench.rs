@@ -58,7 +58,8 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+/// A worker pool of `threads` (default: all cores), the one every command runs its work in.
+pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
     let mut b = rayon::ThreadPoolBuilder::new();
     if let Some(t) = threads {
         if t == 0 {

@@ -56,15 +56,6 @@ pub struct BuildRun {
     pub threads: Option<usize>,
 }
 
-fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    let mut b = rayon::ThreadPoolBuilder::new();
-    if let Some(t) = threads {
-        anyhow::ensure!(t > 0, "--threads must be at least 1");
-        b = b.num_threads(t);
-    }
-    Ok(b.build()?)
-}
-
 fn write(path: &Path, text: &str) -> Result<()> {
     lora_io::write::write_atomic(path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
@@ -107,7 +98,7 @@ pub fn build(r: &BuildRun) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
             .expect("valid template"),
     );
-    let sum = pool(r.threads)?.install(|| {
+    let sum = crate::bench::pool(r.threads)?.install(|| {
         lora_train::pretrain::pretrain(&cfg, &mut |step, _, loss| {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss:.4}"));

@@ -239,12 +239,7 @@ pub fn run_train_report(
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
-    let mut b = rayon::ThreadPoolBuilder::new();
-    if let Some(t) = threads {
-        anyhow::ensure!(t > 0, "--threads must be at least 1");
-        b = b.num_threads(t);
-    }
-    let pool = b.build()?;
+    let pool = crate::bench::pool(threads)?;
     // A live bar on a terminal; one plain line per step when stdout is a file or a pipe.
     use std::io::IsTerminal;
     let bar = (!json && std::io::stdout().is_terminal()).then(|| {

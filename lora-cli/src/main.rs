@@ -523,7 +523,7 @@ fn main() {
 /// `--device`: `auto` resolves to the CPU until the CUDA training path exists (saying so when
 /// a GPU is present); an explicit CUDA device is refused with the reason, never a panic (the
 /// driver library is probed before any CUDA call).
-fn resolve_device(s: &str) -> Result<(lora_core::Device, String)> {
+fn resolve_device(s: &str) -> Result<String> {
     let gpus = lora_kernels::cuda::device_count();
     let d = match s {
         "auto" => lora_core::Device::Cpu,
@@ -548,7 +548,7 @@ fn resolve_device(s: &str) -> Result<(lora_core::Device, String)> {
         }
         _ => "device: cpu".to_string(),
     };
-    Ok((d, note))
+    Ok(note)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -567,7 +567,7 @@ fn run(cli: Cli) -> Result<()> {
             json: a.json,
         }),
         Command::Train(a) => {
-            let (_device, note) = resolve_device(&a.device)?;
+            let note = resolve_device(&a.device)?;
             if !a.json {
                 println!("{note}");
             }
@@ -715,16 +715,11 @@ fn run(cli: Cli) -> Result<()> {
             bench::run_gemm(a.size, a.threads, a.iters, a.json)
         }
         Command::Bench(BenchCommand::Train(a)) => {
-            let mut b = rayon::ThreadPoolBuilder::new();
-            if let Some(t) = a.threads {
-                anyhow::ensure!(t > 0, "--threads must be at least 1");
-                b = b.num_threads(t);
-            }
             anyhow::ensure!(
                 a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0,
                 "--steps, --batch, --rank must be at least 1 and --seq at least 2"
             );
-            b.build()?.install(|| {
+            bench::pool(a.threads)?.install(|| {
                 train_bench::run(
                     a.layers, a.hidden, a.heads, a.vocab, a.batch, a.seq, a.rank, a.steps, a.json,
                 )

@@ -56,39 +56,49 @@ extern "C" __global__ void lora_shrink(float* __restrict__ u, const float* __res
     }
 }
 
+// The shared tile of lora_expand and lora_backward_dx: for this thread's row (row0 + t / 8) and
+// columns col0 + (t % 8) + 8 j, acc[j] = sum over q < r of left[row, q] * right(col, q), with
+// left (rows, r) row-major and right(col, q) = right[col * rs_col + q * rs_q] (B (m, r): r, 1;
+// A (r, k): 1, k). Both operands go through shared memory, RC ranks at a time.
+__device__ __forceinline__ void rank_product_tile(float acc[TC / 8], const float* __restrict__ left,
+                                                  const float* __restrict__ right, int rows,
+                                                  int cols, int r, size_t rs_col, size_t rs_q,
+                                                  int row0, int col0) {
+    __shared__ float ls[TN][RC + 1];
+    __shared__ float rsm[TC][RC + 1];
+    const int t = threadIdx.x, tr = t / 8, tc = t % 8;
+#pragma unroll
+    for (int j = 0; j < TC / 8; ++j) acc[j] = 0.0f;
+    for (int q0 = 0; q0 < r; q0 += RC) {
+        for (int e = t; e < TN * RC; e += THREADS) {
+            int i = e / RC, q = e % RC, gi = row0 + i, gq = q0 + q;
+            ls[i][q] = (gi < rows && gq < r) ? left[(size_t)gi * r + gq] : 0.0f;
+        }
+        for (int e = t; e < TC * RC; e += THREADS) {
+            int j = e / RC, q = e % RC, gj = col0 + j, gq = q0 + q;
+            rsm[j][q] = (gj < cols && gq < r) ? right[(size_t)gj * rs_col + (size_t)gq * rs_q] : 0.0f;
+        }
+        __syncthreads();
+        const int qn = min(RC, r - q0);
+        for (int q = 0; q < qn; ++q) {
+            float lv = ls[tr][q];
+#pragma unroll
+            for (int j = 0; j < TC / 8; ++j) acc[j] += lv * rsm[tc + 8 * j][q];
+        }
+        __syncthreads();
+    }
+}
+
 // y = y + bias + s u B^T, in place: the one pass over y that adding the bias needs anyway
 // (cuBLAS wrote x W^T into y with beta = 0). bias may be null. grid (ceil(n/TN), ceil(m/TC)).
 extern "C" __global__ void lora_expand(float* __restrict__ y, const float* __restrict__ u,
                                        const float* __restrict__ b,
                                        const float* __restrict__ bias, int n, int m, int r,
                                        float s) {
-    __shared__ float us[TN][RC + 1];
-    __shared__ float bs[TC][RC + 1];
-    const int row0 = blockIdx.x * TN, col0 = blockIdx.y * TC, t = threadIdx.x;
-    // Each thread owns 8 outputs: row (t / 8), columns (t % 8) + 8 j.
-    const int tr = t / 8, tc = t % 8;
+    const int row0 = blockIdx.x * TN, col0 = blockIdx.y * TC;
     float acc[TC / 8];
-#pragma unroll
-    for (int j = 0; j < TC / 8; ++j) acc[j] = 0.0f;
-    for (int q0 = 0; q0 < r; q0 += RC) {
-        for (int e = t; e < TN * RC; e += THREADS) {
-            int i = e / RC, q = e % RC, gi = row0 + i, gq = q0 + q;
-            us[i][q] = (gi < n && gq < r) ? u[(size_t)gi * r + gq] : 0.0f;
-        }
-        for (int e = t; e < TC * RC; e += THREADS) {
-            int j = e / RC, q = e % RC, gj = col0 + j, gq = q0 + q;
-            bs[j][q] = (gj < m && gq < r) ? b[(size_t)gj * r + gq] : 0.0f;
-        }
-        __syncthreads();
-        const int qn = min(RC, r - q0);
-        for (int q = 0; q < qn; ++q) {
-            float uv = us[tr][q];
-#pragma unroll
-            for (int j = 0; j < TC / 8; ++j) acc[j] += uv * bs[tc + 8 * j][q];
-        }
-        __syncthreads();
-    }
-    const int gi = row0 + tr;
+    rank_product_tile(acc, u, b, n, m, r, (size_t)r, 1, row0, col0);
+    const int gi = row0 + threadIdx.x / 8, tc = threadIdx.x % 8;
     if (gi < n) {
 #pragma unroll
         for (int j = 0; j < TC / 8; ++j) {
@@ -232,32 +242,10 @@ extern "C" __global__ void lora_backward_da(float* __restrict__ da_part,
 extern "C" __global__ void lora_backward_dx(float* __restrict__ dx, const float* __restrict__ g,
                                             const float* __restrict__ a, int n, int k, int r,
                                             float p, u64 seed) {
-    __shared__ float gs[TN][RC + 1];
-    __shared__ float as[TC][RC + 1];
-    const int row0 = blockIdx.x * TN, col0 = blockIdx.y * TC, t = threadIdx.x;
-    const int tr = t / 8, tc = t % 8;
+    const int row0 = blockIdx.x * TN, col0 = blockIdx.y * TC;
     float acc[TC / 8];
-#pragma unroll
-    for (int j = 0; j < TC / 8; ++j) acc[j] = 0.0f;
-    for (int q0 = 0; q0 < r; q0 += RC) {
-        for (int e = t; e < TN * RC; e += THREADS) {
-            int i = e / RC, q = e % RC, gi = row0 + i, gq = q0 + q;
-            gs[i][q] = (gi < n && gq < r) ? g[(size_t)gi * r + gq] : 0.0f;
-        }
-        for (int e = t; e < TC * RC; e += THREADS) {
-            int j = e / RC, q = e % RC, gj = col0 + j, gq = q0 + q;
-            as[j][q] = (gj < k && gq < r) ? a[(size_t)gq * k + gj] : 0.0f;
-        }
-        __syncthreads();
-        const int qn = min(RC, r - q0);
-        for (int q = 0; q < qn; ++q) {
-            float gv = gs[tr][q];
-#pragma unroll
-            for (int j = 0; j < TC / 8; ++j) acc[j] += gv * as[tc + 8 * j][q];
-        }
-        __syncthreads();
-    }
-    const int gi = row0 + tr;
+    rank_product_tile(acc, g, a, n, k, r, 1, (size_t)k, row0, col0);
+    const int gi = row0 + threadIdx.x / 8, tc = threadIdx.x % 8;
     if (gi < n) {
 #pragma unroll
         for (int j = 0; j < TC / 8; ++j) {

@@ -216,6 +216,15 @@ fn blocks(n: usize, t: usize) -> u32 {
     n.div_ceil(t) as u32
 }
 
+/// A launch of `(x, y)` blocks of [`THREADS`] threads, no dynamic shared memory (every kernel).
+fn grid(x: u32, y: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`: checks for the driver first (no panic without one), compiles every
     /// source with NVRTC for the device's compute capability and loads the kernels.
@@ -343,11 +352,7 @@ impl CudaDevice {
         let mut u = self.output(d.n * d.r)?;
         self.gemm_rowmajor(&mut y, x, w, d.n, d.k, d.m, layout == WeightLayout::OutIn)?;
         let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(d.n, TN), blocks(d.r, 64), 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks(d.n, TN), blocks(d.r, 64));
         let mut l = self.stream.launch_builder(self.func("lora_shrink"));
         l.arg(&mut u)
             .arg(x)
@@ -360,11 +365,7 @@ impl CudaDevice {
         // SAFETY: argument types and order match lora.cu's signature; sizes checked above.
         unsafe { l.launch(cfg) }.map_err(cerr("lora_shrink"))?;
         let null = 0u64;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(d.n, TN), blocks(d.m, TC), 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks(d.n, TN), blocks(d.m, TC));
         let mut l = self.stream.launch_builder(self.func("lora_expand"));
         l.arg(&mut y).arg(&u).arg(b);
         match bias {
@@ -407,11 +408,7 @@ impl CudaDevice {
         let mut g = alloc(d.n * d.r)?;
         let mut db_b_part = alloc(row_blocks * d.m * d.r)?;
         let mut dbias_part = alloc(row_blocks * d.m)?;
-        let cfg = LaunchConfig {
-            grid_dim: (row_blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(row_blocks as u32, 1);
         let mut l = self.stream.launch_builder(self.func("lora_backward_g_db"));
         l.arg(&mut g)
             .arg(&mut db_b_part)
@@ -433,11 +430,7 @@ impl CudaDevice {
         let segs = d.n.div_ceil(512).clamp(1, 64);
         let rows_per_seg = (d.n.div_ceil(segs) as i32).max(1);
         let mut da_part = alloc(segs * d.r * d.k)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(d.k, TC), segs as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks(d.k, TC), segs as u32);
         let mut l = self.stream.launch_builder(self.func("lora_backward_da"));
         l.arg(&mut da_part)
             .arg(&g)
@@ -452,11 +445,7 @@ impl CudaDevice {
         unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_da"))?;
         let mut d_a = alloc(d.r * d.k)?;
         self.reduce(&mut d_a, &da_part, segs, d.r * d.k)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(d.n, TN), blocks(d.k, TC), 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks(d.n, TN), blocks(d.k, TC));
         let mut l = self.stream.launch_builder(self.func("lora_backward_dx"));
         l.arg(&mut dx)
             .arg(&g)
@@ -479,11 +468,7 @@ impl CudaDevice {
         len: usize,
     ) -> Result<(), CudaError> {
         let (parts, len_i, acc) = (parts as i32, len as i32, 0i32);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(len, THREADS as usize), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks(len, THREADS as usize), 1);
         let mut l = self
             .stream
             .launch_builder(self.func("lora_reduce_partials"));
@@ -504,11 +489,7 @@ impl CudaDevice {
         n: usize,
     ) -> Result<(), CudaError> {
         let n_i = n as i64;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(n, THREADS as usize).clamp(1, 65535), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks(n, THREADS as usize).clamp(1, 65535), 1);
         let mut l = self.stream.launch_builder(self.func(name));
         for o in outs.iter_mut() {
             l.arg(&mut **o);
