@@ -59,7 +59,7 @@ pub(crate) enum Op {
     },
     /// inputs: [q, k, v]
     Attention {
-        att: Vec<f32>,
+        lse: Vec<f32>,
         dims: attention::AttnDims,
         scale: f32,
     },
@@ -99,10 +99,74 @@ impl Op {
     }
 }
 
+impl Op {
+    /// Whether backward reads the values of input `i` (else the tape keeps only its id and
+    /// shape, so an activation nobody's backward reads is freed as soon as the forward is done
+    /// with it). `inputs` are the op's inputs in the variant's order.
+    fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
+        match self {
+            Op::Add | Op::Narrow { .. } | Op::Rope { .. } | Op::LinearCrossEntropy { .. } => false,
+            // dW and dA read x; dx reads W (and A, B). The weights are kept (they are alive
+            // anyway): only x, an activation, is worth dropping.
+            Op::Linear { has_bias, lora, .. } => {
+                let a_idx = if *has_bias { 3 } else { 2 };
+                i != 0
+                    || inputs[1].requires_grad()
+                    || (lora.is_some() && inputs[a_idx].requires_grad())
+            }
+            // The gradient of the table is a scatter of dout: the values are not read.
+            Op::Embedding { .. } => false,
+            Op::Gelu
+            | Op::Silu
+            | Op::SwiGlu
+            | Op::LayerNorm { .. }
+            | Op::RmsNorm { .. }
+            | Op::Attention { .. }
+            | Op::CrossEntropy { .. } => true,
+        }
+    }
+}
+
+impl Op {
+    /// Elements (f32 values or 4-byte ids) the op saved for its own backward.
+    fn saved_elems(&self) -> usize {
+        match self {
+            Op::Linear { lora, .. } => lora.as_ref().map_or(0, |l| l.u.len()),
+            Op::LayerNorm { mean, rstd } => mean.len() + rstd.len(),
+            Op::RmsNorm { rstd } => rstd.len(),
+            Op::Embedding { ids } => ids.len(),
+            Op::Rope { positions, .. } => positions.len(),
+            Op::Attention { lse, .. } => lse.len(),
+            Op::CrossEntropy { lse, targets, .. } => lse.len() + targets.len(),
+            Op::LinearCrossEntropy { dx, dw } => {
+                dx.as_ref().map_or(0, Vec::len) + dw.as_ref().map_or(0, Vec::len)
+            }
+            Op::Add | Op::Gelu | Op::Silu | Op::SwiGlu | Op::Narrow { .. } => 0,
+        }
+    }
+}
+
+/// An input as the tape keeps it: always its identity, its values only if backward reads them.
+struct Input {
+    id: u64,
+    shape: Vec<usize>,
+    requires_grad: bool,
+    values: Option<Tensor>,
+}
+
+impl Input {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+}
+
 struct Node {
     op: Op,
-    inputs: Vec<Tensor>,
-    output: Tensor,
+    inputs: Vec<Input>,
+    output_id: u64,
 }
 
 /// Records ops for one forward pass and runs their backward.
@@ -158,6 +222,26 @@ impl Tape {
         self.nodes.borrow().iter().map(|n| n.op.name()).collect()
     }
 
+    /// Activation memory the tape holds for backward, in 4-byte elements: the values of
+    /// recorded ops' outputs that some backward reads (each counted once), plus what the ops
+    /// saved for themselves (LoRA `u`, norm and attention statistics, ids). Parameters and
+    /// frozen weights are not counted; outputs no backward reads are not held at all.
+    pub fn saved_elems(&self) -> usize {
+        let nodes = self.nodes.borrow();
+        let outputs: std::collections::HashSet<u64> = nodes.iter().map(|n| n.output_id).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for n in nodes.iter() {
+            total += n.op.saved_elems();
+            for i in &n.inputs {
+                if i.values.is_some() && outputs.contains(&i.id) && seen.insert(i.id) {
+                    total += i.numel();
+                }
+            }
+        }
+        total
+    }
+
     /// A fresh seed for the next random op (dropout), deterministic in op order.
     pub(crate) fn next_seed(&self) -> u64 {
         let k = self.draws.get();
@@ -168,10 +252,20 @@ impl Tape {
     /// Appends a node when training and the output needs a gradient.
     pub(crate) fn record(&self, op: Op, inputs: Vec<Tensor>, output: &Tensor) {
         if self.training && output.requires_grad() {
+            let kept = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Input {
+                    id: t.id(),
+                    shape: t.shape().to_vec(),
+                    requires_grad: t.requires_grad(),
+                    values: op.reads_input(i, &inputs).then(|| t.clone()),
+                })
+                .collect();
             self.nodes.borrow_mut().push(Node {
                 op,
-                inputs,
-                output: output.clone(),
+                inputs: kept,
+                output_id: output.id(),
             });
         }
     }
@@ -189,27 +283,27 @@ impl Tape {
             grads.insert(loss.id(), vec![1.0]);
         }
         for node in nodes.into_iter().rev() {
-            let Some(dout) = grads.remove(&node.output.id()) else {
+            let Some(dout) = grads.remove(&node.output_id) else {
                 continue;
             };
             // One buffer per input that needs a gradient: the accumulated one if it exists.
             let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
             for (i, t) in node.inputs.iter().enumerate() {
-                if !t.requires_grad() {
+                if !t.requires_grad {
                     bufs.push(None);
                     continue;
                 }
-                let dup = node.inputs[..i].iter().any(|p| p.id() == t.id());
-                let buf = if dup { None } else { grads.remove(&t.id()) };
+                let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
+                let buf = if dup { None } else { grads.remove(&t.id) };
                 bufs.push(Some(buf.unwrap_or_else(|| vec![0.0; t.numel()])));
             }
             backward_node(&node.op, &node.inputs, &dout, &mut bufs)?;
             for (t, buf) in node.inputs.iter().zip(bufs) {
                 if let Some(b) = buf {
-                    match grads.get_mut(&t.id()) {
+                    match grads.get_mut(&t.id) {
                         Some(g) => lora_kernels::ops::elementwise::accumulate(g, &b)?,
                         None => {
-                            grads.insert(t.id(), b);
+                            grads.insert(t.id, b);
                         }
                     }
                 }
@@ -275,11 +369,19 @@ impl Gradients {
 /// The local gradient of every op: accumulates into `bufs[i]` for each input `i` that needs one.
 fn backward_node(
     op: &Op,
-    inputs: &[Tensor],
+    inputs: &[Input],
     dout: &[f32],
     bufs: &mut [Option<Vec<f32>>],
 ) -> Result<()> {
-    let data: Vec<_> = inputs.iter().map(|t| t.data()).collect();
+    // Values of the inputs backward reads (`Op::reads_input`); empty for the others.
+    let guards: Vec<_> = inputs
+        .iter()
+        .map(|t| t.values.as_ref().map(|v| v.data()))
+        .collect();
+    let data: Vec<&[f32]> = guards
+        .iter()
+        .map(|g| g.as_deref().map_or(&[][..], |s| &s[..]))
+        .collect();
     // Split the buffers so several inputs' gradients can be borrowed mutably at once.
     let mut slots: Vec<Option<&mut [f32]>> = bufs.iter_mut().map(|b| b.as_deref_mut()).collect();
     let mut take = |i: usize| slots.get_mut(i).and_then(|s| s.take());
@@ -372,7 +474,7 @@ fn backward_node(
                 rope::rope_backward(g, dout, cos, sin, positions, *heads, *head_dim)?;
             }
         }
-        Op::Attention { att, dims, scale } => {
+        Op::Attention { lse, dims, scale } => {
             // The kernel writes all three; an input that needs no gradient gets a scratch buffer.
             let mut scratch: [Vec<f32>; 3] = Default::default();
             let gs = [take(0), take(1), take(2)];
@@ -387,7 +489,7 @@ fn backward_node(
             let dk = g1.unwrap_or(&mut s1[..]);
             let dv = g2.unwrap_or(&mut s2[..]);
             attention::attention_backward(
-                dq, dk, dv, dout, att, &data[0], &data[1], &data[2], *dims, *scale,
+                dq, dk, dv, dout, lse, &data[0], &data[1], &data[2], *dims, *scale,
             )?;
         }
         Op::Narrow { start, len } => {

@@ -388,10 +388,10 @@ pub fn attention(
     };
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0.0; q.numel()];
-    let mut att = vec![0.0; b * q_heads * t * t];
+    let mut lse = vec![0.0; dims.lse_len()];
     attention::attention_forward(
         &mut out,
-        &mut att,
+        &mut lse,
         &q.data(),
         &k.data(),
         &v.data(),
@@ -400,7 +400,7 @@ pub fn attention(
     )?;
     let y = Tensor::from_op(out, q.shape(), any_grad(&[q, k, v]))?;
     tape.record(
-        Op::Attention { att, dims, scale },
+        Op::Attention { lse, dims, scale },
         vec![q.clone(), k.clone(), v.clone()],
         &y,
     );

@@ -229,3 +229,45 @@ fn dropout_is_seeded_by_the_tape_and_off_for_inference() {
     assert_eq!(run(&Tape::inference()), run(&Tape::inference()));
     assert_ne!(run(&Tape::inference()), run(&Tape::new(7)));
 }
+
+#[test]
+fn the_tape_keeps_only_activations_a_backward_reads() {
+    // p -> gelu -> a -> linear(W frozen) -> y -> gelu -> z -> cross-entropy.
+    let (n, k, m, r) = (5, 7, 3, 2);
+    let p = Tensor::param(rand(n * k, 1, 1.0), &[n, k]).unwrap();
+    let w = Tensor::new(rand(m * k, 2, 0.5), &[m, k]).unwrap();
+    let targets = [0, 1, 2, 1, 0];
+    let run = |lora: Option<LoraArgs>| {
+        let tape = Tape::new(0);
+        let a = ops::gelu(&tape, &p).unwrap();
+        let y = ops::linear(&tape, &a, &w, WeightLayout::OutIn, None, lora).unwrap();
+        drop(a);
+        let z = ops::gelu(&tape, &y).unwrap();
+        let loss = ops::cross_entropy(&tape, &z, &targets).unwrap();
+        let saved = tape.saved_elems();
+        let g = tape.backward(&loss).unwrap().get(&p).unwrap().to_vec();
+        (saved, g)
+    };
+    // A frozen linear's input is not needed by its backward (dx reads only W): not kept.
+    // Kept: y (read by the second GELU), z, the log-sum-exp and the targets.
+    let (saved, g_frozen) = run(None);
+    assert_eq!(saved, 2 * n * m + 2 * n);
+    // With a trainable adapter, dA reads the input: a and u = a A^T are kept too.
+    let la = Tensor::param(rand(r * k, 3, 0.3), &[r, k]).unwrap();
+    let lb = Tensor::new(vec![0.0; m * r], &[m, r]).unwrap();
+    let args = LoraArgs {
+        a: &la,
+        b: &lb,
+        scale: 2.0,
+        dropout: 0.0,
+    };
+    let (saved, g_lora) = run(Some(args));
+    assert_eq!(saved, 2 * n * m + 2 * n + n * k + n * r);
+    // B = 0: the adapter adds nothing, and the input gradient is the same either way.
+    assert_eq!(g_frozen, g_lora);
+    // A frozen adapter (inference-style weights on a training tape): the input is not kept.
+    let fa = Tensor::new(rand(r * k, 3, 0.3), &[r, k]).unwrap();
+    let args = LoraArgs { a: &fa, ..args };
+    let (saved, _) = run(Some(args));
+    assert_eq!(saved, 2 * n * m + 2 * n + n * r);
+}

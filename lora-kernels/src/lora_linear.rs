@@ -269,7 +269,8 @@ pub fn lora_linear_forward(
 }
 
 /// Backward of [`lora_linear_forward`]. `dy`: `(N, M)`; `u`: what forward wrote (required iff
-/// `lora`). Every gradient in `grads` is accumulated into; absent ones are not computed.
+/// `lora`). Every gradient in `grads` is accumulated into; absent ones are not computed. `x` is
+/// read only for `dw` and `da`; without them it may be empty.
 pub fn lora_linear_backward(
     grads: LinearGrads,
     dy: &[f32],
@@ -281,7 +282,6 @@ pub fn lora_linear_backward(
 ) -> Result<()> {
     const OP: &str = "lora_linear_backward";
     check_len(OP, "dy", dy.len(), &[d.tokens, d.out])?;
-    check_len(OP, "x", x.len(), &[d.tokens, d.inp])?;
     check_base(OP, base, d)?;
     let LinearGrads {
         dx,
@@ -290,6 +290,11 @@ pub fn lora_linear_backward(
         da,
         db,
     } = grads;
+    // x is read only by dW and dA: a caller that wants neither may pass an empty slice (an
+    // autograd tape then need not keep the layer's input alive).
+    if da.is_some() || dw.is_some() || !x.is_empty() {
+        check_len(OP, "x", x.len(), &[d.tokens, d.inp])?;
+    }
     if let Some(dx) = dx.as_deref() {
         check_len(OP, "dx", dx.len(), &[d.tokens, d.inp])?;
     }

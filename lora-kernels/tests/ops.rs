@@ -174,17 +174,25 @@ proptest! {
         let v = rand_vec(b * t * hkv * hd, seed ^ 2, 1.0);
         let dout = rand_vec(q.len(), seed ^ 3, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
-        let (mut out, mut att) = (vec![f32::NAN; q.len()], vec![f32::NAN; b * hq * t * t]);
-        attention_forward(&mut out, &mut att, &q, &k, &v, d, scale).unwrap();
+        let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; b * hq * t]);
+        attention_forward(&mut out, &mut lse, &q, &k, &v, d, scale).unwrap();
         let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
         let f = |q: &[f64], k: &[f64], v: &[f64]| attention::reference::forward(q, k, v, d, scale as f64);
         assert_close("attention", &out, &f(&q64, &k64, &v64), 1e-5);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &att, &q, &k, &v, d, scale).unwrap();
+        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &lse, &q, &k, &v, d, scale).unwrap();
         let w = f64s(&dout);
-        assert_close("dq", &dq, &fd_grad(&q64, &w, |x| f(x, &k64, &v64)), 5e-5);
-        assert_close("dk", &dk, &fd_grad(&k64, &w, |x| f(&q64, x, &v64)), 5e-5);
-        assert_close("dv", &dv, &fd_grad(&v64, &w, |x| f(&q64, &k64, x)), 5e-5);
+        let fds = (fd_grad(&q64, &w, |x| f(x, &k64, &v64)), fd_grad(&k64, &w, |x| f(&q64, x, &v64)), fd_grad(&v64, &w, |x| f(&q64, &k64, x)));
+        assert_close("dq", &dq, &fds.0, 5e-5);
+        assert_close("dk", &dk, &fds.1, 5e-5);
+        assert_close("dv", &dv, &fds.2, 5e-5);
+        // The analytic f64 oracle (used at sizes where differences are too slow) agrees with
+        // finite differences too.
+        let (rq, rk, rv) = attention::reference::backward(&w, &q64, &k64, &v64, d, scale as f64);
+        for (name, a, b) in [("ref dq", &rq, &fds.0), ("ref dk", &rk, &fds.1), ("ref dv", &rv, &fds.2)] {
+            let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+            assert_close(name, &a32, b, 1e-6);
+        }
     }
 
     #[test]
@@ -290,24 +298,35 @@ fn out_of_range_indices_are_named_errors() {
 #[test]
 fn large_attention_and_norms_run_in_parallel_paths() {
     // Shapes above the parallel thresholds, checked against the oracle.
+    // 150 rows: two full query blocks and a partial one.
+    let t = 2 * attention::ATTN_BLOCK + 22;
     let d = AttnDims {
         batch: 2,
-        seq: 64,
+        seq: t,
         q_heads: 4,
         kv_heads: 2,
         head_dim: 16,
     };
-    let q = rand_vec(2 * 64 * 4 * 16, 1, 1.0);
-    let k = rand_vec(2 * 64 * 2 * 16, 2, 1.0);
-    let v = rand_vec(2 * 64 * 2 * 16, 3, 1.0);
-    let (mut out, mut att) = (vec![0.0; q.len()], vec![0.0; 2 * 4 * 64 * 64]);
-    attention_forward(&mut out, &mut att, &q, &k, &v, d, 0.25).unwrap();
+    let q = rand_vec(2 * t * 4 * 16, 1, 1.0);
+    let k = rand_vec(2 * t * 2 * 16, 2, 1.0);
+    let v = rand_vec(2 * t * 2 * 16, 3, 1.0);
+    let dout = rand_vec(q.len(), 4, 1.0);
+    let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; d.lse_len()]);
+    attention_forward(&mut out, &mut lse, &q, &k, &v, d, 0.25).unwrap();
+    let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
     assert_close(
         "attention",
         &out,
-        &attention::reference::forward(&f64s(&q), &f64s(&k), &f64s(&v), d, 0.25),
+        &attention::reference::forward(&q64, &k64, &v64, d, 0.25),
         1e-5,
     );
+    let (mut dq, mut dk, mut dv) = (vec![0.5; q.len()], vec![0.5; k.len()], vec![0.5; v.len()]);
+    attention_backward(&mut dq, &mut dk, &mut dv, &dout, &lse, &q, &k, &v, d, 0.25).unwrap();
+    let (rq, rk, rv) = attention::reference::backward(&f64s(&dout), &q64, &k64, &v64, d, 0.25);
+    for (name, got, want) in [("dq", &dq, rq), ("dk", &dk, rk), ("dv", &dv, rv)] {
+        let want: Vec<f64> = want.iter().map(|w| w + 0.5).collect(); // accumulated onto 0.5
+        assert_close(name, got, &want, 1e-5);
+    }
     let (n, c) = (300, 257);
     let x = rand_vec(n * c, 4, 2.0);
     let g = rand_vec(c, 5, 1.0);

@@ -2,11 +2,18 @@
 //! head `h / (Hq / Hkv)`, as Llama/Mistral/Qwen2 do (Hkv = Hq is ordinary multi-head attention).
 //!
 //! ```text
-//! q, out: (B, T, Hq, D)    k, v: (B, T, Hkv, D)    att: (B, Hq, T, T) saved probabilities
+//! q, out: (B, T, Hq, D)    k, v: (B, T, Hkv, D)    lse: (B, Hq, T) saved log-sum-exp per row
 //! S = scale * Q_h K_g^T, masked to j <= i;  P = softmax(S) per row;  O_h = P V_g
-//! backward: dP = dO_h V_g^T; dS = P * (dP - rowsum(P * dP));
+//! lse_i = log sum_j<=i exp(S_ij)  (so P_ij = exp(S_ij - lse_i))
+//! backward: recompute S and P from Q, K and lse; dP = dO_h V_g^T; dS = P * (dP - rowsum(P * dP));
 //!           dQ_h += scale * dS K_g;  dK_g += scale * dS^T Q_h;  dV_g += P^T dO_h
 //! ```
+//!
+//! The probabilities are never stored: forward keeps one float per query row (`lse`), and the
+//! backward recomputes `S` (one more `T x T x D` product per head, about a fifth more attention
+//! FLOPs) instead of holding `B * Hq * T * T` floats from forward to backward. Both passes work
+//! on blocks of [`ATTN_BLOCK`] query rows, so the scratch is `ATTN_BLOCK x T` per task and the
+//! causal mask skips the key columns after the block's last row.
 //!
 //! One rayon task per (batch, head) in forward and per (batch, kv head) in backward, so the key
 //! and value gradients of a group are summed by one task in a fixed order (deterministic), and
@@ -16,6 +23,9 @@ use crate::error::{check_len, invalid, Result};
 use crate::gemm::{gemm_raw, Par};
 use crate::par::SendPtr;
 use rayon::prelude::*;
+
+/// Query rows per block in [`attention_forward`] and [`attention_backward`].
+pub const ATTN_BLOCK: usize = 64;
 
 /// Attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,12 +59,47 @@ impl AttnDims {
     fn kv_len(&self) -> usize {
         self.batch * self.seq * self.kv_heads * self.head_dim
     }
+    /// Length of the saved log-sum-exp, `B * Hq * T`.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.q_heads * self.seq
+    }
 }
 
-/// Forward. `scale` is usually `1 / sqrt(D)`.
+/// `s[r * cols + j] = scale * Q[i0 + r] . K[j]` for the rows `i0..i0 + rows` of one query head
+/// and the key columns `0..cols` of one kv head.
+///
+/// # Safety
+/// `q` and `k` point at head views with row strides `qs` and `ks` holding at least
+/// `i0 + rows` and `cols` rows of `hd` values; `s` holds `rows * cols` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores(
+    s: &mut [f32],
+    q: *const f32,
+    qs: isize,
+    k: *const f32,
+    ks: isize,
+    (i0, rows, cols, hd): (usize, usize, usize, usize),
+    scale: f32,
+) {
+    gemm_raw(
+        s.as_mut_ptr(),
+        (cols as isize, 1),
+        q.offset(i0 as isize * qs),
+        (qs, 1),
+        k,
+        (1, ks),
+        (rows, cols, hd),
+        scale,
+        false,
+        Par::Single,
+    );
+}
+
+/// Forward. `scale` is usually `1 / sqrt(D)`. Writes `out` and the per-row log-sum-exp `lse`
+/// `(B, Hq, T)` that [`attention_backward`] needs.
 pub fn attention_forward(
     out: &mut [f32],
-    att: &mut [f32],
+    lse: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -74,71 +119,81 @@ pub fn attention_forward(
     check_len(OP, "k", k.len(), &[b, t, hkv, hd])?;
     check_len(OP, "v", v.len(), &[b, t, hkv, hd])?;
     check_len(OP, "out", out.len(), &[d.q_len()])?;
-    check_len(OP, "att", att.len(), &[b, hq, t, t])?;
+    check_len(OP, "lse", lse.len(), &[b, hq, t])?;
+    if t == 0 {
+        return Ok(());
+    }
     let rep = hq / hkv;
     let (qs, ks) = ((hq * hd) as isize, (hkv * hd) as isize);
     let out_p = SendPtr(out.as_mut_ptr());
-    att.par_chunks_mut(t * t).enumerate().for_each(|(bh, a)| {
+    lse.par_chunks_mut(t).enumerate().for_each(|(bh, l)| {
         let (bi, h) = (bh / hq, bh % hq);
         let g = h / rep;
         let qo = bi * t * hq * hd + h * hd;
         let ko = bi * t * hkv * hd + g * hd;
-        // SAFETY: q/k/v were length-checked for (B, T, H, D); the views address rows < T and
-        // columns < D of head h (g) of batch bi, all in bounds. `a` is this task's own (T, T).
-        unsafe {
-            gemm_raw(
-                a.as_mut_ptr(),
-                (t as isize, 1),
-                q.as_ptr().add(qo),
-                (qs, 1),
-                k.as_ptr().add(ko),
-                (1, ks),
-                (t, t, hd),
-                scale,
-                false,
-                Par::Single,
-            );
-        }
-        for i in 0..t {
-            let row = &mut a[i * t..(i + 1) * t];
-            let m = row[..=i].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-            let mut s = 0.0f32;
-            for z in row[..=i].iter_mut() {
-                *z = (*z - m).exp();
-                s += *z;
+        let mut s = vec![0.0f32; ATTN_BLOCK.min(t) * t];
+        for i0 in (0..t).step_by(ATTN_BLOCK) {
+            let rows = ATTN_BLOCK.min(t - i0);
+            let cols = i0 + rows; // causal: no row of the block sees a later key
+            let s = &mut s[..rows * cols];
+            // SAFETY: q/k were length-checked for (B, T, H, D); the views address rows < T
+            // and columns < D of head h (g) of batch bi.
+            unsafe {
+                scores(
+                    s,
+                    q.as_ptr().add(qo),
+                    qs,
+                    k.as_ptr().add(ko),
+                    ks,
+                    (i0, rows, cols, hd),
+                    scale,
+                )
+            };
+            for r in 0..rows {
+                let i = i0 + r;
+                let row = &mut s[r * cols..(r + 1) * cols];
+                let m = row[..=i].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                let mut z = 0.0f32;
+                for e in row[..=i].iter_mut() {
+                    *e = (*e - m).exp();
+                    z += *e;
+                }
+                let inv = 1.0 / z;
+                row[..=i].iter_mut().for_each(|e| *e *= inv);
+                row[i + 1..].fill(0.0);
+                l[i] = m + z.ln();
             }
-            let inv = 1.0 / s;
-            row[..=i].iter_mut().for_each(|z| *z *= inv);
-            row[i + 1..].fill(0.0);
-        }
-        // SAFETY: out is (B, T, Hq, D) (checked); this task writes only head h of batch bi,
-        // which no other task writes. `a` is (T, T) and v's head-g view is in bounds.
-        unsafe {
-            gemm_raw(
-                out_p.get().add(qo),
-                (qs, 1),
-                a.as_ptr(),
-                (t as isize, 1),
-                v.as_ptr().add(ko),
-                (ks, 1),
-                (t, hd, t),
-                1.0,
-                false,
-                Par::Single,
-            );
+            // SAFETY: out is (B, T, Hq, D) (checked); this task writes only rows i0..i0+rows
+            // of head h of batch bi, which no other task writes; v's head-g view has >= cols
+            // rows.
+            unsafe {
+                gemm_raw(
+                    out_p.get().add(qo + i0 * hq * hd),
+                    (qs, 1),
+                    s.as_ptr(),
+                    (cols as isize, 1),
+                    v.as_ptr().add(ko),
+                    (ks, 1),
+                    (rows, hd, cols),
+                    1.0,
+                    false,
+                    Par::Single,
+                );
+            }
         }
     });
     Ok(())
 }
 
-/// Backward; accumulates into `dq`, `dk`, `dv` (shapes as `q`, `k`, `v`).
+/// Backward; accumulates into `dq`, `dk`, `dv` (shapes as `q`, `k`, `v`). `lse` is what
+/// [`attention_forward`] wrote for these `q`, `k`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
     dout: &[f32],
-    att: &[f32],
+    lse: &[f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -165,7 +220,10 @@ pub fn attention_backward(
     ] {
         check_len(OP, name, len, &[want])?;
     }
-    check_len(OP, "att", att.len(), &[b, hq, t, t])?;
+    check_len(OP, "lse", lse.len(), &[b, hq, t])?;
+    if t == 0 {
+        return Ok(());
+    }
     let rep = hq / hkv;
     let (qs, ks) = ((hq * hd) as isize, (hkv * hd) as isize);
     let (dq_p, dk_p, dv_p) = (
@@ -176,77 +234,99 @@ pub fn attention_backward(
     (0..b * hkv).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / hkv, bg % hkv);
         let ko = bi * t * hkv * hd + g * hd;
-        let mut ds = vec![0.0f32; t * t];
+        let mut p = vec![0.0f32; ATTN_BLOCK.min(t) * t];
+        let mut ds = vec![0.0f32; ATTN_BLOCK.min(t) * t];
         for h in g * rep..(g + 1) * rep {
             let qo = bi * t * hq * hd + h * hd;
-            let p = &att[(bi * hq + h) * t * t..(bi * hq + h + 1) * t * t];
-            // SAFETY (all four products): every view is a (T, D) head slice of a buffer checked
-            // above, or a (T, T) buffer of this task; dq head h and dk/dv head g of batch bi are
-            // written by this task only (h ranges over g's group).
-            unsafe {
-                // dP (T, T) = dO_h (T, D) @ V_g^T (D, T)
-                gemm_raw(
-                    ds.as_mut_ptr(),
-                    (t as isize, 1),
-                    dout.as_ptr().add(qo),
-                    (qs, 1),
-                    v.as_ptr().add(ko),
-                    (1, ks),
-                    (t, t, hd),
-                    1.0,
-                    false,
-                    Par::Single,
-                );
-            }
-            for i in 0..t {
-                let pr = &p[i * t..(i + 1) * t];
-                let dr = &mut ds[i * t..(i + 1) * t];
-                let dotp: f32 = pr[..=i].iter().zip(&dr[..=i]).map(|(a, b)| a * b).sum();
-                for j in 0..=i {
-                    dr[j] = pr[j] * (dr[j] - dotp);
+            let l = &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t];
+            for i0 in (0..t).step_by(ATTN_BLOCK) {
+                let rows = ATTN_BLOCK.min(t - i0);
+                let cols = i0 + rows;
+                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+                let ro = i0 * hq * hd; // offset of the block's first row in a q-shaped buffer
+                                       // SAFETY (all products): every view is a head slice of a buffer checked above
+                                       // (rows < T, columns < D), or this task's (rows, cols) scratch; dq head h rows
+                                       // i0.. and dk/dv head g of batch bi are written by this task only (h ranges
+                                       // over g's group).
+                unsafe {
+                    scores(
+                        p,
+                        q.as_ptr().add(qo),
+                        qs,
+                        k.as_ptr().add(ko),
+                        ks,
+                        (i0, rows, cols, hd),
+                        scale,
+                    );
+                    // dP (rows, cols) = dO_h (rows, D) @ V_g^T (D, cols)
+                    gemm_raw(
+                        ds.as_mut_ptr(),
+                        (cols as isize, 1),
+                        dout.as_ptr().add(qo + ro),
+                        (qs, 1),
+                        v.as_ptr().add(ko),
+                        (1, ks),
+                        (rows, cols, hd),
+                        1.0,
+                        false,
+                        Par::Single,
+                    );
                 }
-                dr[i + 1..].fill(0.0);
-            }
-            unsafe {
-                // dQ_h += scale * dS (T, T) @ K_g (T, D)
-                gemm_raw(
-                    dq_p.get().add(qo),
-                    (qs, 1),
-                    ds.as_ptr(),
-                    (t as isize, 1),
-                    k.as_ptr().add(ko),
-                    (ks, 1),
-                    (t, hd, t),
-                    scale,
-                    true,
-                    Par::Single,
-                );
-                // dK_g += scale * dS^T (T, T) @ Q_h (T, D)
-                gemm_raw(
-                    dk_p.get().add(ko),
-                    (ks, 1),
-                    ds.as_ptr(),
-                    (1, t as isize),
-                    q.as_ptr().add(qo),
-                    (qs, 1),
-                    (t, hd, t),
-                    scale,
-                    true,
-                    Par::Single,
-                );
-                // dV_g += P^T (T, T) @ dO_h (T, D)
-                gemm_raw(
-                    dv_p.get().add(ko),
-                    (ks, 1),
-                    p.as_ptr(),
-                    (1, t as isize),
-                    dout.as_ptr().add(qo),
-                    (qs, 1),
-                    (t, hd, t),
-                    1.0,
-                    true,
-                    Par::Single,
-                );
+                for r in 0..rows {
+                    let i = i0 + r;
+                    let pr = &mut p[r * cols..(r + 1) * cols];
+                    let dr = &mut ds[r * cols..(r + 1) * cols];
+                    for e in pr[..=i].iter_mut() {
+                        *e = (*e - l[i]).exp();
+                    }
+                    pr[i + 1..].fill(0.0);
+                    let dotp: f32 = pr[..=i].iter().zip(&dr[..=i]).map(|(a, b)| a * b).sum();
+                    for j in 0..=i {
+                        dr[j] = pr[j] * (dr[j] - dotp);
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                unsafe {
+                    // dQ_h rows += scale * dS (rows, cols) @ K_g (cols, D)
+                    gemm_raw(
+                        dq_p.get().add(qo + ro),
+                        (qs, 1),
+                        ds.as_ptr(),
+                        (cols as isize, 1),
+                        k.as_ptr().add(ko),
+                        (ks, 1),
+                        (rows, hd, cols),
+                        scale,
+                        true,
+                        Par::Single,
+                    );
+                    // dK_g[..cols] += scale * dS^T (cols, rows) @ Q_h rows (rows, D)
+                    gemm_raw(
+                        dk_p.get().add(ko),
+                        (ks, 1),
+                        ds.as_ptr(),
+                        (1, cols as isize),
+                        q.as_ptr().add(qo + ro),
+                        (qs, 1),
+                        (cols, hd, rows),
+                        scale,
+                        true,
+                        Par::Single,
+                    );
+                    // dV_g[..cols] += P^T (cols, rows) @ dO_h rows (rows, D)
+                    gemm_raw(
+                        dv_p.get().add(ko),
+                        (ks, 1),
+                        p.as_ptr(),
+                        (1, cols as isize),
+                        dout.as_ptr().add(qo + ro),
+                        (qs, 1),
+                        (cols, hd, rows),
+                        1.0,
+                        true,
+                        Par::Single,
+                    );
+                }
             }
         }
     });
@@ -324,9 +404,86 @@ pub fn attention_decode(
     Ok(())
 }
 
-/// `f64` oracle: returns `out`.
+/// `f64` oracles: `forward` returns `out`; `backward` returns `(dq, dk, dv)` from the
+/// textbook formulas with the full probability matrix (checked against finite differences of
+/// `forward` in the tests).
 pub mod reference {
     use super::AttnDims;
+
+    fn probs(q: &[f64], k: &[f64], d: AttnDims, scale: f64, bi: usize, h: usize) -> Vec<f64> {
+        let AttnDims {
+            seq: t,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+            ..
+        } = d;
+        let g = h / (hq / hkv);
+        let mut p = vec![0.0; t * t];
+        for i in 0..t {
+            let qi = &q[((bi * t + i) * hq + h) * hd..][..hd];
+            for j in 0..=i {
+                let kj = &k[((bi * t + j) * hkv + g) * hd..][..hd];
+                p[i * t + j] = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+            }
+            let m = p[i * t..i * t + i + 1]
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = p[i * t..i * t + i + 1].iter().map(|s| (s - m).exp()).sum();
+            for j in 0..=i {
+                p[i * t + j] = (p[i * t + j] - m).exp() / z;
+            }
+        }
+        p
+    }
+
+    /// Naive causal GQA attention backward: `(dq, dk, dv)` for upstream `dout`.
+    pub fn backward(
+        dout: &[f64],
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        d: AttnDims,
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let AttnDims {
+            batch: b,
+            seq: t,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+        } = d;
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let qi = |bi: usize, i: usize, h: usize| ((bi * t + i) * hq + h) * hd;
+        let ki = |bi: usize, j: usize, g: usize| ((bi * t + j) * hkv + g) * hd;
+        for bi in 0..b {
+            for h in 0..hq {
+                let g = h / (hq / hkv);
+                let p = probs(q, k, d, scale, bi, h);
+                for i in 0..t {
+                    let dp: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|c| dout[qi(bi, i, h) + c] * v[ki(bi, j, g) + c])
+                                .sum()
+                        })
+                        .collect();
+                    let dot: f64 = (0..=i).map(|j| p[i * t + j] * dp[j]).sum();
+                    for j in 0..=i {
+                        let pij = p[i * t + j];
+                        let dsij = pij * (dp[j] - dot);
+                        for c in 0..hd {
+                            dq[qi(bi, i, h) + c] += scale * dsij * k[ki(bi, j, g) + c];
+                            dk[ki(bi, j, g) + c] += scale * dsij * q[qi(bi, i, h) + c];
+                            dv[ki(bi, j, g) + c] += pij * dout[qi(bi, i, h) + c];
+                        }
+                    }
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
 
     /// Naive causal GQA attention.
     pub fn forward(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, scale: f64) -> Vec<f64> {
