@@ -6,8 +6,11 @@
 #                                # there): runs them and writes gpu-results/results.txt
 #
 # What runs: NVRTC compilation of every .cu for sm_80/sm_90 plus ptxas register/spill report
-# (cuda_ptx), and the CUDA LoRA linear and element-wise kernels against the f64 oracle / CPU
-# twins with NaN-poisoned outputs (cuda_parity). Benchmarks of the CUDA path are not built yet.
+# (cuda_ptx); the CUDA LoRA linear, element-wise, row and attention kernels against the f64
+# oracle / CPU twins with NaN-poisoned outputs (cuda_parity); and the LoRA linear benchmark,
+# fused CUDA layer vs cuBLAS base layer alone, at the four reference shapes plus two
+# Llama-7B-like ones (`lora bench linear --device cuda --suite --json`). Not here yet: a GPU
+# training step (the training path does not run on CUDA yet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -18,6 +21,8 @@ build)
             | grep -o '"executable":"[^"]*'"$t"'[^"]*"' | head -1 | cut -d'"' -f4)
         cp "$path" "gpu-bin/$t"
     done
+    cargo build --release -p lora-cli
+    cp target/release/lora gpu-bin/lora
     ls -la gpu-bin
     ;;
 run)
@@ -34,8 +39,11 @@ run)
         for t in cuda_ptx cuda_parity; do
             echo "## $t"
             # Run from lora-kernels/ so relative paths match `cargo test`.
-            (cd lora-kernels && "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1
+            (cd lora-kernels && "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1 \
+                || echo "FAILED: $t"
         done
+        echo "## lora bench linear --device cuda --suite --json"
+        gpu-bin/lora bench linear --device cuda --suite --json 2>&1 || echo "FAILED: bench"
     } | tee gpu-results/results.txt
     ;;
 *)

@@ -6,6 +6,7 @@
 //! inspect, combine and convert arrive with their issues.
 
 mod bench;
+mod bench_cuda;
 mod demo;
 mod demo_data;
 mod infer;
@@ -411,6 +412,11 @@ struct LinearArgs {
     /// Print one JSON object per shape instead of the table.
     #[arg(long)]
     json: bool,
+    /// Where to run: cpu, or cuda / cuda:N (the CUDA kernels against cuBLAS doing the base layer
+    /// alone; `--suite` then adds two Llama-7B-like shapes, 4096 tokens, 4096 -> 4096 and
+    /// 4096 -> 11008, r16).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -697,11 +703,31 @@ fn run(cli: Cli) -> Result<()> {
             seed: a.seed,
         }),
         Command::Bench(BenchCommand::Linear(a)) => {
-            let shapes = if a.suite {
+            let device = a
+                .device
+                .parse::<lora_core::Device>()
+                .with_context(|| "--device must be cpu, cuda or cuda:N")?;
+            let mut shapes = if a.suite {
                 bench::SUITE.to_vec()
             } else {
                 vec![(a.tokens, a.inp, a.out, a.rank)]
             };
+            if let lora_core::Device::Cuda(ordinal) = device {
+                if a.suite {
+                    shapes.extend(bench_cuda::LLAMA_SHAPES);
+                }
+                anyhow::ensure!(
+                    a.threads.is_none() && !a.bias,
+                    "--threads and --bias apply to the CPU benchmark only"
+                );
+                anyhow::ensure!(
+                    shapes
+                        .iter()
+                        .all(|&(t, k, m, r)| t > 0 && k > 0 && m > 0 && (1..=64).contains(&r)),
+                    "--tokens, --in, --out must be at least 1 and --rank 1..=64 on CUDA"
+                );
+                return bench_cuda::run_linear(&shapes, ordinal, a.iters, a.json);
+            }
             let cfg = bench::LinearBench {
                 shapes,
                 bias: a.bias,

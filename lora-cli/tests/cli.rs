@@ -682,3 +682,20 @@ fn device_flag_refuses_cuda_clearly_and_rejects_unknown_names() {
         "{e}"
     );
 }
+
+#[test]
+fn cuda_linear_bench_says_why_it_cannot_run_here() {
+    // On a machine where a GPU answers, `scripts/gpu-check.sh` runs this benchmark for real.
+    if lora_kernels::cuda::device_count() > 0 {
+        println!("SKIPPED: a CUDA device answers; the benchmark would run");
+        return;
+    }
+    let out = lora(&["bench", "linear", "--device", "cuda:0", "--iters", "1"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("--device cuda:0: "), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    let out = lora(&["bench", "linear", "--device", "cuda", "--rank", "65"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !e.contains("panicked"), "{e}");
+}

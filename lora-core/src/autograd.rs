@@ -402,13 +402,13 @@ fn backward_node(
             let bias_idx = has_bias.then_some(2);
             let a_idx = if *has_bias { 3 } else { 2 };
             let base = BaseLinear {
-                weight: &data[1],
+                weight: data[1],
                 layout: *layout,
-                bias: bias_idx.map(|i| &data[i][..]),
+                bias: bias_idx.map(|i| data[i]),
             };
             let lw = lora.as_ref().map(|l| LoraWeights {
-                a: &data[a_idx],
-                b: &data[a_idx + 1],
+                a: data[a_idx],
+                b: data[a_idx + 1],
                 rank: l.rank,
                 scale: l.scale,
                 dropout: l.dropout,
@@ -427,7 +427,7 @@ fn backward_node(
             lora_linear_backward(
                 grads,
                 dout,
-                &data[0],
+                data[0],
                 &base,
                 lw.as_ref(),
                 lora.as_ref().map(|l| &l.u[..]),
@@ -436,27 +436,27 @@ fn backward_node(
         }
         Op::Gelu => {
             if let Some(g) = take(0) {
-                elementwise::gelu_backward(g, dout, &data[0])?;
+                elementwise::gelu_backward(g, dout, data[0])?;
             }
         }
         Op::Silu => {
             if let Some(g) = take(0) {
-                elementwise::silu_backward(g, dout, &data[0])?;
+                elementwise::silu_backward(g, dout, data[0])?;
             }
         }
         Op::SwiGlu => {
             let (dg, du) = (take(0), take(1));
-            elementwise::swiglu_backward(dg, du, dout, &data[0], &data[1])?;
+            elementwise::swiglu_backward(dg, du, dout, data[0], data[1])?;
         }
         Op::LayerNorm { mean, rstd } => {
             let c = inputs[0].last_dim();
             let (dx, dg, db) = (take(0), take(1), take(2));
-            norm::layernorm_backward(dx, dg, db, dout, &data[0], &data[1], mean, rstd, c)?;
+            norm::layernorm_backward(dx, dg, db, dout, data[0], data[1], mean, rstd, c)?;
         }
         Op::RmsNorm { rstd } => {
             let c = inputs[0].last_dim();
             let (dx, dg) = (take(0), take(1));
-            norm::rmsnorm_backward(dx, dg, dout, &data[0], &data[1], rstd, c)?;
+            norm::rmsnorm_backward(dx, dg, dout, data[0], data[1], rstd, c)?;
         }
         Op::Embedding { ids } => {
             if let Some(g) = take(0) {
@@ -489,7 +489,7 @@ fn backward_node(
             let dk = g1.unwrap_or(&mut s1[..]);
             let dv = g2.unwrap_or(&mut s2[..]);
             attention::attention_backward(
-                dq, dk, dv, dout, lse, &data[0], &data[1], &data[2], *dims, *scale,
+                dq, dk, dv, dout, lse, data[0], data[1], data[2], *dims, *scale,
             )?;
         }
         Op::Narrow { start, len } => {
@@ -505,7 +505,7 @@ fn backward_node(
             if let Some(g) = take(0) {
                 let v = inputs[0].last_dim();
                 cross_entropy::cross_entropy_backward(
-                    g, dout[0], &data[0], lse, targets, v, *count,
+                    g, dout[0], data[0], lse, targets, v, *count,
                 )?;
             }
         }

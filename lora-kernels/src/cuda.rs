@@ -6,8 +6,9 @@
 //! kernel in this crate: same name, outputs first, same argument order.
 //!
 //! Status: the sources, their NVRTC compilation (tested for sm_80 and sm_90 wherever libnvrtc
-//! is found, GPU or not) and driver detection exist. Launching them from the training path, and
-//! the GPU parity tests, are not built yet; `--device cuda` is refused until they are.
+//! is found, GPU or not), driver detection, [`CudaDevice`] (the fused LoRA linear, attention and
+//! launch helpers) and GPU parity tests exist; none has run on a GPU yet. The training path does
+//! not call them: `lora train --device cuda` is refused.
 
 use std::fmt;
 
@@ -68,6 +69,16 @@ pub const SOURCES: &[Source] = &[
             "rope_backward",
             "cross_entropy_forward",
             "cross_entropy_backward",
+        ],
+    },
+    Source {
+        file: "attention.cu",
+        code: include_str!("../cuda/attention.cu"),
+        kernels: &[
+            "attention_forward",
+            "attention_backward_delta",
+            "attention_backward_dq",
+            "attention_backward_dkv",
         ],
     },
     Source {
@@ -151,6 +162,7 @@ pub fn compile_ptx(src: &Source, arch: &'static str) -> Result<String, CompileFa
 }
 
 use crate::lora_linear::WeightLayout;
+use crate::ops::attention::AttnDims;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -284,13 +296,62 @@ impl CudaDevice {
         self.upload(&vec![value; len])
     }
 
-    /// A buffer every element of which a kernel must write: NaN-poisoned when `poison` is set.
+    /// A buffer every element of which a kernel must write: NaN-poisoned when `poison` is set,
+    /// else left uninitialised (no extra pass over memory; the parity tests, which poison,
+    /// prove that every element is written).
     fn output(&self, len: usize) -> Result<CudaSlice<f32>, CudaError> {
         if self.poison {
             self.filled(len, f32::NAN)
         } else {
-            self.stream.alloc_zeros::<f32>(len).map_err(cerr("alloc"))
+            // SAFETY: only handed to kernels that write every element before anything reads it.
+            unsafe { self.stream.alloc::<f32>(len) }.map_err(cerr("alloc"))
         }
+    }
+
+    /// Waits until all queued work is done (benchmarks time with it).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(cerr("synchronize"))
+    }
+
+    /// The frozen base layer alone, forward: `y (n, m) = x W^T` by cuBLAS (`w` `(m, k)` for
+    /// `OutIn`, `(k, m)` for `InOut`). The baseline the LoRA layer is benchmarked against.
+    pub fn linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        layout: WeightLayout,
+        (n, k, m): (usize, usize, usize),
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        if x.len() != n * k || w.len() != k * m {
+            return Err(CudaError(format!(
+                "linear_forward: x {} and w {} do not match (n, k, m) = ({n}, {k}, {m})",
+                x.len(),
+                w.len()
+            )));
+        }
+        let mut y = self.output(n * m)?;
+        self.gemm_rowmajor(&mut y, x, w, n, k, m, layout == WeightLayout::OutIn)?;
+        Ok(y)
+    }
+
+    /// The frozen base layer alone, input gradient: `dx (n, k) = dy W`.
+    pub fn linear_backward_dx(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        layout: WeightLayout,
+        (n, k, m): (usize, usize, usize),
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        if dy.len() != n * m || w.len() != k * m {
+            return Err(CudaError(format!(
+                "linear_backward_dx: dy {} and w {} do not match (n, k, m) = ({n}, {k}, {m})",
+                dy.len(),
+                w.len()
+            )));
+        }
+        let mut dx = self.output(n * k)?;
+        self.gemm_rowmajor(&mut dx, dy, w, n, m, k, layout == WeightLayout::InOut)?;
+        Ok(dx)
     }
 
     /// A loaded kernel by name (see [`SOURCES`]); panics on an unknown name.
@@ -479,6 +540,99 @@ impl CudaDevice {
             .map_err(cerr("lora_reduce_partials"))
     }
 
+    /// Causal GQA attention, the twin of [`crate::ops::attention::attention_forward`]: writes
+    /// `out` `(B, T, Hq, D)` and the per-row log-sum-exp `lse` `(B, Hq, T)`. Head dims up to
+    /// [`ATTN_MAX_HEAD_DIM`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        d: AttnDims,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        attn_check(d, &[out.len(), q.len()], &[k.len(), v.len()], lse.len())?;
+        if d.seq == 0 {
+            return Ok(());
+        }
+        let [t, hq, hkv, hd] = attn_ints(d);
+        let mut l = self.stream.launch_builder(self.func("attention_forward"));
+        l.arg(out).arg(lse).arg(q).arg(k).arg(v);
+        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        // SAFETY: argument types and order match attention.cu; lengths checked above.
+        unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_forward"))?;
+        Ok(())
+    }
+
+    /// Backward, the twin of [`crate::ops::attention::attention_backward`]: accumulates into
+    /// `dq`, `dk`, `dv`. Three kernels: the row terms `delta_i = dO_i . O_i` (recomputing `O`),
+    /// then `dq` per query row and `dk`, `dv` per key row (each written by one warp, in a fixed
+    /// order: deterministic).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        d: AttnDims,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        attn_check(
+            d,
+            &[dq.len(), dout.len(), q.len()],
+            &[dk.len(), dv.len(), k.len(), v.len()],
+            lse.len(),
+        )?;
+        if d.seq == 0 {
+            return Ok(());
+        }
+        let [t, hq, hkv, hd] = attn_ints(d);
+        let mut delta = self.output(d.lse_len())?;
+        let mut l = self
+            .stream
+            .launch_builder(self.func("attention_backward_delta"));
+        l.arg(&mut delta).arg(dout).arg(q).arg(k).arg(v);
+        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        // SAFETY: as in attention_forward; delta holds B * Hq * T values.
+        unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_backward_delta"))?;
+        let mut l = self
+            .stream
+            .launch_builder(self.func("attention_backward_dq"));
+        l.arg(dq)
+            .arg(dout)
+            .arg(lse)
+            .arg(&delta)
+            .arg(q)
+            .arg(k)
+            .arg(v);
+        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        // SAFETY: as above.
+        unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_backward_dq"))?;
+        let mut l = self
+            .stream
+            .launch_builder(self.func("attention_backward_dkv"));
+        l.arg(dk)
+            .arg(dv)
+            .arg(dout)
+            .arg(lse)
+            .arg(&delta)
+            .arg(q)
+            .arg(k)
+            .arg(v);
+        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        // SAFETY: as above; this grid runs over kv heads.
+        unsafe { l.launch(attn_grid(d, d.kv_heads)) }.map_err(cerr("attention_backward_dkv"))?;
+        Ok(())
+    }
+
     /// Runs an element-wise kernel of `elementwise.cu` / `adamw.cu` by name over `n` elements
     /// with the given buffers (outputs first) — the launch shape every such kernel shares.
     pub fn launch_elementwise(
@@ -502,6 +656,57 @@ impl CudaDevice {
         unsafe { l.launch(cfg) }
             .map(|_| ())
             .map_err(cerr("element-wise kernel"))
+    }
+}
+
+/// Largest head dimension the CUDA attention kernels take (`ATT_MAX_D` in attention.cu).
+pub const ATTN_MAX_HEAD_DIM: usize = 128;
+/// Query (or key) rows per block of the attention kernels (`ATT_BLOCK_ROWS`), 4 warps each.
+const ATTN_BLOCK_ROWS: usize = 8;
+
+fn attn_check(
+    d: AttnDims,
+    q_like: &[usize],
+    kv_like: &[usize],
+    lse: usize,
+) -> Result<(), CudaError> {
+    let q_len = d.batch * d.seq * d.q_heads * d.head_dim;
+    let kv_len = d.batch * d.seq * d.kv_heads * d.head_dim;
+    let ok = d.kv_heads > 0
+        && d.q_heads % d.kv_heads == 0
+        && q_like.iter().all(|&n| n == q_len)
+        && kv_like.iter().all(|&n| n == kv_len)
+        && lse == d.lse_len();
+    if !ok {
+        return Err(CudaError(format!(
+            "attention shape mismatch for {d:?}: q-shaped {q_like:?} (want {q_len}), \
+             kv-shaped {kv_like:?} (want {kv_len}), lse {lse} (want {})",
+            d.lse_len()
+        )));
+    }
+    if d.head_dim > ATTN_MAX_HEAD_DIM {
+        return Err(CudaError(format!(
+            "head_dim {} > {ATTN_MAX_HEAD_DIM} is not supported by the CUDA attention kernels",
+            d.head_dim
+        )));
+    }
+    Ok(())
+}
+
+fn attn_ints(d: AttnDims) -> [i32; 4] {
+    [d.seq, d.q_heads, d.kv_heads, d.head_dim].map(|v| v as i32)
+}
+
+/// `(ceil(T / 8), heads, B)` blocks of 128 threads.
+fn attn_grid(d: AttnDims, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            d.seq.div_ceil(ATTN_BLOCK_ROWS) as u32,
+            heads as u32,
+            d.batch as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

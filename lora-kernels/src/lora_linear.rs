@@ -586,7 +586,7 @@ fn shrink_rows(
     colsum: Option<&mut [f32]>,
     outer: Option<(&[f32], &mut [f32])>,
 ) {
-    let n = if c == 0 { 0 } else { x.len() / c };
+    let n = x.len().checked_div(c).unwrap_or(0);
     if n == 0 {
         return;
     }
@@ -736,7 +736,7 @@ fn outer_accumulate(
     scale: f32,
     mask: Option<Dropout>,
 ) {
-    let n = if c == 0 { 0 } else { rows.len() / c };
+    let n = rows.len().checked_div(c).unwrap_or(0);
     // Strip width: keep the (R, strip) accumulator within ~16 KiB, multiple of 16 lanes.
     let strip = ((4096 / r.max(1)) / 16 * 16).clamp(16, 512).min(c.max(1));
     let strips = c.div_ceil(strip);

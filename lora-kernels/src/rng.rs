@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn streams_differ_by_seed_and_repeat_by_seed() {
-        let a: Vec<u64> = (0..4).map(|i| splitmix64(i)).collect();
+        let a: Vec<u64> = (0..4).map(splitmix64).collect();
         let mut r1 = Rng::new(7);
         let mut r2 = Rng::new(7);
         let mut r3 = Rng::new(8);

@@ -21,7 +21,7 @@ fn check_ids(op: &'static str, ids: &[u32], v: usize) -> Result<()> {
 pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], c: usize) -> Result<()> {
     const OP: &str = "embedding_forward";
     check_len(OP, "out", out.len(), &[ids.len(), c])?;
-    let v = if c == 0 { 0 } else { table.len() / c };
+    let v = table.len().checked_div(c).unwrap_or(0);
     check_len(OP, "table", table.len(), &[v, c])?;
     check_ids(OP, ids, v)?;
     for_row_blocks(out, c, |row0, blk| {
@@ -38,7 +38,7 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], c: usize) 
 pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], c: usize) -> Result<()> {
     const OP: &str = "embedding_backward";
     check_len(OP, "dout", dout.len(), &[ids.len(), c])?;
-    let v = if c == 0 { 0 } else { dtable.len() / c };
+    let v = dtable.len().checked_div(c).unwrap_or(0);
     check_len(OP, "dtable", dtable.len(), &[v, c])?;
     check_ids(OP, ids, v)?;
     if c == 0 {

@@ -6,7 +6,7 @@ use crate::par::{for_row_blocks, SendPtr};
 use rayon::prelude::*;
 
 fn check_rows(op: &'static str, x: &[f32], c: usize) -> Result<usize> {
-    let n = if c == 0 { 0 } else { x.len() / c };
+    let n = x.len().checked_div(c).unwrap_or(0);
     check_len(op, "x", x.len(), &[n, c])?;
     Ok(n)
 }

@@ -71,6 +71,7 @@ fn check(
 }
 
 /// Applies the rotation (`inverse = false`) or its transpose (`inverse = true`, the backward).
+#[allow(clippy::too_many_arguments)]
 fn rotate(
     out: &mut [f32],
     x: &[f32],

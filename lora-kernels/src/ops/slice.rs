@@ -13,7 +13,7 @@ fn check(op: &'static str, x_len: usize, cols: usize, start: usize, len: usize) 
             format!("columns {start}..{} exceed the {cols} columns", start + len),
         ));
     }
-    let n = if cols == 0 { 0 } else { x_len / cols };
+    let n = x_len.checked_div(cols).unwrap_or(0);
     check_len(op, "x", x_len, &[n, cols])?;
     Ok(n)
 }

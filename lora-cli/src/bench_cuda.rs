@@ -1,0 +1,144 @@
+//! `lora bench linear --device cuda[:N]`: the fused CUDA LoRA layer (cuBLAS base GEMMs plus the
+//! rank-r kernels of `lora.cu`) against cuBLAS doing the frozen base layer alone, forward and
+//! input gradient, interleaved iteration by iteration; medians of the times and of the ratios.
+
+use anyhow::{anyhow, bail, Result};
+use lora_kernels::cuda::{device_count, driver_available, CudaDevice, LoraDims};
+use lora_kernels::lora_linear::WeightLayout;
+use lora_kernels::rng::Rng;
+use std::time::Instant;
+
+/// Llama-7B-like shapes (tokens, in, out, rank) the CUDA benchmark adds to the suite.
+pub const LLAMA_SHAPES: [(usize, usize, usize, usize); 2] =
+    [(4096, 4096, 4096, 16), (4096, 4096, 11008, 16)];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Opens `cuda:ordinal`, or says why not (never panics without a driver).
+pub fn open(ordinal: usize) -> Result<CudaDevice> {
+    if !driver_available() {
+        bail!("--device cuda:{ordinal}: no CUDA driver library (libcuda) on this machine");
+    }
+    let n = device_count();
+    if ordinal >= n {
+        bail!("--device cuda:{ordinal}: {n} CUDA device(s) answer");
+    }
+    CudaDevice::open(ordinal).map_err(|e| anyhow!("--device cuda:{ordinal}: {e}"))
+}
+
+/// Runs the shapes on `cuda:ordinal`; one line (or JSON object) per shape.
+pub fn run_linear(
+    shapes: &[(usize, usize, usize, usize)],
+    ordinal: usize,
+    iters: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let dev = open(ordinal)?;
+    let cerr = |e: lora_kernels::cuda::CudaError| anyhow!("{e}");
+    if !json {
+        println!("cuda:{ordinal} ({}); fp32, base GEMMs by cuBLAS", dev.arch);
+        println!(
+            "{:>24} {:>11} {:>9} {:>13} {:>9} {:>9}",
+            "shape N x K x M, rank", "lora ms", "TFLOP/s", "base-only ms", "TFLOP/s", "ratio"
+        );
+    }
+    let mut rng = Rng::new(5);
+    for &(n, k, m, r) in shapes {
+        let mut rand = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| rng.uniform_range(-0.5, 0.5) as f32)
+                .collect()
+        };
+        let up = |v: Vec<f32>| dev.upload(&v).map_err(cerr);
+        let (x, w, a, b, dy) = (
+            up(rand(n * k))?,
+            up(rand(m * k))?,
+            up(rand(r * k))?,
+            up(rand(m * r))?,
+            up(rand(n * m))?,
+        );
+        let d = LoraDims {
+            n,
+            k,
+            m,
+            r,
+            scale: 2.0,
+            p: 0.0,
+            seed: 0,
+        };
+        let layout = WeightLayout::OutIn;
+        let lora_step = || -> Result<()> {
+            let (_y, u) = dev
+                .lora_forward(&x, &w, layout, None, &a, &b, d)
+                .map_err(cerr)?;
+            dev.lora_backward(&dy, &x, &w, layout, &a, &b, &u, d)
+                .map_err(cerr)?;
+            dev.synchronize().map_err(cerr)
+        };
+        let base_step = || -> Result<()> {
+            let _y = dev
+                .linear_forward(&x, &w, layout, (n, k, m))
+                .map_err(cerr)?;
+            let _dx = dev
+                .linear_backward_dx(&dy, &w, layout, (n, k, m))
+                .map_err(cerr)?;
+            dev.synchronize().map_err(cerr)
+        };
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            let t = Instant::now();
+            f()?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        // Warm-up (first cuBLAS call picks its algorithm), then size the run to ~1 s per layer.
+        for _ in 0..3 {
+            time(&lora_step)?;
+        }
+        let once = time(&base_step)?.max(1e-6);
+        let iters = iters.unwrap_or(((1.0 / once) as usize).clamp(20, 500));
+        let (mut tl, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..iters {
+            let a = time(&lora_step)?;
+            let b = time(&base_step)?;
+            tl.push(a);
+            tb.push(b);
+            ratio.push(a / b);
+        }
+        let (ml, mb, mr) = (median(&mut tl), median(&mut tb), median(&mut ratio));
+        // As the CPU bench (workload.rs): base forward + dx, plus the rank-r products
+        // (u, expand; g, dB, dA, g A).
+        let (nf, kf, mf, rf) = (n as f64, k as f64, m as f64, r as f64);
+        let base_flops = 4.0 * nf * kf * mf;
+        let lora_flops = base_flops + 2.0 * nf * rf * (3.0 * kf + 3.0 * mf);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "device": format!("cuda:{ordinal}"), "arch": dev.arch,
+                    "tokens": n, "in": k, "out": m, "rank": r, "iters": iters,
+                    "median_ms": ml * 1e3, "tflops": lora_flops / ml / 1e12,
+                    "base_only_median_ms": mb * 1e3, "base_only_tflops": base_flops / mb / 1e12,
+                    "ratio": mr,
+                })
+            );
+        } else {
+            println!(
+                "{:>24} {:>11.3} {:>9.1} {:>13.3} {:>9.1} {:>8.3}x",
+                format!("{n} x {k} x {m}, r{r}"),
+                ml * 1e3,
+                lora_flops / ml / 1e12,
+                mb * 1e3,
+                base_flops / mb / 1e12,
+                mr
+            );
+        }
+    }
+    Ok(())
+}
