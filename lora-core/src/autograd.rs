@@ -11,7 +11,8 @@
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use lora_kernels::lora_linear::{
-    lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightLayout,
+    lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightData,
+    WeightLayout,
 };
 use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::cell::{Cell, RefCell};
@@ -373,10 +374,18 @@ fn backward_node(
     dout: &[f32],
     bufs: &mut [Option<Vec<f32>>],
 ) -> Result<()> {
-    // Values of the inputs backward reads (`Op::reads_input`); empty for the others.
+    // Values of the inputs backward reads (`Op::reads_input`); empty for the others. A linear
+    // op's weight is read through `Tensor::weight` below (a half-stored one stays 16-bit).
+    let is_linear = matches!(op, Op::Linear { .. });
     let guards: Vec<_> = inputs
         .iter()
-        .map(|t| t.values.as_ref().map(|v| v.data()))
+        .enumerate()
+        .map(|(i, t)| {
+            if is_linear && i == 1 {
+                return None;
+            }
+            t.values.as_ref().map(|v| v.data())
+        })
         .collect();
     let data: Vec<&[f32]> = guards
         .iter()
@@ -401,8 +410,9 @@ fn backward_node(
         } => {
             let bias_idx = has_bias.then_some(2);
             let a_idx = if *has_bias { 3 } else { 2 };
+            let w = inputs[1].values.as_ref().map(|t| t.weight());
             let base = BaseLinear {
-                weight: data[1],
+                weight: w.as_ref().map_or(WeightData::F32(&[]), |v| v.as_data()),
                 layout: *layout,
                 bias: bias_idx.map(|i| data[i]),
             };

@@ -36,4 +36,4 @@ pub use autograd::{Gradients, Tape};
 pub use device::Device;
 pub use error::{CoreError, Result};
 pub use lora::{LoraConfig, LoraInit, LoraLinear};
-pub use tensor::{ExternalF32, Storage, Tensor};
+pub use tensor::{ExternalF32, ExternalHalf, HalfFormat, Storage, Tensor, WeightView};

@@ -110,10 +110,10 @@ pub fn linear(
     inputs.extend(bias.cloned());
     let mut y = vec![0.0; dims.tokens * m];
     let xd = x.data();
-    let wd = w.data();
+    let wd = w.weight(); // 16-bit as stored when the weight is half-stored
     let bd = bias.map(|b| b.data());
     let base = BaseLinear {
-        weight: &wd,
+        weight: wd.as_data(),
         layout,
         bias: bd.as_deref().map(|v| &v[..]),
     };

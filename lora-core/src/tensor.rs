@@ -21,6 +21,43 @@ pub trait ExternalF32: Send + Sync {
     fn as_f32(&self) -> &[f32];
 }
 
+/// 16-bit float bits owned elsewhere (a memory-mapped bf16 or f16 checkpoint tensor).
+pub trait ExternalHalf: Send + Sync {
+    /// The raw bit patterns; must be the same slice on every call.
+    fn bits(&self) -> &[u16];
+    /// How to read them.
+    fn format(&self) -> HalfFormat;
+}
+
+/// A 16-bit float format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfFormat {
+    /// bfloat16.
+    Bf16,
+    /// IEEE binary16.
+    F16,
+}
+
+/// A frozen weight as the base products read it: see [`Tensor::weight`].
+pub enum WeightView<'a> {
+    /// f32 values (behind the tensor's read lock).
+    F32(RwLockReadGuard<'a, Storage>),
+    /// 16-bit values, widened inside the products.
+    Half(&'a [u16], HalfFormat),
+}
+
+impl WeightView<'_> {
+    /// The kernel-level view.
+    pub fn as_data(&self) -> lora_kernels::lora_linear::WeightData<'_> {
+        use lora_kernels::lora_linear::WeightData;
+        match self {
+            WeightView::F32(g) => WeightData::F32(g),
+            WeightView::Half(b, HalfFormat::Bf16) => WeightData::Bf16(b),
+            WeightView::Half(b, HalfFormat::F16) => WeightData::F16(b),
+        }
+    }
+}
+
 /// Where a tensor's values live.
 pub enum Storage {
     /// On the heap, owned.
@@ -57,6 +94,9 @@ struct Inner {
     data: RwLock<Storage>,
     requires_grad: bool,
     device: Device,
+    /// 16-bit source of a half-stored frozen tensor; `data` stays empty until something asks
+    /// for f32 values, then holds the widened copy (which takes precedence from then on).
+    half: Option<Arc<dyn ExternalHalf>>,
 }
 
 /// A contiguous row-major f32 tensor.
@@ -99,6 +139,7 @@ impl Tensor {
             data: RwLock::new(data),
             requires_grad,
             device,
+            half: None,
         })))
     }
 
@@ -125,6 +166,64 @@ impl Tensor {
     /// A frozen tensor over external data, without copying it.
     pub fn from_external(data: Arc<dyn ExternalF32>, shape: &[usize]) -> Result<Self> {
         Self::build_storage(Storage::External(data), shape, false, Device::Cpu)
+    }
+
+    /// A frozen tensor over external 16-bit data (bf16 or f16), without copying or widening
+    /// it: the linear op's base products read it as stored (2 bytes per value). Anything that
+    /// asks for f32 values ([`Tensor::data`]) gets a widened copy, made once and kept.
+    pub fn from_external_half(data: Arc<dyn ExternalHalf>, shape: &[usize]) -> Result<Self> {
+        let needed: usize = shape.iter().product();
+        if data.bits().len() != needed {
+            return Err(CoreError::DataLength {
+                len: data.bits().len(),
+                shape: shape.to_vec(),
+                needed,
+            });
+        }
+        Ok(Tensor(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shape: shape.to_vec(),
+            data: RwLock::new(Storage::Owned(Vec::new())),
+            requires_grad: false,
+            device: Device::Cpu,
+            half: Some(data),
+        })))
+    }
+
+    /// Whether the values are still held as 16-bit floats only (never widened to f32).
+    pub fn is_half_stored(&self) -> bool {
+        self.0.half.is_some() && self.read_lock().len() != self.numel()
+    }
+
+    /// The values as the base products read them: 16-bit as stored for a half-stored tensor
+    /// that was never widened, else f32.
+    pub fn weight(&self) -> WeightView<'_> {
+        match &self.0.half {
+            Some(h) if self.is_half_stored() => WeightView::Half(h.bits(), h.format()),
+            _ => WeightView::F32(self.data()),
+        }
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Widens a half-stored tensor's values into `data` (once).
+    fn widen_half(&self) {
+        if let Some(h) = &self.0.half {
+            if self.read_lock().len() != self.numel() {
+                let mut g = self.0.data.write().unwrap_or_else(|e| e.into_inner());
+                if g.len() != self.numel() {
+                    let mut v = vec![0.0f32; self.numel()];
+                    let data = match h.format() {
+                        HalfFormat::Bf16 => lora_kernels::lora_linear::WeightData::Bf16(h.bits()),
+                        HalfFormat::F16 => lora_kernels::lora_linear::WeightData::F16(h.bits()),
+                    };
+                    data.widen(0, &mut v);
+                    *g = Storage::Owned(v);
+                }
+            }
+        }
     }
 
     /// Zeros, frozen.
@@ -165,12 +264,14 @@ impl Tensor {
     pub fn device(&self) -> Device {
         self.0.device
     }
-    /// Read access to the data.
+    /// Read access to the data (a half-stored tensor is widened to f32 first, once).
     pub fn data(&self) -> RwLockReadGuard<'_, Storage> {
-        self.0.data.read().unwrap_or_else(|e| e.into_inner())
+        self.widen_half();
+        self.read_lock()
     }
     /// Write access to the data (optimizer steps, merge); external data are copied first.
     pub fn data_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.widen_half();
         self.0.data.write().unwrap_or_else(|e| e.into_inner())
     }
     /// Replaces all values (same length).
@@ -187,7 +288,7 @@ impl Tensor {
     }
     /// Whether the values are borrowed (e.g. memory-mapped) rather than owned.
     pub fn is_external(&self) -> bool {
-        matches!(*self.data(), Storage::External(_))
+        self.is_half_stored() || matches!(*self.read_lock(), Storage::External(_))
     }
     /// A copy of the data.
     pub fn to_vec(&self) -> Vec<f32> {
@@ -243,5 +344,44 @@ mod tests {
         assert_eq!(t.to_vec(), vec![1.0, 5.0, 3.0]);
         assert!(Tensor::from_external(Arc::new(Ext(vec![1.0])), &[2]).is_err());
         assert!(t.set_data(vec![0.0; 2]).is_err());
+    }
+
+    struct Bits(Vec<u16>, HalfFormat);
+    impl ExternalHalf for Bits {
+        fn bits(&self) -> &[u16] {
+            &self.0
+        }
+        fn format(&self) -> HalfFormat {
+            self.1
+        }
+    }
+
+    #[test]
+    fn half_data_stay_16_bit_until_f32_values_are_asked_for() {
+        let vals = [1.5f32, -2.25, 0.0, 96.0]; // exact in bf16 and f16
+        let bf: Vec<u16> = vals
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let t = Tensor::from_external_half(Arc::new(Bits(bf.clone(), HalfFormat::Bf16)), &[2, 2])
+            .unwrap();
+        assert!(t.is_half_stored() && t.is_external() && !t.requires_grad());
+        assert!(matches!(t.weight(), WeightView::Half(b, HalfFormat::Bf16) if b == &bf[..]));
+        assert!(t.is_half_stored(), "weight() must not widen");
+        assert_eq!(t.to_vec(), vals.to_vec()); // exact: these values are representable
+        assert!(!t.is_half_stored());
+        assert!(matches!(t.weight(), WeightView::F32(_)));
+        t.data_mut()[0] = 7.0; // writes go to the widened copy, which the products then read
+        assert_eq!(t.weight().as_data().len(), 4);
+        assert_eq!(t.to_vec()[0], 7.0);
+        let hf: Vec<u16> = vals
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        let t = Tensor::from_external_half(Arc::new(Bits(hf, HalfFormat::F16)), &[4]).unwrap();
+        assert_eq!(t.to_vec(), vals.to_vec());
+        assert!(
+            Tensor::from_external_half(Arc::new(Bits(vec![0; 3], HalfFormat::F16)), &[4]).is_err()
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! Memory-mapped safetensors files. The header is validated when the file is opened (a header
 //! length larger than the file, offsets past the end, overlapping or truncated data are all
 //! errors naming the file). F32 tensors become frozen [`Tensor`]s that read the mapped bytes in
-//! place (no copy; the map stays alive as long as any tensor uses it); f16/bf16 are widened to
-//! f32 into owned memory.
+//! place (no copy; the map stays alive as long as any tensor uses it). F16/BF16 tensors are
+//! read in place too, as 16-bit values: a linear layer's base products widen them block by block
+//! (2 bytes per frozen weight in memory); anything else that reads them gets a widened f32 copy.
 
 use crate::error::{io_err, IoError, Result};
-use lora_core::{ExternalF32, Tensor};
+use lora_core::{ExternalF32, ExternalHalf, HalfFormat, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -140,8 +141,8 @@ impl SafetensorsFile {
         Ok((values, m.shape.clone()))
     }
 
-    /// Reads `key` as a frozen tensor and checks its shape. F32 data are used in place (memory
-    /// mapped) when aligned; other dtypes are converted into owned f32.
+    /// Reads `key` as a frozen tensor and checks its shape. F32, F16 and BF16 data are used in
+    /// place (memory mapped) when aligned; otherwise they are converted into owned f32.
     pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {
             path: self.path.clone(),
@@ -165,6 +166,21 @@ impl SafetensorsFile {
                 len,
             };
             return Ok(Tensor::from_external(Arc::new(mapped), expected)?);
+        }
+        let half = match m.dtype {
+            Dtype::BF16 => Some(HalfFormat::Bf16),
+            Dtype::F16 => Some(HalfFormat::F16),
+            _ => None,
+        };
+        let aligned2 = (self.mmap.as_ptr() as usize + offset) % 2 == 0;
+        if let (Some(format), true, true) = (half, aligned2, cfg!(target_endian = "little")) {
+            let mapped = MappedHalf {
+                map: self.mmap.clone(),
+                offset,
+                len: (m.end - m.start) / 2,
+                format,
+            };
+            return Ok(Tensor::from_external_half(Arc::new(mapped), expected)?);
         }
         let (v, _) = self.read_f32(key)?;
         Ok(Tensor::new(v, expected)?)
@@ -214,6 +230,27 @@ impl ExternalF32 for MappedF32 {
         unsafe {
             std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const f32, self.len)
         }
+    }
+}
+
+/// A run of little-endian 16-bit floats inside a memory map, checked aligned at construction.
+struct MappedHalf {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+    format: HalfFormat,
+}
+
+impl ExternalHalf for MappedHalf {
+    fn bits(&self) -> &[u16] {
+        // SAFETY: as for `MappedF32`, with 2-byte alignment checked in `tensor`; every bit
+        // pattern is a valid u16.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const u16, self.len)
+        }
+    }
+    fn format(&self) -> HalfFormat {
+        self.format
     }
 }
 

@@ -56,12 +56,190 @@ pub struct LinearDims {
 /// The base (pretrained) part of the layer.
 #[derive(Clone, Copy, Debug)]
 pub struct BaseLinear<'a> {
-    /// `(M, K)` or `(K, M)` per `layout`.
-    pub weight: &'a [f32],
+    /// `(M, K)` or `(K, M)` per `layout`, as stored.
+    pub weight: WeightData<'a>,
     /// Storage order of `weight`.
     pub layout: WeightLayout,
     /// `(M)`, optional.
     pub bias: Option<&'a [f32]>,
+}
+
+/// A frozen base weight as stored: f32, or 16-bit floats (the raw bits of a bf16 / f16
+/// checkpoint) that the base products widen to f32 one block of output features at a time, so
+/// the weight stays at 2 bytes per value in memory. Widening is exact, and the products
+/// accumulate in f32 either way.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bfloat16 bit patterns.
+    Bf16(&'a [u16]),
+    /// IEEE half bit patterns.
+    F16(&'a [u16]),
+}
+
+impl WeightData<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(w) => w.len(),
+            WeightData::Bf16(w) | WeightData::F16(w) => w.len(),
+        }
+    }
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Writes values `start .. start + dst.len()` into `dst` as f32.
+    pub fn widen(&self, start: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match self {
+            WeightData::F32(w) => dst.copy_from_slice(&w[start..start + n]),
+            WeightData::Bf16(w) => dst
+                .iter_mut()
+                .zip(&w[start..start + n])
+                .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16)),
+            WeightData::F16(w) => dst
+                .iter_mut()
+                .zip(&w[start..start + n])
+                .for_each(|(d, &b)| *d = half::f16::from_bits(b).to_f32()),
+        }
+    }
+}
+
+/// f32 values widened per block of a 16-bit weight: at most this many (4 MiB of scratch).
+const WIDEN_BLOCK: usize = 1 << 20;
+
+/// `y (N, M) [+]= x (N, K) W^T` for a weight stored `(M, K)` (`OutIn`) or `(K, M)` (`InOut`).
+/// A 16-bit weight is widened `block` values at a time (whole output features per block).
+fn base_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: WeightData,
+    layout: WeightLayout,
+    d: LinearDims,
+    accumulate: bool,
+    block: usize,
+) -> Result<()> {
+    let (n, k, m) = (d.tokens, d.inp, d.out);
+    if let WeightData::F32(w) = w {
+        let w_t = match layout {
+            WeightLayout::OutIn => Trans::Yes,
+            WeightLayout::InOut => Trans::No,
+        };
+        return matmul(
+            y,
+            x,
+            Trans::No,
+            w,
+            w_t,
+            (n, m, k),
+            1.0,
+            accumulate,
+            Par::Auto,
+        );
+    }
+    check_len("base_forward", "y", y.len(), &[n, m])?;
+    check_len("base_forward", "x", x.len(), &[n, k])?;
+    let per = (block / k.max(1)).clamp(1, m.max(1));
+    let mut s = vec![0.0f32; per * k];
+    for m0 in (0..m).step_by(per) {
+        let mb = per.min(m - m0);
+        let s = widen_features(&mut s[..mb * k], w, layout, (k, m), m0, mb);
+        // SAFETY: y is (N, M) (checked); the view of columns m0..m0+mb with row stride M is in
+        // bounds; x is (N, K); s holds mb x K values, read as (K, mb) through the strides.
+        unsafe {
+            crate::gemm::gemm_raw(
+                y.as_mut_ptr().add(m0),
+                (m as isize, 1),
+                x.as_ptr(),
+                (k as isize, 1),
+                s.as_ptr(),
+                s_strides_as_k_by_mb(layout, k, mb),
+                (n, mb, k),
+                1.0,
+                accumulate,
+                Par::Auto,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `dx (N, K) += dy (N, M) W` for a weight stored as in [`base_forward`].
+fn base_backward_dx(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: WeightData,
+    layout: WeightLayout,
+    d: LinearDims,
+    block: usize,
+) -> Result<()> {
+    let (n, k, m) = (d.tokens, d.inp, d.out);
+    if let WeightData::F32(w) = w {
+        let w_t = match layout {
+            WeightLayout::OutIn => Trans::No,
+            WeightLayout::InOut => Trans::Yes,
+        };
+        return matmul(dx, dy, Trans::No, w, w_t, (n, k, m), 1.0, true, Par::Auto);
+    }
+    check_len("base_backward_dx", "dx", dx.len(), &[n, k])?;
+    check_len("base_backward_dx", "dy", dy.len(), &[n, m])?;
+    let per = (block / k.max(1)).clamp(1, m.max(1));
+    let mut s = vec![0.0f32; per * k];
+    for m0 in (0..m).step_by(per) {
+        let mb = per.min(m - m0);
+        let s = widen_features(&mut s[..mb * k], w, layout, (k, m), m0, mb);
+        let (ks, cs) = s_strides_as_k_by_mb(layout, k, mb);
+        // SAFETY: dx is (N, K), dy is (N, M) (checked): columns m0..m0+mb of dy with row stride
+        // M are in bounds; s holds mb x K values, read as (mb, K) through the swapped strides.
+        unsafe {
+            crate::gemm::gemm_raw(
+                dx.as_mut_ptr(),
+                (k as isize, 1),
+                dy.as_ptr().add(m0),
+                (m as isize, 1),
+                s.as_ptr(),
+                (cs, ks),
+                (n, k, mb),
+                1.0,
+                true,
+                Par::Auto,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Widens output features `m0 .. m0 + mb` of a weight into `s`: `(mb, K)` rows for `OutIn`,
+/// `(K, mb)` for `InOut` (the stored order, so each copy is a contiguous run).
+fn widen_features<'s>(
+    s: &'s mut [f32],
+    w: WeightData,
+    layout: WeightLayout,
+    (k, m): (usize, usize),
+    m0: usize,
+    mb: usize,
+) -> &'s [f32] {
+    match layout {
+        WeightLayout::OutIn => s
+            .par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(i, row)| w.widen((m0 + i) * k, row)),
+        WeightLayout::InOut => s
+            .par_chunks_mut(mb.max(1))
+            .enumerate()
+            .for_each(|(kk, row)| w.widen(kk * m + m0, row)),
+    }
+    s
+}
+
+/// Strides of the widened block read as the logical `(K, mb)` matrix `W_block^T`.
+fn s_strides_as_k_by_mb(layout: WeightLayout, k: usize, mb: usize) -> (isize, isize) {
+    match layout {
+        WeightLayout::OutIn => (1, k as isize), // s is (mb, K): element (kk, j) at j*K + kk
+        WeightLayout::InOut => (mb as isize, 1), // s is (K, mb): element (kk, j) at kk*mb + j
+    }
 }
 
 /// Inverted dropout on the LoRA input (`x` as seen by A only; the base path is never dropped).
@@ -166,7 +344,7 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// let d = LinearDims { tokens: 2, inp: 3, out: 2 };
 /// let (w, x) = ([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
 /// let (a, b) = ([1.0, 1.0, 1.0], [0.5, -0.5]); // rank 1
-/// let base = BaseLinear { weight: &w, layout: WeightLayout::OutIn, bias: None };
+/// let base = BaseLinear { weight: WeightData::F32(&w), layout: WeightLayout::OutIn, bias: None };
 /// let lora = LoraWeights { a: &a, b: &b, rank: 1, scale: 2.0, dropout: None };
 /// let (mut y, mut u) = ([0.0; 4], [0.0; 2]);
 /// lora_linear_forward(&mut y, Some(&mut u), &x, &base, Some(&lora), d).unwrap();
@@ -251,21 +429,7 @@ pub fn lora_linear_forward(
             None => false,
         },
     };
-    let w_t = match base.layout {
-        WeightLayout::OutIn => Trans::Yes,
-        WeightLayout::InOut => Trans::No,
-    };
-    matmul(
-        y,
-        x,
-        Trans::No,
-        base.weight,
-        w_t,
-        (d.tokens, d.out, d.inp),
-        1.0,
-        initialised,
-        Par::Auto,
-    )
+    base_forward(y, x, base.weight, base.layout, d, initialised, WIDEN_BLOCK)
 }
 
 /// Backward of [`lora_linear_forward`]. `dy`: `(N, M)`; `u`: what forward wrote (required iff
@@ -433,21 +597,7 @@ pub fn lora_linear_backward(
     }
     if let Some(dx) = dx {
         // dx (N, K) += dy (N, M) @ W (M, K)
-        let w_t = match base.layout {
-            WeightLayout::OutIn => Trans::No,
-            WeightLayout::InOut => Trans::Yes,
-        };
-        matmul(
-            dx,
-            dy,
-            Trans::No,
-            base.weight,
-            w_t,
-            (d.tokens, d.inp, d.out),
-            1.0,
-            true,
-            Par::Auto,
-        )?;
+        base_backward_dx(dx, dy, base.weight, base.layout, d, WIDEN_BLOCK)?;
     }
     if let Some(dw) = dw {
         match base.layout {
@@ -969,5 +1119,95 @@ pub mod reference {
             }
         }
         (dx, dw, dbias, da, db)
+    }
+}
+
+#[cfg(test)]
+mod half_weight_tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// A 16-bit weight, widened block by block (blocks of one feature up to more than all of
+    /// them), gives the same products as the f32 path on the widened values: forward (onto
+    /// existing values and not) and dx, both layouts, bf16 and f16.
+    #[test]
+    fn half_weights_widen_blockwise_to_the_f32_products() {
+        let mut rng = Rng::new(3);
+        for &(n, k, m) in &[(1, 1, 1), (3, 5, 7), (17, 33, 10), (8, 64, 65)] {
+            let vals: Vec<f32> = (0..k * m)
+                .map(|_| rng.uniform_range(-2.0, 2.0) as f32)
+                .collect();
+            let x: Vec<f32> = (0..n * k)
+                .map(|_| rng.uniform_range(-1.0, 1.0) as f32)
+                .collect();
+            let dy: Vec<f32> = (0..n * m)
+                .map(|_| rng.uniform_range(-1.0, 1.0) as f32)
+                .collect();
+            let bf: Vec<u16> = vals
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let hf: Vec<u16> = vals
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let wide = |w: WeightData| {
+                let mut o = vec![0.0; k * m];
+                w.widen(0, &mut o);
+                o
+            };
+            let d = LinearDims {
+                tokens: n,
+                inp: k,
+                out: m,
+            };
+            for half in [WeightData::Bf16(&bf), WeightData::F16(&hf)] {
+                let w32 = wide(half);
+                for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+                    for block in [1, k, 3 * k + 1, k * m + 5] {
+                        for acc in [false, true] {
+                            let mut want = vec![0.25f32; n * m];
+                            base_forward(
+                                &mut want,
+                                &x,
+                                WeightData::F32(&w32),
+                                layout,
+                                d,
+                                acc,
+                                block,
+                            )
+                            .unwrap();
+                            let mut got = vec![0.25f32; n * m];
+                            base_forward(&mut got, &x, half, layout, d, acc, block).unwrap();
+                            let err = got
+                                .iter()
+                                .zip(&want)
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0.0, f32::max);
+                            assert!(
+                                err <= 1e-5,
+                                "forward {half:?} {layout:?} block {block}: {err}"
+                            );
+                        }
+                        let mut want = vec![0.5f32; n * k];
+                        base_backward_dx(&mut want, &dy, WeightData::F32(&w32), layout, d, block)
+                            .unwrap();
+                        let mut got = vec![0.5f32; n * k];
+                        base_backward_dx(&mut got, &dy, half, layout, d, block).unwrap();
+                        let err = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0.0, f32::max);
+                        assert!(err <= 1e-5, "dx {layout:?} block {block}: {err}");
+                    }
+                }
+            }
+        }
+        // Widening is exact: bf16 is the top half of the f32 bits.
+        let v = half::bf16::from_f32(-3.140625);
+        let mut o = [0.0f32];
+        WeightData::Bf16(&[v.to_bits()]).widen(0, &mut o);
+        assert_eq!(o[0], -3.140625);
     }
 }

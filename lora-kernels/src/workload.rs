@@ -9,7 +9,7 @@
 use crate::gemm::{matmul, Par, Trans};
 use crate::lora_linear::{
     lora_linear_backward, lora_linear_forward, BaseLinear, LinearDims, LinearGrads, LoraWeights,
-    WeightLayout,
+    WeightData, WeightLayout,
 };
 use crate::rng::Rng;
 
@@ -74,7 +74,7 @@ impl LinearWorkload {
     /// Forward then backward (input gradient, and A/B gradients when there is an adapter).
     pub fn step(&mut self) -> crate::Result<()> {
         let base = BaseLinear {
-            weight: &self.w,
+            weight: WeightData::F32(&self.w),
             layout: WeightLayout::OutIn,
             bias: self.bias.as_deref(),
         };
@@ -188,7 +188,7 @@ impl MixedWorkload {
     /// One forward, with the mixed kernel (`looped = false`) or one layer call per adapter.
     pub fn step(&mut self, looped: bool) -> crate::Result<()> {
         let base = BaseLinear {
-            weight: &self.w,
+            weight: WeightData::F32(&self.w),
             layout: WeightLayout::OutIn,
             bias: None,
         };

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use lora_kernels::lora_linear::{
     lora_linear_backward, lora_linear_forward, reference, BaseLinear, Dropout, LinearDims,
-    LinearGrads, LoraWeights, WeightLayout,
+    LinearGrads, LoraWeights, WeightData, WeightLayout,
 };
 use proptest::prelude::*;
 
@@ -52,7 +52,7 @@ fn run_case(c: &Case) {
     let drop = dropout.map(|p| Dropout { p, seed: seed ^ 6 });
     let scale = 1.7f32;
     let base = BaseLinear {
-        weight: &w,
+        weight: WeightData::F32(&w),
         layout,
         bias: bias.then_some(&b[..]),
     };
@@ -289,7 +289,7 @@ fn dropout_mask_is_reproducible_and_seed_dependent() {
             dropout: Some(Dropout { p: 0.5, seed }),
         };
         let base = BaseLinear {
-            weight: &w,
+            weight: WeightData::F32(&w),
             layout: WeightLayout::OutIn,
             bias: None,
         };
@@ -309,7 +309,7 @@ fn bad_arguments_are_errors_naming_the_argument() {
         out: 4,
     };
     let base = BaseLinear {
-        weight: &[0.0; 12],
+        weight: WeightData::F32(&[0.0; 12]),
         layout: WeightLayout::OutIn,
         bias: None,
     };

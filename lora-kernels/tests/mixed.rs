@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use lora_kernels::lora_linear::{
-    lora_linear_forward, BaseLinear, LinearDims, LoraWeights, WeightLayout,
+    lora_linear_forward, BaseLinear, LinearDims, LoraWeights, WeightData, WeightLayout,
 };
 use lora_kernels::mixed::{lora_linear_looped_forward, lora_linear_mixed_forward};
 use proptest::prelude::*;
@@ -17,7 +17,7 @@ proptest! {
         let x = rand_vec(n * k, seed, 1.0);
         let w = rand_vec(m * k, seed ^ 1, 0.5);
         let b = rand_vec(m, seed ^ 2, 0.5);
-        let base = BaseLinear { weight: &w, layout: WeightLayout::OutIn, bias: bias.then_some(&b[..]) };
+        let base = BaseLinear { weight: WeightData::F32(&w), layout: WeightLayout::OutIn, bias: bias.then_some(&b[..]) };
         let ranks: Vec<usize> = (0..n_ad).map(|i| 1 + (seed as usize / (i + 1)) % 20).collect();
         let mats: Vec<(Vec<f32>, Vec<f32>)> = ranks.iter().enumerate().map(|(i, &r)| (rand_vec(r * k, seed ^ (10 + i as u64), 0.5), rand_vec(m * r, seed ^ (20 + i as u64), 0.5))).collect();
         let adapters: Vec<LoraWeights> = mats.iter().zip(&ranks).enumerate().map(|(i, ((a, bm), &r))| LoraWeights { a, b: bm, rank: r, scale: 0.5 + i as f32, dropout: None }).collect();
@@ -52,7 +52,7 @@ fn adapter_index_out_of_range_is_named() {
         out: 2,
     };
     let base = BaseLinear {
-        weight: &[0.0; 6],
+        weight: WeightData::F32(&[0.0; 6]),
         layout: WeightLayout::OutIn,
         bias: None,
     };
