@@ -278,7 +278,8 @@ pub fn embedding(tape: &Tape, table: &Tensor, ids: &[u32], shape: &[usize]) -> R
     }
     let c = table.shape()[1];
     let mut out = vec![0.0; ids.len() * c];
-    embedding::embedding_forward(&mut out, &table.data(), ids, c)?;
+    // A half-stored table (bf16 / f16 checkpoint) is read as stored, row by row.
+    embedding::embedding_forward_stored(&mut out, table.weight().as_data(), ids, c)?;
     let mut s = shape.to_vec();
     s.push(c);
     let y = Tensor::from_op(out, &s, table.requires_grad())?;

@@ -339,3 +339,23 @@ fn large_attention_and_norms_run_in_parallel_paths() {
         1e-5,
     );
 }
+
+#[test]
+fn embedding_from_a_16_bit_table_gathers_the_widened_rows() {
+    use lora_kernels::lora_linear::WeightData;
+    use lora_kernels::ops::embedding::embedding_forward_stored;
+    let (v, c) = (7, 5);
+    let table = rand_vec(v * c, 9, 3.0);
+    let bits: Vec<u16> = table.iter().map(|x| (x.to_bits() >> 16) as u16).collect(); // bf16 by truncation
+    let widened: Vec<f32> = bits
+        .iter()
+        .map(|&b| f32::from_bits((b as u32) << 16))
+        .collect();
+    let ids = [3u32, 0, 6, 3];
+    let (mut want, mut got) = (vec![0.0; ids.len() * c], vec![f32::NAN; ids.len() * c]);
+    embedding_forward(&mut want, &widened, &ids, c).unwrap();
+    embedding_forward_stored(&mut got, WeightData::Bf16(&bits), &ids, c).unwrap();
+    assert_eq!(got, want);
+    let e = embedding_forward_stored(&mut got[..c], WeightData::Bf16(&bits), &[7], c).unwrap_err();
+    assert!(e.to_string().contains("`ids`"), "{e}");
+}

@@ -1,6 +1,7 @@
 //! Embedding lookup: forward gathers rows of a table, backward scatter-adds into it.
 
 use crate::error::{check_len, KernelError, Result};
+use crate::lora_linear::WeightData;
 use crate::par::for_row_blocks;
 use rayon::prelude::*;
 
@@ -19,6 +20,17 @@ fn check_ids(op: &'static str, ids: &[u32], v: usize) -> Result<()> {
 
 /// `out[i, :] = table[ids[i], :]`. `out`: `(N, C)`, `table`: `(V, C)`, `ids`: `(N)`.
 pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], c: usize) -> Result<()> {
+    embedding_forward_stored(out, WeightData::F32(table), ids, c)
+}
+
+/// [`embedding_forward`] from a table as stored (f32, or 16-bit rows widened as they are
+/// gathered, so a bf16 / f16 table is never widened as a whole).
+pub fn embedding_forward_stored(
+    out: &mut [f32],
+    table: WeightData,
+    ids: &[u32],
+    c: usize,
+) -> Result<()> {
     const OP: &str = "embedding_forward";
     check_len(OP, "out", out.len(), &[ids.len(), c])?;
     let v = table.len().checked_div(c).unwrap_or(0);
@@ -27,7 +39,7 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], c: usize) 
     for_row_blocks(out, c, |row0, blk| {
         for (bi, row) in blk.chunks_exact_mut(c).enumerate() {
             let t = ids[row0 + bi] as usize;
-            row.copy_from_slice(&table[t * c..(t + 1) * c]);
+            table.widen(t * c, row);
         }
     });
     Ok(())
