@@ -65,3 +65,33 @@ extern "C" __global__ void swiglu_backward(float* dgate, float* dup, const float
         dup[i] += dout[i] * si;
     }
 }
+
+// out = f32(bits): bfloat16 (the top half of an f32) or IEEE half, the twin of
+// lora_linear.rs `WeightData::widen`. Frozen weights can live on the device as 16-bit and be
+// widened into an f32 scratch right before their GEMMs (exact).
+extern "C" __global__ void widen_bf16(float* out, const unsigned short* bits, long long n) {
+    FOR_EACH(i, n) out[i] = __uint_as_float(((unsigned int)bits[i]) << 16);
+}
+
+extern "C" __global__ void widen_f16(float* out, const unsigned short* bits, long long n) {
+    FOR_EACH(i, n) {
+        unsigned int h = bits[i], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu,
+                     m = h & 0x3ffu, f;
+        if (e == 0x1fu) {
+            f = sign | 0x7f800000u | (m << 13);  // inf / NaN
+        } else if (e != 0) {
+            f = sign | ((e + 112u) << 23) | (m << 13);  // normal: rebias 15 -> 127
+        } else if (m == 0) {
+            f = sign;  // zero
+        } else {
+            // subnormal: m * 2^-24, renormalised
+            int shift = 0;
+            while (!(m & 0x400u)) {
+                m <<= 1;
+                shift++;
+            }
+            f = sign | ((unsigned int)(113 - shift) << 23) | ((m & 0x3ffu) << 13);
+        }
+        out[i] = __uint_as_float(f);
+    }
+}

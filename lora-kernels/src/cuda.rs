@@ -51,6 +51,8 @@ pub const SOURCES: &[Source] = &[
             "silu_backward",
             "swiglu_forward",
             "swiglu_backward",
+            "widen_bf16",
+            "widen_f16",
         ],
     },
     Source {
@@ -538,6 +540,26 @@ impl CudaDevice {
         unsafe { l.launch(cfg) }
             .map(|_| ())
             .map_err(cerr("lora_reduce_partials"))
+    }
+
+    /// A 16-bit frozen weight (bf16 or f16 bits, `half = true` for f16) widened to f32 on the
+    /// device: the twin of [`crate::lora_linear::WeightData::widen`].
+    pub fn widen(&self, bits: &CudaSlice<u16>, f16: bool) -> Result<CudaSlice<f32>, CudaError> {
+        let n = bits.len();
+        let mut out = self.output(n)?;
+        let name = if f16 { "widen_f16" } else { "widen_bf16" };
+        let n_i = n as i64;
+        let cfg = grid(blocks(n, THREADS as usize).clamp(1, 65535), 1);
+        let mut l = self.stream.launch_builder(self.func(name));
+        l.arg(&mut out).arg(bits).arg(&n_i);
+        // SAFETY: argument types and order match elementwise.cu; out holds n values.
+        unsafe { l.launch(cfg) }.map_err(cerr("widen"))?;
+        Ok(out)
+    }
+
+    /// Copies 16-bit host data to the device.
+    pub fn upload_bits(&self, v: &[u16]) -> Result<CudaSlice<u16>, CudaError> {
+        self.stream.clone_htod(v).map_err(cerr("upload"))
     }
 
     /// Causal GQA attention, the twin of [`crate::ops::attention::attention_forward`]: writes

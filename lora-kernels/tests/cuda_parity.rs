@@ -510,3 +510,36 @@ fn cuda_attention_matches_its_cpu_twin() {
         }
     }
 }
+
+/// 16-bit weights widened on the device equal the CPU's widening bit for bit: every bf16 and
+/// every f16 bit pattern (subnormals, infinities and NaNs included).
+#[test]
+fn cuda_widening_of_16_bit_weights_matches_the_cpu() {
+    use lora_kernels::lora_linear::WeightData;
+    if device_count() == 0 {
+        println!("SKIPPED: no CUDA device answers on this machine");
+        return;
+    }
+    let mut dev = CudaDevice::open(0).expect("open cuda:0");
+    dev.poison = true;
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    for f16 in [false, true] {
+        let mut want = vec![0.0f32; all.len()];
+        let data = if f16 {
+            WeightData::F16(&all)
+        } else {
+            WeightData::Bf16(&all)
+        };
+        data.widen(0, &mut want);
+        let got = dev
+            .download(&dev.widen(&dev.upload_bits(&all).unwrap(), f16).unwrap())
+            .unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // NaN payloads may differ; everything else must be the same bits.
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "f16={f16} bits {i:#06x}: cuda {g:e} cpu {w:e}"
+            );
+        }
+    }
+}
