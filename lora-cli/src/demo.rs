@@ -219,6 +219,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         eval_every: (r.steps / 5).max(1),
         save_every: 0,
         keep_checkpoints: 1,
+        gradient_checkpointing: false,
         stop_after: None,
     };
     let report = if r.json {

@@ -31,6 +31,7 @@ pub fn run(
     seq: usize,
     rank: usize,
     steps: usize,
+    checkpoint: bool,
     json: bool,
 ) -> Result<()> {
     let cfg = Gpt2Config {
@@ -90,6 +91,7 @@ pub fn run(
         Some(1.0),
         0,
         0,
+        checkpoint,
     )?;
     let mut times = Vec::new();
     for s in 0..steps {
@@ -103,6 +105,7 @@ pub fn run(
             Some(1.0),
             0,
             s as u64 + 1,
+            checkpoint,
         )?;
         times.push(t.elapsed().as_secs_f64());
     }
@@ -114,10 +117,15 @@ pub fn run(
     if json {
         println!(
             "{}",
-            serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
+            serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
         );
     } else {
-        println!("GPT-2 shape: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank} on c_attn; batch {batch} x {seq}; {} threads", rayon::current_num_threads());
+        let ck = if checkpoint {
+            "; gradient checkpointing"
+        } else {
+            ""
+        };
+        println!("GPT-2 shape: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank} on c_attn; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
         println!(
             "median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}",
             med,

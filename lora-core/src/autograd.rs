@@ -17,6 +17,7 @@ use lora_kernels::lora_linear::{
 use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Saved state of the adapter part of a linear op.
@@ -78,7 +79,15 @@ pub(crate) enum Op {
         dx: Option<Vec<f32>>,
         dw: Option<Vec<f32>>,
     },
+    /// inputs: [x]. A segment run without recording ([`crate::ops::checkpoint`]); backward runs
+    /// `f` again on a recording tape that draws dropout seeds from `seed` starting at draw
+    /// `draws` (the masks of the first run, which are also those of an uncheckpointed run) and
+    /// backpropagates through that.
+    Checkpoint { f: Segment, seed: u64, draws: u64 },
 }
+
+/// A checkpointed segment of the forward pass: `f(tape, x) -> y`.
+pub type Segment = Rc<dyn Fn(&Tape, &Tensor) -> Result<Tensor>>;
 
 impl Op {
     fn name(&self) -> &'static str {
@@ -96,6 +105,7 @@ impl Op {
             Op::Narrow { .. } => "narrow",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::LinearCrossEntropy { .. } => "linear_cross_entropy",
+            Op::Checkpoint { .. } => "checkpoint",
         }
     }
 }
@@ -123,7 +133,8 @@ impl Op {
             | Op::LayerNorm { .. }
             | Op::RmsNorm { .. }
             | Op::Attention { .. }
-            | Op::CrossEntropy { .. } => true,
+            | Op::CrossEntropy { .. }
+            | Op::Checkpoint { .. } => true,
         }
     }
 }
@@ -142,7 +153,12 @@ impl Op {
             Op::LinearCrossEntropy { dx, dw } => {
                 dx.as_ref().map_or(0, Vec::len) + dw.as_ref().map_or(0, Vec::len)
             }
-            Op::Add | Op::Gelu | Op::Silu | Op::SwiGlu | Op::Narrow { .. } => 0,
+            Op::Add
+            | Op::Gelu
+            | Op::Silu
+            | Op::SwiGlu
+            | Op::Narrow { .. }
+            | Op::Checkpoint { .. } => 0,
         }
     }
 }
@@ -178,6 +194,8 @@ struct Node {
 pub struct Tape {
     nodes: RefCell<Vec<Node>>,
     training: bool,
+    record: bool,
+    checkpoint: bool,
     seed: u64,
     draws: Cell<u64>,
 }
@@ -188,6 +206,8 @@ impl Tape {
         Self {
             nodes: RefCell::new(Vec::new()),
             training: true,
+            record: true,
+            checkpoint: false,
             seed,
             draws: Cell::new(0),
         }
@@ -198,8 +218,33 @@ impl Tape {
         Self {
             nodes: RefCell::new(Vec::new()),
             training: false,
+            record: false,
+            checkpoint: false,
             seed: 0,
             draws: Cell::new(0),
+        }
+    }
+
+    /// Activation (gradient) checkpointing: models run each transformer block through
+    /// [`crate::ops::checkpoint`], so the tape keeps only the blocks' inputs and recomputes a
+    /// block's forward during backward (about one more forward pass of compute for a fraction
+    /// of the activation memory). Gradients are the same up to f32 rounding.
+    pub fn with_checkpointing(mut self, on: bool) -> Self {
+        self.checkpoint = on && self.training;
+        self
+    }
+
+    /// Whether models should checkpoint their blocks on this tape.
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint
+    }
+
+    /// A training tape for a checkpointed segment: draws continue from `draws` of `seed`.
+    fn segment(seed: u64, draws: u64, record: bool) -> Self {
+        Self {
+            record,
+            draws: Cell::new(draws),
+            ..Self::new(seed)
         }
     }
 
@@ -252,7 +297,7 @@ impl Tape {
 
     /// Appends a node when training and the output needs a gradient.
     pub(crate) fn record(&self, op: Op, inputs: Vec<Tensor>, output: &Tensor) {
-        if self.training && output.requires_grad() {
+        if self.record && output.requires_grad() {
             let kept = inputs
                 .iter()
                 .enumerate()
@@ -278,15 +323,36 @@ impl Tape {
         if loss.numel() != 1 {
             return Err(CoreError::NotScalar(loss.shape().to_vec()));
         }
+        self.backward_from(loss, vec![1.0])
+    }
+
+    /// Reverse pass from `output` with upstream gradient `dout` (same length).
+    fn backward_from(&self, output: &Tensor, dout: Vec<f32>) -> Result<Gradients> {
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
         let mut grads: HashMap<u64, Vec<f32>> = HashMap::new();
-        if loss.requires_grad() {
-            grads.insert(loss.id(), vec![1.0]);
+        if output.requires_grad() {
+            grads.insert(output.id(), dout);
         }
         for node in nodes.into_iter().rev() {
             let Some(dout) = grads.remove(&node.output_id) else {
                 continue;
             };
+            if let Op::Checkpoint { f, seed, draws } = &node.op {
+                let x = &node.inputs[0];
+                let xv = x.values.as_ref().expect("checkpoint keeps its input");
+                // The segment again, recorded this time, from a copy of x that is a leaf.
+                let sub = Tape::segment(*seed, *draws, true);
+                let x2 = Tensor::from_op(xv.to_vec(), &x.shape, x.requires_grad)?;
+                let y2 = f(&sub, &x2)?;
+                let mut inner = sub.backward_from(&y2, dout)?;
+                if let Some(dx) = inner.take(&x2) {
+                    accumulate_into(&mut grads, x.id, dx)?;
+                }
+                for (id, g) in inner.map {
+                    accumulate_into(&mut grads, id, g)?;
+                }
+                continue;
+            }
             // One buffer per input that needs a gradient: the accumulated one if it exists.
             let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
             for (i, t) in node.inputs.iter().enumerate() {
@@ -301,17 +367,37 @@ impl Tape {
             backward_node(&node.op, &node.inputs, &dout, &mut bufs)?;
             for (t, buf) in node.inputs.iter().zip(bufs) {
                 if let Some(b) = buf {
-                    match grads.get_mut(&t.id) {
-                        Some(g) => lora_kernels::ops::elementwise::accumulate(g, &b)?,
-                        None => {
-                            grads.insert(t.id, b);
-                        }
-                    }
+                    accumulate_into(&mut grads, t.id, b)?;
                 }
             }
         }
         Ok(Gradients { map: grads })
     }
+}
+
+fn accumulate_into(grads: &mut HashMap<u64, Vec<f32>>, id: u64, g: Vec<f32>) -> Result<()> {
+    match grads.get_mut(&id) {
+        Some(acc) => lora_kernels::ops::elementwise::accumulate(acc, &g)?,
+        None => {
+            grads.insert(id, g);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` as a checkpointed segment (see [`Tape::with_checkpointing`]): forward without
+/// recording, one node that keeps only `x`, and `f` again during backward.
+pub(crate) fn checkpoint(tape: &Tape, x: &Tensor, f: Segment) -> Result<Tensor> {
+    if !tape.record {
+        return f(tape, x);
+    }
+    let draws = tape.draws.get();
+    let sub = Tape::segment(tape.seed, draws, false);
+    let y = f(&sub, x)?;
+    tape.draws.set(sub.draws.get()); // later ops draw as if the segment had run on this tape
+    let seed = tape.seed;
+    tape.record(Op::Checkpoint { f, seed, draws }, vec![x.clone()], &y);
+    Ok(y)
 }
 
 /// Gradients of the parameters, keyed by tensor.
@@ -519,6 +605,7 @@ fn backward_node(
                 )?;
             }
         }
+        Op::Checkpoint { .. } => unreachable!("handled by Tape::backward_from"),
         Op::LinearCrossEntropy { dx, dw } => {
             for (i, saved) in [(0, dx), (1, dw)] {
                 if let (Some(g), Some(s)) = (take(i), saved.as_ref()) {

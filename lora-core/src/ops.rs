@@ -493,3 +493,15 @@ pub fn linear_cross_entropy(
     );
     Ok(y)
 }
+
+/// Activation checkpointing of a segment: `f(tape, x)` runs without recording its ops; the tape
+/// keeps only `x`, and backward runs `f` again (same dropout masks) on a recording tape and
+/// backpropagates through it. On a non-recording tape this is just `f(tape, x)`. Models use it
+/// per transformer block when [`Tape::with_checkpointing`] is on.
+pub fn checkpoint(
+    tape: &Tape,
+    x: &Tensor,
+    f: impl Fn(&Tape, &Tensor) -> Result<Tensor> + 'static,
+) -> Result<Tensor> {
+    crate::autograd::checkpoint(tape, x, std::rc::Rc::new(f))
+}

@@ -212,6 +212,7 @@ pub fn pretrain(
             Some(1.0),
             cfg.seed,
             step as u64,
+            false,
         )?;
         losses.push(st.loss);
         on_step(step + 1, cfg.steps, st.loss);

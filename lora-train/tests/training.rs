@@ -112,6 +112,7 @@ fn train(dir: &Path, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>, Box<dyn CausalLm
             Some(1.0),
             3,
             step as u64,
+            false,
         )
         .unwrap();
         losses.push(st.loss);

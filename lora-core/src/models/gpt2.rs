@@ -27,6 +27,7 @@ pub struct Gpt2Config {
     pub layer_norm_epsilon: f32,
 }
 
+#[derive(Clone)]
 struct Block {
     ln_1: (Tensor, Tensor),
     c_attn: Linear,
@@ -104,6 +105,33 @@ impl Gpt2 {
     }
 }
 
+impl Block {
+    /// One pre-LayerNorm block; `(c, h, eps)` = width, heads, LayerNorm epsilon.
+    fn forward(
+        &self,
+        tape: &Tape,
+        x: &Tensor,
+        (c, h, eps): (usize, usize, f32),
+        mode: &mut AttnMode,
+        li: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let a = ops::layer_norm(tape, x, &self.ln_1.0, Some(&self.ln_1.1), eps)?;
+        let qkv = self.c_attn.forward(tape, &a, adapters)?;
+        let q = ops::narrow(tape, &qkv, 0, c)?;
+        let k = ops::narrow(tape, &qkv, c, c)?;
+        let v = ops::narrow(tape, &qkv, 2 * c, c)?;
+        let att = mode.attend(tape, &q, &k, &v, h, h, li)?;
+        let o = self.attn_c_proj.forward(tape, &att, adapters)?;
+        let x = ops::add(tape, x, &o)?;
+        let m = ops::layer_norm(tape, &x, &self.ln_2.0, Some(&self.ln_2.1), eps)?;
+        let m = self.c_fc.forward(tape, &m, adapters)?;
+        let m = ops::gelu(tape, &m)?;
+        let m = self.mlp_c_proj.forward(tape, &m, adapters)?;
+        ops::add(tape, &x, &m)
+    }
+}
+
 impl Gpt2 {
     fn run(
         &self,
@@ -131,19 +159,14 @@ impl Gpt2 {
         let eps = self.cfg.layer_norm_epsilon;
         let h = self.cfg.n_head;
         for (li, b) in self.blocks.iter().enumerate() {
-            let a = ops::layer_norm(tape, &x, &b.ln_1.0, Some(&b.ln_1.1), eps)?;
-            let qkv = b.c_attn.forward(tape, &a, adapters)?;
-            let q = ops::narrow(tape, &qkv, 0, c)?;
-            let k = ops::narrow(tape, &qkv, c, c)?;
-            let v = ops::narrow(tape, &qkv, 2 * c, c)?;
-            let att = mode.attend(tape, &q, &k, &v, h, h, li)?;
-            let o = b.attn_c_proj.forward(tape, &att, adapters)?;
-            x = ops::add(tape, &x, &o)?;
-            let m = ops::layer_norm(tape, &x, &b.ln_2.0, Some(&b.ln_2.1), eps)?;
-            let m = b.c_fc.forward(tape, &m, adapters)?;
-            let m = ops::gelu(tape, &m)?;
-            let m = b.mlp_c_proj.forward(tape, &m, adapters)?;
-            x = ops::add(tape, &x, &m)?;
+            x = if tape.checkpointing() {
+                let b = b.clone();
+                ops::checkpoint(tape, &x, move |t, x| {
+                    b.forward(t, x, (c, h, eps), &mut AttnMode::Full, li, adapters)
+                })?
+            } else {
+                b.forward(tape, &x, (c, h, eps), &mut mode, li, adapters)?
+            };
         }
         mode.advance(seq);
         let x = ops::layer_norm(tape, &x, &self.ln_f.0, Some(&self.ln_f.1), eps)?;

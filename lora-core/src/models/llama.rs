@@ -104,6 +104,7 @@ impl LlamaConfig {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     input_norm: Tensor,
     q: Linear,
@@ -229,6 +230,35 @@ impl Llama {
     }
 }
 
+impl Layer {
+    /// One decoder layer; `ctx` = RoPE tables, positions, query and kv heads, RMSNorm epsilon.
+    fn forward(
+        &self,
+        tape: &Tape,
+        x: &Tensor,
+        (rope, pos, hq, hkv, eps): (&RopeTables, &[u32], usize, usize, f32),
+        mode: &mut AttnMode,
+        li: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(tape, x, &self.input_norm, eps)?;
+        let q = self.q.forward(tape, &h, adapters)?;
+        let k = self.k.forward(tape, &h, adapters)?;
+        let v = self.v.forward(tape, &h, adapters)?;
+        let q = ops::rope(tape, &q, rope, pos, hq)?;
+        let k = ops::rope(tape, &k, rope, pos, hkv)?;
+        let a = mode.attend(tape, &q, &k, &v, hq, hkv, li)?;
+        let o = self.o.forward(tape, &a, adapters)?;
+        let x = ops::add(tape, x, &o)?;
+        let h = ops::rms_norm(tape, &x, &self.post_norm, eps)?;
+        let g = self.gate.forward(tape, &h, adapters)?;
+        let u = self.up.forward(tape, &h, adapters)?;
+        let m = ops::swiglu(tape, &g, &u)?;
+        let m = self.down.forward(tape, &m, adapters)?;
+        ops::add(tape, &x, &m)
+    }
+}
+
 impl Llama {
     fn run(
         &self,
@@ -264,22 +294,18 @@ impl Llama {
         }
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let mut x = ops::embedding(tape, &self.embed, ids, &[batch, seq])?;
+        let eps = cfg.rms_norm_eps;
         for (li, l) in self.layers.iter().enumerate() {
-            let h = ops::rms_norm(tape, &x, &l.input_norm, cfg.rms_norm_eps)?;
-            let q = l.q.forward(tape, &h, adapters)?;
-            let k = l.k.forward(tape, &h, adapters)?;
-            let v = l.v.forward(tape, &h, adapters)?;
-            let q = ops::rope(tape, &q, &self.rope, &pos, hq)?;
-            let k = ops::rope(tape, &k, &self.rope, &pos, hkv)?;
-            let a = mode.attend(tape, &q, &k, &v, hq, hkv, li)?;
-            let o = l.o.forward(tape, &a, adapters)?;
-            x = ops::add(tape, &x, &o)?;
-            let h = ops::rms_norm(tape, &x, &l.post_norm, cfg.rms_norm_eps)?;
-            let g = l.gate.forward(tape, &h, adapters)?;
-            let u = l.up.forward(tape, &h, adapters)?;
-            let m = ops::swiglu(tape, &g, &u)?;
-            let m = l.down.forward(tape, &m, adapters)?;
-            x = ops::add(tape, &x, &m)?;
+            x = if tape.checkpointing() {
+                let (l, rope, pos) = (l.clone(), self.rope.clone(), pos.clone());
+                ops::checkpoint(tape, &x, move |t, x| {
+                    let ctx = (&rope, &pos[..], hq, hkv, eps);
+                    l.forward(t, x, ctx, &mut AttnMode::Full, li, adapters)
+                })?
+            } else {
+                let ctx = (&self.rope, &pos[..], hq, hkv, eps);
+                l.forward(tape, &x, ctx, &mut mode, li, adapters)?
+            };
         }
         mode.advance(seq);
         let x = ops::rms_norm(tape, &x, &self.norm, cfg.rms_norm_eps)?;
