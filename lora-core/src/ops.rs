@@ -445,6 +445,9 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Te
     Ok(y)
 }
 
+/// Head weights widened per vocabulary block of a 16-bit head (4 MiB of f32 scratch).
+const HEAD_WIDEN_ELEMS: usize = 1 << 20;
+
 /// The output head fused with the cross-entropy: the mean loss of `logits = x W^T` (`x`
 /// `(..., C)`, `w` `(V, C)`) against `targets` (one per row; negative = ignored), computed in
 /// chunks of rows so the full `(N, V)` logits never exist. On a training tape the gradients for
@@ -474,17 +477,33 @@ pub fn linear_cross_entropy(
     let training = tape.is_training();
     let mut dx = (training && x.requires_grad()).then(|| vec![0.0f32; n * c]);
     let mut dw = (training && w.requires_grad()).then(|| vec![0.0f32; v * c]);
-    let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
-    let (loss, _) = cross_entropy::linear_cross_entropy(
-        &x.data(),
-        &w.data(),
-        targets,
-        c,
-        v,
-        dx.as_deref_mut(),
-        dw.as_deref_mut(),
-        chunk,
-    )?;
+    let (loss, _) = if w.is_half_stored() && dw.is_none() {
+        // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored, one vocabulary block
+        // at a time, never widened as a whole.
+        let block = (HEAD_WIDEN_ELEMS / c.max(1)).max(1);
+        let wv = w.weight();
+        cross_entropy::linear_cross_entropy_stored(
+            &x.data(),
+            wv.as_data(),
+            targets,
+            c,
+            v,
+            dx.as_deref_mut(),
+            block,
+        )?
+    } else {
+        let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
+        cross_entropy::linear_cross_entropy(
+            &x.data(),
+            &w.data(),
+            targets,
+            c,
+            v,
+            dx.as_deref_mut(),
+            dw.as_deref_mut(),
+            chunk,
+        )?
+    };
     let y = Tensor::from_op(vec![loss], &[1], x.requires_grad() || w.requires_grad())?;
     tape.record(
         Op::LinearCrossEntropy { dx, dw },

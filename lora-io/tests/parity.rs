@@ -102,6 +102,19 @@ fn check(name: &str, expect_modules: usize) {
     let e = rel_err(&base.to_vec(), &ref_base);
     assert!(e <= 1e-5, "{name}: base logits relative error {e:.2e}");
     if name.ends_with("bf16") {
+        // The fused head + loss over the 16-bit head weight (vocabulary-blocked, online
+        // log-sum-exp) gives transformers' loss too.
+        let fused = model
+            .loss(&Tape::new(0), &ids_u32, &ids, b, t, true)
+            .unwrap()
+            .scalar()
+            .unwrap();
+        let e = ((fused - ref_loss[0]) / ref_loss[0]).abs();
+        assert!(
+            e <= 1e-5,
+            "{name}: fused loss {fused} vs {} (rel {e:.2e})",
+            ref_loss[0]
+        );
         // The parity above ran on 16-bit weights widened inside the products: none was ever
         // converted to an f32 copy (2 bytes per frozen weight, forward and backward).
         for (module, lin) in model.linears() {
