@@ -354,6 +354,10 @@ struct TrainBenchArgs {
     /// Recompute each block's forward during backward (activation checkpointing).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Frozen weights as a bf16 checkpoint holds them (16-bit in memory, widened inside the
+    /// products) instead of f32.
+    #[arg(long)]
+    bf16: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -765,6 +769,7 @@ fn run(cli: Cli) -> Result<()> {
                     a.rank,
                     a.steps,
                     a.gradient_checkpointing,
+                    a.bf16,
                     a.json,
                 )
             })

@@ -20,6 +20,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// In-memory bf16 weights.
+struct Bf16(Vec<u16>);
+
+impl lora_core::ExternalHalf for Bf16 {
+    fn bits(&self) -> &[u16] {
+        &self.0
+    }
+    fn format(&self) -> lora_core::HalfFormat {
+        lora_core::HalfFormat::Bf16
+    }
+}
+
 /// Runs `steps` timed steps (after one warm-up) and prints the medians.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -32,6 +44,7 @@ pub fn run(
     rank: usize,
     steps: usize,
     checkpoint: bool,
+    bf16: bool,
     json: bool,
 ) -> Result<()> {
     let cfg = Gpt2Config {
@@ -46,10 +59,17 @@ pub fn run(
     let mut rng = Rng::new(0);
     let mut load = |_: &str, shape: &[usize]| -> std::result::Result<Tensor, CoreError> {
         let n: usize = shape.iter().product();
-        Tensor::new(
-            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect(),
-            shape,
-        )
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
+        if bf16 {
+            // As a bf16 checkpoint loads: 16-bit values, widened inside the products.
+            let bits = v
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            Tensor::from_external_half(std::sync::Arc::new(Bf16(bits)), shape)
+        } else {
+            Tensor::new(v, shape)
+        }
     };
     let mut model = Gpt2::load(&cfg, &mut load)?;
     let lora = LoraConfig {
@@ -117,13 +137,14 @@ pub fn run(
     if json {
         println!(
             "{}",
-            serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
+            serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
         );
     } else {
-        let ck = if checkpoint {
-            "; gradient checkpointing"
-        } else {
-            ""
+        let ck = match (checkpoint, bf16) {
+            (true, true) => "; gradient checkpointing; bf16 frozen weights",
+            (true, false) => "; gradient checkpointing",
+            (false, true) => "; bf16 frozen weights",
+            (false, false) => "",
         };
         println!("GPT-2 shape: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank} on c_attn; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
         println!(
