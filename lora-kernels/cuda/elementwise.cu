@@ -95,3 +95,21 @@ extern "C" __global__ void widen_f16(float* out, const unsigned short* bits, lon
         out[i] = __uint_as_float(f);
     }
 }
+
+// out (n, len) = x (n, cols)[:, start .. start + len], the twin of ops/slice.rs narrow_forward.
+extern "C" __global__ void narrow_forward(float* out, const float* x, long long n, int cols,
+                                          int start, int len) {
+    FOR_EACH(i, n * len) {
+        long long r = i / len, j = i - r * len;
+        out[i] = x[r * cols + start + j];
+    }
+}
+
+// dx[:, start .. start + len] += dout (n, len), the twin of narrow_backward.
+extern "C" __global__ void narrow_backward(float* dx, const float* dout, long long n, int cols,
+                                           int start, int len) {
+    FOR_EACH(i, n * len) {
+        long long r = i / len, j = i - r * len;
+        dx[r * cols + start + j] += dout[i];
+    }
+}

@@ -53,6 +53,8 @@ pub const SOURCES: &[Source] = &[
             "swiglu_backward",
             "widen_bf16",
             "widen_f16",
+            "narrow_forward",
+            "narrow_backward",
         ],
     },
     Source {
@@ -555,6 +557,47 @@ impl CudaDevice {
         // SAFETY: argument types and order match elementwise.cu; out holds n values.
         unsafe { l.launch(cfg) }.map_err(cerr("widen"))?;
         Ok(out)
+    }
+
+    /// Columns `[start, start + len)` of the `(n, cols)` matrix `x` into `out` (`forward`), or
+    /// `dx[:, start..start + len] += dout` (`!forward`): the twins of
+    /// [`crate::ops::slice::narrow_forward`] / `narrow_backward`, outputs first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn narrow(
+        &self,
+        forward: bool,
+        out: &mut CudaSlice<f32>,
+        input: &CudaSlice<f32>,
+        n: usize,
+        cols: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        let (o_len, i_len) = if forward {
+            (n * len, n * cols)
+        } else {
+            (n * cols, n * len)
+        };
+        if start + len > cols || out.len() != o_len || input.len() != i_len {
+            return Err(CudaError(format!(
+                "narrow: columns {start}..{} of {cols}, n {n}: buffers {} and {}",
+                start + len,
+                out.len(),
+                input.len()
+            )));
+        }
+        let name = if forward {
+            "narrow_forward"
+        } else {
+            "narrow_backward"
+        };
+        let (n_i, c, s, l) = (n as i64, cols as i32, start as i32, len as i32);
+        let cfg = grid(blocks(n * len, THREADS as usize).clamp(1, 65535), 1);
+        let mut lb = self.stream.launch_builder(self.func(name));
+        lb.arg(out).arg(input).arg(&n_i).arg(&c).arg(&s).arg(&l);
+        // SAFETY: argument types and order match elementwise.cu; lengths checked above.
+        unsafe { lb.launch(cfg) }.map_err(cerr("narrow"))?;
+        Ok(())
     }
 
     /// Copies 16-bit host data to the device.

@@ -543,3 +543,57 @@ fn cuda_widening_of_16_bit_weights_matches_the_cpu() {
         }
     }
 }
+
+/// GPT-2's q/k/v split: `narrow` forward (NaN-poisoned output) and backward (accumulating) against
+/// the CPU twins.
+#[test]
+fn cuda_narrow_matches_its_cpu_twin() {
+    use lora_kernels::ops::slice::{narrow_backward, narrow_forward};
+    if device_count() == 0 {
+        println!("SKIPPED: no CUDA device answers on this machine");
+        return;
+    }
+    let dev = CudaDevice::open(0).expect("open cuda:0");
+    let mut rng = Rng::new(13);
+    for &(n, cols, start, len) in &[(1, 1, 0, 1), (7, 9, 3, 4), (300, 2304, 768, 768)] {
+        let x = rand(n * cols, &mut rng);
+        let dout = rand(n * len, &mut rng);
+        let dx0 = rand(n * cols, &mut rng);
+        let mut want = vec![0.0; n * len];
+        narrow_forward(&mut want, &x, cols, start, len).unwrap();
+        let mut out = dev.filled(n * len, f32::NAN).unwrap();
+        dev.narrow(
+            true,
+            &mut out,
+            &dev.upload(&x).unwrap(),
+            n,
+            cols,
+            start,
+            len,
+        )
+        .unwrap();
+        assert_eq!(
+            dev.download(&out).unwrap(),
+            want,
+            "narrow_forward {n}x{cols}"
+        );
+        let mut want = dx0.clone();
+        narrow_backward(&mut want, &dout, cols, start, len).unwrap();
+        let mut dx = dev.upload(&dx0).unwrap();
+        dev.narrow(
+            false,
+            &mut dx,
+            &dev.upload(&dout).unwrap(),
+            n,
+            cols,
+            start,
+            len,
+        )
+        .unwrap();
+        assert_eq!(
+            dev.download(&dx).unwrap(),
+            want,
+            "narrow_backward {n}x{cols}"
+        );
+    }
+}
