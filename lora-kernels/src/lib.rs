@@ -20,6 +20,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod fastmath;
 pub mod gemm;
 pub mod lora_linear;
 pub mod mixed;

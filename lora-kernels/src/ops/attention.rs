@@ -153,13 +153,11 @@ pub fn attention_forward(
                 let i = i0 + r;
                 let row = &mut s[r * cols..(r + 1) * cols];
                 let m = row[..=i].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-                let mut z = 0.0f32;
-                for e in row[..=i].iter_mut() {
-                    *e = (*e - m).exp();
-                    z += *e;
-                }
+                let z = crate::fastmath::map(|| crate::fastmath::sum_exp(&row[..=i], m));
                 let inv = 1.0 / z;
-                row[..=i].iter_mut().for_each(|e| *e *= inv);
+                crate::fastmath::map(|| {
+                    crate::fastmath::exp_scaled_in_place(&mut row[..=i], m, inv)
+                });
                 row[i + 1..].fill(0.0);
                 l[i] = m + z.ln();
             }
@@ -276,9 +274,10 @@ pub fn attention_backward(
                     let i = i0 + r;
                     let pr = &mut p[r * cols..(r + 1) * cols];
                     let dr = &mut ds[r * cols..(r + 1) * cols];
-                    for e in pr[..=i].iter_mut() {
-                        *e = (*e - l[i]).exp();
-                    }
+                    let li = l[i];
+                    crate::fastmath::map(|| {
+                        crate::fastmath::exp_scaled_in_place(&mut pr[..=i], li, 1.0)
+                    });
                     pr[i + 1..].fill(0.0);
                     let dotp: f32 = pr[..=i].iter().zip(&dr[..=i]).map(|(a, b)| a * b).sum();
                     for j in 0..=i {

@@ -34,7 +34,7 @@ pub fn cross_entropy_forward(
         .for_each(|(i, l)| {
             let row = &logits[i * v..(i + 1) * v];
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let s: f32 = row.iter().map(|&z| (z - m).exp()).sum();
+            let s = crate::fastmath::map(|| crate::fastmath::sum_exp(row, m));
             *l = m + s.ln();
         });
     let mut total = 0.0f64;
@@ -81,9 +81,12 @@ pub fn cross_entropy_backward(
                 continue;
             }
             let row = &logits[i * v..(i + 1) * v];
-            for (d, &z) in drow.iter_mut().zip(row) {
-                *d += scale * (z - lse[i]).exp();
-            }
+            let l = lse[i];
+            crate::fastmath::map(|| {
+                for (d, &z) in drow.iter_mut().zip(row) {
+                    *d += scale * crate::fastmath::exp(z - l);
+                }
+            });
             drow[t as usize] -= scale;
         }
     });
@@ -180,7 +183,7 @@ pub fn linear_cross_entropy(
                     continue;
                 }
                 let l = ls[row0 + bi];
-                drow.iter_mut().for_each(|z| *z = scale * (*z - l).exp());
+                crate::fastmath::map(|| crate::fastmath::exp_scaled_in_place(drow, l, scale));
                 drow[t as usize] -= scale;
             }
         });
@@ -305,7 +308,8 @@ pub fn linear_cross_entropy_stored(
             .for_each(|(i, (((m, l), tl), z))| {
                 let bm = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mn = m.max(bm);
-                *l = *l * (*m - mn).exp() + z.iter().map(|&q| (q - mn).exp()).sum::<f32>();
+                let s = crate::fastmath::map(|| crate::fastmath::sum_exp(z, mn));
+                *l = *l * crate::fastmath::exp(*m - mn) + s;
                 *m = mn;
                 let t = targets[r0 + i];
                 if t >= 0 && (t as usize) >= v0 && (t as usize) < v0 + nv {
@@ -339,8 +343,8 @@ pub fn linear_cross_entropy_stored(
                         drow.fill(0.0);
                         continue;
                     }
-                    drow.iter_mut()
-                        .for_each(|z| *z = scale * (*z - lse[r]).exp());
+                    let l = lse[r];
+                    crate::fastmath::map(|| crate::fastmath::exp_scaled_in_place(drow, l, scale));
                     if (t as usize) >= v0 && (t as usize) < v0 + nv {
                         drow[t as usize - v0] -= scale;
                     }

@@ -1,7 +1,9 @@
 //! Elementwise ops: residual add, GELU (tanh approximation, as GPT-2's `gelu_new`), SiLU and
-//! SwiGLU (`silu(gate) * up`, Llama's MLP).
+//! SwiGLU (`silu(gate) * up`, Llama's MLP). The transcendental ones run on chunks with the
+//! vectorizable `tanh` / `sigmoid` of [`crate::fastmath`] (AVX2 where available).
 
 use crate::error::{check_len, Result};
+use crate::fastmath::{sigmoid, tanh};
 use crate::par::for_row_blocks;
 
 /// Chunk length for parallel elementwise loops (treated as rows of one wide matrix).
@@ -21,6 +23,21 @@ fn for_each_elem(out: &mut [f32], f: impl Fn(usize, &mut f32) + Sync + Send) {
     tail.iter_mut()
         .enumerate()
         .for_each(|(i, o)| f(full + i, o));
+}
+
+/// Runs `body(base, chunk)` over parallel chunks of `out` (`chunk` starts at element `base`),
+/// compiled for AVX2+FMA where available so the chunk loops vectorize.
+fn for_each_chunk(out: &mut [f32], body: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let n = out.len();
+    let cols = CHUNK.min(n.max(1));
+    let full = n / cols * cols;
+    let (head, tail) = out.split_at_mut(full);
+    for_row_blocks(head, cols, |row0, blk| {
+        crate::fastmath::map(|| body(row0 * cols, blk))
+    });
+    if !tail.is_empty() {
+        crate::fastmath::map(|| body(full, tail));
+    }
 }
 
 fn zip_map(
@@ -51,43 +68,57 @@ pub fn accumulate(dst: &mut [f32], src: &[f32]) -> Result<()> {
 const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
 const GELU_C: f32 = 0.044_715;
 
-#[inline]
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (GELU_K * (x + GELU_C * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_C * x * x * x)))
 }
 
-#[inline]
+#[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
     let inner = GELU_K * (x + GELU_C * x * x * x);
-    let t = inner.tanh();
+    let t = tanh(inner);
     let sech2 = 1.0 - t * t;
     0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// `out = gelu_tanh(x)`.
 pub fn gelu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
-    zip_map("gelu_forward", out, &[("x", x)], |i| gelu(x[i]))
+    check_len("gelu_forward", "x", x.len(), &[out.len()])?;
+    for_each_chunk(out, |b, o| {
+        let n = o.len();
+        for (o, &x) in o.iter_mut().zip(&x[b..b + n]) {
+            *o = gelu(x);
+        }
+    });
+    Ok(())
 }
 
 /// `dx += dout * gelu_tanh'(x)`.
 pub fn gelu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     check_len("gelu_backward", "x", x.len(), &[dx.len()])?;
     check_len("gelu_backward", "dout", dout.len(), &[dx.len()])?;
-    for_each_elem(dx, |i, d| *d += dout[i] * gelu_grad(x[i]));
+    for_each_chunk(dx, |b, d| {
+        let n = d.len();
+        for ((d, &g), &x) in d.iter_mut().zip(&dout[b..b + n]).zip(&x[b..b + n]) {
+            *d += g * gelu_grad(x);
+        }
+    });
     Ok(())
 }
 
 /// `out = x * sigmoid(x)`.
 pub fn silu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
-    zip_map("silu_forward", out, &[("x", x)], |i| x[i] * sigmoid(x[i]))
+    check_len("silu_forward", "x", x.len(), &[out.len()])?;
+    for_each_chunk(out, |b, o| {
+        let n = o.len();
+        for (o, &x) in o.iter_mut().zip(&x[b..b + n]) {
+            *o = x * sigmoid(x);
+        }
+    });
+    Ok(())
 }
 
-#[inline]
+#[inline(always)]
 fn silu_grad(x: f32) -> f32 {
     let s = sigmoid(x);
     s * (1.0 + x * (1.0 - s))
@@ -97,15 +128,26 @@ fn silu_grad(x: f32) -> f32 {
 pub fn silu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     check_len("silu_backward", "x", x.len(), &[dx.len()])?;
     check_len("silu_backward", "dout", dout.len(), &[dx.len()])?;
-    for_each_elem(dx, |i, d| *d += dout[i] * silu_grad(x[i]));
+    for_each_chunk(dx, |b, d| {
+        let n = d.len();
+        for ((d, &g), &x) in d.iter_mut().zip(&dout[b..b + n]).zip(&x[b..b + n]) {
+            *d += g * silu_grad(x);
+        }
+    });
     Ok(())
 }
 
 /// `out = silu(gate) * up` (all the same length).
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
-    zip_map("swiglu_forward", out, &[("gate", gate), ("up", up)], |i| {
-        gate[i] * sigmoid(gate[i]) * up[i]
-    })
+    check_len("swiglu_forward", "gate", gate.len(), &[out.len()])?;
+    check_len("swiglu_forward", "up", up.len(), &[out.len()])?;
+    for_each_chunk(out, |b, o| {
+        let n = o.len();
+        for ((o, &g), &u) in o.iter_mut().zip(&gate[b..b + n]).zip(&up[b..b + n]) {
+            *o = g * sigmoid(g) * u;
+        }
+    });
+    Ok(())
 }
 
 /// `dgate += dout * up * silu'(gate)`, `dup += dout * silu(gate)`; either may be skipped.
@@ -121,11 +163,22 @@ pub fn swiglu_backward(
     check_len(OP, "up", up.len(), &[dout.len()])?;
     if let Some(dg) = dgate {
         check_len(OP, "dgate", dg.len(), &[dout.len()])?;
-        for_each_elem(dg, |i, d| *d += dout[i] * up[i] * silu_grad(gate[i]));
+        for_each_chunk(dg, |b, d| {
+            let n = d.len();
+            let it = d.iter_mut().zip(&dout[b..b + n]);
+            for ((d, &o), (&g, &u)) in it.zip(gate[b..b + n].iter().zip(&up[b..b + n])) {
+                *d += o * u * silu_grad(g);
+            }
+        });
     }
     if let Some(du) = dup {
         check_len(OP, "dup", du.len(), &[dout.len()])?;
-        for_each_elem(du, |i, d| *d += dout[i] * gate[i] * sigmoid(gate[i]));
+        for_each_chunk(du, |b, d| {
+            let n = d.len();
+            for ((d, &o), &g) in d.iter_mut().zip(&dout[b..b + n]).zip(&gate[b..b + n]) {
+                *d += o * g * sigmoid(g);
+            }
+        });
     }
     Ok(())
 }

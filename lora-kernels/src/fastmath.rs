@@ -1,0 +1,121 @@
+//! Branch-free `exp`, `tanh` and `sigmoid` for the element-wise loops, written so the compiler
+//! vectorizes them (libm's scalar `expf` / `tanhf` calls were most of the non-GEMM time of a
+//! GPT-2 training step), and [`map`] helpers that run a loop body in an AVX2+FMA-compiled
+//! trampoline when the CPU has those features.
+//!
+//! `exp` is the Cephes single-precision scheme: `n = round(x log2 e)`, `r = x - n ln 2` (ln 2 split
+//! in two), a degree-6 polynomial for `e^r`, and `2^n` built in the exponent bits. Inputs are
+//! clamped to [-87.3, 88.37] (results ~1.2e-38 and ~2.4e38 at the ends instead of subnormals /
+//! infinity); NaN stays NaN. Accuracy (tested against f64 over the whole range): <= 2 ulp-ish,
+//! relative error <= 3e-7.
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+const ROUND: f32 = 12_582_912.0;
+
+/// `e^x` (see the module docs for range and accuracy).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.336_54, 88.376_26);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
+/// `tanh(u) = 1 - 2 / (e^{2u} + 1)`: absolute error a few 1e-8, exactly +-1 far out.
+#[inline(always)]
+pub fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+/// `1 / (1 + e^{-x})`.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `sum_j e^{row_j - shift}`, in 8 interleaved partial sums (vectorizable; a fixed order, so
+/// deterministic).
+#[inline(always)]
+pub fn sum_exp(row: &[f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += exp(c[k] - shift);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &z in rest {
+        s += exp(z - shift);
+    }
+    s
+}
+
+/// `row_j = scale * e^{row_j - shift}` in place.
+#[inline(always)]
+pub fn exp_scaled_in_place(row: &mut [f32], shift: f32, scale: f32) {
+    for z in row.iter_mut() {
+        *z = scale * exp(*z - shift);
+    }
+}
+
+/// Runs `body` compiled for AVX2+FMA when the CPU has them (wider vectors for the loops inside),
+/// else as is. `body` must be `#[inline(always)]`-friendly (a closure).
+#[inline(always)]
+pub(crate) fn map<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::has_avx2_fma() {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn trampoline<F: FnOnce() -> R, R>(f: F) -> R {
+                f()
+            }
+            // SAFETY: the CPU was just checked to support avx2 and fma.
+            return unsafe { trampoline(body) };
+        }
+    }
+    body()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Dense sweep against f64: exp relative error, tanh and sigmoid absolute error.
+    #[test]
+    fn accuracy_over_the_range() {
+        let (mut e_exp, mut e_tanh, mut e_sig) = (0.0f64, 0.0f64, 0.0f64);
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            e_exp = e_exp.max(((super::exp(x) as f64) - want).abs() / want);
+            x += 0.000_37 * (1.0 + x.abs());
+        }
+        let mut u = -30.0f32;
+        while u < 30.0 {
+            e_tanh = e_tanh.max((super::tanh(u) as f64 - (u as f64).tanh()).abs());
+            e_sig = e_sig.max((super::sigmoid(u) as f64 - 1.0 / (1.0 + (-(u as f64)).exp())).abs());
+            u += 0.000_91;
+        }
+        assert!(e_exp <= 3e-7, "exp relative error {e_exp:e}");
+        assert!(e_tanh <= 2e-7, "tanh absolute error {e_tanh:e}");
+        assert!(e_sig <= 1e-7, "sigmoid absolute error {e_sig:e}");
+        assert!(super::exp(f32::NAN).is_nan() && super::tanh(f32::NAN).is_nan());
+        assert_eq!(super::tanh(100.0), 1.0);
+        assert_eq!(super::tanh(-100.0), -1.0);
+        assert_eq!(super::exp(0.0), 1.0);
+        let row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let want: f64 = row.iter().map(|&z| ((z - 1.5) as f64).exp()).sum();
+        let got = super::sum_exp(&row, 1.5) as f64;
+        assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+    }
+}
