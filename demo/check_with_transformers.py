@@ -46,6 +46,6 @@ with model.disable_adapter():
 print("base:   ", base)
 print("adapted:", adapted)
 ok &= adapted == "un loup paresseux aime la poule blanche près de la rivière ."
-ok &= base == "un poisson noir mange un canard ."  # `lora generate --model demo/base` (same prompt)
+ok &= base == "un poisson blanc suit un loup ."  # `lora generate --model demo/base` (same prompt)
 print("OK" if ok else "MISMATCH")
 sys.exit(0 if ok else 1)
