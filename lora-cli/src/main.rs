@@ -320,13 +320,21 @@ enum BenchCommand {
     /// Inference batch whose rows use different adapters: the mixed kernel vs one layer call
     /// per adapter.
     Mixed(MixedArgs),
-    /// One LoRA training step of a GPT-2-shaped model with random weights (default: GPT-2 small,
-    /// r=8 on c_attn, batch 4 x 256): median step time, tokens/s, peak memory.
+    /// One LoRA training step of a GPT-2-shaped (or, with --arch llama, Llama-shaped) model with
+    /// random weights (default: GPT-2 small, r=8 on c_attn, batch 4 x 256): median step time,
+    /// tokens/s, peak memory.
     Train(TrainBenchArgs),
 }
 
 #[derive(Args)]
 struct TrainBenchArgs {
+    /// gpt2 (LayerNorm, GELU, LoRA on c_attn) or llama (RMSNorm, RoPE, SwiGLU, grouped-query
+    /// attention, LoRA on q_proj and v_proj).
+    #[arg(long, default_value = "gpt2")]
+    arch: String,
+    /// Key/value heads for --arch llama (grouped-query attention).
+    #[arg(long, default_value_t = 4)]
+    kv_heads: usize,
     /// Transformer blocks.
     #[arg(long, default_value_t = 12)]
     layers: usize,
@@ -759,19 +767,21 @@ fn run(cli: Cli) -> Result<()> {
                 "--steps, --batch, --rank must be at least 1 and --seq at least 2"
             );
             bench::pool(a.threads)?.install(|| {
-                train_bench::run(
-                    a.layers,
-                    a.hidden,
-                    a.heads,
-                    a.vocab,
-                    a.batch,
-                    a.seq,
-                    a.rank,
-                    a.steps,
-                    a.gradient_checkpointing,
-                    a.bf16,
-                    a.json,
-                )
+                train_bench::run(&train_bench::TrainBench {
+                    arch: a.arch,
+                    layers: a.layers,
+                    hidden: a.hidden,
+                    heads: a.heads,
+                    kv_heads: a.kv_heads,
+                    vocab: a.vocab,
+                    batch: a.batch,
+                    seq: a.seq,
+                    rank: a.rank,
+                    steps: a.steps,
+                    checkpoint: a.gradient_checkpointing,
+                    bf16: a.bf16,
+                    json: a.json,
+                })
             })
         }
         Command::Bench(BenchCommand::Mixed(a)) => bench::run_mixed(

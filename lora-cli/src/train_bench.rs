@@ -4,6 +4,7 @@
 use anyhow::Result;
 use lora_core::lora::{LoraConfig, LoraInit};
 use lora_core::models::gpt2::{Gpt2, Gpt2Config};
+use lora_core::models::llama::{Llama, LlamaConfig, RopeScaling};
 use lora_core::models::CausalLm;
 use lora_core::{CoreError, Tensor};
 use lora_kernels::rng::Rng;
@@ -32,30 +33,42 @@ impl lora_core::ExternalHalf for Bf16 {
     }
 }
 
+/// What `lora bench train` runs.
+pub struct TrainBench {
+    /// `gpt2` (LoRA on c_attn) or `llama` (RMSNorm, RoPE, SwiGLU, GQA; LoRA on q_proj, v_proj).
+    pub arch: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    /// Key/value heads (llama; gpt2 has as many as query heads).
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub checkpoint: bool,
+    pub bf16: bool,
+    pub json: bool,
+}
+
 /// Runs `steps` timed steps (after one warm-up) and prints the medians.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    layers: usize,
-    hidden: usize,
-    heads: usize,
-    vocab: usize,
-    batch: usize,
-    seq: usize,
-    rank: usize,
-    steps: usize,
-    checkpoint: bool,
-    bf16: bool,
-    json: bool,
-) -> Result<()> {
-    let cfg = Gpt2Config {
-        vocab_size: vocab,
-        n_positions: seq.max(1024),
-        n_embd: hidden,
-        n_layer: layers,
-        n_head: heads,
-        n_inner: 4 * hidden,
-        layer_norm_epsilon: 1e-5,
-    };
+pub fn run(cfg: &TrainBench) -> Result<()> {
+    let &TrainBench {
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+        vocab,
+        batch,
+        seq,
+        rank,
+        steps,
+        checkpoint,
+        bf16,
+        json,
+        ..
+    } = cfg;
     let mut rng = Rng::new(0);
     let mut load = |_: &str, shape: &[usize]| -> std::result::Result<Tensor, CoreError> {
         let n: usize = shape.iter().product();
@@ -71,7 +84,53 @@ pub fn run(
             Tensor::new(v, shape)
         }
     };
-    let mut model = Gpt2::load(&cfg, &mut load)?;
+    let (mut model, targets, what): (Box<dyn CausalLm>, &[&str], &str) = match cfg.arch.as_str() {
+        "gpt2" => {
+            let c = Gpt2Config {
+                vocab_size: vocab,
+                n_positions: seq.max(1024),
+                n_embd: hidden,
+                n_layer: layers,
+                n_head: heads,
+                n_inner: 4 * hidden,
+                layer_norm_epsilon: 1e-5,
+            };
+            let m = Gpt2::load(&c, &mut load)?;
+            (Box::new(m), &["attn.c_attn"], "GPT-2 shape; LoRA on c_attn")
+        }
+        "llama" => {
+            anyhow::ensure!(
+                heads > 0 && hidden % heads == 0 && kv_heads > 0 && heads % kv_heads == 0,
+                "--heads must divide --hidden and --kv-heads must divide --heads"
+            );
+            let c = LlamaConfig {
+                vocab_size: vocab,
+                hidden_size: hidden,
+                // SwiGLU's 8/3 width, rounded up to a multiple of 64 (Llama's convention).
+                intermediate_size: (8 * hidden / 3).div_ceil(64) * 64,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                num_key_value_heads: kv_heads,
+                head_dim: hidden / heads,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                rope_scaling: RopeScaling::None,
+                max_position_embeddings: seq.max(1024),
+                tie_word_embeddings: false,
+                qkv_bias: false,
+                o_bias: false,
+                mlp_bias: false,
+                sliding_window: None,
+            };
+            let m = Llama::load(&c, &mut load)?;
+            (
+                Box::new(m),
+                &["self_attn.q_proj", "self_attn.v_proj"],
+                "Llama shape (RMSNorm, RoPE, SwiGLU, GQA); LoRA on q_proj, v_proj",
+            )
+        }
+        other => anyhow::bail!("--arch must be gpt2 or llama, got `{other}`"),
+    };
     let lora = LoraConfig {
         rank,
         alpha: 2.0 * rank as f32,
@@ -80,7 +139,7 @@ pub fn run(
         init: LoraInit::KaimingUniform,
     };
     for (i, (name, lin)) in model.linears_mut().into_iter().enumerate() {
-        if name.ends_with("attn.c_attn") {
+        if targets.iter().any(|t| name.ends_with(t)) {
             lin.inject(&lora, i as u64)?;
             // Non-zero B so the adapter path carries real values, as after a few steps.
             if let Some(l) = lin.lora() {
@@ -100,10 +159,11 @@ pub fn run(
         batch,
         seq,
     };
-    let groups = adapter_groups(&model, 1.0);
+    let model: &dyn CausalLm = model.as_ref();
+    let groups = adapter_groups(model, 1.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     train_step(
-        &model,
+        model,
         &mut opt,
         &groups,
         std::slice::from_ref(&b),
@@ -117,7 +177,7 @@ pub fn run(
     for s in 0..steps {
         let t = Instant::now();
         train_step(
-            &model,
+            model,
             &mut opt,
             &groups,
             std::slice::from_ref(&b),
@@ -137,7 +197,7 @@ pub fn run(
     if json {
         println!(
             "{}",
-            serde_json::json!({"layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
+            serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
         );
     } else {
         let ck = match (checkpoint, bf16) {
@@ -146,7 +206,7 @@ pub fn run(
             (false, true) => "; bf16 frozen weights",
             (false, false) => "",
         };
-        println!("GPT-2 shape: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank} on c_attn; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
+        println!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
         println!(
             "median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}",
             med,

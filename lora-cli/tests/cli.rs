@@ -699,3 +699,52 @@ fn cuda_linear_bench_says_why_it_cannot_run_here() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !e.contains("panicked"), "{e}");
 }
+
+#[test]
+fn train_bench_runs_both_architectures_and_names_a_bad_one() {
+    for arch in ["gpt2", "llama"] {
+        let out = lora(&[
+            "bench",
+            "train",
+            "--arch",
+            arch,
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--vocab",
+            "50",
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--rank",
+            "2",
+            "--steps",
+            "1",
+            "--gradient-checkpointing",
+            "--bf16",
+            "--json",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["arch"], arch);
+        assert!(v["median_step_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["weights"], "bf16");
+    }
+    let out = lora(&["bench", "train", "--arch", "t5", "--steps", "1"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("--arch must be gpt2 or llama"),
+        "{e}"
+    );
+}
