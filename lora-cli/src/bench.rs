@@ -48,7 +48,8 @@ struct LinearResult {
     fraction_of_ceiling: f64,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// Median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {

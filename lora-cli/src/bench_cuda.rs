@@ -2,6 +2,7 @@
 //! rank-r kernels of `lora.cu`) against cuBLAS doing the frozen base layer alone, forward and
 //! input gradient, interleaved iteration by iteration; medians of the times and of the ratios.
 
+use crate::bench::median;
 use anyhow::{anyhow, bail, Result};
 use lora_kernels::cuda::{device_count, driver_available, CudaDevice, LoraDims};
 use lora_kernels::lora_linear::WeightLayout;
@@ -11,16 +12,6 @@ use std::time::Instant;
 /// Llama-7B-like shapes (tokens, in, out, rank) the CUDA benchmark adds to the suite.
 pub const LLAMA_SHAPES: [(usize, usize, usize, usize); 2] =
     [(4096, 4096, 4096, 16), (4096, 4096, 11008, 16)];
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
 
 /// Opens `cuda:ordinal`, or says why not (never panics without a driver).
 pub fn open(ordinal: usize) -> Result<CudaDevice> {

@@ -189,8 +189,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
         )?;
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let med = times[times.len() / 2];
+    let med = crate::bench::median(&mut times);
     let tps = (batch * seq) as f64 / med;
     let rss = peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     let params: usize = model.base_params();

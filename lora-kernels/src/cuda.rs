@@ -326,16 +326,8 @@ impl CudaDevice {
         layout: WeightLayout,
         (n, k, m): (usize, usize, usize),
     ) -> Result<CudaSlice<f32>, CudaError> {
-        if x.len() != n * k || w.len() != k * m {
-            return Err(CudaError(format!(
-                "linear_forward: x {} and w {} do not match (n, k, m) = ({n}, {k}, {m})",
-                x.len(),
-                w.len()
-            )));
-        }
-        let mut y = self.output(n * m)?;
-        self.gemm_rowmajor(&mut y, x, w, n, k, m, layout == WeightLayout::OutIn)?;
-        Ok(y)
+        let w_t = layout == WeightLayout::OutIn;
+        self.base_gemm("linear_forward", x, w, (n, k, m), w_t)
     }
 
     /// The frozen base layer alone, input gradient: `dx (n, k) = dy W`.
@@ -346,16 +338,30 @@ impl CudaDevice {
         layout: WeightLayout,
         (n, k, m): (usize, usize, usize),
     ) -> Result<CudaSlice<f32>, CudaError> {
-        if dy.len() != n * m || w.len() != k * m {
+        let w_t = layout == WeightLayout::InOut;
+        self.base_gemm("linear_backward_dx", dy, w, (n, m, k), w_t)
+    }
+
+    /// A new `(rows, cols)` buffer holding `input (rows, inner) op(w)` (see `gemm_rowmajor`),
+    /// after checking both lengths.
+    fn base_gemm(
+        &self,
+        what: &str,
+        input: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        (rows, inner, cols): (usize, usize, usize),
+        w_is_cols_by_inner: bool,
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        if input.len() != rows * inner || w.len() != inner * cols {
             return Err(CudaError(format!(
-                "linear_backward_dx: dy {} and w {} do not match (n, k, m) = ({n}, {k}, {m})",
-                dy.len(),
+                "{what}: input {} and w {} do not match ({rows} x {inner}) @ ({inner} x {cols})",
+                input.len(),
                 w.len()
             )));
         }
-        let mut dx = self.output(n * k)?;
-        self.gemm_rowmajor(&mut dx, dy, w, n, m, k, layout == WeightLayout::InOut)?;
-        Ok(dx)
+        let mut out = self.output(rows * cols)?;
+        self.gemm_rowmajor(&mut out, input, w, rows, inner, cols, w_is_cols_by_inner)?;
+        Ok(out)
     }
 
     /// A loaded kernel by name (see [`SOURCES`]); panics on an unknown name.
@@ -413,9 +419,8 @@ impl CudaDevice {
         d: LoraDims,
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>), CudaError> {
         check(d, x.len(), w.len(), a.len(), b.len())?;
-        let mut y = self.output(d.n * d.m)?;
+        let mut y = self.linear_forward(x, w, layout, (d.n, d.k, d.m))?;
         let mut u = self.output(d.n * d.r)?;
-        self.gemm_rowmajor(&mut y, x, w, d.n, d.k, d.m, layout == WeightLayout::OutIn)?;
         let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
         let cfg = grid(blocks(d.n, TN), blocks(d.r, 64));
         let mut l = self.stream.launch_builder(self.func("lora_shrink"));
@@ -466,8 +471,7 @@ impl CudaDevice {
         let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
         let alloc = |len: usize| self.output(len);
         // dx = dy W (cuBLAS), then += drop'(g A).
-        let mut dx = alloc(d.n * d.k)?;
-        self.gemm_rowmajor(&mut dx, dy, w, d.n, d.m, d.k, layout == WeightLayout::InOut)?;
+        let mut dx = self.linear_backward_dx(dy, w, layout, (d.n, d.k, d.m))?;
         // g, dB and db partials in one pass over dy.
         let row_blocks = d.n.div_ceil(TN);
         let mut g = alloc(d.n * d.r)?;

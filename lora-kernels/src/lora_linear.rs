@@ -141,13 +141,9 @@ fn base_forward(
     }
     check_len("base_forward", "y", y.len(), &[n, m])?;
     check_len("base_forward", "x", x.len(), &[n, k])?;
-    let per = (block / k.max(1)).clamp(1, m.max(1));
-    let mut s = vec![0.0f32; per * k];
-    for m0 in (0..m).step_by(per) {
-        let mb = per.min(m - m0);
-        let s = widen_features(&mut s[..mb * k], w, layout, (k, m), m0, mb);
+    for_each_widened_block(w, layout, (k, m), block, |m0, mb, s, strides| {
         // SAFETY: y is (N, M) (checked); the view of columns m0..m0+mb with row stride M is in
-        // bounds; x is (N, K); s holds mb x K values, read as (K, mb) through the strides.
+        // bounds; x is (N, K); s holds mb x K values, read as (K, mb) through `strides`.
         unsafe {
             crate::gemm::gemm_raw(
                 y.as_mut_ptr().add(m0),
@@ -155,14 +151,14 @@ fn base_forward(
                 x.as_ptr(),
                 (k as isize, 1),
                 s.as_ptr(),
-                s_strides_as_k_by_mb(layout, k, mb),
+                strides,
                 (n, mb, k),
                 1.0,
                 accumulate,
                 Par::Auto,
             );
         }
-    }
+    });
     Ok(())
 }
 
@@ -185,12 +181,7 @@ fn base_backward_dx(
     }
     check_len("base_backward_dx", "dx", dx.len(), &[n, k])?;
     check_len("base_backward_dx", "dy", dy.len(), &[n, m])?;
-    let per = (block / k.max(1)).clamp(1, m.max(1));
-    let mut s = vec![0.0f32; per * k];
-    for m0 in (0..m).step_by(per) {
-        let mb = per.min(m - m0);
-        let s = widen_features(&mut s[..mb * k], w, layout, (k, m), m0, mb);
-        let (ks, cs) = s_strides_as_k_by_mb(layout, k, mb);
+    for_each_widened_block(w, layout, (k, m), block, |m0, mb, s, (ks, cs)| {
         // SAFETY: dx is (N, K), dy is (N, M) (checked): columns m0..m0+mb of dy with row stride
         // M are in bounds; s holds mb x K values, read as (mb, K) through the swapped strides.
         unsafe {
@@ -207,38 +198,42 @@ fn base_backward_dx(
                 Par::Auto,
             );
         }
-    }
+    });
     Ok(())
 }
 
-/// Widens output features `m0 .. m0 + mb` of a weight into `s`: `(mb, K)` rows for `OutIn`,
-/// `(K, mb)` for `InOut` (the stored order, so each copy is a contiguous run).
-fn widen_features<'s>(
-    s: &'s mut [f32],
+/// Walks a 16-bit weight one block of output features at a time (at most `block` values per
+/// block): widens features `m0 .. m0 + mb` into one reused scratch `s`, in the stored order
+/// (`(mb, K)` rows for `OutIn`, `(K, mb)` for `InOut`, so each copy is a contiguous run), and
+/// calls `f(m0, mb, s, strides)`, `strides` reading `s` as the logical `(K, mb)` matrix
+/// `W_block^T`.
+fn for_each_widened_block(
     w: WeightData,
     layout: WeightLayout,
     (k, m): (usize, usize),
-    m0: usize,
-    mb: usize,
-) -> &'s [f32] {
-    match layout {
-        WeightLayout::OutIn => s
-            .par_chunks_mut(k.max(1))
-            .enumerate()
-            .for_each(|(i, row)| w.widen((m0 + i) * k, row)),
-        WeightLayout::InOut => s
-            .par_chunks_mut(mb.max(1))
-            .enumerate()
-            .for_each(|(kk, row)| w.widen(kk * m + m0, row)),
-    }
-    s
-}
-
-/// Strides of the widened block read as the logical `(K, mb)` matrix `W_block^T`.
-fn s_strides_as_k_by_mb(layout: WeightLayout, k: usize, mb: usize) -> (isize, isize) {
-    match layout {
-        WeightLayout::OutIn => (1, k as isize), // s is (mb, K): element (kk, j) at j*K + kk
-        WeightLayout::InOut => (mb as isize, 1), // s is (K, mb): element (kk, j) at kk*mb + j
+    block: usize,
+    mut f: impl FnMut(usize, usize, &[f32], (isize, isize)),
+) {
+    let per = (block / k.max(1)).clamp(1, m.max(1));
+    let mut scratch = vec![0.0f32; per * k];
+    for m0 in (0..m).step_by(per) {
+        let mb = per.min(m - m0);
+        let s = &mut scratch[..mb * k];
+        let strides = match layout {
+            WeightLayout::OutIn => {
+                s.par_chunks_mut(k.max(1))
+                    .enumerate()
+                    .for_each(|(i, row)| w.widen((m0 + i) * k, row));
+                (1, k as isize) // element (kk, j) at j*K + kk
+            }
+            WeightLayout::InOut => {
+                s.par_chunks_mut(mb.max(1))
+                    .enumerate()
+                    .for_each(|(kk, row)| w.widen(kk * m + m0, row));
+                (mb as isize, 1) // element (kk, j) at kk*mb + j
+            }
+        };
+        f(m0, mb, s, strides);
     }
 }
 

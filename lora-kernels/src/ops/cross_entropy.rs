@@ -18,15 +18,7 @@ pub fn cross_entropy_forward(
     let n = targets.len();
     check_len(OP, "logits", logits.len(), &[n, v])?;
     check_len(OP, "lse", lse.len(), &[n])?;
-    if let Some(i) = targets.iter().position(|&t| t >= 0 && t as usize >= v) {
-        return Err(KernelError::IndexOutOfRange {
-            op: OP,
-            arg: "targets",
-            index: i,
-            value: targets[i] as i64,
-            limit: v,
-        });
-    }
+    check_targets(OP, targets, v)?;
     let min_rows = (crate::par::PAR_THRESHOLD / v.max(1)).max(1);
     lse.par_iter_mut()
         .enumerate()
@@ -93,6 +85,47 @@ pub fn cross_entropy_backward(
     Ok(())
 }
 
+fn check_targets(op: &'static str, targets: &[i32], v: usize) -> Result<()> {
+    match targets.iter().position(|&t| t >= 0 && t as usize >= v) {
+        None => Ok(()),
+        Some(i) => Err(KernelError::IndexOutOfRange {
+            op,
+            arg: "targets",
+            index: i,
+            value: targets[i] as i64,
+            limit: v,
+        }),
+    }
+}
+
+/// The fused head's argument checks: `x` `(N, C)`, `w` `(V, C)`, `dx` / `dw` shaped as `x` / `w`,
+/// a block size of at least 1, targets below `V`. Returns the count of non-ignored targets.
+fn check_head(
+    (x, w, targets, c, v): (usize, usize, &[i32], usize, usize),
+    (dx, dw): (Option<usize>, Option<usize>),
+    (block_arg, block): (&'static str, usize),
+) -> Result<usize> {
+    const OP: &str = "linear_cross_entropy";
+    let n = targets.len();
+    check_len(OP, "x", x, &[n, c])?;
+    check_len(OP, "w", w, &[v, c])?;
+    if let Some(d) = dx {
+        check_len(OP, "dx", d, &[n, c])?;
+    }
+    if let Some(d) = dw {
+        check_len(OP, "dw", d, &[v, c])?;
+    }
+    if block == 0 {
+        return Err(KernelError::InvalidArg {
+            op: OP,
+            arg: block_arg,
+            reason: "must be at least 1".into(),
+        });
+    }
+    check_targets(OP, targets, v)?;
+    Ok(targets.iter().filter(|&&t| t >= 0).count())
+}
+
 /// Logit elements per chunk of [`linear_cross_entropy`] (32 MiB of f32).
 pub const HEAD_CHUNK_ELEMS: usize = 8 << 20;
 
@@ -117,33 +150,15 @@ pub fn linear_cross_entropy(
     mut dw: Option<&mut [f32]>,
     chunk_rows: usize,
 ) -> Result<(f32, usize)> {
-    const OP: &str = "linear_cross_entropy";
     let n = targets.len();
-    check_len(OP, "x", x.len(), &[n, c])?;
-    check_len(OP, "w", w.len(), &[v, c])?;
-    if let Some(d) = dx.as_deref() {
-        check_len(OP, "dx", d.len(), &[n, c])?;
-    }
-    if let Some(d) = dw.as_deref() {
-        check_len(OP, "dw", d.len(), &[v, c])?;
-    }
-    if chunk_rows == 0 {
-        return Err(KernelError::InvalidArg {
-            op: OP,
-            arg: "chunk_rows",
-            reason: "must be at least 1".into(),
-        });
-    }
-    if let Some(i) = targets.iter().position(|&t| t >= 0 && t as usize >= v) {
-        return Err(KernelError::IndexOutOfRange {
-            op: OP,
-            arg: "targets",
-            index: i,
-            value: targets[i] as i64,
-            limit: v,
-        });
-    }
-    let count = targets.iter().filter(|&&t| t >= 0).count();
+    let count = check_head(
+        (x.len(), w.len(), targets, c, v),
+        (
+            dx.as_deref().map(<[f32]>::len),
+            dw.as_deref().map(<[f32]>::len),
+        ),
+        ("chunk_rows", chunk_rows),
+    )?;
     let grads = dx.is_some() || dw.is_some();
     let mut total = 0.0f64;
     let mut logits = vec![0.0f32; chunk_rows.min(n.max(1)) * v];
@@ -222,6 +237,10 @@ pub fn linear_cross_entropy(
     Ok((loss, count))
 }
 
+/// What [`linear_cross_entropy_stored`] hands each (vocabulary block, row chunk): the block's
+/// first vocabulary row and size, the chunk's first row, its logits and the widened block.
+type BlockFn<'a> = dyn FnMut(usize, usize, usize, &mut [f32], &[f32]) -> Result<()> + 'a;
+
 /// [`linear_cross_entropy`] for a frozen head stored as 16-bit floats (bf16 / f16 checkpoint),
 /// which is never widened as a whole: the vocabulary is walked in blocks of `vocab_block` rows of
 /// `W`, each widened into a small f32 scratch. Pass 1 folds every block's logits into a running
@@ -237,39 +256,21 @@ pub fn linear_cross_entropy_stored(
     targets: &[i32],
     c: usize,
     v: usize,
-    mut dx: Option<&mut [f32]>,
+    dx: Option<&mut [f32]>,
     vocab_block: usize,
 ) -> Result<(f32, usize)> {
-    const OP: &str = "linear_cross_entropy";
     let n = targets.len();
-    check_len(OP, "x", x.len(), &[n, c])?;
-    check_len(OP, "w", w.len(), &[v, c])?;
-    if let Some(d) = dx.as_deref() {
-        check_len(OP, "dx", d.len(), &[n, c])?;
-    }
-    if vocab_block == 0 {
-        return Err(KernelError::InvalidArg {
-            op: OP,
-            arg: "vocab_block",
-            reason: "must be at least 1".into(),
-        });
-    }
-    if let Some(i) = targets.iter().position(|&t| t >= 0 && t as usize >= v) {
-        return Err(KernelError::IndexOutOfRange {
-            op: OP,
-            arg: "targets",
-            index: i,
-            value: targets[i] as i64,
-            limit: v,
-        });
-    }
-    let count = targets.iter().filter(|&&t| t >= 0).count();
+    let count = check_head(
+        (x.len(), w.len(), targets, c, v),
+        (dx.as_deref().map(<[f32]>::len), None),
+        ("vocab_block", vocab_block),
+    )?;
     let vb = vocab_block.min(v.max(1));
     let rows_per = (HEAD_CHUNK_ELEMS / vb).clamp(1, n.max(1));
     let mut wblk = vec![0.0f32; vb * c];
     let mut logits = vec![0.0f32; rows_per * vb];
     // Walks every (vocab block, row chunk) pair, handing over the chunk's logits.
-    let mut walk = |f: &mut dyn FnMut(usize, usize, usize, &mut [f32], &[f32]) -> Result<()>| {
+    let mut walk = |f: &mut BlockFn| {
         for v0 in (0..v).step_by(vb) {
             let nv = vb.min(v - v0);
             let wb = &mut wblk[..nv * c];
@@ -331,7 +332,7 @@ pub fn linear_cross_entropy_stored(
         (total / count as f64) as f32
     };
     // Pass 2: dx += dlogits @ W_block, block by block.
-    if let (Some(dx), true) = (dx.as_deref_mut(), count > 0) {
+    if let (Some(dx), true) = (dx, count > 0) {
         let scale = 1.0 / count as f32;
         walk(&mut |v0, nv, r0, lg, wb| {
             let rows = lg.len() / nv;

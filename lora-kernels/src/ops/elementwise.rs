@@ -9,22 +9,6 @@ use crate::par::for_row_blocks;
 /// Chunk length for parallel elementwise loops (treated as rows of one wide matrix).
 const CHUNK: usize = 4096;
 
-/// Runs `f(i, &mut out[i])` for every element, in parallel chunks when large.
-fn for_each_elem(out: &mut [f32], f: impl Fn(usize, &mut f32) + Sync + Send) {
-    let n = out.len();
-    let cols = CHUNK.min(n.max(1));
-    // Treat `out` as rows of `cols`; the last partial chunk is handled on this thread.
-    let full = n / cols * cols;
-    let (head, tail) = out.split_at_mut(full);
-    for_row_blocks(head, cols, |row0, blk| {
-        let base = row0 * cols;
-        blk.iter_mut().enumerate().for_each(|(i, o)| f(base + i, o));
-    });
-    tail.iter_mut()
-        .enumerate()
-        .for_each(|(i, o)| f(full + i, o));
-}
-
 /// Runs `body(base, chunk)` over parallel chunks of `out` (`chunk` starts at element `base`),
 /// compiled for AVX2+FMA where available so the chunk loops vectorize.
 fn for_each_chunk(out: &mut [f32], body: impl Fn(usize, &mut [f32]) + Sync + Send) {
@@ -40,28 +24,28 @@ fn for_each_chunk(out: &mut [f32], body: impl Fn(usize, &mut [f32]) + Sync + Sen
     }
 }
 
-fn zip_map(
-    op: &'static str,
-    out: &mut [f32],
-    ins: &[(&'static str, &[f32])],
-    f: impl Fn(usize) -> f32 + Sync + Send,
-) -> Result<()> {
-    for (name, x) in ins {
-        check_len(op, name, x.len(), &[out.len()])?;
-    }
-    for_each_elem(out, |i, o| *o = f(i));
-    Ok(())
-}
-
 /// `out = a + b`.
 pub fn add_forward(out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
-    zip_map("add_forward", out, &[("a", a), ("b", b)], |i| a[i] + b[i])
+    check_len("add_forward", "a", a.len(), &[out.len()])?;
+    check_len("add_forward", "b", b.len(), &[out.len()])?;
+    for_each_chunk(out, |i0, o| {
+        let n = o.len();
+        for ((o, &a), &b) in o.iter_mut().zip(&a[i0..i0 + n]).zip(&b[i0..i0 + n]) {
+            *o = a + b;
+        }
+    });
+    Ok(())
 }
 
 /// `dst += src` (the backward of `add` for each operand, and gradient fan-in in general).
 pub fn accumulate(dst: &mut [f32], src: &[f32]) -> Result<()> {
     check_len("accumulate", "src", src.len(), &[dst.len()])?;
-    for_each_elem(dst, |i, d| *d += src[i]);
+    for_each_chunk(dst, |i0, d| {
+        let n = d.len();
+        for (d, &s) in d.iter_mut().zip(&src[i0..i0 + n]) {
+            *d += s;
+        }
+    });
     Ok(())
 }
 
