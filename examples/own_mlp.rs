@@ -112,7 +112,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         let loss = ops::cross_entropy(&tape, &mlp.forward(&tape, &x)?, &y)?;
         let grads = tape.backward(&loss)?;
         assert!(grads.get(&mlp.fc1.weight).is_none());
-        opt.step(&groups, &grads, 1e-2);
+        opt.step(&groups, &grads, 1e-2)?;
         if step % 100 == 0 {
             println!("step {step:>3}: loss {:.4}", loss.scalar()?);
         }

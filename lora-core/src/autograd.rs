@@ -8,8 +8,10 @@
 //! Frozen tensors (`requires_grad == false`) never get a gradient buffer, and the linear op is
 //! told which of its inputs need one, so a frozen weight also costs no weight-gradient GEMM.
 
+use crate::dev_ops::{self, DevInput, DevOp};
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
+use lora_kernels::accel::{Accel, DBuf};
 use lora_kernels::lora_linear::{
     lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightData,
     WeightLayout,
@@ -84,14 +86,18 @@ pub(crate) enum Op {
     /// `draws` (the masks of the first run, which are also those of an uncheckpointed run) and
     /// backpropagates through that.
     Checkpoint { f: Segment, seed: u64, draws: u64 },
+    /// An op on device tensors (see `dev_ops.rs`); its inputs are in the same order as the host
+    /// op's.
+    Dev { op: DevOp, accel: Arc<dyn Accel> },
 }
 
 /// A checkpointed segment of the forward pass: `f(tape, x) -> y`.
 pub type Segment = Rc<dyn Fn(&Tape, &Tensor) -> Result<Tensor>>;
 
 impl Op {
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
+            Op::Dev { op, .. } => op.name(),
             Op::Add => "add",
             Op::Linear { .. } => "lora_linear",
             Op::Gelu => "gelu",
@@ -116,6 +122,7 @@ impl Op {
     /// with it). `inputs` are the op's inputs in the variant's order.
     fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
         match self {
+            Op::Dev { op, .. } => op.reads_input(i),
             Op::Add | Op::Narrow { .. } | Op::Rope { .. } | Op::LinearCrossEntropy { .. } => false,
             // dW and dA read x; dx reads W (and A, B). The weights are kept (they are alive
             // anyway): only x, an activation, is worth dropping.
@@ -143,6 +150,7 @@ impl Op {
     /// Elements (f32 values or 4-byte ids) the op saved for its own backward.
     fn saved_elems(&self) -> usize {
         match self {
+            Op::Dev { op, .. } => op.saved_elems(),
             Op::Linear { lora, .. } => lora.as_ref().map_or(0, |l| l.u.len()),
             Op::LayerNorm { mean, rstd } => mean.len() + rstd.len(),
             Op::RmsNorm { rstd } => rstd.len(),
@@ -323,13 +331,17 @@ impl Tape {
         if loss.numel() != 1 {
             return Err(CoreError::NotScalar(loss.shape().to_vec()));
         }
-        self.backward_from(loss, vec![1.0])
+        let seed = match loss.dev().as_ref() {
+            Some(d) => Grad::Dev(d.accel.clone(), d.accel.upload(&[1.0])?),
+            None => Grad::Host(vec![1.0]),
+        };
+        self.backward_from(loss, seed)
     }
 
-    /// Reverse pass from `output` with upstream gradient `dout` (same length).
-    fn backward_from(&self, output: &Tensor, dout: Vec<f32>) -> Result<Gradients> {
+    /// Reverse pass from `output` with upstream gradient `dout` (same length and device).
+    fn backward_from(&self, output: &Tensor, dout: Grad) -> Result<Gradients> {
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
-        let mut grads: HashMap<u64, Vec<f32>> = HashMap::new();
+        let mut grads: HashMap<u64, Grad> = HashMap::new();
         if output.requires_grad() {
             grads.insert(output.id(), dout);
         }
@@ -337,50 +349,120 @@ impl Tape {
             let Some(dout) = grads.remove(&node.output_id) else {
                 continue;
             };
-            if let Op::Checkpoint { f, seed, draws } = &node.op {
-                let x = &node.inputs[0];
-                let xv = x.values.as_ref().expect("checkpoint keeps its input");
-                // The segment again, recorded this time, from a copy of x that is a leaf.
-                let sub = Tape::segment(*seed, *draws, true);
-                let x2 = Tensor::from_op(xv.to_vec(), &x.shape, x.requires_grad)?;
-                let y2 = f(&sub, &x2)?;
-                let mut inner = sub.backward_from(&y2, dout)?;
-                if let Some(dx) = inner.take(&x2) {
-                    accumulate_into(&mut grads, x.id, dx)?;
+            match (&node.op, dout) {
+                (Op::Checkpoint { f, seed, draws }, dout) => {
+                    let x = &node.inputs[0];
+                    let xv = x.values.as_ref().expect("checkpoint keeps its input");
+                    // The segment again, recorded this time, from a copy of x that is a leaf.
+                    let sub = Tape::segment(*seed, *draws, true);
+                    let x2 = match xv.dev().as_ref() {
+                        Some(d) => {
+                            let copy = d.accel.copy(d.f32()?)?;
+                            Tensor::from_dev(&d.accel, d.ordinal, copy, &x.shape, x.requires_grad)?
+                        }
+                        None => Tensor::from_op(xv.to_vec(), &x.shape, x.requires_grad)?,
+                    };
+                    let y2 = f(&sub, &x2)?;
+                    let mut inner = sub.backward_from(&y2, dout)?;
+                    if let Some(dx) = inner.map.remove(&x2.id()) {
+                        accumulate_into(&mut grads, x.id, dx)?;
+                    }
+                    for (id, g) in inner.map {
+                        accumulate_into(&mut grads, id, g)?;
+                    }
                 }
-                for (id, g) in inner.map {
-                    accumulate_into(&mut grads, id, g)?;
+                (Op::Dev { op, accel }, Grad::Dev(_, dout)) => {
+                    let mut bufs: Vec<Option<DBuf>> = Vec::with_capacity(node.inputs.len());
+                    for (i, t) in node.inputs.iter().enumerate() {
+                        if !t.requires_grad {
+                            bufs.push(None);
+                            continue;
+                        }
+                        let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
+                        let buf = match (dup, grads.remove(&t.id)) {
+                            (false, Some(Grad::Dev(_, b))) => b,
+                            (false, Some(Grad::Host(_))) => return Err(mixed(op.name())),
+                            _ => accel.zeros(t.numel())?,
+                        };
+                        bufs.push(Some(buf));
+                    }
+                    let ins: Vec<DevInput> = node
+                        .inputs
+                        .iter()
+                        .map(|t| DevInput {
+                            values: t.values.as_ref(),
+                            numel: t.numel(),
+                            last_dim: t.last_dim(),
+                        })
+                        .collect();
+                    dev_ops::backward(op, accel, &ins, &dout, &mut bufs)?;
+                    for (t, buf) in node.inputs.iter().zip(bufs) {
+                        if let Some(b) = buf {
+                            accumulate_into(&mut grads, t.id, Grad::Dev(accel.clone(), b))?;
+                        }
+                    }
                 }
-                continue;
-            }
-            // One buffer per input that needs a gradient: the accumulated one if it exists.
-            let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
-            for (i, t) in node.inputs.iter().enumerate() {
-                if !t.requires_grad {
-                    bufs.push(None);
-                    continue;
+                (op, Grad::Host(dout)) if !matches!(op, Op::Dev { .. }) => {
+                    // One buffer per input that needs a gradient: the accumulated one if any.
+                    let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
+                    for (i, t) in node.inputs.iter().enumerate() {
+                        if !t.requires_grad {
+                            bufs.push(None);
+                            continue;
+                        }
+                        let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
+                        let buf = match (dup, grads.remove(&t.id)) {
+                            (false, Some(Grad::Host(b))) => b,
+                            (false, Some(Grad::Dev(..))) => return Err(mixed(op.name())),
+                            _ => vec![0.0; t.numel()],
+                        };
+                        bufs.push(Some(buf));
+                    }
+                    backward_node(op, &node.inputs, &dout, &mut bufs)?;
+                    for (t, buf) in node.inputs.iter().zip(bufs) {
+                        if let Some(b) = buf {
+                            accumulate_into(&mut grads, t.id, Grad::Host(b))?;
+                        }
+                    }
                 }
-                let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
-                let buf = if dup { None } else { grads.remove(&t.id) };
-                bufs.push(Some(buf.unwrap_or_else(|| vec![0.0; t.numel()])));
-            }
-            backward_node(&node.op, &node.inputs, &dout, &mut bufs)?;
-            for (t, buf) in node.inputs.iter().zip(bufs) {
-                if let Some(b) = buf {
-                    accumulate_into(&mut grads, t.id, b)?;
-                }
+                (op, _) => return Err(mixed(op.name())),
             }
         }
         Ok(Gradients { map: grads })
     }
 }
 
-fn accumulate_into(grads: &mut HashMap<u64, Vec<f32>>, id: u64, g: Vec<f32>) -> Result<()> {
-    match grads.get_mut(&id) {
-        Some(acc) => lora_kernels::ops::elementwise::accumulate(acc, &g)?,
-        None => {
+fn mixed(op: &str) -> CoreError {
+    CoreError::Device(format!(
+        "backward of `{op}`: its gradient and its inputs' gradients are on different devices"
+    ))
+}
+
+/// A gradient buffer: on the host or on a device.
+pub(crate) enum Grad {
+    Host(Vec<f32>),
+    Dev(Arc<dyn Accel>, DBuf),
+}
+
+impl std::fmt::Debug for Grad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Grad::Host(v) => write!(f, "Host({} values)", v.len()),
+            Grad::Dev(a, b) => write!(f, "Dev({}, {} values)", a.describe(), b.len()),
+        }
+    }
+}
+
+fn accumulate_into(grads: &mut HashMap<u64, Grad>, id: u64, g: Grad) -> Result<()> {
+    match (grads.get_mut(&id), g) {
+        (None, g) => {
             grads.insert(id, g);
         }
+        (Some(Grad::Host(acc)), Grad::Host(g)) => {
+            lora_kernels::ops::elementwise::accumulate(acc, &g)?
+        }
+        (Some(Grad::Dev(a, acc)), Grad::Dev(_, g)) => a.accumulate(acc, &g)?,
+        _ => return Err(mixed("accumulate")),
     }
     Ok(())
 }
@@ -403,13 +485,54 @@ pub(crate) fn checkpoint(tape: &Tape, x: &Tensor, f: Segment) -> Result<Tensor> 
 /// Gradients of the parameters, keyed by tensor.
 #[derive(Debug, Default)]
 pub struct Gradients {
-    map: HashMap<u64, Vec<f32>>,
+    map: HashMap<u64, Grad>,
 }
 
 impl Gradients {
-    /// The gradient of `t`, if it required one and the loss depends on it.
+    /// The gradient of `t`, if it required one, the loss depends on it and it is on the host
+    /// (a device gradient: [`Gradients::to_vec`], [`Gradients::scale`],
+    /// [`Gradients::sum_squares`]).
     pub fn get(&self, t: &Tensor) -> Option<&[f32]> {
-        self.map.get(&t.id()).map(|v| v.as_slice())
+        match self.map.get(&t.id()) {
+            Some(Grad::Host(v)) => Some(v.as_slice()),
+            _ => None,
+        }
+    }
+    /// A host copy of the gradient of `t`, wherever it is.
+    pub fn to_vec(&self, t: &Tensor) -> Result<Option<Vec<f32>>> {
+        match self.map.get(&t.id()) {
+            Some(Grad::Host(v)) => Ok(Some(v.clone())),
+            Some(Grad::Dev(a, b)) => Ok(Some(a.download(b)?)),
+            None => Ok(None),
+        }
+    }
+    /// Whether the gradient of `t` lives on a device.
+    pub fn is_on_device(&self, t: &Tensor) -> bool {
+        matches!(self.map.get(&t.id()), Some(Grad::Dev(..)))
+    }
+    /// Multiplies the gradient of `t` (if any) by `s`, where it lives.
+    pub fn scale(&mut self, t: &Tensor, s: f32) -> Result<()> {
+        match self.map.get_mut(&t.id()) {
+            Some(Grad::Host(v)) => v.iter_mut().for_each(|x| *x *= s),
+            Some(Grad::Dev(a, b)) => a.scale(b, s)?,
+            None => {}
+        }
+        Ok(())
+    }
+    /// The sum of squares of the gradient of `t` in f64, if it has one.
+    pub fn sum_squares(&self, t: &Tensor) -> Result<Option<f64>> {
+        match self.map.get(&t.id()) {
+            Some(Grad::Host(v)) => Ok(Some(v.iter().map(|&x| x as f64 * x as f64).sum())),
+            Some(Grad::Dev(a, b)) => Ok(Some(a.sum_squares(b)?)),
+            None => Ok(None),
+        }
+    }
+    /// The gradient of a device tensor as a device buffer.
+    pub(crate) fn dev_buf(&self, t: &Tensor) -> Option<&DBuf> {
+        match self.map.get(&t.id()) {
+            Some(Grad::Dev(_, b)) => Some(b),
+            _ => None,
+        }
     }
     /// Sets the gradient of `t` (e.g. after an all-reduce, or in tests); the length must match.
     pub fn set(&mut self, t: &Tensor, g: Vec<f32>) -> Result<()> {
@@ -420,16 +543,22 @@ impl Gradients {
                 needed: t.numel(),
             });
         }
-        self.map.insert(t.id(), g);
+        self.map.insert(t.id(), Grad::Host(g));
         Ok(())
     }
-    /// Mutable access to the gradient of `t` (clipping, scaling).
+    /// Mutable access to the gradient of `t` on the host (clipping, scaling).
     pub fn get_mut(&mut self, t: &Tensor) -> Option<&mut [f32]> {
-        self.map.get_mut(&t.id()).map(|v| v.as_mut_slice())
+        match self.map.get_mut(&t.id()) {
+            Some(Grad::Host(v)) => Some(v.as_mut_slice()),
+            _ => None,
+        }
     }
-    /// Removes and returns the gradient of `t`.
+    /// Removes and returns the gradient of `t` (downloaded if it is on a device).
     pub fn take(&mut self, t: &Tensor) -> Option<Vec<f32>> {
-        self.map.remove(&t.id())
+        match self.map.remove(&t.id())? {
+            Grad::Host(v) => Some(v),
+            Grad::Dev(a, b) => a.download(&b).ok(),
+        }
     }
     /// Number of gradient buffers held (one per parameter reached by the loss).
     pub fn len(&self) -> usize {
@@ -442,12 +571,7 @@ impl Gradients {
     /// Adds `other` into `self` (gradient accumulation over micro-batches).
     pub fn accumulate(&mut self, other: Gradients) -> Result<()> {
         for (id, g) in other.map {
-            match self.map.get_mut(&id) {
-                Some(mine) => lora_kernels::ops::elementwise::accumulate(mine, &g)?,
-                None => {
-                    self.map.insert(id, g);
-                }
-            }
+            accumulate_into(&mut self.map, id, g)?;
         }
         Ok(())
     }
@@ -605,7 +729,9 @@ fn backward_node(
                 )?;
             }
         }
-        Op::Checkpoint { .. } => unreachable!("handled by Tape::backward_from"),
+        Op::Checkpoint { .. } | Op::Dev { .. } => {
+            unreachable!("handled by Tape::backward_from")
+        }
         Op::LinearCrossEntropy { dx, dw } => {
             for (i, saved) in [(0, dx), (1, dw)] {
                 if let (Some(g), Some(s)) = (take(i), saved.as_ref()) {

@@ -1,9 +1,17 @@
-//! Where tensors live. The CPU backend is complete; CUDA is part of the API already and answers
-//! with a clear error until its backend lands, so callers can be written against both today.
+//! Where tensors live: the host (`Device::Cpu`) or an NVIDIA GPU (`Device::Cuda(ordinal)`).
+//!
+//! A CUDA device is opened on first use ([`accel`]): the driver library is looked for first (no
+//! context is created without one, so a machine without a GPU gets an error, never a panic),
+//! then every kernel is compiled by NVRTC for the device's compute capability, once per process.
+//! Tests of the device code paths on machines without a GPU register the host emulation of the
+//! backend for an ordinal instead ([`emulate_cuda`]).
 
 use crate::error::{CoreError, Result};
+use lora_kernels::accel::Accel;
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A compute device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -15,12 +23,67 @@ pub enum Device {
     Cuda(usize),
 }
 
+fn registry() -> &'static Mutex<HashMap<usize, Arc<dyn Accel>>> {
+    static R: OnceLock<Mutex<HashMap<usize, Arc<dyn Accel>>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The backend of a CUDA device, opened (kernels compiled) on first use and shared after.
+/// Errors for [`Device::Cpu`], which has no backend object.
+pub fn accel(device: Device) -> Result<Arc<dyn Accel>> {
+    let Device::Cuda(ordinal) = device else {
+        return Err(CoreError::Device(
+            "the CPU has no device backend (host tensors use the host kernels)".into(),
+        ));
+    };
+    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = reg.get(&ordinal) {
+        return Ok(a.clone());
+    }
+    let a = open_cuda(ordinal)?;
+    reg.insert(ordinal, a.clone());
+    Ok(a)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Arc<dyn Accel>> {
+    lora_kernels::cuda::CudaDevice::open(ordinal)
+        .map(|d| Arc::new(d) as Arc<dyn Accel>)
+        .map_err(|e| CoreError::CudaUnavailable(format!("cuda:{ordinal}"), e.0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> Result<Arc<dyn Accel>> {
+    Err(CoreError::CudaUnavailable(
+        format!("cuda:{ordinal}"),
+        "this build has no CUDA support (feature `cuda` off)".into(),
+    ))
+}
+
+/// Makes `Device::Cuda(ordinal)` the host emulation of the device backend
+/// ([`lora_kernels::accel::Emulated`]) for the rest of the process: device buffers in host
+/// memory, the CPU kernels. For tests of the device code paths without a GPU; not a way to run
+/// anything faster.
+#[doc(hidden)]
+pub fn emulate_cuda(ordinal: usize) {
+    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+    reg.insert(ordinal, Arc::new(lora_kernels::accel::Emulated));
+}
+
 impl Device {
-    /// `Ok` when tensors can be created and computed on this device.
+    /// `Ok` when tensors can be created and computed on this device (opens a CUDA device).
     pub fn ensure_available(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(_) => Err(CoreError::CudaUnavailable(self.to_string())),
+            Device::Cuda(_) => accel(*self).map(|_| ()),
+        }
+    }
+
+    /// One line naming the device (for logs): `cpu`, or the GPU's name and architecture.
+    pub fn describe(&self) -> Result<String> {
+        match self {
+            Device::Cpu => Ok("cpu".into()),
+            Device::Cuda(_) => Ok(accel(*self)?.describe()),
         }
     }
 }
@@ -63,7 +126,14 @@ mod tests {
             .to_string()
             .contains("unknown device `tpu`"));
         assert!(Device::Cpu.ensure_available().is_ok());
-        let e = Device::Cuda(0).ensure_available().unwrap_err().to_string();
-        assert!(e.contains("CUDA backend not available yet"), "{e}");
+        // An ordinal no machine has: a clear error naming it, never a panic.
+        let e = Device::Cuda(977)
+            .ensure_available()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda:977") && e.contains("--device cpu"), "{e}");
+        emulate_cuda(976);
+        assert!(Device::Cuda(976).ensure_available().is_ok());
+        assert!(Device::Cuda(976).describe().unwrap().contains("emulated"));
     }
 }

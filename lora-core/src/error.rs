@@ -31,9 +31,13 @@ pub enum CoreError {
         /// Values needed.
         needed: usize,
     },
-    /// The CUDA backend is not built yet.
-    #[error("device {0}: CUDA backend not available yet (this build runs on the CPU only; use --device cpu)")]
-    CudaUnavailable(String),
+    /// A CUDA device was asked for and cannot be used.
+    #[error("device {0}: {1} (use --device cpu)")]
+    CudaUnavailable(String, String),
+    /// A device operation failed or was not possible (mixed devices, an op the device path
+    /// does not support).
+    #[error("device: {0}")]
+    Device(String),
     /// A device name could not be parsed.
     #[error("unknown device `{0}` (expected cpu, cuda or cuda:N)")]
     BadDevice(String),

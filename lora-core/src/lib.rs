@@ -25,12 +25,14 @@
 #![warn(missing_docs)]
 
 pub mod autograd;
+mod dev_ops;
 pub mod device;
 pub mod error;
 pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod tensor;
+pub mod update;
 
 pub use autograd::{Gradients, Tape};
 pub use device::Device;

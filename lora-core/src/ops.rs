@@ -4,13 +4,15 @@
 //! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`.
 
 use crate::autograd::{LoraSaved, Op, Tape};
+use crate::dev_ops::{self, placement};
+use crate::device::Device;
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use lora_kernels::lora_linear::{
     lora_linear_forward, BaseLinear, Dropout, LinearDims, LoraWeights, WeightLayout,
 };
 use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 fn shape_err(
     op: &'static str,
@@ -48,6 +50,9 @@ pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b,
             format!("{:?} (the shape of a)", a.shape()),
         ));
+    }
+    if let Some(on) = placement("add", &[("a", a), ("b", b)])? {
+        return dev_ops::add(tape, on, a, b);
     }
     let mut out = vec![0.0; a.numel()];
     elementwise::add_forward(&mut out, &a.data(), &b.data())?;
@@ -106,6 +111,24 @@ pub fn linear(
         inp: k,
         out: m,
     };
+    if let Some(l) = lora {
+        let r = l.a.shape().first().copied().unwrap_or(0);
+        if l.a.shape() != [r, k] || r == 0 {
+            return Err(shape_err(OP, "lora_a", l.a, format!("[rank, {k}]")));
+        }
+        if l.b.shape() != [m, r] {
+            return Err(shape_err(OP, "lora_b", l.b, format!("[{m}, {r}]")));
+        }
+    }
+    let mut operands = vec![("x", x), ("weight", w)];
+    operands.extend(bias.map(|b| ("bias", b)));
+    if let Some(l) = lora {
+        operands.extend([("lora_a", l.a), ("lora_b", l.b)]);
+    }
+    if let Some(on) = placement(OP, &operands)? {
+        let shape = with_last(x.shape(), m);
+        return dev_ops::linear(tape, on, x, w, layout, bias, lora, dims, &shape);
+    }
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(bias.cloned());
     let mut y = vec![0.0; dims.tokens * m];
@@ -123,13 +146,7 @@ pub fn linear(
             None
         }
         Some(l) => {
-            let r = l.a.shape().first().copied().unwrap_or(0);
-            if l.a.shape() != [r, k] || r == 0 {
-                return Err(shape_err(OP, "lora_a", l.a, format!("[rank, {k}]")));
-            }
-            if l.b.shape() != [m, r] {
-                return Err(shape_err(OP, "lora_b", l.b, format!("[{m}, {r}]")));
-            }
+            let r = l.a.shape()[0];
             let dropout = (tape.is_training() && l.dropout > 0.0).then(|| Dropout {
                 p: l.dropout,
                 seed: tape.next_seed(),
@@ -176,7 +193,11 @@ fn unary(
     x: &Tensor,
     op: Op,
     f: fn(&mut [f32], &[f32]) -> lora_kernels::Result<()>,
+    dev: lora_kernels::accel::Unary,
 ) -> Result<Tensor> {
+    if let Some(on) = placement(op.name(), &[("x", x)])? {
+        return dev_ops::unary(tape, on, x, dev);
+    }
     let mut out = vec![0.0; x.numel()];
     f(&mut out, &x.data())?;
     let y = Tensor::from_op(out, x.shape(), x.requires_grad())?;
@@ -186,12 +207,14 @@ fn unary(
 
 /// GELU, tanh approximation (GPT-2's `gelu_new`).
 pub fn gelu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
-    unary(tape, x, Op::Gelu, elementwise::gelu_forward)
+    let dev = lora_kernels::accel::Unary::Gelu;
+    unary(tape, x, Op::Gelu, elementwise::gelu_forward, dev)
 }
 
 /// SiLU (`x * sigmoid(x)`).
 pub fn silu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
-    unary(tape, x, Op::Silu, elementwise::silu_forward)
+    let dev = lora_kernels::accel::Unary::Silu;
+    unary(tape, x, Op::Silu, elementwise::silu_forward, dev)
 }
 
 /// SwiGLU: `silu(gate) * up`.
@@ -203,6 +226,9 @@ pub fn swiglu(tape: &Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up,
             format!("{:?} (the shape of gate)", gate.shape()),
         ));
+    }
+    if let Some(on) = placement("swiglu", &[("gate", gate), ("up", up)])? {
+        return dev_ops::swiglu(tape, on, gate, up);
     }
     let mut out = vec![0.0; gate.numel()];
     elementwise::swiglu_forward(&mut out, &gate.data(), &up.data())?;
@@ -231,6 +257,11 @@ pub fn layer_norm(
     if let Some(b) = beta {
         check_vec("layer_norm", "beta", b, c)?;
     }
+    let mut operands = vec![("x", x), ("gamma", gamma)];
+    operands.extend(beta.map(|b| ("beta", b)));
+    if let Some(on) = placement("layer_norm", &operands)? {
+        return dev_ops::layer_norm(tape, on, x, gamma, beta, eps);
+    }
     let n = x.rows();
     let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     let bd = beta.map(|b| b.data());
@@ -256,6 +287,9 @@ pub fn layer_norm(
 pub fn rms_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
     let c = x.last_dim();
     check_vec("rms_norm", "gamma", gamma, c)?;
+    if let Some(on) = placement("rms_norm", &[("x", x), ("gamma", gamma)])? {
+        return dev_ops::rms_norm(tape, on, x, gamma, eps);
+    }
     let n = x.rows();
     let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
     norm::rmsnorm_forward(&mut out, &mut rstd, &x.data(), &gamma.data(), c, eps)?;
@@ -275,6 +309,9 @@ pub fn embedding(tape: &Tape, table: &Tensor, ids: &[u32], shape: &[usize]) -> R
             shape: shape.to_vec(),
             needed: shape.iter().product(),
         });
+    }
+    if let Some(on) = placement("embedding", &[("table", table)])? {
+        return dev_ops::embedding(on, table, ids, shape);
     }
     let c = table.shape()[1];
     let mut out = vec![0.0; ids.len() * c];
@@ -296,6 +333,8 @@ pub struct RopeTables {
     pub sin: Arc<Vec<f32>>,
     /// D.
     pub head_dim: usize,
+    /// Copies on a device, made on first use there.
+    device_copy: Arc<Mutex<Option<(Device, Tensor, Tensor)>>>,
 }
 
 impl RopeTables {
@@ -306,7 +345,26 @@ impl RopeTables {
             cos: Arc::new(c),
             sin: Arc::new(s),
             head_dim: inv_freq.len() * 2,
+            device_copy: Arc::default(),
         }
+    }
+
+    /// The tables as tensors on `device` (uploaded once per device and shared by the clones).
+    pub(crate) fn on_device(&self, device: Device) -> Result<(Tensor, Tensor)> {
+        let mut g = self.device_copy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((d, c, s)) = g.as_ref() {
+            if *d == device {
+                return Ok((c.clone(), s.clone()));
+            }
+        }
+        let shape = [
+            self.cos.len() / (self.head_dim / 2).max(1),
+            self.head_dim / 2,
+        ];
+        let c = Tensor::new_on(self.cos.to_vec(), &shape, false, device)?;
+        let s = Tensor::new_on(self.sin.to_vec(), &shape, false, device)?;
+        *g = Some((device, c.clone(), s.clone()));
+        Ok((c, s))
     }
 }
 
@@ -326,6 +384,9 @@ pub fn rope(
             x,
             format!("({} rows, {heads} * {hd})", positions.len()),
         ));
+    }
+    if let Some(on) = placement("rope", &[("x", x)])? {
+        return dev_ops::rope(tape, on, x, tables, positions, heads);
     }
     let mut out = vec![0.0; x.numel()];
     rope::rope_forward(
@@ -388,6 +449,9 @@ pub fn attention(
         head_dim: hd,
     };
     let scale = 1.0 / (hd as f32).sqrt();
+    if let Some(on) = placement(OP, &[("q", q), ("k", k), ("v", v)])? {
+        return dev_ops::attention(tape, on, (q, k, v), dims, scale);
+    }
     let mut out = vec![0.0; q.numel()];
     let mut lse = vec![0.0; dims.lse_len()];
     attention::attention_forward(
@@ -411,6 +475,10 @@ pub fn attention(
 /// Columns `[start, start + len)` of the last dimension.
 pub fn narrow(tape: &Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     let cols = x.last_dim();
+    if let Some(on) = placement("narrow", &[("x", x)])? {
+        let shape = with_last(x.shape(), len);
+        return dev_ops::narrow(tape, on, x, start, len, &shape);
+    }
     let mut out = vec![0.0; x.rows() * len];
     slice::narrow_forward(&mut out, &x.data(), cols, start, len)?;
     let y = Tensor::from_op(out, &with_last(x.shape(), len), x.requires_grad())?;
@@ -429,6 +497,9 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Te
             logits,
             format!("{} rows (one per target)", targets.len()),
         ));
+    }
+    if let Some(on) = placement("cross_entropy", &[("logits", logits)])? {
+        return dev_ops::cross_entropy(tape, on, logits, targets);
     }
     let mut lse = vec![0.0; targets.len()];
     let (loss, count) = cross_entropy::cross_entropy_forward(&mut lse, &logits.data(), targets, v)?;
@@ -471,6 +542,9 @@ pub fn linear_cross_entropy(
             x,
             format!("{} rows (one per target)", targets.len()),
         ));
+    }
+    if let Some(on) = placement(OP, &[("x", x), ("w", w)])? {
+        return dev_ops::linear_cross_entropy(tape, on, x, w, targets);
     }
     let v = w.shape()[0];
     let n = targets.len();

@@ -7,9 +7,15 @@
 //! Data are either owned (`Vec<f32>`) or borrowed from outside without a copy ([`ExternalF32`],
 //! e.g. a memory-mapped safetensors file): frozen pretrained weights then cost no heap memory.
 //! Writing to external data first copies it (copy on write).
+//!
+//! A tensor can also live in a device's memory ([`Tensor::to_device`]): then its values are a
+//! device buffer, the ops run the device's kernels, and the host storage is only a mirror made
+//! when something on the host asks for the values ([`Tensor::data`]). Host writes
+//! ([`Tensor::data_mut`]) move the tensor back to the host, so a stale mirror is never read.
 
 use crate::device::Device;
 use crate::error::{CoreError, Result};
+use lora_kernels::accel::{Accel, DBits, DBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -88,12 +94,39 @@ impl std::ops::DerefMut for Storage {
     }
 }
 
+/// A tensor's values in a device's memory.
+pub(crate) struct DevData {
+    pub accel: Arc<dyn Accel>,
+    pub ordinal: usize,
+    pub vals: DevVals,
+}
+
+/// f32 values, or a frozen weight's 16-bit bits as stored.
+pub(crate) enum DevVals {
+    F32(DBuf),
+    Half(DBits, HalfFormat),
+}
+
+impl DevData {
+    /// The f32 buffer ([`Tensor::ensure_dev_f32`] widens a 16-bit one first).
+    pub(crate) fn f32(&self) -> Result<&DBuf> {
+        match &self.vals {
+            DevVals::F32(b) => Ok(b),
+            DevVals::Half(..) => Err(CoreError::Device(
+                "internal: a 16-bit device tensor was read as f32 without widening".into(),
+            )),
+        }
+    }
+}
+
 struct Inner {
     id: u64,
     shape: Vec<usize>,
     data: RwLock<Storage>,
     requires_grad: bool,
-    device: Device,
+    /// Set while the values live on a device (then `data` is a host mirror, valid when it
+    /// holds `numel` values).
+    dev: RwLock<Option<DevData>>,
     /// 16-bit source of a half-stored frozen tensor; `data` stays empty until something asks
     /// for f32 values, then holds the widened copy (which takes precedence from then on).
     half: Option<Arc<dyn ExternalHalf>>,
@@ -124,7 +157,6 @@ impl Tensor {
         requires_grad: bool,
         device: Device,
     ) -> Result<Self> {
-        device.ensure_available()?;
         let needed: usize = shape.iter().product();
         if data.len() != needed {
             return Err(CoreError::DataLength {
@@ -133,14 +165,142 @@ impl Tensor {
                 needed,
             });
         }
-        Ok(Tensor(Arc::new(Inner {
+        let t = Tensor(Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shape: shape.to_vec(),
             data: RwLock::new(data),
             requires_grad,
-            device,
+            dev: RwLock::new(None),
+            half: None,
+        }));
+        if device != Device::Cpu {
+            t.to_device(device)?;
+        }
+        Ok(t)
+    }
+
+    /// An op result in device memory.
+    pub(crate) fn from_dev(
+        accel: &Arc<dyn Accel>,
+        ordinal: usize,
+        buf: DBuf,
+        shape: &[usize],
+        requires_grad: bool,
+    ) -> Result<Self> {
+        let needed: usize = shape.iter().product();
+        if buf.len() != needed {
+            return Err(CoreError::DataLength {
+                len: buf.len(),
+                shape: shape.to_vec(),
+                needed,
+            });
+        }
+        Ok(Tensor(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shape: shape.to_vec(),
+            data: RwLock::new(Storage::Owned(Vec::new())),
+            requires_grad,
+            dev: RwLock::new(Some(DevData {
+                accel: accel.clone(),
+                ordinal,
+                vals: DevVals::F32(buf),
+            })),
             half: None,
         })))
+    }
+
+    /// Moves the values to `device` in place (every handle sees the move; the id is kept):
+    /// to a GPU they are uploaded (a never-widened 16-bit frozen weight as its 16-bit bits) and
+    /// the host copy is freed; back to the CPU they are downloaded.
+    pub fn to_device(&self, device: Device) -> Result<()> {
+        if self.device() == device {
+            return Ok(());
+        }
+        if self.device() != Device::Cpu {
+            self.sync_host()?;
+            *self.dev_lock_mut() = None;
+        }
+        let Device::Cuda(ordinal) = device else {
+            return Ok(());
+        };
+        let accel = crate::device::accel(device)?;
+        let vals = match &self.0.half {
+            Some(h) if self.is_half_stored() && !self.requires_grad() => {
+                DevVals::Half(accel.upload_bits(h.bits())?, h.format())
+            }
+            _ => DevVals::F32(accel.upload(&self.data())?),
+        };
+        let mut host = self.0.data.write().unwrap_or_else(|e| e.into_inner());
+        if matches!(*host, Storage::Owned(_)) && self.0.half.is_none() {
+            *host = Storage::Owned(Vec::new()); // memory-mapped data stay as a free mirror
+        }
+        *self.dev_lock_mut() = Some(DevData {
+            accel,
+            ordinal,
+            vals,
+        });
+        Ok(())
+    }
+
+    /// The device state (None on the host).
+    pub(crate) fn dev(&self) -> RwLockReadGuard<'_, Option<DevData>> {
+        self.0.dev.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dev_lock_mut(&self) -> RwLockWriteGuard<'_, Option<DevData>> {
+        self.0.dev.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write access to the device buffer (the optimizer); drops the host mirror first.
+    pub(crate) fn dev_mut(&self) -> RwLockWriteGuard<'_, Option<DevData>> {
+        if self.0.half.is_none() {
+            *self.0.data.write().unwrap_or_else(|e| e.into_inner()) = Storage::Owned(Vec::new());
+        }
+        self.dev_lock_mut()
+    }
+
+    /// Widens a 16-bit device tensor into an f32 device buffer, once (the twin of the host's
+    /// widen-on-first-read); linear weights are instead widened per product and stay 16-bit.
+    pub(crate) fn ensure_dev_f32(&self) -> Result<()> {
+        let needs = matches!(
+            self.dev().as_ref().map(|d| &d.vals),
+            Some(DevVals::Half(..))
+        );
+        if needs {
+            let mut g = self.dev_lock_mut();
+            if let Some(d) = g.as_mut() {
+                if let DevVals::Half(bits, fmt) = &d.vals {
+                    let wide = d.accel.widen(bits, *fmt == HalfFormat::F16)?;
+                    d.vals = DevVals::F32(wide);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the host mirror of a device tensor current.
+    fn sync_host(&self) -> Result<()> {
+        if self.read_lock().len() == self.numel() {
+            return Ok(());
+        }
+        let dev = self.dev();
+        let Some(d) = dev.as_ref() else {
+            return Ok(());
+        };
+        let v = match &d.vals {
+            DevVals::F32(b) => d.accel.download(b)?,
+            DevVals::Half(..) => return Ok(()), // the host 16-bit source is widened instead
+        };
+        drop(dev);
+        *self.0.data.write().unwrap_or_else(|e| e.into_inner()) = Storage::Owned(v);
+        Ok(())
+    }
+
+    /// A copy of the values, downloading a device tensor's: like [`Tensor::to_vec`] but a
+    /// device failure is an error instead of a panic.
+    pub fn try_to_vec(&self) -> Result<Vec<f32>> {
+        self.sync_host()?;
+        Ok(self.data().to_vec())
     }
 
     /// A constant (frozen) CPU tensor: it never receives a gradient.
@@ -185,13 +345,16 @@ impl Tensor {
             shape: shape.to_vec(),
             data: RwLock::new(Storage::Owned(Vec::new())),
             requires_grad: false,
-            device: Device::Cpu,
+            dev: RwLock::new(None),
             half: Some(data),
         })))
     }
 
     /// Whether the values are still held as 16-bit floats only (never widened to f32).
     pub fn is_half_stored(&self) -> bool {
+        if let Some(d) = self.dev().as_ref() {
+            return matches!(d.vals, DevVals::Half(..));
+        }
         self.0.half.is_some() && self.read_lock().len() != self.numel()
     }
 
@@ -262,15 +425,32 @@ impl Tensor {
     }
     /// Its device.
     pub fn device(&self) -> Device {
-        self.0.device
+        match self.dev().as_ref() {
+            Some(d) => Device::Cuda(d.ordinal),
+            None => Device::Cpu,
+        }
     }
-    /// Read access to the data (a half-stored tensor is widened to f32 first, once).
+    /// Read access to the data (a half-stored tensor is widened to f32 first, once; a device
+    /// tensor's values are downloaded into a host mirror, kept until the device writes them).
+    ///
+    /// # Panics
+    /// If downloading a device tensor fails (use [`Tensor::try_to_vec`] to get an error).
     pub fn data(&self) -> RwLockReadGuard<'_, Storage> {
+        if let Err(e) = self.sync_host() {
+            panic!("reading tensor {} from its device: {e}", self.id());
+        }
         self.widen_half();
         self.read_lock()
     }
-    /// Write access to the data (optimizer steps, merge); external data are copied first.
+    /// Write access to the data (optimizer steps, merge); external data are copied first. A
+    /// device tensor moves back to the host first (see [`Tensor::to_device`]).
+    ///
+    /// # Panics
+    /// If moving a device tensor back fails.
     pub fn data_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        if let Err(e) = self.to_device(Device::Cpu) {
+            panic!("moving tensor {} to the host: {e}", self.id());
+        }
         self.widen_half();
         self.0.data.write().unwrap_or_else(|e| e.into_inner())
     }
@@ -315,16 +495,35 @@ mod tests {
     fn construction_checks_length_and_device() {
         let e = Tensor::new(vec![0.0; 5], &[2, 3]).unwrap_err().to_string();
         assert!(e.contains("5 values but shape [2, 3] needs 6"), "{e}");
-        let e = Tensor::new_on(vec![0.0; 6], &[2, 3], false, Device::Cuda(0))
+        // No machine has this GPU: a clear error naming it, not a panic.
+        let e = Tensor::new_on(vec![0.0; 6], &[2, 3], false, Device::Cuda(975))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("CUDA backend not available yet"), "{e}");
+        assert!(e.contains("cuda:975"), "{e}");
         let t = Tensor::param(vec![1.0; 6], &[2, 3]).unwrap();
         assert_eq!((t.rows(), t.last_dim(), t.requires_grad()), (2, 3, true));
         let u = t.clone();
         u.data_mut()[0] = 5.0;
         assert_eq!(t.data()[0], 5.0);
         assert!(t.same(&u) && t.id() == u.id());
+    }
+
+    #[test]
+    fn moving_to_a_device_and_back_keeps_identity_and_values() {
+        crate::device::emulate_cuda(974);
+        let dev = Device::Cuda(974);
+        let t = Tensor::param(vec![1.0, 2.0, 3.0], &[3]).unwrap();
+        let handle = t.clone();
+        t.to_device(dev).unwrap();
+        assert_eq!((handle.device(), handle.id()), (dev, t.id()));
+        assert!(t.read_lock().is_empty(), "the host copy is freed");
+        assert_eq!(t.to_vec(), vec![1.0, 2.0, 3.0]); // a mirror, downloaded on demand
+        assert_eq!(t.device(), dev);
+        t.data_mut()[1] = 9.0; // a host write brings it home
+        assert_eq!(handle.device(), Device::Cpu);
+        t.to_device(dev).unwrap();
+        t.to_device(Device::Cpu).unwrap();
+        assert_eq!(t.to_vec(), vec![1.0, 9.0, 3.0]);
     }
 
     struct Ext(Vec<f32>);

@@ -15,6 +15,21 @@ extern "C" __global__ void add_forward(float* out, const float* a, const float* 
     FOR_EACH(i, n) out[i] = a[i] + b[i];
 }
 
+// dst += src (gradient accumulation), the twin of elementwise.rs accumulate
+extern "C" __global__ void accumulate(float* dst, const float* src, long long n) {
+    FOR_EACH(i, n) dst[i] += src[i];
+}
+
+// x *= s (gradient averaging and clipping)
+extern "C" __global__ void scale_in_place(float* x, float s, long long n) {
+    FOR_EACH(i, n) x[i] *= s;
+}
+
+// y (n, m) += bias (m) broadcast over rows: a frozen linear's bias after the cuBLAS product
+extern "C" __global__ void bias_add(float* y, const float* bias, long long n, int m) {
+    FOR_EACH(i, n * m) y[i] += bias[i % m];
+}
+
 // out = gelu_tanh(x), as GPT-2's gelu_new
 extern "C" __global__ void gelu_forward(float* out, const float* x, long long n) {
     FOR_EACH(i, n) {

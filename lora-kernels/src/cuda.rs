@@ -45,6 +45,9 @@ pub const SOURCES: &[Source] = &[
         code: include_str!("../cuda/elementwise.cu"),
         kernels: &[
             "add_forward",
+            "accumulate",
+            "scale_in_place",
+            "bias_add",
             "gelu_forward",
             "gelu_backward",
             "silu_forward",

@@ -41,6 +41,9 @@ pub enum KernelError {
         /// What was expected.
         reason: String,
     },
+    /// The device (GPU driver, cuBLAS, a kernel launch, a copy) reported a failure.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Result alias for kernel calls.

@@ -17,8 +17,11 @@
 
 #![warn(missing_docs)]
 
+pub mod accel;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_accel;
 pub mod error;
 pub mod fastmath;
 pub mod gemm;

@@ -3,7 +3,8 @@
 //! Each follows PyTorch / transformers exactly (same update order in f32), checked against values
 //! they computed (`fixtures/optim/reference.json`).
 
-use lora_core::{Gradients, Tensor};
+use lora_core::update::{adamw_update, AdamStep, Moment};
+use lora_core::{CoreError, Gradients, Tensor};
 use std::collections::HashMap;
 
 /// Tensors updated with one learning-rate multiplier (LoRA+: A at 1, B at the ratio).
@@ -27,8 +28,8 @@ pub struct OptimizerState {
 /// An optimizer step over parameter groups.
 pub trait Optimizer {
     /// Updates every tensor of `groups` that has a gradient in `grads`, at learning rate
-    /// `lr * group.lr_scale`.
-    fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32);
+    /// `lr * group.lr_scale`, where the tensor lives (host or device).
+    fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32) -> lora_core::Result<()>;
     /// Number of tensors holding optimizer state.
     fn state_len(&self) -> usize;
     /// The state of the `named` tensors, keyed by name (tensor ids do not survive a restart).
@@ -53,13 +54,13 @@ pub trait Optimizer {
 ///     let tape = Tape::new(step);
 ///     let loss = ops::cross_entropy(&tape, &layer.forward(&tape, &x)?, &[1])?;
 ///     losses.push(loss.scalar()?);
-///     opt.step(&groups, &tape.backward(&loss)?, 1e-2);
+///     opt.step(&groups, &tape.backward(&loss)?, 1e-2)?;
 /// }
 /// assert!(losses[19] < losses[0]);
 /// assert_eq!(opt.state_len(), 2); // state for A and B only
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AdamW {
     /// beta1
     pub beta1: f32,
@@ -70,7 +71,8 @@ pub struct AdamW {
     /// Decoupled weight decay.
     pub weight_decay: f32,
     steps: HashMap<u64, u64>,
-    state: HashMap<u64, (Vec<f32>, Vec<f32>)>,
+    /// First and second moments, on each tensor's device.
+    state: HashMap<u64, (Moment, Moment)>,
 }
 
 impl AdamW {
@@ -88,31 +90,34 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32) {
+    fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32) -> lora_core::Result<()> {
         for g in groups {
             let lr = lr * g.lr_scale;
             for p in &g.params {
-                let Some(grad) = grads.get(p) else { continue };
-                let t = self.steps.entry(p.id()).or_insert(0);
-                *t += 1;
-                let (m, v) = self
-                    .state
-                    .entry(p.id())
-                    .or_insert_with(|| (vec![0.0; p.numel()], vec![0.0; p.numel()]));
-                let bc1 = 1.0 - self.beta1.powi(*t as i32);
-                let bc2_sqrt = (1.0 - self.beta2.powi(*t as i32)).sqrt();
-                let step_size = lr / bc1;
-                let decay = 1.0 - lr * self.weight_decay;
-                let mut data = p.data_mut();
-                for i in 0..data.len() {
-                    data[i] *= decay;
-                    m[i] += (grad[i] - m[i]) * (1.0 - self.beta1);
-                    v[i] = v[i] * self.beta2 + (1.0 - self.beta2) * grad[i] * grad[i];
-                    let denom = v[i].sqrt() / bc2_sqrt + self.eps;
-                    data[i] -= step_size * m[i] / denom;
+                if grads.get(p).is_none() && !grads.is_on_device(p) {
+                    continue;
+                }
+                let (m, v) = match self.state.entry(p.id()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert((Moment::zeros_like(p)?, Moment::zeros_like(p)?))
+                    }
+                };
+                let t = self.steps.get(&p.id()).copied().unwrap_or(0) + 1;
+                let h = AdamStep {
+                    lr,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                    t,
+                };
+                if adamw_update(p, grads, m, v, h)? {
+                    self.steps.insert(p.id(), t);
                 }
             }
         }
+        Ok(())
     }
 
     fn state_len(&self) -> usize {
@@ -123,9 +128,13 @@ impl Optimizer for AdamW {
         let mut st = OptimizerState::default();
         for (n, t) in named {
             if let Some((m, v)) = self.state.get(&t.id()) {
-                st.buffers.push((format!("exp_avg.{n}"), m.clone()));
-                st.buffers.push((format!("exp_avg_sq.{n}"), v.clone()));
-                st.steps.push((n.clone(), self.steps[&t.id()]));
+                // A device state that cannot be read back is left out (and reported by the
+                // checkpoint writer as missing) rather than written wrong.
+                if let (Ok(m), Ok(v)) = (m.to_vec(), v.to_vec()) {
+                    st.buffers.push((format!("exp_avg.{n}"), m));
+                    st.buffers.push((format!("exp_avg_sq.{n}"), v));
+                    st.steps.push((n.clone(), self.steps[&t.id()]));
+                }
             }
         }
         st
@@ -140,8 +149,13 @@ impl Optimizer for AdamW {
                 buf.get(format!("exp_avg_sq.{n}").as_str()),
                 state.steps.iter().find(|(k, _)| k == n),
             ) {
-                self.state.insert(t.id(), ((*m).clone(), (*v).clone()));
-                self.steps.insert(t.id(), *s);
+                if let (Ok(m), Ok(v)) = (
+                    Moment::from_vec(t, (*m).clone()),
+                    Moment::from_vec(t, (*v).clone()),
+                ) {
+                    self.state.insert(t.id(), (m, v));
+                    self.steps.insert(t.id(), *s);
+                }
             }
         }
     }
@@ -169,10 +183,15 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32) {
+    fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32) -> lora_core::Result<()> {
         for g in groups {
             let lr = lr * g.lr_scale;
             for p in &g.params {
+                if grads.is_on_device(p) {
+                    return Err(CoreError::Device(
+                        "the SGD optimizer runs on the host only; use adamw on a GPU".into(),
+                    ));
+                }
                 let Some(grad) = grads.get(p) else { continue };
                 let mut data = p.data_mut();
                 let d: Vec<f32> = grad
@@ -199,6 +218,7 @@ impl Optimizer for Sgd {
                 data.iter_mut().zip(&upd).for_each(|(w, u)| *w -= lr * u);
             }
         }
+        Ok(())
     }
 
     fn state_len(&self) -> usize {
@@ -230,29 +250,28 @@ impl Optimizer for Sgd {
 
 /// Scales the gradients of `params` so their global 2-norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_`; returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut Gradients, params: &[Tensor], max_norm: f32) -> f32 {
-    let total: f32 = params
-        .iter()
-        .filter_map(|p| grads.get(p))
-        .map(|g| {
-            g.iter()
-                .map(|x| (*x as f64) * (*x as f64))
-                .sum::<f64>()
-                .sqrt() as f32
-        })
-        .map(|n| n * n)
-        .sum::<f32>()
-        .sqrt();
-    let coef = (max_norm / (total + 1e-6)).min(1.0);
-    if coef == 1.0 {
-        return total; // multiplying by 1 changes nothing: skip the pass
-    }
+/// Host or device gradients alike (a device gradient's sum of squares is one small reduction).
+pub fn clip_grad_norm(
+    grads: &mut Gradients,
+    params: &[Tensor],
+    max_norm: f32,
+) -> lora_core::Result<f32> {
+    let mut total = 0.0f32;
     for p in params {
-        if let Some(g) = grads.get_mut(p) {
-            g.iter_mut().for_each(|x| *x *= coef);
+        if let Some(sq) = grads.sum_squares(p)? {
+            let n = sq.sqrt() as f32;
+            total += n * n;
         }
     }
-    total
+    let total = total.sqrt();
+    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    if coef == 1.0 {
+        return Ok(total); // multiplying by 1 changes nothing: skip the pass
+    }
+    for p in params {
+        grads.scale(p, coef)?;
+    }
+    Ok(total)
 }
 
 /// Learning-rate decay after warmup.

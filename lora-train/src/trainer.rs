@@ -93,22 +93,19 @@ pub fn train_step(
         .flat_map(|g| g.params.iter().cloned())
         .collect();
     let inv = 1.0 / micro.len() as f32;
-    for p in &params {
-        if let Some(g) = grads.get_mut(p) {
-            g.iter_mut().for_each(|x| *x *= inv);
+    if micro.len() > 1 {
+        for p in &params {
+            grads.scale(p, inv)?;
         }
     }
-    let norm = match max_grad_norm {
-        Some(m) => clip_grad_norm(&mut grads, &params, m),
-        None => clip_grad_norm(&mut grads, &params, f32::INFINITY),
-    };
+    let norm = clip_grad_norm(&mut grads, &params, max_grad_norm.unwrap_or(f32::INFINITY))?;
     if !norm.is_finite() {
         return Err(TrainError::Data {
             path: "<training>".into(),
             reason: format!("gradient norm is {norm} at step {step}; stopping before the update"),
         });
     }
-    opt.step(groups, &grads, lr);
+    opt.step(groups, &grads, lr)?;
     Ok(StepStats {
         loss: (loss_sum / micro.len() as f64) as f32,
         tokens,

@@ -83,7 +83,7 @@ fn optimizers_match_pytorch() {
             let mut g = Gradients::default();
             g.set(&p1, floats(&step[0])).unwrap();
             g.set(&p2, floats(&step[1])).unwrap();
-            opt.step(&groups, &g, f("lr"));
+            opt.step(&groups, &g, f("lr")).unwrap();
         }
         let fin = case["final"].as_array().unwrap();
         close(&format!("{name} p1"), &p1.to_vec(), &floats(&fin[0]), 1e-6);
@@ -110,7 +110,8 @@ fn state_only_for_tensors_with_gradients() {
         }],
         &g,
         0.1,
-    );
+    )
+    .unwrap();
     assert_eq!(opt.state_len(), 1);
     assert_eq!(frozen.to_vec(), vec![1.0; 4]);
 }
@@ -151,7 +152,8 @@ fn clipping_matches_pytorch() {
         &mut g,
         &[a.clone(), b.clone()],
         c["max_norm"].as_f64().unwrap() as f32,
-    );
+    )
+    .unwrap();
     assert!((total - c["total_norm"].as_f64().unwrap() as f32).abs() < 1e-5);
     close(
         "clipped a",

@@ -267,4 +267,12 @@ impl CausalLm for Gpt2 {
     fn max_positions(&self) -> usize {
         self.cfg.n_positions
     }
+
+    fn other_tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.wte, &self.wpe, &self.ln_f.0, &self.ln_f.1];
+        for b in &self.blocks {
+            v.extend([&b.ln_1.0, &b.ln_1.1, &b.ln_2.0, &b.ln_2.1]);
+        }
+        v
+    }
 }

@@ -74,6 +74,17 @@ impl Linear {
         }
     }
 
+    /// Its tensors: the weight, the bias and the adapter's A and B, where present.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let (w, _, b) = self.base();
+        let mut v = vec![w];
+        v.extend(b);
+        if let Some(l) = self.lora() {
+            v.extend([&l.lora_a, &l.lora_b]);
+        }
+        v
+    }
+
     /// The adapter, if any.
     pub fn lora(&self) -> Option<&LoraLinear> {
         match self {

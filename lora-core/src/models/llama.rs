@@ -432,4 +432,12 @@ impl CausalLm for Llama {
     fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
     }
+
+    fn other_tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.embed, &self.norm];
+        for l in &self.layers {
+            v.extend([&l.input_norm, &l.post_norm]);
+        }
+        v
+    }
 }

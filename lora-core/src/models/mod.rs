@@ -62,6 +62,23 @@ pub trait CausalLm {
     fn vocab_size(&self) -> usize;
     /// Longest sequence the position embedding / RoPE tables cover.
     fn max_positions(&self) -> usize;
+    /// The tensors outside [`CausalLm::linears`] (embeddings, norm gains): with the linears'
+    /// tensors, every tensor of the model.
+    fn other_tensors(&self) -> Vec<&Tensor>;
+    /// Moves every tensor of the model (frozen weights, adapters) to `device` in place (see
+    /// [`Tensor::to_device`]); training and evaluation then run there. Incremental decoding
+    /// ([`CausalLm::forward_cached`]) runs on the host only.
+    fn to_device(&self, device: crate::Device) -> Result<()> {
+        for (_, l) in self.linears() {
+            for t in l.tensors() {
+                t.to_device(device)?;
+            }
+        }
+        for t in self.other_tensors() {
+            t.to_device(device)?;
+        }
+        Ok(())
+    }
 }
 
 /// Keys and values of the tokens seen so far, per layer, for one sequence.

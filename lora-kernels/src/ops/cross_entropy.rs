@@ -85,7 +85,7 @@ pub fn cross_entropy_backward(
     Ok(())
 }
 
-fn check_targets(op: &'static str, targets: &[i32], v: usize) -> Result<()> {
+pub(crate) fn check_targets(op: &'static str, targets: &[i32], v: usize) -> Result<()> {
     match targets.iter().position(|&t| t >= 0 && t as usize >= v) {
         None => Ok(()),
         Some(i) => Err(KernelError::IndexOutOfRange {

@@ -5,7 +5,7 @@ use crate::lora_linear::WeightData;
 use crate::par::for_row_blocks;
 use rayon::prelude::*;
 
-fn check_ids(op: &'static str, ids: &[u32], v: usize) -> Result<()> {
+pub(crate) fn check_ids(op: &'static str, ids: &[u32], v: usize) -> Result<()> {
     match ids.iter().position(|&t| t as usize >= v) {
         None => Ok(()),
         Some(i) => Err(KernelError::IndexOutOfRange {

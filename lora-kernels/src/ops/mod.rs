@@ -3,6 +3,7 @@
 //! Legend: N = rows (tokens), C = channels, V = vocabulary, B = batch, T = sequence length,
 //! Hq / Hkv = query / key-value heads, D = head dim. Backward functions accumulate (`+=`).
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;

@@ -1,0 +1,681 @@
+//! [`Accel`] for [`CudaDevice`]: each op of the device backend as the `.cu` kernels (and cuBLAS
+//! for the dense products) on device buffers. Ids, positions and targets are checked on the host
+//! (the kernels trust them) and copied over per call.
+//!
+//! Not yet run on a GPU: each kernel is checked against its CPU twin by `tests/cuda_parity.rs`,
+//! and the whole backend by the device training-step parity test, on a GPU machine.
+
+use crate::accel::{Accel, DBits, DBuf, DevLinearGrads, DevLora, Unary};
+use crate::cuda::{CudaDevice, CudaError, LoraDims};
+use crate::error::{check_len, invalid, KernelError, Result};
+use crate::lora_linear::{LinearDims, WeightLayout};
+use crate::ops::adamw::AdamStep;
+use crate::ops::attention::AttnDims;
+use crate::ops::cross_entropy::check_targets;
+use crate::ops::embedding::check_ids;
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+
+fn dev_err(e: CudaError) -> KernelError {
+    KernelError::Device(e.0)
+}
+
+fn c(b: &DBuf) -> Result<&CudaSlice<f32>> {
+    match b {
+        DBuf::Cuda(s) => Ok(s),
+        DBuf::Host(_) => Err(KernelError::Device(
+            "a host (emulated) buffer was passed to a CUDA device".into(),
+        )),
+    }
+}
+
+fn cm(b: &mut DBuf) -> Result<&mut CudaSlice<f32>> {
+    match b {
+        DBuf::Cuda(s) => Ok(s),
+        DBuf::Host(_) => Err(KernelError::Device(
+            "a host (emulated) buffer was passed to a CUDA device".into(),
+        )),
+    }
+}
+
+/// A null device pointer for a kernel's optional argument.
+const NULL: u64 = 0;
+
+/// One block of 256 threads per row (`rows` blocks), or one thread per column.
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn cols_cfg(cols: usize) -> LaunchConfig {
+    rows_cfg(cols.div_ceil(256))
+}
+
+fn flat_cfg(n: usize) -> LaunchConfig {
+    rows_cfg(n.div_ceil(256).clamp(1, 65535))
+}
+
+impl CudaDevice {
+    fn run<'a>(
+        &'a self,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> Result<()> {
+        let f: &'a CudaFunction = self.func(name);
+        let mut l = self.stream.launch_builder(f);
+        args(&mut l);
+        // SAFETY: every caller pushes the kernel's arguments in its order (see the .cu file),
+        // with buffers whose lengths were checked against the dimensions it passes.
+        unsafe { l.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| KernelError::Device(format!("{name}: {e:?}")))
+    }
+
+    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| KernelError::Device(format!("alloc: {e:?}")))
+    }
+
+    fn ints<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(v)
+            .map_err(|e| KernelError::Device(format!("upload: {e:?}")))
+    }
+
+    fn lora_dims(d: LinearDims, l: &DevLora) -> LoraDims {
+        let (p, seed) = l.dropout.map_or((0.0, 0), |dr| (dr.p, dr.seed));
+        LoraDims {
+            n: d.tokens,
+            k: d.inp,
+            m: d.out,
+            r: l.rank,
+            scale: l.scale,
+            p,
+            seed,
+        }
+    }
+}
+
+fn same_len(op: &'static str, pairs: &[(&'static str, usize)], n: usize) -> Result<()> {
+    for &(arg, got) in pairs {
+        check_len(op, arg, got, &[n])?;
+    }
+    Ok(())
+}
+
+impl Accel for CudaDevice {
+    fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "?".into());
+        format!("cuda:{} {name} ({})", self.ctx.ordinal(), self.arch)
+    }
+    fn upload(&self, v: &[f32]) -> Result<DBuf> {
+        CudaDevice::upload(self, v).map(DBuf::Cuda).map_err(dev_err)
+    }
+    fn upload_bits(&self, v: &[u16]) -> Result<DBits> {
+        CudaDevice::upload_bits(self, v)
+            .map(DBits::Cuda)
+            .map_err(dev_err)
+    }
+    fn download(&self, b: &DBuf) -> Result<Vec<f32>> {
+        CudaDevice::download(self, c(b)?).map_err(dev_err)
+    }
+    fn zeros(&self, n: usize) -> Result<DBuf> {
+        self.alloc(n).map(DBuf::Cuda)
+    }
+    fn copy(&self, b: &DBuf) -> Result<DBuf> {
+        self.stream
+            .clone_dtod(c(b)?)
+            .map(DBuf::Cuda)
+            .map_err(|e| KernelError::Device(format!("copy: {e:?}")))
+    }
+    fn widen(&self, bits: &DBits, f16: bool) -> Result<DBuf> {
+        let DBits::Cuda(b) = bits else {
+            return Err(KernelError::Device(
+                "widen: a host buffer on a CUDA device".into(),
+            ));
+        };
+        CudaDevice::widen(self, b, f16)
+            .map(DBuf::Cuda)
+            .map_err(dev_err)
+    }
+    fn add(&self, a: &DBuf, b: &DBuf) -> Result<DBuf> {
+        same_len("add_forward", &[("b", b.len())], a.len())?;
+        let mut out = self.alloc(a.len())?;
+        self.launch_elementwise("add_forward", &mut [&mut out], &[c(a)?, c(b)?], a.len())
+            .map_err(dev_err)?;
+        Ok(DBuf::Cuda(out))
+    }
+    fn accumulate(&self, acc: &mut DBuf, g: &DBuf) -> Result<()> {
+        let n = acc.len();
+        same_len("accumulate", &[("src", g.len())], n)?;
+        self.launch_elementwise("accumulate", &mut [cm(acc)?], &[c(g)?], n)
+            .map_err(dev_err)
+    }
+    fn scale(&self, x: &mut DBuf, s: f32) -> Result<()> {
+        let n = x.len() as i64;
+        let x = cm(x)?;
+        self.run("scale_in_place", flat_cfg(n as usize), |l| {
+            l.arg(x).arg(&s).arg(&n);
+        })
+    }
+    fn sum_squares(&self, x: &DBuf) -> Result<f64> {
+        // Adapter gradients are small (kilobytes to megabytes): summed on the host in f64.
+        let v = Accel::download(self, x)?;
+        Ok(v.iter().map(|&a| a as f64 * a as f64).sum())
+    }
+    fn unary_forward(&self, f: Unary, x: &DBuf) -> Result<DBuf> {
+        let name = match f {
+            Unary::Gelu => "gelu_forward",
+            Unary::Silu => "silu_forward",
+        };
+        let mut out = self.alloc(x.len())?;
+        self.launch_elementwise(name, &mut [&mut out], &[c(x)?], x.len())
+            .map_err(dev_err)?;
+        Ok(DBuf::Cuda(out))
+    }
+    fn unary_backward(&self, f: Unary, dx: &mut DBuf, dout: &DBuf, x: &DBuf) -> Result<()> {
+        let name = match f {
+            Unary::Gelu => "gelu_backward",
+            Unary::Silu => "silu_backward",
+        };
+        let n = dx.len();
+        same_len(name, &[("dout", dout.len()), ("x", x.len())], n)?;
+        self.launch_elementwise(name, &mut [cm(dx)?], &[c(dout)?, c(x)?], n)
+            .map_err(dev_err)
+    }
+    fn swiglu_forward(&self, gate: &DBuf, up: &DBuf) -> Result<DBuf> {
+        same_len("swiglu_forward", &[("up", up.len())], gate.len())?;
+        let mut out = self.alloc(gate.len())?;
+        self.launch_elementwise(
+            "swiglu_forward",
+            &mut [&mut out],
+            &[c(gate)?, c(up)?],
+            gate.len(),
+        )
+        .map_err(dev_err)?;
+        Ok(DBuf::Cuda(out))
+    }
+    fn swiglu_backward(
+        &self,
+        dgate: &mut DBuf,
+        dup: &mut DBuf,
+        dout: &DBuf,
+        gate: &DBuf,
+        up: &DBuf,
+    ) -> Result<()> {
+        let n = dout.len();
+        let pairs = [
+            ("dgate", dgate.len()),
+            ("dup", dup.len()),
+            ("gate", gate.len()),
+            ("up", up.len()),
+        ];
+        same_len("swiglu_backward", &pairs, n)?;
+        let (dg, du) = (cm(dgate)?, cm(dup)?);
+        self.launch_elementwise(
+            "swiglu_backward",
+            &mut [dg, du],
+            &[c(dout)?, c(gate)?, c(up)?],
+            n,
+        )
+        .map_err(dev_err)
+    }
+    fn layernorm_forward(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: Option<&DBuf>,
+        cc: usize,
+        eps: f32,
+    ) -> Result<[DBuf; 3]> {
+        const OP: &str = "layernorm_forward";
+        let n = x.len() / cc.max(1);
+        check_len(OP, "x", x.len(), &[n, cc])?;
+        check_len(OP, "gamma", gamma.len(), &[cc])?;
+        if let Some(b) = beta {
+            check_len(OP, "beta", b.len(), &[cc])?;
+        }
+        let (mut out, mut mean, mut rstd) = (self.alloc(x.len())?, self.alloc(n)?, self.alloc(n)?);
+        let (xs, gs, bs) = (c(x)?, c(gamma)?, beta.map(c).transpose()?);
+        let (ni, ci) = (n as i32, cc as i32);
+        self.run(OP, rows_cfg(n), |l| {
+            l.arg(&mut out)
+                .arg(&mut mean)
+                .arg(&mut rstd)
+                .arg(xs)
+                .arg(gs);
+            match bs {
+                Some(b) => l.arg(b),
+                None => l.arg(&NULL),
+            };
+            l.arg(&ni).arg(&ci).arg(&eps);
+        })?;
+        Ok([DBuf::Cuda(out), DBuf::Cuda(mean), DBuf::Cuda(rstd)])
+    }
+    fn layernorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dout: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        mean: &DBuf,
+        rstd: &DBuf,
+        cc: usize,
+    ) -> Result<()> {
+        let n = x.len() / cc.max(1);
+        check_len("layernorm_backward", "dout", dout.len(), &[n, cc])?;
+        let (ds, xs, gs, ms, rs) = (c(dout)?, c(x)?, c(gamma)?, c(mean)?, c(rstd)?);
+        let (ni, ci) = (n as i32, cc as i32);
+        if let Some(dx) = dx {
+            check_len("layernorm_backward", "dx", dx.len(), &[n, cc])?;
+            let dx = cm(dx)?;
+            self.run("layernorm_backward", rows_cfg(n), |l| {
+                l.arg(dx)
+                    .arg(ds)
+                    .arg(xs)
+                    .arg(gs)
+                    .arg(ms)
+                    .arg(rs)
+                    .arg(&ni)
+                    .arg(&ci);
+            })?;
+        }
+        if dgamma.is_some() || dbeta.is_some() {
+            let dg = dgamma.map(cm).transpose()?;
+            let db = dbeta.map(cm).transpose()?;
+            self.run("layernorm_backward_params", cols_cfg(cc), |l| {
+                match dg {
+                    Some(g) => l.arg(g),
+                    None => l.arg(&NULL),
+                };
+                match db {
+                    Some(b) => l.arg(b),
+                    None => l.arg(&NULL),
+                };
+                l.arg(ds).arg(xs).arg(ms).arg(rs).arg(&ni).arg(&ci);
+            })?;
+        }
+        Ok(())
+    }
+    fn rmsnorm_forward(&self, x: &DBuf, gamma: &DBuf, cc: usize, eps: f32) -> Result<[DBuf; 2]> {
+        const OP: &str = "rmsnorm_forward";
+        let n = x.len() / cc.max(1);
+        check_len(OP, "x", x.len(), &[n, cc])?;
+        check_len(OP, "gamma", gamma.len(), &[cc])?;
+        let (mut out, mut rstd) = (self.alloc(x.len())?, self.alloc(n)?);
+        let (xs, gs) = (c(x)?, c(gamma)?);
+        let (ni, ci) = (n as i32, cc as i32);
+        self.run(OP, rows_cfg(n), |l| {
+            l.arg(&mut out)
+                .arg(&mut rstd)
+                .arg(xs)
+                .arg(gs)
+                .arg(&ni)
+                .arg(&ci)
+                .arg(&eps);
+        })?;
+        Ok([DBuf::Cuda(out), DBuf::Cuda(rstd)])
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dout: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        rstd: &DBuf,
+        cc: usize,
+    ) -> Result<()> {
+        let n = x.len() / cc.max(1);
+        check_len("rmsnorm_backward", "dout", dout.len(), &[n, cc])?;
+        let (ds, xs, gs, rs) = (c(dout)?, c(x)?, c(gamma)?, c(rstd)?);
+        let (ni, ci) = (n as i32, cc as i32);
+        if let Some(dx) = dx {
+            check_len("rmsnorm_backward", "dx", dx.len(), &[n, cc])?;
+            let dx = cm(dx)?;
+            self.run("rmsnorm_backward", rows_cfg(n), |l| {
+                l.arg(dx).arg(ds).arg(xs).arg(gs).arg(rs).arg(&ni).arg(&ci);
+            })?;
+        }
+        if let Some(dg) = dgamma {
+            let dg = cm(dg)?;
+            self.run("rmsnorm_backward_params", cols_cfg(cc), |l| {
+                l.arg(dg).arg(ds).arg(xs).arg(rs).arg(&ni).arg(&ci);
+            })?;
+        }
+        Ok(())
+    }
+    fn embedding_forward(&self, table: &DBuf, ids: &[u32], cc: usize) -> Result<DBuf> {
+        const OP: &str = "embedding_forward";
+        let v = table.len() / cc.max(1);
+        check_len(OP, "table", table.len(), &[v, cc])?;
+        check_ids(OP, ids, v)?;
+        let n = ids.len();
+        let mut out = self.alloc(n * cc)?;
+        let (ts, is) = (c(table)?, self.ints(ids)?);
+        let (ni, ci) = (n as i32, cc as i32);
+        self.run(OP, rows_cfg(n), |l| {
+            l.arg(&mut out).arg(ts).arg(&is).arg(&ni).arg(&ci);
+        })?;
+        Ok(DBuf::Cuda(out))
+    }
+    fn rope(
+        &self,
+        backward: bool,
+        out: &mut DBuf,
+        x: &DBuf,
+        cos: &DBuf,
+        sin: &DBuf,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let op = if backward {
+            "rope_backward"
+        } else {
+            "rope_forward"
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(invalid(
+                op,
+                "head_dim",
+                format!("must be even and positive, got {head_dim}"),
+            ));
+        }
+        let half = head_dim / 2;
+        let p = cos.len() / half;
+        check_len(op, "sin", sin.len(), &[p, half])?;
+        let n = positions.len();
+        check_len(op, "x", x.len(), &[n, heads, head_dim])?;
+        check_len(op, "out", out.len(), &[n, heads, head_dim])?;
+        if let Some(i) = positions.iter().position(|&q| q as usize >= p) {
+            return Err(KernelError::IndexOutOfRange {
+                op,
+                arg: "positions",
+                index: i,
+                value: positions[i] as i64,
+                limit: p,
+            });
+        }
+        let (xs, cs, ss, ps) = (c(x)?, c(cos)?, c(sin)?, self.ints(positions)?);
+        let o = cm(out)?;
+        let (ni, hi, di) = (n as i32, heads as i32, head_dim as i32);
+        self.run(op, rows_cfg(n), |l| {
+            l.arg(o)
+                .arg(xs)
+                .arg(cs)
+                .arg(ss)
+                .arg(&ps)
+                .arg(&ni)
+                .arg(&hi)
+                .arg(&di);
+        })
+    }
+    fn attention_forward(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        d: AttnDims,
+        scale: f32,
+    ) -> Result<[DBuf; 2]> {
+        let (mut out, mut lse) = (self.alloc(q.len())?, self.alloc(d.lse_len())?);
+        CudaDevice::attention_forward(self, &mut out, &mut lse, c(q)?, c(k)?, c(v)?, d, scale)
+            .map_err(dev_err)?;
+        Ok([DBuf::Cuda(out), DBuf::Cuda(lse)])
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut DBuf,
+        dk: &mut DBuf,
+        dv: &mut DBuf,
+        dout: &DBuf,
+        lse: &DBuf,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        d: AttnDims,
+        scale: f32,
+    ) -> Result<()> {
+        CudaDevice::attention_backward(
+            self,
+            cm(dq)?,
+            cm(dk)?,
+            cm(dv)?,
+            c(dout)?,
+            c(lse)?,
+            c(q)?,
+            c(k)?,
+            c(v)?,
+            d,
+            scale,
+        )
+        .map_err(dev_err)
+    }
+    fn narrow(
+        &self,
+        forward: bool,
+        out: &mut DBuf,
+        x: &DBuf,
+        n: usize,
+        cols: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<()> {
+        CudaDevice::narrow(self, forward, cm(out)?, c(x)?, n, cols, start, len).map_err(dev_err)
+    }
+    fn linear_forward(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        layout: WeightLayout,
+        bias: Option<&DBuf>,
+        lora: Option<DevLora>,
+        d: LinearDims,
+    ) -> Result<(DBuf, Option<DBuf>)> {
+        const OP: &str = "lora_linear_forward";
+        check_len(OP, "x", x.len(), &[d.tokens, d.inp])?;
+        check_len(OP, "w", w.len(), &[d.out, d.inp])?;
+        if let Some(b) = bias {
+            check_len(OP, "bias", b.len(), &[d.out])?;
+        }
+        let bias = bias.map(c).transpose()?;
+        let Some(l) = lora else {
+            let mut y =
+                CudaDevice::linear_forward(self, c(x)?, c(w)?, layout, (d.tokens, d.inp, d.out))
+                    .map_err(dev_err)?;
+            if let Some(b) = bias {
+                let (n, m) = (d.tokens as i64, d.out as i32);
+                self.run("bias_add", flat_cfg(d.tokens * d.out), |lb| {
+                    lb.arg(&mut y).arg(b).arg(&n).arg(&m);
+                })?;
+            }
+            return Ok((DBuf::Cuda(y), None));
+        };
+        let ld = Self::lora_dims(d, &l);
+        let (y, u) =
+            CudaDevice::lora_forward(self, c(x)?, c(w)?, layout, bias, c(l.a)?, c(l.b)?, ld)
+                .map_err(dev_err)?;
+        Ok((DBuf::Cuda(y), Some(DBuf::Cuda(u))))
+    }
+    fn linear_backward(
+        &self,
+        grads: DevLinearGrads,
+        dy: &DBuf,
+        x: &DBuf,
+        w: &DBuf,
+        layout: WeightLayout,
+        lora: Option<DevLora>,
+        u: Option<&DBuf>,
+        d: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "lora_linear_backward";
+        check_len(OP, "dy", dy.len(), &[d.tokens, d.out])?;
+        let DevLinearGrads { dx, dbias, da, db } = grads;
+        let (Some(l), Some(u)) = (lora, u) else {
+            if dbias.is_some() || da.is_some() || db.is_some() {
+                return Err(invalid(
+                    OP,
+                    "grads",
+                    "a layer without an adapter has only dx here",
+                ));
+            }
+            if let Some(dx) = dx {
+                let t = CudaDevice::linear_backward_dx(
+                    self,
+                    c(dy)?,
+                    c(w)?,
+                    layout,
+                    (d.tokens, d.inp, d.out),
+                )
+                .map_err(dev_err)?;
+                Accel::accumulate(self, dx, &DBuf::Cuda(t))?;
+            }
+            return Ok(());
+        };
+        let ld = Self::lora_dims(d, &l);
+        let [gx, ga, gb, gbias] = CudaDevice::lora_backward(
+            self,
+            c(dy)?,
+            c(x)?,
+            c(w)?,
+            layout,
+            c(l.a)?,
+            c(l.b)?,
+            c(u)?,
+            ld,
+        )
+        .map_err(dev_err)?;
+        for (dst, src) in [(dx, gx), (da, ga), (db, gb), (dbias, gbias)] {
+            if let Some(dst) = dst {
+                Accel::accumulate(self, dst, &DBuf::Cuda(src))?;
+            }
+        }
+        Ok(())
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &DBuf,
+        targets: &[i32],
+        v: usize,
+    ) -> Result<(f32, usize, DBuf)> {
+        const OP: &str = "cross_entropy_forward";
+        let n = targets.len();
+        check_len(OP, "logits", logits.len(), &[n, v])?;
+        check_targets(OP, targets, v)?;
+        let (mut lse, mut row_loss) = (self.alloc(n)?, self.alloc(n)?);
+        let (ls, ts) = (c(logits)?, self.ints(targets)?);
+        let (ni, vi) = (n as i32, v as i32);
+        self.run(OP, rows_cfg(n), |l| {
+            l.arg(&mut lse)
+                .arg(&mut row_loss)
+                .arg(ls)
+                .arg(&ts)
+                .arg(&ni)
+                .arg(&vi);
+        })?;
+        // Summed on the host in f64, in row order, as the CPU kernel does.
+        let rows = CudaDevice::download(self, &row_loss).map_err(dev_err)?;
+        let count = targets.iter().filter(|&&t| t >= 0).count();
+        let total: f64 = rows.iter().map(|&r| r as f64).sum();
+        let loss = if count == 0 {
+            0.0
+        } else {
+            (total / count as f64) as f32
+        };
+        Ok((loss, count, DBuf::Cuda(lse)))
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut DBuf,
+        dloss: f32,
+        logits: &DBuf,
+        lse: &DBuf,
+        targets: &[i32],
+        v: usize,
+        count: usize,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_backward";
+        let n = targets.len();
+        check_len(OP, "dlogits", dlogits.len(), &[n, v])?;
+        check_len(OP, "logits", logits.len(), &[n, v])?;
+        check_len(OP, "lse", lse.len(), &[n])?;
+        if count == 0 {
+            return Ok(());
+        }
+        let scale = dloss / count as f32;
+        let (ls, es, ts) = (c(logits)?, c(lse)?, self.ints(targets)?);
+        let dl = cm(dlogits)?;
+        let (ni, vi) = (n as i32, v as i32);
+        self.run(OP, rows_cfg(n), |l| {
+            l.arg(dl)
+                .arg(ls)
+                .arg(es)
+                .arg(&ts)
+                .arg(&ni)
+                .arg(&vi)
+                .arg(&scale);
+        })
+    }
+    fn linear_cross_entropy(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        targets: &[i32],
+        cc: usize,
+        v: usize,
+        want_dx: bool,
+    ) -> Result<(f32, usize, Option<DBuf>)> {
+        // The logits (N, V) exist once on the device (not chunked yet); their gradient is
+        // computed in the same call, then folded into dx by one more product.
+        let n = targets.len();
+        let d = LinearDims {
+            tokens: n,
+            inp: cc,
+            out: v,
+        };
+        let (logits, _) = Accel::linear_forward(self, x, w, WeightLayout::OutIn, None, None, d)?;
+        let (loss, count, lse) = Accel::cross_entropy_forward(self, &logits, targets, v)?;
+        if !want_dx {
+            return Ok((loss, count, None));
+        }
+        let mut dlogits = Accel::zeros(self, n * v)?;
+        Accel::cross_entropy_backward(self, &mut dlogits, 1.0, &logits, &lse, targets, v, count)?;
+        drop(logits);
+        let dx = CudaDevice::linear_backward_dx(
+            self,
+            c(&dlogits)?,
+            c(w)?,
+            WeightLayout::OutIn,
+            (n, cc, v),
+        )
+        .map_err(dev_err)?;
+        Ok((loss, count, Some(DBuf::Cuda(dx))))
+    }
+    fn adamw(&self, p: &mut DBuf, g: &DBuf, m: &mut DBuf, v: &mut DBuf, h: AdamStep) -> Result<()> {
+        let n = p.len();
+        same_len(
+            "adamw_step",
+            &[("grad", g.len()), ("m", m.len()), ("v", v.len())],
+            n,
+        )?;
+        let (ps, gs, ms, vs) = (cm(p)?, c(g)?, cm(m)?, cm(v)?);
+        let ni = n as i64;
+        let (step_size, bc2) = (h.step_size(), h.bc2_sqrt());
+        self.run("adamw_step", flat_cfg(n), |l| {
+            l.arg(ps).arg(gs).arg(ms).arg(vs).arg(&ni);
+            l.arg(&h.lr)
+                .arg(&h.beta1)
+                .arg(&h.beta2)
+                .arg(&h.eps)
+                .arg(&h.weight_decay);
+            l.arg(&step_size).arg(&bc2);
+        })
+    }
+}
