@@ -5,6 +5,9 @@ on c_attn, batch 4 x 256, f32, one AdamW step per iteration; median step time, t
 Run (needs torch, transformers, peft), after the Rust side, on the same machine:
     ./target/release/lora bench train --threads 2
     python3 benches/compare_train_peft.py --threads 2
+On a GPU (scripts/gpu-check.sh does this):
+    ./target/release/lora bench train --device cuda
+    python3 benches/compare_train_peft.py --device cuda
 """
 import argparse
 import json
@@ -22,14 +25,17 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
+    dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+    model.to(dev)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 50257, (args.batch, args.seq))
+    ids = torch.randint(0, 50257, (args.batch, args.seq)).to(dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -37,6 +43,8 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     step()
     times = []
@@ -47,8 +55,12 @@ def main():
     times.sort()
     med = times[len(times) // 2]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
-    print(json.dumps({"torch": torch.__version__, "threads": args.threads, "median_step_s": med,
-                      "tokens_per_s": args.batch * args.seq / med, "peak_rss_gib": rss}))
+    out = {"torch": torch.__version__, "device": str(dev), "threads": args.threads,
+           "median_step_s": med, "tokens_per_s": args.batch * args.seq / med, "peak_rss_gib": rss}
+    if dev.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(dev)
+        out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / (1 << 30)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -9,20 +9,25 @@
 # (cuda_ptx); the CUDA LoRA linear, element-wise, row and attention kernels against the f64
 # oracle / CPU twins with NaN-poisoned outputs (cuda_parity); and the LoRA linear benchmark,
 # fused CUDA layer vs cuBLAS base layer alone, at the four reference shapes plus two
-# Llama-7B-like ones (`lora bench linear --device cuda --suite --json`). Not here yet: a GPU
-# training step (the training path does not run on CUDA yet).
+# Llama-7B-like ones (`lora bench linear --device cuda --suite --json`); whole training steps on
+# the GPU against the CPU on the fixture models (lora-train cuda_step, LORA_REQUIRE_GPU=1 so a
+# skip fails); and the GPT-2 small training step (`lora bench train --device cuda`, LoRA r8 on
+# c_attn, batch 4 x 256) beside PyTorch + PEFT on the same GPU (benches/compare_train_peft.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 build)
     rm -rf gpu-bin && mkdir -p gpu-bin
-    for t in cuda_parity cuda_ptx; do
-        path=$(cargo test --release -p lora-kernels --test "$t" --no-run --message-format=json 2>/dev/null \
+    for pt in lora-kernels:cuda_parity lora-kernels:cuda_ptx lora-train:cuda_step; do
+        p=${pt%%:*} t=${pt##*:}
+        path=$(cargo test --release -p "$p" --test "$t" --no-run --message-format=json 2>/dev/null \
             | grep -o '"executable":"[^"]*'"$t"'[^"]*"' | head -1 | cut -d'"' -f4)
         cp "$path" "gpu-bin/$t"
     done
     cargo build --release -p lora-cli
     cp target/release/lora gpu-bin/lora
+    # Without debug info they fit the 64 MiB a device run may carry (14 MB vs 160 MB).
+    strip gpu-bin/*
     ls -la gpu-bin
     ;;
 run)
@@ -42,8 +47,15 @@ run)
             (cd lora-kernels && "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1 \
                 || echo "FAILED: $t"
         done
+        echo "## cuda_step (lora-train)"
+        (cd lora-train && LORA_REQUIRE_GPU=1 ../gpu-bin/cuda_step --nocapture --test-threads 1) 2>&1 \
+            || echo "FAILED: cuda_step"
         echo "## lora bench linear --device cuda --suite --json"
         gpu-bin/lora bench linear --device cuda --suite --json 2>&1 || echo "FAILED: bench"
+        echo "## lora bench train --device cuda --json (GPT-2 small, LoRA r8 c_attn, 4 x 256)"
+        gpu-bin/lora bench train --device cuda --steps 10 --json 2>&1 || echo "FAILED: bench train"
+        echo "## PyTorch + PEFT, same step, same GPU"
+        python3 benches/compare_train_peft.py --device cuda --steps 10 2>&1 || echo "FAILED: peft"
     } | tee gpu-results/results.txt
     ;;
 *)

@@ -220,6 +220,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         save_every: 0,
         keep_checkpoints: 1,
         gradient_checkpointing: false,
+        device: lora_core::Device::Cpu,
         stop_after: None,
     };
     let report = if r.json {

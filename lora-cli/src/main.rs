@@ -248,8 +248,9 @@ struct TrainArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// auto, cpu, cuda or cuda:N. `auto` picks the CPU in this build (the CUDA backend is not
-    /// built yet); asking for cuda is an error rather than a silent fallback.
+    /// auto, cpu, cuda or cuda:N. `auto` picks CUDA when a device answers and its kernels
+    /// compile, else the CPU, and says which; asking for cuda where it cannot run is an error
+    /// rather than a silent fallback.
     #[arg(long, default_value = "auto")]
     device: String,
     /// Continue from the newest checkpoint in --out (same flags as the original run).
@@ -366,6 +367,9 @@ struct TrainBenchArgs {
     /// products) instead of f32.
     #[arg(long)]
     bf16: bool,
+    /// cpu, cuda or cuda:N: where the step runs.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -546,35 +550,45 @@ fn main() {
     }
 }
 
-/// `--device`: `auto` resolves to the CPU until the CUDA training path exists (saying so when
-/// a GPU is present); an explicit CUDA device is refused with the reason, never a panic (the
-/// driver library is probed before any CUDA call).
-fn resolve_device(s: &str) -> Result<String> {
-    let gpus = lora_kernels::cuda::device_count();
+/// `--device`: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when the driver library loads, a device
+/// answers and its kernels compile, else the CPU). Returns the device and the one line that says
+/// which and why. An explicit CUDA device that cannot be used is an error with the reason; the
+/// driver library is probed before any CUDA call, so there is never a panic.
+fn resolve_device(s: &str) -> Result<(lora_core::Device, String)> {
+    use lora_core::Device;
     let d = match s {
-        "auto" => lora_core::Device::Cpu,
-        other => other
-            .parse::<lora_core::Device>()
-            .with_context(|| "--device must be auto, cpu, cuda or cuda:N")?,
+        "auto" => None,
+        other => Some(
+            other
+                .parse::<Device>()
+                .with_context(|| "--device must be auto, cpu, cuda or cuda:N")?,
+        ),
     };
-    if let lora_core::Device::Cuda(i) = d {
-        let why = if !lora_kernels::cuda::driver_available() {
-            "no CUDA driver library (libcuda) on this machine".to_string()
-        } else if i >= gpus {
-            format!("{gpus} CUDA device(s) answer, there is no cuda:{i}")
-        } else {
-            "the CUDA kernels compile but are not wired into training yet (the CPU path is complete)"
-                .to_string()
-        };
-        anyhow::bail!("--device {s}: CUDA backend not available yet: {why}; use --device cpu");
-    }
-    let note = match (s, gpus) {
-        ("auto", n) if n > 0 => {
-            format!("device: cpu ({n} CUDA device(s) found, but this build trains on the CPU only)")
+    match d {
+        Some(Device::Cpu) => Ok((Device::Cpu, "device: cpu".into())),
+        Some(dev) => match dev.describe() {
+            Ok(name) => Ok((dev, format!("device: {name}"))),
+            Err(e) => anyhow::bail!("--device {s}: {e}"),
+        },
+        None => {
+            let gpus = lora_kernels::cuda::device_count();
+            if gpus == 0 {
+                let why = if lora_kernels::cuda::driver_available() {
+                    "no CUDA device answers"
+                } else {
+                    "no CUDA driver library"
+                };
+                return Ok((Device::Cpu, format!("device: cpu (auto: {why})")));
+            }
+            match Device::Cuda(0).describe() {
+                Ok(name) => Ok((Device::Cuda(0), format!("device: {name} (auto)"))),
+                Err(e) => Ok((
+                    Device::Cpu,
+                    format!("device: cpu (auto: {gpus} CUDA device(s) found but unusable: {e})"),
+                )),
+            }
         }
-        _ => "device: cpu".to_string(),
-    };
-    Ok(note)
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -593,7 +607,7 @@ fn run(cli: Cli) -> Result<()> {
             json: a.json,
         }),
         Command::Train(a) => {
-            let note = resolve_device(&a.device)?;
+            let (device, note) = resolve_device(&a.device)?;
             if !a.json {
                 println!("{note}");
             }
@@ -634,6 +648,7 @@ fn run(cli: Cli) -> Result<()> {
                 save_every: a.save_every,
                 keep_checkpoints: a.keep_checkpoints,
                 gradient_checkpointing: a.gradient_checkpointing,
+                device,
                 stop_after: None,
             };
             infer::run_train(&cfg, a.resume, a.force, a.threads, a.json).map(|_| ())
@@ -762,6 +777,10 @@ fn run(cli: Cli) -> Result<()> {
             bench::run_gemm(a.size, a.threads, a.iters, a.json)
         }
         Command::Bench(BenchCommand::Train(a)) => {
+            let device = match a.device.as_str() {
+                "auto" => anyhow::bail!("--device: name cpu or the GPU (cuda, cuda:N) to time"),
+                d => resolve_device(d)?.0,
+            };
             anyhow::ensure!(
                 a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0,
                 "--steps, --batch, --rank must be at least 1 and --seq at least 2"
@@ -781,6 +800,7 @@ fn run(cli: Cli) -> Result<()> {
                     checkpoint: a.gradient_checkpointing,
                     bf16: a.bf16,
                     json: a.json,
+                    device,
                 })
             })
         }

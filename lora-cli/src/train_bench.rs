@@ -50,6 +50,8 @@ pub struct TrainBench {
     pub checkpoint: bool,
     pub bf16: bool,
     pub json: bool,
+    /// Where the step runs (the model is moved there before the warm-up step).
+    pub device: lora_core::Device,
 }
 
 /// Runs `steps` timed steps (after one warm-up) and prints the medians.
@@ -160,6 +162,8 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
         seq,
     };
     let model: &dyn CausalLm = model.as_ref();
+    let device = cfg.device;
+    model.to_device(device)?;
     let groups = adapter_groups(model, 1.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     train_step(
@@ -187,6 +191,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             s as u64 + 1,
             checkpoint,
         )?;
+        device.synchronize()?; // the last optimizer kernels are queued, not done
         times.push(t.elapsed().as_secs_f64());
     }
     let med = crate::bench::median(&mut times);
@@ -196,7 +201,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
+            serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
         );
     } else {
         let ck = match (checkpoint, bf16) {

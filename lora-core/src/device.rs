@@ -79,6 +79,14 @@ impl Device {
         }
     }
 
+    /// Waits for the device's queued work (a no-op on the CPU); benchmarks time with it.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(_) => Ok(accel(*self)?.synchronize()?),
+        }
+    }
+
     /// One line naming the device (for logs): `cpu`, or the GPU's name and architecture.
     pub fn describe(&self) -> Result<String> {
         match self {

@@ -114,6 +114,8 @@ pub struct DevLinearGrads<'a> {
 pub trait Accel: Send + Sync {
     /// One line naming the device (`cuda:0 NVIDIA H200 (sm_90)`).
     fn describe(&self) -> String;
+    /// Waits until all queued work is done (timing).
+    fn synchronize(&self) -> Result<()>;
 
     /// Copies host values to a new device buffer.
     fn upload(&self, v: &[f32]) -> Result<DBuf>;
@@ -341,6 +343,9 @@ fn hm_opt(b: Option<&mut DBuf>) -> Result<Option<&mut [f32]>> {
 impl Accel for Emulated {
     fn describe(&self) -> String {
         "emulated device (host memory, CPU kernels)".into()
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
     }
     fn upload(&self, v: &[f32]) -> Result<DBuf> {
         Ok(DBuf::Host(v.to_vec()))

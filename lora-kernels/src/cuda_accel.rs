@@ -112,6 +112,9 @@ impl Accel for CudaDevice {
         let name = self.ctx.name().unwrap_or_else(|_| "?".into());
         format!("cuda:{} {name} ({})", self.ctx.ordinal(), self.arch)
     }
+    fn synchronize(&self) -> Result<()> {
+        CudaDevice::synchronize(self).map_err(dev_err)
+    }
     fn upload(&self, v: &[f32]) -> Result<DBuf> {
         CudaDevice::upload(self, v).map(DBuf::Cuda).map_err(dev_err)
     }

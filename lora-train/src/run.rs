@@ -95,6 +95,9 @@ pub struct TrainConfig {
     /// Stop after this many steps of this invocation (a checkpoint is written): for tests and
     /// time-boxed runs; `None` runs to `steps`.
     pub stop_after: Option<usize>,
+    /// Where the model trains (the whole step runs there). Not part of the run's identity: a
+    /// run checkpointed on one device resumes on another.
+    pub device: lora_core::Device,
 }
 
 impl TrainConfig {
@@ -477,6 +480,9 @@ pub fn train_until(
         opt.import(&named_params(model.as_ref()), &st);
     }
 
+    // Everything the step touches moves to the device now (weights, adapters; the optimizer
+    // state follows its tensors on the first step).
+    model.to_device(cfg.device)?;
     let (trainable, all_params) = param_counts(model.as_ref());
     let eval_before = if checkpoint.is_none() {
         eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss)

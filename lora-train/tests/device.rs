@@ -6,93 +6,16 @@
 //! checked against their CPU twins by `lora-kernels/tests/cuda_parity.rs` on a GPU, and a whole
 //! CUDA step against the host step by `tests/cuda_step.rs`.)
 
+mod common;
+
+use common::{adapters, max_rel, micro_batches, model, step, three_steps};
 use lora_core::models::CausalLm;
-use lora_core::{ops, Device, LoraConfig, Tape, Tensor};
-use lora_io::hf::ModelDir;
-use lora_io::safetensors::SafetensorsFile;
-use lora_kernels::rng::Rng;
-use lora_train::batches::Batch;
-use lora_train::optim::{AdamW, Optimizer};
-use lora_train::trainer::{adapter_groups, train_step};
-use std::path::PathBuf;
+use lora_core::{ops, Device, Tape, Tensor};
 
 const DEV: Device = Device::Cuda(0);
 
 fn emulate() {
     lora_core::device::emulate_cuda(0);
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures/parity")
-        .join(name)
-}
-
-/// The fixture model with a rank-4 adapter (dropout 0.2, non-zero B) on every linear layer.
-fn model(name: &str) -> Box<dyn CausalLm> {
-    let mut model = ModelDir::open(fixture(name).join("model"))
-        .unwrap()
-        .load_model()
-        .unwrap();
-    let cfg = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.2,
-        ..Default::default()
-    };
-    for (i, (_, l)) in model.linears_mut().into_iter().enumerate() {
-        l.inject(&cfg, i as u64).unwrap();
-    }
-    let mut rng = Rng::new(5);
-    for (_, l) in model.linears() {
-        let b = &l.lora().unwrap().lora_b;
-        let v = (0..b.numel())
-            .map(|_| rng.uniform_range(-0.1, 0.1) as f32)
-            .collect();
-        b.set_data(v).unwrap();
-    }
-    model
-}
-
-fn adapters(model: &dyn CausalLm) -> Vec<Tensor> {
-    model
-        .linears()
-        .iter()
-        .flat_map(|(_, l)| {
-            let l = l.lora().unwrap();
-            [l.lora_a.clone(), l.lora_b.clone()]
-        })
-        .collect()
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
-
-fn ids(name: &str) -> (Vec<i64>, usize, usize) {
-    let reference = SafetensorsFile::open(fixture(name).join("reference.safetensors")).unwrap();
-    let (ids, shape) = reference.read_i64("input_ids").unwrap();
-    (ids, shape[0], shape[1])
-}
-
-/// Loss, adapter gradients (as host vectors) and the tape's saved elements of one step.
-fn step(model: &dyn CausalLm, name: &str, ckpt: bool) -> (f32, Vec<Vec<f32>>, usize) {
-    let (ids, b, t) = ids(name);
-    let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
-    let tape = Tape::new(7).with_checkpointing(ckpt);
-    let loss = model.loss(&tape, &ids_u32, &ids, b, t, true).unwrap();
-    let saved = tape.saved_elems();
-    let grads = tape.backward(&loss).unwrap();
-    let g = adapters(model)
-        .iter()
-        .map(|p| grads.to_vec(p).unwrap().expect("adapter gradient"))
-        .collect();
-    (loss.try_to_vec().unwrap()[0], g, saved)
 }
 
 fn check_step(name: &str) {
@@ -183,34 +106,8 @@ fn device_training_steps_match_host_steps() {
     let host = model(name);
     let dev = model(name);
     dev.to_device(DEV).unwrap();
-    let (ids, b, t) = ids(name);
-    let micro: Vec<Batch> = (0..2)
-        .map(|k| {
-            let ids: Vec<u32> = ids.iter().map(|&x| (x as u32 + k) % 100).collect();
-            let labels = ids.iter().map(|&x| x as i64).collect();
-            Batch {
-                ids,
-                labels,
-                batch: b,
-                seq: t,
-            }
-        })
-        .collect();
-    let run = |m: &dyn CausalLm| {
-        let groups = adapter_groups(m, 4.0);
-        let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.01);
-        let stats: Vec<_> = (0..3)
-            .map(|s| {
-                train_step(m, &mut opt, &groups, &micro, 5e-3, Some(0.5), 11, s, false).unwrap()
-            })
-            .collect();
-        let named: Vec<(String, Tensor)> = adapters(m)
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (format!("p{i}"), t))
-            .collect();
-        (stats, opt.export(&named))
-    };
+    let micro = micro_batches(name);
+    let run = |m: &dyn CausalLm| three_steps(m, &micro);
     let (st_h, opt_h) = run(host.as_ref());
     let (st_d, opt_d) = run(dev.as_ref());
     for (h, d) in st_h.iter().zip(&st_d) {

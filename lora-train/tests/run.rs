@@ -46,6 +46,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         save_every: 2,
         keep_checkpoints: 0,
         gradient_checkpointing: false,
+        device: lora_core::Device::Cpu,
         stop_after: None,
     }
 }
@@ -244,4 +245,32 @@ fn gradient_checkpointing_trains_the_same_adapter() {
     assert!((sa.final_loss - sb.final_loss).abs() <= 1e-4 * sa.final_loss.abs());
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
+}
+
+/// A run on the device path (`cuda:0` made the host emulation of the device backend: see
+/// `tests/device.rs`), stopped after 3 steps and resumed on the CPU, ends with the adapter bytes
+/// of an uninterrupted CPU run: the model, eval, checkpoints and optimizer state all go through
+/// the device code and back.
+#[test]
+fn a_run_on_the_device_path_resumed_on_the_cpu_matches_a_cpu_run() {
+    lora_core::device::emulate_cuda(0);
+    let data = data_file();
+    let a = tmp("dev-host");
+    let sa = train(&config(a.clone(), data.clone()), false, false, &mut |_| {}).unwrap();
+    let d = tmp("dev-dev");
+    let mut cfg = config(d.clone(), data.clone());
+    cfg.device = lora_core::Device::Cuda(0);
+    cfg.stop_after = Some(3);
+    let sd = train(&cfg, false, false, &mut |_| {}).unwrap();
+    assert_eq!(sd.eval_before, sa.eval_before, "eval on the device");
+    let sd = train(&config(d.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
+    assert_eq!(sd.steps, 6);
+    assert_eq!(sd.eval_after, sa.eval_after);
+    assert_eq!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(d.join("adapter_model.safetensors")).unwrap(),
+        "device run resumed on the CPU must end with the CPU run's adapter bytes"
+    );
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&d);
 }
