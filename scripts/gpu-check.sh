@@ -7,7 +7,8 @@
 #
 # What runs: NVRTC compilation of every .cu for sm_80/sm_90 plus ptxas register/spill report
 # (cuda_ptx); the CUDA LoRA linear, element-wise, row and attention kernels against the f64
-# oracle / CPU twins with NaN-poisoned outputs (cuda_parity); and the LoRA linear benchmark,
+# oracle / CPU twins with NaN-poisoned outputs (cuda_parity); every method of the device
+# backend the training step calls, CUDA vs the host emulation (cuda_accel); and the LoRA linear benchmark,
 # fused CUDA layer vs cuBLAS base layer alone, at the four reference shapes plus two
 # Llama-7B-like ones (`lora bench linear --device cuda --suite --json`); whole training steps on
 # the GPU against the CPU on the fixture models (lora-train cuda_step, LORA_REQUIRE_GPU=1 so a
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
 build)
     rm -rf gpu-bin && mkdir -p gpu-bin
-    for pt in lora-kernels:cuda_parity lora-kernels:cuda_ptx lora-train:cuda_step; do
+    for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:cuda_step; do
         p=${pt%%:*} t=${pt##*:}
         path=$(cargo test --release -p "$p" --test "$t" --no-run --message-format=json 2>/dev/null \
             | grep -o '"executable":"[^"]*'"$t"'[^"]*"' | head -1 | cut -d'"' -f4)
@@ -41,7 +42,7 @@ run)
     {
         echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-        for t in cuda_ptx cuda_parity; do
+        for t in cuda_ptx cuda_parity cuda_accel; do
             echo "## $t"
             # Run from lora-kernels/ so relative paths match `cargo test`.
             (cd lora-kernels && "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1 \

@@ -306,7 +306,7 @@ impl CudaDevice {
     /// A buffer every element of which a kernel must write: NaN-poisoned when `poison` is set,
     /// else left uninitialised (no extra pass over memory; the parity tests, which poison,
     /// prove that every element is written).
-    fn output(&self, len: usize) -> Result<CudaSlice<f32>, CudaError> {
+    pub(crate) fn output(&self, len: usize) -> Result<CudaSlice<f32>, CudaError> {
         if self.poison {
             self.filled(len, f32::NAN)
         } else {

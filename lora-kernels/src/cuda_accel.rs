@@ -80,6 +80,12 @@ impl CudaDevice {
             .map_err(|e| KernelError::Device(format!("alloc: {e:?}")))
     }
 
+    /// A buffer its kernel writes completely: uninitialised, or NaN-filled when the device
+    /// poisons outputs (the parity tests), so an unwritten element shows up.
+    fn out(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.output(n).map_err(dev_err)
+    }
+
     fn ints<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(v)
@@ -147,7 +153,7 @@ impl Accel for CudaDevice {
     }
     fn add(&self, a: &DBuf, b: &DBuf) -> Result<DBuf> {
         same_len("add_forward", &[("b", b.len())], a.len())?;
-        let mut out = self.alloc(a.len())?;
+        let mut out = self.out(a.len())?;
         self.launch_elementwise("add_forward", &mut [&mut out], &[c(a)?, c(b)?], a.len())
             .map_err(dev_err)?;
         Ok(DBuf::Cuda(out))
@@ -175,7 +181,7 @@ impl Accel for CudaDevice {
             Unary::Gelu => "gelu_forward",
             Unary::Silu => "silu_forward",
         };
-        let mut out = self.alloc(x.len())?;
+        let mut out = self.out(x.len())?;
         self.launch_elementwise(name, &mut [&mut out], &[c(x)?], x.len())
             .map_err(dev_err)?;
         Ok(DBuf::Cuda(out))
@@ -192,7 +198,7 @@ impl Accel for CudaDevice {
     }
     fn swiglu_forward(&self, gate: &DBuf, up: &DBuf) -> Result<DBuf> {
         same_len("swiglu_forward", &[("up", up.len())], gate.len())?;
-        let mut out = self.alloc(gate.len())?;
+        let mut out = self.out(gate.len())?;
         self.launch_elementwise(
             "swiglu_forward",
             &mut [&mut out],
@@ -242,7 +248,7 @@ impl Accel for CudaDevice {
         if let Some(b) = beta {
             check_len(OP, "beta", b.len(), &[cc])?;
         }
-        let (mut out, mut mean, mut rstd) = (self.alloc(x.len())?, self.alloc(n)?, self.alloc(n)?);
+        let (mut out, mut mean, mut rstd) = (self.out(x.len())?, self.out(n)?, self.out(n)?);
         let (xs, gs, bs) = (c(x)?, c(gamma)?, beta.map(c).transpose()?);
         let (ni, ci) = (n as i32, cc as i32);
         self.run(OP, rows_cfg(n), |l| {
@@ -311,7 +317,7 @@ impl Accel for CudaDevice {
         let n = x.len() / cc.max(1);
         check_len(OP, "x", x.len(), &[n, cc])?;
         check_len(OP, "gamma", gamma.len(), &[cc])?;
-        let (mut out, mut rstd) = (self.alloc(x.len())?, self.alloc(n)?);
+        let (mut out, mut rstd) = (self.out(x.len())?, self.out(n)?);
         let (xs, gs) = (c(x)?, c(gamma)?);
         let (ni, ci) = (n as i32, cc as i32);
         self.run(OP, rows_cfg(n), |l| {
@@ -360,7 +366,7 @@ impl Accel for CudaDevice {
         check_len(OP, "table", table.len(), &[v, cc])?;
         check_ids(OP, ids, v)?;
         let n = ids.len();
-        let mut out = self.alloc(n * cc)?;
+        let mut out = self.out(n * cc)?;
         let (ts, is) = (c(table)?, self.ints(ids)?);
         let (ni, ci) = (n as i32, cc as i32);
         self.run(OP, rows_cfg(n), |l| {
@@ -428,7 +434,7 @@ impl Accel for CudaDevice {
         d: AttnDims,
         scale: f32,
     ) -> Result<[DBuf; 2]> {
-        let (mut out, mut lse) = (self.alloc(q.len())?, self.alloc(d.lse_len())?);
+        let (mut out, mut lse) = (self.out(q.len())?, self.out(d.lse_len())?);
         CudaDevice::attention_forward(self, &mut out, &mut lse, c(q)?, c(k)?, c(v)?, d, scale)
             .map_err(dev_err)?;
         Ok([DBuf::Cuda(out), DBuf::Cuda(lse)])
@@ -572,7 +578,7 @@ impl Accel for CudaDevice {
         let n = targets.len();
         check_len(OP, "logits", logits.len(), &[n, v])?;
         check_targets(OP, targets, v)?;
-        let (mut lse, mut row_loss) = (self.alloc(n)?, self.alloc(n)?);
+        let (mut lse, mut row_loss) = (self.out(n)?, self.out(n)?);
         let (ls, ts) = (c(logits)?, self.ints(targets)?);
         let (ni, vi) = (n as i32, v as i32);
         self.run(OP, rows_cfg(n), |l| {

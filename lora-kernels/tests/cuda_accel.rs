@@ -1,0 +1,277 @@
+//! Every method of the device backend ([`Accel`]) on the CUDA device against the host emulation
+//! (the CPU kernels) on the same seeded inputs: odd sizes, both weight layouts, bias, dropout,
+//! GQA, ignored targets, bf16 and f16 bits. The CUDA device poisons the outputs its kernels must
+//! write (NaN), so an element left unwritten fails. This is the layer the training step calls,
+//! so it checks the argument plumbing of `cuda_accel.rs` as well as the kernels. Needs a GPU:
+//! where no CUDA device answers it says it was skipped; on the host alone it still runs the
+//! emulated side (every call's argument checks).
+
+use lora_kernels::accel::{Accel, DBuf, DevLinearGrads, DevLora, Emulated, Unary};
+use lora_kernels::lora_linear::{Dropout, LinearDims, WeightLayout};
+use lora_kernels::ops::adamw::AdamStep;
+use lora_kernels::ops::attention::AttnDims;
+use lora_kernels::rng::Rng;
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect()
+}
+
+/// Runs every backend method; returns each result as (name, host values).
+fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = Vec::new();
+    let up = |v: &[f32]| a.upload(v).unwrap();
+    let down = |b: &DBuf| a.download(b).unwrap();
+    let (n, c) = (7usize, 45usize);
+    let x = up(&rand(n * c, 1));
+    let y = up(&rand(n * c, 2));
+    let dout = up(&rand(n * c, 3));
+    out.push(("add".into(), down(&a.add(&x, &y).unwrap())));
+    let mut acc = a.copy(&x).unwrap();
+    a.accumulate(&mut acc, &y).unwrap();
+    a.scale(&mut acc, -0.37).unwrap();
+    out.push(("accumulate+scale".into(), down(&acc)));
+    out.push((
+        "sum_squares".into(),
+        vec![a.sum_squares(&x).unwrap() as f32],
+    ));
+    for f in [Unary::Gelu, Unary::Silu] {
+        out.push((format!("{f:?} fwd"), down(&a.unary_forward(f, &x).unwrap())));
+        let mut dx = up(&rand(n * c, 4));
+        a.unary_backward(f, &mut dx, &dout, &x).unwrap();
+        out.push((format!("{f:?} bwd"), down(&dx)));
+    }
+    out.push((
+        "swiglu fwd".into(),
+        down(&a.swiglu_forward(&x, &y).unwrap()),
+    ));
+    let (mut dg, mut du) = (a.zeros(n * c).unwrap(), up(&rand(n * c, 5)));
+    a.swiglu_backward(&mut dg, &mut du, &dout, &x, &y).unwrap();
+    out.push(("swiglu dgate".into(), down(&dg)));
+    out.push(("swiglu dup".into(), down(&du)));
+
+    let gamma = up(&rand(c, 6));
+    let beta = up(&rand(c, 7));
+    let [ln, mean, rstd] = a
+        .layernorm_forward(&x, &gamma, Some(&beta), c, 1e-5)
+        .unwrap();
+    out.push(("layernorm out".into(), down(&ln)));
+    let (mut dx, mut dgm, mut dbt) = (
+        a.zeros(n * c).unwrap(),
+        a.zeros(c).unwrap(),
+        a.zeros(c).unwrap(),
+    );
+    a.layernorm_backward(
+        Some(&mut dx),
+        Some(&mut dgm),
+        Some(&mut dbt),
+        &dout,
+        &x,
+        &gamma,
+        &mean,
+        &rstd,
+        c,
+    )
+    .unwrap();
+    out.push(("layernorm dx".into(), down(&dx)));
+    out.push(("layernorm dgamma".into(), down(&dgm)));
+    out.push(("layernorm dbeta".into(), down(&dbt)));
+    let [rms, rr] = a.rmsnorm_forward(&x, &gamma, c, 1e-6).unwrap();
+    out.push(("rmsnorm out".into(), down(&rms)));
+    let (mut dx, mut dgm) = (a.zeros(n * c).unwrap(), a.zeros(c).unwrap());
+    a.rmsnorm_backward(Some(&mut dx), Some(&mut dgm), &dout, &x, &gamma, &rr, c)
+        .unwrap();
+    out.push(("rmsnorm dx".into(), down(&dx)));
+    out.push(("rmsnorm dgamma".into(), down(&dgm)));
+
+    let (v, ids) = (33usize, [0u32, 5, 32, 5, 17, 1, 9]);
+    let table = up(&rand(v * c, 8));
+    out.push((
+        "embedding".into(),
+        down(&a.embedding_forward(&table, &ids, c).unwrap()),
+    ));
+
+    // RoPE: 3 heads of 8 over 7 rows, tables for 12 positions.
+    let (h, d) = (3usize, 8usize);
+    let cos = up(&rand(12 * d / 2, 9));
+    let sin = up(&rand(12 * d / 2, 10));
+    let pos = [0u32, 3, 11, 2, 2, 7, 1];
+    let xr = up(&rand(n * h * d, 11));
+    let mut r = a.zeros(n * h * d).unwrap();
+    a.rope(false, &mut r, &xr, &cos, &sin, &pos, h, d).unwrap();
+    out.push(("rope fwd".into(), down(&r)));
+    let mut dr = up(&rand(n * h * d, 12));
+    a.rope(true, &mut dr, &xr, &cos, &sin, &pos, h, d).unwrap();
+    out.push(("rope bwd".into(), down(&dr)));
+
+    // Attention: B 2, T 5, 4 query heads over 2 kv heads, D 8.
+    let ad = AttnDims {
+        batch: 2,
+        seq: 5,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let (qn, kn) = (2 * 5 * 4 * 8, 2 * 5 * 2 * 8);
+    let (q, k, vv) = (up(&rand(qn, 13)), up(&rand(kn, 14)), up(&rand(kn, 15)));
+    let [o, lse] = a.attention_forward(&q, &k, &vv, ad, 0.35).unwrap();
+    out.push(("attention out".into(), down(&o)));
+    out.push(("attention lse".into(), down(&lse)));
+    let (mut dq, mut dk, mut dv) = (
+        a.zeros(qn).unwrap(),
+        a.zeros(kn).unwrap(),
+        a.zeros(kn).unwrap(),
+    );
+    let dout_a = up(&rand(qn, 16));
+    a.attention_backward(
+        &mut dq, &mut dk, &mut dv, &dout_a, &lse, &q, &k, &vv, ad, 0.35,
+    )
+    .unwrap();
+    out.push(("attention dq".into(), down(&dq)));
+    out.push(("attention dk".into(), down(&dk)));
+    out.push(("attention dv".into(), down(&dv)));
+
+    let mut nr = a.zeros(n * 10).unwrap();
+    a.narrow(true, &mut nr, &x, n, c, 30, 10).unwrap();
+    out.push(("narrow fwd".into(), down(&nr)));
+    let mut dn = up(&rand(n * c, 17));
+    a.narrow(false, &mut dn, &nr, n, c, 30, 10).unwrap();
+    out.push(("narrow bwd".into(), down(&dn)));
+
+    // The LoRA linear: 7 tokens, 45 -> 33, rank 3, both layouts, bias, dropout 0.25.
+    let (m, rank) = (33usize, 3usize);
+    let dims = LinearDims {
+        tokens: n,
+        inp: c,
+        out: m,
+    };
+    let w = up(&rand(m * c, 18));
+    let bias = up(&rand(m, 19));
+    let (la, lb) = (up(&rand(rank * c, 20)), up(&rand(m * rank, 21)));
+    let dy = up(&rand(n * m, 22));
+    for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+        let (yb, _) = a
+            .linear_forward(&x, &w, layout, Some(&bias), None, dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} y (frozen)"), down(&yb)));
+        let mut dx = up(&rand(n * c, 23));
+        let g = DevLinearGrads {
+            dx: Some(&mut dx),
+            ..Default::default()
+        };
+        a.linear_backward(g, &dy, &x, &w, layout, None, None, dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} dx (frozen)"), down(&dx)));
+        let lora = DevLora {
+            a: &la,
+            b: &lb,
+            rank,
+            scale: 1.7,
+            dropout: Some(Dropout { p: 0.25, seed: 99 }),
+        };
+        let (yl, u) = a
+            .linear_forward(&x, &w, layout, Some(&bias), Some(lora), dims)
+            .unwrap();
+        let u = u.unwrap();
+        out.push((format!("linear {layout:?} y"), down(&yl)));
+        out.push((format!("linear {layout:?} u"), down(&u)));
+        let (mut dx, mut da, mut db) = (
+            a.zeros(n * c).unwrap(),
+            a.zeros(rank * c).unwrap(),
+            up(&rand(m * rank, 24)),
+        );
+        let g = DevLinearGrads {
+            dx: Some(&mut dx),
+            dbias: None,
+            da: Some(&mut da),
+            db: Some(&mut db),
+        };
+        a.linear_backward(g, &dy, &x, &w, layout, Some(lora), Some(&u), dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} dx"), down(&dx)));
+        out.push((format!("linear {layout:?} dA"), down(&da)));
+        out.push((format!("linear {layout:?} dB"), down(&db)));
+    }
+
+    // Cross-entropy with an ignored row, and the fused head.
+    let targets = [3i32, -100, 32, 0, 7, 7, 12];
+    let logits = up(&rand(n * v, 25));
+    let (loss, count, lse) = a.cross_entropy_forward(&logits, &targets, v).unwrap();
+    assert_eq!(count, 6);
+    out.push(("ce loss".into(), vec![loss]));
+    out.push(("ce lse".into(), down(&lse)));
+    let mut dl = a.zeros(n * v).unwrap();
+    a.cross_entropy_backward(&mut dl, 0.5, &logits, &lse, &targets, v, count)
+        .unwrap();
+    out.push(("ce dlogits".into(), down(&dl)));
+    let head = up(&rand(v * c, 26));
+    let (hl, hc, hdx) = a
+        .linear_cross_entropy(&x, &head, &targets, c, v, true)
+        .unwrap();
+    assert_eq!(hc, 6);
+    out.push(("head loss".into(), vec![hl]));
+    out.push(("head dx".into(), down(&hdx.unwrap())));
+
+    // 16-bit widening: every bf16 pattern class and f16 subnormals, infinities, NaN.
+    let bits: Vec<u16> = (0..4096u32).map(|i| (i * 16 + 3) as u16).collect();
+    let b = a.upload_bits(&bits).unwrap();
+    for f16 in [false, true] {
+        let wv = down(&a.widen(&b, f16).unwrap());
+        // NaN payloads compare unequal: map them to a sentinel.
+        let wv = wv
+            .iter()
+            .map(|x| if x.is_nan() { 12345.0 } else { *x })
+            .collect();
+        out.push((format!("widen f16={f16}"), wv));
+    }
+
+    let (mut p, mut m1, mut m2) = (up(&rand(50, 27)), up(&rand(50, 28)), up(&rand(50, 29)));
+    // Second moments are non-negative.
+    m2 = up(&down(&m2).iter().map(|v| v.abs()).collect::<Vec<_>>());
+    let g = up(&rand(50, 30));
+    let h = AdamStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        t: 4,
+    };
+    a.adamw(&mut p, &g, &mut m1, &mut m2, h).unwrap();
+    out.push(("adamw p".into(), down(&p)));
+    out.push(("adamw m".into(), down(&m1)));
+    out.push(("adamw v".into(), down(&m2)));
+    a.synchronize().unwrap();
+    out
+}
+
+#[test]
+fn every_backend_method_on_cuda_matches_the_host_emulation() {
+    let host = run_all(&Emulated);
+    assert!(host.iter().all(|(_, v)| !v.is_empty()));
+    if lora_kernels::cuda::device_count() == 0 {
+        println!("SKIPPED: no CUDA device answers on this machine (host side ran)");
+        return;
+    }
+    let mut dev = lora_kernels::cuda::CudaDevice::open(0).expect("open cuda:0");
+    dev.poison = true;
+    let gpu = run_all(&dev);
+    let mut worst = 0.0f32;
+    for ((name, h), (_, g)) in host.iter().zip(&gpu) {
+        assert_eq!(h.len(), g.len(), "{name}");
+        assert!(
+            g.iter().all(|v| !v.is_nan()),
+            "{name}: an element was not written"
+        );
+        let scale = h.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let e = h
+            .iter()
+            .zip(g)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        println!("{name:<28} max relative difference {e:.2e}");
+        worst = worst.max(e);
+        assert!(e <= 2e-5, "{name}: relative difference {e:.2e}");
+    }
+    println!("worst {worst:.2e} over {} results", host.len());
+}
