@@ -6,9 +6,9 @@
 //! kernel in this crate: same name, outputs first, same argument order.
 //!
 //! Status: the sources, their NVRTC compilation (tested for sm_80 and sm_90 wherever libnvrtc
-//! is found, GPU or not), driver detection, [`CudaDevice`] (the fused LoRA linear, attention and
-//! launch helpers) and GPU parity tests exist; none has run on a GPU yet. The training path does
-//! not call them: `lora train --device cuda` is refused.
+//! is found, GPU or not), driver detection, [`CudaDevice`] (the fused LoRA linear, attention,
+//! launch helpers, and the device backend [`crate::accel::Accel`] in `cuda_accel.rs`, which the
+//! training step runs on) and GPU parity tests exist; none has run on a GPU yet.
 
 use std::fmt;
 

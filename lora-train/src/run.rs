@@ -145,6 +145,12 @@ impl TrainConfig {
                 format!("must be in [0, 1), got {}", self.eval_split),
             );
         }
+        if self.optimizer == "sgd" && self.device != lora_core::Device::Cpu {
+            return bad(
+                "optimizer",
+                format!("sgd runs on the CPU only; use adamw on {}", self.device),
+            );
+        }
         if !matches!(self.optimizer.as_str(), "adamw" | "sgd") {
             return bad(
                 "optimizer",
