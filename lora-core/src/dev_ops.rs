@@ -469,6 +469,10 @@ pub(crate) fn cross_entropy(
     Ok(y)
 }
 
+/// Logits (and their gradient) a device holds at once in the fused head: 64 Mi values, 256 MB
+/// each, whatever the vocabulary and token count.
+const DEV_HEAD_CHUNK_ELEMS: usize = 1 << 26;
+
 pub(crate) fn linear_cross_entropy(
     tape: &Tape,
     on: On,
@@ -477,13 +481,10 @@ pub(crate) fn linear_cross_entropy(
     targets: &[i32],
 ) -> Result<Tensor> {
     frozen("linear_cross_entropy", "w", w)?;
-    let (c, v) = (x.last_dim(), w.shape()[0]);
+    let v = w.shape()[0];
+    let rows = (DEV_HEAD_CHUNK_ELEMS / v.max(1)).max(1);
     let want_dx = tape.is_training() && x.requires_grad();
-    let (gx, gw) = (read(x)?, read(w)?);
-    let (loss, _, dx) =
-        on.accel
-            .linear_cross_entropy(f32_of(&gx)?, f32_of(&gw)?, targets, c, v, want_dx)?;
-    drop((gx, gw));
+    let (loss, dx) = head_chunked(&*on.accel, x, w, targets, want_dx, rows)?;
     let y = on.tensor(on.accel.upload(&[loss])?, &[1], x.requires_grad())?;
     on.record(
         tape,
@@ -492,6 +493,48 @@ pub(crate) fn linear_cross_entropy(
         &y,
     );
     Ok(y)
+}
+
+/// The fused head over row chunks of at most `rows` rows: the mean loss over all counted rows
+/// and, with `want_dx`, its gradient for `x` (each chunk's gradient of its own mean rescaled by
+/// its share of the count).
+fn head_chunked(
+    a: &dyn Accel,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &[i32],
+    want_dx: bool,
+    rows: usize,
+) -> Result<(f32, Option<DBuf>)> {
+    let (c, v, n) = (x.last_dim(), w.shape()[0], targets.len());
+    let (gx, gw) = (read(x)?, read(w)?);
+    let (xb, wb) = (f32_of(&gx)?, f32_of(&gw)?);
+    if n <= rows {
+        let (loss, _, dx) = a.linear_cross_entropy(xb, wb, targets, c, v, want_dx)?;
+        return Ok((loss, dx));
+    }
+    let total = targets.iter().filter(|&&t| t >= 0).count();
+    let mut dx = want_dx.then(|| a.zeros(n * c)).transpose()?;
+    let mut sum = 0.0f64;
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let xs = a.copy_range(xb, start * c, len * c)?;
+        let (l, count, dxc) =
+            a.linear_cross_entropy(&xs, wb, &targets[start..start + len], c, v, want_dx)?;
+        sum += l as f64 * count as f64;
+        if let (Some(dx), Some(mut dxc)) = (dx.as_mut(), dxc) {
+            if count > 0 {
+                a.scale(&mut dxc, count as f32 / total as f32)?;
+                a.write_range(dx, start * c, &dxc)?;
+            }
+        }
+    }
+    let loss = if total == 0 {
+        0.0
+    } else {
+        (sum / total as f64) as f32
+    };
+    Ok((loss, dx))
 }
 
 /// An input of a recorded device op as backward sees it.
@@ -671,4 +714,44 @@ pub(crate) fn backward(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Device;
+
+    /// The fused head over row chunks (as a large vocabulary or batch runs it) equals one pass.
+    #[test]
+    fn chunked_device_head_equals_one_pass() {
+        crate::device::emulate_cuda(973);
+        let dev = Device::Cuda(973);
+        let a = crate::device::accel(dev).unwrap();
+        let (n, c, v) = (11usize, 6usize, 17usize);
+        let mut r = lora_kernels::rng::Rng::new(3);
+        let mut rand =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
+        let x = Tensor::new_on(rand(n * c), &[n, c], false, dev).unwrap();
+        let w = Tensor::new_on(rand(v * c), &[v, c], false, dev).unwrap();
+        let targets = [3, -100, 16, 0, 5, -100, 9, 9, 1, 2, 15];
+        let (l1, dx1) = head_chunked(&*a, &x, &w, &targets, true, n).unwrap();
+        let dx1 = a.download(&dx1.unwrap()).unwrap();
+        for rows in [1, 2, 4, 10] {
+            let (l, dx) = head_chunked(&*a, &x, &w, &targets, true, rows).unwrap();
+            let dx = a.download(&dx.unwrap()).unwrap();
+            assert!(
+                (l - l1).abs() <= 1e-6 * l1.abs(),
+                "rows {rows}: {l} vs {l1}"
+            );
+            let e = dx
+                .iter()
+                .zip(&dx1)
+                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(e <= 1e-6, "rows {rows}: dx differs by {e}");
+        }
+        let none = [-100i32; 11];
+        let (l, dx) = head_chunked(&*a, &x, &w, &none, true, 3).unwrap();
+        assert_eq!(l, 0.0);
+        assert!(a.download(&dx.unwrap()).unwrap().iter().all(|&g| g == 0.0));
+    }
 }

@@ -127,6 +127,10 @@ pub trait Accel: Send + Sync {
     fn zeros(&self, n: usize) -> Result<DBuf>;
     /// A copy of a buffer.
     fn copy(&self, b: &DBuf) -> Result<DBuf>;
+    /// A copy of `len` values of `b` from `offset`.
+    fn copy_range(&self, b: &DBuf, offset: usize, len: usize) -> Result<DBuf>;
+    /// Writes `src` into `dst` from `offset`.
+    fn write_range(&self, dst: &mut DBuf, offset: usize, src: &DBuf) -> Result<()>;
     /// bf16 (`f16 = false`) or f16 bits widened to f32 (exact).
     fn widen(&self, bits: &DBits, f16: bool) -> Result<DBuf>;
 
@@ -314,6 +318,23 @@ pub trait Accel: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Emulated;
 
+/// `offset + len <= buf_len`, naming the call otherwise.
+pub(crate) fn check_range(
+    op: &'static str,
+    buf_len: usize,
+    offset: usize,
+    len: usize,
+) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > buf_len) {
+        return Err(crate::error::invalid(
+            op,
+            "offset",
+            format!("{offset} + {len} values exceed the buffer's {buf_len}"),
+        ));
+    }
+    Ok(())
+}
+
 fn wrong(what: &str) -> KernelError {
     KernelError::Device(format!(
         "{what}: a buffer of another device was passed to the emulated device"
@@ -361,6 +382,15 @@ impl Accel for Emulated {
     }
     fn copy(&self, b: &DBuf) -> Result<DBuf> {
         Ok(DBuf::Host(h(b)?.to_vec()))
+    }
+    fn copy_range(&self, b: &DBuf, offset: usize, len: usize) -> Result<DBuf> {
+        check_range("copy_range", b.len(), offset, len)?;
+        Ok(DBuf::Host(h(b)?[offset..offset + len].to_vec()))
+    }
+    fn write_range(&self, dst: &mut DBuf, offset: usize, src: &DBuf) -> Result<()> {
+        check_range("write_range", dst.len(), offset, src.len())?;
+        hm(dst)?[offset..offset + src.len()].copy_from_slice(h(src)?);
+        Ok(())
     }
     fn widen(&self, bits: &DBits, f16: bool) -> Result<DBuf> {
         let b = match bits {

@@ -5,7 +5,7 @@
 //! Not yet run on a GPU: each kernel is checked against its CPU twin by `tests/cuda_parity.rs`,
 //! and the whole backend by the device training-step parity test, on a GPU machine.
 
-use crate::accel::{Accel, DBits, DBuf, DevLinearGrads, DevLora, Unary};
+use crate::accel::{check_range, Accel, DBits, DBuf, DevLinearGrads, DevLora, Unary};
 use crate::cuda::{CudaDevice, CudaError, LoraDims};
 use crate::error::{check_len, invalid, KernelError, Result};
 use crate::lora_linear::{LinearDims, WeightLayout};
@@ -140,6 +140,29 @@ impl Accel for CudaDevice {
             .clone_dtod(c(b)?)
             .map(DBuf::Cuda)
             .map_err(|e| KernelError::Device(format!("copy: {e:?}")))
+    }
+    fn copy_range(&self, b: &DBuf, offset: usize, len: usize) -> Result<DBuf> {
+        check_range("copy_range", b.len(), offset, len)?;
+        if len == 0 {
+            return self.alloc(0).map(DBuf::Cuda);
+        }
+        let view = c(b)?.slice(offset..offset + len);
+        self.stream
+            .clone_dtod(&view)
+            .map(DBuf::Cuda)
+            .map_err(|e| KernelError::Device(format!("copy_range: {e:?}")))
+    }
+    fn write_range(&self, dst: &mut DBuf, offset: usize, src: &DBuf) -> Result<()> {
+        check_range("write_range", dst.len(), offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let n = src.len();
+        let s = c(src)?;
+        let mut view = cm(dst)?.slice_mut(offset..offset + n);
+        self.stream
+            .memcpy_dtod(s, &mut view)
+            .map_err(|e| KernelError::Device(format!("write_range: {e:?}")))
     }
     fn widen(&self, bits: &DBits, f16: bool) -> Result<DBuf> {
         let DBits::Cuda(b) = bits else {
@@ -641,8 +664,9 @@ impl Accel for CudaDevice {
         v: usize,
         want_dx: bool,
     ) -> Result<(f32, usize, Option<DBuf>)> {
-        // The logits (N, V) exist once on the device (not chunked yet); their gradient is
-        // computed in the same call, then folded into dx by one more product.
+        // The logits (N, V) of these rows exist once on the device (the caller passes row
+        // chunks of bounded size); their gradient is computed in the same call, then folded
+        // into dx by one more product.
         let n = targets.len();
         let d = LinearDims {
             tokens: n,
