@@ -35,6 +35,12 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         "sum_squares".into(),
         vec![a.sum_squares(&x).unwrap() as f32],
     ));
+    let part = a.copy_range(&x, 10, 20).unwrap();
+    out.push(("copy_range".into(), down(&part)));
+    let mut dst = up(&rand(n * c, 31));
+    a.write_range(&mut dst, 5, &part).unwrap();
+    out.push(("write_range".into(), down(&dst)));
+    assert!(a.copy_range(&x, n * c - 3, 4).is_err(), "out of range");
     for f in [Unary::Gelu, Unary::Silu] {
         out.push((format!("{f:?} fwd"), down(&a.unary_forward(f, &x).unwrap())));
         let mut dx = up(&rand(n * c, 4));
