@@ -16,6 +16,8 @@ pub struct EvalRun {
     pub data: PathBuf,
     pub seq_len: Option<usize>,
     pub json: bool,
+    /// Where the forward passes run.
+    pub device: lora_core::Device,
 }
 
 /// What `lora generate` runs.
@@ -47,6 +49,7 @@ fn load(
 
 pub fn run_eval(r: &EvalRun) -> Result<()> {
     let (_, model, tok) = load(&r.model, r.adapter.as_deref())?;
+    model.to_device(r.device)?;
     let texts = lora_train::data::read_texts(&r.data)?;
     let seq_len = r
         .seq_len

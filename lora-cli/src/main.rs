@@ -286,6 +286,9 @@ struct EvalArgs {
     /// Truncate each example to this many tokens (default: the model's maximum).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// cpu, cuda, cuda:N or auto (as for train): where the forward passes run.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print one JSON object: {"loss", "perplexity", "tokens", "examples"}.
     #[arg(long)]
     json: bool,
@@ -653,13 +656,20 @@ fn run(cli: Cli) -> Result<()> {
             };
             infer::run_train(&cfg, a.resume, a.force, a.threads, a.json).map(|_| ())
         }
-        Command::Eval(a) => infer::run_eval(&infer::EvalRun {
-            model: a.model.model,
-            adapter: a.model.adapter,
-            data: a.data,
-            seq_len: a.seq_len,
-            json: a.json,
-        }),
+        Command::Eval(a) => {
+            let (device, note) = resolve_device(&a.device)?;
+            if !a.json && device != lora_core::Device::Cpu {
+                println!("{note}");
+            }
+            infer::run_eval(&infer::EvalRun {
+                model: a.model.model,
+                adapter: a.model.adapter,
+                data: a.data,
+                seq_len: a.seq_len,
+                json: a.json,
+                device,
+            })
+        }
         Command::Inspect(a) => infer::run_inspect(&a.path, a.json),
         Command::Combine(a) => {
             use lora_io::combine::Combination;
