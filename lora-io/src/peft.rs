@@ -566,7 +566,7 @@ pub fn save_layers(layers: &[(String, &LoraLinear)], cfg: &PeftConfig, dir: &Pat
             data.push((
                 format!("base_model.model.{name}.{part}.weight"),
                 t.shape().to_vec(),
-                t.to_vec(),
+                t.try_to_vec()?, // a device tensor is downloaded; a failure is an error
             ));
         }
         adapted.push(name.clone());

@@ -32,10 +32,15 @@ pub trait Optimizer {
     fn step(&mut self, groups: &[ParamGroup], grads: &Gradients, lr: f32) -> lora_core::Result<()>;
     /// Number of tensors holding optimizer state.
     fn state_len(&self) -> usize;
-    /// The state of the `named` tensors, keyed by name (tensor ids do not survive a restart).
-    fn export(&self, named: &[(String, Tensor)]) -> OptimizerState;
-    /// Restores state exported for the same names.
-    fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState);
+    /// The state of the `named` tensors, keyed by name (tensor ids do not survive a restart);
+    /// device state is downloaded (a failure is an error, never a silently missing buffer).
+    fn export(&self, named: &[(String, Tensor)]) -> lora_core::Result<OptimizerState>;
+    /// Restores state exported for the same names (placed where each tensor lives).
+    fn import(
+        &mut self,
+        named: &[(String, Tensor)],
+        state: &OptimizerState,
+    ) -> lora_core::Result<()>;
 }
 
 /// AdamW (decoupled weight decay, bias-corrected moments), as `torch.optim.AdamW`.
@@ -124,23 +129,23 @@ impl Optimizer for AdamW {
         self.state.len()
     }
 
-    fn export(&self, named: &[(String, Tensor)]) -> OptimizerState {
+    fn export(&self, named: &[(String, Tensor)]) -> lora_core::Result<OptimizerState> {
         let mut st = OptimizerState::default();
         for (n, t) in named {
             if let Some((m, v)) = self.state.get(&t.id()) {
-                // A device state that cannot be read back is left out (and reported by the
-                // checkpoint writer as missing) rather than written wrong.
-                if let (Ok(m), Ok(v)) = (m.to_vec(), v.to_vec()) {
-                    st.buffers.push((format!("exp_avg.{n}"), m));
-                    st.buffers.push((format!("exp_avg_sq.{n}"), v));
-                    st.steps.push((n.clone(), self.steps[&t.id()]));
-                }
+                st.buffers.push((format!("exp_avg.{n}"), m.to_vec()?));
+                st.buffers.push((format!("exp_avg_sq.{n}"), v.to_vec()?));
+                st.steps.push((n.clone(), self.steps[&t.id()]));
             }
         }
-        st
+        Ok(st)
     }
 
-    fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState) {
+    fn import(
+        &mut self,
+        named: &[(String, Tensor)],
+        state: &OptimizerState,
+    ) -> lora_core::Result<()> {
         let buf: std::collections::HashMap<&str, &Vec<f32>> =
             state.buffers.iter().map(|(k, v)| (k.as_str(), v)).collect();
         for (n, t) in named {
@@ -149,15 +154,13 @@ impl Optimizer for AdamW {
                 buf.get(format!("exp_avg_sq.{n}").as_str()),
                 state.steps.iter().find(|(k, _)| k == n),
             ) {
-                if let (Ok(m), Ok(v)) = (
-                    Moment::from_vec(t, (*m).clone()),
-                    Moment::from_vec(t, (*v).clone()),
-                ) {
-                    self.state.insert(t.id(), (m, v));
-                    self.steps.insert(t.id(), *s);
-                }
+                let m = Moment::from_vec(t, (*m).clone())?;
+                let v = Moment::from_vec(t, (*v).clone())?;
+                self.state.insert(t.id(), (m, v));
+                self.steps.insert(t.id(), *s);
             }
         }
+        Ok(())
     }
 }
 
@@ -225,17 +228,21 @@ impl Optimizer for Sgd {
         self.state.len()
     }
 
-    fn export(&self, named: &[(String, Tensor)]) -> OptimizerState {
+    fn export(&self, named: &[(String, Tensor)]) -> lora_core::Result<OptimizerState> {
         let mut st = OptimizerState::default();
         for (n, t) in named {
             if let Some(b) = self.state.get(&t.id()) {
                 st.buffers.push((format!("momentum.{n}"), b.clone()));
             }
         }
-        st
+        Ok(st)
     }
 
-    fn import(&mut self, named: &[(String, Tensor)], state: &OptimizerState) {
+    fn import(
+        &mut self,
+        named: &[(String, Tensor)],
+        state: &OptimizerState,
+    ) -> lora_core::Result<()> {
         for (n, t) in named {
             if let Some((_, b)) = state
                 .buffers
@@ -245,6 +252,7 @@ impl Optimizer for Sgd {
                 self.state.insert(t.id(), b.clone());
             }
         }
+        Ok(())
     }
 }
 

@@ -287,7 +287,7 @@ fn save_checkpoint(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
     save_adapter(model, peft, &tmp)?;
-    let st: OptimizerState = opt.export(&named_params(model));
+    let st: OptimizerState = opt.export(&named_params(model))?;
     let tensors: Vec<OutTensor> = st
         .buffers
         .iter()
@@ -483,7 +483,7 @@ pub fn train_until(
                 .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
                 .collect();
         }
-        opt.import(&named_params(model.as_ref()), &st);
+        opt.import(&named_params(model.as_ref()), &st)?;
     }
 
     // Everything the step touches moves to the device now (weights, adapters; the optimizer

@@ -121,5 +121,5 @@ pub fn three_steps(m: &dyn CausalLm, micro: &[Batch]) -> (Vec<StepStats>, Optimi
         .enumerate()
         .map(|(i, t)| (format!("p{i}"), t))
         .collect();
-    (stats, opt.export(&named))
+    (stats, opt.export(&named).unwrap())
 }
