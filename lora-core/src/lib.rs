@@ -6,7 +6,10 @@
 //! - [`Tape`]: records ops as they run; [`Tape::backward`] walks them in reverse and returns
 //!   [`Gradients`] for the tensors that require them, and for no others;
 //! - [`ops`]: the differentiable ops (one fused LoRA linear op, the transformer ops);
-//! - [`lora`]: [`LoraConfig`] and [`LoraLinear`] (init, scale, dropout, merge/unmerge).
+//! - [`lora`]: [`LoraConfig`] and [`LoraLinear`] (init, scale, dropout, merge/unmerge);
+//! - [`device`]: the host or a CUDA GPU. [`Tensor::to_device`] moves values into device memory
+//!   (in place); every op then runs the device's kernels and the tape's backward stays there;
+//!   [`update`] runs the AdamW update where the parameter lives.
 //!
 //! ```
 //! use lora_core::{LoraConfig, LoraLinear, Tape, Tensor, ops};
