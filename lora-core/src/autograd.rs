@@ -554,10 +554,11 @@ impl Gradients {
         }
     }
     /// Removes and returns the gradient of `t` (downloaded if it is on a device).
-    pub fn take(&mut self, t: &Tensor) -> Option<Vec<f32>> {
-        match self.map.remove(&t.id())? {
-            Grad::Host(v) => Some(v),
-            Grad::Dev(a, b) => a.download(&b).ok(),
+    pub fn take(&mut self, t: &Tensor) -> Result<Option<Vec<f32>>> {
+        match self.map.remove(&t.id()) {
+            None => Ok(None),
+            Some(Grad::Host(v)) => Ok(Some(v)),
+            Some(Grad::Dev(a, b)) => Ok(Some(a.download(&b)?)),
         }
     }
     /// Number of gradient buffers held (one per parameter reached by the loss).
