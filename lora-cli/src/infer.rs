@@ -305,6 +305,7 @@ pub fn run_train_report(
         "tokens": sum.tokens, "seconds": sum.seconds, "tokens_per_s": sum.tokens as f64 / sum.seconds.max(1e-9),
         "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
         "peak_rss_bytes": crate::train_bench::peak_rss_bytes(), "interrupted": sum.interrupted,
+        "device": cfg.device.to_string(),
     });
     if report == Report::Json {
         println!("{obj}");

@@ -353,6 +353,9 @@ fn train_writes_an_adapter_that_eval_loads() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["steps"], 3);
+    if lora_kernels::cuda::device_count() == 0 {
+        assert_eq!(v["device"], "cpu", "--device auto without a GPU");
+    }
     assert_eq!(
         v["trainable_params"],
         2 * 2 * (2 * (32 + 32) + 2 * (32 + 16)) / 2
