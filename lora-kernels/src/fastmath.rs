@@ -1,6 +1,6 @@
 //! Branch-free `exp`, `tanh` and `sigmoid` for the element-wise loops, written so the compiler
 //! vectorizes them (libm's scalar `expf` / `tanhf` calls were most of the non-GEMM time of a
-//! GPT-2 training step), and [`map`] helpers that run a loop body in an AVX2+FMA-compiled
+//! GPT-2 training step), and `map` helpers that run a loop body in an AVX2+FMA-compiled
 //! trampoline when the CPU has those features.
 //!
 //! `exp` is the Cephes single-precision scheme: `n = round(x log2 e)`, `r = x - n ln 2` (ln 2 split
