@@ -700,14 +700,11 @@ impl Accel for CudaDevice {
         )?;
         let (ps, gs, ms, vs) = (cm(p)?, c(g)?, cm(m)?, cm(v)?);
         let ni = n as i64;
-        let (step_size, bc2) = (h.step_size(), h.bc2_sqrt());
+        let (step_size, bc2, decay) = (h.step_size(), h.bc2_sqrt(), h.decay());
+        // (param, grad, m, v, n, decay, beta1, beta2, eps, step_size, bc2_sqrt), as adamw.cu.
         self.run("adamw_step", flat_cfg(n), |l| {
             l.arg(ps).arg(gs).arg(ms).arg(vs).arg(&ni);
-            l.arg(&h.lr)
-                .arg(&h.beta1)
-                .arg(&h.beta2)
-                .arg(&h.eps)
-                .arg(&h.weight_decay);
+            l.arg(&decay).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
             l.arg(&step_size).arg(&bc2);
         })
     }

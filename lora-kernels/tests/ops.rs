@@ -3,10 +3,12 @@
 //!
 //! Bounds (relative to the tensor's max magnitude): elementwise, embedding, RoPE 1e-6 forward /
 //! 1e-5 backward; norms 1e-5 / 5e-5 (dx of a norm: 1e-5 of the term scale rstd * |dout * gamma|,
-//! since it is a difference of such terms); attention 1e-5 / 5e-5; cross-entropy 1e-5 / 1e-5.
+//! since it is a difference of such terms); attention 1e-5 / 5e-5; cross-entropy 1e-5 / 1e-5;
+//! the AdamW update 1e-6 of the parameter's scale (it has no backward).
 
 mod common;
 use common::*;
+use lora_kernels::ops::adamw::{self, adamw_step, AdamStep};
 use lora_kernels::ops::attention::{
     self, attention_backward, attention_decode, attention_forward, AttnDims,
 };
@@ -83,6 +85,22 @@ proptest! {
         narrow_backward(&mut dx, &dout, cols, start, len).unwrap();
         let fd = fd_grad(&f64s(&x), &f64s(&dout), |v| slice::reference::forward(v, cols, start, len));
         assert_close("narrow dx", &dx, &fd, 1e-5);
+    }
+
+    #[test]
+    fn adamw_update(len in 1usize..3000, t in 1u64..60, wd in 0.0f32..0.2, lr in 1e-5f32..1e-1, seed in any::<u64>()) {
+        let h = AdamStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd, t };
+        let mut p = rand_vec(len, seed, 1.0);
+        let g = rand_vec(len, seed ^ 1, 0.5);
+        let mut m = rand_vec(len, seed ^ 2, 0.05);
+        let mut v: Vec<f32> = rand_vec(len, seed ^ 3, 0.01).iter().map(|x| x.abs()).collect();
+        let want: Vec<_> = (0..len)
+            .map(|i| adamw::reference::adamw_step(p[i] as f64, g[i] as f64, m[i] as f64, v[i] as f64, h))
+            .collect();
+        adamw_step(&mut p, &g, &mut m, &mut v, h).unwrap();
+        assert_close("adamw param", &p, &want.iter().map(|w| w.0).collect::<Vec<_>>(), 1e-6);
+        assert_close("adamw m", &m, &want.iter().map(|w| w.1).collect::<Vec<_>>(), 1e-6);
+        assert_close("adamw v", &v, &want.iter().map(|w| w.2).collect::<Vec<_>>(), 1e-5);
     }
 
     #[test]

@@ -22,14 +22,20 @@ pub struct AdamStep {
     pub t: u64,
 }
 
+/// The per-step scalars are computed in f64 and rounded once, as PyTorch computes them in Python
+/// floats: `1 - beta2^t` in f32 would lose up to 1e-4 of its value to cancellation.
 impl AdamStep {
     /// `lr / (1 - beta1^t)`.
     pub fn step_size(&self) -> f32 {
-        self.lr / (1.0 - self.beta1.powi(self.t as i32))
+        (self.lr as f64 / (1.0 - (self.beta1 as f64).powi(self.t as i32))) as f32
     }
     /// `sqrt(1 - beta2^t)`.
     pub fn bc2_sqrt(&self) -> f32 {
-        (1.0 - self.beta2.powi(self.t as i32)).sqrt()
+        (1.0 - (self.beta2 as f64).powi(self.t as i32)).sqrt() as f32
+    }
+    /// The decoupled decay factor `1 - lr * weight_decay`.
+    pub fn decay(&self) -> f32 {
+        (1.0 - self.lr as f64 * self.weight_decay as f64) as f32
     }
 }
 
@@ -46,8 +52,7 @@ pub fn adamw_step(
     check_len(OP, "grad", grad.len(), &[n])?;
     check_len(OP, "m", m.len(), &[n])?;
     check_len(OP, "v", v.len(), &[n])?;
-    let (step_size, bc2_sqrt) = (h.step_size(), h.bc2_sqrt());
-    let decay = 1.0 - h.lr * h.weight_decay;
+    let (step_size, bc2_sqrt, decay) = (h.step_size(), h.bc2_sqrt(), h.decay());
     for i in 0..n {
         param[i] *= decay;
         m[i] += (grad[i] - m[i]) * (1.0 - h.beta1);
@@ -58,12 +63,13 @@ pub fn adamw_step(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The naive oracle.
+pub mod reference {
+    use super::AdamStep;
 
-    /// The update in f64, written from the AdamW paper's algorithm (decay first).
-    fn reference(p: f64, g: f64, m: f64, v: f64, h: AdamStep) -> (f64, f64, f64) {
+    /// One element's update in f64, written from the AdamW paper's algorithm (decay first):
+    /// `(param, m, v)` after the step.
+    pub fn adamw_step(p: f64, g: f64, m: f64, v: f64, h: AdamStep) -> (f64, f64, f64) {
         let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
         let lr = h.lr as f64;
         let p = p * (1.0 - lr * h.weight_decay as f64);
@@ -73,6 +79,11 @@ mod tests {
         let vh = v / (1.0 - b2.powi(h.t as i32));
         (p - lr * mh / (vh.sqrt() + h.eps as f64), m, v)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn matches_the_f64_update_and_checks_lengths() {
@@ -89,7 +100,7 @@ mod tests {
         let mut m = vec![0.01f32, 0.02, -0.03];
         let mut v = vec![1e-3f32, 2e-3, 3e-4];
         let want: Vec<_> = (0..3)
-            .map(|i| reference(p[i] as f64, g[i] as f64, m[i] as f64, v[i] as f64, h))
+            .map(|i| reference::adamw_step(p[i] as f64, g[i] as f64, m[i] as f64, v[i] as f64, h))
             .collect();
         adamw_step(&mut p, &g, &mut m, &mut v, h).unwrap();
         for i in 0..3 {
