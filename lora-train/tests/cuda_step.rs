@@ -1,6 +1,7 @@
 //! A whole training step on a real GPU against the same step on the CPU: the fixture models
-//! (GPT-2; Llama with GQA; Qwen2 with q/k/v bias; Llama in bf16) with an adapter on every linear
-//! layer, dropout 0.2 and non-zero B, moved to `cuda:0`; loss and every adapter gradient, then
+//! (GPT-2; Llama with GQA; Llama 3 RoPE scaling; Mistral; Qwen2 with q/k/v bias; Llama in bf16)
+//! with an adapter on every linear layer, dropout 0.2 and non-zero B, moved to `cuda:0`; loss
+//! and every adapter gradient, then
 //! three optimizer steps with clipping, AdamW and LoRA+ groups. Needs a GPU: where no CUDA
 //! device answers it says it was skipped (`scripts/gpu-check.sh` runs it on a GPU machine and
 //! sets `LORA_REQUIRE_GPU=1`, which turns a skip into a failure).
@@ -106,6 +107,12 @@ fn cuda_llama_gqa_step_matches_the_cpu() {
 #[test]
 fn cuda_qwen2_step_matches_the_cpu() {
     check("qwen2_bias");
+}
+
+#[test]
+fn cuda_llama3_rope_and_mistral_steps_match_the_cpu() {
+    check("llama3_rope");
+    check("mistral");
 }
 
 #[test]

@@ -84,6 +84,12 @@ fn qwen2_device_step_matches_the_host_step() {
 }
 
 #[test]
+fn llama3_rope_scaling_and_mistral_device_steps_match_the_host_steps() {
+    check_step("llama3_rope");
+    check_step("mistral");
+}
+
+#[test]
 fn bf16_weights_stay_16_bit_on_the_device() {
     check_step("llama_bf16");
     emulate();
