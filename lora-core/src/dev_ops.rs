@@ -544,6 +544,20 @@ pub(crate) struct DevInput<'a> {
     pub last_dim: usize,
 }
 
+/// The gradient buffer a kernel that writes several gradients at once should write: the
+/// input's, or a zeroed scratch buffer when that input needs no gradient.
+fn or_scratch<'a>(
+    g: Option<&'a mut DBuf>,
+    scratch: &'a mut Option<DBuf>,
+    a: &dyn Accel,
+    n: usize,
+) -> Result<&'a mut DBuf> {
+    match g {
+        Some(g) => Ok(g),
+        None => Ok(scratch.insert(a.zeros(n)?)),
+    }
+}
+
 /// The local gradient of a device op: accumulates into `bufs[i]` for each input `i` that needs
 /// one (`None` for the others).
 pub(crate) fn backward(
@@ -616,17 +630,9 @@ pub(crate) fn backward(
             }
         }
         DevOp::SwiGlu => {
-            let (dg, du) = (take(0), take(1));
-            let mut s0 = None;
-            let mut s1 = None;
-            let dg = match dg {
-                Some(g) => g,
-                None => s0.insert(a.zeros(dout.len())?),
-            };
-            let du = match du {
-                Some(g) => g,
-                None => s1.insert(a.zeros(dout.len())?),
-            };
+            let (mut s0, mut s1) = (None, None);
+            let dg = or_scratch(take(0), &mut s0, a, dout.len())?;
+            let du = or_scratch(take(1), &mut s1, a, dout.len())?;
             a.swiglu_backward(dg, du, dout, data[0], data[1])?;
         }
         DevOp::LayerNorm { mean, rstd } => {
@@ -661,27 +667,10 @@ pub(crate) fn backward(
             }
         }
         DevOp::Attention { lse, dims, scale } => {
-            let mut scratch: [Option<DBuf>; 3] = Default::default();
-            let gs = [take(0), take(1), take(2)];
-            for (i, g) in gs.iter().enumerate() {
-                if g.is_none() {
-                    scratch[i] = Some(a.zeros(inputs[i].numel)?);
-                }
-            }
-            let [s0, s1, s2] = &mut scratch;
-            let [g0, g1, g2] = gs;
-            let dq = match g0 {
-                Some(g) => g,
-                None => s0.as_mut().expect("allocated above"),
-            };
-            let dk = match g1 {
-                Some(g) => g,
-                None => s1.as_mut().expect("allocated above"),
-            };
-            let dv = match g2 {
-                Some(g) => g,
-                None => s2.as_mut().expect("allocated above"),
-            };
+            let (mut s0, mut s1, mut s2) = (None, None, None);
+            let dq = or_scratch(take(0), &mut s0, a, inputs[0].numel)?;
+            let dk = or_scratch(take(1), &mut s1, a, inputs[1].numel)?;
+            let dv = or_scratch(take(2), &mut s2, a, inputs[2].numel)?;
             a.attention_backward(
                 dq, dk, dv, dout, lse, data[0], data[1], data[2], *dims, *scale,
             )?;

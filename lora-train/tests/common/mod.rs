@@ -26,6 +26,11 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// The fixture model with a rank-4 adapter (dropout 0.2, non-zero B) on every linear layer.
 pub fn model(name: &str) -> Box<dyn CausalLm> {
+    model_with(name, |_| true)
+}
+
+/// The same with adapters only on the linear layers whose path `target` accepts.
+pub fn model_with(name: &str, target: impl Fn(&str) -> bool) -> Box<dyn CausalLm> {
     let mut model = ModelDir::open(fixture(name).join("model"))
         .unwrap()
         .load_model()
@@ -36,12 +41,15 @@ pub fn model(name: &str) -> Box<dyn CausalLm> {
         dropout: 0.2,
         ..Default::default()
     };
-    for (i, (_, l)) in model.linears_mut().into_iter().enumerate() {
-        l.inject(&cfg, i as u64).unwrap();
+    for (i, (path, l)) in model.linears_mut().into_iter().enumerate() {
+        if target(&path) {
+            l.inject(&cfg, i as u64).unwrap();
+        }
     }
     let mut rng = Rng::new(5);
     for (_, l) in model.linears() {
-        let b = &l.lora().unwrap().lora_b;
+        let Some(l) = l.lora() else { continue };
+        let b = &l.lora_b;
         let v = (0..b.numel())
             .map(|_| rng.uniform_range(-0.1, 0.1) as f32)
             .collect();
@@ -54,10 +62,8 @@ pub fn adapters(model: &dyn CausalLm) -> Vec<Tensor> {
     model
         .linears()
         .iter()
-        .flat_map(|(_, l)| {
-            let l = l.lora().unwrap();
-            [l.lora_a.clone(), l.lora_b.clone()]
-        })
+        .filter_map(|(_, l)| l.lora())
+        .flat_map(|l| [l.lora_a.clone(), l.lora_b.clone()])
         .collect()
 }
 
