@@ -253,10 +253,13 @@ impl Tensor {
 
     /// Write access to the device buffer (the optimizer); drops the host mirror first.
     pub(crate) fn dev_mut(&self) -> RwLockWriteGuard<'_, Option<DevData>> {
-        if self.0.half.is_none() {
-            *self.0.data.write().unwrap_or_else(|e| e.into_inner()) = Storage::Owned(Vec::new());
+        // Lock order as in `to_device`: host storage, then device state.
+        let mut host = self.0.data.write().unwrap_or_else(|e| e.into_inner());
+        let dev = self.dev_lock_mut();
+        if dev.is_some() && self.0.half.is_none() {
+            *host = Storage::Owned(Vec::new());
         }
-        self.dev_lock_mut()
+        dev
     }
 
     /// Widens a 16-bit device tensor into an f32 device buffer, once (the twin of the host's
@@ -454,7 +457,7 @@ impl Tensor {
         self.widen_half();
         self.0.data.write().unwrap_or_else(|e| e.into_inner())
     }
-    /// Replaces all values (same length).
+    /// Replaces all values (same length); a device tensor's are uploaded to its device.
     pub fn set_data(&self, values: Vec<f32>) -> Result<()> {
         if values.len() != self.numel() {
             return Err(CoreError::DataLength {
@@ -462,6 +465,14 @@ impl Tensor {
                 shape: self.shape().to_vec(),
                 needed: self.numel(),
             });
+        }
+        if self.0.half.is_none() {
+            let mut dev = self.dev_mut();
+            if let Some(d) = dev.as_mut() {
+                // A device tensor stays on its device: the new values are uploaded there.
+                d.vals = DevVals::F32(d.accel.upload(&values)?);
+                return Ok(());
+            }
         }
         *self.data_mut() = Storage::Owned(values);
         Ok(())
@@ -519,11 +530,13 @@ mod tests {
         assert!(t.read_lock().is_empty(), "the host copy is freed");
         assert_eq!(t.to_vec(), vec![1.0, 2.0, 3.0]); // a mirror, downloaded on demand
         assert_eq!(t.device(), dev);
+        t.set_data(vec![4.0, 5.0, 6.0]).unwrap(); // replaced on the device
+        assert_eq!((t.device(), t.to_vec()), (dev, vec![4.0, 5.0, 6.0]));
         t.data_mut()[1] = 9.0; // a host write brings it home
         assert_eq!(handle.device(), Device::Cpu);
         t.to_device(dev).unwrap();
         t.to_device(Device::Cpu).unwrap();
-        assert_eq!(t.to_vec(), vec![1.0, 9.0, 3.0]);
+        assert_eq!(t.to_vec(), vec![4.0, 9.0, 6.0]);
     }
 
     struct Ext(Vec<f32>);
