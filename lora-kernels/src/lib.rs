@@ -1,8 +1,9 @@
 //! Compute kernels for lora-rs.
 //!
-//! This crate knows nothing of tensors or models: every kernel works on plain `f32` slices plus
-//! the dimensions that give them shape, so the tensor layer (`lora-core`) and a future CUDA twin
-//! can share one argument convention. Dimension legend used throughout:
+//! This crate knows nothing of tensors or models: every kernel works on plain `f32` slices (or,
+//! for the CUDA twins in [`cuda`], device buffers) plus the dimensions that give them shape, so
+//! the tensor layer (`lora-core`) drives both with one argument convention through the device
+//! backend [`accel::Accel`]. Dimension legend used throughout:
 //!
 //! ```text
 //! N = tokens (batch * sequence), K = in features, M = out features, R = LoRA rank,
