@@ -73,3 +73,36 @@ fn check_ptxas(ptxas: &str, file: &str, ptx: &str) {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The on-disk PTX cache: a first call compiles and stores, a second reads the same text back,
+/// a different architecture is a different entry, and a damaged entry is recompiled.
+#[test]
+fn compiled_ptx_is_cached_on_disk() {
+    use lora_kernels::cuda::{compile_ptx_cached, ptx_cache_dir};
+    if !nvrtc_available() {
+        println!("SKIPPED: libnvrtc not found (LD_LIBRARY_PATH); .ci/run installs it");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lora-ptx-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The only test in this binary that sets it (tests run in threads of one process).
+    std::env::set_var("LORA_CACHE_DIR", &dir);
+    assert_eq!(ptx_cache_dir().as_deref(), Some(dir.as_path()));
+    let src = SOURCES.iter().find(|s| s.file == "adamw.cu").unwrap();
+    let (first, hit) = compile_ptx_cached(src, "sm_80").unwrap();
+    assert!(!hit, "empty cache");
+    let (second, hit) = compile_ptx_cached(src, "sm_80").unwrap();
+    assert!(hit && second == first, "served from the cache, unchanged");
+    assert_eq!(first, compile_ptx(src, "sm_80").unwrap());
+    let (_, hit) = compile_ptx_cached(src, "sm_90").unwrap();
+    assert!(!hit, "another architecture is another entry");
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 2, "two entries, no temporary files left");
+    for e in &entries {
+        std::fs::write(e.path(), "garbage").unwrap();
+    }
+    let (again, hit) = compile_ptx_cached(src, "sm_80").unwrap();
+    assert!(!hit && again == first, "a damaged entry is recompiled");
+    std::env::remove_var("LORA_CACHE_DIR");
+    let _ = std::fs::remove_dir_all(&dir);
+}
