@@ -45,7 +45,7 @@ run)
         for t in cuda_ptx cuda_parity cuda_accel; do
             echo "## $t"
             # Run from lora-kernels/ so relative paths match `cargo test`.
-            (cd lora-kernels && "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1 \
+            (cd lora-kernels && LORA_REQUIRE_GPU=1 "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1 \
                 || echo "FAILED: $t"
         done
         echo "## cuda_step (lora-train)"

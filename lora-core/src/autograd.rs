@@ -372,20 +372,11 @@ impl Tape {
                     }
                 }
                 (Op::Dev { op, accel }, Grad::Dev(_, dout)) => {
-                    let mut bufs: Vec<Option<DBuf>> = Vec::with_capacity(node.inputs.len());
-                    for (i, t) in node.inputs.iter().enumerate() {
-                        if !t.requires_grad {
-                            bufs.push(None);
-                            continue;
-                        }
-                        let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
-                        let buf = match (dup, grads.remove(&t.id)) {
-                            (false, Some(Grad::Dev(_, b))) => b,
-                            (false, Some(Grad::Host(_))) => return Err(mixed(op.name())),
-                            _ => accel.zeros(t.numel())?,
-                        };
-                        bufs.push(Some(buf));
-                    }
+                    let unwrap = |g| match g {
+                        Grad::Dev(_, b) => Ok(b),
+                        other => Err(other),
+                    };
+                    let mut bufs = input_grads(&node, &mut grads, unwrap, |n| Ok(accel.zeros(n)?))?;
                     let ins: Vec<DevInput> = node
                         .inputs
                         .iter()
@@ -396,40 +387,65 @@ impl Tape {
                         })
                         .collect();
                     dev_ops::backward(op, accel, &ins, &dout, &mut bufs)?;
-                    for (t, buf) in node.inputs.iter().zip(bufs) {
-                        if let Some(b) = buf {
-                            accumulate_into(&mut grads, t.id, Grad::Dev(accel.clone(), b))?;
-                        }
-                    }
+                    let wrap = |b| Grad::Dev(accel.clone(), b);
+                    give_back(&node, &mut grads, bufs, wrap)?;
                 }
                 (op, Grad::Host(dout)) if !matches!(op, Op::Dev { .. }) => {
-                    // One buffer per input that needs a gradient: the accumulated one if any.
-                    let mut bufs: Vec<Option<Vec<f32>>> = Vec::with_capacity(node.inputs.len());
-                    for (i, t) in node.inputs.iter().enumerate() {
-                        if !t.requires_grad {
-                            bufs.push(None);
-                            continue;
-                        }
-                        let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
-                        let buf = match (dup, grads.remove(&t.id)) {
-                            (false, Some(Grad::Host(b))) => b,
-                            (false, Some(Grad::Dev(..))) => return Err(mixed(op.name())),
-                            _ => vec![0.0; t.numel()],
-                        };
-                        bufs.push(Some(buf));
-                    }
+                    let unwrap = |g| match g {
+                        Grad::Host(v) => Ok(v),
+                        other => Err(other),
+                    };
+                    let mut bufs = input_grads(&node, &mut grads, unwrap, |n| Ok(vec![0.0; n]))?;
                     backward_node(op, &node.inputs, &dout, &mut bufs)?;
-                    for (t, buf) in node.inputs.iter().zip(bufs) {
-                        if let Some(b) = buf {
-                            accumulate_into(&mut grads, t.id, Grad::Host(b))?;
-                        }
-                    }
+                    give_back(&node, &mut grads, bufs, Grad::Host)?;
                 }
                 (op, _) => return Err(mixed(op.name())),
             }
         }
         Ok(Gradients { map: grads })
     }
+}
+
+/// One gradient buffer per input of `node` that needs one: the gradient accumulated so far
+/// (`unwrap` takes it if it is of this node's kind: host or device) at an input's first
+/// occurrence, else `fresh(numel)` zeros; `None` for inputs that need none.
+fn input_grads<B>(
+    node: &Node,
+    grads: &mut HashMap<u64, Grad>,
+    unwrap: impl Fn(Grad) -> std::result::Result<B, Grad>,
+    fresh: impl Fn(usize) -> Result<B>,
+) -> Result<Vec<Option<B>>> {
+    let mut bufs = Vec::with_capacity(node.inputs.len());
+    for (i, t) in node.inputs.iter().enumerate() {
+        if !t.requires_grad {
+            bufs.push(None);
+            continue;
+        }
+        let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
+        let held = if dup { None } else { grads.remove(&t.id) };
+        let buf = match held.map(&unwrap) {
+            Some(Ok(b)) => b,
+            Some(Err(_)) => return Err(mixed(node.op.name())),
+            None => fresh(t.numel())?,
+        };
+        bufs.push(Some(buf));
+    }
+    Ok(bufs)
+}
+
+/// Puts the buffers of [`input_grads`], now holding the node's contributions, back.
+fn give_back<B>(
+    node: &Node,
+    grads: &mut HashMap<u64, Grad>,
+    bufs: Vec<Option<B>>,
+    wrap: impl Fn(B) -> Grad,
+) -> Result<()> {
+    for (t, buf) in node.inputs.iter().zip(bufs) {
+        if let Some(b) = buf {
+            accumulate_into(grads, t.id, wrap(b))?;
+        }
+    }
+    Ok(())
 }
 
 fn mixed(op: &str) -> CoreError {

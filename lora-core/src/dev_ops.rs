@@ -24,6 +24,9 @@ pub(crate) struct On {
 }
 
 impl On {
+    fn device(&self) -> crate::Device {
+        crate::Device::Cuda(self.ordinal)
+    }
     fn tensor(&self, buf: DBuf, shape: &[usize], requires_grad: bool) -> Result<Tensor> {
         Tensor::from_dev(&self.accel, self.ordinal, buf, shape, requires_grad)
     }
@@ -42,17 +45,17 @@ pub(crate) fn placement(
     op: &'static str,
     operands: &[(&'static str, &Tensor)],
 ) -> Result<Option<On>> {
-    let mut first: Option<(&str, crate::Device, Option<On>)> = None;
+    let device = |on: &Option<On>| on.as_ref().map_or(crate::Device::Cpu, |o| o.device());
+    let mut first: Option<(&str, Option<On>)> = None;
     for &(name, t) in operands {
-        let g = t.dev();
-        let here = g.as_ref().map(|d| On {
+        let here = t.dev().as_ref().map(|d| On {
             accel: d.accel.clone(),
             ordinal: d.ordinal,
         });
-        let dev = t.device();
         match &first {
-            None => first = Some((name, dev, here)),
-            Some((fname, fdev, _)) if *fdev != dev => {
+            None => first = Some((name, here)),
+            Some((fname, f)) if device(f) != device(&here) => {
+                let (fdev, dev) = (device(f), device(&here));
                 return Err(CoreError::Device(format!(
                     "{op}: `{fname}` is on {fdev} but `{name}` is on {dev}; move the model and \
                      its inputs to one device (Tensor::to_device)"
@@ -61,7 +64,7 @@ pub(crate) fn placement(
             Some(_) => {}
         }
     }
-    Ok(first.and_then(|(_, _, on)| on))
+    Ok(first.and_then(|(_, on)| on))
 }
 
 /// Saved state of the adapter part of a device linear op.

@@ -151,28 +151,41 @@ impl Tensor {
         Self::build_storage(Storage::Owned(data), shape, requires_grad, device)
     }
 
+    /// The one constructor: `len` values (in whichever of `data`, `dev`, `half` holds them) must
+    /// fill `shape`.
+    fn make(
+        len: usize,
+        shape: &[usize],
+        requires_grad: bool,
+        data: Storage,
+        dev: Option<DevData>,
+        half: Option<Arc<dyn ExternalHalf>>,
+    ) -> Result<Self> {
+        let needed: usize = shape.iter().product();
+        if len != needed {
+            return Err(CoreError::DataLength {
+                len,
+                shape: shape.to_vec(),
+                needed,
+            });
+        }
+        Ok(Tensor(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shape: shape.to_vec(),
+            data: RwLock::new(data),
+            requires_grad,
+            dev: RwLock::new(dev),
+            half,
+        })))
+    }
+
     fn build_storage(
         data: Storage,
         shape: &[usize],
         requires_grad: bool,
         device: Device,
     ) -> Result<Self> {
-        let needed: usize = shape.iter().product();
-        if data.len() != needed {
-            return Err(CoreError::DataLength {
-                len: data.len(),
-                shape: shape.to_vec(),
-                needed,
-            });
-        }
-        let t = Tensor(Arc::new(Inner {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            shape: shape.to_vec(),
-            data: RwLock::new(data),
-            requires_grad,
-            dev: RwLock::new(None),
-            half: None,
-        }));
+        let t = Self::make(data.len(), shape, requires_grad, data, None, None)?;
         if device != Device::Cpu {
             t.to_device(device)?;
         }
@@ -187,26 +200,14 @@ impl Tensor {
         shape: &[usize],
         requires_grad: bool,
     ) -> Result<Self> {
-        let needed: usize = shape.iter().product();
-        if buf.len() != needed {
-            return Err(CoreError::DataLength {
-                len: buf.len(),
-                shape: shape.to_vec(),
-                needed,
-            });
-        }
-        Ok(Tensor(Arc::new(Inner {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            shape: shape.to_vec(),
-            data: RwLock::new(Storage::Owned(Vec::new())),
-            requires_grad,
-            dev: RwLock::new(Some(DevData {
-                accel: accel.clone(),
-                ordinal,
-                vals: DevVals::F32(buf),
-            })),
-            half: None,
-        })))
+        let dev = DevData {
+            accel: accel.clone(),
+            ordinal,
+            vals: DevVals::F32(buf),
+        };
+        let len = dev.f32()?.len();
+        let host = Storage::Owned(Vec::new());
+        Self::make(len, shape, requires_grad, host, Some(dev), None)
     }
 
     /// Moves the values to `device` in place (every handle sees the move; the id is kept):
@@ -335,22 +336,15 @@ impl Tensor {
     /// it: the linear op's base products read it as stored (2 bytes per value). Anything that
     /// asks for f32 values ([`Tensor::data`]) gets a widened copy, made once and kept.
     pub fn from_external_half(data: Arc<dyn ExternalHalf>, shape: &[usize]) -> Result<Self> {
-        let needed: usize = shape.iter().product();
-        if data.bits().len() != needed {
-            return Err(CoreError::DataLength {
-                len: data.bits().len(),
-                shape: shape.to_vec(),
-                needed,
-            });
-        }
-        Ok(Tensor(Arc::new(Inner {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            shape: shape.to_vec(),
-            data: RwLock::new(Storage::Owned(Vec::new())),
-            requires_grad: false,
-            dev: RwLock::new(None),
-            half: Some(data),
-        })))
+        let len = data.bits().len();
+        Self::make(
+            len,
+            shape,
+            false,
+            Storage::Owned(Vec::new()),
+            None,
+            Some(data),
+        )
     }
 
     /// Whether the values are still held as 16-bit floats only (never widened to f32).

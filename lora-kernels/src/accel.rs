@@ -325,7 +325,7 @@ pub(crate) fn check_range(
     offset: usize,
     len: usize,
 ) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|end| end > buf_len) {
+    if !matches!(offset.checked_add(len), Some(end) if end <= buf_len) {
         return Err(crate::error::invalid(
             op,
             "offset",

@@ -417,6 +417,28 @@ impl CudaDevice {
         self.base_gemm("linear_backward_dx", dy, w, (n, m, k), w_t)
     }
 
+    /// `dx (n, k) += dy W` in the one cuBLAS product (beta 1): a frozen layer's input gradient
+    /// accumulated without a temporary or a second pass over `dx`.
+    pub fn linear_backward_dx_accumulate(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        layout: WeightLayout,
+        (n, k, m): (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        if dy.len() != n * m || w.len() != m * k || dx.len() != n * k {
+            return Err(CudaError(format!(
+                "linear_backward_dx_accumulate: dy {}, w {}, dx {} do not match n {n}, k {k}, m {m}",
+                dy.len(),
+                w.len(),
+                dx.len()
+            )));
+        }
+        let w_t = layout == WeightLayout::InOut;
+        self.gemm_rowmajor(dx, dy, w, (n, m, k), w_t, true)
+    }
+
     /// A new `(rows, cols)` buffer holding `input (rows, inner) op(w)` (see `gemm_rowmajor`),
     /// after checking both lengths.
     fn base_gemm(
@@ -435,7 +457,8 @@ impl CudaDevice {
             )));
         }
         let mut out = self.output(rows * cols)?;
-        self.gemm_rowmajor(&mut out, input, w, rows, inner, cols, w_is_cols_by_inner)?;
+        let dims = (rows, inner, cols);
+        self.gemm_rowmajor(&mut out, input, w, dims, w_is_cols_by_inner, false)?;
         Ok(out)
     }
 
@@ -444,18 +467,16 @@ impl CudaDevice {
         &self.funcs[name]
     }
 
-    /// Row-major `c (rows, cols) = x (rows, inner) op(w)` for a base weight in `layout`:
-    /// forward `x W^T` (`transpose_w = true` for `OutIn`), or backward `dy W`.
-    #[allow(clippy::too_many_arguments)]
+    /// Row-major `c (rows, cols) = x (rows, inner) op(w)` (`accumulate`: `+=`) for a base weight
+    /// in `layout`: forward `x W^T` (`w_is_cols_by_inner` for `OutIn`), or backward `dy W`.
     fn gemm_rowmajor(
         &self,
         c: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
-        rows: usize,
-        inner: usize,
-        cols: usize,
+        (rows, inner, cols): (usize, usize, usize),
         w_is_cols_by_inner: bool,
+        accumulate: bool,
     ) -> Result<(), CudaError> {
         // Column-major view: C^T (cols, rows) = op(W) (cols, inner) X^T (inner, rows).
         // W stored row-major (cols, inner) is column-major (inner, cols): transpose it.
@@ -473,7 +494,7 @@ impl CudaDevice {
             alpha: 1.0f32,
             lda: lda as i32,
             ldb: inner as i32,
-            beta: 0.0f32,
+            beta: if accumulate { 1.0f32 } else { 0.0f32 },
             ldc: cols as i32,
         };
         // SAFETY: the buffer sizes are checked by the callers against the dimensions.

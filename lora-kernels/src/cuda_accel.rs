@@ -13,6 +13,7 @@ use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
 use crate::ops::cross_entropy::check_targets;
 use crate::ops::embedding::check_ids;
+use crate::ops::rope::check as check_rope;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 fn dev_err(e: CudaError) -> KernelError {
@@ -413,28 +414,9 @@ impl Accel for CudaDevice {
         } else {
             "rope_forward"
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(invalid(
-                op,
-                "head_dim",
-                format!("must be even and positive, got {head_dim}"),
-            ));
-        }
-        let half = head_dim / 2;
-        let p = cos.len() / half;
-        check_len(op, "sin", sin.len(), &[p, half])?;
         let n = positions.len();
-        check_len(op, "x", x.len(), &[n, heads, head_dim])?;
-        check_len(op, "out", out.len(), &[n, heads, head_dim])?;
-        if let Some(i) = positions.iter().position(|&q| q as usize >= p) {
-            return Err(KernelError::IndexOutOfRange {
-                op,
-                arg: "positions",
-                index: i,
-                value: positions[i] as i64,
-                limit: p,
-            });
-        }
+        let (xl, ol) = (x.len(), ("out", out.len()));
+        check_rope(op, xl, ol, cos.len(), sin.len(), positions, heads, head_dim)?;
         let (xs, cs, ss, ps) = (c(x)?, c(cos)?, c(sin)?, self.ints(positions)?);
         let o = cm(out)?;
         let (ni, hi, di) = (n as i32, heads as i32, head_dim as i32);
@@ -559,15 +541,16 @@ impl Accel for CudaDevice {
                 ));
             }
             if let Some(dx) = dx {
-                let t = CudaDevice::linear_backward_dx(
+                let dims = (d.tokens, d.inp, d.out);
+                CudaDevice::linear_backward_dx_accumulate(
                     self,
+                    cm(dx)?,
                     c(dy)?,
                     c(w)?,
                     layout,
-                    (d.tokens, d.inp, d.out),
+                    dims,
                 )
                 .map_err(dev_err)?;
-                Accel::accumulate(self, dx, &DBuf::Cuda(t))?;
             }
             return Ok(());
         };

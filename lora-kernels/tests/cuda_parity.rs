@@ -5,7 +5,10 @@
 //! On a GPU machine: `scripts/gpu-check.sh` runs it from a prebuilt binary.
 #![cfg(feature = "cuda")]
 
-use lora_kernels::cuda::{device_count, CudaDevice, LoraDims};
+mod common;
+
+use common::gpu_present;
+use lora_kernels::cuda::{CudaDevice, LoraDims};
 use lora_kernels::lora_linear::reference;
 use lora_kernels::lora_linear::{Dropout, WeightLayout};
 use lora_kernels::rng::Rng;
@@ -32,8 +35,7 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 
 #[test]
 fn cuda_lora_linear_matches_the_oracle() {
-    if device_count() == 0 {
-        println!("SKIPPED: no CUDA device answers on this machine");
+    if !gpu_present() {
         return;
     }
     let mut dev = CudaDevice::open(0).expect("open cuda:0");
@@ -122,8 +124,7 @@ fn cuda_lora_linear_matches_the_oracle() {
 #[test]
 fn cuda_elementwise_ops_match_their_cpu_twins() {
     use lora_kernels::ops::elementwise as cpu;
-    if device_count() == 0 {
-        println!("SKIPPED: no CUDA device answers on this machine");
+    if !gpu_present() {
         return;
     }
     let dev = CudaDevice::open(0).expect("open cuda:0");
@@ -209,8 +210,7 @@ fn launch<'a>(
 fn cuda_row_ops_match_their_cpu_twins() {
     use cudarc::driver::PushKernelArg;
     use lora_kernels::ops::{cross_entropy as ce, embedding as emb, norm, rope};
-    if device_count() == 0 {
-        println!("SKIPPED: no CUDA device answers on this machine");
+    if !gpu_present() {
         return;
     }
     let dev = CudaDevice::open(0).expect("open cuda:0");
@@ -443,8 +443,7 @@ fn cuda_row_ops_match_their_cpu_twins() {
 fn cuda_attention_matches_its_cpu_twin() {
     use lora_kernels::cuda::ATTN_MAX_HEAD_DIM;
     use lora_kernels::ops::attention::{attention_backward, attention_forward, AttnDims};
-    if device_count() == 0 {
-        println!("SKIPPED: no CUDA device answers on this machine");
+    if !gpu_present() {
         return;
     }
     let dev = CudaDevice::open(0).expect("open cuda:0");
@@ -516,8 +515,7 @@ fn cuda_attention_matches_its_cpu_twin() {
 #[test]
 fn cuda_widening_of_16_bit_weights_matches_the_cpu() {
     use lora_kernels::lora_linear::WeightData;
-    if device_count() == 0 {
-        println!("SKIPPED: no CUDA device answers on this machine");
+    if !gpu_present() {
         return;
     }
     let mut dev = CudaDevice::open(0).expect("open cuda:0");
@@ -549,8 +547,7 @@ fn cuda_widening_of_16_bit_weights_matches_the_cpu() {
 #[test]
 fn cuda_narrow_matches_its_cpu_twin() {
     use lora_kernels::ops::slice::{narrow_backward, narrow_forward};
-    if device_count() == 0 {
-        println!("SKIPPED: no CUDA device answers on this machine");
+    if !gpu_present() {
         return;
     }
     let dev = CudaDevice::open(0).expect("open cuda:0");

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{adapters, max_rel, micro_batches, model, step, three_steps};
+use common::{adapters, max_rel, micro_batches, model, step, three_steps, worst_rel};
 use lora_core::Device;
 
 const DEV: Device = Device::Cuda(0);
@@ -49,22 +49,14 @@ fn check(name: &str) {
     let e = ((loss_h - loss_d) / loss_h).abs();
     println!("{name}: loss cpu {loss_h} cuda {loss_d} (rel {e:.2e})");
     assert!(e <= 1e-5, "{name}: loss {loss_h} vs {loss_d}");
-    let worst = g_h
-        .iter()
-        .zip(&g_d)
-        .map(|(a, b)| max_rel(a, b))
-        .fold(0.0f32, f32::max);
+    let worst = worst_rel(&g_h, &g_d);
     println!("{name}: worst adapter gradient relative difference {worst:.2e}");
     assert!(
         worst <= 1e-4,
         "{name}: adapter gradients differ by {worst:.2e}"
     );
     let (_, g_c, _) = step(dev.as_ref(), name, true);
-    let worst_c = g_d
-        .iter()
-        .zip(&g_c)
-        .map(|(a, b)| max_rel(a, b))
-        .fold(0.0f32, f32::max);
+    let worst_c = worst_rel(&g_d, &g_c);
     assert!(
         worst_c <= 1e-4,
         "{name}: checkpointed gradients differ by {worst_c:.2e}"

@@ -36,12 +36,16 @@ pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The arguments of a rotation: `head_dim` even, `cos`/`sin` `(P, D/2)`, `x` `(N, H, D)` with one
+/// position below `P` per row, the output (named `out.0`) as long as `x`. Returns `D/2`. Shared
+/// with the CUDA twins, which check the same on the host before launching.
 #[allow(clippy::too_many_arguments)]
-fn check(
+pub(crate) fn check(
     op: &'static str,
     x_len: usize,
-    cos: &[f32],
-    sin: &[f32],
+    out: (&'static str, usize),
+    cos_len: usize,
+    sin_len: usize,
     positions: &[u32],
     h: usize,
     d: usize,
@@ -54,10 +58,11 @@ fn check(
         ));
     }
     let half = d / 2;
-    let p = cos.len() / half;
-    check_len(op, "cos", cos.len(), &[p, half])?;
-    check_len(op, "sin", sin.len(), &[p, half])?;
+    let p = cos_len / half;
+    check_len(op, "cos", cos_len, &[p, half])?;
+    check_len(op, "sin", sin_len, &[p, half])?;
     check_len(op, "x", x_len, &[positions.len(), h, d])?;
+    check_len(op, out.0, out.1, &[x_len])?;
     if let Some(i) = positions.iter().position(|&q| q as usize >= p) {
         return Err(KernelError::IndexOutOfRange {
             op,
@@ -125,16 +130,17 @@ pub fn rope_forward(
     n_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
+    let (xl, ol) = (x.len(), ("out", out.len()));
     check(
         "rope_forward",
-        x.len(),
-        cos,
-        sin,
+        xl,
+        ol,
+        cos.len(),
+        sin.len(),
         positions,
         n_heads,
         head_dim,
     )?;
-    check_len("rope_forward", "out", out.len(), &[x.len()])?;
     rotate(out, x, cos, sin, positions, n_heads, head_dim, false, false);
     Ok(())
 }
@@ -150,16 +156,17 @@ pub fn rope_backward(
     n_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
+    let (xl, ol) = (dout.len(), ("dx", dx.len()));
     check(
         "rope_backward",
-        dout.len(),
-        cos,
-        sin,
+        xl,
+        ol,
+        cos.len(),
+        sin.len(),
         positions,
         n_heads,
         head_dim,
     )?;
-    check_len("rope_backward", "dx", dx.len(), &[dout.len()])?;
     rotate(dx, dout, cos, sin, positions, n_heads, head_dim, true, true);
     Ok(())
 }

@@ -71,3 +71,19 @@ pub fn assert_close_bound(what: &str, got: &[f32], want: &[f64], bound: &[f64], 
     let scale = bound.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
     assert_close_scaled(what, got, want, scale, tol);
 }
+
+/// Whether a CUDA device answers, for the GPU tests: without one they print that they were
+/// skipped and pass, unless `LORA_REQUIRE_GPU` is set (`scripts/gpu-check.sh` sets it), which
+/// turns the skip into a failure so a GPU run cannot pass by not running.
+#[cfg(feature = "cuda")]
+pub fn gpu_present() -> bool {
+    if lora_kernels::cuda::device_count() > 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("LORA_REQUIRE_GPU").is_none(),
+        "LORA_REQUIRE_GPU is set but no CUDA device answers"
+    );
+    println!("SKIPPED: no CUDA device answers on this machine");
+    false
+}

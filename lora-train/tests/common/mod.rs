@@ -76,6 +76,15 @@ pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
+/// The worst [`max_rel`] over matching tensors of two lists.
+pub fn worst_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_rel(x, y))
+        .fold(0.0f32, f32::max)
+}
+
 pub fn ids(name: &str) -> (Vec<i64>, usize, usize) {
     let reference = SafetensorsFile::open(fixture(name).join("reference.safetensors")).unwrap();
     let (ids, shape) = reference.read_i64("input_ids").unwrap();
