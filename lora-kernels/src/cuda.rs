@@ -315,6 +315,27 @@ fn grid(x: u32, y: u32) -> LaunchConfig {
     }
 }
 
+/// Buffers come from the device's stream-ordered pool (`cuMemAllocAsync`); by default the pool
+/// hands its free memory back to the driver at every synchronisation (each step reads its loss
+/// back), so the next step's allocations map fresh memory again. A release threshold of
+/// "never" keeps freed blocks for reuse, as PyTorch's caching allocator does. Best effort:
+/// without pools (or if the driver refuses) allocation still works, only slower.
+fn keep_pool_memory(ctx: &std::sync::Arc<CudaContext>) {
+    use cudarc::driver::{result, sys};
+    // SAFETY: the device handle comes from the live context; the attribute takes a u64.
+    let _ = ctx.bind_to_thread();
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+            let mut keep = u64::MAX;
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            );
+        }
+    }
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`: checks for the driver first (no panic without one), compiles every
     /// source with NVRTC for the device's compute capability (or reads the PTX from the on-disk
@@ -333,6 +354,11 @@ impl CudaDevice {
             return Err(CudaError("libnvrtc not found (LD_LIBRARY_PATH)".into()));
         }
         let ctx = CudaContext::new(ordinal).map_err(cerr("creating the context"))?;
+        // One stream does all the work, so cudarc's per-buffer events (two created with every
+        // allocation, recorded on every use, to order work across streams) are pure cost.
+        // SAFETY: no buffer exists yet, and this device never creates a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let (major, minor) = ctx
             .compute_capability()
             .map_err(cerr("compute capability"))?;
