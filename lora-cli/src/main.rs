@@ -642,7 +642,7 @@ fn run(cli: Cli) -> Result<()> {
                 schedule,
                 weight_decay: a.weight_decay,
                 optimizer: a.optimizer,
-                max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+                max_grad_norm: (a.max_grad_norm != 0.0).then_some(a.max_grad_norm),
                 pack: a.pack,
                 seed: a.seed,
                 eval_data: a.eval_data,

@@ -139,6 +139,29 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", format!("must be positive, got {}", self.lr));
         }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "weight-decay",
+                format!("must be finite and >= 0, got {}", self.weight_decay),
+            );
+        }
+        if !(self.loraplus_ratio.is_finite() && self.loraplus_ratio > 0.0) {
+            return bad(
+                "loraplus-ratio",
+                format!(
+                    "must be finite and > 0 (1 = plain LoRA), got {}",
+                    self.loraplus_ratio
+                ),
+            );
+        }
+        if let Some(c) = self.max_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(
+                    "max-grad-norm",
+                    format!("must be finite and > 0 (0 on the command line disables), got {c}"),
+                );
+            }
+        }
         if !(0.0..1.0).contains(&self.eval_split) {
             return bad(
                 "eval-split",

@@ -43,7 +43,8 @@ pub struct StepStats {
     pub grad_norm: f32,
 }
 
-/// Runs one optimizer step over `micro` batches. `seed` drives dropout masks. With `checkpoint`,
+/// Runs one optimizer step over `micro` batches (`step` counts from 0; messages print it from 1,
+/// as the progress lines do). `seed` drives dropout masks. With `checkpoint`,
 /// the model's blocks are recomputed during backward (activation checkpointing, see
 /// [`Tape::with_checkpointing`]): less memory, about a third more time, the same step.
 #[allow(clippy::too_many_arguments)]
@@ -72,7 +73,9 @@ pub fn train_step(
             return Err(TrainError::Data {
                 path: "<training>".into(),
                 reason: format!(
-                    "loss is {l} at step {step} (micro-batch {k}); stopping before the update"
+                    "loss is {l} at step {} (micro-batch {}); stopping before the update",
+                    step + 1,
+                    k + 1
                 ),
             });
         }
@@ -102,7 +105,10 @@ pub fn train_step(
     if !norm.is_finite() {
         return Err(TrainError::Data {
             path: "<training>".into(),
-            reason: format!("gradient norm is {norm} at step {step}; stopping before the update"),
+            reason: format!(
+                "gradient norm is {norm} at step {}; stopping before the update",
+                step + 1
+            ),
         });
     }
     opt.step(groups, &grads, lr)?;

@@ -193,6 +193,23 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
         !ckpts.is_empty(),
         "a checkpoint from before the failure is kept"
     );
+    // The message counts steps from 1, as the progress lines and checkpoint names do: the step
+    // that failed is the one after the newest checkpoint.
+    let failed: usize = e
+        .split("at step ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let newest = ckpts
+        .iter()
+        .filter_map(|n| n.strip_prefix("checkpoint-")?.parse::<usize>().ok())
+        .max()
+        .unwrap();
+    assert_eq!(newest + 1, failed, "{e} / {ckpts:?}");
     assert!(
         !out.join("adapter_model.safetensors").exists(),
         "no final adapter from a failed run"
@@ -211,6 +228,25 @@ fn bad_settings_are_refused_before_the_output_directory_is_touched() {
         .to_string();
     assert!(e.contains("--seq-len") && e.contains("5000"), "{e}");
     assert!(!out.exists(), "a refused run left {}", out.display());
+    // Optimizer settings that would turn the adapter into NaN (or freeze B) after a step.
+    type Set = fn(&mut TrainConfig);
+    let cases: [(&str, Set); 6] = [
+        ("--weight-decay", |c| c.weight_decay = f32::NAN),
+        ("--weight-decay", |c| c.weight_decay = -0.1),
+        ("--loraplus-ratio", |c| c.loraplus_ratio = 0.0),
+        ("--loraplus-ratio", |c| c.loraplus_ratio = f32::INFINITY),
+        ("--max-grad-norm", |c| c.max_grad_norm = Some(-1.0)),
+        ("--max-grad-norm", |c| c.max_grad_norm = Some(f32::NAN)),
+    ];
+    for (flag, set) in cases {
+        let mut cfg = config(out.clone(), data_file());
+        set(&mut cfg);
+        let e = lora_train::run::train(&cfg, false, false, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(flag), "{flag}: {e}");
+        assert!(!out.exists(), "a refused run left {}", out.display());
+    }
 }
 
 #[test]
