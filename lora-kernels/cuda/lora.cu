@@ -12,42 +12,52 @@
 #define RC 64
 #define THREADS 256
 
-// u = drop(x) A^T. grid (ceil(n/TN), ceil(r/RC)). One pass over x per rank chunk.
-extern "C" __global__ void lora_shrink(float* __restrict__ u, const float* __restrict__ x,
-                                       const float* __restrict__ a, int n, int k, int r,
+// u = drop(x) A^T, split over k for occupancy: block z sums k in [z kc, (z + 1) kc) into
+// u_part + z n r (u itself when gridDim.z = 1; otherwise lora_reduce_partials adds the splits
+// in order). grid (ceil(n/TN), ceil(r/RC), ceil(k/kc)); kc a multiple of TK. One pass over x per
+// rank chunk.
+extern "C" __global__ void lora_shrink(float* __restrict__ u_part, const float* __restrict__ x,
+                                       const float* __restrict__ a, int n, int k, int r, int kc,
                                        float p, u64 seed) {
     __shared__ float xs[TN][TK + 1];
     __shared__ float as[RC][TK + 1];
     const int row0 = blockIdx.x * TN, r0 = blockIdx.y * RC, t = threadIdx.x;
+    const int kb = blockIdx.z * kc, ke = min(k, kb + kc);
+    // Ranks of this chunk; accumulators past them are skipped (a uniform branch), so a rank-8
+    // adapter does 8 FMAs per x value, not 64.
+    const int rr = min(RC, r - r0);
     // Each thread owns 8 outputs: row (t / 8), ranks (t % 8) + 8 j.
     const int tr = t / 8, tc = t % 8;
     float acc[RC / 8];
 #pragma unroll
     for (int j = 0; j < RC / 8; ++j) acc[j] = 0.0f;
-    for (int k0 = 0; k0 < k; k0 += TK) {
+    for (int k0 = kb; k0 < ke; k0 += TK) {
         for (int e = t; e < TN * TK; e += THREADS) {
             int i = e / TK, c = e % TK, gi = row0 + i, gc = k0 + c;
             float v = 0.0f;
-            if (gi < n && gc < k) {
+            if (gi < n && gc < ke) {
                 v = x[(size_t)gi * k + gc] * lora_dropout_mult(p, seed, (u64)gi * k + gc);
             }
             xs[i][c] = v;
         }
         for (int e = t; e < RC * TK; e += THREADS) {
             int j = e / TK, c = e % TK, gj = r0 + j, gc = k0 + c;
-            as[j][c] = (gj < r && gc < k) ? a[(size_t)gj * k + gc] : 0.0f;
+            as[j][c] = (gj < r && gc < ke) ? a[(size_t)gj * k + gc] : 0.0f;
         }
         __syncthreads();
 #pragma unroll 4
         for (int c = 0; c < TK; ++c) {
             float xv = xs[tr][c];
 #pragma unroll
-            for (int j = 0; j < RC / 8; ++j) acc[j] += xv * as[tc + 8 * j][c];
+            for (int j = 0; j < RC / 8; ++j) {
+                if (8 * j < rr) acc[j] += xv * as[tc + 8 * j][c];
+            }
         }
         __syncthreads();
     }
     const int gi = row0 + tr;
     if (gi < n) {
+        float* u = u_part + (size_t)blockIdx.z * n * r;
 #pragma unroll
         for (int j = 0; j < RC / 8; ++j) {
             int gj = r0 + tc + 8 * j;
@@ -111,22 +121,25 @@ extern "C" __global__ void lora_expand(float* __restrict__ y, const float* __res
     }
 }
 
-// One pass over dy for three results: g = s dy B (n, r) complete per block, and this block's
-// partial sums of dB = s dy^T u (m, r) and db = colsum(dy) (m) over its TN rows, written to
-// dB_part[blockIdx.x] / db_part[blockIdx.x] (db_part may be null) and reduced by
-// lora_reduce_partials in a fixed order, so results do not depend on scheduling.
-// grid (ceil(n/TN)); requires r <= RC (larger ranks use the GEMM path, as on the CPU).
-extern "C" __global__ void lora_backward_g_db(float* __restrict__ g,
+// One pass over dy for three results: g = s dy B (n, r), and this block's partial sums of
+// dB = s dy^T u (m, r) and db = colsum(dy) (m) over its TN rows, written to
+// dB_part[blockIdx.x] / db_part[blockIdx.x] (db_part may be null). Split over the m columns for
+// occupancy: block y covers columns [y mc, (y + 1) mc) and writes its share of g to
+// g_part + y n r (g itself when gridDim.y = 1). lora_reduce_partials adds every set of partials
+// in a fixed order, so results do not depend on scheduling.
+// grid (ceil(n/TN), ceil(m/mc)); mc a multiple of TC; requires r <= RC.
+extern "C" __global__ void lora_backward_g_db(float* __restrict__ g_part,
                                               float* __restrict__ db_part_b,
                                               float* __restrict__ db_part,
                                               const float* __restrict__ dy,
                                               const float* __restrict__ b,
                                               const float* __restrict__ u, int n, int m, int r,
-                                              float s) {
+                                              int mc, float s) {
     __shared__ float dys[TN][TC + 1];
     __shared__ float us[TN][RC + 1];
     __shared__ float bs[TC][RC + 1];
     const int row0 = blockIdx.x * TN, t = threadIdx.x;
+    const int cb = blockIdx.y * mc, ce = min(m, cb + mc);
     const int tr = t / 8, tc = t % 8;
     for (int e = t; e < TN * RC; e += THREADS) {
         int i = e / RC, q = e % RC, gi = row0 + i;
@@ -136,22 +149,24 @@ extern "C" __global__ void lora_backward_g_db(float* __restrict__ g,
 #pragma unroll
     for (int j = 0; j < RC / 8; ++j) gacc[j] = 0.0f;
     float* dbp = db_part_b + (size_t)blockIdx.x * m * r;
-    for (int col0 = 0; col0 < m; col0 += TC) {
+    for (int col0 = cb; col0 < ce; col0 += TC) {
         __syncthreads();
         for (int e = t; e < TN * TC; e += THREADS) {
             int i = e / TC, c = e % TC, gi = row0 + i, gc = col0 + c;
-            dys[i][c] = (gi < n && gc < m) ? dy[(size_t)gi * m + gc] : 0.0f;
+            dys[i][c] = (gi < n && gc < ce) ? dy[(size_t)gi * m + gc] : 0.0f;
         }
         for (int e = t; e < TC * RC; e += THREADS) {
             int j = e / RC, q = e % RC, gj = col0 + j;
-            bs[j][q] = (gj < m && q < r) ? b[(size_t)gj * r + q] : 0.0f;
+            bs[j][q] = (gj < ce && q < r) ? b[(size_t)gj * r + q] : 0.0f;
         }
         __syncthreads();
-        // g: row tr, ranks tc + 8 j, over this column chunk.
+        // g: row tr, ranks tc + 8 j (those below r: a uniform branch), over this column chunk.
         for (int c = 0; c < TC; ++c) {
             float d = dys[tr][c];
 #pragma unroll
-            for (int j = 0; j < RC / 8; ++j) gacc[j] += d * bs[c][tc + 8 * j];
+            for (int j = 0; j < RC / 8; ++j) {
+                if (8 * j < r) gacc[j] += d * bs[c][tc + 8 * j];
+            }
         }
         // dB partial: columns c = t / 4 (64 of them), ranks (t % 4) + 4 j, over the TN rows.
         {
@@ -159,9 +174,9 @@ extern "C" __global__ void lora_backward_g_db(float* __restrict__ g,
             for (int q = q0; q < r; q += 4) {
                 float acc = 0.0f;
                 for (int i = 0; i < TN; ++i) acc += dys[i][c] * us[i][q];
-                if (gc < m) dbp[(size_t)gc * r + q] = s * acc;
+                if (gc < ce) dbp[(size_t)gc * r + q] = s * acc;
             }
-            if (db_part && q0 == 0 && gc < m) {
+            if (db_part && q0 == 0 && gc < ce) {
                 float acc = 0.0f;
                 for (int i = 0; i < TN; ++i) acc += dys[i][c];
                 db_part[(size_t)blockIdx.x * m + gc] = acc;
@@ -170,6 +185,7 @@ extern "C" __global__ void lora_backward_g_db(float* __restrict__ g,
     }
     const int gi = row0 + tr;
     if (gi < n) {
+        float* g = g_part + (size_t)blockIdx.y * n * r;
 #pragma unroll
         for (int j = 0; j < RC / 8; ++j) {
             int q = tc + 8 * j;
@@ -191,7 +207,8 @@ extern "C" __global__ void lora_reduce_partials(float* __restrict__ out,
 }
 
 // Partial dA = g^T drop(x) (r, k): block (kc, seg) sums rows [seg * rows_per_seg, ...) for the
-// TC columns kc * TC.., into da_part[seg]. One pass over x in total. Requires r <= RC.
+// TC columns kc * TC.., into da_part[seg]. One pass over x in total. Requires r <= RC. The
+// number of row segments is chosen on the host to fill the device (lora_split in cuda.rs).
 // grid (ceil(k/TC), segs).
 extern "C" __global__ void lora_backward_da(float* __restrict__ da_part,
                                             const float* __restrict__ g,
@@ -223,7 +240,9 @@ extern "C" __global__ void lora_backward_da(float* __restrict__ da_part,
         for (int i = 0; i < TN; ++i) {
             float xv = xs[i][c];
 #pragma unroll
-            for (int j = 0; j < RC / 4; ++j) acc[j] += gs[i][q0 + 4 * j] * xv;
+            for (int j = 0; j < RC / 4; ++j) {
+                if (4 * j < r) acc[j] += gs[i][q0 + 4 * j] * xv;
+            }
         }
         __syncthreads();
     }

@@ -277,6 +277,30 @@ pub struct CudaDevice {
     /// Fill every output buffer with NaN before the kernels write it, so an element a kernel
     /// fails to write shows up (parity tests turn this on; off by default).
     pub poison: bool,
+    /// Streaming multiprocessors: the rank-r kernels split their reductions so a small layer
+    /// still gives every SM work ([`lora_split`]).
+    pub sms: usize,
+}
+
+/// How many blocks per SM the split reductions of the LoRA kernels aim for.
+const BLOCKS_PER_SM: usize = 2;
+/// At most this many splits of one reduction (each split adds `n x r` partial values).
+const MAX_SPLITS: usize = 32;
+
+/// Splits a reduction over `extent` values (in whole `unit`s) into `(splits, chunk)` so that a
+/// grid of `base` blocks per split reaches about [`BLOCKS_PER_SM`] blocks per SM: without it a
+/// 512-token layer runs its rank-r kernels on 16 blocks of a 132-SM H200. `chunk` is a multiple
+/// of `unit` and `splits = ceil(extent / chunk)`. The split (and so the rounding of the sums)
+/// depends only on the shapes and the SM count: the same device gives the same bits every run.
+pub fn lora_split(sms: usize, base: usize, extent: usize, unit: usize) -> (usize, usize) {
+    let unit = unit.max(1);
+    let units = extent.div_ceil(unit).max(1);
+    let want = (BLOCKS_PER_SM * sms.max(1))
+        .div_ceil(base.max(1))
+        .clamp(1, MAX_SPLITS)
+        .min(units);
+    let chunk = units.div_ceil(want) * unit;
+    (extent.div_ceil(chunk).max(1), chunk)
 }
 
 /// LoRA linear dimensions and settings for the CUDA path (`n` tokens, `k` in, `m` out, `r` rank).
@@ -299,8 +323,11 @@ pub struct LoraDims {
 }
 
 const THREADS: u32 = 256;
+// lora.cu's tiles: rows, output columns, reduction chunk, rank chunk.
 const TN: usize = 32;
 const TC: usize = 64;
+const TK: usize = 32;
+const RC: usize = 64;
 
 fn blocks(n: usize, t: usize) -> u32 {
     n.div_ceil(t) as u32
@@ -376,6 +403,12 @@ impl CudaDevice {
                 funcs.insert(*k, f);
             }
         }
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cerr("SM count"))?
+            .max(1) as usize;
         Ok(Self {
             ctx,
             stream,
@@ -383,6 +416,7 @@ impl CudaDevice {
             funcs,
             arch,
             poison: false,
+            sms,
         })
     }
 
@@ -544,18 +578,33 @@ impl CudaDevice {
         let mut y = self.linear_forward(x, w, layout, (d.n, d.k, d.m))?;
         let mut u = self.output(d.n * d.r)?;
         let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
-        let cfg = grid(blocks(d.n, TN), blocks(d.r, 64));
+        // u = drop(x) A^T, split over k when the row blocks alone would leave SMs idle.
+        let base = blocks(d.n, TN) as usize * d.r.div_ceil(RC);
+        let (splits, kc) = lora_split(self.sms, base, d.k, TK);
+        let mut u_part = if splits > 1 {
+            Some(self.output(splits * d.n * d.r)?)
+        } else {
+            None
+        };
+        let mut cfg = grid(blocks(d.n, TN), blocks(d.r, RC));
+        cfg.grid_dim.2 = splits as u32;
+        let kc_i = kc as i32;
         let mut l = self.stream.launch_builder(self.func("lora_shrink"));
-        l.arg(&mut u)
+        l.arg(u_part.as_mut().unwrap_or(&mut u))
             .arg(x)
             .arg(a)
             .arg(&n)
             .arg(&k)
             .arg(&r)
+            .arg(&kc_i)
             .arg(&d.p)
             .arg(&d.seed);
-        // SAFETY: argument types and order match lora.cu's signature; sizes checked above.
+        // SAFETY: argument types and order match lora.cu's signature; sizes checked above; the
+        // output holds `splits` (n, r) slices.
         unsafe { l.launch(cfg) }.map_err(cerr("lora_shrink"))?;
+        if let Some(part) = &u_part {
+            self.reduce(&mut u, part, splits, d.n * d.r)?;
+        }
         let null = 0u64;
         let cfg = grid(blocks(d.n, TN), blocks(d.m, TC));
         let mut l = self.stream.launch_builder(self.func("lora_expand"));
@@ -594,14 +643,22 @@ impl CudaDevice {
         let alloc = |len: usize| self.output(len);
         // dx = dy W (cuBLAS), then += drop'(g A).
         let mut dx = self.linear_backward_dx(dy, w, layout, (d.n, d.k, d.m))?;
-        // g, dB and db partials in one pass over dy.
+        // g, dB and db partials in one pass over dy, split over m when the row blocks alone
+        // would leave SMs idle (g then comes in `splits` partial sums).
         let row_blocks = d.n.div_ceil(TN);
+        let (splits, mc) = lora_split(self.sms, row_blocks, d.m, TC);
         let mut g = alloc(d.n * d.r)?;
+        let mut g_part = if splits > 1 {
+            Some(alloc(splits * d.n * d.r)?)
+        } else {
+            None
+        };
         let mut db_b_part = alloc(row_blocks * d.m * d.r)?;
         let mut dbias_part = alloc(row_blocks * d.m)?;
-        let cfg = grid(row_blocks as u32, 1);
+        let cfg = grid(row_blocks as u32, splits as u32);
+        let mc_i = mc as i32;
         let mut l = self.stream.launch_builder(self.func("lora_backward_g_db"));
-        l.arg(&mut g)
+        l.arg(g_part.as_mut().unwrap_or(&mut g))
             .arg(&mut db_b_part)
             .arg(&mut dbias_part)
             .arg(dy)
@@ -610,16 +667,21 @@ impl CudaDevice {
             .arg(&n)
             .arg(&m)
             .arg(&r)
+            .arg(&mc_i)
             .arg(&d.scale);
         // SAFETY: argument types and order match lora.cu; buffers sized for the grid.
         unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_g_db"))?;
+        if let Some(part) = &g_part {
+            self.reduce(&mut g, part, splits, d.n * d.r)?;
+        }
         let mut d_b = alloc(d.m * d.r)?;
         let mut dbias = alloc(d.m)?;
         self.reduce(&mut d_b, &db_b_part, row_blocks, d.m * d.r)?;
         self.reduce(&mut dbias, &dbias_part, row_blocks, d.m)?;
-        // dA partials over row segments, then the fixed-order reduction.
-        let segs = d.n.div_ceil(512).clamp(1, 64);
-        let rows_per_seg = (d.n.div_ceil(segs) as i32).max(1);
+        // dA partials over row segments (enough to fill the device), then the fixed-order
+        // reduction.
+        let (segs, rows) = lora_split(self.sms, d.k.div_ceil(TC), d.n, TN);
+        let rows_per_seg = rows as i32;
         let mut da_part = alloc(segs * d.r * d.k)?;
         let cfg = grid(blocks(d.k, TC), segs as u32);
         let mut l = self.stream.launch_builder(self.func("lora_backward_da"));
@@ -909,4 +971,36 @@ fn check(d: LoraDims, x: usize, w: usize, a: usize, b: usize) -> Result<(), Cuda
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::lora_split;
+
+    /// The splits cover the reduction exactly once in whole tiles, aim at two blocks per SM and
+    /// stop at 32; a grid that already fills the device is not split. (scripts/cuda_emu/check.py
+    /// mirrors this function; the first cases pin the values it must agree with.)
+    #[test]
+    fn splits_cover_the_reduction_and_fill_the_device() {
+        assert_eq!(lora_split(132, 16, 4096, 64), (16, 256)); // 512 tokens, m = 4096
+        assert_eq!(lora_split(132, 64, 768, 32), (5, 160)); // 2048 tokens, k = 768
+        assert_eq!(lora_split(132, 300, 768, 32), (1, 768)); // already 300 blocks
+        assert_eq!(lora_split(132, 1, 100_000, 64), (32, 3136)); // capped at 32
+        assert_eq!(lora_split(132, 1, 5, 64), (1, 64)); // one tile: nothing to split
+        for sms in [1, 7, 132] {
+            for base in [1, 3, 16, 64, 1000] {
+                for extent in [1, 31, 32, 33, 100, 768, 4096, 11008] {
+                    for unit in [1, 32, 64] {
+                        let (splits, chunk) = lora_split(sms, base, extent, unit);
+                        assert!(chunk % unit == 0 && chunk > 0);
+                        assert!(splits * chunk >= extent && (splits - 1) * chunk < extent);
+                        assert!((1..=32).contains(&splits));
+                        if base >= 2 * sms {
+                            assert_eq!(splits, 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -281,56 +281,88 @@ def adamw(k):
     check("adamw_step v", v, Vw, 1e-6)
 
 
+def lora_split(sms, base, extent, unit):
+    """cuda.rs's lora_split: (splits, chunk) of a reduction over `extent` in whole `unit`s."""
+    units = max(-(-extent // unit), 1)
+    want = min(max(min(-(-2 * max(sms, 1) // max(base, 1)), 32), 1), units)
+    chunk = -(-units // want) * unit
+    return max(-(-extent // chunk), 1), chunk
+
+
+def reduce_into(k, out, part, parts, length, acc=0):
+    k("lora_reduce_partials", ((length + 255) // 256,), (256,), out, part, parts, length, acc)
+
+
 def lora(k):
-    TN, TC = 32, 64
-    for (n, kk, m, r, p) in [(70, 45, 33, 3, 0.25), (33, 130, 70, 64, 0.0), (5, 7, 9, 1, 0.5)]:
-        tag = f"n{n} k{kk} m{m} r{r} p{p}"
-        x, A, B, bias = rnd(n, kk), rnd(r, kk), rnd(m, r), rnd(m)
-        seed, s = 1234567, np.float32(1.7)
-        drop = mask(p, seed, n, kk)
-        X, Aw, Bw = x.astype(np.float64), A.astype(np.float64), B.astype(np.float64)
-        u = nan(n, r)
-        k("lora_shrink", ((n + TN - 1) // TN, (r + 63) // 64), (256,), u, x, A, n, kk, r, np.float32(p), seed)
-        Uw = (X * drop) @ Aw.T
-        check(f"lora_shrink {tag}", u, Uw, 1e-5)
-        y = rnd(n, m)
-        want = y.astype(np.float64) + bias + float(s) * u.astype(np.float64) @ Bw.T
-        k("lora_expand", ((n + TN - 1) // TN, (m + TC - 1) // TC), (256,), y, u, B, bias, n, m, r, s)
-        check(f"lora_expand {tag}", y, want, 1e-5)
-        dy = rnd(n, m)
-        DY = dy.astype(np.float64)
-        blocks = (n + TN - 1) // TN
-        g, dbp, dbiasp = nan(n, r), nan(blocks, m, r), nan(blocks, m)
-        k("lora_backward_g_db", (blocks,), (256,), g, dbp, dbiasp, dy, B, u, n, m, r, s)
-        U = u.astype(np.float64)
-        check(f"lora_backward_g_db g {tag}", g, float(s) * DY @ Bw, 1e-5)
-        dB, dbias = nan(m, r), rnd(m)
-        k("lora_reduce_partials", ((m * r + 255) // 256,), (256,), dB, dbp, blocks, m * r, 0)
-        check(f"dB {tag}", dB, float(s) * DY.T @ U, 1e-5)
-        want = dbias.astype(np.float64) + DY.sum(0)
-        k("lora_reduce_partials", ((m + 255) // 256,), (256,), dbias, dbiasp, blocks, m, 1)
-        check(f"dbias (accumulated) {tag}", dbias, want, 1e-5)
-        segs = min(max((n + 511) // 512, 1), 64)
-        rps = max((n + segs - 1) // segs, 1)
-        dap = nan(segs, r, kk)
-        k("lora_backward_da", ((kk + TC - 1) // TC, segs), (256,), dap, g, x, n, kk, r, rps, np.float32(p), seed)
-        dA = nan(r, kk)
-        k("lora_reduce_partials", ((r * kk + 255) // 256,), (256,), dA, dap, segs, r * kk, 0)
-        Gw = g.astype(np.float64)
-        check(f"dA {tag}", dA, Gw.T @ (X * drop), 1e-5)
-        dx = rnd(n, kk)
-        want = dx.astype(np.float64) + drop * (Gw @ Aw)
-        k("lora_backward_dx", ((n + TN - 1) // TN, (kk + TC - 1) // TC), (256,), dx, g, A, n, kk, r, np.float32(p), seed)
-        check(f"lora_backward_dx {tag}", dx, want, 1e-5)
-    # A long sequence: several dA row segments.
+    TN, TC, TK = 32, 64, 32
+    # The values cuda.rs's split_tests pin, so this mirror cannot drift from lora_split.
+    for args, want in [((132, 16, 4096, 64), (16, 256)), ((132, 64, 768, 32), (5, 160)),
+                       ((132, 300, 768, 32), (1, 768)), ((132, 1, 100_000, 64), (32, 3136)),
+                       ((132, 1, 5, 64), (1, 64))]:
+        assert lora_split(*args) == want, (args, lora_split(*args), want)
+    cases = [(70, 45, 33, 3, 0.25), (33, 130, 70, 64, 0.0), (5, 7, 9, 1, 0.5), (40, 300, 200, 8, 0.1),
+             (9, 70, 20, 80, 0.0)]
+    # sms = 1: one split (the kernels write u / g directly); 132 (an H200): split reductions.
+    for sms in (1, 132):
+        for (n, kk, m, r, p) in cases:
+            tag = f"n{n} k{kk} m{m} r{r} p{p} sms{sms}"
+            x, A, B, bias = rnd(n, kk), rnd(r, kk), rnd(m, r), rnd(m)
+            seed, s = 1234567, np.float32(1.7)
+            drop = mask(p, seed, n, kk)
+            X, Aw, Bw = x.astype(np.float64), A.astype(np.float64), B.astype(np.float64)
+            u = nan(n, r)
+            splits, kc = lora_split(sms, ((n + TN - 1) // TN) * ((r + 63) // 64), kk, TK)
+            part = nan(splits, n, r) if splits > 1 else u
+            k("lora_shrink", ((n + TN - 1) // TN, (r + 63) // 64, splits), (256,), part, x, A, n, kk, r,
+              kc, np.float32(p), seed)
+            if splits > 1:
+                reduce_into(k, u, part, splits, n * r)
+            Uw = (X * drop) @ Aw.T
+            check(f"lora_shrink {tag} ({splits} k splits)", u, Uw, 1e-5)
+            y = rnd(n, m)
+            want = y.astype(np.float64) + bias + float(s) * u.astype(np.float64) @ Bw.T
+            k("lora_expand", ((n + TN - 1) // TN, (m + TC - 1) // TC), (256,), y, u, B, bias, n, m, r, s)
+            check(f"lora_expand {tag}", y, want, 1e-5)
+            if r > 64:
+                continue  # the fused backward takes r <= 64 (cuda.rs refuses larger ranks)
+            dy = rnd(n, m)
+            DY = dy.astype(np.float64)
+            blocks = (n + TN - 1) // TN
+            splits, mc = lora_split(sms, blocks, m, TC)
+            g, dbp, dbiasp = nan(n, r), nan(blocks, m, r), nan(blocks, m)
+            part = nan(splits, n, r) if splits > 1 else g
+            k("lora_backward_g_db", (blocks, splits), (256,), part, dbp, dbiasp, dy, B, u, n, m, r, mc, s)
+            if splits > 1:
+                reduce_into(k, g, part, splits, n * r)
+            U = u.astype(np.float64)
+            check(f"lora_backward_g_db g {tag} ({splits} m splits)", g, float(s) * DY @ Bw, 1e-5)
+            dB, dbias = nan(m, r), rnd(m)
+            reduce_into(k, dB, dbp, blocks, m * r)
+            check(f"dB {tag}", dB, float(s) * DY.T @ U, 1e-5)
+            want = dbias.astype(np.float64) + DY.sum(0)
+            reduce_into(k, dbias, dbiasp, blocks, m, 1)
+            check(f"dbias (accumulated) {tag}", dbias, want, 1e-5)
+            segs, rps = lora_split(sms, (kk + TC - 1) // TC, n, TN)
+            dap = nan(segs, r, kk)
+            k("lora_backward_da", ((kk + TC - 1) // TC, segs), (256,), dap, g, x, n, kk, r, rps,
+              np.float32(p), seed)
+            dA = nan(r, kk)
+            reduce_into(k, dA, dap, segs, r * kk)
+            Gw = g.astype(np.float64)
+            check(f"dA {tag} ({segs} row segments)", dA, Gw.T @ (X * drop), 1e-5)
+            dx = rnd(n, kk)
+            want = dx.astype(np.float64) + drop * (Gw @ Aw)
+            k("lora_backward_dx", ((n + TN - 1) // TN, (kk + TC - 1) // TC), (256,), dx, g, A, n, kk, r,
+              np.float32(p), seed)
+            check(f"lora_backward_dx {tag}", dx, want, 1e-5)
+    # A long sequence: several dA row segments of many row tiles each.
     n, kk, r = 1100, 20, 4
     x, g = rnd(n, kk), rnd(n, r)
-    segs = min(max((n + 511) // 512, 1), 64)
-    rps = max((n + segs - 1) // segs, 1)
+    segs, rps = lora_split(132, (kk + TC - 1) // TC, n, TN)
     dap = nan(segs, r, kk)
     k("lora_backward_da", ((kk + TC - 1) // TC, segs), (256,), dap, g, x, n, kk, r, rps, np.float32(0.0), 0)
     dA = nan(r, kk)
-    k("lora_reduce_partials", ((r * kk + 255) // 256,), (256,), dA, dap, segs, r * kk, 0)
+    reduce_into(k, dA, dap, segs, r * kk)
     check(f"dA n{n} ({segs} segments)", dA, g.astype(np.float64).T @ x.astype(np.float64), 1e-5)
 
 
