@@ -26,8 +26,12 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 tensor cores in matmuls (the twin of `lora bench train --tf32`)")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -55,7 +59,7 @@ def main():
     times.sort()
     med = times[len(times) // 2]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
-    out = {"torch": torch.__version__, "device": str(dev), "threads": args.threads,
+    out = {"torch": torch.__version__, "device": str(dev), "threads": args.threads, "tf32": args.tf32,
            "median_step_s": med, "tokens_per_s": args.batch * args.seq / med, "peak_rss_gib": rss}
     if dev.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(dev)

@@ -57,6 +57,9 @@ run)
         gpu-bin/lora bench train --device cuda --steps 10 --json 2>&1 || echo "FAILED: bench train"
         echo "## PyTorch + PEFT, same step, same GPU"
         python3 benches/compare_train_peft.py --device cuda --steps 10 2>&1 || echo "FAILED: peft"
+        echo "## the same two with TF32 tensor cores allowed in the base products (both sides)"
+        gpu-bin/lora bench train --device cuda --tf32 --steps 10 --json 2>&1 || echo "FAILED: bench train tf32"
+        python3 benches/compare_train_peft.py --device cuda --tf32 --steps 10 2>&1 || echo "FAILED: peft tf32"
     } | tee gpu-results/results.txt
     ;;
 *)

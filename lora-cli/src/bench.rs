@@ -94,12 +94,12 @@ pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -
     let n = pool.current_num_threads();
     let gf = pool.install(|| gemm_ceiling(size, iters))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"size": size, "threads": n, "iters": iters, "gflops": gf})
         );
     } else {
-        println!("f32 GEMM {size}x{size}x{size}, {n} threads: {gf:.1} GFLOP/s (median of {iters})");
+        outln!("f32 GEMM {size}x{size}x{size}, {n} threads: {gf:.1} GFLOP/s (median of {iters})");
     }
     Ok(())
 }
@@ -120,8 +120,8 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
         let mut gemm = GemmWorkload::new(CEILING_SIZE);
         gemm.step()?;
         if !cfg.json {
-            println!("{threads} threads; ceiling = f32 GEMM {CEILING_SIZE}^3, timed between the layer runs");
-            println!("{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}", "shape N x K x M, rank", "lora ms", "GFLOP/s", "base-only ms", "GFLOP/s", "overhead", "ceiling", "% ceiling");
+            outln!("{threads} threads; ceiling = f32 GEMM {CEILING_SIZE}^3, timed between the layer runs");
+            outln!("{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}", "shape N x K x M, rank", "lora ms", "GFLOP/s", "base-only ms", "GFLOP/s", "overhead", "ceiling", "% ceiling");
         }
         for &(t, k, m, r) in &cfg.shapes {
             let mut lora = LinearWorkload::new(t, k, m, r, cfg.bias, 1);
@@ -161,9 +161,9 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                 fraction_of_ceiling: lora.flops() / ml / 1e9 / ceiling,
             };
             if cfg.json {
-                println!("{}", serde_json::to_string(&res)?);
+                outln!("{}", serde_json::to_string(&res)?);
             } else {
-                println!(
+                outln!(
                     "{:>24} {:>11.2} {:>9.1} {:>13.2} {:>9.1} {:>8.1}% {:>9.1} {:>9.0}%",
                     format!("{t} x {k} x {m}, r{r}"),
                     res.median_ms,
@@ -202,11 +202,11 @@ pub fn run_mixed(
         }
         let (mm, ml) = (median(&mut tm), median(&mut tl));
         if json {
-            println!("{}", serde_json::json!({"tokens": t, "in": k, "out": m, "rank": r, "adapters": n_ad, "threads": n, "mixed_median_ms": mm * 1e3, "looped_median_ms": ml * 1e3, "speedup": ml / mm}));
+            outln!("{}", serde_json::json!({"tokens": t, "in": k, "out": m, "rank": r, "adapters": n_ad, "threads": n, "mixed_median_ms": mm * 1e3, "looped_median_ms": ml * 1e3, "speedup": ml / mm}));
         } else {
-            println!("{t} rows x {k} -> {m}, {n_ad} adapters of rank {r}, {n} threads:");
-            println!("  mixed kernel        {:>9.2} ms  ({:.1} GFLOP/s)", mm * 1e3, w.flops() / mm / 1e9);
-            println!("  loop over adapters  {:>9.2} ms  ({:.2}x slower)", ml * 1e3, ml / mm);
+            outln!("{t} rows x {k} -> {m}, {n_ad} adapters of rank {r}, {n} threads:");
+            outln!("  mixed kernel        {:>9.2} ms  ({:.1} GFLOP/s)", mm * 1e3, w.flops() / mm / 1e9);
+            outln!("  loop over adapters  {:>9.2} ms  ({:.2}x slower)", ml * 1e3, ml / mm);
         }
         Ok(())
     })

@@ -35,10 +35,15 @@ pub fn run_linear(
     let dev = open(ordinal)?;
     let cerr = |e: lora_kernels::cuda::CudaError| anyhow!("{e}");
     if !json {
-        println!("cuda:{ordinal} ({}); fp32, base GEMMs by cuBLAS", dev.arch);
-        println!(
+        outln!("cuda:{ordinal} ({}); fp32, base GEMMs by cuBLAS", dev.arch);
+        outln!(
             "{:>24} {:>11} {:>9} {:>13} {:>9} {:>9}",
-            "shape N x K x M, rank", "lora ms", "TFLOP/s", "base-only ms", "TFLOP/s", "ratio"
+            "shape N x K x M, rank",
+            "lora ms",
+            "TFLOP/s",
+            "base-only ms",
+            "TFLOP/s",
+            "ratio"
         );
     }
     let mut rng = Rng::new(5);
@@ -109,7 +114,7 @@ pub fn run_linear(
         let base_flops = 4.0 * nf * kf * mf;
         let lora_flops = base_flops + 2.0 * nf * rf * (3.0 * kf + 3.0 * mf);
         if json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "device": format!("cuda:{ordinal}"), "arch": dev.arch,
@@ -120,7 +125,7 @@ pub fn run_linear(
                 })
             );
         } else {
-            println!(
+            outln!(
                 "{:>24} {:>11.3} {:>9.1} {:>13.3} {:>9.1} {:>8.3}x",
                 format!("{n} x {k} x {m}, r{r}"),
                 ml * 1e3,

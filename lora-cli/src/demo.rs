@@ -89,7 +89,7 @@ pub fn build(r: &BuildRun) -> Result<()> {
         seed: MODEL_SEED,
         special_id: 0,
     };
-    println!(
+    outln!(
         "pretraining the demo base model (GPT-2, {} layers, width {}, {} tokens of vocabulary) for {} steps on generated English and French text",
         cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size, cfg.steps
     );
@@ -107,7 +107,7 @@ pub fn build(r: &BuildRun) -> Result<()> {
     bar.finish();
     let _ = std::fs::remove_dir_all(&scratch);
     let sum = sum?;
-    println!(
+    outln!(
         "{} parameters; loss {:.3} (first 10% of steps) -> {:.3} (last 10%) in {:.0} s; wrote {}",
         sum.params,
         sum.first_loss,
@@ -182,7 +182,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         );
     }
     if !r.json {
-        println!(
+        outln!(
             "lora demo: a rank-8 LoRA adapter teaches a tiny GPT-2 ({}) to translate English to French.\n\
              The base model was pretrained by this project on generated English and French paragraphs,\n\
              never on a sentence next to its translation. Training data: {}; held out: {}.",
@@ -252,7 +252,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
     let (after, outs_after) = translate(model.as_ref(), &tok, &pairs, true, stop)?;
     let n = pairs.len().max(1);
     if r.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "eval_loss_before": sum.eval_before, "eval_loss_after": sum.eval_after,
@@ -262,7 +262,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "exact-match translations of {} held-out sentences (greedy): base {} ({:.0}%) -> with adapter {} ({:.0}%)",
         pairs.len(),
         before,
@@ -271,12 +271,12 @@ pub fn run(r: &DemoRun) -> Result<()> {
         100.0 * after as f64 / n as f64
     );
     for i in 0..r.samples.min(pairs.len()) {
-        println!("\n{}", pairs[i].0);
-        println!("  base model:   {}", outs_before[i].trim());
-        println!("  with adapter: {}", outs_after[i].trim());
-        println!("  reference:    {}", pairs[i].1.trim());
+        outln!("\n{}", pairs[i].0);
+        outln!("  base model:   {}", outs_before[i].trim());
+        outln!("  with adapter: {}", outs_after[i].trim());
+        outln!("  reference:    {}", pairs[i].1.trim());
     }
-    println!(
+    outln!(
         "\nTry it: lora generate --model {} --adapter {} --prompt \"english : the old fox sees a green frog . french :\" --max-new-tokens 12",
         base.display(),
         r.out.display()

@@ -57,17 +57,20 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
         .min(model.max_positions());
     let res = lora_train::eval::evaluate(model.as_ref(), &tok, &texts, seq_len, true)?;
     if r.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "examples": res.examples})
         );
     } else {
         if r.adapter.is_some() {
-            println!("{}", trainable_summary(model.as_ref()));
+            outln!("{}", trainable_summary(model.as_ref()));
         }
-        println!(
+        outln!(
             "loss {:.6} | perplexity {:.4} | {} tokens in {} examples (seq-len {seq_len})",
-            res.loss, res.perplexity, res.tokens, res.examples
+            res.loss,
+            res.perplexity,
+            res.tokens,
+            res.examples
         );
     }
     Ok(())
@@ -85,7 +88,7 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
         adapters: true,
     };
     let ids = generate(model.as_ref(), &prompt, &cfg)?;
-    println!("{}", tok.decode(&ids)?);
+    outln!("{}", tok.decode(&ids)?);
     Ok(())
 }
 
@@ -93,12 +96,12 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
     use lora_io::inspect::{inspect, Report};
     let rep = inspect(path)?;
     if json {
-        println!("{}", serde_json::to_string(&rep)?);
+        outln!("{}", serde_json::to_string(&rep)?);
         return Ok(());
     }
     let tensors = |ts: &[lora_io::inspect::TensorEntry]| {
         for t in ts {
-            println!("  {:<60} {:<5} {:?}", t.name, t.dtype, t.shape);
+            outln!("  {:<60} {:<5} {:?}", t.name, t.dtype, t.shape);
         }
     };
     match rep {
@@ -108,14 +111,14 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
             linear_modules,
             tensors: ts,
         } => {
-            println!("model: {architecture}");
-            println!("parameters: {params}");
-            println!(
+            outln!("model: {architecture}");
+            outln!("parameters: {params}");
+            outln!(
                 "linear modules ({}): {}",
                 linear_modules.len(),
                 linear_modules.join(", ")
             );
-            println!("tensors ({}):", ts.len());
+            outln!("tensors ({}):", ts.len());
             tensors(&ts);
         }
         Report::Adapter {
@@ -124,15 +127,27 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
             params,
             modules,
         } => {
-            println!("PEFT LoRA adapter: target_modules {target_modules}, rsLoRA {use_rslora}, {params} parameters, {} modules", modules.len());
-            println!(
+            outln!("PEFT LoRA adapter: target_modules {target_modules}, rsLoRA {use_rslora}, {params} parameters, {} modules", modules.len());
+            outln!(
                 "  {:<50} {:>4} {:>7} {:>8} {:>10} {:>10} {:>12}",
-                "module", "r", "alpha", "scale", "|A|", "|B|", "|s*B@A|"
+                "module",
+                "r",
+                "alpha",
+                "scale",
+                "|A|",
+                "|B|",
+                "|s*B@A|"
             );
             for m in modules {
-                println!(
+                outln!(
                     "  {:<50} {:>4} {:>7} {:>8.4} {:>10.4} {:>10.4} {:>12.4}",
-                    m.module, m.r, m.alpha, m.scale, m.norm_a, m.norm_b, m.norm_delta
+                    m.module,
+                    m.r,
+                    m.alpha,
+                    m.scale,
+                    m.norm_a,
+                    m.norm_b,
+                    m.norm_delta
                 );
             }
         }
@@ -141,12 +156,12 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
             metadata,
             tensors: ts,
         } => {
-            println!(
+            outln!(
                 "safetensors file: {} tensors, {params} parameters",
                 ts.len()
             );
             for (k, v) in metadata {
-                println!("  metadata {k} = {v}");
+                outln!("  metadata {k} = {v}");
             }
             tensors(&ts);
         }
@@ -171,7 +186,7 @@ pub fn run_convert(
         }
         let k = KohyaLora::from_peft(from, prefix)?;
         k.write(to)?;
-        println!(
+        outln!(
             "wrote {} modules to {} (kohya, prefix {prefix})",
             k.modules.len(),
             to.display()
@@ -183,7 +198,7 @@ pub fn run_convert(
         let k = KohyaLora::read(from)?;
         let m = ModelDir::open(model)?.load_model()?;
         k.to_peft(m.as_ref(), to)?;
-        println!(
+        outln!(
             "wrote {} modules to {} (PEFT)",
             k.modules.len(),
             to.display()
@@ -281,9 +296,13 @@ pub fn run_train_report(
                             ));
                         }
                     }
-                    None if !json => println!(
+                    None if !json => outln!(
                         "step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
-                        s.step, s.total, s.loss, s.lr, s.tokens_per_s
+                        s.step,
+                        s.total,
+                        s.loss,
+                        s.lr,
+                        s.tokens_per_s
                     ),
                     None => {}
                 }
@@ -308,17 +327,18 @@ pub fn run_train_report(
         "device": cfg.device.to_string(),
     });
     if report == Report::Json {
-        println!("{obj}");
+        outln!("{obj}");
     } else if report == Report::Human {
         let pct = 100.0 * sum.trainable as f64 / sum.all_params.max(1) as f64;
-        println!(
+        outln!(
             "trainable params: {} || all params: {} || trainable%: {pct:.4}",
-            sum.trainable, sum.all_params
+            sum.trainable,
+            sum.all_params
         );
         let rss = crate::train_bench::peak_rss_bytes().map_or("n/a".into(), |b| {
             format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
         });
-        println!(
+        outln!(
             "{} steps in {:.1} s ({:.0} tokens/s, peak memory {rss}); final train loss {:.4}",
             sum.steps,
             sum.seconds,
@@ -326,17 +346,17 @@ pub fn run_train_report(
             sum.final_loss
         );
         if let (Some(a), Some(b)) = (sum.eval_before, sum.eval_after) {
-            println!("eval loss {a:.4} -> {b:.4}");
+            outln!("eval loss {a:.4} -> {b:.4}");
         }
         if sum.interrupted {
-            println!(
+            outln!(
                 "checkpoint: {}/checkpoint-{:06} | metrics: {}/metrics.jsonl",
                 sum.out.display(),
                 sum.steps,
                 sum.out.display()
             );
         } else {
-            println!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
+            outln!("adapter: {0}/adapter_model.safetensors | metrics: {0}/metrics.jsonl | loss curve: {0}/loss.svg", sum.out.display());
         }
     }
     Ok((sum, obj))

@@ -199,7 +199,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     let rss = peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     let params: usize = model.base_params();
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
         );
@@ -210,8 +210,8 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             (false, true) => "; bf16 frozen weights",
             (false, false) => "",
         };
-        println!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
-        println!(
+        outln!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
+        outln!(
             "median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}",
             med,
             rss.map_or("n/a".into(), |g| format!("{g:.2} GiB"))

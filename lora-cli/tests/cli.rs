@@ -756,3 +756,86 @@ fn train_bench_runs_both_architectures_and_names_a_bad_one() {
         "{e}"
     );
 }
+
+/// `lora train ... | head -1`: the reader goes away after the first line; the run must neither
+/// panic on the closed pipe nor stop, and must still write its adapter.
+#[test]
+#[cfg(unix)]
+fn a_closed_stdout_does_not_stop_a_run() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let t = std::env::temp_dir().join(format!("lora-cli-pipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args([
+            "train",
+            "--model",
+            &fixture("gpt2/model"),
+            "--data",
+            &fixture("eval.txt"),
+            "--out",
+            &t.to_string_lossy(),
+            "--steps",
+            "40",
+            "--seq-len",
+            "16",
+            "--threads",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first byte, then close our end of the pipe, as `head -c 1` would.
+    let mut first = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(t.join("adapter_model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+#[test]
+fn tf32_is_refused_on_an_explicit_cpu_and_noted_under_auto() {
+    let run = |dev: &str, out: &str| {
+        lora(&[
+            "train",
+            "--model",
+            &fixture("gpt2/model"),
+            "--data",
+            &fixture("eval.txt"),
+            "--out",
+            out,
+            "--steps",
+            "1",
+            "--seq-len",
+            "16",
+            "--device",
+            dev,
+            "--tf32",
+        ])
+    };
+    let r = run("cpu", "/nonexistent/never-written");
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && e.contains("--tf32") && e.contains("GPU"),
+        "{e}"
+    );
+    if lora_kernels::cuda::device_count() == 0 {
+        let t = std::env::temp_dir().join(format!("lora-cli-tf32-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        let r = run("auto", &t.to_string_lossy());
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let o = String::from_utf8_lossy(&r.stdout);
+        assert!(o.contains("--tf32 has no effect on the CPU"), "{o}");
+        let _ = std::fs::remove_dir_all(&t);
+    }
+}

@@ -87,6 +87,19 @@ impl Device {
         }
     }
 
+    /// TF32 tensor-core math for the GPU's dense base products (off by default; see
+    /// [`lora_kernels::accel::Accel::set_tf32`]). The CPU has no such mode: asking for it there
+    /// is an error rather than a silent no-op.
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        match self {
+            Device::Cpu if on => Err(CoreError::Device(
+                "TF32 is a GPU math mode: use it with a CUDA device".into(),
+            )),
+            Device::Cpu => Ok(()),
+            Device::Cuda(_) => Ok(accel(*self)?.set_tf32(on)?),
+        }
+    }
+
     /// One line naming the device (for logs): `cpu`, or the GPU's name and architecture.
     pub fn describe(&self) -> Result<String> {
         match self {

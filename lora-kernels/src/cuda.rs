@@ -280,6 +280,7 @@ pub struct CudaDevice {
     /// Streaming multiprocessors: the rank-r kernels split their reductions so a small layer
     /// still gives every SM work ([`lora_split`]).
     pub sms: usize,
+    tf32: std::sync::atomic::AtomicBool,
 }
 
 /// How many blocks per SM the split reductions of the LoRA kernels aim for.
@@ -417,6 +418,7 @@ impl CudaDevice {
             arch,
             poison: false,
             sms,
+            tf32: false.into(),
         })
     }
 
@@ -520,6 +522,29 @@ impl CudaDevice {
         let dims = (rows, inner, cols);
         self.gemm_rowmajor(&mut out, input, w, dims, w_is_cols_by_inner, false)?;
         Ok(out)
+    }
+
+    /// TF32 tensor-core math for the cuBLAS products (`cublasSetMathMode`): see
+    /// [`crate::accel::Accel::set_tf32`]. Off after [`CudaDevice::open`].
+    pub fn set_tf32(&self, on: bool) -> Result<(), CudaError> {
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+        let mode = if on {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle belongs to this device's live cuBLAS instance.
+        let status = unsafe { cublasSetMathMode(*self.blas.handle(), mode) };
+        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(CudaError(format!("cublasSetMathMode: {status:?}")));
+        }
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether [`CudaDevice::set_tf32`] turned TF32 on.
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A loaded kernel by name (see [`SOURCES`]); panics on an unknown name.

@@ -117,10 +117,14 @@ fn same_len(op: &'static str, pairs: &[(&'static str, usize)], n: usize) -> Resu
 impl Accel for CudaDevice {
     fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "?".into());
-        format!("cuda:{} {name} ({})", self.ctx.ordinal(), self.arch)
+        let tf32 = if self.tf32() { ", TF32 GEMMs" } else { "" };
+        format!("cuda:{} {name} ({}{tf32})", self.ctx.ordinal(), self.arch)
     }
     fn synchronize(&self) -> Result<()> {
         CudaDevice::synchronize(self).map_err(dev_err)
+    }
+    fn set_tf32(&self, on: bool) -> Result<()> {
+        CudaDevice::set_tf32(self, on).map_err(dev_err)
     }
     fn upload(&self, v: &[f32]) -> Result<DBuf> {
         CudaDevice::upload(self, v).map(DBuf::Cuda).map_err(dev_err)

@@ -50,7 +50,10 @@ fn cuda_lora_linear_matches_the_oracle() {
         (130, 96, 67, 16),
         (65, 40, 33, 64),
         (300, 257, 129, 7),
+        // 282 row blocks: more than two per SM of an H200, so no split reductions.
+        (9000, 33, 20, 2),
     ];
+    println!("{} SMs", dev.sms);
     for &(n, k, m, r) in &shapes {
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
             for (with_bias, p) in [(false, 0.0f32), (true, 0.0), (true, 0.25)] {
@@ -119,6 +122,71 @@ fn cuda_lora_linear_matches_the_oracle() {
             }
         }
     }
+}
+
+/// `set_tf32`: the base products switch to TF32 tensor cores (results move by ~1e-3, far more
+/// than f32 rounding, which proves the mode took effect) and back to f32.
+#[test]
+fn cuda_tf32_mode_switches_the_base_products() {
+    if !gpu_present() {
+        return;
+    }
+    let dev = CudaDevice::open(0).expect("open cuda:0");
+    let mut rng = Rng::new(5);
+    let (n, k, m, r) = (256, 512, 384, 8);
+    let (x, w) = (rand(n * k, &mut rng), rand(k * m, &mut rng));
+    let (a, b) = (rand(r * k, &mut rng), rand(m * r, &mut rng));
+    let f64s = |v: &[f32]| v.iter().map(|&z| z as f64).collect::<Vec<f64>>();
+    let (ad, bd) = (f64s(&a), f64s(&b));
+    let l = reference::Lora {
+        a: &ad,
+        b: &bd,
+        rank: r,
+        scale: 2.0,
+        dropout: None,
+    };
+    let (y_ref, _) = reference::forward(
+        &f64s(&x),
+        &f64s(&w),
+        WeightLayout::OutIn,
+        None,
+        Some(&l),
+        (n, k, m),
+    );
+    let d = LoraDims {
+        n,
+        k,
+        m,
+        r,
+        scale: 2.0,
+        p: 0.0,
+        seed: 0,
+    };
+    let (xg, wg, ag, bg) = (
+        dev.upload(&x).unwrap(),
+        dev.upload(&w).unwrap(),
+        dev.upload(&a).unwrap(),
+        dev.upload(&b).unwrap(),
+    );
+    let err = |dev: &CudaDevice| {
+        let (y, _) = dev
+            .lora_forward(&xg, &wg, WeightLayout::OutIn, None, &ag, &bg, d)
+            .unwrap();
+        max_rel(&dev.download(&y).unwrap(), &y_ref)
+    };
+    let e_f32 = err(&dev);
+    dev.set_tf32(true).unwrap();
+    assert!(dev.tf32());
+    let e_tf32 = err(&dev);
+    dev.set_tf32(false).unwrap();
+    let e_back = err(&dev);
+    println!("max relative error: f32 {e_f32:.1e}, TF32 {e_tf32:.1e}, f32 again {e_back:.1e}");
+    assert!(e_f32 < 1e-4 && e_back < 1e-4, "{e_f32} {e_back}");
+    assert!(e_tf32 < 1e-2, "TF32 error {e_tf32}");
+    assert!(
+        e_tf32 > 4.0 * e_f32,
+        "TF32 mode changed nothing: {e_tf32} vs {e_f32}"
+    );
 }
 
 #[test]
