@@ -543,6 +543,34 @@ impl Gradients {
             None => Ok(None),
         }
     }
+    /// [`Gradients::sum_squares`] of each tensor, in order. Device gradients on one device are
+    /// summed together, so the device is waited on once (not once per tensor).
+    pub fn sum_squares_many(&self, ts: &[Tensor]) -> Result<Vec<Option<f64>>> {
+        let mut out = vec![None; ts.len()];
+        // (device, positions, buffers) per distinct device, in first-seen order.
+        let mut groups: Vec<(&Arc<dyn Accel>, Vec<usize>, Vec<&DBuf>)> = Vec::new();
+        for (i, t) in ts.iter().enumerate() {
+            match self.map.get(&t.id()) {
+                Some(Grad::Host(v)) => {
+                    out[i] = Some(v.iter().map(|&x| x as f64 * x as f64).sum());
+                }
+                Some(Grad::Dev(a, b)) => match groups.iter_mut().find(|g| Arc::ptr_eq(g.0, a)) {
+                    Some(g) => {
+                        g.1.push(i);
+                        g.2.push(b);
+                    }
+                    None => groups.push((a, vec![i], vec![b])),
+                },
+                None => {}
+            }
+        }
+        for (a, idx, bufs) in groups {
+            for (i, v) in idx.into_iter().zip(a.sum_squares_many(&bufs)?) {
+                out[i] = Some(v);
+            }
+        }
+        Ok(out)
+    }
     /// The gradient of a device tensor as a device buffer.
     pub(crate) fn dev_buf(&self, t: &Tensor) -> Option<&DBuf> {
         match self.map.get(&t.id()) {

@@ -217,3 +217,28 @@ extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* l
         drow[j] += scale * expf(row[j] - lse[i]) - (j == t ? scale : 0.0f);
     }
 }
+
+// out[b] = sum of squares of buffer b (ptrs[b], lens[b] floats) in f64: the gradient-norm sums
+// of every adapter tensor in one launch and one read-back (the twin of the host's f64 sums).
+// One block per buffer; each thread strides the buffer, then a fixed-order tree over the block
+// (no atomics: deterministic). grid (count), 256 threads.
+extern "C" __global__ void sum_squares_many(double* out, const unsigned long long* ptrs,
+                                            const long long* lens, int count) {
+    __shared__ double part[256];
+    const int b = blockIdx.x, t = threadIdx.x;
+    if (b >= count) return;
+    const float* x = (const float*)ptrs[b];
+    const long long n = lens[b];
+    double acc = 0.0;
+    for (long long i = t; i < n; i += blockDim.x) {
+        double v = x[i];
+        acc += v * v;
+    }
+    part[t] = acc;
+    __syncthreads();
+    for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (t < h) part[t] += part[t + h];
+        __syncthreads();
+    }
+    if (t == 0) out[b] = part[0];
+}

@@ -148,6 +148,11 @@ pub trait Accel: Send + Sync {
     fn scale(&self, x: &mut DBuf, s: f32) -> Result<()>;
     /// `sum x^2` in f64 (gradient-norm clipping).
     fn sum_squares(&self, x: &DBuf) -> Result<f64>;
+    /// [`Accel::sum_squares`] of each buffer, in order; a device may answer all of them with one
+    /// wait (CUDA does) instead of one per buffer.
+    fn sum_squares_many(&self, xs: &[&DBuf]) -> Result<Vec<f64>> {
+        xs.iter().map(|x| self.sum_squares(x)).collect()
+    }
 
     /// GELU or SiLU forward.
     fn unary_forward(&self, f: Unary, x: &DBuf) -> Result<DBuf>;

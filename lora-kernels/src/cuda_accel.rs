@@ -200,9 +200,11 @@ impl Accel for CudaDevice {
         })
     }
     fn sum_squares(&self, x: &DBuf) -> Result<f64> {
-        // Adapter gradients are small (kilobytes to megabytes): summed on the host in f64.
-        let v = Accel::download(self, x)?;
-        Ok(v.iter().map(|&a| a as f64 * a as f64).sum())
+        Ok(Accel::sum_squares_many(self, &[x])?[0])
+    }
+    fn sum_squares_many(&self, xs: &[&DBuf]) -> Result<Vec<f64>> {
+        let slices = xs.iter().map(|x| c(x)).collect::<Result<Vec<_>>>()?;
+        CudaDevice::sum_squares_many(self, &slices).map_err(dev_err)
     }
     fn unary_forward(&self, f: Unary, x: &DBuf) -> Result<DBuf> {
         let name = match f {

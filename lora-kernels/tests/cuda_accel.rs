@@ -39,6 +39,28 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         "sum_squares".into(),
         vec![a.sum_squares(&x).unwrap() as f32],
     ));
+    // Several buffers at once (one block each on CUDA): 1, 255..257, a large one. (Empty
+    // buffers are covered by the CUDA shim check, scripts/cuda_emu/check.py.)
+    let bufs: Vec<DBuf> = [1usize, 255, 256, 257, 70_001]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| up(&rand(len, 40 + i as u64)))
+        .collect();
+    let many = a
+        .sum_squares_many(&bufs.iter().collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(many.len(), bufs.len());
+    for (b, s) in bufs.iter().zip(&many) {
+        assert_eq!(
+            *s,
+            a.sum_squares(b).unwrap(),
+            "many and one agree bit for bit"
+        );
+    }
+    out.push((
+        "sum_squares_many".into(),
+        many.iter().map(|&v| v as f32).collect(),
+    ));
     let part = a.copy_range(&x, 10, 20).unwrap();
     out.push(("copy_range".into(), down(&part)));
     let mut dst = up(&rand(n * c, 31));

@@ -265,11 +265,9 @@ pub fn clip_grad_norm(
     max_norm: f32,
 ) -> lora_core::Result<f32> {
     let mut total = 0.0f32;
-    for p in params {
-        if let Some(sq) = grads.sum_squares(p)? {
-            let n = sq.sqrt() as f32;
-            total += n * n;
-        }
+    for sq in grads.sum_squares_many(params)?.into_iter().flatten() {
+        let n = sq.sqrt() as f32;
+        total += n * n;
     }
     let total = total.sqrt();
     let coef = (max_norm / (total + 1e-6)).min(1.0);

@@ -197,3 +197,38 @@ fn mixed_devices_and_trainable_base_weights_are_clear_errors() {
     assert_eq!(w.device(), Device::Cpu);
     assert_eq!(w.to_vec()[0], 2.0);
 }
+
+/// The gradient-norm sums asked for together (one wait per device) equal the one-by-one sums,
+/// in the caller's order, with host gradients, device gradients and tensors without a gradient
+/// interleaved.
+#[test]
+fn gradient_sums_of_squares_together_equal_one_by_one() {
+    emulate();
+    let name = "gpt2";
+    let dev = model(name);
+    dev.to_device(DEV).unwrap();
+    let (ids, b, t) = common::ids(name);
+    let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let tape = Tape::new(3);
+    let loss = dev.loss(&tape, &ids_u32, &ids, b, t, true).unwrap();
+    let mut grads = tape.backward(&loss).unwrap();
+    let host = Tensor::param(vec![0.0; 4], &[4]).unwrap();
+    grads.set(&host, vec![1.0, -2.0, 3.0, 0.5]).unwrap();
+    let missing = Tensor::param(vec![0.0; 2], &[2]).unwrap();
+    let mut ts = adapters(dev.as_ref());
+    assert!(ts.len() >= 2);
+    ts.insert(1, host.clone());
+    ts.insert(3, missing);
+    let together = grads.sum_squares_many(&ts).unwrap();
+    let one_by_one: Vec<Option<f64>> = ts.iter().map(|t| grads.sum_squares(t).unwrap()).collect();
+    assert_eq!(together, one_by_one);
+    assert_eq!(together[1], Some(1.0 + 4.0 + 9.0 + 0.25));
+    assert_eq!(together[3], None);
+    assert!(
+        together
+            .iter()
+            .filter(|v| v.is_some_and(|s| s > 0.0))
+            .count()
+            >= 3
+    );
+}

@@ -262,6 +262,13 @@ def rows_ops(k):
     want = dl.astype(np.float64) + np.where(targets[:, None] >= 0, float(sc) * (p - onehot), 0.0)
     k("cross_entropy_backward", (n,), (256,), dl, logits, lse, targets, n, v, sc)
     check("cross_entropy_backward", dl, want, 1e-5)
+    # Gradient-norm sums: buffers of 0, 1, 255, 256, 257 and 5,000 values, one block each.
+    bufs = [rnd(c) for c in (0, 1, 255, 256, 257, 5000)] + [rnd(3) * 0]
+    ptrs = np.array([b.ctypes.data for b in bufs], np.uint64)
+    lens = np.array([b.size for b in bufs], np.int64)
+    out = np.full(len(bufs), np.nan)
+    k("sum_squares_many", (len(bufs),), (256,), out, ptrs, lens, len(bufs))
+    check("sum_squares_many", out, [float((b.astype(np.float64) ** 2).sum()) for b in bufs], 1e-12)
 
 
 def adamw(k):
