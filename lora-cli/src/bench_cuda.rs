@@ -71,11 +71,25 @@ pub fn run_linear(
             seed: 0,
         };
         let layout = WeightLayout::OutIn;
+        // Gradients accumulate into buffers that live across steps, as in training (a layer's
+        // dx adds into its input's gradient; dA and dB into the adapter's).
+        let grads = std::cell::RefCell::new((
+            up(vec![0.0; n * k])?,
+            up(vec![0.0; r * k])?,
+            up(vec![0.0; m * r])?,
+        ));
         let lora_step = || -> Result<()> {
             let (_y, u) = dev
                 .lora_forward(&x, &w, layout, None, &a, &b, d)
                 .map_err(cerr)?;
-            dev.lora_backward(&dy, &x, &w, layout, &a, &b, &u, d)
+            let (dx, da, db) = &mut *grads.borrow_mut();
+            let g = lora_kernels::cuda::LoraGrads {
+                dx: Some(dx),
+                da: Some(da),
+                db: Some(db),
+                dbias: None,
+            };
+            dev.lora_backward_into(g, &dy, &x, &w, layout, &a, &b, &u, d)
                 .map_err(cerr)?;
             dev.synchronize().map_err(cerr)
         };
@@ -83,8 +97,8 @@ pub fn run_linear(
             let _y = dev
                 .linear_forward(&x, &w, layout, (n, k, m))
                 .map_err(cerr)?;
-            let _dx = dev
-                .linear_backward_dx(&dy, &w, layout, (n, k, m))
+            let dx = &mut grads.borrow_mut().0;
+            dev.linear_backward_dx_accumulate(dx, &dy, &w, layout, (n, k, m))
                 .map_err(cerr)?;
             dev.synchronize().map_err(cerr)
         };

@@ -123,7 +123,7 @@ extern "C" __global__ void lora_expand(float* __restrict__ y, const float* __res
 
 // One pass over dy for three results: g = s dy B (n, r), and this block's partial sums of
 // dB = s dy^T u (m, r) and db = colsum(dy) (m) over its TN rows, written to
-// dB_part[blockIdx.x] / db_part[blockIdx.x] (db_part may be null). Split over the m columns for
+// dB_part[blockIdx.x] / db_part[blockIdx.x] (either may be null: not computed). Split over the m columns for
 // occupancy: block y covers columns [y mc, (y + 1) mc) and writes its share of g to
 // g_part + y n r (g itself when gridDim.y = 1). lora_reduce_partials adds every set of partials
 // in a fixed order, so results do not depend on scheduling.
@@ -148,7 +148,7 @@ extern "C" __global__ void lora_backward_g_db(float* __restrict__ g_part,
     float gacc[RC / 8];
 #pragma unroll
     for (int j = 0; j < RC / 8; ++j) gacc[j] = 0.0f;
-    float* dbp = db_part_b + (size_t)blockIdx.x * m * r;
+    float* dbp = db_part_b ? db_part_b + (size_t)blockIdx.x * m * r : nullptr;
     for (int col0 = cb; col0 < ce; col0 += TC) {
         __syncthreads();
         for (int e = t; e < TN * TC; e += THREADS) {
@@ -171,7 +171,7 @@ extern "C" __global__ void lora_backward_g_db(float* __restrict__ g_part,
         // dB partial: columns c = t / 4 (64 of them), ranks (t % 4) + 4 j, over the TN rows.
         {
             const int c = t / 4, q0 = t % 4, gc = col0 + c;
-            for (int q = q0; q < r; q += 4) {
+            for (int q = q0; db_part_b && q < r; q += 4) {
                 float acc = 0.0f;
                 for (int i = 0; i < TN; ++i) acc += dys[i][c] * us[i][q];
                 if (gc < ce) dbp[(size_t)gc * r + q] = s * acc;

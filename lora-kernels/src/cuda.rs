@@ -305,6 +305,19 @@ pub fn lora_split(sms: usize, base: usize, extent: usize, unit: usize) -> (usize
     (extent.div_ceil(chunk).max(1), chunk)
 }
 
+/// Gradients [`CudaDevice::lora_backward_into`] adds into; absent ones are not computed.
+#[derive(Debug, Default)]
+pub struct LoraGrads<'a> {
+    /// `(n, k)`.
+    pub dx: Option<&'a mut CudaSlice<f32>>,
+    /// `(r, k)`.
+    pub da: Option<&'a mut CudaSlice<f32>>,
+    /// `(m, r)`.
+    pub db: Option<&'a mut CudaSlice<f32>>,
+    /// `(m)`.
+    pub dbias: Option<&'a mut CudaSlice<f32>>,
+}
+
 /// LoRA linear dimensions and settings for the CUDA path (`n` tokens, `k` in, `m` out, `r` rank).
 #[derive(Clone, Copy, Debug)]
 pub struct LoraDims {
@@ -655,7 +668,7 @@ impl CudaDevice {
         // output holds `splits` (n, r) slices.
         unsafe { l.launch(cfg) }.map_err(cerr("lora_shrink"))?;
         if let Some(part) = &u_part {
-            self.reduce(&mut u, part, splits, d.n * d.r)?;
+            self.reduce(&mut u, part, splits, d.n * d.r, false)?;
         }
         let null = 0u64;
         let cfg = grid(blocks(d.n, TN), blocks(d.m, TC));
@@ -671,7 +684,9 @@ impl CudaDevice {
         Ok((y, u))
     }
 
-    /// Backward: returns `(dx, dA, dB, dbias)` for the frozen base (no dW).
+    /// Backward into fresh buffers: returns `(dx, dA, dB, dbias)` for the frozen base (no dW).
+    /// [`CudaDevice::lora_backward_into`] on zeroed buffers (tests and one-off use; training
+    /// accumulates into its gradients directly).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward(
         &self,
@@ -684,6 +699,41 @@ impl CudaDevice {
         u: &CudaSlice<f32>,
         d: LoraDims,
     ) -> Result<[CudaSlice<f32>; 4], CudaError> {
+        let zeros = |len: usize| self.stream.alloc_zeros::<f32>(len).map_err(cerr("alloc"));
+        let (mut dx, mut da, mut db, mut dbias) = (
+            zeros(d.n * d.k)?,
+            zeros(d.r * d.k)?,
+            zeros(d.m * d.r)?,
+            zeros(d.m)?,
+        );
+        let grads = LoraGrads {
+            dx: Some(&mut dx),
+            da: Some(&mut da),
+            db: Some(&mut db),
+            dbias: Some(&mut dbias),
+        };
+        self.lora_backward_into(grads, dy, x, w, layout, a, b, u, d)?;
+        Ok([dx, da, db, dbias])
+    }
+
+    /// Backward accumulated into the caller's gradients, computing only those asked for:
+    /// `dx += dy W + drop'(g A)` (cuBLAS with beta 1 straight into `dx`, then the rank-r kernel
+    /// in place: no temporary, no extra pass), `dA +=`, `dB +=` and `dbias +=` (the fixed-order
+    /// reductions add into them). No `dx` (a first layer): neither product runs. No `dbias` (a
+    /// frozen bias, the LoRA case): no column sums.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_backward_into(
+        &self,
+        grads: LoraGrads<'_>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        layout: WeightLayout,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        d: LoraDims,
+    ) -> Result<(), CudaError> {
         check(d, x.len(), w.len(), a.len(), b.len())?;
         if d.r > 64 {
             return Err(CudaError(format!(
@@ -691,12 +741,40 @@ impl CudaDevice {
                 d.r
             )));
         }
+        let LoraGrads {
+            mut dx,
+            da,
+            db,
+            dbias,
+        } = grads;
+        for (name, have, want) in [
+            ("dy", Some(dy.len()), d.n * d.m),
+            ("u", Some(u.len()), d.n * d.r),
+            ("dx", dx.as_ref().map(|v| v.len()), d.n * d.k),
+            ("dA", da.as_ref().map(|v| v.len()), d.r * d.k),
+            ("dB", db.as_ref().map(|v| v.len()), d.m * d.r),
+            ("dbias", dbias.as_ref().map(|v| v.len()), d.m),
+        ] {
+            if let Some(have) = have.filter(|&h| h != want) {
+                return Err(CudaError(format!(
+                    "lora_backward: {name} holds {have} values, expected {want}"
+                )));
+            }
+        }
         let (n, k, m, r) = (d.n as i32, d.k as i32, d.m as i32, d.r as i32);
         let alloc = |len: usize| self.output(len);
-        // dx = dy W (cuBLAS), then += drop'(g A).
-        let mut dx = self.linear_backward_dx(dy, w, layout, (d.n, d.k, d.m))?;
+        if let Some(dx) = dx.as_deref_mut() {
+            // dx += dy W, in the product itself.
+            let w_t = layout == WeightLayout::InOut;
+            self.gemm_rowmajor(dx, dy, w, (d.n, d.m, d.k), w_t, true)?;
+        }
+        let need_g = dx.is_some() || da.is_some();
+        if !need_g && db.is_none() && dbias.is_none() {
+            return Ok(());
+        }
         // g, dB and db partials in one pass over dy, split over m when the row blocks alone
-        // would leave SMs idle (g then comes in `splits` partial sums).
+        // would leave SMs idle (g then comes in `splits` partial sums). Partials nobody asked
+        // for are not written (null pointers).
         let row_blocks = d.n.div_ceil(TN);
         let (splits, mc) = lora_split(self.sms, row_blocks, d.m, TC);
         let mut g = alloc(d.n * d.r)?;
@@ -705,15 +783,28 @@ impl CudaDevice {
         } else {
             None
         };
-        let mut db_b_part = alloc(row_blocks * d.m * d.r)?;
-        let mut dbias_part = alloc(row_blocks * d.m)?;
+        let mut db_b_part = db
+            .is_some()
+            .then(|| alloc(row_blocks * d.m * d.r))
+            .transpose()?;
+        let mut dbias_part = dbias
+            .is_some()
+            .then(|| alloc(row_blocks * d.m))
+            .transpose()?;
+        let null = 0u64;
         let cfg = grid(row_blocks as u32, splits as u32);
         let mc_i = mc as i32;
         let mut l = self.stream.launch_builder(self.func("lora_backward_g_db"));
-        l.arg(g_part.as_mut().unwrap_or(&mut g))
-            .arg(&mut db_b_part)
-            .arg(&mut dbias_part)
-            .arg(dy)
+        l.arg(g_part.as_mut().unwrap_or(&mut g));
+        match db_b_part.as_mut() {
+            Some(p) => l.arg(p),
+            None => l.arg(&null),
+        };
+        match dbias_part.as_mut() {
+            Some(p) => l.arg(p),
+            None => l.arg(&null),
+        };
+        l.arg(dy)
             .arg(b)
             .arg(u)
             .arg(&n)
@@ -721,58 +812,67 @@ impl CudaDevice {
             .arg(&r)
             .arg(&mc_i)
             .arg(&d.scale);
-        // SAFETY: argument types and order match lora.cu; buffers sized for the grid.
+        // SAFETY: argument types and order match lora.cu; buffers sized for the grid; a null
+        // partial pointer is skipped by the kernel.
         unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_g_db"))?;
         if let Some(part) = &g_part {
-            self.reduce(&mut g, part, splits, d.n * d.r)?;
+            self.reduce(&mut g, part, splits, d.n * d.r, false)?;
         }
-        let mut d_b = alloc(d.m * d.r)?;
-        let mut dbias = alloc(d.m)?;
-        self.reduce(&mut d_b, &db_b_part, row_blocks, d.m * d.r)?;
-        self.reduce(&mut dbias, &dbias_part, row_blocks, d.m)?;
-        // dA partials over row segments (enough to fill the device), then the fixed-order
-        // reduction.
-        let (segs, rows) = lora_split(self.sms, d.k.div_ceil(TC), d.n, TN);
-        let rows_per_seg = rows as i32;
-        let mut da_part = alloc(segs * d.r * d.k)?;
-        let cfg = grid(blocks(d.k, TC), segs as u32);
-        let mut l = self.stream.launch_builder(self.func("lora_backward_da"));
-        l.arg(&mut da_part)
-            .arg(&g)
-            .arg(x)
-            .arg(&n)
-            .arg(&k)
-            .arg(&r)
-            .arg(&rows_per_seg)
-            .arg(&d.p)
-            .arg(&d.seed);
-        // SAFETY: as above.
-        unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_da"))?;
-        let mut d_a = alloc(d.r * d.k)?;
-        self.reduce(&mut d_a, &da_part, segs, d.r * d.k)?;
-        let cfg = grid(blocks(d.n, TN), blocks(d.k, TC));
-        let mut l = self.stream.launch_builder(self.func("lora_backward_dx"));
-        l.arg(&mut dx)
-            .arg(&g)
-            .arg(a)
-            .arg(&n)
-            .arg(&k)
-            .arg(&r)
-            .arg(&d.p)
-            .arg(&d.seed);
-        // SAFETY: as above.
-        unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_dx"))?;
-        Ok([dx, d_a, d_b, dbias])
+        if let (Some(db), Some(part)) = (db, &db_b_part) {
+            self.reduce(db, part, row_blocks, d.m * d.r, true)?;
+        }
+        if let (Some(dbias), Some(part)) = (dbias, &dbias_part) {
+            self.reduce(dbias, part, row_blocks, d.m, true)?;
+        }
+        if let Some(d_a) = da {
+            // dA partials over row segments (enough to fill the device), then the fixed-order
+            // reduction into dA.
+            let (segs, rows) = lora_split(self.sms, d.k.div_ceil(TC), d.n, TN);
+            let rows_per_seg = rows as i32;
+            let mut da_part = alloc(segs * d.r * d.k)?;
+            let cfg = grid(blocks(d.k, TC), segs as u32);
+            let mut l = self.stream.launch_builder(self.func("lora_backward_da"));
+            l.arg(&mut da_part)
+                .arg(&g)
+                .arg(x)
+                .arg(&n)
+                .arg(&k)
+                .arg(&r)
+                .arg(&rows_per_seg)
+                .arg(&d.p)
+                .arg(&d.seed);
+            // SAFETY: as above.
+            unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_da"))?;
+            self.reduce(d_a, &da_part, segs, d.r * d.k, true)?;
+        }
+        if let Some(dx) = dx {
+            // dx += drop'(g A), in place.
+            let cfg = grid(blocks(d.n, TN), blocks(d.k, TC));
+            let mut l = self.stream.launch_builder(self.func("lora_backward_dx"));
+            l.arg(dx)
+                .arg(&g)
+                .arg(a)
+                .arg(&n)
+                .arg(&k)
+                .arg(&r)
+                .arg(&d.p)
+                .arg(&d.seed);
+            // SAFETY: as above.
+            unsafe { l.launch(cfg) }.map_err(cerr("lora_backward_dx"))?;
+        }
+        Ok(())
     }
 
+    /// `out (+)= the sum of the `parts` partials`, in a fixed order (`accumulate`: add into `out`).
     fn reduce(
         &self,
         out: &mut CudaSlice<f32>,
         part: &CudaSlice<f32>,
         parts: usize,
         len: usize,
+        accumulate: bool,
     ) -> Result<(), CudaError> {
-        let (parts, len_i, acc) = (parts as i32, len as i32, 0i32);
+        let (parts, len_i, acc) = (parts as i32, len as i32, accumulate as i32);
         let cfg = grid(blocks(len, THREADS as usize), 1);
         let mut l = self
             .stream

@@ -561,8 +561,17 @@ impl Accel for CudaDevice {
             return Ok(());
         };
         let ld = Self::lora_dims(d, &l);
-        let [gx, ga, gb, gbias] = CudaDevice::lora_backward(
+        // Straight into the gradient buffers: no temporaries, no accumulate passes, and nothing
+        // computed for a gradient nobody wants (dx of a first layer, dbias of a frozen bias).
+        let grads = crate::cuda::LoraGrads {
+            dx: dx.map(cm).transpose()?,
+            da: da.map(cm).transpose()?,
+            db: db.map(cm).transpose()?,
+            dbias: dbias.map(cm).transpose()?,
+        };
+        CudaDevice::lora_backward_into(
             self,
+            grads,
             c(dy)?,
             c(x)?,
             c(w)?,
@@ -572,13 +581,7 @@ impl Accel for CudaDevice {
             c(u)?,
             ld,
         )
-        .map_err(dev_err)?;
-        for (dst, src) in [(dx, gx), (da, ga), (db, gb), (dbias, gbias)] {
-            if let Some(dst) = dst {
-                Accel::accumulate(self, dst, &DBuf::Cuda(src))?;
-            }
-        }
-        Ok(())
+        .map_err(dev_err)
     }
     fn cross_entropy_forward(
         &self,

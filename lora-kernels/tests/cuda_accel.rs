@@ -207,14 +207,16 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         let u = u.unwrap();
         out.push((format!("linear {layout:?} y"), down(&yl)));
         out.push((format!("linear {layout:?} u"), down(&u)));
-        let (mut dx, mut da, mut db) = (
-            a.zeros(n * c).unwrap(),
-            a.zeros(rank * c).unwrap(),
+        // Every gradient accumulates into a buffer that already holds values.
+        let (mut dx, mut da, mut db, mut dbias) = (
+            up(&rand(n * c, 32)),
+            up(&rand(rank * c, 33)),
             up(&rand(m * rank, 24)),
+            up(&rand(m, 34)),
         );
         let g = DevLinearGrads {
             dx: Some(&mut dx),
-            dbias: None,
+            dbias: Some(&mut dbias),
             da: Some(&mut da),
             db: Some(&mut db),
         };
@@ -223,6 +225,19 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         out.push((format!("linear {layout:?} dx"), down(&dx)));
         out.push((format!("linear {layout:?} dA"), down(&da)));
         out.push((format!("linear {layout:?} dB"), down(&db)));
+        out.push((format!("linear {layout:?} dbias"), down(&dbias)));
+        // A first layer (its input needs no gradient) with a frozen bias: adapter grads only.
+        let (mut da, mut db) = (up(&rand(rank * c, 35)), up(&rand(m * rank, 36)));
+        let g = DevLinearGrads {
+            dx: None,
+            dbias: None,
+            da: Some(&mut da),
+            db: Some(&mut db),
+        };
+        a.linear_backward(g, &dy, &x, &w, layout, Some(lora), Some(&u), dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} dA (no dx)"), down(&da)));
+        out.push((format!("linear {layout:?} dB (no dx)"), down(&db)));
     }
 
     // Cross-entropy with an ignored row, and the fused head.

@@ -8,7 +8,7 @@
 mod common;
 
 use common::gpu_present;
-use lora_kernels::cuda::{CudaDevice, LoraDims};
+use lora_kernels::cuda::{CudaDevice, LoraDims, LoraGrads};
 use lora_kernels::lora_linear::reference;
 use lora_kernels::lora_linear::{Dropout, WeightLayout};
 use lora_kernels::rng::Rng;
@@ -105,20 +105,64 @@ fn cuda_lora_linear_matches_the_oracle() {
                 let (y, u) = dev
                     .lora_forward(&xg, &wg, layout, with_bias.then_some(&bg), &ag, &bbg, d)
                     .unwrap();
-                let [dx, da, dbb, db] = dev
-                    .lora_backward(&dyg, &xg, &wg, layout, &ag, &bbg, &u, d)
+                // Gradients accumulate into buffers that already hold values (as in training):
+                // an element the kernels miss keeps its old value and fails the comparison.
+                let init: Vec<Vec<f32>> = [n * k, r * k, m * r, m]
+                    .iter()
+                    .map(|&len| rand(len, &mut rng))
+                    .collect();
+                let (mut dx, mut da, mut dbb, mut db) =
+                    (up(&init[0]), up(&init[1]), up(&init[2]), up(&init[3]));
+                let grads = LoraGrads {
+                    dx: Some(&mut dx),
+                    da: Some(&mut da),
+                    db: Some(&mut dbb),
+                    dbias: Some(&mut db),
+                };
+                dev.lora_backward_into(grads, &dyg, &xg, &wg, layout, &ag, &bbg, &u, d)
                     .unwrap();
+                let minus = |got: Vec<f32>, init: &[f32]| -> Vec<f32> {
+                    got.iter().zip(init).map(|(g, i)| g - i).collect()
+                };
                 let tag = format!("n{n} k{k} m{m} r{r} {layout:?} bias={with_bias} p={p}");
                 for (name, got, want) in [
                     ("y", dev.download(&y).unwrap(), &y_ref),
-                    ("dx", dev.download(&dx).unwrap(), &dx_ref),
-                    ("dA", dev.download(&da).unwrap(), &da_ref),
-                    ("dB", dev.download(&dbb).unwrap(), &dbb_ref),
-                    ("dbias", dev.download(&db).unwrap(), &db_ref),
+                    ("dx", minus(dev.download(&dx).unwrap(), &init[0]), &dx_ref),
+                    ("dA", minus(dev.download(&da).unwrap(), &init[1]), &da_ref),
+                    ("dB", minus(dev.download(&dbb).unwrap(), &init[2]), &dbb_ref),
+                    (
+                        "dbias",
+                        minus(dev.download(&db).unwrap(), &init[3]),
+                        &db_ref,
+                    ),
                 ] {
                     let e = max_rel(&got, want);
                     assert!(e < 1e-4, "{tag}: {name} relative error {e}");
                 }
+                // The wrapper into fresh buffers gives the same gradients.
+                let [dx2, da2, dbb2, db2] = dev
+                    .lora_backward(&dyg, &xg, &wg, layout, &ag, &bbg, &u, d)
+                    .unwrap();
+                for (name, got, want) in [
+                    ("dx", dev.download(&dx2).unwrap(), &dx_ref),
+                    ("dA", dev.download(&da2).unwrap(), &da_ref),
+                    ("dB", dev.download(&dbb2).unwrap(), &dbb_ref),
+                    ("dbias", dev.download(&db2).unwrap(), &db_ref),
+                ] {
+                    let e = max_rel(&got, want);
+                    assert!(e < 1e-4, "{tag}: fresh {name} relative error {e}");
+                }
+                // Only dB wanted (no dx, dA or dbias): the other products are skipped and dB
+                // is still right.
+                let mut dbb3 = up(&init[2]);
+                let only_db = LoraGrads {
+                    db: Some(&mut dbb3),
+                    ..Default::default()
+                };
+                dev.lora_backward_into(only_db, &dyg, &xg, &wg, layout, &ag, &bbg, &u, d)
+                    .unwrap();
+                let e = max_rel(&minus(dev.download(&dbb3).unwrap(), &init[2]), &dbb_ref);
+                assert!(e < 1e-4, "{tag}: dB alone relative error {e}");
             }
         }
     }

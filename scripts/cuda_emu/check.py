@@ -343,6 +343,13 @@ def lora(k):
                 reduce_into(k, g, part, splits, n * r)
             U = u.astype(np.float64)
             check(f"lora_backward_g_db g {tag} ({splits} m splits)", g, float(s) * DY @ Bw, 1e-5)
+            # dB and db not wanted (null partials): g alone, still complete.
+            g2 = nan(n, r)
+            part2 = nan(splits, n, r) if splits > 1 else g2
+            k("lora_backward_g_db", (blocks, splits), (256,), part2, None, None, dy, B, u, n, m, r, mc, s)
+            if splits > 1:
+                reduce_into(k, g2, part2, splits, n * r)
+            check(f"lora_backward_g_db g only {tag}", g2, float(s) * DY @ Bw, 1e-5)
             dB, dbias = nan(m, r), rnd(m)
             reduce_into(k, dB, dbp, blocks, m * r)
             check(f"dB {tag}", dB, float(s) * DY.T @ U, 1e-5)
