@@ -699,9 +699,15 @@ pub(crate) fn backward(
         DevOp::LinearCrossEntropy { dx } => {
             if let (Some(g), Some(s)) = (take(0), dx.as_ref()) {
                 let dloss = a.download(dout)?[0];
-                let mut t = a.copy(s)?;
-                a.scale(&mut t, dloss)?;
-                a.accumulate(g, &t)?;
+                if dloss == 1.0 {
+                    // The loss is the output (the usual case): `g += 1 * s` is `g += s`
+                    // exactly, without the scaled copy.
+                    a.accumulate(g, s)?;
+                } else {
+                    let mut t = a.copy(s)?;
+                    a.scale(&mut t, dloss)?;
+                    a.accumulate(g, &t)?;
+                }
             }
         }
     }
@@ -712,6 +718,41 @@ pub(crate) fn backward(
 mod tests {
     use super::*;
     use crate::Device;
+
+    /// A loss used twice (`loss + loss`) reaches the head's backward with `dloss = 2`: the
+    /// device scales its stored dx (the path the usual `dloss = 1` skips) as the host does.
+    #[test]
+    fn device_head_scales_its_gradient_by_dloss() {
+        use crate::{ops, Tape};
+        crate::device::emulate_cuda(974);
+        let dev = Device::Cuda(974);
+        let (n, c, v) = (5usize, 4usize, 9usize);
+        let mut r = lora_kernels::rng::Rng::new(8);
+        let mut rand =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
+        let (xv, wv) = (rand(n * c), rand(v * c));
+        let targets = [3, -100, 8, 0, 5];
+        let grad = |device: Device, twice: bool| -> Vec<f32> {
+            let x = Tensor::new_on(xv.clone(), &[n, c], true, device).unwrap();
+            let w = Tensor::new_on(wv.clone(), &[v, c], false, device).unwrap();
+            let tape = Tape::new(0);
+            let loss = ops::linear_cross_entropy(&tape, &x, &w, &targets).unwrap();
+            let out = if twice {
+                ops::add(&tape, &loss, &loss).unwrap()
+            } else {
+                loss
+            };
+            tape.backward(&out).unwrap().to_vec(&x).unwrap().unwrap()
+        };
+        let (host1, host2) = (grad(Device::Cpu, false), grad(Device::Cpu, true));
+        let (dev1, dev2) = (grad(dev, false), grad(dev, true));
+        assert_eq!(host1, dev1, "dloss = 1");
+        assert_eq!(host2, dev2, "dloss = 2");
+        assert!(host1.iter().any(|&g| g != 0.0));
+        for (a, b) in host1.iter().zip(&host2) {
+            assert_eq!(2.0 * a, *b, "doubling is exact in binary floating point");
+        }
+    }
 
     /// The fused head over row chunks (as a large vocabulary or batch runs it) equals one pass.
     #[test]

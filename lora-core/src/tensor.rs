@@ -317,7 +317,8 @@ impl Tensor {
         Self::build(data, shape, true, Device::Cpu)
     }
 
-    /// A tensor on `device` (errors for CUDA until that backend exists).
+    /// A tensor on `device`: built on the host, then moved ([`Tensor::to_device`]); a CUDA
+    /// device that cannot be opened is an error naming why.
     pub fn new_on(
         data: Vec<f32>,
         shape: &[usize],
