@@ -8,7 +8,10 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// Exactly 0 below -87, as fastmath::sigmoid.
+__device__ __forceinline__ float sigmoidf(float x) {
+    return x < -87.0f ? 0.0f : 1.0f / (1.0f + expf(-x));
+}
 
 // out = a + b
 extern "C" __global__ void add_forward(float* out, const float* a, const float* b, long long n) {
@@ -30,22 +33,32 @@ extern "C" __global__ void bias_add(float* y, const float* bias, long long n, in
     FOR_EACH(i, n * m) y[i] += bias[i % m];
 }
 
-// out = gelu_tanh(x), as GPT-2's gelu_new
+// out = gelu_tanh(x), as GPT-2's gelu_new: 0.5 x (1 + tanh z) evaluated as x sigmoid(2z), which
+// keeps full precision where tanh z nears -1 (elementwise.rs has the derivation).
 extern "C" __global__ void gelu_forward(float* out, const float* x, long long n) {
     FOR_EACH(i, n) {
         float v = x[i];
-        out[i] = 0.5f * v * (1.0f + tanhf(GELU_K * (v + GELU_C * v * v * v)));
+        out[i] = v * sigmoidf(2.0f * GELU_K * (v + GELU_C * v * v * v));
     }
 }
 
-// dx += dout * gelu_tanh'(x)
+// dx += dout * gelu_tanh'(x) = s + x 2 s (1 - s) z', s = 1 / (1 + q), q = e^{-2z}, 1 - s = q s;
+// exactly 1 / 0 past |z| = 43, as elementwise.rs.
 extern "C" __global__ void gelu_backward(float* dx, const float* dout, const float* x,
                                          long long n) {
     FOR_EACH(i, n) {
         float v = x[i];
-        float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
-        float grad = 0.5f * (1.0f + t) +
-                     0.5f * v * (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_C * v * v);
+        float z = GELU_K * (v + GELU_C * v * v * v);
+        float grad;
+        if (z > 43.0f) {
+            grad = 1.0f;
+        } else if (z < -43.0f) {
+            grad = 0.0f;
+        } else {
+            float q = expf(-2.0f * z);
+            float s = 1.0f / (1.0f + q);
+            grad = s + 2.0f * v * (q * s) * s * GELU_K * (1.0f + 3.0f * GELU_C * v * v);
+        }
         dx[i] += dout[i] * grad;
     }
 }

@@ -37,10 +37,17 @@ pub fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
-/// `1 / (1 + e^{-x})`.
+/// `1 / (1 + e^{-x})`; exactly 0 below x = -87 (where the true value is already below f32's
+/// normal range, and the clamped `exp` would otherwise leave ~4e-39: harmless alone, but
+/// `x * sigmoid(x)` at x = -1e30 would come out -4e-9 instead of 0).
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
+    let s = 1.0 / (1.0 + exp(-x));
+    if x < -87.0 {
+        0.0
+    } else {
+        s
+    }
 }
 
 /// `sum_j e^{row_j - shift}`, in 8 interleaved partial sums (vectorizable; a fixed order, so

@@ -27,6 +27,87 @@ fn max_abs_prod(dout: &[f64], gamma: &[f64], c: usize) -> f64 {
         .fold(0.0f64, |m, (i, d)| m.max((d * gamma[i % c]).abs()))
 }
 
+/// GELU where `tanh z` nears -1 (x from -9 to -2.5), one value at a time so the error is seen
+/// relative to the value itself: the tanh form `0.5 x (1 + tanh z)` lost `1 + tanh z` to
+/// cancellation there (0.2% at x = -4; found by `elementwise_ops` with len = 1). The bound is
+/// what f32 can promise: a few ulp times the condition number `|x g'(x) / g(x)|` of the function
+/// (about 20 at x = -4, 170 at x = -9, where the exponent's own rounding dominates), plus 1e-6.
+/// Both ends stay finite.
+#[test]
+fn gelu_keeps_relative_precision_in_the_negative_tail() {
+    // The tail oracle equals the definition wherever f64 still resolves the definition.
+    let mut x = -5.0f64;
+    while x <= 5.0 {
+        let (g, d) = ew::reference::gelu_tail(x);
+        let (want, want_d) = (ew::reference::gelu(x), ew::reference::gelu_grad(x));
+        assert!(
+            (g - want).abs() <= 1e-9 * want.abs().max(1e-3),
+            "gelu_tail({x})"
+        );
+        assert!(
+            (d - want_d).abs() <= 1e-9 * want_d.abs().max(1e-3),
+            "gelu_tail'({x})"
+        );
+        x += 0.013;
+    }
+    let mut x = -9.0f32;
+    while x <= -2.5 {
+        let (mut out, mut dx) = ([f32::NAN], [0.0f32]);
+        gelu_forward(&mut out, &[x]).unwrap();
+        gelu_backward(&mut dx, &[1.0], &[x]).unwrap();
+        let (want, want_d) = ew::reference::gelu_tail(x as f64);
+        let cond = (x as f64 * want_d / want).abs();
+        let ulp = f32::EPSILON as f64;
+        let e = ((out[0] as f64 - want) / want).abs();
+        let tol = 1e-6 + 4.0 * ulp * cond;
+        assert!(
+            e <= tol,
+            "gelu({x}) = {} vs {want}: relative error {e:.2e} > {tol:.2e}",
+            out[0]
+        );
+        let e = ((dx[0] as f64 - want_d) / want_d).abs();
+        let tol = 1e-5 + 8.0 * ulp * cond;
+        assert!(
+            e <= tol,
+            "gelu'({x}) = {} vs {want_d}: relative error {e:.2e} > {tol:.2e}",
+            dx[0]
+        );
+        x += 0.01;
+    }
+    // Far out: GELU and SiLU are 0 (slope 0) on the left and the identity (slope 1) on the
+    // right, to f32 precision; no inf, NaN or clamp residue.
+    for (x, want, want_d) in [
+        (-3e38f32, 0.0f32, 0.0f32),
+        (-1e30, 0.0, 0.0),
+        (-50.0, 0.0, 0.0),
+        (50.0, 50.0, 1.0),
+        (1e30, 1e30, 1.0),
+        (3e38, 3e38, 1.0),
+    ] {
+        for (name, fwd, bwd) in [
+            (
+                "gelu",
+                gelu_forward as fn(&mut [f32], &[f32]) -> _,
+                gelu_backward as fn(&mut [f32], &[f32], &[f32]) -> _,
+            ),
+            ("silu", silu_forward, silu_backward),
+        ] {
+            if name == "silu" && x == -50.0 {
+                continue; // SiLU decays only as x e^x: -50 e^-50 is a normal f32
+            }
+            let (mut out, mut dx) = ([f32::NAN], [0.0f32]);
+            fwd(&mut out, &[x]).unwrap();
+            bwd(&mut dx, &[1.0], &[x]).unwrap();
+            assert!(
+                out[0] == want && dx[0] == want_d,
+                "{name}({x}): {} / {}",
+                out[0],
+                dx[0]
+            );
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -1,9 +1,9 @@
 //! Elementwise ops: residual add, GELU (tanh approximation, as GPT-2's `gelu_new`), SiLU and
 //! SwiGLU (`silu(gate) * up`, Llama's MLP). The transcendental ones run on chunks with the
-//! vectorizable `tanh` / `sigmoid` of [`crate::fastmath`] (AVX2 where available).
+//! vectorizable `exp` / `sigmoid` of [`crate::fastmath`] (AVX2 where available).
 
 use crate::error::{check_len, Result};
-use crate::fastmath::{sigmoid, tanh};
+use crate::fastmath::{exp, sigmoid};
 use crate::par::for_row_blocks;
 
 /// Chunk length for parallel elementwise loops (treated as rows of one wide matrix).
@@ -52,17 +52,33 @@ pub fn accumulate(dst: &mut [f32], src: &[f32]) -> Result<()> {
 const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
 const GELU_C: f32 = 0.044_715;
 
+/// GELU's tanh approximation `0.5 x (1 + tanh z)`, `z = k (x + c x^3)`, evaluated as
+/// `x * sigmoid(2z)` (the same function: `(1 + tanh z) / 2 = sigmoid(2z)`). The tanh form loses
+/// `1 + tanh z` to cancellation once `tanh z` nears -1: at `x = -4` (GELU ~ -7e-5) it carried a
+/// 0.2% error in f32; the sigmoid form keeps full relative precision on the whole range.
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_C * x * x * x)))
+    // sigmoid is exactly 0 past its underflow, so gelu(-1e30) is -0, not -1e30 * 4e-39.
+    x * sigmoid(2.0 * GELU_K * (x + GELU_C * x * x * x))
 }
 
+/// `d/dx [x s(2z)] = s + x 2 s (1 - s) z'` with `s = 1 / (1 + q)`, `q = e^{-2z}`; `1 - s = q s`
+/// is taken from `q` (no `1 - s` cancellation), and `q s <= 1` so nothing overflows. Past
+/// |z| = 43 (|x| > ~10) the derivative is 1 or 0 to f32 precision and is returned as such
+/// (the formula's `x^2` factor would meet the clamped exponential there as inf * tiny).
 #[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
-    let inner = GELU_K * (x + GELU_C * x * x * x);
-    let t = tanh(inner);
-    let sech2 = 1.0 - t * t;
-    0.5 * (1.0 + t) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
+    let z = GELU_K * (x + GELU_C * x * x * x);
+    let q = exp(-2.0 * z);
+    let s = 1.0 / (1.0 + q);
+    let g = s + 2.0 * x * (q * s) * s * GELU_K * (1.0 + 3.0 * GELU_C * x * x);
+    if z > 43.0 {
+        1.0
+    } else if z < -43.0 {
+        0.0
+    } else {
+        g
+    }
 }
 
 /// `out = gelu_tanh(x)`.
@@ -169,16 +185,31 @@ pub fn swiglu_backward(
 
 /// `f64` oracles.
 pub mod reference {
-    /// GELU, tanh approximation.
+    /// GELU, tanh approximation, by its definition `0.5 x (1 + tanh z)`,
+    /// `z = sqrt(2/pi) (x + 0.044715 x^3)`. Accurate in f64 until `tanh z` rounds to -1 (about
+    /// x < -6); [`gelu_tail`] holds there.
     pub fn gelu(x: f64) -> f64 {
         let k = (2.0 / std::f64::consts::PI).sqrt();
         0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh())
     }
-    /// Its derivative.
+    /// Its derivative, from the definition.
     pub fn gelu_grad(x: f64) -> f64 {
         let k = (2.0 / std::f64::consts::PI).sqrt();
         let t = (k * (x + 0.044715 * x.powi(3))).tanh();
         0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x)
+    }
+    /// The same function and derivative as [`gelu`] / [`gelu_grad`], as `x sigmoid(2z)`
+    /// (`(1 + tanh z) / 2 = sigmoid(2z)`): no cancellation, so an oracle for the far negative
+    /// tail too. Returns `(gelu, gelu')`.
+    pub fn gelu_tail(x: f64) -> (f64, f64) {
+        let k = (2.0 / std::f64::consts::PI).sqrt();
+        let z = k * (x + 0.044715 * x.powi(3));
+        let q = (-2.0 * z).exp();
+        let s = 1.0 / (1.0 + q);
+        (
+            x * s,
+            s + 2.0 * x * (q * s) * s * k * (1.0 + 3.0 * 0.044715 * x * x),
+        )
     }
     /// SiLU.
     pub fn silu(x: f64) -> f64 {
