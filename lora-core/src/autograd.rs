@@ -547,25 +547,22 @@ impl Gradients {
     /// summed together, so the device is waited on once (not once per tensor).
     pub fn sum_squares_many(&self, ts: &[Tensor]) -> Result<Vec<Option<f64>>> {
         let mut out = vec![None; ts.len()];
-        // (device, positions, buffers) per distinct device, in first-seen order.
-        let mut groups: Vec<(&Arc<dyn Accel>, Vec<usize>, Vec<&DBuf>)> = Vec::new();
+        // Per distinct device, in first-seen order: (device, [(position, buffer)]).
+        type Group<'a> = (&'a Arc<dyn Accel>, Vec<(usize, &'a DBuf)>);
+        let mut groups: Vec<Group> = Vec::new();
         for (i, t) in ts.iter().enumerate() {
             match self.map.get(&t.id()) {
-                Some(Grad::Host(v)) => {
-                    out[i] = Some(v.iter().map(|&x| x as f64 * x as f64).sum());
-                }
+                Some(Grad::Host(_)) => out[i] = self.sum_squares(t)?,
                 Some(Grad::Dev(a, b)) => match groups.iter_mut().find(|g| Arc::ptr_eq(g.0, a)) {
-                    Some(g) => {
-                        g.1.push(i);
-                        g.2.push(b);
-                    }
-                    None => groups.push((a, vec![i], vec![b])),
+                    Some(g) => g.1.push((i, b)),
+                    None => groups.push((a, vec![(i, b)])),
                 },
                 None => {}
             }
         }
-        for (a, idx, bufs) in groups {
-            for (i, v) in idx.into_iter().zip(a.sum_squares_many(&bufs)?) {
+        for (a, members) in groups {
+            let bufs: Vec<&DBuf> = members.iter().map(|&(_, b)| b).collect();
+            for (&(i, _), v) in members.iter().zip(a.sum_squares_many(&bufs)?) {
                 out[i] = Some(v);
             }
         }

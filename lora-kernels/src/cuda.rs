@@ -765,8 +765,7 @@ impl CudaDevice {
         let alloc = |len: usize| self.output(len);
         if let Some(dx) = dx.as_deref_mut() {
             // dx += dy W, in the product itself.
-            let w_t = layout == WeightLayout::InOut;
-            self.gemm_rowmajor(dx, dy, w, (d.n, d.m, d.k), w_t, true)?;
+            self.linear_backward_dx_accumulate(dx, dy, w, layout, (d.n, d.k, d.m))?;
         }
         let need_g = dx.is_some() || da.is_some();
         if !need_g && db.is_none() && dbias.is_none() {
