@@ -1,11 +1,13 @@
 # Loads the demo's base model and adapter with transformers + PEFT (PyPI: torch, transformers,
 # peft) and checks that they reproduce what `lora` computes: the loss of one text, with and
-# without the adapter, and the greedy translations of examples/hf_generate.rs.
+# without the adapter, the greedy translations of examples/hf_generate.rs, and that the adapted
+# model ends its translation with EOS (training appends it) in both.
 #
 #   python3 demo/check_with_transformers.py        (from the repository root)
 #
-# Not run in CI (CI needs no Python); last run 2026-11-29 with torch 2.15, transformers 5.24,
-# peft 0.21.2: both losses equal `lora eval`'s to 1e-6, both generations identical.
+# Not run in CI (CI needs no Python); last run 2026-11-29 (adapter trained with EOS) with torch
+# 2.15, transformers 5.24, peft 0.21.2: both losses equal `lora eval`'s to 1e-6, all generations
+# identical, and both stop at EOS after the translation.
 import subprocess, json, sys
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -47,5 +49,20 @@ print("base:   ", base)
 print("adapted:", adapted)
 ok &= adapted == "un loup paresseux aime la poule blanche près de la rivière ."
 ok &= base == "un poisson blanc suit un loup ."  # `lora generate --model demo/base` (same prompt)
+
+# Training ends every completion with EOS (token 0, config.json's eos_token_id), so the adapted
+# model stops by itself: generate with the real EOS and compare with `lora generate`.
+kw = dict(attention_mask=torch.ones_like(p), max_new_tokens=30, do_sample=False,
+          eos_token_id=0, pad_token_id=0)
+out = model.generate(p, **kw)[0][p.shape[1]:].tolist()
+stopped = out[-1] == 0
+theirs = tok.decode(out, skip_special_tokens=True).strip()
+ours = subprocess.run(["cargo", "run", "-q", "--release", "-p", "lora-cli", "--", "generate", "--model", "demo/base",
+                       "--adapter", "demo/adapter", "--prompt", prompt, "--max-new-tokens", "30"],
+                      capture_output=True, text=True, check=True).stdout.strip()
+print(f"adapted, stopping at EOS: {len(out)} new tokens, ended with EOS: {stopped}")
+print("  transformers:", theirs)
+print("  lora:        ", ours)
+ok &= stopped and theirs == adapted and ours == prompt + " " + adapted
 print("OK" if ok else "MISMATCH")
 sys.exit(0 if ok else 1)

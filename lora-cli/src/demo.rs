@@ -213,6 +213,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         optimizer: "adamw".into(),
         max_grad_norm: Some(1.0),
         pack: false,
+        eos: true,
         seed: 0,
         eval_data: Some(eval.clone()),
         eval_split: 0.0,

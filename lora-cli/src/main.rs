@@ -233,6 +233,11 @@ struct TrainArgs {
     /// Pack examples into full --seq-len blocks.
     #[arg(long)]
     pack: bool,
+    /// Do not end each text and completion with the tokenizer's EOS token. By default it is
+    /// appended and trained on, as TRL's SFTTrainer does, so the model learns where an answer
+    /// stops (tokenizer_config.json's eos_token, else config.json's eos_token_id).
+    #[arg(long)]
+    no_eos: bool,
     /// Activation checkpointing: keep only each transformer block's input and recompute the
     /// block during backward. Much less activation memory (long sequences, big models) for about
     /// a third more compute; the same training up to f32 rounding.
@@ -675,6 +680,7 @@ fn run(cli: Cli) -> Result<()> {
                 optimizer: a.optimizer,
                 max_grad_norm: (a.max_grad_norm != 0.0).then_some(a.max_grad_norm),
                 pack: a.pack,
+                eos: !a.no_eos,
                 seed: a.seed,
                 eval_data: a.eval_data,
                 eval_split: a.eval_split,

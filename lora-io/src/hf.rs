@@ -412,6 +412,49 @@ impl ModelDir {
             .unwrap_or_default()
     }
 
+    /// The end-of-sequence token that training appends to each text and completion, as TRL's
+    /// `SFTTrainer` does with `tokenizer.eos_token`: `tokenizer_config.json`'s `eos_token` (a
+    /// string or `{"content": ..}`) looked up in `tok`, else the first of
+    /// [`eos_token_ids`](Self::eos_token_ids). `None` when the directory names none.
+    pub fn training_eos(&self, tok: &crate::tokenizer::TextTokenizer) -> Result<Option<u32>> {
+        let path = self.dir.join("tokenizer_config.json");
+        if path.exists() {
+            let v = read_json(&path)?;
+            let token = match v.get("eos_token") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.as_str()),
+                Some(Value::Object(o)) => match o.get("content") {
+                    Some(Value::String(s)) => Some(s.as_str()),
+                    _ => {
+                        return Err(IoError::Config {
+                            path,
+                            field: "eos_token".into(),
+                            reason: "an object without a string `content`".into(),
+                        })
+                    }
+                },
+                Some(other) => {
+                    return Err(IoError::Config {
+                        path,
+                        field: "eos_token".into(),
+                        reason: format!("expected a string, got {other}"),
+                    })
+                }
+            };
+            if let Some(t) = token {
+                return match tok.token_id(t) {
+                    Some(id) => Ok(Some(id)),
+                    None => Err(IoError::Config {
+                        path,
+                        field: "eos_token".into(),
+                        reason: format!("`{t}` is not in the vocabulary of tokenizer.json"),
+                    }),
+                };
+            }
+        }
+        Ok(self.eos_token_ids().first().copied())
+    }
+
     /// Loads the weights and builds the model (all weights frozen).
     pub fn load_model(&self) -> Result<Box<dyn CausalLm>> {
         let w = Weights::open(&self.dir)?;

@@ -63,6 +63,17 @@ impl Targets {
         }
     }
 
+    /// Checks a regex target compiles (as PEFT anchors it: the whole module path must match);
+    /// the error is the regex parser's message.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match self {
+            Targets::Regex(r) => Regex::new(&format!("^(?:{r})$"))
+                .map(|_| ())
+                .map_err(|e| format!("invalid regex: {e}")),
+            _ => Ok(()),
+        }
+    }
+
     fn matches(&self, module: &str, head: &str) -> Result<bool> {
         Ok(match self {
             Targets::List(l) => l

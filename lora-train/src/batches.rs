@@ -22,34 +22,39 @@ pub struct Sequence {
 
 /// Tokenizes examples (the tokenizer's special tokens on the text or prompt; none added inside a
 /// completion), truncating each to `seq_len` unless `pack` (packing cuts blocks later).
+///
+/// With `eos = Some(id)` every text and every completion ends with that token, as a target,
+/// unless it already does, so the model learns where an answer stops (and packed examples keep a
+/// boundary between them); this is what TRL's `SFTTrainer` does with the tokenizer's
+/// `eos_token`. A sequence cut by `seq_len` loses its end, EOS included, as in TRL.
 pub fn tokenize(
     tok: &TextTokenizer,
     examples: &[Example],
     seq_len: usize,
     pack: bool,
+    eos: Option<u32>,
 ) -> Result<Vec<Sequence>> {
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
-        let mut s = match e {
-            Example::Text(t) => {
-                let ids = tok.encode(t)?;
-                let labels = ids.iter().map(|&x| x as i64).collect();
-                Sequence { ids, labels }
-            }
+        let (mut ids, prompt_len) = match e {
+            Example::Text(t) => (tok.encode(t)?, 0),
             Example::PromptCompletion { prompt, completion } => {
                 let p = tok.encode(prompt)?;
-                let c = tok.encode_plain(completion)?;
-                let labels = p
-                    .iter()
-                    .map(|_| IGNORE)
-                    .chain(c.iter().map(|&x| x as i64))
-                    .collect();
-                Sequence {
-                    ids: [p, c].concat(),
-                    labels,
-                }
+                let n = p.len();
+                ([p, tok.encode_plain(completion)?].concat(), n)
             }
         };
+        if let Some(id) = eos {
+            if ids.len() == prompt_len || ids.last() != Some(&id) {
+                ids.push(id);
+            }
+        }
+        let labels = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i < prompt_len { IGNORE } else { x as i64 })
+            .collect();
+        let mut s = Sequence { ids, labels };
         if !pack {
             s.ids.truncate(seq_len);
             s.labels.truncate(seq_len);

@@ -56,7 +56,8 @@ pub fn eval_sequences(
 }
 
 /// Token-weighted mean loss of `model` over `texts`, each tokenized with the tokenizer's
-/// defaults and truncated to `seq_len`.
+/// defaults and truncated to `seq_len` (no EOS appended: the loss transformers computes for
+/// `model(ids, labels=ids)` on the text; training's held-out loss does append it).
 pub fn evaluate(
     model: &dyn CausalLm,
     tok: &TextTokenizer,
@@ -72,7 +73,7 @@ pub fn evaluate(
         .into());
     }
     let examples: Vec<Example> = texts.iter().cloned().map(Example::Text).collect();
-    let seqs = tokenize(tok, &examples, seq_len, false)?;
+    let seqs = tokenize(tok, &examples, seq_len, false, None)?;
     eval_sequences(model, &seqs, adapters)?.ok_or_else(|| TrainError::Data {
         path: "<data>".into(),
         reason: "no example has two or more tokens".into(),

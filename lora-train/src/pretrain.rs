@@ -175,7 +175,13 @@ pub fn pretrain(
     }
     let tok = TextTokenizer::open(&cfg.tokenizer)?;
     let examples = read_examples(&cfg.data)?;
-    let seqs = pack(&tokenize(&tok, &examples, cfg.seq_len, true)?, cfg.seq_len);
+    // No EOS appended: the demo tokenizer's post-processor starts every text with
+    // `<|endoftext|>`, which already separates packed texts (and the committed base stays
+    // reproducible by its documented command).
+    let seqs = pack(
+        &tokenize(&tok, &examples, cfg.seq_len, true, None)?,
+        cfg.seq_len,
+    );
     if seqs.is_empty() {
         return Err(err(&cfg.data, "not enough text for one block"));
     }

@@ -77,6 +77,10 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f32>,
     /// Pack examples into full `seq_len` blocks.
     pub pack: bool,
+    /// End every text and completion with the tokenizer's EOS token, as a target (TRL's
+    /// `SFTTrainer` default; see [`ModelDir::training_eos`]). Without it a model trained on
+    /// prompt/completion pairs never learns to stop.
+    pub eos: bool,
     /// Seed for init, shuffling, dropout.
     pub seed: u64,
     /// Held-out data file.
@@ -107,7 +111,7 @@ impl TrainConfig {
             "dropout": self.dropout, "rslora": self.rslora, "lr": self.lr, "loraplus_ratio": self.loraplus_ratio,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs,
             "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": self.weight_decay,
-            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "seed": self.seed,
+            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "eos": self.eos, "seed": self.seed,
             "eval_data": self.eval_data, "eval_split": self.eval_split,
         })
     }
@@ -173,6 +177,9 @@ impl TrainConfig {
                 "optimizer",
                 format!("sgd runs on the CPU only; use adamw on {}", self.device),
             );
+        }
+        if let Err(e) = self.peft().target_modules.check() {
+            return bad("target", e);
         }
         if !matches!(self.optimizer.as_str(), "adamw" | "sgd") {
             return bad(
@@ -410,6 +417,18 @@ pub fn train_until(
 
     let md = ModelDir::open(&cfg.model)?;
     let tok = TextTokenizer::from_model_dir(&cfg.model)?;
+    let eos = match (cfg.eos, md.training_eos(&tok)?) {
+        (false, _) => None,
+        (true, Some(id)) => Some(id),
+        (true, None) => {
+            return Err(err(
+                &cfg.model,
+                "no end-of-sequence token to end each example with (no `eos_token` in \
+                 tokenizer_config.json, no `eos_token_id` in generation_config.json or \
+                 config.json); pass --no-eos to train without one",
+            ))
+        }
+    };
     let mut model = md.load_model()?;
     if cfg.seq_len > model.max_positions() {
         return Err(err(
@@ -462,7 +481,7 @@ pub fn train_until(
         }
         None => Vec::new(),
     };
-    let mut train_seqs = tokenize(&tok, &examples, cfg.seq_len, cfg.pack)?;
+    let mut train_seqs = tokenize(&tok, &examples, cfg.seq_len, cfg.pack, eos)?;
     if cfg.pack {
         train_seqs = pack(&train_seqs, cfg.seq_len);
     }
@@ -476,7 +495,7 @@ pub fn train_until(
             ),
         ));
     }
-    let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false)?;
+    let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false, eos)?;
     let total_steps = match cfg.epochs {
         Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64)
             .ceil() as usize)

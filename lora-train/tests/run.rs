@@ -39,6 +39,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         optimizer: "adamw".into(),
         max_grad_norm: Some(1.0),
         pack: false,
+        eos: true,
         seed: 11,
         eval_data: None,
         eval_split: 0.25,
@@ -51,19 +52,26 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
     }
 }
 
+/// The shared training file, written once per test process: the tests run in parallel, and
+/// rewriting it per test let one test read it while another had just truncated it ("no
+/// examples", seen once in 9 runs).
 fn data_file() -> PathBuf {
-    let p = tmp("data.jsonl");
-    let lines: Vec<String> = (0..12)
-        .map(|i| {
-            if i % 3 == 0 {
-                format!("{{\"prompt\": \"count {i}:\", \"completion\": \" one two three\"}}")
-            } else {
-                format!("{{\"text\": \"the red cat number {i} sings\"}}")
-            }
-        })
-        .collect();
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
+    static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DATA.get_or_init(|| {
+        let p = tmp("data.jsonl");
+        let lines: Vec<String> = (0..12)
+            .map(|i| {
+                if i % 3 == 0 {
+                    format!("{{\"prompt\": \"count {i}:\", \"completion\": \" one two three\"}}")
+                } else {
+                    format!("{{\"text\": \"the red cat number {i} sings\"}}")
+                }
+            })
+            .collect();
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        p
+    })
+    .clone()
 }
 
 #[test]
@@ -230,13 +238,14 @@ fn bad_settings_are_refused_before_the_output_directory_is_touched() {
     assert!(!out.exists(), "a refused run left {}", out.display());
     // Optimizer settings that would turn the adapter into NaN (or freeze B) after a step.
     type Set = fn(&mut TrainConfig);
-    let cases: [(&str, Set); 6] = [
+    let cases: [(&str, Set); 7] = [
         ("--weight-decay", |c| c.weight_decay = f32::NAN),
         ("--weight-decay", |c| c.weight_decay = -0.1),
         ("--loraplus-ratio", |c| c.loraplus_ratio = 0.0),
         ("--loraplus-ratio", |c| c.loraplus_ratio = f32::INFINITY),
         ("--max-grad-norm", |c| c.max_grad_norm = Some(-1.0)),
         ("--max-grad-norm", |c| c.max_grad_norm = Some(f32::NAN)),
+        ("--target", |c| c.target = "(c_attn".into()),
     ];
     for (flag, set) in cases {
         let mut cfg = config(out.clone(), data_file());
@@ -247,6 +256,29 @@ fn bad_settings_are_refused_before_the_output_directory_is_touched() {
         assert!(e.contains(flag), "{flag}: {e}");
         assert!(!out.exists(), "a refused run left {}", out.display());
     }
+    // A model that names no EOS token (the qwen2 fixture: `eos_token_id: null`, no
+    // tokenizer_config.json) is refused unless asked to train without one.
+    let mut cfg = config(out.clone(), data_file());
+    cfg.model = root().join("qwen2_bias/model");
+    cfg.target = "all-linear".into();
+    cfg.steps = 1;
+    let e = lora_train::run::train(&cfg, false, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--no-eos") && e.contains("qwen2_bias"), "{e}");
+    assert!(!out.exists(), "a refused run left {}", out.display());
+    cfg.eos = false;
+    lora_train::run::train(&cfg, false, false, &mut |_| {}).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-000001/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["config"]["eos"],
+        serde_json::json!(false),
+        "the setting is part of the run's identity"
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

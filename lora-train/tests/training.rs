@@ -26,7 +26,7 @@ fn labels_packing_padding_and_sampler() {
         },
         Example::Text("blue dog runs".into()),
     ];
-    let s = tokenize(&tok, &ex, 64, false).unwrap();
+    let s = tokenize(&tok, &ex, 64, false, None).unwrap();
     let p = tok.encode("red cat").unwrap();
     assert_eq!(p[0], 0, "the llama fixture's tokenizer adds a BOS");
     assert!(s[0].labels[..p.len()].iter().all(|&l| l == IGNORE));
@@ -71,6 +71,86 @@ fn labels_packing_padding_and_sampler() {
     assert_ne!(Sampler::new(10, 8).take(10), first[..10].to_vec());
 }
 
+/// EOS ends every text and completion as a target (TRL's `add_eos`), exactly once, is cut with
+/// the rest of a truncated sequence, and separates packed examples; the id comes from
+/// `tokenizer_config.json` before `config.json`.
+#[test]
+fn eos_ends_texts_and_completions() {
+    let dir = root().join("llama_gqa/model");
+    let tok = TextTokenizer::from_model_dir(&dir).unwrap();
+    let md = ModelDir::open(&dir).unwrap();
+    let eos = md
+        .training_eos(&tok)
+        .unwrap()
+        .expect("config.json has eos_token_id 2");
+    assert_eq!(eos, 2);
+    let ex = vec![
+        Example::PromptCompletion {
+            prompt: "red cat".into(),
+            completion: " sings".into(),
+        },
+        Example::Text("blue dog runs".into()),
+        Example::PromptCompletion {
+            prompt: "red cat".into(),
+            completion: String::new(),
+        },
+    ];
+    let plain = tokenize(&tok, &ex, 64, false, None).unwrap();
+    let s = tokenize(&tok, &ex, 64, false, Some(eos)).unwrap();
+    for (a, b) in plain.iter().zip(&s) {
+        assert_eq!(b.ids.len(), a.ids.len() + 1);
+        assert_eq!(&b.ids[..a.ids.len()], &a.ids[..]);
+        assert_eq!(&b.labels[..a.labels.len()], &a.labels[..]);
+        assert_eq!(*b.ids.last().unwrap(), eos);
+        assert_eq!(*b.labels.last().unwrap(), eos as i64, "EOS is a target");
+    }
+    // An empty completion still teaches the stop: its only target is EOS.
+    assert_eq!(s[2].labels.iter().filter(|&&l| l >= 0).count(), 1);
+    // A completion that already ends with EOS gets no second one (id 2 is `"` in this
+    // fixture's vocabulary).
+    let ends = vec![Example::PromptCompletion {
+        prompt: "red cat".into(),
+        completion: " sings\"".into(),
+    }];
+    let done = tokenize(&tok, &ends, 64, false, None).unwrap();
+    assert_eq!(done[0].ids.last(), Some(&eos));
+    assert_eq!(tokenize(&tok, &ends, 64, false, Some(eos)).unwrap(), done);
+    // Truncation cuts the end, EOS included.
+    let cut = tokenize(&tok, &ex[1..2], 2, false, Some(eos)).unwrap();
+    assert_eq!(cut[0].ids, s[1].ids[..2].to_vec());
+    // Packed examples keep the boundary.
+    let packed = pack(&tokenize(&tok, &ex[..2], 64, true, Some(eos)).unwrap(), 1);
+    let flat: Vec<u32> = packed.iter().map(|q| q.ids[0]).collect();
+    assert_eq!(flat[s[0].ids.len() - 1], eos);
+
+    // tokenizer_config.json's eos_token wins over config.json, and a token the vocabulary
+    // lacks is an error naming the file and field.
+    let tmp = std::env::temp_dir().join(format!("lora-eos-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(dir.join(f), tmp.join(f)).unwrap();
+    }
+    let md2 = ModelDir::open(&tmp).unwrap();
+    let cfgp = tmp.join("tokenizer_config.json");
+    std::fs::write(&cfgp, r#"{"eos_token": "<|endoftext|>"}"#).unwrap();
+    assert_eq!(md2.training_eos(&tok).unwrap(), Some(0));
+    std::fs::write(&cfgp, r#"{"eos_token": {"content": "<|endoftext|>"}}"#).unwrap();
+    assert_eq!(md2.training_eos(&tok).unwrap(), Some(0));
+    std::fs::write(&cfgp, r#"{"eos_token": "<nope>"}"#).unwrap();
+    let e = md2.training_eos(&tok).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("eos_token") && e.contains("<nope>"),
+        "{e}"
+    );
+    std::fs::write(&cfgp, r#"{"eos_token": null}"#).unwrap();
+    assert_eq!(
+        md2.training_eos(&tok).unwrap(),
+        Some(2),
+        "falls back to config.json"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 fn train(dir: &Path, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>, Box<dyn CausalLm>) {
     let mut model = ModelDir::open(dir.join("model"))
         .unwrap()
@@ -91,7 +171,7 @@ fn train(dir: &Path, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>, Box<dyn CausalLm
     .iter()
     .map(|t| Example::Text(t.to_string()))
     .collect();
-    let seqs = tokenize(&tok, &text, 16, false).unwrap();
+    let seqs = tokenize(&tok, &text, 16, false, None).unwrap();
     let groups = adapter_groups(model.as_ref(), 4.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     let mut sampler = Sampler::new(seqs.len(), 1);
