@@ -571,8 +571,15 @@ fn main() {
     let result = parse_cli().and_then(run);
     if let Err(e) = result {
         eprintln!("error: {e}");
+        // Our errors put their source's text in their own message ("path: os error"); print a
+        // cause only when it adds something.
+        let mut shown = e.to_string();
         for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+            let c = cause.to_string();
+            if !shown.contains(&c) {
+                eprintln!("  caused by: {c}");
+            }
+            shown = c;
         }
         std::process::exit(1);
     }

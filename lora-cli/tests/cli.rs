@@ -66,6 +66,10 @@ fn bad_arguments_fail_cleanly() {
             "--threads must be at least 1",
         ),
         (vec!["bench", "gemm", "--size", "0"], "--size and --iters"),
+        (
+            vec!["inspect", "/nonexistent/file.safetensors"],
+            "/nonexistent/file.safetensors: No such file",
+        ),
     ] {
         let out = lora(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -73,6 +77,10 @@ fn bad_arguments_fail_cleanly() {
         assert!(
             err.contains(needle) && !err.contains("panicked"),
             "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("caused by"),
+            "a cause repeating the message is not printed again: {err}"
         );
     }
 }

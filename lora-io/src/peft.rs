@@ -425,7 +425,24 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         };
         for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
             let key = format!("base_model.model.{name}.{part}.weight");
-            let loaded = file.tensor(&key, t.shape())?;
+            // The expected shape comes from adapter_config.json's rank and the model's layer,
+            // not from the model's config.json: say so.
+            let loaded = file.tensor(&key, t.shape()).map_err(|e| match e {
+                IoError::TensorShape {
+                    path,
+                    key,
+                    got,
+                    expected,
+                } => IoError::Config {
+                    path,
+                    field: key,
+                    reason: format!(
+                        "shape {got:?}, but adapter_config.json's rank for this module and the \
+                         model's layer give {expected:?}"
+                    ),
+                },
+                e => e,
+            })?;
             t.set_data(loaded.to_vec())?;
             used.insert(key);
         }

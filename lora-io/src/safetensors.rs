@@ -66,8 +66,24 @@ impl SafetensorsFile {
             return Err(bad(format!("header: {e}")));
         }
         // Full validation (JSON, offsets contiguous and inside the file, sizes match dtypes).
-        SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("{e:?}")))?;
-        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+        let have = mmap.len() - 8 - n;
+        let why = |e: safetensors::SafeTensorError| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => match data_end(header) {
+                Some(need) if need > have => format!(
+                    "the tensors need {need} bytes of data but the file holds {have} after \
+                         its header: truncated (an interrupted download or copy?)"
+                ),
+                Some(need) => format!(
+                    "{} bytes after the last tensor's data (the tensors need {need} of the \
+                         {have} after the header)",
+                    have - need
+                ),
+                None => e.to_string(),
+            },
+            other => other.to_string(),
+        };
+        SafeTensors::deserialize(&mmap).map_err(|e| bad(why(e)))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(why(e)))?;
         let tensors = meta
             .tensors()
             .into_iter()
@@ -283,4 +299,14 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
         }
         d.deserialize_map(V)
     }
+}
+
+/// The end of the last tensor's data per a safetensors header (`None` if it does not parse).
+fn data_end(header: &[u8]) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    v.as_object()?
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64().map(|x| x as usize))
+        .try_fold(0usize, |m, e| e.map(|e| m.max(e)))
 }

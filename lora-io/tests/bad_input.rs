@@ -53,9 +53,24 @@ fn truncated_safetensors() {
         .unwrap();
     let e = load_err(&d);
     assert!(
-        e.contains("model.safetensors") && e.contains("invalid safetensors"),
+        e.contains("model.safetensors")
+            && e.contains("invalid safetensors")
+            && e.contains(&format!("need {} bytes of data", len_data(&f, 100)))
+            && e.contains("truncated"),
         "{e}"
     );
+    // Bytes after the last tensor are refused too, and counted.
+    let mut f2 = std::fs::OpenOptions::new().append(true).open(&f).unwrap();
+    std::io::Write::write_all(&mut f2, &[0u8; 107]).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("7 bytes after the last tensor's data"), "{e}");
+}
+
+/// Data bytes a safetensors file's header promises, given that `cut` bytes were cut off its end.
+fn len_data(f: &std::path::Path, cut: u64) -> u64 {
+    let b = std::fs::read(f).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap());
+    b.len() as u64 + cut - 8 - n
 }
 
 #[test]
@@ -188,7 +203,9 @@ fn adapters_that_do_not_fit_the_model() {
         .unwrap();
     let e = load_adapter(gpt2.as_mut(), &a).err().unwrap().to_string();
     assert!(
-        e.contains("lora_A.weight` has shape [4, 32]") && e.contains("[8, 32]"),
+        e.contains("lora_A.weight`: shape [4, 32]")
+            && e.contains("adapter_config.json")
+            && e.contains("[8, 32]"),
         "{e}"
     );
 

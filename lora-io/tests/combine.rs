@@ -155,7 +155,7 @@ fn combined_adapters_load_and_peft_subfolders_read() {
     let e = load_adapter(m.as_mut(), &root().join("combined/linear"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("v_proj.lora_A.weight` has shape [2, 32]"), "{e}");
+    assert!(e.contains("v_proj.lora_A.weight`: shape [2, 32]"), "{e}");
     // Unequal ranks cannot be combined linearly.
     let two = AdapterWeights::read(&root().join("adapter2")).unwrap();
     let mut r2 = two.clone();
