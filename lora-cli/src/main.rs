@@ -720,6 +720,7 @@ fn run(cli: Cli) -> Result<()> {
             let how = match (a.how.as_str(), a.rank) {
                 ("cat", None) => Combination::Cat,
                 ("linear", None) => Combination::Linear,
+                ("svd", Some(0)) => anyhow::bail!("--rank must be at least 1"),
                 ("svd", rank) => Combination::Svd { rank },
                 ("cat" | "linear", Some(_)) => anyhow::bail!("--rank applies to --how svd only"),
                 (other, _) => anyhow::bail!("--how must be cat, linear or svd, got `{other}`"),

@@ -310,7 +310,20 @@ pub fn combine(
                     scale: 1.0,
                 }
             }
-            Combination::Svd { .. } => svd_combine(&present, new_rank, inp, outd),
+            Combination::Svd { .. } => {
+                if new_rank > inp.min(outd) {
+                    return Err(IoError::Config {
+                        path: PathBuf::from("combine"),
+                        field: name.clone(),
+                        reason: format!(
+                            "svd rank {new_rank} exceeds min(out, in) = {} of this layer \
+                             ({outd} x {inp}): its update has no more singular values",
+                            inp.min(outd)
+                        ),
+                    });
+                }
+                svd_combine(&present, new_rank, inp, outd)
+            }
         };
         out.insert(name.clone(), f);
     }

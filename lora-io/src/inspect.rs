@@ -103,6 +103,29 @@ fn gram_cols(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
     g
 }
 
+/// `||B A||_F^2` for A (r, inp), B (out, r), in f64: through the r x r Gram matrices
+/// (`trace(A A^T B^T B)`) when r is the small side, else by forming `B A` row by row (a rank
+/// past min(out, in) made the Grams r^2 numbers: 80 GB for a rank-100000 file).
+fn delta_norm2(a: &[f32], b: &[f32], r: usize, out: usize, inp: usize) -> f64 {
+    if r * r <= out * inp {
+        let (ga, gb) = (gram_rows(a, r, inp), gram_cols(b, out, r));
+        return ga.iter().zip(&gb).map(|(x, y)| x * y).sum();
+    }
+    let mut row = vec![0.0f64; inp];
+    let mut sum = 0.0;
+    for o in 0..out {
+        row.iter_mut().for_each(|v| *v = 0.0);
+        for j in 0..r {
+            let bj = b[o * r + j] as f64;
+            for (v, &x) in row.iter_mut().zip(&a[j * inp..(j + 1) * inp]) {
+                *v += bj * x as f64;
+            }
+        }
+        sum += row.iter().map(|v| v * v).sum::<f64>();
+    }
+    sum
+}
+
 fn norm(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
 }
@@ -138,8 +161,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             } else {
                 lc.alpha / r as f32
             };
-            let (ga, gb) = (gram_rows(&a, r, ash[1]), gram_cols(&b, bsh[0], r));
-            let delta2: f64 = ga.iter().zip(&gb).map(|(x, y)| x * y).sum();
+            let delta2 = delta_norm2(&a, &b, r, bsh[0], ash[1]);
             params += a.len() + b.len();
             modules.push(AdapterModule {
                 module: module.into(),

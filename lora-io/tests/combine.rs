@@ -125,6 +125,16 @@ fn svd_equals_peft_update() {
             / s;
         assert!(e < 1e-5, "full-rank svd {m}: {e:e}");
     }
+    // A rank past a layer's min(out, in) is refused (it only padded the file with zeros: a
+    // 3 GB adapter for --rank 100000 on the demo model), naming the layer.
+    let e = combine(
+        &inputs(),
+        &[0.7, -1.3],
+        Combination::Svd { rank: Some(1000) },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("svd rank 1000 exceeds min(out, in) = "), "{e}");
 }
 
 #[test]

@@ -65,6 +65,41 @@ fn adapter_report_matches_the_loaded_layers() {
     assert_eq!((v.r, v.alpha, v.scale), (2, 6.0, 3.0));
 }
 
+/// A rank past min(out, in) (ten copies of the adapter concatenated: rank 40 on 32-wide layers)
+/// takes the product path for the delta norm; the concatenation's update is ten times the
+/// adapter's, so its norm is too.
+#[test]
+fn high_rank_delta_norms() {
+    use lora_io::combine::{combine, write, AdapterWeights, Combination};
+    let one = AdapterWeights::read(&root().join("llama_gqa/adapter")).unwrap();
+    let copies = vec![one; 10];
+    let (cfg, cat) = combine(&copies, &[1.0; 10], Combination::Cat).unwrap();
+    let dir = std::env::temp_dir().join(format!("lora-io-inspect-{}-cat", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write(&dir, &cfg, &cat).unwrap();
+    let (Report::Adapter { modules: big, .. }, Report::Adapter { modules: base, .. }) = (
+        inspect(&dir).unwrap(),
+        inspect(&root().join("llama_gqa/adapter")).unwrap(),
+    ) else {
+        panic!("not adapters")
+    };
+    assert!(
+        big.iter().any(|m| m.r * m.r > 32 * 16),
+        "some module takes the product path"
+    );
+    for m in &big {
+        let b = base.iter().find(|b| b.module == m.module).unwrap();
+        assert!(
+            (m.norm_delta - 10.0 * b.norm_delta).abs() <= 1e-5 * m.norm_delta,
+            "{}: {} vs 10 x {}",
+            m.module,
+            m.norm_delta,
+            b.norm_delta
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn model_and_file_reports() {
     let Report::Model {
