@@ -15,6 +15,8 @@ pub struct EvalRun {
     pub adapter: Option<PathBuf>,
     pub data: PathBuf,
     pub seq_len: Option<usize>,
+    /// Append the training EOS to each text and completion.
+    pub eos: bool,
     pub json: bool,
     /// Where the forward passes run.
     pub device: lora_core::Device,
@@ -48,14 +50,25 @@ fn load(
 }
 
 pub fn run_eval(r: &EvalRun) -> Result<()> {
-    let (_, model, tok) = load(&r.model, r.adapter.as_deref())?;
+    let (md, model, tok) = load(&r.model, r.adapter.as_deref())?;
+    let eos = match (r.eos, md.training_eos(&tok)?) {
+        (false, _) => None,
+        (true, Some(id)) => Some(id),
+        (true, None) => anyhow::bail!(
+            "--eos: {} names no end-of-sequence token (tokenizer_config.json eos_token, \
+             config.json eos_token_id)",
+            r.model.display()
+        ),
+    };
     model.to_device(r.device)?;
-    let texts = lora_train::data::read_texts(&r.data)?;
+    let examples = lora_train::data::read_examples(&r.data)?;
     let seq_len = r
         .seq_len
         .unwrap_or(model.max_positions())
         .min(model.max_positions());
-    let res = lora_train::eval::evaluate(model.as_ref(), &tok, &texts, seq_len, true)?;
+    let res =
+        lora_train::eval::evaluate_examples(model.as_ref(), &tok, &examples, seq_len, eos, true)
+            .with_context(|| format!("evaluating {}", r.data.display()))?;
     if r.json {
         outln!(
             "{}",

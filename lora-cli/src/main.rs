@@ -301,13 +301,19 @@ struct ModelArgs {
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Dataset: .jsonl (one object per line with a `text` field) or .txt (paragraphs separated
-    /// by blank lines). Each example is one sequence.
+    /// Dataset: .txt (paragraphs separated by blank lines), .jsonl with `text`, or .jsonl with
+    /// `prompt` and `completion` (the loss covers the completion only, as in training). Each
+    /// example is one sequence.
     #[arg(long)]
     data: std::path::PathBuf,
     /// Truncate each example to this many tokens (default: the model's maximum).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// End each text and completion with the tokenizer's EOS token, as `lora train` does: with
+    /// the run's --seq-len this gives the held-out loss training reported. Off by default: the
+    /// loss transformers computes on the text as tokenized.
+    #[arg(long)]
+    eos: bool,
     /// cpu, cuda, cuda:N or auto (as for train): where the forward passes run.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -710,6 +716,7 @@ fn run(cli: Cli) -> Result<()> {
                 adapter: a.model.adapter,
                 data: a.data,
                 seq_len: a.seq_len,
+                eos: a.eos,
                 json: a.json,
                 device,
             })

@@ -354,6 +354,8 @@ fn train_writes_an_adapter_that_eval_loads() {
         "2",
         "--target",
         "q_proj,v_proj",
+        "--eval-data",
+        &d,
         "--json",
         "--threads",
         "1",
@@ -361,6 +363,39 @@ fn train_writes_an_adapter_that_eval_loads() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["steps"], 3);
+    // `lora eval --eos` with the run's --seq-len reads the prompt/completion data as training
+    // does and gives the held-out loss the run reported; without --eos the EOS targets are
+    // not counted.
+    let model = fixture("llama_gqa/model");
+    let ev = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &out,
+            "--data",
+            &d,
+            "--seq-len",
+            "16",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let e = lora(&args);
+        assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+        serde_json::from_slice::<serde_json::Value>(&e.stdout).unwrap()
+    };
+    let (with, without) = (ev(&["--eos"]), ev(&[]));
+    let after = v["eval_loss_after"].as_f64().unwrap();
+    assert!(
+        (with["loss"].as_f64().unwrap() - after).abs() <= 1e-9 * after,
+        "lora eval --eos {with} vs the run's {after}"
+    );
+    assert_eq!(
+        with["tokens"].as_u64().unwrap(),
+        without["tokens"].as_u64().unwrap() + 3,
+        "one EOS target per example"
+    );
     if lora_kernels::cuda::device_count() == 0 {
         assert_eq!(v["device"], "cpu", "--device auto without a GPU");
     }

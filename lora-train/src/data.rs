@@ -76,7 +76,8 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-/// The texts of a plain-text dataset (evaluation data): prompt/completion lines are refused.
+/// The texts of a plain-text dataset: prompt/completion lines are refused (`lora eval` and
+/// training read both kinds through [`read_examples`]).
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
     read_examples(path)?
         .into_iter()
@@ -86,7 +87,7 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
             Example::PromptCompletion { .. } => Err(TrainError::Data {
                 path: path.into(),
                 reason: format!(
-                    "example {}: prompt/completion data needs `lora train`; evaluation reads text",
+                    "example {}: a prompt/completion pair where plain text is expected",
                     i + 1
                 ),
             }),

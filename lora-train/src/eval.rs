@@ -1,5 +1,6 @@
 //! Evaluation: the mean token cross-entropy of a causal LM over texts, as transformers computes
-//! `model(input_ids, labels=input_ids).loss` per example and a token-weighted mean over examples.
+//! `model(input_ids, labels=input_ids).loss` per example and a token-weighted mean over examples;
+//! prompt/completion pairs count their completion tokens only, as training does.
 //! Each text is tokenized with the tokenizer's defaults and truncated to `seq_len`; a text of
 //! fewer than two tokens has nothing to predict and contributes nothing.
 
@@ -57,12 +58,28 @@ pub fn eval_sequences(
 
 /// Token-weighted mean loss of `model` over `texts`, each tokenized with the tokenizer's
 /// defaults and truncated to `seq_len` (no EOS appended: the loss transformers computes for
-/// `model(ids, labels=ids)` on the text; training's held-out loss does append it).
+/// `model(ids, labels=ids)` on the text).
 pub fn evaluate(
     model: &dyn CausalLm,
     tok: &TextTokenizer,
     texts: &[String],
     seq_len: usize,
+    adapters: bool,
+) -> Result<EvalResult> {
+    let examples: Vec<Example> = texts.iter().cloned().map(Example::Text).collect();
+    evaluate_examples(model, tok, &examples, seq_len, None, adapters)
+}
+
+/// [`evaluate`] over any examples, tokenized as training tokenizes them: a prompt/completion
+/// pair counts its completion tokens only, and `eos` (see
+/// [`lora_io::hf::ModelDir::training_eos`]) ends each text and completion. With the run's
+/// `seq_len` and EOS this is the held-out loss `lora train` reports.
+pub fn evaluate_examples(
+    model: &dyn CausalLm,
+    tok: &TextTokenizer,
+    examples: &[Example],
+    seq_len: usize,
+    eos: Option<u32>,
     adapters: bool,
 ) -> Result<EvalResult> {
     if seq_len < 2 {
@@ -72,10 +89,9 @@ pub fn evaluate(
         }
         .into());
     }
-    let examples: Vec<Example> = texts.iter().cloned().map(Example::Text).collect();
-    let seqs = tokenize(tok, &examples, seq_len, false, None)?;
+    let seqs = tokenize(tok, examples, seq_len, false, eos)?;
     eval_sequences(model, &seqs, adapters)?.ok_or_else(|| TrainError::Data {
         path: "<data>".into(),
-        reason: "no example has two or more tokens".into(),
+        reason: "no example has a token to predict".into(),
     })
 }
