@@ -222,6 +222,31 @@ impl TrainConfig {
     }
 }
 
+/// The settings that differ between a checkpoint's config and this run's, as
+/// `key: checkpoint VALUE, now VALUE`. A checkpoint written before `eos` existed trained without
+/// an EOS, so a missing `eos` reads as `false`.
+fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
+    let mut saved = saved.clone();
+    if let Some(m) = saved.as_object_mut() {
+        m.entry("eos").or_insert(Value::Bool(false));
+    }
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        saved.as_object().unwrap_or(&empty),
+        now.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&Value>| v.map_or("(none)".to_string(), |v| v.to_string());
+            format!("{k}: checkpoint {}, now {}", show(a.get(k)), show(b.get(k)))
+        })
+        .collect()
+}
+
 /// One line of progress.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepLog {
@@ -445,10 +470,15 @@ pub fn train_until(
     let (start, mut sampler_state) = match &checkpoint {
         Some((step, dir)) => {
             let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
-            if saved["config"] != cfg.to_json() {
+            let diff = config_diff(&saved["config"], &cfg.to_json());
+            if !diff.is_empty() {
                 return Err(err(
                     &dir.join("trainer_state.json"),
-                    "the run's settings differ from this checkpoint's; resume with the same flags",
+                    format!(
+                        "the run's settings differ from this checkpoint's ({}); resume with the \
+                         same flags",
+                        diff.join("; ")
+                    ),
                 ));
             }
             load_adapter(model.as_mut(), dir)?;

@@ -168,10 +168,33 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     // A different setting cannot resume this run.
     let mut other = config(b.clone(), data.clone());
     other.lr = 1e-3;
-    assert!(train(&other, true, false, &mut |_| {})
+    let e = train(&other, true, false, &mut |_| {})
         .unwrap_err()
-        .to_string()
-        .contains("settings differ"));
+        .to_string();
+    assert!(
+        e.contains("settings differ") && e.contains("lr: checkpoint ") && !e.contains("seed"),
+        "the message names what differs, and only that: {e}"
+    );
+    // A checkpoint from before `eos` existed (no such key) trained without EOS: it resumes
+    // with --no-eos, and says so otherwise.
+    let newest = std::fs::read_dir(&b)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("trainer_state.json").exists())
+        .max()
+        .unwrap();
+    let f = newest.join("trainer_state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+    st["config"].as_object_mut().unwrap().remove("eos");
+    std::fs::write(&f, st.to_string()).unwrap();
+    let e = train(&config(b.clone(), data.clone()), true, false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("eos: checkpoint false, now true"), "{e}");
+    let mut old = config(b.clone(), data.clone());
+    old.eos = false;
+    train(&old, true, false, &mut |_| {}).unwrap();
 }
 
 #[test]
