@@ -688,6 +688,31 @@ fn demo_adapter_learns_translation_and_refuses_foreign_output() {
         "{v}"
     );
     assert!(out.join("adapter_model.safetensors").exists() && out.join("loss.svg").exists());
+    // Training ends each completion with EOS, so generation stops after one translation
+    // instead of running to --max-new-tokens (it wrote on before).
+    let base = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/base");
+    let prompt = "english : a mouse eats a lazy dog . french :";
+    let g = lora(&[
+        "generate",
+        "--model",
+        base,
+        "--adapter",
+        o,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "30",
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let text = String::from_utf8(g.stdout).unwrap();
+    let french = text
+        .trim()
+        .strip_prefix(prompt)
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        french.ends_with(" .") && french.matches('.').count() == 1,
+        "one sentence, then EOS: {french}"
+    );
     // A second run replaces the first one's output.
     let again = lora(&["demo", "--out", o, "--steps", "2", "--json"]);
     assert!(
