@@ -245,7 +245,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         .into_iter()
         .filter_map(|e| match e {
             Example::PromptCompletion { prompt, completion } => Some((prompt, completion)),
-            Example::Text(_) => None,
+            _ => None,
         })
         .take(100)
         .collect();

@@ -66,9 +66,30 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
         .seq_len
         .unwrap_or(model.max_positions())
         .min(model.max_positions());
-    let res =
-        lora_train::eval::evaluate_examples(model.as_ref(), &tok, &examples, seq_len, eos, true)
-            .with_context(|| format!("evaluating {}", r.data.display()))?;
+    let chat = if examples.iter().any(|e| e.is_chat()) {
+        Some(
+            lora_io::chat::ChatTemplate::from_model_dir(&r.model)?.with_context(|| {
+                format!(
+                    "{} has conversations but {} has no chat template (chat_template.jinja or \
+                     tokenizer_config.json `chat_template`)",
+                    r.data.display(),
+                    r.model.display()
+                )
+            })?,
+        )
+    } else {
+        None
+    };
+    let res = lora_train::eval::evaluate_examples(
+        model.as_ref(),
+        &tok,
+        &examples,
+        seq_len,
+        eos,
+        chat.as_ref(),
+        true,
+    )
+    .with_context(|| format!("evaluating {}", r.data.display()))?;
     if r.json {
         outln!(
             "{}",

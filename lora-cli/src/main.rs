@@ -172,8 +172,10 @@ struct TrainArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     model: std::path::PathBuf,
-    /// Training data: .txt (paragraphs), .jsonl with `text`, or .jsonl with `prompt` and
-    /// `completion` (loss on the completion only).
+    /// Training data: .txt (paragraphs), .jsonl with `text`, .jsonl with `prompt` and
+    /// `completion` (loss on the completion only), or conversations rendered with the model's
+    /// chat template: .jsonl with `messages` (loss on every token), or with `prompt` and
+    /// `completion` as message lists (loss on the completion only), as TRL reads them.
     #[arg(long)]
     data: std::path::PathBuf,
     /// Output directory (final adapter, metrics.jsonl, checkpoint-* folders).
@@ -301,9 +303,10 @@ struct ModelArgs {
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Dataset: .txt (paragraphs separated by blank lines), .jsonl with `text`, or .jsonl with
-    /// `prompt` and `completion` (the loss covers the completion only, as in training). Each
-    /// example is one sequence.
+    /// Dataset: .txt (paragraphs separated by blank lines), .jsonl with `text`, .jsonl with
+    /// `prompt` and `completion` (the loss covers the completion only, as in training), or
+    /// conversations (`messages`, or message-list prompt/completion) rendered with the model's
+    /// chat template. Each example is one sequence.
     #[arg(long)]
     data: std::path::PathBuf,
     /// Truncate each example to this many tokens (default: the model's maximum).

@@ -907,3 +907,93 @@ fn tf32_is_refused_on_an_explicit_cpu_and_noted_under_auto() {
         let _ = std::fs::remove_dir_all(&t);
     }
 }
+
+/// Conversations train and evaluate through the model's chat template (`chat_template.jinja`
+/// in the model directory); without a template they are refused with the reason.
+#[test]
+fn conversations_train_through_the_chat_template() {
+    let t = std::env::temp_dir().join(format!("lora-cli-chat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    let model = t.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture("llama_gqa/model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let data = t.join("chat.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "red?"}, {"role": "assistant", "content": "cat"}]}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "blue?"}], "completion": [{"role": "assistant", "content": "dog"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (m, d) = (
+        model.to_string_lossy().to_string(),
+        data.to_string_lossy().to_string(),
+    );
+    let out = t.join("out").to_string_lossy().to_string();
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            &m,
+            "--data",
+            &d,
+            "--out",
+            &out,
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--rank",
+            "2",
+            "--json",
+            "--threads",
+            "1",
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        lora(&args)
+    };
+    let r = train(&[]);
+    assert!(!r.status.success());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        e.contains("conversations") && e.contains("no chat template"),
+        "{e}"
+    );
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %}\
+         {% if add_generation_prompt %}<assistant>{% endif %}",
+    )
+    .unwrap();
+    let r = train(&["--eval-data", &d]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["steps"], 2);
+    let e = lora(&[
+        "eval",
+        "--model",
+        &m,
+        "--adapter",
+        &out,
+        "--data",
+        &d,
+        "--seq-len",
+        "32",
+        "--json",
+    ]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let after = v["eval_loss_after"].as_f64().unwrap();
+    assert!(
+        (ev["loss"].as_f64().unwrap() - after).abs() <= 1e-9 * after,
+        "lora eval {ev} vs the run's {after}"
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}

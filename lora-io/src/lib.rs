@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod adapters;
+pub mod chat;
 pub mod combine;
 pub mod error;
 pub mod hf;

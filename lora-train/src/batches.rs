@@ -3,6 +3,7 @@
 //! and a seeded, resumable shuffle.
 
 use crate::Result;
+use lora_io::chat::ChatTemplate;
 use lora_io::tokenizer::TextTokenizer;
 use lora_kernels::rng::Rng;
 
@@ -27,24 +28,50 @@ pub struct Sequence {
 /// unless it already does, so the model learns where an answer stops (and packed examples keep a
 /// boundary between them); this is what TRL's `SFTTrainer` does with the tokenizer's
 /// `eos_token`. A sequence cut by `seq_len` loses its end, EOS included, as in TRL.
+///
+/// Conversations are rendered with `chat` (the model's chat template) and tokenized without
+/// added special tokens, as transformers' `apply_chat_template` does; the template writes its own
+/// end-of-turn tokens, so no EOS is appended (as in TRL). A conversational prompt/completion
+/// takes its labels from where the tokenized prompt (with the generation prompt) and the
+/// tokenized whole conversation stop agreeing, as TRL does.
 pub fn tokenize(
     tok: &TextTokenizer,
     examples: &[Example],
     seq_len: usize,
     pack: bool,
     eos: Option<u32>,
+    chat: Option<&ChatTemplate>,
 ) -> Result<Vec<Sequence>> {
     let mut out = Vec::with_capacity(examples.len());
-    for e in examples {
-        let (mut ids, prompt_len) = match e {
-            Example::Text(t) => (tok.encode(t)?, 0),
+    for (i, e) in examples.iter().enumerate() {
+        let template = || {
+            chat.ok_or_else(|| crate::TrainError::Data {
+                path: "chat_template".into(),
+                reason: format!(
+                    "example {}: a conversation, but the model has no chat template \
+                     (chat_template.jinja or tokenizer_config.json `chat_template`)",
+                    i + 1
+                ),
+            })
+        };
+        let (mut ids, prompt_len, end) = match e {
+            Example::Text(t) => (tok.encode(t)?, 0, eos),
             Example::PromptCompletion { prompt, completion } => {
                 let p = tok.encode(prompt)?;
                 let n = p.len();
-                ([p, tok.encode_plain(completion)?].concat(), n)
+                ([p, tok.encode_plain(completion)?].concat(), n, eos)
+            }
+            Example::Messages(m) => (tok.encode_plain(&template()?.render(m, false)?)?, 0, None),
+            Example::ChatPromptCompletion { prompt, completion } => {
+                let t = template()?;
+                let p = tok.encode_plain(&t.render(prompt, true)?)?;
+                let all: Vec<_> = prompt.iter().chain(completion).cloned().collect();
+                let ids = tok.encode_plain(&t.render(&all, false)?)?;
+                let n = p.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+                (ids, n, None)
             }
         };
-        if let Some(id) = eos {
+        if let Some(id) = end {
             if ids.len() == prompt_len || ids.last() != Some(&id) {
                 ids.push(id);
             }

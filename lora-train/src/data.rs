@@ -1,7 +1,8 @@
 //! Datasets, parsed in one place: a `.txt` file is split into paragraphs (separated by blank
-//! lines); a `.jsonl` file has one JSON object per line with a string `text`, or strings
-//! `prompt` and `completion`. Bad input is an error naming the file and line: non-UTF-8 bytes,
-//! invalid JSON, missing fields, an unknown extension, no examples.
+//! lines); a `.jsonl` file has one JSON object per line with a string `text`, strings `prompt`
+//! and `completion`, a conversation `messages`, or `prompt` and `completion` as lists of
+//! messages (TRL's dataset formats). Bad input is an error naming the file and line: non-UTF-8
+//! bytes, invalid JSON, missing fields, an unknown extension, no examples.
 
 use crate::{Result, TrainError};
 use std::path::Path;
@@ -18,6 +19,55 @@ pub enum Example {
         /// What the model should learn to produce after it.
         completion: String,
     },
+    /// A conversation (`{"messages": [{"role": .., "content": ..}, ..]}`), rendered with the
+    /// model's chat template; every token is a target (TRL's default for conversational
+    /// language modelling).
+    Messages(Vec<serde_json::Value>),
+    /// Conversational prompt/completion (`prompt` and `completion` are lists of messages): the
+    /// prompt rendered with the generation prompt, the whole conversation rendered after it;
+    /// only the completion's tokens are targets.
+    ChatPromptCompletion {
+        /// The messages before the answer.
+        prompt: Vec<serde_json::Value>,
+        /// The answer's messages.
+        completion: Vec<serde_json::Value>,
+    },
+}
+
+impl Example {
+    /// Whether rendering needs the model's chat template.
+    pub fn is_chat(&self) -> bool {
+        matches!(
+            self,
+            Example::Messages(_) | Example::ChatPromptCompletion { .. }
+        )
+    }
+}
+
+/// The messages of a conversational field, checked: objects with a string `role` and a string
+/// (or absent / null) `content`.
+fn messages(
+    v: &serde_json::Value,
+    field: &str,
+) -> std::result::Result<Vec<serde_json::Value>, String> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| format!("`{field}` must be a list of messages"))?;
+    for (j, m) in list.iter().enumerate() {
+        let at = format!("`{field}` message {}", j + 1);
+        if m.get("role").and_then(|r| r.as_str()).is_none() {
+            return Err(format!("{at}: no string `role`"));
+        }
+        match m.get("content") {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) => {}
+            Some(_) => {
+                return Err(format!(
+                "{at}: `content` must be a string (content lists, e.g. images, are not supported)"
+            ))
+            }
+        }
+    }
+    Ok(list.clone())
 }
 
 /// Reads the examples of `path` (by extension).
@@ -48,6 +98,20 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 }
                 let obj: serde_json::Value = serde_json::from_str(line)
                     .map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
+                let at = |e: String| err(format!("line {}: {e}", i + 1));
+                if let Some(m) = obj.get("messages") {
+                    v.push(Example::Messages(messages(m, "messages").map_err(at)?));
+                    continue;
+                }
+                if let (Some(p @ serde_json::Value::Array(_)), Some(c)) =
+                    (obj.get("prompt"), obj.get("completion"))
+                {
+                    v.push(Example::ChatPromptCompletion {
+                        prompt: messages(p, "prompt").map_err(at)?,
+                        completion: messages(c, "completion").map_err(at)?,
+                    });
+                    continue;
+                }
                 let s = |k: &str| obj.get(k).and_then(|x| x.as_str()).map(String::from);
                 v.push(match (s("text"), s("prompt"), s("completion")) {
                     (_, Some(prompt), Some(completion)) => {
@@ -56,7 +120,8 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                     (Some(t), None, None) => Example::Text(t),
                     _ => {
                         return Err(err(format!(
-                        "line {}: no string field `text` (or strings `prompt` and `completion`)",
+                        "line {}: no string field `text` (or strings `prompt` and `completion`, or \
+                         a `messages` list)",
                         i + 1
                     )))
                     }
@@ -84,10 +149,10 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
         .enumerate()
         .map(|(i, e)| match e {
             Example::Text(t) => Ok(t),
-            Example::PromptCompletion { .. } => Err(TrainError::Data {
+            _ => Err(TrainError::Data {
                 path: path.into(),
                 reason: format!(
-                    "example {}: a prompt/completion pair where plain text is expected",
+                    "example {}: a prompt/completion pair or conversation where plain text is expected",
                     i + 1
                 ),
             }),

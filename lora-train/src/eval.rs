@@ -67,12 +67,13 @@ pub fn evaluate(
     adapters: bool,
 ) -> Result<EvalResult> {
     let examples: Vec<Example> = texts.iter().cloned().map(Example::Text).collect();
-    evaluate_examples(model, tok, &examples, seq_len, None, adapters)
+    evaluate_examples(model, tok, &examples, seq_len, None, None, adapters)
 }
 
 /// [`evaluate`] over any examples, tokenized as training tokenizes them: a prompt/completion
-/// pair counts its completion tokens only, and `eos` (see
-/// [`lora_io::hf::ModelDir::training_eos`]) ends each text and completion. With the run's
+/// pair counts its completion tokens only, `eos` (see
+/// [`lora_io::hf::ModelDir::training_eos`]) ends each text and completion, and conversations
+/// are rendered with `chat`. With the run's
 /// `seq_len` and EOS this is the held-out loss `lora train` reports.
 pub fn evaluate_examples(
     model: &dyn CausalLm,
@@ -80,6 +81,7 @@ pub fn evaluate_examples(
     examples: &[Example],
     seq_len: usize,
     eos: Option<u32>,
+    chat: Option<&lora_io::chat::ChatTemplate>,
     adapters: bool,
 ) -> Result<EvalResult> {
     if seq_len < 2 {
@@ -89,7 +91,7 @@ pub fn evaluate_examples(
         }
         .into());
     }
-    let seqs = tokenize(tok, examples, seq_len, false, eos)?;
+    let seqs = tokenize(tok, examples, seq_len, false, eos, chat)?;
     eval_sequences(model, &seqs, adapters)?.ok_or_else(|| TrainError::Data {
         path: "<data>".into(),
         reason: "no example has a token to predict".into(),

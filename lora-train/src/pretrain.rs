@@ -179,7 +179,7 @@ pub fn pretrain(
     // `<|endoftext|>`, which already separates packed texts (and the committed base stays
     // reproducible by its documented command).
     let seqs = pack(
-        &tokenize(&tok, &examples, cfg.seq_len, true, None)?,
+        &tokenize(&tok, &examples, cfg.seq_len, true, None, None)?,
         cfg.seq_len,
     );
     if seqs.is_empty() {

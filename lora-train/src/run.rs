@@ -445,6 +445,8 @@ pub fn train_until(
     let eos = match (cfg.eos, md.training_eos(&tok)?) {
         (false, _) => None,
         (true, Some(id)) => Some(id),
+        // Conversations end their turns through the chat template: no EOS is needed for them.
+        (true, None) if read_examples(&cfg.data)?.iter().all(|e| e.is_chat()) => None,
         (true, None) => {
             return Err(err(
                 &cfg.model,
@@ -511,7 +513,25 @@ pub fn train_until(
         }
         None => Vec::new(),
     };
-    let mut train_seqs = tokenize(&tok, &examples, cfg.seq_len, cfg.pack, eos)?;
+    // Conversations need the model's chat template; read it only when the data has some.
+    let chat = if examples.iter().chain(&eval_examples).any(|e| e.is_chat()) {
+        Some(
+            lora_io::chat::ChatTemplate::from_model_dir(&cfg.model)?.ok_or_else(|| {
+                err(
+                    &cfg.data,
+                    format!(
+                        "the data has conversations (`messages`, or prompt/completion message \
+                         lists) but {} has no chat template (chat_template.jinja or \
+                         tokenizer_config.json `chat_template`)",
+                        cfg.model.display()
+                    ),
+                )
+            })?,
+        )
+    } else {
+        None
+    };
+    let mut train_seqs = tokenize(&tok, &examples, cfg.seq_len, cfg.pack, eos, chat.as_ref())?;
     if cfg.pack {
         train_seqs = pack(&train_seqs, cfg.seq_len);
     }
@@ -525,7 +545,7 @@ pub fn train_until(
             ),
         ));
     }
-    let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false, eos)?;
+    let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false, eos, chat.as_ref())?;
     let total_steps = match cfg.epochs {
         Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64)
             .ceil() as usize)

@@ -26,7 +26,7 @@ fn labels_packing_padding_and_sampler() {
         },
         Example::Text("blue dog runs".into()),
     ];
-    let s = tokenize(&tok, &ex, 64, false, None).unwrap();
+    let s = tokenize(&tok, &ex, 64, false, None, None).unwrap();
     let p = tok.encode("red cat").unwrap();
     assert_eq!(p[0], 0, "the llama fixture's tokenizer adds a BOS");
     assert!(s[0].labels[..p.len()].iter().all(|&l| l == IGNORE));
@@ -95,8 +95,8 @@ fn eos_ends_texts_and_completions() {
             completion: String::new(),
         },
     ];
-    let plain = tokenize(&tok, &ex, 64, false, None).unwrap();
-    let s = tokenize(&tok, &ex, 64, false, Some(eos)).unwrap();
+    let plain = tokenize(&tok, &ex, 64, false, None, None).unwrap();
+    let s = tokenize(&tok, &ex, 64, false, Some(eos), None).unwrap();
     for (a, b) in plain.iter().zip(&s) {
         assert_eq!(b.ids.len(), a.ids.len() + 1);
         assert_eq!(&b.ids[..a.ids.len()], &a.ids[..]);
@@ -112,14 +112,20 @@ fn eos_ends_texts_and_completions() {
         prompt: "red cat".into(),
         completion: " sings\"".into(),
     }];
-    let done = tokenize(&tok, &ends, 64, false, None).unwrap();
+    let done = tokenize(&tok, &ends, 64, false, None, None).unwrap();
     assert_eq!(done[0].ids.last(), Some(&eos));
-    assert_eq!(tokenize(&tok, &ends, 64, false, Some(eos)).unwrap(), done);
+    assert_eq!(
+        tokenize(&tok, &ends, 64, false, Some(eos), None).unwrap(),
+        done
+    );
     // Truncation cuts the end, EOS included.
-    let cut = tokenize(&tok, &ex[1..2], 2, false, Some(eos)).unwrap();
+    let cut = tokenize(&tok, &ex[1..2], 2, false, Some(eos), None).unwrap();
     assert_eq!(cut[0].ids, s[1].ids[..2].to_vec());
     // Packed examples keep the boundary.
-    let packed = pack(&tokenize(&tok, &ex[..2], 64, true, Some(eos)).unwrap(), 1);
+    let packed = pack(
+        &tokenize(&tok, &ex[..2], 64, true, Some(eos), None).unwrap(),
+        1,
+    );
     let flat: Vec<u32> = packed.iter().map(|q| q.ids[0]).collect();
     assert_eq!(flat[s[0].ids.len() - 1], eos);
 
@@ -171,7 +177,7 @@ fn train(dir: &Path, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>, Box<dyn CausalLm
     .iter()
     .map(|t| Example::Text(t.to_string()))
     .collect();
-    let seqs = tokenize(&tok, &text, 16, false, None).unwrap();
+    let seqs = tokenize(&tok, &text, 16, false, None, None).unwrap();
     let groups = adapter_groups(model.as_ref(), 4.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     let mut sampler = Sampler::new(seqs.len(), 1);

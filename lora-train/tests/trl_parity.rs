@@ -7,7 +7,12 @@
 //! between them merges into one token and the prompt's last token changes (TRL warns that the
 //! model then trains on a context it never sees at inference). lora-rs tokenizes the prompt alone,
 //! exactly as `lora generate` will see it; the fixture marks that example `boundary_merge`.
+//!
+//! Conversations (`messages`, and `prompt`/`completion` as message lists) are rendered with two
+//! chat templates through `lora_io::chat::ChatTemplate` and must give transformers'
+//! `apply_chat_template` text byte for byte and TRL's ids and labels exactly.
 
+use lora_io::chat::ChatTemplate;
 use lora_io::tokenizer::TextTokenizer;
 use lora_train::batches::{tokenize, Example, IGNORE};
 use serde_json::Value;
@@ -32,8 +37,8 @@ fn tokenize_matches_trl_sft_trainer() {
             .unwrap();
     let (mut compared, mut merged) = (0, 0);
     for (name, t) in r["tokenizers"].as_object().unwrap() {
-        let tok = TextTokenizer::from_model_dir(root().join("parity").join(name).join("model"))
-            .unwrap();
+        let tok =
+            TextTokenizer::from_model_dir(root().join("parity").join(name).join("model")).unwrap();
         let eos = t["eos_token_id"].as_u64().unwrap() as u32;
         assert_eq!(tok.token_id(t["eos_token"].as_str().unwrap()), Some(eos));
         for e in t["examples"].as_array().unwrap() {
@@ -45,7 +50,15 @@ fn tokenize_matches_trl_sft_trainer() {
                 },
                 _ => panic!("{e}"),
             };
-            let s = &tokenize(&tok, std::slice::from_ref(&ex), 4096, false, Some(eos)).unwrap()[0];
+            let s = &tokenize(
+                &tok,
+                std::slice::from_ref(&ex),
+                4096,
+                false,
+                Some(eos),
+                None,
+            )
+            .unwrap()[0];
             let ours: Vec<i64> = s.ids.iter().map(|&x| x as i64).collect();
             let labels: Vec<i64> = s
                 .labels
@@ -59,7 +72,11 @@ fn tokenize_matches_trl_sft_trainer() {
                 };
                 let p = tok.encode(prompt).unwrap();
                 assert_eq!(&s.ids[..p.len()], &p[..], "{name}: {e}");
-                assert_ne!(ours, ids(&e["input_ids"]), "{name}: the fixture's merge case");
+                assert_ne!(
+                    ours,
+                    ids(&e["input_ids"]),
+                    "{name}: the fixture's merge case"
+                );
                 assert!(labels[..p.len()].iter().all(|&l| l == -100));
                 assert_eq!(*labels.last().unwrap(), eos as i64);
                 merged += 1;
@@ -71,4 +88,92 @@ fn tokenize_matches_trl_sft_trainer() {
         }
     }
     assert_eq!((compared, merged), (16, 2), "examples checked");
+}
+
+#[test]
+fn chat_templates_match_transformers_and_trl() {
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("trl/reference.json")).unwrap())
+            .unwrap();
+    let tokenizers = ["llama_gqa", "gpt2"];
+    let mut checked = 0;
+    for (c, name) in r["chat"].as_array().unwrap().iter().zip(tokenizers) {
+        let tok =
+            TextTokenizer::from_model_dir(root().join("parity").join(name).join("model")).unwrap();
+        let special = c["special_tokens"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let t =
+            ChatTemplate::new(c["template"].as_str().unwrap(), special, "fixture".into()).unwrap();
+        for e in c["examples"].as_array().unwrap() {
+            let list = |k: &str| e[k].as_array().unwrap().clone();
+            let (ex, all) = match e.get("messages") {
+                Some(_) => (Example::Messages(list("messages")), list("messages")),
+                None => (
+                    Example::ChatPromptCompletion {
+                        prompt: list("prompt"),
+                        completion: list("completion"),
+                    },
+                    [list("prompt"), list("completion")].concat(),
+                ),
+            };
+            let what = format!("{}: {e}", c["template_name"]);
+            assert_eq!(
+                t.render(&all, false).unwrap(),
+                e["rendered"].as_str().unwrap(),
+                "{what}"
+            );
+            let s = &tokenize(&tok, &[ex], 4096, false, Some(0), Some(&t)).unwrap()[0];
+            let ours: Vec<i64> = s.ids.iter().map(|&x| x as i64).collect();
+            let labels: Vec<i64> = s
+                .labels
+                .iter()
+                .map(|&l| if l == IGNORE { -100 } else { l })
+                .collect();
+            assert_eq!(ours, ids(&e["input_ids"]), "ids, {what}");
+            assert_eq!(labels, ids(&e["labels"]), "labels, {what}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 8, "examples checked");
+}
+
+/// A template's `raise_exception` and a conversation without a template are errors that say
+/// what happened.
+#[test]
+fn chat_errors_are_named() {
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("trl/reference.json")).unwrap())
+            .unwrap();
+    let inst = &r["chat"][1];
+    let t = ChatTemplate::new(
+        inst["template"].as_str().unwrap(),
+        [("bos_token".to_string(), "<s>".to_string())].into(),
+        "fixture/chat_template.jinja".into(),
+    )
+    .unwrap();
+    let two_users: Vec<Value> = serde_json::from_str(
+        r#"[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]"#,
+    )
+    .unwrap();
+    let e = t.render(&two_users, false).unwrap_err().to_string();
+    assert!(
+        e.contains("fixture/chat_template.jinja") && e.contains("roles must alternate"),
+        "{e}"
+    );
+    let e = ChatTemplate::new("{% if %}", Default::default(), "bad.jinja".into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.jinja") && e.contains("does not compile"),
+        "{e}"
+    );
+    let tok = TextTokenizer::from_model_dir(root().join("parity/gpt2/model")).unwrap();
+    let e = tokenize(&tok, &[Example::Messages(two_users)], 64, false, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no chat template"), "{e}");
 }

@@ -1,0 +1,242 @@
+//! Chat templates: the Jinja template a Hugging Face tokenizer ships (`chat_template.jinja`, or
+//! `chat_template` in `tokenizer_config.json`) rendered as transformers' `apply_chat_template`
+//! renders it: blocks trimmed and left-stripped, loop controls, Python string methods
+//! (`.strip()`, `.startswith()`, ... through `minijinja-contrib`'s pycompat), `raise_exception`,
+//! a `tojson` that writes what Python's `json.dumps(ensure_ascii=False)` writes, and the
+//! tokenizer's special tokens (`bos_token`, `eos_token`, ...) as variables.
+//!
+//! The rendered text is then tokenized without adding special tokens (the template writes them),
+//! as transformers does.
+
+use crate::error::{IoError, Result};
+use crate::hf::read_json;
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, Error, ErrorKind};
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Special-token names transformers passes to the template.
+const SPECIAL: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    origin: PathBuf,
+    special: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("origin", &self.origin)
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+fn cfg_err(path: &Path, field: &str, reason: impl Into<String>) -> IoError {
+    IoError::Config {
+        path: path.into(),
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A token as `tokenizer_config.json` writes it: a string or `{"content": ...}`.
+fn token_string(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` between
+/// items without indent, `","` and `": "` with it; strings escaped as JSON requires (no `\/`, no
+/// HTML escaping).
+fn py_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
+    let (open_sep, item_sep) = match indent {
+        Some(_) => (true, ","),
+        None => (false, ", "),
+    };
+    let newline = |out: &mut String, d: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * d));
+        }
+    };
+    match v {
+        Json::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                if open_sep {
+                    newline(out, depth + 1);
+                }
+                py_json(x, indent, depth + 1, out);
+            }
+            if open_sep {
+                newline(out, depth);
+            }
+            out.push(']');
+        }
+        Json::Object(o) if !o.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                if open_sep {
+                    newline(out, depth + 1);
+                }
+                out.push_str(&Json::String(k.clone()).to_string());
+                out.push_str(": ");
+                py_json(x, indent, depth + 1, out);
+            }
+            if open_sep {
+                newline(out, depth);
+            }
+            out.push('}');
+        }
+        Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Json::Null => out.push_str("null"),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    for k in ["ensure_ascii", "separators", "sort_keys"] {
+        let _: Option<Value> = kwargs.get(k)?;
+    }
+    kwargs.assert_all_used()?;
+    let j = serde_json::to_value(&v).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: cannot encode: {e}"),
+        )
+    })?;
+    let mut s = String::new();
+    py_json(&j, indent, 0, &mut s);
+    Ok(Value::from_safe_string(s))
+}
+
+impl ChatTemplate {
+    /// Compiles `source` (a Jinja template); `special` maps names such as `eos_token` to their
+    /// strings; `origin` names the file in errors.
+    pub fn new(source: &str, special: BTreeMap<String, String>, origin: PathBuf) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .expect("default delimiters"),
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| cfg_err(&origin, "chat_template", format!("does not compile: {e:#}")))?;
+        Ok(Self {
+            env,
+            origin,
+            special,
+        })
+    }
+
+    /// The template of a model directory: `chat_template.jinja` if present, else
+    /// `tokenizer_config.json`'s `chat_template` (a string, or a list of `{name, template}` of
+    /// which `default` is used). `None` when the directory has neither.
+    pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
+        let dir = dir.as_ref();
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg = if cfg_path.exists() {
+            read_json(&cfg_path)?
+        } else {
+            Json::Null
+        };
+        let special: BTreeMap<String, String> = SPECIAL
+            .iter()
+            .filter_map(|k| Some((k.to_string(), token_string(cfg.get(*k)?)?)))
+            .collect();
+        let file = dir.join("chat_template.jinja");
+        if file.exists() {
+            let src = std::fs::read_to_string(&file).map_err(crate::error::io_err(&file))?;
+            return Self::new(&src, special, file).map(Some);
+        }
+        let src = match cfg.get("chat_template") {
+            None | Some(Json::Null) => return Ok(None),
+            Some(Json::String(s)) => s.clone(),
+            Some(Json::Array(list)) => {
+                let named = |n: &str| {
+                    list.iter()
+                        .find(|t| t.get("name").and_then(Json::as_str) == Some(n))
+                        .and_then(|t| t.get("template")?.as_str().map(String::from))
+                };
+                named("default").ok_or_else(|| {
+                    cfg_err(
+                        &cfg_path,
+                        "chat_template",
+                        "a list of named templates without one named `default`",
+                    )
+                })?
+            }
+            Some(other) => {
+                return Err(cfg_err(
+                    &cfg_path,
+                    "chat_template",
+                    format!("expected a string or a list, got {other}"),
+                ))
+            }
+        };
+        Self::new(&src, special, cfg_path).map(Some)
+    }
+
+    /// Where the template came from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// Renders `messages` (objects with at least `role`; every field is visible to the
+    /// template), ending with the assistant's opening when `add_generation_prompt`.
+    pub fn render(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String> {
+        let t = self.env.get_template("chat").expect("added in new");
+        let mut ctx: BTreeMap<String, Value> = self
+            .special
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
+        ctx.insert(
+            "messages".into(),
+            Value::from(minijinja::value::Serde(messages)),
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        t.render(ctx).map_err(|e| {
+            cfg_err(
+                &self.origin,
+                "chat_template",
+                format!("rendering failed: {}", e.detail().unwrap_or(&e.to_string())),
+            )
+        })
+    }
+}
