@@ -14,7 +14,7 @@
 
 use lora_io::chat::ChatTemplate;
 use lora_io::tokenizer::TextTokenizer;
-use lora_train::batches::{tokenize, Example, IGNORE};
+use lora_train::batches::{tokenize, Example, Sequence, IGNORE};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -28,6 +28,17 @@ fn ids(v: &Value) -> Vec<i64> {
         .iter()
         .map(|x| x.as_i64().unwrap())
         .collect()
+}
+
+/// A sequence's ids and labels as TRL writes them (-100 where no loss is taken).
+fn as_trl(s: &Sequence) -> (Vec<i64>, Vec<i64>) {
+    let ids = s.ids.iter().map(|&x| x as i64).collect();
+    let labels = s
+        .labels
+        .iter()
+        .map(|&l| if l == IGNORE { -100 } else { l })
+        .collect();
+    (ids, labels)
 }
 
 #[test]
@@ -59,12 +70,7 @@ fn tokenize_matches_trl_sft_trainer() {
                 None,
             )
             .unwrap()[0];
-            let ours: Vec<i64> = s.ids.iter().map(|&x| x as i64).collect();
-            let labels: Vec<i64> = s
-                .labels
-                .iter()
-                .map(|&l| if l == IGNORE { -100 } else { l })
-                .collect();
+            let (ours, labels) = as_trl(s);
             if e["boundary_merge"].as_bool() == Some(true) {
                 // The prompt as inference sees it, then the completion and EOS as targets.
                 let Example::PromptCompletion { prompt, .. } = &ex else {
@@ -127,12 +133,7 @@ fn chat_templates_match_transformers_and_trl() {
                 "{what}"
             );
             let s = &tokenize(&tok, &[ex], 4096, false, Some(0), Some(&t)).unwrap()[0];
-            let ours: Vec<i64> = s.ids.iter().map(|&x| x as i64).collect();
-            let labels: Vec<i64> = s
-                .labels
-                .iter()
-                .map(|&l| if l == IGNORE { -100 } else { l })
-                .collect();
+            let (ours, labels) = as_trl(s);
             assert_eq!(ours, ids(&e["input_ids"]), "ids, {what}");
             assert_eq!(labels, ids(&e["labels"]), "labels, {what}");
             checked += 1;
