@@ -27,6 +27,8 @@ pub struct GenerateRun {
     pub model: PathBuf,
     pub adapter: Option<PathBuf>,
     pub prompt: String,
+    /// `prompt` is a user message for the chat template; print the reply only.
+    pub chat: bool,
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
@@ -112,7 +114,19 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
 
 pub fn run_generate(r: &GenerateRun) -> Result<()> {
     let (md, model, tok) = load(&r.model, r.adapter.as_deref())?;
-    let prompt = tok.encode(&r.prompt)?;
+    let prompt = if r.chat {
+        let t = lora_io::chat::ChatTemplate::from_model_dir(&r.model)?.with_context(|| {
+            format!(
+                "--chat: {} has no chat template (chat_template.jinja or tokenizer_config.json \
+                 `chat_template`)",
+                r.model.display()
+            )
+        })?;
+        let msg = serde_json::json!({"role": "user", "content": r.prompt});
+        tok.encode_plain(&t.render(&[msg], true)?)?
+    } else {
+        tok.encode(&r.prompt)?
+    };
     let cfg = GenerateConfig {
         max_new_tokens: r.max_new_tokens,
         temperature: r.temperature,
@@ -122,7 +136,12 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
         adapters: true,
     };
     let ids = generate(model.as_ref(), &prompt, &cfg)?;
-    outln!("{}", tok.decode(&ids)?);
+    let shown = if r.chat {
+        &ids[prompt.len()..]
+    } else {
+        &ids[..]
+    };
+    outln!("{}", tok.decode(shown)?);
     Ok(())
 }
 

@@ -329,9 +329,13 @@ struct EvalArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The text to continue.
+    /// The text to continue (with --chat: the user's message).
     #[arg(long)]
     prompt: String,
+    /// Send --prompt as a user message through the model's chat template (with the assistant's
+    /// opening, as apply_chat_template(add_generation_prompt=True)) and print only the reply.
+    #[arg(long)]
+    chat: bool,
     /// Maximum tokens to add.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -798,6 +802,7 @@ fn run(cli: Cli) -> Result<()> {
             model: a.model.model,
             adapter: a.model.adapter,
             prompt: a.prompt,
+            chat: a.chat,
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
             top_p: a.top_p,

@@ -966,6 +966,27 @@ fn conversations_train_through_the_chat_template() {
         e.contains("conversations") && e.contains("no chat template"),
         "{e}"
     );
+    let chat = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "red?",
+            "--chat",
+            "--max-new-tokens",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        lora(&args)
+    };
+    let g = chat(&[]);
+    assert!(!g.status.success());
+    let e = String::from_utf8_lossy(&g.stderr);
+    assert!(
+        e.contains("--chat") && e.contains("no chat template"),
+        "{e}"
+    );
     std::fs::write(
         model.join("chat_template.jinja"),
         "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %}\
@@ -994,6 +1015,15 @@ fn conversations_train_through_the_chat_template() {
     assert!(
         (ev["loss"].as_f64().unwrap() - after).abs() <= 1e-9 * after,
         "lora eval {ev} vs the run's {after}"
+    );
+    // --chat renders the message with the generation prompt and prints only the reply (the
+    // tiny random model's reply is noise, but not the prompt echoed).
+    let g = chat(&["--adapter", &out]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let reply = String::from_utf8_lossy(&g.stdout);
+    assert!(
+        !reply.contains("<user>") && !reply.contains("red?"),
+        "{reply}"
     );
     let _ = std::fs::remove_dir_all(&t);
 }
