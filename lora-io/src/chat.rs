@@ -231,6 +231,9 @@ impl ChatTemplate {
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
         );
+        // transformers passes these as None when absent: `tools is not none` must be false.
+        ctx.insert("tools".into(), Value::from(()));
+        ctx.insert("documents".into(), Value::from(()));
         t.render(ctx).map_err(|e| {
             cfg_err(
                 &self.origin,

@@ -36,6 +36,15 @@ fn template_sources_and_special_tokens() {
     let t = ChatTemplate::from_model_dir(&d).unwrap().unwrap();
     assert_eq!(t.render(&msgs(), false).unwrap(), "<s>|hi|</s>");
     assert_eq!(t.origin(), cfg.as_path());
+    // `tools` and `documents` are None, as transformers passes them (an undefined variable
+    // would pass `is not none`).
+    std::fs::write(
+        &cfg,
+        json!({"chat_template": "{{ tools is not none }}{{ documents is none }}"}).to_string(),
+    )
+    .unwrap();
+    let t = ChatTemplate::from_model_dir(&d).unwrap().unwrap();
+    assert_eq!(t.render(&msgs(), false).unwrap(), "FalseTrue");
     // A list of named templates: `default` is used.
     std::fs::write(
         &cfg,
