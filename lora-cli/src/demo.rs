@@ -214,6 +214,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         max_grad_norm: Some(1.0),
         pack: false,
         eos: true,
+        assistant_only_loss: false,
         seed: 0,
         eval_data: Some(eval.clone()),
         eval_split: 0.0,

@@ -17,6 +17,8 @@ pub struct EvalRun {
     pub seq_len: Option<usize>,
     /// Append the training EOS to each text and completion.
     pub eos: bool,
+    /// Score the assistant's turns only.
+    pub assistant_only_loss: bool,
     pub json: bool,
     /// Where the forward passes run.
     pub device: lora_core::Device,
@@ -86,9 +88,12 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
         model.as_ref(),
         &tok,
         &examples,
-        seq_len,
-        eos,
-        chat.as_ref(),
+        &lora_train::batches::TokenizeOptions {
+            eos,
+            chat: chat.as_ref(),
+            assistant_only: r.assistant_only_loss,
+            ..lora_train::batches::TokenizeOptions::new(seq_len)
+        },
         true,
     )
     .with_context(|| format!("evaluating {}", r.data.display()))?;

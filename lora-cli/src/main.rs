@@ -240,6 +240,11 @@ struct TrainArgs {
     /// stops (tokenizer_config.json's eos_token, else config.json's eos_token_id).
     #[arg(long)]
     no_eos: bool,
+    /// In conversations (`messages` data), take the loss on the assistant's turns only: their
+    /// content and end-of-turn marker as the chat template writes them, not the system or user
+    /// turns or the role headers.
+    #[arg(long)]
+    assistant_only_loss: bool,
     /// Activation checkpointing: keep only each transformer block's input and recompute the
     /// block during backward. Much less activation memory (long sequences, big models) for about
     /// a third more compute; the same training up to f32 rounding.
@@ -317,6 +322,10 @@ struct EvalArgs {
     /// loss transformers computes on the text as tokenized.
     #[arg(long)]
     eos: bool,
+    /// In conversations, score the assistant's turns only (as `lora train
+    /// --assistant-only-loss`).
+    #[arg(long)]
+    assistant_only_loss: bool,
     /// cpu, cuda, cuda:N or auto (as for train): where the forward passes run.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -701,6 +710,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_grad_norm: (a.max_grad_norm != 0.0).then_some(a.max_grad_norm),
                 pack: a.pack,
                 eos: !a.no_eos,
+                assistant_only_loss: a.assistant_only_loss,
                 seed: a.seed,
                 eval_data: a.eval_data,
                 eval_split: a.eval_split,
@@ -724,6 +734,7 @@ fn run(cli: Cli) -> Result<()> {
                 data: a.data,
                 seq_len: a.seq_len,
                 eos: a.eos,
+                assistant_only_loss: a.assistant_only_loss,
                 json: a.json,
                 device,
             })

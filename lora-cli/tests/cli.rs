@@ -993,29 +993,41 @@ fn conversations_train_through_the_chat_template() {
          {% if add_generation_prompt %}<assistant>{% endif %}",
     )
     .unwrap();
-    let r = train(&["--eval-data", &d]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
-    assert_eq!(v["steps"], 2);
-    let e = lora(&[
-        "eval",
-        "--model",
-        &m,
-        "--adapter",
-        &out,
-        "--data",
-        &d,
-        "--seq-len",
-        "32",
-        "--json",
-    ]);
-    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
-    let ev: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
-    let after = v["eval_loss_after"].as_f64().unwrap();
-    assert!(
-        (ev["loss"].as_f64().unwrap() - after).abs() <= 1e-9 * after,
-        "lora eval {ev} vs the run's {after}"
-    );
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            &m,
+            "--adapter",
+            &out,
+            "--data",
+            &d,
+            "--seq-len",
+            "32",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let e = lora(&args);
+        assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+        serde_json::from_slice::<serde_json::Value>(&e.stdout).unwrap()
+    };
+    // Without and with --assistant-only-loss: `lora eval` with the same flag reproduces the
+    // run's held-out loss, and scores fewer tokens with it (no user turns, no role headers).
+    let mut counted = Vec::new();
+    for flag in [&[][..], &["--assistant-only-loss"][..]] {
+        let r = train(&[&["--eval-data", &d][..], flag].concat());
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert_eq!(v["steps"], 2);
+        let ev = eval(flag);
+        let after = v["eval_loss_after"].as_f64().unwrap();
+        assert!(
+            (ev["loss"].as_f64().unwrap() - after).abs() <= 1e-9 * after,
+            "lora eval {ev} vs the run's {after} ({flag:?})"
+        );
+        counted.push(ev["tokens"].as_u64().unwrap());
+    }
+    assert!(counted[1] < counted[0], "{counted:?}");
     // --chat renders the message with the generation prompt and prints only the reply (the
     // tiny random model's reply is noise, but not the prompt echoed).
     let g = chat(&["--adapter", &out]);

@@ -57,6 +57,18 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// [`encode_plain`](Self::encode_plain) with each token's byte range in `text`.
+    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| IoError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Text of `ids` (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

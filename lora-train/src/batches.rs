@@ -21,6 +21,34 @@ pub struct Sequence {
     pub labels: Vec<i64>,
 }
 
+/// How [`tokenize`] turns examples into sequences.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenizeOptions<'a> {
+    /// Truncate each sequence to this many tokens (unless `pack`: packing cuts blocks later).
+    pub seq_len: usize,
+    /// Leave sequences whole for [`pack`].
+    pub pack: bool,
+    /// End every text and completion with this token, as a target (see [`tokenize`]).
+    pub eos: Option<u32>,
+    /// The model's chat template, for conversations.
+    pub chat: Option<&'a ChatTemplate>,
+    /// In conversations, take the loss on the assistant's turns only.
+    pub assistant_only: bool,
+}
+
+impl TokenizeOptions<'_> {
+    /// Truncation at `seq_len`, nothing else.
+    pub fn new(seq_len: usize) -> Self {
+        Self {
+            seq_len,
+            pack: false,
+            eos: None,
+            chat: None,
+            assistant_only: false,
+        }
+    }
+}
+
 /// Tokenizes examples (the tokenizer's special tokens on the text or prompt; none added inside a
 /// completion), truncating each to `seq_len` unless `pack` (packing cuts blocks later).
 ///
@@ -34,41 +62,57 @@ pub struct Sequence {
 /// end-of-turn tokens, so no EOS is appended (as in TRL). A conversational prompt/completion
 /// takes its labels from where the tokenized prompt (with the generation prompt) and the
 /// tokenized whole conversation stop agreeing, as TRL does.
+///
+/// With `assistant_only`, a conversation's targets are further limited to its assistant turns:
+/// turn `i` is the text the template adds between rendering messages `..i` with the generation
+/// prompt and rendering messages `..=i` (its content and end-of-turn marker, not the role
+/// header), mapped to the tokens that overlap it. A template whose renderings are not prefixes of
+/// each other cannot be split this way and is an error.
 pub fn tokenize(
     tok: &TextTokenizer,
     examples: &[Example],
-    seq_len: usize,
-    pack: bool,
-    eos: Option<u32>,
-    chat: Option<&ChatTemplate>,
+    opts: &TokenizeOptions,
 ) -> Result<Vec<Sequence>> {
     let mut out = Vec::with_capacity(examples.len());
     for (i, e) in examples.iter().enumerate() {
+        let data_err = |reason: String| crate::TrainError::Data {
+            path: "chat_template".into(),
+            reason: format!("example {}: {reason}", i + 1),
+        };
         let template = || {
-            chat.ok_or_else(|| crate::TrainError::Data {
-                path: "chat_template".into(),
-                reason: format!(
-                    "example {}: a conversation, but the model has no chat template \
-                     (chat_template.jinja or tokenizer_config.json `chat_template`)",
-                    i + 1
-                ),
+            opts.chat.ok_or_else(|| {
+                data_err(
+                    "a conversation, but the model has no chat template (chat_template.jinja or \
+                     tokenizer_config.json `chat_template`)"
+                        .into(),
+                )
             })
         };
-        let (mut ids, prompt_len, end) = match e {
-            Example::Text(t) => (tok.encode(t)?, 0, eos),
+        let (mut ids, prompt_len, end, mask) = match e {
+            Example::Text(t) => (tok.encode(t)?, 0, opts.eos, None),
             Example::PromptCompletion { prompt, completion } => {
                 let p = tok.encode(prompt)?;
                 let n = p.len();
-                ([p, tok.encode_plain(completion)?].concat(), n, eos)
+                (
+                    [p, tok.encode_plain(completion)?].concat(),
+                    n,
+                    opts.eos,
+                    None,
+                )
             }
-            Example::Messages(m) => (tok.encode_plain(&template()?.render(m, false)?)?, 0, None),
+            Example::Messages(m) => {
+                let (ids, mask) =
+                    render_chat(tok, template()?, m, opts.assistant_only).map_err(data_err)?;
+                (ids, 0, None, mask)
+            }
             Example::ChatPromptCompletion { prompt, completion } => {
                 let t = template()?;
                 let p = tok.encode_plain(&t.render(prompt, true)?)?;
                 let all: Vec<_> = prompt.iter().chain(completion).cloned().collect();
-                let ids = tok.encode_plain(&t.render(&all, false)?)?;
+                let (ids, mask) =
+                    render_chat(tok, t, &all, opts.assistant_only).map_err(data_err)?;
                 let n = p.iter().zip(&ids).take_while(|(a, b)| a == b).count();
-                (ids, n, None)
+                (ids, n, None, mask)
             }
         };
         if let Some(id) = end {
@@ -79,16 +123,67 @@ pub fn tokenize(
         let labels = ids
             .iter()
             .enumerate()
-            .map(|(i, &x)| if i < prompt_len { IGNORE } else { x as i64 })
+            .map(|(i, &x)| {
+                let in_turn = match &mask {
+                    Some(m) => m[i],
+                    None => true,
+                };
+                if i >= prompt_len && in_turn {
+                    x as i64
+                } else {
+                    IGNORE
+                }
+            })
             .collect();
         let mut s = Sequence { ids, labels };
-        if !pack {
-            s.ids.truncate(seq_len);
-            s.labels.truncate(seq_len);
+        if !opts.pack {
+            s.ids.truncate(opts.seq_len);
+            s.labels.truncate(opts.seq_len);
         }
         out.push(s);
     }
     Ok(out)
+}
+
+/// A conversation's token ids and, with `assistant_only`, which tokens belong to an assistant
+/// turn. The error is the reason, for the caller to put beside the example's number.
+fn render_chat(
+    tok: &TextTokenizer,
+    t: &ChatTemplate,
+    messages: &[serde_json::Value],
+    assistant_only: bool,
+) -> std::result::Result<(Vec<u32>, Option<Vec<bool>>), String> {
+    let text = |m: &[serde_json::Value], gen: bool| t.render(m, gen).map_err(|e| e.to_string());
+    let full = text(messages, false)?;
+    if !assistant_only {
+        let ids = tok.encode_plain(&full).map_err(|e| e.to_string())?;
+        return Ok((ids, None));
+    }
+    let (ids, offsets) = tok
+        .encode_plain_with_offsets(&full)
+        .map_err(|e| e.to_string())?;
+    let mut mask = vec![false; ids.len()];
+    for (j, m) in messages.iter().enumerate() {
+        if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
+            continue;
+        }
+        let before = text(&messages[..j], true)?;
+        let upto = text(&messages[..=j], false)?;
+        if !upto.starts_with(&before) || !full.starts_with(&upto) {
+            return Err(format!(
+                "--assistant-only-loss: the chat template does not render message {} as an \
+                 extension of the messages before it, so its assistant turn cannot be located",
+                j + 1
+            ));
+        }
+        let (a, b) = (before.len(), upto.len());
+        for (k, &(s, e)) in offsets.iter().enumerate() {
+            if s < b && e > a {
+                mask[k] = true;
+            }
+        }
+    }
+    Ok((ids, Some(mask)))
 }
 
 /// Concatenates sequences and cuts them into blocks of exactly `seq_len` (the remainder is

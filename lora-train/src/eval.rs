@@ -4,7 +4,7 @@
 //! Each text is tokenized with the tokenizer's defaults and truncated to `seq_len`; a text of
 //! fewer than two tokens has nothing to predict and contributes nothing.
 
-use crate::batches::{tokenize, Batch, Example, Sequence};
+use crate::batches::{tokenize, Batch, Example, Sequence, TokenizeOptions};
 use crate::{Result, TrainError};
 use lora_core::models::CausalLm;
 use lora_core::Tape;
@@ -67,31 +67,41 @@ pub fn evaluate(
     adapters: bool,
 ) -> Result<EvalResult> {
     let examples: Vec<Example> = texts.iter().cloned().map(Example::Text).collect();
-    evaluate_examples(model, tok, &examples, seq_len, None, None, adapters)
+    evaluate_examples(
+        model,
+        tok,
+        &examples,
+        &TokenizeOptions::new(seq_len),
+        adapters,
+    )
 }
 
-/// [`evaluate`] over any examples, tokenized as training tokenizes them: a prompt/completion
-/// pair counts its completion tokens only, `eos` (see
-/// [`lora_io::hf::ModelDir::training_eos`]) ends each text and completion, and conversations
-/// are rendered with `chat`. With the run's
-/// `seq_len` and EOS this is the held-out loss `lora train` reports.
+/// [`evaluate`] over any examples, tokenized as training tokenizes them with `opts` (a
+/// prompt/completion pair counts its completion tokens only, `opts.eos` ends each text and
+/// completion, conversations are rendered with `opts.chat`): with the run's options this is the
+/// held-out loss `lora train` reports.
 pub fn evaluate_examples(
     model: &dyn CausalLm,
     tok: &TextTokenizer,
     examples: &[Example],
-    seq_len: usize,
-    eos: Option<u32>,
-    chat: Option<&lora_io::chat::ChatTemplate>,
+    opts: &TokenizeOptions,
     adapters: bool,
 ) -> Result<EvalResult> {
-    if seq_len < 2 {
+    if opts.seq_len < 2 {
         return Err(lora_core::CoreError::InvalidConfig {
             field: "seq_len",
-            reason: format!("must be at least 2, got {seq_len}"),
+            reason: format!("must be at least 2, got {}", opts.seq_len),
         }
         .into());
     }
-    let seqs = tokenize(tok, examples, seq_len, false, eos, chat)?;
+    let seqs = tokenize(
+        tok,
+        examples,
+        &TokenizeOptions {
+            pack: false,
+            ..*opts
+        },
+    )?;
     eval_sequences(model, &seqs, adapters)?.ok_or_else(|| TrainError::Data {
         path: "<data>".into(),
         reason: "no example has a token to predict".into(),

@@ -4,7 +4,7 @@
 //! (`config.json`, `model.safetensors`, `tokenizer.json`) that `lora train` (and transformers)
 //! load like any checkpoint. This is how the built-in demo's base model is made.
 
-use crate::batches::{pack, read_examples, tokenize, Batch, Sampler};
+use crate::batches::{pack, read_examples, tokenize, Batch, Sampler, TokenizeOptions};
 use crate::optim::{lr_factor, AdamW, Optimizer, ParamGroup, Schedule};
 use crate::trainer::train_step;
 use crate::{Result, TrainError};
@@ -179,7 +179,14 @@ pub fn pretrain(
     // `<|endoftext|>`, which already separates packed texts (and the committed base stays
     // reproducible by its documented command).
     let seqs = pack(
-        &tokenize(&tok, &examples, cfg.seq_len, true, None, None)?,
+        &tokenize(
+            &tok,
+            &examples,
+            &TokenizeOptions {
+                pack: true,
+                ..TokenizeOptions::new(cfg.seq_len)
+            },
+        )?,
         cfg.seq_len,
     );
     if seqs.is_empty() {

@@ -14,7 +14,7 @@
 //! moments, the step (which drives the schedule and dropout seeds) and the sampler position,
 //! so a resumed run ends with the same adapter as an uninterrupted one.
 
-use crate::batches::{pack, read_examples, tokenize, Batch, Sampler};
+use crate::batches::{pack, read_examples, tokenize, Batch, Sampler, TokenizeOptions};
 use crate::eval::eval_sequences;
 use crate::optim::{lr_factor, AdamW, Optimizer, OptimizerState, Schedule, Sgd};
 use crate::trainer::{adapter_groups, train_step};
@@ -81,6 +81,9 @@ pub struct TrainConfig {
     /// `SFTTrainer` default; see [`ModelDir::training_eos`]). Without it a model trained on
     /// prompt/completion pairs never learns to stop.
     pub eos: bool,
+    /// In conversations, take the loss on the assistant's turns only (see
+    /// [`crate::batches::tokenize`]).
+    pub assistant_only_loss: bool,
     /// Seed for init, shuffling, dropout.
     pub seed: u64,
     /// Held-out data file.
@@ -111,7 +114,7 @@ impl TrainConfig {
             "dropout": self.dropout, "rslora": self.rslora, "lr": self.lr, "loraplus_ratio": self.loraplus_ratio,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs,
             "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": self.weight_decay,
-            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "eos": self.eos, "seed": self.seed,
+            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "eos": self.eos, "assistant_only_loss": self.assistant_only_loss, "seed": self.seed,
             "eval_data": self.eval_data, "eval_split": self.eval_split,
         })
     }
@@ -223,12 +226,14 @@ impl TrainConfig {
 }
 
 /// The settings that differ between a checkpoint's config and this run's, as
-/// `key: checkpoint VALUE, now VALUE`. A checkpoint written before `eos` existed trained without
-/// an EOS, so a missing `eos` reads as `false`.
+/// `key: checkpoint VALUE, now VALUE`. A checkpoint written before `eos` or
+/// `assistant_only_loss` existed trained without them, so a missing key reads as `false`.
 fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
     let mut saved = saved.clone();
     if let Some(m) = saved.as_object_mut() {
-        m.entry("eos").or_insert(Value::Bool(false));
+        for k in ["eos", "assistant_only_loss"] {
+            m.entry(k).or_insert(Value::Bool(false));
+        }
     }
     let empty = serde_json::Map::new();
     let (a, b) = (
@@ -387,7 +392,7 @@ fn save_checkpoint(
                 ))
             })
             .collect();
-        all.sort_by(|a, b| b.0.cmp(&a.0));
+        all.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (_, p) in all.into_iter().skip(cfg.keep_checkpoints) {
             let _ = std::fs::remove_dir_all(p);
         }
@@ -531,7 +536,17 @@ pub fn train_until(
     } else {
         None
     };
-    let mut train_seqs = tokenize(&tok, &examples, cfg.seq_len, cfg.pack, eos, chat.as_ref())?;
+    let mut train_seqs = tokenize(
+        &tok,
+        &examples,
+        &TokenizeOptions {
+            pack: cfg.pack,
+            eos,
+            chat: chat.as_ref(),
+            assistant_only: cfg.assistant_only_loss,
+            ..TokenizeOptions::new(cfg.seq_len)
+        },
+    )?;
     if cfg.pack {
         train_seqs = pack(&train_seqs, cfg.seq_len);
     }
@@ -545,7 +560,16 @@ pub fn train_until(
             ),
         ));
     }
-    let eval_seqs = tokenize(&tok, &eval_examples, cfg.seq_len, false, eos, chat.as_ref())?;
+    let eval_seqs = tokenize(
+        &tok,
+        &eval_examples,
+        &TokenizeOptions {
+            eos,
+            chat: chat.as_ref(),
+            assistant_only: cfg.assistant_only_loss,
+            ..TokenizeOptions::new(cfg.seq_len)
+        },
+    )?;
     let total_steps = match cfg.epochs {
         Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64)
             .ceil() as usize)

@@ -40,6 +40,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         max_grad_norm: Some(1.0),
         pack: false,
         eos: true,
+        assistant_only_loss: false,
         seed: 11,
         eval_data: None,
         eval_split: 0.25,

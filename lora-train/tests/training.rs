@@ -6,7 +6,7 @@ use lora_core::models::CausalLm;
 use lora_io::hf::ModelDir;
 use lora_io::peft::{inject, PeftConfig};
 use lora_io::tokenizer::TextTokenizer;
-use lora_train::batches::{pack, tokenize, Batch, Example, Sampler, IGNORE};
+use lora_train::batches::{pack, tokenize, Batch, Example, Sampler, TokenizeOptions, IGNORE};
 use lora_train::optim::{AdamW, Optimizer};
 use lora_train::trainer::{adapter_groups, train_step};
 use serde_json::json;
@@ -26,7 +26,7 @@ fn labels_packing_padding_and_sampler() {
         },
         Example::Text("blue dog runs".into()),
     ];
-    let s = tokenize(&tok, &ex, 64, false, None, None).unwrap();
+    let s = tokenize(&tok, &ex, &TokenizeOptions::new(64)).unwrap();
     let p = tok.encode("red cat").unwrap();
     assert_eq!(p[0], 0, "the llama fixture's tokenizer adds a BOS");
     assert!(s[0].labels[..p.len()].iter().all(|&l| l == IGNORE));
@@ -95,8 +95,16 @@ fn eos_ends_texts_and_completions() {
             completion: String::new(),
         },
     ];
-    let plain = tokenize(&tok, &ex, 64, false, None, None).unwrap();
-    let s = tokenize(&tok, &ex, 64, false, Some(eos), None).unwrap();
+    let plain = tokenize(&tok, &ex, &TokenizeOptions::new(64)).unwrap();
+    let s = tokenize(
+        &tok,
+        &ex,
+        &TokenizeOptions {
+            eos: Some(eos),
+            ..TokenizeOptions::new(64)
+        },
+    )
+    .unwrap();
     for (a, b) in plain.iter().zip(&s) {
         assert_eq!(b.ids.len(), a.ids.len() + 1);
         assert_eq!(&b.ids[..a.ids.len()], &a.ids[..]);
@@ -112,18 +120,43 @@ fn eos_ends_texts_and_completions() {
         prompt: "red cat".into(),
         completion: " sings\"".into(),
     }];
-    let done = tokenize(&tok, &ends, 64, false, None, None).unwrap();
+    let done = tokenize(&tok, &ends, &TokenizeOptions::new(64)).unwrap();
     assert_eq!(done[0].ids.last(), Some(&eos));
     assert_eq!(
-        tokenize(&tok, &ends, 64, false, Some(eos), None).unwrap(),
+        tokenize(
+            &tok,
+            &ends,
+            &TokenizeOptions {
+                eos: Some(eos),
+                ..TokenizeOptions::new(64)
+            }
+        )
+        .unwrap(),
         done
     );
     // Truncation cuts the end, EOS included.
-    let cut = tokenize(&tok, &ex[1..2], 2, false, Some(eos), None).unwrap();
+    let cut = tokenize(
+        &tok,
+        &ex[1..2],
+        &TokenizeOptions {
+            eos: Some(eos),
+            ..TokenizeOptions::new(2)
+        },
+    )
+    .unwrap();
     assert_eq!(cut[0].ids, s[1].ids[..2].to_vec());
     // Packed examples keep the boundary.
     let packed = pack(
-        &tokenize(&tok, &ex[..2], 64, true, Some(eos), None).unwrap(),
+        &tokenize(
+            &tok,
+            &ex[..2],
+            &TokenizeOptions {
+                pack: true,
+                eos: Some(eos),
+                ..TokenizeOptions::new(64)
+            },
+        )
+        .unwrap(),
         1,
     );
     let flat: Vec<u32> = packed.iter().map(|q| q.ids[0]).collect();
@@ -177,7 +210,7 @@ fn train(dir: &Path, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>, Box<dyn CausalLm
     .iter()
     .map(|t| Example::Text(t.to_string()))
     .collect();
-    let seqs = tokenize(&tok, &text, 16, false, None, None).unwrap();
+    let seqs = tokenize(&tok, &text, &TokenizeOptions::new(16)).unwrap();
     let groups = adapter_groups(model.as_ref(), 4.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     let mut sampler = Sampler::new(seqs.len(), 1);

@@ -14,7 +14,7 @@
 
 use lora_io::chat::ChatTemplate;
 use lora_io::tokenizer::TextTokenizer;
-use lora_train::batches::{tokenize, Example, Sequence, IGNORE};
+use lora_train::batches::{tokenize, Example, Sequence, TokenizeOptions, IGNORE};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -64,10 +64,10 @@ fn tokenize_matches_trl_sft_trainer() {
             let s = &tokenize(
                 &tok,
                 std::slice::from_ref(&ex),
-                4096,
-                false,
-                Some(eos),
-                None,
+                &TokenizeOptions {
+                    eos: Some(eos),
+                    ..TokenizeOptions::new(4096)
+                },
             )
             .unwrap()[0];
             let (ours, labels) = as_trl(s);
@@ -132,7 +132,16 @@ fn chat_templates_match_transformers_and_trl() {
                 e["rendered"].as_str().unwrap(),
                 "{what}"
             );
-            let s = &tokenize(&tok, &[ex], 4096, false, Some(0), Some(&t)).unwrap()[0];
+            let s = &tokenize(
+                &tok,
+                &[ex],
+                &TokenizeOptions {
+                    eos: Some(0),
+                    chat: Some(&t),
+                    ..TokenizeOptions::new(4096)
+                },
+            )
+            .unwrap()[0];
             let (ours, labels) = as_trl(s);
             assert_eq!(ours, ids(&e["input_ids"]), "ids, {what}");
             assert_eq!(labels, ids(&e["labels"]), "labels, {what}");
@@ -173,8 +182,93 @@ fn chat_errors_are_named() {
         "{e}"
     );
     let tok = TextTokenizer::from_model_dir(root().join("parity/gpt2/model")).unwrap();
-    let e = tokenize(&tok, &[Example::Messages(two_users)], 64, false, None, None)
-        .unwrap_err()
-        .to_string();
+    let e = tokenize(
+        &tok,
+        &[Example::Messages(two_users)],
+        &TokenizeOptions::new(64),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("no chat template"), "{e}");
+}
+
+/// `assistant_only`: the targets are exactly the assistant turns' content and end-of-turn marker
+/// as the ChatML-style fixture template writes them (known from the format, not recomputed), in
+/// a multi-turn conversation and in its prompt/completion form; a template whose renderings do
+/// not extend each other is refused.
+#[test]
+fn assistant_only_targets_are_the_assistant_turns() {
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("trl/reference.json")).unwrap())
+            .unwrap();
+    let c = &r["chat"][0];
+    assert_eq!(c["template_name"], "chatml");
+    let t = ChatTemplate::new(
+        c["template"].as_str().unwrap(),
+        Default::default(),
+        "f".into(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::from_model_dir(root().join("parity/llama_gqa/model")).unwrap();
+    let conv = c["examples"][1]["messages"].as_array().unwrap().clone();
+    let opts = TokenizeOptions {
+        chat: Some(&t),
+        assistant_only: true,
+        ..TokenizeOptions::new(4096)
+    };
+    // The decoded runs of consecutive targets.
+    let runs = |s: &Sequence| -> Vec<String> {
+        let mut out: Vec<Vec<u32>> = Vec::new();
+        let mut prev = false;
+        for (&id, &l) in s.ids.iter().zip(&s.labels) {
+            let on = l != IGNORE;
+            if on && !prev {
+                out.push(Vec::new());
+            }
+            if on {
+                out.last_mut().unwrap().push(id);
+            }
+            prev = on;
+        }
+        out.iter().map(|ids| tok.decode(ids).unwrap()).collect()
+    };
+    let s = &tokenize(&tok, &[Example::Messages(conv.clone())], &opts).unwrap()[0];
+    assert_eq!(runs(s), ["one two<|im_end|>\n", "three<|im_end|>\n"]);
+    let all = &tokenize(
+        &tok,
+        &[Example::Messages(conv.clone())],
+        &TokenizeOptions {
+            assistant_only: false,
+            ..opts
+        },
+    )
+    .unwrap()[0];
+    assert_eq!(s.ids, all.ids, "the same tokens, fewer targets");
+    let pc = Example::ChatPromptCompletion {
+        prompt: conv[..3].to_vec(),
+        completion: conv[3..].to_vec(),
+    };
+    let s = &tokenize(&tok, &[pc], &opts).unwrap()[0];
+    assert_eq!(runs(s), ["three<|im_end|>\n"]);
+    // A template that numbers the conversation up front renders `..i` and `..=i` differently.
+    let bad = ChatTemplate::new(
+        "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}",
+        Default::default(),
+        "bad".into(),
+    )
+    .unwrap();
+    let e = tokenize(
+        &tok,
+        &[Example::Messages(conv)],
+        &TokenizeOptions {
+            chat: Some(&bad),
+            ..opts
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("example 1") && e.contains("--assistant-only-loss"),
+        "{e}"
+    );
 }
