@@ -235,10 +235,20 @@ impl ChatTemplate {
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
         t.render(ctx).map_err(|e| {
+            let defined: Vec<&str> = self.special.keys().map(String::as_str).collect();
             cfg_err(
                 &self.origin,
                 "chat_template",
-                format!("rendering failed: {}", e.detail().unwrap_or(&e.to_string())),
+                format!(
+                    "rendering failed: {} (special tokens given to the template, from \
+                     tokenizer_config.json: {})",
+                    e.detail().unwrap_or(&e.to_string()),
+                    if defined.is_empty() {
+                        "none".to_string()
+                    } else {
+                        defined.join(", ")
+                    }
+                ),
             )
         })
     }

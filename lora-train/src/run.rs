@@ -252,6 +252,22 @@ fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A tokenization error about one example, re-addressed to the data file it came from (its
+/// number counts the examples left after the held-out split when `split`).
+fn in_file(e: TrainError, file: &Path, split: bool) -> TrainError {
+    match e {
+        TrainError::Data { reason, .. } => err(
+            file,
+            if split {
+                format!("{reason} (examples numbered after the --eval-split hold-out)")
+            } else {
+                reason
+            },
+        ),
+        e => e,
+    }
+}
+
 /// One line of progress.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepLog {
@@ -546,7 +562,14 @@ pub fn train_until(
             assistant_only: cfg.assistant_only_loss,
             ..TokenizeOptions::new(cfg.seq_len)
         },
-    )?;
+    )
+    .map_err(|e| {
+        in_file(
+            e,
+            &cfg.data,
+            cfg.eval_data.is_none() && cfg.eval_split > 0.0,
+        )
+    })?;
     if cfg.pack {
         train_seqs = pack(&train_seqs, cfg.seq_len);
     }
@@ -569,7 +592,11 @@ pub fn train_until(
             assistant_only: cfg.assistant_only_loss,
             ..TokenizeOptions::new(cfg.seq_len)
         },
-    )?;
+    )
+    .map_err(|e| match &cfg.eval_data {
+        Some(p) => in_file(e, p, false),
+        None => in_file(e, &cfg.data, true),
+    })?;
     let total_steps = match cfg.epochs {
         Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64)
             .ceil() as usize)
