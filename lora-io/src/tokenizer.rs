@@ -33,39 +33,30 @@ impl TextTokenizer {
         Self::open(dir.as_ref().join("tokenizer.json"))
     }
 
-    /// Token ids of `text`, with the special tokens the file's post-processor adds.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
+    fn encoding(&self, text: &str, special: bool) -> Result<tokenizers::Encoding> {
+        self.inner
+            .encode(text, special)
             .map_err(|e| IoError::Tokenizer {
                 path: self.path.clone(),
                 reason: e.to_string(),
-            })?;
-        Ok(enc.get_ids().to_vec())
+            })
+    }
+
+    /// Token ids of `text`, with the special tokens the file's post-processor adds.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encoding(text, true)?.get_ids().to_vec())
     }
 
     /// Token ids of `text` without any special tokens (for pieces appended to an encoded text).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| IoError::Tokenizer {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.encoding(text, false)?.get_ids().to_vec())
     }
 
-    /// [`encode_plain`](Self::encode_plain) with each token's byte range in `text`.
+    /// [`encode_plain`](Self::encode_plain) with each token's byte range in `text` (as the
+    /// tokenizer reports it: a post-processor that trims offsets leaves whitespace-only tokens
+    /// empty, as in transformers).
     pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| IoError::Tokenizer {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })?;
+        let enc = self.encoding(text, false)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
