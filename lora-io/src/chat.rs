@@ -2,8 +2,9 @@
 //! `chat_template` in `tokenizer_config.json`) rendered as transformers' `apply_chat_template`
 //! renders it: blocks trimmed and left-stripped, loop controls, Python string methods
 //! (`.strip()`, `.startswith()`, ... through `minijinja-contrib`'s pycompat), `raise_exception`,
-//! a `tojson` that writes what Python's `json.dumps(ensure_ascii=False)` writes, and the
-//! tokenizer's special tokens (`bos_token`, `eos_token`, ...) as variables.
+//! `strftime_now`, a `tojson` that writes what Python's `json.dumps(ensure_ascii=False)` writes,
+//! `tools`/`documents` = None, and the tokenizer's special tokens (`bos_token`, `eos_token`, ...)
+//! as variables.
 //!
 //! The rendered text is then tokenized without adding special tokens (the template writes them),
 //! as transformers does.
@@ -15,6 +16,8 @@ use minijinja::{Environment, Error, ErrorKind};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 /// Special-token names transformers passes to the template.
 const SPECIAL: [&str; 7] = [
@@ -32,6 +35,84 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     origin: PathBuf,
     special: BTreeMap<String, String>,
+    /// The time `strftime_now` reports, seconds since the Unix epoch (UTC).
+    now: Arc<AtomicI64>,
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+
+/// Python's `time.strftime(fmt)` for the UTC time `secs`, for the codes chat templates use
+/// (`%d %b %Y` and friends); another code is an error naming it.
+pub fn strftime(fmt: &str, secs: i64) -> std::result::Result<String, String> {
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let d = doy_mar - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(m - 1) as usize] + d + i64::from(leap && m > 2);
+    let wday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let (h, mi, sec) = (sod / 3600, sod / 60 % 60, sod % 60);
+    let month = MONTHS[(m - 1) as usize];
+    let mut out = String::new();
+    let mut it = fmt.chars();
+    while let Some(c) = it.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let code = it.next().ok_or("a format ending in `%`")?;
+        out += &match code {
+            'Y' => y.to_string(),
+            'y' => format!("{:02}", y.rem_euclid(100)),
+            'm' => format!("{m:02}"),
+            'd' => format!("{d:02}"),
+            'e' => format!("{d:2}"),
+            'b' | 'h' => month[..3].to_string(),
+            'B' => month.to_string(),
+            'a' => DAYS[wday][..3].to_string(),
+            'A' => DAYS[wday].to_string(),
+            'j' => format!("{yday:03}"),
+            'H' => format!("{h:02}"),
+            'I' => format!("{:02}", (h + 11) % 12 + 1),
+            'p' => (if h < 12 { "AM" } else { "PM" }).to_string(),
+            'M' => format!("{mi:02}"),
+            'S' => format!("{sec:02}"),
+            '%' => "%".to_string(),
+            other => return Err(format!("unsupported format code `%{other}`")),
+        };
+    }
+    Ok(out)
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -152,12 +233,38 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson);
+        // transformers defines `strftime_now(fmt)` as the current local time; here UTC, and
+        // `SOURCE_DATE_EPOCH` (seconds) pins it. A training run records the time it used and a
+        // resumed run renders with it again (`set_now`).
+        let now = Arc::new(AtomicI64::new(
+            std::env::var("SOURCE_DATE_EPOCH")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0)
+                }),
+        ));
+        let clock = now.clone();
+        env.add_function(
+            "strftime_now",
+            move |fmt: String| -> std::result::Result<Value, Error> {
+                strftime(&fmt, clock.load(Ordering::Relaxed))
+                    .map(Value::from)
+                    .map_err(|e| {
+                        Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {e}"))
+                    })
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| cfg_err(&origin, "chat_template", format!("does not compile: {e:#}")))?;
         Ok(Self {
             env,
             origin,
             special,
+            now,
         })
     }
 
@@ -207,6 +314,16 @@ impl ChatTemplate {
             }
         };
         Self::new(&src, special, cfg_path).map(Some)
+    }
+
+    /// The time `strftime_now` reports (seconds since the Unix epoch, UTC).
+    pub fn now(&self) -> i64 {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// Sets the time `strftime_now` reports.
+    pub fn set_now(&self, secs: i64) {
+        self.now.store(secs, Ordering::Relaxed);
     }
 
     /// Where the template came from.

@@ -5,6 +5,9 @@
 use crate::error::{IoError, Result};
 use std::path::{Path, PathBuf};
 
+/// Each token's byte range `(start, end)` in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A loaded tokenizer.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -55,7 +58,7 @@ impl TextTokenizer {
     /// [`encode_plain`](Self::encode_plain) with each token's byte range in `text` (as the
     /// tokenizer reports it: a post-processor that trims offsets leaves whitespace-only tokens
     /// empty, as in transformers).
-    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let enc = self.encoding(text, false)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

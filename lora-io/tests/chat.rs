@@ -109,3 +109,63 @@ fn malformed_templates_are_named() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `strftime_now` formats as Python's `time.strftime(fmt, time.gmtime(secs))`: the expected
+/// strings below were printed by Python 3.11 for these instants (epoch, before it, leap days,
+/// a year's last day, 2100, a noon); an unknown code is an error.
+#[test]
+fn strftime_matches_python() {
+    use lora_io::chat::strftime;
+    let fmt = "%Y-%y-%m-%d|%e|%b %h %B|%a %A|%j|%H %I %p %M %S|%%";
+    for (secs, want) in [
+        (
+            0,
+            "1970-70-01-01| 1|Jan Jan January|Thu Thursday|001|00 12 AM 00 00|%",
+        ),
+        (
+            -1,
+            "1969-69-12-31|31|Dec Dec December|Wed Wednesday|365|23 11 PM 59 59|%",
+        ),
+        (
+            951782400,
+            "2000-00-02-29|29|Feb Feb February|Tue Tuesday|060|00 12 AM 00 00|%",
+        ),
+        (
+            951868799,
+            "2000-00-02-29|29|Feb Feb February|Tue Tuesday|060|23 11 PM 59 59|%",
+        ),
+        (
+            1709251199,
+            "2024-24-02-29|29|Feb Feb February|Thu Thursday|060|23 11 PM 59 59|%",
+        ),
+        (
+            1735689599,
+            "2024-24-12-31|31|Dec Dec December|Tue Tuesday|366|23 11 PM 59 59|%",
+        ),
+        (
+            4102444800,
+            "2100-00-01-01| 1|Jan Jan January|Fri Friday|001|00 12 AM 00 00|%",
+        ),
+        (
+            1234567890,
+            "2009-09-02-13|13|Feb Feb February|Fri Friday|044|23 11 PM 31 30|%",
+        ),
+        (
+            43200,
+            "1970-70-01-01| 1|Jan Jan January|Thu Thursday|001|12 12 PM 00 00|%",
+        ),
+    ] {
+        assert_eq!(strftime(fmt, secs).unwrap(), want, "{secs}");
+    }
+    assert!(strftime("%Q", 0).unwrap_err().contains("%Q"));
+    // In a template, with the time pinned as a resumed run pins it.
+    let t = ChatTemplate::new(
+        "{% if strftime_now is defined %}{{ strftime_now('%d %b %Y') }}{% endif %}",
+        Default::default(),
+        "t".into(),
+    )
+    .unwrap();
+    t.set_now(1234567890);
+    assert_eq!(t.now(), 1234567890);
+    assert_eq!(t.render(&msgs(), false).unwrap(), "13 Feb 2009");
+}

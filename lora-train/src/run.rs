@@ -357,6 +357,7 @@ fn save_checkpoint(
     opt: &dyn Optimizer,
     sampler: &Sampler,
     cfg: &TrainConfig,
+    chat_now: Option<i64>,
 ) -> Result<()> {
     let final_dir = out.join(format!("checkpoint-{step:06}"));
     let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
@@ -379,11 +380,16 @@ fn save_checkpoint(
         &tensors,
         Default::default(),
     )?;
-    let state = json!({
+    let mut state = json!({
         "step": step, "sampler_epoch": sampler.epoch, "sampler_pos": sampler.pos,
         "optimizer_steps": st.steps.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "config": cfg.to_json(),
     });
+    if let Some(t) = chat_now {
+        // The time the chat template's strftime_now rendered with: a resumed run renders the
+        // same text (a template that prints today's date would otherwise change the data).
+        state["chat_now"] = json!(t);
+    }
     write_atomic(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(&state)
@@ -490,7 +496,7 @@ pub fn train_until(
         ));
     }
     let peft = cfg.peft();
-    let (start, mut sampler_state) = match &checkpoint {
+    let (start, mut sampler_state, saved_chat_now) = match &checkpoint {
         Some((step, dir)) => {
             let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
             let diff = config_diff(&saved["config"], &cfg.to_json());
@@ -511,11 +517,12 @@ pub fn train_until(
                     saved["sampler_epoch"].as_u64().unwrap_or(0),
                     saved["sampler_pos"].as_u64().unwrap_or(0) as usize,
                 )),
+                saved["chat_now"].as_i64(),
             )
         }
         None => {
             inject(model.as_mut(), &peft, cfg.seed)?;
-            (0, None)
+            (0, None, None)
         }
     };
 
@@ -552,6 +559,10 @@ pub fn train_until(
     } else {
         None
     };
+    if let (Some(c), Some(t)) = (&chat, saved_chat_now) {
+        c.set_now(t);
+    }
+    let chat_now = chat.as_ref().map(|c| c.now());
     let mut train_seqs = tokenize(
         &tok,
         &examples,
@@ -701,6 +712,7 @@ pub fn train_until(
                 opt.as_ref(),
                 &sampler,
                 cfg,
+                chat_now,
             )?;
             return Ok(TrainSummary {
                 steps: done,
@@ -724,10 +736,20 @@ pub fn train_until(
                 opt.as_ref(),
                 &sampler,
                 cfg,
+                chat_now,
             )?;
         }
     }
-    save_checkpoint(out, end, model.as_ref(), &peft, opt.as_ref(), &sampler, cfg)?;
+    save_checkpoint(
+        out,
+        end,
+        model.as_ref(),
+        &peft,
+        opt.as_ref(),
+        &sampler,
+        cfg,
+        chat_now,
+    )?;
     let eval_after = eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss);
     if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
