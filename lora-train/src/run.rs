@@ -665,6 +665,18 @@ pub fn train_until(
         Some(k) => (start + k).min(total_steps),
         None => total_steps,
     };
+    let save = |step: usize, opt: &dyn Optimizer, sampler: &Sampler| {
+        save_checkpoint(
+            out,
+            step,
+            model.as_ref(),
+            &peft,
+            opt,
+            sampler,
+            cfg,
+            chat_now,
+        )
+    };
     for step in start..end {
         let micro: Vec<Batch> = (0..cfg.grad_accum)
             .map(|_| {
@@ -704,16 +716,7 @@ pub fn train_until(
             eval_loss,
         });
         if stop.load(std::sync::atomic::Ordering::SeqCst) && done != end {
-            save_checkpoint(
-                out,
-                done,
-                model.as_ref(),
-                &peft,
-                opt.as_ref(),
-                &sampler,
-                cfg,
-                chat_now,
-            )?;
+            save(done, opt.as_ref(), &sampler)?;
             return Ok(TrainSummary {
                 steps: done,
                 final_loss: last_loss,
@@ -728,28 +731,10 @@ pub fn train_until(
             });
         }
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done != end {
-            save_checkpoint(
-                out,
-                done,
-                model.as_ref(),
-                &peft,
-                opt.as_ref(),
-                &sampler,
-                cfg,
-                chat_now,
-            )?;
+            save(done, opt.as_ref(), &sampler)?;
         }
     }
-    save_checkpoint(
-        out,
-        end,
-        model.as_ref(),
-        &peft,
-        opt.as_ref(),
-        &sampler,
-        cfg,
-        chat_now,
-    )?;
+    save(end, opt.as_ref(), &sampler)?;
     let eval_after = eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss);
     if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
