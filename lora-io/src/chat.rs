@@ -334,6 +334,17 @@ impl ChatTemplate {
     /// Renders `messages` (objects with at least `role`; every field is visible to the
     /// template), ending with the assistant's opening when `add_generation_prompt`.
     pub fn render(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) with tool definitions (`tools`, a list of JSON schemas, as
+    /// transformers' `apply_chat_template(tools=...)` receives them).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Json],
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let t = self.env.get_template("chat").expect("added in new");
         let mut ctx: BTreeMap<String, Value> = self
             .special
@@ -349,7 +360,10 @@ impl ChatTemplate {
             Value::from(add_generation_prompt),
         );
         // transformers passes these as None when absent: `tools is not none` must be false.
-        ctx.insert("tools".into(), Value::from(()));
+        ctx.insert(
+            "tools".into(),
+            tools.map_or(Value::from(()), |t| Value::from(minijinja::value::Serde(t))),
+        );
         ctx.insert("documents".into(), Value::from(()));
         t.render(ctx).map_err(|e| {
             let defined: Vec<&str> = self.special.keys().map(String::as_str).collect();

@@ -100,17 +100,27 @@ pub fn tokenize(
                     None,
                 )
             }
-            Example::Messages(m) => {
-                let (ids, mask) =
-                    render_chat(tok, template()?, m, opts.assistant_only).map_err(data_err)?;
+            Example::Messages { messages, tools } => {
+                let (ids, mask) = render_chat(
+                    tok,
+                    template()?,
+                    messages,
+                    tools.as_ref(),
+                    opts.assistant_only,
+                )
+                .map_err(data_err)?;
                 (ids, 0, None, mask)
             }
-            Example::ChatPromptCompletion { prompt, completion } => {
+            Example::ChatPromptCompletion {
+                prompt,
+                completion,
+                tools,
+            } => {
                 let t = template()?;
-                let p = tok.encode_plain(&t.render(prompt, true)?)?;
+                let p = tok.encode_plain(&t.render_with_tools(prompt, tools.as_ref(), true)?)?;
                 let all: Vec<_> = prompt.iter().chain(completion).cloned().collect();
-                let (ids, mask) =
-                    render_chat(tok, t, &all, opts.assistant_only).map_err(data_err)?;
+                let (ids, mask) = render_chat(tok, t, &all, tools.as_ref(), opts.assistant_only)
+                    .map_err(data_err)?;
                 let n = p.iter().zip(&ids).take_while(|(a, b)| a == b).count();
                 (ids, n, None, mask)
             }
@@ -151,9 +161,13 @@ fn render_chat(
     tok: &TextTokenizer,
     t: &ChatTemplate,
     messages: &[serde_json::Value],
+    tools: Option<&serde_json::Value>,
     assistant_only: bool,
 ) -> std::result::Result<(Vec<u32>, Option<Vec<bool>>), String> {
-    let text = |m: &[serde_json::Value], gen: bool| t.render(m, gen).map_err(|e| e.to_string());
+    let text = |m: &[serde_json::Value], gen: bool| {
+        t.render_with_tools(m, tools, gen)
+            .map_err(|e| e.to_string())
+    };
     let full = text(messages, false)?;
     if !assistant_only {
         let ids = tok.encode_plain(&full).map_err(|e| e.to_string())?;

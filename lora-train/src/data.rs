@@ -22,7 +22,12 @@ pub enum Example {
     /// A conversation (`{"messages": [{"role": .., "content": ..}, ..]}`), rendered with the
     /// model's chat template; every token is a target (TRL's default for conversational
     /// language modelling).
-    Messages(Vec<serde_json::Value>),
+    Messages {
+        /// The conversation.
+        messages: Vec<serde_json::Value>,
+        /// Tool definitions for the template (`tools`, a list or a JSON string of one).
+        tools: Option<serde_json::Value>,
+    },
     /// Conversational prompt/completion (`prompt` and `completion` are lists of messages): the
     /// prompt rendered with the generation prompt, the whole conversation rendered after it;
     /// only the completion's tokens are targets.
@@ -31,6 +36,8 @@ pub enum Example {
         prompt: Vec<serde_json::Value>,
         /// The answer's messages.
         completion: Vec<serde_json::Value>,
+        /// Tool definitions for the template.
+        tools: Option<serde_json::Value>,
     },
 }
 
@@ -39,7 +46,7 @@ impl Example {
     pub fn is_chat(&self) -> bool {
         matches!(
             self,
-            Example::Messages(_) | Example::ChatPromptCompletion { .. }
+            Example::Messages { .. } | Example::ChatPromptCompletion { .. }
         )
     }
 }
@@ -99,8 +106,25 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 let obj: serde_json::Value = serde_json::from_str(line)
                     .map_err(|e| err(format!("line {}: invalid JSON: {e}", i + 1)))?;
                 let at = |e: String| err(format!("line {}: {e}", i + 1));
+                // TRL: `tools` is a list of schemas, or a JSON string of one.
+                let tools = match obj.get("tools") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(
+                        serde_json::from_str::<serde_json::Value>(s)
+                            .map_err(|e| at(format!("`tools` is a string but not JSON: {e}")))?,
+                    ),
+                    Some(t) => Some(t.clone()),
+                };
+                if let Some(t) = &tools {
+                    if !t.is_array() {
+                        return Err(at("`tools` must be a list of tool definitions".into()));
+                    }
+                }
                 if let Some(m) = obj.get("messages") {
-                    v.push(Example::Messages(messages(m, "messages").map_err(at)?));
+                    v.push(Example::Messages {
+                        messages: messages(m, "messages").map_err(at)?,
+                        tools,
+                    });
                     continue;
                 }
                 if let (Some(p @ serde_json::Value::Array(_)), Some(c)) =
@@ -109,8 +133,16 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                     v.push(Example::ChatPromptCompletion {
                         prompt: messages(p, "prompt").map_err(at)?,
                         completion: messages(c, "completion").map_err(at)?,
+                        tools,
                     });
                     continue;
+                }
+                if tools.is_some() {
+                    return Err(at(
+                        "`tools` goes with conversations (`messages`, or message-list prompt and \
+                         completion)"
+                            .into(),
+                    ));
                 }
                 let s = |k: &str| obj.get(k).and_then(|x| x.as_str()).map(String::from);
                 v.push(match (s("text"), s("prompt"), s("completion")) {

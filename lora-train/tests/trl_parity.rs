@@ -101,7 +101,7 @@ fn chat_templates_match_transformers_and_trl() {
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("trl/reference.json")).unwrap())
             .unwrap();
-    let tokenizers = ["llama_gqa", "gpt2"];
+    let tokenizers = ["llama_gqa", "gpt2", "gpt2"];
     let mut checked = 0;
     for (c, name) in r["chat"].as_array().unwrap().iter().zip(tokenizers) {
         let tok =
@@ -116,19 +116,32 @@ fn chat_templates_match_transformers_and_trl() {
             ChatTemplate::new(c["template"].as_str().unwrap(), special, "fixture".into()).unwrap();
         for e in c["examples"].as_array().unwrap() {
             let list = |k: &str| e[k].as_array().unwrap().clone();
+            // TRL's `tools` column, a JSON string here (a list of schemas would go through
+            // Arrow's typing).
+            let tools: Option<Value> = e
+                .get("tools")
+                .and_then(|t| t.as_str())
+                .map(|s| serde_json::from_str(s).unwrap());
             let (ex, all) = match e.get("messages") {
-                Some(_) => (Example::Messages(list("messages")), list("messages")),
+                Some(_) => (
+                    Example::Messages {
+                        messages: list("messages"),
+                        tools: tools.clone(),
+                    },
+                    list("messages"),
+                ),
                 None => (
                     Example::ChatPromptCompletion {
                         prompt: list("prompt"),
                         completion: list("completion"),
+                        tools: tools.clone(),
                     },
                     [list("prompt"), list("completion")].concat(),
                 ),
             };
             let what = format!("{}: {e}", c["template_name"]);
             assert_eq!(
-                t.render(&all, false).unwrap(),
+                t.render_with_tools(&all, tools.as_ref(), false).unwrap(),
                 e["rendered"].as_str().unwrap(),
                 "{what}"
             );
@@ -148,7 +161,7 @@ fn chat_templates_match_transformers_and_trl() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8, "examples checked");
+    assert_eq!(checked, 12, "examples checked");
 }
 
 /// A template's `raise_exception` and a conversation without a template are errors that say
@@ -184,7 +197,10 @@ fn chat_errors_are_named() {
     let tok = TextTokenizer::from_model_dir(root().join("parity/gpt2/model")).unwrap();
     let e = tokenize(
         &tok,
-        &[Example::Messages(two_users)],
+        &[Example::Messages {
+            messages: two_users,
+            tools: None,
+        }],
         &TokenizeOptions::new(64),
     )
     .unwrap_err()
@@ -232,11 +248,22 @@ fn assistant_only_targets_are_the_assistant_turns() {
         }
         out.iter().map(|ids| tok.decode(ids).unwrap()).collect()
     };
-    let s = &tokenize(&tok, &[Example::Messages(conv.clone())], &opts).unwrap()[0];
+    let s = &tokenize(
+        &tok,
+        &[Example::Messages {
+            messages: conv.clone(),
+            tools: None,
+        }],
+        &opts,
+    )
+    .unwrap()[0];
     assert_eq!(runs(s), ["one two<|im_end|>\n", "three<|im_end|>\n"]);
     let all = &tokenize(
         &tok,
-        &[Example::Messages(conv.clone())],
+        &[Example::Messages {
+            messages: conv.clone(),
+            tools: None,
+        }],
         &TokenizeOptions {
             assistant_only: false,
             ..opts
@@ -247,6 +274,7 @@ fn assistant_only_targets_are_the_assistant_turns() {
     let pc = Example::ChatPromptCompletion {
         prompt: conv[..3].to_vec(),
         completion: conv[3..].to_vec(),
+        tools: None,
     };
     let s = &tokenize(&tok, &[pc], &opts).unwrap()[0];
     assert_eq!(runs(s), ["three<|im_end|>\n"]);
@@ -259,7 +287,10 @@ fn assistant_only_targets_are_the_assistant_turns() {
     .unwrap();
     let e = tokenize(
         &tok,
-        &[Example::Messages(conv)],
+        &[Example::Messages {
+            messages: conv,
+            tools: None,
+        }],
         &TokenizeOptions {
             chat: Some(&bad),
             ..opts
@@ -271,4 +302,51 @@ fn assistant_only_targets_are_the_assistant_turns() {
         e.contains("example 1") && e.contains("--assistant-only-loss"),
         "{e}"
     );
+}
+
+/// The `tools` column as TRL reads it: a list of definitions or a JSON string of one, with
+/// conversations only; anything else is refused with the line.
+#[test]
+fn tools_column_is_read_as_trl_reads_it() {
+    use lora_train::data::read_examples;
+    let dir = std::env::temp_dir().join(format!("lora-tools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("d.jsonl");
+    let msg = r#""messages": [{"role": "user", "content": "hi"}]"#;
+    std::fs::write(
+        &p,
+        format!(
+            "{{{msg}, \"tools\": [{{\"name\": \"f\"}}]}}\n{{{msg}, \"tools\": \"[{{\\\"name\\\": \\\"f\\\"}}]\"}}\n{{{msg}}}\n"
+        ),
+    )
+    .unwrap();
+    let ex = read_examples(&p).unwrap();
+    let tools: Vec<Option<Value>> = ex
+        .iter()
+        .map(|e| match e {
+            Example::Messages { tools, .. } => tools.clone(),
+            _ => panic!("{e:?}"),
+        })
+        .collect();
+    let f: Value = serde_json::from_str(r#"[{"name": "f"}]"#).unwrap();
+    assert_eq!(tools, [Some(f.clone()), Some(f), None]);
+    for (line, needle) in [
+        (
+            format!("{{{msg}, \"tools\": {{\"name\": \"f\"}}}}"),
+            "must be a list",
+        ),
+        (format!("{{{msg}, \"tools\": \"[oops\"}}"), "not JSON"),
+        (
+            r#"{"text": "a", "tools": []}"#.to_string(),
+            "`tools` goes with conversations",
+        ),
+    ] {
+        std::fs::write(&p, line).unwrap();
+        let e = read_examples(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("d.jsonl") && e.contains("line 1") && e.contains(needle),
+            "{e}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
