@@ -55,35 +55,18 @@ fn load(
 
 pub fn run_eval(r: &EvalRun) -> Result<()> {
     let (md, model, tok) = load(&r.model, r.adapter.as_deref())?;
-    let eos = match (r.eos, md.training_eos(&tok)?) {
-        (false, _) => None,
-        (true, Some(id)) => Some(id),
-        (true, None) => anyhow::bail!(
-            "--eos: {} names no end-of-sequence token (tokenizer_config.json eos_token, \
-             config.json eos_token_id)",
-            r.model.display()
-        ),
-    };
     model.to_device(r.device)?;
     let examples = lora_train::data::read_examples(&r.data)?;
+    let eos = if r.eos {
+        lora_train::batches::training_eos(&md, &tok, &examples, "drop --eos")?
+    } else {
+        None
+    };
+    let chat = lora_train::batches::chat_template_for(&r.model, &r.data, &examples)?;
     let seq_len = r
         .seq_len
         .unwrap_or(model.max_positions())
         .min(model.max_positions());
-    let chat = if examples.iter().any(|e| e.is_chat()) {
-        Some(
-            lora_io::chat::ChatTemplate::from_model_dir(&r.model)?.with_context(|| {
-                format!(
-                    "{} has conversations but {} has no chat template (chat_template.jinja or \
-                     tokenizer_config.json `chat_template`)",
-                    r.data.display(),
-                    r.model.display()
-                )
-            })?,
-        )
-    } else {
-        None
-    };
     let res = lora_train::eval::evaluate_examples(
         model.as_ref(),
         &tok,

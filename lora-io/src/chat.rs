@@ -141,66 +141,106 @@ fn token_string(v: &Json) -> Option<String> {
     }
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` between
-/// items without indent, `","` and `": "` with it; strings escaped as JSON requires (no `\/`, no
-/// HTML escaping).
-fn py_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
-    let (open_sep, item_sep) = match indent {
-        Some(_) => (true, ","),
-        None => (false, ", "),
-    };
-    let newline = |out: &mut String, d: usize| {
-        if let Some(n) = indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(n * d));
+/// The arguments of Python's `json.dumps` that transformers' `tojson` passes on.
+struct PyJson {
+    indent: Option<usize>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl PyJson {
+    /// A JSON string literal: escaped as JSON requires (no `\/`, no HTML escaping), and with
+    /// `ensure_ascii` every non-ASCII character as `\uXXXX` (UTF-16, lowercase, as Python).
+    fn string(&self, s: &str, out: &mut String) {
+        let lit = Json::String(s.to_string()).to_string();
+        if !self.ensure_ascii {
+            out.push_str(&lit);
+            return;
         }
-    };
-    match v {
-        Json::Array(a) if !a.is_empty() => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
+        for c in lit.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
                 }
-                if open_sep {
+            }
+        }
+    }
+
+    /// `json.dumps(v, ...)`: with an indent, the item separator is followed by a new line.
+    fn write(&self, v: &Json, depth: usize, out: &mut String) {
+        let newline = |out: &mut String, d: usize| {
+            if let Some(n) = self.indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(n * d));
+            }
+        };
+        match v {
+            Json::Array(a) if !a.is_empty() => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
                     newline(out, depth + 1);
+                    self.write(x, depth + 1, out);
                 }
-                py_json(x, indent, depth + 1, out);
-            }
-            if open_sep {
                 newline(out, depth);
+                out.push(']');
             }
-            out.push(']');
-        }
-        Json::Object(o) if !o.is_empty() => {
-            out.push('{');
-            for (i, (k, x)) in o.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
+            Json::Object(o) if !o.is_empty() => {
+                let mut items: Vec<(&String, &Json)> = o.iter().collect();
+                if self.sort_keys {
+                    items.sort_by(|a, b| a.0.cmp(b.0));
                 }
-                if open_sep {
+                out.push('{');
+                for (i, (k, x)) in items.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
                     newline(out, depth + 1);
+                    self.string(k, out);
+                    out.push_str(&self.key_sep);
+                    self.write(x, depth + 1, out);
                 }
-                out.push_str(&Json::String(k.clone()).to_string());
-                out.push_str(": ");
-                py_json(x, indent, depth + 1, out);
-            }
-            if open_sep {
                 newline(out, depth);
+                out.push('}');
             }
-            out.push('}');
+            Json::String(s) => self.string(s, out),
+            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Json::Null => out.push_str("null"),
+            other => out.push_str(&other.to_string()),
         }
-        Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Json::Null => out.push_str("null"),
-        other => out.push_str(&other.to_string()),
     }
 }
 
+/// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`,
+/// which is Python's `json.dumps` with those arguments.
 fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    for k in ["ensure_ascii", "separators", "sort_keys"] {
-        let _: Option<Value> = kwargs.get(k)?;
-    }
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let (item_sep, key_sep) = match separators {
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+        Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
+        Some(s) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: separators must be two strings, got {}", s.len()),
+            ))
+        }
+    };
+    let opts = PyJson {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
     kwargs.assert_all_used()?;
     let j = serde_json::to_value(&v).map_err(|e| {
         Error::new(
@@ -209,7 +249,7 @@ fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
         )
     })?;
     let mut s = String::new();
-    py_json(&j, indent, 0, &mut s);
+    opts.write(&j, 0, &mut s);
     Ok(Value::from_safe_string(s))
 }
 

@@ -169,3 +169,29 @@ fn strftime_matches_python() {
     assert_eq!(t.now(), 1234567890);
     assert_eq!(t.render(&msgs(), false).unwrap(), "13 Feb 2009");
 }
+
+/// `tojson` with every argument transformers' filter takes writes what Python's `json.dumps`
+/// writes (the expected strings were printed by Python 3.11's `json.dumps(v, ensure_ascii=False,
+/// **kwargs)` for the same value: key order kept, non-ASCII kept or escaped, indent, sorted keys,
+/// custom separators).
+#[test]
+fn tojson_matches_python_json_dumps() {
+    let v = json!({"b": [1, 2, null], "a": "ü\"x\n😀", "c": {"z": 1, "y": []}});
+    for (args, want) in [
+        ("", "{\"b\": [1, 2, null], \"a\": \"ü\\\"x\\n😀\", \"c\": {\"z\": 1, \"y\": []}}"),
+        ("indent=2", "{\n  \"b\": [\n    1,\n    2,\n    null\n  ],\n  \"a\": \"ü\\\"x\\n😀\",\n  \"c\": {\n    \"z\": 1,\n    \"y\": []\n  }\n}"),
+        ("sort_keys=true", "{\"a\": \"ü\\\"x\\n😀\", \"b\": [1, 2, null], \"c\": {\"y\": [], \"z\": 1}}"),
+        ("separators=[',', ':']", "{\"b\":[1,2,null],\"a\":\"ü\\\"x\\n😀\",\"c\":{\"z\":1,\"y\":[]}}"),
+        ("ensure_ascii=true", "{\"b\": [1, 2, null], \"a\": \"\\u00fc\\\"x\\n\\ud83d\\ude00\", \"c\": {\"z\": 1, \"y\": []}}"),
+        ("indent=1, sort_keys=true, ensure_ascii=true, separators=[';', '=']", "{\n \"a\"=\"\\u00fc\\\"x\\n\\ud83d\\ude00\";\n \"b\"=[\n  1;\n  2;\n  null\n ];\n \"c\"={\n  \"y\"=[];\n  \"z\"=1\n }\n}"),
+    ] {
+        let call = if args.is_empty() {
+            "{{ messages[0].meta | tojson }}".to_string()
+        } else {
+            format!("{{{{ messages[0].meta | tojson({args}) }}}}")
+        };
+        let t = ChatTemplate::new(&call, Default::default(), "t".into()).unwrap();
+        let m = vec![json!({"role": "user", "meta": v})];
+        assert_eq!(t.render(&m, false).unwrap(), want, "tojson({args})");
+    }
+}

@@ -4,8 +4,10 @@
 
 use crate::Result;
 use lora_io::chat::ChatTemplate;
+use lora_io::hf::ModelDir;
 use lora_io::tokenizer::TextTokenizer;
 use lora_kernels::rng::Rng;
+use std::path::Path;
 
 /// Label value the loss ignores (transformers' convention).
 pub const IGNORE: i64 = -100;
@@ -47,6 +49,52 @@ impl TokenizeOptions<'_> {
             assistant_only: false,
         }
     }
+}
+
+/// The EOS [`tokenize`] appends (`ModelDir::training_eos`), resolved for `examples`: a model
+/// that names none is an error (`hint` says how to go on without one) unless every example is a
+/// conversation, whose turns the chat template ends.
+pub fn training_eos<'a>(
+    md: &ModelDir,
+    tok: &TextTokenizer,
+    examples: impl IntoIterator<Item = &'a Example>,
+    hint: &str,
+) -> Result<Option<u32>> {
+    match md.training_eos(tok)? {
+        Some(id) => Ok(Some(id)),
+        None if examples.into_iter().all(Example::is_chat) => Ok(None),
+        None => Err(crate::TrainError::Data {
+            path: md.dir.clone(),
+            reason: format!(
+                "no end-of-sequence token to end each text and completion with (no `eos_token` \
+                 in tokenizer_config.json, no `eos_token_id` in generation_config.json or \
+                 config.json); {hint}"
+            ),
+        }),
+    }
+}
+
+/// The chat template of the model in `model_dir` when `examples` hold conversations (`None`
+/// when none does); a model without one is an error naming `data` and the model.
+pub fn chat_template_for<'a>(
+    model_dir: &Path,
+    data: &Path,
+    examples: impl IntoIterator<Item = &'a Example>,
+) -> Result<Option<ChatTemplate>> {
+    if !examples.into_iter().any(Example::is_chat) {
+        return Ok(None);
+    }
+    ChatTemplate::from_model_dir(model_dir)?
+        .map(Some)
+        .ok_or_else(|| crate::TrainError::Data {
+            path: data.to_path_buf(),
+            reason: format!(
+                "the data has conversations (`messages`, or prompt/completion message lists) but \
+                 {} has no chat template (chat_template.jinja or tokenizer_config.json \
+                 `chat_template`)",
+                model_dir.display()
+            ),
+        })
 }
 
 /// Tokenizes examples (the tokenizer's special tokens on the text or prompt; none added inside a

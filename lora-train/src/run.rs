@@ -14,7 +14,9 @@
 //! moments, the step (which drives the schedule and dropout seeds) and the sampler position,
 //! so a resumed run ends with the same adapter as an uninterrupted one.
 
-use crate::batches::{pack, read_examples, tokenize, Batch, Sampler, TokenizeOptions};
+use crate::batches::{
+    chat_template_for, pack, read_examples, tokenize, training_eos, Batch, Sampler, TokenizeOptions,
+};
 use crate::eval::eval_sequences;
 use crate::optim::{lr_factor, AdamW, Optimizer, OptimizerState, Schedule, Sgd};
 use crate::trainer::{adapter_groups, train_step};
@@ -469,19 +471,30 @@ pub fn train_until(
 
     let md = ModelDir::open(&cfg.model)?;
     let tok = TextTokenizer::from_model_dir(&cfg.model)?;
-    let eos = match (cfg.eos, md.training_eos(&tok)?) {
-        (false, _) => None,
-        (true, Some(id)) => Some(id),
-        // Conversations end their turns through the chat template: no EOS is needed for them.
-        (true, None) if read_examples(&cfg.data)?.iter().all(|e| e.is_chat()) => None,
-        (true, None) => {
-            return Err(err(
-                &cfg.model,
-                "no end-of-sequence token to end each example with (no `eos_token` in \
-                 tokenizer_config.json, no `eos_token_id` in generation_config.json or \
-                 config.json); pass --no-eos to train without one",
-            ))
+    // Data: a seeded split of the examples when no eval file is given.
+    let mut examples = read_examples(&cfg.data)?;
+    let eval_examples = match &cfg.eval_data {
+        Some(p) => read_examples(p)?,
+        None if cfg.eval_split > 0.0 => {
+            let mut order = Sampler::new(examples.len(), cfg.seed ^ 0xE7A1).take(examples.len());
+            let k = ((examples.len() as f32 * cfg.eval_split).round() as usize)
+                .clamp(1, examples.len().saturating_sub(1).max(1));
+            order.truncate(k);
+            order.sort_unstable();
+            let held: Vec<_> = order.iter().rev().map(|&i| examples.remove(i)).collect();
+            held.into_iter().rev().collect()
         }
+        None => Vec::new(),
+    };
+    let eos = if cfg.eos {
+        training_eos(
+            &md,
+            &tok,
+            examples.iter().chain(&eval_examples),
+            "pass --no-eos to train without one",
+        )?
+    } else {
+        None
     };
     let mut model = md.load_model()?;
     if cfg.seq_len > model.max_positions() {
@@ -526,39 +539,8 @@ pub fn train_until(
         }
     };
 
-    // Data: a seeded split of the examples when no eval file is given.
-    let mut examples = read_examples(&cfg.data)?;
-    let eval_examples = match &cfg.eval_data {
-        Some(p) => read_examples(p)?,
-        None if cfg.eval_split > 0.0 => {
-            let mut order = Sampler::new(examples.len(), cfg.seed ^ 0xE7A1).take(examples.len());
-            let k = ((examples.len() as f32 * cfg.eval_split).round() as usize)
-                .clamp(1, examples.len().saturating_sub(1).max(1));
-            order.truncate(k);
-            order.sort_unstable();
-            let held: Vec<_> = order.iter().rev().map(|&i| examples.remove(i)).collect();
-            held.into_iter().rev().collect()
-        }
-        None => Vec::new(),
-    };
-    // Conversations need the model's chat template; read it only when the data has some.
-    let chat = if examples.iter().chain(&eval_examples).any(|e| e.is_chat()) {
-        Some(
-            lora_io::chat::ChatTemplate::from_model_dir(&cfg.model)?.ok_or_else(|| {
-                err(
-                    &cfg.data,
-                    format!(
-                        "the data has conversations (`messages`, or prompt/completion message \
-                         lists) but {} has no chat template (chat_template.jinja or \
-                         tokenizer_config.json `chat_template`)",
-                        cfg.model.display()
-                    ),
-                )
-            })?,
-        )
-    } else {
-        None
-    };
+    // Conversations need the model's chat template; read only when the data has some.
+    let chat = chat_template_for(&cfg.model, &cfg.data, examples.iter().chain(&eval_examples))?;
     if let (Some(c), Some(t)) = (&chat, saved_chat_now) {
         c.set_now(t);
     }
