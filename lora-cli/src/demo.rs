@@ -171,16 +171,6 @@ pub fn run(r: &DemoRun) -> Result<()> {
             );
         }
     }
-    // Replace only what an earlier run wrote.
-    let nonempty = std::fs::read_dir(&r.out)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
-    if nonempty && !r.out.join("metrics.jsonl").exists() {
-        bail!(
-            "{}: exists and is not a training output; pass another --out",
-            r.out.display()
-        );
-    }
     if !r.json {
         outln!(
             "lora demo: a rank-8 LoRA adapter teaches a tiny GPT-2 ({}) to translate English to French.\n\
@@ -220,6 +210,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         eval_split: 0.0,
         eval_every: (r.steps / 5).max(1),
         save_every: 0,
+        save_minutes: 5.0,
         keep_checkpoints: 1,
         gradient_checkpointing: false,
         device: lora_core::Device::Cpu,
@@ -230,7 +221,14 @@ pub fn run(r: &DemoRun) -> Result<()> {
     } else {
         crate::infer::Report::Human
     };
-    let (sum, training) = crate::infer::run_train_report(&cfg, false, nonempty, r.threads, report)?;
+    // An earlier demo output is replaced; anything else there is refused (see outdir).
+    let run = crate::infer::TrainRun {
+        resume: false,
+        force: true,
+        threads: r.threads,
+        log_every: None,
+    };
+    let (sum, training) = crate::infer::run_train_report(&cfg, &run, report)?;
     if sum.interrupted {
         return Ok(());
     }

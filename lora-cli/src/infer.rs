@@ -216,16 +216,19 @@ pub fn run_convert(
     model: Option<&Path>,
     prefix: &str,
     force: bool,
+    peft_files: &[&str],
 ) -> Result<()> {
     use lora_io::kohya::KohyaLora;
-    if to.exists() && !force {
-        anyhow::bail!("{} exists (pass --force to replace it)", to.display());
-    }
+    use lora_io::outdir;
     if from.is_dir() {
         if to.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             anyhow::bail!("PEFT -> kohya writes one file: --to must end in .safetensors");
         }
-        let k = KohyaLora::from_peft(from, prefix)?;
+        outdir::check_not_input("--to", to, &[("--from adapter", from)])?;
+        outdir::check_output_file("--to", to, force)?;
+        let mut k = KohyaLora::from_peft(from, prefix)?;
+        k.metadata
+            .insert(outdir::FILE_MARK.into(), "lora convert".into());
         k.write(to)?;
         outln!(
             "wrote {} modules to {} (kohya, prefix {prefix})",
@@ -236,8 +239,21 @@ pub fn run_convert(
         let model = model.ok_or_else(|| anyhow::anyhow!(
             "kohya -> PEFT needs --model DIR: kohya flattens module paths with `_`, and only the model's module list can restore the dots"
         ))?;
+        outdir::check_not_input(
+            "--to",
+            to,
+            &[("--from file", from), ("--model directory", model)],
+        )?;
         let k = KohyaLora::read(from)?;
         let m = ModelDir::open(model)?.load_model()?;
+        outdir::prepare_dir_output(
+            "--to",
+            to,
+            "lora convert",
+            peft_files,
+            force,
+            &[("--from file", from), ("--model directory", model)],
+        )?;
         k.to_peft(m.as_ref(), to)?;
         outln!(
             "wrote {} modules to {} (PEFT)",
@@ -248,29 +264,48 @@ pub fn run_convert(
     Ok(())
 }
 
-/// Set by SIGINT; the training loop checkpoints and stops after the current step.
+/// Set by SIGINT or SIGTERM; the training loop checkpoints and stops after the current step.
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The signal that set [`STOP`] (the exit status is 128 + it, as a shell reports a signal).
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only atomics and _exit: async-signal-safe. A second signal ends the process at once
+    // (checkpoints are written atomically, so nothing half-written is left to read).
+    if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: _exit is async-signal-safe and takes any status.
+        unsafe { libc::_exit(128 + sig) };
+    }
+    SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The exit status a run stopped by a signal ends with (130 for SIGINT, 143 for SIGTERM), once
+/// its checkpoint is written; `None` when no signal stopped it.
+pub fn signal_exit_status() -> Option<i32> {
+    match SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        s => Some(128 + s),
+    }
+}
+
+/// How `lora train` runs beside its configuration.
+pub struct TrainRun {
+    /// Continue from the newest whole checkpoint.
+    pub resume: bool,
+    /// Replace a previous training output.
+    pub force: bool,
+    /// Worker threads.
+    pub threads: Option<usize>,
+    /// Progress lines outside a terminal: every N steps (`None`: about 20 per run).
+    pub log_every: Option<usize>,
 }
 
 pub fn run_train(
     cfg: &lora_train::run::TrainConfig,
-    resume: bool,
-    force: bool,
-    threads: Option<usize>,
+    run: &TrainRun,
     json: bool,
 ) -> Result<lora_train::run::TrainSummary> {
-    run_train_report(
-        cfg,
-        resume,
-        force,
-        threads,
-        if json { Report::Json } else { Report::Human },
-    )
-    .map(|(s, _)| s)
+    run_train_report(cfg, run, if json { Report::Json } else { Report::Human }).map(|(s, _)| s)
 }
 
 /// How a training run reports its end.
@@ -287,19 +322,21 @@ pub enum Report {
 /// [`run_train`] returning the summary object too.
 pub fn run_train_report(
     cfg: &lora_train::run::TrainConfig,
-    resume: bool,
-    force: bool,
-    threads: Option<usize>,
+    run: &TrainRun,
     report: Report,
 ) -> Result<(lora_train::run::TrainSummary, serde_json::Value)> {
+    use lora_train::run::Event;
     let json = report != Report::Human;
-    // SAFETY: installs a handler that only performs an atomic store.
+    // SAFETY: installs handlers that only touch atomics (and _exit on a second signal).
     #[cfg(unix)]
     unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
     }
-    let pool = crate::bench::pool(threads)?;
-    // A live bar on a terminal; one plain line per step when stdout is a file or a pipe.
+    let pool = crate::bench::pool(run.threads)?;
+    // A live bar on a terminal; plain lines every `log_every` steps when stdout is a file or
+    // a pipe.
     use std::io::IsTerminal;
     let bar = (!json && std::io::stdout().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -311,41 +348,55 @@ pub fn run_train_report(
         );
         b
     });
+    if run.log_every == Some(0) {
+        anyhow::bail!("--log-every must be at least 1");
+    }
     let sum = pool.install(|| {
         lora_train::run::train_until(
             cfg,
-            resume,
-            force,
-            &mut |s| {
-                let eval = s
-                    .eval_loss
-                    .map(|e| format!(" | eval {e:.4}"))
-                    .unwrap_or_default();
-                match &bar {
-                    Some(b) => {
-                        b.set_length(s.total as u64);
-                        b.set_position(s.step as u64);
-                        b.set_message(format!(
-                            "loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
-                            s.loss, s.lr, s.tokens_per_s
-                        ));
-                        if s.eval_loss.is_some() {
-                            b.println(format!(
-                                "step {}: eval loss {:.4}",
-                                s.step,
-                                s.eval_loss.unwrap_or_default()
+            run.resume,
+            run.force,
+            &mut |ev| match ev {
+                Event::Note(n) => match &bar {
+                    Some(b) => b.println(format!("note: {n}")),
+                    None => eprintln!("note: {n}"),
+                },
+                Event::Step(s) => {
+                    let eval = s
+                        .eval_loss
+                        .map(|e| format!(" | eval {e:.4}"))
+                        .unwrap_or_default();
+                    match &bar {
+                        Some(b) => {
+                            b.set_length(s.total as u64);
+                            b.set_position(s.step as u64);
+                            b.set_message(format!(
+                                "loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
+                                s.loss, s.lr, s.tokens_per_s
                             ));
+                            if let Some(e) = s.eval_loss {
+                                b.println(format!("step {}: eval loss {e:.4}", s.step));
+                            }
                         }
+                        None if !json => {
+                            let every = run.log_every.unwrap_or(s.total.div_ceil(20).max(1));
+                            if s.step % every == 0
+                                || s.step == s.total
+                                || s.step == 1
+                                || s.eval_loss.is_some()
+                            {
+                                outln!(
+                                    "step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
+                                    s.step,
+                                    s.total,
+                                    s.loss,
+                                    s.lr,
+                                    s.tokens_per_s
+                                )
+                            }
+                        }
+                        None => {}
                     }
-                    None if !json => outln!(
-                        "step {:>5}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s{eval}",
-                        s.step,
-                        s.total,
-                        s.loss,
-                        s.lr,
-                        s.tokens_per_s
-                    ),
-                    None => {}
                 }
             },
             &STOP,
@@ -365,10 +416,17 @@ pub fn run_train_report(
         "tokens": sum.tokens, "seconds": sum.seconds, "tokens_per_s": sum.tokens as f64 / sum.seconds.max(1e-9),
         "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
         "peak_rss_bytes": crate::train_bench::peak_rss_bytes(), "interrupted": sum.interrupted,
-        "device": cfg.device.to_string(),
+        "already_complete": sum.already_complete, "device": cfg.device.to_string(),
     });
     if report == Report::Json {
         outln!("{obj}");
+    } else if report == Report::Human && sum.already_complete {
+        outln!(
+            "{}: the run is already complete at step {} (last train loss {:.4}); pass a larger --steps with --resume to train on",
+            sum.out.display(),
+            sum.steps,
+            sum.final_loss
+        );
     } else if report == Report::Human {
         let pct = 100.0 * sum.trainable as f64 / sum.all_params.max(1) as f64;
         outln!(
@@ -386,8 +444,10 @@ pub fn run_train_report(
             sum.tokens as f64 / sum.seconds.max(1e-9),
             sum.final_loss
         );
-        if let (Some(a), Some(b)) = (sum.eval_before, sum.eval_after) {
-            outln!("eval loss {a:.4} -> {b:.4}");
+        match (sum.eval_before, sum.eval_after) {
+            (Some(a), Some(b)) => outln!("eval loss {a:.4} -> {b:.4}"),
+            (None, Some(b)) => outln!("eval loss {b:.4}"),
+            _ => {}
         }
         if sum.interrupted {
             outln!(

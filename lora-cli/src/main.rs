@@ -209,9 +209,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Tokens per sequence (longer examples are truncated; with --pack, the block length).
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
-    /// Optimizer steps.
+    /// Default: 256, or the model's maximum when it has fewer positions.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Optimizer steps (with --resume, a larger number extends a run).
     #[arg(long, default_value_t = 100)]
     steps: usize,
     /// Train for this many passes over the data instead of --steps.
@@ -262,9 +263,17 @@ struct TrainArgs {
     /// Evaluate every N steps (0: before and after only).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,
-    /// Write a checkpoint every N steps (0: at the end only).
+    /// Write a checkpoint every N steps (0: by time and at the end only).
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Also write a checkpoint whenever this many minutes of training have passed since the
+    /// last one (0: never by time), so a killed run loses at most that much work.
+    #[arg(long, default_value_t = 5.0)]
+    save_minutes: f32,
+    /// Outside a terminal, print a progress line every N steps (default: about 20 lines per
+    /// run; eval steps and the last step always print). A terminal gets a live bar instead.
+    #[arg(long)]
+    log_every: Option<usize>,
     /// Keep only the newest N checkpoints (0: keep all).
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
@@ -591,6 +600,13 @@ fn parse_cli() -> Result<Cli> {
 fn main() {
     tune_allocator();
     let result = parse_cli().and_then(run);
+    if result.is_ok() {
+        if let Some(status) = infer::signal_exit_status() {
+            // A run stopped by Ctrl-C or SIGTERM wrote its checkpoint; the status says it did
+            // not finish (so `lora train ... && lora merge ...` stops there).
+            std::process::exit(status);
+        }
+    }
     if let Err(e) = result {
         eprintln!("error: {e}");
         // Our errors put their source's text in their own message ("path: os error"); print a
@@ -648,6 +664,9 @@ fn resolve_device(s: &str) -> Result<(lora_core::Device, String)> {
     }
 }
 
+/// The files of a PEFT adapter directory (what `combine` and `convert` write there).
+const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) if a.build => demo::build(&demo::BuildRun {
@@ -679,6 +698,23 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 outln!("{note}{mode}");
             }
+            // The default sequence length yields to a model with fewer positions (say so); an
+            // explicit --seq-len past the model's maximum stays an error.
+            let seq_len = match a.seq_len {
+                Some(n) => n,
+                None => {
+                    let max = lora_io::hf::ModelDir::open(&a.model)?
+                        .config
+                        .max_positions();
+                    if max < 256 && !a.json {
+                        outln!(
+                            "--seq-len: {} takes at most {max} positions; using {max} (the default is 256)",
+                            a.model.display()
+                        );
+                    }
+                    max.min(256)
+                }
+            };
             let schedule = match a.schedule.as_str() {
                 "cosine" => lora_train::optim::Schedule::Cosine,
                 "linear" => lora_train::optim::Schedule::Linear,
@@ -700,7 +736,7 @@ fn run(cli: Cli) -> Result<()> {
                 loraplus_ratio: a.loraplus_ratio,
                 batch_size: a.batch_size,
                 grad_accum: a.grad_accum,
-                seq_len: a.seq_len,
+                seq_len,
                 steps: a.steps,
                 epochs: a.epochs,
                 warmup: a.warmup,
@@ -716,12 +752,23 @@ fn run(cli: Cli) -> Result<()> {
                 eval_split: a.eval_split,
                 eval_every: a.eval_every,
                 save_every: a.save_every,
+                save_minutes: a.save_minutes,
                 keep_checkpoints: a.keep_checkpoints,
                 gradient_checkpointing: a.gradient_checkpointing,
                 device,
                 stop_after: None,
             };
-            infer::run_train(&cfg, a.resume, a.force, a.threads, a.json).map(|_| ())
+            infer::run_train(
+                &cfg,
+                &infer::TrainRun {
+                    resume: a.resume,
+                    force: a.force,
+                    threads: a.threads,
+                    log_every: a.log_every,
+                },
+                a.json,
+            )
+            .map(|_| ())
         }
         Command::Eval(a) => {
             let (device, note) = resolve_device(&a.device)?;
@@ -762,8 +809,8 @@ fn run(cli: Cli) -> Result<()> {
                     weights.len()
                 );
             }
-            if a.out.exists() && !a.force {
-                anyhow::bail!("{} exists (pass --force to replace it)", a.out.display());
+            if weights.iter().any(|w| !w.is_finite()) {
+                anyhow::bail!("--weight must be finite, got {weights:?}");
             }
             let inputs = a
                 .adapters
@@ -771,6 +818,19 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|d| lora_io::combine::AdapterWeights::read(d))
                 .collect::<Result<Vec<_>, _>>()?;
             let (cfg, modules) = lora_io::combine::combine(&inputs, &weights, how)?;
+            let sources: Vec<(&str, &std::path::Path)> = a
+                .adapters
+                .iter()
+                .map(|d| ("input adapter (--adapter)", d.as_path()))
+                .collect();
+            lora_io::outdir::prepare_dir_output(
+                "--out",
+                &a.out,
+                "lora combine",
+                &PEFT_FILES,
+                a.force,
+                &sources,
+            )?;
             lora_io::combine::write(&a.out, &cfg, &modules)?;
             outln!(
                 "combined {} adapters ({}) into rank {} over {} modules: {}",
@@ -782,9 +842,14 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Convert(a) => {
-            infer::run_convert(&a.from, &a.to, a.model.as_deref(), &a.prefix, a.force)
-        }
+        Command::Convert(a) => infer::run_convert(
+            &a.from,
+            &a.to,
+            a.model.as_deref(),
+            &a.prefix,
+            a.force,
+            &PEFT_FILES,
+        ),
         Command::Merge(a) => {
             let dtype = match a.dtype.as_deref() {
                 None => None,
@@ -801,6 +866,12 @@ fn run(cli: Cli) -> Result<()> {
                     force: a.force,
                 },
             )?;
+            for p in &rep.removed_stale {
+                eprintln!(
+                    "note: removed {}, left by a merge that was stopped",
+                    p.display()
+                );
+            }
             outln!(
                 "merged {} layers; wrote {} tensors to {}",
                 rep.merged.len(),

@@ -79,6 +79,15 @@ pub enum IoError {
         /// What is wrong.
         reason: String,
     },
+    /// An output path that must not be written (it is an input, holds files we did not write,
+    /// or another run holds it).
+    #[error("{path}: {reason}")]
+    Output {
+        /// The output path.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: String,
+    },
     /// An adapter target matched no module.
     #[error("target_modules {target} matched no module; available modules: {available}")]
     NoTarget {

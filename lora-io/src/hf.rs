@@ -24,6 +24,16 @@ pub enum ArchConfig {
     Llama(LlamaConfig),
 }
 
+impl ArchConfig {
+    /// The most positions a sequence may have (`n_positions`, `max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            ArchConfig::Gpt2(c) => c.n_positions,
+            ArchConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+}
+
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = match std::fs::read(path) {

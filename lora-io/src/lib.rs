@@ -17,6 +17,7 @@ pub mod hf;
 pub mod inspect;
 pub mod kohya;
 pub mod merge;
+pub mod outdir;
 pub mod peft;
 pub mod safetensors;
 pub mod tokenizer;

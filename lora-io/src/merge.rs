@@ -3,8 +3,9 @@
 //! layer before anything is written, stored in the checkpoint's dtype (or the one asked for).
 //!
 //! The output is assembled in a temporary directory next to the target and renamed into place
-//! at the end, so a failure never leaves a half-written model; an existing non-empty target is
-//! refused unless `force`.
+//! at the end, so a failure never leaves a half-written model. The output is never the model or
+//! the adapter (nor a directory holding them), and an existing one is replaced only when it is
+//! an earlier merge holding nothing else, and only with `force`.
 
 use crate::error::{io_err, IoError, Result};
 use crate::hf::{read_json, ModelDir, Weights};
@@ -32,12 +33,8 @@ pub struct MergeReport {
     pub tensors: usize,
     /// The output directory.
     pub out: PathBuf,
-}
-
-fn is_nonempty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
+    /// Temporaries of merges into the same output that were killed, removed by this one.
+    pub removed_stale: Vec<PathBuf>,
 }
 
 /// Merges `adapter_dir` into the model at `model_dir` and writes the result to `out`.
@@ -47,28 +44,25 @@ pub fn merge_to_dir(
     out: &Path,
     opts: MergeOptions,
 ) -> Result<MergeReport> {
-    if out.exists() && !out.is_dir() {
-        return Err(IoError::Config {
-            path: out.into(),
-            field: "--out".into(),
-            reason: "exists and is not a directory".into(),
-        });
-    }
-    if is_nonempty_dir(out) && !opts.force {
-        return Err(IoError::Config {
-            path: out.into(),
-            field: "--out".into(),
-            reason: "directory exists and is not empty (pass --force to replace it)".into(),
-        });
-    }
-    if let (Ok(a), Ok(b)) = (out.canonicalize(), model_dir.canonicalize()) {
-        if a == b {
-            return Err(IoError::Config {
+    // Never an input; an existing output only when it is an earlier merge holding nothing
+    // else, and only with `force` (see `outdir`).
+    crate::outdir::check_not_input(
+        "--out",
+        out,
+        &[
+            ("model directory (--model)", model_dir),
+            ("adapter (--adapter)", adapter_dir),
+        ],
+    )?;
+    match crate::outdir::inspect_output("--out", out, "lora merge", crate::outdir::Owned::Listed)? {
+        crate::outdir::Existing::Empty => {}
+        crate::outdir::Existing::Ours(_) if !opts.force => {
+            return Err(IoError::Output {
                 path: out.into(),
-                field: "--out".into(),
-                reason: "is the input model directory".into(),
-            });
+                reason: "--out exists (pass --force to replace an earlier merge)".into(),
+            })
         }
+        crate::outdir::Existing::Ours(_) => {}
     }
     let md = ModelDir::open(model_dir)?;
     let mut model = md.load_model()?;
@@ -130,12 +124,15 @@ pub fn merge_to_dir(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = parent.join(format!(
-        ".{}.merge-tmp-{}",
-        out.file_name()
-            .map_or("out".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
+    let out_name = out
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().to_string());
+    // A merge into the same output that was killed left `.<out>.merge-tmp-<pid>[.old]`.
+    let stale_prefix = format!(".{out_name}.merge-tmp-");
+    let removed_stale = crate::outdir::clean_stale(parent, |n| {
+        n.starts_with(&stale_prefix) && crate::outdir::is_dead_temp(n)
+    })?;
+    let tmp = parent.join(format!("{stale_prefix}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let result = (|| -> Result<()> {
@@ -152,6 +149,7 @@ pub fn merge_to_dir(
             .into_iter()
             .collect();
         write_safetensors(&tmp.join("model.safetensors"), &tensors, meta)?;
+        let mut written = vec!["model.safetensors".to_string()];
         for entry in std::fs::read_dir(model_dir).map_err(io_err(model_dir))? {
             let entry = entry.map_err(io_err(model_dir))?;
             let p = entry.path();
@@ -159,6 +157,8 @@ pub fn merge_to_dir(
             if !p.is_file()
                 || fname.ends_with(".safetensors")
                 || fname == "model.safetensors.index.json"
+                || fname == crate::outdir::MARKER
+                || fname == crate::outdir::LOCK
                 || fname.ends_with(".bin")
             {
                 continue;
@@ -178,7 +178,9 @@ pub fn merge_to_dir(
             } else {
                 std::fs::copy(&p, tmp.join(&fname)).map_err(io_err(&p))?;
             }
+            written.push(fname);
         }
+        crate::outdir::write_marker(&tmp, "lora merge", Some(&written))?;
         // Replace: move the old directory aside, move the new one in, then delete the old one,
         // so at every moment `out` is either the old model or the complete new one.
         let old = tmp.with_extension("old");
@@ -199,5 +201,6 @@ pub fn merge_to_dir(
         merged: names,
         tensors: values.len(),
         out: out.into(),
+        removed_stale,
     })
 }

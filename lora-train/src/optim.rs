@@ -41,6 +41,27 @@ pub trait Optimizer {
         named: &[(String, Tensor)],
         state: &OptimizerState,
     ) -> lora_core::Result<()>;
+    /// The buffer keys (`"<buffer>.<name>"`) the state of tensor `name` is made of, and whether
+    /// it also has a step count.
+    fn state_keys(&self, name: &str) -> (Vec<String>, bool);
+    /// What `state` lacks for tensor `name` of `len` values (a missing buffer or step count, or
+    /// a buffer of another length), named; `None` when it is whole.
+    fn missing_state(&self, name: &str, len: usize, state: &OptimizerState) -> Option<String> {
+        let (keys, step) = self.state_keys(name);
+        for k in keys {
+            match state.buffers.iter().find(|(b, _)| *b == k) {
+                None => return Some(format!("`{k}`")),
+                Some((_, v)) if v.len() != len => {
+                    return Some(format!("`{k}` of {len} values (it has {})", v.len()))
+                }
+                Some(_) => {}
+            }
+        }
+        if step && !state.steps.iter().any(|(n, _)| n == name) {
+            return Some(format!("step count for `{name}`"));
+        }
+        None
+    }
 }
 
 /// AdamW (decoupled weight decay, bias-corrected moments), as `torch.optim.AdamW`.
@@ -141,6 +162,13 @@ impl Optimizer for AdamW {
         Ok(st)
     }
 
+    fn state_keys(&self, name: &str) -> (Vec<String>, bool) {
+        (
+            vec![format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")],
+            true,
+        )
+    }
+
     fn import(
         &mut self,
         named: &[(String, Tensor)],
@@ -236,6 +264,10 @@ impl Optimizer for Sgd {
             }
         }
         Ok(st)
+    }
+
+    fn state_keys(&self, name: &str) -> (Vec<String>, bool) {
+        (vec![format!("momentum.{name}")], false)
     }
 
     fn import(

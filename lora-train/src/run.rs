@@ -12,18 +12,28 @@
 //! A checkpoint is assembled in a temporary directory and renamed into place, so the newest
 //! `checkpoint-*` directory is always complete. Resuming restores the adapter, the optimizer
 //! moments, the step (which drives the schedule and dropout seeds) and the sampler position,
-//! so a resumed run ends with the same adapter as an uninterrupted one.
+//! so a resumed run ends with the same adapter as an uninterrupted one. A checkpoint that does
+//! not read back whole (a damaged file, missing moments or sampler position) is skipped for the
+//! newest one that does, and the run says which.
+//!
+//! The output directory carries lora-rs's marker (see [`lora_io::outdir`]) and, while a run
+//! writes there, its lock: a second run into the same directory is refused with the first one's
+//! pid. Temporaries a killed run left (`.checkpoint-N.tmp`, half-written files) are removed by
+//! the next run and reported. `force` replaces only a previous training output holding nothing
+//! else, and never an input.
 
 use crate::batches::{
-    chat_template_for, pack, read_examples, tokenize, training_eos, Batch, Sampler, TokenizeOptions,
+    chat_template_for, pack, read_examples, tokenize, training_eos, Batch, Sampler, Sequence,
+    TokenizeOptions,
 };
 use crate::eval::eval_sequences;
 use crate::optim::{lr_factor, AdamW, Optimizer, OptimizerState, Schedule, Sgd};
-use crate::trainer::{adapter_groups, train_step};
+use crate::trainer::{adapter_groups, train_step, StepStats};
 use crate::{Result, TrainError};
 use lora_core::models::{param_counts, CausalLm};
 use lora_core::Tensor;
 use lora_io::hf::ModelDir;
+use lora_io::outdir::{self, Existing, Owned};
 use lora_io::peft::{inject, load_adapter, save_adapter, PeftConfig, Targets};
 use lora_io::safetensors::SafetensorsFile;
 use lora_io::tokenizer::TextTokenizer;
@@ -96,6 +106,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: usize,
+    /// Also checkpoint whenever this many minutes of training have passed since the last
+    /// checkpoint (0: never by time), so a killed run loses at most that much work.
+    pub save_minutes: f32,
     /// Keep only the newest this many checkpoints (0: keep all).
     pub keep_checkpoints: usize,
     /// Activation checkpointing: recompute each transformer block's forward during backward
@@ -111,13 +124,15 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     fn to_json(&self) -> Value {
+        // f32 settings as their shortest decimal (2e-4, not 0.00019999999494757503).
+        let f = |x: f32| short_f32(x);
         json!({
-            "model": self.model, "data": self.data, "rank": self.rank, "alpha": self.alpha, "target": self.target,
-            "dropout": self.dropout, "rslora": self.rslora, "lr": self.lr, "loraplus_ratio": self.loraplus_ratio,
-            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs,
-            "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": self.weight_decay,
-            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm, "pack": self.pack, "eos": self.eos, "assistant_only_loss": self.assistant_only_loss, "seed": self.seed,
-            "eval_data": self.eval_data, "eval_split": self.eval_split,
+            "model": self.model, "data": self.data, "rank": self.rank, "alpha": f(self.alpha), "target": self.target,
+            "dropout": f(self.dropout), "rslora": self.rslora, "lr": f(self.lr), "loraplus_ratio": f(self.loraplus_ratio),
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs.map(f),
+            "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": f(self.weight_decay),
+            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm.map(f), "pack": self.pack, "eos": self.eos, "assistant_only_loss": self.assistant_only_loss, "seed": self.seed,
+            "eval_data": self.eval_data, "eval_split": f(self.eval_split),
         })
     }
 
@@ -170,6 +185,15 @@ impl TrainConfig {
                     format!("must be finite and > 0 (0 on the command line disables), got {c}"),
                 );
             }
+        }
+        if !(self.save_minutes.is_finite() && self.save_minutes >= 0.0) {
+            return bad(
+                "save-minutes",
+                format!(
+                    "must be >= 0 (0: no checkpoints by time), got {}",
+                    self.save_minutes
+                ),
+            );
         }
         if !(0.0..1.0).contains(&self.eval_split) {
             return bad(
@@ -227,9 +251,21 @@ impl TrainConfig {
     }
 }
 
+/// An f32 as the JSON number its shortest decimal spells (`2e-4`, not the f64 widening
+/// `0.00019999999494757503`).
+fn short_f32(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
 /// The settings that differ between a checkpoint's config and this run's, as
 /// `key: checkpoint VALUE, now VALUE`. A checkpoint written before `eos` or
 /// `assistant_only_loss` existed trained without them, so a missing key reads as `false`.
+/// Numbers compare as the f32 settings they are (older checkpoints wrote their f64 widening).
+/// `steps` and `epochs` are not part of a run's identity: a resumed run may be extended.
 fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
     let mut saved = saved.clone();
     if let Some(m) = saved.as_object_mut() {
@@ -242,15 +278,23 @@ fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
         saved.as_object().unwrap_or(&empty),
         now.as_object().unwrap_or(&empty),
     );
+    let as_f32 = |v: Option<&Value>| v.and_then(|v| v.as_f64()).map(|x| x as f32);
+    let same = |x: Option<&Value>, y: Option<&Value>| match (as_f32(x), as_f32(y)) {
+        (Some(p), Some(q)) => p == q,
+        _ => x == y,
+    };
+    let show = |v: Option<&Value>| match (v, as_f32(v)) {
+        (Some(Value::Number(n)), Some(x)) if n.is_f64() => x.to_string(),
+        (Some(v), _) => v.to_string(),
+        (None, _) => "(none)".to_string(),
+    };
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| {
-            let show = |v: Option<&Value>| v.map_or("(none)".to_string(), |v| v.to_string());
-            format!("{k}: checkpoint {}, now {}", show(a.get(k)), show(b.get(k)))
-        })
+        .filter(|k| !matches!(k.as_str(), "steps" | "epochs"))
+        .filter(|k| !same(a.get(*k), b.get(*k)))
+        .map(|k| format!("{k}: checkpoint {}, now {}", show(a.get(k)), show(b.get(k))))
         .collect()
 }
 
@@ -287,6 +331,16 @@ pub struct StepLog {
     pub eval_loss: Option<f64>,
 }
 
+/// What a run reports as it goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    /// A step finished.
+    Step(&'a StepLog),
+    /// A one-line notice for the user: a stale temporary removed, a damaged checkpoint skipped,
+    /// examples dropped, a run extended.
+    Note(&'a str),
+}
+
 /// What a run did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSummary {
@@ -294,7 +348,7 @@ pub struct TrainSummary {
     pub steps: usize,
     /// Last training loss.
     pub final_loss: f32,
-    /// Eval loss before training (None when resumed or no eval data).
+    /// Eval loss before training (a resumed run reports its original run's).
     pub eval_before: Option<f64>,
     /// Eval loss at the end.
     pub eval_after: Option<f64>,
@@ -310,6 +364,9 @@ pub struct TrainSummary {
     pub out: PathBuf,
     /// Stopped early by the stop flag (a checkpoint was written; `--resume` continues).
     pub interrupted: bool,
+    /// `--resume` found the run already finished: nothing was trained (`final_loss` is the
+    /// run's last).
+    pub already_complete: bool,
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> TrainError {
@@ -335,19 +392,195 @@ fn named_params(model: &dyn CausalLm) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
-    std::fs::read_dir(out)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then_some((step, e.path()))
+/// The step a `checkpoint-NNNNNN` name holds.
+fn checkpoint_step(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix("checkpoint-")?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// Whether a training run writes an entry of this name in its output directory (what `force`
+/// may replace there).
+pub fn is_train_output(name: &str) -> bool {
+    matches!(
+        name,
+        "adapter_config.json" | "adapter_model.safetensors" | "metrics.jsonl" | "loss.svg"
+    ) || checkpoint_step(name).is_some()
+        || is_checkpoint_tmp(name)
+        || outdir::is_dead_temp(name)
+}
+
+/// A checkpoint being assembled (`.checkpoint-NNNNNN.tmp`); one found when a run starts was
+/// left by a run that was killed while writing it.
+fn is_checkpoint_tmp(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .is_some_and(|n| checkpoint_step(n).is_some())
+}
+
+/// The `checkpoint-*` directories of `out`, newest first.
+fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let step = checkpoint_step(&e.file_name().to_string_lossy())?;
+                    e.path().is_dir().then(|| (step, e.path()))
+                })
+                .collect()
         })
-        .max_by_key(|(s, _)| *s)
+        .unwrap_or_default();
+    v.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+    v
+}
+
+/// A checkpoint that read back whole.
+struct Resumable {
+    step: usize,
+    dir: PathBuf,
+    state: Value,
+    sampler_epoch: u64,
+    sampler_pos: usize,
+    optimizer: OptimizerState,
+}
+
+/// Reads a checkpoint back and checks it is whole: the trainer state with every field a resume
+/// needs, an adapter whose tensors are all finite, and optimizer state for every adapter tensor
+/// of the right length (a moment missing would silently restart from zero). The error is the
+/// reason it cannot be resumed.
+fn read_checkpoint(
+    step: usize,
+    dir: &Path,
+    opt: &dyn Optimizer,
+) -> std::result::Result<Resumable, String> {
+    let sp = dir.join("trainer_state.json");
+    let state = lora_io::hf::read_json(&sp).map_err(|e| e.to_string())?;
+    let uint = |k: &str| {
+        state[k].as_u64().ok_or_else(|| {
+            format!(
+                "{}: `{k}` missing or not a non-negative integer",
+                sp.display()
+            )
+        })
+    };
+    if uint("step")? != step as u64 {
+        return Err(format!(
+            "{}: `step` is {}, the directory's name says {step}",
+            sp.display(),
+            state["step"]
+        ));
+    }
+    let sampler_epoch = uint("sampler_epoch")?;
+    let sampler_pos = usize::try_from(uint("sampler_pos")?).map_err(|e| e.to_string())?;
+    if !state["config"].is_object() {
+        return Err(format!("{}: `config` missing", sp.display()));
+    }
+    lora_io::peft::PeftConfig::load(dir).map_err(|e| e.to_string())?;
+    let af = dir.join("adapter_model.safetensors");
+    let adapter = SafetensorsFile::open(&af).map_err(|e| e.to_string())?;
+    let mut sizes = Vec::new();
+    for k in adapter.names() {
+        let (v, _) = adapter.read_f32(k).map_err(|e| e.to_string())?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(format!(
+                "{}: `{k}` holds {} at index {i}",
+                af.display(),
+                v[i]
+            ));
+        }
+        let Some(name) = k
+            .strip_prefix("base_model.model.")
+            .and_then(|n| n.strip_suffix(".weight"))
+        else {
+            return Err(format!("{}: `{k}` is not a PEFT LoRA key", af.display()));
+        };
+        sizes.push((name.to_string(), v.len()));
+    }
+    let of = dir.join("optimizer.safetensors");
+    let f = SafetensorsFile::open(&of).map_err(|e| e.to_string())?;
+    let mut optimizer = OptimizerState::default();
+    for k in f.names() {
+        optimizer
+            .buffers
+            .push((k.to_string(), f.read_f32(k).map_err(|e| e.to_string())?.0));
+    }
+    if let Some(m) = state["optimizer_steps"].as_object() {
+        for (k, v) in m {
+            let n = v.as_u64().ok_or_else(|| {
+                format!("{}: `optimizer_steps.{k}` is not an integer", sp.display())
+            })?;
+            optimizer.steps.push((k.clone(), n));
+        }
+    }
+    if step > 0 {
+        for (name, len) in &sizes {
+            if let Some(missing) = opt.missing_state(name, *len, &optimizer) {
+                return Err(format!(
+                    "{}: no optimizer state {missing} (resuming would restart it from zero)",
+                    of.display()
+                ));
+            }
+        }
+    }
+    Ok(Resumable {
+        step,
+        dir: dir.to_path_buf(),
+        state,
+        sampler_epoch,
+        sampler_pos,
+        optimizer,
+    })
+}
+
+/// The newest checkpoint of `out` that reads back whole; each newer one that does not is
+/// reported through `note` with the reason. None whole is an error listing why.
+fn newest_resumable(
+    out: &Path,
+    opt: &dyn Optimizer,
+    note: &mut dyn FnMut(&str),
+) -> Result<Resumable> {
+    let all = checkpoints(out);
+    if all.is_empty() {
+        return Err(err(
+            out,
+            "--resume: no checkpoint-* directory found (the run stopped before its first \
+             checkpoint, or --out differs)",
+        ));
+    }
+    let mut why = Vec::new();
+    for (step, dir) in &all {
+        match read_checkpoint(*step, dir, opt) {
+            Ok(r) => {
+                if !why.is_empty() {
+                    note(&format!(
+                        "resuming from {} (the newer checkpoints are damaged: {})",
+                        dir.display(),
+                        why.join("; ")
+                    ));
+                }
+                return Ok(r);
+            }
+            Err(e) => why.push(e),
+        }
+    }
+    Err(err(
+        out,
+        format!(
+            "--resume: no checkpoint reads back whole: {}",
+            why.join("; ")
+        ),
+    ))
+}
+
+/// What [`save_checkpoint`] records besides the model and optimizer.
+struct CheckpointExtras {
+    /// The time the chat template's `strftime_now` rendered with.
+    chat_now: Option<i64>,
+    /// The last step's training loss.
+    loss: f32,
+    /// The eval loss before training, for a resumed run's summary.
+    eval_before: Option<f64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -359,7 +592,7 @@ fn save_checkpoint(
     opt: &dyn Optimizer,
     sampler: &Sampler,
     cfg: &TrainConfig,
-    chat_now: Option<i64>,
+    extras: &CheckpointExtras,
 ) -> Result<()> {
     let final_dir = out.join(format!("checkpoint-{step:06}"));
     let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
@@ -386,8 +619,9 @@ fn save_checkpoint(
         "step": step, "sampler_epoch": sampler.epoch, "sampler_pos": sampler.pos,
         "optimizer_steps": st.steps.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "config": cfg.to_json(),
+        "loss": short_f32(extras.loss), "eval_before": extras.eval_before,
     });
-    if let Some(t) = chat_now {
+    if let Some(t) = extras.chat_now {
         // The time the chat template's strftime_now rendered with: a resumed run renders the
         // same text (a template that prints today's date would otherwise change the data).
         state["chat_now"] = json!(t);
@@ -402,72 +636,150 @@ fn save_checkpoint(
     std::fs::rename(&tmp, &final_dir).map_err(|e| err(&final_dir, e.to_string()))?;
     if cfg.keep_checkpoints > 0 {
         // Only after the new one is complete: older ones go, newest first kept.
-        let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
-            .map_err(|e| err(out, e.to_string()))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                Some((
-                    e.file_name()
-                        .to_string_lossy()
-                        .strip_prefix("checkpoint-")?
-                        .parse()
-                        .ok()?,
-                    e.path(),
-                ))
-            })
-            .collect();
-        all.sort_by_key(|e| std::cmp::Reverse(e.0));
-        for (_, p) in all.into_iter().skip(cfg.keep_checkpoints) {
+        for (_, p) in checkpoints(out).into_iter().skip(cfg.keep_checkpoints) {
             let _ = std::fs::remove_dir_all(p);
         }
     }
     Ok(())
 }
 
-/// Runs (or, with `resume`, continues) training; `on_step` sees every step. When `stop` becomes
-/// true (Ctrl-C), the run checkpoints after the current step and returns early
-/// (`TrainSummary::interrupted`).
+/// Runs (or, with `resume`, continues) training; `on_event` sees every step and notice.
 pub fn train(
     cfg: &TrainConfig,
     resume: bool,
     force: bool,
-    on_step: &mut dyn FnMut(&StepLog),
+    on_event: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
     train_until(
         cfg,
         resume,
         force,
-        on_step,
+        on_event,
         &std::sync::atomic::AtomicBool::new(false),
     )
 }
 
-/// [`train`] with a stop flag.
+/// The read-only checks of the output directory, before anything is loaded: never an input,
+/// and a non-empty directory only with `resume` or (a previous training output holding nothing
+/// else) `force`. Returns what `force` will replace.
+fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<Vec<PathBuf>> {
+    let out = &cfg.out;
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("model directory (--model)", &cfg.model),
+        ("training data (--data)", &cfg.data),
+    ];
+    if let Some(e) = &cfg.eval_data {
+        inputs.push(("eval data (--eval-data)", e));
+    }
+    outdir::check_not_input("--out", out, &inputs)?;
+    outdir::DirLock::check_free(out)?;
+    if resume {
+        return Ok(Vec::new());
+    }
+    match outdir::inspect_output(
+        "--out",
+        out,
+        "lora train",
+        Owned::Matching(&is_train_output),
+    )? {
+        Existing::Empty => Ok(Vec::new()),
+        Existing::Ours(entries) if force => Ok(entries),
+        Existing::Ours(_) => Err(err(
+            out,
+            "output directory is not empty (pass --resume to continue or --force to start over)",
+        )),
+    }
+}
+
+/// Takes the output directory for this run: the lock, temporaries of killed runs removed (and
+/// reported), a previous output replaced under `force` (checked again under the lock), the
+/// marker written.
+fn take_output(
+    cfg: &TrainConfig,
+    resume: bool,
+    force: bool,
+    note: &mut dyn FnMut(&str),
+) -> Result<outdir::DirLock> {
+    let out = &cfg.out;
+    let lock = outdir::DirLock::acquire(out)?;
+    let stale = outdir::clean_stale(out, |n| is_checkpoint_tmp(n) || outdir::is_dead_temp(n))?;
+    for p in stale {
+        note(&format!(
+            "removed {}, left by a run that was stopped while writing it",
+            p.display()
+        ));
+    }
+    if force && !resume {
+        if let Existing::Ours(entries) = outdir::inspect_output(
+            "--out",
+            out,
+            "lora train",
+            Owned::Matching(&is_train_output),
+        )? {
+            outdir::remove_owned(&entries)?;
+        }
+    }
+    outdir::write_marker(out, "lora train", None)?;
+    Ok(lock)
+}
+
+/// The number of examples `seqs` holds with no target token (e.g. a prompt that fills
+/// `--seq-len`, an empty completion with `--no-eos`), and the sequences without them.
+fn drop_targetless(seqs: Vec<Sequence>) -> (Vec<Sequence>, usize) {
+    let n = seqs.len();
+    let kept: Vec<Sequence> = seqs
+        .into_iter()
+        .filter(|s| s.labels.iter().skip(1).any(|&l| l >= 0))
+        .collect();
+    let dropped = n - kept.len();
+    (kept, dropped)
+}
+
+/// The largest rank each targeted layer allows is min(in, out): more adds parameters that
+/// cannot raise the update's rank.
+fn check_rank(model: &dyn CausalLm, peft: &PeftConfig) -> Result<()> {
+    let head = model.output_head().to_string();
+    for (name, lin) in model.linears() {
+        if !peft.selects(&name, &head)? {
+            continue;
+        }
+        let (i, o) = lin.dims();
+        let r = peft.lora_config_for(&name)?.rank;
+        if r > i.min(o) {
+            return Err(err(
+                Path::new("--rank"),
+                format!(
+                    "{r} exceeds what `{name}` ({i} -> {o} features) can use: at most {}",
+                    i.min(o)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`train`] with a stop flag: when it becomes true (Ctrl-C, SIGTERM), the run checkpoints after
+/// the current step and returns early (`TrainSummary::interrupted`).
 pub fn train_until(
     cfg: &TrainConfig,
     resume: bool,
     force: bool,
-    on_step: &mut dyn FnMut(&StepLog),
+    on_event: &mut dyn FnMut(Event),
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     let out = &cfg.out;
-    let checkpoint = if resume { latest_checkpoint(out) } else { None };
-    if resume && checkpoint.is_none() {
-        return Err(err(
-            out,
-            "--resume: no complete checkpoint-* directory found",
-        ));
-    }
-    let nonempty = std::fs::read_dir(out)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
-    if nonempty && !resume && !force {
-        return Err(err(
-            out,
-            "output directory is not empty (pass --resume to continue or --force to start over)",
-        ));
-    }
+    check_output(cfg, resume, force)?;
+    let mut note = |s: &str| on_event(Event::Note(s));
+    let mut opt: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
+        "sgd" => Box::new(Sgd::new(0.9, cfg.weight_decay)),
+        _ => Box::new(AdamW::new(0.9, 0.999, 1e-8, cfg.weight_decay)),
+    };
+    let checkpoint = if resume {
+        Some(newest_resumable(out, opt.as_ref(), &mut note)?)
+    } else {
+        None
+    };
 
     let md = ModelDir::open(&cfg.model)?;
     let tok = TextTokenizer::from_model_dir(&cfg.model)?;
@@ -509,13 +821,13 @@ pub fn train_until(
         ));
     }
     let peft = cfg.peft();
-    let (start, mut sampler_state, saved_chat_now) = match &checkpoint {
-        Some((step, dir)) => {
-            let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
-            let diff = config_diff(&saved["config"], &cfg.to_json());
+    let saved_chat_now = match &checkpoint {
+        Some(c) => {
+            let sp = c.dir.join("trainer_state.json");
+            let diff = config_diff(&c.state["config"], &cfg.to_json());
             if !diff.is_empty() {
                 return Err(err(
-                    &dir.join("trainer_state.json"),
+                    &sp,
                     format!(
                         "the run's settings differ from this checkpoint's ({}); resume with the \
                          same flags",
@@ -523,19 +835,13 @@ pub fn train_until(
                     ),
                 ));
             }
-            load_adapter(model.as_mut(), dir)?;
-            (
-                *step,
-                Some((
-                    saved["sampler_epoch"].as_u64().unwrap_or(0),
-                    saved["sampler_pos"].as_u64().unwrap_or(0) as usize,
-                )),
-                saved["chat_now"].as_i64(),
-            )
+            load_adapter(model.as_mut(), &c.dir)?;
+            c.state["chat_now"].as_i64()
         }
         None => {
+            check_rank(model.as_ref(), &peft)?;
             inject(model.as_mut(), &peft, cfg.seed)?;
-            (0, None, None)
+            None
         }
     };
 
@@ -545,7 +851,7 @@ pub fn train_until(
         c.set_now(t);
     }
     let chat_now = chat.as_ref().map(|c| c.now());
-    let mut train_seqs = tokenize(
+    let train_seqs = tokenize(
         &tok,
         &examples,
         &TokenizeOptions {
@@ -563,16 +869,52 @@ pub fn train_until(
             cfg.eval_data.is_none() && cfg.eval_split > 0.0,
         )
     })?;
-    if cfg.pack {
-        train_seqs = pack(&train_seqs, cfg.seq_len);
-    }
-    train_seqs.retain(|s| s.ids.len() >= 2);
+    let (train_seqs, dropped) = if cfg.pack {
+        let packed = pack(&train_seqs, cfg.seq_len);
+        drop_targetless(packed)
+    } else {
+        drop_targetless(train_seqs)
+    };
     if train_seqs.is_empty() {
         return Err(err(
             &cfg.data,
             format!(
-                "no training sequence of two or more tokens (seq-len {})",
-                cfg.seq_len
+                "no training example keeps a target token within --seq-len {} (a prompt that \
+                 fills it leaves its completion nothing; an empty completion with --no-eos has \
+                 none){}",
+                cfg.seq_len,
+                if cfg.pack {
+                    "; with --pack, the data is shorter than one block"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    if dropped > 0 {
+        note(&format!(
+            "{dropped} of {} {} no target token within --seq-len {} and {} left out of training",
+            dropped + train_seqs.len(),
+            if cfg.pack {
+                "blocks have"
+            } else {
+                "training examples have"
+            },
+            cfg.seq_len,
+            if dropped == 1 { "is" } else { "are" }
+        ));
+    }
+    let step_seqs = cfg.batch_size.saturating_mul(cfg.grad_accum);
+    if cfg.batch_size > train_seqs.len() || step_seqs > train_seqs.len() {
+        return Err(err(
+            Path::new("--batch-size"),
+            format!(
+                "a step would take {} sequences ({} x --grad-accum {}) but the data has {} \
+                 training sequences: lower --batch-size or --grad-accum",
+                step_seqs,
+                cfg.batch_size,
+                cfg.grad_accum,
+                train_seqs.len()
             ),
         ));
     }
@@ -590,75 +932,127 @@ pub fn train_until(
         Some(p) => in_file(e, p, false),
         None => in_file(e, &cfg.data, true),
     })?;
+    let (eval_seqs, eval_dropped) = drop_targetless(eval_seqs);
+    if eval_dropped > 0 {
+        note(&format!(
+            "{eval_dropped} of {} held-out examples have no target token within --seq-len {} and \
+             are left out of the eval loss",
+            eval_dropped + eval_seqs.len(),
+            cfg.seq_len
+        ));
+    }
     let total_steps = match cfg.epochs {
-        Some(e) => ((e as f64 * train_seqs.len() as f64 / (cfg.batch_size * cfg.grad_accum) as f64)
-            .ceil() as usize)
-            .max(1),
+        Some(e) => ((e as f64 * train_seqs.len() as f64 / step_seqs as f64).ceil() as usize).max(1),
         None => cfg.steps,
     };
-    let mut sampler = match sampler_state.take() {
-        Some((e, p)) => Sampler::resume(train_seqs.len(), cfg.seed, e, p),
-        None => Sampler::new(train_seqs.len(), cfg.seed),
+    let mut sampler = Sampler::new(train_seqs.len(), cfg.seed);
+    let start = match &checkpoint {
+        Some(c) => {
+            if c.sampler_pos > train_seqs.len() {
+                return Err(err(
+                    &c.dir.join("trainer_state.json"),
+                    format!(
+                        "`sampler_pos` {} is past the {} training sequences (was the data \
+                         changed since the run began?)",
+                        c.sampler_pos,
+                        train_seqs.len()
+                    ),
+                ));
+            }
+            sampler = Sampler::resume(train_seqs.len(), cfg.seed, c.sampler_epoch, c.sampler_pos);
+            opt.import(&named_params(model.as_ref()), &c.optimizer)?;
+            let saved_total = c.state["config"]["steps"].as_u64().unwrap_or(0) as usize;
+            if c.step > total_steps {
+                return Err(err(
+                    &c.dir,
+                    format!(
+                        "the checkpoint is at step {}, past this run's {total_steps} steps; \
+                         pass --steps {} or more to go on",
+                        c.step, c.step
+                    ),
+                ));
+            }
+            if c.step == total_steps && out.join("adapter_model.safetensors").exists() {
+                let loss = c.state["loss"].as_f64().map_or(f32::NAN, |x| x as f32);
+                return Ok(TrainSummary {
+                    steps: c.step,
+                    final_loss: loss,
+                    eval_before: c.state["eval_before"].as_f64(),
+                    eval_after: None,
+                    tokens: 0,
+                    seconds: 0.0,
+                    trainable: 0,
+                    all_params: 0,
+                    out: out.clone(),
+                    interrupted: false,
+                    already_complete: true,
+                });
+            }
+            if cfg.epochs.is_none() && saved_total != 0 && saved_total != total_steps {
+                note(&format!(
+                    "extending the run from {saved_total} to {total_steps} steps: the \
+                     learning-rate schedule spans {total_steps} steps from here on"
+                ));
+            }
+            c.step
+        }
+        None => 0,
     };
 
     let groups = adapter_groups(model.as_ref(), cfg.loraplus_ratio);
-    let mut opt: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
-        "sgd" => Box::new(Sgd::new(0.9, cfg.weight_decay)),
-        _ => Box::new(AdamW::new(0.9, 0.999, 1e-8, cfg.weight_decay)),
-    };
-    if let Some((_, dir)) = &checkpoint {
-        let f = SafetensorsFile::open(dir.join("optimizer.safetensors"))?;
-        let saved = lora_io::hf::read_json(&dir.join("trainer_state.json"))?;
-        let mut st = OptimizerState::default();
-        for k in f.names() {
-            st.buffers.push((k.to_string(), f.read_f32(k)?.0));
-        }
-        if let Some(m) = saved["optimizer_steps"].as_object() {
-            st.steps = m
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect();
-        }
-        opt.import(&named_params(model.as_ref()), &st)?;
-    }
-
     // Everything the step touches moves to the device now (weights, adapters; the optimizer
     // state follows its tensors on the first step).
     model.to_device(cfg.device)?;
     let (trainable, all_params) = param_counts(model.as_ref());
-    let eval_before = if checkpoint.is_none() {
-        eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss)
-    } else {
-        None
+    let eval_before = match &checkpoint {
+        None => eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss),
+        Some(c) => c.state["eval_before"].as_f64(),
     };
     // Only now, with the model, data and settings checked, is the output directory touched.
-    if nonempty && force && !resume {
-        std::fs::remove_dir_all(out).map_err(|e| err(out, e.to_string()))?;
-    }
-    std::fs::create_dir_all(out).map_err(|e| err(out, e.to_string()))?;
+    let _lock = take_output(cfg, resume, force, &mut note)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(out.join("metrics.jsonl"))
         .map_err(|e| err(out, e.to_string()))?;
+    let mut metric = |step: usize,
+                      st: Option<&StepStats>,
+                      lr: Option<f32>,
+                      tps: Option<f64>,
+                      elapsed: f64,
+                      eval: Option<f64>| {
+        // Every line has the same keys; the line before training has no step statistics.
+        let line = json!({
+            "step": step, "loss": st.map(|s| s.loss), "lr": lr, "grad_norm": st.map(|s| s.grad_norm),
+            "tokens": st.map_or(0, |s| s.tokens), "tokens_per_s": tps, "elapsed_s": elapsed, "eval_loss": eval,
+        });
+        writeln!(metrics, "{line}").map_err(|e| err(out, e.to_string()))
+    };
+    if checkpoint.is_none() {
+        if let Some(e) = eval_before {
+            metric(0, None, None, None, 0.0, Some(e))?;
+        }
+    }
     let t0 = Instant::now();
-    let (mut tokens, mut last_loss) = (0usize, f32::NAN);
+    let mut last_save = Instant::now();
+    let mut tokens = 0usize;
+    let mut last_loss = checkpoint
+        .as_ref()
+        .and_then(|c| c.state["loss"].as_f64())
+        .map_or(f32::NAN, |x| x as f32);
     let end = match cfg.stop_after {
         Some(k) => (start + k).min(total_steps),
         None => total_steps,
     };
-    let save = |step: usize, opt: &dyn Optimizer, sampler: &Sampler| {
-        save_checkpoint(
-            out,
-            step,
-            model.as_ref(),
-            &peft,
-            opt,
-            sampler,
-            cfg,
+    let save = |step: usize, opt: &dyn Optimizer, sampler: &Sampler, loss: f32| {
+        let extras = CheckpointExtras {
             chat_now,
-        )
+            loss,
+            eval_before,
+        };
+        save_checkpoint(out, step, model.as_ref(), &peft, opt, sampler, cfg, &extras)
     };
+    let mut eval_after = None;
     for step in start..end {
         let micro: Vec<Batch> = (0..cfg.grad_accum)
             .map(|_| {
@@ -681,24 +1075,28 @@ pub fn train_until(
         tokens += st.tokens;
         last_loss = st.loss;
         let done = step + 1;
-        let eval_loss = if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done != total_steps {
+        let eval_loss = if done == total_steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0)
+        {
             eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss)
         } else {
             None
         };
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        let line = json!({"step": done, "loss": st.loss, "lr": lr, "grad_norm": st.grad_norm, "tokens": st.tokens, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_loss": eval_loss});
-        writeln!(metrics, "{line}").map_err(|e| err(out, e.to_string()))?;
-        on_step(&StepLog {
+        if done == total_steps {
+            eval_after = eval_loss;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let tps = tokens as f64 / elapsed.max(1e-9);
+        metric(done, Some(&st), Some(lr), Some(tps), elapsed, eval_loss)?;
+        on_event(Event::Step(&StepLog {
             step: done,
             total: total_steps,
             loss: st.loss,
             lr,
             tokens_per_s: tps,
             eval_loss,
-        });
+        }));
         if stop.load(std::sync::atomic::Ordering::SeqCst) && done != end {
-            save(done, opt.as_ref(), &sampler)?;
+            save(done, opt.as_ref(), &sampler, last_loss)?;
             return Ok(TrainSummary {
                 steps: done,
                 final_loss: last_loss,
@@ -710,25 +1108,26 @@ pub fn train_until(
                 all_params,
                 out: out.clone(),
                 interrupted: true,
+                already_complete: false,
             });
         }
-        if cfg.save_every > 0 && done % cfg.save_every == 0 && done != end {
-            save(done, opt.as_ref(), &sampler)?;
+        let by_steps = cfg.save_every > 0 && done % cfg.save_every == 0;
+        let by_time = cfg.save_minutes > 0.0
+            && last_save.elapsed().as_secs_f64() >= cfg.save_minutes as f64 * 60.0;
+        if (by_steps || by_time) && done != end {
+            save(done, opt.as_ref(), &sampler, last_loss)?;
+            last_save = Instant::now();
         }
     }
-    save(end, opt.as_ref(), &sampler)?;
-    let eval_after = eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss);
+    if start == end && end == total_steps {
+        // Resumed from the last step's checkpoint of a run stopped before its adapter was
+        // written: nothing to train, the end's eval still to do.
+        eval_after = eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss);
+    }
+    save(end, opt.as_ref(), &sampler, last_loss)?;
     if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
-        if let Some(e) = eval_after {
-            writeln!(metrics, "{}", json!({"step": end, "eval_loss": e}))
-                .map_err(|e| err(out, e.to_string()))?;
-        }
-        let (train_pts, mut eval_pts) = crate::plot::read_metrics(&out.join("metrics.jsonl"))?;
-        if let Some(e) = eval_before {
-            // The eval loss before training is plotted at step 0 (a resumed run has no such point).
-            eval_pts.insert(0, (0.0, e));
-        }
+        let (train_pts, eval_pts) = crate::plot::read_metrics(&out.join("metrics.jsonl"))?;
         crate::plot::write_loss_svg(&out.join("loss.svg"), &train_pts, &eval_pts)?;
     }
     Ok(TrainSummary {
@@ -742,5 +1141,6 @@ pub fn train_until(
         all_params,
         out: out.clone(),
         interrupted: false,
+        already_complete: false,
     })
 }

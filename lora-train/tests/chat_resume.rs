@@ -41,6 +41,7 @@ fn config(model: &Path, data: &Path, out: PathBuf) -> TrainConfig {
         eval_split: 0.0,
         eval_every: 0,
         save_every: 2,
+        save_minutes: 0.0,
         keep_checkpoints: 0,
         gradient_checkpointing: false,
         device: lora_core::Device::Cpu,

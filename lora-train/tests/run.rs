@@ -46,6 +46,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         eval_split: 0.25,
         eval_every: 3,
         save_every: 2,
+        save_minutes: 0.0,
         keep_checkpoints: 0,
         gradient_checkpointing: false,
         device: lora_core::Device::Cpu,
@@ -87,7 +88,19 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(steps.iter().filter(|v| v.get("loss").is_some()).count(), 6);
+    assert_eq!(steps.iter().filter(|v| v["loss"].is_number()).count(), 6);
+    // Every line has the same keys; the first holds the eval before training (step 0), the
+    // last the final eval beside the last step's loss.
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert!(
+        steps.iter().all(|v| keys(v) == keys(&steps[0])),
+        "{metrics}"
+    );
+    assert_eq!(steps.len(), 7, "{metrics}");
+    assert!(steps[0]["step"] == 0 && steps[0]["loss"].is_null());
+    assert_eq!(steps[0]["eval_loss"].as_f64(), sa.eval_before);
+    assert!(steps[6]["step"] == 6 && steps[6]["loss"].is_number());
+    assert_eq!(steps[6]["eval_loss"].as_f64(), sa.eval_after);
     assert!(
         steps
             .iter()
