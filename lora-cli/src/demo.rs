@@ -33,6 +33,7 @@ pub fn base_config() -> Gpt2Config {
         n_head: 4,
         n_inner: 512,
         layer_norm_epsilon: 1e-5,
+        tie_word_embeddings: true,
     }
 }
 

@@ -120,7 +120,7 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
         temperature: r.temperature,
         top_p: r.top_p,
         seed: r.seed,
-        eos: md.eos_token_ids(),
+        eos: md.eos_token_ids()?,
         adapters: true,
     };
     let ids = generate(model.as_ref(), &prompt, &cfg)?;
@@ -179,6 +179,7 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
                 "|B|",
                 "|s*B@A|"
             );
+            let damaged: usize = modules.iter().map(|m| m.non_finite).sum();
             for m in modules {
                 outln!(
                     "  {:<50} {:>4} {:>7} {:>8.4} {:>10.4} {:>10.4} {:>12.4}",
@@ -190,6 +191,9 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
                     m.norm_b,
                     m.norm_delta
                 );
+            }
+            if damaged > 0 {
+                outln!("warning: {damaged} values of A and B are NaN or infinite: this adapter is damaged, and eval, generate and merge refuse it");
             }
         }
         Report::File {

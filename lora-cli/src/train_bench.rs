@@ -96,6 +96,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
                 n_head: heads,
                 n_inner: 4 * hidden,
                 layer_norm_epsilon: 1e-5,
+                tie_word_embeddings: true,
             };
             let m = Gpt2::load(&c, &mut load)?;
             (Box::new(m), &["attn.c_attn"], "GPT-2 shape; LoRA on c_attn")

@@ -349,6 +349,11 @@ impl RopeTables {
         }
     }
 
+    /// Positions the tables cover.
+    pub fn positions(&self) -> usize {
+        self.cos.len() / (self.head_dim / 2).max(1)
+    }
+
     /// The tables as tensors on `device` (uploaded once per device and shared by the clones).
     pub(crate) fn on_device(&self, device: Device) -> Result<(Tensor, Tensor)> {
         let mut g = self.device_copy.lock().unwrap_or_else(|e| e.into_inner());
@@ -357,10 +362,7 @@ impl RopeTables {
                 return Ok((c.clone(), s.clone()));
             }
         }
-        let shape = [
-            self.cos.len() / (self.head_dim / 2).max(1),
-            self.head_dim / 2,
-        ];
+        let shape = [self.positions(), self.head_dim / 2];
         let c = Tensor::new_on(self.cos.to_vec(), &shape, false, device)?;
         let s = Tensor::new_on(self.sin.to_vec(), &shape, false, device)?;
         *g = Some((device, c.clone(), s.clone()));

@@ -253,6 +253,11 @@ fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
     Ok(Value::from_safe_string(s))
 }
 
+/// The work one rendering may do (minijinja fuel: about one unit per instruction and per 64
+/// bytes the template creates), so a template that loops without end or builds gigabytes stops
+/// with an error. Real chat templates use a few thousand units per conversation.
+pub const RENDER_FUEL: u64 = 5_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` (a Jinja template); `special` maps names such as `eos_token` to their
     /// strings; `origin` names the file in errors.
@@ -266,6 +271,8 @@ impl ChatTemplate {
                 .expect("default delimiters"),
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template is code from the model's files: bound the work and memory of one render.
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<Value, Error> {
@@ -406,6 +413,17 @@ impl ChatTemplate {
         );
         ctx.insert("documents".into(), Value::from(()));
         t.render(ctx).map_err(|e| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                return cfg_err(
+                    &self.origin,
+                    "chat_template",
+                    format!(
+                        "rendering stopped: the template did more than {RENDER_FUEL} units of work \
+                         for one conversation (a loop without end, or output of hundreds of \
+                         megabytes)"
+                    ),
+                );
+            }
             let defined: Vec<&str> = self.special.keys().map(String::as_str).collect();
             cfg_err(
                 &self.origin,

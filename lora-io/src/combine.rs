@@ -87,12 +87,12 @@ impl AdapterWeights {
                 }
                 continue;
             };
-            let (a, ash) = file.read_f32(k)?;
+            let (a, ash) = file.read_f32_finite(k)?;
             let bk = format!("base_model.model.{m}.lora_B.weight");
             if file.meta(&bk).is_none() {
                 return Err(bad(&bk, "missing (lora_A without lora_B)".into()));
             }
-            let (b, bsh) = file.read_f32(&bk)?;
+            let (b, bsh) = file.read_f32_finite(&bk)?;
             if ash.len() != 2 || bsh.len() != 2 || ash[0] != bsh[1] {
                 return Err(bad(
                     m,
@@ -196,6 +196,15 @@ pub fn combine(
     weights: &[f32],
     how: Combination,
 ) -> Result<(PeftConfig, BTreeMap<String, Factors>)> {
+    if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+        return Err(IoError::Config {
+            path: adapters
+                .get(i)
+                .map_or_else(|| PathBuf::from("combine"), |a| a.dir.clone()),
+            field: "--weight".into(),
+            reason: format!("must be finite, got {w}"),
+        });
+    }
     if adapters.is_empty() || adapters.len() != weights.len() {
         return Err(IoError::Config {
             path: PathBuf::from("combine"),

@@ -52,6 +52,10 @@ pub fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// The largest size a config field may give (2^31): real models are far below it, and shapes
+/// built from two such sizes fit in 64 bits.
+pub const MAX_SIZE: usize = 1 << 31;
+
 struct Fields<'a> {
     path: &'a Path,
     v: &'a Value,
@@ -68,12 +72,19 @@ impl Fields<'_> {
     fn get(&self, field: &str) -> Option<&Value> {
         self.v.get(field).filter(|x| !x.is_null())
     }
+    /// A size: a non-negative integer of at most [`MAX_SIZE`] (so that products of two sizes,
+    /// as shapes need, cannot overflow; the tensors then decide what is real).
     fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
         match self.get(field) {
             None => default.ok_or_else(|| self.err(field, "missing")),
-            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                self.err(field, format!("expected a non-negative integer, got {x}"))
-            }),
+            Some(x) => match x.as_u64() {
+                Some(n) if n <= MAX_SIZE as u64 => Ok(n as usize),
+                Some(n) => Err(self.err(
+                    field,
+                    format!("{n} is larger than any model's ({MAX_SIZE} at most)"),
+                )),
+                None => Err(self.err(field, format!("expected a non-negative integer, got {x}"))),
+            },
         }
     }
     fn usize(&self, field: &str) -> Result<usize> {
@@ -132,6 +143,9 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
             if f.bool_or("scale_attn_by_inverse_layer_idx", false)? {
                 return Err(f.err("scale_attn_by_inverse_layer_idx", "true is not supported"));
             }
+            if f.bool_or("add_cross_attention", false)? {
+                return Err(f.err("add_cross_attention", "true is not supported"));
+            }
             let n_embd = f.usize("n_embd")?;
             Ok(ArchConfig::Gpt2(Gpt2Config {
                 vocab_size: f.usize("vocab_size")?,
@@ -141,6 +155,7 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                 n_head: f.usize("n_head")?,
                 n_inner: f.usize_or("n_inner", Some(4 * n_embd))?,
                 layer_norm_epsilon: f.f32_or("layer_norm_epsilon", 1e-5)?,
+                tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
             }))
         }
         "llama" | "mistral" | "qwen2" => {
@@ -156,10 +171,15 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
             let rope_params = f.get("rope_parameters");
             let (theta, scaling_v, scaling_field) = match rope_params {
                 Some(p) => (
-                    p.get("rope_theta")
-                        .and_then(|x| x.as_f64())
-                        .map(|x| x as f32)
-                        .unwrap_or(10000.0),
+                    match p.get("rope_theta").filter(|x| !x.is_null()) {
+                        None => 10000.0,
+                        Some(x) => x.as_f64().map(|x| x as f32).ok_or_else(|| {
+                            f.err(
+                                "rope_parameters.rope_theta",
+                                format!("expected a number, got {x}"),
+                            )
+                        })?,
+                    },
                     Some(p),
                     "rope_parameters",
                 ),
@@ -169,7 +189,23 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                     "rope_scaling",
                 ),
             };
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(f.err("rope_theta", format!("must be positive, got {theta}")));
+            }
             let rope_scaling = parse_rope_scaling(&f, scaling_v, scaling_field)?;
+            // transformers rotates only this fraction of each head when it is set.
+            let partial = match rope_params.and_then(|p| p.get("partial_rotary_factor")) {
+                Some(x) => Some(x),
+                None => f.get("partial_rotary_factor"),
+            };
+            if let Some(x) = partial.filter(|x| !x.is_null()) {
+                if x.as_f64() != Some(1.0) {
+                    return Err(f.err(
+                        "partial_rotary_factor",
+                        format!("{x} is not supported (1.0)"),
+                    ));
+                }
+            }
             let (qkv_bias, o_bias) = match model_type {
                 "qwen2" => (true, false),
                 "llama" => {
@@ -182,9 +218,10 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                 return Err(f.err("use_sliding_window", "true is not supported yet"));
             }
             let sliding_window = if model_type == "mistral" {
-                f.get("sliding_window")
-                    .and_then(|x| x.as_u64())
-                    .map(|x| x as usize)
+                match f.get("sliding_window") {
+                    None => None,
+                    Some(_) => Some(f.usize("sliding_window")?),
+                }
             } else {
                 None
             };
@@ -218,16 +255,22 @@ fn parse_rope_scaling(f: &Fields, v: Option<&Value>, field: &str) -> Result<Rope
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|x| x.as_str())
-        .unwrap_or("default");
+    let kind = match v.get("rope_type").or_else(|| v.get("type")) {
+        None | Some(Value::Null) => "default",
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => {
+            return Err(f.err(
+                &format!("{field}.rope_type"),
+                format!("expected a string, got {other}"),
+            ))
+        }
+    };
     let num = |k: &str| -> Result<f32> {
         v.get(k)
             .and_then(|x| x.as_f64())
             .map(|x| x as f32)
-            .ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number"))
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a positive number"))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -333,6 +376,24 @@ impl Weights {
         v
     }
 
+    /// How many consecutive layers `0..n` the checkpoint holds under any of `prefixes`
+    /// (`model.layers.` -> `model.layers.0.…`, `model.layers.1.…`).
+    pub fn layers_present(&self, prefixes: &[&str]) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        for k in self.map.keys() {
+            for p in prefixes {
+                if let Some(rest) = k.strip_prefix(p) {
+                    if let Some((i, _)) = rest.split_once('.') {
+                        if let Ok(i) = i.parse::<usize>() {
+                            seen.insert(i);
+                        }
+                    }
+                }
+            }
+        }
+        (0..).take_while(|i| seen.contains(i)).count()
+    }
+
     /// Reads `key` as f32 values, whatever its float dtype.
     pub fn read_f32(&self, key: &str) -> Result<Vec<f32>> {
         let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor {
@@ -404,22 +465,34 @@ impl ModelDir {
 
     /// End-of-sequence ids for generation: `generation_config.json`'s `eos_token_id` if present,
     /// else `config.json`'s (an integer or a list; absent means none).
-    pub fn eos_token_ids(&self) -> Vec<u32> {
-        let ids = |v: &Value| -> Option<Vec<u32>> {
-            match v.get("eos_token_id")? {
-                Value::Number(n) => Some(vec![n.as_u64()? as u32]),
-                Value::Array(a) => Some(
-                    a.iter()
-                        .filter_map(|x| x.as_u64().map(|n| n as u32))
-                        .collect(),
-                ),
-                _ => None,
+    pub fn eos_token_ids(&self) -> Result<Vec<u32>> {
+        let from = |f: &str| -> Result<Option<Vec<u32>>> {
+            let path = self.dir.join(f);
+            if !path.exists() {
+                return Ok(None);
+            }
+            let v = read_json(&path)?;
+            let bad = |x: &Value| IoError::Config {
+                path: path.clone(),
+                field: "eos_token_id".into(),
+                reason: format!("{x} is not a token id (a non-negative integer or a list of them)"),
+            };
+            let id = |x: &Value| {
+                x.as_u64()
+                    .filter(|&n| n <= u32::MAX as u64)
+                    .map(|n| n as u32)
+                    .ok_or_else(|| bad(x))
+            };
+            match v.get("eos_token_id") {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(a)) => Ok(Some(a.iter().map(id).collect::<Result<_>>()?)),
+                Some(x) => Ok(Some(vec![id(x)?])),
             }
         };
-        let from = |f: &str| read_json(&self.dir.join(f)).ok().and_then(|v| ids(&v));
-        from("generation_config.json")
-            .or_else(|| from("config.json"))
-            .unwrap_or_default()
+        Ok(match from("generation_config.json")? {
+            Some(ids) => ids,
+            None => from("config.json")?.unwrap_or_default(),
+        })
     }
 
     /// The end-of-sequence token that training appends to each text and completion, as TRL's
@@ -462,12 +535,31 @@ impl ModelDir {
                 };
             }
         }
-        Ok(self.eos_token_ids().first().copied())
+        Ok(self.eos_token_ids()?.first().copied())
     }
 
-    /// Loads the weights and builds the model (all weights frozen).
+    /// Loads the weights and builds the model (all weights frozen). The layer count of
+    /// `config.json` is checked against the layers the checkpoint holds before anything is
+    /// built, so a config that lies costs an error, not an allocation.
     pub fn load_model(&self) -> Result<Box<dyn CausalLm>> {
         let w = Weights::open(&self.dir)?;
+        let (field, layers, prefixes): (&str, usize, &[&str]) = match &self.config {
+            ArchConfig::Gpt2(c) => ("n_layer", c.n_layer, &["transformer.h.", "h."]),
+            ArchConfig::Llama(c) => ("num_hidden_layers", c.num_hidden_layers, &["model.layers."]),
+        };
+        let present = w.layers_present(prefixes);
+        if layers > present {
+            return Err(IoError::Config {
+                path: self.dir.join("config.json"),
+                field: field.into(),
+                reason: format!(
+                    "{layers} layers, but the weights hold {present} (`{}0.` to `{}{}.`)",
+                    prefixes[0],
+                    prefixes[0],
+                    present.saturating_sub(1)
+                ),
+            });
+        }
         let mut load = |k: &str, shape: &[usize]| w.tensor(k, shape);
         Ok(match &self.config {
             ArchConfig::Gpt2(c) => Box::new(Gpt2::load(c, &mut load)?),

@@ -36,8 +36,10 @@ pub struct AdapterModule {
     pub norm_a: f64,
     /// `||B||_F`
     pub norm_b: f64,
-    /// `||s B A||_F`
+    /// `||s B A||_F` (NaN when A or B holds a non-finite value)
     pub norm_delta: f64,
+    /// Values of A and B that are NaN or infinite (a damaged adapter: loading it is refused).
+    pub non_finite: usize,
 }
 
 /// What `inspect` found.
@@ -147,20 +149,21 @@ pub fn inspect(path: &Path) -> Result<Report> {
             let (a, ash) = f.read_f32(key)?;
             let bkey = format!("base_model.model.{module}.lora_B.weight");
             let (b, bsh) = f.read_f32(&bkey)?;
-            let r = ash[0];
-            if ash.len() != 2 || bsh.len() != 2 || bsh[1] != r {
+            if ash.len() != 2 || bsh.len() != 2 || bsh[1] != ash[0] {
                 return Err(IoError::Config {
                     path: f.path().into(),
                     field: bkey,
                     reason: format!("A is {ash:?} and B is {bsh:?}: ranks disagree"),
                 });
             }
+            let r = ash[0];
             let lc = cfg.lora_config_for(module)?;
             let s = if cfg.use_rslora {
                 lc.alpha / (r as f32).sqrt()
             } else {
                 lc.alpha / r as f32
             };
+            let non_finite = a.iter().chain(&b).filter(|x| !x.is_finite()).count();
             let delta2 = delta_norm2(&a, &b, r, bsh[0], ash[1]);
             params += a.len() + b.len();
             modules.push(AdapterModule {
@@ -170,7 +173,13 @@ pub fn inspect(path: &Path) -> Result<Report> {
                 scale: s,
                 norm_a: norm(&a),
                 norm_b: norm(&b),
-                norm_delta: s as f64 * delta2.max(0.0).sqrt(),
+                // `max` would turn a NaN into 0: a damaged adapter must not look like a zero one.
+                norm_delta: if delta2.is_nan() {
+                    f64::NAN
+                } else {
+                    s as f64 * delta2.max(0.0).sqrt()
+                },
+                non_finite,
             });
         }
         let target_modules = match &cfg.target_modules {

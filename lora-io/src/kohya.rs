@@ -1,6 +1,6 @@
 //! kohya-ss LoRA files (the Stable Diffusion tools' format): one safetensors file with
 //! `<name>.lora_down.weight` `(r, in[, kh, kw])`, `<name>.lora_up.weight` `(out, r[, 1, 1])` and
-//! an optional scalar `<name>.alpha` (default: the rank), where `<name>` is a prefix (`lora_unet`,
+//! an optional scalar `<name>.alpha` (missing or 0: the rank, as kohya reads it), where `<name>` is a prefix (`lora_unet`,
 //! `lora_te`, `lora_te1`, `lora_te2`) joined by `_` to the module path with its dots replaced by
 //! `_`. The update is `alpha / r * up @ down`. `ss_*` metadata is kept through conversions;
 //! 4-D (conv) pairs are read and carried unchanged.
@@ -99,12 +99,12 @@ impl KohyaLora {
                     format!("unknown prefix (expected one of {PREFIXES:?})"),
                 ));
             }
-            let (dv, ds) = f.read_f32(&format!("{n}.lora_down.weight"))?;
+            let (dv, ds) = f.read_f32_finite(&format!("{n}.lora_down.weight"))?;
             let upk = format!("{n}.lora_up.weight");
             if f.meta(&upk).is_none() {
                 return Err(bad(&upk, "missing".into()));
             }
-            let (uv, us) = f.read_f32(&upk)?;
+            let (uv, us) = f.read_f32_finite(&upk)?;
             if !(ds.len() == 2 || ds.len() == 4)
                 || us.len() != ds.len()
                 || us[1] != ds[0]
@@ -115,13 +115,21 @@ impl KohyaLora {
                     format!("lora_down {ds:?} and lora_up {us:?} do not form a rank-r pair"),
                 ));
             }
-            let alpha = match f.meta(&format!("{n}.alpha")) {
+            // kohya's rule: a missing alpha, or an alpha of 0, means alpha = rank.
+            let ak = format!("{n}.alpha");
+            let alpha = match f.meta(&ak) {
                 None => ds[0] as f32,
-                Some(_) => {
-                    let (a, _) = f.read_f32(&format!("{n}.alpha"))?;
-                    *a.first()
-                        .ok_or_else(|| bad(&format!("{n}.alpha"), "empty".into()))?
+                Some(m) if m.shape.iter().product::<usize>() != 1 => {
+                    return Err(bad(
+                        &ak,
+                        format!("must hold one value, has shape {:?}", m.shape),
+                    ))
                 }
+                Some(_) => match f.read_f32(&ak)?.0[0] {
+                    a if a == 0.0 => ds[0] as f32,
+                    a if a.is_finite() && a > 0.0 => a,
+                    a => return Err(bad(&ak, format!("must be a positive number, got {a}"))),
+                },
             };
             modules.push(KohyaModule {
                 name: n,
@@ -184,8 +192,8 @@ impl KohyaLora {
             else {
                 continue;
             };
-            let down = f.read_f32(k)?;
-            let up = f.read_f32(&format!("base_model.model.{module}.lora_B.weight"))?;
+            let down = f.read_f32_finite(k)?;
+            let up = f.read_f32_finite(&format!("base_model.model.{module}.lora_B.weight"))?;
             let r = down.1[0];
             let lc = cfg.lora_config_for(module)?;
             let s = if cfg.use_rslora {

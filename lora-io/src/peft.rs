@@ -93,6 +93,43 @@ fn full_regex(r: &str) -> Result<Regex> {
     })
 }
 
+/// The largest rank an adapter config may give (far above any real adapter; the tensors in the
+/// file are checked against it before anything is allocated).
+pub const MAX_RANK: u64 = 1 << 16;
+
+/// A boolean field as PEFT reads it (Python truthiness of the JSON value): `true`/`false`,
+/// numbers (0 is false), `null`/absent (false). Strings are accepted only as `"true"`/`"True"`:
+/// PEFT reads every non-empty string, `"false"` included, as true, which is never what a file
+/// saying `"false"` means, so other strings are refused rather than guessed.
+fn py_bool(path: &Path, field: &str, v: &Value) -> Result<bool> {
+    match v {
+        Value::Null => Ok(false),
+        Value::Bool(b) => Ok(*b),
+        Value::Number(n) => Ok(n.as_f64().is_some_and(|x| x != 0.0)),
+        Value::String(s) if s == "true" || s == "True" => Ok(true),
+        other => Err(cfg_err(
+            path,
+            field,
+            format!(
+                "expected true or false, got {other} (PEFT would read any non-empty string as \
+                 true)"
+            ),
+        )),
+    }
+}
+
+/// A number field as a finite f32.
+fn finite_f32(path: &Path, field: &str, v: &Value) -> Result<f32> {
+    match v.as_f64().map(|x| x as f32) {
+        Some(x) if x.is_finite() => Ok(x),
+        _ => Err(cfg_err(
+            path,
+            field,
+            format!("expected a finite number, got {v}"),
+        )),
+    }
+}
+
 fn cfg_err(path: &Path, field: &str, reason: impl Into<String>) -> IoError {
     IoError::Config {
         path: path.into(),
@@ -157,7 +194,18 @@ impl PeftConfig {
     /// implemented (DoRA, `lora_bias`, trained biases) are errors naming the field.
     pub fn from_json(path: &Path, v: &Value) -> Result<Self> {
         let get = |k: &str| v.get(k).unwrap_or(&Value::Null);
-        let peft_type = get("peft_type").as_str().unwrap_or("LORA");
+        if !v.is_object() {
+            return Err(cfg_err(path, "(file)", "expected a JSON object"));
+        }
+        let string = |k: &str, default: &'static str| -> Result<String> {
+            match get(k) {
+                Value::Null => Ok(default.to_string()),
+                Value::String(s) => Ok(s.clone()),
+                other => Err(cfg_err(path, k, format!("expected a string, got {other}"))),
+            }
+        };
+        let flag = |k: &str| py_bool(path, k, get(k));
+        let peft_type = string("peft_type", "LORA")?;
         if peft_type != "LORA" {
             return Err(cfg_err(
                 path,
@@ -165,13 +213,16 @@ impl PeftConfig {
                 format!("`{peft_type}` is not supported (LORA)"),
             ));
         }
-        if get("use_dora").as_bool().unwrap_or(false) {
+        if flag("use_dora")? {
             return Err(cfg_err(path, "use_dora", "DoRA adapters are not supported"));
         }
-        if get("lora_bias").as_bool().unwrap_or(false) {
+        if flag("lora_bias")? {
             return Err(cfg_err(path, "lora_bias", "true is not supported"));
         }
-        let bias = get("bias").as_str().unwrap_or("none");
+        if flag("use_qalora")? {
+            return Err(cfg_err(path, "use_qalora", "true is not supported"));
+        }
+        let bias = string("bias", "none")?;
         if bias != "none" {
             return Err(cfg_err(
                 path,
@@ -179,17 +230,47 @@ impl PeftConfig {
                 format!("`{bias}` is not supported (none)"),
             ));
         }
-        let r = get("r")
-            .as_u64()
-            .filter(|&r| r > 0)
-            .ok_or_else(|| cfg_err(path, "r", "must be a positive integer"))?
-            as usize;
+        // Variants whose tensors or math we do not implement: refused when set, rather than an
+        // adapter that loads and computes something else.
+        for k in [
+            "modules_to_save",
+            "target_parameters",
+            "trainable_token_indices",
+            "layer_replication",
+            "alora_invocation_tokens",
+        ] {
+            let set = match get(k) {
+                Value::Null => false,
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                _ => true,
+            };
+            if set {
+                return Err(cfg_err(path, k, format!("{} is not supported", get(k))));
+            }
+        }
+        let r = match get("r") {
+            Value::Number(n) => match n.as_u64() {
+                Some(r) if (1..=MAX_RANK).contains(&r) => r as usize,
+                _ => {
+                    return Err(cfg_err(
+                        path,
+                        "r",
+                        format!("must be an integer from 1 to {MAX_RANK}, got {n}"),
+                    ))
+                }
+            },
+            other => {
+                return Err(cfg_err(
+                    path,
+                    "r",
+                    format!("must be a positive integer, got {other}"),
+                ))
+            }
+        };
         let lora_alpha = match get("lora_alpha") {
             Value::Null => 8.0,
-            x => x
-                .as_f64()
-                .ok_or_else(|| cfg_err(path, "lora_alpha", "expected a number"))?
-                as f32,
+            x => finite_f32(path, "lora_alpha", x)?,
         };
         let target_modules = Targets::parse(path, "target_modules", get("target_modules"))?
             .ok_or_else(|| cfg_err(path, "target_modules", "missing"))?;
@@ -221,8 +302,12 @@ impl PeftConfig {
             Value::String(s) => Some(vec![s.clone()]),
             Value::Array(a) => Some(
                 a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect(),
+                    .map(|x| {
+                        x.as_str().map(String::from).ok_or_else(|| {
+                            cfg_err(path, "layers_pattern", "expected a list of strings")
+                        })
+                    })
+                    .collect::<Result<_>>()?,
             ),
             _ => {
                 return Err(cfg_err(
@@ -232,32 +317,37 @@ impl PeftConfig {
                 ))
             }
         };
-        let pattern = |field: &str| -> Result<Vec<(String, f64)>> {
+        let pattern = |field: &str| -> Result<Vec<(String, &Value)>> {
             match get(field) {
                 Value::Null => Ok(Vec::new()),
-                Value::Object(m) => m
-                    .iter()
-                    .map(|(k, x)| {
-                        x.as_f64().map(|f| (k.clone(), f)).ok_or_else(|| {
-                            cfg_err(path, &format!("{field}.{k}"), "expected a number")
-                        })
-                    })
-                    .collect(),
+                Value::Object(m) => Ok(m.iter().map(|(k, x)| (k.clone(), x)).collect()),
                 _ => Err(cfg_err(path, field, "expected an object")),
             }
         };
         let rank_pattern = pattern("rank_pattern")?
             .into_iter()
-            .map(|(k, f)| (k, f as usize))
-            .collect::<Vec<_>>();
-        if let Some((k, _)) = rank_pattern.iter().find(|(_, r)| *r == 0) {
-            return Err(cfg_err(
-                path,
-                &format!("rank_pattern.{k}"),
-                "rank must be at least 1",
-            ));
-        }
-        let lora_dropout = get("lora_dropout").as_f64().unwrap_or(0.0) as f32;
+            .map(|(k, x)| match x.as_u64() {
+                Some(r) if (1..=MAX_RANK).contains(&r) => Ok((k, r as usize)),
+                _ => Err(cfg_err(
+                    path,
+                    &format!("rank_pattern.{k}"),
+                    format!("must be an integer from 1 to {MAX_RANK}, got {x}"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let alpha_pattern = pattern("alpha_pattern")?
+            .into_iter()
+            .map(|(k, x)| {
+                Ok((
+                    k.clone(),
+                    finite_f32(path, &format!("alpha_pattern.{k}"), x)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lora_dropout = match get("lora_dropout") {
+            Value::Null => 0.0,
+            x => finite_f32(path, "lora_dropout", x)?,
+        };
         if !(0.0..1.0).contains(&lora_dropout) {
             return Err(cfg_err(
                 path,
@@ -273,13 +363,10 @@ impl PeftConfig {
             layers_to_transform,
             layers_pattern,
             rank_pattern,
-            alpha_pattern: pattern("alpha_pattern")?
-                .into_iter()
-                .map(|(k, f)| (k, f as f32))
-                .collect(),
-            use_rslora: get("use_rslora").as_bool().unwrap_or(false),
+            alpha_pattern,
+            use_rslora: flag("use_rslora")?,
             lora_dropout,
-            fan_in_fan_out: get("fan_in_fan_out").as_bool().unwrap_or(false),
+            fan_in_fan_out: flag("fan_in_fan_out")?,
             base_model_name_or_path: get("base_model_name_or_path").as_str().map(String::from),
             task_type: get("task_type").as_str().map(String::from),
         })
@@ -411,6 +498,39 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         return Err(IoError::Missing { path: st, what });
     }
     let file = SafetensorsFile::open(&st)?;
+    // The shapes the config implies are checked against the file before any adapter is
+    // allocated: a config's rank is only a claim until the tensors agree.
+    let head = model.output_head().to_string();
+    for (name, lin) in model.linears() {
+        if !cfg.selects(&name, &head)? {
+            continue;
+        }
+        let r = cfg.lora_config_for(&name)?.rank;
+        let (i, o) = lin.dims();
+        for (part, expected) in [("lora_A", [r, i]), ("lora_B", [o, r])] {
+            let key = format!("base_model.model.{name}.{part}.weight");
+            match file.meta(&key) {
+                None => {
+                    return Err(IoError::MissingTensor {
+                        path: st.clone(),
+                        key,
+                    })
+                }
+                Some(m) if m.shape != expected => {
+                    return Err(IoError::Config {
+                        path: st.clone(),
+                        field: key,
+                        reason: format!(
+                            "shape {:?}, but adapter_config.json's rank for this module and the \
+                             model's layer give {expected:?}",
+                            m.shape
+                        ),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+    }
     let chosen = inject(model, &cfg, 0)?;
     let mut used = std::collections::HashSet::new();
     for (name, lin) in model.linears_mut() {
@@ -425,25 +545,9 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         };
         for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
             let key = format!("base_model.model.{name}.{part}.weight");
-            // The expected shape comes from adapter_config.json's rank and the model's layer,
-            // not from the model's config.json: say so.
-            let loaded = file.tensor(&key, t.shape()).map_err(|e| match e {
-                IoError::TensorShape {
-                    path,
-                    key,
-                    got,
-                    expected,
-                } => IoError::Config {
-                    path,
-                    field: key,
-                    reason: format!(
-                        "shape {got:?}, but adapter_config.json's rank for this module and the \
-                         model's layer give {expected:?}"
-                    ),
-                },
-                e => e,
-            })?;
-            t.set_data(loaded.to_vec())?;
+            // Shapes were checked above.
+            let (values, _) = file.read_f32_finite(&key)?;
+            t.set_data(values)?;
             used.insert(key);
         }
     }

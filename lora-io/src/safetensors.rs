@@ -157,6 +157,20 @@ impl SafetensorsFile {
         Ok((values, m.shape.clone()))
     }
 
+    /// [`read_f32`](Self::read_f32) for values that must be finite (adapter weights): a NaN or
+    /// infinity is an error naming the tensor and the index.
+    pub fn read_f32_finite(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (v, shape) = self.read_f32(key)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(IoError::Config {
+                path: self.path.clone(),
+                field: key.into(),
+                reason: format!("holds {} at index {i}: the file is damaged", v[i]),
+            });
+        }
+        Ok((v, shape))
+    }
+
     /// Reads `key` as a frozen tensor and checks its shape. F32, F16 and BF16 data are used in
     /// place (memory mapped) when aligned; otherwise they are converted into owned f32.
     pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {

@@ -195,3 +195,35 @@ fn tojson_matches_python_json_dumps() {
         assert_eq!(t.render(&m, false).unwrap(), want, "tojson({args})");
     }
 }
+
+#[test]
+fn a_template_that_runs_away_stops_with_an_error() {
+    // Three nested loops of 100000 (10^15 iterations), a loop that prints megabytes per pass,
+    // and a recursive macro: each stops on the render budget within a second, with a message
+    // that names the template.
+    let templates = [
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}",
+        "{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}",
+        "{% set s = namespace(v='ab') %}{% for i in range(60) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    ];
+    for src in templates {
+        let t = ChatTemplate::new(
+            src,
+            Default::default(),
+            PathBuf::from("tokenizer_config.json"),
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let e = t.render(&msgs(), false).unwrap_err().to_string();
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{src}: took {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("chat_template"),
+            "{src}: {e}"
+        );
+    }
+}

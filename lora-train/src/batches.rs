@@ -122,6 +122,7 @@ pub fn tokenize(
     opts: &TokenizeOptions,
 ) -> Result<Vec<Sequence>> {
     let mut out = Vec::with_capacity(examples.len());
+    let keep = (!opts.pack).then_some(opts.seq_len.saturating_add(1));
     for (i, e) in examples.iter().enumerate() {
         let data_err = |reason: String| crate::TrainError::Data {
             path: "chat_template".into(),
@@ -137,12 +138,14 @@ pub fn tokenize(
             })
         };
         let (mut ids, prompt_len, end, mask) = match e {
-            Example::Text(t) => (tok.encode(t)?, 0, opts.eos, None),
+            // Truncated sequences need no more than `seq_len + 1` tokens of a text: a long text
+            // is encoded from a prefix (packing needs them all: see `encode_long`).
+            Example::Text(t) => (tok.encode_long(t, true, keep)?, 0, opts.eos, None),
             Example::PromptCompletion { prompt, completion } => {
-                let p = tok.encode(prompt)?;
+                let p = tok.encode_long(prompt, true, keep)?;
                 let n = p.len();
                 (
-                    [p, tok.encode_plain(completion)?].concat(),
+                    [p, tok.encode_long(completion, false, keep)?].concat(),
                     n,
                     opts.eos,
                     None,

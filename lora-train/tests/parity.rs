@@ -81,7 +81,8 @@ fn greedy_generation_matches_transformers() {
         );
         let eos = ModelDir::open(root().join(name).join("model"))
             .unwrap()
-            .eos_token_ids();
+            .eos_token_ids()
+            .unwrap();
         let cfg = GenerateConfig {
             max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize,
             eos,

@@ -1,5 +1,6 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, fused `c_attn`, GELU (tanh)
-//! MLP, `Conv1D` weights stored `(in, out)` and used as stored, output head tied to `wte`.
+//! MLP, `Conv1D` weights stored `(in, out)` and used as stored, output head tied to `wte` (or,
+//! with `tie_word_embeddings: false`, its own `lm_head.weight`).
 
 use super::{shifted_targets, AttnMode, CausalLm, Head, KvCache, Linear};
 use crate::autograd::Tape;
@@ -25,6 +26,9 @@ pub struct Gpt2Config {
     pub n_inner: usize,
     /// `layer_norm_epsilon`
     pub layer_norm_epsilon: f32,
+    /// `tie_word_embeddings` (default true): the output head is `wte`; false reads its own
+    /// `lm_head.weight` `(V, C)`.
+    pub tie_word_embeddings: bool,
 }
 
 #[derive(Clone)]
@@ -44,6 +48,7 @@ pub struct Gpt2 {
     wpe: Tensor, // (P, C)
     blocks: Vec<Block>,
     ln_f: (Tensor, Tensor),
+    lm_head: Option<Linear>, // None when tied to `wte`
 }
 
 impl Gpt2 {
@@ -66,7 +71,7 @@ impl Gpt2 {
                 load(&format!("{p}.bias"), &[c])?,
             ))
         };
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        let mut blocks = Vec::new();
         for i in 0..cfg.n_layer {
             let p = format!("transformer.h.{i}");
             let ln_1 = ln(&format!("{p}.ln_1"))?;
@@ -79,7 +84,7 @@ impl Gpt2 {
             let b = load(&format!("{name}.bias"), &[out])?;
             Ok(Linear::frozen(w, WeightLayout::InOut, Some(b)))
         };
-        let mut built = Vec::with_capacity(cfg.n_layer);
+        let mut built = Vec::new();
         for (p, ln_1, ln_2) in blocks {
             built.push(Block {
                 ln_1,
@@ -90,7 +95,14 @@ impl Gpt2 {
                 mlp_c_proj: conv(format!("{p}.mlp.c_proj"), cfg.n_inner, c)?,
             });
         }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let w = load("lm_head.weight", &[cfg.vocab_size, c])?;
+            Some(Linear::frozen(w, WeightLayout::OutIn, None))
+        };
         Ok(Self {
+            lm_head,
             wte: load("transformer.wte.weight", &[cfg.vocab_size, c])?,
             wpe: load("transformer.wpe.weight", &[cfg.n_positions, c])?,
             blocks: built,
@@ -170,10 +182,7 @@ impl Gpt2 {
         }
         mode.advance(seq);
         let x = ops::layer_norm(tape, &x, &self.ln_f.0, Some(&self.ln_f.1), eps)?;
-        match head {
-            Head::Logits => ops::linear(tape, &x, &self.wte, WeightLayout::OutIn, None, None),
-            Head::Loss(targets) => ops::linear_cross_entropy(tape, &x, &self.wte, targets),
-        }
+        head.apply(tape, &x, &self.wte, self.lm_head.as_ref(), adapters)
     }
 }
 
@@ -243,11 +252,19 @@ impl CausalLm for Gpt2 {
     }
 
     fn linears(&self) -> Vec<(String, &Linear)> {
-        block_linears!(self.blocks.iter(), &)
+        let mut v = block_linears!(self.blocks.iter(), &);
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head".into(), h));
+        }
+        v
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        block_linears!(self.blocks.iter_mut(), &mut)
+        let mut v = block_linears!(self.blocks.iter_mut(), &mut);
+        if let Some(h) = &mut self.lm_head {
+            v.push(("lm_head".into(), h));
+        }
+        v
     }
 
     fn output_head(&self) -> &str {

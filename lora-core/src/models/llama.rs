@@ -124,7 +124,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Option<Linear>, // None when tied to `embed`
-    rope: RopeTables,
+    /// RoPE tables for the positions used so far (grown on demand up to
+    /// `max_position_embeddings`: a config may allow millions of positions a run never uses).
+    rope: std::sync::Mutex<RopeTables>,
 }
 
 impl Llama {
@@ -163,7 +165,7 @@ impl Llama {
                 };
                 Ok(Linear::frozen(w, WeightLayout::OutIn, b))
             };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new();
         let mut norms = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -219,7 +221,10 @@ impl Llama {
             norm: load("model.norm.weight", &[c])?,
             layers: built,
             lm_head,
-            rope: RopeTables::new(&cfg.inv_freq(), cfg.max_position_embeddings),
+            rope: std::sync::Mutex::new(RopeTables::new(
+                &cfg.inv_freq(),
+                cfg.max_position_embeddings.min(ROPE_INITIAL_POSITIONS),
+            )),
             cfg: cfg.clone(),
         })
     }
@@ -228,7 +233,23 @@ impl Llama {
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
+
+    /// RoPE tables covering positions `0..end` (`end` within `max_position_embeddings`),
+    /// doubling the cached ones when they fall short.
+    fn rope_upto(&self, end: usize) -> RopeTables {
+        let mut t = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if t.positions() < end {
+            let n = end
+                .max(t.positions().saturating_mul(2))
+                .min(self.cfg.max_position_embeddings);
+            *t = RopeTables::new(&self.cfg.inv_freq(), n);
+        }
+        t.clone()
+    }
 }
+
+/// Positions the RoPE tables cover at load (more are computed when a sequence needs them).
+const ROPE_INITIAL_POSITIONS: usize = 4096;
 
 impl Layer {
     /// One decoder layer; `ctx` = RoPE tables, positions, query and kv heads, RMSNorm epsilon.
@@ -293,41 +314,24 @@ impl Llama {
             }
         }
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let rope = self.rope_upto(end);
         let mut x = ops::embedding(tape, &self.embed, ids, &[batch, seq])?;
         let eps = cfg.rms_norm_eps;
         for (li, l) in self.layers.iter().enumerate() {
             x = if tape.checkpointing() {
-                let (l, rope, pos) = (l.clone(), self.rope.clone(), pos.clone());
+                let (l, rope, pos) = (l.clone(), rope.clone(), pos.clone());
                 ops::checkpoint(tape, &x, move |t, x| {
                     let ctx = (&rope, &pos[..], hq, hkv, eps);
                     l.forward(t, x, ctx, &mut AttnMode::Full, li, adapters)
                 })?
             } else {
-                let ctx = (&self.rope, &pos[..], hq, hkv, eps);
+                let ctx = (&rope, &pos[..], hq, hkv, eps);
                 l.forward(tape, &x, ctx, &mut mode, li, adapters)?
             };
         }
         mode.advance(seq);
         let x = ops::rms_norm(tape, &x, &self.norm, cfg.rms_norm_eps)?;
-        match (&self.lm_head, head) {
-            (None, Head::Logits) => {
-                ops::linear(tape, &x, &self.embed, WeightLayout::OutIn, None, None)
-            }
-            (None, Head::Loss(t)) => ops::linear_cross_entropy(tape, &x, &self.embed, t),
-            (
-                Some(Linear::Frozen {
-                    weight,
-                    layout: WeightLayout::OutIn,
-                    bias: None,
-                }),
-                Head::Loss(t),
-            ) => ops::linear_cross_entropy(tape, &x, weight, t),
-            (Some(h), Head::Logits) => h.forward(tape, &x, adapters),
-            // An adapted (or unusual) head: the unfused path.
-            (Some(h), Head::Loss(t)) => {
-                ops::cross_entropy(tape, &h.forward(tape, &x, adapters)?, t)
-            }
-        }
+        head.apply(tape, &x, &self.embed, self.lm_head.as_ref(), adapters)
     }
 }
 

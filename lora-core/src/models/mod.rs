@@ -12,6 +12,7 @@ pub mod llama;
 
 use crate::autograd::Tape;
 use crate::error::Result;
+use crate::lora::WeightLayout;
 use crate::ops;
 use crate::tensor::Tensor;
 pub use linear::Linear;
@@ -237,4 +238,33 @@ pub(crate) enum Head<'a> {
     Logits,
     /// The mean loss against these per-position targets, fused with the output head.
     Loss(&'a [i32]),
+}
+
+impl Head<'_> {
+    /// The output head on the final hidden states `x`: tied to the embedding `embed` (`(V, C)`)
+    /// when `lm_head` is `None`, else that layer. A plain frozen head fuses with the loss; an
+    /// adapted (or biased, or transposed) one takes the unfused path.
+    pub(crate) fn apply(
+        self,
+        tape: &Tape,
+        x: &Tensor,
+        embed: &Tensor,
+        lm_head: Option<&Linear>,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        match (lm_head, self) {
+            (None, Head::Logits) => ops::linear(tape, x, embed, WeightLayout::OutIn, None, None),
+            (None, Head::Loss(t)) => ops::linear_cross_entropy(tape, x, embed, t),
+            (
+                Some(Linear::Frozen {
+                    weight,
+                    layout: WeightLayout::OutIn,
+                    bias: None,
+                }),
+                Head::Loss(t),
+            ) => ops::linear_cross_entropy(tape, x, weight, t),
+            (Some(h), Head::Logits) => h.forward(tape, x, adapters),
+            (Some(h), Head::Loss(t)) => ops::cross_entropy(tape, &h.forward(tape, x, adapters)?, t),
+        }
+    }
 }
