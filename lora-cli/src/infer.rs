@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use lora_core::models::generate::{generate, GenerateConfig};
-use lora_core::models::{trainable_summary, CausalLm};
+use lora_core::models::CausalLm;
 use lora_io::hf::ModelDir;
 use lora_io::peft::load_adapter;
 use lora_io::tokenizer::TextTokenizer;
@@ -86,9 +86,6 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
             serde_json::json!({"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "examples": res.examples})
         );
     } else {
-        if r.adapter.is_some() {
-            outln!("{}", trainable_summary(model.as_ref()));
-        }
         outln!(
             "loss {:.6} | perplexity {:.4} | {} tokens in {} examples (seq-len {seq_len})",
             res.loss,

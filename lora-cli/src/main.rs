@@ -146,9 +146,12 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct MergeArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a Hub id (org/name) in the local Hugging Face cache.
     #[arg(long)]
     model: std::path::PathBuf,
+    /// With a Hub id: the branch, tag or commit in the cache (default: main).
+    #[arg(long)]
+    revision: Option<String>,
     /// PEFT adapter directory.
     #[arg(long)]
     adapter: std::path::PathBuf,
@@ -169,9 +172,13 @@ struct TrainArgs {
     /// `rslora = true`); flags given on the command line override it.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a Hub id (org/name) already in the local Hugging Face
+    /// cache (HF_HUB_CACHE, HF_HOME or ~/.cache/huggingface).
     #[arg(long)]
     model: std::path::PathBuf,
+    /// With a Hub id: the branch, tag or commit in the cache (default: main).
+    #[arg(long)]
+    revision: Option<String>,
     /// Training data: .txt (paragraphs), .jsonl with `text`, .jsonl with `prompt` and
     /// `completion` (loss on the completion only), or conversations rendered with the model's
     /// chat template: .jsonl with `messages` (loss on every token), or with `prompt` and
@@ -305,9 +312,12 @@ struct TrainArgs {
 #[derive(Args)]
 struct ModelArgs {
     /// Hugging Face model directory (config.json, model.safetensors or a sharded index,
-    /// tokenizer.json).
+    /// tokenizer.json), or a Hub id (org/name) already in the local Hugging Face cache.
     #[arg(long)]
     model: std::path::PathBuf,
+    /// With a Hub id: the branch, tag or commit in the cache (default: main).
+    #[arg(long)]
+    revision: Option<String>,
     /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
@@ -588,9 +598,29 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
     Ok(argv)
 }
 
+/// Every flag that takes a value accepts a negative number as one (`--lr -1`), so the value's
+/// own check says what is wrong with it instead of clap taking it for an unknown flag.
+fn negatives_as_values(cmd: clap::Command) -> clap::Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.mut_args(|a| {
+        if a.get_action().takes_values() {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    });
+    for n in names {
+        cmd = cmd.mut_subcommand(n, negatives_as_values);
+    }
+    cmd
+}
+
 fn parse_cli() -> Result<Cli> {
     let argv = expand_config(std::env::args_os().collect())?;
-    let matches = Cli::command()
+    let matches = negatives_as_values(Cli::command())
         .args_override_self(true)
         .try_get_matches_from(argv)
         .unwrap_or_else(|e| e.exit());
@@ -682,7 +712,8 @@ fn run(cli: Cli) -> Result<()> {
             samples: a.samples,
             json: a.json,
         }),
-        Command::Train(a) => {
+        Command::Train(mut a) => {
+            a.model = lora_io::hf::resolve_model_dir(&a.model, a.revision.as_deref())?;
             let (device, note) = resolve_device(&a.device)?;
             // `--device auto --tf32` stays portable: on a machine without a GPU the flag has
             // nothing to act on and says so; `--device cpu --tf32` is a contradiction (error).
@@ -770,7 +801,9 @@ fn run(cli: Cli) -> Result<()> {
             )
             .map(|_| ())
         }
-        Command::Eval(a) => {
+        Command::Eval(mut a) => {
+            a.model.model =
+                lora_io::hf::resolve_model_dir(&a.model.model, a.model.revision.as_deref())?;
             let (device, note) = resolve_device(&a.device)?;
             if !a.json && device != lora_core::Device::Cpu {
                 outln!("{note}");
@@ -847,7 +880,8 @@ fn run(cli: Cli) -> Result<()> {
             a.force,
             &PEFT_FILES,
         ),
-        Command::Merge(a) => {
+        Command::Merge(mut a) => {
+            a.model = lora_io::hf::resolve_model_dir(&a.model, a.revision.as_deref())?;
             let dtype = match a.dtype.as_deref() {
                 None => None,
                 Some(d) => Some(lora_io::write::OutDtype::parse(d).ok_or_else(|| {
@@ -878,7 +912,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => infer::run_generate(&infer::GenerateRun {
-            model: a.model.model,
+            model: lora_io::hf::resolve_model_dir(&a.model.model, a.model.revision.as_deref())?,
             adapter: a.model.adapter,
             prompt: a.prompt,
             chat: a.chat,

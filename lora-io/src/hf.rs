@@ -193,6 +193,21 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                 return Err(f.err("rope_theta", format!("must be positive, got {theta}")));
             }
             let rope_scaling = parse_rope_scaling(&f, scaling_v, scaling_field)?;
+            if rope_params.is_some() {
+                // The older keys beside `rope_parameters`: read, and refused when they say
+                // something else (which one transformers honours depends on its version).
+                let old_theta = f.f32_or("rope_theta", theta)?;
+                let old_scaling = match f.get("rope_scaling") {
+                    Some(v) => parse_rope_scaling(&f, Some(v), "rope_scaling")?,
+                    None => rope_scaling.clone(),
+                };
+                if old_theta != theta || old_scaling != rope_scaling {
+                    return Err(f.err(
+                        "rope_scaling",
+                        "`rope_theta`/`rope_scaling` disagree with `rope_parameters`",
+                    ));
+                }
+            }
             // transformers rotates only this fraction of each head when it is set.
             let partial = match rope_params.and_then(|p| p.get("partial_rotary_factor")) {
                 Some(x) => Some(x),
@@ -566,4 +581,81 @@ impl ModelDir {
             ArchConfig::Llama(c) => Box::new(Llama::load(c, &mut load)?),
         })
     }
+}
+
+/// The Hugging Face hub cache folder: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub` (as `huggingface_hub`).
+pub fn hub_cache_dir() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_HUB_CACHE") {
+        return p;
+    }
+    if let Some(p) = var("HF_HOME") {
+        return p.join("hub");
+    }
+    let cache = var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("huggingface").join("hub")
+}
+
+/// Whether `s` reads as a Hub model id (`org/name`), not a path.
+fn is_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// `--model`: a directory as given, or a Hub id (`org/name`) found in the local Hugging Face
+/// cache (`models--org--name/snapshots/<commit>`, the commit named by `refs/<revision>` or
+/// given as `revision`; `main` by default). An id that is not there is an error saying where it
+/// looked and how to download it; anything else is returned as given (opening it names what is
+/// missing).
+pub fn resolve_model_dir(model: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    let s = model.to_string_lossy();
+    if model.exists() || !is_hub_id(&s) {
+        if revision.is_some() && model.exists() {
+            return Err(IoError::Config {
+                path: model.into(),
+                field: "--revision".into(),
+                reason: "applies to a Hub id (org/name), not to a directory".into(),
+            });
+        }
+        return Ok(model.to_path_buf());
+    }
+    let rev = revision.unwrap_or("main");
+    let repo = hub_cache_dir().join(format!("models--{}", s.replace('/', "--")));
+    let commit = match std::fs::read_to_string(repo.join("refs").join(rev)) {
+        Ok(c) => Some(c.trim().to_string()),
+        Err(_) if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(rev.to_string())
+        }
+        Err(_) => None,
+    };
+    if let Some(c) = commit.filter(|c| !c.is_empty() && !c.contains('/') && !c.contains("..")) {
+        let snap = repo.join("snapshots").join(&c);
+        if snap.join("config.json").exists() {
+            return Ok(snap);
+        }
+    }
+    Err(IoError::Config {
+        path: model.into(),
+        field: "--model".into(),
+        reason: format!(
+            "not a directory, and the Hub model `{s}` (revision {rev}) is not in the local \
+             Hugging Face cache (looked in {}/snapshots/, the commit from refs/{rev}); download \
+             it with `hf download {s}` (pip install huggingface_hub), or set HF_HUB_CACHE / \
+             HF_HOME to where it is, or pass its directory",
+            repo.display()
+        ),
+    })
 }

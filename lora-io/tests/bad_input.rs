@@ -285,3 +285,230 @@ fn duplicate_keys_in_a_safetensors_header_are_refused() {
         "{e}"
     );
 }
+
+/// The gpt2 fixture adapter with `field` set to `value`, loaded onto the fixture model.
+fn load_with(
+    field: &str,
+    value: serde_json::Value,
+) -> Result<Box<dyn lora_core::models::CausalLm>, String> {
+    let a = scratch(&format!("field-{field}"), &fixture("gpt2/adapter"));
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
+            .unwrap();
+    cfg[field] = value;
+    std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut m = ModelDir::open(fixture("gpt2/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    load_adapter(m.as_mut(), &a).map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
+fn scale_of(m: &dyn lora_core::models::CausalLm) -> f32 {
+    m.linears()
+        .into_iter()
+        .find_map(|(_, l)| l.lora().map(|l| l.scale()))
+        .unwrap()
+}
+
+#[test]
+fn peft_booleans_mean_what_peft_reads() {
+    // PEFT reads `use_rslora` with Python truthiness: "true" and 1 are true, 0 is false.
+    let plain = scale_of(
+        load_with("use_rslora", serde_json::json!(false))
+            .unwrap()
+            .as_ref(),
+    );
+    let rs = scale_of(
+        load_with("use_rslora", serde_json::json!(true))
+            .unwrap()
+            .as_ref(),
+    );
+    assert_ne!(plain, rs);
+    for (v, want) in [
+        (serde_json::json!("true"), rs),
+        (serde_json::json!(1), rs),
+        (serde_json::json!(0), plain),
+        (serde_json::Value::Null, plain),
+    ] {
+        assert_eq!(
+            scale_of(load_with("use_rslora", v.clone()).unwrap().as_ref()),
+            want,
+            "{v}"
+        );
+    }
+    // "false" is true to PEFT (a non-empty string): never what the file means, so refused.
+    for v in ["false", "yes", ""] {
+        let e = load_with("use_rslora", serde_json::json!(v)).err().unwrap();
+        assert!(
+            e.contains("field `use_rslora`") && e.contains("expected true or false"),
+            "{e}"
+        );
+    }
+    // Variants we do not compute are refused whichever way they are written.
+    for (field, v) in [
+        ("use_dora", serde_json::json!("true")),
+        ("use_dora", serde_json::json!(1)),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
+        (
+            "target_parameters",
+            serde_json::json!(["experts.gate_up_proj"]),
+        ),
+        ("lora_alpha", serde_json::json!(1e39)),
+        ("lora_alpha", serde_json::json!("16")),
+        ("lora_dropout", serde_json::json!("0.1")),
+        ("rank_pattern", serde_json::json!({"c_attn": 2.5})),
+        ("layers_pattern", serde_json::json!(["h", 3])),
+        ("r", serde_json::json!(1_000_000_000_000u64)),
+    ] {
+        let e = load_with(field, v.clone()).err().unwrap();
+        assert!(e.contains(&format!("field `{field}")), "{field} = {v}: {e}");
+    }
+}
+
+#[test]
+fn gpt2_with_its_own_head_uses_it() {
+    // tie_word_embeddings false with an lm_head.weight of twice wte: logits exactly twice the
+    // tied model's (transformers uses the head; it was ignored).
+    let tied = ModelDir::open(fixture("gpt2/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    let d = scratch("untied", &fixture("gpt2/model"));
+    let f = SafetensorsFile::open(d.join("model.safetensors")).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = f
+        .names()
+        .iter()
+        .map(|k| {
+            let (v, s) = f.read_f32(k).unwrap();
+            (k.to_string(), s, v)
+        })
+        .collect();
+    drop(f);
+    let (_, s, w) = data
+        .iter()
+        .find(|t| t.0 == "transformer.wte.weight")
+        .unwrap()
+        .clone();
+    data.push((
+        "lm_head.weight".into(),
+        s,
+        w.iter().map(|x| 2.0 * x).collect(),
+    ));
+    let tensors: Vec<lora_io::write::OutTensor> = data
+        .iter()
+        .map(|(k, s, v)| lora_io::write::OutTensor {
+            name: k.clone(),
+            shape: s.clone(),
+            values: v,
+            dtype: lora_io::write::OutDtype::F32,
+        })
+        .collect();
+    lora_io::write::write_safetensors(&d.join("model.safetensors"), &tensors, Default::default())
+        .unwrap();
+    let cfg_path = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = serde_json::json!(false);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let untied = ModelDir::open(&d).unwrap().load_model().unwrap();
+    assert!(untied.linears().iter().any(|(n, _)| n == "lm_head"));
+    let ids = [1u32, 5, 9, 2];
+    let t = lora_core::Tape::inference();
+    let a = tied.forward(&t, &ids, 1, 4, false).unwrap().to_vec();
+    let b = untied.forward(&t, &ids, 1, 4, false).unwrap().to_vec();
+    assert!(a.iter().zip(&b).all(|(x, y)| 2.0 * x == *y));
+    // Untied without the tensor is an error naming it.
+    let d2 = scratch("untied-missing", &fixture("gpt2/model"));
+    std::fs::write(d2.join("config.json"), cfg.to_string()).unwrap();
+    let e = load_err(&d2);
+    assert!(e.contains("lm_head.weight"), "{e}");
+}
+
+#[test]
+fn config_fields_are_read_with_their_meaning_or_refused() {
+    let cases: [(&str, &str, serde_json::Value, &str); 9] = [
+        (
+            "gpt2",
+            "n_layer",
+            serde_json::json!(4_600_000_000_000_000_000u64),
+            "larger than any model's",
+        ),
+        (
+            "gpt2",
+            "n_layer",
+            serde_json::json!(1_000_000_000),
+            "1000000000 layers, but the weights hold 2",
+        ),
+        (
+            "gpt2",
+            "tie_word_embeddings",
+            serde_json::json!("false"),
+            "expected true or false",
+        ),
+        (
+            "gpt2",
+            "add_cross_attention",
+            serde_json::json!(true),
+            "not supported",
+        ),
+        (
+            "llama_gqa",
+            "num_hidden_layers",
+            serde_json::json!(1_000_000),
+            "but the weights hold",
+        ),
+        (
+            "llama_gqa",
+            "rope_parameters",
+            serde_json::json!({"rope_theta": "10000"}),
+            "field `rope_parameters.rope_theta`",
+        ),
+        (
+            "llama_gqa",
+            "partial_rotary_factor",
+            serde_json::json!(0.5),
+            "field `partial_rotary_factor`",
+        ),
+        (
+            "llama_gqa",
+            "rope_scaling",
+            serde_json::json!({"rope_type": 3, "factor": 2}),
+            "rope_scaling.rope_type",
+        ),
+        (
+            "llama_gqa",
+            "rope_scaling",
+            serde_json::json!({"rope_type": "linear", "factor": 2}),
+            "disagree with `rope_parameters`",
+        ),
+    ];
+    for (model, field, value, want) in cases {
+        let d = scratch(
+            &format!("cfg-{model}-{field}"),
+            &fixture(&format!("{model}/model")),
+        );
+        let p = d.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg[field] = value;
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let e = load_err(&d);
+        assert!(
+            e.contains("config.json") && e.contains(want),
+            "{field}: {e}"
+        );
+    }
+    // Positions far beyond any sequence cost nothing until used (RoPE tables grow on demand).
+    let d = scratch("positions", &fixture("llama_gqa/model"));
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!(1u64 << 31);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let m = ModelDir::open(&d).unwrap().load_model().unwrap();
+    let ids = [1u32, 2, 3];
+    m.forward(&lora_core::Tape::inference(), &ids, 1, 3, false)
+        .unwrap();
+}

@@ -230,3 +230,61 @@ fn malformed_kohya_files_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn kohya_alpha_follows_kohya_and_damage_is_named() {
+    let k = KohyaLora::from_peft(&root().join("gpt2/adapter"), "lora_te").unwrap();
+    let t = tmp("alpha");
+    let p = t.join("lora.safetensors");
+    let m0 = &k.modules[0];
+    let write_alpha = |alpha: &[f32], shape: Vec<usize>| {
+        let mut tensors = Vec::new();
+        for m in &k.modules {
+            tensors.push(OutTensor {
+                name: format!("{}.lora_down.weight", m.name),
+                shape: m.down.0.clone(),
+                values: &m.down.1,
+                dtype: OutDtype::F32,
+            });
+            tensors.push(OutTensor {
+                name: format!("{}.lora_up.weight", m.name),
+                shape: m.up.0.clone(),
+                values: &m.up.1,
+                dtype: OutDtype::F32,
+            });
+        }
+        tensors.push(OutTensor {
+            name: format!("{}.alpha", m0.name),
+            shape,
+            values: alpha,
+            dtype: OutDtype::F32,
+        });
+        write_safetensors(&p, &tensors, Default::default()).unwrap();
+    };
+    // 0 means alpha = rank, as kohya's loader reads it (so does a missing alpha).
+    write_alpha(&[0.0], vec![]);
+    let back = KohyaLora::read(&p).unwrap();
+    assert_eq!(back.modules[0].alpha, m0.rank() as f32);
+    assert_eq!(back.modules[0].scale(), 1.0);
+    for (alpha, shape, want) in [
+        (vec![f32::NAN], vec![], "must be a positive number, got NaN"),
+        (vec![-4.0], vec![], "must be a positive number, got -4"),
+        (
+            vec![f32::INFINITY],
+            vec![1],
+            "must be a positive number, got inf",
+        ),
+        (
+            vec![4.0, 8.0],
+            vec![2],
+            "must hold one value, has shape [2]",
+        ),
+    ] {
+        write_alpha(&alpha, shape);
+        let e = KohyaLora::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{}.alpha", m0.name)) && e.contains(want),
+            "{e}"
+        );
+    }
+}

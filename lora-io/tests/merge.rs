@@ -97,37 +97,58 @@ fn existing_outputs_and_nan_adapters_are_refused() {
     let out = tmp("exists");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    // A directory lora-rs did not write is never replaced, with or without --force.
+    let force = MergeOptions {
+        force: true,
+        ..Default::default()
+    };
+    for opts in [MergeOptions::default(), force] {
+        let e = merge_to_dir(&m, &a, &out, opts).unwrap_err().to_string();
+        assert!(
+            e.contains("not written by lora-rs") && e.contains("keep.txt"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+            "mine"
+        );
+    }
+    // An earlier merge is replaced with --force only.
+    std::fs::remove_dir_all(&out).unwrap();
+    merge_to_dir(&m, &a, &out, MergeOptions::default()).unwrap();
     let e = merge_to_dir(&m, &a, &out, MergeOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
-    assert_eq!(
-        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
-        "mine"
+    assert!(
+        e.contains("pass --force to replace an earlier merge"),
+        "{e}"
     );
-    merge_to_dir(
-        &m,
-        &a,
-        &out,
-        MergeOptions {
-            force: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
-    let e = merge_to_dir(
-        &m,
-        &a,
-        &m,
-        MergeOptions {
-            force: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("input model directory"), "{e}");
+    merge_to_dir(&m, &a, &out, force).unwrap();
+    assert!(out.join("model.safetensors").exists() && out.join(".lora-rs.json").exists());
+    // ...but not once a file of someone else's is among its files.
+    std::fs::write(out.join("notes.md"), "mine").unwrap();
+    let e = merge_to_dir(&m, &a, &out, force).unwrap_err().to_string();
+    assert!(e.contains("did not write: notes.md"), "{e}");
+    // Never the model or the adapter, nor a directory holding them.
+    for (o, want) in [
+        (m.clone(), "is the model directory"),
+        (a.clone(), "is the adapter"),
+        (root().join("gpt2"), "contains the model directory"),
+    ] {
+        let e = merge_to_dir(&m, &a, &o, force).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(m.join("model.safetensors").exists() && a.join("adapter_model.safetensors").exists());
+    // A merge killed before its rename left a temporary beside the output: the next merge
+    // into that output removes it and reports it.
+    let parent = out.parent().unwrap();
+    let name = out.file_name().unwrap().to_string_lossy().to_string();
+    let stale = parent.join(format!(".{name}.merge-tmp-999999999"));
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::remove_file(out.join("notes.md")).unwrap();
+    let rep = merge_to_dir(&m, &a, &out, force).unwrap();
+    assert_eq!(rep.removed_stale, vec![stale.clone()]);
+    assert!(!stale.exists());
 
     // An adapter with an infinity: nothing is written.
     let bad = tmp("nan-adapter");
@@ -166,7 +187,7 @@ fn existing_outputs_and_nan_adapters_are_refused() {
     let e = merge_to_dir(&m, &bad, &out, MergeOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("non-finite"), "{e}");
+    assert!(e.contains("holds inf at index 0"), "{e}");
     assert!(
         !out.exists(),
         "nothing may be written when a merge is refused"

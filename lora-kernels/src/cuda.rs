@@ -126,10 +126,10 @@ impl fmt::Display for CompileFailure {
 
 impl std::error::Error for CompileFailure {}
 
-/// Whether `libnvrtc` can be loaded (searched as cudarc does: `LD_LIBRARY_PATH`, system paths).
+/// Whether `libnvrtc` can be loaded: by name as cudarc looks for it (`LD_LIBRARY_PATH`,
+/// system paths), or from a toolkit or pip wheel folder ([`crate::cuda_libs::ensure`]).
 pub fn nvrtc_available() -> bool {
-    // SAFETY: only tries to dlopen the library by its candidate names.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    crate::cuda_libs::ensure(crate::cuda_libs::NVRTC).is_ok()
 }
 
 /// Whether the CUDA driver library (`libcuda`) can be loaded. Check this before creating a
@@ -392,8 +392,10 @@ impl CudaDevice {
                 "cuda:{ordinal} requested, {count} device(s) found"
             )));
         }
-        if !nvrtc_available() {
-            return Err(CudaError("libnvrtc not found (LD_LIBRARY_PATH)".into()));
+        // Every library is found before cudarc first touches it (cudarc panics on a name
+        // that does not resolve).
+        for lib in [crate::cuda_libs::NVRTC, crate::cuda_libs::CUBLAS] {
+            crate::cuda_libs::ensure(lib).map_err(|e| CudaError(e.to_string()))?;
         }
         let ctx = CudaContext::new(ordinal).map_err(cerr("creating the context"))?;
         // One stream does all the work, so cudarc's per-buffer events (two created with every

@@ -23,6 +23,8 @@ pub mod accel;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_accel;
+#[cfg(feature = "cuda")]
+pub mod cuda_libs;
 pub mod error;
 pub mod fastmath;
 pub mod gemm;

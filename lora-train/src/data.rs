@@ -88,6 +88,8 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
         let at = e.utf8_error().valid_up_to();
         err(format!("not valid UTF-8 (first bad byte at offset {at})"))
     })?;
+    // A byte-order mark (editors on Windows write one) is not part of the first example.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let out: Vec<Example> = match ext {
         "txt" => text

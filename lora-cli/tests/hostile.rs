@@ -1,0 +1,483 @@
+//! The `lora` binary against careless and hostile input, one case per class of fault found by
+//! trying about 400 bad inputs: outputs that would replace an input or someone else's files,
+//! values that are not numbers, damaged adapters, Hub ids, log volume. Each gets a clear error
+//! (exit 1, never a panic) or the right result.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lora(args: &[&str]) -> Output {
+    lora_env(args, &[])
+}
+
+fn lora_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lora"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run lora")
+}
+
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/parity")
+        .join(p)
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("lora-hostile-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Fails with exit 1 and a message holding every needle, without a panic.
+fn refused(out: &Output, needles: &[&str]) {
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    for n in needles {
+        assert!(e.contains(n), "`{n}` not in: {e}");
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn data(dir: &Path) -> PathBuf {
+    let p = dir.join("data.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("{{\"text\": \"the red cat number {i} sings\"}}"))
+        .collect();
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+#[test]
+fn outputs_never_replace_inputs_or_foreign_files() {
+    let t = tmp("outputs");
+    let m = t.join("m");
+    copy_dir(&fixture("gpt2/model"), &m);
+    let a = t.join("a");
+    copy_dir(&fixture("gpt2/adapter"), &a);
+    let d = data(&t);
+    let model_files = std::fs::read_dir(&m).unwrap().count();
+    // train --out over the model, over the directory holding the data, and `.`.
+    for (out, want) in [
+        (s(&m).to_string(), "--out is the model directory"),
+        (s(&t).to_string(), "--out contains the model directory"),
+    ] {
+        refused(
+            &lora(&[
+                "train",
+                "--model",
+                s(&m),
+                "--data",
+                s(&d),
+                "--out",
+                &out,
+                "--force",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--threads",
+                "1",
+            ]),
+            &[want],
+        );
+    }
+    let dot = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .current_dir(&t)
+        .args([
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "data.jsonl",
+            "--out",
+            ".",
+            "--force",
+        ])
+        .output()
+        .unwrap();
+    refused(&dot, &["--out contains the model directory"]);
+    assert_eq!(std::fs::read_dir(&m).unwrap().count(), model_files);
+    assert!(d.exists());
+    // merge, convert and combine onto their own inputs.
+    refused(
+        &lora(&[
+            "merge",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&a),
+            "--out",
+            s(&a),
+            "--force",
+        ]),
+        &["--out is the adapter"],
+    );
+    let st = a.join("adapter_model.safetensors");
+    refused(
+        &lora(&["convert", "--from", s(&a), "--to", s(&st), "--force"]),
+        &["not written by lora-rs"],
+    );
+    refused(
+        &lora(&["combine", "--adapter", s(&a), "--out", s(&a), "--force"]),
+        &["--out is the input adapter"],
+    );
+    // A kohya file we wrote is replaced with --force; a file we did not write is not.
+    let k = t.join("k.safetensors");
+    ok(&lora(&["convert", "--from", s(&a), "--to", s(&k)]));
+    refused(
+        &lora(&["convert", "--from", s(&a), "--to", s(&k)]),
+        &["--force"],
+    );
+    ok(&lora(&[
+        "convert",
+        "--from",
+        s(&a),
+        "--to",
+        s(&k),
+        "--force",
+    ]));
+    let foreign = t.join("foreign.safetensors");
+    std::fs::copy(&st, &foreign).unwrap();
+    refused(
+        &lora(&["convert", "--from", s(&a), "--to", s(&foreign), "--force"]),
+        &["not written by lora-rs"],
+    );
+    // combine into a directory with someone's file: refused; into its own earlier output: fine.
+    let c = t.join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(c.join("notes.txt"), "mine").unwrap();
+    refused(
+        &lora(&["combine", "--adapter", s(&a), "--out", s(&c), "--force"]),
+        &["not written by lora-rs", "notes.txt"],
+    );
+    std::fs::remove_file(c.join("notes.txt")).unwrap();
+    ok(&lora(&["combine", "--adapter", s(&a), "--out", s(&c)]));
+    ok(&lora(&[
+        "combine",
+        "--adapter",
+        s(&a),
+        "--out",
+        s(&c),
+        "--force",
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(a.join("adapter_config.json"))
+            .unwrap()
+            .is_empty(),
+        false
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+#[test]
+fn values_that_are_not_what_they_claim_are_named() {
+    let t = tmp("values");
+    let m = fixture("gpt2/model");
+    let a = fixture("gpt2/adapter");
+    let d = data(&t);
+    // A negative number is a value, and its own check says what is wrong.
+    refused(
+        &lora(&[
+            "train",
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--out",
+            s(&t.join("o")),
+            "--lr",
+            "-1",
+        ]),
+        &["--lr: must be positive, got -1"],
+    );
+    refused(
+        &lora(&[
+            "combine",
+            "--adapter",
+            s(&a),
+            "--weight",
+            "NaN",
+            "--out",
+            s(&t.join("nan")),
+        ]),
+        &["--weight", "must be finite, got NaN"],
+    );
+    refused(
+        &lora(&[
+            "combine",
+            "--adapter",
+            s(&a),
+            "--weight",
+            "inf",
+            "--out",
+            s(&t.join("inf")),
+        ]),
+        &["must be finite, got inf"],
+    );
+    assert!(!t.join("nan").exists() && !t.join("inf").exists());
+    // A .jsonl with a byte-order mark reads like one without.
+    let bom = t.join("bom.jsonl");
+    let mut b = b"\xef\xbb\xbf".to_vec();
+    b.extend_from_slice(&std::fs::read(&d).unwrap());
+    std::fs::write(&bom, b).unwrap();
+    let with = ok(&lora(&[
+        "eval",
+        "--model",
+        s(&m),
+        "--data",
+        s(&bom),
+        "--json",
+    ]));
+    let without = ok(&lora(&[
+        "eval",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--json",
+    ]));
+    assert_eq!(with, without);
+    // `eval` prints its result, not training's parameter counts.
+    let human = ok(&lora(&[
+        "eval",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&a),
+        "--data",
+        s(&d),
+    ]));
+    assert!(
+        human.starts_with("loss ") && !human.contains("trainable"),
+        "{human}"
+    );
+    // A damaged adapter: inspect shows NaN and warns; eval and generate refuse it by name.
+    let bad = t.join("bad");
+    copy_dir(&a, &bad);
+    let f =
+        lora_io::safetensors::SafetensorsFile::open(bad.join("adapter_model.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
+        .names()
+        .iter()
+        .map(|k| {
+            let (v, sh) = f.read_f32(k).unwrap();
+            (k.to_string(), sh, v)
+        })
+        .collect();
+    drop(f);
+    let damaged = tensors
+        .iter()
+        .position(|t| t.0.ends_with("lora_B.weight"))
+        .unwrap();
+    tensors[damaged].2[3] = f32::NAN;
+    let out: Vec<lora_io::write::OutTensor> = tensors
+        .iter()
+        .map(|(k, sh, v)| lora_io::write::OutTensor {
+            name: k.clone(),
+            shape: sh.clone(),
+            values: v,
+            dtype: lora_io::write::OutDtype::F32,
+        })
+        .collect();
+    lora_io::write::write_safetensors(
+        &bad.join("adapter_model.safetensors"),
+        &out,
+        Default::default(),
+    )
+    .unwrap();
+    let shown = ok(&lora(&["inspect", s(&bad)]));
+    assert!(
+        shown.contains("NaN") && shown.contains("warning: 1 values"),
+        "{shown}"
+    );
+    let key = &tensors[damaged].0;
+    refused(
+        &lora(&[
+            "eval",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&bad),
+            "--data",
+            s(&d),
+        ]),
+        &[key, "holds NaN at index 3"],
+    );
+    refused(
+        &lora(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&bad),
+            "--prompt",
+            "the",
+        ]),
+        &[key, "holds NaN"],
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+#[test]
+fn hub_ids_resolve_from_the_local_cache() {
+    let t = tmp("hub");
+    let cache = t.join("hub");
+    let repo = cache.join("models--tiny-org--tiny-gpt2");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(&fixture("gpt2/model"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let d = data(&t);
+    let env = [("HF_HUB_CACHE", cache.as_path())];
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            "tiny-org/tiny-gpt2",
+            "--data",
+            s(&d),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        lora_env(&args, &env)
+    };
+    let by_id = ok(&eval(&[]));
+    let by_dir = ok(&lora(&[
+        "eval",
+        "--model",
+        s(&fixture("gpt2/model")),
+        "--data",
+        s(&d),
+        "--json",
+    ]));
+    assert_eq!(by_id, by_dir);
+    assert_eq!(ok(&eval(&["--revision", commit])), by_dir);
+    refused(
+        &eval(&["--revision", "v2"]),
+        &[
+            "tiny-org/tiny-gpt2",
+            "revision v2",
+            "not in the local Hugging Face cache",
+            "hf download",
+        ],
+    );
+    // HF_HOME/hub is where the cache is when HF_HUB_CACHE is not set.
+    let via_home = lora_env(
+        &[
+            "eval",
+            "--model",
+            "tiny-org/tiny-gpt2",
+            "--data",
+            s(&d),
+            "--json",
+        ],
+        &[("HF_HOME", t.as_path())],
+    );
+    assert_eq!(ok(&via_home), by_dir);
+    let missing = lora_env(
+        &[
+            "train",
+            "--model",
+            "nobody/nothing",
+            "--data",
+            s(&d),
+            "--out",
+            s(&t.join("o")),
+        ],
+        &env,
+    );
+    refused(
+        &missing,
+        &[
+            "nobody/nothing",
+            &cache.join("models--nobody--nothing").display().to_string(),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+#[test]
+fn progress_lines_outside_a_terminal_are_few() {
+    let t = tmp("log");
+    let m = fixture("gpt2/model");
+    let d = data(&t);
+    let o = t.join("o");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--out",
+            s(&o),
+            "--steps",
+            "100",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--rank",
+            "2",
+            "--threads",
+            "1",
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        ok(&lora(&args))
+    };
+    let lines = |out: &str| out.lines().filter(|l| l.starts_with("step ")).count();
+    // About 20 lines by default (every 5th step, and the first).
+    assert_eq!(lines(&train(&[])), 21);
+    assert_eq!(lines(&train(&["--log-every", "50"])), 3);
+    assert_eq!(lines(&train(&["--log-every", "1"])), 100);
+    // The default --seq-len (256) yields to a model with 32 positions, and says so.
+    let out = ok(&lora(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--out",
+        s(&t.join("o")),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--force",
+    ]));
+    assert!(
+        out.contains("takes at most 32 positions; using 32"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}

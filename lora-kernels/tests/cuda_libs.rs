@@ -1,0 +1,43 @@
+//! Finding the CUDA libraries before cudarc loads them (cudarc panics on a library it cannot
+//! find): a library missing everywhere is an error naming it, the folders searched and how to
+//! get it; a file that is there but does not load, or belongs to another CUDA major version,
+//! is named as such. Runs on any machine: a fake toolkit under `CUDA_HOME` supplies the files.
+#![cfg(feature = "cuda")]
+
+use lora_kernels::cuda_libs::{ensure, search_dirs, CUBLAS, CUDA_MAJOR};
+
+#[test]
+fn a_missing_library_is_an_error_naming_it_and_where_to_get_it() {
+    let home = std::env::temp_dir().join(format!("lora-cuda-home-{}", std::process::id()));
+    let lib = home.join("lib64");
+    std::fs::create_dir_all(&lib).unwrap();
+    // Not a shared object, and one of another major version.
+    std::fs::write(
+        lib.join(format!("libcublas.so.{CUDA_MAJOR}")),
+        b"not an ELF file",
+    )
+    .unwrap();
+    std::fs::write(lib.join("libcublas.so.13.0.1"), b"also not").unwrap();
+    // SAFETY: this test binary has this one test, so no other thread reads the environment.
+    unsafe { std::env::set_var("CUDA_HOME", &home) };
+    assert!(search_dirs(CUBLAS).contains(&lib));
+    match ensure(CUBLAS) {
+        // A machine with a real cuBLAS on the loader's path finds it before any folder.
+        Ok(()) => eprintln!("cuBLAS loads by name here; the missing-library message is untested"),
+        Err(e) => {
+            let m = e.to_string();
+            assert!(
+                m.contains(&format!("libcublas.so.{CUDA_MAJOR} not found")),
+                "{m}"
+            );
+            assert!(m.contains(&lib.display().to_string()), "{m}");
+            assert!(m.contains("is there but does not load"), "{m}");
+            assert!(
+                m.contains("libcublas.so.13.0.1") && m.contains("another CUDA version"),
+                "{m}"
+            );
+            assert!(m.contains("pip install nvidia-cublas-cu12"), "{m}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&home);
+}
