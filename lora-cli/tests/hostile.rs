@@ -481,3 +481,113 @@ fn progress_lines_outside_a_terminal_are_few() {
     );
     let _ = std::fs::remove_dir_all(&t);
 }
+
+/// The guide's troubleshooting table quotes the messages as lora-rs prints them: each row
+/// checked here is triggered and every literal piece of its quoted message (the text between
+/// `<placeholders>`, `...` and the counts N, M) must appear in what the command printed.
+#[test]
+fn the_troubleshooting_table_quotes_real_messages() {
+    let guide = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/guide.md"),
+    )
+    .unwrap();
+    let table = &guide[guide.find("## Troubleshooting").unwrap()..];
+    let row = |key: &str| -> String {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("| `") && l.contains(key))
+            .unwrap_or_else(|| panic!("no troubleshooting row with {key}"));
+        // The first cell, up to the cell separator that follows a closing backtick.
+        let end = line.find("` |").unwrap();
+        line[3..end].to_string()
+    };
+    let t = tmp("guide");
+    let m = t.join("m");
+    copy_dir(&fixture("gpt2/model"), &m);
+    let d = data(&t);
+    let base = |out: &Path, extra: &[&str]| -> Output {
+        let mut args = vec![
+            "train", "--model", s(&m), "--data", s(&d), "--out", s(out), "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--threads", "1",
+        ];
+        args.extend_from_slice(extra);
+        lora(&args)
+    };
+    let o = t.join("o");
+    ok(&base(&o, &["--save-every", "1"]));
+    let empty = t.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let foreign = t.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "x").unwrap();
+    let bad = t.join("bad.jsonl");
+    std::fs::write(&bad, "{\"txt\": \"a\"}\n").unwrap();
+    let cases: Vec<(&str, Output)> = vec![
+        ("not found (model directory)", lora(&["eval", "--model", "/nonexistent/dir", "--data", s(&d)])),
+        ("is this a Hugging Face model directory", lora(&["eval", "--model", s(&empty), "--data", s(&d)])),
+        ("matched no module; available", base(&t.join("x1"), &["--target", "q_proj"])),
+        ("output directory is not empty", base(&o, &[])),
+        ("not written by lora-rs", base(&foreign, &["--force"])),
+        ("--out is the model directory", base(&m, &["--force"])),
+        ("no checkpoint-* directory found", base(&t.join("x2"), &["--resume"])),
+        ("settings differ", base(&o, &["--resume", "--lr", "1e-3"])),
+        ("no string field", lora(&["train", "--model", s(&m), "--data", s(&bad), "--out", s(&t.join("x3"))])),
+        ("a step would take", base(&t.join("x4"), &["--batch-size", "100"])),
+        ("exceeds the model's maximum", base(&t.join("x5"), &["--seq-len", "5000"])),
+        ("can use: at most", base(&t.join("x6"), &["--rank", "1000"])),
+        ("no CUDA driver library", base(&t.join("x7"), &["--device", "cuda"])),
+    ];
+    for (key, out) in cases {
+        let cell = row(key);
+        let printed = String::from_utf8_lossy(&out.stderr).replace('`', "");
+        assert!(!out.status.success(), "{key}: succeeded");
+        // A row may quote alternatives (`a` / `b`): one of them must match whole.
+        let missing: Vec<Vec<String>> = cell
+            .split("` / `")
+            .map(|alt| literal_pieces(&alt.replace('`', ""))
+                .into_iter()
+                .filter(|lit| !printed.contains(lit.as_str()))
+                .collect())
+            .collect();
+        assert!(
+            missing.iter().any(|m| m.is_empty()),
+            "guide row `{cell}`: {missing:?} not in what lora printed:\n{printed}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+/// The literal pieces of a quoted message: the text between `<placeholders>`, `...` and the
+/// counts N and M, long enough to mean something.
+fn literal_pieces(msg: &str) -> Vec<String> {
+    let mut pieces = vec![msg.to_string()];
+    for sep in ["<", ">", "..."] {
+        pieces = pieces
+            .iter()
+            .flat_map(|p| p.split(sep).map(String::from).collect::<Vec<_>>())
+            .collect();
+    }
+    let placeholder = |p: &str| msg.contains(&format!("<{p}>"));
+    pieces
+        .iter()
+        .filter(|p| !placeholder(p))
+        .flat_map(|p| split_counts(p))
+        .map(|l| l.trim().trim_start_matches(['(', ':', ',']).trim().to_string())
+        .filter(|l| l.len() >= 8)
+        .collect()
+}
+
+/// `p` split at the standalone letters N and M (counts in a quoted message).
+fn split_counts(p: &str) -> Vec<String> {
+    let c: Vec<char> = p.chars().collect();
+    let mut out = vec![String::new()];
+    for (i, &ch) in c.iter().enumerate() {
+        let alone = |j: Option<&char>| j.is_none_or(|x| !x.is_alphanumeric());
+        if (ch == 'N' || ch == 'M') && alone(i.checked_sub(1).and_then(|j| c.get(j))) && alone(c.get(i + 1)) {
+            out.push(String::new());
+        } else {
+            out.last_mut().unwrap().push(ch);
+        }
+    }
+    out
+}
