@@ -487,10 +487,9 @@ fn progress_lines_outside_a_terminal_are_few() {
 /// `<placeholders>`, `...` and the counts N, M) must appear in what the command printed.
 #[test]
 fn the_troubleshooting_table_quotes_real_messages() {
-    let guide = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/guide.md"),
-    )
-    .unwrap();
+    let guide =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/guide.md"))
+            .unwrap();
     let table = &guide[guide.find("## Troubleshooting").unwrap()..];
     let row = |key: &str| -> String {
         let line = table
@@ -507,8 +506,21 @@ fn the_troubleshooting_table_quotes_real_messages() {
     let d = data(&t);
     let base = |out: &Path, extra: &[&str]| -> Output {
         let mut args = vec![
-            "train", "--model", s(&m), "--data", s(&d), "--out", s(out), "--steps", "2",
-            "--batch-size", "2", "--seq-len", "16", "--threads", "1",
+            "train",
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--out",
+            s(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--threads",
+            "1",
         ];
         args.extend_from_slice(extra);
         lora(&args)
@@ -523,19 +535,51 @@ fn the_troubleshooting_table_quotes_real_messages() {
     let bad = t.join("bad.jsonl");
     std::fs::write(&bad, "{\"txt\": \"a\"}\n").unwrap();
     let cases: Vec<(&str, Output)> = vec![
-        ("not found (model directory)", lora(&["eval", "--model", "/nonexistent/dir", "--data", s(&d)])),
-        ("is this a Hugging Face model directory", lora(&["eval", "--model", s(&empty), "--data", s(&d)])),
-        ("matched no module; available", base(&t.join("x1"), &["--target", "q_proj"])),
+        (
+            "not found (model directory)",
+            lora(&["eval", "--model", "/nonexistent/dir", "--data", s(&d)]),
+        ),
+        (
+            "is this a Hugging Face model directory",
+            lora(&["eval", "--model", s(&empty), "--data", s(&d)]),
+        ),
+        (
+            "matched no module; available",
+            base(&t.join("x1"), &["--target", "q_proj"]),
+        ),
         ("output directory is not empty", base(&o, &[])),
         ("not written by lora-rs", base(&foreign, &["--force"])),
         ("--out is the model directory", base(&m, &["--force"])),
-        ("no checkpoint-* directory found", base(&t.join("x2"), &["--resume"])),
+        (
+            "no checkpoint-* directory found",
+            base(&t.join("x2"), &["--resume"]),
+        ),
         ("settings differ", base(&o, &["--resume", "--lr", "1e-3"])),
-        ("no string field", lora(&["train", "--model", s(&m), "--data", s(&bad), "--out", s(&t.join("x3"))])),
-        ("a step would take", base(&t.join("x4"), &["--batch-size", "100"])),
-        ("exceeds the model's maximum", base(&t.join("x5"), &["--seq-len", "5000"])),
+        (
+            "no string field",
+            lora(&[
+                "train",
+                "--model",
+                s(&m),
+                "--data",
+                s(&bad),
+                "--out",
+                s(&t.join("x3")),
+            ]),
+        ),
+        (
+            "a step would take",
+            base(&t.join("x4"), &["--batch-size", "100"]),
+        ),
+        (
+            "exceeds the model's maximum",
+            base(&t.join("x5"), &["--seq-len", "5000"]),
+        ),
         ("can use: at most", base(&t.join("x6"), &["--rank", "1000"])),
-        ("no CUDA driver library", base(&t.join("x7"), &["--device", "cuda"])),
+        (
+            "no CUDA driver library",
+            base(&t.join("x7"), &["--device", "cuda"]),
+        ),
     ];
     for (key, out) in cases {
         let cell = row(key);
@@ -544,10 +588,12 @@ fn the_troubleshooting_table_quotes_real_messages() {
         // A row may quote alternatives (`a` / `b`): one of them must match whole.
         let missing: Vec<Vec<String>> = cell
             .split("` / `")
-            .map(|alt| literal_pieces(&alt.replace('`', ""))
-                .into_iter()
-                .filter(|lit| !printed.contains(lit.as_str()))
-                .collect())
+            .map(|alt| {
+                literal_pieces(&alt.replace('`', ""))
+                    .into_iter()
+                    .filter(|lit| !printed.contains(lit.as_str()))
+                    .collect()
+            })
             .collect();
         assert!(
             missing.iter().any(|m| m.is_empty()),
@@ -572,7 +618,12 @@ fn literal_pieces(msg: &str) -> Vec<String> {
         .iter()
         .filter(|p| !placeholder(p))
         .flat_map(|p| split_counts(p))
-        .map(|l| l.trim().trim_start_matches(['(', ':', ',']).trim().to_string())
+        .map(|l| {
+            l.trim()
+                .trim_start_matches(['(', ':', ','])
+                .trim()
+                .to_string()
+        })
         .filter(|l| l.len() >= 8)
         .collect()
 }
@@ -583,7 +634,10 @@ fn split_counts(p: &str) -> Vec<String> {
     let mut out = vec![String::new()];
     for (i, &ch) in c.iter().enumerate() {
         let alone = |j: Option<&char>| j.is_none_or(|x| !x.is_alphanumeric());
-        if (ch == 'N' || ch == 'M') && alone(i.checked_sub(1).and_then(|j| c.get(j))) && alone(c.get(i + 1)) {
+        if (ch == 'N' || ch == 'M')
+            && alone(i.checked_sub(1).and_then(|j| c.get(j)))
+            && alone(c.get(i + 1))
+        {
             out.push(String::new());
         } else {
             out.last_mut().unwrap().push(ch);

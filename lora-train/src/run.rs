@@ -597,8 +597,39 @@ fn save_checkpoint(
     let final_dir = out.join(format!("checkpoint-{step:06}"));
     let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
-    save_adapter(model, peft, &tmp)?;
+    let r = write_checkpoint(
+        &tmp, &final_dir, step, model, peft, opt, sampler, cfg, extras,
+    );
+    if r.is_err() {
+        // A full disk or a failing write: the half-assembled checkpoint goes, the newest
+        // complete one stays.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    r?;
+    if cfg.keep_checkpoints > 0 {
+        // Only after the new one is complete: older ones go, newest first kept.
+        for (_, p) in checkpoints(out).into_iter().skip(cfg.keep_checkpoints) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(())
+}
+
+/// Assembles a checkpoint in `tmp` and renames it to `final_dir`.
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    tmp: &Path,
+    final_dir: &Path,
+    step: usize,
+    model: &dyn CausalLm,
+    peft: &PeftConfig,
+    opt: &dyn Optimizer,
+    sampler: &Sampler,
+    cfg: &TrainConfig,
+    extras: &CheckpointExtras,
+) -> Result<()> {
+    std::fs::create_dir_all(tmp).map_err(|e| err(tmp, e.to_string()))?;
+    save_adapter(model, peft, tmp)?;
     let st: OptimizerState = opt.export(&named_params(model))?;
     let tensors: Vec<OutTensor> = st
         .buffers
@@ -632,15 +663,8 @@ fn save_checkpoint(
             .expect("serialises")
             .as_bytes(),
     )?;
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(|e| err(&final_dir, e.to_string()))?;
-    if cfg.keep_checkpoints > 0 {
-        // Only after the new one is complete: older ones go, newest first kept.
-        for (_, p) in checkpoints(out).into_iter().skip(cfg.keep_checkpoints) {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-    Ok(())
+    let _ = std::fs::remove_dir_all(final_dir);
+    std::fs::rename(tmp, final_dir).map_err(|e| err(final_dir, e.to_string()))
 }
 
 /// Runs (or, with `resume`, continues) training; `on_event` sees every step and notice.
