@@ -59,6 +59,38 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Refuses a benchmark whose buffers would not fit in memory: `floats` is the number of f32
+/// values it allocates (`None` when counting them overflowed), `what` the flags that set it.
+/// The bound is the memory this machine has available (`MemAvailable`; 64 GiB where it cannot
+/// be read).
+pub fn ensure_fits(floats: Option<u128>, what: &str) -> Result<()> {
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u128>().ok())
+        })
+        .map_or(64u128 << 30, |kb| kb * 1024);
+    match floats.and_then(|f| f.checked_mul(4)) {
+        Some(bytes) if bytes <= avail => Ok(()),
+        Some(bytes) => bail!(
+            "{what}: these sizes need {:.1} GiB of buffers, more than the {:.1} GiB available",
+            bytes as f64 / (1u64 << 30) as f64,
+            avail as f64 / (1u64 << 30) as f64
+        ),
+        None => bail!("{what}: these sizes are too large to count in memory"),
+    }
+}
+
+/// `a * b + c * d + ...` in u128, `None` on overflow.
+pub fn sum_of_products(terms: &[&[usize]]) -> Option<u128> {
+    terms.iter().try_fold(0u128, |acc, t| {
+        let p = t.iter().try_fold(1u128, |p, &x| p.checked_mul(x as u128))?;
+        acc.checked_add(p)
+    })
+}
+
 /// A worker pool of `threads` (default: all cores), the one every command runs its work in.
 pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
     let mut b = rayon::ThreadPoolBuilder::new();
@@ -92,6 +124,7 @@ pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -
     if size == 0 || iters == 0 {
         bail!("--size and --iters must be at least 1");
     }
+    ensure_fits(sum_of_products(&[&[3, size, size]]), "--size")?;
     let pool = pool(threads)?;
     let n = pool.current_num_threads();
     let gf = pool.install(|| gemm_ceiling(size, iters))?;
@@ -107,12 +140,29 @@ pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -
 }
 
 pub fn run_linear(cfg: &LinearBench) -> Result<()> {
+    if cfg.iters == Some(0) {
+        bail!("--iters must be at least 1");
+    }
     for &(t, k, m, r) in &cfg.shapes {
         if t == 0 || k == 0 || m == 0 || r == 0 {
             bail!(
                 "--tokens, --in, --out and --rank must all be at least 1 (got {t}, {k}, {m}, {r})"
             );
         }
+        if r > k.min(m) {
+            bail!("--rank {r} exceeds the layer's smaller dimension ({k} -> {m})");
+        }
+        // x, dx (T, K); W (M, K); y, dy (T, M) for the LoRA and the base layer; A, B, u, g; and
+        // the ceiling GEMM.
+        let floats = sum_of_products(&[
+            &[4, t, k],
+            &[m, k],
+            &[4, t, m],
+            &[2, r, k + m],
+            &[4, t, r],
+            &[3, CEILING_SIZE, CEILING_SIZE],
+        ]);
+        ensure_fits(floats, "--tokens, --in, --out, --rank")?;
     }
     let pool = pool(cfg.threads)?;
     let threads = pool.current_num_threads();
@@ -191,6 +241,12 @@ pub fn run_mixed(
     if [t, k, m, r, n_ad, iters].contains(&0) {
         bail!("--tokens, --in, --out, --rank, --adapters and --iters must all be at least 1");
     }
+    if r > k.min(m) {
+        bail!("--rank {r} exceeds the layer's smaller dimension ({k} -> {m})");
+    }
+    // x (T, K), W (M, K), outputs (T, M) twice, and every adapter's A and B.
+    let floats = sum_of_products(&[&[t, k], &[m, k], &[3, t, m], &[n_ad, r, k + m], &[t, r]]);
+    ensure_fits(floats, "--tokens, --in, --out, --rank, --adapters")?;
     let pool = pool(threads)?;
     let n = pool.current_num_threads();
     pool.install(|| -> Result<()> {
@@ -208,7 +264,12 @@ pub fn run_mixed(
         } else {
             outln!("{t} rows x {k} -> {m}, {n_ad} adapters of rank {r}, {n} threads:");
             outln!("  mixed kernel        {:>9.2} ms  ({:.1} GFLOP/s)", mm * 1e3, w.flops() / mm / 1e9);
-            outln!("  loop over adapters  {:>9.2} ms  ({:.2}x slower)", ml * 1e3, ml / mm);
+            let (ratio, how) = if ml >= mm {
+                (ml / mm, "slower")
+            } else {
+                (mm / ml, "faster")
+            };
+            outln!("  loop over adapters  {:>9.2} ms  ({ratio:.2}x {how})", ml * 1e3);
         }
         Ok(())
     })

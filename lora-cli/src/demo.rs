@@ -67,7 +67,22 @@ fn write(path: &Path, text: &str) -> Result<()> {
 pub fn build(r: &BuildRun) -> Result<()> {
     let data = r.dir.join("data");
     let base = r.dir.join("base");
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    if r.pretrain_steps == 0 {
+        bail!("--pretrain-steps must be at least 1");
+    }
+    // Only a demo's own files are replaced (the shipped ones carry the marker): a model or data
+    // of anyone else's under --dir is refused, untouched.
+    const BASE_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+    const DATA_FILES: [&str; 2] = ["train.jsonl", "eval.jsonl"];
+    let owned = || lora_io::outdir::Owned::Listed;
+    for d in [&base, &data] {
+        lora_io::outdir::inspect_output("--dir", d, "lora demo --build", owned())?;
+    }
+    let files = |f: &[&str]| f.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    for (d, f) in [(&base, &BASE_FILES[..]), (&data, &DATA_FILES[..])] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        lora_io::outdir::write_marker(d, "lora demo --build", Some(&files(f)))?;
+    }
     let (train, eval) = demo_data::translation_sets(TRAIN_PAIRS, EVAL_PAIRS, TASK_SEED);
     write(&data.join("train.jsonl"), &train)?;
     write(&data.join("eval.jsonl"), &eval)?;

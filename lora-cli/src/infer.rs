@@ -63,10 +63,16 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
         None
     };
     let chat = lora_train::batches::chat_template_for(&r.model, &r.data, &examples)?;
-    let seq_len = r
-        .seq_len
-        .unwrap_or(model.max_positions())
-        .min(model.max_positions());
+    let seq_len = match r.seq_len {
+        None => model.max_positions(),
+        Some(0 | 1) => anyhow::bail!("--seq-len must be at least 2"),
+        Some(n) if n > model.max_positions() => anyhow::bail!(
+            "--seq-len {n} exceeds the model's maximum of {} positions ({})",
+            model.max_positions(),
+            r.model.join("config.json").display()
+        ),
+        Some(n) => n,
+    };
     let res = lora_train::eval::evaluate_examples(
         model.as_ref(),
         &tok,
@@ -80,6 +86,19 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
         true,
     )
     .with_context(|| format!("evaluating {}", r.data.display()))?;
+    if !res.loss.is_finite() {
+        anyhow::bail!(
+            "the loss on {} is {}: the model{} computes non-finite values (a damaged weight or \
+             config value)",
+            r.data.display(),
+            res.loss,
+            if r.adapter.is_some() {
+                " or the adapter"
+            } else {
+                ""
+            }
+        );
+    }
     if r.json {
         outln!(
             "{}",
@@ -107,6 +126,8 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
                 r.model.display()
             )
         })?;
+        // The EOS the template's special tokens name must be a real token (as training checks).
+        md.training_eos(&tok)?;
         let msg = serde_json::json!({"role": "user", "content": r.prompt});
         tok.encode_plain(&t.render(&[msg], true)?)?
     } else {
@@ -121,6 +142,16 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
         adapters: true,
     };
     let ids = generate(model.as_ref(), &prompt, &cfg)?;
+    let added = ids.len() - prompt.len();
+    if added < r.max_new_tokens
+        && ids.len() >= model.max_positions()
+        && !ids.last().is_some_and(|t| cfg.eos.contains(t))
+    {
+        eprintln!(
+            "note: stopped after {added} new tokens at the model's maximum of {} positions",
+            model.max_positions()
+        );
+    }
     let shown = if r.chat {
         &ids[prompt.len()..]
     } else {
@@ -240,6 +271,11 @@ pub fn run_convert(
         let model = model.ok_or_else(|| anyhow::anyhow!(
             "kohya -> PEFT needs --model DIR: kohya flattens module paths with `_`, and only the model's module list can restore the dots"
         ))?;
+        if to.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+            anyhow::bail!(
+                "kohya -> PEFT writes an adapter directory: --to must not end in .safetensors"
+            );
+        }
         outdir::check_not_input(
             "--to",
             to,
@@ -265,7 +301,7 @@ pub fn run_convert(
     Ok(())
 }
 
-/// Set by SIGINT or SIGTERM; the training loop checkpoints and stops after the current step.
+/// Set by SIGINT, SIGTERM or SIGHUP; the training loop checkpoints and stops after the current step.
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// The signal that set [`STOP`] (the exit status is 128 + it, as a shell reports a signal).
 static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -280,7 +316,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
     SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The exit status a run stopped by a signal ends with (130 for SIGINT, 143 for SIGTERM), once
+/// The exit status a run stopped by a signal ends with (130 for SIGINT, 143 for SIGTERM, 129
+/// for SIGHUP), once
 /// its checkpoint is written; `None` when no signal stopped it.
 pub fn signal_exit_status() -> Option<i32> {
     match SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
@@ -331,7 +368,8 @@ pub fn run_train_report(
     // SAFETY: installs handlers that only touch atomics (and _exit on a second signal).
     #[cfg(unix)]
     unsafe {
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SIGHUP too: a closed terminal or dropped SSH session keeps the work done so far.
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }

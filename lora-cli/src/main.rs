@@ -265,7 +265,7 @@ struct TrainArgs {
     #[arg(long)]
     eval_data: Option<std::path::PathBuf>,
     /// Fraction of the data held out for evaluation when no --eval-data is given.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, conflicts_with = "eval_data")]
     eval_split: f32,
     /// Evaluate every N steps (0: before and after only).
     #[arg(long, default_value_t = 0)]
@@ -564,22 +564,24 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
     let train = cmd
         .find_subcommand("train")
         .expect("train subcommand exists");
-    let known: Vec<String> = train
-        .get_arguments()
-        .filter_map(|a| a.get_long().map(String::from))
-        .collect();
     let mut extra: Vec<OsString> = Vec::new();
+    let at = |k: &str| format!("{}: key `{k}`", path.to_string_lossy());
     for (k, v) in table {
         let flag = k.replace('_', "-");
-        if !known.contains(&flag) || flag == "config" {
+        let Some(arg) = train
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+        else {
             anyhow::bail!(
                 "{}: unknown key `{k}` (keys are the flags of `lora train`, e.g. lr, rank, target)",
                 path.to_string_lossy()
             );
-        }
+        };
+        let switch = !arg.get_action().takes_values();
         match v {
-            toml::Value::Boolean(true) => extra.push(format!("--{flag}").into()),
-            toml::Value::Boolean(false) => {}
+            toml::Value::Boolean(true) if switch => extra.push(format!("--{flag}").into()),
+            toml::Value::Boolean(false) if switch => {}
+            _ if switch => anyhow::bail!("{} must be true or false, got {v:?}", at(&k)),
             toml::Value::String(s) => extra.extend([format!("--{flag}").into(), s.into()]),
             toml::Value::Integer(n) => {
                 extra.extend([format!("--{flag}").into(), n.to_string().into()])
@@ -588,8 +590,8 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
                 extra.extend([format!("--{flag}").into(), f.to_string().into()])
             }
             other => anyhow::bail!(
-                "{}: key `{k}` must be a string, number or boolean, got {}",
-                path.to_string_lossy(),
+                "{} must be a string or a number, got {}",
+                at(&k),
                 other.type_str()
             ),
         }
@@ -619,11 +621,18 @@ fn negatives_as_values(cmd: clap::Command) -> clap::Command {
 }
 
 fn parse_cli() -> Result<Cli> {
-    let argv = expand_config(std::env::args_os().collect())?;
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let from_file = argv.iter().any(|a| a == "--config");
     let matches = negatives_as_values(Cli::command())
         .args_override_self(true)
-        .try_get_matches_from(argv)
-        .unwrap_or_else(|e| e.exit());
+        .try_get_matches_from(expand_config(argv)?)
+        .unwrap_or_else(|e| {
+            if from_file && e.use_stderr() {
+                // A bad value may come from the file: its keys reach clap as flags.
+                eprintln!("note: the --config file's keys are read as the flags of the same name");
+            }
+            e.exit()
+        });
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
@@ -971,6 +980,32 @@ fn run(cli: Cli) -> Result<()> {
                 a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0,
                 "--steps, --batch, --rank must be at least 1 and --seq at least 2"
             );
+            anyhow::ensure!(
+                a.layers > 0 && a.hidden > 0 && a.heads > 0 && a.kv_heads > 0 && a.vocab > 0,
+                "--layers, --hidden, --heads, --kv-heads and --vocab must be at least 1"
+            );
+            anyhow::ensure!(
+                a.hidden % a.heads == 0 && a.heads % a.kv_heads == 0,
+                "--heads must divide --hidden, and --kv-heads must divide --heads"
+            );
+            anyhow::ensure!(
+                a.rank <= a.hidden,
+                "--rank {} exceeds --hidden {}",
+                a.rank,
+                a.hidden
+            );
+            // Weights (12 hidden^2 per layer, the embedding) and activations (about 40 hidden
+            // values per token per layer, and one row of logits per token), all f32.
+            let tokens = [a.batch, a.seq];
+            bench::ensure_fits(
+                bench::sum_of_products(&[
+                    &[12, a.layers, a.hidden, a.hidden],
+                    &[2, a.vocab, a.hidden],
+                    &[40, a.layers, a.hidden, tokens[0], tokens[1]],
+                    &[2, a.vocab, tokens[0], tokens[1]],
+                ]),
+                "--layers, --hidden, --vocab, --batch, --seq",
+            )?;
             bench::pool(a.threads)?.install(|| {
                 train_bench::run(&train_bench::TrainBench {
                     arch: a.arch,

@@ -645,3 +645,240 @@ fn split_counts(p: &str) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn more_classes_found_by_a_hostile_run() {
+    let t = tmp("more");
+    let m = fixture("gpt2/model");
+    let a = fixture("gpt2/adapter");
+    let d = data(&t);
+    // Benchmarks size their buffers before allocating (a GEMM of 2^32 once crashed the
+    // process: its length check wrapped around).
+    for args in [
+        &[
+            "bench",
+            "gemm",
+            "--size",
+            "4294967296",
+            "--iters",
+            "1",
+            "--threads",
+            "1",
+        ][..],
+        &["bench", "gemm", "--size", "18446744073709551615"],
+        &[
+            "bench",
+            "linear",
+            "--tokens",
+            "18446744073709551615",
+            "--threads",
+            "1",
+        ],
+        &[
+            "bench",
+            "mixed",
+            "--adapters",
+            "18446744073709551615",
+            "--tokens",
+            "1",
+            "--in",
+            "1",
+            "--out",
+            "1",
+            "--rank",
+            "1",
+        ],
+        &[
+            "bench",
+            "train",
+            "--hidden",
+            "4294967296",
+            "--heads",
+            "1",
+            "--kv-heads",
+            "1",
+        ],
+    ] {
+        refused(&lora(args), &["these sizes"]);
+    }
+    refused(
+        &lora(&["bench", "linear", "--iters", "0"]),
+        &["--iters must be at least 1"],
+    );
+    refused(
+        &lora(&["bench", "train", "--vocab", "0"]),
+        &["--vocab must be at least 1"],
+    );
+    // Data that is not a regular file, has no extension, or mixes formats on a line.
+    let noext = t.join("data");
+    std::fs::write(&noext, "{\"text\": \"a\"}").unwrap();
+    let mixed = t.join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"text\": \"a b\", \"prompt\": \"a\", \"completion\": \"b\"}",
+    )
+    .unwrap();
+    for (data, want) in [
+        ("/dev/zero", "not a regular file"),
+        (s(&noext), "has no extension"),
+        (s(&mixed), "line 1: has `text` and also"),
+    ] {
+        refused(&lora(&["eval", "--model", s(&m), "--data", data]), &[want]);
+    }
+    // eval refuses a --seq-len past the model's positions, as train does.
+    refused(
+        &lora(&[
+            "eval",
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--seq-len",
+            "100000",
+        ]),
+        &["--seq-len 100000 exceeds the model's maximum of 32 positions"],
+    );
+    // An adapter given as a file, a kohya -> PEFT output named like a file.
+    let k = t.join("k.safetensors");
+    ok(&lora(&["convert", "--from", s(&a), "--to", s(&k)]));
+    refused(
+        &lora(&[
+            "eval",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&k),
+            "--data",
+            s(&d),
+        ]),
+        &[
+            "is a file, but an adapter is a PEFT directory",
+            "lora convert",
+        ],
+    );
+    refused(
+        &lora(&[
+            "convert",
+            "--from",
+            s(&k),
+            "--to",
+            s(&t.join("y.safetensors")),
+            "--model",
+            s(&m),
+        ]),
+        &["--to must not end in .safetensors"],
+    );
+    assert!(!t.join("y.safetensors").exists());
+    // A config file's booleans must be booleans, and its file is named.
+    let toml = t.join("run.toml");
+    std::fs::write(&toml, "rslora = \"yes\"\n").unwrap();
+    refused(
+        &lora(&[
+            "train",
+            "--config",
+            s(&toml),
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--out",
+            s(&t.join("o")),
+        ]),
+        &["run.toml: key `rslora` must be true or false"],
+    );
+    // --eval-split and --eval-data together: one of them would be ignored.
+    let both = lora(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--out",
+        s(&t.join("o")),
+        "--eval-data",
+        s(&d),
+        "--eval-split",
+        "0.1",
+    ]);
+    assert_eq!(
+        both.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+    // `demo --build` never writes over a model or data of someone else's.
+    let dir = t.join("demo");
+    copy_dir(&m, &dir.join("base"));
+    refused(
+        &lora(&[
+            "demo",
+            "--build",
+            "--dir",
+            s(&dir),
+            "--pretrain-steps",
+            "1",
+            "--threads",
+            "1",
+        ]),
+        &["--dir: not written by lora-rs"],
+    );
+    assert_eq!(
+        std::fs::read(dir.join("base/model.safetensors")).unwrap(),
+        std::fs::read(m.join("model.safetensors")).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+#[test]
+fn a_hangup_checkpoints_like_an_interrupt() {
+    let t = tmp("hup");
+    let m = fixture("gpt2/model");
+    let d = data(&t);
+    let out = t.join("o");
+    let child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args([
+            "train",
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--out",
+            s(&out),
+            "--steps",
+            "100000",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--rank",
+            "2",
+            "--threads",
+            "1",
+            "--save-every",
+            "1",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !out.join("checkpoint-000001").exists() {
+        assert!(start.elapsed().as_secs() < 60, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(129),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let step = v["steps"].as_u64().unwrap();
+    assert!(v["interrupted"] == true && out.join(format!("checkpoint-{step:06}")).exists());
+    let _ = std::fs::remove_dir_all(&t);
+}

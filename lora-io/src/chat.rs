@@ -253,6 +253,16 @@ fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
     Ok(Value::from_safe_string(s))
 }
 
+/// transformers' `{% generation %}...{% endgeneration %}` marks the assistant's text for its
+/// assistant masks and renders its body unchanged: here it becomes `{% if true %}...{% endif %}`,
+/// keeping the tags' whitespace control, so templates that carry it render the same text.
+fn generation_as_plain_blocks(source: &str) -> String {
+    let open = regex::Regex::new(r"(\{%[-+]?\s*)generation(\s*[-+]?%\})").expect("valid regex");
+    let close = regex::Regex::new(r"(\{%[-+]?\s*)endgeneration(\s*[-+]?%\})").expect("valid regex");
+    let s = close.replace_all(source, "${1}endif${2}");
+    open.replace_all(&s, "${1}if true${2}").into_owned()
+}
+
 /// The work one rendering may do (minijinja fuel: about one unit per instruction and per 64
 /// bytes the template creates), so a template that loops without end or builds gigabytes stops
 /// with an error. Real chat templates use a few thousand units per conversation.
@@ -305,7 +315,7 @@ impl ChatTemplate {
                     })
             },
         );
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", generation_as_plain_blocks(source))
             .map_err(|e| cfg_err(&origin, "chat_template", format!("does not compile: {e:#}")))?;
         Ok(Self {
             env,

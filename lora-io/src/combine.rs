@@ -363,6 +363,18 @@ pub fn combine(
             cfg.alpha_pattern.push((regex::escape(name), alpha));
         }
     }
+    // Weights far from 1 can overflow f32 in the products: refuse rather than write NaN.
+    for (name, f) in &out {
+        if f.a.iter().chain(&f.b).any(|x| !x.is_finite()) {
+            return Err(IoError::Config {
+                path: adapters[0].dir.clone(),
+                field: name.clone(),
+                reason: format!(
+                    "the combination overflows (weights {weights:?}): its factors are not finite"
+                ),
+            });
+        }
+    }
     Ok((cfg, out))
 }
 

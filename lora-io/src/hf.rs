@@ -103,6 +103,14 @@ impl Fields<'_> {
                 .ok_or_else(|| self.err(field, format!("expected a number, got {x}"))),
         }
     }
+    /// A number that must be finite and positive (an epsilon).
+    fn positive_f32_or(&self, field: &str, default: f32) -> Result<f32> {
+        let x = self.f32_or(field, default)?;
+        if !(x.is_finite() && x > 0.0) {
+            return Err(self.err(field, format!("must be a positive number, got {x}")));
+        }
+        Ok(x)
+    }
     fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
@@ -124,10 +132,11 @@ impl Fields<'_> {
 /// Parses a `config.json` value (`path` is only for messages).
 pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
     let f = Fields { path, v };
-    let model_type = f
-        .get("model_type")
-        .and_then(|x| x.as_str())
-        .ok_or_else(|| f.err("model_type", "missing"))?;
+    let model_type = match f.get("model_type") {
+        None => return Err(f.err("model_type", "missing")),
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => return Err(f.err("model_type", format!("expected a string, got {other}"))),
+    };
     match model_type {
         "gpt2" => {
             let act = f.str_or("activation_function", "gelu_new")?;
@@ -154,7 +163,7 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                 n_layer: f.usize("n_layer")?,
                 n_head: f.usize("n_head")?,
                 n_inner: f.usize_or("n_inner", Some(4 * n_embd))?,
-                layer_norm_epsilon: f.f32_or("layer_norm_epsilon", 1e-5)?,
+                layer_norm_epsilon: f.positive_f32_or("layer_norm_epsilon", 1e-5)?,
                 tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
             }))
         }
@@ -248,7 +257,7 @@ pub fn parse_config(path: &Path, v: &Value) -> Result<ArchConfig> {
                 num_attention_heads: heads,
                 num_key_value_heads: kv,
                 head_dim,
-                rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+                rms_norm_eps: f.positive_f32_or("rms_norm_eps", 1e-6)?,
                 rope_theta: theta,
                 rope_scaling,
                 max_position_embeddings: f.usize_or("max_position_embeddings", Some(2048))?,
@@ -320,7 +329,14 @@ impl Weights {
         let single = dir.join("model.safetensors");
         let mut files = Vec::new();
         let mut map = HashMap::new();
-        if index.exists() {
+        // transformers reads model.safetensors when it is there, the index only otherwise.
+        if single.exists() {
+            let f = SafetensorsFile::open(&single)?;
+            for k in f.names() {
+                map.insert(k.to_string(), 0);
+            }
+            files.push(f);
+        } else if index.exists() {
             let v = read_json(&index)?;
             let wm = v
                 .get("weight_map")
@@ -360,12 +376,6 @@ impl Weights {
                 })?;
                 map.insert(k.clone(), by_file[f]);
             }
-        } else if single.exists() {
-            let f = SafetensorsFile::open(&single)?;
-            for k in f.names() {
-                map.insert(k.to_string(), 0);
-            }
-            files.push(f);
         } else {
             return Err(IoError::Missing { path: single, what: "model weights (model.safetensors or model.safetensors.index.json); pickle .bin checkpoints are not read" });
         }
@@ -563,16 +573,17 @@ impl ModelDir {
             ArchConfig::Llama(c) => ("num_hidden_layers", c.num_hidden_layers, &["model.layers."]),
         };
         let present = w.layers_present(prefixes);
-        if layers > present {
+        if layers != present {
+            let held = match present {
+                0 => format!("no `{}N.` layers", prefixes[0]),
+                n => format!("{n} (`{}0.` to `{}{}.`)", prefixes[0], prefixes[0], n - 1),
+            };
+            // transformers would build the configured layers and leave the others unused: a
+            // model different from the checkpoint, so it is refused.
             return Err(IoError::Config {
                 path: self.dir.join("config.json"),
                 field: field.into(),
-                reason: format!(
-                    "{layers} layers, but the weights hold {present} (`{}0.` to `{}{}.`)",
-                    prefixes[0],
-                    prefixes[0],
-                    present.saturating_sub(1)
-                ),
+                reason: format!("{layers} layers, but the weights hold {held}"),
             });
         }
         let mut load = |k: &str, shape: &[usize]| w.tensor(k, shape);

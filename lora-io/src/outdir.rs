@@ -354,6 +354,32 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether `name` has the shape of a temporary [`crate::write::write_atomic`] or a merge
+/// writes (`.<file>.tmp-<pid>`, `.<out>.merge-tmp-<pid>[.old]`), whoever's process it was.
+pub fn is_temp_name(name: &str) -> bool {
+    let name = name.strip_suffix(".old").unwrap_or(name);
+    name.starts_with('.')
+        && [".tmp-", ".merge-tmp-"].iter().any(|sep| {
+            name.rsplit_once(sep)
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
+/// The entries of directory `dir` that `ours` does not accept (a subdirectory is foreign
+/// unless `ours` names it), sorted; an unreadable directory counts as foreign.
+pub fn foreign_entries(dir: &Path, ours: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return vec![dir.display().to_string()];
+    };
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !ours(n))
+        .collect();
+    v.sort();
+    v
+}
+
 /// Whether `name` is a temporary that [`crate::write::write_atomic`] (`.<file>.tmp-<pid>`) or a
 /// merge (`.<out>.merge-tmp-<pid>`, `....old`) left behind in a process that is gone.
 pub fn is_dead_temp(name: &str) -> bool {

@@ -268,9 +268,10 @@ impl PeftConfig {
                 ))
             }
         };
-        let lora_alpha = match get("lora_alpha") {
-            Value::Null => 8.0,
-            x => finite_f32(path, "lora_alpha", x)?,
+        // Absent: PEFT's default (8). An explicit null is not a number PEFT could use.
+        let lora_alpha = match v.get("lora_alpha") {
+            None => 8.0,
+            Some(x) => finite_f32(path, "lora_alpha", x)?,
         };
         let target_modules = Targets::parse(path, "target_modules", get("target_modules"))?
             .ok_or_else(|| cfg_err(path, "target_modules", "missing"))?;
@@ -480,6 +481,16 @@ pub fn inject(model: &mut dyn CausalLm, cfg: &PeftConfig, seed: u64) -> Result<V
 /// weights. Every adapted module must have both tensors with the right shapes, and every tensor
 /// in the file must belong to an adapted module (an adapter for another model is refused).
 pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> {
+    if dir.is_file() {
+        return Err(IoError::Config {
+            path: dir.into(),
+            field: "--adapter".into(),
+            reason: "is a file, but an adapter is a PEFT directory (adapter_config.json and \
+                     adapter_model.safetensors); a kohya file converts to one with `lora convert \
+                     --from FILE --to DIR --model MODEL`"
+                .into(),
+        });
+    }
     if !dir.is_dir() {
         return Err(IoError::Missing {
             path: dir.into(),

@@ -39,6 +39,12 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+        if !file.metadata().map_err(io_err(&path))?.is_file() {
+            return Err(IoError::Safetensors {
+                path,
+                reason: "not a regular file (a device, pipe or directory)".into(),
+            });
+        }
         // SAFETY: the map is read-only; a file changed underneath by another process could
         // change the bytes we read but not memory safety of the slice accesses, which are all
         // bounds-checked against the map's length.
@@ -82,6 +88,9 @@ impl SafetensorsFile {
             },
             other => other.to_string(),
         };
+        if let Some(reason) = bad_tensor_entry(header) {
+            return Err(bad(reason));
+        }
         SafeTensors::deserialize(&mmap).map_err(|e| bad(why(e)))?;
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(why(e)))?;
         let tensors = meta
@@ -316,6 +325,63 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
 }
 
 /// The end of the last tensor's data per a safetensors header (`None` if it does not parse).
+/// The first header entry whose dtype, shape and offsets do not fit together, named (the safetensors crate's own check says which fault, not which tensor).
+fn bad_tensor_entry(header: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    for (name, t) in v.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let size = match t.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            Some("I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
+            // Other dtypes (sub-byte ones) are left to the safetensors crate.
+            Some(_) => continue,
+            None => return Some(format!("tensor `{name}`: no string `dtype`")),
+        };
+        let shape: Option<Vec<u64>> = t
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let Some(shape) = shape else {
+            return Some(format!("tensor `{name}`: `shape` is not a list of sizes"));
+        };
+        let offsets: Option<Vec<u64>> = t
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let (start, end) = match offsets.as_deref() {
+            Some(&[a, b]) => (a, b),
+            _ => {
+                return Some(format!(
+                    "tensor `{name}`: `data_offsets` is not two offsets"
+                ))
+            }
+        };
+        let bytes = shape
+            .iter()
+            .try_fold(size as u64, |acc, &d| acc.checked_mul(d));
+        // (An end past the data is a truncated file: the caller's message says so.)
+        if end < start {
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{start}, {end}] end before they start"
+            ));
+        }
+        if bytes != Some(end - start) {
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {} bytes per value needs {} bytes, its \
+                 data_offsets give {}",
+                size,
+                bytes.map_or("more than 2^64".to_string(), |b| b.to_string()),
+                end - start
+            ));
+        }
+    }
+    None
+}
+
 fn data_end(header: &[u8]) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_slice(header).ok()?;
     v.as_object()?

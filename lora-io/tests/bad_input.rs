@@ -512,3 +512,40 @@ fn config_fields_are_read_with_their_meaning_or_refused() {
     m.forward(&lora_core::Tape::inference(), &ids, 1, 3, false)
         .unwrap();
 }
+
+#[test]
+fn the_single_weights_file_wins_and_layer_counts_must_agree() {
+    // model.safetensors beside a stale shard index: transformers reads the single file.
+    let d = scratch("both", &fixture("gpt2/model"));
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    ModelDir::open(&d).unwrap().load_model().unwrap();
+    // Fewer layers in config.json than in the weights: a different model, refused.
+    let d = scratch("fewer", &fixture("gpt2/model"));
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["n_layer"] = serde_json::json!(1);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("1 layers, but the weights hold 2"), "{e}");
+    // An explicit null alpha is not PEFT's default; weights that overflow a combination are
+    // refused.
+    let e = load_with("lora_alpha", serde_json::Value::Null)
+        .err()
+        .unwrap();
+    assert!(e.contains("field `lora_alpha`"), "{e}");
+    let a = || lora_io::combine::AdapterWeights::read(&fixture("gpt2/adapter")).unwrap();
+    let e = lora_io::combine::combine(
+        &[a(), a()],
+        &[3e38, 3e38],
+        lora_io::combine::Combination::Cat,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("the combination overflows"), "{e}");
+}

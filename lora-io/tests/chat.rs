@@ -227,3 +227,30 @@ fn a_template_that_runs_away_stops_with_an_error() {
         );
     }
 }
+
+#[test]
+fn generation_blocks_render_their_body() {
+    // transformers' `{% generation %}` (for assistant masks) renders its body unchanged,
+    // whitespace control included.
+    let with = ChatTemplate::new(
+        "{% for m in messages %}<{{ m.role }}>{%- generation -%}\n  {{ m.content }}  \n{%- endgeneration %}|{% endfor %}",
+        Default::default(),
+        PathBuf::from("chat_template.jinja"),
+    )
+    .unwrap();
+    let without = ChatTemplate::new(
+        "{% for m in messages %}<{{ m.role }}>{%- if true -%}\n  {{ m.content }}  \n{%- endif %}|{% endfor %}",
+        Default::default(),
+        PathBuf::from("chat_template.jinja"),
+    )
+    .unwrap();
+    let m = vec![
+        json!({"role": "user", "content": "hi"}),
+        json!({"role": "assistant", "content": "yo"}),
+    ];
+    assert_eq!(with.render(&m, false).unwrap(), "<user>hi|<assistant>yo|");
+    assert_eq!(
+        with.render(&m, false).unwrap(),
+        without.render(&m, false).unwrap()
+    );
+}

@@ -56,8 +56,13 @@ pub(crate) fn check_len(
     got: usize,
     dims: &[usize],
 ) -> Result<()> {
-    let expected: usize = dims.iter().product();
-    if got == expected {
+    // Checked: a product that wraps around (dims of 2^32 each) would otherwise equal a short
+    // buffer's length and let an unchecked kernel read past it.
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .unwrap_or(usize::MAX);
+    if got == expected && expected != usize::MAX {
         Ok(())
     } else {
         Err(KernelError::BadLength {

@@ -83,6 +83,15 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
         path: path.into(),
         reason,
     };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(err(
+                "not a regular file (a device, pipe or directory)".into()
+            ))
+        }
+        Err(e) => return Err(err(e.to_string())),
+        Ok(_) => {}
+    }
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
@@ -121,6 +130,19 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                     if !t.is_array() {
                         return Err(at("`tools` must be a list of tool definitions".into()));
                     }
+                }
+                // One format per line: `text` beside a conversation or a prompt/completion
+                // pair leaves it open which one is meant.
+                if obj.get("text").is_some()
+                    && (obj.get("messages").is_some()
+                        || obj.get("prompt").is_some()
+                        || obj.get("completion").is_some())
+                {
+                    return Err(at(
+                        "has `text` and also `messages` or `prompt`/`completion`: keep one \
+                         format per line"
+                            .into(),
+                    ));
                 }
                 if let Some(m) = obj.get("messages") {
                     v.push(Example::Messages {
@@ -162,6 +184,13 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 });
             }
             v
+        }
+        "" => {
+            return Err(err(
+                "the file name has no extension: name it .txt (paragraphs) or .jsonl (one JSON \
+                 object per line)"
+                    .into(),
+            ))
         }
         other => {
             return Err(err(format!(

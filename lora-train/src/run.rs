@@ -143,6 +143,28 @@ impl TrainConfig {
                 reason: r,
             })
         };
+        if self.rank == 0 || self.rank as u64 > lora_io::peft::MAX_RANK {
+            return bad(
+                "rank",
+                format!(
+                    "must be from 1 to {}, got {}",
+                    lora_io::peft::MAX_RANK,
+                    self.rank
+                ),
+            );
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return bad(
+                "alpha",
+                format!("must be a positive number, got {}", self.alpha),
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            );
+        }
         if self.steps == 0 && self.epochs.is_none() {
             return bad("steps", "must be at least 1".into());
         }
@@ -411,6 +433,22 @@ pub fn is_train_output(name: &str) -> bool {
         || outdir::is_dead_temp(name)
 }
 
+/// The files of a checkpoint directory.
+const CHECKPOINT_FILES: [&str; 4] = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
+
+/// What a checkpoint directory (or one being assembled) holds besides the files a checkpoint
+/// is made of: someone else's, so the directory is not ours to remove.
+fn foreign_in_checkpoint(dir: &Path) -> Vec<String> {
+    outdir::foreign_entries(dir, |n| {
+        CHECKPOINT_FILES.contains(&n) || outdir::is_temp_name(n)
+    })
+}
+
 /// A checkpoint being assembled (`.checkpoint-NNNNNN.tmp`); one found when a run starts was
 /// left by a run that was killed while writing it.
 fn is_checkpoint_tmp(name: &str) -> bool {
@@ -593,7 +631,7 @@ fn save_checkpoint(
     sampler: &Sampler,
     cfg: &TrainConfig,
     extras: &CheckpointExtras,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let final_dir = out.join(format!("checkpoint-{step:06}"));
     let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -606,13 +644,24 @@ fn save_checkpoint(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     r?;
+    let mut kept = Vec::new();
     if cfg.keep_checkpoints > 0 {
-        // Only after the new one is complete: older ones go, newest first kept.
+        // Only after the new one is complete: older ones go, newest first kept; one holding
+        // someone else's files stays (and is reported).
         for (_, p) in checkpoints(out).into_iter().skip(cfg.keep_checkpoints) {
-            let _ = std::fs::remove_dir_all(p);
+            let foreign = foreign_in_checkpoint(&p);
+            if foreign.is_empty() {
+                let _ = std::fs::remove_dir_all(p);
+            } else {
+                kept.push(format!(
+                    "kept {} beyond --keep-checkpoints: it holds files lora-rs did not write ({})",
+                    p.display(),
+                    foreign.join(", ")
+                ));
+            }
         }
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Assembles a checkpoint in `tmp` and renames it to `final_dir`.
@@ -707,7 +756,31 @@ fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<Vec<Path
         Owned::Matching(&is_train_output),
     )? {
         Existing::Empty => Ok(Vec::new()),
-        Existing::Ours(entries) if force => Ok(entries),
+        Existing::Ours(entries) if force => {
+            for e in &entries {
+                let name = e.file_name().map(|n| n.to_string_lossy().to_string());
+                let is_ckpt = name
+                    .as_deref()
+                    .is_some_and(|n| checkpoint_step(n).is_some() || is_checkpoint_tmp(n));
+                let foreign = if is_ckpt && e.is_dir() {
+                    foreign_in_checkpoint(e)
+                } else {
+                    Vec::new()
+                };
+                if !foreign.is_empty() {
+                    return Err(err(
+                        out,
+                        format!(
+                            "--out: {} holds files lora-rs did not write ({}); --force replaces \
+                             only what training wrote (move them out first)",
+                            e.display(),
+                            foreign.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Ok(entries)
+        }
         Existing::Ours(_) => Err(err(
             out,
             "output directory is not empty (pass --resume to continue or --force to start over)",
@@ -720,10 +793,11 @@ fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<Vec<Path
 /// marker written.
 fn take_output(
     cfg: &TrainConfig,
-    resume: bool,
+    resumed_at: Option<usize>,
     force: bool,
     note: &mut dyn FnMut(&str),
 ) -> Result<outdir::DirLock> {
+    let resume = resumed_at.is_some();
     let out = &cfg.out;
     let lock = outdir::DirLock::acquire(out)?;
     let stale = outdir::clean_stale(out, |n| is_checkpoint_tmp(n) || outdir::is_dead_temp(n))?;
@@ -743,8 +817,36 @@ fn take_output(
             outdir::remove_owned(&entries)?;
         }
     }
+    if let Some(step) = resumed_at {
+        truncate_metrics(&out.join("metrics.jsonl"), step)?;
+    }
     outdir::write_marker(out, "lora train", None)?;
     Ok(lock)
+}
+
+/// Drops the metrics lines past `step` (a run resumed from an older checkpoint than its last
+/// step will write those steps again).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    if keep.len() != text.lines().count() {
+        let mut body = keep.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        write_atomic(path, body.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The number of examples `seqs` holds with no target token (e.g. a prompt that fills
@@ -757,6 +859,27 @@ fn drop_targetless(seqs: Vec<Sequence>) -> (Vec<Sequence>, usize) {
         .collect();
     let dropped = n - kept.len();
     (kept, dropped)
+}
+
+/// Every token id must index the model's embedding: a tokenizer (or an EOS id) from another
+/// model would otherwise fail deep inside the embedding with no file named.
+pub fn check_vocab<'a>(
+    model_dir: &Path,
+    vocab: usize,
+    seqs: impl IntoIterator<Item = &'a Sequence>,
+) -> Result<()> {
+    let max = seqs.into_iter().flat_map(|s| s.ids.iter()).max();
+    match max {
+        Some(&id) if id as usize >= vocab => Err(err(
+            model_dir,
+            format!(
+                "token id {id} (from tokenizer.json, or the EOS id) is past the model's \
+                 vocabulary of {vocab} (config.json `vocab_size`): the tokenizer or EOS belongs \
+                 to another model"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The largest rank each targeted layer allows is min(in, out): more adds parameters that
@@ -864,13 +987,31 @@ pub fn train_until(
         }
         None => {
             check_rank(model.as_ref(), &peft)?;
-            inject(model.as_mut(), &peft, cfg.seed)?;
+            let chosen = inject(model.as_mut(), &peft, cfg.seed)?;
+            if let Targets::List(names) = &peft.target_modules {
+                for t in names {
+                    if !chosen
+                        .iter()
+                        .any(|c| c == t || c.ends_with(&format!(".{t}")))
+                    {
+                        note(&format!("--target `{t}` matched no module of this model"));
+                    }
+                }
+            }
             None
         }
     };
 
     // Conversations need the model's chat template; read only when the data has some.
-    let chat = chat_template_for(&cfg.model, &cfg.data, examples.iter().chain(&eval_examples))?;
+    // The file named in an error is the one whose conversations need the template.
+    let chat = match chat_template_for(&cfg.model, &cfg.data, &examples)? {
+        Some(c) => Some(c),
+        None => chat_template_for(
+            &cfg.model,
+            cfg.eval_data.as_deref().unwrap_or(&cfg.data),
+            &eval_examples,
+        )?,
+    };
     if let (Some(c), Some(t)) = (&chat, saved_chat_now) {
         c.set_now(t);
     }
@@ -904,8 +1045,9 @@ pub fn train_until(
             &cfg.data,
             format!(
                 "no training example keeps a target token within --seq-len {} (a prompt that \
-                 fills it leaves its completion nothing; an empty completion with --no-eos has \
-                 none){}",
+                 fills it leaves its completion nothing; an empty completion with --no-eos, an \
+                 empty conversation, or one without an assistant turn under \
+                 --assistant-only-loss has none){}",
                 cfg.seq_len,
                 if cfg.pack {
                     "; with --pack, the data is shorter than one block"
@@ -957,6 +1099,11 @@ pub fn train_until(
         None => in_file(e, &cfg.data, true),
     })?;
     let (eval_seqs, eval_dropped) = drop_targetless(eval_seqs);
+    check_vocab(
+        &cfg.model,
+        model.vocab_size(),
+        train_seqs.iter().chain(&eval_seqs),
+    )?;
     if eval_dropped > 0 {
         note(&format!(
             "{eval_dropped} of {} held-out examples have no target token within --seq-len {} and \
@@ -966,9 +1113,21 @@ pub fn train_until(
         ));
     }
     let total_steps = match cfg.epochs {
-        Some(e) => ((e as f64 * train_seqs.len() as f64 / step_seqs as f64).ceil() as usize).max(1),
+        // The f32 setting as the decimal it was written as (0.1, not 0.10000000149), so that a
+        // whole number of steps does not round up to one more.
+        Some(e) => {
+            let e = e.to_string().parse::<f64>().unwrap_or(e as f64);
+            ((e * train_seqs.len() as f64 / step_seqs as f64).ceil() as usize).max(1)
+        }
         None => cfg.steps,
     };
+    if cfg.warmup >= total_steps && checkpoint.is_none() {
+        note(&format!(
+            "--warmup {} is not shorter than the run's {total_steps} steps: the learning rate \
+             never reaches --lr {}",
+            cfg.warmup, cfg.lr
+        ));
+    }
     let mut sampler = Sampler::new(train_seqs.len(), cfg.seed);
     let start = match &checkpoint {
         Some(c) => {
@@ -1033,7 +1192,7 @@ pub fn train_until(
         Some(c) => c.state["eval_before"].as_f64(),
     };
     // Only now, with the model, data and settings checked, is the output directory touched.
-    let _lock = take_output(cfg, resume, force, &mut note)?;
+    let _lock = take_output(cfg, checkpoint.as_ref().map(|c| c.step), force, &mut note)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1120,7 +1279,9 @@ pub fn train_until(
             eval_loss,
         }));
         if stop.load(std::sync::atomic::Ordering::SeqCst) && done != end {
-            save(done, opt.as_ref(), &sampler, last_loss)?;
+            for n in save(done, opt.as_ref(), &sampler, last_loss)? {
+                on_event(Event::Note(&n));
+            }
             return Ok(TrainSummary {
                 steps: done,
                 final_loss: last_loss,
@@ -1139,7 +1300,9 @@ pub fn train_until(
         let by_time = cfg.save_minutes > 0.0
             && last_save.elapsed().as_secs_f64() >= cfg.save_minutes as f64 * 60.0;
         if (by_steps || by_time) && done != end {
-            save(done, opt.as_ref(), &sampler, last_loss)?;
+            for n in save(done, opt.as_ref(), &sampler, last_loss)? {
+                on_event(Event::Note(&n));
+            }
             last_save = Instant::now();
         }
     }
@@ -1148,7 +1311,9 @@ pub fn train_until(
         // written: nothing to train, the end's eval still to do.
         eval_after = eval_sequences(model.as_ref(), &eval_seqs, true)?.map(|r| r.loss);
     }
-    save(end, opt.as_ref(), &sampler, last_loss)?;
+    for n in save(end, opt.as_ref(), &sampler, last_loss)? {
+        on_event(Event::Note(&n));
+    }
     if end == total_steps {
         save_adapter(model.as_ref(), &peft, out)?;
         let (train_pts, eval_pts) = crate::plot::read_metrics(&out.join("metrics.jsonl"))?;

@@ -61,6 +61,14 @@ pub fn train_step(
 ) -> Result<StepStats> {
     let mut total: Option<Gradients> = None;
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+    let params: Vec<Tensor> = groups
+        .iter()
+        .flat_map(|g| g.params.iter().cloned())
+        .collect();
+    // Each micro-batch's loss is the mean over its target tokens; the step's is the mean over
+    // all of them, so micro-batch k weighs n_k / N (as transformers does with
+    // `num_items_in_batch`): batch 4 and batch 2 x --grad-accum 2 take the same step.
+    let all_tokens: usize = micro.iter().map(Batch::target_tokens).sum();
     for (k, b) in micro.iter().enumerate() {
         let tape = Tape::new(lora_kernels::rng::splitmix64(
             seed ^ (step << 16) ^ k as u64,
@@ -79,9 +87,16 @@ pub fn train_step(
                 ),
             });
         }
-        loss_sum += l as f64;
-        tokens += b.target_tokens();
-        let g = tape.backward(&loss)?;
+        let n = b.target_tokens();
+        loss_sum += l as f64 * n as f64;
+        tokens += n;
+        let mut g = tape.backward(&loss)?;
+        if micro.len() > 1 {
+            let w = n as f32 / all_tokens.max(1) as f32;
+            for p in &params {
+                g.scale(p, w)?;
+            }
+        }
         match total.as_mut() {
             None => total = Some(g),
             Some(t) => t.accumulate(g)?,
@@ -91,16 +106,6 @@ pub fn train_step(
         path: "<training>".into(),
         reason: "a step needs at least one batch".into(),
     })?;
-    let params: Vec<Tensor> = groups
-        .iter()
-        .flat_map(|g| g.params.iter().cloned())
-        .collect();
-    let inv = 1.0 / micro.len() as f32;
-    if micro.len() > 1 {
-        for p in &params {
-            grads.scale(p, inv)?;
-        }
-    }
     let norm = clip_grad_norm(&mut grads, &params, max_grad_norm.unwrap_or(f32::INFINITY))?;
     if !norm.is_finite() {
         return Err(TrainError::Data {
@@ -113,7 +118,7 @@ pub fn train_step(
     }
     opt.step(groups, &grads, lr)?;
     Ok(StepStats {
-        loss: (loss_sum / micro.len() as f64) as f32,
+        loss: (loss_sum / tokens.max(1) as f64) as f32,
         tokens,
         grad_norm: norm,
     })

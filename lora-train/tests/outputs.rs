@@ -384,11 +384,12 @@ fn sizes_beyond_the_data_or_the_layers_are_refused_before_allocating() {
     let d = data(&root, &texts(8));
     let out = root.join("out");
     type Set = fn(&mut TrainConfig);
-    let cases: [(Set, &str); 4] = [
+    let cases: [(Set, &str); 5] = [
         (|c| c.batch_size = 1_000_000_000, "a step would take 1000000000 sequences"),
         (|c| c.grad_accum = 1_000_000_000, "x --grad-accum 1000000000"),
         (|c| c.grad_accum = usize::MAX, "--grad-accum"),
-        (|c| c.rank = 1_000_000, "--rank: 1000000 exceeds what `transformer.h.0.attn.c_attn` (32 -> 96 features) can use: at most 32"),
+        (|c| c.rank = 100, "--rank: 100 exceeds what `transformer.h.0.attn.c_attn` (32 -> 96 features) can use: at most 32"),
+        (|c| c.rank = 1_000_000, "--rank: must be from 1 to 65536, got 1000000"),
     ];
     for (set, want) in cases {
         let mut cfg = config(out.clone(), d.clone());
@@ -418,5 +419,167 @@ fn resume_mismatch_names_settings_without_float_noise() {
         s["config"]["lr"] = serde_json::json!(2e-4f32 as f64)
     });
     run(&config(out.clone(), d), true, false).0.unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn grad_accumulation_takes_the_same_step_as_a_larger_batch() {
+    // Sequences of different lengths: micro-batches hold different numbers of target tokens,
+    // so weighing them equally (as before) gave a different step than one batch of all four.
+    let root = tmp("accum");
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"{}\"}}",
+                "the red cat sings ".repeat(1 + i % 4)
+            )
+        })
+        .collect();
+    let d = data(&root, &lines);
+    let adapter = |b: usize, acc: usize| {
+        let out = root.join(format!("b{b}a{acc}"));
+        let mut cfg = config(out.clone(), d.clone());
+        cfg.batch_size = b;
+        cfg.grad_accum = acc;
+        cfg.steps = 3;
+        cfg.seq_len = 32;
+        let sum = run(&cfg, false, false).0.unwrap();
+        let f = lora_io::safetensors::SafetensorsFile::open(out.join("adapter_model.safetensors"))
+            .unwrap();
+        let w: Vec<f32> = f
+            .names()
+            .iter()
+            .flat_map(|n| f.read_f32(n).unwrap().0)
+            .collect();
+        (sum.final_loss, w)
+    };
+    let (l4, w4) = adapter(4, 1);
+    for (b, acc) in [(2, 2), (1, 4)] {
+        let (l, w) = adapter(b, acc);
+        assert!(
+            (l - l4).abs() <= 1e-5 * l4.abs(),
+            "batch {b} x {acc}: loss {l} vs {l4}"
+        );
+        let scale = w4.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = w
+            .iter()
+            .zip(&w4)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "batch {b} x {acc}: adapters differ by {diff:e} (scale {scale:e})"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn files_of_others_inside_checkpoints_are_never_removed() {
+    let root = tmp("inside");
+    let d = data(&root, &texts(8));
+    let out = root.join("out");
+    run(&config(out.clone(), d.clone()), false, false)
+        .0
+        .unwrap();
+    // A note inside a checkpoint: --force refuses the whole directory...
+    let note = out.join("checkpoint-000002/user_notes.txt");
+    std::fs::write(&note, "mine").unwrap();
+    let e = run(&config(out.clone(), d.clone()), false, true)
+        .0
+        .unwrap_err();
+    assert!(
+        e.contains("checkpoint-000002") && e.contains("user_notes.txt"),
+        "{e}"
+    );
+    assert!(note.exists() && out.join("adapter_model.safetensors").exists());
+    // ...and rotation keeps that checkpoint, saying why.
+    let mut more = config(out.clone(), d.clone());
+    more.steps = 6;
+    more.keep_checkpoints = 1;
+    let (r, notes) = run(&more, true, false);
+    r.unwrap();
+    assert!(note.exists());
+    assert!(!out.join("checkpoint-000003").exists() && out.join("checkpoint-000006").exists());
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("kept") && n.contains("user_notes.txt")),
+        "{notes:?}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_fallback_resume_rewrites_the_metrics_it_repeats() {
+    let root = tmp("metrics");
+    let d = data(&root, &texts(8));
+    let out = root.join("out");
+    let mut cfg = config(out.clone(), d.clone());
+    cfg.stop_after = Some(3);
+    run(&cfg, false, false).0.unwrap();
+    // The newest checkpoint is damaged: the run resumes from step 2 and redoes step 3.
+    std::fs::write(out.join("checkpoint-000003/trainer_state.json"), "{").unwrap();
+    run(&config(out.clone(), d.clone()), true, false).0.unwrap();
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4], "each step once, in order");
+    // --epochs counts steps from the decimal given: 0.5 of 8 sequences at batch 2 is 2 steps.
+    let mut e = config(root.join("epochs"), d.clone());
+    e.epochs = Some(0.5);
+    assert_eq!(run(&e, false, false).0.unwrap().steps, 2);
+    e.out = root.join("epochs2");
+    e.epochs = Some(0.1);
+    assert_eq!(run(&e, false, false).0.unwrap().steps, 1);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn ids_past_the_vocabulary_and_settings_that_do_nothing_are_named() {
+    let root = tmp("vocab");
+    let d = data(&root, &texts(8));
+    // An EOS id from config.json past the model's vocabulary (300): named with the files,
+    // not an index error deep in the embedding.
+    let m = root.join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(model().join(f), m.join(f)).unwrap();
+    }
+    let p = m.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["eos_token_id"] = serde_json::json!(1_000_000_000);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let mut c = config(root.join("o1"), d.clone());
+    c.model = m;
+    let e = run(&c, false, false).0.unwrap_err();
+    assert!(
+        e.contains("token id 1000000000") && e.contains("vocabulary of 300"),
+        "{e}"
+    );
+    // A target name that matches nothing and a warmup as long as the run: notes.
+    let mut c = config(root.join("o2"), d);
+    c.target = "c_attn,nonexistent".into();
+    c.warmup = 10;
+    let (r, notes) = run(&c, false, false);
+    r.unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("`nonexistent` matched no module")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("--warmup 10") && n.contains("never reaches")),
+        "{notes:?}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
