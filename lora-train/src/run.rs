@@ -621,23 +621,23 @@ struct CheckpointExtras {
     eval_before: Option<f64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save_checkpoint(
-    out: &Path,
-    step: usize,
-    model: &dyn CausalLm,
-    peft: &PeftConfig,
-    opt: &dyn Optimizer,
-    sampler: &Sampler,
-    cfg: &TrainConfig,
-    extras: &CheckpointExtras,
-) -> Result<Vec<String>> {
+/// Everything a checkpoint records.
+struct CheckpointState<'a> {
+    model: &'a dyn CausalLm,
+    peft: &'a PeftConfig,
+    opt: &'a dyn Optimizer,
+    sampler: &'a Sampler,
+    cfg: &'a TrainConfig,
+    extras: CheckpointExtras,
+}
+
+/// Writes `checkpoint-<step>` in `out` and rotates the old ones; returns notes for the user.
+fn save_checkpoint(out: &Path, step: usize, st: &CheckpointState) -> Result<Vec<String>> {
+    let cfg = st.cfg;
     let final_dir = out.join(format!("checkpoint-{step:06}"));
     let tmp = out.join(format!(".checkpoint-{step:06}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let r = write_checkpoint(
-        &tmp, &final_dir, step, model, peft, opt, sampler, cfg, extras,
-    );
+    let r = write_checkpoint(&tmp, &final_dir, step, st);
     if r.is_err() {
         // A full disk or a failing write: the half-assembled checkpoint goes, the newest
         // complete one stays.
@@ -665,18 +665,15 @@ fn save_checkpoint(
 }
 
 /// Assembles a checkpoint in `tmp` and renames it to `final_dir`.
-#[allow(clippy::too_many_arguments)]
-fn write_checkpoint(
-    tmp: &Path,
-    final_dir: &Path,
-    step: usize,
-    model: &dyn CausalLm,
-    peft: &PeftConfig,
-    opt: &dyn Optimizer,
-    sampler: &Sampler,
-    cfg: &TrainConfig,
-    extras: &CheckpointExtras,
-) -> Result<()> {
+fn write_checkpoint(tmp: &Path, final_dir: &Path, step: usize, st: &CheckpointState) -> Result<()> {
+    let &CheckpointState {
+        model,
+        peft,
+        opt,
+        sampler,
+        cfg,
+        ref extras,
+    } = st;
     std::fs::create_dir_all(tmp).map_err(|e| err(tmp, e.to_string()))?;
     save_adapter(model, peft, tmp)?;
     let st: OptimizerState = opt.export(&named_params(model))?;
@@ -1228,12 +1225,19 @@ pub fn train_until(
         None => total_steps,
     };
     let save = |step: usize, opt: &dyn Optimizer, sampler: &Sampler, loss: f32| {
-        let extras = CheckpointExtras {
-            chat_now,
-            loss,
-            eval_before,
+        let st = CheckpointState {
+            model: model.as_ref(),
+            peft: &peft,
+            opt,
+            sampler,
+            cfg,
+            extras: CheckpointExtras {
+                chat_now,
+                loss,
+                eval_before,
+            },
         };
-        save_checkpoint(out, step, model.as_ref(), &peft, opt, sampler, cfg, &extras)
+        save_checkpoint(out, step, &st)
     };
     let mut eval_after = None;
     for step in start..end {
