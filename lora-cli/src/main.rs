@@ -20,6 +20,7 @@ mod bench;
 mod bench_cuda;
 mod demo;
 mod demo_data;
+mod hub;
 mod infer;
 mod train_bench;
 
@@ -722,7 +723,7 @@ fn run(cli: Cli) -> Result<()> {
             json: a.json,
         }),
         Command::Train(mut a) => {
-            a.model = lora_io::hf::resolve_model_dir(&a.model, a.revision.as_deref())?;
+            a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
             let (device, note) = resolve_device(&a.device)?;
             // `--device auto --tf32` stays portable: on a machine without a GPU the flag has
             // nothing to act on and says so; `--device cpu --tf32` is a contradiction (error).
@@ -811,8 +812,7 @@ fn run(cli: Cli) -> Result<()> {
             .map(|_| ())
         }
         Command::Eval(mut a) => {
-            a.model.model =
-                lora_io::hf::resolve_model_dir(&a.model.model, a.model.revision.as_deref())?;
+            a.model.model = hub::model_dir(&a.model.model, a.model.revision.as_deref())?;
             let (device, note) = resolve_device(&a.device)?;
             if !a.json && device != lora_core::Device::Cpu {
                 outln!("{note}");
@@ -890,7 +890,7 @@ fn run(cli: Cli) -> Result<()> {
             &PEFT_FILES,
         ),
         Command::Merge(mut a) => {
-            a.model = lora_io::hf::resolve_model_dir(&a.model, a.revision.as_deref())?;
+            a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
             let dtype = match a.dtype.as_deref() {
                 None => None,
                 Some(d) => Some(lora_io::write::OutDtype::parse(d).ok_or_else(|| {
@@ -921,7 +921,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => infer::run_generate(&infer::GenerateRun {
-            model: lora_io::hf::resolve_model_dir(&a.model.model, a.model.revision.as_deref())?,
+            model: hub::model_dir(&a.model.model, a.model.revision.as_deref())?,
             adapter: a.model.adapter,
             prompt: a.prompt,
             chat: a.chat,

@@ -355,7 +355,11 @@ fn hub_ids_resolve_from_the_local_cache() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     let d = data(&t);
-    let env = [("HF_HUB_CACHE", cache.as_path())];
+    let offline = PathBuf::from("1");
+    let env = [
+        ("HF_HUB_CACHE", cache.as_path()),
+        ("HF_HUB_OFFLINE", offline.as_path()),
+    ];
     let eval = |extra: &[&str]| {
         let mut args = vec![
             "eval",
@@ -880,5 +884,166 @@ fn a_hangup_checkpoints_like_an_interrupt() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let step = v["steps"].as_u64().unwrap();
     assert!(v["interrupted"] == true && out.join(format!("checkpoint-{step:06}")).exists());
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+/// A stand-in for the Hub on a local port: `GET /tiny-org/tiny-gpt2/resolve/<rev>/<file>` serves
+/// the files of `dir` with the headers `hf-hub` reads (ETag, X-Repo-Commit, Content-Range), 404
+/// for anything else, until `GET /quit`; returns the paths it was asked for.
+fn mock_hub(dir: PathBuf, commit: &'static str) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let h = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        listener.set_nonblocking(false).unwrap();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() || line.is_empty() {
+                continue;
+            }
+            let mut range = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range = Some(v.trim().to_string());
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            if path == "/quit" {
+                break;
+            }
+            seen.push(path.clone());
+            let file = path.rsplit('/').next().unwrap_or("");
+            let body = std::fs::read(dir.join(file))
+                .ok()
+                .filter(|_| path.starts_with("/tiny-org/tiny-gpt2/resolve/"));
+            let resp = match body {
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+                Some(b) => {
+                    let start: usize = range
+                        .as_deref()
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
+                    let end = match range.as_deref() {
+                        Some("0-0") => 1.min(b.len()),
+                        _ => b.len(),
+                    };
+                    let part = &b[start.min(end)..end];
+                    let mut r = format!(
+                        "HTTP/1.1 206 Partial Content\r\nETag: \"{}-{}\"\r\nX-Repo-Commit: {commit}\r\n\
+                         Content-Range: bytes {start}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        file.len(),
+                        b.len(),
+                        end.saturating_sub(1),
+                        b.len(),
+                        part.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(part);
+                    r
+                }
+            };
+            let _ = stream.write_all(&resp);
+        }
+        seen
+    });
+    (addr, h)
+}
+
+#[test]
+fn a_hub_id_not_in_the_cache_is_downloaded_into_it() {
+    let t = tmp("download");
+    let cache = t.join("hub");
+    let d = data(&t);
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let (addr, server) = mock_hub(fixture("gpt2/model"), commit);
+    let endpoint = PathBuf::from(&addr);
+    let out = lora_env(
+        &[
+            "eval",
+            "--model",
+            "tiny-org/tiny-gpt2",
+            "--data",
+            s(&d),
+            "--json",
+        ],
+        &[
+            ("HF_HUB_CACHE", cache.as_path()),
+            ("HF_ENDPOINT", endpoint.as_path()),
+        ],
+    );
+    let by_id = ok(&out);
+    let by_dir = ok(&lora(&[
+        "eval",
+        "--model",
+        s(&fixture("gpt2/model")),
+        "--data",
+        s(&d),
+        "--json",
+    ]));
+    assert_eq!(by_id, by_dir);
+    let snap = cache
+        .join("models--tiny-org--tiny-gpt2/snapshots")
+        .join(commit);
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert_eq!(
+            std::fs::read(snap.join(f)).unwrap(),
+            std::fs::read(fixture("gpt2/model").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(cache.join("models--tiny-org--tiny-gpt2/refs/main")).unwrap(),
+        commit
+    );
+    // Now cached: offline works, and nothing more is fetched.
+    let offline = PathBuf::from("1");
+    let again = lora_env(
+        &[
+            "eval",
+            "--model",
+            "tiny-org/tiny-gpt2",
+            "--data",
+            s(&d),
+            "--json",
+        ],
+        &[
+            ("HF_HUB_CACHE", cache.as_path()),
+            ("HF_HUB_OFFLINE", offline.as_path()),
+        ],
+    );
+    assert_eq!(ok(&again), by_dir);
+    // A repository the Hub does not have: the cache message and the download's failure.
+    let missing = lora_env(
+        &["eval", "--model", "nobody/nothing", "--data", s(&d)],
+        &[
+            ("HF_HUB_CACHE", cache.as_path()),
+            ("HF_ENDPOINT", endpoint.as_path()),
+        ],
+    );
+    refused(
+        &missing,
+        &[
+            "not in the local Hugging Face cache",
+            "downloading it failed too",
+            "config.json",
+        ],
+    );
+    let _ = std::net::TcpStream::connect(addr.trim_start_matches("http://"))
+        .and_then(|mut s| std::io::Write::write_all(&mut s, b"GET /quit HTTP/1.1\r\n\r\n"));
+    let seen = server.join().unwrap();
+    assert!(
+        seen.iter()
+            .any(|p| p == "/tiny-org/tiny-gpt2/resolve/main/model.safetensors"),
+        "{seen:?}"
+    );
     let _ = std::fs::remove_dir_all(&t);
 }

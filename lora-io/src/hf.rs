@@ -615,7 +615,7 @@ pub fn hub_cache_dir() -> PathBuf {
 }
 
 /// Whether `s` reads as a Hub model id (`org/name`), not a path.
-fn is_hub_id(s: &str) -> bool {
+pub fn is_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
