@@ -174,7 +174,12 @@ fn resumed_run_is_bit_identical_and_outputs_are_complete() {
     )
     .unwrap();
     assert!(sum.interrupted && sum.steps == 4 && s.join("checkpoint-000004").exists());
-    train(&config(s.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
+    let resumed = train(&config(s.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
+    // The resumed run reports the original run's eval before training, and its loss curve
+    // keeps that point (the step-0 line of metrics.jsonl).
+    assert_eq!(resumed.eval_before, sa.eval_before);
+    let (_, eval_pts) = lora_train::plot::read_metrics(&s.join("metrics.jsonl")).unwrap();
+    assert_eq!(eval_pts.first().map(|p| p.0), Some(0.0));
     assert_eq!(
         std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(s.join("adapter_model.safetensors")).unwrap()
