@@ -583,3 +583,26 @@ fn ids_past_the_vocabulary_and_settings_that_do_nothing_are_named() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn checkpoints_come_by_time_as_well_as_by_steps() {
+    let root = tmp("bytime");
+    let d = data(&root, &texts(8));
+    let out = root.join("out");
+    let mut cfg = config(out.clone(), d);
+    cfg.save_every = 0;
+    // A few microseconds: every step is past the interval.
+    cfg.save_minutes = 1e-7;
+    run(&cfg, false, false).0.unwrap();
+    for s in 1..=4 {
+        assert!(out.join(format!("checkpoint-{s:06}")).exists(), "step {s}");
+    }
+    // Off: only the end's checkpoint.
+    let out2 = root.join("out2");
+    let mut cfg = config(out2.clone(), data(&root.join("d2"), &texts(8)));
+    cfg.save_every = 0;
+    cfg.save_minutes = 0.0;
+    run(&cfg, false, false).0.unwrap();
+    assert!(!out2.join("checkpoint-000001").exists() && out2.join("checkpoint-000004").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
