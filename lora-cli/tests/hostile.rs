@@ -187,12 +187,13 @@ fn outputs_never_replace_inputs_or_foreign_files() {
         s(&c),
         "--force",
     ]));
-    assert_eq!(
-        std::fs::read_to_string(a.join("adapter_config.json"))
-            .unwrap()
-            .is_empty(),
-        false
-    );
+    // The inputs are as they were.
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(fixture("gpt2/adapter").join(f)).unwrap()
+        );
+    }
     let _ = std::fs::remove_dir_all(&t);
 }
 

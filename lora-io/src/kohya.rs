@@ -126,7 +126,7 @@ impl KohyaLora {
                     ))
                 }
                 Some(_) => match f.read_f32(&ak)?.0[0] {
-                    a if a == 0.0 => ds[0] as f32,
+                    0.0 => ds[0] as f32,
                     a if a.is_finite() && a > 0.0 => a,
                     a => return Err(bad(&ak, format!("must be a positive number, got {a}"))),
                 },

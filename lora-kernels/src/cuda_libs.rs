@@ -162,7 +162,7 @@ pub fn search_dirs(lib: CudaLib) -> Vec<PathBuf> {
 static PRELOADED: Mutex<Vec<libloading::os::unix::Library>> = Mutex::new(Vec::new());
 
 /// Makes `lib` loadable by the name cudarc uses, or says why it cannot be.
-pub fn ensure(lib: CudaLib) -> Result<(), LibMissing> {
+pub fn ensure(lib: CudaLib) -> Result<(), Box<LibMissing>> {
     if lib.loads() {
         return Ok(());
     }
@@ -207,10 +207,10 @@ pub fn ensure(lib: CudaLib) -> Result<(), LibMissing> {
             }
         }
     }
-    Err(LibMissing {
+    Err(Box::new(LibMissing {
         lib,
         searched,
         failed,
         other_major,
-    })
+    }))
 }
