@@ -133,6 +133,30 @@ pub fn run_generate(r: &GenerateRun) -> Result<()> {
     } else {
         tok.encode(&r.prompt)?
     };
+    if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+        anyhow::bail!(
+            "--temperature must be 0 (greedy) or positive, got {}",
+            r.temperature
+        );
+    }
+    if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+        anyhow::bail!("--top-p must be in (0, 1], got {}", r.top_p);
+    }
+    if prompt.len() > model.max_positions() {
+        anyhow::bail!(
+            "--prompt: {} tokens, more than the model's {} positions",
+            prompt.len(),
+            model.max_positions()
+        );
+    }
+    if let Some(&id) = prompt.iter().find(|&&t| t as usize >= model.vocab_size()) {
+        anyhow::bail!(
+            "{}: token id {id} of the prompt is past the model's vocabulary of {} (the tokenizer \
+             belongs to another model)",
+            tok.path().display(),
+            model.vocab_size()
+        );
+    }
     let cfg = GenerateConfig {
         max_new_tokens: r.max_new_tokens,
         temperature: r.temperature,
@@ -252,6 +276,7 @@ pub fn run_convert(
 ) -> Result<()> {
     use lora_io::kohya::KohyaLora;
     use lora_io::outdir;
+    let _lock = outdir::OutputLock::beside(to)?;
     if from.is_dir() {
         if to.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             anyhow::bail!("PEFT -> kohya writes one file: --to must end in .safetensors");
@@ -306,7 +331,15 @@ static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 /// The signal that set [`STOP`] (the exit status is 128 + it, as a shell reports a signal).
 static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// Set once the first step has finished: before that there is nothing to checkpoint, and a
+/// signal ends the process at once (loading can take minutes).
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 extern "C" fn on_signal(sig: libc::c_int) {
+    if !STARTED.load(std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + sig) };
+    }
     // Only atomics and _exit: async-signal-safe. A second signal ends the process at once
     // (checkpoints are written atomically, so nothing half-written is left to read).
     if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -401,6 +434,7 @@ pub fn run_train_report(
                     None => eprintln!("note: {n}"),
                 },
                 Event::Step(s) => {
+                    STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
                     let eval = s
                         .eval_loss
                         .map(|e| format!(" | eval {e:.4}"))
@@ -443,6 +477,10 @@ pub fn run_train_report(
     })?;
     if let Some(b) = &bar {
         b.finish();
+    }
+    if !sum.interrupted {
+        // A signal that came after the last step: the run finished, and exits as finished.
+        SIGNAL.store(0, std::sync::atomic::Ordering::SeqCst);
     }
     if sum.interrupted {
         eprintln!(

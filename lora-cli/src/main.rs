@@ -556,8 +556,10 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
     };
     let path = argv.get(i + 1).cloned().context("--config needs a file")?;
     argv.drain(i..i + 2);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.to_string_lossy()))?;
+    let bytes = lora_io::files::read_small(std::path::Path::new(&path), "--config file")?
+        .with_context(|| format!("{}: not found", path.to_string_lossy()))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{}: not valid UTF-8", path.to_string_lossy()))?;
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("{}: invalid TOML", path.to_string_lossy()))?;
@@ -578,6 +580,28 @@ fn expand_config(mut argv: Vec<OsString>) -> Result<Vec<OsString>> {
                 path.to_string_lossy()
             );
         };
+        if matches!(flag.as_str(), "force" | "resume") {
+            anyhow::bail!(
+                "{}: `{k}` says what to do with an existing output: pass --{flag} on the command \
+                 line, not in the file",
+                path.to_string_lossy()
+            );
+        }
+        // A flag on the command line overrides the file, also one that excludes this key
+        // (`--steps` on the command line and `epochs` in the file).
+        let on_line = |name: &str| {
+            argv.iter().any(|a| {
+                let a = a.to_string_lossy();
+                a == format!("--{name}") || a.starts_with(&format!("--{name}="))
+            })
+        };
+        if train
+            .get_arg_conflicts_with(arg)
+            .iter()
+            .any(|c| c.get_long().is_some_and(on_line))
+        {
+            continue;
+        }
         let switch = !arg.get_action().takes_values();
         match v {
             toml::Value::Boolean(true) if switch => extra.push(format!("--{flag}").into()),
@@ -862,6 +886,7 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|d| ("input adapter (--adapter)", d.as_path()))
                 .collect();
+            let _lock = lora_io::outdir::OutputLock::beside(&a.out)?;
             lora_io::outdir::prepare_dir_output(
                 "--out",
                 &a.out,
@@ -984,9 +1009,10 @@ fn run(cli: Cli) -> Result<()> {
                 a.layers > 0 && a.hidden > 0 && a.heads > 0 && a.kv_heads > 0 && a.vocab > 0,
                 "--layers, --hidden, --heads, --kv-heads and --vocab must be at least 1"
             );
+            anyhow::ensure!(a.hidden % a.heads == 0, "--heads must divide --hidden");
             anyhow::ensure!(
-                a.hidden % a.heads == 0 && a.heads % a.kv_heads == 0,
-                "--heads must divide --hidden, and --kv-heads must divide --heads"
+                a.arch != "llama" || a.heads % a.kv_heads == 0,
+                "--kv-heads must divide --heads"
             );
             anyhow::ensure!(
                 a.rank <= a.hidden,

@@ -1048,3 +1048,50 @@ fn a_hub_id_not_in_the_cache_is_downloaded_into_it() {
     );
     let _ = std::fs::remove_dir_all(&t);
 }
+
+#[test]
+fn config_files_yield_to_the_command_line() {
+    let t = tmp("toml");
+    let m = fixture("gpt2/model");
+    let d = data(&t);
+    let toml = t.join("run.toml");
+    // `epochs` in the file and `--steps` on the command line: the command line wins.
+    std::fs::write(
+        &toml,
+        "epochs = 0.5\nbatch_size = 2\nseq_len = 16\nthreads = 1\n",
+    )
+    .unwrap();
+    let out = ok(&lora(&[
+        "train",
+        "--config",
+        s(&toml),
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--out",
+        s(&t.join("o")),
+        "--steps",
+        "3",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["steps"], 3);
+    // What to do with an existing output is said on the command line only.
+    std::fs::write(&toml, "force = true\n").unwrap();
+    refused(
+        &lora(&[
+            "train",
+            "--config",
+            s(&toml),
+            "--model",
+            s(&m),
+            "--data",
+            s(&d),
+            "--out",
+            s(&t.join("o")),
+        ]),
+        &["`force` says what to do with an existing output"],
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}

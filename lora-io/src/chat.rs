@@ -342,7 +342,9 @@ impl ChatTemplate {
             .collect();
         let file = dir.join("chat_template.jinja");
         if file.exists() {
-            let src = std::fs::read_to_string(&file).map_err(crate::error::io_err(&file))?;
+            let bytes = crate::files::read_small(&file, "chat template")?.unwrap_or_default();
+            let src = String::from_utf8(bytes)
+                .map_err(|e| cfg_err(&file, "(file)", format!("not valid UTF-8: {e}")))?;
             return Self::new(&src, special, file).map(Some);
         }
         let src = match cfg.get("chat_template") {

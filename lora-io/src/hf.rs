@@ -5,7 +5,7 @@
 //! math are read (with transformers' defaults where it has them) and checked; a value we do not
 //! implement is an error naming the field rather than a silently different model.
 
-use crate::error::{io_err, IoError, Result};
+use crate::error::{IoError, Result};
 use crate::safetensors::SafetensorsFile;
 use lora_core::models::gpt2::{Gpt2, Gpt2Config};
 use lora_core::models::llama::{Llama, LlamaConfig, RopeScaling};
@@ -36,15 +36,11 @@ impl ArchConfig {
 
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(IoError::Missing {
-                path: path.into(),
-                what: "JSON file",
-            })
-        }
-        Err(e) => return Err(io_err(path)(e)),
+    let Some(text) = crate::files::read_small(path, "JSON file")? else {
+        return Err(IoError::Missing {
+            path: path.into(),
+            what: "JSON file",
+        });
     };
     serde_json::from_slice(&text).map_err(|source| IoError::Json {
         path: path.into(),
@@ -587,9 +583,20 @@ impl ModelDir {
             });
         }
         let mut load = |k: &str, shape: &[usize]| w.tensor(k, shape);
+        // A field the model rejects (heads that do not divide the width) is named with its file.
+        let in_config = |e: IoError| match e {
+            IoError::Core(lora_core::CoreError::InvalidConfig { field, reason }) => {
+                IoError::Config {
+                    path: self.dir.join("config.json"),
+                    field: field.into(),
+                    reason,
+                }
+            }
+            e => e,
+        };
         Ok(match &self.config {
-            ArchConfig::Gpt2(c) => Box::new(Gpt2::load(c, &mut load)?),
-            ArchConfig::Llama(c) => Box::new(Llama::load(c, &mut load)?),
+            ArchConfig::Gpt2(c) => Box::new(Gpt2::load(c, &mut load).map_err(in_config)?),
+            ArchConfig::Llama(c) => Box::new(Llama::load(c, &mut load).map_err(in_config)?),
         })
     }
 }
@@ -645,7 +652,12 @@ pub fn resolve_model_dir(model: &Path, revision: Option<&str>) -> Result<PathBuf
     }
     let rev = revision.unwrap_or("main");
     let repo = hub_cache_dir().join(format!("models--{}", s.replace('/', "--")));
-    let commit = match std::fs::read_to_string(repo.join("refs").join(rev)) {
+    let ref_file = repo.join("refs").join(rev);
+    let ref_text = crate::files::read_small(&ref_file, "Hub cache ref")
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok());
+    let commit = match ref_text.ok_or(()) {
         Ok(c) => Some(c.trim().to_string()),
         Err(_) if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Some(rev.to_string())

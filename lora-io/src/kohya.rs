@@ -226,7 +226,7 @@ impl KohyaLora {
             .iter()
             .map(|m| (m.replace('.', "_"), m))
             .collect();
-        let mut resolved = Vec::new();
+        let mut resolved: Vec<(String, &KohyaModule)> = Vec::new();
         for m in &self.modules {
             let bare = PREFIXES
                 .iter()
@@ -241,6 +241,17 @@ impl KohyaLora {
                     path: dir.into(),
                     field: m.name.clone(),
                     reason: "conv (4-D) pairs have no linear module to map to".into(),
+                });
+            }
+            if let Some((_, other)) = resolved.iter().find(|(p, _)| p == *path) {
+                return Err(IoError::Config {
+                    path: dir.into(),
+                    field: m.name.clone(),
+                    reason: format!(
+                        "maps to module `{path}`, as `{}` does: two pairs for one module (a \
+                         file mixing prefixes?)",
+                        other.name
+                    ),
                 });
             }
             resolved.push(((*path).clone(), m));

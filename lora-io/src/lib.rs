@@ -13,6 +13,7 @@ pub mod adapters;
 pub mod chat;
 pub mod combine;
 pub mod error;
+pub mod files;
 pub mod hf;
 pub mod inspect;
 pub mod kohya;

@@ -54,6 +54,8 @@ pub fn merge_to_dir(
             ("adapter (--adapter)", adapter_dir),
         ],
     )?;
+    // One command at a time writes this output.
+    let _lock = crate::outdir::OutputLock::beside(out)?;
     match crate::outdir::inspect_output("--out", out, "lora merge", crate::outdir::Owned::Listed)? {
         crate::outdir::Existing::Empty => {}
         crate::outdir::Existing::Ours(_) if !opts.force => {

@@ -90,7 +90,8 @@ pub fn check_not_input(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Resu
 /// The marker a directory carries: the command that wrote it and, when it wrote a fixed set,
 /// the files.
 fn read_marker(dir: &Path) -> Option<(String, Option<Vec<String>>)> {
-    let v: Value = serde_json::from_slice(&std::fs::read(dir.join(MARKER)).ok()?).ok()?;
+    let bytes = crate::files::read_small(&dir.join(MARKER), "marker").ok()??;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
     let cmd = v.get("written_by")?.as_str()?.to_string();
     let files = v.get("files").and_then(|f| f.as_array()).map(|a| {
         a.iter()
@@ -171,13 +172,21 @@ pub fn inspect_output(flag: &str, dir: &Path, command: &str, owned: Owned) -> Re
     if by != command {
         return Err(not_ours(format!("written by `{by}`, not `{command}`")));
     }
+    // A symlink is never ours: we write files, and following one would write (or delete)
+    // someone else's.
+    let links: Vec<&str> = entries
+        .iter()
+        .filter(|(_, p)| p.is_symlink())
+        .map(|(n, _)| n.as_str())
+        .collect();
     let ours = |name: &str| {
-        name == MARKER
-            || name == LOCK
-            || match &owned {
-                Owned::Matching(f) => f(name),
-                Owned::Listed => files.as_ref().is_some_and(|l| l.iter().any(|f| f == name)),
-            }
+        !links.contains(&name)
+            && (name == MARKER
+                || name == LOCK
+                || match &owned {
+                    Owned::Matching(f) => f(name),
+                    Owned::Listed => files.as_ref().is_some_and(|l| l.iter().any(|f| f == name)),
+                })
     };
     let foreign: Vec<&str> = entries
         .iter()
@@ -199,6 +208,22 @@ pub fn inspect_output(flag: &str, dir: &Path, command: &str, owned: Owned) -> Re
     Ok(Existing::Ours(
         entries.into_iter().map(|(_, p)| p).collect(),
     ))
+}
+
+/// The entries of `dir` that `ours` names but that are symlinks (lora-rs never makes one), so a
+/// run writing there would write through them into someone else's file.
+pub fn symlinked(dir: &Path, ours: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_symlink())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| ours(n) || n == MARKER || n == LOCK)
+        .collect();
+    v.sort();
+    v
 }
 
 /// Removes the entries [`inspect_output`] found ours (the marker and the lock stay: they still
@@ -296,6 +321,62 @@ impl DirLock {
     }
 }
 
+/// An exclusive lock on an output that a command replaces as a whole (`lora merge --out`,
+/// `lora combine --out`, `lora convert --to`): the lock file `.<name>.lora-rs.lock` sits beside
+/// the output and goes when the command ends, so two commands never write the same output.
+pub struct OutputLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    /// Locks `out` (which need not exist yet), or says which process holds it.
+    pub fn beside(out: &Path) -> Result<Self> {
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::MetadataExt;
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        let name = out
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy().to_string());
+        let path = parent.join(format!(".{name}.lora-rs.lock"));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        lock_or_name_holder(out, &mut f)?;
+        // The holder before us removes the file when it ends: a lock on a file no longer at
+        // the path locks nothing.
+        let same = match (f.metadata(), std::fs::metadata(&path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if !same {
+            return Err(refuse(
+                out,
+                "another process was writing this output as we started; run again",
+            ));
+        }
+        f.set_len(0).map_err(io_err(&path))?;
+        f.rewind().map_err(io_err(&path))?;
+        write!(f, "{}", std::process::id()).map_err(io_err(&path))?;
+        Ok(Self { path, _file: f })
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so no process can take a lock on this file after us.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 fn lock_or_name_holder(dir: &Path, f: &mut std::fs::File) -> Result<()> {
     use std::io::Read;
     match f.try_lock() {
@@ -310,8 +391,8 @@ fn lock_or_name_holder(dir: &Path, f: &mut std::fs::File) -> Result<()> {
             Err(refuse(
                 dir,
                 format!(
-                    "{who} is writing to this directory (it holds {LOCK}); wait for it to \
-                     finish or choose another --out"
+                    "{who} is writing this output (it holds the lock); wait for it to finish \
+                     or choose another output"
                 ),
             ))
         }

@@ -450,7 +450,13 @@ impl PeftConfig {
             dropout: self.lora_dropout,
             init: LoraInit::KaimingUniform,
         };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| {
+            cfg_err(
+                Path::new("adapter_config.json"),
+                "lora_alpha / r (or their patterns)",
+                format!("for module `{module}`: {e}"),
+            )
+        })?;
         Ok(cfg)
     }
 }

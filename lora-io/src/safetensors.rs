@@ -38,13 +38,14 @@ impl SafetensorsFile {
     /// Maps and validates `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).map_err(io_err(&path))?;
-        if !file.metadata().map_err(io_err(&path))?.is_file() {
+        // Before opening: opening a FIFO blocks until someone writes to it.
+        if !std::fs::metadata(&path).map_err(io_err(&path))?.is_file() {
             return Err(IoError::Safetensors {
                 path,
                 reason: "not a regular file (a device, pipe or directory)".into(),
             });
         }
+        let file = std::fs::File::open(&path).map_err(io_err(&path))?;
         // SAFETY: the map is read-only; a file changed underneath by another process could
         // change the bytes we read but not memory safety of the slice accesses, which are all
         // bounds-checked against the map's length.
@@ -64,6 +65,12 @@ impl SafetensorsFile {
             return Err(bad(format!(
                 "header length {n} is larger than the rest of the file ({} bytes)",
                 mmap.len() - 8
+            )));
+        }
+        // The safetensors crate refuses headers over 100 MB, but only after parsing them.
+        if n > 100_000_000 {
+            return Err(bad(format!(
+                "header length {n} is over the 100 MB safetensors allows"
             )));
         }
         // JSON objects may repeat a key and parsers keep one silently: refuse such headers.
@@ -141,6 +148,22 @@ impl SafetensorsFile {
             path: self.path.clone(),
             key: key.into(),
         })?;
+        // A shape the file declares (its data may be a sparse hole) is only allocated when the
+        // machine can hold it as f32.
+        let numel: u64 = m.shape.iter().map(|&d| d as u64).product();
+        if let Some(avail) = crate::files::available_memory() {
+            if numel.saturating_mul(4) > avail {
+                return Err(IoError::Safetensors {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor `{key}` {:?} needs {} MiB as f32, more than the {} MiB available",
+                        m.shape,
+                        numel.saturating_mul(4) >> 20,
+                        avail >> 20
+                    ),
+                });
+            }
+        }
         let bytes = &self.mmap[self.data_start + m.start..self.data_start + m.end];
         let values = match m.dtype {
             Dtype::F32 => bytes

@@ -61,6 +61,7 @@ impl TextTokenizer {
                 what: "tokenizer.json (the model directory needs its tokenizer)",
             });
         }
+        crate::files::check_regular(&path, crate::files::MAX_TEXT_FILE, "tokenizer.json")?;
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
             path: path.clone(),
             reason: e.to_string(),
@@ -207,6 +208,11 @@ impl TextTokenizer {
                 path: self.path.clone(),
                 reason: e.to_string(),
             })
+    }
+
+    /// The `tokenizer.json` this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Id of a token string, if the vocabulary has it.

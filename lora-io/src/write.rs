@@ -123,6 +123,15 @@ pub fn write_safetensors(
     tensors: &[OutTensor],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    // The safetensors crate panics on a repeated name: refuse it here.
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(IoError::Safetensors {
+            path: path.into(),
+            reason: format!("tensor `{}` would be written twice", w[0]),
+        });
+    }
     let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|t| {

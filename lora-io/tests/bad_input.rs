@@ -549,3 +549,98 @@ fn the_single_weights_file_wins_and_layer_counts_must_agree() {
     .to_string();
     assert!(e.contains("the combination overflows"), "{e}");
 }
+
+#[test]
+fn devices_pipes_holes_and_locks() {
+    // A FIFO or a device where a file is read: refused before it is opened (a FIFO would
+    // block the open for ever, /dev/zero never ends).
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let d = scratch(&format!("fifo-{name}"), &fixture("gpt2/model"));
+        std::fs::remove_file(d.join(name)).unwrap();
+        let c = std::ffi::CString::new(d.join(name).to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc_mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t0 = std::time::Instant::now();
+        let e = match ModelDir::open(&d).and_then(|m| {
+            TextTokenizer::from_model_dir(&d)?;
+            m.load_model()
+        }) {
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("not a regular file") && e.contains(name),
+            "{name}: {e}"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        let d2 = scratch(&format!("zero-{name}"), &fixture("gpt2/model"));
+        std::fs::remove_file(d2.join(name)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d2.join(name)).unwrap();
+        let e = match ModelDir::open(&d2).and_then(|m| {
+            TextTokenizer::from_model_dir(&d2)?;
+            m.load_model()
+        }) {
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("not a regular file"), "{name}: {e}");
+    }
+    // A file whose header declares a tensor far larger than memory (its data a sparse hole):
+    // refused by name, not an allocation abort.
+    let p = std::env::temp_dir().join(format!(
+        "lora-io-bad-{}-hole.safetensors",
+        std::process::id()
+    ));
+    let n: u64 = 1 << 40; // 4 TiB of f32
+    let hdr = format!(
+        r#"{{"base_model.model.x.lora_A.weight":{{"dtype":"F32","shape":[4,{}],"data_offsets":[0,{}]}}}}"#,
+        n / 4,
+        n * 4
+    );
+    let mut f = std::fs::File::create(&p).unwrap();
+    std::io::Write::write_all(&mut f, &(hdr.len() as u64).to_le_bytes()).unwrap();
+    std::io::Write::write_all(&mut f, hdr.as_bytes()).unwrap();
+    f.set_len(8 + hdr.len() as u64 + n * 4).unwrap();
+    drop(f);
+    let st = SafetensorsFile::open(&p).unwrap();
+    let e = st
+        .read_f32("base_model.model.x.lora_A.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight") && e.contains("more than the"),
+        "{e}"
+    );
+    let _ = std::fs::remove_file(&p);
+    // An output another command holds is refused, naming the holder.
+    let out = std::env::temp_dir().join(format!("lora-io-bad-{}-locked", std::process::id()));
+    let held = lora_io::outdir::OutputLock::beside(&out).unwrap();
+    let e = lora_io::merge::merge_to_dir(
+        &fixture("gpt2/model"),
+        &fixture("gpt2/adapter"),
+        &out,
+        Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(&format!("process {} is writing", std::process::id())),
+        "{e}"
+    );
+    drop(held);
+    assert!(!out.exists());
+    // A config value the model rejects is named with its file.
+    let d = scratch("heads", &fixture("gpt2/model"));
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["n_head"] = serde_json::json!(3);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("config.json") && e.contains("n_head"), "{e}");
+}
+
+extern "C" {
+    #[link_name = "mkfifo"]
+    fn libc_mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
+}

@@ -288,3 +288,23 @@ fn kohya_alpha_follows_kohya_and_damage_is_named() {
         );
     }
 }
+
+#[test]
+fn two_pairs_for_one_module_are_refused() {
+    // lora_te_ and lora_te2_ copies of the same module flatten to one PEFT key: refused (the
+    // safetensors writer panicked on the repeated name).
+    let mut k = KohyaLora::from_peft(&root().join("gpt2/adapter"), "lora_te").unwrap();
+    let mut twin = k.modules[0].clone();
+    twin.name = twin.name.replacen("lora_te_", "lora_te2_", 1);
+    k.modules.push(twin);
+    let model = ModelDir::open(root().join("gpt2/model"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    let t = tmp("twin");
+    let e = k
+        .to_peft(model.as_ref(), &t.join("peft"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("two pairs for one module"), "{e}");
+}

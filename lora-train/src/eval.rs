@@ -102,6 +102,7 @@ pub fn evaluate_examples(
             ..*opts
         },
     )?;
+    crate::run::check_vocab(tok.path(), model.vocab_size(), &seqs)?;
     eval_sequences(model, &seqs, adapters)?.ok_or_else(|| TrainError::Data {
         path: "<data>".into(),
         reason: "no example has a token to predict".into(),

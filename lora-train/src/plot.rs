@@ -7,6 +7,7 @@ use std::path::Path;
 
 /// Reads `(step, loss)` and `(step, eval_loss)` series from a metrics file.
 pub fn read_metrics(path: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+    lora_io::files::check_regular(path, u64::MAX, "metrics")?;
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::Data {
         path: path.into(),
         reason: e.to_string(),

@@ -301,9 +301,16 @@ fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
         now.as_object().unwrap_or(&empty),
     );
     let as_f32 = |v: Option<&Value>| v.and_then(|v| v.as_f64()).map(|x| x as f32);
+    // Paths compare as the files they name (`./d.jsonl` and `/abs/d.jsonl` are one file).
     let same = |x: Option<&Value>, y: Option<&Value>| match (as_f32(x), as_f32(y)) {
         (Some(p), Some(q)) => p == q,
-        _ => x == y,
+        _ => match (x.and_then(|v| v.as_str()), y.and_then(|v| v.as_str())) {
+            (Some(p), Some(q)) if p != q => {
+                outdir::resolve(Path::new(p)) == outdir::resolve(Path::new(q))
+                    && (Path::new(p).exists() || Path::new(q).exists())
+            }
+            _ => x == y,
+        },
     };
     let show = |v: Option<&Value>| match (v, as_f32(v)) {
         (Some(Value::Number(n)), Some(x)) if n.is_f64() => x.to_string(),
@@ -464,7 +471,7 @@ fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let step = checkpoint_step(&e.file_name().to_string_lossy())?;
-                    e.path().is_dir().then(|| (step, e.path()))
+                    (e.path().is_dir() && !e.path().is_symlink()).then(|| (step, e.path()))
                 })
                 .collect()
         })
@@ -743,6 +750,17 @@ fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<Vec<Path
     }
     outdir::check_not_input("--out", out, &inputs)?;
     outdir::DirLock::check_free(out)?;
+    let links = outdir::symlinked(out, is_train_output);
+    if !links.is_empty() {
+        return Err(err(
+            out,
+            format!(
+                "--out holds symlinks where lora-rs writes its own files ({}): writing through \
+                 them would change someone else's; remove them",
+                links.join(", ")
+            ),
+        ));
+    }
     if resume {
         return Ok(Vec::new());
     }
@@ -824,6 +842,9 @@ fn take_output(
 /// Drops the metrics lines past `step` (a run resumed from an older checkpoint than its last
 /// step will write those steps again).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !lora_io::files::check_regular(path, u64::MAX, "metrics")? {
+        return Ok(());
+    }
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };

@@ -606,3 +606,34 @@ fn checkpoints_come_by_time_as_well_as_by_steps() {
     assert!(!out2.join("checkpoint-000001").exists() && out2.join("checkpoint-000004").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn symlinks_in_the_output_and_paths_spelled_another_way() {
+    let root = tmp("links");
+    let d = data(&root, &texts(8));
+    let out = root.join("out");
+    let mut cfg = config(out.clone(), d.clone());
+    cfg.stop_after = Some(2);
+    run(&cfg, false, false).0.unwrap();
+    // Someone's file linked in as metrics.jsonl: resuming would append to it.
+    let theirs = root.join("theirs.jsonl");
+    std::fs::write(&theirs, "mine\n").unwrap();
+    std::fs::remove_file(out.join("metrics.jsonl")).unwrap();
+    std::os::unix::fs::symlink(&theirs, out.join("metrics.jsonl")).unwrap();
+    let e = run(&config(out.clone(), d.clone()), true, false)
+        .0
+        .unwrap_err();
+    assert!(e.contains("symlinks") && e.contains("metrics.jsonl"), "{e}");
+    let e = run(&config(out.clone(), d.clone()), false, true)
+        .0
+        .unwrap_err();
+    assert!(e.contains("metrics.jsonl"), "{e}");
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "mine\n");
+    std::fs::remove_file(out.join("metrics.jsonl")).unwrap();
+    // The same data file named another way resumes the run.
+    let mut other = config(out.clone(), root.join("x/../data.jsonl"));
+    other.data = root.join("x").join("..").join("data.jsonl");
+    std::fs::create_dir_all(root.join("x")).unwrap();
+    run(&other, true, false).0.unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}
