@@ -424,6 +424,15 @@ impl Weights {
         Ok(self.files[i].read_f32(key)?.0)
     }
 
+    /// The stored bytes of `key` (its dtype, little-endian).
+    pub fn raw_bytes(&self, key: &str) -> Result<&[u8]> {
+        let i = *self.map.get(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.dir.clone(),
+            key: key.into(),
+        })?;
+        self.files[i].raw_bytes(key)
+    }
+
     /// Loads `key` as a frozen f32 tensor of shape `expected`.
     pub fn tensor(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         // The original GPT-2 checkpoints store `h.0...` without the `transformer.` prefix.

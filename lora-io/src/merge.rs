@@ -10,7 +10,7 @@
 use crate::error::{io_err, IoError, Result};
 use crate::hf::{read_json, ModelDir, Weights};
 use crate::peft::load_adapter;
-use crate::write::{write_atomic, write_safetensors, OutDtype, OutTensor};
+use crate::write::{write_atomic, write_safetensors_streamed, OutDtype, StreamedTensor};
 use lora_core::models::Linear;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,8 +70,8 @@ pub fn merge_to_dir(
     let mut model = md.load_model()?;
     load_adapter(model.as_mut(), adapter_dir)?;
 
-    // Merge every layer first: a NaN anywhere stops the run before a byte is written.
-    let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
+    // Merge every layer first (in place, in the model): a NaN anywhere stops the run before a
+    // byte is written.
     let mut names = Vec::new();
     for (name, lin) in model.linears_mut() {
         if let Linear::Lora(l) = lin {
@@ -80,17 +80,23 @@ pub fn merge_to_dir(
                 field: name.clone(),
                 reason: e.to_string(),
             })?;
-            merged.insert(format!("{name}.weight"), l.weight.to_vec());
             names.push(name);
         }
     }
+    let merged: HashMap<String, &lora_core::Tensor> = model
+        .linears()
+        .into_iter()
+        .filter_map(|(name, lin)| match lin {
+            Linear::Lora(l) => Some((format!("{name}.weight"), &l.weight)),
+            Linear::Frozen { .. } => None,
+        })
+        .collect();
 
+    // What the output holds: every stored tensor, the merged ones replaced. Written one tensor
+    // at a time (see below), so memory holds the model's own weights and one tensor more.
     let weights = Weights::open(model_dir)?;
-    let entries = weights.entries();
-    let mut values: Vec<(String, Vec<usize>, Vec<f32>, OutDtype)> =
-        Vec::with_capacity(entries.len());
-    let mut used = 0;
-    for (key, dtype, shape) in entries {
+    let mut plan: Vec<(StreamedTensor, Option<&lora_core::Tensor>, OutDtype)> = Vec::new();
+    for (key, dtype, shape) in weights.entries() {
         let stored = OutDtype::from_dtype(dtype).ok_or_else(|| IoError::Dtype {
             path: model_dir.into(),
             key: key.clone(),
@@ -99,16 +105,20 @@ pub fn merge_to_dir(
         // Original GPT-2 files omit the `transformer.` prefix our module paths carry.
         let m = merged
             .get(&key)
-            .or_else(|| merged.get(&format!("transformer.{key}")));
-        let v = match m {
-            Some(v) => {
-                used += 1;
-                v.clone()
-            }
-            None => weights.read_f32(&key)?,
-        };
-        values.push((key, shape, v, opts.dtype.unwrap_or(stored)));
+            .or_else(|| merged.get(&format!("transformer.{key}")))
+            .copied();
+        let dtype = opts.dtype.unwrap_or(stored);
+        plan.push((
+            StreamedTensor {
+                name: key,
+                dtype,
+                shape,
+            },
+            m,
+            stored,
+        ));
     }
+    let used = plan.iter().filter(|p| p.1.is_some()).count();
     if used != merged.len() {
         return Err(IoError::Config {
             path: model_dir.into(),
@@ -138,19 +148,26 @@ pub fn merge_to_dir(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let result = (|| -> Result<()> {
-        let tensors: Vec<OutTensor> = values
-            .iter()
-            .map(|(k, s, v, d)| OutTensor {
-                name: k.clone(),
-                shape: s.clone(),
-                values: v,
-                dtype: *d,
-            })
-            .collect();
         let meta = [("format".to_string(), "pt".to_string())]
             .into_iter()
             .collect();
-        write_safetensors(&tmp.join("model.safetensors"), &tensors, meta)?;
+        let heads: Vec<StreamedTensor> = plan
+            .iter()
+            .map(|(t, _, _)| StreamedTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        write_safetensors_streamed(&tmp.join("model.safetensors"), &heads, meta, |i| {
+            let (t, merged, stored) = &plan[i];
+            Ok(match merged {
+                Some(w) => t.dtype.encode(&w.try_to_vec()?),
+                // Unchanged and in its own dtype: the stored bytes as they are.
+                None if t.dtype == *stored => weights.raw_bytes(&t.name)?.to_vec(),
+                None => t.dtype.encode(&weights.read_f32(&t.name)?),
+            })
+        })?;
         let mut written = vec!["model.safetensors".to_string()];
         for entry in std::fs::read_dir(model_dir).map_err(io_err(model_dir))? {
             let entry = entry.map_err(io_err(model_dir))?;
@@ -201,7 +218,7 @@ pub fn merge_to_dir(
     result?;
     Ok(MergeReport {
         merged: names,
-        tensors: values.len(),
+        tensors: plan.len(),
         out: out.into(),
         removed_stale,
     })

@@ -142,6 +142,15 @@ impl SafetensorsFile {
         self.tensors.get(key)
     }
 
+    /// The stored bytes of `key`, as they are in the file (little-endian, its dtype).
+    pub fn raw_bytes(&self, key: &str) -> Result<&[u8]> {
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.path.clone(),
+            key: key.into(),
+        })?;
+        Ok(&self.mmap[self.data_start + m.start..self.data_start + m.end])
+    }
+
     /// Reads `key` as f32 values.
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {

@@ -51,6 +51,23 @@ impl OutDtype {
         }
     }
 
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+
+    /// The safetensors dtype name (`F32`, `F16`, `BF16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+        }
+    }
+
     fn dtype(self) -> Dtype {
         match self {
             Self::F32 => Dtype::F32,
@@ -59,7 +76,8 @@ impl OutDtype {
         }
     }
 
-    fn encode(self, v: &[f32]) -> Vec<u8> {
+    /// `v` as this dtype's little-endian bytes.
+    pub fn encode(self, v: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Self::F16 => v
@@ -76,6 +94,14 @@ impl OutDtype {
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `fill` writes, for files too large to hold in memory at once.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -90,8 +116,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
+        let f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w).map_err(io_err(&tmp))?;
+        let f = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
         f.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         if let Ok(d) = std::fs::File::open(dir) {
@@ -103,6 +131,101 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A tensor of a streamed safetensors file: its name, storage dtype and shape.
+pub struct StreamedTensor {
+    /// Key.
+    pub name: String,
+    /// Storage dtype.
+    pub dtype: OutDtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// Writes a safetensors file tensor by tensor (atomically): the header from `tensors`' names,
+/// dtypes and shapes (sorted by name, padded to 8 bytes as safetensors pads it), then
+/// `bytes_of(i)` for each tensor in that order, so only one tensor's bytes are in memory at a
+/// time. A tensor whose bytes do not have the length its shape and dtype give is an error.
+pub fn write_safetensors_streamed(
+    path: &Path,
+    tensors: &[StreamedTensor],
+    metadata: HashMap<String, String>,
+    mut bytes_of: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].name.cmp(&tensors[b].name));
+    if let Some(w) = order
+        .windows(2)
+        .find(|w| tensors[w[0]].name == tensors[w[1]].name)
+    {
+        return Err(IoError::Safetensors {
+            path: path.into(),
+            reason: format!("tensor `{}` would be written twice", tensors[w[0]].name),
+        });
+    }
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let mut m: Vec<_> = metadata.into_iter().collect();
+        m.sort();
+        header.insert(
+            "__metadata__".into(),
+            serde_json::Value::Object(m.into_iter().map(|(k, v)| (k, v.into())).collect()),
+        );
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(order.len());
+    for &i in &order {
+        let t = &tensors[i];
+        let n = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| IoError::Safetensors {
+                path: path.into(),
+                reason: format!("tensor `{}`: shape {:?} overflows", t.name, t.shape),
+            })?;
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + n]}),
+        );
+        sizes.push(n);
+        offset += n;
+    }
+    let mut h = serde_json::to_string(&serde_json::Value::Object(header)).expect("serialises");
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    let mut failure: Option<IoError> = None;
+    let r = write_atomic_with(path, |w| {
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(h.as_bytes())?;
+        for (&i, &n) in order.iter().zip(&sizes) {
+            match bytes_of(i) {
+                Ok(b) if b.len() == n => w.write_all(&b)?,
+                Ok(b) => {
+                    failure = Some(IoError::Safetensors {
+                        path: path.into(),
+                        reason: format!(
+                            "tensor `{}`: {} bytes for a shape that needs {n}",
+                            tensors[i].name,
+                            b.len()
+                        ),
+                    });
+                    return Err(std::io::Error::other("tensor of the wrong size"));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    return Err(std::io::Error::other("reading a tensor failed"));
+                }
+            }
+        }
+        Ok(())
+    });
+    match (r, failure) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r,
+    }
 }
 
 /// One tensor to write: name, shape, values, storage dtype.
