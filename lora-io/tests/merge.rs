@@ -212,3 +212,56 @@ fn unwritable_output_fails_cleanly() {
     assert!(e.contains("parent-file"), "{e}");
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "not a dir");
 }
+
+#[test]
+fn streamed_safetensors_read_back_and_refuse_wrong_sizes() {
+    use lora_io::write::{write_safetensors_streamed, StreamedTensor};
+    let p = tmp("streamed").join("x.safetensors");
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let vals: Vec<Vec<f32>> = vec![vec![1.0, -2.5, 3.25], vec![0.5; 4], vec![7.0]];
+    let heads = vec![
+        StreamedTensor {
+            name: "b".into(),
+            dtype: OutDtype::F32,
+            shape: vec![3],
+        },
+        StreamedTensor {
+            name: "a".into(),
+            dtype: OutDtype::BF16,
+            shape: vec![2, 2],
+        },
+        StreamedTensor {
+            name: "c".into(),
+            dtype: OutDtype::F16,
+            shape: vec![],
+        },
+    ];
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    write_safetensors_streamed(&p, &heads, meta, |i| Ok(heads[i].dtype.encode(&vals[i]))).unwrap();
+    let f = SafetensorsFile::open(&p).unwrap();
+    assert_eq!(f.names(), ["a", "b", "c"]);
+    assert_eq!(f.read_f32("b").unwrap(), (vals[0].clone(), vec![3]));
+    assert_eq!(f.read_f32("a").unwrap(), (vals[1].clone(), vec![2, 2]));
+    assert_eq!(f.read_f32("c").unwrap().0, vals[2]);
+    assert_eq!(f.metadata.get("format").map(String::as_str), Some("pt"));
+    // A tensor of the wrong size: an error, and the old file stays.
+    let e = write_safetensors_streamed(&p, &heads, Default::default(), |i| {
+        Ok(if i == 1 {
+            vec![0u8; 3]
+        } else {
+            heads[i].dtype.encode(&vals[i])
+        })
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("tensor `a`: 3 bytes for a shape that needs 8"),
+        "{e}"
+    );
+    assert_eq!(
+        SafetensorsFile::open(&p).unwrap().read_f32("b").unwrap().0,
+        vals[0]
+    );
+}
