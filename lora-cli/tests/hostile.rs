@@ -778,17 +778,7 @@ fn more_classes_found_by_a_hostile_run() {
     let toml = t.join("run.toml");
     std::fs::write(&toml, "rslora = \"yes\"\n").unwrap();
     refused(
-        &lora(&[
-            "train",
-            "--config",
-            s(&toml),
-            "--model",
-            s(&m),
-            "--data",
-            s(&d),
-            "--out",
-            s(&t.join("o")),
-        ]),
+        &train_with_config(&toml, &m, &d, &t.join("o")),
         &["run.toml: key `rslora` must be true or false"],
     );
     // --eval-split and --eval-data together: one of them would be ignored.
@@ -1080,18 +1070,23 @@ fn config_files_yield_to_the_command_line() {
     // What to do with an existing output is said on the command line only.
     std::fs::write(&toml, "force = true\n").unwrap();
     refused(
-        &lora(&[
-            "train",
-            "--config",
-            s(&toml),
-            "--model",
-            s(&m),
-            "--data",
-            s(&d),
-            "--out",
-            s(&t.join("o")),
-        ]),
+        &train_with_config(&toml, &m, &d, &t.join("o")),
         &["`force` says what to do with an existing output"],
     );
     let _ = std::fs::remove_dir_all(&t);
+}
+
+/// `lora train --config TOML --model M --data D --out O`.
+fn train_with_config(toml: &Path, m: &Path, d: &Path, out: &Path) -> Output {
+    lora(&[
+        "train",
+        "--config",
+        s(toml),
+        "--model",
+        s(m),
+        "--data",
+        s(d),
+        "--out",
+        s(out),
+    ])
 }

@@ -290,21 +290,10 @@ pub struct DirLock {
 impl DirLock {
     /// Creates `dir` if needed and locks it, or says which process holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {
-        use std::io::{Seek, Write};
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let path = dir.join(LOCK);
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        lock_or_name_holder(dir, &mut f)?;
-        f.set_len(0).map_err(io_err(&path))?;
-        f.rewind().map_err(io_err(&path))?;
-        write!(f, "{}", std::process::id()).map_err(io_err(&path))?;
-        f.flush().map_err(io_err(&path))?;
+        let mut f = open_and_lock(&path, dir)?;
+        write_pid(&mut f, &path)?;
         Ok(Self { _file: f })
     }
 
@@ -332,7 +321,6 @@ pub struct OutputLock {
 impl OutputLock {
     /// Locks `out` (which need not exist yet), or says which process holds it.
     pub fn beside(out: &Path) -> Result<Self> {
-        use std::io::{Seek, Write};
         use std::os::unix::fs::MetadataExt;
         let parent = out
             .parent()
@@ -343,14 +331,7 @@ impl OutputLock {
             .file_name()
             .map_or("out".into(), |n| n.to_string_lossy().to_string());
         let path = parent.join(format!(".{name}.lora-rs.lock"));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        lock_or_name_holder(out, &mut f)?;
+        let mut f = open_and_lock(&path, out)?;
         // The holder before us removes the file when it ends: a lock on a file no longer at
         // the path locks nothing.
         let same = match (f.metadata(), std::fs::metadata(&path)) {
@@ -363,9 +344,7 @@ impl OutputLock {
                 "another process was writing this output as we started; run again",
             ));
         }
-        f.set_len(0).map_err(io_err(&path))?;
-        f.rewind().map_err(io_err(&path))?;
-        write!(f, "{}", std::process::id()).map_err(io_err(&path))?;
+        write_pid(&mut f, &path)?;
         Ok(Self { path, _file: f })
     }
 }
@@ -375,6 +354,29 @@ impl Drop for OutputLock {
         // Removed while still locked, so no process can take a lock on this file after us.
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Opens the lock file `path` (created if needed) and takes its exclusive lock, or says which
+/// process holds `what`.
+fn open_and_lock(path: &Path, what: &Path) -> Result<std::fs::File> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))?;
+    lock_or_name_holder(what, &mut f)?;
+    Ok(f)
+}
+
+/// Records our pid in a lock file we hold, for the message a second process gets.
+fn write_pid(f: &mut std::fs::File, path: &Path) -> Result<()> {
+    use std::io::{Seek, Write};
+    f.set_len(0).map_err(io_err(path))?;
+    f.rewind().map_err(io_err(path))?;
+    write!(f, "{}", std::process::id()).map_err(io_err(path))?;
+    f.flush().map_err(io_err(path))
 }
 
 fn lock_or_name_holder(dir: &Path, f: &mut std::fs::File) -> Result<()> {
