@@ -480,12 +480,6 @@ pub fn is_dead_temp(name: &str) -> bool {
     false
 }
 
-/// Removes the temporaries a killed `write_atomic` or merge left in `dir` (their processes are
-/// gone); returns what it removed.
-pub fn clean_dead_temps(dir: &Path) -> Result<Vec<PathBuf>> {
-    clean_stale(dir, is_dead_temp)
-}
-
 /// Makes `dir` ready for a command that writes the fixed set of `files` there (`lora combine`,
 /// `lora convert` to PEFT): never one of `inputs`; absent or empty is fine; an earlier output of
 /// the same command is replaced only with `force` (its files are removed now); anything else is

@@ -526,14 +526,7 @@ fn read_checkpoint(
     let adapter = SafetensorsFile::open(&af).map_err(|e| e.to_string())?;
     let mut sizes = Vec::new();
     for k in adapter.names() {
-        let (v, _) = adapter.read_f32(k).map_err(|e| e.to_string())?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(format!(
-                "{}: `{k}` holds {} at index {i}",
-                af.display(),
-                v[i]
-            ));
-        }
+        let (v, _) = adapter.read_f32_finite(k).map_err(|e| e.to_string())?;
         let Some(name) = k
             .strip_prefix("base_model.model.")
             .and_then(|n| n.strip_suffix(".weight"))
@@ -738,8 +731,8 @@ pub fn train(
 
 /// The read-only checks of the output directory, before anything is loaded: never an input,
 /// and a non-empty directory only with `resume` or (a previous training output holding nothing
-/// else) `force`. Returns what `force` will replace.
-fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<Vec<PathBuf>> {
+/// else) `force`.
+fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<()> {
     let out = &cfg.out;
     let mut inputs: Vec<(&str, &Path)> = vec![
         ("model directory (--model)", &cfg.model),
@@ -762,45 +755,51 @@ fn check_output(cfg: &TrainConfig, resume: bool, force: bool) -> Result<Vec<Path
         ));
     }
     if resume {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    match outdir::inspect_output(
+    match replaceable(out)? {
+        Existing::Ours(_) if !force => Err(err(
+            out,
+            "output directory is not empty (pass --resume to continue or --force to start over)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What `out` holds: nothing, or an earlier training output holding nothing else, checkpoint
+/// folders included (what `force` may remove); anything of someone else's is an error naming it.
+fn replaceable(out: &Path) -> Result<Existing> {
+    let found = outdir::inspect_output(
         "--out",
         out,
         "lora train",
         Owned::Matching(&is_train_output),
-    )? {
-        Existing::Empty => Ok(Vec::new()),
-        Existing::Ours(entries) if force => {
-            for e in &entries {
-                let name = e.file_name().map(|n| n.to_string_lossy().to_string());
-                let is_ckpt = name
-                    .as_deref()
-                    .is_some_and(|n| checkpoint_step(n).is_some() || is_checkpoint_tmp(n));
-                let foreign = if is_ckpt && e.is_dir() {
-                    foreign_in_checkpoint(e)
-                } else {
-                    Vec::new()
-                };
-                if !foreign.is_empty() {
-                    return Err(err(
-                        out,
-                        format!(
-                            "--out: {} holds files lora-rs did not write ({}); --force replaces \
-                             only what training wrote (move them out first)",
-                            e.display(),
-                            foreign.join(", ")
-                        ),
-                    ));
-                }
+    )?;
+    if let Existing::Ours(entries) = &found {
+        for e in entries {
+            let name = e.file_name().map(|n| n.to_string_lossy().to_string());
+            let is_ckpt = name
+                .as_deref()
+                .is_some_and(|n| checkpoint_step(n).is_some() || is_checkpoint_tmp(n));
+            let foreign = if is_ckpt && e.is_dir() {
+                foreign_in_checkpoint(e)
+            } else {
+                Vec::new()
+            };
+            if !foreign.is_empty() {
+                return Err(err(
+                    out,
+                    format!(
+                        "--out: {} holds files lora-rs did not write ({}); --force replaces only \
+                         what training wrote (move them out first)",
+                        e.display(),
+                        foreign.join(", ")
+                    ),
+                ));
             }
-            Ok(entries)
         }
-        Existing::Ours(_) => Err(err(
-            out,
-            "output directory is not empty (pass --resume to continue or --force to start over)",
-        )),
     }
+    Ok(found)
 }
 
 /// Takes the output directory for this run: the lock, temporaries of killed runs removed (and
@@ -815,7 +814,10 @@ fn take_output(
     let resume = resumed_at.is_some();
     let out = &cfg.out;
     let lock = outdir::DirLock::acquire(out)?;
-    let stale = outdir::clean_stale(out, |n| is_checkpoint_tmp(n) || outdir::is_dead_temp(n))?;
+    let stale = outdir::clean_stale(out, |n| {
+        outdir::is_dead_temp(n)
+            || (is_checkpoint_tmp(n) && foreign_in_checkpoint(&out.join(n)).is_empty())
+    })?;
     for p in stale {
         note(&format!(
             "removed {}, left by a run that was stopped while writing it",
@@ -823,12 +825,8 @@ fn take_output(
         ));
     }
     if force && !resume {
-        if let Existing::Ours(entries) = outdir::inspect_output(
-            "--out",
-            out,
-            "lora train",
-            Owned::Matching(&is_train_output),
-        )? {
+        // Checked again under the lock: the directory may have changed since the run began.
+        if let Existing::Ours(entries) = replaceable(out)? {
             outdir::remove_owned(&entries)?;
         }
     }

@@ -506,6 +506,14 @@ fn files_of_others_inside_checkpoints_are_never_removed() {
             .any(|n| n.contains("kept") && n.contains("user_notes.txt")),
         "{notes:?}"
     );
+    // A half-written checkpoint holding someone's file is not cleaned away as stale either.
+    let tmp_note = out.join(".checkpoint-000009.tmp/theirs.txt");
+    std::fs::create_dir_all(tmp_note.parent().unwrap()).unwrap();
+    std::fs::write(&tmp_note, "mine").unwrap();
+    let mut again = config(out.clone(), d.clone());
+    again.steps = 7;
+    run(&again, true, false).0.unwrap();
+    assert!(tmp_note.exists());
     let _ = std::fs::remove_dir_all(&root);
 }
 
