@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks from binaries built elsewhere (the GPU machine may have no Rust toolchain).
 #
-#   scripts/gpu-check.sh build   # on a machine with Rust: builds the CUDA test binaries into gpu-bin/
+#   scripts/gpu-check.sh build   # on a machine with Rust: builds the CUDA test binaries into
+#                                # gpu-bin/cu12 and gpu-bin/cu13 (bindings for CUDA 12 / 13)
 #   scripts/gpu-check.sh run     # on the GPU machine, from the repository root (gpu-bin/ copied
-#                                # there): runs them and writes gpu-results/results.txt
+#                                # there): runs the set whose cuBLAS and NVRTC the machine has
+#                                # (CUDA 13 first) and writes gpu-results/results.txt
 #
 # What runs: NVRTC compilation of every .cu for sm_80/sm_90 plus ptxas register/spill report
 # (cuda_ptx); the CUDA LoRA linear, element-wise, row and attention kernels against the f64
@@ -18,18 +20,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 build)
-    rm -rf gpu-bin && mkdir -p gpu-bin
-    for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:cuda_step; do
-        p=${pt%%:*} t=${pt##*:}
-        path=$(cargo test --release -p "$p" --test "$t" --no-run --message-format=json 2>/dev/null \
-            | grep -o '"executable":"[^"]*'"$t"'[^"]*"' | head -1 | cut -d'"' -f4)
-        cp "$path" "gpu-bin/$t"
+    rm -rf gpu-bin
+    for v in 12 13; do
+        mkdir -p "gpu-bin/cu$v"
+        f="--no-default-features --features cuda-$v"
+        for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:cuda_step; do
+            p=${pt%%:*} t=${pt##*:}
+            # shellcheck disable=SC2086
+            path=$(cargo test --release -p "$p" $f --test "$t" --no-run --message-format=json 2>/dev/null \
+                | grep -o '"executable":"[^"]*'"$t"'[^"]*"' | head -1 | cut -d'"' -f4)
+            cp "$path" "gpu-bin/cu$v/$t"
+        done
+        # shellcheck disable=SC2086
+        cargo build --release -p lora-cli $f
+        cp target/release/lora "gpu-bin/cu$v/lora"
     done
-    cargo build --release -p lora-cli
-    cp target/release/lora gpu-bin/lora
-    # Without debug info they fit the 64 MiB a device run may carry (14 MB vs 160 MB).
-    strip gpu-bin/*
-    ls -la gpu-bin
+    # Without debug info they fit the 64 MiB a device run may carry (14 MB a set vs 160 MB).
+    strip gpu-bin/cu*/*
+    ls -la gpu-bin/cu*
     ;;
 run)
     mkdir -p gpu-results
@@ -39,26 +47,37 @@ run)
     done
     if command -v ptxas >/dev/null; then export LORA_PTXAS="$(command -v ptxas)"; fi
     [ -x /usr/local/cuda/bin/ptxas ] && export LORA_PTXAS=/usr/local/cuda/bin/ptxas
+    # The binaries whose bindings match the machine's cuBLAS and NVRTC, CUDA 13 first.
+    has() {
+        grep -q "$1" < <(ldconfig -p 2>/dev/null) && return 0
+        local d
+        for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d/$1"* >/dev/null 2>&1 && return 0; done
+        return 1
+    }
+    bin=gpu-bin/cu12
+    if has libcublas.so.13 && has libnvrtc.so.13; then bin=gpu-bin/cu13; fi
     {
-        echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) with $bin"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+        echo "libraries: $( (ldconfig -p; for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d"; done) 2>/dev/null \
+            | grep -oE 'lib(cuda|cublas|cublasLt|nvrtc)\.so\.[0-9.]+' | sort -u | tr '\n' ' ')"
         for t in cuda_ptx cuda_parity cuda_accel; do
             echo "## $t"
             # Run from lora-kernels/ so relative paths match `cargo test`.
-            (cd lora-kernels && LORA_REQUIRE_GPU=1 "../gpu-bin/$t" --nocapture --test-threads 1) 2>&1 \
+            (cd lora-kernels && LORA_REQUIRE_GPU=1 "../$bin/$t" --nocapture --test-threads 1) 2>&1 \
                 || echo "FAILED: $t"
         done
         echo "## cuda_step (lora-train)"
-        (cd lora-train && LORA_REQUIRE_GPU=1 ../gpu-bin/cuda_step --nocapture --test-threads 1) 2>&1 \
+        (cd lora-train && LORA_REQUIRE_GPU=1 ../$bin/cuda_step --nocapture --test-threads 1) 2>&1 \
             || echo "FAILED: cuda_step"
         echo "## lora bench linear --device cuda --suite --json"
-        gpu-bin/lora bench linear --device cuda --suite --json 2>&1 || echo "FAILED: bench"
+        $bin/lora bench linear --device cuda --suite --json 2>&1 || echo "FAILED: bench"
         echo "## lora bench train --device cuda --json (GPT-2 small, LoRA r8 c_attn, 4 x 256)"
-        gpu-bin/lora bench train --device cuda --steps 10 --json 2>&1 || echo "FAILED: bench train"
+        $bin/lora bench train --device cuda --steps 10 --json 2>&1 || echo "FAILED: bench train"
         echo "## PyTorch + PEFT, same step, same GPU"
         python3 benches/compare_train_peft.py --device cuda --steps 10 2>&1 || echo "FAILED: peft"
         echo "## the same two with TF32 tensor cores allowed in the base products (both sides)"
-        gpu-bin/lora bench train --device cuda --tf32 --steps 10 --json 2>&1 || echo "FAILED: bench train tf32"
+        $bin/lora bench train --device cuda --tf32 --steps 10 --json 2>&1 || echo "FAILED: bench train tf32"
         python3 benches/compare_train_peft.py --device cuda --tf32 --steps 10 2>&1 || echo "FAILED: peft tf32"
     } | tee gpu-results/results.txt
     ;;

@@ -1,7 +1,8 @@
 //! Finding the CUDA libraries before cudarc touches them. cudarc loads `libnvrtc` and
 //! `libcublas` by name on first use and panics when the name does not resolve; and people have
 //! them in places the loader does not search: a toolkit under `CUDA_HOME`/`/usr/local/cuda`
-//! without `LD_LIBRARY_PATH`, or only inside the `nvidia-*-cu12` pip wheels PyTorch installs.
+//! without `LD_LIBRARY_PATH`, or only inside the pip wheels PyTorch installs (`nvidia-*-cu12`,
+//! one folder per library; CUDA 13's `nvidia-*` wheels share `nvidia/cu13/lib`).
 //!
 //! [`ensure`] looks for a library as cudarc would (by name), then in those folders; one found
 //! there is loaded by its full path with `RTLD_GLOBAL`, so that cudarc's later load by name
@@ -12,18 +13,31 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// The CUDA major version this build's bindings are for (cudarc's `cuda-12080` feature).
+/// The CUDA major version this build's bindings are for: cudarc's `cuda-12080` (the `cuda-12`
+/// feature, the default) or `cuda-13000` (`cuda-13`).
+#[cfg(not(feature = "cuda-13"))]
 pub const CUDA_MAJOR: u32 = 12;
+/// The CUDA major version this build's bindings are for: cudarc's `cuda-12080` (the `cuda-12`
+/// feature, the default) or `cuda-13000` (`cuda-13`).
+#[cfg(feature = "cuda-13")]
+pub const CUDA_MAJOR: u32 = 13;
+#[cfg(all(feature = "cuda-12", feature = "cuda-13"))]
+compile_error!("the features cuda-12 and cuda-13 exclude each other: build with --no-default-features --features cuda-13");
 
 /// A CUDA library lora-rs loads at run time.
 #[derive(Clone, Copy, Debug)]
 pub struct CudaLib {
     /// The name after `lib` (`nvrtc`, `cublas`).
     pub name: &'static str,
-    /// The pip wheel's folder under `site-packages/nvidia/` (`cuda_nvrtc`, `cublas`).
+    /// The pip wheel's folder under `site-packages/nvidia/` (`cuda_nvrtc`, `cublas`; `cu13` for
+    /// every CUDA 13 wheel).
     pub wheel: &'static str,
-    /// The pip package that ships it.
+    /// The pip package that ships it for this build's CUDA version.
     pub package: &'static str,
+    /// Libraries it loads by name itself, from the same folder (`nvrtc-builtins`, opened by
+    /// NVRTC when it compiles; `cublasLt`, a dependency of cuBLAS): preloaded first when the
+    /// library comes from a folder the loader does not search.
+    pub companions: &'static [&'static str],
     /// cudarc's own check: whether one of the names it loads resolves.
     present: unsafe fn() -> bool,
 }
@@ -31,16 +45,30 @@ pub struct CudaLib {
 /// NVRTC, which compiles the kernels.
 pub const NVRTC: CudaLib = CudaLib {
     name: "nvrtc",
-    wheel: "cuda_nvrtc",
-    package: "nvidia-cuda-nvrtc-cu12",
+    wheel: if CUDA_MAJOR == 13 {
+        "cu13"
+    } else {
+        "cuda_nvrtc"
+    },
+    package: if CUDA_MAJOR == 13 {
+        "nvidia-cuda-nvrtc"
+    } else {
+        "nvidia-cuda-nvrtc-cu12"
+    },
+    companions: &["nvrtc-builtins"],
     present: cudarc::nvrtc::sys::is_culib_present,
 };
 
 /// cuBLAS, which runs the dense products.
 pub const CUBLAS: CudaLib = CudaLib {
     name: "cublas",
-    wheel: "cublas",
-    package: "nvidia-cublas-cu12",
+    wheel: if CUDA_MAJOR == 13 { "cu13" } else { "cublas" },
+    package: if CUDA_MAJOR == 13 {
+        "nvidia-cublas"
+    } else {
+        "nvidia-cublas-cu12"
+    },
+    companions: &["cublasLt"],
     present: cudarc::cublas::sys::is_culib_present,
 };
 
@@ -82,10 +110,16 @@ impl std::fmt::Display for LibMissing {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect();
+            let other = if CUDA_MAJOR == 13 { 12 } else { 13 };
+            let build = if other == 13 {
+                "--no-default-features --features cuda-13"
+            } else {
+                "the default features (cuda-12)"
+            };
             write!(
                 f,
-                "; found {} of another CUDA version, but this build uses CUDA {CUDA_MAJOR}'s \
-                 (a newer driver runs CUDA {CUDA_MAJOR} libraries)",
+                "; found {} of another CUDA version, but this build's bindings are CUDA \
+                 {CUDA_MAJOR}'s: a lora built with {build} uses CUDA {other}'s",
                 s.join(", ")
             )?;
         }
@@ -150,6 +184,13 @@ pub fn search_dirs(lib: CudaLib) -> Vec<PathBuf> {
         for py in pythons {
             for sp in ["site-packages", "dist-packages"] {
                 dirs.push(py.join(sp).join("nvidia").join(lib.wheel).join("lib"));
+                // The other CUDA major's wheels, to say that they are there.
+                let other = if CUDA_MAJOR == 13 {
+                    wheel_12(lib)
+                } else {
+                    "cu13"
+                };
+                dirs.push(py.join(sp).join("nvidia").join(other).join("lib"));
             }
         }
     }
@@ -158,8 +199,44 @@ pub fn search_dirs(lib: CudaLib) -> Vec<PathBuf> {
     dirs
 }
 
+/// The folder a CUDA 12 pip wheel keeps `lib` in (`nvidia/<folder>/lib`).
+fn wheel_12(lib: CudaLib) -> &'static str {
+    match lib.name {
+        "nvrtc" => "cuda_nvrtc",
+        n => n,
+    }
+}
+
 /// Libraries loaded by full path, kept loaded for the life of the process.
 static PRELOADED: Mutex<Vec<libloading::os::unix::Library>> = Mutex::new(Vec::new());
+
+/// Loads `path` with `RTLD_GLOBAL` and keeps it loaded: a later load by its soname returns it.
+fn preload(path: &Path) -> Result<(), String> {
+    // SAFETY: as for `CudaLib::loads`: NVIDIA's CUDA libraries, which cudarc would load too.
+    let loaded = unsafe {
+        libloading::os::unix::Library::open(
+            Some(path),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+        )
+    };
+    let l = loaded.map_err(|e| e.to_string())?;
+    PRELOADED.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+    Ok(())
+}
+
+/// The files in `dir` named `lib<name>.so.<CUDA_MAJOR>[.minor...]`, sorted.
+fn versioned(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!("lib{name}.so.{CUDA_MAJOR}");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|f| {
+        let n = f.file_name().map(|n| n.to_string_lossy().to_string());
+        n.is_some_and(|n| n == prefix || n.starts_with(&format!("{prefix}.")))
+    });
+    files.sort();
+    files
+}
 
 /// Makes `lib` loadable by the name cudarc uses, or says why it cannot be.
 pub fn ensure(lib: CudaLib) -> Result<(), Box<LibMissing>> {
@@ -187,23 +264,30 @@ pub fn ensure(lib: CudaLib) -> Result<(), Box<LibMissing>> {
                 other_major.push(f);
                 continue;
             }
-            // SAFETY: as for `CudaLib::loads`; RTLD_GLOBAL makes the library the one a later
-            // load by its soname returns.
-            let loaded = unsafe {
-                libloading::os::unix::Library::open(
-                    Some(&f),
-                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
-                )
-            };
-            match loaded {
-                Ok(l) => {
-                    PRELOADED.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+            // Its companions from the same folder first: the library opens them by name, which
+            // the loader would not find there. One that does not load is reported with it.
+            let mut companion_failed = None;
+            for c in lib.companions {
+                let files = versioned(dir, c);
+                if !files.is_empty() && !files.iter().any(|c| preload(c).is_ok()) {
+                    companion_failed =
+                        Some(format!("lib{c}.so.{CUDA_MAJOR} beside it does not load"));
+                }
+            }
+            match preload(&f) {
+                Ok(()) => {
                     if lib.loads() {
                         return Ok(());
                     }
                     failed.push((f, format!("loaded, but its soname is not {wanted}")));
                 }
-                Err(e) => failed.push((f, e.to_string())),
+                Err(e) => {
+                    let why = match &companion_failed {
+                        Some(c) => format!("{e} ({c})"),
+                        None => e,
+                    };
+                    failed.push((f, why))
+                }
             }
         }
     }

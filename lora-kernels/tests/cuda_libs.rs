@@ -17,10 +17,27 @@ fn a_missing_library_is_an_error_naming_it_and_where_to_get_it() {
         b"not an ELF file",
     )
     .unwrap();
-    std::fs::write(lib.join("libcublas.so.13.0.1"), b"also not").unwrap();
+    let other = if CUDA_MAJOR == 13 { 12 } else { 13 };
+    let other_file = format!("libcublas.so.{other}.0.1");
+    std::fs::write(lib.join(&other_file), b"also not").unwrap();
+    // A virtual environment holding both wheel layouts: CUDA 12's one folder per library and
+    // CUDA 13's shared `nvidia/cu13/lib`.
+    let venv = home.join("venv");
+    let site = venv.join("lib/python3.12/site-packages/nvidia");
+    for w in ["cublas", "cu13"] {
+        std::fs::create_dir_all(site.join(w).join("lib")).unwrap();
+    }
     // SAFETY: this test binary has this one test, so no other thread reads the environment.
-    unsafe { std::env::set_var("CUDA_HOME", &home) };
-    assert!(search_dirs(CUBLAS).contains(&lib));
+    unsafe {
+        std::env::set_var("CUDA_HOME", &home);
+        std::env::set_var("VIRTUAL_ENV", &venv);
+    }
+    let dirs = search_dirs(CUBLAS);
+    assert!(dirs.contains(&lib), "{dirs:?}");
+    assert!(dirs.contains(&site.join("cublas/lib")), "{dirs:?}");
+    assert!(dirs.contains(&site.join("cu13/lib")), "{dirs:?}");
+    let own = if CUDA_MAJOR == 13 { "cu13" } else { "cublas" };
+    assert_eq!(CUBLAS.wheel, own);
     match ensure(CUBLAS) {
         // A machine with a real cuBLAS on the loader's path finds it before any folder.
         Ok(()) => eprintln!("cuBLAS loads by name here; the missing-library message is untested"),
@@ -33,10 +50,16 @@ fn a_missing_library_is_an_error_naming_it_and_where_to_get_it() {
             assert!(m.contains(&lib.display().to_string()), "{m}");
             assert!(m.contains("is there but does not load"), "{m}");
             assert!(
-                m.contains("libcublas.so.13.0.1") && m.contains("another CUDA version"),
+                m.contains(&other_file) && m.contains("another CUDA version"),
                 "{m}"
             );
-            assert!(m.contains("pip install nvidia-cublas-cu12"), "{m}");
+            let (package, build) = if CUDA_MAJOR == 13 {
+                ("nvidia-cublas`", "the default features (cuda-12)")
+            } else {
+                ("nvidia-cublas-cu12`", "--features cuda-13")
+            };
+            assert!(m.contains(&format!("pip install {package}")), "{m}");
+            assert!(m.contains(build), "{m}");
         }
     }
     let _ = std::fs::remove_dir_all(&home);
