@@ -31,6 +31,8 @@ pub mod autograd;
 mod dev_ops;
 pub mod device;
 pub mod error;
+/// Small dense `f64` linear algebra (QR, Jacobi SVD) from `lora-kernels`, for the adapter tools.
+pub use lora_kernels::linalg;
 pub mod lora;
 pub mod models;
 pub mod ops;

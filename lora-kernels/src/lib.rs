@@ -28,6 +28,7 @@ pub mod cuda_libs;
 pub mod error;
 pub mod fastmath;
 pub mod gemm;
+pub mod linalg;
 pub mod lora_linear;
 pub mod mixed;
 pub mod ops;
