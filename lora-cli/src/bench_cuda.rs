@@ -3,9 +3,10 @@
 //! input gradient, interleaved iteration by iteration; medians of the times and of the ratios.
 
 use crate::bench::median;
-use anyhow::{anyhow, bail, Result};
-use lora_kernels::cuda::{device_count, driver_available, CudaDevice, LoraDims};
-use lora_kernels::lora_linear::WeightLayout;
+use anyhow::{anyhow, Result};
+use lora_core::Device;
+use lora_kernels::accel::{DevLinearGrads, DevLora};
+use lora_kernels::lora_linear::{LinearDims, WeightLayout};
 use lora_kernels::rng::Rng;
 use std::time::Instant;
 
@@ -13,29 +14,20 @@ use std::time::Instant;
 pub const LLAMA_SHAPES: [(usize, usize, usize, usize); 2] =
     [(4096, 4096, 4096, 16), (4096, 4096, 11008, 16)];
 
-/// Opens `cuda:ordinal`, or says why not (never panics without a driver).
-pub fn open(ordinal: usize) -> Result<CudaDevice> {
-    if !driver_available() {
-        bail!("--device cuda:{ordinal}: no CUDA driver library (libcuda) on this machine");
-    }
-    let n = device_count();
-    if ordinal >= n {
-        bail!("--device cuda:{ordinal}: {n} CUDA device(s) answer");
-    }
-    CudaDevice::open(ordinal).map_err(|e| anyhow!("--device cuda:{ordinal}: {e}"))
-}
-
-/// Runs the shapes on `cuda:ordinal`; one line (or JSON object) per shape.
+/// Runs the shapes on `cuda:ordinal` through its device backend (the one training uses); one
+/// line (or JSON object) per shape.
 pub fn run_linear(
     shapes: &[(usize, usize, usize, usize)],
     ordinal: usize,
     iters: Option<usize>,
     json: bool,
 ) -> Result<()> {
-    let dev = open(ordinal)?;
-    let cerr = |e: lora_kernels::cuda::CudaError| anyhow!("{e}");
+    let device = Device::Cuda(ordinal);
+    let dev = lora_core::device::accel(device).map_err(|e| anyhow!("--device {device}: {e}"))?;
+    let name = dev.describe();
+    let cerr = |e: lora_kernels::KernelError| anyhow!("{e}");
     if !json {
-        outln!("cuda:{ordinal} ({}); fp32, base GEMMs by cuBLAS", dev.arch);
+        outln!("{name}; fp32, base GEMMs by cuBLAS");
         outln!(
             "{:>24} {:>11} {:>9} {:>13} {:>9} {:>9}",
             "shape N x K x M, rank",
@@ -61,14 +53,17 @@ pub fn run_linear(
             up(rand(m * r))?,
             up(rand(n * m))?,
         );
-        let d = LoraDims {
-            n,
-            k,
-            m,
-            r,
+        let d = LinearDims {
+            tokens: n,
+            inp: k,
+            out: m,
+        };
+        let lora = DevLora {
+            a: &a,
+            b: &b,
+            rank: r,
             scale: 2.0,
-            p: 0.0,
-            seed: 0,
+            dropout: None,
         };
         let layout = WeightLayout::OutIn;
         // Gradients accumulate into buffers that live across steps, as in training (a layer's
@@ -80,25 +75,28 @@ pub fn run_linear(
         ));
         let lora_step = || -> Result<()> {
             let (_y, u) = dev
-                .lora_forward(&x, &w, layout, None, &a, &b, d)
+                .linear_forward(&x, &w, layout, None, Some(lora), d)
                 .map_err(cerr)?;
             let (dx, da, db) = &mut *grads.borrow_mut();
-            let g = lora_kernels::cuda::LoraGrads {
+            let g = DevLinearGrads {
                 dx: Some(dx),
+                dbias: None,
                 da: Some(da),
                 db: Some(db),
-                dbias: None,
             };
-            dev.lora_backward_into(g, &dy, &x, &w, layout, &a, &b, &u, d)
+            dev.linear_backward(g, &dy, &x, &w, layout, Some(lora), u.as_ref(), d)
                 .map_err(cerr)?;
             dev.synchronize().map_err(cerr)
         };
         let base_step = || -> Result<()> {
             let _y = dev
-                .linear_forward(&x, &w, layout, (n, k, m))
+                .linear_forward(&x, &w, layout, None, None, d)
                 .map_err(cerr)?;
-            let dx = &mut grads.borrow_mut().0;
-            dev.linear_backward_dx_accumulate(dx, &dy, &w, layout, (n, k, m))
+            let g = DevLinearGrads {
+                dx: Some(&mut grads.borrow_mut().0),
+                ..Default::default()
+            };
+            dev.linear_backward(g, &dy, &x, &w, layout, None, None, d)
                 .map_err(cerr)?;
             dev.synchronize().map_err(cerr)
         };
@@ -131,7 +129,7 @@ pub fn run_linear(
             outln!(
                 "{}",
                 serde_json::json!({
-                    "device": format!("cuda:{ordinal}"), "arch": dev.arch,
+                    "device": format!("cuda:{ordinal}"), "name": name,
                     "tokens": n, "in": k, "out": m, "rank": r, "iters": iters,
                     "median_ms": ml * 1e3, "tflops": lora_flops / ml / 1e12,
                     "base_only_median_ms": mb * 1e3, "base_only_tflops": base_flops / mb / 1e12,
@@ -151,4 +149,18 @@ pub fn run_linear(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The benchmark drives the device backend's linear forward and backward, so it runs on the
+    /// host emulation of that backend: odd shapes, rank 1, one token.
+    #[test]
+    fn runs_through_the_device_backend() {
+        lora_core::device::emulate_cuda(993);
+        super::run_linear(&[(3, 5, 7, 2), (1, 4, 3, 1)], 993, Some(2), true).unwrap();
+        super::run_linear(&[(2, 3, 4, 1)], 993, Some(1), false).unwrap();
+        let e = super::run_linear(&[(2, 3, 4, 1)], 977, Some(1), true).unwrap_err();
+        assert!(e.to_string().contains("--device cuda:977"), "{e}");
+    }
 }

@@ -708,22 +708,8 @@ fn resolve_device(s: &str) -> Result<(lora_core::Device, String)> {
             Err(e) => anyhow::bail!("--device {s}: {e}"),
         },
         None => {
-            let gpus = lora_kernels::cuda::device_count();
-            if gpus == 0 {
-                let why = if lora_kernels::cuda::driver_available() {
-                    "no CUDA device answers"
-                } else {
-                    "no CUDA driver library"
-                };
-                return Ok((Device::Cpu, format!("device: cpu (auto: {why})")));
-            }
-            match Device::Cuda(0).describe() {
-                Ok(name) => Ok((Device::Cuda(0), format!("device: {name} (auto)"))),
-                Err(e) => Ok((
-                    Device::Cpu,
-                    format!("device: cpu (auto: {gpus} CUDA device(s) found but unusable: {e})"),
-                )),
-            }
+            let (device, line) = Device::auto();
+            Ok((device, format!("device: {line}")))
         }
     }
 }

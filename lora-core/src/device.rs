@@ -70,7 +70,51 @@ pub fn emulate_cuda(ordinal: usize) {
     reg.insert(ordinal, Arc::new(lora_kernels::accel::Emulated));
 }
 
+/// The CUDA devices that answer: 0 without a driver library (probed first, so never a panic),
+/// without a device, or in a build without CUDA.
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    let answer = lora_kernels::cuda::device_count();
+    #[cfg(not(feature = "cuda"))]
+    let answer = 0;
+    answer
+}
+
+/// Whether the CUDA driver library (`libcuda`) loads (false in a build without CUDA).
+pub fn cuda_driver_available() -> bool {
+    #[cfg(feature = "cuda")]
+    let answer = lora_kernels::cuda::driver_available();
+    #[cfg(not(feature = "cuda"))]
+    let answer = false;
+    answer
+}
+
 impl Device {
+    /// The device `--device auto` means: the first CUDA device when the driver library loads,
+    /// a device answers and it opens (its kernels compile), else the CPU. Returns it with one
+    /// line for the log that names it and, for the CPU, why no GPU was taken. Never an error:
+    /// whatever stands in the GPU's way is the reason.
+    pub fn auto() -> (Device, String) {
+        let gpus = cuda_device_count();
+        if gpus == 0 {
+            let why = if cfg!(not(feature = "cuda")) {
+                "this build has no CUDA support"
+            } else if cuda_driver_available() {
+                "no CUDA device answers"
+            } else {
+                "no CUDA driver library"
+            };
+            return (Device::Cpu, format!("cpu (auto: {why})"));
+        }
+        match Device::Cuda(0).describe() {
+            Ok(name) => (Device::Cuda(0), format!("{name} (auto)")),
+            Err(e) => (
+                Device::Cpu,
+                format!("cpu (auto: {gpus} CUDA device(s) found but unusable: {e})"),
+            ),
+        }
+    }
+
     /// `Ok` when tensors can be created and computed on this device (opens a CUDA device).
     pub fn ensure_available(&self) -> Result<()> {
         match self {
@@ -153,6 +197,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("cuda:977") && e.contains("--device cpu"), "{e}");
+        // No GPU on the machines the tests run on without one: the CPU with a reason.
+        let (d, line) = Device::auto();
+        if cuda_device_count() == 0 {
+            assert_eq!(d, Device::Cpu);
+            assert!(line.starts_with("cpu (auto: no CUDA"), "{line}");
+        }
         emulate_cuda(976);
         assert!(Device::Cuda(976).ensure_available().is_ok());
         assert!(Device::Cuda(976).describe().unwrap().contains("emulated"));
