@@ -216,7 +216,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         warmup: r.steps / 10,
         schedule: Schedule::Cosine,
         weight_decay: 0.0,
-        optimizer: "adamw".into(),
+        optimizer: lora_train::optim::OptimizerKind::AdamW,
         max_grad_norm: Some(1.0),
         pack: false,
         eos: true,

@@ -793,7 +793,10 @@ fn run(cli: Cli) -> Result<()> {
                 warmup: a.warmup,
                 schedule,
                 weight_decay: a.weight_decay,
-                optimizer: a.optimizer,
+                optimizer: a
+                    .optimizer
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--optimizer {e}"))?,
                 max_grad_norm: (a.max_grad_norm != 0.0).then_some(a.max_grad_norm),
                 pack: a.pack,
                 eos: !a.no_eos,

@@ -312,6 +312,46 @@ pub fn clip_grad_norm(
     Ok(total)
 }
 
+/// Which optimizer a run uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// [`AdamW`] (betas 0.9, 0.999, eps 1e-8, decoupled weight decay), as PyTorch's.
+    #[default]
+    AdamW,
+    /// [`Sgd`] with momentum 0.9 (host only).
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// A fresh optimizer of this kind.
+    pub fn build(self, weight_decay: f32) -> Box<dyn Optimizer> {
+        match self {
+            OptimizerKind::AdamW => Box::new(AdamW::new(0.9, 0.999, 1e-8, weight_decay)),
+            OptimizerKind::Sgd => Box::new(Sgd::new(0.9, weight_decay)),
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Sgd => "sgd",
+        })
+    }
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "adamw" => Ok(OptimizerKind::AdamW),
+            "sgd" => Ok(OptimizerKind::Sgd),
+            _ => Err(format!("must be adamw or sgd, got `{s}`")),
+        }
+    }
+}
+
 /// Learning-rate decay after warmup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {

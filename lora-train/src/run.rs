@@ -27,7 +27,7 @@ use crate::batches::{
     TokenizeOptions,
 };
 use crate::eval::eval_sequences;
-use crate::optim::{lr_factor, AdamW, Optimizer, OptimizerState, Schedule, Sgd};
+use crate::optim::{lr_factor, Optimizer, OptimizerKind, OptimizerState, Schedule};
 use crate::trainer::{adapter_groups, train_step, StepStats};
 use crate::{Result, TrainError};
 use lora_core::models::{param_counts, CausalLm};
@@ -84,7 +84,7 @@ pub struct TrainConfig {
     /// AdamW weight decay (SGD: L2).
     pub weight_decay: f32,
     /// `adamw` or `sgd` (momentum 0.9).
-    pub optimizer: String,
+    pub optimizer: OptimizerKind,
     /// Clip the global gradient norm to this (None: no clipping).
     pub max_grad_norm: Option<f32>,
     /// Pack examples into full `seq_len` blocks.
@@ -131,7 +131,7 @@ impl TrainConfig {
             "dropout": f(self.dropout), "rslora": self.rslora, "lr": f(self.lr), "loraplus_ratio": f(self.loraplus_ratio),
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs.map(f),
             "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": f(self.weight_decay),
-            "optimizer": self.optimizer, "max_grad_norm": self.max_grad_norm.map(f), "pack": self.pack, "eos": self.eos, "assistant_only_loss": self.assistant_only_loss, "seed": self.seed,
+            "optimizer": self.optimizer.to_string(), "max_grad_norm": self.max_grad_norm.map(f), "pack": self.pack, "eos": self.eos, "assistant_only_loss": self.assistant_only_loss, "seed": self.seed,
             "eval_data": self.eval_data, "eval_split": f(self.eval_split),
         })
     }
@@ -223,7 +223,7 @@ impl TrainConfig {
                 format!("must be in [0, 1), got {}", self.eval_split),
             );
         }
-        if self.optimizer == "sgd" && self.device != lora_core::Device::Cpu {
+        if self.optimizer == OptimizerKind::Sgd && self.device != lora_core::Device::Cpu {
             return bad(
                 "optimizer",
                 format!("sgd runs on the CPU only; use adamw on {}", self.device),
@@ -231,12 +231,6 @@ impl TrainConfig {
         }
         if let Err(e) = self.peft().target_modules.check() {
             return bad("target", e);
-        }
-        if !matches!(self.optimizer.as_str(), "adamw" | "sgd") {
-            return bad(
-                "optimizer",
-                format!("must be adamw or sgd, got `{}`", self.optimizer),
-            );
         }
         Ok(())
     }
@@ -934,10 +928,7 @@ pub fn train_until(
     let out = &cfg.out;
     check_output(cfg, resume, force)?;
     let mut note = |s: &str| on_event(Event::Note(s));
-    let mut opt: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
-        "sgd" => Box::new(Sgd::new(0.9, cfg.weight_decay)),
-        _ => Box::new(AdamW::new(0.9, 0.999, 1e-8, cfg.weight_decay)),
-    };
+    let mut opt = cfg.optimizer.build(cfg.weight_decay);
     let checkpoint = if resume {
         Some(newest_resumable(out, opt.as_ref(), &mut note)?)
     } else {

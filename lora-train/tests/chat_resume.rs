@@ -31,7 +31,7 @@ fn config(model: &Path, data: &Path, out: PathBuf) -> TrainConfig {
         warmup: 0,
         schedule: Schedule::Constant,
         weight_decay: 0.0,
-        optimizer: "adamw".into(),
+        optimizer: lora_train::optim::OptimizerKind::AdamW,
         max_grad_norm: Some(1.0),
         pack: false,
         eos: true,

@@ -168,3 +168,22 @@ fn clipping_matches_pytorch() {
         1e-6,
     );
 }
+
+#[test]
+fn optimizer_kinds_parse_print_and_build() {
+    use lora_train::optim::OptimizerKind;
+    for k in [OptimizerKind::AdamW, OptimizerKind::Sgd] {
+        assert_eq!(k.to_string().parse::<OptimizerKind>().unwrap(), k);
+    }
+    assert_eq!(OptimizerKind::default(), OptimizerKind::AdamW);
+    let e = "adam".parse::<OptimizerKind>().unwrap_err();
+    assert_eq!(e, "must be adamw or sgd, got `adam`");
+    // AdamW keeps two moments per parameter; SGD one momentum buffer.
+    let adamw = OptimizerKind::AdamW.build(0.0).state_keys("w");
+    assert_eq!(
+        adamw,
+        (vec!["exp_avg.w".into(), "exp_avg_sq.w".into()], true)
+    );
+    let sgd = OptimizerKind::Sgd.build(0.0).state_keys("w");
+    assert_eq!(sgd, (vec!["momentum.w".into()], false));
+}

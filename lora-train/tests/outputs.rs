@@ -51,7 +51,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         warmup: 0,
         schedule: Schedule::Cosine,
         weight_decay: 0.0,
-        optimizer: "adamw".into(),
+        optimizer: lora_train::optim::OptimizerKind::AdamW,
         max_grad_norm: Some(1.0),
         pack: false,
         eos: true,

@@ -36,7 +36,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         warmup: 2,
         schedule: Schedule::Cosine,
         weight_decay: 0.01,
-        optimizer: "adamw".into(),
+        optimizer: lora_train::optim::OptimizerKind::AdamW,
         max_grad_norm: Some(1.0),
         pack: false,
         eos: true,
@@ -225,7 +225,7 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
     cfg.max_grad_norm = None;
     cfg.warmup = 0;
     cfg.save_every = 1;
-    cfg.optimizer = "sgd".into();
+    cfg.optimizer = lora_train::optim::OptimizerKind::Sgd;
     let e = train(&cfg, false, false, &mut |_| {})
         .unwrap_err()
         .to_string();
