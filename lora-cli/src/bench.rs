@@ -274,3 +274,109 @@ pub fn run_mixed(
         Ok(())
     })
 }
+
+/// `lora bench ...`.
+pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
+    match cmd {
+        crate::args::BenchCommand::Linear(a) => {
+            let device = a
+                .device
+                .parse::<lora_core::Device>()
+                .with_context(|| "--device must be cpu, cuda or cuda:N")?;
+            let mut shapes = if a.suite {
+                SUITE.to_vec()
+            } else {
+                vec![(a.tokens, a.inp, a.out, a.rank)]
+            };
+            if let lora_core::Device::Cuda(ordinal) = device {
+                if a.suite {
+                    shapes.extend(crate::bench_cuda::LLAMA_SHAPES);
+                }
+                anyhow::ensure!(
+                    a.threads.is_none() && !a.bias,
+                    "--threads and --bias apply to the CPU benchmark only"
+                );
+                anyhow::ensure!(
+                    shapes
+                        .iter()
+                        .all(|&(t, k, m, r)| t > 0 && k > 0 && m > 0 && (1..=64).contains(&r)),
+                    "--tokens, --in, --out must be at least 1 and --rank 1..=64 on CUDA"
+                );
+                return crate::bench_cuda::run_linear(&shapes, ordinal, a.iters, a.json);
+            }
+            let cfg = LinearBench {
+                shapes,
+                bias: a.bias,
+                threads: a.threads,
+                iters: a.iters,
+                json: a.json,
+            };
+            run_linear(&cfg)
+        }
+        crate::args::BenchCommand::Gemm(a) => run_gemm(a.size, a.threads, a.iters, a.json),
+        crate::args::BenchCommand::Train(a) => {
+            let device = match a.device.as_str() {
+                "auto" => anyhow::bail!("--device: name cpu or the GPU (cuda, cuda:N) to time"),
+                d => crate::device::resolve_device(d)?.0,
+            };
+            if a.tf32 {
+                device.set_tf32(true).context("--tf32")?;
+            }
+            anyhow::ensure!(
+                a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0,
+                "--steps, --batch, --rank must be at least 1 and --seq at least 2"
+            );
+            anyhow::ensure!(
+                a.layers > 0 && a.hidden > 0 && a.heads > 0 && a.kv_heads > 0 && a.vocab > 0,
+                "--layers, --hidden, --heads, --kv-heads and --vocab must be at least 1"
+            );
+            anyhow::ensure!(a.hidden % a.heads == 0, "--heads must divide --hidden");
+            anyhow::ensure!(
+                a.arch != "llama" || a.heads % a.kv_heads == 0,
+                "--kv-heads must divide --heads"
+            );
+            anyhow::ensure!(
+                a.rank <= a.hidden,
+                "--rank {} exceeds --hidden {}",
+                a.rank,
+                a.hidden
+            );
+            // Weights (12 hidden^2 per layer, the embedding) and activations (about 40 hidden
+            // values per token per layer, and one row of logits per token), all f32.
+            let tokens = [a.batch, a.seq];
+            ensure_fits(
+                sum_of_products(&[
+                    &[12, a.layers, a.hidden, a.hidden],
+                    &[2, a.vocab, a.hidden],
+                    &[40, a.layers, a.hidden, tokens[0], tokens[1]],
+                    &[2, a.vocab, tokens[0], tokens[1]],
+                ]),
+                "--layers, --hidden, --vocab, --batch, --seq",
+            )?;
+            pool(a.threads)?.install(|| {
+                crate::train_bench::run(&crate::train_bench::TrainBench {
+                    arch: a.arch,
+                    layers: a.layers,
+                    hidden: a.hidden,
+                    heads: a.heads,
+                    kv_heads: a.kv_heads,
+                    vocab: a.vocab,
+                    batch: a.batch,
+                    seq: a.seq,
+                    rank: a.rank,
+                    steps: a.steps,
+                    checkpoint: a.gradient_checkpointing,
+                    bf16: a.bf16,
+                    json: a.json,
+                    device,
+                })
+            })
+        }
+        crate::args::BenchCommand::Mixed(a) => run_mixed(
+            (a.tokens, a.inp, a.out, a.rank, a.adapters),
+            a.threads,
+            a.iters,
+            a.json,
+        ),
+    }
+}

@@ -233,18 +233,18 @@ pub fn run(r: &DemoRun) -> Result<()> {
         stop_after: None,
     };
     let report = if r.json {
-        crate::infer::Report::Silent
+        crate::train::Report::Silent
     } else {
-        crate::infer::Report::Human
+        crate::train::Report::Human
     };
     // An earlier demo output is replaced; anything else there is refused (see outdir).
-    let run = crate::infer::TrainRun {
+    let run = crate::train::TrainRun {
         resume: false,
         force: true,
         threads: r.threads,
         log_every: None,
     };
-    let (sum, training) = crate::infer::run_train_report(&cfg, &run, report)?;
+    let (sum, training) = crate::train::run_train_report(&cfg, &run, report)?;
     if sum.interrupted {
         return Ok(());
     }
@@ -298,6 +298,26 @@ pub fn run(r: &DemoRun) -> Result<()> {
         r.out.display()
     );
     Ok(())
+}
+
+/// `lora demo` (`--build`: remake the shipped base model and data).
+pub fn command(a: crate::args::DemoArgs) -> Result<()> {
+    if a.build {
+        build(&BuildRun {
+            dir: locate(a.dir.as_deref()),
+            pretrain_steps: a.pretrain_steps,
+            threads: a.threads,
+        })
+    } else {
+        run(&DemoRun {
+            dir: a.dir,
+            out: a.out,
+            steps: a.steps,
+            threads: a.threads,
+            samples: a.samples,
+            json: a.json,
+        })
+    }
 }
 
 #[cfg(test)]

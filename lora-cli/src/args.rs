@@ -1,0 +1,505 @@
+//! The command line: every command's flags with their help text (clap derive). The commands'
+//! modules turn them into run configurations.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lora",
+    version,
+    about = "LoRA fine-tuning in Rust: train, run and benchmark low-rank adapters"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The built-in default, no download: train a LoRA adapter that teaches the shipped tiny
+    /// GPT-2 to translate English to French, with eval loss, exact-match scores and sample
+    /// generations before and after.
+    Demo(DemoArgs),
+    /// Train a LoRA adapter on a Hugging Face model and a dataset; writes a PEFT adapter.
+    Train(TrainArgs),
+    /// Mean token cross-entropy of a model (and adapter) over a dataset, as transformers computes it.
+    Eval(EvalArgs),
+    /// Continue a prompt (greedy at temperature 0), with a KV cache.
+    Generate(GenerateArgs),
+    /// Fold an adapter into its base model and write a complete model directory.
+    Merge(MergeArgs),
+    /// Show what a model directory, an adapter directory or a safetensors file holds.
+    Inspect(InspectArgs),
+    /// Convert between a PEFT adapter directory and a kohya .safetensors file (either way).
+    Convert(ConvertArgs),
+    /// Combine adapters into a new one (PEFT's add_weighted_adapter: cat, linear, svd).
+    Combine(CombineArgs),
+    /// Measure kernel speed on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Output directory for the adapter, metrics.jsonl and loss.svg (an earlier demo output
+    /// there is replaced).
+    #[arg(long, default_value = "lora-demo-out")]
+    pub out: std::path::PathBuf,
+    /// Training steps (batch 16).
+    #[arg(long, default_value_t = 1200)]
+    pub steps: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Sample translations to print.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    /// The demo directory (base/, data/); default: the repository's demo/.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Print one JSON object with the before/after figures.
+    #[arg(long)]
+    pub json: bool,
+    /// Regenerate the demo files instead: the datasets, the tokenizer, and the base model
+    /// pretrained from scratch (full-parameter training; about 10 minutes on 2 cores).
+    #[arg(long)]
+    pub build: bool,
+    /// Pretraining steps for --build (batch 32 x 64 tokens).
+    #[arg(long, default_value_t = 2000)]
+    pub pretrain_steps: usize,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A PEFT adapter directory or a kohya .safetensors file.
+    #[arg(long)]
+    pub from: std::path::PathBuf,
+    /// The output: a .safetensors file (PEFT -> kohya) or a directory (kohya -> PEFT).
+    #[arg(long)]
+    pub to: std::path::PathBuf,
+    /// Model directory whose module paths resolve kohya's flattened names (kohya -> PEFT).
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
+    /// kohya name prefix for PEFT -> kohya: lora_te, lora_te1, lora_te2 or lora_unet.
+    #[arg(long, default_value = "lora_te")]
+    pub prefix: String,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct CombineArgs {
+    /// A PEFT adapter directory; repeat for each adapter.
+    #[arg(long = "adapter", required = true)]
+    pub adapters: Vec<std::path::PathBuf>,
+    /// Weight of each adapter, in the same order (default 1 for all).
+    #[arg(long = "weight", allow_negative_numbers = true)]
+    pub weights: Vec<f32>,
+    /// cat (exact, rank = sum of ranks), linear (equal ranks, PEFT's factor-wise sum) or svd
+    /// (truncated SVD of the weighted sum of updates).
+    #[arg(long, default_value = "cat")]
+    pub how: String,
+    /// Output rank for svd (default: the largest input rank).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Output adapter directory.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A model directory, an adapter directory or a .safetensors file.
+    pub path: std::path::PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Hugging Face model directory, or a Hub id (org/name) in the local Hugging Face cache.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// With a Hub id: the branch, tag or commit in the cache (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    pub adapter: std::path::PathBuf,
+    /// Output directory (config, tokenizer and model.safetensors with W + s*B@A).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Storage dtype of the output: f32, bf16 or f16 (default: the checkpoint's).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Replace an existing non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A TOML file with any of these settings as keys (`lr = 1e-4`, `target = "q_proj,v_proj"`,
+    /// `rslora = true`); flags given on the command line override it.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Hugging Face model directory, or a Hub id (org/name) already in the local Hugging Face
+    /// cache (HF_HUB_CACHE, HF_HOME or ~/.cache/huggingface).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// With a Hub id: the branch, tag or commit in the cache (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Training data: .txt (paragraphs), .jsonl with `text`, .jsonl with `prompt` and
+    /// `completion` (loss on the completion only), or conversations rendered with the model's
+    /// chat template: .jsonl with `messages` (loss on every token), or with `prompt` and
+    /// `completion` as message lists (loss on the completion only), as TRL reads them.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Output directory (final adapter, metrics.jsonl, checkpoint-* folders).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with --rslora).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Modules to adapt: comma-separated names (exact or dotted suffix), a regex, or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    pub target: String,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// rsLoRA scaling (alpha / sqrt(rank)).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f32,
+    /// LoRA+: learning-rate ratio of B to A.
+    #[arg(long, default_value_t = 1.0)]
+    pub loraplus_ratio: f32,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Tokens per sequence (longer examples are truncated; with --pack, the block length).
+    /// Default: 256, or the model's maximum when it has fewer positions.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Optimizer steps (with --resume, a larger number extends a run).
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Train for this many passes over the data instead of --steps.
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<f32>,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Decay after warmup: cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Weight decay (AdamW: decoupled).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// adamw or sgd (momentum 0.9).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Clip the global gradient norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Pack examples into full --seq-len blocks.
+    #[arg(long)]
+    pub pack: bool,
+    /// Do not end each text and completion with the tokenizer's EOS token. By default it is
+    /// appended and trained on, as TRL's SFTTrainer does, so the model learns where an answer
+    /// stops (tokenizer_config.json's eos_token, else config.json's eos_token_id).
+    #[arg(long)]
+    pub no_eos: bool,
+    /// In conversations (`messages` data), take the loss on the assistant's turns only: their
+    /// content and end-of-turn marker as the chat template writes them, not the system or user
+    /// turns or the role headers.
+    #[arg(long)]
+    pub assistant_only_loss: bool,
+    /// Activation checkpointing: keep only each transformer block's input and recompute the
+    /// block during backward. Much less activation memory (long sequences, big models) for about
+    /// a third more compute; the same training up to f32 rounding.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Seed for initialisation, shuffling and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Held-out data file (otherwise --eval-split of the data is held out).
+    #[arg(long)]
+    pub eval_data: Option<std::path::PathBuf>,
+    /// Fraction of the data held out for evaluation when no --eval-data is given.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "eval_data")]
+    pub eval_split: f32,
+    /// Evaluate every N steps (0: before and after only).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Write a checkpoint every N steps (0: by time and at the end only).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Also write a checkpoint whenever this many minutes of training have passed since the
+    /// last one (0: never by time), so a killed run loses at most that much work.
+    #[arg(long, default_value_t = 5.0)]
+    pub save_minutes: f32,
+    /// Outside a terminal, print a progress line every N steps (default: about 20 lines per
+    /// run; eval steps and the last step always print). A terminal gets a live bar instead.
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Keep only the newest N checkpoints (0: keep all).
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// auto, cpu, cuda or cuda:N. `auto` picks CUDA when a device answers and its kernels
+    /// compile, else the CPU, and says which; asking for cuda where it cannot run is an error
+    /// rather than a silent fallback.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// On a GPU, let the frozen base products and the output head use TF32 tensor cores
+    /// (inputs rounded to a 10-bit mantissa, f32 accumulation; PyTorch's `allow_tf32`): much
+    /// faster, about 1e-3 relative difference in activations. Adapters, optimizer state and
+    /// everything else stay f32. Off by default.
+    #[arg(long)]
+    pub tf32: bool,
+    /// Continue from the newest checkpoint in --out (same flags as the original run).
+    #[arg(long)]
+    pub resume: bool,
+    /// Delete a non-empty --out and start over.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, model.safetensors or a sharded index,
+    /// tokenizer.json), or a Hub id (org/name) already in the local Hugging Face cache.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// With a Hub id: the branch, tag or commit in the cache (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset: .txt (paragraphs separated by blank lines), .jsonl with `text`, .jsonl with
+    /// `prompt` and `completion` (the loss covers the completion only, as in training), or
+    /// conversations (`messages`, or message-list prompt/completion) rendered with the model's
+    /// chat template. Each example is one sequence.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Truncate each example to this many tokens (default: the model's maximum).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// End each text and completion with the tokenizer's EOS token, as `lora train` does: with
+    /// the run's --seq-len this gives the held-out loss training reported. Off by default: the
+    /// loss transformers computes on the text as tokenized.
+    #[arg(long)]
+    pub eos: bool,
+    /// In conversations, score the assistant's turns only (as `lora train
+    /// --assistant-only-loss`).
+    #[arg(long)]
+    pub assistant_only_loss: bool,
+    /// cpu, cuda, cuda:N or auto (as for train): where the forward passes run.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object: {"loss", "perplexity", "tokens", "examples"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to continue (with --chat: the user's message).
+    #[arg(long)]
+    pub prompt: String,
+    /// Send --prompt as a user message through the model's chat template (with the assistant's
+    /// opening, as apply_chat_template(add_generation_prompt=True)) and print only the reply.
+    #[arg(long)]
+    pub chat: bool,
+    /// Maximum tokens to add.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token every time.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// LoRA linear forward+backward vs the frozen base layer alone (forward + input gradient).
+    Linear(LinearArgs),
+    /// Square f32 GEMM: this machine's dense matrix-product ceiling.
+    Gemm(GemmArgs),
+    /// Inference batch whose rows use different adapters: the mixed kernel vs one layer call
+    /// per adapter.
+    Mixed(MixedArgs),
+    /// One LoRA training step of a GPT-2-shaped (or, with --arch llama, Llama-shaped) model with
+    /// random weights (default: GPT-2 small, r=8 on c_attn, batch 4 x 256): median step time,
+    /// tokens/s, peak memory.
+    Train(TrainBenchArgs),
+}
+
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    /// gpt2 (LayerNorm, GELU, LoRA on c_attn) or llama (RMSNorm, RoPE, SwiGLU, grouped-query
+    /// attention, LoRA on q_proj and v_proj).
+    #[arg(long, default_value = "gpt2")]
+    pub arch: String,
+    /// Key/value heads for --arch llama (grouped-query attention).
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 12)]
+    pub layers: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 768)]
+    pub hidden: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 12)]
+    pub heads: usize,
+    /// Vocabulary.
+    #[arg(long, default_value_t = 50257)]
+    pub vocab: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// LoRA rank on c_attn.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Timed steps (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Recompute each block's forward during backward (activation checkpointing).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Frozen weights as a bf16 checkpoint holds them (16-bit in memory, widened inside the
+    /// products) instead of f32.
+    #[arg(long)]
+    pub bf16: bool,
+    /// cpu, cuda or cuda:N: where the step runs.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// TF32 tensor cores for the base products (GPU only; see `lora train --help`).
+    #[arg(long)]
+    pub tf32: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct MixedArgs {
+    /// Rows in the batch.
+    #[arg(long, default_value_t = 512)]
+    pub tokens: usize,
+    /// Input features.
+    #[arg(long = "in", default_value_t = 2048)]
+    pub inp: usize,
+    /// Output features.
+    #[arg(long, default_value_t = 2048)]
+    pub out: usize,
+    /// Rank of every adapter.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Distinct adapters (rows assigned round-robin).
+    #[arg(long, default_value_t = 8)]
+    pub adapters: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed iterations of each.
+    #[arg(long, default_value_t = 9)]
+    pub iters: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct LinearArgs {
+    /// Tokens N (rows of x).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Input features K.
+    #[arg(long = "in", default_value_t = 768)]
+    pub inp: usize,
+    /// Output features M.
+    #[arg(long, default_value_t = 768)]
+    pub out: usize,
+    /// LoRA rank R.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Give the layer a bias (both the LoRA and the base-only layer).
+    #[arg(long)]
+    pub bias: bool,
+    /// Run the four reference shapes (2048x768x768 r8, 2048x768x3072 r16, 4096x2048x2048 r16,
+    /// 512x4096x4096 r64) instead of one.
+    #[arg(long, conflicts_with_all = ["tokens", "inp", "out", "rank"])]
+    pub suite: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed iterations of each layer (default: enough for about 2 s per layer, at least 9).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Print one JSON object per shape instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to run: cpu, or cuda / cuda:N (the CUDA kernels against cuBLAS doing the base layer
+    /// alone; `--suite` then adds two Llama-7B-like shapes, 4096 tokens, 4096 -> 4096 and
+    /// 4096 -> 11008, r16).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct GemmArgs {
+    /// Matrix size n (an n x n by n x n product).
+    #[arg(long, default_value_t = 2048)]
+    pub size: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 7)]
+    pub iters: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
