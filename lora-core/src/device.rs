@@ -49,7 +49,13 @@ pub fn accel(device: Device) -> Result<Arc<dyn Accel>> {
 fn open_cuda(ordinal: usize) -> Result<Arc<dyn Accel>> {
     lora_kernels::cuda::CudaDevice::open(ordinal)
         .map(|d| Arc::new(d) as Arc<dyn Accel>)
-        .map_err(|e| CoreError::CudaUnavailable(format!("cuda:{ordinal}"), e.0))
+        .map_err(|e| {
+            let why = match e {
+                lora_kernels::KernelError::Device(why) => why,
+                other => other.to_string(),
+            };
+            CoreError::CudaUnavailable(format!("cuda:{ordinal}"), why)
+        })
 }
 
 #[cfg(not(feature = "cuda"))]

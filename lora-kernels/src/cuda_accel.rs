@@ -6,7 +6,7 @@
 //! and the whole backend by the device training-step parity test, on a GPU machine.
 
 use crate::accel::{check_range, Accel, DBits, DBuf, DevLinearGrads, DevLora, Unary};
-use crate::cuda::{CudaDevice, CudaError, LoraDims};
+use crate::cuda::{CudaDevice, LoraDims};
 use crate::error::{check_len, invalid, KernelError, Result};
 use crate::lora_linear::{LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;
@@ -15,10 +15,6 @@ use crate::ops::cross_entropy::check_targets;
 use crate::ops::embedding::check_ids;
 use crate::ops::rope::check as check_rope;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
-
-fn dev_err(e: CudaError) -> KernelError {
-    KernelError::Device(e.0)
-}
 
 fn c(b: &DBuf) -> Result<&CudaSlice<f32>> {
     match b {
@@ -84,7 +80,7 @@ impl CudaDevice {
     /// A buffer its kernel writes completely: uninitialised, or NaN-filled when the device
     /// poisons outputs (the parity tests), so an unwritten element shows up.
     fn out(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.output(n).map_err(dev_err)
+        self.output(n)
     }
 
     fn ints<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
@@ -121,21 +117,19 @@ impl Accel for CudaDevice {
         format!("cuda:{} {name} ({}{tf32})", self.ctx.ordinal(), self.arch)
     }
     fn synchronize(&self) -> Result<()> {
-        CudaDevice::synchronize(self).map_err(dev_err)
+        CudaDevice::synchronize(self)
     }
     fn set_tf32(&self, on: bool) -> Result<()> {
-        CudaDevice::set_tf32(self, on).map_err(dev_err)
+        CudaDevice::set_tf32(self, on)
     }
     fn upload(&self, v: &[f32]) -> Result<DBuf> {
-        CudaDevice::upload(self, v).map(DBuf::Cuda).map_err(dev_err)
+        CudaDevice::upload(self, v).map(DBuf::Cuda)
     }
     fn upload_bits(&self, v: &[u16]) -> Result<DBits> {
-        CudaDevice::upload_bits(self, v)
-            .map(DBits::Cuda)
-            .map_err(dev_err)
+        CudaDevice::upload_bits(self, v).map(DBits::Cuda)
     }
     fn download(&self, b: &DBuf) -> Result<Vec<f32>> {
-        CudaDevice::download(self, c(b)?).map_err(dev_err)
+        CudaDevice::download(self, c(b)?)
     }
     fn zeros(&self, n: usize) -> Result<DBuf> {
         self.alloc(n).map(DBuf::Cuda)
@@ -175,22 +169,18 @@ impl Accel for CudaDevice {
                 "widen: a host buffer on a CUDA device".into(),
             ));
         };
-        CudaDevice::widen(self, b, f16)
-            .map(DBuf::Cuda)
-            .map_err(dev_err)
+        CudaDevice::widen(self, b, f16).map(DBuf::Cuda)
     }
     fn add(&self, a: &DBuf, b: &DBuf) -> Result<DBuf> {
         same_len("add_forward", &[("b", b.len())], a.len())?;
         let mut out = self.out(a.len())?;
-        self.launch_elementwise("add_forward", &mut [&mut out], &[c(a)?, c(b)?], a.len())
-            .map_err(dev_err)?;
+        self.launch_elementwise("add_forward", &mut [&mut out], &[c(a)?, c(b)?], a.len())?;
         Ok(DBuf::Cuda(out))
     }
     fn accumulate(&self, acc: &mut DBuf, g: &DBuf) -> Result<()> {
         let n = acc.len();
         same_len("accumulate", &[("src", g.len())], n)?;
         self.launch_elementwise("accumulate", &mut [cm(acc)?], &[c(g)?], n)
-            .map_err(dev_err)
     }
     fn scale(&self, x: &mut DBuf, s: f32) -> Result<()> {
         let n = x.len() as i64;
@@ -204,7 +194,7 @@ impl Accel for CudaDevice {
     }
     fn sum_squares_many(&self, xs: &[&DBuf]) -> Result<Vec<f64>> {
         let slices = xs.iter().map(|x| c(x)).collect::<Result<Vec<_>>>()?;
-        CudaDevice::sum_squares_many(self, &slices).map_err(dev_err)
+        CudaDevice::sum_squares_many(self, &slices)
     }
     fn unary_forward(&self, f: Unary, x: &DBuf) -> Result<DBuf> {
         let name = match f {
@@ -212,8 +202,7 @@ impl Accel for CudaDevice {
             Unary::Silu => "silu_forward",
         };
         let mut out = self.out(x.len())?;
-        self.launch_elementwise(name, &mut [&mut out], &[c(x)?], x.len())
-            .map_err(dev_err)?;
+        self.launch_elementwise(name, &mut [&mut out], &[c(x)?], x.len())?;
         Ok(DBuf::Cuda(out))
     }
     fn unary_backward(&self, f: Unary, dx: &mut DBuf, dout: &DBuf, x: &DBuf) -> Result<()> {
@@ -224,7 +213,6 @@ impl Accel for CudaDevice {
         let n = dx.len();
         same_len(name, &[("dout", dout.len()), ("x", x.len())], n)?;
         self.launch_elementwise(name, &mut [cm(dx)?], &[c(dout)?, c(x)?], n)
-            .map_err(dev_err)
     }
     fn swiglu_forward(&self, gate: &DBuf, up: &DBuf) -> Result<DBuf> {
         same_len("swiglu_forward", &[("up", up.len())], gate.len())?;
@@ -234,8 +222,7 @@ impl Accel for CudaDevice {
             &mut [&mut out],
             &[c(gate)?, c(up)?],
             gate.len(),
-        )
-        .map_err(dev_err)?;
+        )?;
         Ok(DBuf::Cuda(out))
     }
     fn swiglu_backward(
@@ -261,7 +248,6 @@ impl Accel for CudaDevice {
             &[c(dout)?, c(gate)?, c(up)?],
             n,
         )
-        .map_err(dev_err)
     }
     fn layernorm_forward(
         &self,
@@ -446,8 +432,7 @@ impl Accel for CudaDevice {
         scale: f32,
     ) -> Result<[DBuf; 2]> {
         let (mut out, mut lse) = (self.out(q.len())?, self.out(d.lse_len())?);
-        CudaDevice::attention_forward(self, &mut out, &mut lse, c(q)?, c(k)?, c(v)?, d, scale)
-            .map_err(dev_err)?;
+        CudaDevice::attention_forward(self, &mut out, &mut lse, c(q)?, c(k)?, c(v)?, d, scale)?;
         Ok([DBuf::Cuda(out), DBuf::Cuda(lse)])
     }
     fn attention_backward(
@@ -476,7 +461,6 @@ impl Accel for CudaDevice {
             d,
             scale,
         )
-        .map_err(dev_err)
     }
     fn narrow(
         &self,
@@ -488,7 +472,7 @@ impl Accel for CudaDevice {
         start: usize,
         len: usize,
     ) -> Result<()> {
-        CudaDevice::narrow(self, forward, cm(out)?, c(x)?, n, cols, start, len).map_err(dev_err)
+        CudaDevice::narrow(self, forward, cm(out)?, c(x)?, n, cols, start, len)
     }
     fn linear_forward(
         &self,
@@ -508,8 +492,7 @@ impl Accel for CudaDevice {
         let bias = bias.map(c).transpose()?;
         let Some(l) = lora else {
             let mut y =
-                CudaDevice::linear_forward(self, c(x)?, c(w)?, layout, (d.tokens, d.inp, d.out))
-                    .map_err(dev_err)?;
+                CudaDevice::linear_forward(self, c(x)?, c(w)?, layout, (d.tokens, d.inp, d.out))?;
             if let Some(b) = bias {
                 let (n, m) = (d.tokens as i64, d.out as i32);
                 self.run("bias_add", flat_cfg(d.tokens * d.out), |lb| {
@@ -520,8 +503,7 @@ impl Accel for CudaDevice {
         };
         let ld = Self::lora_dims(d, &l);
         let (y, u) =
-            CudaDevice::lora_forward(self, c(x)?, c(w)?, layout, bias, c(l.a)?, c(l.b)?, ld)
-                .map_err(dev_err)?;
+            CudaDevice::lora_forward(self, c(x)?, c(w)?, layout, bias, c(l.a)?, c(l.b)?, ld)?;
         Ok((DBuf::Cuda(y), Some(DBuf::Cuda(u))))
     }
     fn linear_backward(
@@ -555,8 +537,7 @@ impl Accel for CudaDevice {
                     c(w)?,
                     layout,
                     dims,
-                )
-                .map_err(dev_err)?;
+                )?;
             }
             return Ok(());
         };
@@ -581,7 +562,6 @@ impl Accel for CudaDevice {
             c(u)?,
             ld,
         )
-        .map_err(dev_err)
     }
     fn cross_entropy_forward(
         &self,
@@ -605,7 +585,7 @@ impl Accel for CudaDevice {
                 .arg(&vi);
         })?;
         // Summed on the host in f64, in row order, as the CPU kernel does.
-        let rows = CudaDevice::download(self, &row_loss).map_err(dev_err)?;
+        let rows = CudaDevice::download(self, &row_loss)?;
         let count = targets.iter().filter(|&&t| t >= 0).count();
         let total: f64 = rows.iter().map(|&r| r as f64).sum();
         let loss = if count == 0 {
@@ -679,8 +659,7 @@ impl Accel for CudaDevice {
             c(w)?,
             WeightLayout::OutIn,
             (n, cc, v),
-        )
-        .map_err(dev_err)?;
+        )?;
         Ok((loss, count, Some(DBuf::Cuda(dx))))
     }
     fn adamw(&self, p: &mut DBuf, g: &DBuf, m: &mut DBuf, v: &mut DBuf, h: AdamStep) -> Result<()> {

@@ -2,7 +2,7 @@
 """Runs the CUDA kernels of lora-kernels/cuda/*.cu on the CPU through a CUDA execution shim
 (cuda_emu.h: one OS thread per CUDA thread, real barriers and warp shuffles, shared memory as
 per-block statics) and checks every kernel against a NumPy float64 reference, with the launch
-shapes lora-kernels/src/cuda.rs and cuda_accel.rs use. Outputs the kernels must write are
+shapes lora-kernels/src/cuda/ and cuda_accel.rs use. Outputs the kernels must write are
 NaN-filled first, so an unwritten element fails.
 
 It checks the kernels' code on a machine without a GPU: their index math, tiling, barriers,
@@ -289,7 +289,7 @@ def adamw(k):
 
 
 def lora_split(sms, base, extent, unit):
-    """cuda.rs's lora_split: (splits, chunk) of a reduction over `extent` in whole `unit`s."""
+    """cuda/lora.rs's lora_split: (splits, chunk) of a reduction over `extent` in whole `unit`s."""
     units = max(-(-extent // unit), 1)
     want = min(max(min(-(-2 * max(sms, 1) // max(base, 1)), 32), 1), units)
     chunk = -(-units // want) * unit
@@ -302,7 +302,7 @@ def reduce_into(k, out, part, parts, length, acc=0):
 
 def lora(k):
     TN, TC, TK = 32, 64, 32
-    # The values cuda.rs's split_tests pin, so this mirror cannot drift from lora_split.
+    # The values cuda/lora.rs's split_tests pin, so this mirror cannot drift from lora_split.
     for args, want in [((132, 16, 4096, 64), (16, 256)), ((132, 64, 768, 32), (5, 160)),
                        ((132, 300, 768, 32), (1, 768)), ((132, 1, 100_000, 64), (32, 3136)),
                        ((132, 1, 5, 64), (1, 64))]:
@@ -331,7 +331,7 @@ def lora(k):
             k("lora_expand", ((n + TN - 1) // TN, (m + TC - 1) // TC), (256,), y, u, B, bias, n, m, r, s)
             check(f"lora_expand {tag}", y, want, 1e-5)
             if r > 64:
-                continue  # the fused backward takes r <= 64 (cuda.rs refuses larger ranks)
+                continue  # the fused backward takes r <= 64 (cuda/lora.rs refuses larger ranks)
             dy = rnd(n, m)
             DY = dy.astype(np.float64)
             blocks = (n + TN - 1) // TN

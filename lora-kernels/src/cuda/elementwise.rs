@@ -1,0 +1,86 @@
+//! `elementwise.cu`: launches of element-wise kernels, 16-bit widening and column slices.
+
+use super::*;
+
+impl CudaDevice {
+    /// Runs an element-wise kernel of `elementwise.cu` / `adamw.cu` by name over `n` elements
+    /// with the given buffers (outputs first) — the launch shape every such kernel shares.
+    pub fn launch_elementwise(
+        &self,
+        name: &str,
+        outs: &mut [&mut CudaSlice<f32>],
+        ins: &[&CudaSlice<f32>],
+        n: usize,
+    ) -> Result<()> {
+        let n_i = n as i64;
+        let cfg = grid(blocks(n, THREADS as usize).clamp(1, 65535), 1);
+        let mut l = self.stream.launch_builder(self.func(name));
+        for o in outs.iter_mut() {
+            l.arg(&mut **o);
+        }
+        for i in ins {
+            l.arg(*i);
+        }
+        l.arg(&n_i);
+        // SAFETY: callers pass buffers in the kernel's order, each with at least n elements.
+        unsafe { l.launch(cfg) }
+            .map(|_| ())
+            .map_err(cerr("element-wise kernel"))
+    }
+
+    /// A 16-bit frozen weight (bf16 or f16 bits, `half = true` for f16) widened to f32 on the
+    /// device: the twin of [`crate::lora_linear::WeightData::widen`].
+    pub fn widen(&self, bits: &CudaSlice<u16>, f16: bool) -> Result<CudaSlice<f32>> {
+        let n = bits.len();
+        let mut out = self.output(n)?;
+        let name = if f16 { "widen_f16" } else { "widen_bf16" };
+        let n_i = n as i64;
+        let cfg = grid(blocks(n, THREADS as usize).clamp(1, 65535), 1);
+        let mut l = self.stream.launch_builder(self.func(name));
+        l.arg(&mut out).arg(bits).arg(&n_i);
+        // SAFETY: argument types and order match elementwise.cu; out holds n values.
+        unsafe { l.launch(cfg) }.map_err(cerr("widen"))?;
+        Ok(out)
+    }
+
+    /// Columns `[start, start + len)` of the `(n, cols)` matrix `x` into `out` (`forward`), or
+    /// `dx[:, start..start + len] += dout` (`!forward`): the twins of
+    /// [`crate::ops::slice::narrow_forward`] / `narrow_backward`, outputs first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn narrow(
+        &self,
+        forward: bool,
+        out: &mut CudaSlice<f32>,
+        input: &CudaSlice<f32>,
+        n: usize,
+        cols: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (o_len, i_len) = if forward {
+            (n * len, n * cols)
+        } else {
+            (n * cols, n * len)
+        };
+        if start + len > cols || out.len() != o_len || input.len() != i_len {
+            return Err(KernelError::Device(format!(
+                "narrow: columns {start}..{} of {cols}, n {n}: buffers {} and {}",
+                start + len,
+                out.len(),
+                input.len()
+            )));
+        }
+        let name = if forward {
+            "narrow_forward"
+        } else {
+            "narrow_backward"
+        };
+        let (n_i, c, s, l) = (n as i64, cols as i32, start as i32, len as i32);
+        let cfg = grid(blocks(n * len, THREADS as usize).clamp(1, 65535), 1);
+        let mut lb = self.stream.launch_builder(self.func(name));
+        lb.arg(out).arg(input).arg(&n_i).arg(&c).arg(&s).arg(&l);
+        // SAFETY: argument types and order match elementwise.cu; lengths checked above.
+        unsafe { lb.launch(cfg) }.map_err(cerr("narrow"))?;
+        Ok(())
+    }
+}
