@@ -1,189 +1,87 @@
-//! The tape: ops append a `Node` as they run; [`Tape::backward`] walks the nodes in reverse.
+//! The tape: ops append a `Node` as they run; [`Tape::backward`] walks the nodes in reverse and
+//! hands each its output's gradient and its inputs' gradient buffers.
 //!
-//! This file is the one place that maps each primitive op to its local gradient
-//! (`backward_node`); composites (a transformer block, a model) are written in these
-//! primitives and need no rule of their own. What each op's backward needs is saved in its
-//! `Op` variant, next to the forward in `ops.rs` that fills it.
+//! What an op records and how its backward runs live with the op, one file per op in
+//! `ops/` (its [`HostOp`] and [`DevOp`] nodes); this file keeps the tape, the gradients and the
+//! one dispatch. Checkpointed segments are the one node kind of its own.
 //!
 //! Frozen tensors (`requires_grad == false`) never get a gradient buffer, and the linear op is
 //! told which of its inputs need one, so a frozen weight also costs no weight-gradient GEMM.
 
-use crate::dev_ops::{self, DevInput, DevOp};
 use crate::error::{CoreError, Result};
+use crate::ops::{DevInput, DevOp, HostOp, Slots};
 use crate::tensor::Tensor;
 use lora_kernels::accel::{Accel, DBuf};
-use lora_kernels::lora_linear::{
-    lora_linear_backward, BaseLinear, Dropout, LinearDims, LinearGrads, LoraWeights, WeightData,
-    WeightLayout,
-};
-use lora_kernels::ops::{attention, cross_entropy, elementwise, embedding, norm, rope, slice};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-/// Saved state of the adapter part of a linear op.
-pub(crate) struct LoraSaved {
-    pub rank: usize,
-    pub scale: f32,
-    pub dropout: Option<Dropout>,
-    pub u: Vec<f32>, // (N, R)
-}
-
-/// A recorded op and what its backward reads. Input order is given per variant.
+/// A recorded op: on the host, on a device, or a checkpointed segment.
 pub(crate) enum Op {
-    /// inputs: [a, b]
-    Add,
-    /// inputs: [x, w, (bias), (lora_a, lora_b)]
-    Linear {
-        layout: WeightLayout,
-        has_bias: bool,
-        dims: LinearDims,
-        lora: Option<LoraSaved>,
-    },
-    /// inputs: [x]
-    Gelu,
-    /// inputs: [x]
-    Silu,
-    /// inputs: [gate, up]
-    SwiGlu,
-    /// inputs: [x, gamma, (beta)]
-    LayerNorm { mean: Vec<f32>, rstd: Vec<f32> },
-    /// inputs: [x, gamma]
-    RmsNorm { rstd: Vec<f32> },
-    /// inputs: [table]
-    Embedding { ids: Vec<u32> },
-    /// inputs: [x]
-    Rope {
-        cos: Arc<Vec<f32>>,
-        sin: Arc<Vec<f32>>,
-        positions: Vec<u32>,
-        heads: usize,
-        head_dim: usize,
-    },
-    /// inputs: [q, k, v]
-    Attention {
-        lse: Vec<f32>,
-        dims: attention::AttnDims,
-        scale: f32,
-    },
-    /// inputs: [x]
-    Narrow { start: usize, len: usize },
-    /// inputs: [logits]
-    CrossEntropy {
-        lse: Vec<f32>,
-        targets: Vec<i32>,
-        count: usize,
-    },
-    /// inputs: [x, w]. The fused head computed the gradients of the mean loss during forward
-    /// (while each chunk's logits existed); backward scales them by `dloss`.
-    LinearCrossEntropy {
-        dx: Option<Vec<f32>>,
-        dw: Option<Vec<f32>>,
+    /// An op on host tensors.
+    Host(Box<dyn HostOp>),
+    /// An op on device tensors; its inputs are in the same order as the host op's.
+    Dev {
+        op: Box<dyn DevOp>,
+        accel: Arc<dyn Accel>,
     },
     /// inputs: [x]. A segment run without recording ([`crate::ops::checkpoint`]); backward runs
     /// `f` again on a recording tape that draws dropout seeds from `seed` starting at draw
     /// `draws` (the masks of the first run, which are also those of an uncheckpointed run) and
     /// backpropagates through that.
     Checkpoint { f: Segment, seed: u64, draws: u64 },
-    /// An op on device tensors (see `dev_ops.rs`); its inputs are in the same order as the host
-    /// op's.
-    Dev { op: DevOp, accel: Arc<dyn Accel> },
 }
 
 /// A checkpointed segment of the forward pass: `f(tape, x) -> y`.
 pub type Segment = Rc<dyn Fn(&Tape, &Tensor) -> Result<Tensor>>;
 
 impl Op {
+    /// A host op's node.
+    pub(crate) fn host(op: impl HostOp + 'static) -> Self {
+        Op::Host(Box::new(op))
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         match self {
+            Op::Host(op) => op.name(),
             Op::Dev { op, .. } => op.name(),
-            Op::Add => "add",
-            Op::Linear { .. } => "lora_linear",
-            Op::Gelu => "gelu",
-            Op::Silu => "silu",
-            Op::SwiGlu => "swiglu",
-            Op::LayerNorm { .. } => "layer_norm",
-            Op::RmsNorm { .. } => "rms_norm",
-            Op::Embedding { .. } => "embedding",
-            Op::Rope { .. } => "rope",
-            Op::Attention { .. } => "attention",
-            Op::Narrow { .. } => "narrow",
-            Op::CrossEntropy { .. } => "cross_entropy",
-            Op::LinearCrossEntropy { .. } => "linear_cross_entropy",
             Op::Checkpoint { .. } => "checkpoint",
         }
     }
-}
 
-impl Op {
-    /// Whether backward reads the values of input `i` (else the tape keeps only its id and
-    /// shape, so an activation nobody's backward reads is freed as soon as the forward is done
-    /// with it). `inputs` are the op's inputs in the variant's order.
+    /// Whether backward reads the values of input `i` ([`HostOp::reads_input`]).
     fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
         match self {
+            Op::Host(op) => op.reads_input(i, inputs),
             Op::Dev { op, .. } => op.reads_input(i),
-            Op::Add | Op::Narrow { .. } | Op::Rope { .. } | Op::LinearCrossEntropy { .. } => false,
-            // dW and dA read x; dx reads W (and A, B). The weights are kept (they are alive
-            // anyway): only x, an activation, is worth dropping.
-            Op::Linear { has_bias, lora, .. } => {
-                let a_idx = if *has_bias { 3 } else { 2 };
-                i != 0
-                    || inputs[1].requires_grad()
-                    || (lora.is_some() && inputs[a_idx].requires_grad())
-            }
-            // The gradient of the table is a scatter of dout: the values are not read.
-            Op::Embedding { .. } => false,
-            Op::Gelu
-            | Op::Silu
-            | Op::SwiGlu
-            | Op::LayerNorm { .. }
-            | Op::RmsNorm { .. }
-            | Op::Attention { .. }
-            | Op::CrossEntropy { .. }
-            | Op::Checkpoint { .. } => true,
+            Op::Checkpoint { .. } => true,
         }
     }
-}
 
-impl Op {
     /// Elements (f32 values or 4-byte ids) the op saved for its own backward.
     fn saved_elems(&self) -> usize {
         match self {
+            Op::Host(op) => op.saved_elems(),
             Op::Dev { op, .. } => op.saved_elems(),
-            Op::Linear { lora, .. } => lora.as_ref().map_or(0, |l| l.u.len()),
-            Op::LayerNorm { mean, rstd } => mean.len() + rstd.len(),
-            Op::RmsNorm { rstd } => rstd.len(),
-            Op::Embedding { ids } => ids.len(),
-            Op::Rope { positions, .. } => positions.len(),
-            Op::Attention { lse, .. } => lse.len(),
-            Op::CrossEntropy { lse, targets, .. } => lse.len() + targets.len(),
-            Op::LinearCrossEntropy { dx, dw } => {
-                dx.as_ref().map_or(0, Vec::len) + dw.as_ref().map_or(0, Vec::len)
-            }
-            Op::Add
-            | Op::Gelu
-            | Op::Silu
-            | Op::SwiGlu
-            | Op::Narrow { .. }
-            | Op::Checkpoint { .. } => 0,
+            Op::Checkpoint { .. } => 0,
         }
     }
 }
 
 /// An input as the tape keeps it: always its identity, its values only if backward reads them.
-struct Input {
-    id: u64,
-    shape: Vec<usize>,
-    requires_grad: bool,
-    values: Option<Tensor>,
+pub(crate) struct Input {
+    pub(crate) id: u64,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) requires_grad: bool,
+    pub(crate) values: Option<Tensor>,
 }
 
 impl Input {
-    fn numel(&self) -> usize {
+    pub(crate) fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    fn last_dim(&self) -> usize {
+    pub(crate) fn last_dim(&self) -> usize {
         self.shape.last().copied().unwrap_or(1)
     }
 }
@@ -386,17 +284,54 @@ impl Tape {
                             last_dim: t.last_dim(),
                         })
                         .collect();
-                    dev_ops::backward(op, accel, &ins, &dout, &mut bufs)?;
+                    // Guards on the inputs backward reads (a 16-bit one widened on the device
+                    // once); a missing one reads as an empty buffer.
+                    let guards: Vec<_> = ins
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            let stored = op.reads_stored(i);
+                            t.values
+                                .filter(|_| !stored)
+                                .map(crate::ops::read)
+                                .transpose()
+                        })
+                        .collect::<Result<_>>()?;
+                    let empty = DBuf::Host(Vec::new());
+                    let data: Vec<&DBuf> = guards
+                        .iter()
+                        .map(|g| g.as_ref().map_or(Ok(&empty), crate::ops::f32_of))
+                        .collect::<Result<_>>()?;
+                    let mut slots = Slots(bufs.iter_mut().map(|b| b.as_mut()).collect());
+                    op.backward(&**accel, &ins, &data, &dout, &mut slots)?;
                     let wrap = |b| Grad::Dev(accel.clone(), b);
                     give_back(&node, &mut grads, bufs, wrap)?;
                 }
-                (op, Grad::Host(dout)) if !matches!(op, Op::Dev { .. }) => {
+                (Op::Host(op), Grad::Host(dout)) => {
                     let unwrap = |g| match g {
                         Grad::Host(v) => Ok(v),
                         other => Err(other),
                     };
                     let mut bufs = input_grads(&node, &mut grads, unwrap, |n| Ok(vec![0.0; n]))?;
-                    backward_node(op, &node.inputs, &dout, &mut bufs)?;
+                    // Values of the inputs backward reads (`HostOp::reads_input`); empty for the
+                    // others and for those it reads through the tensor (`reads_stored`).
+                    let guards: Vec<_> = node
+                        .inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            if op.reads_stored(i) {
+                                return None;
+                            }
+                            t.values.as_ref().map(|v| v.data())
+                        })
+                        .collect();
+                    let data: Vec<&[f32]> = guards
+                        .iter()
+                        .map(|g| g.as_deref().map_or(&[][..], |s| &s[..]))
+                        .collect();
+                    let mut slots = Slots(bufs.iter_mut().map(|b| b.as_deref_mut()).collect());
+                    op.backward(&node.inputs, &data, &dout, &mut slots)?;
                     give_back(&node, &mut grads, bufs, Grad::Host)?;
                 }
                 (op, _) => return Err(mixed(op.name())),
@@ -617,171 +552,4 @@ impl Gradients {
         }
         Ok(())
     }
-}
-
-/// The local gradient of every op: accumulates into `bufs[i]` for each input `i` that needs one.
-fn backward_node(
-    op: &Op,
-    inputs: &[Input],
-    dout: &[f32],
-    bufs: &mut [Option<Vec<f32>>],
-) -> Result<()> {
-    // Values of the inputs backward reads (`Op::reads_input`); empty for the others. A linear
-    // op's weight is read through `Tensor::weight` below (a half-stored one stays 16-bit).
-    let is_linear = matches!(op, Op::Linear { .. });
-    let guards: Vec<_> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            if is_linear && i == 1 {
-                return None;
-            }
-            t.values.as_ref().map(|v| v.data())
-        })
-        .collect();
-    let data: Vec<&[f32]> = guards
-        .iter()
-        .map(|g| g.as_deref().map_or(&[][..], |s| &s[..]))
-        .collect();
-    // Split the buffers so several inputs' gradients can be borrowed mutably at once.
-    let mut slots: Vec<Option<&mut [f32]>> = bufs.iter_mut().map(|b| b.as_deref_mut()).collect();
-    let mut take = |i: usize| slots.get_mut(i).and_then(|s| s.take());
-    match op {
-        Op::Add => {
-            for i in 0..2 {
-                if let Some(g) = take(i) {
-                    elementwise::accumulate(g, dout)?;
-                }
-            }
-        }
-        Op::Linear {
-            layout,
-            has_bias,
-            dims,
-            lora,
-        } => {
-            let bias_idx = has_bias.then_some(2);
-            let a_idx = if *has_bias { 3 } else { 2 };
-            let w = inputs[1].values.as_ref().map(|t| t.weight());
-            let base = BaseLinear {
-                weight: w.as_ref().map_or(WeightData::F32(&[]), |v| v.as_data()),
-                layout: *layout,
-                bias: bias_idx.map(|i| data[i]),
-            };
-            let lw = lora.as_ref().map(|l| LoraWeights {
-                a: data[a_idx],
-                b: data[a_idx + 1],
-                rank: l.rank,
-                scale: l.scale,
-                dropout: l.dropout,
-            });
-            let grads = LinearGrads {
-                dx: take(0),
-                dw: take(1),
-                dbias: bias_idx.and_then(&mut take),
-                da: if lora.is_some() { take(a_idx) } else { None },
-                db: if lora.is_some() {
-                    take(a_idx + 1)
-                } else {
-                    None
-                },
-            };
-            lora_linear_backward(
-                grads,
-                dout,
-                data[0],
-                &base,
-                lw.as_ref(),
-                lora.as_ref().map(|l| &l.u[..]),
-                *dims,
-            )?;
-        }
-        Op::Gelu => {
-            if let Some(g) = take(0) {
-                elementwise::gelu_backward(g, dout, data[0])?;
-            }
-        }
-        Op::Silu => {
-            if let Some(g) = take(0) {
-                elementwise::silu_backward(g, dout, data[0])?;
-            }
-        }
-        Op::SwiGlu => {
-            let (dg, du) = (take(0), take(1));
-            elementwise::swiglu_backward(dg, du, dout, data[0], data[1])?;
-        }
-        Op::LayerNorm { mean, rstd } => {
-            let c = inputs[0].last_dim();
-            let (dx, dg, db) = (take(0), take(1), take(2));
-            norm::layernorm_backward(dx, dg, db, dout, data[0], data[1], mean, rstd, c)?;
-        }
-        Op::RmsNorm { rstd } => {
-            let c = inputs[0].last_dim();
-            let (dx, dg) = (take(0), take(1));
-            norm::rmsnorm_backward(dx, dg, dout, data[0], data[1], rstd, c)?;
-        }
-        Op::Embedding { ids } => {
-            if let Some(g) = take(0) {
-                embedding::embedding_backward(g, dout, ids, inputs[0].last_dim())?;
-            }
-        }
-        Op::Rope {
-            cos,
-            sin,
-            positions,
-            heads,
-            head_dim,
-        } => {
-            if let Some(g) = take(0) {
-                rope::rope_backward(g, dout, cos, sin, positions, *heads, *head_dim)?;
-            }
-        }
-        Op::Attention { lse, dims, scale } => {
-            // The kernel writes all three; an input that needs no gradient gets a scratch buffer.
-            let mut scratch: [Vec<f32>; 3] = Default::default();
-            let gs = [take(0), take(1), take(2)];
-            for (i, g) in gs.iter().enumerate() {
-                if g.is_none() {
-                    scratch[i] = vec![0.0; inputs[i].numel()];
-                }
-            }
-            let [s0, s1, s2] = &mut scratch;
-            let [g0, g1, g2] = gs;
-            let dq = g0.unwrap_or(&mut s0[..]);
-            let dk = g1.unwrap_or(&mut s1[..]);
-            let dv = g2.unwrap_or(&mut s2[..]);
-            attention::attention_backward(
-                dq, dk, dv, dout, lse, data[0], data[1], data[2], *dims, *scale,
-            )?;
-        }
-        Op::Narrow { start, len } => {
-            if let Some(g) = take(0) {
-                slice::narrow_backward(g, dout, inputs[0].last_dim(), *start, *len)?;
-            }
-        }
-        Op::CrossEntropy {
-            lse,
-            targets,
-            count,
-        } => {
-            if let Some(g) = take(0) {
-                let v = inputs[0].last_dim();
-                cross_entropy::cross_entropy_backward(
-                    g, dout[0], data[0], lse, targets, v, *count,
-                )?;
-            }
-        }
-        Op::Checkpoint { .. } | Op::Dev { .. } => {
-            unreachable!("handled by Tape::backward_from")
-        }
-        Op::LinearCrossEntropy { dx, dw } => {
-            for (i, saved) in [(0, dx), (1, dw)] {
-                if let (Some(g), Some(s)) = (take(i), saved.as_ref()) {
-                    let d = dout[0];
-                    g.iter_mut().zip(s).for_each(|(g, s)| *g += d * s);
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -28,7 +28,6 @@
 #![warn(missing_docs)]
 
 pub mod autograd;
-mod dev_ops;
 pub mod device;
 pub mod error;
 /// Small dense `f64` linear algebra (QR, Jacobi SVD) from `lora-kernels`, for the adapter tools.

@@ -1,0 +1,165 @@
+//! Causal grouped-query attention.
+
+use super::*;
+use lora_kernels::ops::attention;
+
+/// Causal GQA attention. `q`: `(B, T, Hq * D)`, `k`, `v`: `(B, T, Hkv * D)`; returns
+/// `(B, T, Hq * D)`. Scale `1 / sqrt(D)`.
+pub fn attention(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    const OP: &str = "attention";
+    if q.shape().len() != 3 || q_heads == 0 || q.shape()[2] % q_heads != 0 {
+        return Err(shape_err(
+            OP,
+            "q",
+            q,
+            format!("[batch, seq, {q_heads} * head_dim]"),
+        ));
+    }
+    let (b, t) = (q.shape()[0], q.shape()[1]);
+    let hd = q.shape()[2] / q_heads;
+    for (what, x) in [("k", k), ("v", v)] {
+        if x.shape() != [b, t, kv_heads * hd] {
+            return Err(shape_err(
+                OP,
+                what,
+                x,
+                format!("[{b}, {t}, {}]", kv_heads * hd),
+            ));
+        }
+    }
+    let dims = attention::AttnDims {
+        batch: b,
+        seq: t,
+        q_heads,
+        kv_heads,
+        head_dim: hd,
+    };
+    let scale = 1.0 / (hd as f32).sqrt();
+    if let Some(on) = placement(OP, &[("q", q), ("k", k), ("v", v)])? {
+        return attention_dev(tape, on, (q, k, v), dims, scale);
+    }
+    let mut out = vec![0.0; q.numel()];
+    let mut lse = vec![0.0; dims.lse_len()];
+    attention::attention_forward(
+        &mut out,
+        &mut lse,
+        &q.data(),
+        &k.data(),
+        &v.data(),
+        dims,
+        scale,
+    )?;
+    let y = Tensor::from_op(out, q.shape(), any_grad(&[q, k, v]))?;
+    tape.record(
+        Op::host(AttentionNode { lse, dims, scale }),
+        vec![q.clone(), k.clone(), v.clone()],
+        &y,
+    );
+    Ok(y)
+}
+
+fn attention_dev(
+    tape: &Tape,
+    on: On,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    dims: AttnDims,
+    scale: f32,
+) -> Result<Tensor> {
+    let (gq, gk, gv) = (read(q)?, read(k)?, read(v)?);
+    let [out, lse] =
+        on.accel
+            .attention_forward(f32_of(&gq)?, f32_of(&gk)?, f32_of(&gv)?, dims, scale)?;
+    drop((gq, gk, gv));
+    let requires = q.requires_grad() || k.requires_grad() || v.requires_grad();
+    let y = on.tensor(out, q.shape(), requires)?;
+    let op = DevAttention { lse, dims, scale };
+    on.record(tape, op, vec![q.clone(), k.clone(), v.clone()], &y);
+    Ok(y)
+}
+
+/// [q, k, v]
+struct AttentionNode {
+    lse: Vec<f32>,
+    dims: attention::AttnDims,
+    scale: f32,
+}
+
+impl HostOp for AttentionNode {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
+        true
+    }
+    fn saved_elems(&self) -> usize {
+        self.lse.len()
+    }
+    fn backward(
+        &self,
+        inputs: &[Input],
+        data: &[&[f32]],
+        dout: &[f32],
+        g: &mut Slots<[f32]>,
+    ) -> Result<()> {
+        // The kernel writes all three; an input that needs no gradient gets a scratch buffer.
+        let mut scratch: [Vec<f32>; 3] = Default::default();
+        let gs = [g.take(0), g.take(1), g.take(2)];
+        for (i, g) in gs.iter().enumerate() {
+            if g.is_none() {
+                scratch[i] = vec![0.0; inputs[i].numel()];
+            }
+        }
+        let [s0, s1, s2] = &mut scratch;
+        let [g0, g1, g2] = gs;
+        let dq = g0.unwrap_or(&mut s0[..]);
+        let dk = g1.unwrap_or(&mut s1[..]);
+        let dv = g2.unwrap_or(&mut s2[..]);
+        attention::attention_backward(
+            dq, dk, dv, dout, &self.lse, data[0], data[1], data[2], self.dims, self.scale,
+        )?;
+        Ok(())
+    }
+}
+
+/// [q, k, v]
+struct DevAttention {
+    lse: DBuf,
+    dims: AttnDims,
+    scale: f32,
+}
+
+impl DevOp for DevAttention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn reads_input(&self, _: usize) -> bool {
+        true
+    }
+    fn saved_elems(&self) -> usize {
+        self.lse.len()
+    }
+    fn backward(
+        &self,
+        a: &dyn Accel,
+        inputs: &[DevInput],
+        data: &[&DBuf],
+        dout: &DBuf,
+        g: &mut Slots<DBuf>,
+    ) -> Result<()> {
+        let (mut s0, mut s1, mut s2) = (None, None, None);
+        let dq = or_scratch(g.take(0), &mut s0, a, inputs[0].numel)?;
+        let dk = or_scratch(g.take(1), &mut s1, a, inputs[1].numel)?;
+        let dv = or_scratch(g.take(2), &mut s2, a, inputs[2].numel)?;
+        a.attention_backward(
+            dq, dk, dv, dout, &self.lse, data[0], data[1], data[2], self.dims, self.scale,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! The fused (LoRA) linear layer.
+
+use super::*;
+
+use lora_kernels::lora_linear::{
+    lora_linear_backward, lora_linear_forward, BaseLinear, LinearGrads, LoraWeights, WeightData,
+};
+
+/// The adapter operands of [`linear`].
+#[derive(Clone, Copy, Debug)]
+pub struct LoraArgs<'a> {
+    /// A: `(R, K)`.
+    pub a: &'a Tensor,
+    /// B: `(M, R)`.
+    pub b: &'a Tensor,
+    /// s.
+    pub scale: f32,
+    /// Dropout probability on the adapter input (applied only on a training tape).
+    pub dropout: f32,
+}
+
+/// The fused (LoRA) linear layer: `y = x W^T + b + s * drop(x) A^T B^T`, `x`: `(..., K)`.
+/// `w` is `(M, K)` for [`WeightLayout::OutIn`] and `(K, M)` for [`WeightLayout::InOut`].
+/// A frozen `w` gets no gradient and no weight-gradient GEMM.
+pub fn linear(
+    tape: &Tape,
+    x: &Tensor,
+    w: &Tensor,
+    layout: WeightLayout,
+    bias: Option<&Tensor>,
+    lora: Option<LoraArgs>,
+) -> Result<Tensor> {
+    const OP: &str = "linear";
+    if w.shape().len() != 2 {
+        return Err(shape_err(OP, "weight", w, "2 dimensions"));
+    }
+    let (k, m) = match layout {
+        WeightLayout::OutIn => (w.shape()[1], w.shape()[0]),
+        WeightLayout::InOut => (w.shape()[0], w.shape()[1]),
+    };
+    if x.last_dim() != k || x.shape().is_empty() {
+        return Err(shape_err(
+            OP,
+            "x",
+            x,
+            format!("(..., {k}) to match the weight {:?}", w.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.shape() != [m] {
+            return Err(shape_err(OP, "bias", b, format!("[{m}]")));
+        }
+    }
+    let dims = LinearDims {
+        tokens: x.rows(),
+        inp: k,
+        out: m,
+    };
+    if let Some(l) = lora {
+        let r = l.a.shape().first().copied().unwrap_or(0);
+        if l.a.shape() != [r, k] || r == 0 {
+            return Err(shape_err(OP, "lora_a", l.a, format!("[rank, {k}]")));
+        }
+        if l.b.shape() != [m, r] {
+            return Err(shape_err(OP, "lora_b", l.b, format!("[{m}, {r}]")));
+        }
+    }
+    let mut operands = vec![("x", x), ("weight", w)];
+    operands.extend(bias.map(|b| ("bias", b)));
+    if let Some(l) = lora {
+        operands.extend([("lora_a", l.a), ("lora_b", l.b)]);
+    }
+    if let Some(on) = placement(OP, &operands)? {
+        let shape = with_last(x.shape(), m);
+        return linear_dev(tape, on, x, w, layout, bias, lora, dims, &shape);
+    }
+    let mut inputs = vec![x.clone(), w.clone()];
+    inputs.extend(bias.cloned());
+    let mut y = vec![0.0; dims.tokens * m];
+    let xd = x.data();
+    let wd = w.weight(); // 16-bit as stored when the weight is half-stored
+    let bd = bias.map(|b| b.data());
+    let base = BaseLinear {
+        weight: wd.as_data(),
+        layout,
+        bias: bd.as_deref().map(|v| &v[..]),
+    };
+    let saved = match lora {
+        None => {
+            lora_linear_forward(&mut y, None, &xd, &base, None, dims)?;
+            None
+        }
+        Some(l) => {
+            let r = l.a.shape()[0];
+            let dropout = (tape.is_training() && l.dropout > 0.0).then(|| Dropout {
+                p: l.dropout,
+                seed: tape.next_seed(),
+            });
+            let (ad, bd2) = (l.a.data(), l.b.data());
+            let lw = LoraWeights {
+                a: &ad,
+                b: &bd2,
+                rank: r,
+                scale: l.scale,
+                dropout,
+            };
+            let mut u = vec![0.0; dims.tokens * r];
+            lora_linear_forward(&mut y, Some(&mut u), &xd, &base, Some(&lw), dims)?;
+            inputs.push(l.a.clone());
+            inputs.push(l.b.clone());
+            Some(LoraSaved {
+                rank: r,
+                scale: l.scale,
+                dropout,
+                u,
+            })
+        }
+    };
+    drop((xd, wd, bd));
+    let requires = inputs.iter().any(|t| t.requires_grad());
+    let out = Tensor::from_op(y, &with_last(x.shape(), m), requires)?;
+    let has_bias = bias.is_some();
+    tape.record(
+        Op::host(LinearNode {
+            layout,
+            has_bias,
+            dims,
+            lora: saved,
+        }),
+        inputs,
+        &out,
+    );
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_dev(
+    tape: &Tape,
+    on: On,
+    x: &Tensor,
+    w: &Tensor,
+    layout: WeightLayout,
+    bias: Option<&Tensor>,
+    lora: Option<LoraArgs>,
+    dims: LinearDims,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "linear";
+    frozen(OP, "weight", w)?;
+    if let Some(b) = bias {
+        frozen(OP, "bias", b)?;
+    }
+    let mut inputs = vec![x.clone(), w.clone()];
+    inputs.extend(bias.cloned());
+    let gx = read(x)?;
+    let gb = bias.map(read).transpose()?;
+    let bias_buf = gb.as_ref().map(f32_of).transpose()?;
+    let (y, saved) = match lora {
+        None => {
+            let (y, _) = with_weight(&*on.accel, w, |wb| {
+                Ok(on
+                    .accel
+                    .linear_forward(f32_of(&gx)?, wb, layout, bias_buf, None, dims)?)
+            })?;
+            (y, None)
+        }
+        Some(l) => {
+            let rank = l.a.shape()[0];
+            let dropout = (tape.is_training() && l.dropout > 0.0).then(|| Dropout {
+                p: l.dropout,
+                seed: tape.next_seed(),
+            });
+            let (ga, gbb) = (read(l.a)?, read(l.b)?);
+            let dl = DevLora {
+                a: f32_of(&ga)?,
+                b: f32_of(&gbb)?,
+                rank,
+                scale: l.scale,
+                dropout,
+            };
+            let (y, u) = with_weight(&*on.accel, w, |wb| {
+                Ok(on
+                    .accel
+                    .linear_forward(f32_of(&gx)?, wb, layout, bias_buf, Some(dl), dims)?)
+            })?;
+            inputs.push(l.a.clone());
+            inputs.push(l.b.clone());
+            let u =
+                u.ok_or_else(|| CoreError::Device("linear: the adapter's u is missing".into()))?;
+            (
+                y,
+                Some(DevLoraSaved {
+                    rank,
+                    scale: l.scale,
+                    dropout,
+                    u,
+                }),
+            )
+        }
+    };
+    drop((gx, gb));
+    let requires = inputs.iter().any(|t| t.requires_grad());
+    let out = on.tensor(y, out_shape, requires)?;
+    let op = DevLinear {
+        layout,
+        has_bias: bias.is_some(),
+        dims,
+        lora: saved,
+    };
+    on.record(tape, op, inputs, &out);
+    Ok(out)
+}
+
+/// Saved state of the adapter part of a linear op.
+struct LoraSaved {
+    rank: usize,
+    scale: f32,
+    dropout: Option<Dropout>,
+    u: Vec<f32>, // (N, R)
+}
+
+/// inputs: [x, w, (bias), (lora_a, lora_b)]
+struct LinearNode {
+    layout: WeightLayout,
+    has_bias: bool,
+    dims: LinearDims,
+    lora: Option<LoraSaved>,
+}
+
+impl HostOp for LinearNode {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+    // dW and dA read x; dx reads W (and A, B). The weights are kept (they are alive
+    // anyway): only x, an activation, is worth dropping.
+    fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
+        let a_idx = if self.has_bias { 3 } else { 2 };
+        i != 0
+            || inputs[1].requires_grad()
+            || (self.lora.is_some() && inputs[a_idx].requires_grad())
+    }
+    fn saved_elems(&self) -> usize {
+        self.lora.as_ref().map_or(0, |l| l.u.len())
+    }
+    fn reads_stored(&self, i: usize) -> bool {
+        i == 1
+    }
+    fn backward(
+        &self,
+        inputs: &[Input],
+        data: &[&[f32]],
+        dout: &[f32],
+        g: &mut Slots<[f32]>,
+    ) -> Result<()> {
+        let Self {
+            layout,
+            has_bias,
+            dims,
+            lora,
+        } = self;
+        let bias_idx = has_bias.then_some(2);
+        let a_idx = if *has_bias { 3 } else { 2 };
+        let w = inputs[1].values.as_ref().map(|t| t.weight());
+        let base = BaseLinear {
+            weight: w.as_ref().map_or(WeightData::F32(&[]), |v| v.as_data()),
+            layout: *layout,
+            bias: bias_idx.map(|i| data[i]),
+        };
+        let lw = lora.as_ref().map(|l| LoraWeights {
+            a: data[a_idx],
+            b: data[a_idx + 1],
+            rank: l.rank,
+            scale: l.scale,
+            dropout: l.dropout,
+        });
+        let grads = LinearGrads {
+            dx: g.take(0),
+            dw: g.take(1),
+            dbias: bias_idx.and_then(|i| g.take(i)),
+            da: if lora.is_some() { g.take(a_idx) } else { None },
+            db: if lora.is_some() {
+                g.take(a_idx + 1)
+            } else {
+                None
+            },
+        };
+        lora_linear_backward(
+            grads,
+            dout,
+            data[0],
+            &base,
+            lw.as_ref(),
+            lora.as_ref().map(|l| &l.u[..]),
+            *dims,
+        )?;
+        Ok(())
+    }
+}
+
+/// Saved state of the adapter part of a device linear op.
+struct DevLoraSaved {
+    rank: usize,
+    scale: f32,
+    dropout: Option<Dropout>,
+    u: DBuf,
+}
+
+/// [x, w, (bias), (lora_a, lora_b)]
+struct DevLinear {
+    layout: WeightLayout,
+    has_bias: bool,
+    dims: LinearDims,
+    lora: Option<DevLoraSaved>,
+}
+
+impl DevOp for DevLinear {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+    /// A linear op with an adapter keeps `x` (the device backward reads it for `dA` in the
+    /// same pass).
+    fn reads_input(&self, i: usize) -> bool {
+        i != 0 || self.lora.is_some()
+    }
+    fn saved_elems(&self) -> usize {
+        self.lora.as_ref().map_or(0, |l| l.u.len())
+    }
+    fn reads_stored(&self, i: usize) -> bool {
+        i == 1
+    }
+    fn backward(
+        &self,
+        a: &dyn Accel,
+        inputs: &[DevInput],
+        data: &[&DBuf],
+        dout: &DBuf,
+        g: &mut Slots<DBuf>,
+    ) -> Result<()> {
+        let Self {
+            layout,
+            has_bias,
+            dims,
+            lora,
+        } = self;
+        let a_idx = if *has_bias { 3 } else { 2 };
+        let dl = lora.as_ref().map(|l| DevLora {
+            a: data[a_idx],
+            b: data[a_idx + 1],
+            rank: l.rank,
+            scale: l.scale,
+            dropout: l.dropout,
+        });
+        let grads = DevLinearGrads {
+            dx: g.take(0),
+            dbias: None,
+            da: if lora.is_some() { g.take(a_idx) } else { None },
+            db: if lora.is_some() {
+                g.take(a_idx + 1)
+            } else {
+                None
+            },
+        };
+        let w = inputs[1]
+            .values
+            .ok_or_else(|| CoreError::Device("internal: linear weight not kept".into()))?;
+        let u = lora.as_ref().map(|l| &l.u);
+        with_weight(a, w, |wb| {
+            Ok(a.linear_backward(grads, dout, data[0], wb, *layout, dl, u, *dims)?)
+        })?;
+        Ok(())
+    }
+}

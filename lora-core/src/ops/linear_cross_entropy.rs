@@ -1,0 +1,291 @@
+//! The output head fused with the cross-entropy, in chunks of rows.
+
+use super::*;
+use lora_kernels::ops::cross_entropy;
+
+/// Head weights widened per vocabulary block of a 16-bit head (4 MiB of f32 scratch).
+const HEAD_WIDEN_ELEMS: usize = 1 << 20;
+
+/// The output head fused with the cross-entropy: the mean loss of `logits = x W^T` (`x`
+/// `(..., C)`, `w` `(V, C)`) against `targets` (one per row; negative = ignored), computed in
+/// chunks of rows so the full `(N, V)` logits never exist. On a training tape the gradients for
+/// `x` and (when trainable) `w` are computed chunk by chunk in the same pass and scaled by
+/// `dloss` in backward; equal to `cross_entropy(linear(x, w))` up to rounding.
+pub fn linear_cross_entropy(
+    tape: &Tape,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &[i32],
+) -> Result<Tensor> {
+    const OP: &str = "linear_cross_entropy";
+    let c = x.last_dim();
+    if w.shape().len() != 2 || w.shape()[1] != c {
+        return Err(shape_err(OP, "w", w, format!("(V, {c}) to match x")));
+    }
+    if x.rows() != targets.len() {
+        return Err(shape_err(
+            OP,
+            "x",
+            x,
+            format!("{} rows (one per target)", targets.len()),
+        ));
+    }
+    if let Some(on) = placement(OP, &[("x", x), ("w", w)])? {
+        return linear_cross_entropy_dev(tape, on, x, w, targets);
+    }
+    let v = w.shape()[0];
+    let n = targets.len();
+    let training = tape.is_training();
+    let mut dx = (training && x.requires_grad()).then(|| vec![0.0f32; n * c]);
+    let mut dw = (training && w.requires_grad()).then(|| vec![0.0f32; v * c]);
+    let (loss, _) = if w.is_half_stored() && dw.is_none() {
+        // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored, one vocabulary block
+        // at a time, never widened as a whole.
+        let block = (HEAD_WIDEN_ELEMS / c.max(1)).max(1);
+        let wv = w.weight();
+        cross_entropy::linear_cross_entropy_stored(
+            &x.data(),
+            wv.as_data(),
+            targets,
+            c,
+            v,
+            dx.as_deref_mut(),
+            block,
+        )?
+    } else {
+        let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
+        cross_entropy::linear_cross_entropy(
+            &x.data(),
+            &w.data(),
+            targets,
+            c,
+            v,
+            dx.as_deref_mut(),
+            dw.as_deref_mut(),
+            chunk,
+        )?
+    };
+    let y = Tensor::from_op(vec![loss], &[1], x.requires_grad() || w.requires_grad())?;
+    tape.record(
+        Op::host(LinearCrossEntropyNode { dx, dw }),
+        vec![x.clone(), w.clone()],
+        &y,
+    );
+    Ok(y)
+}
+
+/// Logits (and their gradient) a device holds at once in the fused head: 64 Mi values, 256 MB
+/// each, whatever the vocabulary and token count.
+const DEV_HEAD_CHUNK_ELEMS: usize = 1 << 26;
+
+fn linear_cross_entropy_dev(
+    tape: &Tape,
+    on: On,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &[i32],
+) -> Result<Tensor> {
+    frozen("linear_cross_entropy", "w", w)?;
+    let v = w.shape()[0];
+    let rows = (DEV_HEAD_CHUNK_ELEMS / v.max(1)).max(1);
+    let want_dx = tape.is_training() && x.requires_grad();
+    let (loss, dx) = head_chunked(&*on.accel, x, w, targets, want_dx, rows)?;
+    let y = on.tensor(on.accel.upload(&[loss])?, &[1], x.requires_grad())?;
+    on.record(
+        tape,
+        DevLinearCrossEntropy { dx },
+        vec![x.clone(), w.clone()],
+        &y,
+    );
+    Ok(y)
+}
+
+/// The fused head over row chunks of at most `rows` rows: the mean loss over all counted rows
+/// and, with `want_dx`, its gradient for `x` (each chunk's gradient of its own mean rescaled by
+/// its share of the count).
+fn head_chunked(
+    a: &dyn Accel,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &[i32],
+    want_dx: bool,
+    rows: usize,
+) -> Result<(f32, Option<DBuf>)> {
+    let (c, v, n) = (x.last_dim(), w.shape()[0], targets.len());
+    let (gx, gw) = (read(x)?, read(w)?);
+    let (xb, wb) = (f32_of(&gx)?, f32_of(&gw)?);
+    if n <= rows {
+        let (loss, _, dx) = a.linear_cross_entropy(xb, wb, targets, c, v, want_dx)?;
+        return Ok((loss, dx));
+    }
+    let total = targets.iter().filter(|&&t| t >= 0).count();
+    let mut dx = want_dx.then(|| a.zeros(n * c)).transpose()?;
+    let mut sum = 0.0f64;
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let xs = a.copy_range(xb, start * c, len * c)?;
+        let (l, count, dxc) =
+            a.linear_cross_entropy(&xs, wb, &targets[start..start + len], c, v, want_dx)?;
+        sum += l as f64 * count as f64;
+        if let (Some(dx), Some(mut dxc)) = (dx.as_mut(), dxc) {
+            if count > 0 {
+                a.scale(&mut dxc, count as f32 / total as f32)?;
+                a.write_range(dx, start * c, &dxc)?;
+            }
+        }
+    }
+    let loss = if total == 0 {
+        0.0
+    } else {
+        (sum / total as f64) as f32
+    };
+    Ok((loss, dx))
+}
+
+/// inputs: [x, w]. The fused head computed the gradients of the mean loss during forward
+/// (while each chunk's logits existed); backward scales them by `dloss`.
+struct LinearCrossEntropyNode {
+    dx: Option<Vec<f32>>,
+    dw: Option<Vec<f32>>,
+}
+
+impl HostOp for LinearCrossEntropyNode {
+    fn name(&self) -> &'static str {
+        "linear_cross_entropy"
+    }
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
+        false
+    }
+    fn saved_elems(&self) -> usize {
+        self.dx.as_ref().map_or(0, Vec::len) + self.dw.as_ref().map_or(0, Vec::len)
+    }
+    fn backward(
+        &self,
+        _: &[Input],
+        _: &[&[f32]],
+        dout: &[f32],
+        g: &mut Slots<[f32]>,
+    ) -> Result<()> {
+        for (i, saved) in [(0, &self.dx), (1, &self.dw)] {
+            if let (Some(g), Some(s)) = (g.take(i), saved.as_ref()) {
+                let d = dout[0];
+                g.iter_mut().zip(s).for_each(|(g, s)| *g += d * s);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [x, w]: the gradient of the mean loss for x, computed in forward.
+struct DevLinearCrossEntropy {
+    dx: Option<DBuf>,
+}
+
+impl DevOp for DevLinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear_cross_entropy"
+    }
+    fn reads_input(&self, _: usize) -> bool {
+        false
+    }
+    fn saved_elems(&self) -> usize {
+        self.dx.as_ref().map_or(0, DBuf::len)
+    }
+    fn backward(
+        &self,
+        a: &dyn Accel,
+        _: &[DevInput],
+        _: &[&DBuf],
+        dout: &DBuf,
+        g: &mut Slots<DBuf>,
+    ) -> Result<()> {
+        if let (Some(g), Some(s)) = (g.take(0), self.dx.as_ref()) {
+            let dloss = a.download(dout)?[0];
+            if dloss == 1.0 {
+                // The loss is the output (the usual case): `g += 1 * s` is `g += s`
+                // exactly, without the scaled copy.
+                a.accumulate(g, s)?;
+            } else {
+                let mut t = a.copy(s)?;
+                a.scale(&mut t, dloss)?;
+                a.accumulate(g, &t)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Device;
+
+    /// A loss used twice (`loss + loss`) reaches the head's backward with `dloss = 2`: the
+    /// device scales its stored dx (the path the usual `dloss = 1` skips) as the host does.
+    #[test]
+    fn device_head_scales_its_gradient_by_dloss() {
+        use crate::ops;
+        crate::device::emulate_cuda(974);
+        let dev = Device::Cuda(974);
+        let (n, c, v) = (5usize, 4usize, 9usize);
+        let mut r = lora_kernels::rng::Rng::new(8);
+        let mut rand =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
+        let (xv, wv) = (rand(n * c), rand(v * c));
+        let targets = [3, -100, 8, 0, 5];
+        let grad = |device: Device, twice: bool| -> Vec<f32> {
+            let x = Tensor::new_on(xv.clone(), &[n, c], true, device).unwrap();
+            let w = Tensor::new_on(wv.clone(), &[v, c], false, device).unwrap();
+            let tape = Tape::new(0);
+            let loss = ops::linear_cross_entropy(&tape, &x, &w, &targets).unwrap();
+            let out = if twice {
+                ops::add(&tape, &loss, &loss).unwrap()
+            } else {
+                loss
+            };
+            tape.backward(&out).unwrap().to_vec(&x).unwrap().unwrap()
+        };
+        let (host1, host2) = (grad(Device::Cpu, false), grad(Device::Cpu, true));
+        let (dev1, dev2) = (grad(dev, false), grad(dev, true));
+        assert_eq!(host1, dev1, "dloss = 1");
+        assert_eq!(host2, dev2, "dloss = 2");
+        assert!(host1.iter().any(|&g| g != 0.0));
+        for (a, b) in host1.iter().zip(&host2) {
+            assert_eq!(2.0 * a, *b, "doubling is exact in binary floating point");
+        }
+    }
+
+    /// The fused head over row chunks (as a large vocabulary or batch runs it) equals one pass.
+    #[test]
+    fn chunked_device_head_equals_one_pass() {
+        crate::device::emulate_cuda(973);
+        let dev = Device::Cuda(973);
+        let a = crate::device::accel(dev).unwrap();
+        let (n, c, v) = (11usize, 6usize, 17usize);
+        let mut r = lora_kernels::rng::Rng::new(3);
+        let mut rand =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
+        let x = Tensor::new_on(rand(n * c), &[n, c], false, dev).unwrap();
+        let w = Tensor::new_on(rand(v * c), &[v, c], false, dev).unwrap();
+        let targets = [3, -100, 16, 0, 5, -100, 9, 9, 1, 2, 15];
+        let (l1, dx1) = head_chunked(&*a, &x, &w, &targets, true, n).unwrap();
+        let dx1 = a.download(&dx1.unwrap()).unwrap();
+        for rows in [1, 2, 4, 10] {
+            let (l, dx) = head_chunked(&*a, &x, &w, &targets, true, rows).unwrap();
+            let dx = a.download(&dx.unwrap()).unwrap();
+            assert!(
+                (l - l1).abs() <= 1e-6 * l1.abs(),
+                "rows {rows}: {l} vs {l1}"
+            );
+            let e = dx
+                .iter()
+                .zip(&dx1)
+                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(e <= 1e-6, "rows {rows}: dx differs by {e}");
+        }
+        let none = [-100i32; 11];
+        let (l, dx) = head_chunked(&*a, &x, &w, &none, true, 3).unwrap();
+        assert_eq!(l, 0.0);
+        assert!(a.download(&dx.unwrap()).unwrap().iter().all(|&g| g == 0.0));
+    }
+}

@@ -1,0 +1,86 @@
+//! SwiGLU: `silu(gate) * up`.
+
+use super::*;
+use lora_kernels::ops::elementwise;
+
+/// SwiGLU: `silu(gate) * up`.
+pub fn swiglu(tape: &Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        return Err(shape_err(
+            "swiglu",
+            "up",
+            up,
+            format!("{:?} (the shape of gate)", gate.shape()),
+        ));
+    }
+    if let Some(on) = placement("swiglu", &[("gate", gate), ("up", up)])? {
+        return swiglu_dev(tape, on, gate, up);
+    }
+    let mut out = vec![0.0; gate.numel()];
+    elementwise::swiglu_forward(&mut out, &gate.data(), &up.data())?;
+    let y = Tensor::from_op(out, gate.shape(), any_grad(&[gate, up]))?;
+    tape.record(Op::host(SwiGluNode), vec![gate.clone(), up.clone()], &y);
+    Ok(y)
+}
+
+fn swiglu_dev(tape: &Tape, on: On, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gg, gu) = (read(gate)?, read(up)?);
+    let out = on.accel.swiglu_forward(f32_of(&gg)?, f32_of(&gu)?)?;
+    drop((gg, gu));
+    let y = on.tensor(
+        out,
+        gate.shape(),
+        gate.requires_grad() || up.requires_grad(),
+    )?;
+    on.record(tape, DevSwiGlu, vec![gate.clone(), up.clone()], &y);
+    Ok(y)
+}
+
+/// [gate, up]
+struct SwiGluNode;
+
+impl HostOp for SwiGluNode {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
+        true
+    }
+    fn backward(
+        &self,
+        _: &[Input],
+        data: &[&[f32]],
+        dout: &[f32],
+        g: &mut Slots<[f32]>,
+    ) -> Result<()> {
+        let (dg, du) = (g.take(0), g.take(1));
+        elementwise::swiglu_backward(dg, du, dout, data[0], data[1])?;
+        Ok(())
+    }
+}
+
+/// [gate, up]
+struct DevSwiGlu;
+
+impl DevOp for DevSwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn reads_input(&self, _: usize) -> bool {
+        true
+    }
+    fn backward(
+        &self,
+        a: &dyn Accel,
+        _: &[DevInput],
+        data: &[&DBuf],
+        dout: &DBuf,
+        g: &mut Slots<DBuf>,
+    ) -> Result<()> {
+        let (mut s0, mut s1) = (None, None);
+        let dg = or_scratch(g.take(0), &mut s0, a, dout.len())?;
+        let du = or_scratch(g.take(1), &mut s1, a, dout.len())?;
+        a.swiglu_backward(dg, du, dout, data[0], data[1])?;
+        Ok(())
+    }
+}
