@@ -384,9 +384,7 @@ fn give_back<B>(
 }
 
 fn mixed(op: &str) -> CoreError {
-    CoreError::Device(format!(
-        "backward of `{op}`: its gradient and its inputs' gradients are on different devices"
-    ))
+    CoreError::MixedGradients(format!("backward of `{op}`"))
 }
 
 /// A gradient buffer: on the host or on a device.

@@ -32,8 +32,8 @@ fn registry() -> &'static Mutex<HashMap<usize, Arc<dyn Accel>>> {
 /// Errors for [`Device::Cpu`], which has no backend object.
 pub fn accel(device: Device) -> Result<Arc<dyn Accel>> {
     let Device::Cuda(ordinal) = device else {
-        return Err(CoreError::Device(
-            "the CPU has no device backend (host tensors use the host kernels)".into(),
+        return Err(CoreError::GpuOnly(
+            "the CPU has no device backend (host tensors use the host kernels)",
         ));
     };
     let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
@@ -142,8 +142,8 @@ impl Device {
     /// is an error rather than a silent no-op.
     pub fn set_tf32(&self, on: bool) -> Result<()> {
         match self {
-            Device::Cpu if on => Err(CoreError::Device(
-                "TF32 is a GPU math mode: use it with a CUDA device".into(),
+            Device::Cpu if on => Err(CoreError::GpuOnly(
+                "TF32 is a GPU math mode: use it with a CUDA device",
             )),
             Device::Cpu => Ok(()),
             Device::Cuda(_) => Ok(accel(*self)?.set_tf32(on)?),

@@ -34,10 +34,43 @@ pub enum CoreError {
     /// A CUDA device was asked for and cannot be used.
     #[error("device {0}: {1} (use --device cpu)")]
     CudaUnavailable(String, String),
-    /// A device operation failed or was not possible (mixed devices, an op the device path
-    /// does not support).
+    /// The operands of an op are on different devices.
+    #[error(
+        "device: {op}: `{first}` is on {first_on} but `{other}` is on {other_on}; move the model \
+         and its inputs to one device (Tensor::to_device)"
+    )]
+    MixedDevices {
+        /// The op.
+        op: &'static str,
+        /// The first operand and its device.
+        first: &'static str,
+        /// Where it is.
+        first_on: crate::Device,
+        /// The operand on another device.
+        other: &'static str,
+        /// Where that one is.
+        other_on: crate::Device,
+    },
+    /// A tensor and its gradient (or an op's gradients) are on different devices.
+    #[error("device: {0}: a tensor and its gradient are on different devices")]
+    MixedGradients(String),
+    /// A trainable tensor the device path cannot train (only adapters and norm gains train on a
+    /// device; the host trains anything).
+    #[error("device: {op}: `{what}` is trainable; {why}")]
+    NotTrainableHere {
+        /// The op or step.
+        op: &'static str,
+        /// The operand.
+        what: &'static str,
+        /// What is supported instead.
+        why: &'static str,
+    },
+    /// A mode or object that exists only on a GPU was asked of the CPU.
     #[error("device: {0}")]
-    Device(String),
+    GpuOnly(&'static str),
+    /// A broken internal invariant (a bug in lora-core, never bad input).
+    #[error("internal: {0}")]
+    Internal(&'static str),
     /// A device name could not be parsed.
     #[error("unknown device `{0}` (expected cpu, cuda or cuda:N)")]
     BadDevice(String),

@@ -112,8 +112,8 @@ impl DevData {
     pub(crate) fn f32(&self) -> Result<&DBuf> {
         match &self.vals {
             DevVals::F32(b) => Ok(b),
-            DevVals::Half(..) => Err(CoreError::Device(
-                "internal: a 16-bit device tensor was read as f32 without widening".into(),
+            DevVals::Half(..) => Err(CoreError::Internal(
+                "a 16-bit device tensor was read as f32 without widening",
             )),
         }
     }

@@ -80,8 +80,8 @@ pub fn adamw_update(
     if p.device() == crate::Device::Cpu {
         let Some(g) = grads.get(p) else {
             if grads.is_on_device(p) {
-                return Err(CoreError::Device(format!(
-                    "adamw: tensor {} is on the host but its gradient on a device",
+                return Err(CoreError::MixedGradients(format!(
+                    "adamw: tensor {} (on the host)",
                     p.id()
                 )));
             }
@@ -95,8 +95,8 @@ pub fn adamw_update(
     }
     let Some(g) = grads.dev_buf(p) else {
         if grads.get(p).is_some() {
-            return Err(CoreError::Device(format!(
-                "adamw: tensor {} is on a device but its gradient on the host",
+            return Err(CoreError::MixedGradients(format!(
+                "adamw: tensor {} (on a device)",
                 p.id()
             )));
         }
@@ -105,16 +105,18 @@ pub fn adamw_update(
     let mut guard = p.dev_mut();
     let d = guard
         .as_mut()
-        .ok_or_else(|| CoreError::Device("adamw: the tensor left its device".into()))?;
+        .ok_or_else(|| CoreError::Internal("adamw: the tensor left its device"))?;
     let (Place::Dev(_, mb), Place::Dev(_, vb)) = (&mut m.0, &mut v.0) else {
         unreachable!("moments follow the tensor")
     };
     match &mut d.vals {
         DevVals::F32(pb) => d.accel.adamw(pb, g, mb, vb, h)?,
         DevVals::Half(..) => {
-            return Err(CoreError::Device(
-                "adamw: a 16-bit frozen weight cannot be trained".into(),
-            ))
+            return Err(CoreError::NotTrainableHere {
+                op: "adamw",
+                what: "a 16-bit frozen weight",
+                why: "train an f32 copy of it",
+            })
         }
     }
     Ok(true)

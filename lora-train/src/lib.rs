@@ -28,6 +28,15 @@ pub enum TrainError {
         /// What is wrong, with the line where it applies.
         reason: String,
     },
+    /// A setting (a flag of `lora train`, a field of its config file) is out of range or does
+    /// not fit the model or the data.
+    #[error("--{setting}: {reason}")]
+    Setting {
+        /// The setting's flag name, without the dashes (`rank`, `batch-size`).
+        setting: &'static str,
+        /// What is wrong, and what would do.
+        reason: String,
+    },
     /// From lora-io.
     #[error(transparent)]
     Io(#[from] lora_io::IoError),

@@ -158,6 +158,14 @@ fn err(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
+/// A setting of the run (`--rank`, ...) that does not fit the model or the data.
+fn setting_err(setting: &'static str, reason: impl Into<String>) -> TrainError {
+    TrainError::Setting {
+        setting,
+        reason: reason.into(),
+    }
+}
+
 /// Trains a GPT-2 from scratch on `cfg.data` and writes the model directory `cfg.out`.
 /// `on_step(step, total, loss)` sees every step.
 pub fn pretrain(
@@ -165,8 +173,8 @@ pub fn pretrain(
     on_step: &mut dyn FnMut(usize, usize, f32),
 ) -> Result<PretrainSummary> {
     if cfg.seq_len < 2 || cfg.seq_len > cfg.model.n_positions {
-        return Err(err(
-            Path::new("--seq-len"),
+        return Err(setting_err(
+            "seq-len",
             format!(
                 "must be in [2, n_positions = {}], got {}",
                 cfg.model.n_positions, cfg.seq_len

@@ -185,8 +185,9 @@ fn linear_dev(
             })?;
             inputs.push(l.a.clone());
             inputs.push(l.b.clone());
-            let u =
-                u.ok_or_else(|| CoreError::Device("linear: the adapter's u is missing".into()))?;
+            let u = u.ok_or_else(|| {
+                CoreError::Internal("linear: the device backend returned no adapter u")
+            })?;
             (
                 y,
                 Some(DevLoraSaved {
@@ -362,7 +363,7 @@ impl DevOp for DevLinear {
         };
         let w = inputs[1]
             .values
-            .ok_or_else(|| CoreError::Device("internal: linear weight not kept".into()))?;
+            .ok_or_else(|| CoreError::Internal("linear: the weight was not kept for backward"))?;
         let u = lora.as_ref().map(|l| &l.u);
         with_weight(a, w, |wb| {
             Ok(a.linear_backward(grads, dout, data[0], wb, *layout, dl, u, *dims)?)

@@ -185,10 +185,13 @@ pub(crate) fn placement(
             None => first = Some((name, here)),
             Some((fname, f)) if device(f) != device(&here) => {
                 let (fdev, dev) = (device(f), device(&here));
-                return Err(CoreError::Device(format!(
-                    "{op}: `{fname}` is on {fdev} but `{name}` is on {dev}; move the model and \
-                     its inputs to one device (Tensor::to_device)"
-                )));
+                return Err(CoreError::MixedDevices {
+                    op,
+                    first: fname,
+                    first_on: fdev,
+                    other: name,
+                    other_on: dev,
+                });
             }
             Some(_) => {}
         }
@@ -201,7 +204,7 @@ pub(crate) type Guard<'a> = RwLockReadGuard<'a, Option<DevData>>;
 /// The f32 device buffer behind a guard (16-bit tensors are widened first by the callers).
 pub(crate) fn f32_of<'a>(g: &'a Guard<'_>) -> Result<&'a DBuf> {
     g.as_ref()
-        .ok_or_else(|| CoreError::Device("internal: a host tensor in a device op".into()))?
+        .ok_or_else(|| CoreError::Internal("a host tensor in a device op"))?
         .f32()
 }
 
@@ -213,9 +216,11 @@ pub(crate) fn read(t: &Tensor) -> Result<Guard<'_>> {
 
 fn frozen(op: &'static str, what: &'static str, t: &Tensor) -> Result<()> {
     if t.requires_grad() {
-        return Err(CoreError::Device(format!(
-            "{op}: `{what}` is trainable; on a device only adapters (and norm gains) train"
-        )));
+        return Err(CoreError::NotTrainableHere {
+            op,
+            what,
+            why: "on a device only adapters (and norm gains) train",
+        });
     }
     Ok(())
 }
@@ -226,7 +231,7 @@ fn with_weight<R>(accel: &dyn Accel, w: &Tensor, f: impl FnOnce(&DBuf) -> Result
     let g = w.dev();
     let d = g
         .as_ref()
-        .ok_or_else(|| CoreError::Device("internal: a host weight in a device op".into()))?;
+        .ok_or_else(|| CoreError::Internal("a host weight in a device op"))?;
     match &d.vals {
         DevVals::F32(b) => f(b),
         DevVals::Half(bits, fmt) => {

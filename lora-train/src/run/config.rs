@@ -97,12 +97,8 @@ impl TrainConfig {
     }
 
     pub(super) fn validate(&self) -> Result<()> {
-        let bad = |f: &str, r: String| {
-            Err(TrainError::Data {
-                path: PathBuf::from(format!("--{f}")),
-                reason: r,
-            })
-        };
+        let bad =
+            |setting: &'static str, reason: String| Err(TrainError::Setting { setting, reason });
         if self.rank == 0 || self.rank as u64 > lora_io::peft::MAX_RANK {
             return bad(
                 "rank",

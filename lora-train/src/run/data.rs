@@ -46,8 +46,8 @@ pub(super) fn check_rank(model: &dyn CausalLm, peft: &PeftConfig) -> Result<()> 
         let (i, o) = lin.dims();
         let r = peft.lora_config_for(&name)?.rank;
         if r > i.min(o) {
-            return Err(err(
-                Path::new("--rank"),
+            return Err(setting_err(
+                "rank",
                 format!(
                     "{r} exceeds what `{name}` ({i} -> {o} features) can use: at most {}",
                     i.min(o)
@@ -168,8 +168,8 @@ pub(super) fn prepare_data(
     }
     let step_seqs = cfg.batch_size.saturating_mul(cfg.grad_accum);
     if cfg.batch_size > train_seqs.len() || step_seqs > train_seqs.len() {
-        return Err(err(
-            Path::new("--batch-size"),
+        return Err(setting_err(
+            "batch-size",
             format!(
                 "a step would take {} sequences ({} x --grad-accum {}) but the data has {} \
                  training sequences: lower --batch-size or --grad-accum",

@@ -119,6 +119,14 @@ fn err(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
+/// A setting of the run (`--rank`, ...) that does not fit the model or the data.
+fn setting_err(setting: &'static str, reason: impl Into<String>) -> TrainError {
+    TrainError::Setting {
+        setting,
+        reason: reason.into(),
+    }
+}
+
 /// Runs (or, with `resume`, continues) training; `on_event` sees every step and notice.
 pub fn train(
     cfg: &TrainConfig,
@@ -275,8 +283,8 @@ fn prepare_model(
 ) -> Result<(Box<dyn CausalLm>, PeftConfig, Option<i64>)> {
     let mut model = md.load_model()?;
     if cfg.seq_len > model.max_positions() {
-        return Err(err(
-            Path::new("--seq-len"),
+        return Err(setting_err(
+            "seq-len",
             format!(
                 "{} exceeds the model's maximum of {} positions ({})",
                 cfg.seq_len,
