@@ -17,9 +17,9 @@
 
 use crate::error::{KernelError, Result};
 use crate::lora_linear::{
-    lora_linear_backward, lora_linear_forward, BaseLinear, Dropout, LinearDims, LinearGrads,
-    LoraWeights, WeightData, WeightLayout,
+    lora_linear_backward, lora_linear_forward, BaseLinear, LinearGrads, LoraWeights,
 };
+use crate::operands::{Dropout, LinearDims, WeightData, WeightLayout};
 use crate::ops::adamw::{adamw_step, AdamStep};
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::{cross_entropy, elementwise, embedding, norm, rope, slice};

@@ -8,7 +8,7 @@
 use crate::accel::{check_range, Accel, DBits, DBuf, DevLinearGrads, DevLora, Unary};
 use crate::cuda::{CudaDevice, LoraDims};
 use crate::error::{check_len, invalid, KernelError, Result};
-use crate::lora_linear::{LinearDims, WeightLayout};
+use crate::operands::{LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
 use crate::ops::cross_entropy::check_targets;

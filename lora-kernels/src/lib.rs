@@ -31,6 +31,7 @@ pub mod gemm;
 pub mod linalg;
 pub mod lora_linear;
 pub mod mixed;
+pub mod operands;
 pub mod ops;
 mod par;
 pub mod rng;

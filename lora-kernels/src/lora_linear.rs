@@ -33,25 +33,7 @@ use crate::rng::dropout_mult;
 use crate::simd::{axpy_many, dot_many, with_simd, Simd};
 use rayon::prelude::*;
 
-/// How the frozen base weight is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightLayout {
-    /// `(M, K)`: `torch.nn.Linear` (`y = x W^T`).
-    OutIn,
-    /// `(K, M)`: GPT-2's `Conv1D` (`y = x W`), used without transposing a copy.
-    InOut,
-}
-
-/// Layer dimensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinearDims {
-    /// N: rows of `x` (tokens).
-    pub tokens: usize,
-    /// K: input features.
-    pub inp: usize,
-    /// M: output features.
-    pub out: usize,
-}
+pub use crate::operands::{Dropout, LinearDims, WeightData, WeightLayout};
 
 /// The base (pretrained) part of the layer.
 #[derive(Clone, Copy, Debug)]
@@ -62,49 +44,6 @@ pub struct BaseLinear<'a> {
     pub layout: WeightLayout,
     /// `(M)`, optional.
     pub bias: Option<&'a [f32]>,
-}
-
-/// A frozen base weight as stored: f32, or 16-bit floats (the raw bits of a bf16 / f16
-/// checkpoint) that the base products widen to f32 one block of output features at a time, so
-/// the weight stays at 2 bytes per value in memory. Widening is exact, and the products
-/// accumulate in f32 either way.
-#[derive(Clone, Copy, Debug)]
-pub enum WeightData<'a> {
-    /// f32 values.
-    F32(&'a [f32]),
-    /// bfloat16 bit patterns.
-    Bf16(&'a [u16]),
-    /// IEEE half bit patterns.
-    F16(&'a [u16]),
-}
-
-impl WeightData<'_> {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            WeightData::F32(w) => w.len(),
-            WeightData::Bf16(w) | WeightData::F16(w) => w.len(),
-        }
-    }
-    /// Whether there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Writes values `start .. start + dst.len()` into `dst` as f32.
-    pub fn widen(&self, start: usize, dst: &mut [f32]) {
-        let n = dst.len();
-        match self {
-            WeightData::F32(w) => dst.copy_from_slice(&w[start..start + n]),
-            WeightData::Bf16(w) => dst
-                .iter_mut()
-                .zip(&w[start..start + n])
-                .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16)),
-            WeightData::F16(w) => dst
-                .iter_mut()
-                .zip(&w[start..start + n])
-                .for_each(|(d, &b)| *d = half::f16::from_bits(b).to_f32()),
-        }
-    }
 }
 
 /// f32 values widened per block of a 16-bit weight: at most this many (4 MiB of scratch).
@@ -235,15 +174,6 @@ fn for_each_widened_block(
         };
         f(m0, mb, s, strides);
     }
-}
-
-/// Inverted dropout on the LoRA input (`x` as seen by A only; the base path is never dropped).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Dropout {
-    /// Drop probability, `0 <= p < 1`.
-    pub p: f32,
-    /// Mask stream; the same seed gives the same mask in forward and backward.
-    pub seed: u64,
 }
 
 /// The adapter part of the layer.

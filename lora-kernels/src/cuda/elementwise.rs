@@ -29,7 +29,7 @@ impl CudaDevice {
     }
 
     /// A 16-bit frozen weight (bf16 or f16 bits, `half = true` for f16) widened to f32 on the
-    /// device: the twin of [`crate::lora_linear::WeightData::widen`].
+    /// device: the twin of [`crate::operands::WeightData::widen`].
     pub fn widen(&self, bits: &CudaSlice<u16>, f16: bool) -> Result<CudaSlice<f32>> {
         let n = bits.len();
         let mut out = self.output(n)?;

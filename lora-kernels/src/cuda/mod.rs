@@ -37,7 +37,7 @@ pub use lora::{lora_split, LoraDims, LoraGrads};
 pub use sources::{Source, PRELUDE, SOURCES};
 
 use crate::error::{KernelError, Result};
-use crate::lora_linear::WeightLayout;
+use crate::operands::WeightLayout;
 use crate::ops::attention::AttnDims;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{

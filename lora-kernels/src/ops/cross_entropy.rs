@@ -252,7 +252,7 @@ type BlockFn<'a> = dyn FnMut(usize, usize, usize, &mut [f32], &[f32]) -> Result<
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy_stored(
     x: &[f32],
-    w: crate::lora_linear::WeightData,
+    w: crate::operands::WeightData,
     targets: &[i32],
     c: usize,
     v: usize,

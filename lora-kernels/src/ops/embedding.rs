@@ -1,7 +1,7 @@
 //! Embedding lookup: forward gathers rows of a table, backward scatter-adds into it.
 
 use crate::error::{check_len, KernelError, Result};
-use crate::lora_linear::WeightData;
+use crate::operands::WeightData;
 use crate::par::for_row_blocks;
 use rayon::prelude::*;
 
