@@ -50,8 +50,8 @@ run)
     # The binaries whose bindings match the machine's cuBLAS and NVRTC, CUDA 13 first.
     has() {
         grep -q "$1" < <(ldconfig -p 2>/dev/null) && return 0
-        local d
-        for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d/$1"* >/dev/null 2>&1 && return 0; done
+        local d IFS=:
+        for d in ${LD_LIBRARY_PATH:-}; do ls "$d/$1"* >/dev/null 2>&1 && return 0; done
         return 1
     }
     bin=gpu-bin/cu12
@@ -59,7 +59,7 @@ run)
     {
         echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) with $bin"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-        echo "libraries: $( (ldconfig -p; for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d"; done) 2>/dev/null \
+        echo "libraries: $( (ldconfig -p; IFS=:; for d in ${LD_LIBRARY_PATH:-}; do ls "$d"; done) 2>/dev/null \
             | grep -oE 'lib(cuda|cublas|cublasLt|nvrtc)\.so\.[0-9.]+' | sort -u | tr '\n' ' ')"
         for t in cuda_ptx cuda_parity cuda_accel; do
             echo "## $t"
