@@ -346,6 +346,7 @@ pub(crate) fn check_range(
     Ok(())
 }
 
+#[cfg(feature = "cuda")]
 fn wrong(what: &str) -> KernelError {
     KernelError::Device(format!(
         "{what}: a buffer of another device was passed to the emulated device"
