@@ -15,7 +15,7 @@
 //! the gradients it is given. Integer inputs (token ids, positions, targets) are host slices;
 //! a device implementation copies them over per call (they are small).
 
-use crate::error::{KernelError, Result};
+use crate::error::Result;
 use crate::lora_linear::{
     lora_linear_backward, lora_linear_forward, BaseLinear, LinearGrads, LoraWeights,
 };
@@ -347,8 +347,8 @@ pub(crate) fn check_range(
 }
 
 #[cfg(feature = "cuda")]
-fn wrong(what: &str) -> KernelError {
-    KernelError::Device(format!(
+fn wrong(what: &str) -> crate::KernelError {
+    crate::KernelError::Device(format!(
         "{what}: a buffer of another device was passed to the emulated device"
     ))
 }
