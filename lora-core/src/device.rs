@@ -32,7 +32,7 @@ fn registry() -> &'static Mutex<HashMap<usize, Arc<dyn Accel>>> {
 /// Errors for [`Device::Cpu`], which has no backend object.
 pub fn accel(device: Device) -> Result<Arc<dyn Accel>> {
     let Device::Cuda(ordinal) = device else {
-        return Err(CoreError::GpuOnly(
+        return Err(CoreError::Unsupported(
             "the CPU has no device backend (host tensors use the host kernels)",
         ));
     };
@@ -142,7 +142,7 @@ impl Device {
     /// is an error rather than a silent no-op.
     pub fn set_tf32(&self, on: bool) -> Result<()> {
         match self {
-            Device::Cpu if on => Err(CoreError::GpuOnly(
+            Device::Cpu if on => Err(CoreError::Unsupported(
                 "TF32 is a GPU math mode: use it with a CUDA device",
             )),
             Device::Cpu => Ok(()),

@@ -65,9 +65,10 @@ pub enum CoreError {
         /// What is supported instead.
         why: &'static str,
     },
-    /// A mode or object that exists only on a GPU was asked of the CPU.
+    /// What was asked is not available where the tensors are (TF32 on the CPU, SGD on a GPU,
+    /// training a 16-bit weight on a device).
     #[error("device: {0}")]
-    GpuOnly(&'static str),
+    Unsupported(&'static str),
     /// A broken internal invariant (a bug in lora-core, never bad input).
     #[error("internal: {0}")]
     Internal(&'static str),

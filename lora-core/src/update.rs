@@ -112,11 +112,9 @@ pub fn adamw_update(
     match &mut d.vals {
         DevVals::F32(pb) => d.accel.adamw(pb, g, mb, vb, h)?,
         DevVals::Half(..) => {
-            return Err(CoreError::NotTrainableHere {
-                op: "adamw",
-                what: "a 16-bit frozen weight",
-                why: "train an f32 copy of it",
-            })
+            return Err(CoreError::Unsupported(
+                "adamw: a 16-bit frozen weight cannot be trained",
+            ))
         }
     }
     Ok(true)

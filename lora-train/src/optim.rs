@@ -219,11 +219,9 @@ impl Optimizer for Sgd {
             let lr = lr * g.lr_scale;
             for p in &g.params {
                 if grads.is_on_device(p) {
-                    return Err(CoreError::NotTrainableHere {
-                        op: "sgd",
-                        what: "a device tensor",
-                        why: "the SGD optimizer runs on the host only; use adamw on a GPU",
-                    });
+                    return Err(CoreError::Unsupported(
+                        "the SGD optimizer runs on the host only; use adamw on a GPU",
+                    ));
                 }
                 let Some(grad) = grads.get(p) else { continue };
                 let mut data = p.data_mut();
