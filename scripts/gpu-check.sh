@@ -13,7 +13,8 @@
 # backend the training step calls, CUDA vs the host emulation (cuda_accel); and the LoRA linear benchmark,
 # fused CUDA layer vs cuBLAS base layer alone, at the four reference shapes plus two
 # Llama-7B-like ones (`lora bench linear --device cuda --suite --json`); whole training steps on
-# the GPU against the CPU on the fixture models (lora-train cuda_step, LORA_REQUIRE_GPU=1 so a
+# the GPU against the CPU on the fixture models (lora-train's device tests, whose every body also
+# runs on cuda:0 where one answers; LORA_REQUIRE_GPU=1 so a
 # skip fails); and the GPT-2 small training step (`lora bench train --device cuda`, LoRA r8 on
 # c_attn, batch 4 x 256) beside PyTorch + PEFT on the same GPU (benches/compare_train_peft.py).
 set -euo pipefail
@@ -24,7 +25,7 @@ build)
     for v in 12 13; do
         mkdir -p "gpu-bin/cu$v"
         f="--no-default-features --features cuda-$v"
-        for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:cuda_step; do
+        for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:device; do
             p=${pt%%:*} t=${pt##*:}
             # shellcheck disable=SC2086
             path=$(cargo test --release -p "$p" $f --test "$t" --no-run --message-format=json 2>/dev/null \
@@ -67,9 +68,9 @@ run)
             (cd lora-kernels && LORA_REQUIRE_GPU=1 "../$bin/$t" --nocapture --test-threads 1) 2>&1 \
                 || echo "FAILED: $t"
         done
-        echo "## cuda_step (lora-train)"
-        (cd lora-train && LORA_REQUIRE_GPU=1 ../$bin/cuda_step --nocapture --test-threads 1) 2>&1 \
-            || echo "FAILED: cuda_step"
+        echo "## device (lora-train): every body on the emulation and on cuda:0"
+        (cd lora-train && LORA_REQUIRE_GPU=1 ../$bin/device --nocapture --test-threads 1) 2>&1 \
+            || echo "FAILED: device"
         echo "## lora bench linear --device cuda --suite --json"
         $bin/lora bench linear --device cuda --suite --json 2>&1 || echo "FAILED: bench"
         echo "## lora bench train --device cuda --json (GPT-2 small, LoRA r8 c_attn, 4 x 256)"

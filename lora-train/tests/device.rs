@@ -1,10 +1,18 @@
-//! The device code path without a GPU: `cuda:0` is made the host emulation of the device
-//! backend (device buffers in host memory, the CPU kernels), so everything between the model and
-//! the kernels — tensors moved to the device, every op's device twin and what it saves, the
-//! device backward, gradient accumulation, clipping and AdamW on device buffers — runs exactly as
-//! it does on a GPU, and must give what the host path gives. (The CUDA kernels themselves are
-//! checked against their CPU twins by `lora-kernels/tests/cuda_parity.rs` on a GPU, and a whole
-//! CUDA step against the host step by `tests/cuda_step.rs`.)
+//! The device code path against the host path, one test body per available device backend:
+//! - always, the host emulation of the backend (device buffers in host memory, the CPU kernels,
+//!   registered as `cuda:99`), so everything between the model and the kernels (tensors moved
+//!   to the device, every op's device twin and what it saves, the device backward, gradient
+//!   accumulation, clipping and AdamW on device buffers) runs as on a GPU and must give what the
+//!   host gives, to the bit for the loss;
+//! - where a CUDA device answers, the real `cuda:0`, with the same bodies: f32 on both sides but
+//!   other summation orders (cuBLAS, the kernels' reductions), so tolerances relative to each
+//!   tensor's largest value (loss 1e-5, gradients 1e-4, adapters after three steps 1e-4).
+//!   Without a GPU it says it was skipped; `scripts/gpu-check.sh` sets `LORA_REQUIRE_GPU=1`,
+//!   which turns a skip into a failure. (Each CUDA kernel is also checked against its CPU twin by
+//!   `lora-kernels/tests/cuda_parity.rs` there.)
+//!
+//! The fixture models: GPT-2; Llama with GQA; Llama 3 RoPE scaling; Mistral; Qwen2 with q/k/v
+//! bias; Llama in bf16; each with an adapter on every linear layer, dropout 0.2 and non-zero B.
 
 mod common;
 
@@ -12,32 +20,87 @@ use common::{adapters, max_rel, micro_batches, model, model_with, step, three_st
 use lora_core::models::CausalLm;
 use lora_core::{ops, Device, Tape, Tensor};
 
-const DEV: Device = Device::Cuda(0);
+/// The ordinal the host emulation is registered as (never a real GPU's).
+const EMU: Device = Device::Cuda(99);
 
-fn emulate() {
-    lora_core::device::emulate_cuda(0);
+/// A device backend to run a test body on, with the agreement it owes the host.
+struct Backend {
+    device: Device,
+    /// The host emulation (the host's own kernels: the loss to the bit).
+    exact: bool,
+    /// Relative bound for gradients and for adapters after three steps.
+    tol: f32,
+}
+
+/// The emulation, and `cuda:0` when a CUDA device answers (see the module docs).
+fn backends() -> Vec<Backend> {
+    lora_core::device::emulate_cuda(99);
+    let mut out = vec![Backend {
+        device: EMU,
+        exact: true,
+        tol: 1e-6,
+    }];
+    let required = std::env::var_os("LORA_REQUIRE_GPU").is_some();
+    if lora_core::device::cuda_device_count() > 0 {
+        match Device::Cuda(0).describe() {
+            Ok(name) => {
+                println!("on {name} too");
+                out.push(Backend {
+                    device: Device::Cuda(0),
+                    exact: false,
+                    tol: 1e-4,
+                });
+            }
+            Err(e) if required => panic!("LORA_REQUIRE_GPU is set but cuda:0 cannot be used: {e}"),
+            Err(e) => println!("SKIPPED on a GPU: cuda:0 cannot be used: {e}"),
+        }
+    } else if required {
+        panic!("LORA_REQUIRE_GPU is set but no CUDA device answers");
+    } else {
+        println!("SKIPPED on a GPU: no CUDA device answers on this machine");
+    }
+    out
+}
+
+/// The loss on a device against the host's: the same bits on the emulation, 1e-5 relative on a
+/// GPU.
+fn same_loss(b: &Backend, what: &str, host: f32, dev: f32) {
+    if b.exact {
+        assert_eq!(
+            host.to_bits(),
+            dev.to_bits(),
+            "{what}: loss {host} vs {dev}"
+        );
+    } else {
+        let e = ((host - dev) / host).abs();
+        println!("{what}: loss cpu {host} {} {dev} (rel {e:.2e})", b.device);
+        assert!(e <= 1e-5, "{what}: loss {host} vs {dev}");
+    }
 }
 
 fn check_step(name: &str) {
-    emulate();
+    for b in backends() {
+        check_step_on(&b, name);
+    }
+}
+
+fn check_step_on(b: &Backend, name: &str) {
+    let dev_name = b.device;
     let host = model(name);
     let dev = model(name);
-    dev.to_device(DEV).unwrap();
+    dev.to_device(dev_name).unwrap();
     for (path, l) in dev.linears() {
         for t in l.tensors() {
-            assert_eq!(t.device(), DEV, "{name}: {path} not moved");
+            assert_eq!(t.device(), dev_name, "{name}: {path} not moved");
         }
     }
     let (loss_h, g_h, saved_h) = step(host.as_ref(), name, false);
     let (loss_d, g_d, saved_d) = step(dev.as_ref(), name, false);
-    assert_eq!(
-        loss_h.to_bits(),
-        loss_d.to_bits(),
-        "{name}: loss {loss_h} vs {loss_d}"
-    );
+    same_loss(b, name, loss_h, loss_d);
     let e = worst_rel(&g_h, &g_d);
+    println!("{name} on {dev_name}: worst adapter gradient relative difference {e:.2e}");
     assert!(
-        e <= 1e-6,
+        e <= b.tol,
         "{name}: adapter gradients: relative difference {e:.2e}"
     );
     // The device tape keeps x of every adapted linear (its backward reads it for dA in the
@@ -48,17 +111,41 @@ fn check_step(name: &str) {
     );
     // Checkpointing on the device: the same loss and gradients.
     let (loss_c, g_c, saved_c) = step(dev.as_ref(), name, true);
-    assert_eq!(
-        loss_h.to_bits(),
-        loss_c.to_bits(),
-        "{name}: checkpointed loss"
-    );
+    same_loss(b, &format!("{name} (checkpointed)"), loss_h, loss_c);
     let e = worst_rel(&g_h, &g_c);
-    assert!(e <= 1e-5, "{name}: checkpointed adapter gradients: {e:.2e}");
+    assert!(
+        e <= b.tol.max(1e-5),
+        "{name}: checkpointed adapter gradients: {e:.2e}"
+    );
     assert!(
         saved_c * 3 < saved_d,
         "{name}: checkpointed tape {saved_c} vs {saved_d}"
     );
+    if !b.exact {
+        // A whole run on the GPU: three optimizer steps against the host's.
+        let micro = micro_batches(name);
+        let host = model(name);
+        let dev = model(name);
+        dev.to_device(dev_name).unwrap();
+        let (st_h, _) = three_steps(host.as_ref(), &micro);
+        let (st_d, _) = three_steps(dev.as_ref(), &micro);
+        for (h, d) in st_h.iter().zip(&st_d) {
+            assert!(
+                ((h.loss - d.loss) / h.loss).abs() <= 1e-4,
+                "{name}: {h:?} vs {d:?}"
+            );
+        }
+        let worst = adapters(host.as_ref())
+            .iter()
+            .zip(adapters(dev.as_ref()))
+            .map(|(a, d)| max_rel(&a.to_vec(), &d.try_to_vec().unwrap()))
+            .fold(0.0f32, f32::max);
+        println!("{name}: adapters after 3 steps, worst relative difference {worst:.2e}");
+        assert!(
+            worst <= b.tol,
+            "{name}: adapters after 3 steps differ by {worst:.2e}"
+        );
+    }
 }
 
 #[test]
@@ -80,16 +167,17 @@ fn qwen2_device_step_matches_the_host_step() {
 /// backward writes scratch buffers for them.
 #[test]
 fn partial_adapters_device_step_matches_the_host_step() {
-    emulate();
-    let name = "llama_gqa";
-    let host = model_with(name, |p| p.ends_with("q_proj"));
-    let dev = model_with(name, |p| p.ends_with("q_proj"));
-    dev.to_device(DEV).unwrap();
-    let (loss_h, g_h, _) = step(host.as_ref(), name, false);
-    let (loss_d, g_d, _) = step(dev.as_ref(), name, false);
-    assert_eq!(loss_h.to_bits(), loss_d.to_bits());
-    assert_eq!(g_h.len(), 2 * 2, "two layers, A and B");
-    assert!(worst_rel(&g_h, &g_d) <= 1e-6);
+    for b in backends() {
+        let name = "llama_gqa";
+        let host = model_with(name, |p| p.ends_with("q_proj"));
+        let dev = model_with(name, |p| p.ends_with("q_proj"));
+        dev.to_device(b.device).unwrap();
+        let (loss_h, g_h, _) = step(host.as_ref(), name, false);
+        let (loss_d, g_d, _) = step(dev.as_ref(), name, false);
+        same_loss(&b, name, loss_h, loss_d);
+        assert_eq!(g_h.len(), 2 * 2, "two layers, A and B");
+        assert!(worst_rel(&g_h, &g_d) <= b.tol);
+    }
 }
 
 #[test]
@@ -101,57 +189,68 @@ fn llama3_rope_scaling_and_mistral_device_steps_match_the_host_steps() {
 #[test]
 fn bf16_weights_stay_16_bit_on_the_device() {
     check_step("llama_bf16");
-    emulate();
-    let dev = model("llama_bf16");
-    dev.to_device(DEV).unwrap();
-    let (_, _, _) = step(dev.as_ref(), "llama_bf16", false);
-    for (path, l) in dev.linears() {
-        assert!(
-            l.base().0.is_half_stored(),
-            "{path}: the frozen bf16 weight was widened in device memory"
-        );
+    for b in backends() {
+        let dev = model("llama_bf16");
+        dev.to_device(b.device).unwrap();
+        let (_, _, _) = step(dev.as_ref(), "llama_bf16", false);
+        for (path, l) in dev.linears() {
+            assert!(
+                l.base().0.is_half_stored(),
+                "{path}: the frozen bf16 weight was widened in device memory"
+            );
+        }
     }
 }
 
 /// Three optimizer steps of two micro-batches each, with clipping, AdamW and LoRA+ groups.
 #[test]
 fn device_training_steps_match_host_steps() {
-    emulate();
-    let name = "gpt2";
-    let host = model(name);
-    let dev = model(name);
-    dev.to_device(DEV).unwrap();
-    let micro = micro_batches(name);
-    let run = |m: &dyn CausalLm| three_steps(m, &micro);
-    let (st_h, opt_h) = run(host.as_ref());
-    let (st_d, opt_d) = run(dev.as_ref());
-    for (h, d) in st_h.iter().zip(&st_d) {
-        assert_eq!(h.loss.to_bits(), d.loss.to_bits(), "loss {h:?} vs {d:?}");
+    for b in backends() {
+        let name = "gpt2";
+        let host = model(name);
+        let dev = model(name);
+        dev.to_device(b.device).unwrap();
+        let micro = micro_batches(name);
+        let run = |m: &dyn CausalLm| three_steps(m, &micro);
+        let (st_h, opt_h) = run(host.as_ref());
+        let (st_d, opt_d) = run(dev.as_ref());
+        for (h, d) in st_h.iter().zip(&st_d) {
+            if b.exact {
+                assert_eq!(h.loss.to_bits(), d.loss.to_bits(), "loss {h:?} vs {d:?}");
+            } else {
+                assert!(((h.loss - d.loss) / h.loss).abs() <= 1e-4, "{h:?} vs {d:?}");
+            }
+            assert!(
+                (h.grad_norm - d.grad_norm).abs() <= b.tol * h.grad_norm,
+                "{h:?} vs {d:?}"
+            );
+        }
         assert!(
-            (h.grad_norm - d.grad_norm).abs() <= 1e-6 * h.grad_norm,
-            "{h:?} vs {d:?}"
+            st_h[0].grad_norm > 0.5,
+            "clipping must have acted: {:?}",
+            st_h[0]
         );
-    }
-    assert!(
-        st_h[0].grad_norm > 0.5,
-        "clipping must have acted: {:?}",
-        st_h[0]
-    );
-    for (a, d) in adapters(host.as_ref()).iter().zip(adapters(dev.as_ref())) {
-        assert_eq!(d.device(), DEV, "the update kept the adapter on the device");
-        let e = max_rel(&a.to_vec(), &d.try_to_vec().unwrap());
-        assert!(e <= 1e-6, "adapter after 3 steps: {e:.2e}");
-    }
-    assert_eq!(opt_h.steps, opt_d.steps);
-    for ((kh, vh), (kd, vd)) in opt_h.buffers.iter().zip(&opt_d.buffers) {
-        assert_eq!(kh, kd);
-        assert!(max_rel(vh, vd) <= 1e-5, "{kh}");
+        for (a, d) in adapters(host.as_ref()).iter().zip(adapters(dev.as_ref())) {
+            assert_eq!(
+                d.device(),
+                b.device,
+                "the update kept the adapter on the device"
+            );
+            let e = max_rel(&a.to_vec(), &d.try_to_vec().unwrap());
+            assert!(e <= b.tol, "adapter after 3 steps: {e:.2e}");
+        }
+        assert_eq!(opt_h.steps, opt_d.steps);
+        for ((kh, vh), (kd, vd)) in opt_h.buffers.iter().zip(&opt_d.buffers) {
+            assert_eq!(kh, kd);
+            assert!(max_rel(vh, vd) <= b.tol.max(1e-5), "{kh}");
+        }
     }
 }
 
 #[test]
 fn mixed_devices_and_trainable_base_weights_are_clear_errors() {
-    emulate();
+    backends();
+    const DEV: Device = EMU;
     let w = Tensor::new(vec![0.5; 6], &[2, 3]).unwrap();
     w.to_device(DEV).unwrap();
     let x = Tensor::new(vec![1.0; 3], &[1, 3]).unwrap();
@@ -166,7 +265,10 @@ fn mixed_devices_and_trainable_base_weights_are_clear_errors() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("`x` is on cpu but `weight` is on cuda:0"), "{e}");
+    assert!(
+        e.contains("`x` is on cpu but `weight` is on cuda:99"),
+        "{e}"
+    );
     x.to_device(DEV).unwrap();
     let y = ops::linear(
         &tape,
@@ -203,10 +305,15 @@ fn mixed_devices_and_trainable_base_weights_are_clear_errors() {
 /// interleaved.
 #[test]
 fn gradient_sums_of_squares_together_equal_one_by_one() {
-    emulate();
+    for b in backends() {
+        sums_of_squares_on(b.device);
+    }
+}
+
+fn sums_of_squares_on(device: Device) {
     let name = "gpt2";
     let dev = model(name);
-    dev.to_device(DEV).unwrap();
+    dev.to_device(device).unwrap();
     let (ids, b, t) = common::ids(name);
     let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let tape = Tape::new(3);
