@@ -210,6 +210,14 @@ pub trait Accel: Send + Sync {
 
     /// Rows of `table` (`(V, c)`) by id; ids are checked against `V` first.
     fn embedding_forward(&self, table: &DBuf, ids: &[u32], c: usize) -> Result<DBuf>;
+    /// `dtable[ids[i], :] += dout[i, :]`, tokens in order (deterministic); ids checked first.
+    fn embedding_backward(
+        &self,
+        dtable: &mut DBuf,
+        dout: &DBuf,
+        ids: &[u32],
+        c: usize,
+    ) -> Result<()>;
 
     /// RoPE on `x` `(N, heads * head_dim)`: forward writes `out`; `backward` accumulates the
     /// inverse rotation of `x` (= dout) into `out` (= dx).
@@ -544,6 +552,15 @@ impl Accel for Emulated {
         let mut out = vec![0.0; ids.len() * c];
         embedding::embedding_forward(&mut out, h(table)?, ids, c)?;
         Ok(DBuf::Host(out))
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut DBuf,
+        dout: &DBuf,
+        ids: &[u32],
+        c: usize,
+    ) -> Result<()> {
+        embedding::embedding_backward(hm(dtable)?, h(dout)?, ids, c)
     }
     fn rope(
         &self,

@@ -390,6 +390,26 @@ impl Accel for CudaDevice {
         })?;
         Ok(DBuf::Cuda(out))
     }
+    fn embedding_backward(
+        &self,
+        dtable: &mut DBuf,
+        dout: &DBuf,
+        ids: &[u32],
+        cc: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_backward";
+        let v = dtable.len() / cc.max(1);
+        check_len(OP, "dtable", dtable.len(), &[v, cc])?;
+        check_len(OP, "dout", dout.len(), &[ids.len(), cc])?;
+        check_ids(OP, ids, v)?;
+        let (ds, is) = (c(dout)?, self.ints(ids)?);
+        let (ni, ci) = (ids.len() as i32, cc as i32);
+        let dt = cm(dtable)?;
+        // One thread per column walks the tokens in order: deterministic sums.
+        self.run(OP, cols_cfg(cc), |l| {
+            l.arg(dt).arg(ds).arg(&is).arg(&ni).arg(&ci);
+        })
+    }
     fn rope(
         &self,
         backward: bool,

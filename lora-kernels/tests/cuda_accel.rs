@@ -122,6 +122,10 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         "embedding".into(),
         down(&a.embedding_forward(&table, &ids, c).unwrap()),
     ));
+    // The table's gradient: repeated ids add up, onto what the buffer held.
+    let mut dtable = up(&rand(v * c, 13));
+    a.embedding_backward(&mut dtable, &dout, &ids, c).unwrap();
+    out.push(("embedding dtable".into(), down(&dtable)));
 
     // RoPE: 3 heads of 8 over 7 rows, tables for 12 positions.
     let (h, d) = (3usize, 8usize);

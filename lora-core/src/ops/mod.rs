@@ -6,9 +6,9 @@
 //! Adding an op: its kernels in `lora-kernels` (CPU, and CUDA with its `Accel` method), and one
 //! file here implementing [`HostOp`] and [`DevOp`] for its nodes; `autograd.rs` needs nothing.
 //!
-//! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`. On a device only adapters
-//! (and norm gains) train: a trainable base weight, bias or embedding table there is a clear
-//! error, not a silent host fallback.
+//! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`. On a device adapters, norm
+//! gains and embedding tables train; a trainable base weight or bias there is a clear error, not
+//! a silent host fallback.
 
 mod add;
 mod attention;
