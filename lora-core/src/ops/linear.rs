@@ -147,7 +147,9 @@ fn linear_dev(
 ) -> Result<Tensor> {
     const OP: &str = "linear";
     frozen(OP, "weight", w)?;
-    if let Some(b) = bias {
+    // A trainable bias trains beside an adapter (its gradient comes from the adapter's pass
+    // over dy); a layer without one has no bias-gradient kernel on the GPU.
+    if let (Some(b), None) = (bias, &lora) {
         frozen(OP, "bias", b)?;
     }
     let mut inputs = vec![x.clone(), w.clone()];
@@ -353,7 +355,11 @@ impl DevOp for DevLinear {
         });
         let grads = DevLinearGrads {
             dx: g.take(0),
-            dbias: None,
+            dbias: if *has_bias && lora.is_some() {
+                g.take(2)
+            } else {
+                None
+            },
             da: if lora.is_some() { g.take(a_idx) } else { None },
             db: if lora.is_some() {
                 g.take(a_idx + 1)
@@ -369,5 +375,63 @@ impl DevOp for DevLinear {
             Ok(a.linear_backward(grads, dout, data[0], wb, *layout, dl, u, *dims)?)
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ops, Device, Tape, Tensor};
+    use lora_kernels::lora_linear::WeightLayout;
+
+    /// A trainable bias beside an adapter on a device (the host emulation here) gets the host's
+    /// gradient; without an adapter it is refused, naming it.
+    #[test]
+    fn a_trainable_bias_beside_an_adapter_trains_on_a_device() {
+        crate::device::emulate_cuda(971);
+        let dev = Device::Cuda(971);
+        let (n, k, m, r) = (5usize, 7usize, 4usize, 2usize);
+        let mut rng = lora_kernels::rng::Rng::new(21);
+        let mut rand = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| rng.uniform_range(-1.0, 1.0) as f32)
+                .collect()
+        };
+        let (xv, wv, bv, av, bbv) = (rand(n * k), rand(m * k), rand(m), rand(r * k), rand(m * r));
+        let targets = [1, 3, -100, 0, 2];
+        let run = |device: Device| -> (f32, Vec<f32>, Vec<f32>) {
+            let x = Tensor::new_on(xv.clone(), &[n, k], false, device).unwrap();
+            let w = Tensor::new_on(wv.clone(), &[m, k], false, device).unwrap();
+            let b = Tensor::new_on(bv.clone(), &[m], true, device).unwrap();
+            let a = Tensor::new_on(av.clone(), &[r, k], true, device).unwrap();
+            let bb = Tensor::new_on(bbv.clone(), &[m, r], true, device).unwrap();
+            let tape = Tape::new(4);
+            let lora = ops::LoraArgs {
+                a: &a,
+                b: &bb,
+                scale: 1.5,
+                dropout: 0.0,
+            };
+            let y = ops::linear(&tape, &x, &w, WeightLayout::OutIn, Some(&b), Some(lora)).unwrap();
+            let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
+            let l = loss.try_to_vec().unwrap()[0];
+            let g = tape.backward(&loss).unwrap();
+            let db = g.to_vec(&b).unwrap().unwrap();
+            let da = g.to_vec(&a).unwrap().unwrap();
+            (l, db, da)
+        };
+        let (lh, dbh, dah) = run(Device::Cpu);
+        let (ld, dbd, dad) = run(dev);
+        assert_eq!(lh.to_bits(), ld.to_bits());
+        assert_eq!(dbh, dbd);
+        assert_eq!(dah, dad);
+        assert!(dbh.iter().any(|&g| g != 0.0));
+        // Without an adapter: refused on the device, by name.
+        let x = Tensor::new_on(xv.clone(), &[n, k], false, dev).unwrap();
+        let w = Tensor::new_on(wv.clone(), &[m, k], false, dev).unwrap();
+        let b = Tensor::new_on(bv.clone(), &[m], true, dev).unwrap();
+        let e = ops::linear(&Tape::new(0), &x, &w, WeightLayout::OutIn, Some(&b), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`bias` is trainable"), "{e}");
     }
 }

@@ -7,8 +7,9 @@
 //! file here implementing [`HostOp`] and [`DevOp`] for its nodes; `autograd.rs` needs nothing.
 //!
 //! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`. On a device adapters, norm
-//! gains and embedding tables train; a trainable base weight or bias there is a clear error, not
-//! a silent host fallback.
+//! gains, embedding tables and the biases of adapted layers train; a trainable base weight, or
+//! the trainable bias of a layer without an adapter, is a clear error there, not a silent host
+//! fallback.
 
 mod add;
 mod attention;
