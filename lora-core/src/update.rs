@@ -105,7 +105,7 @@ pub fn adamw_update(
     let mut guard = p.dev_mut();
     let d = guard
         .as_mut()
-        .ok_or_else(|| CoreError::Internal("adamw: the tensor left its device"))?;
+        .ok_or(CoreError::Internal("adamw: the tensor left its device"))?;
     let (Place::Dev(_, mb), Place::Dev(_, vb)) = (&mut m.0, &mut v.0) else {
         unreachable!("moments follow the tensor")
     };

@@ -367,9 +367,9 @@ impl DevOp for DevLinear {
                 None
             },
         };
-        let w = inputs[1]
-            .values
-            .ok_or_else(|| CoreError::Internal("linear: the weight was not kept for backward"))?;
+        let w = inputs[1].values.ok_or(CoreError::Internal(
+            "linear: the weight was not kept for backward",
+        ))?;
         let u = lora.as_ref().map(|l| &l.u);
         with_weight(a, w, |wb| {
             Ok(a.linear_backward(grads, dout, data[0], wb, *layout, dl, u, *dims)?)

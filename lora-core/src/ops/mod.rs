@@ -205,7 +205,7 @@ pub(crate) type Guard<'a> = RwLockReadGuard<'a, Option<DevData>>;
 /// The f32 device buffer behind a guard (16-bit tensors are widened first by the callers).
 pub(crate) fn f32_of<'a>(g: &'a Guard<'_>) -> Result<&'a DBuf> {
     g.as_ref()
-        .ok_or_else(|| CoreError::Internal("a host tensor in a device op"))?
+        .ok_or(CoreError::Internal("a host tensor in a device op"))?
         .f32()
 }
 
@@ -232,7 +232,7 @@ fn with_weight<R>(accel: &dyn Accel, w: &Tensor, f: impl FnOnce(&DBuf) -> Result
     let g = w.dev();
     let d = g
         .as_ref()
-        .ok_or_else(|| CoreError::Internal("a host weight in a device op"))?;
+        .ok_or(CoreError::Internal("a host weight in a device op"))?;
     match &d.vals {
         DevVals::F32(b) => f(b),
         DevVals::Half(bits, fmt) => {
