@@ -29,11 +29,12 @@ compile_error!("the features cuda-12 and cuda-13 exclude each other: build with 
 pub struct CudaLib {
     /// The name after `lib` (`nvrtc`, `cublas`).
     pub name: &'static str,
-    /// The pip wheel's folder under `site-packages/nvidia/` (`cuda_nvrtc`, `cublas`; `cu13` for
-    /// every CUDA 13 wheel).
-    pub wheel: &'static str,
-    /// The pip package that ships it for this build's CUDA version.
-    pub package: &'static str,
+    /// The CUDA 12 pip wheel's folder under `site-packages/nvidia/` (`cuda_nvrtc`, `cublas`);
+    /// every CUDA 13 wheel uses `cu13` ([`CudaLib::wheel`]).
+    pub wheel_12: &'static str,
+    /// The CUDA 12 pip package that ships it (`nvidia-cublas-cu12`); CUDA 13's drops `-cu12`
+    /// ([`CudaLib::package`]).
+    pub package_12: &'static str,
     /// Libraries it loads by name itself, from the same folder (`nvrtc-builtins`, opened by
     /// NVRTC when it compiles; `cublasLt`, a dependency of cuBLAS): preloaded first when the
     /// library comes from a folder the loader does not search.
@@ -45,16 +46,8 @@ pub struct CudaLib {
 /// NVRTC, which compiles the kernels.
 pub const NVRTC: CudaLib = CudaLib {
     name: "nvrtc",
-    wheel: if CUDA_MAJOR == 13 {
-        "cu13"
-    } else {
-        "cuda_nvrtc"
-    },
-    package: if CUDA_MAJOR == 13 {
-        "nvidia-cuda-nvrtc"
-    } else {
-        "nvidia-cuda-nvrtc-cu12"
-    },
+    wheel_12: "cuda_nvrtc",
+    package_12: "nvidia-cuda-nvrtc-cu12",
     companions: &["nvrtc-builtins"],
     present: cudarc::nvrtc::sys::is_culib_present,
 };
@@ -62,12 +55,8 @@ pub const NVRTC: CudaLib = CudaLib {
 /// cuBLAS, which runs the dense products.
 pub const CUBLAS: CudaLib = CudaLib {
     name: "cublas",
-    wheel: if CUDA_MAJOR == 13 { "cu13" } else { "cublas" },
-    package: if CUDA_MAJOR == 13 {
-        "nvidia-cublas"
-    } else {
-        "nvidia-cublas-cu12"
-    },
+    wheel_12: "cublas",
+    package_12: "nvidia-cublas-cu12",
     companions: &["cublasLt"],
     present: cudarc::cublas::sys::is_culib_present,
 };
@@ -128,7 +117,8 @@ impl std::fmt::Display for LibMissing {
             ". Install the CUDA {CUDA_MAJOR} toolkit and set CUDA_HOME, or `pip install {}` \
              (found in the Python environment's site-packages/nvidia/{}/lib), or put the folder \
              holding {file} on LD_LIBRARY_PATH",
-            self.lib.package, self.lib.wheel
+            self.lib.package(),
+            self.lib.wheel()
         )
     }
 }
@@ -136,6 +126,22 @@ impl std::fmt::Display for LibMissing {
 impl std::error::Error for LibMissing {}
 
 impl CudaLib {
+    /// The pip wheel folder of this build's CUDA version.
+    pub fn wheel(&self) -> &'static str {
+        if CUDA_MAJOR == 13 {
+            "cu13"
+        } else {
+            self.wheel_12
+        }
+    }
+    /// The pip package of this build's CUDA version.
+    pub fn package(&self) -> &'static str {
+        if CUDA_MAJOR == 13 {
+            self.package_12.trim_end_matches("-cu12")
+        } else {
+            self.package_12
+        }
+    }
     /// Whether cudarc will find it by name.
     fn loads(&self) -> bool {
         // SAFETY: cudarc's check only tries to load the library by its candidate names; these
@@ -183,28 +189,16 @@ pub fn search_dirs(lib: CudaLib) -> Vec<PathBuf> {
         pythons.sort();
         for py in pythons {
             for sp in ["site-packages", "dist-packages"] {
-                dirs.push(py.join(sp).join("nvidia").join(lib.wheel).join("lib"));
-                // The other CUDA major's wheels, to say that they are there.
-                let other = if CUDA_MAJOR == 13 {
-                    wheel_12(lib)
-                } else {
-                    "cu13"
-                };
-                dirs.push(py.join(sp).join("nvidia").join(other).join("lib"));
+                // Both majors' layouts: the other one's files are named as such in errors.
+                for w in [lib.wheel_12, "cu13"] {
+                    dirs.push(py.join(sp).join("nvidia").join(w).join("lib"));
+                }
             }
         }
     }
     dirs.retain(|d| d.is_dir());
     dirs.dedup();
     dirs
-}
-
-/// The folder a CUDA 12 pip wheel keeps `lib` in (`nvidia/<folder>/lib`).
-fn wheel_12(lib: CudaLib) -> &'static str {
-    match lib.name {
-        "nvrtc" => "cuda_nvrtc",
-        n => n,
-    }
 }
 
 /// Libraries loaded by full path, kept loaded for the life of the process.

@@ -37,7 +37,7 @@ fn a_missing_library_is_an_error_naming_it_and_where_to_get_it() {
     assert!(dirs.contains(&site.join("cublas/lib")), "{dirs:?}");
     assert!(dirs.contains(&site.join("cu13/lib")), "{dirs:?}");
     let own = if CUDA_MAJOR == 13 { "cu13" } else { "cublas" };
-    assert_eq!(CUBLAS.wheel, own);
+    assert_eq!(CUBLAS.wheel(), own);
     match ensure(CUBLAS) {
         // A machine with a real cuBLAS on the loader's path finds it before any folder.
         Ok(()) => eprintln!("cuBLAS loads by name here; the missing-library message is untested"),

@@ -52,7 +52,7 @@ fn nvrtc_in_a_pip_wheel_folder_is_found_and_used() {
     let _ = std::fs::remove_dir_all(&venv);
     let wheel: PathBuf = venv
         .join("lib/python3.12/site-packages/nvidia")
-        .join(NVRTC.wheel);
+        .join(NVRTC.wheel());
     std::fs::create_dir_all(&wheel).unwrap();
     std::os::unix::fs::symlink(std::fs::canonicalize(&dir).unwrap(), wheel.join("lib")).unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
