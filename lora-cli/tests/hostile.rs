@@ -19,6 +19,14 @@ fn lora_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
     c.output().expect("run lora")
 }
 
+/// `lora eval --model MODEL --data DATA --json` with `env` set.
+fn eval_json(model: &str, data: &Path, env: &[(&str, &Path)]) -> Output {
+    lora_env(
+        &["eval", "--model", model, "--data", s(data), "--json"],
+        env,
+    )
+}
+
 fn fixture(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures/parity")
@@ -374,14 +382,7 @@ fn hub_ids_resolve_from_the_local_cache() {
         lora_env(&args, &env)
     };
     let by_id = ok(&eval(&[]));
-    let by_dir = ok(&lora(&[
-        "eval",
-        "--model",
-        s(&fixture("gpt2/model")),
-        "--data",
-        s(&d),
-        "--json",
-    ]));
+    let by_dir = ok(&eval_json(s(&fixture("gpt2/model")), &d, &[]));
     assert_eq!(by_id, by_dir);
     assert_eq!(ok(&eval(&["--revision", commit])), by_dir);
     refused(
@@ -394,17 +395,7 @@ fn hub_ids_resolve_from_the_local_cache() {
         ],
     );
     // HF_HOME/hub is where the cache is when HF_HUB_CACHE is not set.
-    let via_home = lora_env(
-        &[
-            "eval",
-            "--model",
-            "tiny-org/tiny-gpt2",
-            "--data",
-            s(&d),
-            "--json",
-        ],
-        &[("HF_HOME", t.as_path())],
-    );
+    let via_home = eval_json("tiny-org/tiny-gpt2", &d, &[("HF_HOME", t.as_path())]);
     assert_eq!(ok(&via_home), by_dir);
     let missing = lora_env(
         &[
@@ -973,29 +964,16 @@ fn a_hub_id_not_in_the_cache_is_downloaded_into_it() {
     let commit = "89abcdef0123456789abcdef0123456789abcdef";
     let (addr, server) = mock_hub(fixture("gpt2/model"), commit);
     let endpoint = PathBuf::from(&addr);
-    let out = lora_env(
-        &[
-            "eval",
-            "--model",
-            "tiny-org/tiny-gpt2",
-            "--data",
-            s(&d),
-            "--json",
-        ],
+    let out = eval_json(
+        "tiny-org/tiny-gpt2",
+        &d,
         &[
             ("HF_HUB_CACHE", cache.as_path()),
             ("HF_ENDPOINT", endpoint.as_path()),
         ],
     );
     let by_id = ok(&out);
-    let by_dir = ok(&lora(&[
-        "eval",
-        "--model",
-        s(&fixture("gpt2/model")),
-        "--data",
-        s(&d),
-        "--json",
-    ]));
+    let by_dir = ok(&eval_json(s(&fixture("gpt2/model")), &d, &[]));
     assert_eq!(by_id, by_dir);
     let snap = cache
         .join("models--tiny-org--tiny-gpt2/snapshots")
@@ -1013,15 +991,9 @@ fn a_hub_id_not_in_the_cache_is_downloaded_into_it() {
     );
     // Now cached: offline works, and nothing more is fetched.
     let offline = PathBuf::from("1");
-    let again = lora_env(
-        &[
-            "eval",
-            "--model",
-            "tiny-org/tiny-gpt2",
-            "--data",
-            s(&d),
-            "--json",
-        ],
+    let again = eval_json(
+        "tiny-org/tiny-gpt2",
+        &d,
         &[
             ("HF_HUB_CACHE", cache.as_path()),
             ("HF_HUB_OFFLINE", offline.as_path()),
