@@ -80,9 +80,9 @@ pub fn run_linear(
             let (dx, da, db) = &mut *grads.borrow_mut();
             let g = DevLinearGrads {
                 dx: Some(dx),
-                dbias: None,
                 da: Some(da),
                 db: Some(db),
+                ..Default::default()
             };
             dev.linear_backward(g, &dy, &x, &w, layout, Some(lora), u.as_ref(), d)
                 .map_err(cerr)?;

@@ -54,7 +54,7 @@ impl Op {
     fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
         match self {
             Op::Host(op) => op.reads_input(i, inputs),
-            Op::Dev { op, .. } => op.reads_input(i),
+            Op::Dev { op, .. } => op.reads_input(i, inputs),
             Op::Checkpoint { .. } => true,
         }
     }

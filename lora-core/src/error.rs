@@ -54,17 +54,6 @@ pub enum CoreError {
     /// A tensor and its gradient (or an op's gradients) are on different devices.
     #[error("device: {0}: a tensor and its gradient are on different devices")]
     MixedGradients(String),
-    /// A trainable tensor the device path cannot train (only adapters and norm gains train on a
-    /// device; the host trains anything).
-    #[error("device: {op}: `{what}` is trainable; {why}")]
-    NotTrainableHere {
-        /// The op or step.
-        op: &'static str,
-        /// The operand.
-        what: &'static str,
-        /// What is supported instead.
-        why: &'static str,
-    },
     /// What was asked is not available where the tensors are (TF32 on the CPU, SGD on a GPU,
     /// training a 16-bit weight on a device).
     #[error("device: {0}")]

@@ -96,18 +96,34 @@ pub struct DevLora<'a> {
     pub dropout: Option<Dropout>,
 }
 
-/// The gradients a device linear backward accumulates into (`None` = not needed). The base
-/// weight is frozen on a device: there is no `dw`.
+/// The gradients a device linear backward accumulates into (`None` = not needed, and not
+/// computed).
 #[derive(Default)]
 pub struct DevLinearGrads<'a> {
     /// `(N, K)`.
     pub dx: Option<&'a mut DBuf>,
+    /// The base weight's, in its layout: `(M, K)` for `OutIn`, `(K, M)` for `InOut` (a
+    /// trainable base weight: full fine-tuning).
+    pub dw: Option<&'a mut DBuf>,
     /// `(M)`.
     pub dbias: Option<&'a mut DBuf>,
     /// `(R, K)`.
     pub da: Option<&'a mut DBuf>,
     /// `(M, R)`.
     pub db: Option<&'a mut DBuf>,
+}
+
+/// What the fused output head returns: the mean loss over the counted rows, their count, and
+/// the gradients of that mean asked for.
+pub struct HeadOut {
+    /// Mean cross-entropy over the rows whose target is not negative (0 when none is).
+    pub loss: f32,
+    /// Rows counted.
+    pub count: usize,
+    /// `d loss / d x`, `(N, C)`.
+    pub dx: Option<DBuf>,
+    /// `d loss / d W`, `(V, C)`.
+    pub dw: Option<DBuf>,
 }
 
 /// A device: memory and one method per op. See the module docs.
@@ -273,7 +289,7 @@ pub trait Accel: Send + Sync {
         len: usize,
     ) -> Result<()>;
 
-    /// The (LoRA) linear layer with a frozen f32 base weight: `(y, u)` (`u` with an adapter).
+    /// The (LoRA) linear layer with an f32 base weight: `(y, u)` (`u` with an adapter).
     fn linear_forward(
         &self,
         x: &DBuf,
@@ -283,7 +299,8 @@ pub trait Accel: Send + Sync {
         lora: Option<DevLora>,
         d: LinearDims,
     ) -> Result<(DBuf, Option<DBuf>)>;
-    /// Its backward (no weight gradient).
+    /// Its backward, into the gradients given; `x` may be empty when no gradient asked for
+    /// reads it (`dw` and `dA` do).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -316,8 +333,9 @@ pub trait Accel: Send + Sync {
         v: usize,
         count: usize,
     ) -> Result<()>;
-    /// The output head `x W^T` (`w` `(v, c)`) with the mean cross-entropy: `(loss, count,
-    /// d loss / d x)` (the gradient only when `want_dx`).
+    /// The output head `x W^T` (`w` `(v, c)`) with the mean cross-entropy, and the gradients
+    /// of that mean asked for (`want_dx`, `want_dw`).
+    #[allow(clippy::too_many_arguments)]
     fn linear_cross_entropy(
         &self,
         x: &DBuf,
@@ -326,7 +344,8 @@ pub trait Accel: Send + Sync {
         c: usize,
         v: usize,
         want_dx: bool,
-    ) -> Result<(f32, usize, Option<DBuf>)>;
+        want_dw: bool,
+    ) -> Result<HeadOut>;
 
     /// One AdamW update (see [`adamw_step`]).
     fn adamw(&self, p: &mut DBuf, g: &DBuf, m: &mut DBuf, v: &mut DBuf, h: AdamStep) -> Result<()>;
@@ -694,7 +713,7 @@ impl Accel for Emulated {
         let x = if x.is_empty() { &[][..] } else { h(x)? };
         let g = LinearGrads {
             dx: hm_opt(grads.dx)?,
-            dw: None,
+            dw: hm_opt(grads.dw)?,
             dbias: hm_opt(grads.dbias)?,
             da: hm_opt(grads.da)?,
             db: hm_opt(grads.db)?,
@@ -739,8 +758,10 @@ impl Accel for Emulated {
         c: usize,
         v: usize,
         want_dx: bool,
-    ) -> Result<(f32, usize, Option<DBuf>)> {
+        want_dw: bool,
+    ) -> Result<HeadOut> {
         let mut dx = want_dx.then(|| vec![0.0f32; targets.len() * c]);
+        let mut dw = want_dw.then(|| vec![0.0f32; v * c]);
         let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
         let (loss, count) = cross_entropy::linear_cross_entropy(
             h(x)?,
@@ -749,10 +770,15 @@ impl Accel for Emulated {
             c,
             v,
             dx.as_deref_mut(),
-            None,
+            dw.as_deref_mut(),
             chunk,
         )?;
-        Ok((loss, count, dx.map(DBuf::Host)))
+        Ok(HeadOut {
+            loss,
+            count,
+            dx: dx.map(DBuf::Host),
+            dw: dw.map(DBuf::Host),
+        })
     }
     fn adamw(
         &self,

@@ -5,7 +5,7 @@
 //! Not yet run on a GPU: each kernel is checked against its CPU twin by `tests/cuda_parity.rs`,
 //! and the whole backend by the device training-step parity test, on a GPU machine.
 
-use crate::accel::{check_range, Accel, DBits, DBuf, DevLinearGrads, DevLora, Unary};
+use crate::accel::{check_range, Accel, DBits, DBuf, DevLinearGrads, DevLora, HeadOut, Unary};
 use crate::cuda::{CudaDevice, LoraDims};
 use crate::error::{check_len, invalid, KernelError, Result};
 use crate::operands::{LinearDims, WeightLayout};
@@ -539,17 +539,26 @@ impl Accel for CudaDevice {
     ) -> Result<()> {
         const OP: &str = "lora_linear_backward";
         check_len(OP, "dy", dy.len(), &[d.tokens, d.out])?;
-        let DevLinearGrads { dx, dbias, da, db } = grads;
+        let DevLinearGrads {
+            dx,
+            dw,
+            dbias,
+            da,
+            db,
+        } = grads;
+        let dims = (d.tokens, d.inp, d.out);
+        if let Some(dw) = dw {
+            CudaDevice::linear_backward_dw_accumulate(self, cm(dw)?, c(dy)?, c(x)?, layout, dims)?;
+        }
         let (Some(l), Some(u)) = (lora, u) else {
-            if dbias.is_some() || da.is_some() || db.is_some() {
+            if da.is_some() || db.is_some() {
                 return Err(invalid(
                     OP,
                     "grads",
-                    "a layer without an adapter has only dx here",
+                    "adapter gradients were asked of a layer without an adapter",
                 ));
             }
             if let Some(dx) = dx {
-                let dims = (d.tokens, d.inp, d.out);
                 CudaDevice::linear_backward_dx_accumulate(
                     self,
                     cm(dx)?,
@@ -558,6 +567,9 @@ impl Accel for CudaDevice {
                     layout,
                     dims,
                 )?;
+            }
+            if let Some(dbias) = dbias {
+                CudaDevice::column_sums_accumulate(self, cm(dbias)?, c(dy)?, (d.tokens, d.out))?;
             }
             return Ok(());
         };
@@ -655,10 +667,11 @@ impl Accel for CudaDevice {
         cc: usize,
         v: usize,
         want_dx: bool,
-    ) -> Result<(f32, usize, Option<DBuf>)> {
+        want_dw: bool,
+    ) -> Result<HeadOut> {
         // The logits (N, V) of these rows exist once on the device (the caller passes row
         // chunks of bounded size); their gradient is computed in the same call, then folded
-        // into dx by one more product.
+        // into dx and dW by one more product each.
         let n = targets.len();
         let d = LinearDims {
             tokens: n,
@@ -667,20 +680,30 @@ impl Accel for CudaDevice {
         };
         let (logits, _) = Accel::linear_forward(self, x, w, WeightLayout::OutIn, None, None, d)?;
         let (loss, count, lse) = Accel::cross_entropy_forward(self, &logits, targets, v)?;
-        if !want_dx {
-            return Ok((loss, count, None));
+        let mut out = HeadOut {
+            loss,
+            count,
+            dx: None,
+            dw: None,
+        };
+        if !want_dx && !want_dw {
+            return Ok(out);
         }
         let mut dlogits = Accel::zeros(self, n * v)?;
         Accel::cross_entropy_backward(self, &mut dlogits, 1.0, &logits, &lse, targets, v, count)?;
         drop(logits);
-        let dx = CudaDevice::linear_backward_dx(
-            self,
-            c(&dlogits)?,
-            c(w)?,
-            WeightLayout::OutIn,
-            (n, cc, v),
-        )?;
-        Ok((loss, count, Some(DBuf::Cuda(dx))))
+        let (layout, dims) = (WeightLayout::OutIn, (n, cc, v));
+        if want_dx {
+            let dx = CudaDevice::linear_backward_dx(self, c(&dlogits)?, c(w)?, layout, dims)?;
+            out.dx = Some(DBuf::Cuda(dx));
+        }
+        if want_dw {
+            let mut dw = Accel::zeros(self, v * cc)?;
+            let dwc = cm(&mut dw)?;
+            self.linear_backward_dw_accumulate(dwc, c(&dlogits)?, c(x)?, layout, dims)?;
+            out.dw = Some(dw);
+        }
+        Ok(out)
     }
     fn adamw(&self, p: &mut DBuf, g: &DBuf, m: &mut DBuf, v: &mut DBuf, h: AdamStep) -> Result<()> {
         let n = p.len();

@@ -198,6 +198,20 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         a.linear_backward(g, &dy, &x, &w, layout, None, None, dims)
             .unwrap();
         out.push((format!("linear {layout:?} dx (frozen)"), down(&dx)));
+        // No adapter, trainable weight and bias (full fine-tuning): dw and the column sums.
+        let (mut dx, mut dw, mut dbias) =
+            (up(&rand(n * c, 37)), up(&rand(m * c, 38)), up(&rand(m, 39)));
+        let g = DevLinearGrads {
+            dx: Some(&mut dx),
+            dw: Some(&mut dw),
+            dbias: Some(&mut dbias),
+            ..Default::default()
+        };
+        a.linear_backward(g, &dy, &x, &w, layout, None, None, dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} dx (full)"), down(&dx)));
+        out.push((format!("linear {layout:?} dw (full)"), down(&dw)));
+        out.push((format!("linear {layout:?} dbias (full)"), down(&dbias)));
         let lora = DevLora {
             a: &la,
             b: &lb,
@@ -212,14 +226,16 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         out.push((format!("linear {layout:?} y"), down(&yl)));
         out.push((format!("linear {layout:?} u"), down(&u)));
         // Every gradient accumulates into a buffer that already holds values.
-        let (mut dx, mut da, mut db, mut dbias) = (
+        let (mut dx, mut dw, mut da, mut db, mut dbias) = (
             up(&rand(n * c, 32)),
+            up(&rand(m * c, 40)),
             up(&rand(rank * c, 33)),
             up(&rand(m * rank, 24)),
             up(&rand(m, 34)),
         );
         let g = DevLinearGrads {
             dx: Some(&mut dx),
+            dw: Some(&mut dw),
             dbias: Some(&mut dbias),
             da: Some(&mut da),
             db: Some(&mut db),
@@ -227,16 +243,16 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         a.linear_backward(g, &dy, &x, &w, layout, Some(lora), Some(&u), dims)
             .unwrap();
         out.push((format!("linear {layout:?} dx"), down(&dx)));
+        out.push((format!("linear {layout:?} dw"), down(&dw)));
         out.push((format!("linear {layout:?} dA"), down(&da)));
         out.push((format!("linear {layout:?} dB"), down(&db)));
         out.push((format!("linear {layout:?} dbias"), down(&dbias)));
         // A first layer (its input needs no gradient) with a frozen bias: adapter grads only.
         let (mut da, mut db) = (up(&rand(rank * c, 35)), up(&rand(m * rank, 36)));
         let g = DevLinearGrads {
-            dx: None,
-            dbias: None,
             da: Some(&mut da),
             db: Some(&mut db),
+            ..Default::default()
         };
         a.linear_backward(g, &dy, &x, &w, layout, Some(lora), Some(&u), dims)
             .unwrap();
@@ -256,12 +272,18 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         .unwrap();
     out.push(("ce dlogits".into(), down(&dl)));
     let head = up(&rand(v * c, 26));
-    let (hl, hc, hdx) = a
-        .linear_cross_entropy(&x, &head, &targets, c, v, true)
+    let h = a
+        .linear_cross_entropy(&x, &head, &targets, c, v, true, true)
         .unwrap();
-    assert_eq!(hc, 6);
-    out.push(("head loss".into(), vec![hl]));
-    out.push(("head dx".into(), down(&hdx.unwrap())));
+    assert_eq!(h.count, 6);
+    out.push(("head loss".into(), vec![h.loss]));
+    out.push(("head dx".into(), down(&h.dx.unwrap())));
+    out.push(("head dw".into(), down(&h.dw.unwrap())));
+    let h = a
+        .linear_cross_entropy(&x, &head, &targets, c, v, false, false)
+        .unwrap();
+    assert!(h.dx.is_none() && h.dw.is_none());
+    out.push(("head loss (no grads)".into(), vec![h.loss]));
 
     // 16-bit widening: every bf16 pattern class and f16 subnormals, infinities, NaN.
     let bits: Vec<u16> = (0..4096u32).map(|i| (i * 16 + 3) as u16).collect();

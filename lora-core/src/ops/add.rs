@@ -63,7 +63,7 @@ impl DevOp for DevAdd {
     fn name(&self) -> &'static str {
         "add"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         false
     }
     fn backward(

@@ -139,7 +139,7 @@ impl DevOp for DevAttention {
     fn name(&self) -> &'static str {
         "attention"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
     fn saved_elems(&self) -> usize {

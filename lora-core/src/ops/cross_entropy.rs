@@ -100,7 +100,7 @@ impl DevOp for DevCrossEntropy {
     fn name(&self) -> &'static str {
         "cross_entropy"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
     fn saved_elems(&self) -> usize {

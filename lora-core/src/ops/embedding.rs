@@ -95,7 +95,7 @@ impl DevOp for DevEmbedding {
     fn name(&self) -> &'static str {
         "embedding"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         false
     }
     fn saved_elems(&self) -> usize {

@@ -106,7 +106,7 @@ impl DevOp for DevLayerNorm {
     fn name(&self) -> &'static str {
         "layer_norm"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
     fn saved_elems(&self) -> usize {

@@ -145,13 +145,6 @@ fn linear_dev(
     dims: LinearDims,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    const OP: &str = "linear";
-    frozen(OP, "weight", w)?;
-    // A trainable bias trains beside an adapter (its gradient comes from the adapter's pass
-    // over dy); a layer without one has no bias-gradient kernel on the GPU.
-    if let (Some(b), None) = (bias, &lora) {
-        frozen(OP, "bias", b)?;
-    }
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(bias.cloned());
     let gx = read(x)?;
@@ -214,6 +207,13 @@ fn linear_dev(
     Ok(out)
 }
 
+/// What a linear op's backward reads: dW and dA read x; dx reads W (and A, B). The weights are
+/// kept (they are alive anyway): only x, an activation, is worth dropping.
+fn reads_x_or_weights(i: usize, inputs: &[Tensor], has_bias: bool, lora: bool) -> bool {
+    let a_idx = if has_bias { 3 } else { 2 };
+    i != 0 || inputs[1].requires_grad() || (lora && inputs[a_idx].requires_grad())
+}
+
 /// Saved state of the adapter part of a linear op.
 struct LoraSaved {
     rank: usize,
@@ -234,13 +234,8 @@ impl HostOp for LinearNode {
     fn name(&self) -> &'static str {
         "lora_linear"
     }
-    // dW and dA read x; dx reads W (and A, B). The weights are kept (they are alive
-    // anyway): only x, an activation, is worth dropping.
     fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
-        let a_idx = if self.has_bias { 3 } else { 2 };
-        i != 0
-            || inputs[1].requires_grad()
-            || (self.lora.is_some() && inputs[a_idx].requires_grad())
+        reads_x_or_weights(i, inputs, self.has_bias, self.lora.is_some())
     }
     fn saved_elems(&self) -> usize {
         self.lora.as_ref().map_or(0, |l| l.u.len())
@@ -320,10 +315,8 @@ impl DevOp for DevLinear {
     fn name(&self) -> &'static str {
         "lora_linear"
     }
-    /// A linear op with an adapter keeps `x` (the device backward reads it for `dA` in the
-    /// same pass).
-    fn reads_input(&self, i: usize) -> bool {
-        i != 0 || self.lora.is_some()
+    fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
+        reads_x_or_weights(i, inputs, self.has_bias, self.lora.is_some())
     }
     fn saved_elems(&self) -> usize {
         self.lora.as_ref().map_or(0, |l| l.u.len())
@@ -345,6 +338,7 @@ impl DevOp for DevLinear {
             dims,
             lora,
         } = self;
+        let bias_idx = has_bias.then_some(2);
         let a_idx = if *has_bias { 3 } else { 2 };
         let dl = lora.as_ref().map(|l| DevLora {
             a: data[a_idx],
@@ -355,11 +349,8 @@ impl DevOp for DevLinear {
         });
         let grads = DevLinearGrads {
             dx: g.take(0),
-            dbias: if *has_bias && lora.is_some() {
-                g.take(2)
-            } else {
-                None
-            },
+            dw: g.take(1),
+            dbias: bias_idx.and_then(|i| g.take(i)),
             da: if lora.is_some() { g.take(a_idx) } else { None },
             db: if lora.is_some() {
                 g.take(a_idx + 1)
@@ -383,10 +374,12 @@ mod tests {
     use crate::{ops, Device, Tape, Tensor};
     use lora_kernels::lora_linear::WeightLayout;
 
-    /// A trainable bias beside an adapter on a device (the host emulation here) gets the host's
-    /// gradient; without an adapter it is refused, naming it.
+    /// Whatever trains on the host trains on a device (the host emulation here) with the same
+    /// gradients and the same saved activations: a trainable base weight (full fine-tuning) and
+    /// bias with and without an adapter, in both layouts, and a frozen layer whose input the
+    /// tape must not keep.
     #[test]
-    fn a_trainable_bias_beside_an_adapter_trains_on_a_device() {
+    fn a_device_trains_weights_and_biases_as_the_host_does() {
         crate::device::emulate_cuda(971);
         let dev = Device::Cuda(971);
         let (n, k, m, r) = (5usize, 7usize, 4usize, 2usize);
@@ -398,40 +391,62 @@ mod tests {
         };
         let (xv, wv, bv, av, bbv) = (rand(n * k), rand(m * k), rand(m), rand(r * k), rand(m * r));
         let targets = [1, 3, -100, 0, 2];
-        let run = |device: Device| -> (f32, Vec<f32>, Vec<f32>) {
-            let x = Tensor::new_on(xv.clone(), &[n, k], false, device).unwrap();
-            let w = Tensor::new_on(wv.clone(), &[m, k], false, device).unwrap();
-            let b = Tensor::new_on(bv.clone(), &[m], true, device).unwrap();
-            let a = Tensor::new_on(av.clone(), &[r, k], true, device).unwrap();
-            let bb = Tensor::new_on(bbv.clone(), &[m, r], true, device).unwrap();
-            let tape = Tape::new(4);
-            let lora = ops::LoraArgs {
-                a: &a,
-                b: &bb,
-                scale: 1.5,
-                dropout: 0.0,
-            };
-            let y = ops::linear(&tape, &x, &w, WeightLayout::OutIn, Some(&b), Some(lora)).unwrap();
-            let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
-            let l = loss.try_to_vec().unwrap()[0];
-            let g = tape.backward(&loss).unwrap();
-            let db = g.to_vec(&b).unwrap().unwrap();
-            let da = g.to_vec(&a).unwrap().unwrap();
-            (l, db, da)
-        };
-        let (lh, dbh, dah) = run(Device::Cpu);
-        let (ld, dbd, dad) = run(dev);
-        assert_eq!(lh.to_bits(), ld.to_bits());
-        assert_eq!(dbh, dbd);
-        assert_eq!(dah, dad);
-        assert!(dbh.iter().any(|&g| g != 0.0));
-        // Without an adapter: refused on the device, by name.
-        let x = Tensor::new_on(xv.clone(), &[n, k], false, dev).unwrap();
-        let w = Tensor::new_on(wv.clone(), &[m, k], false, dev).unwrap();
-        let b = Tensor::new_on(bv.clone(), &[m], true, dev).unwrap();
-        let e = ops::linear(&Tape::new(0), &x, &w, WeightLayout::OutIn, Some(&b), None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("`bias` is trainable"), "{e}");
+        // (weight trains, bias trains, adapter, adapter trains)
+        let cases = [
+            (true, true, false, false),
+            (false, true, false, false),
+            (true, false, true, true),
+            (false, true, true, true),
+            (true, true, true, false),
+            (false, false, true, true),
+            (false, false, false, false),
+        ];
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            for (wt, bt, with_lora, lt) in cases {
+                let run = |device: Device| -> (f32, usize, Vec<Option<Vec<f32>>>) {
+                    let x = Tensor::new_on(xv.clone(), &[n, k], true, device).unwrap();
+                    let wshape = match layout {
+                        WeightLayout::OutIn => [m, k],
+                        WeightLayout::InOut => [k, m],
+                    };
+                    let w = Tensor::new_on(wv.clone(), &wshape, wt, device).unwrap();
+                    let b = Tensor::new_on(bv.clone(), &[m], bt, device).unwrap();
+                    let a = Tensor::new_on(av.clone(), &[r, k], lt, device).unwrap();
+                    let bb = Tensor::new_on(bbv.clone(), &[m, r], lt, device).unwrap();
+                    let tape = Tape::new(4);
+                    let lora = with_lora.then_some(ops::LoraArgs {
+                        a: &a,
+                        b: &bb,
+                        scale: 1.5,
+                        dropout: 0.0,
+                    });
+                    let y = ops::linear(&tape, &x, &w, layout, Some(&b), lora).unwrap();
+                    let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
+                    let saved = tape.saved_elems();
+                    let l = loss.try_to_vec().unwrap()[0];
+                    let g = tape.backward(&loss).unwrap();
+                    let grads = [&x, &w, &b, &a, &bb]
+                        .iter()
+                        .map(|t| g.to_vec(t).unwrap())
+                        .collect();
+                    (l, saved, grads)
+                };
+                let what = format!("{layout:?} weight {wt} bias {bt} lora {with_lora}/{lt}");
+                let (lh, sh, gh) = run(Device::Cpu);
+                let (ld, sd, gd) = run(dev);
+                assert_eq!(lh.to_bits(), ld.to_bits(), "{what}: loss");
+                assert_eq!(sh, sd, "{what}: saved activations");
+                for (i, (h, d)) in gh.iter().zip(&gd).enumerate() {
+                    assert_eq!(h, d, "{what}: gradient of input {i}");
+                }
+                let trains = [true, wt, bt, with_lora && lt, with_lora && lt];
+                for (i, (g, t)) in gh.iter().zip(trains).enumerate() {
+                    assert_eq!(g.is_some(), t, "{what}: input {i} has a gradient");
+                    if let Some(g) = g {
+                        assert!(g.iter().any(|&v| v != 0.0), "{what}: input {i}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -85,15 +85,16 @@ fn linear_cross_entropy_dev(
     w: &Tensor,
     targets: &[i32],
 ) -> Result<Tensor> {
-    frozen("linear_cross_entropy", "w", w)?;
     let v = w.shape()[0];
     let rows = (DEV_HEAD_CHUNK_ELEMS / v.max(1)).max(1);
-    let want_dx = tape.is_training() && x.requires_grad();
-    let (loss, dx) = head_chunked(&*on.accel, x, w, targets, want_dx, rows)?;
-    let y = on.tensor(on.accel.upload(&[loss])?, &[1], x.requires_grad())?;
+    let training = tape.is_training();
+    let want = (training && x.requires_grad(), training && w.requires_grad());
+    let (loss, dx, dw) = head_chunked(&*on.accel, x, w, targets, want, rows)?;
+    let requires = x.requires_grad() || w.requires_grad();
+    let y = on.tensor(on.accel.upload(&[loss])?, &[1], requires)?;
     on.record(
         tape,
-        DevLinearCrossEntropy { dx },
+        DevLinearCrossEntropy { dx, dw },
         vec![x.clone(), w.clone()],
         &y,
     );
@@ -101,37 +102,44 @@ fn linear_cross_entropy_dev(
 }
 
 /// The fused head over row chunks of at most `rows` rows: the mean loss over all counted rows
-/// and, with `want_dx`, its gradient for `x` (each chunk's gradient of its own mean rescaled by
-/// its share of the count).
+/// and, as `(want_dx, want_dw)` asks, its gradients for `x` and `w` (each chunk's gradients of
+/// its own mean rescaled by its share of the count).
 fn head_chunked(
     a: &dyn Accel,
     x: &Tensor,
     w: &Tensor,
     targets: &[i32],
-    want_dx: bool,
+    (want_dx, want_dw): (bool, bool),
     rows: usize,
-) -> Result<(f32, Option<DBuf>)> {
+) -> Result<(f32, Option<DBuf>, Option<DBuf>)> {
     let (c, v, n) = (x.last_dim(), w.shape()[0], targets.len());
     let (gx, gw) = (read(x)?, read(w)?);
     let (xb, wb) = (f32_of(&gx)?, f32_of(&gw)?);
     if n <= rows {
-        let (loss, _, dx) = a.linear_cross_entropy(xb, wb, targets, c, v, want_dx)?;
-        return Ok((loss, dx));
+        let h = a.linear_cross_entropy(xb, wb, targets, c, v, want_dx, want_dw)?;
+        return Ok((h.loss, h.dx, h.dw));
     }
     let total = targets.iter().filter(|&&t| t >= 0).count();
     let mut dx = want_dx.then(|| a.zeros(n * c)).transpose()?;
+    let mut dw = want_dw.then(|| a.zeros(v * c)).transpose()?;
     let mut sum = 0.0f64;
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let xs = a.copy_range(xb, start * c, len * c)?;
-        let (l, count, dxc) =
-            a.linear_cross_entropy(&xs, wb, &targets[start..start + len], c, v, want_dx)?;
-        sum += l as f64 * count as f64;
-        if let (Some(dx), Some(mut dxc)) = (dx.as_mut(), dxc) {
-            if count > 0 {
-                a.scale(&mut dxc, count as f32 / total as f32)?;
-                a.write_range(dx, start * c, &dxc)?;
-            }
+        let ts = &targets[start..start + len];
+        let h = a.linear_cross_entropy(&xs, wb, ts, c, v, want_dx, want_dw)?;
+        sum += h.loss as f64 * h.count as f64;
+        if h.count == 0 {
+            continue;
+        }
+        let share = h.count as f32 / total as f32;
+        if let (Some(dx), Some(mut dxc)) = (dx.as_mut(), h.dx) {
+            a.scale(&mut dxc, share)?;
+            a.write_range(dx, start * c, &dxc)?;
+        }
+        if let (Some(dw), Some(mut dwc)) = (dw.as_mut(), h.dw) {
+            a.scale(&mut dwc, share)?;
+            a.accumulate(dw, &dwc)?;
         }
     }
     let loss = if total == 0 {
@@ -139,7 +147,7 @@ fn head_chunked(
     } else {
         (sum / total as f64) as f32
     };
-    Ok((loss, dx))
+    Ok((loss, dx, dw))
 }
 
 /// inputs: [x, w]. The fused head computed the gradients of the mean loss during forward
@@ -176,20 +184,21 @@ impl HostOp for LinearCrossEntropyNode {
     }
 }
 
-/// [x, w]: the gradient of the mean loss for x, computed in forward.
+/// [x, w]: the gradients of the mean loss for x and w, computed in forward.
 struct DevLinearCrossEntropy {
     dx: Option<DBuf>,
+    dw: Option<DBuf>,
 }
 
 impl DevOp for DevLinearCrossEntropy {
     fn name(&self) -> &'static str {
         "linear_cross_entropy"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         false
     }
     fn saved_elems(&self) -> usize {
-        self.dx.as_ref().map_or(0, DBuf::len)
+        self.dx.as_ref().map_or(0, DBuf::len) + self.dw.as_ref().map_or(0, DBuf::len)
     }
     fn backward(
         &self,
@@ -199,15 +208,22 @@ impl DevOp for DevLinearCrossEntropy {
         dout: &DBuf,
         g: &mut Slots<DBuf>,
     ) -> Result<()> {
-        if let (Some(g), Some(s)) = (g.take(0), self.dx.as_ref()) {
-            let dloss = a.download(dout)?[0];
-            if dloss == 1.0 {
+        let mut dloss = None;
+        for (i, saved) in [(0, &self.dx), (1, &self.dw)] {
+            let (Some(g), Some(s)) = (g.take(i), saved.as_ref()) else {
+                continue;
+            };
+            let d = match dloss {
+                Some(d) => d,
+                None => *dloss.insert(a.download(dout)?[0]),
+            };
+            if d == 1.0 {
                 // The loss is the output (the usual case): `g += 1 * s` is `g += s`
                 // exactly, without the scaled copy.
                 a.accumulate(g, s)?;
             } else {
                 let mut t = a.copy(s)?;
-                a.scale(&mut t, dloss)?;
+                a.scale(&mut t, d)?;
                 a.accumulate(g, &t)?;
             }
         }
@@ -221,7 +237,8 @@ mod tests {
     use crate::Device;
 
     /// A loss used twice (`loss + loss`) reaches the head's backward with `dloss = 2`: the
-    /// device scales its stored dx (the path the usual `dloss = 1` skips) as the host does.
+    /// device scales its stored dx and dW (the path the usual `dloss = 1` skips) as the host
+    /// does, and a trainable head gets the host's gradient.
     #[test]
     fn device_head_scales_its_gradient_by_dloss() {
         use crate::ops;
@@ -235,7 +252,7 @@ mod tests {
         let targets = [3, -100, 8, 0, 5];
         let grad = |device: Device, twice: bool| -> Vec<f32> {
             let x = Tensor::new_on(xv.clone(), &[n, c], true, device).unwrap();
-            let w = Tensor::new_on(wv.clone(), &[v, c], false, device).unwrap();
+            let w = Tensor::new_on(wv.clone(), &[v, c], true, device).unwrap();
             let tape = Tape::new(0);
             let loss = ops::linear_cross_entropy(&tape, &x, &w, &targets).unwrap();
             let out = if twice {
@@ -243,7 +260,10 @@ mod tests {
             } else {
                 loss
             };
-            tape.backward(&out).unwrap().to_vec(&x).unwrap().unwrap()
+            let g = tape.backward(&out).unwrap();
+            let mut both = g.to_vec(&x).unwrap().unwrap();
+            both.extend(g.to_vec(&w).unwrap().unwrap());
+            both
         };
         let (host1, host2) = (grad(Device::Cpu, false), grad(Device::Cpu, true));
         let (dev1, dev2) = (grad(dev, false), grad(dev, true));
@@ -266,13 +286,15 @@ mod tests {
         let mut rand =
             |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
         let x = Tensor::new_on(rand(n * c), &[n, c], false, dev).unwrap();
-        let w = Tensor::new_on(rand(v * c), &[v, c], false, dev).unwrap();
+        let w = Tensor::new_on(rand(v * c), &[v, c], true, dev).unwrap();
         let targets = [3, -100, 16, 0, 5, -100, 9, 9, 1, 2, 15];
-        let (l1, dx1) = head_chunked(&*a, &x, &w, &targets, true, n).unwrap();
+        let (l1, dx1, dw1) = head_chunked(&*a, &x, &w, &targets, (true, true), n).unwrap();
         let dx1 = a.download(&dx1.unwrap()).unwrap();
+        let dw1 = a.download(&dw1.unwrap()).unwrap();
         for rows in [1, 2, 4, 10] {
-            let (l, dx) = head_chunked(&*a, &x, &w, &targets, true, rows).unwrap();
+            let (l, dx, dw) = head_chunked(&*a, &x, &w, &targets, (true, true), rows).unwrap();
             let dx = a.download(&dx.unwrap()).unwrap();
+            let dw = a.download(&dw.unwrap()).unwrap();
             assert!(
                 (l - l1).abs() <= 1e-6 * l1.abs(),
                 "rows {rows}: {l} vs {l1}"
@@ -282,10 +304,16 @@ mod tests {
                 .zip(&dx1)
                 .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
             assert!(e <= 1e-6, "rows {rows}: dx differs by {e}");
+            let e = dw
+                .iter()
+                .zip(&dw1)
+                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(e <= 1e-6, "rows {rows}: dw differs by {e}");
         }
         let none = [-100i32; 11];
-        let (l, dx) = head_chunked(&*a, &x, &w, &none, true, 3).unwrap();
+        let (l, dx, dw) = head_chunked(&*a, &x, &w, &none, (true, true), 3).unwrap();
         assert_eq!(l, 0.0);
         assert!(a.download(&dx.unwrap()).unwrap().iter().all(|&g| g == 0.0));
+        assert!(a.download(&dw.unwrap()).unwrap().iter().all(|&g| g == 0.0));
     }
 }

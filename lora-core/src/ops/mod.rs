@@ -6,10 +6,9 @@
 //! Adding an op: its kernels in `lora-kernels` (CPU, and CUDA with its `Accel` method), and one
 //! file here implementing [`HostOp`] and [`DevOp`] for its nodes; `autograd.rs` needs nothing.
 //!
-//! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`. On a device adapters, norm
-//! gains, embedding tables and the biases of adapted layers train; a trainable base weight, or
-//! the trainable bias of a layer without an adapter, is a clear error there, not a silent host
-//! fallback.
+//! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`. Whatever trains on the host
+//! trains on a device: adapters, norm gains, embedding tables, biases and base weights (full
+//! fine-tuning), with the same selective saving.
 
 mod add;
 mod attention;
@@ -92,7 +91,7 @@ pub(crate) trait DevOp {
     /// The op's name.
     fn name(&self) -> &'static str;
     /// As [`HostOp::reads_input`].
-    fn reads_input(&self, i: usize) -> bool;
+    fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool;
     /// Device values the op saved for itself.
     fn saved_elems(&self) -> usize {
         0
@@ -213,17 +212,6 @@ pub(crate) fn f32_of<'a>(g: &'a Guard<'_>) -> Result<&'a DBuf> {
 pub(crate) fn read(t: &Tensor) -> Result<Guard<'_>> {
     t.ensure_dev_f32()?;
     Ok(t.dev())
-}
-
-fn frozen(op: &'static str, what: &'static str, t: &Tensor) -> Result<()> {
-    if t.requires_grad() {
-        return Err(CoreError::NotTrainableHere {
-            op,
-            what,
-            why: "on a device only adapters (and norm gains) train",
-        });
-    }
-    Ok(())
 }
 
 /// A linear weight as f32: a 16-bit one is widened into a temporary for this product only (it

@@ -74,7 +74,7 @@ impl DevOp for DevNarrow {
     fn name(&self) -> &'static str {
         "narrow"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         false
     }
     fn backward(

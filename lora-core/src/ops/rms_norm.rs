@@ -76,7 +76,7 @@ impl DevOp for DevRmsNorm {
     fn name(&self) -> &'static str {
         "rms_norm"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
     fn saved_elems(&self) -> usize {

@@ -182,7 +182,7 @@ impl DevOp for DevRope {
     fn name(&self) -> &'static str {
         "rope"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         false
     }
     fn saved_elems(&self) -> usize {

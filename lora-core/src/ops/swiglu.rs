@@ -66,7 +66,7 @@ impl DevOp for DevSwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
     fn backward(

@@ -94,7 +94,7 @@ impl DevOp for DevUnary {
     fn name(&self) -> &'static str {
         unary_name(self.0)
     }
-    fn reads_input(&self, _: usize) -> bool {
+    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
     fn backward(

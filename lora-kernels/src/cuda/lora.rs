@@ -180,7 +180,13 @@ impl CudaDevice {
         u: &CudaSlice<f32>,
         d: LoraDims,
     ) -> Result<()> {
-        check(d, x.len(), w.len(), a.len(), b.len())?;
+        // x is read for dA alone: a caller that wants no dA may pass it empty (not kept).
+        let x_len = if grads.da.is_none() && x.is_empty() {
+            d.n * d.k
+        } else {
+            x.len()
+        };
+        check(d, x_len, w.len(), a.len(), b.len())?;
         if d.r > 64 {
             return Err(KernelError::Device(format!(
                 "rank {} > 64 is not supported by the fused CUDA backward yet",
