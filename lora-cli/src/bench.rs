@@ -288,7 +288,7 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
             } else {
                 vec![(a.tokens, a.inp, a.out, a.rank)]
             };
-            if let lora_core::Device::Cuda(ordinal) = device {
+            if let lora_core::Device::Cuda(_) = device {
                 if a.suite {
                     shapes.extend(crate::bench_cuda::LLAMA_SHAPES);
                 }
@@ -302,7 +302,7 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                         .all(|&(t, k, m, r)| t > 0 && k > 0 && m > 0 && (1..=64).contains(&r)),
                     "--tokens, --in, --out must be at least 1 and --rank 1..=64 on CUDA"
                 );
-                return crate::bench_cuda::run_linear(&shapes, ordinal, a.iters, a.json);
+                return crate::bench_cuda::run_linear(&shapes, device, a.iters, a.json);
             }
             let cfg = LinearBench {
                 shapes,

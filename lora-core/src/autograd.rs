@@ -2,14 +2,15 @@
 //! hands each its output's gradient and its inputs' gradient buffers.
 //!
 //! What an op records and how its backward runs live with the op, one file per op in
-//! `ops/` (its [`HostOp`] and [`DevOp`] nodes); this file keeps the tape, the gradients and the
-//! one dispatch. Checkpointed segments are the one node kind of its own.
+//! `ops/` (its [`OpNode`]); this file keeps the tape, the gradients (buffers of the backend the
+//! op ran on: the CPU or a CUDA device) and the one dispatch. Checkpointed segments are the one
+//! node kind of its own.
 //!
 //! Frozen tensors (`requires_grad == false`) never get a gradient buffer, and the linear op is
 //! told which of its inputs need one, so a frozen weight also costs no weight-gradient GEMM.
 
 use crate::error::{CoreError, Result};
-use crate::ops::{DevInput, DevOp, HostOp, Slots};
+use crate::ops::{OpNode, Slots};
 use crate::tensor::Tensor;
 use lora_kernels::accel::{Accel, DBuf};
 use std::cell::{Cell, RefCell};
@@ -17,13 +18,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-/// A recorded op: on the host, on a device, or a checkpointed segment.
+/// A recorded op, or a checkpointed segment.
 pub(crate) enum Op {
-    /// An op on host tensors.
-    Host(Box<dyn HostOp>),
-    /// An op on device tensors; its inputs are in the same order as the host op's.
-    Dev {
-        op: Box<dyn DevOp>,
+    /// An op and the backend it ran on.
+    Node {
+        op: Box<dyn OpNode>,
         accel: Arc<dyn Accel>,
     },
     /// inputs: [x]. A segment run without recording ([`crate::ops::checkpoint`]); backward runs
@@ -37,24 +36,17 @@ pub(crate) enum Op {
 pub type Segment = Rc<dyn Fn(&Tape, &Tensor) -> Result<Tensor>>;
 
 impl Op {
-    /// A host op's node.
-    pub(crate) fn host(op: impl HostOp + 'static) -> Self {
-        Op::Host(Box::new(op))
-    }
-
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            Op::Host(op) => op.name(),
-            Op::Dev { op, .. } => op.name(),
+            Op::Node { op, .. } => op.name(),
             Op::Checkpoint { .. } => "checkpoint",
         }
     }
 
-    /// Whether backward reads the values of input `i` ([`HostOp::reads_input`]).
+    /// Whether backward reads the values of input `i` ([`OpNode::reads_input`]).
     fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
         match self {
-            Op::Host(op) => op.reads_input(i, inputs),
-            Op::Dev { op, .. } => op.reads_input(i, inputs),
+            Op::Node { op, .. } => op.reads_input(i, inputs),
             Op::Checkpoint { .. } => true,
         }
     }
@@ -62,8 +54,7 @@ impl Op {
     /// Elements (f32 values or 4-byte ids) the op saved for its own backward.
     fn saved_elems(&self) -> usize {
         match self {
-            Op::Host(op) => op.saved_elems(),
-            Op::Dev { op, .. } => op.saved_elems(),
+            Op::Node { op, .. } => op.saved_elems(),
             Op::Checkpoint { .. } => 0,
         }
     }
@@ -229,9 +220,10 @@ impl Tape {
         if loss.numel() != 1 {
             return Err(CoreError::NotScalar(loss.shape().to_vec()));
         }
-        let seed = match loss.dev().as_ref() {
-            Some(d) => Grad::Dev(d.accel.clone(), d.accel.upload(&[1.0])?),
-            None => Grad::Host(vec![1.0]),
+        let on = loss.store().on.clone();
+        let seed = Grad {
+            buf: on.upload(&[1.0])?,
+            on,
         };
         self.backward_from(loss, seed)
     }
@@ -247,18 +239,16 @@ impl Tape {
             let Some(dout) = grads.remove(&node.output_id) else {
                 continue;
             };
-            match (&node.op, dout) {
-                (Op::Checkpoint { f, seed, draws }, dout) => {
+            match &node.op {
+                Op::Checkpoint { f, seed, draws } => {
                     let x = &node.inputs[0];
                     let xv = x.values.as_ref().expect("checkpoint keeps its input");
                     // The segment again, recorded this time, from a copy of x that is a leaf.
                     let sub = Tape::segment(*seed, *draws, true);
-                    let x2 = match xv.dev().as_ref() {
-                        Some(d) => {
-                            let copy = d.accel.copy(d.f32()?)?;
-                            Tensor::from_dev(&d.accel, d.ordinal, copy, &x.shape, x.requires_grad)?
-                        }
-                        None => Tensor::from_op(xv.to_vec(), &x.shape, x.requires_grad)?,
+                    let x2 = {
+                        let g = xv.read()?;
+                        let copy = g.on.copy(g.f32()?)?;
+                        Tensor::from_buf(&g.on, g.device, copy, &x.shape, x.requires_grad)?
                     };
                     let y2 = f(&sub, &x2)?;
                     let mut inner = sub.backward_from(&y2, dout)?;
@@ -269,29 +259,21 @@ impl Tape {
                         accumulate_into(&mut grads, id, g)?;
                     }
                 }
-                (Op::Dev { op, accel }, Grad::Dev(_, dout)) => {
-                    let unwrap = |g| match g {
-                        Grad::Dev(_, b) => Ok(b),
-                        other => Err(other),
-                    };
-                    let mut bufs = input_grads(&node, &mut grads, unwrap, |n| Ok(accel.zeros(n)?))?;
-                    let ins: Vec<DevInput> = node
+                Op::Node { op, accel } => {
+                    if !Arc::ptr_eq(&dout.on, accel) {
+                        return Err(mixed(op.name()));
+                    }
+                    let mut bufs = input_grads(&node, &mut grads, accel)?;
+                    // Guards on the inputs backward reads (a 16-bit one widened once); a missing
+                    // one, or one read through its tensor (`reads_stored`), reads as empty.
+                    let guards: Vec<_> = node
                         .inputs
-                        .iter()
-                        .map(|t| DevInput {
-                            values: t.values.as_ref(),
-                            numel: t.numel(),
-                            last_dim: t.last_dim(),
-                        })
-                        .collect();
-                    // Guards on the inputs backward reads (a 16-bit one widened on the device
-                    // once); a missing one reads as an empty buffer.
-                    let guards: Vec<_> = ins
                         .iter()
                         .enumerate()
                         .map(|(i, t)| {
                             let stored = op.reads_stored(i);
                             t.values
+                                .as_ref()
                                 .filter(|_| !stored)
                                 .map(crate::ops::read)
                                 .transpose()
@@ -303,53 +285,30 @@ impl Tape {
                         .map(|g| g.as_ref().map_or(Ok(&empty), crate::ops::f32_of))
                         .collect::<Result<_>>()?;
                     let mut slots = Slots(bufs.iter_mut().map(|b| b.as_mut()).collect());
-                    op.backward(&**accel, &ins, &data, &dout, &mut slots)?;
-                    let wrap = |b| Grad::Dev(accel.clone(), b);
-                    give_back(&node, &mut grads, bufs, wrap)?;
+                    op.backward(&**accel, &node.inputs, &data, &dout.buf, &mut slots)?;
+                    drop(data);
+                    drop(guards);
+                    for (t, buf) in node.inputs.iter().zip(bufs) {
+                        if let Some(buf) = buf {
+                            let on = accel.clone();
+                            accumulate_into(&mut grads, t.id, Grad { on, buf })?;
+                        }
+                    }
                 }
-                (Op::Host(op), Grad::Host(dout)) => {
-                    let unwrap = |g| match g {
-                        Grad::Host(v) => Ok(v),
-                        other => Err(other),
-                    };
-                    let mut bufs = input_grads(&node, &mut grads, unwrap, |n| Ok(vec![0.0; n]))?;
-                    // Values of the inputs backward reads (`HostOp::reads_input`); empty for the
-                    // others and for those it reads through the tensor (`reads_stored`).
-                    let guards: Vec<_> = node
-                        .inputs
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| {
-                            if op.reads_stored(i) {
-                                return None;
-                            }
-                            t.values.as_ref().map(|v| v.data())
-                        })
-                        .collect();
-                    let data: Vec<&[f32]> = guards
-                        .iter()
-                        .map(|g| g.as_deref().map_or(&[][..], |s| &s[..]))
-                        .collect();
-                    let mut slots = Slots(bufs.iter_mut().map(|b| b.as_deref_mut()).collect());
-                    op.backward(&node.inputs, &data, &dout, &mut slots)?;
-                    give_back(&node, &mut grads, bufs, Grad::Host)?;
-                }
-                (op, _) => return Err(mixed(op.name())),
             }
         }
         Ok(Gradients { map: grads })
     }
 }
 
-/// One gradient buffer per input of `node` that needs one: the gradient accumulated so far
-/// (`unwrap` takes it if it is of this node's kind: host or device) at an input's first
-/// occurrence, else `fresh(numel)` zeros; `None` for inputs that need none.
-fn input_grads<B>(
+/// One gradient buffer per input of `node` that needs one: the gradient accumulated so far at
+/// an input's first occurrence (it must be on `on`), else zeros; `None` for inputs that need
+/// none.
+fn input_grads(
     node: &Node,
     grads: &mut HashMap<u64, Grad>,
-    unwrap: impl Fn(Grad) -> std::result::Result<B, Grad>,
-    fresh: impl Fn(usize) -> Result<B>,
-) -> Result<Vec<Option<B>>> {
+    on: &Arc<dyn Accel>,
+) -> Result<Vec<Option<DBuf>>> {
     let mut bufs = Vec::with_capacity(node.inputs.len());
     for (i, t) in node.inputs.iter().enumerate() {
         if !t.requires_grad {
@@ -357,61 +316,39 @@ fn input_grads<B>(
             continue;
         }
         let dup = node.inputs[..i].iter().any(|p| p.id == t.id);
-        let held = if dup { None } else { grads.remove(&t.id) };
-        let buf = match held.map(&unwrap) {
-            Some(Ok(b)) => b,
-            Some(Err(_)) => return Err(mixed(node.op.name())),
-            None => fresh(t.numel())?,
+        let buf = match (!dup).then(|| grads.remove(&t.id)).flatten() {
+            Some(g) if Arc::ptr_eq(&g.on, on) => g.buf,
+            Some(_) => return Err(mixed(node.op.name())),
+            None => on.zeros(t.numel())?,
         };
         bufs.push(Some(buf));
     }
     Ok(bufs)
 }
 
-/// Puts the buffers of [`input_grads`], now holding the node's contributions, back.
-fn give_back<B>(
-    node: &Node,
-    grads: &mut HashMap<u64, Grad>,
-    bufs: Vec<Option<B>>,
-    wrap: impl Fn(B) -> Grad,
-) -> Result<()> {
-    for (t, buf) in node.inputs.iter().zip(bufs) {
-        if let Some(b) = buf {
-            accumulate_into(grads, t.id, wrap(b))?;
-        }
-    }
-    Ok(())
-}
-
 fn mixed(op: &str) -> CoreError {
     CoreError::MixedGradients(format!("backward of `{op}`"))
 }
 
-/// A gradient buffer: on the host or on a device.
-pub(crate) enum Grad {
-    Host(Vec<f32>),
-    Dev(Arc<dyn Accel>, DBuf),
+/// A gradient buffer and the backend it lives on.
+pub(crate) struct Grad {
+    pub(crate) on: Arc<dyn Accel>,
+    pub(crate) buf: DBuf,
 }
 
 impl std::fmt::Debug for Grad {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Grad::Host(v) => write!(f, "Host({} values)", v.len()),
-            Grad::Dev(a, b) => write!(f, "Dev({}, {} values)", a.describe(), b.len()),
-        }
+        write!(f, "Grad({}, {} values)", self.on.describe(), self.buf.len())
     }
 }
 
 fn accumulate_into(grads: &mut HashMap<u64, Grad>, id: u64, g: Grad) -> Result<()> {
-    match (grads.get_mut(&id), g) {
-        (None, g) => {
+    match grads.get_mut(&id) {
+        None => {
             grads.insert(id, g);
         }
-        (Some(Grad::Host(acc)), Grad::Host(g)) => {
-            lora_kernels::ops::elementwise::accumulate(acc, &g)?
-        }
-        (Some(Grad::Dev(a, acc)), Grad::Dev(_, g)) => a.accumulate(acc, &g)?,
-        _ => return Err(mixed("accumulate")),
+        Some(acc) if Arc::ptr_eq(&acc.on, &g.on) => acc.on.accumulate(&mut acc.buf, &g.buf)?,
+        Some(_) => return Err(mixed("accumulate")),
     }
     Ok(())
 }
@@ -438,59 +375,50 @@ pub struct Gradients {
 }
 
 impl Gradients {
-    /// The gradient of `t`, if it required one, the loss depends on it and it is on the host
+    /// The gradient of `t`, if it required one, the loss depends on it and it is in host memory
     /// (a device gradient: [`Gradients::to_vec`], [`Gradients::scale`],
     /// [`Gradients::sum_squares`]).
     pub fn get(&self, t: &Tensor) -> Option<&[f32]> {
-        match self.map.get(&t.id()) {
-            Some(Grad::Host(v)) => Some(v.as_slice()),
-            _ => None,
-        }
+        self.map.get(&t.id()).and_then(|g| g.buf.host())
     }
     /// A host copy of the gradient of `t`, wherever it is.
     pub fn to_vec(&self, t: &Tensor) -> Result<Option<Vec<f32>>> {
         match self.map.get(&t.id()) {
-            Some(Grad::Host(v)) => Ok(Some(v.clone())),
-            Some(Grad::Dev(a, b)) => Ok(Some(a.download(b)?)),
+            Some(g) => Ok(Some(g.on.download(&g.buf)?)),
             None => Ok(None),
         }
     }
-    /// Whether the gradient of `t` lives on a device.
+    /// Whether the gradient of `t` lives on a device (not in host memory).
     pub fn is_on_device(&self, t: &Tensor) -> bool {
-        matches!(self.map.get(&t.id()), Some(Grad::Dev(..)))
+        matches!(self.map.get(&t.id()), Some(g) if g.buf.host().is_none())
     }
     /// Multiplies the gradient of `t` (if any) by `s`, where it lives.
     pub fn scale(&mut self, t: &Tensor, s: f32) -> Result<()> {
-        match self.map.get_mut(&t.id()) {
-            Some(Grad::Host(v)) => v.iter_mut().for_each(|x| *x *= s),
-            Some(Grad::Dev(a, b)) => a.scale(b, s)?,
-            None => {}
+        if let Some(g) = self.map.get_mut(&t.id()) {
+            g.on.scale(&mut g.buf, s)?;
         }
         Ok(())
     }
     /// The sum of squares of the gradient of `t` in f64, if it has one.
     pub fn sum_squares(&self, t: &Tensor) -> Result<Option<f64>> {
         match self.map.get(&t.id()) {
-            Some(Grad::Host(v)) => Ok(Some(v.iter().map(|&x| x as f64 * x as f64).sum())),
-            Some(Grad::Dev(a, b)) => Ok(Some(a.sum_squares(b)?)),
+            Some(g) => Ok(Some(g.on.sum_squares(&g.buf)?)),
             None => Ok(None),
         }
     }
-    /// [`Gradients::sum_squares`] of each tensor, in order. Device gradients on one device are
-    /// summed together, so the device is waited on once (not once per tensor).
+    /// [`Gradients::sum_squares`] of each tensor, in order. Gradients on one device are summed
+    /// together, so a GPU is waited on once (not once per tensor).
     pub fn sum_squares_many(&self, ts: &[Tensor]) -> Result<Vec<Option<f64>>> {
         let mut out = vec![None; ts.len()];
-        // Per distinct device, in first-seen order: (device, [(position, buffer)]).
+        // Per distinct backend, in first-seen order: (backend, [(position, buffer)]).
         type Group<'a> = (&'a Arc<dyn Accel>, Vec<(usize, &'a DBuf)>);
         let mut groups: Vec<Group> = Vec::new();
         for (i, t) in ts.iter().enumerate() {
-            match self.map.get(&t.id()) {
-                Some(Grad::Host(_)) => out[i] = self.sum_squares(t)?,
-                Some(Grad::Dev(a, b)) => match groups.iter_mut().find(|g| Arc::ptr_eq(g.0, a)) {
-                    Some(g) => g.1.push((i, b)),
-                    None => groups.push((a, vec![(i, b)])),
-                },
-                None => {}
+            if let Some(g) = self.map.get(&t.id()) {
+                match groups.iter_mut().find(|x| Arc::ptr_eq(x.0, &g.on)) {
+                    Some(x) => x.1.push((i, &g.buf)),
+                    None => groups.push((&g.on, vec![(i, &g.buf)])),
+                }
             }
         }
         for (a, members) in groups {
@@ -501,14 +429,12 @@ impl Gradients {
         }
         Ok(out)
     }
-    /// The gradient of a device tensor as a device buffer.
-    pub(crate) fn dev_buf(&self, t: &Tensor) -> Option<&DBuf> {
-        match self.map.get(&t.id()) {
-            Some(Grad::Dev(_, b)) => Some(b),
-            _ => None,
-        }
+    /// The gradient of `t` as a buffer of its backend.
+    pub(crate) fn buf(&self, t: &Tensor) -> Option<&Grad> {
+        self.map.get(&t.id())
     }
-    /// Sets the gradient of `t` (e.g. after an all-reduce, or in tests); the length must match.
+    /// Sets the gradient of `t` (e.g. after an all-reduce, or in tests), where `t` lives; the
+    /// length must match.
     pub fn set(&mut self, t: &Tensor, g: Vec<f32>) -> Result<()> {
         if g.len() != t.numel() {
             return Err(CoreError::DataLength {
@@ -517,22 +443,26 @@ impl Gradients {
                 needed: t.numel(),
             });
         }
-        self.map.insert(t.id(), Grad::Host(g));
+        let on = t.store().on.clone();
+        let buf = match t.device() {
+            crate::Device::Cpu => DBuf::Host(g),
+            _ => on.upload(&g)?,
+        };
+        self.map.insert(t.id(), Grad { on, buf });
         Ok(())
     }
-    /// Mutable access to the gradient of `t` on the host (clipping, scaling).
+    /// Mutable access to the gradient of `t` in host memory (clipping, scaling).
     pub fn get_mut(&mut self, t: &Tensor) -> Option<&mut [f32]> {
-        match self.map.get_mut(&t.id()) {
-            Some(Grad::Host(v)) => Some(v.as_mut_slice()),
-            _ => None,
-        }
+        self.map.get_mut(&t.id()).and_then(|g| g.buf.host_mut())
     }
     /// Removes and returns the gradient of `t` (downloaded if it is on a device).
     pub fn take(&mut self, t: &Tensor) -> Result<Option<Vec<f32>>> {
         match self.map.remove(&t.id()) {
             None => Ok(None),
-            Some(Grad::Host(v)) => Ok(Some(v)),
-            Some(Grad::Dev(a, b)) => Ok(Some(a.download(&b)?)),
+            Some(Grad {
+                buf: DBuf::Host(v), ..
+            }) => Ok(Some(v)),
+            Some(g) => Ok(Some(g.on.download(&g.buf)?)),
         }
     }
     /// Number of gradient buffers held (one per parameter reached by the loss).

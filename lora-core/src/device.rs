@@ -3,8 +3,7 @@
 //! A CUDA device is opened on first use ([`accel`]): the driver library is looked for first (no
 //! context is created without one, so a machine without a GPU gets an error, never a panic),
 //! then every kernel is compiled by NVRTC for the device's compute capability, once per process.
-//! Tests of the device code paths on machines without a GPU register the host emulation of the
-//! backend for an ordinal instead ([`emulate_cuda`]).
+//! The CPU's backend ([`lora_kernels::cpu::Cpu`]) needs no opening.
 
 use crate::error::{CoreError, Result};
 use lora_kernels::accel::Accel;
@@ -28,13 +27,11 @@ fn registry() -> &'static Mutex<HashMap<usize, Arc<dyn Accel>>> {
     R.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// The backend of a CUDA device, opened (kernels compiled) on first use and shared after.
-/// Errors for [`Device::Cpu`], which has no backend object.
+/// The backend of a device: the CPU's, or a CUDA device's, opened (kernels compiled) on first
+/// use and shared after.
 pub fn accel(device: Device) -> Result<Arc<dyn Accel>> {
     let Device::Cuda(ordinal) = device else {
-        return Err(CoreError::Unsupported(
-            "the CPU has no device backend (host tensors use the host kernels)",
-        ));
+        return Ok(crate::tensor::cpu());
     };
     let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(a) = reg.get(&ordinal) {
@@ -64,16 +61,6 @@ fn open_cuda(ordinal: usize) -> Result<Arc<dyn Accel>> {
         format!("cuda:{ordinal}"),
         "this build has no CUDA support (feature `cuda` off)".into(),
     ))
-}
-
-/// Makes `Device::Cuda(ordinal)` the host emulation of the device backend
-/// ([`lora_kernels::accel::Emulated`]) for the rest of the process: device buffers in host
-/// memory, the CPU kernels. For tests of the device code paths without a GPU; not a way to run
-/// anything faster.
-#[doc(hidden)]
-pub fn emulate_cuda(ordinal: usize) {
-    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
-    reg.insert(ordinal, Arc::new(lora_kernels::accel::Emulated));
 }
 
 /// The CUDA devices that answer: 0 without a driver library (probed first, so never a panic),
@@ -183,6 +170,16 @@ impl FromStr for Device {
     }
 }
 
+/// The devices unit tests run their bodies on: the CPU, and `cuda:0` where one answers.
+#[cfg(test)]
+pub(crate) fn test_devices() -> Vec<Device> {
+    let mut out = vec![Device::Cpu];
+    if cuda_device_count() > 0 {
+        out.push(Device::Cuda(0));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,8 +206,6 @@ mod tests {
             assert_eq!(d, Device::Cpu);
             assert!(line.starts_with("cpu (auto: no CUDA"), "{line}");
         }
-        emulate_cuda(976);
-        assert!(Device::Cuda(976).ensure_available().is_ok());
-        assert!(Device::Cuda(976).describe().unwrap().contains("emulated"));
+        assert_eq!(accel(Device::Cpu).unwrap().describe(), "cpu");
     }
 }

@@ -42,4 +42,4 @@ pub use autograd::{Gradients, Tape};
 pub use device::Device;
 pub use error::{CoreError, Result};
 pub use lora::{LoraConfig, LoraInit, LoraLinear};
-pub use tensor::{ExternalF32, ExternalHalf, HalfFormat, Storage, Tensor, WeightView};
+pub use tensor::{ExternalF32, ExternalHalf, HalfFormat, HostData, HostDataMut, Tensor};

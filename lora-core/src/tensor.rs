@@ -1,120 +1,81 @@
 //! `Tensor`: a shared handle to contiguous row-major f32 data with a shape.
 //!
 //! Cloning a tensor clones the handle, not the data. Data sit behind a lock so an optimizer (or
-//! `merge`) can update a parameter in place while other handles see the change; ops read it
-//! through [`Tensor::data`]. Each tensor has a process-unique id, which is how gradients are keyed.
+//! `merge`) can update a parameter in place while other handles see the change. Each tensor has
+//! a process-unique id, which is how gradients are keyed.
 //!
-//! Data are either owned (`Vec<f32>`) or borrowed from outside without a copy ([`ExternalF32`],
-//! e.g. a memory-mapped safetensors file): frozen pretrained weights then cost no heap memory.
-//! Writing to external data first copies it (copy on write).
-//!
-//! A tensor can also live in a device's memory ([`Tensor::to_device`]): then its values are a
-//! device buffer, the ops run the device's kernels, and the host storage is only a mirror made
-//! when something on the host asks for the values ([`Tensor::data`]). Host writes
-//! ([`Tensor::data_mut`]) move the tensor back to the host, so a stale mirror is never read.
+//! A tensor's values are one storage enum of its backend ([`lora_kernels::accel`]): on the CPU
+//! owned (`Vec<f32>`), borrowed from outside without a copy ([`ExternalF32`], e.g. a
+//! memory-mapped safetensors file: frozen pretrained weights then cost no heap memory; writing
+//! copies them first) or 16-bit bits ([`ExternalHalf`], a bf16/f16 checkpoint, widened only when
+//! something asks for f32 values); on a CUDA device the same as device buffers. Every op calls
+//! the tensor's backend, so the CPU and a GPU run one code path ([`Tensor::to_device`] moves a
+//! tensor between them).
 
 use crate::device::Device;
 use crate::error::{CoreError, Result};
-use lora_kernels::accel::{Accel, DBits, DBuf};
+use lora_kernels::accel::{Accel, DBits, DBuf, DWeight};
+pub use lora_kernels::buffers::{ExternalF32, ExternalHalf, HalfFormat};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Read-only f32 data owned elsewhere (a memory map, a buffer shared with another engine).
-pub trait ExternalF32: Send + Sync {
-    /// The values; must be the same slice on every call.
-    fn as_f32(&self) -> &[f32];
-}
-
-/// 16-bit float bits owned elsewhere (a memory-mapped bf16 or f16 checkpoint tensor).
-pub trait ExternalHalf: Send + Sync {
-    /// The raw bit patterns; must be the same slice on every call.
-    fn bits(&self) -> &[u16];
-    /// How to read them.
-    fn format(&self) -> HalfFormat;
-}
-
-/// A 16-bit float format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HalfFormat {
-    /// bfloat16.
-    Bf16,
-    /// IEEE binary16.
-    F16,
-}
-
-/// A frozen weight as the base products read it: see [`Tensor::weight`].
-pub enum WeightView<'a> {
-    /// f32 values (behind the tensor's read lock).
-    F32(RwLockReadGuard<'a, Storage>),
-    /// 16-bit values, widened inside the products.
-    Half(&'a [u16], HalfFormat),
-}
-
-impl WeightView<'_> {
-    /// The kernel-level view.
-    pub fn as_data(&self) -> lora_kernels::lora_linear::WeightData<'_> {
-        use lora_kernels::lora_linear::WeightData;
-        match self {
-            WeightView::F32(g) => WeightData::F32(g),
-            WeightView::Half(b, HalfFormat::Bf16) => WeightData::Bf16(b),
-            WeightView::Half(b, HalfFormat::F16) => WeightData::F16(b),
-        }
-    }
-}
-
-/// Where a tensor's values live.
-pub enum Storage {
-    /// On the heap, owned.
-    Owned(Vec<f32>),
-    /// Borrowed, read-only; converted to `Owned` on first write.
-    External(Arc<dyn ExternalF32>),
-}
-
-impl std::ops::Deref for Storage {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match self {
-            Storage::Owned(v) => v,
-            Storage::External(e) => e.as_f32(),
-        }
-    }
-}
-
-impl std::ops::DerefMut for Storage {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        if let Storage::External(e) = self {
-            *self = Storage::Owned(e.as_f32().to_vec());
-        }
-        match self {
-            Storage::Owned(v) => v,
-            Storage::External(_) => unreachable!("converted above"),
-        }
-    }
-}
-
-/// A tensor's values in a device's memory.
-pub(crate) struct DevData {
-    pub accel: Arc<dyn Accel>,
-    pub ordinal: usize,
-    pub vals: DevVals,
+/// A tensor's values and where they live.
+pub(crate) struct Store {
+    /// The backend computing on them.
+    pub on: Arc<dyn Accel>,
+    /// Its device.
+    pub device: Device,
+    /// The values.
+    pub vals: Vals,
 }
 
 /// f32 values, or a frozen weight's 16-bit bits as stored.
-pub(crate) enum DevVals {
+pub(crate) enum Vals {
     F32(DBuf),
     Half(DBits, HalfFormat),
 }
 
-impl DevData {
-    /// The f32 buffer ([`Tensor::ensure_dev_f32`] widens a 16-bit one first).
+impl Store {
+    /// The f32 buffer (a 16-bit tensor is widened first by [`Tensor::read`]).
     pub(crate) fn f32(&self) -> Result<&DBuf> {
         match &self.vals {
-            DevVals::F32(b) => Ok(b),
-            DevVals::Half(..) => Err(CoreError::Internal(
-                "a 16-bit device tensor was read as f32 without widening",
+            Vals::F32(b) => Ok(b),
+            Vals::Half(..) => Err(CoreError::Internal(
+                "a 16-bit tensor was read as f32 without widening",
             )),
+        }
+    }
+    /// The values as a linear layer's base weight: 16-bit as stored, or f32.
+    pub(crate) fn weight(&self) -> DWeight<'_> {
+        match &self.vals {
+            Vals::F32(b) => DWeight::F32(b),
+            Vals::Half(b, f) => DWeight::Half(b, *f),
+        }
+    }
+    /// Host f32 values, when that is what it holds.
+    fn host(&self) -> Option<&[f32]> {
+        match &self.vals {
+            Vals::F32(b) => b.host(),
+            Vals::Half(..) => None,
+        }
+    }
+    /// Widens 16-bit values to f32 where they are (once; the bits are dropped).
+    fn widen(&mut self) -> Result<()> {
+        if let Vals::Half(bits, fmt) = &self.vals {
+            let wide = self.on.widen(bits, *fmt == HalfFormat::F16)?;
+            self.vals = Vals::F32(wide);
+        }
+        Ok(())
+    }
+    /// The values as f32 on the host: downloaded from a device, widened from 16 bits.
+    fn to_host_vec(&self) -> Result<Vec<f32>> {
+        match &self.vals {
+            Vals::F32(b) => Ok(self.on.download(b)?),
+            Vals::Half(bits, fmt) => Ok(self
+                .on
+                .download(&self.on.widen(bits, *fmt == HalfFormat::F16)?)?),
         }
     }
 }
@@ -122,14 +83,8 @@ impl DevData {
 struct Inner {
     id: u64,
     shape: Vec<usize>,
-    data: RwLock<Storage>,
     requires_grad: bool,
-    /// Set while the values live on a device (then `data` is a host mirror, valid when it
-    /// holds `numel` values).
-    dev: RwLock<Option<DevData>>,
-    /// 16-bit source of a half-stored frozen tensor; `data` stays empty until something asks
-    /// for f32 values, then holds the widened copy (which takes precedence from then on).
-    half: Option<Arc<dyn ExternalHalf>>,
+    store: RwLock<Store>,
 }
 
 /// A contiguous row-major f32 tensor.
@@ -146,21 +101,55 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
-impl Tensor {
-    fn build(data: Vec<f32>, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
-        Self::build_storage(Storage::Owned(data), shape, requires_grad, device)
-    }
+/// Read access to a tensor's values as host f32 ([`Tensor::data`]): the tensor's own storage
+/// behind its read lock, or a downloaded copy of a device tensor's.
+pub struct HostData<'a>(Read<'a>);
 
-    /// The one constructor: `len` values (in whichever of `data`, `dev`, `half` holds them) must
-    /// fill `shape`.
-    fn make(
-        len: usize,
-        shape: &[usize],
-        requires_grad: bool,
-        data: Storage,
-        dev: Option<DevData>,
-        half: Option<Arc<dyn ExternalHalf>>,
-    ) -> Result<Self> {
+enum Read<'a> {
+    /// Host values, read in place.
+    Borrowed(RwLockReadGuard<'a, Store>),
+    /// A host copy of a device tensor's values.
+    Copied(Vec<f32>),
+}
+
+impl std::ops::Deref for HostData<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &self.0 {
+            Read::Borrowed(g) => g.host().unwrap_or(&[]),
+            Read::Copied(v) => v,
+        }
+    }
+}
+
+/// Write access to a host tensor's values ([`Tensor::data_mut`]).
+pub struct HostDataMut<'a>(RwLockWriteGuard<'a, Store>);
+
+impl std::ops::Deref for HostDataMut<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        self.0.host().unwrap_or(&[])
+    }
+}
+
+impl std::ops::DerefMut for HostDataMut<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match &mut self.0.vals {
+            Vals::F32(b) => b.host_mut().unwrap_or(&mut []),
+            Vals::Half(..) => &mut [],
+        }
+    }
+}
+
+/// The CPU backend every host tensor shares.
+pub(crate) fn cpu() -> Arc<dyn Accel> {
+    static CPU: std::sync::OnceLock<Arc<dyn Accel>> = std::sync::OnceLock::new();
+    CPU.get_or_init(|| Arc::new(lora_kernels::cpu::Cpu)).clone()
+}
+
+impl Tensor {
+    /// The one constructor: `vals` (of `len` values) must fill `shape`.
+    fn make(len: usize, shape: &[usize], requires_grad: bool, store: Store) -> Result<Self> {
         let needed: usize = shape.iter().product();
         if len != needed {
             return Err(CoreError::DataLength {
@@ -172,149 +161,109 @@ impl Tensor {
         Ok(Tensor(Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shape: shape.to_vec(),
-            data: RwLock::new(data),
             requires_grad,
-            dev: RwLock::new(dev),
-            half,
+            store: RwLock::new(store),
         })))
     }
 
-    fn build_storage(
-        data: Storage,
-        shape: &[usize],
-        requires_grad: bool,
-        device: Device,
-    ) -> Result<Self> {
-        let t = Self::make(data.len(), shape, requires_grad, data, None, None)?;
-        if device != Device::Cpu {
-            t.to_device(device)?;
-        }
+    /// Host values, then moved to `device`.
+    fn build(vals: Vals, shape: &[usize], requires_grad: bool, device: Device) -> Result<Self> {
+        let len = match &vals {
+            Vals::F32(b) => b.len(),
+            Vals::Half(b, _) => b.len(),
+        };
+        let store = Store {
+            on: cpu(),
+            device: Device::Cpu,
+            vals,
+        };
+        let t = Self::make(len, shape, requires_grad, store)?;
+        t.to_device(device)?;
         Ok(t)
     }
 
-    /// An op result in device memory.
-    pub(crate) fn from_dev(
-        accel: &Arc<dyn Accel>,
-        ordinal: usize,
+    /// An op result in `on`'s memory.
+    pub(crate) fn from_buf(
+        on: &Arc<dyn Accel>,
+        device: Device,
         buf: DBuf,
         shape: &[usize],
         requires_grad: bool,
     ) -> Result<Self> {
-        let dev = DevData {
-            accel: accel.clone(),
-            ordinal,
-            vals: DevVals::F32(buf),
+        let store = Store {
+            on: on.clone(),
+            device,
+            vals: Vals::F32(buf),
         };
-        let len = dev.f32()?.len();
-        let host = Storage::Owned(Vec::new());
-        Self::make(len, shape, requires_grad, host, Some(dev), None)
+        Self::make(store_len(&store), shape, requires_grad, store)
     }
 
-    /// Moves the values to `device` in place (every handle sees the move; the id is kept):
-    /// to a GPU they are uploaded (a never-widened 16-bit frozen weight as its 16-bit bits) and
-    /// the host copy is freed; back to the CPU they are downloaded.
+    /// Moves the values to `device` in place (every handle sees the move; the id is kept): a
+    /// 16-bit frozen weight moves as its 16-bit bits.
     pub fn to_device(&self, device: Device) -> Result<()> {
         if self.device() == device {
             return Ok(());
         }
-        if self.device() != Device::Cpu {
-            self.sync_host()?;
-            *self.dev_lock_mut() = None;
-        }
-        let Device::Cuda(ordinal) = device else {
-            return Ok(());
+        let to = crate::device::accel(device)?;
+        let mut g = self.write();
+        let vals = match &g.vals {
+            Vals::F32(b) => match b.host() {
+                Some(v) => Vals::F32(to.upload(v)?),
+                None => Vals::F32(to.upload(&g.on.download(b)?)?),
+            },
+            Vals::Half(b, fmt) => match b.host() {
+                Some(v) => Vals::Half(to.upload_bits(v)?, *fmt),
+                None => Vals::Half(to.upload_bits(&g.on.download_bits(b)?)?, *fmt),
+            },
         };
-        let accel = crate::device::accel(device)?;
-        let vals = match &self.0.half {
-            Some(h) if self.is_half_stored() && !self.requires_grad() => {
-                DevVals::Half(accel.upload_bits(h.bits())?, h.format())
-            }
-            _ => DevVals::F32(accel.upload(&self.data())?),
-        };
-        let mut host = self.0.data.write().unwrap_or_else(|e| e.into_inner());
-        if matches!(*host, Storage::Owned(_)) && self.0.half.is_none() {
-            *host = Storage::Owned(Vec::new()); // memory-mapped data stay as a free mirror
-        }
-        *self.dev_lock_mut() = Some(DevData {
-            accel,
-            ordinal,
+        *g = Store {
+            on: to,
+            device,
             vals,
-        });
-        Ok(())
-    }
-
-    /// The device state (None on the host).
-    pub(crate) fn dev(&self) -> RwLockReadGuard<'_, Option<DevData>> {
-        self.0.dev.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn dev_lock_mut(&self) -> RwLockWriteGuard<'_, Option<DevData>> {
-        self.0.dev.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Write access to the device buffer (the optimizer); drops the host mirror first.
-    pub(crate) fn dev_mut(&self) -> RwLockWriteGuard<'_, Option<DevData>> {
-        // Lock order as in `to_device`: host storage, then device state.
-        let mut host = self.0.data.write().unwrap_or_else(|e| e.into_inner());
-        let dev = self.dev_lock_mut();
-        if dev.is_some() && self.0.half.is_none() {
-            *host = Storage::Owned(Vec::new());
-        }
-        dev
-    }
-
-    /// Widens a 16-bit device tensor into an f32 device buffer, once (the twin of the host's
-    /// widen-on-first-read); linear weights are instead widened per product and stay 16-bit.
-    pub(crate) fn ensure_dev_f32(&self) -> Result<()> {
-        let needs = matches!(
-            self.dev().as_ref().map(|d| &d.vals),
-            Some(DevVals::Half(..))
-        );
-        if needs {
-            let mut g = self.dev_lock_mut();
-            if let Some(d) = g.as_mut() {
-                if let DevVals::Half(bits, fmt) = &d.vals {
-                    let wide = d.accel.widen(bits, *fmt == HalfFormat::F16)?;
-                    d.vals = DevVals::F32(wide);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes the host mirror of a device tensor current.
-    fn sync_host(&self) -> Result<()> {
-        if self.read_lock().len() == self.numel() {
-            return Ok(());
-        }
-        let dev = self.dev();
-        let Some(d) = dev.as_ref() else {
-            return Ok(());
         };
-        let v = match &d.vals {
-            DevVals::F32(b) => d.accel.download(b)?,
-            DevVals::Half(..) => return Ok(()), // the host 16-bit source is widened instead
-        };
-        drop(dev);
-        *self.0.data.write().unwrap_or_else(|e| e.into_inner()) = Storage::Owned(v);
         Ok(())
+    }
+
+    /// The storage, for reading.
+    pub(crate) fn store(&self) -> RwLockReadGuard<'_, Store> {
+        self.0.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Store> {
+        self.0.store.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The storage with f32 values for an op to read: a 16-bit tensor is widened where it
+    /// lives, once (linear weights are read through [`Store::weight`] instead and stay 16-bit).
+    pub(crate) fn read(&self) -> Result<RwLockReadGuard<'_, Store>> {
+        if matches!(self.store().vals, Vals::Half(..)) {
+            self.write().widen()?;
+        }
+        Ok(self.store())
+    }
+
+    /// Write access to the storage (the optimizer).
+    pub(crate) fn store_mut(&self) -> RwLockWriteGuard<'_, Store> {
+        self.write()
     }
 
     /// A copy of the values, downloading a device tensor's: like [`Tensor::to_vec`] but a
     /// device failure is an error instead of a panic.
     pub fn try_to_vec(&self) -> Result<Vec<f32>> {
-        self.sync_host()?;
-        Ok(self.data().to_vec())
+        if let Some(v) = self.store().host() {
+            return Ok(v.to_vec());
+        }
+        self.store().to_host_vec()
     }
 
     /// A constant (frozen) CPU tensor: it never receives a gradient.
     pub fn new(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
-        Self::build(data, shape, false, Device::Cpu)
+        Self::build(Vals::F32(DBuf::Host(data)), shape, false, Device::Cpu)
     }
 
     /// A trainable CPU tensor: backward computes its gradient.
     pub fn param(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
-        Self::build(data, shape, true, Device::Cpu)
+        Self::build(Vals::F32(DBuf::Host(data)), shape, true, Device::Cpu)
     }
 
     /// A tensor on `device`: built on the host, then moved ([`Tensor::to_device`]); a CUDA
@@ -325,76 +274,36 @@ impl Tensor {
         requires_grad: bool,
         device: Device,
     ) -> Result<Self> {
-        Self::build(data, shape, requires_grad, device)
+        Self::build(Vals::F32(DBuf::Host(data)), shape, requires_grad, device)
     }
 
     /// A frozen tensor over external data, without copying it.
     pub fn from_external(data: Arc<dyn ExternalF32>, shape: &[usize]) -> Result<Self> {
-        Self::build_storage(Storage::External(data), shape, false, Device::Cpu)
+        Self::build(Vals::F32(DBuf::Mapped(data)), shape, false, Device::Cpu)
     }
 
     /// A frozen tensor over external 16-bit data (bf16 or f16), without copying or widening
     /// it: the linear op's base products read it as stored (2 bytes per value). Anything that
-    /// asks for f32 values ([`Tensor::data`]) gets a widened copy, made once and kept.
+    /// asks for f32 values ([`Tensor::data`], an op other than the linear products) widens it
+    /// once, and the tensor holds f32 values from then on.
     pub fn from_external_half(data: Arc<dyn ExternalHalf>, shape: &[usize]) -> Result<Self> {
-        let len = data.bits().len();
-        Self::make(
-            len,
+        let fmt = data.format();
+        Self::build(
+            Vals::Half(DBits::Mapped(data), fmt),
             shape,
             false,
-            Storage::Owned(Vec::new()),
-            None,
-            Some(data),
+            Device::Cpu,
         )
     }
 
     /// Whether the values are still held as 16-bit floats only (never widened to f32).
     pub fn is_half_stored(&self) -> bool {
-        if let Some(d) = self.dev().as_ref() {
-            return matches!(d.vals, DevVals::Half(..));
-        }
-        self.0.half.is_some() && self.read_lock().len() != self.numel()
-    }
-
-    /// The values as the base products read them: 16-bit as stored for a half-stored tensor
-    /// that was never widened, else f32.
-    pub fn weight(&self) -> WeightView<'_> {
-        match &self.0.half {
-            Some(h) if self.is_half_stored() => WeightView::Half(h.bits(), h.format()),
-            _ => WeightView::F32(self.data()),
-        }
-    }
-
-    fn read_lock(&self) -> RwLockReadGuard<'_, Storage> {
-        self.0.data.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Widens a half-stored tensor's values into `data` (once).
-    fn widen_half(&self) {
-        if let Some(h) = &self.0.half {
-            if self.read_lock().len() != self.numel() {
-                let mut g = self.0.data.write().unwrap_or_else(|e| e.into_inner());
-                if g.len() != self.numel() {
-                    let mut v = vec![0.0f32; self.numel()];
-                    let data = match h.format() {
-                        HalfFormat::Bf16 => lora_kernels::lora_linear::WeightData::Bf16(h.bits()),
-                        HalfFormat::F16 => lora_kernels::lora_linear::WeightData::F16(h.bits()),
-                    };
-                    data.widen(0, &mut v);
-                    *g = Storage::Owned(v);
-                }
-            }
-        }
+        matches!(self.store().vals, Vals::Half(..))
     }
 
     /// Zeros, frozen.
     pub fn zeros(shape: &[usize]) -> Result<Self> {
         Self::new(vec![0.0; shape.iter().product()], shape)
-    }
-
-    /// An op result: requires grad iff one of its inputs does.
-    pub(crate) fn from_op(data: Vec<f32>, shape: &[usize], requires_grad: bool) -> Result<Self> {
-        Self::build(data, shape, requires_grad, Device::Cpu)
     }
 
     /// Process-unique id.
@@ -423,36 +332,51 @@ impl Tensor {
     }
     /// Its device.
     pub fn device(&self) -> Device {
-        match self.dev().as_ref() {
-            Some(d) => Device::Cuda(d.ordinal),
-            None => Device::Cpu,
-        }
+        self.store().device
     }
-    /// Read access to the data (a half-stored tensor is widened to f32 first, once; a device
-    /// tensor's values are downloaded into a host mirror, kept until the device writes them).
+    /// Read access to the values as host f32: a 16-bit tensor is widened first (once), a
+    /// device tensor's values are downloaded (a copy; the tensor stays on its device).
     ///
     /// # Panics
     /// If downloading a device tensor fails (use [`Tensor::try_to_vec`] to get an error).
-    pub fn data(&self) -> RwLockReadGuard<'_, Storage> {
-        if let Err(e) = self.sync_host() {
-            panic!("reading tensor {} from its device: {e}", self.id());
+    pub fn data(&self) -> HostData<'_> {
+        let widen = {
+            let g = self.store();
+            g.device == Device::Cpu && matches!(g.vals, Vals::Half(..))
+        };
+        if widen {
+            if let Err(e) = self.write().widen() {
+                panic!("widening tensor {}: {e}", self.id());
+            }
         }
-        self.widen_half();
-        self.read_lock()
+        let g = self.store();
+        if g.host().is_some() {
+            return HostData(Read::Borrowed(g));
+        }
+        match g.to_host_vec() {
+            Ok(v) => HostData(Read::Copied(v)),
+            Err(e) => panic!("reading tensor {} from its device: {e}", self.id()),
+        }
     }
-    /// Write access to the data (optimizer steps, merge); external data are copied first. A
+    /// Write access to the values (optimizer steps, merge); external data are copied first. A
     /// device tensor moves back to the host first (see [`Tensor::to_device`]).
     ///
     /// # Panics
     /// If moving a device tensor back fails.
-    pub fn data_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+    pub fn data_mut(&self) -> HostDataMut<'_> {
         if let Err(e) = self.to_device(Device::Cpu) {
             panic!("moving tensor {} to the host: {e}", self.id());
         }
-        self.widen_half();
-        self.0.data.write().unwrap_or_else(|e| e.into_inner())
+        let mut g = self.write();
+        if let Err(e) = g.widen() {
+            panic!("widening tensor {}: {e}", self.id());
+        }
+        if let Vals::F32(b) = &mut g.vals {
+            b.host_mut(); // copy on write, now rather than on every write access
+        }
+        HostDataMut(g)
     }
-    /// Replaces all values (same length); a device tensor's are uploaded to its device.
+    /// Replaces all values (same length) where the tensor lives.
     pub fn set_data(&self, values: Vec<f32>) -> Result<()> {
         if values.len() != self.numel() {
             return Err(CoreError::DataLength {
@@ -461,20 +385,20 @@ impl Tensor {
                 needed: self.numel(),
             });
         }
-        if self.0.half.is_none() {
-            let mut dev = self.dev_mut();
-            if let Some(d) = dev.as_mut() {
-                // A device tensor stays on its device: the new values are uploaded there.
-                d.vals = DevVals::F32(d.accel.upload(&values)?);
-                return Ok(());
-            }
-        }
-        *self.data_mut() = Storage::Owned(values);
+        let mut g = self.write();
+        let buf = match g.device {
+            Device::Cpu => DBuf::Host(values),
+            _ => g.on.upload(&values)?,
+        };
+        g.vals = Vals::F32(buf);
         Ok(())
     }
     /// Whether the values are borrowed (e.g. memory-mapped) rather than owned.
     pub fn is_external(&self) -> bool {
-        self.is_half_stored() || matches!(*self.read_lock(), Storage::External(_))
+        matches!(
+            self.store().vals,
+            Vals::F32(DBuf::Mapped(_)) | Vals::Half(DBits::Mapped(_), _)
+        )
     }
     /// A copy of the data.
     pub fn to_vec(&self) -> Vec<f32> {
@@ -485,11 +409,18 @@ impl Tensor {
         if self.numel() != 1 {
             return Err(CoreError::NotScalar(self.shape().to_vec()));
         }
-        Ok(self.data()[0])
+        Ok(self.try_to_vec()?[0])
     }
     /// Same handle identity?
     pub fn same(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+fn store_len(s: &Store) -> usize {
+    match &s.vals {
+        Vals::F32(b) => b.len(),
+        Vals::Half(b, _) => b.len(),
     }
 }
 
@@ -514,16 +445,15 @@ mod tests {
         assert!(t.same(&u) && t.id() == u.id());
     }
 
+    /// On a GPU machine (else the CPU to itself).
     #[test]
     fn moving_to_a_device_and_back_keeps_identity_and_values() {
-        crate::device::emulate_cuda(974);
-        let dev = Device::Cuda(974);
+        let dev = *crate::device::test_devices().last().unwrap();
         let t = Tensor::param(vec![1.0, 2.0, 3.0], &[3]).unwrap();
         let handle = t.clone();
         t.to_device(dev).unwrap();
         assert_eq!((handle.device(), handle.id()), (dev, t.id()));
-        assert!(t.read_lock().is_empty(), "the host copy is freed");
-        assert_eq!(t.to_vec(), vec![1.0, 2.0, 3.0]); // a mirror, downloaded on demand
+        assert_eq!(t.to_vec(), vec![1.0, 2.0, 3.0]); // downloaded on demand
         assert_eq!(t.device(), dev);
         t.set_data(vec![4.0, 5.0, 6.0]).unwrap(); // replaced on the device
         assert_eq!((t.device(), t.to_vec()), (dev, vec![4.0, 5.0, 6.0]));
@@ -573,13 +503,14 @@ mod tests {
         let t = Tensor::from_external_half(Arc::new(Bits(bf.clone(), HalfFormat::Bf16)), &[2, 2])
             .unwrap();
         assert!(t.is_half_stored() && t.is_external() && !t.requires_grad());
-        assert!(matches!(t.weight(), WeightView::Half(b, HalfFormat::Bf16) if b == &bf[..]));
+        assert!(matches!(t.store().weight(),
+            DWeight::Half(b, HalfFormat::Bf16) if b.host() == Some(&bf[..])));
         assert!(t.is_half_stored(), "weight() must not widen");
         assert_eq!(t.to_vec(), vals.to_vec()); // exact: these values are representable
         assert!(!t.is_half_stored());
-        assert!(matches!(t.weight(), WeightView::F32(_)));
+        assert!(matches!(t.store().weight(), DWeight::F32(_)));
         t.data_mut()[0] = 7.0; // writes go to the widened copy, which the products then read
-        assert_eq!(t.weight().as_data().len(), 4);
+        assert_eq!(t.store().f32().unwrap().len(), 4);
         assert_eq!(t.to_vec()[0], 7.0);
         let hf: Vec<u16> = vals
             .iter()

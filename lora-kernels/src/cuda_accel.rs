@@ -5,7 +5,8 @@
 //! Not yet run on a GPU: each kernel is checked against its CPU twin by `tests/cuda_parity.rs`,
 //! and the whole backend by the device training-step parity test, on a GPU machine.
 
-use crate::accel::{check_range, Accel, DBits, DBuf, DevLinearGrads, DevLora, HeadOut, Unary};
+use crate::accel::{check_range, Accel, DevLinearGrads, DevLora, HeadOut, Unary};
+use crate::buffers::{DBits, DBuf, DWeight, HalfFormat};
 use crate::cuda::{CudaDevice, LoraDims};
 use crate::error::{check_len, invalid, KernelError, Result};
 use crate::operands::{LinearDims, WeightLayout};
@@ -19,8 +20,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKern
 fn c(b: &DBuf) -> Result<&CudaSlice<f32>> {
     match b {
         DBuf::Cuda(s) => Ok(s),
-        DBuf::Host(_) => Err(KernelError::Device(
-            "a host (emulated) buffer was passed to a CUDA device".into(),
+        _ => Err(KernelError::Device(
+            "a host buffer was passed to a CUDA device".into(),
         )),
     }
 }
@@ -28,9 +29,21 @@ fn c(b: &DBuf) -> Result<&CudaSlice<f32>> {
 fn cm(b: &mut DBuf) -> Result<&mut CudaSlice<f32>> {
     match b {
         DBuf::Cuda(s) => Ok(s),
-        DBuf::Host(_) => Err(KernelError::Device(
-            "a host (emulated) buffer was passed to a CUDA device".into(),
+        _ => Err(KernelError::Device(
+            "a host buffer was passed to a CUDA device".into(),
         )),
+    }
+}
+
+/// A weight operand as f32 device values: a 16-bit one is widened into `tmp` for this product
+/// only (it stays 16-bit in device memory).
+fn wide<'a>(dev: &CudaDevice, w: DWeight<'a>, tmp: &'a mut Option<DBuf>) -> Result<&'a DBuf> {
+    match w {
+        DWeight::F32(b) => Ok(b),
+        DWeight::Half(bits, fmt) => {
+            let b = Accel::widen(dev, bits, fmt == HalfFormat::F16)?;
+            Ok(tmp.insert(b))
+        }
     }
 }
 
@@ -162,6 +175,14 @@ impl Accel for CudaDevice {
         self.stream
             .memcpy_dtod(s, &mut view)
             .map_err(|e| KernelError::Device(format!("write_range: {e:?}")))
+    }
+    fn download_bits(&self, b: &DBits) -> Result<Vec<u16>> {
+        let DBits::Cuda(b) = b else {
+            return Err(KernelError::Device(
+                "download_bits: a host buffer on a CUDA device".into(),
+            ));
+        };
+        CudaDevice::download_bits(self, b)
     }
     fn widen(&self, bits: &DBits, f16: bool) -> Result<DBuf> {
         let DBits::Cuda(b) = bits else {
@@ -497,13 +518,15 @@ impl Accel for CudaDevice {
     fn linear_forward(
         &self,
         x: &DBuf,
-        w: &DBuf,
+        w: DWeight,
         layout: WeightLayout,
         bias: Option<&DBuf>,
         lora: Option<DevLora>,
         d: LinearDims,
     ) -> Result<(DBuf, Option<DBuf>)> {
         const OP: &str = "lora_linear_forward";
+        let mut tmp = None;
+        let w = wide(self, w, &mut tmp)?;
         check_len(OP, "x", x.len(), &[d.tokens, d.inp])?;
         check_len(OP, "w", w.len(), &[d.out, d.inp])?;
         if let Some(b) = bias {
@@ -531,13 +554,15 @@ impl Accel for CudaDevice {
         grads: DevLinearGrads,
         dy: &DBuf,
         x: &DBuf,
-        w: &DBuf,
+        w: DWeight,
         layout: WeightLayout,
         lora: Option<DevLora>,
         u: Option<&DBuf>,
         d: LinearDims,
     ) -> Result<()> {
         const OP: &str = "lora_linear_backward";
+        let mut tmp = None;
+        let w = wide(self, w, &mut tmp)?;
         check_len(OP, "dy", dy.len(), &[d.tokens, d.out])?;
         let DevLinearGrads {
             dx,
@@ -662,7 +687,7 @@ impl Accel for CudaDevice {
     fn linear_cross_entropy(
         &self,
         x: &DBuf,
-        w: &DBuf,
+        w: DWeight,
         targets: &[i32],
         cc: usize,
         v: usize,
@@ -678,7 +703,10 @@ impl Accel for CudaDevice {
             inp: cc,
             out: v,
         };
-        let (logits, _) = Accel::linear_forward(self, x, w, WeightLayout::OutIn, None, None, d)?;
+        let mut tmp = None;
+        let w = wide(self, w, &mut tmp)?;
+        let (logits, _) =
+            Accel::linear_forward(self, x, DWeight::F32(w), WeightLayout::OutIn, None, None, d)?;
         let (loss, count, lse) = Accel::cross_entropy_forward(self, &logits, targets, v)?;
         let mut out = HeadOut {
             loss,

@@ -19,6 +19,8 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+pub mod buffers;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

@@ -1,16 +1,17 @@
-//! Every method of the device backend ([`Accel`]) on the CUDA device against the host emulation
-//! (the CPU kernels) on the same seeded inputs: odd sizes, both weight layouts, bias, dropout,
-//! GQA, ignored targets, bf16 and f16 bits. The CUDA device poisons the outputs its kernels must
+//! Every method of the backend trait ([`Accel`]) on the CUDA device against the CPU backend on
+//! the same seeded inputs: odd sizes, both weight layouts, 16-bit weights, bias, dropout, GQA,
+//! ignored targets, bf16 and f16 bits. The CUDA device poisons the outputs its kernels must
 //! write (NaN), so an element left unwritten fails. This is the layer the training step calls,
 //! so it checks the argument plumbing of `cuda_accel.rs` as well as the kernels. Needs a GPU:
-//! where no CUDA device answers it says it was skipped; on the host alone it still runs the
-//! emulated side (every call's argument checks).
+//! where no CUDA device answers it says it was skipped; on the CPU alone it still runs the CPU
+//! side (every call's argument checks).
 
 #![cfg(feature = "cuda")]
 
 mod common;
 
-use lora_kernels::accel::{Accel, DBuf, DevLinearGrads, DevLora, Emulated, Unary};
+use lora_kernels::accel::{Accel, DBuf, DWeight, DevLinearGrads, DevLora, Unary};
+use lora_kernels::cpu::Cpu;
 use lora_kernels::lora_linear::{Dropout, LinearDims, WeightLayout};
 use lora_kernels::ops::adamw::AdamStep;
 use lora_kernels::ops::attention::AttnDims;
@@ -187,7 +188,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     let dy = up(&rand(n * m, 22));
     for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
         let (yb, _) = a
-            .linear_forward(&x, &w, layout, Some(&bias), None, dims)
+            .linear_forward(&x, DWeight::F32(&w), layout, Some(&bias), None, dims)
             .unwrap();
         out.push((format!("linear {layout:?} y (frozen)"), down(&yb)));
         let mut dx = up(&rand(n * c, 23));
@@ -195,9 +196,28 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             dx: Some(&mut dx),
             ..Default::default()
         };
-        a.linear_backward(g, &dy, &x, &w, layout, None, None, dims)
+        a.linear_backward(g, &dy, &x, DWeight::F32(&w), layout, None, None, dims)
             .unwrap();
         out.push((format!("linear {layout:?} dx (frozen)"), down(&dx)));
+        // A frozen bf16 weight read as stored (the CPU widens panel by panel, CUDA per product).
+        let wbits: Vec<u16> = down(&w)
+            .iter()
+            .map(|&v| (v.to_bits() >> 16) as u16)
+            .collect();
+        let wb = a.upload_bits(&wbits).unwrap();
+        let wh = DWeight::Half(&wb, lora_kernels::accel::HalfFormat::Bf16);
+        let (yh, _) = a
+            .linear_forward(&x, wh, layout, Some(&bias), None, dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} y (bf16 weight)"), down(&yh)));
+        let mut dx = up(&rand(n * c, 41));
+        let g = DevLinearGrads {
+            dx: Some(&mut dx),
+            ..Default::default()
+        };
+        a.linear_backward(g, &dy, &x, wh, layout, None, None, dims)
+            .unwrap();
+        out.push((format!("linear {layout:?} dx (bf16 weight)"), down(&dx)));
         // No adapter, trainable weight and bias (full fine-tuning): dw and the column sums.
         let (mut dx, mut dw, mut dbias) =
             (up(&rand(n * c, 37)), up(&rand(m * c, 38)), up(&rand(m, 39)));
@@ -207,7 +227,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             dbias: Some(&mut dbias),
             ..Default::default()
         };
-        a.linear_backward(g, &dy, &x, &w, layout, None, None, dims)
+        a.linear_backward(g, &dy, &x, DWeight::F32(&w), layout, None, None, dims)
             .unwrap();
         out.push((format!("linear {layout:?} dx (full)"), down(&dx)));
         out.push((format!("linear {layout:?} dw (full)"), down(&dw)));
@@ -220,7 +240,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             dropout: Some(Dropout { p: 0.25, seed: 99 }),
         };
         let (yl, u) = a
-            .linear_forward(&x, &w, layout, Some(&bias), Some(lora), dims)
+            .linear_forward(&x, DWeight::F32(&w), layout, Some(&bias), Some(lora), dims)
             .unwrap();
         let u = u.unwrap();
         out.push((format!("linear {layout:?} y"), down(&yl)));
@@ -240,7 +260,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             da: Some(&mut da),
             db: Some(&mut db),
         };
-        a.linear_backward(g, &dy, &x, &w, layout, Some(lora), Some(&u), dims)
+        a.linear_backward(g, &dy, &x, DWeight::F32(&w), layout, Some(lora), Some(&u), dims)
             .unwrap();
         out.push((format!("linear {layout:?} dx"), down(&dx)));
         out.push((format!("linear {layout:?} dw"), down(&dw)));
@@ -254,7 +274,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             db: Some(&mut db),
             ..Default::default()
         };
-        a.linear_backward(g, &dy, &x, &w, layout, Some(lora), Some(&u), dims)
+        a.linear_backward(g, &dy, &x, DWeight::F32(&w), layout, Some(lora), Some(&u), dims)
             .unwrap();
         out.push((format!("linear {layout:?} dA (no dx)"), down(&da)));
         out.push((format!("linear {layout:?} dB (no dx)"), down(&db)));
@@ -273,14 +293,14 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     out.push(("ce dlogits".into(), down(&dl)));
     let head = up(&rand(v * c, 26));
     let h = a
-        .linear_cross_entropy(&x, &head, &targets, c, v, true, true)
+        .linear_cross_entropy(&x, DWeight::F32(&head), &targets, c, v, true, true)
         .unwrap();
     assert_eq!(h.count, 6);
     out.push(("head loss".into(), vec![h.loss]));
     out.push(("head dx".into(), down(&h.dx.unwrap())));
     out.push(("head dw".into(), down(&h.dw.unwrap())));
     let h = a
-        .linear_cross_entropy(&x, &head, &targets, c, v, false, false)
+        .linear_cross_entropy(&x, DWeight::F32(&head), &targets, c, v, false, false)
         .unwrap();
     assert!(h.dx.is_none() && h.dw.is_none());
     out.push(("head loss (no grads)".into(), vec![h.loss]));
@@ -319,8 +339,8 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
 }
 
 #[test]
-fn every_backend_method_on_cuda_matches_the_host_emulation() {
-    let host = run_all(&Emulated);
+fn every_backend_method_on_cuda_matches_the_cpu_backend() {
+    let host = run_all(&Cpu);
     assert!(host.iter().all(|(_, v)| !v.is_empty()));
     if !common::gpu_present() {
         return; // the host side ran

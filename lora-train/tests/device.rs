@@ -1,14 +1,13 @@
-//! The device code path against the host path, one test body per available device backend:
-//! - always, the host emulation of the backend (device buffers in host memory, the CPU kernels,
-//!   registered as `cuda:99`), so everything between the model and the kernels (tensors moved
-//!   to the device, every op's device twin and what it saves, the device backward, gradient
-//!   accumulation, clipping and AdamW on device buffers) runs as on a GPU and must give what the
-//!   host gives, to the bit for the loss;
-//! - where a CUDA device answers, the real `cuda:0`, with the same bodies: f32 on both sides but
-//!   other summation orders (cuBLAS, the kernels' reductions), so tolerances relative to each
-//!   tensor's largest value (loss 1e-5, gradients 1e-4, adapters after three steps 1e-4).
-//!   Without a GPU it says it was skipped; `scripts/gpu-check.sh` sets `LORA_REQUIRE_GPU=1`,
-//!   which turns a skip into a failure. (Each CUDA kernel is also checked against its CPU twin by
+//! One training code path, two backends: each test body runs on every backend this machine has
+//! and compares it with the CPU's run of the same body:
+//! - always the CPU backend (there the comparison is with itself, to the bit, and the bodies
+//!   check what the path does: tensors moved, what the tape keeps, 16-bit weights kept 16-bit,
+//!   gradient accumulation, clipping and AdamW through the backend);
+//! - where a CUDA device answers, `cuda:0`: f32 on both sides but other summation orders
+//!   (cuBLAS, the kernels' reductions), so tolerances relative to each tensor's largest value
+//!   (loss 1e-5, gradients 1e-4, adapters after three steps 1e-4). Without a GPU it says it was
+//!   skipped; `scripts/gpu-check.sh` sets `LORA_REQUIRE_GPU=1`, which turns a skip into a
+//!   failure. (Each CUDA kernel is also checked against its CPU twin by
 //!   `lora-kernels/tests/cuda_parity.rs` there.)
 //!
 //! The fixture models: GPT-2; Llama with GQA; Llama 3 RoPE scaling; Mistral; Qwen2 with q/k/v
@@ -20,28 +19,19 @@ use common::{adapters, max_rel, micro_batches, model, model_with, step, three_st
 use lora_core::models::CausalLm;
 use lora_core::{ops, Device, Tape, Tensor};
 
-/// The ordinal the host emulation is registered as (never a real GPU's).
-const EMU: Device = Device::Cuda(99);
-
-/// A device backend to run a test body on, with the agreement it owes the host.
+/// A backend to run a test body on, with the agreement it owes the CPU's run.
 struct Backend {
     device: Device,
-    /// The host emulation (the host's own kernels: the loss to the bit).
+    /// The CPU itself (the same kernels: the loss to the bit).
     exact: bool,
     /// Relative bound for gradients and for adapters after three steps.
     tol: f32,
 }
 
-/// Registers the host emulation as [`EMU`].
-fn emulate() {
-    lora_core::device::emulate_cuda(99);
-}
-
-/// The emulation, and `cuda:0` when a CUDA device answers (see the module docs).
+/// The CPU, and `cuda:0` when a CUDA device answers (see the module docs).
 fn backends() -> Vec<Backend> {
-    emulate();
     let mut out = vec![Backend {
-        device: EMU,
+        device: Device::Cpu,
         exact: true,
         tol: 1e-6,
     }];
@@ -250,11 +240,13 @@ fn device_training_steps_match_host_steps() {
 
 #[test]
 fn mixed_devices_are_clear_errors() {
-    // Error texts, the same on every backend: the emulation alone.
-    emulate();
-    const DEV: Device = EMU;
+    // Two backends are needed: a GPU machine.
+    let Some(b) = backends().into_iter().find(|b| b.device != Device::Cpu) else {
+        return;
+    };
+    let dev = b.device;
     let w = Tensor::new(vec![0.5; 6], &[2, 3]).unwrap();
-    w.to_device(DEV).unwrap();
+    w.to_device(dev).unwrap();
     let x = Tensor::new(vec![1.0; 3], &[1, 3]).unwrap();
     let tape = Tape::new(0);
     let e = ops::linear(
@@ -267,11 +259,8 @@ fn mixed_devices_are_clear_errors() {
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        e.contains("`x` is on cpu but `weight` is on cuda:99"),
-        "{e}"
-    );
-    x.to_device(DEV).unwrap();
+    assert!(e.contains("`x` is on cpu but `weight` is on cuda:0"), "{e}");
+    x.to_device(dev).unwrap();
     let y = ops::linear(
         &tape,
         &x,
@@ -281,7 +270,7 @@ fn mixed_devices_are_clear_errors() {
         None,
     )
     .unwrap();
-    assert_eq!(y.device(), DEV);
+    assert_eq!(y.device(), dev);
     assert_eq!(y.try_to_vec().unwrap(), vec![1.5, 1.5]);
     // A host write moves the tensor back: no stale copy can be read.
     w.data_mut()[0] = 2.0;

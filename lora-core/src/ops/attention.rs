@@ -42,27 +42,8 @@ pub fn attention(
         head_dim: hd,
     };
     let scale = 1.0 / (hd as f32).sqrt();
-    if let Some(on) = placement(OP, &[("q", q), ("k", k), ("v", v)])? {
-        return attention_dev(tape, on, (q, k, v), dims, scale);
-    }
-    let mut out = vec![0.0; q.numel()];
-    let mut lse = vec![0.0; dims.lse_len()];
-    attention::attention_forward(
-        &mut out,
-        &mut lse,
-        &q.data(),
-        &k.data(),
-        &v.data(),
-        dims,
-        scale,
-    )?;
-    let y = Tensor::from_op(out, q.shape(), any_grad(&[q, k, v]))?;
-    tape.record(
-        Op::host(AttentionNode { lse, dims, scale }),
-        vec![q.clone(), k.clone(), v.clone()],
-        &y,
-    );
-    Ok(y)
+    let on = placement(OP, &[("q", q), ("k", k), ("v", v)])?;
+    attention_dev(tape, on, (q, k, v), dims, scale)
 }
 
 fn attention_dev(
@@ -79,63 +60,19 @@ fn attention_dev(
     drop((gq, gk, gv));
     let requires = q.requires_grad() || k.requires_grad() || v.requires_grad();
     let y = on.tensor(out, q.shape(), requires)?;
-    let op = DevAttention { lse, dims, scale };
+    let op = AttentionNode { lse, dims, scale };
     on.record(tape, op, vec![q.clone(), k.clone(), v.clone()], &y);
     Ok(y)
 }
 
 /// [q, k, v]
 struct AttentionNode {
-    lse: Vec<f32>,
-    dims: attention::AttnDims,
-    scale: f32,
-}
-
-impl HostOp for AttentionNode {
-    fn name(&self) -> &'static str {
-        "attention"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        true
-    }
-    fn saved_elems(&self) -> usize {
-        self.lse.len()
-    }
-    fn backward(
-        &self,
-        inputs: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        // The kernel writes all three; an input that needs no gradient gets a scratch buffer.
-        let mut scratch: [Vec<f32>; 3] = Default::default();
-        let gs = [g.take(0), g.take(1), g.take(2)];
-        for (i, g) in gs.iter().enumerate() {
-            if g.is_none() {
-                scratch[i] = vec![0.0; inputs[i].numel()];
-            }
-        }
-        let [s0, s1, s2] = &mut scratch;
-        let [g0, g1, g2] = gs;
-        let dq = g0.unwrap_or(&mut s0[..]);
-        let dk = g1.unwrap_or(&mut s1[..]);
-        let dv = g2.unwrap_or(&mut s2[..]);
-        attention::attention_backward(
-            dq, dk, dv, dout, &self.lse, data[0], data[1], data[2], self.dims, self.scale,
-        )?;
-        Ok(())
-    }
-}
-
-/// [q, k, v]
-struct DevAttention {
     lse: DBuf,
     dims: AttnDims,
     scale: f32,
 }
 
-impl DevOp for DevAttention {
+impl OpNode for AttentionNode {
     fn name(&self) -> &'static str {
         "attention"
     }
@@ -148,15 +85,15 @@ impl DevOp for DevAttention {
     fn backward(
         &self,
         a: &dyn Accel,
-        inputs: &[DevInput],
+        inputs: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
     ) -> Result<()> {
         let (mut s0, mut s1, mut s2) = (None, None, None);
-        let dq = or_scratch(g.take(0), &mut s0, a, inputs[0].numel)?;
-        let dk = or_scratch(g.take(1), &mut s1, a, inputs[1].numel)?;
-        let dv = or_scratch(g.take(2), &mut s2, a, inputs[2].numel)?;
+        let dq = or_scratch(g.take(0), &mut s0, a, inputs[0].numel())?;
+        let dk = or_scratch(g.take(1), &mut s1, a, inputs[1].numel())?;
+        let dv = or_scratch(g.take(2), &mut s2, a, inputs[2].numel())?;
         a.attention_backward(
             dq, dk, dv, dout, &self.lse, data[0], data[1], data[2], self.dims, self.scale,
         )?;

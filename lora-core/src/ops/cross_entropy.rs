@@ -1,12 +1,10 @@
 //! Mean cross-entropy of logits against targets (negative targets ignored).
 
 use super::*;
-use lora_kernels::ops::cross_entropy;
 
 /// Mean cross-entropy of `logits` `(..., V)` against `targets` (one per row; negative =
 /// ignored). Returns a scalar tensor.
 pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
-    let v = logits.last_dim();
     if logits.rows() != targets.len() {
         return Err(shape_err(
             "cross_entropy",
@@ -15,22 +13,8 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Te
             format!("{} rows (one per target)", targets.len()),
         ));
     }
-    if let Some(on) = placement("cross_entropy", &[("logits", logits)])? {
-        return cross_entropy_dev(tape, on, logits, targets);
-    }
-    let mut lse = vec![0.0; targets.len()];
-    let (loss, count) = cross_entropy::cross_entropy_forward(&mut lse, &logits.data(), targets, v)?;
-    let y = Tensor::from_op(vec![loss], &[1], logits.requires_grad())?;
-    tape.record(
-        Op::host(CrossEntropyNode {
-            lse,
-            targets: targets.to_vec(),
-            count,
-        }),
-        vec![logits.clone()],
-        &y,
-    );
-    Ok(y)
+    let on = placement("cross_entropy", &[("logits", logits)])?;
+    cross_entropy_dev(tape, on, logits, targets)
 }
 
 fn cross_entropy_dev(tape: &Tape, on: On, logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
@@ -40,7 +24,7 @@ fn cross_entropy_dev(tape: &Tape, on: On, logits: &Tensor, targets: &[i32]) -> R
             .cross_entropy_forward(f32_of(&g)?, targets, logits.last_dim())?;
     drop(g);
     let y = on.tensor(on.accel.upload(&[loss])?, &[1], logits.requires_grad())?;
-    let op = DevCrossEntropy {
+    let op = CrossEntropyNode {
         lse,
         targets: targets.to_vec(),
         count,
@@ -51,52 +35,12 @@ fn cross_entropy_dev(tape: &Tape, on: On, logits: &Tensor, targets: &[i32]) -> R
 
 /// [logits]
 struct CrossEntropyNode {
-    lse: Vec<f32>,
-    targets: Vec<i32>,
-    count: usize,
-}
-
-impl HostOp for CrossEntropyNode {
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        true
-    }
-    fn saved_elems(&self) -> usize {
-        self.lse.len() + self.targets.len()
-    }
-    fn backward(
-        &self,
-        inputs: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        if let Some(g) = g.take(0) {
-            let v = inputs[0].last_dim();
-            cross_entropy::cross_entropy_backward(
-                g,
-                dout[0],
-                data[0],
-                &self.lse,
-                &self.targets,
-                v,
-                self.count,
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// [logits]
-struct DevCrossEntropy {
     lse: DBuf,
     targets: Vec<i32>,
     count: usize,
 }
 
-impl DevOp for DevCrossEntropy {
+impl OpNode for CrossEntropyNode {
     fn name(&self) -> &'static str {
         "cross_entropy"
     }
@@ -109,14 +53,14 @@ impl DevOp for DevCrossEntropy {
     fn backward(
         &self,
         a: &dyn Accel,
-        inputs: &[DevInput],
+        inputs: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
     ) -> Result<()> {
         if let Some(g) = g.take(0) {
             let dloss = a.download(dout)?[0];
-            let v = inputs[0].last_dim;
+            let v = inputs[0].last_dim();
             a.cross_entropy_backward(g, dloss, data[0], &self.lse, &self.targets, v, self.count)?;
         }
         Ok(())

@@ -1,7 +1,6 @@
 //! LayerNorm over the last dimension.
 
 use super::*;
-use lora_kernels::ops::norm;
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(
@@ -18,28 +17,8 @@ pub fn layer_norm(
     }
     let mut operands = vec![("x", x), ("gamma", gamma)];
     operands.extend(beta.map(|b| ("beta", b)));
-    if let Some(on) = placement("layer_norm", &operands)? {
-        return layer_norm_dev(tape, on, x, gamma, beta, eps);
-    }
-    let n = x.rows();
-    let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-    let bd = beta.map(|b| b.data());
-    norm::layernorm_forward(
-        &mut out,
-        &mut mean,
-        &mut rstd,
-        &x.data(),
-        &gamma.data(),
-        bd.as_deref().map(|v| &v[..]),
-        c,
-        eps,
-    )?;
-    drop(bd);
-    let mut inputs = vec![x.clone(), gamma.clone()];
-    inputs.extend(beta.cloned());
-    let y = Tensor::from_op(out, x.shape(), inputs.iter().any(|t| t.requires_grad()))?;
-    tape.record(Op::host(LayerNormNode { mean, rstd }), inputs, &y);
-    Ok(y)
+    let on = placement("layer_norm", &operands)?;
+    layer_norm_dev(tape, on, x, gamma, beta, eps)
 }
 
 fn layer_norm_dev(
@@ -60,49 +39,17 @@ fn layer_norm_dev(
     let mut inputs = vec![x.clone(), gamma.clone()];
     inputs.extend(beta.cloned());
     let y = on.tensor(out, x.shape(), inputs.iter().any(|t| t.requires_grad()))?;
-    on.record(tape, DevLayerNorm { mean, rstd }, inputs, &y);
+    on.record(tape, LayerNormNode { mean, rstd }, inputs, &y);
     Ok(y)
 }
 
 /// [x, gamma, (beta)]
 struct LayerNormNode {
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-}
-
-impl HostOp for LayerNormNode {
-    fn name(&self) -> &'static str {
-        "layer_norm"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        true
-    }
-    fn saved_elems(&self) -> usize {
-        self.mean.len() + self.rstd.len()
-    }
-    fn backward(
-        &self,
-        inputs: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        let c = inputs[0].last_dim();
-        let (dx, dg, db) = (g.take(0), g.take(1), g.take(2));
-        norm::layernorm_backward(
-            dx, dg, db, dout, data[0], data[1], &self.mean, &self.rstd, c,
-        )?;
-        Ok(())
-    }
-}
-
-/// [x, gamma, (beta)]
-struct DevLayerNorm {
     mean: DBuf,
     rstd: DBuf,
 }
 
-impl DevOp for DevLayerNorm {
+impl OpNode for LayerNormNode {
     fn name(&self) -> &'static str {
         "layer_norm"
     }
@@ -115,12 +62,12 @@ impl DevOp for DevLayerNorm {
     fn backward(
         &self,
         a: &dyn Accel,
-        inputs: &[DevInput],
+        inputs: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
     ) -> Result<()> {
-        let c = inputs[0].last_dim;
+        let c = inputs[0].last_dim();
         let (dx, dg, db) = (g.take(0), g.take(1), g.take(2));
         a.layernorm_backward(
             dx, dg, db, dout, data[0], data[1], &self.mean, &self.rstd, c,

@@ -2,10 +2,6 @@
 
 use super::*;
 
-use lora_kernels::lora_linear::{
-    lora_linear_backward, lora_linear_forward, BaseLinear, LinearGrads, LoraWeights, WeightData,
-};
-
 /// The adapter operands of [`linear`].
 #[derive(Clone, Copy, Debug)]
 pub struct LoraArgs<'a> {
@@ -70,67 +66,9 @@ pub fn linear(
     if let Some(l) = lora {
         operands.extend([("lora_a", l.a), ("lora_b", l.b)]);
     }
-    if let Some(on) = placement(OP, &operands)? {
-        let shape = with_last(x.shape(), m);
-        return linear_dev(tape, on, x, w, layout, bias, lora, dims, &shape);
-    }
-    let mut inputs = vec![x.clone(), w.clone()];
-    inputs.extend(bias.cloned());
-    let mut y = vec![0.0; dims.tokens * m];
-    let xd = x.data();
-    let wd = w.weight(); // 16-bit as stored when the weight is half-stored
-    let bd = bias.map(|b| b.data());
-    let base = BaseLinear {
-        weight: wd.as_data(),
-        layout,
-        bias: bd.as_deref().map(|v| &v[..]),
-    };
-    let saved = match lora {
-        None => {
-            lora_linear_forward(&mut y, None, &xd, &base, None, dims)?;
-            None
-        }
-        Some(l) => {
-            let r = l.a.shape()[0];
-            let dropout = (tape.is_training() && l.dropout > 0.0).then(|| Dropout {
-                p: l.dropout,
-                seed: tape.next_seed(),
-            });
-            let (ad, bd2) = (l.a.data(), l.b.data());
-            let lw = LoraWeights {
-                a: &ad,
-                b: &bd2,
-                rank: r,
-                scale: l.scale,
-                dropout,
-            };
-            let mut u = vec![0.0; dims.tokens * r];
-            lora_linear_forward(&mut y, Some(&mut u), &xd, &base, Some(&lw), dims)?;
-            inputs.push(l.a.clone());
-            inputs.push(l.b.clone());
-            Some(LoraSaved {
-                rank: r,
-                scale: l.scale,
-                dropout,
-                u,
-            })
-        }
-    };
-    drop((xd, wd, bd));
-    let requires = inputs.iter().any(|t| t.requires_grad());
-    let out = Tensor::from_op(y, &with_last(x.shape(), m), requires)?;
-    let has_bias = bias.is_some();
-    tape.record(
-        Op::host(LinearNode {
-            layout,
-            has_bias,
-            dims,
-            lora: saved,
-        }),
-        inputs,
-        &out,
-    );
-    Ok(out)
+    let on = placement(OP, &operands)?;
+    let shape = with_last(x.shape(), m);
+    linear_dev(tape, on, x, w, layout, bias, lora, dims, &shape)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -148,15 +86,14 @@ fn linear_dev(
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(bias.cloned());
     let gx = read(x)?;
+    let gw = w.store(); // 16-bit as stored when the weight is half-stored
     let gb = bias.map(read).transpose()?;
     let bias_buf = gb.as_ref().map(f32_of).transpose()?;
     let (y, saved) = match lora {
         None => {
-            let (y, _) = with_weight(&*on.accel, w, |wb| {
-                Ok(on
-                    .accel
-                    .linear_forward(f32_of(&gx)?, wb, layout, bias_buf, None, dims)?)
-            })?;
+            let (y, _) =
+                on.accel
+                    .linear_forward(f32_of(&gx)?, gw.weight(), layout, bias_buf, None, dims)?;
             (y, None)
         }
         Some(l) => {
@@ -173,19 +110,21 @@ fn linear_dev(
                 scale: l.scale,
                 dropout,
             };
-            let (y, u) = with_weight(&*on.accel, w, |wb| {
-                Ok(on
-                    .accel
-                    .linear_forward(f32_of(&gx)?, wb, layout, bias_buf, Some(dl), dims)?)
-            })?;
+            let (y, u) = on.accel.linear_forward(
+                f32_of(&gx)?,
+                gw.weight(),
+                layout,
+                bias_buf,
+                Some(dl),
+                dims,
+            )?;
             inputs.push(l.a.clone());
             inputs.push(l.b.clone());
-            let u = u.ok_or_else(|| {
-                CoreError::Internal("linear: the device backend returned no adapter u")
-            })?;
+            let u =
+                u.ok_or_else(|| CoreError::Internal("linear: the backend returned no adapter u"))?;
             (
                 y,
-                Some(DevLoraSaved {
+                Some(LoraSaved {
                     rank,
                     scale: l.scale,
                     dropout,
@@ -194,10 +133,10 @@ fn linear_dev(
             )
         }
     };
-    drop((gx, gb));
+    drop((gx, gw, gb));
     let requires = inputs.iter().any(|t| t.requires_grad());
     let out = on.tensor(y, out_shape, requires)?;
-    let op = DevLinear {
+    let op = LinearNode {
         layout,
         has_bias: bias.is_some(),
         dims,
@@ -219,10 +158,10 @@ struct LoraSaved {
     rank: usize,
     scale: f32,
     dropout: Option<Dropout>,
-    u: Vec<f32>, // (N, R)
+    u: DBuf,
 }
 
-/// inputs: [x, w, (bias), (lora_a, lora_b)]
+/// [x, w, (bias), (lora_a, lora_b)]
 struct LinearNode {
     layout: WeightLayout,
     has_bias: bool,
@@ -230,88 +169,7 @@ struct LinearNode {
     lora: Option<LoraSaved>,
 }
 
-impl HostOp for LinearNode {
-    fn name(&self) -> &'static str {
-        "lora_linear"
-    }
-    fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool {
-        reads_x_or_weights(i, inputs, self.has_bias, self.lora.is_some())
-    }
-    fn saved_elems(&self) -> usize {
-        self.lora.as_ref().map_or(0, |l| l.u.len())
-    }
-    fn reads_stored(&self, i: usize) -> bool {
-        i == 1
-    }
-    fn backward(
-        &self,
-        inputs: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        let Self {
-            layout,
-            has_bias,
-            dims,
-            lora,
-        } = self;
-        let bias_idx = has_bias.then_some(2);
-        let a_idx = if *has_bias { 3 } else { 2 };
-        let w = inputs[1].values.as_ref().map(|t| t.weight());
-        let base = BaseLinear {
-            weight: w.as_ref().map_or(WeightData::F32(&[]), |v| v.as_data()),
-            layout: *layout,
-            bias: bias_idx.map(|i| data[i]),
-        };
-        let lw = lora.as_ref().map(|l| LoraWeights {
-            a: data[a_idx],
-            b: data[a_idx + 1],
-            rank: l.rank,
-            scale: l.scale,
-            dropout: l.dropout,
-        });
-        let grads = LinearGrads {
-            dx: g.take(0),
-            dw: g.take(1),
-            dbias: bias_idx.and_then(|i| g.take(i)),
-            da: if lora.is_some() { g.take(a_idx) } else { None },
-            db: if lora.is_some() {
-                g.take(a_idx + 1)
-            } else {
-                None
-            },
-        };
-        lora_linear_backward(
-            grads,
-            dout,
-            data[0],
-            &base,
-            lw.as_ref(),
-            lora.as_ref().map(|l| &l.u[..]),
-            *dims,
-        )?;
-        Ok(())
-    }
-}
-
-/// Saved state of the adapter part of a device linear op.
-struct DevLoraSaved {
-    rank: usize,
-    scale: f32,
-    dropout: Option<Dropout>,
-    u: DBuf,
-}
-
-/// [x, w, (bias), (lora_a, lora_b)]
-struct DevLinear {
-    layout: WeightLayout,
-    has_bias: bool,
-    dims: LinearDims,
-    lora: Option<DevLoraSaved>,
-}
-
-impl DevOp for DevLinear {
+impl OpNode for LinearNode {
     fn name(&self) -> &'static str {
         "lora_linear"
     }
@@ -327,7 +185,7 @@ impl DevOp for DevLinear {
     fn backward(
         &self,
         a: &dyn Accel,
-        inputs: &[DevInput],
+        inputs: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
@@ -358,13 +216,12 @@ impl DevOp for DevLinear {
                 None
             },
         };
-        let w = inputs[1].values.ok_or(CoreError::Internal(
+        let w = inputs[1].values.as_ref().ok_or(CoreError::Internal(
             "linear: the weight was not kept for backward",
         ))?;
         let u = lora.as_ref().map(|l| &l.u);
-        with_weight(a, w, |wb| {
-            Ok(a.linear_backward(grads, dout, data[0], wb, *layout, dl, u, *dims)?)
-        })?;
+        let gw = w.store();
+        a.linear_backward(grads, dout, data[0], gw.weight(), *layout, dl, u, *dims)?;
         Ok(())
     }
 }
@@ -380,70 +237,71 @@ mod tests {
     /// tape must not keep.
     #[test]
     fn a_device_trains_weights_and_biases_as_the_host_does() {
-        crate::device::emulate_cuda(971);
-        let dev = Device::Cuda(971);
-        let (n, k, m, r) = (5usize, 7usize, 4usize, 2usize);
-        let mut rng = lora_kernels::rng::Rng::new(21);
-        let mut rand = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| rng.uniform_range(-1.0, 1.0) as f32)
-                .collect()
-        };
-        let (xv, wv, bv, av, bbv) = (rand(n * k), rand(m * k), rand(m), rand(r * k), rand(m * r));
-        let targets = [1, 3, -100, 0, 2];
-        // (weight trains, bias trains, adapter, adapter trains)
-        let cases = [
-            (true, true, false, false),
-            (false, true, false, false),
-            (true, false, true, true),
-            (false, true, true, true),
-            (true, true, true, false),
-            (false, false, true, true),
-            (false, false, false, false),
-        ];
-        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            for (wt, bt, with_lora, lt) in cases {
-                let run = |device: Device| -> (f32, usize, Vec<Option<Vec<f32>>>) {
-                    let x = Tensor::new_on(xv.clone(), &[n, k], true, device).unwrap();
-                    let wshape = match layout {
-                        WeightLayout::OutIn => [m, k],
-                        WeightLayout::InOut => [k, m],
+        for dev in crate::device::test_devices() {
+            let (n, k, m, r) = (5usize, 7usize, 4usize, 2usize);
+            let mut rng = lora_kernels::rng::Rng::new(21);
+            let mut rand = |len: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|_| rng.uniform_range(-1.0, 1.0) as f32)
+                    .collect()
+            };
+            let (xv, wv, bv, av, bbv) =
+                (rand(n * k), rand(m * k), rand(m), rand(r * k), rand(m * r));
+            let targets = [1, 3, -100, 0, 2];
+            // (weight trains, bias trains, adapter, adapter trains)
+            let cases = [
+                (true, true, false, false),
+                (false, true, false, false),
+                (true, false, true, true),
+                (false, true, true, true),
+                (true, true, true, false),
+                (false, false, true, true),
+                (false, false, false, false),
+            ];
+            for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+                for (wt, bt, with_lora, lt) in cases {
+                    let run = |device: Device| -> (f32, usize, Vec<Option<Vec<f32>>>) {
+                        let x = Tensor::new_on(xv.clone(), &[n, k], true, device).unwrap();
+                        let wshape = match layout {
+                            WeightLayout::OutIn => [m, k],
+                            WeightLayout::InOut => [k, m],
+                        };
+                        let w = Tensor::new_on(wv.clone(), &wshape, wt, device).unwrap();
+                        let b = Tensor::new_on(bv.clone(), &[m], bt, device).unwrap();
+                        let a = Tensor::new_on(av.clone(), &[r, k], lt, device).unwrap();
+                        let bb = Tensor::new_on(bbv.clone(), &[m, r], lt, device).unwrap();
+                        let tape = Tape::new(4);
+                        let lora = with_lora.then_some(ops::LoraArgs {
+                            a: &a,
+                            b: &bb,
+                            scale: 1.5,
+                            dropout: 0.0,
+                        });
+                        let y = ops::linear(&tape, &x, &w, layout, Some(&b), lora).unwrap();
+                        let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
+                        let saved = tape.saved_elems();
+                        let l = loss.try_to_vec().unwrap()[0];
+                        let g = tape.backward(&loss).unwrap();
+                        let grads = [&x, &w, &b, &a, &bb]
+                            .iter()
+                            .map(|t| g.to_vec(t).unwrap())
+                            .collect();
+                        (l, saved, grads)
                     };
-                    let w = Tensor::new_on(wv.clone(), &wshape, wt, device).unwrap();
-                    let b = Tensor::new_on(bv.clone(), &[m], bt, device).unwrap();
-                    let a = Tensor::new_on(av.clone(), &[r, k], lt, device).unwrap();
-                    let bb = Tensor::new_on(bbv.clone(), &[m, r], lt, device).unwrap();
-                    let tape = Tape::new(4);
-                    let lora = with_lora.then_some(ops::LoraArgs {
-                        a: &a,
-                        b: &bb,
-                        scale: 1.5,
-                        dropout: 0.0,
-                    });
-                    let y = ops::linear(&tape, &x, &w, layout, Some(&b), lora).unwrap();
-                    let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
-                    let saved = tape.saved_elems();
-                    let l = loss.try_to_vec().unwrap()[0];
-                    let g = tape.backward(&loss).unwrap();
-                    let grads = [&x, &w, &b, &a, &bb]
-                        .iter()
-                        .map(|t| g.to_vec(t).unwrap())
-                        .collect();
-                    (l, saved, grads)
-                };
-                let what = format!("{layout:?} weight {wt} bias {bt} lora {with_lora}/{lt}");
-                let (lh, sh, gh) = run(Device::Cpu);
-                let (ld, sd, gd) = run(dev);
-                assert_eq!(lh.to_bits(), ld.to_bits(), "{what}: loss");
-                assert_eq!(sh, sd, "{what}: saved activations");
-                for (i, (h, d)) in gh.iter().zip(&gd).enumerate() {
-                    assert_eq!(h, d, "{what}: gradient of input {i}");
-                }
-                let trains = [true, wt, bt, with_lora && lt, with_lora && lt];
-                for (i, (g, t)) in gh.iter().zip(trains).enumerate() {
-                    assert_eq!(g.is_some(), t, "{what}: input {i} has a gradient");
-                    if let Some(g) = g {
-                        assert!(g.iter().any(|&v| v != 0.0), "{what}: input {i}");
+                    let what = format!("{layout:?} weight {wt} bias {bt} lora {with_lora}/{lt}");
+                    let (lh, sh, gh) = run(Device::Cpu);
+                    let (ld, sd, gd) = run(dev);
+                    assert_eq!(lh.to_bits(), ld.to_bits(), "{what}: loss");
+                    assert_eq!(sh, sd, "{what}: saved activations");
+                    for (i, (h, d)) in gh.iter().zip(&gd).enumerate() {
+                        assert_eq!(h, d, "{what}: gradient of input {i}");
+                    }
+                    let trains = [true, wt, bt, with_lora && lt, with_lora && lt];
+                    for (i, (g, t)) in gh.iter().zip(trains).enumerate() {
+                        assert_eq!(g.is_some(), t, "{what}: input {i} has a gradient");
+                        if let Some(g) = g {
+                            assert!(g.iter().any(|&v| v != 0.0), "{what}: input {i}");
+                        }
                     }
                 }
             }

@@ -1,10 +1,6 @@
 //! The output head fused with the cross-entropy, in chunks of rows.
 
 use super::*;
-use lora_kernels::ops::cross_entropy;
-
-/// Head weights widened per vocabulary block of a 16-bit head (4 MiB of f32 scratch).
-const HEAD_WIDEN_ELEMS: usize = 1 << 20;
 
 /// The output head fused with the cross-entropy: the mean loss of `logits = x W^T` (`x`
 /// `(..., C)`, `w` `(V, C)`) against `targets` (one per row; negative = ignored), computed in
@@ -30,63 +26,8 @@ pub fn linear_cross_entropy(
             format!("{} rows (one per target)", targets.len()),
         ));
     }
-    if let Some(on) = placement(OP, &[("x", x), ("w", w)])? {
-        return linear_cross_entropy_dev(tape, on, x, w, targets);
-    }
-    let v = w.shape()[0];
-    let n = targets.len();
-    let training = tape.is_training();
-    let mut dx = (training && x.requires_grad()).then(|| vec![0.0f32; n * c]);
-    let mut dw = (training && w.requires_grad()).then(|| vec![0.0f32; v * c]);
-    let (loss, _) = if w.is_half_stored() && dw.is_none() {
-        // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored, one vocabulary block
-        // at a time, never widened as a whole.
-        let block = (HEAD_WIDEN_ELEMS / c.max(1)).max(1);
-        let wv = w.weight();
-        cross_entropy::linear_cross_entropy_stored(
-            &x.data(),
-            wv.as_data(),
-            targets,
-            c,
-            v,
-            dx.as_deref_mut(),
-            block,
-        )?
-    } else {
-        let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
-        cross_entropy::linear_cross_entropy(
-            &x.data(),
-            &w.data(),
-            targets,
-            c,
-            v,
-            dx.as_deref_mut(),
-            dw.as_deref_mut(),
-            chunk,
-        )?
-    };
-    let y = Tensor::from_op(vec![loss], &[1], x.requires_grad() || w.requires_grad())?;
-    tape.record(
-        Op::host(LinearCrossEntropyNode { dx, dw }),
-        vec![x.clone(), w.clone()],
-        &y,
-    );
-    Ok(y)
-}
-
-/// Logits (and their gradient) a device holds at once in the fused head: 64 Mi values, 256 MB
-/// each, whatever the vocabulary and token count.
-const DEV_HEAD_CHUNK_ELEMS: usize = 1 << 26;
-
-fn linear_cross_entropy_dev(
-    tape: &Tape,
-    on: On,
-    x: &Tensor,
-    w: &Tensor,
-    targets: &[i32],
-) -> Result<Tensor> {
-    let v = w.shape()[0];
-    let rows = (DEV_HEAD_CHUNK_ELEMS / v.max(1)).max(1);
+    let on = placement(OP, &[("x", x), ("w", w)])?;
+    let rows = on.accel.head_rows(w.shape()[0]);
     let training = tape.is_training();
     let want = (training && x.requires_grad(), training && w.requires_grad());
     let (loss, dx, dw) = head_chunked(&*on.accel, x, w, targets, want, rows)?;
@@ -94,7 +35,7 @@ fn linear_cross_entropy_dev(
     let y = on.tensor(on.accel.upload(&[loss])?, &[1], requires)?;
     on.record(
         tape,
-        DevLinearCrossEntropy { dx, dw },
+        LinearCrossEntropyNode { dx, dw },
         vec![x.clone(), w.clone()],
         &y,
     );
@@ -113,8 +54,9 @@ fn head_chunked(
     rows: usize,
 ) -> Result<(f32, Option<DBuf>, Option<DBuf>)> {
     let (c, v, n) = (x.last_dim(), w.shape()[0], targets.len());
-    let (gx, gw) = (read(x)?, read(w)?);
-    let (xb, wb) = (f32_of(&gx)?, f32_of(&gw)?);
+    // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored.
+    let (gx, gw) = (read(x)?, w.store());
+    let (xb, wb) = (f32_of(&gx)?, gw.weight());
     if n <= rows {
         let h = a.linear_cross_entropy(xb, wb, targets, c, v, want_dx, want_dw)?;
         return Ok((h.loss, h.dx, h.dw));
@@ -150,47 +92,13 @@ fn head_chunked(
     Ok((loss, dx, dw))
 }
 
-/// inputs: [x, w]. The fused head computed the gradients of the mean loss during forward
-/// (while each chunk's logits existed); backward scales them by `dloss`.
-struct LinearCrossEntropyNode {
-    dx: Option<Vec<f32>>,
-    dw: Option<Vec<f32>>,
-}
-
-impl HostOp for LinearCrossEntropyNode {
-    fn name(&self) -> &'static str {
-        "linear_cross_entropy"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        false
-    }
-    fn saved_elems(&self) -> usize {
-        self.dx.as_ref().map_or(0, Vec::len) + self.dw.as_ref().map_or(0, Vec::len)
-    }
-    fn backward(
-        &self,
-        _: &[Input],
-        _: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        for (i, saved) in [(0, &self.dx), (1, &self.dw)] {
-            if let (Some(g), Some(s)) = (g.take(i), saved.as_ref()) {
-                let d = dout[0];
-                g.iter_mut().zip(s).for_each(|(g, s)| *g += d * s);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// [x, w]: the gradients of the mean loss for x and w, computed in forward.
-struct DevLinearCrossEntropy {
+struct LinearCrossEntropyNode {
     dx: Option<DBuf>,
     dw: Option<DBuf>,
 }
 
-impl DevOp for DevLinearCrossEntropy {
+impl OpNode for LinearCrossEntropyNode {
     fn name(&self) -> &'static str {
         "linear_cross_entropy"
     }
@@ -203,7 +111,7 @@ impl DevOp for DevLinearCrossEntropy {
     fn backward(
         &self,
         a: &dyn Accel,
-        _: &[DevInput],
+        _: &[Input],
         _: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
@@ -242,78 +150,80 @@ mod tests {
     #[test]
     fn device_head_scales_its_gradient_by_dloss() {
         use crate::ops;
-        crate::device::emulate_cuda(974);
-        let dev = Device::Cuda(974);
-        let (n, c, v) = (5usize, 4usize, 9usize);
-        let mut r = lora_kernels::rng::Rng::new(8);
-        let mut rand =
-            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
-        let (xv, wv) = (rand(n * c), rand(v * c));
-        let targets = [3, -100, 8, 0, 5];
-        let grad = |device: Device, twice: bool| -> Vec<f32> {
-            let x = Tensor::new_on(xv.clone(), &[n, c], true, device).unwrap();
-            let w = Tensor::new_on(wv.clone(), &[v, c], true, device).unwrap();
-            let tape = Tape::new(0);
-            let loss = ops::linear_cross_entropy(&tape, &x, &w, &targets).unwrap();
-            let out = if twice {
-                ops::add(&tape, &loss, &loss).unwrap()
-            } else {
-                loss
+        for dev in crate::device::test_devices() {
+            let (n, c, v) = (5usize, 4usize, 9usize);
+            let mut r = lora_kernels::rng::Rng::new(8);
+            let mut rand = |k: usize| -> Vec<f32> {
+                (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect()
             };
-            let g = tape.backward(&out).unwrap();
-            let mut both = g.to_vec(&x).unwrap().unwrap();
-            both.extend(g.to_vec(&w).unwrap().unwrap());
-            both
-        };
-        let (host1, host2) = (grad(Device::Cpu, false), grad(Device::Cpu, true));
-        let (dev1, dev2) = (grad(dev, false), grad(dev, true));
-        assert_eq!(host1, dev1, "dloss = 1");
-        assert_eq!(host2, dev2, "dloss = 2");
-        assert!(host1.iter().any(|&g| g != 0.0));
-        for (a, b) in host1.iter().zip(&host2) {
-            assert_eq!(2.0 * a, *b, "doubling is exact in binary floating point");
+            let (xv, wv) = (rand(n * c), rand(v * c));
+            let targets = [3, -100, 8, 0, 5];
+            let grad = |device: Device, twice: bool| -> Vec<f32> {
+                let x = Tensor::new_on(xv.clone(), &[n, c], true, device).unwrap();
+                let w = Tensor::new_on(wv.clone(), &[v, c], true, device).unwrap();
+                let tape = Tape::new(0);
+                let loss = ops::linear_cross_entropy(&tape, &x, &w, &targets).unwrap();
+                let out = if twice {
+                    ops::add(&tape, &loss, &loss).unwrap()
+                } else {
+                    loss
+                };
+                let g = tape.backward(&out).unwrap();
+                let mut both = g.to_vec(&x).unwrap().unwrap();
+                both.extend(g.to_vec(&w).unwrap().unwrap());
+                both
+            };
+            let (host1, host2) = (grad(Device::Cpu, false), grad(Device::Cpu, true));
+            let (dev1, dev2) = (grad(dev, false), grad(dev, true));
+            assert_eq!(host1, dev1, "dloss = 1");
+            assert_eq!(host2, dev2, "dloss = 2");
+            assert!(host1.iter().any(|&g| g != 0.0));
+            for (a, b) in host1.iter().zip(&host2) {
+                assert_eq!(2.0 * a, *b, "doubling is exact in binary floating point");
+            }
         }
     }
 
     /// The fused head over row chunks (as a large vocabulary or batch runs it) equals one pass.
     #[test]
     fn chunked_device_head_equals_one_pass() {
-        crate::device::emulate_cuda(973);
-        let dev = Device::Cuda(973);
-        let a = crate::device::accel(dev).unwrap();
-        let (n, c, v) = (11usize, 6usize, 17usize);
-        let mut r = lora_kernels::rng::Rng::new(3);
-        let mut rand =
-            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
-        let x = Tensor::new_on(rand(n * c), &[n, c], false, dev).unwrap();
-        let w = Tensor::new_on(rand(v * c), &[v, c], true, dev).unwrap();
-        let targets = [3, -100, 16, 0, 5, -100, 9, 9, 1, 2, 15];
-        let (l1, dx1, dw1) = head_chunked(&*a, &x, &w, &targets, (true, true), n).unwrap();
-        let dx1 = a.download(&dx1.unwrap()).unwrap();
-        let dw1 = a.download(&dw1.unwrap()).unwrap();
-        for rows in [1, 2, 4, 10] {
-            let (l, dx, dw) = head_chunked(&*a, &x, &w, &targets, (true, true), rows).unwrap();
-            let dx = a.download(&dx.unwrap()).unwrap();
-            let dw = a.download(&dw.unwrap()).unwrap();
-            assert!(
-                (l - l1).abs() <= 1e-6 * l1.abs(),
-                "rows {rows}: {l} vs {l1}"
-            );
-            let e = dx
-                .iter()
-                .zip(&dx1)
-                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(e <= 1e-6, "rows {rows}: dx differs by {e}");
-            let e = dw
-                .iter()
-                .zip(&dw1)
-                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(e <= 1e-6, "rows {rows}: dw differs by {e}");
+        for dev in crate::device::test_devices() {
+            let a = crate::device::accel(dev).unwrap();
+            let (n, c, v) = (11usize, 6usize, 17usize);
+            let mut r = lora_kernels::rng::Rng::new(3);
+            let mut rand = |k: usize| -> Vec<f32> {
+                (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect()
+            };
+            let x = Tensor::new_on(rand(n * c), &[n, c], false, dev).unwrap();
+            let w = Tensor::new_on(rand(v * c), &[v, c], true, dev).unwrap();
+            let targets = [3, -100, 16, 0, 5, -100, 9, 9, 1, 2, 15];
+            let (l1, dx1, dw1) = head_chunked(&*a, &x, &w, &targets, (true, true), n).unwrap();
+            let dx1 = a.download(&dx1.unwrap()).unwrap();
+            let dw1 = a.download(&dw1.unwrap()).unwrap();
+            for rows in [1, 2, 4, 10] {
+                let (l, dx, dw) = head_chunked(&*a, &x, &w, &targets, (true, true), rows).unwrap();
+                let dx = a.download(&dx.unwrap()).unwrap();
+                let dw = a.download(&dw.unwrap()).unwrap();
+                assert!(
+                    (l - l1).abs() <= 1e-6 * l1.abs(),
+                    "rows {rows}: {l} vs {l1}"
+                );
+                let e = dx
+                    .iter()
+                    .zip(&dx1)
+                    .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(e <= 1e-6, "rows {rows}: dx differs by {e}");
+                let e = dw
+                    .iter()
+                    .zip(&dw1)
+                    .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(e <= 1e-6, "rows {rows}: dw differs by {e}");
+            }
+            let none = [-100i32; 11];
+            let (l, dx, dw) = head_chunked(&*a, &x, &w, &none, (true, true), 3).unwrap();
+            assert_eq!(l, 0.0);
+            assert!(a.download(&dx.unwrap()).unwrap().iter().all(|&g| g == 0.0));
+            assert!(a.download(&dw.unwrap()).unwrap().iter().all(|&g| g == 0.0));
         }
-        let none = [-100i32; 11];
-        let (l, dx, dw) = head_chunked(&*a, &x, &w, &none, (true, true), 3).unwrap();
-        assert_eq!(l, 0.0);
-        assert!(a.download(&dx.unwrap()).unwrap().iter().all(|&g| g == 0.0));
-        assert!(a.download(&dw.unwrap()).unwrap().iter().all(|&g| g == 0.0));
     }
 }

@@ -1,10 +1,11 @@
 //! Differentiable ops, one file per op. Each file holds the op's public function (shape checks
-//! with typed errors naming the operand, then the host kernel, or its device twin when the
-//! operands live on a device), the node it records on the tape for the host and for a device
-//! (what its backward reads, and only that), and the backward of each.
+//! with typed errors naming the operand, then the operands' backend: the CPU or a CUDA device,
+//! one code path), the node it records on the tape (what its backward reads, and only that), and
+//! its backward.
 //!
-//! Adding an op: its kernels in `lora-kernels` (CPU, and CUDA with its `Accel` method), and one
-//! file here implementing [`HostOp`] and [`DevOp`] for its nodes; `autograd.rs` needs nothing.
+//! Adding an op: its kernels in `lora-kernels` (the CPU kernel and the CUDA kernel, each behind
+//! its backend's `Accel` method), and one file here implementing [`OpNode`] for its node;
+//! `autograd.rs` needs nothing.
 //!
 //! Row-wise ops treat a tensor of shape `(..., C)` as `(rows, C)`. Whatever trains on the host
 //! trains on a device: adapters, norm gains, embedding tables, biases and base weights (full
@@ -40,7 +41,7 @@ pub(crate) use crate::autograd::Input;
 use crate::autograd::{Op, Tape};
 use crate::device::Device;
 use crate::error::{CoreError, Result};
-use crate::tensor::{DevData, DevVals, Tensor};
+use crate::tensor::{Store, Tensor};
 use lora_kernels::accel::{Accel, DBuf, DevLinearGrads, DevLora, Unary};
 use lora_kernels::lora_linear::{Dropout, LinearDims, WeightLayout};
 use lora_kernels::ops::attention::AttnDims;
@@ -57,8 +58,8 @@ impl<'a, B: ?Sized> Slots<'a, B> {
     }
 }
 
-/// A recorded op on host tensors: what its backward reads, and the backward.
-pub(crate) trait HostOp {
+/// A recorded op: what its backward reads, and the backward.
+pub(crate) trait OpNode {
     /// The op's name (`Tape::op_names`).
     fn name(&self) -> &'static str;
     /// Whether backward reads the values of input `i` (else the tape keeps only its id and
@@ -74,37 +75,12 @@ pub(crate) trait HostOp {
     fn reads_stored(&self, _i: usize) -> bool {
         false
     }
-    /// Accumulates the local gradient into the input's buffers (`g`); `data[i]` holds input
-    /// `i`'s values when backward reads them (else it is empty).
-    fn backward(
-        &self,
-        inputs: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()>;
-}
-
-/// A recorded op on device tensors, as [`HostOp`] with device buffers. Same graph, same dropout
-/// draws and same saved state as on the host: only where the values live differs.
-pub(crate) trait DevOp {
-    /// The op's name.
-    fn name(&self) -> &'static str;
-    /// As [`HostOp::reads_input`].
-    fn reads_input(&self, i: usize, inputs: &[Tensor]) -> bool;
-    /// Device values the op saved for itself.
-    fn saved_elems(&self) -> usize {
-        0
-    }
-    /// As [`HostOp::reads_stored`].
-    fn reads_stored(&self, _i: usize) -> bool {
-        false
-    }
-    /// As [`HostOp::backward`], on the device `a`.
+    /// Accumulates the local gradient into the inputs' buffers (`g`) on the backend `a`;
+    /// `data[i]` holds input `i`'s values when backward reads them (else it is empty).
     fn backward(
         &self,
         a: &dyn Accel,
-        inputs: &[DevInput],
+        inputs: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
@@ -125,10 +101,6 @@ fn shape_err(
     }
 }
 
-fn any_grad(ts: &[&Tensor]) -> bool {
-    ts.iter().any(|t| t.requires_grad())
-}
-
 fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
     let mut s = shape.to_vec();
     match s.last_mut() {
@@ -145,22 +117,19 @@ fn check_vec(op: &'static str, what: &'static str, t: &Tensor, c: usize) -> Resu
     Ok(())
 }
 
-/// The device an op's operands share.
+/// The backend an op's operands share.
 #[derive(Clone)]
 pub(crate) struct On {
     pub accel: Arc<dyn Accel>,
-    pub ordinal: usize,
+    pub device: Device,
 }
 
 impl On {
-    fn device(&self) -> crate::Device {
-        crate::Device::Cuda(self.ordinal)
-    }
     fn tensor(&self, buf: DBuf, shape: &[usize], requires_grad: bool) -> Result<Tensor> {
-        Tensor::from_dev(&self.accel, self.ordinal, buf, shape, requires_grad)
+        Tensor::from_buf(&self.accel, self.device, buf, shape, requires_grad)
     }
-    fn record(&self, tape: &Tape, op: impl DevOp + 'static, inputs: Vec<Tensor>, y: &Tensor) {
-        let op = Op::Dev {
+    fn record(&self, tape: &Tape, op: impl OpNode + 'static, inputs: Vec<Tensor>, y: &Tensor) {
+        let op = Op::Node {
             op: Box::new(op),
             accel: self.accel.clone(),
         };
@@ -168,74 +137,50 @@ impl On {
     }
 }
 
-/// `None` when every operand is on the host, the device when all are on the same one; an error
-/// naming the first operand elsewhere otherwise.
-pub(crate) fn placement(
-    op: &'static str,
-    operands: &[(&'static str, &Tensor)],
-) -> Result<Option<On>> {
-    let device = |on: &Option<On>| on.as_ref().map_or(crate::Device::Cpu, |o| o.device());
-    let mut first: Option<(&str, Option<On>)> = None;
+/// The backend of the operands when all are on the same device; an error naming the first
+/// operand elsewhere otherwise.
+pub(crate) fn placement(op: &'static str, operands: &[(&'static str, &Tensor)]) -> Result<On> {
+    let mut first: Option<(&str, On)> = None;
     for &(name, t) in operands {
-        let here = t.dev().as_ref().map(|d| On {
-            accel: d.accel.clone(),
-            ordinal: d.ordinal,
-        });
+        let s = t.store();
         match &first {
-            None => first = Some((name, here)),
-            Some((fname, f)) if device(f) != device(&here) => {
-                let (fdev, dev) = (device(f), device(&here));
+            None => {
+                first = Some((
+                    name,
+                    On {
+                        accel: s.on.clone(),
+                        device: s.device,
+                    },
+                ))
+            }
+            Some((fname, f)) if f.device != s.device => {
                 return Err(CoreError::MixedDevices {
                     op,
                     first: fname,
-                    first_on: fdev,
+                    first_on: f.device,
                     other: name,
-                    other_on: dev,
+                    other_on: s.device,
                 });
             }
             Some(_) => {}
         }
     }
-    Ok(first.and_then(|(_, on)| on))
-}
-
-pub(crate) type Guard<'a> = RwLockReadGuard<'a, Option<DevData>>;
-
-/// The f32 device buffer behind a guard (16-bit tensors are widened first by the callers).
-pub(crate) fn f32_of<'a>(g: &'a Guard<'_>) -> Result<&'a DBuf> {
-    g.as_ref()
-        .ok_or(CoreError::Internal("a host tensor in a device op"))?
-        .f32()
-}
-
-/// Reads a (non-weight) operand as f32, widening a 16-bit one on the device once.
-pub(crate) fn read(t: &Tensor) -> Result<Guard<'_>> {
-    t.ensure_dev_f32()?;
-    Ok(t.dev())
-}
-
-/// A linear weight as f32: a 16-bit one is widened into a temporary for this product only (it
-/// stays 16-bit in device memory).
-fn with_weight<R>(accel: &dyn Accel, w: &Tensor, f: impl FnOnce(&DBuf) -> Result<R>) -> Result<R> {
-    let g = w.dev();
-    let d = g
-        .as_ref()
-        .ok_or(CoreError::Internal("a host weight in a device op"))?;
-    match &d.vals {
-        DevVals::F32(b) => f(b),
-        DevVals::Half(bits, fmt) => {
-            let wide = accel.widen(bits, *fmt == crate::HalfFormat::F16)?;
-            drop(g);
-            f(&wide)
-        }
+    match first {
+        Some((_, on)) => Ok(on),
+        None => Err(CoreError::Internal("an op without operands")),
     }
 }
 
-/// An input of a recorded device op as backward sees it.
-pub(crate) struct DevInput<'a> {
-    pub values: Option<&'a Tensor>,
-    pub numel: usize,
-    pub last_dim: usize,
+pub(crate) type Guard<'a> = RwLockReadGuard<'a, Store>;
+
+/// The f32 buffer behind a guard (16-bit tensors are widened first by [`read`]).
+pub(crate) fn f32_of<'a>(g: &'a Guard<'_>) -> Result<&'a DBuf> {
+    g.f32()
+}
+
+/// Reads a (non-weight) operand as f32, widening a 16-bit one where it lives, once.
+pub(crate) fn read(t: &Tensor) -> Result<Guard<'_>> {
+    t.read()
 }
 
 /// The gradient buffer a kernel that writes several gradients at once should write: the

@@ -1,25 +1,13 @@
 //! RMSNorm over the last dimension.
 
 use super::*;
-use lora_kernels::ops::norm;
 
 /// RMSNorm over the last dimension.
 pub fn rms_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
     let c = x.last_dim();
     check_vec("rms_norm", "gamma", gamma, c)?;
-    if let Some(on) = placement("rms_norm", &[("x", x), ("gamma", gamma)])? {
-        return rms_norm_dev(tape, on, x, gamma, eps);
-    }
-    let n = x.rows();
-    let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-    norm::rmsnorm_forward(&mut out, &mut rstd, &x.data(), &gamma.data(), c, eps)?;
-    let y = Tensor::from_op(out, x.shape(), any_grad(&[x, gamma]))?;
-    tape.record(
-        Op::host(RmsNormNode { rstd }),
-        vec![x.clone(), gamma.clone()],
-        &y,
-    );
-    Ok(y)
+    let on = placement("rms_norm", &[("x", x), ("gamma", gamma)])?;
+    rms_norm_dev(tape, on, x, gamma, eps)
 }
 
 fn rms_norm_dev(tape: &Tape, on: On, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
@@ -31,7 +19,7 @@ fn rms_norm_dev(tape: &Tape, on: On, x: &Tensor, gamma: &Tensor, eps: f32) -> Re
     let y = on.tensor(out, x.shape(), x.requires_grad() || gamma.requires_grad())?;
     on.record(
         tape,
-        DevRmsNorm { rstd },
+        RmsNormNode { rstd },
         vec![x.clone(), gamma.clone()],
         &y,
     );
@@ -40,39 +28,10 @@ fn rms_norm_dev(tape: &Tape, on: On, x: &Tensor, gamma: &Tensor, eps: f32) -> Re
 
 /// [x, gamma]
 struct RmsNormNode {
-    rstd: Vec<f32>,
-}
-
-impl HostOp for RmsNormNode {
-    fn name(&self) -> &'static str {
-        "rms_norm"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        true
-    }
-    fn saved_elems(&self) -> usize {
-        self.rstd.len()
-    }
-    fn backward(
-        &self,
-        inputs: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        let c = inputs[0].last_dim();
-        let (dx, dg) = (g.take(0), g.take(1));
-        norm::rmsnorm_backward(dx, dg, dout, data[0], data[1], &self.rstd, c)?;
-        Ok(())
-    }
-}
-
-/// [x, gamma]
-struct DevRmsNorm {
     rstd: DBuf,
 }
 
-impl DevOp for DevRmsNorm {
+impl OpNode for RmsNormNode {
     fn name(&self) -> &'static str {
         "rms_norm"
     }
@@ -85,12 +44,12 @@ impl DevOp for DevRmsNorm {
     fn backward(
         &self,
         a: &dyn Accel,
-        inputs: &[DevInput],
+        inputs: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,
     ) -> Result<()> {
-        let c = inputs[0].last_dim;
+        let c = inputs[0].last_dim();
         let (dx, dg) = (g.take(0), g.take(1));
         a.rmsnorm_backward(dx, dg, dout, data[0], data[1], &self.rstd, c)?;
         Ok(())

@@ -66,29 +66,8 @@ pub fn rope(
             format!("({} rows, {heads} * {hd})", positions.len()),
         ));
     }
-    if let Some(on) = placement("rope", &[("x", x)])? {
-        return rope_dev(tape, on, x, tables, positions, heads);
-    }
-    let mut out = vec![0.0; x.numel()];
-    rope::rope_forward(
-        &mut out,
-        &x.data(),
-        &tables.cos,
-        &tables.sin,
-        positions,
-        heads,
-        hd,
-    )?;
-    let y = Tensor::from_op(out, x.shape(), x.requires_grad())?;
-    let op = RopeNode {
-        cos: tables.cos.clone(),
-        sin: tables.sin.clone(),
-        positions: positions.to_vec(),
-        heads,
-        head_dim: hd,
-    };
-    tape.record(Op::host(op), vec![x.clone()], &y);
-    Ok(y)
+    let on = placement("rope", &[("x", x)])?;
+    rope_dev(tape, on, x, tables, positions, heads)
 }
 
 fn rope_dev(
@@ -116,7 +95,7 @@ fn rope_dev(
         )?;
     }
     let y = on.tensor(out, x.shape(), x.requires_grad())?;
-    let op = DevRope {
+    let op = RopeNode {
         cos,
         sin,
         positions: positions.to_vec(),
@@ -129,48 +108,6 @@ fn rope_dev(
 
 /// [x]
 struct RopeNode {
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
-    positions: Vec<u32>,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl HostOp for RopeNode {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        false
-    }
-    fn saved_elems(&self) -> usize {
-        self.positions.len()
-    }
-    fn backward(
-        &self,
-        _: &[Input],
-        _: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        if let Some(g) = g.take(0) {
-            let (cos, sin) = (&self.cos, &self.sin);
-            rope::rope_backward(
-                g,
-                dout,
-                cos,
-                sin,
-                &self.positions,
-                self.heads,
-                self.head_dim,
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// [x]
-struct DevRope {
     cos: Tensor,
     sin: Tensor,
     positions: Vec<u32>,
@@ -178,7 +115,7 @@ struct DevRope {
     head_dim: usize,
 }
 
-impl DevOp for DevRope {
+impl OpNode for RopeNode {
     fn name(&self) -> &'static str {
         "rope"
     }
@@ -191,7 +128,7 @@ impl DevOp for DevRope {
     fn backward(
         &self,
         a: &dyn Accel,
-        _: &[DevInput],
+        _: &[Input],
         _: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,

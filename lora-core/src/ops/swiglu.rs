@@ -1,7 +1,6 @@
 //! SwiGLU: `silu(gate) * up`.
 
 use super::*;
-use lora_kernels::ops::elementwise;
 
 /// SwiGLU: `silu(gate) * up`.
 pub fn swiglu(tape: &Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -13,14 +12,8 @@ pub fn swiglu(tape: &Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             format!("{:?} (the shape of gate)", gate.shape()),
         ));
     }
-    if let Some(on) = placement("swiglu", &[("gate", gate), ("up", up)])? {
-        return swiglu_dev(tape, on, gate, up);
-    }
-    let mut out = vec![0.0; gate.numel()];
-    elementwise::swiglu_forward(&mut out, &gate.data(), &up.data())?;
-    let y = Tensor::from_op(out, gate.shape(), any_grad(&[gate, up]))?;
-    tape.record(Op::host(SwiGluNode), vec![gate.clone(), up.clone()], &y);
-    Ok(y)
+    let on = placement("swiglu", &[("gate", gate), ("up", up)])?;
+    swiglu_dev(tape, on, gate, up)
 }
 
 fn swiglu_dev(tape: &Tape, on: On, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -32,37 +25,14 @@ fn swiglu_dev(tape: &Tape, on: On, gate: &Tensor, up: &Tensor) -> Result<Tensor>
         gate.shape(),
         gate.requires_grad() || up.requires_grad(),
     )?;
-    on.record(tape, DevSwiGlu, vec![gate.clone(), up.clone()], &y);
+    on.record(tape, SwiGluNode, vec![gate.clone(), up.clone()], &y);
     Ok(y)
 }
 
 /// [gate, up]
 struct SwiGluNode;
 
-impl HostOp for SwiGluNode {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
-    fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
-        true
-    }
-    fn backward(
-        &self,
-        _: &[Input],
-        data: &[&[f32]],
-        dout: &[f32],
-        g: &mut Slots<[f32]>,
-    ) -> Result<()> {
-        let (dg, du) = (g.take(0), g.take(1));
-        elementwise::swiglu_backward(dg, du, dout, data[0], data[1])?;
-        Ok(())
-    }
-}
-
-/// [gate, up]
-struct DevSwiGlu;
-
-impl DevOp for DevSwiGlu {
+impl OpNode for SwiGluNode {
     fn name(&self) -> &'static str {
         "swiglu"
     }
@@ -72,7 +42,7 @@ impl DevOp for DevSwiGlu {
     fn backward(
         &self,
         a: &dyn Accel,
-        _: &[DevInput],
+        _: &[Input],
         data: &[&DBuf],
         dout: &DBuf,
         g: &mut Slots<DBuf>,

@@ -113,6 +113,11 @@ impl CudaDevice {
         self.stream.clone_dtoh(v).map_err(cerr("download"))
     }
 
+    /// Copies 16-bit device data to the host.
+    pub fn download_bits(&self, v: &CudaSlice<u16>) -> Result<Vec<u16>> {
+        self.stream.clone_dtoh(v).map_err(cerr("download"))
+    }
+
     /// Copies 16-bit host data to the device.
     pub fn upload_bits(&self, v: &[u16]) -> Result<CudaSlice<u16>> {
         self.stream.clone_htod(v).map_err(cerr("upload"))
