@@ -10,7 +10,9 @@
 # What runs: NVRTC compilation of every .cu for sm_80/sm_90 plus ptxas register/spill report
 # (cuda_ptx); the CUDA LoRA linear, element-wise, row and attention kernels against the f64
 # oracle / CPU twins with NaN-poisoned outputs (cuda_parity); every method of the device
-# backend the training step calls, CUDA vs the host emulation (cuda_accel); and the LoRA linear benchmark,
+# backend trait the training step calls, CUDA vs the CPU backend (cuda_accel); lora-core's unit
+# tests, whose op bodies run on the CPU and on cuda:0; a training run on cuda:0 resumed on the CPU
+# (lora-train's run test of that name); and the LoRA linear benchmark,
 # fused CUDA layer vs cuBLAS base layer alone, at the four reference shapes plus two
 # Llama-7B-like ones (`lora bench linear --device cuda --suite --json`); whole training steps on
 # the GPU against the CPU on the fixture models (lora-train's device tests, whose every body also
@@ -25,12 +27,15 @@ build)
     for v in 12 13; do
         mkdir -p "gpu-bin/cu$v"
         f="--no-default-features --features cuda-$v"
-        for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:device; do
+        for pt in lora-kernels:cuda_parity lora-kernels:cuda_accel lora-kernels:cuda_ptx lora-train:device \
+            lora-train:run lora-core:lib; do
             p=${pt%%:*} t=${pt##*:}
+            sel="--test $t" pat="$t"
+            [ "$t" = lib ] && sel=--lib pat="lora_core"
             # shellcheck disable=SC2086
-            path=$(cargo test --release -p "$p" $f --test "$t" --no-run --message-format=json 2>/dev/null \
-                | grep -o '"executable":"[^"]*'"$t"'[^"]*"' | head -1 | cut -d'"' -f4)
-            cp "$path" "gpu-bin/cu$v/$t"
+            path=$(cargo test --release -p "$p" $f $sel --no-run --message-format=json 2>/dev/null \
+                | grep -o '"executable":"[^"]*'"$pat"'[^"]*"' | head -1 | cut -d'"' -f4)
+            cp "$path" "gpu-bin/cu$v/$p-$t"
         done
         # shellcheck disable=SC2086
         cargo build --release -p lora-cli $f
@@ -65,12 +70,17 @@ run)
         for t in cuda_ptx cuda_parity cuda_accel; do
             echo "## $t"
             # Run from lora-kernels/ so relative paths match `cargo test`.
-            (cd lora-kernels && LORA_REQUIRE_GPU=1 "../$bin/$t" --nocapture --test-threads 1) 2>&1 \
+            (cd lora-kernels && LORA_REQUIRE_GPU=1 "../$bin/lora-kernels-$t" --nocapture --test-threads 1) 2>&1 \
                 || echo "FAILED: $t"
         done
-        echo "## device (lora-train): every body on the emulation and on cuda:0"
-        (cd lora-train && LORA_REQUIRE_GPU=1 ../$bin/device --nocapture --test-threads 1) 2>&1 \
+        echo "## lora-core unit tests: op bodies on the CPU and on cuda:0"
+        (cd lora-core && ../$bin/lora-core-lib --nocapture --test-threads 1) 2>&1 || echo "FAILED: lora-core"
+        echo "## device (lora-train): every body on the CPU and on cuda:0"
+        (cd lora-train && LORA_REQUIRE_GPU=1 ../$bin/lora-train-device --nocapture --test-threads 1) 2>&1 \
             || echo "FAILED: device"
+        echo "## a run on cuda:0 resumed on the CPU (lora-train run test)"
+        (cd lora-train && LORA_REQUIRE_GPU=1 ../$bin/lora-train-run a_run_on_a_gpu --nocapture) 2>&1 \
+            || echo "FAILED: run on a gpu"
         echo "## lora bench linear --device cuda --suite --json"
         $bin/lora bench linear --device cuda --suite --json 2>&1 || echo "FAILED: bench"
         echo "## lora bench train --device cuda --json (GPT-2 small, LoRA r8 c_attn, 4 x 256)"

@@ -180,6 +180,26 @@ pub(crate) fn test_devices() -> Vec<Device> {
     out
 }
 
+/// `got` (computed on `device`) against the CPU's `want`: the same bits on the CPU, within 1e-4
+/// of the largest magnitude on a GPU (other summation orders).
+#[cfg(test)]
+pub(crate) fn assert_close(what: &str, device: Device, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if device == Device::Cpu {
+        assert_eq!(got, want, "{what}");
+        return;
+    }
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let e = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        e <= 1e-4 * scale,
+        "{what} on {device}: differs by {e} (scale {scale})"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,8 +260,17 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             da: Some(&mut da),
             db: Some(&mut db),
         };
-        a.linear_backward(g, &dy, &x, DWeight::F32(&w), layout, Some(lora), Some(&u), dims)
-            .unwrap();
+        a.linear_backward(
+            g,
+            &dy,
+            &x,
+            DWeight::F32(&w),
+            layout,
+            Some(lora),
+            Some(&u),
+            dims,
+        )
+        .unwrap();
         out.push((format!("linear {layout:?} dx"), down(&dx)));
         out.push((format!("linear {layout:?} dw"), down(&dw)));
         out.push((format!("linear {layout:?} dA"), down(&da)));
@@ -274,8 +283,17 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             db: Some(&mut db),
             ..Default::default()
         };
-        a.linear_backward(g, &dy, &x, DWeight::F32(&w), layout, Some(lora), Some(&u), dims)
-            .unwrap();
+        a.linear_backward(
+            g,
+            &dy,
+            &x,
+            DWeight::F32(&w),
+            layout,
+            Some(lora),
+            Some(&u),
+            dims,
+        )
+        .unwrap();
         out.push((format!("linear {layout:?} dA (no dx)"), down(&da)));
         out.push((format!("linear {layout:?} dB (no dx)"), down(&db)));
     }

@@ -75,8 +75,8 @@ impl OpNode for EmbeddingNode {
 mod tests {
     use crate::{ops, Device, Tape, Tensor};
 
-    /// A trainable table on a device (the host emulation here) gets the host's gradient,
-    /// repeated ids summed in token order, and AdamW-ready device gradients.
+    /// A trainable table gets its gradient (repeated ids summed in token order) where it lives,
+    /// on every backend, equal to the CPU's.
     #[test]
     fn a_trainable_table_on_a_device_gets_the_host_gradient() {
         for dev in crate::device::test_devices() {
@@ -99,8 +99,8 @@ mod tests {
             };
             let (host, lh) = grad(Device::Cpu);
             let (on_dev, ld) = grad(dev);
-            assert_eq!(lh.to_bits(), ld.to_bits());
-            assert_eq!(host, on_dev);
+            crate::device::assert_close("loss", dev, &[ld], &[lh]);
+            crate::device::assert_close("dtable", dev, &on_dev, &host);
             // Row 2 is never looked up; rows 0 and 3 are, more than once.
             assert!(host[2 * c..3 * c].iter().all(|&x| x == 0.0));
             assert!(host[3 * c..4 * c].iter().any(|&x| x != 0.0));
