@@ -13,10 +13,6 @@ pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ));
     }
     let on = placement("add", &[("a", a), ("b", b)])?;
-    add_dev(tape, on, a, b)
-}
-
-fn add_dev(tape: &Tape, on: On, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (ga, gb) = (read(a)?, read(b)?);
     let out = on.accel.add(f32_of(&ga)?, f32_of(&gb)?)?;
     drop((ga, gb));

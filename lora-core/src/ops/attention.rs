@@ -43,16 +43,6 @@ pub fn attention(
     };
     let scale = 1.0 / (hd as f32).sqrt();
     let on = placement(OP, &[("q", q), ("k", k), ("v", v)])?;
-    attention_dev(tape, on, (q, k, v), dims, scale)
-}
-
-fn attention_dev(
-    tape: &Tape,
-    on: On,
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
-    dims: AttnDims,
-    scale: f32,
-) -> Result<Tensor> {
     let (gq, gk, gv) = (read(q)?, read(k)?, read(v)?);
     let [out, lse] =
         on.accel

@@ -14,10 +14,6 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, targets: &[i32]) -> Result<Te
         ));
     }
     let on = placement("cross_entropy", &[("logits", logits)])?;
-    cross_entropy_dev(tape, on, logits, targets)
-}
-
-fn cross_entropy_dev(tape: &Tape, on: On, logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
     let g = read(logits)?;
     let (loss, count, lse) =
         on.accel

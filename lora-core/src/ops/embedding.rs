@@ -15,16 +15,6 @@ pub fn embedding(tape: &Tape, table: &Tensor, ids: &[u32], shape: &[usize]) -> R
         });
     }
     let on = placement("embedding", &[("table", table)])?;
-    embedding_dev(tape, on, table, ids, shape)
-}
-
-fn embedding_dev(
-    tape: &Tape,
-    on: On,
-    table: &Tensor,
-    ids: &[u32],
-    shape: &[usize],
-) -> Result<Tensor> {
     let c = table.shape()[1];
     let g = read(table)?;
     let out = on.accel.embedding_forward(f32_of(&g)?, ids, c)?;

@@ -18,17 +18,6 @@ pub fn layer_norm(
     let mut operands = vec![("x", x), ("gamma", gamma)];
     operands.extend(beta.map(|b| ("beta", b)));
     let on = placement("layer_norm", &operands)?;
-    layer_norm_dev(tape, on, x, gamma, beta, eps)
-}
-
-fn layer_norm_dev(
-    tape: &Tape,
-    on: On,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: Option<&Tensor>,
-    eps: f32,
-) -> Result<Tensor> {
     let (gx, gg) = (read(x)?, read(gamma)?);
     let gb = beta.map(read).transpose()?;
     let bb = gb.as_ref().map(f32_of).transpose()?;

@@ -68,21 +68,6 @@ pub fn linear(
     }
     let on = placement(OP, &operands)?;
     let shape = with_last(x.shape(), m);
-    linear_dev(tape, on, x, w, layout, bias, lora, dims, &shape)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn linear_dev(
-    tape: &Tape,
-    on: On,
-    x: &Tensor,
-    w: &Tensor,
-    layout: WeightLayout,
-    bias: Option<&Tensor>,
-    lora: Option<LoraArgs>,
-    dims: LinearDims,
-    out_shape: &[usize],
-) -> Result<Tensor> {
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(bias.cloned());
     let gx = read(x)?;
@@ -135,7 +120,7 @@ fn linear_dev(
     };
     drop((gx, gw, gb));
     let requires = inputs.iter().any(|t| t.requires_grad());
-    let out = on.tensor(y, out_shape, requires)?;
+    let out = on.tensor(y, &shape, requires)?;
     let op = LinearNode {
         layout,
         has_bias: bias.is_some(),

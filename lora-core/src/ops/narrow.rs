@@ -6,17 +6,6 @@ use super::*;
 pub fn narrow(tape: &Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     let on = placement("narrow", &[("x", x)])?;
     let shape = with_last(x.shape(), len);
-    narrow_dev(tape, on, x, start, len, &shape)
-}
-
-fn narrow_dev(
-    tape: &Tape,
-    on: On,
-    x: &Tensor,
-    start: usize,
-    len: usize,
-    out_shape: &[usize],
-) -> Result<Tensor> {
     let mut out = on.accel.zeros(x.rows() * len)?;
     {
         let g = read(x)?;
@@ -24,7 +13,7 @@ fn narrow_dev(
         on.accel
             .narrow(true, &mut out, f32_of(&g)?, n, cols, start, len)?;
     }
-    let y = on.tensor(out, out_shape, x.requires_grad())?;
+    let y = on.tensor(out, &shape, x.requires_grad())?;
     on.record(tape, NarrowNode { start, len }, vec![x.clone()], &y);
     Ok(y)
 }

@@ -7,10 +7,6 @@ pub fn rms_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Ten
     let c = x.last_dim();
     check_vec("rms_norm", "gamma", gamma, c)?;
     let on = placement("rms_norm", &[("x", x), ("gamma", gamma)])?;
-    rms_norm_dev(tape, on, x, gamma, eps)
-}
-
-fn rms_norm_dev(tape: &Tape, on: On, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
     let (gx, gg) = (read(x)?, read(gamma)?);
     let [out, rstd] = on
         .accel

@@ -67,17 +67,6 @@ pub fn rope(
         ));
     }
     let on = placement("rope", &[("x", x)])?;
-    rope_dev(tape, on, x, tables, positions, heads)
-}
-
-fn rope_dev(
-    tape: &Tape,
-    on: On,
-    x: &Tensor,
-    tables: &RopeTables,
-    positions: &[u32],
-    heads: usize,
-) -> Result<Tensor> {
     let (cos, sin) = tables.on_device(x.device())?;
     let mut out = on.accel.zeros(x.numel())?;
     {

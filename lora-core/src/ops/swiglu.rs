@@ -13,10 +13,6 @@ pub fn swiglu(tape: &Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         ));
     }
     let on = placement("swiglu", &[("gate", gate), ("up", up)])?;
-    swiglu_dev(tape, on, gate, up)
-}
-
-fn swiglu_dev(tape: &Tape, on: On, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (gg, gu) = (read(gate)?, read(up)?);
     let out = on.accel.swiglu_forward(f32_of(&gg)?, f32_of(&gu)?)?;
     drop((gg, gu));
