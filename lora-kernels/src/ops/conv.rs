@@ -1,0 +1,433 @@
+//! 2-D convolution as PyTorch's `conv2d` computes it (NCHW, cross-correlation): stride, zero
+//! padding, dilation and groups. Forward and backward run im2col + GEMM per image and group:
+//! `cols (K, P)` holds, for every output pixel `p`, the `K = C/g * KH * KW` input values its
+//! kernel window covers (zeros outside the image), so `y_g (O/g, P) = W_g (O/g, K) cols` and
+//! backward is two more products, `dcols = W_g^T dy_g` (scattered back into `dx`, col2im) and
+//! `dW_g += dy_g cols^T`.
+//!
+//! Legend: N = batch, C = input channels, O = output channels, g = groups, (H, W) input size,
+//! (KH, KW) kernel, (OH, OW) output size, P = OH * OW, K = C/g * KH * KW. Layouts: `x (N, C, H,
+//! W)`, `w (O, C/g, KH, KW)`, `bias (O)`, `y (N, O, OH, OW)`, all row-major. Backward
+//! accumulates (`+=`) into the gradients it is given and computes only those.
+
+use crate::error::{check_len, invalid, Result};
+use crate::gemm::{matmul, Par, Trans};
+use rayon::prelude::*;
+
+/// The shape and hyper-parameters of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dDims {
+    /// N.
+    pub batch: usize,
+    /// C.
+    pub in_ch: usize,
+    /// H.
+    pub h: usize,
+    /// W.
+    pub w: usize,
+    /// O.
+    pub out_ch: usize,
+    /// KH.
+    pub kh: usize,
+    /// KW.
+    pub kw: usize,
+    /// (vertical, horizontal) stride.
+    pub stride: (usize, usize),
+    /// (vertical, horizontal) zero padding on each side.
+    pub padding: (usize, usize),
+    /// (vertical, horizontal) dilation.
+    pub dilation: (usize, usize),
+    /// g: input and output channels split into `g` independent groups.
+    pub groups: usize,
+}
+
+fn bad(what: &'static str, why: String) -> crate::KernelError {
+    invalid("conv2d", what, why)
+}
+
+/// One output extent: `(size + 2 pad - dil (k - 1) - 1) / stride + 1`, or an error when the
+/// dilated kernel does not fit the padded input.
+fn out_extent(
+    what: &'static str,
+    size: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    d: usize,
+) -> Result<usize> {
+    let span = d
+        .checked_mul(k - 1)
+        .and_then(|v| v.checked_add(1))
+        .ok_or_else(|| bad(what, "kernel extent overflows".into()))?;
+    let padded = size
+        .checked_add(2 * p)
+        .ok_or_else(|| bad(what, "padded size overflows".into()))?;
+    if padded < span {
+        return Err(bad(
+            what,
+            format!("the dilated kernel ({span}) is larger than the padded input ({padded})"),
+        ));
+    }
+    Ok((padded - span) / s + 1)
+}
+
+impl Conv2dDims {
+    /// Checks the hyper-parameters (no zero sizes, groups dividing both channel counts, the
+    /// kernel fitting the padded input, element counts that fit in memory) and returns
+    /// `(OH, OW)`.
+    pub fn check(&self) -> Result<(usize, usize)> {
+        let d = self;
+        for (what, v) in [
+            ("batch", d.batch),
+            ("in_ch", d.in_ch),
+            ("h", d.h),
+            ("w", d.w),
+            ("out_ch", d.out_ch),
+            ("kh", d.kh),
+            ("kw", d.kw),
+            ("stride", d.stride.0.min(d.stride.1)),
+            ("dilation", d.dilation.0.min(d.dilation.1)),
+            ("groups", d.groups),
+        ] {
+            if v == 0 {
+                return Err(bad(what, "must be at least 1".into()));
+            }
+        }
+        if d.in_ch % d.groups != 0 || d.out_ch % d.groups != 0 {
+            return Err(bad(
+                "groups",
+                format!(
+                    "{} groups do not divide {} input and {} output channels",
+                    d.groups, d.in_ch, d.out_ch
+                ),
+            ));
+        }
+        let oh = out_extent("kh", d.h, d.kh, d.stride.0, d.padding.0, d.dilation.0)?;
+        let ow = out_extent("kw", d.w, d.kw, d.stride.1, d.padding.1, d.dilation.1)?;
+        let counts = [
+            [d.batch, d.in_ch, d.h, d.w],
+            [d.batch, d.out_ch, oh, ow],
+            [d.out_ch, d.in_ch / d.groups, d.kh, d.kw],
+            [d.in_ch / d.groups, d.kh * d.kw, oh, ow],
+        ];
+        for c in counts {
+            let n = c.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+            if !matches!(n, Some(n) if n <= isize::MAX as usize / 4) {
+                return Err(bad("dims", format!("{c:?} elements do not fit in memory")));
+            }
+        }
+        Ok((oh, ow))
+    }
+
+    /// `(OH, OW)` of checked dims.
+    fn out(&self) -> (usize, usize) {
+        self.check().unwrap_or((0, 0))
+    }
+    /// K = C/g * KH * KW.
+    fn k(&self) -> usize {
+        self.in_ch / self.groups * self.kh * self.kw
+    }
+    /// Elements of `x`.
+    pub fn x_len(&self) -> usize {
+        self.batch * self.in_ch * self.h * self.w
+    }
+    /// Elements of `w`.
+    pub fn w_len(&self) -> usize {
+        self.out_ch * self.k()
+    }
+    /// Elements of `y`.
+    pub fn y_len(&self) -> usize {
+        let (oh, ow) = self.out();
+        self.batch * self.out_ch * oh * ow
+    }
+}
+
+/// The input row and column a kernel tap reads for an output pixel, `None` in the padding.
+#[inline]
+fn tap(o: usize, k: usize, s: usize, p: usize, d: usize, size: usize) -> Option<usize> {
+    let pos = (o * s + k * d).checked_sub(p)?;
+    (pos < size).then_some(pos)
+}
+
+/// im2col of one image's group `grp`: `cols (K, P)` from `x_img (C, H, W)`.
+fn im2col(cols: &mut [f32], x_img: &[f32], grp: usize, d: &Conv2dDims) {
+    let (oh, ow) = d.out();
+    let cg = d.in_ch / d.groups;
+    let p = oh * ow;
+    for c in 0..cg {
+        let plane = &x_img[(grp * cg + c) * d.h * d.w..][..d.h * d.w];
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let row = &mut cols[((c * d.kh + i) * d.kw + j) * p..][..p];
+                for oy in 0..oh {
+                    let out = &mut row[oy * ow..(oy + 1) * ow];
+                    let Some(y) = tap(oy, i, d.stride.0, d.padding.0, d.dilation.0, d.h) else {
+                        out.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[y * d.w..(y + 1) * d.w];
+                    for (ox, v) in out.iter_mut().enumerate() {
+                        *v = tap(ox, j, d.stride.1, d.padding.1, d.dilation.1, d.w)
+                            .map_or(0.0, |x| src[x]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// col2im of one image's group: `dx_img (C, H, W) += dcols (K, P)` scattered back, each input
+/// element receiving its taps in (channel, kernel row, kernel column, output pixel) order.
+fn col2im(dx_img: &mut [f32], dcols: &[f32], grp: usize, d: &Conv2dDims) {
+    let (oh, ow) = d.out();
+    let cg = d.in_ch / d.groups;
+    let p = oh * ow;
+    for c in 0..cg {
+        let plane = &mut dx_img[(grp * cg + c) * d.h * d.w..][..d.h * d.w];
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let row = &dcols[((c * d.kh + i) * d.kw + j) * p..][..p];
+                for oy in 0..oh {
+                    let Some(y) = tap(oy, i, d.stride.0, d.padding.0, d.dilation.0, d.h) else {
+                        continue;
+                    };
+                    let dst = &mut plane[y * d.w..(y + 1) * d.w];
+                    for (ox, g) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
+                        if let Some(x) = tap(ox, j, d.stride.1, d.padding.1, d.dilation.1, d.w) {
+                            dst[x] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Images run in parallel (each with single-threaded products) when there are enough of them
+/// to occupy the pool; otherwise one at a time with threaded products.
+fn per_image_par(d: &Conv2dDims) -> bool {
+    d.batch > 1 && d.batch >= rayon::current_num_threads()
+}
+
+/// `y = conv2d(x, w) + bias`.
+pub fn conv2d_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    d: Conv2dDims,
+) -> Result<()> {
+    const OP: &str = "conv2d_forward";
+    let (oh, ow) = d.check()?;
+    check_len(OP, "x", x.len(), &[d.batch, d.in_ch, d.h, d.w])?;
+    check_len(OP, "w", w.len(), &[d.out_ch, d.k()])?;
+    check_len(OP, "y", y.len(), &[d.batch, d.out_ch, oh, ow])?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", b.len(), &[d.out_ch])?;
+    }
+    let (p, k, og) = (oh * ow, d.k(), d.out_ch / d.groups);
+    let image = |(y_img, x_img): (&mut [f32], &[f32]), par: Par| -> Result<()> {
+        let mut cols = vec![0.0f32; k * p];
+        for grp in 0..d.groups {
+            im2col(&mut cols, x_img, grp, &d);
+            let yg = &mut y_img[grp * og * p..(grp + 1) * og * p];
+            let wg = &w[grp * og * k..(grp + 1) * og * k];
+            matmul(
+                yg,
+                wg,
+                Trans::No,
+                &cols,
+                Trans::No,
+                (og, p, k),
+                1.0,
+                false,
+                par,
+            )?;
+        }
+        if let Some(b) = bias {
+            for (plane, &bo) in y_img.chunks_exact_mut(p).zip(b) {
+                plane.iter_mut().for_each(|v| *v += bo);
+            }
+        }
+        Ok(())
+    };
+    let x_img = d.in_ch * d.h * d.w;
+    let pairs = y.chunks_mut(d.out_ch * p).zip(x.chunks(x_img));
+    if per_image_par(&d) {
+        let pairs: Vec<_> = pairs.collect();
+        pairs
+            .into_par_iter()
+            .try_for_each(|pr| image(pr, Par::Single))
+    } else {
+        pairs.into_iter().try_for_each(|pr| image(pr, Par::Auto))
+    }
+}
+
+/// The gradients a convolution's backward accumulates into (`None`: not computed).
+#[derive(Default)]
+pub struct Conv2dGrads<'a> {
+    /// `(N, C, H, W)`.
+    pub dx: Option<&'a mut [f32]>,
+    /// `(O, C/g, KH, KW)`.
+    pub dw: Option<&'a mut [f32]>,
+    /// `(O)`.
+    pub dbias: Option<&'a mut [f32]>,
+}
+
+/// Backward of [`conv2d_forward`]: `dx += col2im(W^T dy)`, `dW += sum_n dy cols^T` (images in
+/// order: deterministic), `dbias += sum over images and pixels of dy`. `x` is read for `dW` only
+/// (pass it empty otherwise), `w` for `dx` only.
+pub fn conv2d_backward(
+    g: Conv2dGrads,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    d: Conv2dDims,
+) -> Result<()> {
+    const OP: &str = "conv2d_backward";
+    let (oh, ow) = d.check()?;
+    let (p, k, og) = (oh * ow, d.k(), d.out_ch / d.groups);
+    check_len(OP, "dy", dy.len(), &[d.batch, d.out_ch, oh, ow])?;
+    let Conv2dGrads { dx, dw, dbias } = g;
+    if let Some(db) = dbias {
+        check_len(OP, "dbias", db.len(), &[d.out_ch])?;
+        for img in dy.chunks_exact(d.out_ch * p) {
+            for (acc, plane) in db.iter_mut().zip(img.chunks_exact(p)) {
+                *acc += plane.iter().sum::<f32>();
+            }
+        }
+    }
+    let x_img = d.in_ch * d.h * d.w;
+    if let Some(dw) = dw {
+        check_len(OP, "x", x.len(), &[d.batch, d.in_ch, d.h, d.w])?;
+        check_len(OP, "dw", dw.len(), &[d.out_ch, k])?;
+        let mut cols = vec![0.0f32; k * p];
+        for (dy_img, x_img) in dy.chunks_exact(d.out_ch * p).zip(x.chunks_exact(x_img)) {
+            for grp in 0..d.groups {
+                im2col(&mut cols, x_img, grp, &d);
+                let dyg = &dy_img[grp * og * p..(grp + 1) * og * p];
+                let dwg = &mut dw[grp * og * k..(grp + 1) * og * k];
+                matmul(
+                    dwg,
+                    dyg,
+                    Trans::No,
+                    &cols,
+                    Trans::Yes,
+                    (og, k, p),
+                    1.0,
+                    true,
+                    Par::Auto,
+                )?;
+            }
+        }
+    }
+    if let Some(dx) = dx {
+        check_len(OP, "w", w.len(), &[d.out_ch, k])?;
+        check_len(OP, "dx", dx.len(), &[d.batch, d.in_ch, d.h, d.w])?;
+        let image = |(dx_img, dy_img): (&mut [f32], &[f32]), par: Par| -> Result<()> {
+            let mut dcols = vec![0.0f32; k * p];
+            for grp in 0..d.groups {
+                let dyg = &dy_img[grp * og * p..(grp + 1) * og * p];
+                let wg = &w[grp * og * k..(grp + 1) * og * k];
+                matmul(
+                    &mut dcols,
+                    wg,
+                    Trans::Yes,
+                    dyg,
+                    Trans::No,
+                    (k, p, og),
+                    1.0,
+                    false,
+                    par,
+                )?;
+                col2im(dx_img, &dcols, grp, &d);
+            }
+            Ok(())
+        };
+        let pairs = dx.chunks_mut(x_img).zip(dy.chunks(d.out_ch * p));
+        if per_image_par(&d) {
+            let pairs: Vec<_> = pairs.collect();
+            pairs
+                .into_par_iter()
+                .try_for_each(|pr| image(pr, Par::Single))?;
+        } else {
+            pairs.into_iter().try_for_each(|pr| image(pr, Par::Auto))?;
+        }
+    }
+    Ok(())
+}
+
+/// `f64` oracle: the convolution by its definition, and its gradients.
+pub mod reference {
+    use super::Conv2dDims;
+
+    /// Calls `f(yi, xi, wi)` for every output element `yi` and kernel tap `wi` that reads an
+    /// input element `xi` (taps in the padding read nothing).
+    fn each_tap(d: &Conv2dDims, mut f: impl FnMut(usize, usize, usize)) {
+        let (oh, ow) = d.check().expect("valid dims");
+        let (cg, og) = (d.in_ch / d.groups, d.out_ch / d.groups);
+        for n in 0..d.batch {
+            for o in 0..d.out_ch {
+                let grp = o / og;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let yi = ((n * d.out_ch + o) * oh + oy) * ow + ox;
+                        for c in 0..cg {
+                            for i in 0..d.kh {
+                                for j in 0..d.kw {
+                                    let y = (oy * d.stride.0 + i * d.dilation.0) as isize
+                                        - d.padding.0 as isize;
+                                    let x = (ox * d.stride.1 + j * d.dilation.1) as isize
+                                        - d.padding.1 as isize;
+                                    if y < 0 || x < 0 || y >= d.h as isize || x >= d.w as isize {
+                                        continue;
+                                    }
+                                    let ci = grp * cg + c;
+                                    let xi =
+                                        ((n * d.in_ch + ci) * d.h + y as usize) * d.w + x as usize;
+                                    let wi = ((o * cg + c) * d.kh + i) * d.kw + j;
+                                    f(yi, xi, wi);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y = conv2d(x, w) + bias`.
+    pub fn forward(x: &[f64], w: &[f64], bias: Option<&[f64]>, d: &Conv2dDims) -> Vec<f64> {
+        let (oh, ow) = d.check().expect("valid dims");
+        let p = oh * ow;
+        let mut y = vec![0.0; d.batch * d.out_ch * p];
+        if let Some(b) = bias {
+            for (i, v) in y.iter_mut().enumerate() {
+                *v = b[(i / p) % d.out_ch];
+            }
+        }
+        each_tap(d, |yi, xi, wi| y[yi] += x[xi] * w[wi]);
+        y
+    }
+
+    /// `(dx, dw, dbias)` of `sum(dy * y)`.
+    pub fn backward(
+        dy: &[f64],
+        x: &[f64],
+        w: &[f64],
+        d: &Conv2dDims,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (oh, ow) = d.check().expect("valid dims");
+        let p = oh * ow;
+        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        let mut db = vec![0.0; d.out_ch];
+        for (i, g) in dy.iter().enumerate() {
+            db[(i / p) % d.out_ch] += g;
+        }
+        each_tap(d, |yi, xi, wi| {
+            dx[xi] += dy[yi] * w[wi];
+            dw[wi] += dy[yi] * x[xi];
+        });
+        (dx, dw, db)
+    }
+}
