@@ -270,8 +270,9 @@ pub struct TrainArgs {
     pub device: String,
     /// On a GPU, let the frozen base products and the output head use TF32 tensor cores
     /// (inputs rounded to a 10-bit mantissa, f32 accumulation; PyTorch's `allow_tf32`): much
-    /// faster, about 1e-3 relative difference in activations. Adapters, optimizer state and
-    /// everything else stay f32. Off by default.
+    /// faster, about 1e-3 relative difference in activations. The adapter kernels, optimizer
+    /// state, norms, attention and loss stay f32 (the gradients of trained base weights and
+    /// biases, computed by cuBLAS, follow the mode). Off by default.
     #[arg(long)]
     pub tf32: bool,
     /// Continue from the newest checkpoint in --out (same flags as the original run).

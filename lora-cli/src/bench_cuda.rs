@@ -5,7 +5,7 @@
 use crate::bench::median;
 use anyhow::{anyhow, Result};
 use lora_core::Device;
-use lora_kernels::accel::{DWeight, DevLinearGrads, DevLora};
+use lora_kernels::accel::{DWeight, LinearGradBufs, LoraBufs};
 use lora_kernels::lora_linear::{LinearDims, WeightLayout};
 use lora_kernels::rng::Rng;
 use std::time::Instant;
@@ -62,7 +62,7 @@ pub fn run_linear(
             inp: k,
             out: m,
         };
-        let lora = DevLora {
+        let lora = LoraBufs {
             a: &a,
             b: &b,
             rank: r,
@@ -82,7 +82,7 @@ pub fn run_linear(
                 .linear_forward(&x, DWeight::F32(&w), layout, None, Some(lora), d)
                 .map_err(cerr)?;
             let (dx, da, db) = &mut *grads.borrow_mut();
-            let g = DevLinearGrads {
+            let g = LinearGradBufs {
                 dx: Some(dx),
                 da: Some(da),
                 db: Some(db),
@@ -105,7 +105,7 @@ pub fn run_linear(
             let _y = dev
                 .linear_forward(&x, DWeight::F32(&w), layout, None, None, d)
                 .map_err(cerr)?;
-            let g = DevLinearGrads {
+            let g = LinearGradBufs {
                 dx: Some(&mut grads.borrow_mut().0),
                 ..Default::default()
             };

@@ -55,7 +55,7 @@ pub enum CoreError {
     #[error("device: {0}: a tensor and its gradient are on different devices")]
     MixedGradients(String),
     /// What was asked is not available where the tensors are (TF32 on the CPU, SGD on a GPU,
-    /// training a 16-bit weight on a device).
+    /// training a 16-bit frozen weight).
     #[error("device: {0}")]
     Unsupported(&'static str),
     /// A broken internal invariant (a bug in lora-core, never bad input).

@@ -16,7 +16,7 @@ use crate::device::Device;
 use crate::error::{CoreError, Result};
 use lora_kernels::accel::{Accel, DBits, DBuf, DWeight};
 pub use lora_kernels::buffers::{ExternalF32, ExternalHalf, HalfFormat};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -85,6 +85,16 @@ struct Inner {
     shape: Vec<usize>,
     requires_grad: bool,
     store: RwLock<Store>,
+    /// `store.device`, readable without the lock (0: the CPU, n + 1: `cuda:n`), so asking a
+    /// tensor where it lives never waits on (or deadlocks with) a holder of its values.
+    device: AtomicUsize,
+}
+
+fn device_code(d: Device) -> usize {
+    match d {
+        Device::Cpu => 0,
+        Device::Cuda(n) => n + 1,
+    }
 }
 
 /// A contiguous row-major f32 tensor.
@@ -162,6 +172,7 @@ impl Tensor {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shape: shape.to_vec(),
             requires_grad,
+            device: AtomicUsize::new(device_code(store.device)),
             store: RwLock::new(store),
         })))
     }
@@ -221,6 +232,7 @@ impl Tensor {
             device,
             vals,
         };
+        self.0.device.store(device_code(device), Ordering::SeqCst);
         Ok(())
     }
 
@@ -332,7 +344,10 @@ impl Tensor {
     }
     /// Its device.
     pub fn device(&self) -> Device {
-        self.store().device
+        match self.0.device.load(Ordering::SeqCst) {
+            0 => Device::Cpu,
+            n => Device::Cuda(n - 1),
+        }
     }
     /// Read access to the values as host f32: a 16-bit tensor is widened first (once), a
     /// device tensor's values are downloaded (a copy; the tensor stays on its device).

@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::operands::{Dropout, LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
+use crate::ops::conv::Conv2dDims;
 
 /// GELU (tanh) or SiLU, the unary activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,9 +29,9 @@ pub enum Unary {
     Silu,
 }
 
-/// The adapter operands of a device linear op.
+/// The adapter operands of a backend's linear op.
 #[derive(Clone, Copy)]
-pub struct DevLora<'a> {
+pub struct LoraBufs<'a> {
     /// A `(R, K)`.
     pub a: &'a DBuf,
     /// B `(M, R)`.
@@ -39,14 +40,14 @@ pub struct DevLora<'a> {
     pub rank: usize,
     /// s.
     pub scale: f32,
-    /// Dropout on the adapter input (the host kernel's mask stream).
+    /// Dropout on the adapter input (the counter-based mask stream every backend draws).
     pub dropout: Option<Dropout>,
 }
 
-/// The gradients a device linear backward accumulates into (`None` = not needed, and not
+/// The gradients a backend's linear backward accumulates into (`None` = not needed, and not
 /// computed).
 #[derive(Default)]
-pub struct DevLinearGrads<'a> {
+pub struct LinearGradBufs<'a> {
     /// `(N, K)`.
     pub dx: Option<&'a mut DBuf>,
     /// The base weight's, in its layout: `(M, K)` for `OutIn`, `(K, M)` for `InOut` (a
@@ -58,6 +59,17 @@ pub struct DevLinearGrads<'a> {
     pub da: Option<&'a mut DBuf>,
     /// `(M, R)`.
     pub db: Option<&'a mut DBuf>,
+}
+
+/// The gradients a convolution's backward accumulates into (`None` = not computed).
+#[derive(Default)]
+pub struct ConvGrads<'a> {
+    /// `(N, C, H, W)`.
+    pub dx: Option<&'a mut DBuf>,
+    /// `(O, C/g, KH, KW)`.
+    pub dw: Option<&'a mut DBuf>,
+    /// `(O)`.
+    pub dbias: Option<&'a mut DBuf>,
 }
 
 /// What the fused output head returns: the mean loss over the counted rows, their count, and
@@ -82,8 +94,10 @@ pub trait Accel: Send + Sync {
     /// Lets the dense base products (cuBLAS: frozen linears, the output head) round their inputs
     /// to TF32 (10-bit mantissa, f32 accumulation) and use tensor cores, as PyTorch's
     /// `torch.backends.cuda.matmul.allow_tf32 = True` does. Off by default: results then differ
-    /// from f32 by about 1e-3 relative. The rank-r adapter work, norms, attention, loss and
-    /// optimizer stay f32 either way.
+    /// from f32 by about 1e-3 relative. Every cuBLAS product of the device follows (the mode is
+    /// the cuBLAS handle's): also the gradients of trainable base weights and biases, the
+    /// fused head's dW and the convolutions; the rank-r adapter kernels, norms, attention, loss
+    /// and optimizer stay f32 either way.
     fn set_tf32(&self, on: bool) -> Result<()>;
 
     /// Copies host values to a new device buffer.
@@ -173,8 +187,9 @@ pub trait Accel: Send + Sync {
         c: usize,
     ) -> Result<()>;
 
-    /// Rows of `table` (`(V, c)`) by id; ids are checked against `V` first.
-    fn embedding_forward(&self, table: &DBuf, ids: &[u32], c: usize) -> Result<DBuf>;
+    /// Rows of `table` (`(V, c)`) by id; ids are checked against `V` first. A 16-bit table is
+    /// read as stored (the CPU widens row by row, never the whole table).
+    fn embedding_forward(&self, table: DWeight, ids: &[u32], c: usize) -> Result<DBuf>;
     /// `dtable[ids[i], :] += dout[i, :]`, tokens in order (deterministic); ids checked first.
     fn embedding_backward(
         &self,
@@ -245,7 +260,7 @@ pub trait Accel: Send + Sync {
         w: DWeight,
         layout: WeightLayout,
         bias: Option<&DBuf>,
-        lora: Option<DevLora>,
+        lora: Option<LoraBufs>,
         d: LinearDims,
     ) -> Result<(DBuf, Option<DBuf>)>;
     /// Its backward, into the gradients given; `x` may be empty when no gradient asked for
@@ -253,14 +268,32 @@ pub trait Accel: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
-        grads: DevLinearGrads,
+        grads: LinearGradBufs,
         dy: &DBuf,
         x: &DBuf,
         w: DWeight,
         layout: WeightLayout,
-        lora: Option<DevLora>,
+        lora: Option<LoraBufs>,
         u: Option<&DBuf>,
         d: LinearDims,
+    ) -> Result<()>;
+
+    /// 2-D convolution (NCHW, see [`crate::ops::conv`]): `conv2d(x, w) + bias`.
+    fn conv2d_forward(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        bias: Option<&DBuf>,
+        d: Conv2dDims,
+    ) -> Result<DBuf>;
+    /// Its backward into the gradients given; `x` may be empty without `dw`.
+    fn conv2d_backward(
+        &self,
+        g: ConvGrads,
+        dy: &DBuf,
+        x: &DBuf,
+        w: &DBuf,
+        d: Conv2dDims,
     ) -> Result<()>;
 
     /// Mean cross-entropy of `logits` `(N, v)`: `(loss, counted rows, lse)`.

@@ -2,7 +2,7 @@
 //! place), each op the CPU kernel of [`crate::ops`] / [`crate::lora_linear`]. 16-bit frozen
 //! weights are read as stored by the products (widened panel by panel, never as a whole).
 
-use crate::accel::{check_range, Accel, DevLinearGrads, DevLora, HeadOut, Unary};
+use crate::accel::{check_range, Accel, ConvGrads, HeadOut, LinearGradBufs, LoraBufs, Unary};
 use crate::buffers::{DBits, DBuf, DWeight, HalfFormat};
 use crate::error::Result;
 use crate::lora_linear::{
@@ -11,6 +11,7 @@ use crate::lora_linear::{
 use crate::operands::{LinearDims, WeightData, WeightLayout};
 use crate::ops::adamw::{adamw_step, AdamStep};
 use crate::ops::attention::{self, AttnDims};
+use crate::ops::conv::{self, Conv2dDims};
 use crate::ops::{cross_entropy, elementwise, embedding, norm, rope, slice};
 
 /// Head weights widened per vocabulary block of a frozen 16-bit head (4 MiB of f32 scratch).
@@ -224,9 +225,9 @@ impl Accel for Cpu {
             c,
         )
     }
-    fn embedding_forward(&self, table: &DBuf, ids: &[u32], c: usize) -> Result<DBuf> {
+    fn embedding_forward(&self, table: DWeight, ids: &[u32], c: usize) -> Result<DBuf> {
         let mut out = vec![0.0; ids.len() * c];
-        embedding::embedding_forward(&mut out, h(table)?, ids, c)?;
+        embedding::embedding_forward_stored(&mut out, weight(&table)?, ids, c)?;
         Ok(DBuf::Host(out))
     }
     fn embedding_backward(
@@ -316,7 +317,7 @@ impl Accel for Cpu {
         w: DWeight,
         layout: WeightLayout,
         bias: Option<&DBuf>,
-        lora: Option<DevLora>,
+        lora: Option<LoraBufs>,
         d: LinearDims,
     ) -> Result<(DBuf, Option<DBuf>)> {
         let base = BaseLinear {
@@ -342,12 +343,12 @@ impl Accel for Cpu {
     }
     fn linear_backward(
         &self,
-        grads: DevLinearGrads,
+        grads: LinearGradBufs,
         dy: &DBuf,
         x: &DBuf,
         w: DWeight,
         layout: WeightLayout,
-        lora: Option<DevLora>,
+        lora: Option<LoraBufs>,
         u: Option<&DBuf>,
         d: LinearDims,
     ) -> Result<()> {
@@ -376,6 +377,32 @@ impl Accel for Cpu {
             db: hm_opt(grads.db)?,
         };
         lora_linear_backward(g, h(dy)?, x, &base, lw.as_ref(), u.map(h).transpose()?, d)
+    }
+    fn conv2d_forward(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        bias: Option<&DBuf>,
+        d: Conv2dDims,
+    ) -> Result<DBuf> {
+        let mut y = vec![0.0; d.y_len()];
+        conv::conv2d_forward(&mut y, h(x)?, h(w)?, bias.map(h).transpose()?, d)?;
+        Ok(DBuf::Host(y))
+    }
+    fn conv2d_backward(
+        &self,
+        g: ConvGrads,
+        dy: &DBuf,
+        x: &DBuf,
+        w: &DBuf,
+        d: Conv2dDims,
+    ) -> Result<()> {
+        let g = conv::Conv2dGrads {
+            dx: hm_opt(g.dx)?,
+            dw: hm_opt(g.dw)?,
+            dbias: hm_opt(g.dbias)?,
+        };
+        conv::conv2d_backward(g, h(dy)?, h(x)?, h(w)?, d)
     }
     fn cross_entropy_forward(
         &self,

@@ -5,13 +5,14 @@
 //! Not yet run on a GPU: each kernel is checked against its CPU twin by `tests/cuda_parity.rs`,
 //! and the whole backend by the device training-step parity test, on a GPU machine.
 
-use crate::accel::{check_range, Accel, DevLinearGrads, DevLora, HeadOut, Unary};
+use crate::accel::{check_range, Accel, ConvGrads, HeadOut, LinearGradBufs, LoraBufs, Unary};
 use crate::buffers::{DBits, DBuf, DWeight, HalfFormat};
 use crate::cuda::{CudaDevice, LoraDims};
 use crate::error::{check_len, invalid, KernelError, Result};
 use crate::operands::{LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
+use crate::ops::conv::Conv2dDims;
 use crate::ops::cross_entropy::check_targets;
 use crate::ops::embedding::check_ids;
 use crate::ops::rope::check as check_rope;
@@ -102,7 +103,7 @@ impl CudaDevice {
             .map_err(|e| KernelError::Device(format!("upload: {e:?}")))
     }
 
-    fn lora_dims(d: LinearDims, l: &DevLora) -> LoraDims {
+    fn lora_dims(d: LinearDims, l: &LoraBufs) -> LoraDims {
         let (p, seed) = l.dropout.map_or((0.0, 0), |dr| (dr.p, dr.seed));
         LoraDims {
             n: d.tokens,
@@ -397,8 +398,10 @@ impl Accel for CudaDevice {
         }
         Ok(())
     }
-    fn embedding_forward(&self, table: &DBuf, ids: &[u32], cc: usize) -> Result<DBuf> {
+    fn embedding_forward(&self, table: DWeight, ids: &[u32], cc: usize) -> Result<DBuf> {
         const OP: &str = "embedding_forward";
+        let mut tmp = None;
+        let table = wide(self, table, &mut tmp)?;
         let v = table.len() / cc.max(1);
         check_len(OP, "table", table.len(), &[v, cc])?;
         check_ids(OP, ids, v)?;
@@ -521,7 +524,7 @@ impl Accel for CudaDevice {
         w: DWeight,
         layout: WeightLayout,
         bias: Option<&DBuf>,
-        lora: Option<DevLora>,
+        lora: Option<LoraBufs>,
         d: LinearDims,
     ) -> Result<(DBuf, Option<DBuf>)> {
         const OP: &str = "lora_linear_forward";
@@ -551,12 +554,12 @@ impl Accel for CudaDevice {
     }
     fn linear_backward(
         &self,
-        grads: DevLinearGrads,
+        grads: LinearGradBufs,
         dy: &DBuf,
         x: &DBuf,
         w: DWeight,
         layout: WeightLayout,
-        lora: Option<DevLora>,
+        lora: Option<LoraBufs>,
         u: Option<&DBuf>,
         d: LinearDims,
     ) -> Result<()> {
@@ -564,7 +567,7 @@ impl Accel for CudaDevice {
         let mut tmp = None;
         let w = wide(self, w, &mut tmp)?;
         check_len(OP, "dy", dy.len(), &[d.tokens, d.out])?;
-        let DevLinearGrads {
+        let LinearGradBufs {
             dx,
             dw,
             dbias,
@@ -572,8 +575,11 @@ impl Accel for CudaDevice {
             db,
         } = grads;
         let dims = (d.tokens, d.inp, d.out);
+        // x is kept (and read) only for dW and dA; the tape passes an empty host buffer else.
+        let x = if x.is_empty() { None } else { Some(c(x)?) };
         if let Some(dw) = dw {
-            CudaDevice::linear_backward_dw_accumulate(self, cm(dw)?, c(dy)?, c(x)?, layout, dims)?;
+            let x = x.ok_or_else(|| invalid(OP, "x", "dW needs the layer's input"))?;
+            CudaDevice::linear_backward_dw_accumulate(self, cm(dw)?, c(dy)?, x, layout, dims)?;
         }
         let (Some(l), Some(u)) = (lora, u) else {
             if da.is_some() || db.is_some() {
@@ -611,7 +617,7 @@ impl Accel for CudaDevice {
             self,
             grads,
             c(dy)?,
-            c(x)?,
+            x,
             c(w)?,
             layout,
             c(l.a)?,
@@ -619,6 +625,34 @@ impl Accel for CudaDevice {
             c(u)?,
             ld,
         )
+    }
+    fn conv2d_forward(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        bias: Option<&DBuf>,
+        d: Conv2dDims,
+    ) -> Result<DBuf> {
+        let bias = bias.map(c).transpose()?;
+        CudaDevice::conv2d_forward(self, c(x)?, c(w)?, bias, d).map(DBuf::Cuda)
+    }
+    fn conv2d_backward(
+        &self,
+        g: ConvGrads,
+        dy: &DBuf,
+        x: &DBuf,
+        w: &DBuf,
+        d: Conv2dDims,
+    ) -> Result<()> {
+        let ConvGrads { dx, dw, dbias } = g;
+        let (dx, dw, dbias) = (
+            dx.map(cm).transpose()?,
+            dw.map(cm).transpose()?,
+            dbias.map(cm).transpose()?,
+        );
+        // x is read for dW only; the tape passes an empty host buffer when it kept none.
+        let x = if x.is_empty() { None } else { Some(c(x)?) };
+        CudaDevice::conv2d_backward(self, dx, dw, dbias, c(dy)?, x, c(w)?, d)
     }
     fn cross_entropy_forward(
         &self,

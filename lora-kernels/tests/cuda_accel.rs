@@ -10,7 +10,7 @@
 
 mod common;
 
-use lora_kernels::accel::{Accel, DBuf, DWeight, DevLinearGrads, DevLora, Unary};
+use lora_kernels::accel::{Accel, DBuf, DWeight, LinearGradBufs, LoraBufs, Unary};
 use lora_kernels::cpu::Cpu;
 use lora_kernels::lora_linear::{Dropout, LinearDims, WeightLayout};
 use lora_kernels::ops::adamw::AdamStep;
@@ -121,8 +121,61 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     let table = up(&rand(v * c, 8));
     out.push((
         "embedding".into(),
-        down(&a.embedding_forward(&table, &ids, c).unwrap()),
+        down(&a.embedding_forward(DWeight::F32(&table), &ids, c).unwrap()),
     ));
+    let tbits: Vec<u16> = down(&table)
+        .iter()
+        .map(|&v| (v.to_bits() >> 16) as u16)
+        .collect();
+    let tb = a.upload_bits(&tbits).unwrap();
+    let th = DWeight::Half(&tb, lora_kernels::accel::HalfFormat::Bf16);
+    out.push((
+        "embedding (bf16 table)".into(),
+        down(&a.embedding_forward(th, &ids, c).unwrap()),
+    ));
+    // A grouped, strided, padded, dilated convolution with bias, and its gradients.
+    let cd = lora_kernels::ops::conv::Conv2dDims {
+        batch: 2,
+        in_ch: 4,
+        h: 9,
+        w: 7,
+        out_ch: 6,
+        kh: 3,
+        kw: 2,
+        stride: (2, 1),
+        padding: (1, 1),
+        dilation: (1, 2),
+        groups: 2,
+    };
+    let (cx, cw) = (up(&rand(cd.x_len(), 42)), up(&rand(cd.w_len(), 43)));
+    let (cb, cdy) = (up(&rand(6, 44)), up(&rand(cd.y_len(), 45)));
+    out.push((
+        "conv2d y".into(),
+        down(&a.conv2d_forward(&cx, &cw, Some(&cb), cd).unwrap()),
+    ));
+    let (mut cdx, mut cdw, mut cdb) = (
+        up(&rand(cd.x_len(), 46)),
+        up(&rand(cd.w_len(), 47)),
+        up(&rand(6, 48)),
+    );
+    let g = lora_kernels::accel::ConvGrads {
+        dx: Some(&mut cdx),
+        dw: Some(&mut cdw),
+        dbias: Some(&mut cdb),
+    };
+    a.conv2d_backward(g, &cdy, &cx, &cw, cd).unwrap();
+    out.push(("conv2d dx".into(), down(&cdx)));
+    out.push(("conv2d dw".into(), down(&cdw)));
+    out.push(("conv2d dbias".into(), down(&cdb)));
+    // dx alone, with no input kept (the tape's empty placeholder).
+    let mut cdx = up(&rand(cd.x_len(), 49));
+    let g = lora_kernels::accel::ConvGrads {
+        dx: Some(&mut cdx),
+        ..Default::default()
+    };
+    a.conv2d_backward(g, &cdy, &DBuf::Host(Vec::new()), &cw, cd)
+        .unwrap();
+    out.push(("conv2d dx (no x)".into(), down(&cdx)));
     // The table's gradient: repeated ids add up, onto what the buffer held.
     let mut dtable = up(&rand(v * c, 13));
     a.embedding_backward(&mut dtable, &dout, &ids, c).unwrap();
@@ -192,7 +245,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             .unwrap();
         out.push((format!("linear {layout:?} y (frozen)"), down(&yb)));
         let mut dx = up(&rand(n * c, 23));
-        let g = DevLinearGrads {
+        let g = LinearGradBufs {
             dx: Some(&mut dx),
             ..Default::default()
         };
@@ -211,7 +264,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             .unwrap();
         out.push((format!("linear {layout:?} y (bf16 weight)"), down(&yh)));
         let mut dx = up(&rand(n * c, 41));
-        let g = DevLinearGrads {
+        let g = LinearGradBufs {
             dx: Some(&mut dx),
             ..Default::default()
         };
@@ -221,7 +274,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         // No adapter, trainable weight and bias (full fine-tuning): dw and the column sums.
         let (mut dx, mut dw, mut dbias) =
             (up(&rand(n * c, 37)), up(&rand(m * c, 38)), up(&rand(m, 39)));
-        let g = DevLinearGrads {
+        let g = LinearGradBufs {
             dx: Some(&mut dx),
             dw: Some(&mut dw),
             dbias: Some(&mut dbias),
@@ -232,7 +285,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         out.push((format!("linear {layout:?} dx (full)"), down(&dx)));
         out.push((format!("linear {layout:?} dw (full)"), down(&dw)));
         out.push((format!("linear {layout:?} dbias (full)"), down(&dbias)));
-        let lora = DevLora {
+        let lora = LoraBufs {
             a: &la,
             b: &lb,
             rank,
@@ -253,7 +306,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
             up(&rand(m * rank, 24)),
             up(&rand(m, 34)),
         );
-        let g = DevLinearGrads {
+        let g = LinearGradBufs {
             dx: Some(&mut dx),
             dw: Some(&mut dw),
             dbias: Some(&mut dbias),
@@ -278,7 +331,7 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         out.push((format!("linear {layout:?} dbias"), down(&dbias)));
         // A first layer (its input needs no gradient) with a frozen bias: adapter grads only.
         let (mut da, mut db) = (up(&rand(rank * c, 35)), up(&rand(m * rank, 36)));
-        let g = DevLinearGrads {
+        let g = LinearGradBufs {
             da: Some(&mut da),
             db: Some(&mut db),
             ..Default::default()
@@ -296,6 +349,27 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
         .unwrap();
         out.push((format!("linear {layout:?} dA (no dx)"), down(&da)));
         out.push((format!("linear {layout:?} dB (no dx)"), down(&db)));
+        // A frozen (LoRA-FA): the tape keeps no x and passes an empty host placeholder.
+        let (mut dx, mut db) = (up(&rand(n * c, 50)), up(&rand(m * rank, 51)));
+        let g = LinearGradBufs {
+            dx: Some(&mut dx),
+            db: Some(&mut db),
+            ..Default::default()
+        };
+        let none = DBuf::Host(Vec::new());
+        a.linear_backward(
+            g,
+            &dy,
+            &none,
+            DWeight::F32(&w),
+            layout,
+            Some(lora),
+            Some(&u),
+            dims,
+        )
+        .unwrap();
+        out.push((format!("linear {layout:?} dx (A frozen)"), down(&dx)));
+        out.push((format!("linear {layout:?} dB (A frozen)"), down(&db)));
     }
 
     // Cross-entropy with an ignored row, and the fused head.

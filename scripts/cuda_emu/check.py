@@ -24,14 +24,21 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CU = os.path.join(ROOT, "lora-kernels", "cuda")
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu.h")
-FILES = ["elementwise.cu", "rows.cu", "adamw.cu", "lora.cu", "attention.cu"]
+FILES = ["elementwise.cu", "rows.cu", "adamw.cu", "lora.cu", "attention.cu", "conv.cu"]
 SIG = re.compile(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', re.S)
+
+
+class ConvDims(ctypes.Structure):
+    """conv.cu's `ConvDims`, passed by value."""
+    _fields_ = [(f, ctypes.c_int) for f in "c h w kh kw sh sw ph pw dh dw groups oh ow".split()]
 
 
 def ctype(t):
     t = t.replace("const", "").replace("__restrict__", "").strip()
     if "*" in t:
         return ctypes.c_void_p
+    if t == "ConvDims":
+        return ConvDims
     return {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float,
             "u64": ctypes.c_uint64, "unsigned int": ctypes.c_uint}[" ".join(t.split())]
 
@@ -75,6 +82,8 @@ class K:
         for a, t in zip(args, types):
             if t is ctypes.c_void_p:
                 conv.append(None if a is None else a.ctypes.data)
+            elif isinstance(a, ctypes.Structure):
+                conv.append(a)
             else:
                 conv.append(t(a))
         assert len(args) == len(types), (name, len(args), len(types))
@@ -422,6 +431,44 @@ def attention(k):
         check(f"attention_backward_dkv dv {tag}", dv, wv, 1e-5)
 
 
+def conv(k):
+    """im2col and col2im of conv.cu against NumPy: grouped, strided, padded, dilated, for each
+    image of a batch (the launches of lora-kernels/src/cuda/conv.rs)."""
+    for (N, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, g) in [
+            (2, 4, 7, 6, 3, 2, 2, 1, 1, 1, 1, 2, 2), (1, 3, 8, 8, 4, 4, 4, 4, 0, 0, 1, 1, 1),
+            (1, 2, 3, 5, 1, 1, 1, 1, 2, 0, 1, 1, 2)]:
+        tag = f"N{N} C{C} {H}x{W} k{KH}x{KW} s{sh},{sw} p{ph},{pw} d{dh},{dw} g{g}"
+        oh = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+        ow = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+        cg = C // g
+        K, P = cg * KH * KW, oh * ow
+        d = ConvDims(C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, g, oh, ow)
+        x = rnd(N, C, H, W)
+        xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        for img in range(N):
+            want = np.zeros((g, cg, KH, KW, oh, ow))
+            for i in range(KH):
+                for j in range(KW):
+                    ys = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                    xs = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+                    want[:, :, i, j] = xp[img, :, ys, xs].reshape(g, cg, oh, ow)
+            cols = nan(g * K * P)
+            k("conv_im2col", ((g * K * P + 255) // 256,), (256,), cols, x, img, d)
+            check(f"conv_im2col {tag}", cols, want.ravel(), 0.0)
+            dcols = rnd(g, cg, KH, KW, oh, ow)
+            dx = rnd(N, C, H, W)
+            acc = np.zeros((C, H + 2 * ph, W + 2 * pw))
+            for i in range(KH):
+                for j in range(KW):
+                    ys = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                    xs = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+                    acc[:, ys, xs] += dcols[:, :, i, j].reshape(C, oh, ow).astype(np.float64)
+            wdx = dx.astype(np.float64)
+            wdx[img] += acc[:, ph:ph + H, pw:pw + W]
+            k("conv_col2im", ((C * H * W + 255) // 256,), (256,), dx, dcols, img, d)
+            check(f"conv_col2im {tag}", dx, wdx, 1e-6)
+
+
 def shim_builds(tmp):
     """Whether this g++ can build the shim itself (C++20 <barrier>): if not, the check is skipped
     rather than failed, since that says nothing about the kernels."""
@@ -441,7 +488,7 @@ def main():
             return
         libs, kernels = build(tmp)
         k = K(libs, kernels)
-        for part in (elementwise, rows_ops, adamw, lora, attention):
+        for part in (elementwise, rows_ops, adamw, lora, attention, conv):
             part(k)
         print(f"{len(kernels)} kernels compiled for the CPU shim")
         for what, err in worst.items():

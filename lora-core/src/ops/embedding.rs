@@ -16,8 +16,9 @@ pub fn embedding(tape: &Tape, table: &Tensor, ids: &[u32], shape: &[usize]) -> R
     }
     let on = placement("embedding", &[("table", table)])?;
     let c = table.shape()[1];
-    let g = read(table)?;
-    let out = on.accel.embedding_forward(f32_of(&g)?, ids, c)?;
+    // A half-stored table (bf16 / f16 checkpoint) is read as stored, row by row.
+    let g = table.store();
+    let out = on.accel.embedding_forward(g.weight(), ids, c)?;
     drop(g);
     let mut s = shape.to_vec();
     s.push(c);
@@ -95,5 +96,39 @@ mod tests {
             assert!(host[2 * c..3 * c].iter().all(|&x| x == 0.0));
             assert!(host[3 * c..4 * c].iter().any(|&x| x != 0.0));
         }
+    }
+
+    struct Bits(Vec<u16>);
+    impl crate::ExternalHalf for Bits {
+        fn bits(&self) -> &[u16] {
+            &self.0
+        }
+        fn format(&self) -> crate::HalfFormat {
+            crate::HalfFormat::Bf16
+        }
+    }
+
+    /// A bf16 table (a checkpoint's, memory-mapped) is read as stored: the rows equal the
+    /// widened values and the table stays 16-bit (no f32 copy of the whole table).
+    #[test]
+    fn a_bf16_table_is_read_as_stored() {
+        let (v, c) = (4usize, 3usize);
+        let bits: Vec<u16> = (0..v * c)
+            .map(|i| half::bf16::from_f32(i as f32 * 0.75 - 4.0).to_bits())
+            .collect();
+        let t =
+            Tensor::from_external_half(std::sync::Arc::new(Bits(bits.clone())), &[v, c]).unwrap();
+        let ids = [2u32, 0, 2];
+        let e = ops::embedding(&Tape::new(0), &t, &ids, &[3]).unwrap();
+        assert!(t.is_half_stored(), "the lookup widened the whole table");
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| {
+                bits[id as usize * c..(id as usize + 1) * c]
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+            })
+            .collect();
+        assert_eq!(e.to_vec(), want);
     }
 }

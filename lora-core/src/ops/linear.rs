@@ -88,7 +88,7 @@ pub fn linear(
                 seed: tape.next_seed(),
             });
             let (ga, gbb) = (read(l.a)?, read(l.b)?);
-            let dl = DevLora {
+            let dl = LoraBufs {
                 a: f32_of(&ga)?,
                 b: f32_of(&gbb)?,
                 rank,
@@ -183,14 +183,14 @@ impl OpNode for LinearNode {
         } = self;
         let bias_idx = has_bias.then_some(2);
         let a_idx = if *has_bias { 3 } else { 2 };
-        let dl = lora.as_ref().map(|l| DevLora {
+        let dl = lora.as_ref().map(|l| LoraBufs {
             a: data[a_idx],
             b: data[a_idx + 1],
             rank: l.rank,
             scale: l.scale,
             dropout: l.dropout,
         });
-        let grads = DevLinearGrads {
+        let grads = LinearGradBufs {
             dx: g.take(0),
             dw: g.take(1),
             dbias: bias_idx.and_then(|i| g.take(i)),
@@ -232,20 +232,21 @@ mod tests {
             let (xv, wv, bv, av, bbv) =
                 (rand(n * k), rand(m * k), rand(m), rand(r * k), rand(m * r));
             let targets = [1, 3, -100, 0, 2];
-            // (weight trains, bias trains, adapter, adapter trains)
+            // (weight trains, bias trains, adapter, A trains, B trains)
             let cases = [
-                (false, true, false, false),
-                (true, true, false, false),
-                (true, false, true, true),
-                (false, true, true, true),
-                (true, true, true, false),
-                (false, false, true, true),
-                (false, false, false, false),
+                (false, true, false, false, false),
+                (true, true, false, false, false),
+                (true, false, true, true, true),
+                (false, true, true, true, true),
+                (true, true, true, false, false),
+                (false, false, true, true, true),
+                (false, false, true, false, true), // LoRA-FA: x is not kept
+                (false, false, false, false, false),
             ];
             for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
                 // The tape of a layer keeping nothing: the loss's own saved values.
                 let mut base_saved = None;
-                for (wt, bt, with_lora, lt) in cases {
+                for (wt, bt, with_lora, at, lt) in cases {
                     let run = |device: Device| -> (f32, usize, Vec<Option<Vec<f32>>>) {
                         let x0 = Tensor::new_on(xv.clone(), &[n, k], true, device).unwrap();
                         let wshape = match layout {
@@ -254,7 +255,7 @@ mod tests {
                         };
                         let w = Tensor::new_on(wv.clone(), &wshape, wt, device).unwrap();
                         let b = Tensor::new_on(bv.clone(), &[m], bt, device).unwrap();
-                        let a = Tensor::new_on(av.clone(), &[r, k], lt, device).unwrap();
+                        let a = Tensor::new_on(av.clone(), &[r, k], at, device).unwrap();
                         let bb = Tensor::new_on(bbv.clone(), &[m, r], lt, device).unwrap();
                         let tape = Tape::new(4);
                         // An activation (what the tape may drop), not a leaf.
@@ -276,7 +277,8 @@ mod tests {
                             .collect();
                         (l, saved, grads)
                     };
-                    let what = format!("{layout:?} weight {wt} bias {bt} lora {with_lora}/{lt}");
+                    let what =
+                        format!("{layout:?} weight {wt} bias {bt} lora {with_lora} A {at} B {lt}");
                     let (lh, sh, gh) = run(Device::Cpu);
                     let (ld, sd, gd) = run(dev);
                     crate::device::assert_close(&what, dev, &[ld], &[lh]);
@@ -287,7 +289,7 @@ mod tests {
                             crate::device::assert_close(&format!("{what}: input {i}"), dev, d, h);
                         }
                     }
-                    let keeps_x = wt || (with_lora && lt);
+                    let keeps_x = wt || (with_lora && at);
                     let own = keeps_x as usize * n * k + with_lora as usize * n * r;
                     if !with_lora && !wt {
                         base_saved.get_or_insert(sh);
@@ -295,7 +297,7 @@ mod tests {
                     if let Some(base) = base_saved {
                         assert_eq!(sh, base + own, "{what}: saved activations");
                     }
-                    let trains = [true, wt, bt, with_lora && lt, with_lora && lt];
+                    let trains = [true, wt, bt, with_lora && at, with_lora && lt];
                     for (i, (g, t)) in gh.iter().zip(trains).enumerate() {
                         assert_eq!(g.is_some(), t, "{what}: input {i} has a gradient");
                         if let Some(g) = g {

@@ -13,6 +13,7 @@
 
 mod add;
 mod attention;
+mod conv2d;
 mod cross_entropy;
 mod embedding;
 mod layer_norm;
@@ -26,6 +27,7 @@ mod unary;
 
 pub use add::add;
 pub use attention::attention;
+pub use conv2d::{conv2d, Conv2dParams};
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;
 pub use layer_norm::layer_norm;
@@ -42,7 +44,7 @@ use crate::autograd::{Op, Tape};
 use crate::device::Device;
 use crate::error::{CoreError, Result};
 use crate::tensor::{Store, Tensor};
-use lora_kernels::accel::{Accel, DBuf, DevLinearGrads, DevLora, Unary};
+use lora_kernels::accel::{Accel, DBuf, LinearGradBufs, LoraBufs, Unary};
 use lora_kernels::lora_linear::{Dropout, LinearDims, WeightLayout};
 use lora_kernels::ops::attention::AttnDims;
 use std::sync::{Arc, Mutex, RwLockReadGuard};

@@ -149,6 +149,39 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// [`CudaDevice::gemm_rm`] over `batch` products whose operands and outputs lie `strides`
+    /// `(x, w, c)` elements apart (a stride of 0 reuses one operand), on buffers or views. The
+    /// callers check that every product's elements lie inside its buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_rm_batched<X, W, C>(
+        &self,
+        c: &mut C,
+        (x, x_t): (&X, bool),
+        (w, w_t): (&W, bool),
+        dims: (usize, usize, usize),
+        accumulate: bool,
+        batch: usize,
+        (sx, sw, sc): (usize, usize, usize),
+    ) -> Result<()>
+    where
+        X: cudarc::driver::DevicePtr<f32>,
+        W: cudarc::driver::DevicePtr<f32>,
+        C: cudarc::driver::DevicePtrMut<f32>,
+    {
+        let cfg = cudarc::cublas::StridedBatchedConfig {
+            gemm: rowmajor_config(x_t, w_t, dims, accumulate),
+            batch_size: batch as i32,
+            stride_a: sw as i64,
+            stride_b: sx as i64,
+            stride_c: sc as i64,
+        };
+        // SAFETY: the callers check the buffer sizes against the dimensions and strides.
+        unsafe { self.blas.gemm_strided_batched(cfg, w, x, c) }
+            .map_err(cerr("cuBLAS sgemm (strided batched)"))
+    }
+}
+
 /// The cuBLAS (column-major) call computing the row-major `c (rows, cols) (+)= op(x) op(w)` of
 /// [`CudaDevice::gemm_rm`], with `w` as cuBLAS's A and `x` as its B. A row-major matrix is its
 /// transpose column-major, so the call computes `C^T (cols, rows) = op(W)^T op(X)^T`: `w`

@@ -158,7 +158,7 @@ impl CudaDevice {
             db: Some(&mut db),
             dbias: Some(&mut dbias),
         };
-        self.lora_backward_into(grads, dy, x, w, layout, a, b, u, d)?;
+        self.lora_backward_into(grads, dy, Some(x), w, layout, a, b, u, d)?;
         Ok([dx, da, db, dbias])
     }
 
@@ -166,13 +166,14 @@ impl CudaDevice {
     /// `dx += dy W + drop'(g A)` (cuBLAS with beta 1 straight into `dx`, then the rank-r kernel
     /// in place: no temporary, no extra pass), `dA +=`, `dB +=` and `dbias +=` (the fixed-order
     /// reductions add into them). No `dx` (a first layer): neither product runs. No `dbias` (a
-    /// frozen bias, the LoRA case): no column sums.
+    /// frozen bias, the LoRA case): no column sums. `x` is read for dA only (`None` without dA:
+    /// a tape that kept no input).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward_into(
         &self,
         grads: LoraGrads<'_>,
         dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
+        x: Option<&CudaSlice<f32>>,
         w: &CudaSlice<f32>,
         layout: WeightLayout,
         a: &CudaSlice<f32>,
@@ -180,11 +181,15 @@ impl CudaDevice {
         u: &CudaSlice<f32>,
         d: LoraDims,
     ) -> Result<()> {
-        // x is read for dA alone: a caller that wants no dA may pass it empty (not kept).
-        let x_len = if grads.da.is_none() && x.is_empty() {
-            d.n * d.k
-        } else {
-            x.len()
+        // x is read for dA alone: a caller that wants no dA may pass none (not kept).
+        let x_len = match x {
+            Some(x) => x.len(),
+            None if grads.da.is_none() => d.n * d.k,
+            None => {
+                return Err(KernelError::Device(
+                    "lora_backward: dA was asked for without x".into(),
+                ))
+            }
         };
         check(d, x_len, w.len(), a.len(), b.len())?;
         if d.r > 64 {
@@ -285,7 +290,7 @@ impl CudaDevice {
             let mut l = self.stream.launch_builder(self.func("lora_backward_da"));
             l.arg(&mut da_part)
                 .arg(&g)
-                .arg(x)
+                .arg(x.ok_or_else(|| KernelError::Device("lora_backward: no x".into()))?)
                 .arg(&n)
                 .arg(&k)
                 .arg(&r)

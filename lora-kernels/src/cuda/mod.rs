@@ -13,13 +13,15 @@
 //!
 //! - `sources`: the embedded sources and their kernels; `compile`: NVRTC and the PTX cache;
 //! - `device`: opening a device, memory, the stream, TF32; `launch`: the one launch shape;
-//! - `gemm`: the cuBLAS base products; `lora`, `attention`, `elementwise`, `rows`: the methods
-//!   that launch the kernels of `lora.cu`, `attention.cu`, `elementwise.cu`, `rows.cu`.
+//! - `gemm`: the cuBLAS base products; `lora`, `attention`, `elementwise`, `rows`, `conv`: the
+//!   methods that launch the kernels of `lora.cu`, `attention.cu`, `elementwise.cu`, `rows.cu`,
+//!   `conv.cu`.
 //!
 //! Every failure is a [`KernelError::Device`] naming the step.
 
 mod attention;
 mod compile;
+mod conv;
 mod device;
 mod elementwise;
 mod gemm;

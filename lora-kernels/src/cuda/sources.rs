@@ -17,6 +17,11 @@ pub const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
 /// Every kernel source.
 pub const SOURCES: &[Source] = &[
     Source {
+        file: "conv.cu",
+        code: include_str!("../../cuda/conv.cu"),
+        kernels: &["conv_im2col", "conv_col2im"],
+    },
+    Source {
         file: "lora.cu",
         code: include_str!("../../cuda/lora.cu"),
         kernels: &[

@@ -41,6 +41,66 @@ pub struct Conv2dDims {
     pub groups: usize,
 }
 
+/// The hyper-parameters of a convolution layer (PyTorch's `nn.Conv2d` arguments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// (vertical, horizontal) stride.
+    pub stride: (usize, usize),
+    /// (vertical, horizontal) zero padding on each side.
+    pub padding: (usize, usize),
+    /// (vertical, horizontal) dilation.
+    pub dilation: (usize, usize),
+    /// Groups.
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Self {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+        }
+    }
+}
+
+impl Conv2dDims {
+    /// The dims of a convolution of `x (N, C, H, W)` by `w (O, C/g, KH, KW)` with `p`, checked
+    /// (see [`Conv2dDims::check`]); the shapes must have four dimensions.
+    pub fn new(x: [usize; 4], w: [usize; 4], p: Conv2dParams) -> Result<Self> {
+        let d = Self {
+            batch: x[0],
+            in_ch: x[1],
+            h: x[2],
+            w: x[3],
+            out_ch: w[0],
+            kh: w[2],
+            kw: w[3],
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            groups: p.groups,
+        };
+        d.check()?;
+        if w[1] * p.groups != x[1] {
+            return Err(bad(
+                "w",
+                format!(
+                    "{} input channels per group ({} groups) do not match the input's {}",
+                    w[1], p.groups, x[1]
+                ),
+            ));
+        }
+        Ok(d)
+    }
+    /// `[N, O, OH, OW]`.
+    pub fn out_shape(&self) -> [usize; 4] {
+        let (oh, ow) = self.out();
+        [self.batch, self.out_ch, oh, ow]
+    }
+}
+
 fn bad(what: &'static str, why: String) -> crate::KernelError {
     invalid("conv2d", what, why)
 }
