@@ -33,6 +33,7 @@ pub mod error;
 /// Small dense `f64` linear algebra (QR, Jacobi SVD) from `lora-kernels`, for the adapter tools.
 pub use lora_kernels::linalg;
 pub mod lora;
+pub mod lora_conv;
 pub mod models;
 pub mod ops;
 pub mod tensor;
@@ -42,4 +43,5 @@ pub use autograd::{Gradients, Tape};
 pub use device::Device;
 pub use error::{CoreError, Result};
 pub use lora::{LoraConfig, LoraInit, LoraLinear};
+pub use lora_conv::LoraConv2d;
 pub use tensor::{ExternalF32, ExternalHalf, HalfFormat, HostData, HostDataMut, Tensor};

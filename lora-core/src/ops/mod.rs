@@ -22,6 +22,7 @@ mod linear_cross_entropy;
 mod narrow;
 mod rms_norm;
 mod rope;
+mod scale;
 mod swiglu;
 mod unary;
 
@@ -36,6 +37,7 @@ pub use linear_cross_entropy::linear_cross_entropy;
 pub use narrow::narrow;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
+pub use scale::scale;
 pub use swiglu::swiglu;
 pub use unary::{gelu, silu};
 
