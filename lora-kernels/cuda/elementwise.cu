@@ -63,6 +63,33 @@ extern "C" __global__ void gelu_backward(float* dx, const float* dout, const flo
     }
 }
 
+// out = gelu_erf(x) = 0.5 x erfc(-x / sqrt 2) (exact GELU without the cancellation of 1 + erf)
+extern "C" __global__ void gelu_erf_forward(float* out, const float* x, long long n) {
+    FOR_EACH(i, n) out[i] = 0.5f * x[i] * erfcf(-x[i] * 0.70710678118654752f);
+}
+
+// dx += dout * (Phi(x) + x phi(x))
+extern "C" __global__ void gelu_erf_backward(float* dx, const float* dout, const float* x,
+                                             long long n) {
+    FOR_EACH(i, n) {
+        float v = x[i];
+        float grad = 0.5f * erfcf(-v * 0.70710678118654752f)
+                   + v * 0.39894228040143268f * expf(-0.5f * v * v);
+        dx[i] += dout[i] * grad;
+    }
+}
+
+// out = max(x, 0), NaN kept
+extern "C" __global__ void relu_forward(float* out, const float* x, long long n) {
+    FOR_EACH(i, n) out[i] = x[i] <= 0.0f ? 0.0f : x[i];
+}
+
+// dx += dout * [x > 0]
+extern "C" __global__ void relu_backward(float* dx, const float* dout, const float* x,
+                                         long long n) {
+    FOR_EACH(i, n) if (x[i] > 0.0f) dx[i] += dout[i];
+}
+
 // out = x * sigmoid(x)
 extern "C" __global__ void silu_forward(float* out, const float* x, long long n) {
     FOR_EACH(i, n) out[i] = x[i] * sigmoidf(x[i]);

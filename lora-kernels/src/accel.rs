@@ -20,13 +20,29 @@ use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::Conv2dDims;
 
-/// GELU (tanh) or SiLU, the unary activations.
+/// The unary activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unary {
-    /// `gelu_forward` / `gelu_backward`.
+    /// GELU, tanh approximation: `gelu_forward` / `gelu_backward`.
     Gelu,
+    /// Exact GELU (erf): `gelu_erf_forward` / `gelu_erf_backward`.
+    GeluErf,
     /// `silu_forward` / `silu_backward`.
     Silu,
+    /// `relu_forward` / `relu_backward`.
+    Relu,
+}
+
+impl Unary {
+    /// The forward and backward kernels' names (CPU and CUDA alike).
+    pub fn kernels(self) -> (&'static str, &'static str) {
+        match self {
+            Unary::Gelu => ("gelu_forward", "gelu_backward"),
+            Unary::GeluErf => ("gelu_erf_forward", "gelu_erf_backward"),
+            Unary::Silu => ("silu_forward", "silu_backward"),
+            Unary::Relu => ("relu_forward", "relu_backward"),
+        }
+    }
 }
 
 /// The adapter operands of a backend's linear op.

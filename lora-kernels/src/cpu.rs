@@ -127,14 +127,18 @@ impl Accel for Cpu {
         let mut out = vec![0.0; x.len()];
         match f {
             Unary::Gelu => elementwise::gelu_forward(&mut out, h(x)?)?,
+            Unary::GeluErf => elementwise::gelu_erf_forward(&mut out, h(x)?)?,
             Unary::Silu => elementwise::silu_forward(&mut out, h(x)?)?,
+            Unary::Relu => elementwise::relu_forward(&mut out, h(x)?)?,
         }
         Ok(DBuf::Host(out))
     }
     fn unary_backward(&self, f: Unary, dx: &mut DBuf, dout: &DBuf, x: &DBuf) -> Result<()> {
         match f {
             Unary::Gelu => elementwise::gelu_backward(hm(dx)?, h(dout)?, h(x)?),
+            Unary::GeluErf => elementwise::gelu_erf_backward(hm(dx)?, h(dout)?, h(x)?),
             Unary::Silu => elementwise::silu_backward(hm(dx)?, h(dout)?, h(x)?),
+            Unary::Relu => elementwise::relu_backward(hm(dx)?, h(dout)?, h(x)?),
         }
     }
     fn swiglu_forward(&self, gate: &DBuf, up: &DBuf) -> Result<DBuf> {

@@ -219,19 +219,13 @@ impl Accel for CudaDevice {
         CudaDevice::sum_squares_many(self, &slices)
     }
     fn unary_forward(&self, f: Unary, x: &DBuf) -> Result<DBuf> {
-        let name = match f {
-            Unary::Gelu => "gelu_forward",
-            Unary::Silu => "silu_forward",
-        };
+        let name = f.kernels().0;
         let mut out = self.out(x.len())?;
         self.launch_elementwise(name, &mut [&mut out], &[c(x)?], x.len())?;
         Ok(DBuf::Cuda(out))
     }
     fn unary_backward(&self, f: Unary, dx: &mut DBuf, dout: &DBuf, x: &DBuf) -> Result<()> {
-        let name = match f {
-            Unary::Gelu => "gelu_backward",
-            Unary::Silu => "silu_backward",
-        };
+        let name = f.kernels().1;
         let n = dx.len();
         same_len(name, &[("dout", dout.len()), ("x", x.len())], n)?;
         self.launch_elementwise(name, &mut [cm(dx)?], &[c(dout)?, c(x)?], n)

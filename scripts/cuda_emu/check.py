@@ -13,6 +13,7 @@ the Rust launch code (lora-kernels/tests/cuda_parity.rs and cuda_accel.rs do, on
     python3 scripts/cuda_emu/check.py        # needs g++ (C++20) and NumPy; about a minute
 """
 import ctypes
+import math
 import os
 import re
 import subprocess
@@ -159,6 +160,12 @@ def elementwise(k):
     grad = 0.5 * (1 + th) + 0.5 * X * (1 - th**2) * kk * (1 + 3 * c * X**2)
     a = y.copy(); k("gelu_backward", g, (256,), a, d, x, n); check("gelu_backward", a, Y + D * grad, 1e-5)
     sg = 1 / (1 + np.exp(-X))
+    erfc = np.vectorize(math.erfc)(-X / math.sqrt(2))
+    o = nan(n); k("gelu_erf_forward", g, (256,), o, x, n); check("gelu_erf_forward", o, 0.5 * X * erfc, 1e-6)
+    ge = 0.5 * erfc + X * np.exp(-0.5 * X * X) / math.sqrt(2 * math.pi)
+    a = y.copy(); k("gelu_erf_backward", g, (256,), a, d, x, n); check("gelu_erf_backward", a, Y + D * ge, 1e-5)
+    o = nan(n); k("relu_forward", g, (256,), o, x, n); check("relu_forward", o, np.maximum(X, 0), 0.0)
+    a = y.copy(); k("relu_backward", g, (256,), a, d, x, n); check("relu_backward", a, Y + D * (X > 0), 1e-7)
     o = nan(n); k("silu_forward", g, (256,), o, x, n); check("silu_forward", o, X * sg, 1e-6)
     a = y.copy(); k("silu_backward", g, (256,), a, d, x, n)
     check("silu_backward", a, Y + D * sg * (1 + X * (1 - sg)), 1e-5)

@@ -39,7 +39,7 @@ pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
 pub use scale::scale;
 pub use swiglu::swiglu;
-pub use unary::{gelu, silu};
+pub use unary::{gelu, gelu_erf, relu, silu};
 
 pub(crate) use crate::autograd::Input;
 use crate::autograd::{Op, Tape};

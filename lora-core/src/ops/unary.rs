@@ -12,6 +12,16 @@ pub fn silu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     unary(tape, x, Unary::Silu)
 }
 
+/// Exact GELU (`x Phi(x)`, with erf: PyTorch's `nn.GELU()`, ViT's `hidden_act = "gelu"`).
+pub fn gelu_erf(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    unary(tape, x, Unary::GeluErf)
+}
+
+/// ReLU (`max(x, 0)`).
+pub fn relu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    unary(tape, x, Unary::Relu)
+}
+
 fn unary(tape: &Tape, x: &Tensor, f: Unary) -> Result<Tensor> {
     let on = placement(unary_name(f), &[("x", x)])?;
     let g = read(x)?;
@@ -25,7 +35,9 @@ fn unary(tape: &Tape, x: &Tensor, f: Unary) -> Result<Tensor> {
 fn unary_name(f: Unary) -> &'static str {
     match f {
         Unary::Gelu => "gelu",
+        Unary::GeluErf => "gelu_erf",
         Unary::Silu => "silu",
+        Unary::Relu => "relu",
     }
 }
 

@@ -1,5 +1,6 @@
-//! Elementwise ops: residual add, GELU (tanh approximation, as GPT-2's `gelu_new`), SiLU and
-//! SwiGLU (`silu(gate) * up`, Llama's MLP). The transcendental ones run on chunks with the
+//! Elementwise ops: residual add, GELU (tanh approximation, as GPT-2's `gelu_new`; and exact,
+//! with erf, as PyTorch's default `nn.GELU` that ViT uses), SiLU, ReLU and SwiGLU
+//! (`silu(gate) * up`, Llama's MLP). The transcendental ones run on chunks with the
 //! vectorizable `exp` / `sigmoid` of [`crate::fastmath`] (AVX2 where available).
 
 use crate::error::{check_len, Result};
@@ -101,6 +102,76 @@ pub fn gelu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
         let n = d.len();
         for ((d, &g), &x) in d.iter_mut().zip(&dout[b..b + n]).zip(&x[b..b + n]) {
             *d += g * gelu_grad(x);
+        }
+    });
+    Ok(())
+}
+
+/// `out = max(x, 0)` (NaN stays NaN, as PyTorch's).
+pub fn relu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
+    check_len("relu_forward", "x", x.len(), &[out.len()])?;
+    for_each_chunk(out, |b, o| {
+        let n = o.len();
+        for (o, &x) in o.iter_mut().zip(&x[b..b + n]) {
+            *o = if x <= 0.0 { 0.0 } else { x };
+        }
+    });
+    Ok(())
+}
+
+/// `dx += dout * [x > 0]` (0 at `x = 0`, as PyTorch's).
+pub fn relu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    check_len("relu_backward", "x", x.len(), &[dx.len()])?;
+    check_len("relu_backward", "dout", dout.len(), &[dx.len()])?;
+    for_each_chunk(dx, |b, d| {
+        let n = d.len();
+        for ((d, &g), &x) in d.iter_mut().zip(&dout[b..b + n]).zip(&x[b..b + n]) {
+            if x > 0.0 {
+                *d += g;
+            }
+        }
+    });
+    Ok(())
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// `1 / sqrt(2 pi)`.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// Exact GELU, `x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`, evaluated as `0.5 x erfc(-x / sqrt 2)`:
+/// the same function without the cancellation in `1 + erf` for negative `x` (musl's `erfcf`
+/// through the `libm` crate, accurate to about 1 ulp).
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * libm::erfcf(-x * FRAC_1_SQRT_2)
+}
+
+/// Its derivative `Phi(x) + x phi(x)`.
+#[inline(always)]
+fn gelu_erf_grad(x: f32) -> f32 {
+    0.5 * libm::erfcf(-x * FRAC_1_SQRT_2) + x * INV_SQRT_2PI * libm::expf(-0.5 * x * x)
+}
+
+/// `out = gelu_erf(x)` (PyTorch's `gelu(x, approximate="none")`).
+pub fn gelu_erf_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
+    check_len("gelu_erf_forward", "x", x.len(), &[out.len()])?;
+    for_each_chunk(out, |b, o| {
+        let n = o.len();
+        for (o, &x) in o.iter_mut().zip(&x[b..b + n]) {
+            *o = gelu_erf(x);
+        }
+    });
+    Ok(())
+}
+
+/// `dx += dout * gelu_erf'(x)`.
+pub fn gelu_erf_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    check_len("gelu_erf_backward", "x", x.len(), &[dx.len()])?;
+    check_len("gelu_erf_backward", "dout", dout.len(), &[dx.len()])?;
+    for_each_chunk(dx, |b, d| {
+        let n = d.len();
+        for ((d, &g), &x) in d.iter_mut().zip(&dout[b..b + n]).zip(&x[b..b + n]) {
+            *d += g * gelu_erf_grad(x);
         }
     });
     Ok(())
@@ -210,6 +281,15 @@ pub mod reference {
             x * s,
             s + 2.0 * x * (q * s) * s * k * (1.0 + 3.0 * 0.044715 * x * x),
         )
+    }
+    /// Exact GELU `0.5 x erfc(-x / sqrt 2)` (musl's f64 `erfc`).
+    pub fn gelu_erf(x: f64) -> f64 {
+        0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+    }
+    /// Its derivative `Phi(x) + x phi(x)`.
+    pub fn gelu_erf_grad(x: f64) -> f64 {
+        let phi = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2) + x * phi
     }
     /// SiLU.
     pub fn silu(x: f64) -> f64 {
