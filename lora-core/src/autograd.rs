@@ -228,6 +228,26 @@ impl Tape {
         self.backward_from(loss, seed)
     }
 
+    /// Reverse pass from any `output` with the upstream gradient `dout` (one value per element
+    /// of `output`): the vector-Jacobian product, for losses computed outside the tape (and
+    /// tests that compare with `torch.autograd.backward(y, r)`). Same results and tape
+    /// handling as [`Tape::backward`].
+    pub fn backward_with(&self, output: &Tensor, dout: &[f32]) -> Result<Gradients> {
+        if dout.len() != output.numel() {
+            return Err(CoreError::DataLength {
+                len: dout.len(),
+                shape: output.shape().to_vec(),
+                needed: output.numel(),
+            });
+        }
+        let on = output.store().on.clone();
+        let seed = Grad {
+            buf: on.upload(dout)?,
+            on,
+        };
+        self.backward_from(output, seed)
+    }
+
     /// Reverse pass from `output` with upstream gradient `dout` (same length and device).
     fn backward_from(&self, output: &Tensor, dout: Grad) -> Result<Gradients> {
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
