@@ -19,6 +19,7 @@ use crate::operands::{Dropout, LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::Conv2dDims;
+use crate::ops::pool::PoolDims;
 
 /// The unary activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,6 +311,57 @@ pub trait Accel: Send + Sync {
         x: &DBuf,
         w: &DBuf,
         d: Conv2dDims,
+    ) -> Result<()>;
+
+    /// Batch norm in eval mode over `x (N, C, P)` (`dims = (N, C, P)`, see
+    /// [`crate::ops::pool`]).
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_forward(
+        &self,
+        x: &DBuf,
+        mean: &DBuf,
+        var: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> Result<DBuf>;
+    /// Its backward into the gradients given (the statistics frozen); `x` is read for `dgamma`
+    /// only (empty otherwise).
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dy: &DBuf,
+        x: &DBuf,
+        mean: &DBuf,
+        var: &DBuf,
+        gamma: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> Result<()>;
+    /// Max pooling of planes (see [`crate::ops::pool`]).
+    fn max_pool2d_forward(&self, x: &DBuf, d: PoolDims) -> Result<DBuf>;
+    /// `dx[argmax] += dy`.
+    fn max_pool2d_backward(&self, dx: &mut DBuf, dy: &DBuf, x: &DBuf, d: PoolDims) -> Result<()>;
+    /// Adaptive average pooling of `planes` planes of `hw` to `out`.
+    fn adaptive_avg_pool2d_forward(
+        &self,
+        x: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        out: (usize, usize),
+    ) -> Result<DBuf>;
+    /// Its backward (accumulates into `dx`).
+    fn adaptive_avg_pool2d_backward(
+        &self,
+        dx: &mut DBuf,
+        dy: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        out: (usize, usize),
     ) -> Result<()>;
 
     /// Mean cross-entropy of `logits` `(N, v)`: `(loss, counted rows, lse)`.

@@ -12,6 +12,7 @@ use crate::operands::{LinearDims, WeightData, WeightLayout};
 use crate::ops::adamw::{adamw_step, AdamStep};
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::conv::{self, Conv2dDims};
+use crate::ops::pool::{self, PoolDims};
 use crate::ops::{cross_entropy, elementwise, embedding, norm, rope, slice};
 
 /// Head weights widened per vocabulary block of a frozen 16-bit head (4 MiB of f32 scratch).
@@ -407,6 +408,68 @@ impl Accel for Cpu {
             dbias: hm_opt(g.dbias)?,
         };
         conv::conv2d_backward(g, h(dy)?, h(x)?, h(w)?, d)
+    }
+    fn batchnorm_forward(
+        &self,
+        x: &DBuf,
+        mean: &DBuf,
+        var: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> Result<DBuf> {
+        let mut y = vec![0.0; x.len()];
+        let (m, v, g, b) = (h(mean)?, h(var)?, h(gamma)?, h(beta)?);
+        pool::batchnorm_forward(&mut y, h(x)?, m, v, g, b, dims, eps)?;
+        Ok(DBuf::Host(y))
+    }
+    fn batchnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dy: &DBuf,
+        x: &DBuf,
+        mean: &DBuf,
+        var: &DBuf,
+        gamma: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let (dx, dg, db) = (hm_opt(dx)?, hm_opt(dgamma)?, hm_opt(dbeta)?);
+        let (m, v, g) = (h(mean)?, h(var)?, h(gamma)?);
+        pool::batchnorm_backward(dx, dg, db, h(dy)?, h(x)?, m, v, g, dims, eps)
+    }
+    fn max_pool2d_forward(&self, x: &DBuf, d: PoolDims) -> Result<DBuf> {
+        let (oh, ow) = d.check()?;
+        let mut y = vec![0.0; d.planes * oh * ow];
+        pool::max_pool2d_forward(&mut y, h(x)?, d)?;
+        Ok(DBuf::Host(y))
+    }
+    fn max_pool2d_backward(&self, dx: &mut DBuf, dy: &DBuf, x: &DBuf, d: PoolDims) -> Result<()> {
+        pool::max_pool2d_backward(hm(dx)?, h(dy)?, h(x)?, d)
+    }
+    fn adaptive_avg_pool2d_forward(
+        &self,
+        x: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        out: (usize, usize),
+    ) -> Result<DBuf> {
+        let mut y = vec![0.0; planes * out.0 * out.1];
+        pool::adaptive_avg_pool2d_forward(&mut y, h(x)?, planes, hw, out)?;
+        Ok(DBuf::Host(y))
+    }
+    fn adaptive_avg_pool2d_backward(
+        &self,
+        dx: &mut DBuf,
+        dy: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        out: (usize, usize),
+    ) -> Result<()> {
+        pool::adaptive_avg_pool2d_backward(hm(dx)?, h(dy)?, planes, hw, out)
     }
     fn cross_entropy_forward(
         &self,

@@ -15,6 +15,7 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::Conv2dDims;
 use crate::ops::cross_entropy::check_targets;
 use crate::ops::embedding::check_ids;
+use crate::ops::pool::PoolDims;
 use crate::ops::rope::check as check_rope;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -647,6 +648,69 @@ impl Accel for CudaDevice {
         // x is read for dW only; the tape passes an empty host buffer when it kept none.
         let x = if x.is_empty() { None } else { Some(c(x)?) };
         CudaDevice::conv2d_backward(self, dx, dw, dbias, c(dy)?, x, c(w)?, d)
+    }
+    fn batchnorm_forward(
+        &self,
+        x: &DBuf,
+        mean: &DBuf,
+        var: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> Result<DBuf> {
+        let (m, v, g, b) = (c(mean)?, c(var)?, c(gamma)?, c(beta)?);
+        CudaDevice::batchnorm_forward(self, c(x)?, m, v, g, b, dims, eps).map(DBuf::Cuda)
+    }
+    fn batchnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dy: &DBuf,
+        x: &DBuf,
+        mean: &DBuf,
+        var: &DBuf,
+        gamma: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let (dx, dg, db) = (
+            dx.map(cm).transpose()?,
+            dgamma.map(cm).transpose()?,
+            dbeta.map(cm).transpose()?,
+        );
+        // x is read for dgamma only; the tape passes an empty host buffer when it kept none.
+        let x = if x.is_empty() { None } else { Some(c(x)?) };
+        let (m, v, g) = (c(mean)?, c(var)?, c(gamma)?);
+        CudaDevice::batchnorm_backward(self, dx, dg, db, c(dy)?, x, m, v, g, dims, eps)
+    }
+    fn max_pool2d_forward(&self, x: &DBuf, d: PoolDims) -> Result<DBuf> {
+        CudaDevice::max_pool2d_forward(self, c(x)?, d).map(DBuf::Cuda)
+    }
+    fn max_pool2d_backward(&self, dx: &mut DBuf, dy: &DBuf, x: &DBuf, d: PoolDims) -> Result<()> {
+        CudaDevice::max_pool2d_backward(self, cm(dx)?, c(dy)?, c(x)?, d)
+    }
+    fn adaptive_avg_pool2d_forward(
+        &self,
+        x: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        out: (usize, usize),
+    ) -> Result<DBuf> {
+        let mut y = self.out(planes * out.0 * out.1)?;
+        self.adaptive_avg_pool2d(false, &mut y, c(x)?, planes, hw, out)?;
+        Ok(DBuf::Cuda(y))
+    }
+    fn adaptive_avg_pool2d_backward(
+        &self,
+        dx: &mut DBuf,
+        dy: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        out: (usize, usize),
+    ) -> Result<()> {
+        self.adaptive_avg_pool2d(true, cm(dx)?, c(dy)?, planes, hw, out)
     }
     fn cross_entropy_forward(
         &self,

@@ -176,6 +176,63 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     a.conv2d_backward(g, &cdy, &DBuf::Host(Vec::new()), &cw, cd)
         .unwrap();
     out.push(("conv2d dx (no x)".into(), down(&cdx)));
+    // Batch norm (eval), max pooling (ResNet's 3x3 s2 p1) and adaptive average pooling.
+    let (bn, bc, bp) = (2usize, 3usize, 35usize);
+    let bx = up(&rand(bn * bc * bp, 52));
+    let (bm, bg, bb) = (up(&rand(bc, 53)), up(&rand(bc, 54)), up(&rand(bc, 55)));
+    let bv = up(&[0.5, 1.5, 0.25]);
+    out.push((
+        "batchnorm y".into(),
+        down(
+            &a.batchnorm_forward(&bx, &bm, &bv, &bg, &bb, (bn, bc, bp), 1e-5)
+                .unwrap(),
+        ),
+    ));
+    let bdy = up(&rand(bn * bc * bp, 56));
+    let (mut bdx, mut bdg, mut bdb) = (
+        up(&rand(bn * bc * bp, 57)),
+        up(&rand(bc, 58)),
+        up(&rand(bc, 59)),
+    );
+    a.batchnorm_backward(
+        Some(&mut bdx),
+        Some(&mut bdg),
+        Some(&mut bdb),
+        &bdy,
+        &bx,
+        &bm,
+        &bv,
+        &bg,
+        (bn, bc, bp),
+        1e-5,
+    )
+    .unwrap();
+    out.push(("batchnorm dx".into(), down(&bdx)));
+    out.push(("batchnorm dgamma".into(), down(&bdg)));
+    out.push(("batchnorm dbeta".into(), down(&bdb)));
+    let pd = lora_kernels::ops::pool::PoolDims {
+        planes: bn * bc,
+        h: 7,
+        w: 5,
+        kernel: (3, 3),
+        stride: (2, 2),
+        padding: (1, 1),
+    };
+    let py = a.max_pool2d_forward(&bx, pd).unwrap();
+    out.push(("max_pool2d y".into(), down(&py)));
+    let pdy = up(&rand(py.len(), 60));
+    let mut pdx = up(&rand(bx.len(), 61));
+    a.max_pool2d_backward(&mut pdx, &pdy, &bx, pd).unwrap();
+    out.push(("max_pool2d dx".into(), down(&pdx)));
+    let ay = a
+        .adaptive_avg_pool2d_forward(&bx, bn * bc, (7, 5), (3, 2))
+        .unwrap();
+    out.push(("adaptive_avg_pool2d y".into(), down(&ay)));
+    let ady = up(&rand(ay.len(), 62));
+    let mut adx = up(&rand(bx.len(), 63));
+    a.adaptive_avg_pool2d_backward(&mut adx, &ady, bn * bc, (7, 5), (3, 2))
+        .unwrap();
+    out.push(("adaptive_avg_pool2d dx".into(), down(&adx)));
     // The table's gradient: repeated ids add up, onto what the buffer held.
     let mut dtable = up(&rand(v * c, 13));
     a.embedding_backward(&mut dtable, &dout, &ids, c).unwrap();

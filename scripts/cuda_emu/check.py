@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CU = os.path.join(ROOT, "lora-kernels", "cuda")
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu.h")
-FILES = ["elementwise.cu", "rows.cu", "adamw.cu", "lora.cu", "attention.cu", "conv.cu"]
+FILES = ["elementwise.cu", "rows.cu", "adamw.cu", "lora.cu", "attention.cu", "conv.cu", "pool.cu"]
 SIG = re.compile(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', re.S)
 
 
@@ -34,12 +34,19 @@ class ConvDims(ctypes.Structure):
     _fields_ = [(f, ctypes.c_int) for f in "c h w kh kw sh sw ph pw dh dw groups oh ow".split()]
 
 
+class PoolDims(ctypes.Structure):
+    """pool.cu's `PoolDims`, passed by value."""
+    _fields_ = [(f, ctypes.c_int) for f in "h w kh kw sh sw ph pw oh ow".split()]
+
+
 def ctype(t):
     t = t.replace("const", "").replace("__restrict__", "").strip()
     if "*" in t:
         return ctypes.c_void_p
     if t == "ConvDims":
         return ConvDims
+    if t == "PoolDims":
+        return PoolDims
     return {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float,
             "u64": ctypes.c_uint64, "unsigned int": ctypes.c_uint}[" ".join(t.split())]
 
@@ -476,6 +483,79 @@ def conv(k):
             check(f"conv_col2im {tag}", dx, wdx, 1e-6)
 
 
+def pools(k):
+    """Batch norm (rows.cu) and pooling (pool.cu) against NumPy."""
+    n, c, h, w = 2, 3, 7, 5
+    p = h * w
+    x = rnd(n, c, h, w)
+    X = x.astype(np.float64)
+    mean, gamma, beta = rnd(c), rnd(c), rnd(c)
+    var = np.array([0.5, 1.5, 0.25], np.float32)
+    eps = np.float32(1e-5)
+    rstd = 1.0 / np.sqrt(var.astype(np.float64) + 1e-5)
+    sh = (1, c, 1, 1)
+    want = (X - mean.reshape(sh)) * (gamma * rstd).reshape(sh) + beta.reshape(sh)
+    y = nan(n, c, h, w)
+    total = n * c * p
+    k("batchnorm_forward", ((total + 255) // 256,), (256,), y, x, mean, var, gamma, beta, total, c, p, eps)
+    check("batchnorm_forward", y, want, 1e-6)
+    dy = rnd(n, c, h, w)
+    DY = dy.astype(np.float64)
+    dx = rnd(n, c, h, w)
+    wdx = dx.astype(np.float64) + DY * (gamma * rstd).reshape(sh)
+    k("batchnorm_backward_dx", ((total + 255) // 256,), (256,), dx, dy, var, gamma, total, c, p, eps)
+    check("batchnorm_backward_dx", dx, wdx, 1e-6)
+    dg, db = rnd(c), rnd(c)
+    wdg = dg.astype(np.float64) + (DY * (X - mean.reshape(sh)) * rstd.reshape(sh)).sum((0, 2, 3))
+    wdb = db.astype(np.float64) + DY.sum((0, 2, 3))
+    k("batchnorm_backward_params", (c,), (256,), dg, db, dy, x, mean, var, n, c, p, eps)
+    check("batchnorm_backward_params dgamma", dg, wdg, 1e-6)
+    check("batchnorm_backward_params dbeta", db, wdb, 1e-6)
+    # Max pooling 3x3 s2 p1 (the padding never wins).
+    kh = kw = 3; s_ = 2; pd = 1
+    oh, ow = (h + 2 * pd - kh) // s_ + 1, (w + 2 * pd - kw) // s_ + 1
+    d = PoolDims(h, w, kh, kw, s_, s_, pd, pd, oh, ow)
+    xp = np.pad(X, ((0, 0), (0, 0), (pd, pd), (pd, pd)), constant_values=-np.inf)
+    want = np.empty((n, c, oh, ow))
+    wdx = np.zeros((n, c, h + 2 * pd, w + 2 * pd))
+    g = rnd(n, c, oh, ow)
+    for oy in range(oh):
+        for ox in range(ow):
+            win = xp[:, :, oy * s_:oy * s_ + kh, ox * s_:ox * s_ + kw].reshape(n, c, -1)
+            want[:, :, oy, ox] = win.max(-1)
+            am = win.argmax(-1)
+            for a_ in range(n):
+                for b_ in range(c):
+                    i, j = divmod(int(am[a_, b_]), kw)
+                    wdx[a_, b_, oy * s_ + i, ox * s_ + j] += g[a_, b_, oy, ox]
+    planes = n * c
+    y = nan(n, c, oh, ow)
+    k("max_pool2d_forward", ((planes * oh * ow + 255) // 256,), (256,), y, x, planes, d)
+    check("max_pool2d_forward", y, want, 0.0)
+    dx = rnd(n, c, h, w)
+    wdx = dx.astype(np.float64) + wdx[:, :, pd:pd + h, pd:pd + w]
+    k("max_pool2d_backward", ((planes * p + 255) // 256,), (256,), dx, g, x, planes, d)
+    check("max_pool2d_backward", dx, wdx, 1e-6)
+    # Adaptive average pooling to (3, 2): overlapping windows.
+    oh, ow = 3, 2
+    want = np.empty((n, c, oh, ow))
+    g = rnd(n, c, oh, ow)
+    wdx = np.zeros((n, c, h, w))
+    for oy in range(oh):
+        y0, y1 = oy * h // oh, -(-(oy + 1) * h // oh)
+        for ox in range(ow):
+            x0, x1 = ox * w // ow, -(-(ox + 1) * w // ow)
+            want[:, :, oy, ox] = X[:, :, y0:y1, x0:x1].mean((2, 3))
+            wdx[:, :, y0:y1, x0:x1] += g[:, :, oy:oy + 1, ox:ox + 1] / ((y1 - y0) * (x1 - x0))
+    y = nan(n, c, oh, ow)
+    k("adaptive_avg_pool2d_forward", ((planes * oh * ow + 255) // 256,), (256,), y, x, planes, h, w, oh, ow)
+    check("adaptive_avg_pool2d_forward", y, want, 1e-6)
+    dx = rnd(n, c, h, w)
+    wdx = dx.astype(np.float64) + wdx
+    k("adaptive_avg_pool2d_backward", ((planes * p + 255) // 256,), (256,), dx, g, planes, h, w, oh, ow)
+    check("adaptive_avg_pool2d_backward", dx, wdx, 1e-6)
+
+
 def shim_builds(tmp):
     """Whether this g++ can build the shim itself (C++20 <barrier>): if not, the check is skipped
     rather than failed, since that says nothing about the kernels."""
@@ -495,7 +575,7 @@ def main():
             return
         libs, kernels = build(tmp)
         k = K(libs, kernels)
-        for part in (elementwise, rows_ops, adamw, lora, attention, conv):
+        for part in (elementwise, rows_ops, adamw, lora, attention, conv, pools):
             part(k)
         print(f"{len(kernels)} kernels compiled for the CPU shim")
         for what, err in worst.items():

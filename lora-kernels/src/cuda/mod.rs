@@ -27,6 +27,7 @@ mod elementwise;
 mod gemm;
 mod launch;
 mod lora;
+mod pool;
 mod rows;
 mod sources;
 

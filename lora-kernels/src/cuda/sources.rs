@@ -17,6 +17,16 @@ pub const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
 /// Every kernel source.
 pub const SOURCES: &[Source] = &[
     Source {
+        file: "pool.cu",
+        code: include_str!("../../cuda/pool.cu"),
+        kernels: &[
+            "max_pool2d_forward",
+            "max_pool2d_backward",
+            "adaptive_avg_pool2d_forward",
+            "adaptive_avg_pool2d_backward",
+        ],
+    },
+    Source {
         file: "conv.cu",
         code: include_str!("../../cuda/conv.cu"),
         kernels: &["conv_im2col", "conv_col2im"],
@@ -71,6 +81,9 @@ pub const SOURCES: &[Source] = &[
             "embedding_backward",
             "rope_forward",
             "rope_backward",
+            "batchnorm_forward",
+            "batchnorm_backward_dx",
+            "batchnorm_backward_params",
             "cross_entropy_forward",
             "cross_entropy_backward",
             "sum_squares_many",

@@ -10,5 +10,6 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod norm;
+pub mod pool;
 pub mod rope;
 pub mod slice;
