@@ -1,4 +1,5 @@
-// Causal softmax attention with grouped-query heads: CUDA twins of ops/attention.rs
+// Softmax attention with grouped-query heads, causal (query i sees keys 0..=i) or not (every
+// key; `causal` = 0): CUDA twins of ops/attention.rs
 // (attention_forward, attention_backward), same layouts and the same saved state:
 //   q, out, dout: (B, T, Hq, D)    k, v: (B, T, Hkv, D)    lse: (B, Hq, T)
 // Query head h reads kv head h / (Hq / Hkv). The probabilities are never stored: forward saves
@@ -13,7 +14,8 @@
 //   attention_backward_delta same walk, writes delta_i = dO_i . O_i (= sum_j P_ij dP_ij)
 //   attention_backward_dq    grid (ceil(T / 8), Hq, B): dq_i += scale sum_j P_ij (dP_ij - delta_i) k_j
 //   attention_backward_dkv   grid (ceil(T / 8), Hkv, B): per key row j, over the group's heads
-//                            and query tiles i >= j: dk_j += scale dS_ij q_i, dv_j += P_ij dO_i
+//                            and query tiles i >= j (every i when not causal):
+//                            dk_j += scale dS_ij q_i, dv_j += P_ij dO_i
 // Head dims up to ATT_MAX_D; the host refuses larger ones.
 
 #define ATT_MAX_D 128
@@ -51,7 +53,7 @@ __device__ __forceinline__ void att_load_rows(float* rows, int ld, const float* 
 template <bool DELTA>
 __device__ void att_forward_rows(float* out, float* lse, float* delta, const float* dout,
                                  const float* q, const float* k, const float* v, int T, int Hq,
-                                 int Hkv, int D, float scale) {
+                                 int Hkv, int D, float scale, int causal) {
     __shared__ float ks[ATT_TILE][ATT_PAD];
     __shared__ float vs[ATT_TILE][ATT_PAD];
     __shared__ float qs[ATT_BLOCK_ROWS][ATT_MAX_D];
@@ -71,7 +73,8 @@ __device__ void att_forward_rows(float* out, float* lse, float* delta, const flo
 #pragma unroll
         for (int cc = 0; cc < ATT_CHUNKS; cc++) acc[rr][cc] = 0.0f;
     }
-    int last = min(row0 + ATT_BLOCK_ROWS, T);  // causal: keys 0 .. last - 1
+    // The block's rows see keys 0 .. last - 1; row i sees 0 .. kend - 1 (i + 1, or T).
+    int last = causal ? min(row0 + ATT_BLOCK_ROWS, T) : T;
     for (int j0 = 0; j0 < last; j0 += ATT_TILE) {
         __syncthreads();
         att_load_rows(&ks[0][0], ATT_PAD, kb, kstride, j0, ATT_TILE, T, D);
@@ -80,22 +83,23 @@ __device__ void att_forward_rows(float* out, float* lse, float* delta, const flo
 #pragma unroll
         for (int rr = 0; rr < ATT_ROWS; rr++) {
             int r = warp * ATT_ROWS + rr, i = row0 + r;
-            if (i >= T || j0 > i) continue;  // warp-uniform
+            int kend = causal ? i + 1 : T;
+            if (i >= T || j0 >= kend) continue;  // warp-uniform
             int j = j0 + lane;
             float s = ATT_NEG_INF;
-            if (j <= i) {
+            if (j < kend) {
                 float d = 0.0f;
                 for (int c = 0; c < D; c++) d += qs[r][c] * ks[lane][c];
                 s = scale * d;
             }
-            float mnew = fmaxf(m[rr], att_warp_max(s));  // finite: key j0 <= i is in the tile
-            float p = j <= i ? expf(s - mnew) : 0.0f;
+            float mnew = fmaxf(m[rr], att_warp_max(s));  // finite: key j0 < kend is in the tile
+            float p = j < kend ? expf(s - mnew) : 0.0f;
             float corr = expf(m[rr] - mnew);
             l[rr] = l[rr] * corr + att_warp_sum(p);
             m[rr] = mnew;
 #pragma unroll
             for (int cc = 0; cc < ATT_CHUNKS; cc++) acc[rr][cc] *= corr;
-            int nj = min(ATT_TILE, i - j0 + 1);
+            int nj = min(ATT_TILE, kend - j0);
             for (int jj = 0; jj < nj; jj++) {
                 float pj = __shfl_sync(ATT_FULL, p, jj);
 #pragma unroll
@@ -133,26 +137,27 @@ __device__ void att_forward_rows(float* out, float* lse, float* delta, const flo
     }
 }
 
-// out = softmax(scale q k^T, causal) v per head; lse (B, Hq, T). grid (ceil(T/8), Hq, B), 128 threads.
+// out = softmax(scale q k^T (+ causal mask)) v per head; lse (B, Hq, T). grid (ceil(T/8), Hq,
+// B), 128 threads.
 extern "C" __global__ void attention_forward(float* out, float* lse, const float* q,
                                              const float* k, const float* v, int T, int Hq,
-                                             int Hkv, int D, float scale) {
-    att_forward_rows<false>(out, lse, nullptr, nullptr, q, k, v, T, Hq, Hkv, D, scale);
+                                             int Hkv, int D, float scale, int causal) {
+    att_forward_rows<false>(out, lse, nullptr, nullptr, q, k, v, T, Hq, Hkv, D, scale, causal);
 }
 
 // delta (B, Hq, T) = rowsum(dout * out), out recomputed. Launch as attention_forward.
 extern "C" __global__ void attention_backward_delta(float* delta, const float* dout,
                                                     const float* q, const float* k,
                                                     const float* v, int T, int Hq, int Hkv,
-                                                    int D, float scale) {
-    att_forward_rows<true>(nullptr, nullptr, delta, dout, q, k, v, T, Hq, Hkv, D, scale);
+                                                    int D, float scale, int causal) {
+    att_forward_rows<true>(nullptr, nullptr, delta, dout, q, k, v, T, Hq, Hkv, D, scale, causal);
 }
 
 // dq += scale * dS k, dS_ij = P_ij (dout_i . v_j - delta_i). grid (ceil(T/8), Hq, B).
 extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, const float* lse,
                                                  const float* delta, const float* q,
                                                  const float* k, const float* v, int T, int Hq,
-                                                 int Hkv, int D, float scale) {
+                                                 int Hkv, int D, float scale, int causal) {
     __shared__ float ks[ATT_TILE][ATT_PAD];
     __shared__ float vs[ATT_TILE][ATT_PAD];
     __shared__ float qs[ATT_BLOCK_ROWS][ATT_MAX_D];
@@ -176,7 +181,7 @@ extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, c
 #pragma unroll
         for (int cc = 0; cc < ATT_CHUNKS; cc++) acc[rr][cc] = 0.0f;
     }
-    int last = min(row0 + ATT_BLOCK_ROWS, T);
+    int last = causal ? min(row0 + ATT_BLOCK_ROWS, T) : T;
     for (int j0 = 0; j0 < last; j0 += ATT_TILE) {
         __syncthreads();
         att_load_rows(&ks[0][0], ATT_PAD, kb, kstride, j0, ATT_TILE, T, D);
@@ -185,10 +190,11 @@ extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, c
 #pragma unroll
         for (int rr = 0; rr < ATT_ROWS; rr++) {
             int r = warp * ATT_ROWS + rr, i = row0 + r;
-            if (i >= T || j0 > i) continue;  // warp-uniform
+            int kend = causal ? i + 1 : T;
+            if (i >= T || j0 >= kend) continue;  // warp-uniform
             int j = j0 + lane;
             float ds = 0.0f;
-            if (j <= i) {
+            if (j < kend) {
                 float sd = 0.0f, dp = 0.0f;
                 for (int c = 0; c < D; c++) {
                     sd += qs[r][c] * ks[lane][c];
@@ -197,7 +203,7 @@ extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, c
                 float p = expf(scale * sd - lrow[rr]);
                 ds = p * (dp - drow[rr]);
             }
-            int nj = min(ATT_TILE, i - j0 + 1);
+            int nj = min(ATT_TILE, kend - j0);
             for (int jj = 0; jj < nj; jj++) {
                 float dsj = __shfl_sync(ATT_FULL, ds, jj);
 #pragma unroll
@@ -226,7 +232,7 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
                                                   const float* lse, const float* delta,
                                                   const float* q, const float* k,
                                                   const float* v, int T, int Hq, int Hkv, int D,
-                                                  float scale) {
+                                                  float scale, int causal) {
     __shared__ float qt[ATT_TILE][ATT_PAD];
     __shared__ float dot[ATT_TILE][ATT_PAD];
     __shared__ float kr[ATT_BLOCK_ROWS][ATT_MAX_D];
@@ -251,7 +257,8 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
         size_t qoff = (size_t)b * T * qstride + (size_t)h * D;
         const float* lh = lse + ((size_t)b * Hq + h) * T;
         const float* dh = delta + ((size_t)b * Hq + h) * T;
-        for (int i0 = (row0 / ATT_TILE) * ATT_TILE; i0 < T; i0 += ATT_TILE) {
+        // Causal: only query rows i >= j read key row j (the tiles from row0's on).
+        for (int i0 = causal ? (row0 / ATT_TILE) * ATT_TILE : 0; i0 < T; i0 += ATT_TILE) {
             __syncthreads();
             att_load_rows(&qt[0][0], ATT_PAD, q + qoff, qstride, i0, ATT_TILE, T, D);
             att_load_rows(&dot[0][0], ATT_PAD, dout + qoff, qstride, i0, ATT_TILE, T, D);
@@ -262,9 +269,9 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
 #pragma unroll
             for (int rr = 0; rr < ATT_ROWS; rr++) {
                 int r = warp * ATT_ROWS + rr, j = row0 + r;
-                if (j >= T || i0 + ihi - 1 < j) continue;  // warp-uniform: no i >= j here
+                if (j >= T || (causal && i0 + ihi - 1 < j)) continue;  // warp-uniform: no i >= j
                 float p = 0.0f, ds = 0.0f;
-                if (i < T && i >= j) {
+                if (i < T && (!causal || i >= j)) {
                     float sd = 0.0f, dp = 0.0f;
                     for (int c = 0; c < D; c++) {
                         sd += qt[lane][c] * kr[r][c];
@@ -273,7 +280,7 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
                     p = expf(scale * sd - li);
                     ds = p * (dp - di);
                 }
-                for (int ii = max(0, j - i0); ii < ihi; ii++) {
+                for (int ii = causal ? max(0, j - i0) : 0; ii < ihi; ii++) {
                     float pi = __shfl_sync(ATT_FULL, p, ii);
                     float dsi = __shfl_sync(ATT_FULL, ds, ii);
 #pragma unroll

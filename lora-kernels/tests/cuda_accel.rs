@@ -252,31 +252,35 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     out.push(("rope bwd".into(), down(&dr)));
 
     // Attention: B 2, T 5, 4 query heads over 2 kv heads, D 8.
-    let ad = AttnDims {
-        batch: 2,
-        seq: 5,
-        q_heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-    };
-    let (qn, kn) = (2 * 5 * 4 * 8, 2 * 5 * 2 * 8);
-    let (q, k, vv) = (up(&rand(qn, 13)), up(&rand(kn, 14)), up(&rand(kn, 15)));
-    let [o, lse] = a.attention_forward(&q, &k, &vv, ad, 0.35).unwrap();
-    out.push(("attention out".into(), down(&o)));
-    out.push(("attention lse".into(), down(&lse)));
-    let (mut dq, mut dk, mut dv) = (
-        a.zeros(qn).unwrap(),
-        a.zeros(kn).unwrap(),
-        a.zeros(kn).unwrap(),
-    );
-    let dout_a = up(&rand(qn, 16));
-    a.attention_backward(
-        &mut dq, &mut dk, &mut dv, &dout_a, &lse, &q, &k, &vv, ad, 0.35,
-    )
-    .unwrap();
-    out.push(("attention dq".into(), down(&dq)));
-    out.push(("attention dk".into(), down(&dk)));
-    out.push(("attention dv".into(), down(&dv)));
+    for causal in [true, false] {
+        let tag = if causal { "" } else { " (bidirectional)" };
+        let ad = AttnDims {
+            batch: 2,
+            seq: 5,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            causal,
+        };
+        let (qn, kn) = (2 * 5 * 4 * 8, 2 * 5 * 2 * 8);
+        let (q, k, vv) = (up(&rand(qn, 13)), up(&rand(kn, 14)), up(&rand(kn, 15)));
+        let [o, lse] = a.attention_forward(&q, &k, &vv, ad, 0.35).unwrap();
+        out.push((format!("attention out{tag}"), down(&o)));
+        out.push((format!("attention lse{tag}"), down(&lse)));
+        let (mut dq, mut dk, mut dv) = (
+            a.zeros(qn).unwrap(),
+            a.zeros(kn).unwrap(),
+            a.zeros(kn).unwrap(),
+        );
+        let dout_a = up(&rand(qn, 16));
+        a.attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout_a, &lse, &q, &k, &vv, ad, 0.35,
+        )
+        .unwrap();
+        out.push((format!("attention dq{tag}"), down(&dq)));
+        out.push((format!("attention dk{tag}"), down(&dk)));
+        out.push((format!("attention dv{tag}"), down(&dv)));
+    }
 
     let mut nr = a.zeros(n * 10).unwrap();
     a.narrow(true, &mut nr, &x, n, c, 30, 10).unwrap();

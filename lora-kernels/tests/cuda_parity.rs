@@ -575,6 +575,7 @@ fn cuda_attention_matches_its_cpu_twin() {
             q_heads,
             kv_heads,
             head_dim,
+            causal: true,
         };
         let scale = 1.0 / (head_dim as f32).sqrt();
         let nq = batch * seq * q_heads * head_dim;

@@ -327,8 +327,8 @@ proptest! {
     }
 
     #[test]
-    fn causal_gqa_attention(b in 1usize..3, t in 1usize..9, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, seed in any::<u64>()) {
-        let d = AttnDims { batch: b, seq: t, q_heads: hkv * rep, kv_heads: hkv, head_dim: hd };
+    fn gqa_attention_causal_and_bidirectional(b in 1usize..3, t in 1usize..9, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, causal in any::<bool>(), seed in any::<u64>()) {
+        let d = AttnDims { batch: b, seq: t, q_heads: hkv * rep, kv_heads: hkv, head_dim: hd, causal };
         let hq = hkv * rep;
         let q = rand_vec(b * t * hq * hd, seed, 1.0);
         let k = rand_vec(b * t * hkv * hd, seed ^ 1, 1.0);
@@ -360,7 +360,7 @@ proptest! {
     fn cached_decode_equals_the_last_rows_of_full_attention(t in 1usize..10, n0 in 0usize..10, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, seed in any::<u64>()) {
         let n = n0 % t + 1;
         let hq = hkv * rep;
-        let d = AttnDims { batch: 1, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd };
+        let d = AttnDims { batch: 1, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd, causal: true };
         let q = rand_vec(t * hq * hd, seed, 1.0);
         let k = rand_vec(t * hkv * hd, seed ^ 1, 1.0);
         let v = rand_vec(t * hkv * hd, seed ^ 2, 1.0);
@@ -465,6 +465,7 @@ fn out_of_range_indices_are_named_errors() {
         q_heads: 3,
         kv_heads: 2,
         head_dim: 1,
+        causal: true,
     };
     let e = attention_forward(
         &mut [0.0; 3],
@@ -484,32 +485,35 @@ fn large_attention_and_norms_run_in_parallel_paths() {
     // Shapes above the parallel thresholds, checked against the oracle.
     // 150 rows: two full query blocks and a partial one.
     let t = 2 * attention::ATTN_BLOCK + 22;
-    let d = AttnDims {
-        batch: 2,
-        seq: t,
-        q_heads: 4,
-        kv_heads: 2,
-        head_dim: 16,
-    };
-    let q = rand_vec(2 * t * 4 * 16, 1, 1.0);
-    let k = rand_vec(2 * t * 2 * 16, 2, 1.0);
-    let v = rand_vec(2 * t * 2 * 16, 3, 1.0);
-    let dout = rand_vec(q.len(), 4, 1.0);
-    let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; d.lse_len()]);
-    attention_forward(&mut out, &mut lse, &q, &k, &v, d, 0.25).unwrap();
-    let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
-    assert_close(
-        "attention",
-        &out,
-        &attention::reference::forward(&q64, &k64, &v64, d, 0.25),
-        1e-5,
-    );
-    let (mut dq, mut dk, mut dv) = (vec![0.5; q.len()], vec![0.5; k.len()], vec![0.5; v.len()]);
-    attention_backward(&mut dq, &mut dk, &mut dv, &dout, &lse, &q, &k, &v, d, 0.25).unwrap();
-    let (rq, rk, rv) = attention::reference::backward(&f64s(&dout), &q64, &k64, &v64, d, 0.25);
-    for (name, got, want) in [("dq", &dq, rq), ("dk", &dk, rk), ("dv", &dv, rv)] {
-        let want: Vec<f64> = want.iter().map(|w| w + 0.5).collect(); // accumulated onto 0.5
-        assert_close(name, got, &want, 1e-5);
+    for causal in [true, false] {
+        let d = AttnDims {
+            batch: 2,
+            seq: t,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            causal,
+        };
+        let q = rand_vec(2 * t * 4 * 16, 1, 1.0);
+        let k = rand_vec(2 * t * 2 * 16, 2, 1.0);
+        let v = rand_vec(2 * t * 2 * 16, 3, 1.0);
+        let dout = rand_vec(q.len(), 4, 1.0);
+        let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; d.lse_len()]);
+        attention_forward(&mut out, &mut lse, &q, &k, &v, d, 0.25).unwrap();
+        let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
+        assert_close(
+            "attention",
+            &out,
+            &attention::reference::forward(&q64, &k64, &v64, d, 0.25),
+            1e-5,
+        );
+        let (mut dq, mut dk, mut dv) = (vec![0.5; q.len()], vec![0.5; k.len()], vec![0.5; v.len()]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &lse, &q, &k, &v, d, 0.25).unwrap();
+        let (rq, rk, rv) = attention::reference::backward(&f64s(&dout), &q64, &k64, &v64, d, 0.25);
+        for (name, got, want) in [("dq", &dq, rq), ("dk", &dk, rk), ("dv", &dv, rv)] {
+            let want: Vec<f64> = want.iter().map(|w| w + 0.5).collect(); // accumulated onto 0.5
+            assert_close(name, got, &want, 1e-5);
+        }
     }
     let (n, c) = (300, 257);
     let x = rand_vec(n * c, 4, 2.0);

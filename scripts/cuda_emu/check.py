@@ -404,8 +404,10 @@ def lora(k):
 
 
 def attention(k):
-    for (B, T, Hq, Hkv, D) in [(2, 5, 4, 2, 8), (1, 40, 2, 1, 16), (1, 70, 3, 3, 128), (2, 33, 6, 2, 5)]:
-        tag = f"B{B} T{T} Hq{Hq} Hkv{Hkv} D{D}"
+    for (B, T, Hq, Hkv, D, causal) in [(2, 5, 4, 2, 8, 1), (1, 40, 2, 1, 16, 1), (1, 70, 3, 3, 128, 1),
+                                       (2, 33, 6, 2, 5, 1), (2, 5, 4, 2, 8, 0), (1, 40, 2, 1, 16, 0),
+                                       (2, 33, 6, 2, 5, 0)]:
+        tag = f"B{B} T{T} Hq{Hq} Hkv{Hkv} D{D}" + ("" if causal else " bidirectional")
         scale = np.float32(1 / np.sqrt(D))
         q, kk, v = rnd(B, T, Hq, D), rnd(B, T, Hkv, D), rnd(B, T, Hkv, D)
         dout = rnd(B, T, Hq, D)
@@ -413,18 +415,18 @@ def attention(k):
         rep = Hq // Hkv
         Kq, Vq = np.repeat(Kk, rep, axis=2), np.repeat(V, rep, axis=2)
         s = np.einsum("bihd,bjhd->bhij", Q, Kq) * float(scale)
-        causal = np.tril(np.ones((T, T), bool))
-        s = np.where(causal, s, -np.inf)
+        if causal:
+            s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
         lse_w = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
         P = np.exp(s - lse_w[..., None])
         O = np.einsum("bhij,bjhd->bihd", P, Vq)
         grid = ((T + 7) // 8, Hq, B)
         out, lse = nan(B, T, Hq, D), nan(B, Hq, T)
-        k("attention_forward", grid, (128,), out, lse, q, kk, v, T, Hq, Hkv, D, scale)
+        k("attention_forward", grid, (128,), out, lse, q, kk, v, T, Hq, Hkv, D, scale, causal)
         check(f"attention_forward out {tag}", out, O, 1e-5)
         check(f"attention_forward lse {tag}", lse, lse_w, 1e-5)
         delta = nan(B, Hq, T)
-        k("attention_backward_delta", grid, (128,), delta, dout, q, kk, v, T, Hq, Hkv, D, scale)
+        k("attention_backward_delta", grid, (128,), delta, dout, q, kk, v, T, Hq, Hkv, D, scale, causal)
         delta_w = np.einsum("bihd,bihd->bhi", DO, O)
         check(f"attention_backward_delta {tag}", delta, delta_w, 1e-5)
         dP = np.einsum("bihd,bjhd->bhij", DO, Vq)
@@ -436,11 +438,11 @@ def attention(k):
         dV = dVq.reshape(B, T, Hkv, rep, D).sum(3)
         dq = rnd(B, T, Hq, D)
         want = dq.astype(np.float64) + dQ
-        k("attention_backward_dq", grid, (128,), dq, dout, lse, delta, q, kk, v, T, Hq, Hkv, D, scale)
+        k("attention_backward_dq", grid, (128,), dq, dout, lse, delta, q, kk, v, T, Hq, Hkv, D, scale, causal)
         check(f"attention_backward_dq {tag}", dq, want, 1e-5)
         dk, dv = rnd(B, T, Hkv, D), rnd(B, T, Hkv, D)
         wk, wv = dk.astype(np.float64) + dK, dv.astype(np.float64) + dV
-        k("attention_backward_dkv", ((T + 7) // 8, Hkv, B), (128,), dk, dv, dout, lse, delta, q, kk, v, T, Hq, Hkv, D, scale)
+        k("attention_backward_dkv", ((T + 7) // 8, Hkv, B), (128,), dk, dv, dout, lse, delta, q, kk, v, T, Hq, Hkv, D, scale, causal)
         check(f"attention_backward_dkv dk {tag}", dk, wk, 1e-5)
         check(f"attention_backward_dkv dv {tag}", dv, wv, 1e-5)
 

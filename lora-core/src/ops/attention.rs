@@ -1,4 +1,4 @@
-//! Causal grouped-query attention.
+//! Grouped-query attention: causal (decoders) or bidirectional (encoders).
 
 use super::*;
 use lora_kernels::ops::attention;
@@ -12,6 +12,31 @@ pub fn attention(
     v: &Tensor,
     q_heads: usize,
     kv_heads: usize,
+) -> Result<Tensor> {
+    attention_masked(tape, q, k, v, q_heads, kv_heads, true)
+}
+
+/// Bidirectional GQA attention (every query sees every key of its sequence: ViT, YOLOS, BERT),
+/// shapes as [`attention`].
+pub fn attention_bidirectional(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    attention_masked(tape, q, k, v, q_heads, kv_heads, false)
+}
+
+fn attention_masked(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_heads: usize,
+    kv_heads: usize,
+    causal: bool,
 ) -> Result<Tensor> {
     const OP: &str = "attention";
     if q.shape().len() != 3 || q_heads == 0 || q.shape()[2] % q_heads != 0 {
@@ -40,6 +65,7 @@ pub fn attention(
         q_heads,
         kv_heads,
         head_dim: hd,
+        causal,
     };
     let scale = 1.0 / (hd as f32).sqrt();
     let on = placement(OP, &[("q", q), ("k", k), ("v", v)])?;
@@ -88,5 +114,66 @@ impl OpNode for AttentionNode {
             dq, dk, dv, dout, &self.lse, data[0], data[1], data[2], self.dims, self.scale,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ops, Tape, Tensor};
+    use lora_kernels::ops::attention::{reference, AttnDims};
+
+    /// The bidirectional op records the mask it ran with: its output and gradients are the
+    /// unmasked oracle's on every backend, and the causal op's differ from them.
+    #[test]
+    fn bidirectional_attention_sees_every_key() {
+        let (b, t, hq, hkv, hd) = (2, 5, 4, 2, 3);
+        let mut r = lora_kernels::rng::Rng::new(2);
+        let mut rand =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
+        let (qv, kv, vv, dout) = (
+            rand(b * t * hq * hd),
+            rand(b * t * hkv * hd),
+            rand(b * t * hkv * hd),
+            rand(b * t * hq * hd),
+        );
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let d = AttnDims {
+            batch: b,
+            seq: t,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+            causal: false,
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let want = reference::forward(&f64s(&qv), &f64s(&kv), &f64s(&vv), d, scale);
+        let (_, _, want_dv) =
+            reference::backward(&f64s(&dout), &f64s(&qv), &f64s(&kv), &f64s(&vv), d, scale);
+        for dev in crate::device::test_devices() {
+            let run = |bidirectional: bool| {
+                let q = Tensor::new_on(qv.clone(), &[b, t, hq * hd], true, dev).unwrap();
+                let k = Tensor::new_on(kv.clone(), &[b, t, hkv * hd], true, dev).unwrap();
+                let v = Tensor::new_on(vv.clone(), &[b, t, hkv * hd], true, dev).unwrap();
+                let tape = Tape::new(0);
+                let y = if bidirectional {
+                    ops::attention_bidirectional(&tape, &q, &k, &v, hq, hkv)
+                } else {
+                    ops::attention(&tape, &q, &k, &v, hq, hkv)
+                }
+                .unwrap();
+                let g = tape.backward_with(&y, &dout).unwrap();
+                (y.try_to_vec().unwrap(), g.to_vec(&v).unwrap().unwrap())
+            };
+            let (y, dv) = run(true);
+            let close = |got: &[f32], want: &[f64]| {
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| (*a as f64 - b).abs() <= 1e-5)
+            };
+            assert!(close(&y, &want), "{dev}: output");
+            assert!(close(&dv, &want_dv), "{dev}: dv");
+            let (yc, _) = run(false);
+            assert!(!close(&yc, &want), "{dev}: the causal op must differ");
+        }
     }
 }

@@ -102,7 +102,7 @@ mod tests {
             |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
         let (xv, wv, bv) = (rand(2 * 4 * 5 * 6), rand(6 * 2 * 3 * 2), rand(6));
         // y is (2, 6, 3, 5): 36 rows of 5 logits.
-        let targets: Vec<i32> = (0..36).map(|i| (i * 7 % 5) as i32).collect();
+        let targets: Vec<i32> = (0..36).map(|i| i * 7 % 5).collect();
         let run = |device: Device, vals: [&[f32]; 3], w_trains: bool| {
             let x0 = Tensor::new_on(vals[0].to_vec(), &[2, 4, 5, 6], true, device).unwrap();
             let w = Tensor::new_on(vals[1].to_vec(), &[6, 2, 3, 2], w_trains, device).unwrap();

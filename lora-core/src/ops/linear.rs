@@ -105,8 +105,9 @@ pub fn linear(
             )?;
             inputs.push(l.a.clone());
             inputs.push(l.b.clone());
-            let u =
-                u.ok_or_else(|| CoreError::Internal("linear: the backend returned no adapter u"))?;
+            let u = u.ok_or(CoreError::Internal(
+                "linear: the backend returned no adapter u",
+            ))?;
             (
                 y,
                 Some(LoraSaved {

@@ -28,7 +28,7 @@ mod swiglu;
 mod unary;
 
 pub use add::add;
-pub use attention::attention;
+pub use attention::{attention, attention_bidirectional};
 pub use conv2d::{conv2d, Conv2dParams};
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;

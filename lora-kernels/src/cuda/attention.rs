@@ -68,9 +68,15 @@ impl CudaDevice {
             return Ok(());
         }
         let [t, hq, hkv, hd] = attn_ints(d);
+        let causal = d.causal as i32;
         let mut l = self.stream.launch_builder(self.func("attention_forward"));
         l.arg(out).arg(lse).arg(q).arg(k).arg(v);
-        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        l.arg(&t)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&hd)
+            .arg(&scale)
+            .arg(&causal);
         // SAFETY: argument types and order match attention.cu; lengths checked above.
         unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_forward"))?;
         Ok(())
@@ -104,12 +110,18 @@ impl CudaDevice {
             return Ok(());
         }
         let [t, hq, hkv, hd] = attn_ints(d);
+        let causal = d.causal as i32;
         let mut delta = self.output(d.lse_len())?;
         let mut l = self
             .stream
             .launch_builder(self.func("attention_backward_delta"));
         l.arg(&mut delta).arg(dout).arg(q).arg(k).arg(v);
-        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        l.arg(&t)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&hd)
+            .arg(&scale)
+            .arg(&causal);
         // SAFETY: as in attention_forward; delta holds B * Hq * T values.
         unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_backward_delta"))?;
         let mut l = self
@@ -122,7 +134,12 @@ impl CudaDevice {
             .arg(q)
             .arg(k)
             .arg(v);
-        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        l.arg(&t)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&hd)
+            .arg(&scale)
+            .arg(&causal);
         // SAFETY: as above.
         unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_backward_dq"))?;
         let mut l = self
@@ -136,7 +153,12 @@ impl CudaDevice {
             .arg(q)
             .arg(k)
             .arg(v);
-        l.arg(&t).arg(&hq).arg(&hkv).arg(&hd).arg(&scale);
+        l.arg(&t)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&hd)
+            .arg(&scale)
+            .arg(&causal);
         // SAFETY: as above; this grid runs over kv heads.
         unsafe { l.launch(attn_grid(d, d.kv_heads)) }.map_err(cerr("attention_backward_dkv"))?;
         Ok(())

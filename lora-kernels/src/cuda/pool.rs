@@ -212,12 +212,11 @@ impl CudaDevice {
         let mut l = self
             .stream
             .launch_builder(self.func("batchnorm_backward_params"));
-        let (mut dgamma, mut dbeta) = (dgamma, dbeta);
-        match dgamma.as_deref_mut() {
+        match dgamma {
             Some(g) => l.arg(g),
             None => l.arg(&null),
         };
-        match dbeta.as_deref_mut() {
+        match dbeta {
             Some(b) => l.arg(b),
             None => l.arg(&null),
         };

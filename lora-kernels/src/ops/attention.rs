@@ -40,6 +40,9 @@ pub struct AttnDims {
     pub kv_heads: usize,
     /// D
     pub head_dim: usize,
+    /// Causal mask: query `i` sees keys `0..=i` (decoders). `false`: every query sees every key
+    /// of its sequence (encoders: ViT, YOLOS).
+    pub causal: bool,
 }
 
 impl AttnDims {
@@ -58,6 +61,14 @@ impl AttnDims {
     }
     fn kv_len(&self) -> usize {
         self.batch * self.seq * self.kv_heads * self.head_dim
+    }
+    /// The keys query row `i` attends to: `0..keys(i)`.
+    pub fn keys(&self, i: usize) -> usize {
+        if self.causal {
+            i + 1
+        } else {
+            self.seq
+        }
     }
     /// Length of the saved log-sum-exp, `B * Hq * T`.
     pub fn lse_len(&self) -> usize {
@@ -114,6 +125,7 @@ pub fn attention_forward(
         q_heads: hq,
         kv_heads: hkv,
         head_dim: hd,
+        ..
     } = d;
     check_len(OP, "q", q.len(), &[b, t, hq, hd])?;
     check_len(OP, "k", k.len(), &[b, t, hkv, hd])?;
@@ -134,7 +146,8 @@ pub fn attention_forward(
         let mut s = vec![0.0f32; ATTN_BLOCK.min(t) * t];
         for i0 in (0..t).step_by(ATTN_BLOCK) {
             let rows = ATTN_BLOCK.min(t - i0);
-            let cols = i0 + rows; // causal: no row of the block sees a later key
+            // Causal: no row of the block sees a key after the block's last row.
+            let cols = if d.causal { i0 + rows } else { t };
             let s = &mut s[..rows * cols];
             // SAFETY: q/k were length-checked for (B, T, H, D); the views address rows < T
             // and columns < D of head h (g) of batch bi.
@@ -151,14 +164,15 @@ pub fn attention_forward(
             };
             for r in 0..rows {
                 let i = i0 + r;
+                let n = d.keys(i);
                 let row = &mut s[r * cols..(r + 1) * cols];
-                let m = row[..=i].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-                let z = crate::fastmath::map(|| crate::fastmath::sum_exp(&row[..=i], m));
+                let m = row[..n].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                let z = crate::fastmath::map(|| crate::fastmath::sum_exp(&row[..n], m));
                 let inv = 1.0 / z;
                 crate::fastmath::map(|| {
-                    crate::fastmath::exp_scaled_in_place(&mut row[..=i], m, inv)
+                    crate::fastmath::exp_scaled_in_place(&mut row[..n], m, inv)
                 });
-                row[i + 1..].fill(0.0);
+                row[n..].fill(0.0);
                 l[i] = m + z.ln();
             }
             // SAFETY: out is (B, T, Hq, D) (checked); this task writes only rows i0..i0+rows
@@ -206,6 +220,7 @@ pub fn attention_backward(
         q_heads: hq,
         kv_heads: hkv,
         head_dim: hd,
+        ..
     } = d;
     for (name, len, want) in [
         ("dq", dq.len(), d.q_len()),
@@ -239,7 +254,7 @@ pub fn attention_backward(
             let l = &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t];
             for i0 in (0..t).step_by(ATTN_BLOCK) {
                 let rows = ATTN_BLOCK.min(t - i0);
-                let cols = i0 + rows;
+                let cols = if d.causal { i0 + rows } else { t };
                 let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
                 let ro = i0 * hq * hd; // offset of the block's first row in a q-shaped buffer
                                        // SAFETY (all products): every view is a head slice of a buffer checked above
@@ -272,18 +287,19 @@ pub fn attention_backward(
                 }
                 for r in 0..rows {
                     let i = i0 + r;
+                    let n = d.keys(i);
                     let pr = &mut p[r * cols..(r + 1) * cols];
                     let dr = &mut ds[r * cols..(r + 1) * cols];
                     let li = l[i];
                     crate::fastmath::map(|| {
-                        crate::fastmath::exp_scaled_in_place(&mut pr[..=i], li, 1.0)
+                        crate::fastmath::exp_scaled_in_place(&mut pr[..n], li, 1.0)
                     });
-                    pr[i + 1..].fill(0.0);
-                    let dotp: f32 = pr[..=i].iter().zip(&dr[..=i]).map(|(a, b)| a * b).sum();
-                    for j in 0..=i {
+                    pr[n..].fill(0.0);
+                    let dotp: f32 = pr[..n].iter().zip(&dr[..n]).map(|(a, b)| a * b).sum();
+                    for j in 0..n {
                         dr[j] = pr[j] * (dr[j] - dotp);
                     }
-                    dr[i + 1..].fill(0.0);
+                    dr[n..].fill(0.0);
                 }
                 unsafe {
                     // dQ_h rows += scale * dS (rows, cols) @ K_g (cols, D)
@@ -421,23 +437,24 @@ pub mod reference {
         let mut p = vec![0.0; t * t];
         for i in 0..t {
             let qi = &q[((bi * t + i) * hq + h) * hd..][..hd];
-            for j in 0..=i {
+            let n = d.keys(i);
+            for j in 0..n {
                 let kj = &k[((bi * t + j) * hkv + g) * hd..][..hd];
                 p[i * t + j] = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
             }
-            let m = p[i * t..i * t + i + 1]
+            let m = p[i * t..i * t + n]
                 .iter()
                 .cloned()
                 .fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = p[i * t..i * t + i + 1].iter().map(|s| (s - m).exp()).sum();
-            for j in 0..=i {
+            let z: f64 = p[i * t..i * t + n].iter().map(|s| (s - m).exp()).sum();
+            for j in 0..n {
                 p[i * t + j] = (p[i * t + j] - m).exp() / z;
             }
         }
         p
     }
 
-    /// Naive causal GQA attention backward: `(dq, dk, dv)` for upstream `dout`.
+    /// Naive GQA attention backward (causal or not, as `d` says): `(dq, dk, dv)` for upstream `dout`.
     pub fn backward(
         dout: &[f64],
         q: &[f64],
@@ -452,6 +469,7 @@ pub mod reference {
             q_heads: hq,
             kv_heads: hkv,
             head_dim: hd,
+            ..
         } = d;
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         let qi = |bi: usize, i: usize, h: usize| ((bi * t + i) * hq + h) * hd;
@@ -461,15 +479,16 @@ pub mod reference {
                 let g = h / (hq / hkv);
                 let p = probs(q, k, d, scale, bi, h);
                 for i in 0..t {
-                    let dp: Vec<f64> = (0..=i)
+                    let n = d.keys(i);
+                    let dp: Vec<f64> = (0..n)
                         .map(|j| {
                             (0..hd)
                                 .map(|c| dout[qi(bi, i, h) + c] * v[ki(bi, j, g) + c])
                                 .sum()
                         })
                         .collect();
-                    let dot: f64 = (0..=i).map(|j| p[i * t + j] * dp[j]).sum();
-                    for j in 0..=i {
+                    let dot: f64 = (0..n).map(|j| p[i * t + j] * dp[j]).sum();
+                    for j in 0..n {
                         let pij = p[i * t + j];
                         let dsij = pij * (dp[j] - dot);
                         for c in 0..hd {
@@ -484,7 +503,7 @@ pub mod reference {
         (dq, dk, dv)
     }
 
-    /// Naive causal GQA attention.
+    /// Naive GQA attention (causal or not, as `d` says).
     pub fn forward(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, scale: f64) -> Vec<f64> {
         let AttnDims {
             batch: b,
@@ -492,6 +511,7 @@ pub mod reference {
             q_heads: hq,
             kv_heads: hkv,
             head_dim: hd,
+            ..
         } = d;
         let rep = hq / hkv;
         let mut out = vec![0.0; b * t * hq * hd];
@@ -500,7 +520,8 @@ pub mod reference {
                 let g = h / rep;
                 for i in 0..t {
                     let qi = &q[((bi * t + i) * hq + h) * hd..][..hd];
-                    let s: Vec<f64> = (0..=i)
+                    let n = d.keys(i);
+                    let s: Vec<f64> = (0..n)
                         .map(|j| {
                             scale
                                 * qi.iter()
@@ -513,7 +534,7 @@ pub mod reference {
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for c in 0..hd {
-                        out[((bi * t + i) * hq + h) * hd + c] = (0..=i)
+                        out[((bi * t + i) * hq + h) * hd + c] = (0..n)
                             .map(|j| e[j] / z * v[((bi * t + j) * hkv + g) * hd + c])
                             .sum();
                     }

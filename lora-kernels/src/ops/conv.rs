@@ -153,7 +153,7 @@ impl Conv2dDims {
                 return Err(bad(what, "must be at least 1".into()));
             }
         }
-        if d.in_ch % d.groups != 0 || d.out_ch % d.groups != 0 {
+        if !d.in_ch.is_multiple_of(d.groups) || !d.out_ch.is_multiple_of(d.groups) {
             return Err(bad(
                 "groups",
                 format!(
