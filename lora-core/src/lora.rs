@@ -91,6 +91,23 @@ impl LoraConfig {
     }
 }
 
+/// `W <- W + sign * delta` for merge (`+1`) and unmerge (`-1`): nothing is written unless every
+/// new value is finite (the error names `what`).
+pub(crate) fn fold_delta(weight: &Tensor, delta: &[f32], sign: f32, what: &str) -> Result<()> {
+    let new: Vec<f32> = weight
+        .data()
+        .iter()
+        .zip(delta)
+        .map(|(w, d)| w + sign * d)
+        .collect();
+    check_finite(
+        format!("{what}: W {} s*B@A", if sign > 0.0 { "+" } else { "-" }),
+        &new,
+    )?;
+    weight.set_data(new)?;
+    Ok(())
+}
+
 /// A linear layer with a frozen base weight and a trainable low-rank adapter.
 #[derive(Clone, Debug)]
 pub struct LoraLinear {
@@ -263,21 +280,7 @@ impl LoraLinear {
     }
 
     fn apply_delta(&mut self, sign: f32, what: &str) -> Result<()> {
-        let delta = self.delta_weight();
-        let new: Vec<f32> = self
-            .weight
-            .data()
-            .iter()
-            .zip(&delta)
-            .map(|(w, d)| w + sign * d)
-            .collect();
-        // Nothing is written unless every merged value is finite.
-        check_finite(
-            format!("{what}: W {} s*B@A", if sign > 0.0 { "+" } else { "-" }),
-            &new,
-        )?;
-        self.weight.set_data(new)?;
-        Ok(())
+        fold_delta(&self.weight, &self.delta_weight(), sign, what)
     }
 
     /// Folds the adapter into the base weight: `W <- W + s * B @ A` (f32, NaN/inf-checked

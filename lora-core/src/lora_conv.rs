@@ -6,7 +6,7 @@
 //! kohya's LoCon keys hold the same two shapes.
 
 use crate::autograd::Tape;
-use crate::error::{check_finite, CoreError, Result};
+use crate::error::{CoreError, Result};
 use crate::lora::{LoraConfig, LoraInit};
 use crate::ops::{self, Conv2dParams};
 use crate::tensor::Tensor;
@@ -188,17 +188,7 @@ impl LoraConv2d {
     }
 
     fn apply_delta(&mut self, sign: f32, what: &str) -> Result<()> {
-        let delta = self.delta_weight()?;
-        let new: Vec<f32> = self
-            .weight
-            .data()
-            .iter()
-            .zip(&delta)
-            .map(|(w, d)| w + sign * d)
-            .collect();
-        check_finite(format!("{what}: W + s*B A"), &new)?;
-        self.weight.set_data(new)?;
-        Ok(())
+        crate::lora::fold_delta(&self.weight, &self.delta_weight()?, sign, what)
     }
 
     /// Folds the adapter into the base weight: `W <- W + s B A` (checked before writing).
