@@ -183,3 +183,31 @@ proptest! {
         check_adaptive(planes, (h, w), (oh, ow), seed);
     }
 }
+
+/// Zero-sized and absurd windows are named errors, never a panic (or, on CUDA, a read before
+/// the plane).
+#[test]
+fn degenerate_windows_are_errors() {
+    let d = PoolDims {
+        planes: 1,
+        h: 0,
+        w: 0,
+        kernel: (2, 2),
+        stride: (1, 1),
+        padding: (1, 1),
+    };
+    assert!(d
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("nothing to pool"));
+    let d = PoolDims {
+        planes: 1,
+        h: 3,
+        w: 3,
+        kernel: (2, usize::MAX),
+        stride: (1, 1),
+        padding: (1, usize::MAX / 2),
+    };
+    assert!(d.check().is_err());
+}

@@ -55,6 +55,13 @@ fn dims(d: &Conv2dDims) -> Result<(ConvDimsC, usize, usize, usize)> {
         ow: fit(ow)?,
     };
     let k = d.in_ch / d.groups * d.kh * d.kw;
+    // The kernels index within a plane, a row of cols and a padded input row in i32; cuBLAS
+    // takes its dimensions as i32.
+    fit(k)?;
+    fit(oh * ow)?;
+    fit(d.h + 2 * d.padding.0)?;
+    fit(d.w + 2 * d.padding.1)?;
+    fit(d.out_ch)?;
     Ok((c, oh * ow, k, d.out_ch / d.groups))
 }
 

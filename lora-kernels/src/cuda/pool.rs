@@ -43,6 +43,9 @@ impl CudaDevice {
         n: usize,
         args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
     ) -> Result<()> {
+        if n == 0 {
+            return Ok(()); // nothing to compute (a zero-block launch is an error)
+        }
         let mut l = self.stream.launch_builder(self.func(name));
         args(&mut l);
         // SAFETY: every caller pushes the kernel's arguments in the order of its .cu signature,
@@ -184,6 +187,9 @@ impl CudaDevice {
     ) -> Result<()> {
         let total = n * c * p;
         len("batchnorm dy", dy.len(), total)?;
+        for (what, v) in [("mean", mean), ("var", var), ("gamma", gamma)] {
+            len(what, v.len(), c)?;
+        }
         let (ti, ni, ci, pi) = (total as i64, int("n", n)?, int("c", c)?, int("p", p)?);
         if let Some(dx) = dx {
             len("batchnorm dx", dx.len(), total)?;
@@ -198,7 +204,7 @@ impl CudaDevice {
                     .arg(&eps);
             })?;
         }
-        if dgamma.is_none() && dbeta.is_none() {
+        if (dgamma.is_none() && dbeta.is_none()) || c == 0 {
             return Ok(());
         }
         let null = 0u64;

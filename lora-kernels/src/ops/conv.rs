@@ -119,8 +119,9 @@ fn out_extent(
         .checked_mul(k - 1)
         .and_then(|v| v.checked_add(1))
         .ok_or_else(|| bad(what, "kernel extent overflows".into()))?;
-    let padded = size
-        .checked_add(2 * p)
+    let padded = p
+        .checked_mul(2)
+        .and_then(|pp| size.checked_add(pp))
         .ok_or_else(|| bad(what, "padded size overflows".into()))?;
     if padded < span {
         return Err(bad(

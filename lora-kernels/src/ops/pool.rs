@@ -147,6 +147,13 @@ impl PoolDims {
     /// Checks the window and returns `(OH, OW)`.
     pub fn check(&self) -> Result<(usize, usize)> {
         let d = self;
+        if d.h == 0 || d.w == 0 {
+            return Err(invalid(
+                "max_pool2d",
+                "x",
+                format!("a {}x{} input has nothing to pool", d.h, d.w),
+            ));
+        }
         if d.kernel.0 == 0 || d.kernel.1 == 0 || d.stride.0 == 0 || d.stride.1 == 0 {
             return Err(invalid(
                 "max_pool2d",
@@ -154,7 +161,7 @@ impl PoolDims {
                 "kernel and stride must be at least 1",
             ));
         }
-        if 2 * d.padding.0 > d.kernel.0 || 2 * d.padding.1 > d.kernel.1 {
+        if d.padding.0 > d.kernel.0 / 2 || d.padding.1 > d.kernel.1 / 2 {
             return Err(invalid(
                 "max_pool2d",
                 "padding",
@@ -165,7 +172,11 @@ impl PoolDims {
             ));
         }
         let ext = |size: usize, k: usize, s: usize, p: usize| -> Result<usize> {
-            let padded = size + 2 * p;
+            // p <= k / 2 (checked above), so this cannot overflow unless k itself is absurd.
+            let padded = p
+                .checked_mul(2)
+                .and_then(|pp| size.checked_add(pp))
+                .ok_or_else(|| invalid("max_pool2d", "padding", format!("{p} overflows")))?;
             if padded < k {
                 return Err(invalid(
                     "max_pool2d",
