@@ -68,9 +68,16 @@ fn check_max_pool(d: PoolDims, seed: u64) {
     let dy = rand_vec(y.len(), seed ^ 1, 1.0);
     let mut dx = vec![0.0; x.len()];
     pool::max_pool2d_backward(&mut dx, &dy, &x, d).unwrap();
-    // Random values have no ties: the max is differentiable at every window.
-    let fd = fd_grad(&x64, &f64s(&dy), |v| reference::max_pool2d(v, &d));
-    assert_close("max_pool2d dx", &dx, &fd, 1e-5);
+    let dy64 = f64s(&dy);
+    let (want, gap) = reference::max_pool2d_backward(&dy64, &x64, &d);
+    assert_close("max_pool2d dx", &dx, &want, 1e-6);
+    // The definition against finite differences where every window's maximum is clear of its
+    // runner-up by more than the step (a near-tie is a kink the differences straddle).
+    if gap > 1e-3 {
+        let fd = fd_grad(&x64, &dy64, |v| reference::max_pool2d(v, &d));
+        let f32s: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        assert_close("max_pool2d dx oracle", &f32s, &fd, 1e-5);
+    }
 }
 
 fn check_adaptive(planes: usize, hw: (usize, usize), o: (usize, usize), seed: u64) {
@@ -78,12 +85,12 @@ fn check_adaptive(planes: usize, hw: (usize, usize), o: (usize, usize), seed: u6
     let mut y = vec![f32::NAN; planes * o.0 * o.1];
     pool::adaptive_avg_pool2d_forward(&mut y, &x, planes, hw, o).unwrap();
     let x64 = f64s(&x);
-    assert_close(
-        "adaptive_avg_pool2d",
-        &y,
-        &reference::adaptive_avg_pool2d(&x64, planes, hw, o),
-        1e-6,
-    );
+    // A mean of up to 64 terms that may cancel: the f32 error is bounded by about (terms) *
+    // 2^-24 of the mean of |x| over the window, not of the (possibly tiny) result.
+    let abs: Vec<f64> = x64.iter().map(|v| v.abs()).collect();
+    let bound = reference::adaptive_avg_pool2d(&abs, planes, hw, o);
+    let want = reference::adaptive_avg_pool2d(&x64, planes, hw, o);
+    assert_close_bound("adaptive_avg_pool2d", &y, &want, &bound, 1e-5);
     let dy = rand_vec(y.len(), seed ^ 1, 1.0);
     let mut dx = vec![0.0; x.len()];
     pool::adaptive_avg_pool2d_backward(&mut dx, &dy, planes, hw, o).unwrap();

@@ -407,6 +407,44 @@ pub mod reference {
         y
     }
 
+    /// Max pooling's backward by its definition: each output's gradient goes to the first
+    /// maximum of its window (NaN-free inputs). Also returns the smallest gap between a window's
+    /// maximum and its runner-up, below which finite differences straddle the kink.
+    pub fn max_pool2d_backward(dy: &[f64], x: &[f64], d: &PoolDims) -> (Vec<f64>, f64) {
+        let (oh, ow) = d.check().expect("valid dims");
+        let p = d.h * d.w;
+        let mut dx = vec![0.0; x.len()];
+        let mut gap = f64::INFINITY;
+        for q in 0..d.planes {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (mut best, mut second, mut at) = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0);
+                    for i in 0..d.kernel.0 {
+                        for j in 0..d.kernel.1 {
+                            let (yy, xx) = (
+                                (oy * d.stride.0 + i) as isize - d.padding.0 as isize,
+                                (ox * d.stride.1 + j) as isize - d.padding.1 as isize,
+                            );
+                            if yy >= 0 && xx >= 0 && (yy as usize) < d.h && (xx as usize) < d.w {
+                                let idx = q * p + yy as usize * d.w + xx as usize;
+                                if x[idx] > best {
+                                    second = best;
+                                    best = x[idx];
+                                    at = idx;
+                                } else if x[idx] > second {
+                                    second = x[idx];
+                                }
+                            }
+                        }
+                    }
+                    dx[at] += dy[(q * oh + oy) * ow + ox];
+                    gap = gap.min(best - second);
+                }
+            }
+        }
+        (dx, gap)
+    }
+
     /// Adaptive average pooling.
     pub fn adaptive_avg_pool2d(
         x: &[f64],
