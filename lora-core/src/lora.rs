@@ -91,6 +91,26 @@ impl LoraConfig {
     }
 }
 
+/// A's initial values, `rank * fan_in` of them, as `config.init` says (`fan_in`: the input
+/// features of a linear layer, `C * KH * KW` of a convolution).
+pub(crate) fn init_a(config: &LoraConfig, fan_in: usize, seed: u64) -> Vec<f32> {
+    let r = config.rank;
+    let mut rng = Rng::new(seed);
+    match config.init {
+        LoraInit::KaimingUniform => {
+            // kaiming_uniform_(a=sqrt(5)): gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in)
+            let bound = (1.0 / fan_in as f64).sqrt();
+            (0..r * fan_in)
+                .map(|_| rng.uniform_range(-bound, bound) as f32)
+                .collect()
+        }
+        LoraInit::Gaussian => (0..r * fan_in)
+            .map(|_| (rng.normal() / r as f64) as f32)
+            .collect(),
+        LoraInit::Zero => vec![0.0; r * fan_in],
+    }
+}
+
 /// `W <- W + sign * delta` for merge (`+1`) and unmerge (`-1`): nothing is written unless every
 /// new value is finite (the error names `what`).
 pub(crate) fn fold_delta(weight: &Tensor, delta: &[f32], sign: f32, what: &str) -> Result<()> {
@@ -167,20 +187,7 @@ impl LoraLinear {
             }
         }
         let r = config.rank;
-        let mut rng = Rng::new(seed);
-        let a: Vec<f32> = match config.init {
-            LoraInit::KaimingUniform => {
-                // kaiming_uniform_(a=sqrt(5)): gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in)
-                let bound = (1.0 / inp as f64).sqrt();
-                (0..r * inp)
-                    .map(|_| rng.uniform_range(-bound, bound) as f32)
-                    .collect()
-            }
-            LoraInit::Gaussian => (0..r * inp)
-                .map(|_| (rng.normal() / r as f64) as f32)
-                .collect(),
-            LoraInit::Zero => vec![0.0; r * inp],
-        };
+        let a = init_a(config, inp, seed);
         Ok(Self {
             weight,
             layout,

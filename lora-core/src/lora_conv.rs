@@ -7,11 +7,10 @@
 
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
-use crate::lora::{LoraConfig, LoraInit};
+use crate::lora::LoraConfig;
 use crate::ops::{self, Conv2dParams};
 use crate::tensor::Tensor;
 use lora_kernels::gemm::{matmul, Par, Trans};
-use lora_kernels::rng::Rng;
 
 /// A 2-D convolution with a frozen base and a trainable low-rank adapter.
 #[derive(Clone, Debug)]
@@ -94,21 +93,7 @@ impl LoraConv2d {
             ));
         }
         let c = cg * g;
-        let fan_in = c * kh * kw;
-        let mut rng = Rng::new(seed);
-        let a: Vec<f32> = match config.init {
-            // kaiming_uniform_(a=sqrt(5)) on a conv weight: bound = 1 / sqrt(fan_in).
-            LoraInit::KaimingUniform => {
-                let bound = (1.0 / fan_in as f64).sqrt();
-                (0..r * fan_in)
-                    .map(|_| rng.uniform_range(-bound, bound) as f32)
-                    .collect()
-            }
-            LoraInit::Gaussian => (0..r * fan_in)
-                .map(|_| (rng.normal() / r as f64) as f32)
-                .collect(),
-            LoraInit::Zero => vec![0.0; r * fan_in],
-        };
+        let a = crate::lora::init_a(config, c * kh * kw, seed);
         Ok(Self {
             weight,
             bias,

@@ -380,67 +380,50 @@ pub mod reference {
             .collect()
     }
 
-    /// Max pooling (padding never wins).
-    pub fn max_pool2d(x: &[f64], d: &PoolDims) -> Vec<f64> {
+    /// Every output window of max pooling, in output order: the indices (into `x`) of the
+    /// input elements it covers (padding covers none).
+    fn windows(d: &PoolDims) -> impl Iterator<Item = Vec<usize>> + '_ {
         let (oh, ow) = d.check().expect("valid dims");
-        let p = d.h * d.w;
-        let mut y = Vec::with_capacity(d.planes * oh * ow);
-        for q in 0..d.planes {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut m = f64::NEG_INFINITY;
-                    for i in 0..d.kernel.0 {
-                        for j in 0..d.kernel.1 {
-                            let (yy, xx) = (
-                                (oy * d.stride.0 + i) as isize - d.padding.0 as isize,
-                                (ox * d.stride.1 + j) as isize - d.padding.1 as isize,
-                            );
-                            if yy >= 0 && xx >= 0 && (yy as usize) < d.h && (xx as usize) < d.w {
-                                m = m.max(x[q * p + yy as usize * d.w + xx as usize]);
-                            }
-                        }
+        (0..d.planes * oh * ow).map(move |o| {
+            let (q, oy, ox) = (o / (oh * ow), o / ow % oh, o % ow);
+            let mut idx = Vec::new();
+            for i in 0..d.kernel.0 {
+                for j in 0..d.kernel.1 {
+                    let yy = (oy * d.stride.0 + i) as isize - d.padding.0 as isize;
+                    let xx = (ox * d.stride.1 + j) as isize - d.padding.1 as isize;
+                    if yy >= 0 && xx >= 0 && (yy as usize) < d.h && (xx as usize) < d.w {
+                        idx.push(q * d.h * d.w + yy as usize * d.w + xx as usize);
                     }
-                    y.push(m);
                 }
             }
-        }
-        y
+            idx
+        })
+    }
+
+    /// Max pooling (padding never wins).
+    pub fn max_pool2d(x: &[f64], d: &PoolDims) -> Vec<f64> {
+        windows(d)
+            .map(|w| w.iter().fold(f64::NEG_INFINITY, |m, &i| m.max(x[i])))
+            .collect()
     }
 
     /// Max pooling's backward by its definition: each output's gradient goes to the first
     /// maximum of its window (NaN-free inputs). Also returns the smallest gap between a window's
     /// maximum and its runner-up, below which finite differences straddle the kink.
     pub fn max_pool2d_backward(dy: &[f64], x: &[f64], d: &PoolDims) -> (Vec<f64>, f64) {
-        let (oh, ow) = d.check().expect("valid dims");
-        let p = d.h * d.w;
         let mut dx = vec![0.0; x.len()];
         let mut gap = f64::INFINITY;
-        for q in 0..d.planes {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let (mut best, mut second, mut at) = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0);
-                    for i in 0..d.kernel.0 {
-                        for j in 0..d.kernel.1 {
-                            let (yy, xx) = (
-                                (oy * d.stride.0 + i) as isize - d.padding.0 as isize,
-                                (ox * d.stride.1 + j) as isize - d.padding.1 as isize,
-                            );
-                            if yy >= 0 && xx >= 0 && (yy as usize) < d.h && (xx as usize) < d.w {
-                                let idx = q * p + yy as usize * d.w + xx as usize;
-                                if x[idx] > best {
-                                    second = best;
-                                    best = x[idx];
-                                    at = idx;
-                                } else if x[idx] > second {
-                                    second = x[idx];
-                                }
-                            }
-                        }
-                    }
-                    dx[at] += dy[(q * oh + oy) * ow + ox];
-                    gap = gap.min(best - second);
+        for (o, w) in windows(d).enumerate() {
+            let (mut best, mut second, mut at) = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0);
+            for &i in &w {
+                if x[i] > best {
+                    (second, best, at) = (best, x[i], i);
+                } else if x[i] > second {
+                    second = x[i];
                 }
             }
+            dx[at] += dy[o];
+            gap = gap.min(best - second);
         }
         (dx, gap)
     }
