@@ -168,3 +168,16 @@ extern "C" __global__ void narrow_backward(float* dx, const float* dout, long lo
         dx[r * cols + start + j] += dout[i];
     }
 }
+
+// out (batch, n, m) = x (batch, m, n) with the last two dimensions swapped, written or (with
+// acc != 0) added: the twin of ops/slice.rs transpose. One thread per output element, so the
+// writes are coalesced.
+extern "C" __global__ void transpose_last2(float* out, const float* x, long long batch, int m,
+                                           int n, int acc) {
+    FOR_EACH(o, batch * m * n) {
+        long long i = o % m, bj = o / m;
+        long long j = bj % n, b = bj / n;
+        float v = x[(b * m + i) * n + j];
+        out[o] = acc ? out[o] + v : v;
+    }
+}

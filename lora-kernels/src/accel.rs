@@ -270,6 +270,18 @@ pub trait Accel: Send + Sync {
         len: usize,
     ) -> Result<()>;
 
+    /// `x (batch, m, n)` with its last two dimensions swapped into `out (batch, n, m)`,
+    /// written, or added (`accumulate`: the backward).
+    fn transpose(
+        &self,
+        out: &mut DBuf,
+        x: &DBuf,
+        batch: usize,
+        m: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+
     /// The (LoRA) linear layer: `(y, u)` (`u` with an adapter).
     fn linear_forward(
         &self,

@@ -316,6 +316,17 @@ impl Accel for Cpu {
             slice::narrow_backward(hm(out)?, h(x)?, cols, start, len)
         }
     }
+    fn transpose(
+        &self,
+        out: &mut DBuf,
+        x: &DBuf,
+        batch: usize,
+        m: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        slice::transpose(hm(out)?, h(x)?, batch, m, n, accumulate)
+    }
     fn linear_forward(
         &self,
         x: &DBuf,

@@ -513,6 +513,17 @@ impl Accel for CudaDevice {
     ) -> Result<()> {
         CudaDevice::narrow(self, forward, cm(out)?, c(x)?, n, cols, start, len)
     }
+    fn transpose(
+        &self,
+        out: &mut DBuf,
+        x: &DBuf,
+        batch: usize,
+        m: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        CudaDevice::transpose(self, cm(out)?, c(x)?, batch, m, n, accumulate)
+    }
     fn linear_forward(
         &self,
         x: &DBuf,

@@ -288,6 +288,12 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     let mut dn = up(&rand(n * c, 17));
     a.narrow(false, &mut dn, &nr, n, c, 30, 10).unwrap();
     out.push(("narrow bwd".into(), down(&dn)));
+    let mut tr = a.zeros(n * c).unwrap();
+    a.transpose(&mut tr, &x, 1, n, c, false).unwrap();
+    out.push(("transpose".into(), down(&tr)));
+    let mut tb = up(&rand(n * c, 23));
+    a.transpose(&mut tb, &tr, 1, c, n, true).unwrap();
+    out.push(("transpose (acc)".into(), down(&tb)));
 
     // The LoRA linear: 7 tokens, 45 -> 33, rank 3, both layouts, bias, dropout 0.25.
     let (m, rank) = (33usize, 3usize);

@@ -17,7 +17,7 @@ use lora_kernels::ops::elementwise::{self as ew, *};
 use lora_kernels::ops::embedding::{self, embedding_backward, embedding_forward};
 use lora_kernels::ops::norm::{self, *};
 use lora_kernels::ops::rope::{self, rope_backward, rope_forward, rope_inv_freq, rope_tables};
-use lora_kernels::ops::slice::{self, narrow_backward, narrow_forward};
+use lora_kernels::ops::slice::{self, narrow_backward, narrow_forward, transpose};
 use proptest::prelude::*;
 
 /// `max |dout[i, j] * gamma[j]|`.
@@ -33,6 +33,27 @@ fn max_abs_prod(dout: &[f64], gamma: &[f64], c: usize) -> f64 {
 /// what f32 can promise: a few ulp times the condition number `|x g'(x) / g(x)|` of the function
 /// (about 20 at x = -4, 170 at x = -9, where the exponent's own rounding dominates), plus 1e-6.
 /// Both ends stay finite.
+/// A transpose large enough to split across threads, where a thread's rows start inside a
+/// plane and inside a tile (ViT-base's patch planes: 768 channels by 196 patches).
+#[test]
+fn transpose_splits_across_threads() {
+    for (batch, m, n) in [(3, 197, 191), (2, 768, 196), (1, 5, 40_000)] {
+        let x = rand_vec(batch * m * n, 7, 1.0);
+        let mut out = vec![f32::NAN; x.len()];
+        transpose(&mut out, &x, batch, m, n, false).unwrap();
+        assert_close(
+            "transpose",
+            &out,
+            &slice::reference::transpose(&f64s(&x), batch, m, n),
+            0.0,
+        );
+        let mut back = vec![1.0; x.len()];
+        transpose(&mut back, &out, batch, n, m, true).unwrap();
+        let want: Vec<f64> = x.iter().map(|v| *v as f64 + 1.0).collect();
+        assert_close("transpose back", &back, &want, 1e-6);
+    }
+}
+
 #[test]
 fn gelu_keeps_relative_precision_in_the_negative_tail() {
     // The tail oracle equals the definition wherever f64 still resolves the definition.
@@ -228,6 +249,21 @@ proptest! {
         narrow_backward(&mut dx, &dout, cols, start, len).unwrap();
         let fd = fd_grad(&f64s(&x), &f64s(&dout), |v| slice::reference::forward(v, cols, start, len));
         assert_close("narrow dx", &dx, &fd, 1e-5);
+    }
+
+    #[test]
+    fn transpose_last_two(batch in 1usize..4, m in 1usize..75, n in 1usize..75, seed in any::<u64>()) {
+        let x = rand_vec(batch * m * n, seed, 1.0);
+        let mut out = vec![f32::NAN; x.len()];
+        transpose(&mut out, &x, batch, m, n, false).unwrap();
+        assert_close("transpose", &out, &slice::reference::transpose(&f64s(&x), batch, m, n), 0.0);
+        // The backward: the gradient transposed back, added to what the input's buffer held.
+        let prior = rand_vec(x.len(), seed ^ 2, 1.0);
+        let mut dx = prior.clone();
+        transpose(&mut dx, &out, batch, n, m, true).unwrap();
+        let fd = fd_grad(&f64s(&x), &f64s(&out), |v| slice::reference::transpose(v, batch, m, n));
+        let want: Vec<f64> = fd.iter().zip(&prior).map(|(g, p)| g + *p as f64).collect();
+        assert_close("transpose dx", &dx, &want, 1e-5);
     }
 
     #[test]

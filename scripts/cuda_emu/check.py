@@ -201,6 +201,13 @@ def elementwise(k):
     want = dx.astype(np.float64); want[:, start:start + ln] += dd
     k("narrow_backward", g, (256,), dx, dd, rows, cols, start, ln)
     check("narrow_backward", dx, want, 1e-6)
+    b, m, n = 3, 37, 70
+    xs = rnd(b, m, n)
+    o = nan(b, n, m); k("transpose_last2", g, (256,), o, xs, b, m, n, 0)
+    check("transpose_last2", o, xs.transpose(0, 2, 1), 0)
+    acc = rnd(b, n, m); want = acc.astype(np.float64) + xs.transpose(0, 2, 1)
+    k("transpose_last2", g, (256,), acc, xs, b, m, n, 1)
+    check("transpose_last2 (acc)", acc, want, 1e-6)
 
 
 def rows_ops(k):

@@ -13,34 +13,44 @@
 
 mod add;
 mod attention;
+mod concat;
 mod conv2d;
 mod cross_entropy;
 mod embedding;
+mod expand;
 mod layer_norm;
 mod linear;
 mod linear_cross_entropy;
 mod narrow;
 mod pool;
+mod reshape;
 mod rms_norm;
 mod rope;
 mod scale;
+#[cfg(test)]
+mod shape_tests;
 mod swiglu;
+mod transpose;
 mod unary;
 
 pub use add::add;
 pub use attention::{attention, attention_bidirectional};
+pub use concat::concat;
 pub use conv2d::{conv2d, Conv2dParams};
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;
+pub use expand::expand;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, LoraArgs};
 pub use linear_cross_entropy::linear_cross_entropy;
-pub use narrow::narrow;
+pub use narrow::{narrow, narrow_dim};
 pub use pool::{adaptive_avg_pool2d, batch_norm2d, max_pool2d, PoolDims};
+pub use reshape::reshape;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTables};
 pub use scale::scale;
 pub use swiglu::swiglu;
+pub use transpose::transpose;
 pub use unary::{gelu, gelu_erf, relu, silu};
 
 pub(crate) use crate::autograd::Input;

@@ -83,4 +83,41 @@ impl CudaDevice {
         unsafe { lb.launch(cfg) }.map_err(cerr("narrow"))?;
         Ok(())
     }
+
+    /// `out (batch, n, m) = x (batch, m, n)` with the last two dimensions swapped, written or
+    /// (`accumulate`) added: the twin of [`crate::ops::slice::transpose`].
+    pub fn transpose(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        batch: usize,
+        m: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let total = batch
+            .checked_mul(m)
+            .and_then(|v| v.checked_mul(n))
+            .filter(|_| m <= i32::MAX as usize && n <= i32::MAX as usize)
+            .ok_or_else(|| {
+                KernelError::Device(format!("transpose: ({batch}, {m}, {n}) overflows"))
+            })?;
+        if out.len() != total || x.len() != total {
+            return Err(KernelError::Device(format!(
+                "transpose: ({batch}, {m}, {n}) needs {total} values, buffers hold {} and {}",
+                out.len(),
+                x.len()
+            )));
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let (b_i, m_i, n_i, acc) = (batch as i64, m as i32, n as i32, accumulate as i32);
+        let cfg = grid(blocks(total, THREADS as usize).clamp(1, 65535), 1);
+        let mut lb = self.stream.launch_builder(self.func("transpose_last2"));
+        lb.arg(out).arg(x).arg(&b_i).arg(&m_i).arg(&n_i).arg(&acc);
+        // SAFETY: argument types and order match elementwise.cu; lengths checked above.
+        unsafe { lb.launch(cfg) }.map_err(cerr("transpose"))?;
+        Ok(())
+    }
 }

@@ -65,6 +65,7 @@ pub const SOURCES: &[Source] = &[
             "widen_f16",
             "narrow_forward",
             "narrow_backward",
+            "transpose_last2",
         ],
     },
     Source {

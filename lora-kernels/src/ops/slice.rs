@@ -61,8 +61,71 @@ pub fn narrow_backward(
     Ok(())
 }
 
+/// The last two dimensions of `x (batch, m, n)` swapped: `out (batch, n, m)`, written
+/// (`accumulate == false`) or added to `out` (`true`: the backward of a transpose is the
+/// transpose of its gradient, added into the input's). ViT's patch embedding turns the
+/// convolution's `(B, C, P)` planes into `(B, P, C)` tokens this way.
+pub fn transpose(
+    out: &mut [f32],
+    x: &[f32],
+    batch: usize,
+    m: usize,
+    n: usize,
+    accumulate: bool,
+) -> Result<()> {
+    check_len("transpose", "x", x.len(), &[batch, m, n])?;
+    check_len("transpose", "out", out.len(), &[batch, n, m])?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Tiles of `T x T` keep both the reads and the writes within a few cache lines.
+    const T: usize = 32;
+    for_row_blocks(out, m, |row0, blk| {
+        // `blk` holds output rows `row0..`, each `m` long; output row `r` is (b, j) with
+        // `r = b * n + j`, and reads column `j` of `x`'s plane `b`.
+        let rows = blk.len() / m;
+        let mut r = 0;
+        while r < rows {
+            let (b, j0) = ((row0 + r) / n, (row0 + r) % n);
+            let jn = (n - j0).min(rows - r).min(T);
+            let plane = &x[b * m * n..(b + 1) * m * n];
+            for i0 in (0..m).step_by(T) {
+                let im = (i0 + T).min(m);
+                for dj in 0..jn {
+                    let orow = &mut blk[(r + dj) * m..(r + dj + 1) * m];
+                    let j = j0 + dj;
+                    if accumulate {
+                        for i in i0..im {
+                            orow[i] += plane[i * n + j];
+                        }
+                    } else {
+                        for i in i0..im {
+                            orow[i] = plane[i * n + j];
+                        }
+                    }
+                }
+            }
+            r += jn;
+        }
+    });
+    Ok(())
+}
+
 /// `f64` oracle.
 pub mod reference {
+    /// `(batch, m, n)` to `(batch, n, m)`.
+    pub fn transpose(x: &[f64], batch: usize, m: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0.0; batch * m * n];
+        for b in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    out[(b * n + j) * m + i] = x[(b * m + i) * n + j];
+                }
+            }
+        }
+        out
+    }
+
     /// Column slice.
     pub fn forward(x: &[f64], cols: usize, start: usize, len: usize) -> Vec<f64> {
         x.chunks(cols)
