@@ -52,25 +52,25 @@ pub fn read_json(path: &Path) -> Result<Value> {
 /// built from two such sizes fit in 64 bits.
 pub const MAX_SIZE: usize = 1 << 31;
 
-struct Fields<'a> {
-    path: &'a Path,
-    v: &'a Value,
+pub(crate) struct Fields<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) v: &'a Value,
 }
 
 impl Fields<'_> {
-    fn err(&self, field: &str, reason: impl Into<String>) -> IoError {
+    pub(crate) fn err(&self, field: &str, reason: impl Into<String>) -> IoError {
         IoError::Config {
             path: self.path.into(),
             field: field.into(),
             reason: reason.into(),
         }
     }
-    fn get(&self, field: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, field: &str) -> Option<&Value> {
         self.v.get(field).filter(|x| !x.is_null())
     }
     /// A size: a non-negative integer of at most [`MAX_SIZE`] (so that products of two sizes,
     /// as shapes need, cannot overflow; the tensors then decide what is real).
-    fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
+    pub(crate) fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
         match self.get(field) {
             None => default.ok_or_else(|| self.err(field, "missing")),
             Some(x) => match x.as_u64() {
@@ -83,14 +83,14 @@ impl Fields<'_> {
             },
         }
     }
-    fn usize(&self, field: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, field: &str) -> Result<usize> {
         let n = self.usize_or(field, None)?;
         if n == 0 {
             return Err(self.err(field, "must be at least 1"));
         }
         Ok(n)
     }
-    fn f32_or(&self, field: &str, default: f32) -> Result<f32> {
+    pub(crate) fn f32_or(&self, field: &str, default: f32) -> Result<f32> {
         match self.get(field) {
             None => Ok(default),
             Some(x) => x
@@ -100,14 +100,14 @@ impl Fields<'_> {
         }
     }
     /// A number that must be finite and positive (an epsilon).
-    fn positive_f32_or(&self, field: &str, default: f32) -> Result<f32> {
+    pub(crate) fn positive_f32_or(&self, field: &str, default: f32) -> Result<f32> {
         let x = self.f32_or(field, default)?;
         if !(x.is_finite() && x > 0.0) {
             return Err(self.err(field, format!("must be a positive number, got {x}")));
         }
         Ok(x)
     }
-    fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
+    pub(crate) fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
             Some(x) => x
@@ -115,7 +115,7 @@ impl Fields<'_> {
                 .ok_or_else(|| self.err(field, format!("expected true or false, got {x}"))),
         }
     }
-    fn str_or<'b>(&'b self, field: &str, default: &'b str) -> Result<&'b str> {
+    pub(crate) fn str_or<'b>(&'b self, field: &str, default: &'b str) -> Result<&'b str> {
         match self.get(field) {
             None => Ok(default),
             Some(x) => x
@@ -431,6 +431,18 @@ impl Weights {
             key: key.into(),
         })?;
         self.files[i].raw_bytes(key)
+    }
+
+    /// Whether the checkpoint holds `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.map.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
     }
 
     /// Loads `key` as a frozen f32 tensor of shape `expected`.

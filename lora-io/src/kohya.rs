@@ -297,6 +297,7 @@ impl KohyaLora {
             fan_in_fan_out: false,
             base_model_name_or_path: None,
             task_type: None,
+            modules_to_save: Vec::new(),
         };
         std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
         let mut tensors = Vec::new();

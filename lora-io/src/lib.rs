@@ -4,7 +4,8 @@
 //! - [`hf`]: Hugging Face model directories (`config.json`, single or sharded safetensors) into
 //!   a [`lora_core::models::CausalLm`];
 //! - [`peft`]: PEFT adapter configs, injection with PEFT's module-matching rules, adapter weights;
-//! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate (pure Rust, no network).
+//! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate (pure Rust, no network);
+//! - [`vision`]: image classifiers (ViT, ResNet) and their adapters (conv LoRA, trained heads).
 //!
 //! Every error names the file, and where it applies the tensor key or config field.
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod outdir;
 pub mod peft;
 pub mod safetensors;
 pub mod tokenizer;
+pub mod vision;
 pub mod write;
 
 pub use error::{IoError, Result};

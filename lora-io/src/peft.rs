@@ -55,7 +55,7 @@ impl Targets {
         })
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Targets::List(l) => format!("{l:?}"),
             Targets::Regex(r) => format!("regex `{r}`"),
@@ -167,6 +167,9 @@ pub struct PeftConfig {
     pub base_model_name_or_path: Option<String>,
     /// `task_type` (e.g. `CAUSAL_LM`)
     pub task_type: Option<String>,
+    /// `modules_to_save`: modules trained in full and saved with the adapter (supported for an
+    /// image classifier's head; a language model's adapter with any is refused).
+    pub modules_to_save: Vec<String>,
 }
 
 impl PeftConfig {
@@ -187,6 +190,7 @@ impl PeftConfig {
             fan_in_fan_out: false,
             base_model_name_or_path: None,
             task_type: None,
+            modules_to_save: Vec::new(),
         }
     }
 
@@ -232,8 +236,29 @@ impl PeftConfig {
         }
         // Variants whose tensors or math we do not implement: refused when set, rather than an
         // adapter that loads and computes something else.
+        let modules_to_save = match get("modules_to_save") {
+            Value::Null => Vec::new(),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| {
+                    x.as_str().map(str::to_string).ok_or_else(|| {
+                        cfg_err(
+                            path,
+                            "modules_to_save",
+                            format!("expected module names, got {x}"),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
+            other => {
+                return Err(cfg_err(
+                    path,
+                    "modules_to_save",
+                    format!("expected a list of module names, got {other}"),
+                ))
+            }
+        };
         for k in [
-            "modules_to_save",
             "target_parameters",
             "trainable_token_indices",
             "layer_replication",
@@ -370,6 +395,7 @@ impl PeftConfig {
             fan_in_fan_out: flag("fan_in_fan_out")?,
             base_model_name_or_path: get("base_model_name_or_path").as_str().map(String::from),
             task_type: get("task_type").as_str().map(String::from),
+            modules_to_save,
         })
     }
 
@@ -504,6 +530,17 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<PeftConfig> 
         });
     }
     let cfg = PeftConfig::load(dir)?;
+    if !cfg.modules_to_save.is_empty() {
+        return Err(cfg_err(
+            &dir.join("adapter_config.json"),
+            "modules_to_save",
+            format!(
+                "{:?}: modules trained in full are supported for image classifiers' heads, not \
+                 for language models yet",
+                cfg.modules_to_save
+            ),
+        ));
+    }
     let st = dir.join("adapter_model.safetensors");
     if !st.exists() {
         let bin = dir.join("adapter_model.bin");
@@ -646,7 +683,14 @@ pub fn config_json(cfg: &PeftConfig, adapted: &[String], fan_in_fan_out: bool) -
         ("lora_alpha", number(cfg.lora_alpha as f64)),
         ("lora_bias", Value::from(false)),
         ("lora_dropout", Value::from(cfg.lora_dropout as f64)),
-        ("modules_to_save", Value::Null),
+        (
+            "modules_to_save",
+            if cfg.modules_to_save.is_empty() {
+                Value::Null
+            } else {
+                Value::from(cfg.modules_to_save.clone())
+            },
+        ),
         ("peft_type", Value::from("LORA")),
         ("r", Value::from(cfg.r)),
         (
@@ -705,7 +749,6 @@ pub fn save_adapter(model: &dyn CausalLm, cfg: &PeftConfig, dir: &Path) -> Resul
 /// # Ok(()) }
 /// ```
 pub fn save_layers(layers: &[(String, &LoraLinear)], cfg: &PeftConfig, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
     let mut adapted = Vec::new();
     let mut fan_in_fan_out = false;
     let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
@@ -726,6 +769,17 @@ pub fn save_layers(layers: &[(String, &LoraLinear)], cfg: &PeftConfig, dir: &Pat
             available: "the model has no adapters to save".into(),
         });
     }
+    write_adapter(dir, &config_json(cfg, &adapted, fan_in_fan_out), &data)
+}
+
+/// Writes an adapter directory: `adapter_model.safetensors` (f32 tensors `(key, shape,
+/// values)`) and `adapter_config.json` (`json`), each atomically; `dir` is created if needed.
+pub(crate) fn write_adapter(
+    dir: &Path,
+    json: &Value,
+    data: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
     let tensors: Vec<crate::write::OutTensor> = data
         .iter()
         .map(|(n, s, v)| crate::write::OutTensor {
@@ -739,7 +793,6 @@ pub fn save_layers(layers: &[(String, &LoraLinear)], cfg: &PeftConfig, dir: &Pat
         .into_iter()
         .collect();
     crate::write::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, meta)?;
-    let json = config_json(cfg, &adapted, fan_in_fan_out);
-    let text = serde_json::to_string_pretty(&json).expect("a JSON value always serialises");
+    let text = serde_json::to_string_pretty(json).expect("a JSON value always serialises");
     crate::write::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
 }

@@ -1,21 +1,27 @@
-//! Transformer architectures built from the differentiable ops: GPT-2 and the Llama family
-//! (Llama, Mistral, Qwen2). Module paths are the transformers ones, so a PEFT
+//! Architectures built from the differentiable ops: GPT-2 and the Llama family (Llama,
+//! Mistral, Qwen2) for text; ViT and ResNet for images. Module paths are the transformers ones, so a PEFT
 //! `target_modules` list means the same thing here.
 //!
 //! Models are built from a weight loader (`FnMut(name, shape) -> Tensor`), which keeps this crate
 //! free of file formats: `lora-io` supplies the loader for a Hugging Face directory.
 
+pub mod conv;
 pub mod generate;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
+pub mod resnet;
+pub mod vision;
+pub mod vit;
 
 use crate::autograd::Tape;
 use crate::error::Result;
 use crate::lora::WeightLayout;
 use crate::ops;
 use crate::tensor::Tensor;
+pub use conv::Conv;
 pub use linear::Linear;
+pub use vision::{ClassifierHead, ImageClassifier};
 
 /// A causal language model with named linear layers that adapters can be injected into.
 pub trait CausalLm {

@@ -219,6 +219,7 @@ impl TrainConfig {
             fan_in_fan_out: false,
             base_model_name_or_path: Some(self.model.to_string_lossy().to_string()),
             task_type: Some("CAUSAL_LM".into()),
+            modules_to_save: Vec::new(),
         }
     }
 }
