@@ -104,6 +104,14 @@ pub enum IoError {
         /// What failed.
         reason: String,
     },
+    /// An image file could not be decoded (or is larger than allowed).
+    #[error("{path}: image: {reason}")]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
     /// Error from the tensor layer.
     #[error(transparent)]
     Core(#[from] CoreError),

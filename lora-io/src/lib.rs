@@ -16,6 +16,7 @@ pub mod combine;
 pub mod error;
 pub mod files;
 pub mod hf;
+pub mod images;
 pub mod inspect;
 pub mod kohya;
 pub mod merge;

@@ -1,0 +1,69 @@
+//! Image decoding and preprocessing against PIL and transformers' image processors (fixtures
+//! written by `fixtures/parity/make_images.py`): PNG decodes to PIL's `convert("RGB")` bytes
+//! exactly (gray + alpha included), JPEG within PIL's (libjpeg) decoder's rounding, and the
+//! processors' `pixel_values` (ViT's exact resize, bilinear and bicubic, down and up;
+//! ConvNeXT/ResNet's shortest-edge resize and center crop) from the same bytes equal to f32
+//! rounding: the resampling reproduces Pillow 13's 8-bit arithmetic and pass order exactly.
+
+use lora_io::images::{ImageProcessor, Rgb8};
+use lora_io::safetensors::SafetensorsFile;
+use std::path::PathBuf;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity/images")
+}
+
+fn reference() -> SafetensorsFile {
+    SafetensorsFile::open(dir().join("reference.safetensors")).unwrap()
+}
+
+#[test]
+fn decoding_matches_pil() {
+    let r = reference();
+    for name in ["wide.png", "tall.png", "gray_alpha.png", "photo.jpg"] {
+        let img = Rgb8::open(&dir().join(name)).unwrap();
+        let (want, shape) = r.read_f32(&format!("rgb.{name}")).unwrap();
+        assert_eq!(shape, [img.height, img.width, 3], "{name}");
+        let worst = img
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f32 - b).abs())
+            .fold(0.0f32, f32::max);
+        // PNG is lossless; two JPEG decoders may round the IDCT and chroma upsampling
+        // differently (5 levels at most on this file with image 0.25's decoder).
+        let bound = if name.ends_with(".png") { 0.0 } else { 8.0 };
+        assert!(worst <= bound, "{name}: differs by {worst} levels");
+    }
+}
+
+#[test]
+fn processors_match_transformers() {
+    let r = reference();
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir().join("cases.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for case in cases.as_array().unwrap() {
+        let key = case["key"].as_str().unwrap();
+        let image = case["image"].as_str().unwrap();
+        let defaults = if case["processor"].as_str().unwrap().starts_with("ConvNext") {
+            ImageProcessor::convnext(224)
+        } else {
+            ImageProcessor::vit(224, 224)
+        };
+        let p = ImageProcessor::from_json(std::path::Path::new(key), &case["config"], &defaults)
+            .unwrap();
+        // The processor's input: PIL's RGB bytes (so a JPEG decoder's rounding is not counted).
+        let (rgb, s) = r.read_f32(&format!("rgb.{image}")).unwrap();
+        let img = Rgb8::new(s[0], s[1], rgb.iter().map(|&v| v as u8).collect()).unwrap();
+        let (got, h, w) = p.pixels(&img);
+        let (want, ws) = r.read_f32(key).unwrap();
+        assert_eq!(ws, [3, h, w], "{key}: shape");
+        // The same 8-bit pixels, normalised the same way: only f32 rounding may differ.
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "{key}: value {i} is {a}, transformers {b}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 12);
+}
