@@ -26,6 +26,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Continue a prompt (greedy at temperature 0), with a KV cache.
     Generate(GenerateArgs),
+    /// Classify an image with an image classifier (and adapter): the top classes.
+    Predict(PredictArgs),
     /// Fold an adapter into its base model and write a complete model directory.
     Merge(MergeArgs),
     /// Show what a model directory, an adapter directory or a safetensors file holds.
@@ -171,17 +173,20 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f32,
     /// Modules to adapt: comma-separated names (exact or dotted suffix), a regex, or all-linear.
-    #[arg(long, default_value = "all-linear")]
-    pub target: String,
+    /// Default: all-linear for language models; q_proj,v_proj for ViT (PEFT's
+    /// image-classification recipe; the original names query,value also work); every
+    /// convolution for ResNet.
+    #[arg(long)]
+    pub target: Option<String>,
     /// Dropout on the adapter input.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f32,
     /// rsLoRA scaling (alpha / sqrt(rank)).
     #[arg(long)]
     pub rslora: bool,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f32,
+    /// Peak learning rate (default 2e-4 for language models, 5e-3 for image classification).
+    #[arg(long)]
+    pub lr: Option<f32>,
     /// LoRA+: learning-rate ratio of B to A.
     #[arg(long, default_value_t = 1.0)]
     pub loraplus_ratio: f32,
@@ -195,9 +200,10 @@ pub struct TrainArgs {
     /// Default: 256, or the model's maximum when it has fewer positions.
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Optimizer steps (with --resume, a larger number extends a run).
-    #[arg(long, default_value_t = 100)]
-    pub steps: usize,
+    /// Optimizer steps (with --resume, a larger number extends a run). Default 100; image
+    /// classification trains for --epochs instead.
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Train for this many passes over the data instead of --steps.
     #[arg(long, conflicts_with = "steps")]
     pub epochs: Option<f32>,
@@ -284,6 +290,25 @@ pub struct TrainArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// What to train: auto (from config.json's model type and architectures), causal-lm or
+    /// image-classification.
+    #[arg(long, default_value = "auto")]
+    pub task: String,
+    /// Image tasks: the image processor's target size (ViT: must be the config's image_size;
+    /// ResNet: the shortest edge, center-cropped), instead of preprocessor_config.json's.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Image tasks: no random horizontal flips.
+    #[arg(long)]
+    pub no_flip: bool,
+    /// Image tasks: scale jitter, the smallest side fraction of the random crop taken before
+    /// resizing (1 = off).
+    #[arg(long, default_value_t = 0.8)]
+    pub scale_jitter: f32,
+    /// Image tasks: modules trained in full and saved with the adapter (PEFT's
+    /// modules_to_save), comma-separated. Default: the classification head.
+    #[arg(long)]
+    pub modules_to_save: Option<String>,
 }
 
 #[derive(Args)]
@@ -326,6 +351,21 @@ pub struct EvalArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print one JSON object: {"loss", "perplexity", "tokens", "examples"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The image (JPEG or PNG).
+    #[arg(long)]
+    pub image: std::path::PathBuf,
+    /// How many classes to print, most likely first.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// Print one JSON object: {"predictions": [{"label", "id", "score"}]}.
     #[arg(long)]
     pub json: bool,
 }

@@ -14,6 +14,9 @@ pub fn command(mut a: EvalArgs) -> Result<()> {
     if !a.json && device != lora_core::Device::Cpu {
         outln!("{note}");
     }
+    if crate::vision::is_image_task(&a.model.model, "auto")? {
+        return crate::vision::eval(&a, device);
+    }
     run_eval(&EvalRun {
         model: a.model.model,
         adapter: a.model.adapter,

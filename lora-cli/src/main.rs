@@ -33,6 +33,7 @@ mod merge;
 mod model;
 mod train;
 mod train_bench;
+mod vision;
 
 use anyhow::Result;
 use args::{Cli, Command};
@@ -107,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::command(a),
         Command::Eval(a) => eval::command(a),
         Command::Generate(a) => generate::command(a),
+        Command::Predict(a) => vision::predict(a),
         Command::Merge(a) => merge::command(a),
         Command::Inspect(a) => inspect::command(a),
         Command::Convert(a) => convert::command(a),

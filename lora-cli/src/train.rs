@@ -11,6 +11,9 @@ use anyhow::{Context, Result};
 pub fn command(mut a: TrainArgs) -> Result<()> {
     a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
     let (device, note) = resolve_device(&a.device)?;
+    if crate::vision::is_image_task(&a.model, &a.task)? {
+        return crate::vision::train(a, device, &note);
+    }
     // `--device auto --tf32` stays portable: on a machine without a GPU the flag has
     // nothing to act on and says so; `--device cpu --tf32` is a contradiction (error).
     let tf32 = a.tf32 && !(a.device == "auto" && device == lora_core::Device::Cpu);
@@ -56,15 +59,15 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
         out: a.out,
         rank: a.rank,
         alpha: a.alpha,
-        target: a.target,
+        target: a.target.unwrap_or_else(|| "all-linear".into()),
         dropout: a.dropout,
         rslora: a.rslora,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(2e-4),
         loraplus_ratio: a.loraplus_ratio,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         seq_len,
-        steps: a.steps,
+        steps: a.steps.unwrap_or(100),
         epochs: a.epochs,
         warmup: a.warmup,
         schedule,
@@ -102,13 +105,14 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
 }
 
 /// Set by SIGINT, SIGTERM or SIGHUP; the training loop checkpoints and stops after the current step.
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// The signal that set [`STOP`] (the exit status is 128 + it, as a shell reports a signal).
 static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Set once the first step has finished: before that there is nothing to checkpoint, and a
 /// signal ends the process at once (loading can take minutes).
-static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static STARTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     if !STARTED.load(std::sync::atomic::Ordering::SeqCst) {
@@ -122,6 +126,23 @@ extern "C" fn on_signal(sig: libc::c_int) {
         unsafe { libc::_exit(128 + sig) };
     }
     SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A signal that came after the last step: the run finished, and exits as finished.
+pub(crate) fn clear_signal() {
+    SIGNAL.store(0, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// SIGINT, SIGTERM and SIGHUP set [`STOP`] (before the first step they end the process).
+pub(crate) fn install_signal_handlers() {
+    // SAFETY: installs handlers that only touch atomics (and _exit on a second signal).
+    #[cfg(unix)]
+    unsafe {
+        // SIGHUP too: a closed terminal or dropped SSH session keeps the work done so far.
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
 }
 
 /// The exit status a run stopped by a signal ends with (130 for SIGINT, 143 for SIGTERM, 129
@@ -173,14 +194,7 @@ pub fn run_train_report(
 ) -> Result<(lora_train::run::TrainSummary, serde_json::Value)> {
     use lora_train::run::Event;
     let json = report != Report::Human;
-    // SAFETY: installs handlers that only touch atomics (and _exit on a second signal).
-    #[cfg(unix)]
-    unsafe {
-        // SIGHUP too: a closed terminal or dropped SSH session keeps the work done so far.
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
+    install_signal_handlers();
     let pool = crate::bench::pool(run.threads)?;
     // A live bar on a terminal; plain lines every `log_every` steps when stdout is a file or
     // a pipe.
@@ -254,8 +268,7 @@ pub fn run_train_report(
         b.finish();
     }
     if !sum.interrupted {
-        // A signal that came after the last step: the run finished, and exits as finished.
-        SIGNAL.store(0, std::sync::atomic::Ordering::SeqCst);
+        clear_signal();
     }
     if sum.interrupted {
         eprintln!(

@@ -175,7 +175,9 @@ fn taps(input: usize, output: usize, filter: Filter) -> Vec<(usize, Vec<i32>)> {
         .map(|o| {
             let center = (o as f64 + 0.5) * scale;
             let lo = ((center - support + 0.5) as isize).max(0) as usize;
-            let hi = ((center + support + 0.5) as isize).min(input as isize).max(0) as usize;
+            let hi = ((center + support + 0.5) as isize)
+                .min(input as isize)
+                .max(0) as usize;
             let mut w: Vec<f64> = (lo..hi)
                 .map(|i| filter.eval((i as f64 - center + 0.5) / filterscale))
                 .collect();
@@ -347,14 +349,23 @@ impl ImageProcessor {
             x.as_u64()
                 .filter(|&n| (1..=MAX_SIDE as u64).contains(&n))
                 .map(|n| n as usize)
-                .ok_or_else(|| err("size", format!("expected a size from 1 to {MAX_SIDE}, got {x}")))
+                .ok_or_else(|| {
+                    err(
+                        "size",
+                        format!("expected a size from 1 to {MAX_SIDE}, got {x}"),
+                    )
+                })
         };
         let mut out = defaults.clone();
         if let Some(t) = get("image_processor_type").and_then(Value::as_str) {
             if !matches!(
                 t,
-                "ViTImageProcessor" | "ViTImageProcessorFast" | "ConvNextImageProcessor"
-                    | "ConvNextImageProcessorFast" | "ViTFeatureExtractor" | "ConvNextFeatureExtractor"
+                "ViTImageProcessor"
+                    | "ViTImageProcessorFast"
+                    | "ConvNextImageProcessor"
+                    | "ConvNextImageProcessorFast"
+                    | "ViTFeatureExtractor"
+                    | "ConvNextFeatureExtractor"
             ) {
                 return Err(err(
                     "image_processor_type",
@@ -367,13 +378,15 @@ impl ImageProcessor {
             Some(x) => Some(
                 x.as_f64()
                     .filter(|c| *c > 0.0 && *c <= 1.0)
-                    .ok_or_else(|| err("crop_pct", format!("expected a number in (0, 1], got {x}")))?
-                    as f32,
+                    .ok_or_else(|| {
+                        err("crop_pct", format!("expected a number in (0, 1], got {x}"))
+                    })? as f32,
             ),
         };
         if let Some(s) = get("size") {
             out.resize = Some(match s {
-                Value::Object(o) => match (o.get("height"), o.get("width"), o.get("shortest_edge")) {
+                Value::Object(o) => match (o.get("height"), o.get("width"), o.get("shortest_edge"))
+                {
                     (Some(h), Some(w), _) => Resize::Exact(size_of(h)?, size_of(w)?),
                     (_, _, Some(e)) => Resize::ShortestEdgeCrop {
                         edge: size_of(e)?,
@@ -391,7 +404,9 @@ impl ImageProcessor {
                     Resize::Exact(n, n)
                 }
             });
-        } else if let (Some(c), Some(Resize::ShortestEdgeCrop { edge, .. })) = (crop_pct, &out.resize) {
+        } else if let (Some(c), Some(Resize::ShortestEdgeCrop { edge, .. })) =
+            (crop_pct, &out.resize)
+        {
             out.resize = Some(Resize::ShortestEdgeCrop {
                 edge: *edge,
                 crop_pct: c,
@@ -423,8 +438,12 @@ impl ImageProcessor {
             Some(x) => x
                 .as_f64()
                 .filter(|f| f.is_finite() && *f > 0.0)
-                .ok_or_else(|| err("rescale_factor", format!("expected a positive number, got {x}")))?
-                as f32,
+                .ok_or_else(|| {
+                    err(
+                        "rescale_factor",
+                        format!("expected a positive number, got {x}"),
+                    )
+                })? as f32,
         };
         out.rescale = flag("do_rescale", true)?.then_some(rescale);
         let triple = |k: &str, default: [f32; 3]| -> Result<[f32; 3]> {
@@ -441,7 +460,10 @@ impl ImageProcessor {
                     }
                     Ok(t)
                 }
-                Some(x) => Err(err(k, format!("expected 3 numbers (one per channel), got {x}"))),
+                Some(x) => Err(err(
+                    k,
+                    format!("expected 3 numbers (one per channel), got {x}"),
+                )),
             }
         };
         let (m0, s0) = defaults.normalize.unwrap_or(IMAGENET_STANDARD);
@@ -466,9 +488,15 @@ impl ImageProcessor {
                 let short_target = (edge as f64 / *crop_pct as f64) as usize;
                 let (h, w) = (img.height, img.width);
                 let (rh, rw) = if w <= h {
-                    ((short_target as f64 * h as f64 / w as f64) as usize, short_target)
+                    (
+                        (short_target as f64 * h as f64 / w as f64) as usize,
+                        short_target,
+                    )
                 } else {
-                    (short_target, (short_target as f64 * w as f64 / h as f64) as usize)
+                    (
+                        short_target,
+                        (short_target as f64 * w as f64 / h as f64) as usize,
+                    )
                 };
                 let r = resize(img, rh.max(1), rw.max(1), self.filter);
                 center_crop(&r, edge, edge)

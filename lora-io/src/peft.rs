@@ -31,6 +31,24 @@ pub enum Targets {
 }
 
 impl Targets {
+    /// A `--target` flag: `all-linear`, a regex (anything with a regex metacharacter), or a
+    /// comma-separated list of module names.
+    pub fn from_flag(flag: &str) -> Self {
+        let t = flag.trim();
+        if t == "all-linear" {
+            Targets::AllLinear
+        } else if t.chars().any(|c| "\\^$*+?()[]{}|".contains(c)) {
+            Targets::Regex(t.to_string())
+        } else {
+            Targets::List(
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            )
+        }
+    }
+
     fn parse(path: &Path, field: &str, v: &Value) -> Result<Option<Self>> {
         Ok(match v {
             Value::Null => None,

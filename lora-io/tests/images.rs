@@ -61,7 +61,10 @@ fn processors_match_transformers() {
         assert_eq!(ws, [3, h, w], "{key}: shape");
         // The same 8-bit pixels, normalised the same way: only f32 rounding may differ.
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-5, "{key}: value {i} is {a}, transformers {b}");
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "{key}: value {i} is {a}, transformers {b}"
+            );
         }
         checked += 1;
     }

@@ -14,6 +14,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod run;
 pub mod trainer;
+pub mod vision;
 
 use std::path::PathBuf;
 

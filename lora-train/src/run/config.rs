@@ -192,19 +192,7 @@ impl TrainConfig {
     }
 
     pub(super) fn peft(&self) -> PeftConfig {
-        let t = self.target.trim();
-        let targets = if t == "all-linear" {
-            Targets::AllLinear
-        } else if t.chars().any(|c| "\\^$*+?()[]{}|".contains(c)) {
-            Targets::Regex(t.to_string())
-        } else {
-            Targets::List(
-                t.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect(),
-            )
-        };
+        let targets = Targets::from_flag(&self.target);
         PeftConfig {
             r: self.rank,
             lora_alpha: self.alpha,
