@@ -32,6 +32,26 @@ impl Rgb8 {
         })
     }
 
+    /// The `(height, width)` in a JPEG or PNG file's header, checked as [`Rgb8::open`] checks
+    /// it, without decoding the pixels.
+    pub fn probe(path: &Path) -> Result<(usize, usize)> {
+        let reader = image::ImageReader::open(path)
+            .map_err(crate::error::io_err(path))?
+            .with_guessed_format()
+            .map_err(crate::error::io_err(path))?;
+        let (w, h) = reader.into_dimensions().map_err(|e| IoError::Image {
+            path: path.into(),
+            reason: format!("cannot read the header: {e}"),
+        })?;
+        if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+            return Err(IoError::Image {
+                path: path.into(),
+                reason: format!("{w}x{h} pixels: each side must be from 1 to {MAX_SIDE}"),
+            });
+        }
+        Ok((h as usize, w as usize))
+    }
+
     /// Decodes a JPEG or PNG file (grayscale and alpha converted to RGB as PIL's
     /// `convert("RGB")` does). A file that is not an image, a truncated one, or one larger
     /// than [`MAX_SIDE`] on a side is an error naming it.
@@ -44,14 +64,8 @@ impl Rgb8 {
             .map_err(crate::error::io_err(path))?
             .with_guessed_format()
             .map_err(crate::error::io_err(path))?;
-        let (w, h) = reader
-            .into_dimensions()
-            .map_err(|e| err(format!("cannot read the header: {e}")))?;
-        if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
-            return Err(err(format!(
-                "{w}x{h} pixels: each side must be from 1 to {MAX_SIDE}"
-            )));
-        }
+        drop(reader);
+        Self::probe(path)?;
         let mut reader = image::ImageReader::open(path)
             .map_err(crate::error::io_err(path))?
             .with_guessed_format()

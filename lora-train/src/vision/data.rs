@@ -111,6 +111,16 @@ impl ImageFolder {
         })
     }
 
+    /// Reads every image's header (in parallel), so that a file that is not an image is found
+    /// before a run writes anything.
+    pub fn check_headers(&self) -> Result<()> {
+        use rayon::prelude::*;
+        self.items
+            .par_iter()
+            .try_for_each(|(p, _)| Rgb8::probe(p).map(|_| ()))
+            .map_err(Into::into)
+    }
+
     /// This split with its class indices renumbered to `classes` (the training split's): a
     /// class the training split does not have is an error naming it.
     pub fn relabel(mut self, classes: &[String]) -> Result<Self> {

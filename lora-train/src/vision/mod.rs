@@ -357,6 +357,13 @@ pub fn train_vision(
             ("training data (--data)", &cfg.data),
         ],
     )?;
+    if outdir::resolve(out).starts_with(outdir::resolve(&cfg.data)) {
+        return Err(data_err(
+            out,
+            "--out is inside --data: its files would join the image tree (a class folder of \
+             metrics); write the run elsewhere",
+        ));
+    }
     outdir::DirLock::check_free(out)?;
     let found = outdir::inspect_output(
         "--out",
@@ -371,6 +378,10 @@ pub fn train_vision(
         ));
     }
     let (train, val) = find_splits(&cfg.data)?;
+    train.check_headers()?;
+    if let Some(v) = &val {
+        v.check_headers()?;
+    }
     let mut note = |s: &str| on_event(VisionEvent::Note(s));
     if train.skipped > 0 {
         note(&format!(
@@ -437,19 +448,77 @@ pub fn train_vision(
         lr_scale: 1.0,
     }];
     let mut opt: Box<dyn Optimizer> = OptimizerKind::AdamW.build(cfg.weight_decay);
-    let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size);
-    let total = steps_per_epoch * cfg.epochs;
-    let eval = |model: &dyn ImageClassifier| -> Result<Option<EvalReport>> {
-        val.as_ref()
-            .map(|v| evaluate(model, v, &proc, cfg.batch_size, cfg.device))
-            .transpose()
-    };
-    let eval_before = eval(model.as_ref())?;
+    let eval_before = val
+        .as_ref()
+        .map(|v| evaluate(model.as_ref(), v, &proc, cfg.batch_size, cfg.device))
+        .transpose()?;
     if let Some(r) = &eval_before {
         on_event(VisionEvent::Eval(0, r));
     }
-    // Everything checked: the output directory is taken now.
+    // Everything checked: the output directory is taken now. Should the run still fail (an
+    // image that decodes badly past its header, a full disk), what it wrote there goes.
+    let existed = out.exists();
     let _lock = outdir::DirLock::acquire(out)?;
+    let r = run_epochs(
+        cfg,
+        force,
+        found,
+        (model.as_ref(), &md, &peft, &proc),
+        (&train, val.as_ref()),
+        (&groups, &trainable, opt.as_mut()),
+        eval_before,
+        on_event,
+        stop,
+    );
+    if r.is_err() {
+        for f in ["metrics.jsonl", outdir::MARKER] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        if !existed {
+            drop(_lock);
+            let _ = std::fs::remove_dir_all(out);
+        }
+    }
+    let (steps, last_loss, eval_after, images_per_s, interrupted) = r?;
+    Ok(VisionSummary {
+        steps,
+        final_loss: last_loss,
+        eval_before,
+        eval_after,
+        images_per_s,
+        params: (n_train, n_frozen + n_train),
+        interrupted,
+    })
+}
+
+type Run<'a> = (
+    &'a dyn ImageClassifier,
+    &'a VisionModelDir,
+    &'a PeftConfig,
+    &'a ImageProcessor,
+);
+
+/// The epochs, then the adapter and the run's files; `(steps, last loss, last eval, images/s,
+/// interrupted)`.
+#[allow(clippy::too_many_arguments)]
+fn run_epochs(
+    cfg: &VisionTrainConfig,
+    force: bool,
+    found: Existing,
+    (model, md, peft, proc): Run,
+    (train, val): (&ImageFolder, Option<&ImageFolder>),
+    (groups, trainable, opt): (&[ParamGroup], &[Tensor], &mut dyn Optimizer),
+    eval_before: Option<EvalReport>,
+    on_event: &mut dyn FnMut(VisionEvent),
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(usize, f32, Option<EvalReport>, f64, bool)> {
+    let out = &cfg.out;
+    let eval = |model: &dyn ImageClassifier| -> Result<Option<EvalReport>> {
+        val.map(|v| evaluate(model, v, proc, cfg.batch_size, cfg.device))
+            .transpose()
+    };
+    let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size);
+    let total = steps_per_epoch * cfg.epochs;
     if force {
         if let Existing::Ours(entries) = found {
             outdir::remove_owned(&entries)?;
@@ -479,7 +548,7 @@ pub fn train_vision(
             let key = |i: usize| {
                 lora_kernels::rng::splitmix64(seed ^ ((epoch as u64) << 40) ^ idx[i] as u64)
             };
-            let (px, shape, labels) = load_batch(&refs, &proc, &cfg.augment, &key)?;
+            let (px, shape, labels) = load_batch(&refs, proc, &cfg.augment, &key)?;
             let pixels = Tensor::new_on(px, &shape, false, cfg.device)?;
             let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, total);
             let tape = Tape::new(lora_kernels::rng::splitmix64(
@@ -511,7 +580,7 @@ pub fn train_vision(
                     ),
                 ));
             }
-            opt.step(&groups, &grads, lr)?;
+            opt.step(groups, &grads, lr)?;
             step += 1;
             images += refs.len();
             last_loss = l;
@@ -526,7 +595,7 @@ pub fn train_vision(
                 break 'epochs;
             }
         }
-        eval_after = eval(model.as_ref())?;
+        eval_after = eval(model)?;
         if let Some(r) = &eval_after {
             on_event(VisionEvent::Eval(epoch + 1, r));
             line(
@@ -535,23 +604,22 @@ pub fn train_vision(
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    lora_io::vision::save_adapter(model.as_ref(), &peft, out)?;
-    let text = serde_json::to_string_pretty(&labelled_config(&md)?).expect("serialises");
+    lora_io::vision::save_adapter(model, peft, out)?;
+    let text = serde_json::to_string_pretty(&labelled_config(md)?).expect("serialises");
     write_atomic(&out.join("config.json"), text.as_bytes())?;
     let text =
-        serde_json::to_string_pretty(&processor_json(&proc, &md.config.arch)).expect("serialises");
+        serde_json::to_string_pretty(&processor_json(proc, &md.config.arch)).expect("serialises");
     write_atomic(&out.join("preprocessor_config.json"), text.as_bytes())?;
     let (tp, ep) = crate::plot::read_metrics(&mpath)?;
     crate::plot::write_loss_svg(&out.join("loss.svg"), &tp, &ep)?;
-    Ok(VisionSummary {
-        steps: step,
-        final_loss: last_loss,
-        eval_before,
-        eval_after: if interrupted { None } else { eval_after },
-        images_per_s: images as f64 / seconds.max(1e-9),
-        params: (n_train, n_frozen + n_train),
+    let eval_after = if interrupted { None } else { eval_after };
+    Ok((
+        step,
+        last_loss,
+        eval_after,
+        images as f64 / seconds.max(1e-9),
         interrupted,
-    })
+    ))
 }
 
 /// A classifier with an adapter from a training output (or any PEFT adapter directory): the
