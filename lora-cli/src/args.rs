@@ -408,6 +408,39 @@ pub enum BenchCommand {
     /// random weights (default: GPT-2 small, r=8 on c_attn, batch 4 x 256): median step time,
     /// tokens/s, peak memory.
     Train(TrainBenchArgs),
+    /// One LoRA training step of an image model with random weights: ViT-base (default: batch
+    /// 16 at 224x224, r16 on q_proj/v_proj, the head trained in full) or, with --arch conv, one
+    /// conv LoRA layer (forward + backward): median time, images/s, peak memory.
+    Vision(VisionBenchArgs),
+}
+
+#[derive(Args)]
+pub struct VisionBenchArgs {
+    /// vit (a ViT-base-shaped classifier) or conv (a 3x3 convolution 256 -> 256 with LoRA, a
+    /// ResNet-50 stage-1 shape).
+    #[arg(long, default_value = "vit")]
+    pub arch: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Image side (vit) or feature-map side (conv).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Transformer blocks (vit).
+    #[arg(long, default_value_t = 12)]
+    pub layers: usize,
+    /// Timed steps (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Worker threads.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

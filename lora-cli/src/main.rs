@@ -34,6 +34,7 @@ mod model;
 mod train;
 mod train_bench;
 mod vision;
+mod vision_bench;
 
 use anyhow::Result;
 use args::{Cli, Command};

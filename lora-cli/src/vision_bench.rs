@@ -1,0 +1,156 @@
+//! `lora bench vision`: one LoRA training step of a ViT-base-shaped classifier (random weights,
+//! no download; LoRA on q_proj and v_proj, the head trained in full as PEFT's
+//! `modules_to_save`), or one conv LoRA layer: median step time, images/s, peak resident memory.
+//! `benches/compare_vision_peft.py` times the same in PyTorch + PEFT.
+
+use crate::args::VisionBenchArgs;
+use anyhow::Result;
+use lora_core::lora::{LoraConfig, LoraInit};
+use lora_core::models::vit::{Activation, Vit, VitConfig};
+use lora_core::models::ImageClassifier;
+use lora_core::ops::Conv2dParams;
+use lora_core::{CoreError, Gradients, LoraConv2d, Tape, Tensor};
+use lora_kernels::rng::Rng;
+use lora_train::optim::{clip_grad_norm, AdamW, Optimizer, ParamGroup};
+use std::time::Instant;
+
+fn random(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+}
+
+/// Runs the benchmark `a` at image (or feature-map) side `size`.
+pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
+    let mut rng = Rng::new(0);
+    let lora = LoraConfig {
+        rank: a.rank,
+        alpha: a.rank as f32,
+        use_rslora: false,
+        dropout: 0.0,
+        init: LoraInit::KaimingUniform,
+    };
+    let (what, params, step): (String, Vec<Tensor>, Box<dyn Fn(u64) -> Result<Gradients>>) = match a
+        .arch
+        .as_str()
+    {
+        "vit" => {
+            anyhow::ensure!(size % 16 == 0, "--size must be a multiple of the patch size 16");
+            let cfg = VitConfig {
+                hidden_size: 768,
+                num_hidden_layers: a.layers,
+                num_attention_heads: 12,
+                intermediate_size: 3072,
+                hidden_act: Activation::GeluErf,
+                layer_norm_eps: 1e-12,
+                image_size: (size, size),
+                patch_size: (16, 16),
+                num_channels: 3,
+                qkv_bias: true,
+                num_labels: 10,
+            };
+            let mut load = |_: &str, shape: &[usize]| -> std::result::Result<Tensor, CoreError> {
+                let n: usize = shape.iter().product();
+                Tensor::new(random(&mut rng, n, 0.02), shape)
+            };
+            let mut m = Vit::load(&cfg, &mut load)?;
+            for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
+                if name.ends_with("q_proj") || name.ends_with("v_proj") {
+                    lin.inject(&lora, i as u64)?;
+                    if let Some(l) = lin.lora() {
+                        let n = l.lora_b.numel();
+                        l.lora_b
+                            .set_data((0..n).map(|k| ((k % 7) as f32 - 3.0) * 1e-3).collect())?;
+                    }
+                }
+            }
+            m.head_mut().train_in_full()?;
+            let params = lora_io::vision::adapter_tensors(&m)
+                .into_iter()
+                .map(|(_, t)| t.clone())
+                .collect();
+            let pixels = Tensor::new(random(&mut rng, a.batch * 3 * size * size, 1.0), &[a.batch, 3, size, size])?;
+            let labels: Vec<i64> = (0..a.batch as i64).map(|i| i % 10).collect();
+            let what = format!(
+                "ViT-base shape ({} layers, 768 hidden, patch 16, {size}x{size}); LoRA r{} on q_proj, v_proj; head trained",
+                a.layers, a.rank
+            );
+            (
+                what,
+                params,
+                Box::new(move |seed| {
+                    let tape = Tape::new(seed);
+                    let loss = m.loss(&tape, &pixels, &labels, true)?;
+                    Ok(tape.backward(&loss)?)
+                }),
+            )
+        }
+        "conv" => {
+            let c = 256;
+            let w = Tensor::new(random(&mut rng, c * c * 9, 0.02), &[c, c, 3, 3])?;
+            let p = Conv2dParams {
+                padding: (1, 1),
+                ..Conv2dParams::default()
+            };
+            let layer = LoraConv2d::new(w, None, p, &lora, 0)?;
+            let n = layer.lora_b.numel();
+            layer
+                .lora_b
+                .set_data((0..n).map(|k| ((k % 7) as f32 - 3.0) * 1e-3).collect())?;
+            let params = vec![layer.lora_a.clone(), layer.lora_b.clone()];
+            let x = Tensor::new(random(&mut rng, a.batch * c * size * size, 1.0), &[a.batch, c, size, size])?;
+            let dy = random(&mut rng, a.batch * c * size * size, 1.0);
+            let what = format!(
+                "conv LoRA 3x3, 256 -> 256 channels, {size}x{size}, r{}; forward + backward of A and B",
+                a.rank
+            );
+            (
+                what,
+                params,
+                Box::new(move |seed| {
+                    let tape = Tape::new(seed);
+                    let y = layer.forward(&tape, &x)?;
+                    Ok(tape.backward_with(&y, &dy)?)
+                }),
+            )
+        }
+        other => anyhow::bail!("--arch must be vit or conv, got `{other}`"),
+    };
+    let groups = vec![ParamGroup {
+        params: params.clone(),
+        lr_scale: 1.0,
+    }];
+    let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
+    let mut full_step = |s: u64| -> Result<()> {
+        let mut g = step(s)?;
+        if a.arch == "vit" {
+            clip_grad_norm(&mut g, &params, 1.0)?;
+        }
+        opt.step(&groups, &g, 1e-4)?;
+        Ok(())
+    };
+    full_step(0)?;
+    let mut times = Vec::new();
+    for s in 0..a.steps {
+        let t = Instant::now();
+        full_step(s as u64 + 1)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let med = crate::bench::median(&mut times);
+    let ips = a.batch as f64 / med;
+    let rss = crate::train_bench::peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::json!({"arch": a.arch, "batch": a.batch, "size": size, "rank": a.rank, "layers": a.layers,
+                "threads": rayon::current_num_threads(), "steps": a.steps, "median_step_s": med,
+                "images_per_s": ips, "peak_rss_gib": rss})
+        );
+    } else {
+        outln!("{what}; batch {}; {} threads", a.batch, rayon::current_num_threads());
+        outln!(
+            "median step {med:.3} s ({} steps) | {ips:.2} images/s | peak RSS {}",
+            a.steps,
+            rss.map_or("n/a".into(), |g| format!("{g:.2} GiB"))
+        );
+    }
+    Ok(())
+}
