@@ -378,9 +378,15 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                 "--steps, --batch, --rank and --layers must be at least 1"
             );
             let size = a.size.unwrap_or(if a.arch == "conv" { 56 } else { 224 });
-            anyhow::ensure!((16..=1024).contains(&size), "--size must be from 16 to 1024");
+            anyhow::ensure!(
+                (16..=1024).contains(&size),
+                "--size must be from 16 to 1024"
+            );
             ensure_fits(
-                sum_of_products(&[&[64, a.layers, 768, 768], &[80, a.layers, a.batch, size, size]]),
+                sum_of_products(&[
+                    &[64, a.layers, 768, 768],
+                    &[80, a.layers, a.batch, size, size],
+                ]),
                 "--layers, --batch, --size",
             )?;
             pool(a.threads)?.install(|| crate::vision_bench::run(&a, size))

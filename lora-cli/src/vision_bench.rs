@@ -33,7 +33,10 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
         .as_str()
     {
         "vit" => {
-            anyhow::ensure!(size % 16 == 0, "--size must be a multiple of the patch size 16");
+            anyhow::ensure!(
+                size % 16 == 0,
+                "--size must be a multiple of the patch size 16"
+            );
             let cfg = VitConfig {
                 hidden_size: 768,
                 num_hidden_layers: a.layers,
@@ -67,7 +70,10 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
                 .into_iter()
                 .map(|(_, t)| t.clone())
                 .collect();
-            let pixels = Tensor::new(random(&mut rng, a.batch * 3 * size * size, 1.0), &[a.batch, 3, size, size])?;
+            let pixels = Tensor::new(
+                random(&mut rng, a.batch * 3 * size * size, 1.0),
+                &[a.batch, 3, size, size],
+            )?;
             let labels: Vec<i64> = (0..a.batch as i64).map(|i| i % 10).collect();
             let what = format!(
                 "ViT-base shape ({} layers, 768 hidden, patch 16, {size}x{size}); LoRA r{} on q_proj, v_proj; head trained",
@@ -96,7 +102,10 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
                 .lora_b
                 .set_data((0..n).map(|k| ((k % 7) as f32 - 3.0) * 1e-3).collect())?;
             let params = vec![layer.lora_a.clone(), layer.lora_b.clone()];
-            let x = Tensor::new(random(&mut rng, a.batch * c * size * size, 1.0), &[a.batch, c, size, size])?;
+            let x = Tensor::new(
+                random(&mut rng, a.batch * c * size * size, 1.0),
+                &[a.batch, c, size, size],
+            )?;
             let dy = random(&mut rng, a.batch * c * size * size, 1.0);
             let what = format!(
                 "conv LoRA 3x3, 256 -> 256 channels, {size}x{size}, r{}; forward + backward of A and B",
@@ -145,7 +154,11 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
                 "images_per_s": ips, "peak_rss_gib": rss})
         );
     } else {
-        outln!("{what}; batch {}; {} threads", a.batch, rayon::current_num_threads());
+        outln!(
+            "{what}; batch {}; {} threads",
+            a.batch,
+            rayon::current_num_threads()
+        );
         outln!(
             "median step {med:.3} s ({} steps) | {ips:.2} images/s | peak RSS {}",
             a.steps,

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+pub mod assign;
 pub mod buffers;
 pub mod cpu;
 #[cfg(feature = "cuda")]
