@@ -376,6 +376,19 @@ pub trait Accel: Send + Sync {
         out: (usize, usize),
     ) -> Result<()>;
 
+    /// DETR's box losses of `(M, 4)` matched `(cx, cy, w, h)` pairs: a 2-value buffer
+    /// `[sum |p - t|, sum (1 - giou)] / num_boxes` (see [`crate::ops::boxes`]).
+    fn box_losses_forward(&self, pred: &DBuf, target: &DBuf, num_boxes: f32) -> Result<DBuf>;
+    /// `dpred += (dout[0] sign(p - t) - dout[1] dgiou/dp) / num_boxes`.
+    fn box_losses_backward(
+        &self,
+        dpred: &mut DBuf,
+        dout: &DBuf,
+        pred: &DBuf,
+        target: &DBuf,
+        num_boxes: f32,
+    ) -> Result<()>;
+
     /// Mean cross-entropy of `logits` `(N, v)`: `(loss, counted rows, lse)`.
     fn cross_entropy_forward(
         &self,

@@ -316,6 +316,28 @@ impl Accel for Cpu {
             slice::narrow_backward(hm(out)?, h(x)?, cols, start, len)
         }
     }
+    fn box_losses_forward(&self, pred: &DBuf, target: &DBuf, num_boxes: f32) -> Result<DBuf> {
+        let l = crate::ops::boxes::box_losses_forward(h(pred)?, h(target)?, num_boxes)?;
+        Ok(DBuf::Host(l.to_vec()))
+    }
+    fn box_losses_backward(
+        &self,
+        dpred: &mut DBuf,
+        dout: &DBuf,
+        pred: &DBuf,
+        target: &DBuf,
+        num_boxes: f32,
+    ) -> Result<()> {
+        let d = h(dout)?;
+        crate::error::check_len("box_losses_backward", "dout", d.len(), &[2])?;
+        crate::ops::boxes::box_losses_backward(
+            hm(dpred)?,
+            [d[0], d[1]],
+            h(pred)?,
+            h(target)?,
+            num_boxes,
+        )
+    }
     fn transpose(
         &self,
         out: &mut DBuf,

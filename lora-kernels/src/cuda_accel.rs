@@ -513,6 +513,24 @@ impl Accel for CudaDevice {
     ) -> Result<()> {
         CudaDevice::narrow(self, forward, cm(out)?, c(x)?, n, cols, start, len)
     }
+    fn box_losses_forward(&self, pred: &DBuf, target: &DBuf, num_boxes: f32) -> Result<DBuf> {
+        Ok(DBuf::Cuda(CudaDevice::box_losses_forward(
+            self,
+            c(pred)?,
+            c(target)?,
+            num_boxes,
+        )?))
+    }
+    fn box_losses_backward(
+        &self,
+        dpred: &mut DBuf,
+        dout: &DBuf,
+        pred: &DBuf,
+        target: &DBuf,
+        num_boxes: f32,
+    ) -> Result<()> {
+        CudaDevice::box_losses_backward(self, cm(dpred)?, c(dout)?, c(pred)?, c(target)?, num_boxes)
+    }
     fn transpose(
         &self,
         out: &mut DBuf,

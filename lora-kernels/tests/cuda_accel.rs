@@ -294,6 +294,27 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     let mut tb = up(&rand(n * c, 23));
     a.transpose(&mut tb, &tr, 1, c, n, true).unwrap();
     out.push(("transpose (acc)".into(), down(&tb)));
+    // Box losses of 5 matched pairs: boxes built from random values in a valid range.
+    let bx = |seed| -> Vec<f32> {
+        rand(20, seed)
+            .chunks(4)
+            .flat_map(|v| {
+                [
+                    0.5 + 0.3 * v[0],
+                    0.5 + 0.3 * v[1],
+                    0.3 + 0.2 * v[2].abs(),
+                    0.3 + 0.2 * v[3].abs(),
+                ]
+            })
+            .collect()
+    };
+    let (bp, bt) = (up(&bx(24)), up(&bx(25)));
+    let bl = a.box_losses_forward(&bp, &bt, 4.0).unwrap();
+    out.push(("box losses".into(), down(&bl)));
+    let mut dbp = up(&rand(20, 26));
+    a.box_losses_backward(&mut dbp, &up(&[0.7, -1.3]), &bp, &bt, 4.0)
+        .unwrap();
+    out.push(("box losses backward".into(), down(&dbp)));
 
     // The LoRA linear: 7 tokens, 45 -> 33, rank 3, both layouts, bias, dropout 0.25.
     let (m, rank) = (33usize, 3usize);

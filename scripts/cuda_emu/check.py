@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CU = os.path.join(ROOT, "lora-kernels", "cuda")
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu.h")
-FILES = ["elementwise.cu", "rows.cu", "adamw.cu", "lora.cu", "attention.cu", "conv.cu", "pool.cu"]
+FILES = ["elementwise.cu", "rows.cu", "adamw.cu", "lora.cu", "attention.cu", "conv.cu", "pool.cu", "boxes.cu"]
 SIG = re.compile(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', re.S)
 
 
@@ -565,6 +565,47 @@ def pools(k):
     check("adaptive_avg_pool2d_backward", dx, wdx, 1e-6)
 
 
+def giou_ref(a, b):
+    c = lambda v: (v[0] - v[2] / 2, v[1] - v[3] / 2, v[0] + v[2] / 2, v[1] + v[3] / 2)
+    p, q = c(a), c(b)
+    iw = max(min(p[2], q[2]) - max(p[0], q[0]), 0.0)
+    ih = max(min(p[3], q[3]) - max(p[1], q[1]), 0.0)
+    inter = iw * ih
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+    enc = (max(p[2], q[2]) - min(p[0], q[0])) * (max(p[3], q[3]) - min(p[1], q[1]))
+    return inter / union - (enc - union) / enc
+
+
+def boxes(k):
+    m, nb = 300, 37.0  # m > 256: the reduction's threads take two pairs each
+    def rb(n):
+        b = np.empty((n, 4), np.float32)
+        b[:, :2] = rng.uniform(0.1, 0.9, (n, 2))
+        b[:, 2:] = rng.uniform(0.02, 0.7, (n, 2))
+        return b
+    p, t = rb(m), rb(m)
+    P, T = p.astype(np.float64), t.astype(np.float64)
+    l1 = np.abs(P - T).sum() / nb
+    gl = sum(1 - giou_ref(P[i], T[i]) for i in range(m)) / nb
+    out = nan(2)
+    k("box_losses_forward", (1,), (256,), out, p, t, m, np.float32(nb))
+    check("box_losses_forward", out, [l1, gl], 1e-6)
+    # Backward against central differences of the f64 definition (smooth points dominate).
+    dout = np.array([0.7, -1.3], np.float32)
+    dp = rnd(m, 4)
+    want = dp.astype(np.float64).copy()
+    h = 1e-6
+    for i in range(m):
+        for j in range(4):
+            a, b = P[i].copy(), P[i].copy()
+            a[j] += h
+            b[j] -= h
+            f = lambda v: dout[0] * np.abs(v - T[i]).sum() + dout[1] * (1 - giou_ref(v, T[i]))
+            want[i, j] += (f(a) - f(b)) / (2 * h) / nb
+    k("box_losses_backward", ((m + 255) // 256,), (256,), dp, dout, p, t, m, np.float32(nb))
+    check("box_losses_backward", dp, want, 1e-5)
+
+
 def shim_builds(tmp):
     """Whether this g++ can build the shim itself (C++20 <barrier>): if not, the check is skipped
     rather than failed, since that says nothing about the kernels."""
@@ -584,7 +625,7 @@ def main():
             return
         libs, kernels = build(tmp)
         k = K(libs, kernels)
-        for part in (elementwise, rows_ops, adamw, lora, attention, conv, pools):
+        for part in (elementwise, rows_ops, adamw, lora, attention, conv, pools, boxes):
             part(k)
         print(f"{len(kernels)} kernels compiled for the CPU shim")
         for what, err in worst.items():

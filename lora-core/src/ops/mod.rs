@@ -13,6 +13,7 @@
 
 mod add;
 mod attention;
+mod box_losses;
 mod concat;
 mod conv2d;
 mod cross_entropy;
@@ -35,6 +36,7 @@ mod unary;
 
 pub use add::add;
 pub use attention::{attention, attention_bidirectional};
+pub use box_losses::box_losses;
 pub use concat::concat;
 pub use conv2d::{conv2d, Conv2dParams};
 pub use cross_entropy::cross_entropy;

@@ -20,6 +20,7 @@
 //! Every failure is a [`KernelError::Device`] naming the step.
 
 mod attention;
+mod boxes;
 mod compile;
 mod conv;
 mod device;

@@ -17,6 +17,11 @@ pub const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
 /// Every kernel source.
 pub const SOURCES: &[Source] = &[
     Source {
+        file: "boxes.cu",
+        code: include_str!("../../cuda/boxes.cu"),
+        kernels: &["box_losses_forward", "box_losses_backward"],
+    },
+    Source {
         file: "pool.cu",
         code: include_str!("../../cuda/pool.cu"),
         kernels: &[

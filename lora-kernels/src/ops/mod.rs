@@ -5,6 +5,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod boxes;
 pub mod conv;
 pub mod cross_entropy;
 pub mod elementwise;
