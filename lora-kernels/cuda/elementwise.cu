@@ -90,6 +90,17 @@ extern "C" __global__ void relu_backward(float* dx, const float* dout, const flo
     FOR_EACH(i, n) if (x[i] > 0.0f) dx[i] += dout[i];
 }
 
+// out = sigmoid(x)
+extern "C" __global__ void sigmoid_forward(float* out, const float* x, long long n) {
+    FOR_EACH(i, n) out[i] = sigmoidf(x[i]);
+}
+
+// dx += dout * sigmoid(x) sigmoid(-x)
+extern "C" __global__ void sigmoid_backward(float* dx, const float* dout, const float* x,
+                                            long long n) {
+    FOR_EACH(i, n) dx[i] += dout[i] * (sigmoidf(x[i]) * sigmoidf(-x[i]));
+}
+
 // out = x * sigmoid(x)
 extern "C" __global__ void silu_forward(float* out, const float* x, long long n) {
     FOR_EACH(i, n) out[i] = x[i] * sigmoidf(x[i]);

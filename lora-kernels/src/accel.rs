@@ -32,6 +32,8 @@ pub enum Unary {
     Silu,
     /// `relu_forward` / `relu_backward`.
     Relu,
+    /// `sigmoid_forward` / `sigmoid_backward`.
+    Sigmoid,
 }
 
 impl Unary {
@@ -42,6 +44,7 @@ impl Unary {
             Unary::GeluErf => ("gelu_erf_forward", "gelu_erf_backward"),
             Unary::Silu => ("silu_forward", "silu_backward"),
             Unary::Relu => ("relu_forward", "relu_backward"),
+            Unary::Sigmoid => ("sigmoid_forward", "sigmoid_backward"),
         }
     }
 }

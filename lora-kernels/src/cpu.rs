@@ -131,6 +131,7 @@ impl Accel for Cpu {
             Unary::GeluErf => elementwise::gelu_erf_forward(&mut out, h(x)?)?,
             Unary::Silu => elementwise::silu_forward(&mut out, h(x)?)?,
             Unary::Relu => elementwise::relu_forward(&mut out, h(x)?)?,
+            Unary::Sigmoid => elementwise::sigmoid_forward(&mut out, h(x)?)?,
         }
         Ok(DBuf::Host(out))
     }
@@ -140,6 +141,7 @@ impl Accel for Cpu {
             Unary::GeluErf => elementwise::gelu_erf_backward(hm(dx)?, h(dout)?, h(x)?),
             Unary::Silu => elementwise::silu_backward(hm(dx)?, h(dout)?, h(x)?),
             Unary::Relu => elementwise::relu_backward(hm(dx)?, h(dout)?, h(x)?),
+            Unary::Sigmoid => elementwise::sigmoid_backward(hm(dx)?, h(dout)?, h(x)?),
         }
     }
     fn swiglu_forward(&self, gate: &DBuf, up: &DBuf) -> Result<DBuf> {

@@ -1,4 +1,4 @@
-//! ReLU and exact (erf) GELU against their f64 definitions, the oracle's derivative against
+//! ReLU, sigmoid and exact (erf) GELU against their f64 definitions, the oracle's derivative against
 //! central finite differences, and the edge values PyTorch defines (ReLU'(0) = 0, NaN kept,
 //! GELU's far tails).
 
@@ -6,7 +6,8 @@ mod common;
 
 use common::{assert_close_f64, assert_close_stable, f64s, fd_grad, rand_vec};
 use lora_kernels::ops::elementwise::{
-    gelu_erf_backward, gelu_erf_forward, reference, relu_backward, relu_forward,
+    gelu_erf_backward, gelu_erf_forward, reference, relu_backward, relu_forward, sigmoid_backward,
+    sigmoid_forward,
 };
 use proptest::prelude::*;
 
@@ -30,6 +31,18 @@ fn check(len: usize, seed: u64, scale: f64) {
     // The finite-difference sum over all elements rounds at about 1e-16 * sum |f| / h: the
     // bound the other activations' oracles use.
     assert_close_f64("gelu_erf' oracle vs finite differences", &an, &fd, 1e-7);
+
+    sigmoid_forward(&mut out, &x).unwrap();
+    assert_close_stable("sigmoid", &out, &x, reference::sigmoid, 1e-6);
+    let mut dx = vec![0.0; len];
+    sigmoid_backward(&mut dx, &vec![1.0; len], &x).unwrap();
+    let sd = |t: f64| reference::sigmoid(t) * reference::sigmoid(-t);
+    assert_close_stable("sigmoid'", &dx, &x, sd, 1e-6);
+    let fd = fd_grad(&x64, &ones, |v| {
+        v.iter().map(|&t| reference::sigmoid(t)).collect()
+    });
+    let an: Vec<f64> = x64.iter().map(|&t| sd(t)).collect();
+    assert_close_f64("sigmoid' oracle vs finite differences", &an, &fd, 1e-7);
 
     relu_forward(&mut out, &x).unwrap();
     for (o, v) in out.iter().zip(&x) {

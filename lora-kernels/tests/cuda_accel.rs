@@ -68,7 +68,13 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     a.write_range(&mut dst, 5, &part).unwrap();
     out.push(("write_range".into(), down(&dst)));
     assert!(a.copy_range(&x, n * c - 3, 4).is_err(), "out of range");
-    for f in [Unary::Gelu, Unary::GeluErf, Unary::Silu, Unary::Relu] {
+    for f in [
+        Unary::Gelu,
+        Unary::GeluErf,
+        Unary::Silu,
+        Unary::Relu,
+        Unary::Sigmoid,
+    ] {
         out.push((format!("{f:?} fwd"), down(&a.unary_forward(f, &x).unwrap())));
         let mut dx = up(&rand(n * c, 4));
         a.unary_backward(f, &mut dx, &dout, &x).unwrap();

@@ -7,6 +7,11 @@ pub fn gelu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     unary(tape, x, Unary::Gelu)
 }
 
+/// `sigmoid(x) = 1 / (1 + e^-x)`.
+pub fn sigmoid(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    unary(tape, x, Unary::Sigmoid)
+}
+
 /// SiLU (`x * sigmoid(x)`).
 pub fn silu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     unary(tape, x, Unary::Silu)
@@ -38,6 +43,7 @@ fn unary_name(f: Unary) -> &'static str {
         Unary::GeluErf => "gelu_erf",
         Unary::Silu => "silu",
         Unary::Relu => "relu",
+        Unary::Sigmoid => "sigmoid",
     }
 }
 

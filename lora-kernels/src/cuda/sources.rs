@@ -64,6 +64,8 @@ pub const SOURCES: &[Source] = &[
             "gelu_erf_backward",
             "relu_forward",
             "relu_backward",
+            "sigmoid_forward",
+            "sigmoid_backward",
             "swiglu_forward",
             "swiglu_backward",
             "widen_bf16",

@@ -107,6 +107,31 @@ pub fn gelu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `out = sigmoid(x) = 1 / (1 + e^-x)` (DETR's and YOLOS's box head).
+pub fn sigmoid_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
+    check_len("sigmoid_forward", "x", x.len(), &[out.len()])?;
+    for_each_chunk(out, |b, o| {
+        let n = o.len();
+        for (o, &x) in o.iter_mut().zip(&x[b..b + n]) {
+            *o = sigmoid(x);
+        }
+    });
+    Ok(())
+}
+
+/// `dx += dout * sigmoid(x) sigmoid(-x)` (the derivative without the `1 - s` cancellation).
+pub fn sigmoid_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    check_len("sigmoid_backward", "x", x.len(), &[dx.len()])?;
+    check_len("sigmoid_backward", "dout", dout.len(), &[dx.len()])?;
+    for_each_chunk(dx, |b, d| {
+        let n = d.len();
+        for ((d, &g), &x) in d.iter_mut().zip(&dout[b..b + n]).zip(&x[b..b + n]) {
+            *d += g * sigmoid(x) * sigmoid(-x);
+        }
+    });
+    Ok(())
+}
+
 /// `out = max(x, 0)` (NaN stays NaN, as PyTorch's).
 pub fn relu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
     check_len("relu_forward", "x", x.len(), &[out.len()])?;
@@ -282,6 +307,11 @@ pub mod reference {
             s + 2.0 * x * (q * s) * s * k * (1.0 + 3.0 * 0.044715 * x * x),
         )
     }
+    /// `1 / (1 + e^-x)`.
+    pub fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
     /// Exact GELU `0.5 x erfc(-x / sqrt 2)` (musl's f64 `erfc`).
     pub fn gelu_erf(x: f64) -> f64 {
         0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
