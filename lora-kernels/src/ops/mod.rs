@@ -10,6 +10,7 @@ pub mod conv;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod interp;
 pub mod norm;
 pub mod pool;
 pub mod rope;
