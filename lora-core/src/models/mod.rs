@@ -1,5 +1,5 @@
 //! Architectures built from the differentiable ops: GPT-2 and the Llama family (Llama,
-//! Mistral, Qwen2) for text; ViT and ResNet for images. Module paths are the transformers ones, so a PEFT
+//! Mistral, Qwen2) for text; ViT and ResNet classifiers and the YOLOS detector for images. Module paths are the transformers ones, so a PEFT
 //! `target_modules` list means the same thing here.
 //!
 //! Models are built from a weight loader (`FnMut(name, shape) -> Tensor`), which keeps this crate
@@ -13,6 +13,7 @@ pub mod llama;
 pub mod resnet;
 pub mod vision;
 pub mod vit;
+pub mod yolos;
 
 use crate::autograd::Tape;
 use crate::error::Result;

@@ -115,16 +115,79 @@ pub fn legacy_name(name: &str) -> Option<String> {
     Some(format!("vit.encoder.layer.{layer}.{tail}"))
 }
 
+/// A pre-LayerNorm encoder block (ViT's, YOLOS's).
 #[derive(Clone)]
-struct Block {
-    ln_before: (Tensor, Tensor),
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ln_after: (Tensor, Tensor),
-    fc1: Linear,
-    fc2: Linear,
+pub(crate) struct Block {
+    pub(crate) ln_before: (Tensor, Tensor),
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ln_after: (Tensor, Tensor),
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+}
+
+impl Block {
+    /// Loads a block whose part `p` (transformers 5's ViT name within a block:
+    /// `layernorm_before`, `attention.q_proj`, ..., `mlp.fc2`) is named `name(p)` in the
+    /// checkpoint: width `c`, MLP width `f`, with or without q/k/v biases.
+    pub(crate) fn load<E>(
+        load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>,
+        name: &dyn Fn(&str) -> String,
+        (c, f, qkv_bias): (usize, usize, bool),
+    ) -> std::result::Result<Self, E> {
+        let mut ln = |p: &str| -> std::result::Result<(Tensor, Tensor), E> {
+            Ok((
+                load(&format!("{}.weight", name(p)), &[c])?,
+                load(&format!("{}.bias", name(p)), &[c])?,
+            ))
+        };
+        let (ln_before, ln_after) = (ln("layernorm_before")?, ln("layernorm_after")?);
+        let mut lin = |p: &str, inp: usize, out: usize, bias: bool| {
+            let w = load(&format!("{}.weight", name(p)), &[out, inp])?;
+            let b = if bias {
+                Some(load(&format!("{}.bias", name(p)), &[out])?)
+            } else {
+                None
+            };
+            Ok::<_, E>(Linear::frozen(w, WeightLayout::OutIn, b))
+        };
+        Ok(Self {
+            ln_before,
+            q: lin("attention.q_proj", c, c, qkv_bias)?,
+            k: lin("attention.k_proj", c, c, qkv_bias)?,
+            v: lin("attention.v_proj", c, c, qkv_bias)?,
+            o: lin("attention.o_proj", c, c, true)?,
+            ln_after,
+            fc1: lin("mlp.fc1", c, f, true)?,
+            fc2: lin("mlp.fc2", f, c, true)?,
+        })
+    }
+
+    /// Its linear layers with their part names, in order (for `linears`).
+    pub(crate) fn parts(&self) -> [(&'static str, &Linear); 6] {
+        [
+            ("attention.q_proj", &self.q),
+            ("attention.k_proj", &self.k),
+            ("attention.v_proj", &self.v),
+            ("attention.o_proj", &self.o),
+            ("mlp.fc1", &self.fc1),
+            ("mlp.fc2", &self.fc2),
+        ]
+    }
+
+    /// The same, mutable.
+    pub(crate) fn parts_mut(&mut self) -> [(&'static str, &mut Linear); 6] {
+        [
+            ("attention.q_proj", &mut self.q),
+            ("attention.k_proj", &mut self.k),
+            ("attention.v_proj", &mut self.v),
+            ("attention.o_proj", &mut self.o),
+            ("mlp.fc1", &mut self.fc1),
+            ("mlp.fc2", &mut self.fc2),
+        ]
+    }
 }
 
 /// ViT for image classification.
@@ -170,45 +233,16 @@ impl Vit {
         if cfg.num_labels == 0 {
             return Err(invalid("num_labels", "the head needs at least one class".into()).into());
         }
-        let mut ln = |p: &str| -> std::result::Result<(Tensor, Tensor), E> {
-            Ok((
-                load(&format!("{p}.weight"), &[c])?,
-                load(&format!("{p}.bias"), &[c])?,
-            ))
-        };
-        let mut norms = Vec::new();
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("vit.layers.{i}");
-            norms.push((
-                ln(&format!("{p}.layernorm_before"))?,
-                ln(&format!("{p}.layernorm_after"))?,
-            ));
-        }
-        let layernorm = ln("vit.layernorm")?;
-        let mut lin = |name: String, inp: usize, out: usize, bias: bool| {
-            let w = load(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias {
-                Some(load(&format!("{name}.bias"), &[out])?)
-            } else {
-                None
-            };
-            Ok::<_, E>(Linear::frozen(w, WeightLayout::OutIn, b))
-        };
         let f = cfg.intermediate_size;
         let mut blocks = Vec::new();
-        for (i, (ln_before, ln_after)) in norms.into_iter().enumerate() {
-            let p = format!("vit.layers.{i}");
-            blocks.push(Block {
-                ln_before,
-                q: lin(format!("{p}.attention.q_proj"), c, c, cfg.qkv_bias)?,
-                k: lin(format!("{p}.attention.k_proj"), c, c, cfg.qkv_bias)?,
-                v: lin(format!("{p}.attention.v_proj"), c, c, cfg.qkv_bias)?,
-                o: lin(format!("{p}.attention.o_proj"), c, c, true)?,
-                ln_after,
-                fc1: lin(format!("{p}.mlp.fc1"), c, f, true)?,
-                fc2: lin(format!("{p}.mlp.fc2"), f, c, true)?,
-            });
+        for i in 0..cfg.num_hidden_layers {
+            let name = |p: &str| format!("vit.layers.{i}.{p}");
+            blocks.push(Block::load(load, &name, (c, f, cfg.qkv_bias))?);
         }
+        let layernorm = (
+            load("vit.layernorm.weight", &[c])?,
+            load("vit.layernorm.bias", &[c])?,
+        );
         let pe = "vit.embeddings.patch_embeddings.projection";
         let patch = Conv::frozen(
             load(&format!("{pe}.weight"), &[c, cfg.num_channels, ph, pw])?,
@@ -284,7 +318,7 @@ impl Vit {
 }
 
 impl Block {
-    fn forward(
+    pub(crate) fn forward(
         &self,
         tape: &Tape,
         x: &Tensor,
@@ -304,23 +338,6 @@ impl Block {
         let m = self.fc2.forward(tape, &m, adapters)?;
         ops::add(tape, &x, &m)
     }
-}
-
-/// Module paths and layer slots, in model order; one list for `linears` and `linears_mut`.
-macro_rules! vit_linears {
-    ($blocks:expr, $($borrow:tt)+) => {{
-        let mut v = Vec::new();
-        for (i, b) in $blocks.enumerate() {
-            let p = format!("vit.layers.{i}");
-            v.push((format!("{p}.attention.q_proj"), $($borrow)+ b.q));
-            v.push((format!("{p}.attention.k_proj"), $($borrow)+ b.k));
-            v.push((format!("{p}.attention.v_proj"), $($borrow)+ b.v));
-            v.push((format!("{p}.attention.o_proj"), $($borrow)+ b.o));
-            v.push((format!("{p}.mlp.fc1"), $($borrow)+ b.fc1));
-            v.push((format!("{p}.mlp.fc2"), $($borrow)+ b.fc2));
-        }
-        v
-    }};
 }
 
 const PATCH: &str = "vit.embeddings.patch_embeddings.projection";
@@ -343,10 +360,21 @@ impl ImageClassifier for Vit {
         self.head.dims().1
     }
     fn linears(&self) -> Vec<(String, &Linear)> {
-        vit_linears!(self.blocks.iter(), &)
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            v.extend(b.parts().map(|(p, l)| (format!("vit.layers.{i}.{p}"), l)));
+        }
+        v
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        vit_linears!(self.blocks.iter_mut(), &mut)
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            v.extend(
+                b.parts_mut()
+                    .map(|(p, l)| (format!("vit.layers.{i}.{p}"), l)),
+            );
+        }
+        v
     }
     fn convs(&self) -> Vec<(String, &Conv)> {
         vec![(PATCH.into(), &self.patch)]
