@@ -74,6 +74,10 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
         None => match md.config.arch {
             VisionArch::Vit(_) => Targets::List(vec!["q_proj".into(), "v_proj".into()]),
             VisionArch::ResNet(_) => Targets::List(vec!["convolution".into()]),
+            VisionArch::Yolos(_) => anyhow::bail!(
+                "{}: YOLOS is an object detector; training detectors from the command line is not implemented yet",
+                a.model.display()
+            ),
         },
     };
     let epochs = match a.epochs {

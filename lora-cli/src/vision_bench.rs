@@ -7,7 +7,7 @@ use crate::args::VisionBenchArgs;
 use anyhow::Result;
 use lora_core::lora::{LoraConfig, LoraInit};
 use lora_core::models::vit::{Activation, Vit, VitConfig};
-use lora_core::models::ImageClassifier;
+use lora_core::models::{ImageClassifier, VisionModel};
 use lora_core::ops::Conv2dParams;
 use lora_core::{CoreError, Gradients, LoraConv2d, Tape, Tensor};
 use lora_kernels::rng::Rng;

@@ -15,7 +15,8 @@ use crate::safetensors::SafetensorsFile;
 use lora_core::models::resnet::{ResNet, ResNetConfig};
 use lora_core::models::vision::head_init;
 use lora_core::models::vit::{legacy_name, Activation, Vit, VitConfig};
-use lora_core::models::ImageClassifier;
+use lora_core::models::yolos::{Yolos, YolosConfig};
+use lora_core::models::{ImageClassifier, VisionModel};
 use lora_core::Tensor;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
@@ -28,6 +29,8 @@ pub enum VisionArch {
     Vit(VitConfig),
     /// `resnet`
     ResNet(ResNetConfig),
+    /// `yolos` (an object detector)
+    Yolos(YolosConfig),
 }
 
 /// A vision `config.json`: the architecture and the class names (`id2label`, in id order).
@@ -47,6 +50,7 @@ impl VisionConfig {
         match self.arch {
             VisionArch::Vit(_) => "classifier",
             VisionArch::ResNet(_) => "classifier.1",
+            VisionArch::Yolos(_) => "class_labels_classifier.layers.2",
         }
     }
     /// The head's input features.
@@ -54,13 +58,21 @@ impl VisionConfig {
         match &self.arch {
             VisionArch::Vit(c) => c.hidden_size,
             VisionArch::ResNet(c) => c.hidden_sizes.last().copied().unwrap_or(0),
+            VisionArch::Yolos(c) => c.hidden_size,
+        }
+    }
+    /// The head's outputs: the classes (and "no object" for a detector).
+    pub fn head_rows(&self) -> usize {
+        match &self.arch {
+            VisionArch::Yolos(_) => self.labels.len() + 1,
+            _ => self.labels.len(),
         }
     }
 }
 
 /// Whether `model_type` is a vision architecture this crate loads.
 pub fn is_vision_model_type(model_type: &str) -> bool {
-    matches!(model_type, "vit" | "resnet")
+    matches!(model_type, "vit" | "resnet" | "yolos")
 }
 
 /// `image_size`-like fields: an integer or `[height, width]`.
@@ -179,10 +191,48 @@ pub fn parse_vision_config(path: &Path, v: &Value) -> Result<VisionConfig> {
                 num_labels: labels.len(),
             })
         }
+        "yolos" => {
+            if f.bool_or("auxiliary_loss", false)? {
+                return Err(f.err(
+                    "auxiliary_loss",
+                    "true is not supported (the loss would differ)",
+                ));
+            }
+            let (ih, iw) = pair(&f, "image_size", 0).and_then(|p| {
+                if p.0 == 0 {
+                    Ok((512, 864))
+                } else {
+                    Ok(p)
+                }
+            })?;
+            VisionArch::Yolos(YolosConfig {
+                hidden_size: f.usize_or("hidden_size", Some(768))?,
+                num_hidden_layers: f.usize_or("num_hidden_layers", Some(12))?,
+                num_attention_heads: f.usize_or("num_attention_heads", Some(12))?,
+                intermediate_size: f.usize_or("intermediate_size", Some(3072))?,
+                hidden_act: act(&f, "gelu")?,
+                layer_norm_eps: f.positive_f32_or("layer_norm_eps", 1e-12)?,
+                image_size: (ih, iw),
+                patch_size: f.usize_or("patch_size", Some(16))?,
+                num_channels: f.usize_or("num_channels", Some(3))?,
+                qkv_bias: f.bool_or("qkv_bias", true)?,
+                num_detection_tokens: f.usize_or("num_detection_tokens", Some(100))?,
+                use_mid_position_embeddings: f.bool_or("use_mid_position_embeddings", true)?,
+                num_labels: labels.len(),
+                costs: (
+                    f.f32_or("class_cost", 1.0)?,
+                    f.f32_or("bbox_cost", 5.0)?,
+                    f.f32_or("giou_cost", 2.0)?,
+                ),
+                bbox_loss_coefficient: f.f32_or("bbox_loss_coefficient", 5.0)?,
+                giou_loss_coefficient: f.f32_or("giou_loss_coefficient", 2.0)?,
+                eos_coefficient: f.f32_or("eos_coefficient", 0.1)?,
+            })
+        }
         other => {
             return Err(f.err(
                 "model_type",
-                format!("{other:?} is not an image classifier this build loads (vit, resnet)"),
+                format!("{other:?} is not a vision model this build loads (vit, resnet, yolos)"),
             ))
         }
     };
@@ -245,6 +295,7 @@ impl VisionModelDir {
         match &mut self.config.arch {
             VisionArch::Vit(c) => c.num_labels = n,
             VisionArch::ResNet(c) => c.num_labels = n,
+            VisionArch::Yolos(c) => c.num_labels = n,
         }
         self.config.labels = labels;
     }
@@ -255,9 +306,44 @@ impl VisionModelDir {
     /// the config's labels, is initialised anew from `seed` (transformers' behaviour for a
     /// backbone checkpoint, and its `ignore_mismatched_sizes`); the report says which.
     pub fn load_model(&self, seed: u64) -> Result<(Box<dyn ImageClassifier>, HeadSource)> {
+        self.load_with(seed, |cfg, load| {
+            Ok(match cfg {
+                VisionArch::Vit(c) => Box::new(Vit::load(c, load)?) as Box<dyn ImageClassifier>,
+                VisionArch::ResNet(c) => Box::new(ResNet::load(c, load)?),
+                VisionArch::Yolos(_) => {
+                    return Err(IoError::Config {
+                        path: self.dir.join("config.json"),
+                        field: "model_type".into(),
+                        reason: "yolos is an object detector, not an image classifier".into(),
+                    })
+                }
+            })
+        })
+    }
+
+    /// Loads a detector (YOLOS) as [`VisionModelDir::load_model`] loads a classifier: the class
+    /// head's last layer is new when the classes differ from the checkpoint's.
+    pub fn load_detector(&self, seed: u64) -> Result<(Yolos, HeadSource)> {
+        self.load_with(seed, |cfg, load| match cfg {
+            VisionArch::Yolos(c) => Ok(Yolos::load(c, load)?),
+            _ => Err(IoError::Config {
+                path: self.dir.join("config.json"),
+                field: "model_type".into(),
+                reason: "not an object detector (yolos)".into(),
+            }),
+        })
+    }
+
+    /// Builds a model with `build` from a loader that resolves checkpoint names, makes a new
+    /// head where the checkpoint's does not fit, and checks that every checkpoint tensor is used.
+    fn load_with<T>(
+        &self,
+        seed: u64,
+        build: impl FnOnce(&VisionArch, &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<T>,
+    ) -> Result<(T, HeadSource)> {
         let w = Weights::open(&self.dir)?;
         let head = self.config.head_name();
-        let (nl, inp) = (self.config.labels.len(), self.config.head_in());
+        let (nl, inp) = (self.config.head_rows(), self.config.head_in());
         let head_w = format!("{head}.weight");
         let head_b = format!("{head}.bias");
         let ckpt_head = self.resolve(&w, &head_w);
@@ -305,10 +391,7 @@ impl VisionModelDir {
             }
             e => e,
         };
-        let model: Box<dyn ImageClassifier> = match &self.config.arch {
-            VisionArch::Vit(c) => Box::new(Vit::load(c, &mut load).map_err(in_config)?),
-            VisionArch::ResNet(c) => Box::new(ResNet::load(c, &mut load).map_err(in_config)?),
-        };
+        let model = build(&self.config.arch, &mut load).map_err(in_config)?;
         if let Some(extra) = w
             .names()
             .into_iter()
@@ -340,6 +423,10 @@ impl VisionModelDir {
                 .collect();
             cands.extend(bare);
         }
+        if k == "vit.encoder.mid_position_embeddings" {
+            // transformers 5 names it `encoder.interpolation.mid_position_embeddings` in memory.
+            cands.push("vit.encoder.interpolation.mid_position_embeddings".into());
+        }
         cands.into_iter().find(|c| w.contains(c))
     }
 }
@@ -360,25 +447,30 @@ fn saves_head(entry: &str, head: &str) -> bool {
     }
 }
 
-fn check_modules_to_save(
-    model: &dyn ImageClassifier,
-    cfg: &PeftConfig,
-    path: &Path,
-) -> Result<bool> {
-    let head = &model.head().name;
+/// The head layers `modules_to_save` names (indices into `model.heads()`); an entry that names
+/// no head is an error (only heads train in full).
+fn saved_heads(model: &dyn VisionModel, cfg: &PeftConfig, path: &Path) -> Result<Vec<usize>> {
+    let heads: Vec<String> = model.heads().iter().map(|h| h.name.clone()).collect();
+    let mut out = Vec::new();
     for m in &cfg.modules_to_save {
-        if !saves_head(m, head) {
+        let hit: Vec<usize> = (0..heads.len())
+            .filter(|&i| saves_head(m, &heads[i]))
+            .collect();
+        if hit.is_empty() {
             return Err(IoError::Config {
                 path: path.into(),
                 field: "modules_to_save".into(),
                 reason: format!(
-                    "`{m}` is not the classification head (`{head}`): only the head trains in \
-                     full"
+                    "`{m}` is not a head of this model ({}): only heads train in full",
+                    heads.join(", ")
                 ),
             });
         }
+        out.extend(hit);
     }
-    Ok(!cfg.modules_to_save.is_empty())
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// Whether `cfg` selects `module`, under its own name or (ViT) its original one.
@@ -392,23 +484,23 @@ fn selects(cfg: &PeftConfig, module: &str, head: &str) -> Result<bool> {
     }
 }
 
-/// Adds adapters to every linear layer and convolution `cfg` selects (never the head), and
-/// makes the head train in full when `modules_to_save` names it; returns the adapted paths. A
-/// target that selects nothing is an error listing the model's modules.
-pub fn inject(model: &mut dyn ImageClassifier, cfg: &PeftConfig, seed: u64) -> Result<Vec<String>> {
-    let head = model.head().name.clone();
-    let save_head = check_modules_to_save(model, cfg, Path::new("adapter_config.json"))?;
+/// Adds adapters to every linear layer and convolution `cfg` selects (never a head), and makes
+/// the heads `modules_to_save` names train in full; returns the adapted paths. A target that
+/// selects nothing is an error listing the model's modules.
+pub fn inject(model: &mut dyn VisionModel, cfg: &PeftConfig, seed: u64) -> Result<Vec<String>> {
+    let head = "";
+    let save = saved_heads(model, cfg, Path::new("adapter_config.json"))?;
     let mut chosen = Vec::new();
     let mut i = 0u64;
     for (name, lin) in model.linears_mut() {
-        if selects(cfg, &name, &head)? {
+        if selects(cfg, &name, head)? {
             lin.inject(&cfg.lora_config_for(&name)?, seed.wrapping_add(i))?;
             chosen.push(name);
         }
         i += 1;
     }
     for (name, conv) in model.convs_mut() {
-        if selects(cfg, &name, &head)? {
+        if selects(cfg, &name, head)? {
             conv.inject(&cfg.lora_config_for(&name)?, seed.wrapping_add(i))?;
             chosen.push(name);
         }
@@ -422,16 +514,18 @@ pub fn inject(model: &mut dyn ImageClassifier, cfg: &PeftConfig, seed: u64) -> R
             available: available.join(", "),
         });
     }
-    if save_head {
-        model.head_mut().train_in_full()?;
+    for (i, h) in model.heads_mut().into_iter().enumerate() {
+        if save.contains(&i) {
+            h.train_in_full()?;
+        }
     }
     Ok(chosen)
 }
 
 /// The trainable tensors of a model, each with its key in PEFT's adapter file
 /// (`base_model.model.<module>.lora_A.weight`, `base_model.model.<head>.weight`): LoRA A and B
-/// of each adapted layer in model order, then the trained head.
-pub fn adapter_tensors(model: &dyn ImageClassifier) -> Vec<(String, &Tensor)> {
+/// of each adapted layer in model order, then the trained heads.
+pub fn adapter_tensors(model: &dyn VisionModel) -> Vec<(String, &Tensor)> {
     let mut v = Vec::new();
     let key = |name: &str, part: &str| format!("base_model.model.{name}.{part}.weight");
     for (name, lin) in model.linears() {
@@ -446,11 +540,12 @@ pub fn adapter_tensors(model: &dyn ImageClassifier) -> Vec<(String, &Tensor)> {
             v.push((key(&name, "lora_B"), &l.lora_b));
         }
     }
-    let head = &model.head().name;
-    if let Some((w, b)) = model.head().trained_params() {
-        v.push((format!("base_model.model.{head}.weight"), w));
-        if let Some(b) = b {
-            v.push((format!("base_model.model.{head}.bias"), b));
+    for h in model.heads() {
+        if let Some((w, b)) = h.trained_params() {
+            v.push((format!("base_model.model.{}.weight", h.name), w));
+            if let Some(b) = b {
+                v.push((format!("base_model.model.{}.bias", h.name), b));
+            }
         }
     }
     v
@@ -472,7 +567,7 @@ fn file_key(file: &SafetensorsFile, key: &str) -> Option<String> {
 /// checks every tensor's shape against the model before copying, and copies the LoRA weights
 /// and the trained head. Every tensor in the file must belong to the adapter (one for another
 /// model is refused).
-pub fn load_adapter(model: &mut dyn ImageClassifier, dir: &Path) -> Result<PeftConfig> {
+pub fn load_adapter(model: &mut dyn VisionModel, dir: &Path) -> Result<PeftConfig> {
     if !dir.is_dir() {
         return Err(IoError::Missing {
             path: dir.into(),
@@ -489,10 +584,10 @@ pub fn load_adapter(model: &mut dyn ImageClassifier, dir: &Path) -> Result<PeftC
     }
     let file = SafetensorsFile::open(&st)?;
     // Shapes first, from the config's ranks and the model's layers, before any allocation.
-    let head = model.head().name.clone();
+    let head = "";
     let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
     for (name, lin) in model.linears() {
-        if selects(&cfg, &name, &head)? {
+        if selects(&cfg, &name, head)? {
             let r = cfg.lora_config_for(&name)?.rank;
             let (i, o) = lin.dims();
             expected.push((format!("base_model.model.{name}.lora_A.weight"), vec![r, i]));
@@ -500,7 +595,7 @@ pub fn load_adapter(model: &mut dyn ImageClassifier, dir: &Path) -> Result<PeftC
         }
     }
     for (name, conv) in model.convs() {
-        if selects(&cfg, &name, &head)? {
+        if selects(&cfg, &name, head)? {
             let r = cfg.lora_config_for(&name)?.rank;
             let (w, _, p) = conv.base();
             let s = w.shape();
@@ -515,10 +610,16 @@ pub fn load_adapter(model: &mut dyn ImageClassifier, dir: &Path) -> Result<PeftC
             ));
         }
     }
-    if check_modules_to_save(model, &cfg, &dir.join("adapter_config.json"))? {
-        let (inp, out) = model.head().dims();
-        expected.push((format!("base_model.model.{head}.weight"), vec![out, inp]));
-        expected.push((format!("base_model.model.{head}.bias"), vec![out]));
+    let save = saved_heads(model, &cfg, &dir.join("adapter_config.json"))?;
+    for (i, h) in model.heads().into_iter().enumerate() {
+        if save.contains(&i) {
+            let (inp, out) = h.dims();
+            expected.push((
+                format!("base_model.model.{}.weight", h.name),
+                vec![out, inp],
+            ));
+            expected.push((format!("base_model.model.{}.bias", h.name), vec![out]));
+        }
     }
     let mut keys = BTreeMap::new();
     for (key, shape) in &expected {
@@ -566,7 +667,7 @@ pub fn load_adapter(model: &mut dyn ImageClassifier, dir: &Path) -> Result<PeftC
 /// adapted layer, the trained head's weight and bias), in transformers 5's module naming. Target
 /// names given in the original ViT naming (`query`, `value`) are written as the adapted modules'
 /// current names, which PEFT 0.21 matches.
-pub fn save_adapter(model: &dyn ImageClassifier, cfg: &PeftConfig, dir: &Path) -> Result<()> {
+pub fn save_adapter(model: &dyn VisionModel, cfg: &PeftConfig, dir: &Path) -> Result<()> {
     let mut adapted: Vec<String> = model
         .linears()
         .into_iter()
@@ -586,11 +687,10 @@ pub fn save_adapter(model: &dyn ImageClassifier, cfg: &PeftConfig, dir: &Path) -
             available: "the model has no adapters to save".into(),
         });
     }
-    let head = model.head().name.clone();
     let mut out_cfg = cfg.clone();
     let current = adapted
         .iter()
-        .map(|n| cfg.selects(n, &head))
+        .map(|n| cfg.selects(n, ""))
         .collect::<Result<Vec<bool>>>()?;
     if current.iter().any(|s| !s) {
         let mut leaves: Vec<String> = adapted
@@ -601,10 +701,18 @@ pub fn save_adapter(model: &dyn ImageClassifier, cfg: &PeftConfig, dir: &Path) -
         leaves.dedup();
         out_cfg.target_modules = Targets::List(leaves);
     }
-    if model.head().trained.is_none() {
+    let trained: Vec<String> = model
+        .heads()
+        .iter()
+        .filter(|h| h.trained.is_some())
+        .map(|h| h.name.split('.').next().unwrap_or(&h.name).to_string())
+        .collect();
+    if trained.is_empty() {
         out_cfg.modules_to_save.clear();
     } else if out_cfg.modules_to_save.is_empty() {
-        out_cfg.modules_to_save = vec![head.split('.').next().unwrap_or(&head).to_string()];
+        let mut top = trained;
+        top.dedup();
+        out_cfg.modules_to_save = top;
     }
     let data = adapter_tensors(model)
         .into_iter()

@@ -4,13 +4,10 @@
 //! query/value and the heads' trained copies, the logits, boxes, transformers' loss from labels
 //! (Hungarian matching, class loss with eos_coef, L1, GIoU) and every trainable tensor's gradient.
 
-use lora_core::lora::LoraConfig;
-use lora_core::models::vit::Activation;
-use lora_core::models::yolos::{Objects, Yolos, YolosConfig};
-use lora_core::models::Linear;
-use lora_core::{CoreError, Tape, Tensor};
-use lora_io::hf::{read_json, Weights};
+use lora_core::models::yolos::Objects;
+use lora_core::{Tape, Tensor};
 use lora_io::safetensors::SafetensorsFile;
+use lora_io::vision::{adapter_tensors, load_adapter, save_adapter, HeadSource, VisionModelDir};
 use std::path::PathBuf;
 
 fn dir() -> PathBuf {
@@ -26,41 +23,13 @@ fn rel(got: &[f32], want: &[f32]) -> f32 {
         / scale
 }
 
-fn config() -> YolosConfig {
-    let v = read_json(&dir().join("model/config.json")).unwrap();
-    let u = |k: &str| v[k].as_u64().unwrap() as usize;
-    let f = |k: &str| v[k].as_f64().unwrap() as f32;
-    YolosConfig {
-        hidden_size: u("hidden_size"),
-        num_hidden_layers: u("num_hidden_layers"),
-        num_attention_heads: u("num_attention_heads"),
-        intermediate_size: u("intermediate_size"),
-        hidden_act: Activation::parse(v["hidden_act"].as_str().unwrap()).unwrap(),
-        layer_norm_eps: f("layer_norm_eps"),
-        image_size: (
-            v["image_size"][0].as_u64().unwrap() as usize,
-            v["image_size"][1].as_u64().unwrap() as usize,
-        ),
-        patch_size: u("patch_size"),
-        num_channels: u("num_channels"),
-        qkv_bias: v["qkv_bias"].as_bool().unwrap(),
-        num_detection_tokens: u("num_detection_tokens"),
-        use_mid_position_embeddings: v["use_mid_position_embeddings"].as_bool().unwrap(),
-        num_labels: v["id2label"].as_object().unwrap().len(),
-        costs: (f("class_cost"), f("bbox_cost"), f("giou_cost")),
-        bbox_loss_coefficient: f("bbox_loss_coefficient"),
-        giou_loss_coefficient: f("giou_loss_coefficient"),
-        eos_coefficient: f("eos_coefficient"),
-    }
-}
-
 #[test]
 fn yolos_matches_transformers_and_peft() {
-    let cfg = config();
-    let w = Weights::open(&dir().join("model")).unwrap();
-    let mut load =
-        |k: &str, s: &[usize]| -> Result<Tensor, CoreError> { Ok(w.tensor(k, s).unwrap()) };
-    let mut model = Yolos::load(&cfg, &mut load).unwrap();
+    let md = VisionModelDir::open(dir().join("model")).unwrap();
+    let (mut model, head) = md.load_detector(0).unwrap();
+    assert_eq!(head, HeadSource::Checkpoint);
+    let e = md.load_model(0).err().unwrap().to_string();
+    assert!(e.contains("object detector"), "{e}");
     let reference = SafetensorsFile::open(dir().join("reference.safetensors")).unwrap();
     let get = |k: &str| reference.read_f32(k).unwrap();
     let (px, ps) = get("pixel_values");
@@ -71,43 +40,17 @@ fn yolos_matches_transformers_and_peft() {
     let e = rel(&base.boxes.to_vec(), &get("boxes_base").0);
     assert!(e < 5e-6, "base boxes differ by {e:e}");
 
-    // PEFT's adapter: LoRA on query/value, the heads' trained copies.
-    let adapter = SafetensorsFile::open(dir().join("adapter/adapter_model.safetensors")).unwrap();
-    let lc = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        ..LoraConfig::default()
-    };
-    let mut trainable: Vec<(String, Tensor)> = Vec::new();
-    for (name, lin) in model.linears_mut() {
-        if name.ends_with(".query") || name.ends_with(".value") {
-            lin.inject(&lc, 0).unwrap();
-            let l = lin.lora().unwrap();
-            for (part, t) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
-                let key = format!("{name}.{part}.weight");
-                t.set_data(
-                    adapter
-                        .read_f32(&format!("base_model.model.{key}"))
-                        .unwrap()
-                        .0,
-                )
-                .unwrap();
-                trainable.push((key, t.clone()));
-            }
-        }
-    }
-    for (name, lin) in model.head_layers_mut() {
-        let (wk, bk) = (format!("{name}.weight"), format!("{name}.bias"));
-        let (wv, ws) = adapter.read_f32(&format!("base_model.model.{wk}")).unwrap();
-        let (bv, bs) = adapter.read_f32(&format!("base_model.model.{bk}")).unwrap();
-        let (wt, bt) = (
-            Tensor::param(wv, &ws).unwrap(),
-            Tensor::param(bv, &bs).unwrap(),
-        );
-        trainable.push((wk, wt.clone()));
-        trainable.push((bk, bt.clone()));
-        *lin = Linear::frozen(wt, lora_core::lora::WeightLayout::OutIn, Some(bt));
-    }
+    // PEFT's adapter: LoRA on query/value, the heads' trained copies (modules_to_save).
+    let cfg_peft = load_adapter(&mut model, &dir().join("adapter")).unwrap();
+    let trainable: Vec<(String, Tensor)> = adapter_tensors(&model)
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k.strip_prefix("base_model.model.").unwrap().to_string(),
+                t.clone(),
+            )
+        })
+        .collect();
     let det = model.forward(&Tape::inference(), &pixels, true).unwrap();
     let e = rel(&det.logits.to_vec(), &get("logits").0);
     assert!(e < 5e-6, "adapted logits differ by {e:e}");
@@ -151,4 +94,42 @@ fn yolos_matches_transformers_and_peft() {
         let e = rel(grads.get(t).unwrap(), &get(&format!("grad.{name}")).0);
         assert!(e < 5e-5, "gradient of {name} differs by {e:e}");
     }
+    // Written back: PEFT's keys and values, and its modules_to_save.
+    let out = std::env::temp_dir().join(format!("lora-yolos-parity-{}", std::process::id()));
+    save_adapter(&model, &cfg_peft, &out).unwrap();
+    let ours = SafetensorsFile::open(out.join("adapter_model.safetensors")).unwrap();
+    let theirs = SafetensorsFile::open(dir().join("adapter/adapter_model.safetensors")).unwrap();
+    let (mut a, mut b) = (ours.names(), theirs.names());
+    a.sort_unstable();
+    b.sort_unstable();
+    assert_eq!(a, b);
+    for k in a {
+        assert_eq!(
+            ours.read_f32(k).unwrap(),
+            theirs.read_f32(k).unwrap(),
+            "{k}"
+        );
+    }
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        c["modules_to_save"],
+        serde_json::json!(["class_labels_classifier", "bbox_predictor"])
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn a_detector_for_other_classes_gets_a_new_class_layer() {
+    use lora_core::models::VisionModel;
+    let mut md = VisionModelDir::open(dir().join("model")).unwrap();
+    md.set_labels(vec!["scratch".into(), "dent".into()]);
+    let (model, head) = md.load_detector(3).unwrap();
+    // The checkpoint's last class layer has 3 classes + "no object".
+    assert_eq!(head, HeadSource::Mismatched(4));
+    let heads = model.heads();
+    assert_eq!(heads[2].name, "class_labels_classifier.layers.2");
+    assert_eq!(heads[2].dims(), (24, 3));
+    // The box head and the first class layers are the checkpoint's.
+    assert_eq!(heads[5].dims(), (24, 4));
 }

@@ -22,7 +22,7 @@ use crate::ops;
 use crate::tensor::Tensor;
 pub use conv::Conv;
 pub use linear::Linear;
-pub use vision::{ClassifierHead, ImageClassifier};
+pub use vision::{ClassifierHead, ImageClassifier, VisionModel};
 
 /// A causal language model with named linear layers that adapters can be injected into.
 pub trait CausalLm {

@@ -4,7 +4,7 @@
 //! (`classifier.1`). Batch norm runs in inference mode (frozen running statistics, as a LoRA
 //! fine-tune of a frozen backbone keeps them). Module paths are transformers'.
 
-use super::vision::{ClassifierHead, ImageClassifier};
+use super::vision::{ClassifierHead, ImageClassifier, VisionModel};
 use super::vit::Activation;
 use super::{Conv, Linear};
 use crate::autograd::Tape;
@@ -195,6 +195,37 @@ impl ResNet {
     }
 }
 
+impl VisionModel for ResNet {
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        Vec::new()
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        Vec::new()
+    }
+    fn convs(&self) -> Vec<(String, &Conv)> {
+        self.units().map(|u| (u.name.clone(), &u.conv)).collect()
+    }
+    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
+        let stem = std::iter::once(&mut self.stem);
+        let rest = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.convs.iter_mut().chain(l.shortcut.iter_mut()));
+        stem.chain(rest)
+            .map(|u| (u.name.clone(), &mut u.conv))
+            .collect()
+    }
+    fn other_tensors(&self) -> Vec<&Tensor> {
+        self.units().flat_map(|u| u.bn.iter()).collect()
+    }
+    fn heads(&self) -> Vec<&ClassifierHead> {
+        vec![&self.head]
+    }
+    fn heads_mut(&mut self) -> Vec<&mut ClassifierHead> {
+        vec![&mut self.head]
+    }
+}
+
 impl ImageClassifier for ResNet {
     fn forward(&self, tape: &Tape, pixels: &Tensor, adapters: bool) -> Result<Tensor> {
         let s = pixels.shape();
@@ -240,32 +271,10 @@ impl ImageClassifier for ResNet {
     fn num_labels(&self) -> usize {
         self.head.dims().1
     }
-    fn linears(&self) -> Vec<(String, &Linear)> {
-        Vec::new()
-    }
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        Vec::new()
-    }
-    fn convs(&self) -> Vec<(String, &Conv)> {
-        self.units().map(|u| (u.name.clone(), &u.conv)).collect()
-    }
-    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
-        let stem = std::iter::once(&mut self.stem);
-        let rest = self
-            .layers
-            .iter_mut()
-            .flat_map(|l| l.convs.iter_mut().chain(l.shortcut.iter_mut()));
-        stem.chain(rest)
-            .map(|u| (u.name.clone(), &mut u.conv))
-            .collect()
-    }
     fn head(&self) -> &ClassifierHead {
         &self.head
     }
     fn head_mut(&mut self) -> &mut ClassifierHead {
         &mut self.head
-    }
-    fn other_tensors(&self) -> Vec<&Tensor> {
-        self.units().flat_map(|u| u.bn.iter()).collect()
     }
 }

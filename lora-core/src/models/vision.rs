@@ -9,9 +9,50 @@ use crate::ops;
 use crate::tensor::Tensor;
 use lora_kernels::rng::Rng;
 
-/// An image classifier with named linear and convolution layers that adapters can be injected
-/// into, and a classification head.
-pub trait ImageClassifier {
+/// A vision model's adaptable parts: named linear layers and convolutions (LoRA targets), and
+/// the linear layers that can train in full (PEFT's `modules_to_save`: a classifier's head, a
+/// detector's MLP heads).
+pub trait VisionModel {
+    /// Every linear layer outside the heads, with its module path, in model order.
+    fn linears(&self) -> Vec<(String, &Linear)>;
+    /// The same, mutable.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    /// Every convolution, with its module path, in model order.
+    fn convs(&self) -> Vec<(String, &Conv)> {
+        Vec::new()
+    }
+    /// The same, mutable.
+    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
+        Vec::new()
+    }
+    /// The head layers (each a linear layer that may train in full), in model order.
+    fn heads(&self) -> Vec<&ClassifierHead>;
+    /// The same, mutable.
+    fn heads_mut(&mut self) -> Vec<&mut ClassifierHead>;
+    /// The tensors outside the linears, convolutions and heads (embeddings, norms): with those,
+    /// every tensor of the model.
+    fn other_tensors(&self) -> Vec<&Tensor>;
+    /// Moves every tensor to `device` in place.
+    fn to_device(&self, device: crate::Device) -> Result<()> {
+        let mut all: Vec<&Tensor> = self.other_tensors();
+        for (_, l) in self.linears() {
+            all.extend(l.tensors());
+        }
+        for (_, c) in self.convs() {
+            all.extend(c.tensors());
+        }
+        for h in self.heads() {
+            all.extend(h.tensors());
+        }
+        for t in all {
+            t.to_device(device)?;
+        }
+        Ok(())
+    }
+}
+
+/// An image classifier: a [`VisionModel`] with one classification head.
+pub trait ImageClassifier: VisionModel {
     /// Logits `(B, num_labels)` for `pixels` `(B, C, H, W)` (already preprocessed). With
     /// `adapters == false` every adapter and trained head copy is bypassed (the base model).
     fn forward(&self, tape: &Tape, pixels: &Tensor, adapters: bool) -> Result<Tensor>;
@@ -29,40 +70,10 @@ pub trait ImageClassifier {
     fn num_channels(&self) -> usize;
     /// Number of classes.
     fn num_labels(&self) -> usize;
-    /// Every linear layer outside the head, with its module path, in model order.
-    fn linears(&self) -> Vec<(String, &Linear)>;
-    /// The same, mutable.
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
-    /// Every convolution, with its module path, in model order.
-    fn convs(&self) -> Vec<(String, &Conv)> {
-        Vec::new()
-    }
-    /// The same, mutable.
-    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
-        Vec::new()
-    }
     /// The classification head.
     fn head(&self) -> &ClassifierHead;
     /// The same, mutable.
     fn head_mut(&mut self) -> &mut ClassifierHead;
-    /// The tensors outside the linears, convolutions and head (embeddings, norms): with those,
-    /// every tensor of the model.
-    fn other_tensors(&self) -> Vec<&Tensor>;
-    /// Moves every tensor to `device` in place.
-    fn to_device(&self, device: crate::Device) -> Result<()> {
-        let mut all: Vec<&Tensor> = self.other_tensors();
-        for (_, l) in self.linears() {
-            all.extend(l.tensors());
-        }
-        for (_, c) in self.convs() {
-            all.extend(c.tensors());
-        }
-        all.extend(self.head().tensors());
-        for t in all {
-            t.to_device(device)?;
-        }
-        Ok(())
-    }
 }
 
 /// Class indices as cross-entropy targets; a label past the head is an error naming it.
@@ -98,12 +109,13 @@ pub fn head_init(num_labels: usize, inp: usize, std: f32, seed: u64) -> Vec<f32>
         .collect()
 }
 
-/// A classification head: the pretrained linear layer, and (when the head is listed in
-/// `modules_to_save`) a trainable copy that is used while adapters are on, as PEFT's
+/// A head layer: the pretrained linear layer, and (when `modules_to_save` names it or a module
+/// around it) a trainable copy that is used while adapters are on, as PEFT's
 /// `ModulesToSaveWrapper` does; the original stays for `adapters == false`.
 #[derive(Clone, Debug)]
 pub struct ClassifierHead {
-    /// Module path (`classifier`, ResNet's `classifier.1`).
+    /// Module path (`classifier`, ResNet's `classifier.1`, YOLOS's
+    /// `class_labels_classifier.layers.0`).
     pub name: String,
     /// The pretrained (or newly initialised) head, frozen.
     pub base: Linear,

@@ -6,7 +6,7 @@
 //! 0.21 writes; checkpoints on the Hub carry the original names
 //! (`vit.encoder.layer.N.attention.attention.query`), which [`legacy_name`] gives for each.
 
-use super::vision::{ClassifierHead, ImageClassifier};
+use super::vision::{ClassifierHead, ImageClassifier, VisionModel};
 use super::{Conv, Linear};
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
@@ -342,23 +342,7 @@ impl Block {
 
 const PATCH: &str = "vit.embeddings.patch_embeddings.projection";
 
-impl ImageClassifier for Vit {
-    fn forward(&self, tape: &Tape, pixels: &Tensor, adapters: bool) -> Result<Tensor> {
-        let x = self.hidden_states(tape, pixels, adapters)?;
-        let b = x.shape()[0];
-        let cls = ops::narrow_dim(tape, &x, 1, 0, 1)?;
-        let cls = ops::reshape(tape, &cls, &[b, self.cfg.hidden_size])?;
-        self.head.forward(tape, &cls, adapters)
-    }
-    fn fixed_size(&self) -> Option<(usize, usize)> {
-        Some(self.cfg.image_size)
-    }
-    fn num_channels(&self) -> usize {
-        self.cfg.num_channels
-    }
-    fn num_labels(&self) -> usize {
-        self.head.dims().1
-    }
+impl VisionModel for Vit {
     fn linears(&self) -> Vec<(String, &Linear)> {
         let mut v = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
@@ -382,12 +366,6 @@ impl ImageClassifier for Vit {
     fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
         vec![(PATCH.into(), &mut self.patch)]
     }
-    fn head(&self) -> &ClassifierHead {
-        &self.head
-    }
-    fn head_mut(&mut self) -> &mut ClassifierHead {
-        &mut self.head
-    }
     fn other_tensors(&self) -> Vec<&Tensor> {
         let mut v = vec![
             &self.cls_token,
@@ -399,6 +377,37 @@ impl ImageClassifier for Vit {
             v.extend([&b.ln_before.0, &b.ln_before.1, &b.ln_after.0, &b.ln_after.1]);
         }
         v
+    }
+    fn heads(&self) -> Vec<&ClassifierHead> {
+        vec![&self.head]
+    }
+    fn heads_mut(&mut self) -> Vec<&mut ClassifierHead> {
+        vec![&mut self.head]
+    }
+}
+
+impl ImageClassifier for Vit {
+    fn forward(&self, tape: &Tape, pixels: &Tensor, adapters: bool) -> Result<Tensor> {
+        let x = self.hidden_states(tape, pixels, adapters)?;
+        let b = x.shape()[0];
+        let cls = ops::narrow_dim(tape, &x, 1, 0, 1)?;
+        let cls = ops::reshape(tape, &cls, &[b, self.cfg.hidden_size])?;
+        self.head.forward(tape, &cls, adapters)
+    }
+    fn fixed_size(&self) -> Option<(usize, usize)> {
+        Some(self.cfg.image_size)
+    }
+    fn num_channels(&self) -> usize {
+        self.cfg.num_channels
+    }
+    fn num_labels(&self) -> usize {
+        self.head.dims().1
+    }
+    fn head(&self) -> &ClassifierHead {
+        &self.head
+    }
+    fn head_mut(&mut self) -> &mut ClassifierHead {
+        &mut self.head
     }
 }
 

@@ -13,6 +13,7 @@
 //! Module paths are the checkpoints' (transformers keeps YOLOS's original names:
 //! `vit.encoder.layer.N.attention.attention.query`, `class_labels_classifier.layers.0`, ...).
 
+use super::vision::{ClassifierHead, VisionModel};
 use super::vit::{legacy_name, Activation, Block};
 use super::{Conv, Linear};
 use crate::autograd::Tape;
@@ -101,13 +102,13 @@ pub struct DetrLoss {
     pub loss_giou: f32,
 }
 
-/// A 3-layer MLP head (`layers.0..2`, ReLU between).
+/// A 3-layer MLP head (`layers.0..2`, ReLU between), each layer trainable in full.
 #[derive(Clone)]
 pub struct MlpHead {
     /// Module path (`class_labels_classifier`, `bbox_predictor`).
     pub name: String,
-    /// Its three layers.
-    pub layers: Vec<Linear>,
+    /// Its three layers (named `<name>.layers.<i>`).
+    pub layers: Vec<ClassifierHead>,
 }
 
 impl MlpHead {
@@ -193,9 +194,9 @@ impl Yolos {
             let mut layers = Vec::new();
             for (i, (inp, o)) in [(c, c), (c, c), (c, out)].into_iter().enumerate() {
                 let p = format!("{name}.layers.{i}");
-                layers.push(Linear::frozen(
+                layers.push(ClassifierHead::new(
+                    &p,
                     load(&format!("{p}.weight"), &[o, inp])?,
-                    WeightLayout::OutIn,
                     Some(load(&format!("{p}.bias"), &[o])?),
                 ));
             }
@@ -206,7 +207,7 @@ impl Yolos {
         };
         let class_head = head("class_labels_classifier", cfg.num_labels + 1)?;
         let bbox_head = head("bbox_predictor", 4)?;
-        let pe = "vit.embeddings.patch_embeddings.projection";
+        let pe = PATCH;
         let p = cfg.patch_size;
         let patch = Conv::frozen(
             load(&format!("{pe}.weight"), &[c, cfg.num_channels, p, p])?,
@@ -463,9 +464,10 @@ impl Yolos {
             loss_giou: pv[1],
         })
     }
+}
 
-    /// Every linear layer outside the heads, with its module path, in model order.
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
+impl VisionModel for Yolos {
+    fn linears(&self) -> Vec<(String, &Linear)> {
         let mut v = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
             for (p, l) in b.parts() {
@@ -475,9 +477,7 @@ impl Yolos {
         }
         v
     }
-
-    /// The same, mutable.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut v = Vec::new();
         for (i, b) in self.blocks.iter_mut().enumerate() {
             for (p, l) in b.parts_mut() {
@@ -487,18 +487,43 @@ impl Yolos {
         }
         v
     }
-
-    /// The heads' layers with their module paths (`class_labels_classifier.layers.0`, ...).
-    pub fn head_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v = Vec::new();
-        for h in [&mut self.class_head, &mut self.bbox_head] {
-            for (i, l) in h.layers.iter_mut().enumerate() {
-                v.push((format!("{}.layers.{i}", h.name), l));
-            }
+    fn convs(&self) -> Vec<(String, &Conv)> {
+        vec![(PATCH.into(), &self.patch)]
+    }
+    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
+        vec![(PATCH.into(), &mut self.patch)]
+    }
+    fn heads(&self) -> Vec<&ClassifierHead> {
+        self.class_head
+            .layers
+            .iter()
+            .chain(&self.bbox_head.layers)
+            .collect()
+    }
+    fn heads_mut(&mut self) -> Vec<&mut ClassifierHead> {
+        self.class_head
+            .layers
+            .iter_mut()
+            .chain(self.bbox_head.layers.iter_mut())
+            .collect()
+    }
+    fn other_tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![
+            &self.cls_token,
+            &self.det_tokens,
+            &self.positions,
+            &self.layernorm.0,
+            &self.layernorm.1,
+        ];
+        v.extend(&self.mid_positions);
+        for b in &self.blocks {
+            v.extend([&b.ln_before.0, &b.ln_before.1, &b.ln_after.0, &b.ln_after.1]);
         }
         v
     }
 }
+
+const PATCH: &str = "vit.embeddings.patch_embeddings.projection";
 
 /// transformers' Hungarian matching, per image: `(query, object)` pairs minimising
 /// `bbox_cost * L1 + class_cost * (-softmax(logits)[class]) + giou_cost * (-GIoU)`, computed in

@@ -204,6 +204,13 @@ pub fn processor_for(md: &VisionModelDir, size: Option<usize>) -> Result<ImagePr
     let defaults = match &md.config.arch {
         VisionArch::Vit(c) => ImageProcessor::vit(c.image_size.0, c.image_size.1),
         VisionArch::ResNet(_) => ImageProcessor::convnext(224),
+        VisionArch::Yolos(_) => {
+            return Err(TrainError::Setting {
+                setting: "task",
+                reason: "YOLOS is an object detector: detection training is not implemented yet"
+                    .into(),
+            })
+        }
     };
     let path = md.dir.join("preprocessor_config.json");
     let mut p = if path.exists() {
@@ -245,6 +252,7 @@ pub fn processor_json(p: &ImageProcessor, arch: &VisionArch) -> Value {
         "image_processor_type": match arch {
             VisionArch::Vit(_) => "ViTImageProcessor",
             VisionArch::ResNet(_) => "ConvNextImageProcessor",
+            VisionArch::Yolos(_) => "YolosImageProcessor",
         },
         "do_resize": p.resize.is_some(),
         "resample": match p.filter { lora_io::images::Filter::Bilinear => 2, lora_io::images::Filter::Bicubic => 3 },
