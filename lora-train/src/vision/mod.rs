@@ -12,6 +12,7 @@
 //! ```
 
 pub mod data;
+pub mod detect_data;
 pub mod map;
 
 use crate::optim::{clip_grad_norm, lr_factor, Optimizer, OptimizerKind, ParamGroup, Schedule};
