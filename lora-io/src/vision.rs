@@ -198,13 +198,10 @@ pub fn parse_vision_config(path: &Path, v: &Value) -> Result<VisionConfig> {
                     "true is not supported (the loss would differ)",
                 ));
             }
-            let (ih, iw) = pair(&f, "image_size", 0).and_then(|p| {
-                if p.0 == 0 {
-                    Ok((512, 864))
-                } else {
-                    Ok(p)
-                }
-            })?;
+            let (ih, iw) = match f.get("image_size") {
+                None => (512, 864), // YolosConfig's default
+                Some(_) => pair(&f, "image_size", 0)?,
+            };
             VisionArch::Yolos(YolosConfig {
                 hidden_size: f.usize_or("hidden_size", Some(768))?,
                 num_hidden_layers: f.usize_or("num_hidden_layers", Some(12))?,

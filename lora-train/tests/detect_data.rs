@@ -82,7 +82,7 @@ fn bad_labels_are_named_with_their_line() {
     assert!(e("0 0.9 0.5 0.4 0.2\n").contains("not inside the image"));
     assert!(e("0 0.5 0.5 0 0.2\n").contains("not inside the image"));
     assert!(e("0 0.5 nan 0.1 0.2\n").contains("not a number"));
-    assert!(e.clone()("0 0.5 0.5 0.2 0.2\n1 1.2 0.5 0.2 0.2\n").contains("labels/x.txt: line 2"));
+    assert!(e("0 0.5 0.5 0.2 0.2\n1 1.2 0.5 0.2 0.2\n").contains("labels/x.txt: line 2"));
     // Blank lines are fine.
     assert_eq!(
         parse_labels("\n0 0.5 0.5 0.2 0.2\n\n", p, 2).unwrap().0,

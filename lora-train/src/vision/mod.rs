@@ -578,7 +578,7 @@ fn run_epochs(
             let mut grads = tape.backward(&loss)?;
             let norm = clip_grad_norm(
                 &mut grads,
-                &trainable,
+                trainable,
                 cfg.max_grad_norm.unwrap_or(f32::INFINITY),
             )?;
             if !norm.is_finite() {
