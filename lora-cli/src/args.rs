@@ -26,7 +26,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Continue a prompt (greedy at temperature 0), with a KV cache.
     Generate(GenerateArgs),
-    /// Classify an image with an image classifier (and adapter): the top classes.
+    /// An image through an image classifier (the top classes) or a detector (the boxes), with
+    /// an adapter.
     Predict(PredictArgs),
     /// Fold an adapter into its base model and write a complete model directory.
     Merge(MergeArgs),
@@ -365,7 +366,14 @@ pub struct PredictArgs {
     /// How many classes to print, most likely first.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
-    /// Print one JSON object: {"predictions": [{"label", "id", "score"}]}.
+    /// Detectors: print the boxes whose score is at least this.
+    #[arg(long, default_value_t = 0.5)]
+    pub conf: f32,
+    /// Detectors: also write the image with the boxes drawn (one colour per class) as a PNG.
+    #[arg(long)]
+    pub save: Option<std::path::PathBuf>,
+    /// Print one JSON object: {"predictions": [{"label", "id", "score"}]} (detectors: also
+    /// "box": [x0, y0, x1, y1] in pixels).
     #[arg(long)]
     pub json: bool,
 }

@@ -4,6 +4,7 @@
 use crate::args::{EvalArgs, PredictArgs, TrainArgs};
 use crate::hub;
 use anyhow::{Context, Result};
+use lora_core::models::VisionModel;
 use lora_core::{Device, Tape, Tensor};
 use lora_io::peft::Targets;
 use lora_io::vision::VisionArch;
@@ -69,15 +70,13 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
         outln!("{note}");
     }
     let md = lora_io::vision::VisionModelDir::open(&a.model)?;
+    let detector = matches!(md.config.arch, VisionArch::Yolos(_));
     let targets = match &a.target {
         Some(t) => Targets::from_flag(t),
         None => match md.config.arch {
             VisionArch::Vit(_) => Targets::List(vec!["q_proj".into(), "v_proj".into()]),
             VisionArch::ResNet(_) => Targets::List(vec!["convolution".into()]),
-            VisionArch::Yolos(_) => anyhow::bail!(
-                "{}: YOLOS is an object detector; training detectors from the command line is not implemented yet",
-                a.model.display()
-            ),
+            VisionArch::Yolos(_) => Targets::List(vec!["query".into(), "value".into()]),
         },
     };
     let epochs = match a.epochs {
@@ -129,6 +128,9 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
     let every = a.log_every;
     if every == Some(0) {
         anyhow::bail!("--log-every must be at least 1");
+    }
+    if detector {
+        return train_detector(&cfg, &a, pool, device);
     }
     let sum = pool.install(|| {
         train_vision(
@@ -208,9 +210,114 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
     Ok(())
 }
 
+/// `lora train` on a detector (YOLOS) and a YOLO `data.yaml`.
+fn train_detector(
+    cfg: &VisionTrainConfig,
+    a: &TrainArgs,
+    pool: rayon::ThreadPool,
+    device: Device,
+) -> Result<()> {
+    let json = a.json;
+    let every = a.log_every;
+    let (sum, before, after) = pool.install(|| {
+        lora_train::vision::detect::train_detection(
+            cfg,
+            a.force,
+            &mut |ev| match ev {
+                VisionEvent::Note(n) => {
+                    if !json {
+                        eprintln!("note: {n}")
+                    }
+                }
+                VisionEvent::Step(step, total, loss, lr) => {
+                    crate::train::STARTED.store(true, Ordering::SeqCst);
+                    let every = every.unwrap_or(total.div_ceil(20).max(1));
+                    if !json && (step % every == 0 || step == total || step == 1) {
+                        outln!("step {step:>5}/{total} | loss {loss:.4} | lr {lr:.2e}");
+                    }
+                }
+                VisionEvent::Eval(..) => {}
+            },
+            &crate::train::STOP,
+        )
+    })?;
+    if !sum.interrupted {
+        crate::train::clear_signal();
+    }
+    let rep = |e: &Option<lora_train::vision::detect::DetEval>| {
+        e.map(|e| serde_json::json!({"loss": e.loss, "map50": e.map50, "map": e.map, "images": e.images}))
+    };
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "steps": sum.steps, "final_loss": sum.final_loss, "eval_before": rep(&before), "eval_after": rep(&after),
+                "images_per_s": sum.images_per_s, "trainable_params": sum.params.0, "all_params": sum.params.1,
+                "out": cfg.out, "interrupted": sum.interrupted, "device": device.to_string(),
+            })
+        );
+    } else {
+        outln!(
+            "{} steps, {:.1} images/s; final train loss {:.4}",
+            sum.steps,
+            sum.images_per_s,
+            sum.final_loss
+        );
+        if let (Some(b), Some(e)) = (before, after) {
+            outln!(
+                "eval mAP50 {:.4} -> {:.4}, mAP {:.4} -> {:.4} (loss {:.4} -> {:.4})",
+                b.map50,
+                e.map50,
+                b.map,
+                e.map,
+                b.loss,
+                e.loss
+            );
+        }
+        outln!("adapter: {}/adapter_model.safetensors", cfg.out.display());
+    }
+    Ok(())
+}
+
 /// `lora eval` on an image classifier: `{"loss", "accuracy", "examples"}` over the tree's
-/// `val/` split (or the folder itself).
+/// `val/` split (or the folder itself); on a detector, `{"loss", "map50", "map", "images"}`
+/// over a `data.yaml`'s `val` split.
 pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
+    let md = lora_io::vision::VisionModelDir::open(&a.model.model)?;
+    if let VisionArch::Yolos(_) = md.config.arch {
+        let (labels, det, proc) = lora_train::vision::detect::load_detector_for_inference(
+            &a.model.model,
+            a.model.adapter.as_deref(),
+        )?;
+        det.to_device(device)?;
+        let (train, val) = lora_train::vision::detect_data::read_yolo(&a.data)?;
+        if train.classes != labels {
+            anyhow::bail!(
+                "{}: the data's classes ({}) are not the model's ({})",
+                a.data.display(),
+                train.classes.join(", "),
+                labels.join(", ")
+            );
+        }
+        let val =
+            val.with_context(|| format!("{}: no `val` split to evaluate", a.data.display()))?;
+        let r = lora_train::vision::detect::evaluate_detection(&det, &val, &proc, device)?;
+        if a.json {
+            outln!(
+                "{}",
+                serde_json::json!({"loss": r.loss, "map50": r.map50, "map": r.map, "images": r.images})
+            );
+        } else {
+            outln!(
+                "loss {:.4} | mAP50 {:.4} | mAP {:.4} | {} images",
+                r.loss,
+                r.map50,
+                r.map,
+                r.images
+            );
+        }
+        return Ok(());
+    }
     let (_, model, proc) = load_for_inference(&a.model.model, a.model.adapter.as_deref())?;
     model.to_device(device)?;
     let split = eval_split(&a.data)?;
@@ -246,6 +353,15 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
 /// `lora predict`: the top classes of one image.
 pub fn predict(mut a: PredictArgs) -> Result<()> {
     a.model.model = hub::model_dir(&a.model.model, a.model.revision.as_deref())?;
+    if let VisionArch::Yolos(_) = lora_io::vision::VisionModelDir::open(&a.model.model)?
+        .config
+        .arch
+    {
+        return predict_boxes(&a);
+    }
+    if a.save.is_some() {
+        anyhow::bail!("--save draws detections; this model is a classifier");
+    }
     let (md, model, proc) = load_for_inference(&a.model.model, a.model.adapter.as_deref())?;
     let labels = match a
         .model
@@ -288,4 +404,123 @@ pub fn predict(mut a: PredictArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Distinct colours for classes.
+const PALETTE: [[u8; 3]; 8] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+];
+
+/// `lora predict` on a detector: the boxes scoring at least `--conf`.
+fn predict_boxes(a: &PredictArgs) -> Result<()> {
+    let (labels, det, proc) = lora_train::vision::detect::load_detector_for_inference(
+        &a.model.model,
+        a.model.adapter.as_deref(),
+    )?;
+    let img = lora_io::images::Rgb8::open(&a.image)?;
+    let (px, h, w) = proc.pixels(&img);
+    let out = det.forward(&Tape::inference(), &Tensor::new(px, &[1, 3, h, w])?, true)?;
+    let (logits, boxes) = (out.logits.try_to_vec()?, out.boxes.try_to_vec()?);
+    let l = labels.len();
+    let (ih, iw) = (img.height as f64, img.width as f64);
+    let mut found = Vec::new();
+    for (row, b) in logits.chunks(l + 1).zip(boxes.chunks(4)) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+        let (id, p) = row[..l]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i, (v as f64 - m).exp() / z))
+            .fold((0, -1.0), |x, y| if y.1 > x.1 { y } else { x });
+        if p >= a.conf as f64 {
+            let (cx, cy, bw, bh) = (b[0] as f64, b[1] as f64, b[2] as f64, b[3] as f64);
+            found.push((
+                id,
+                p,
+                [
+                    (cx - bw / 2.0) * iw,
+                    (cy - bh / 2.0) * ih,
+                    (cx + bw / 2.0) * iw,
+                    (cy + bh / 2.0) * ih,
+                ],
+            ));
+        }
+    }
+    found.sort_by(|x, y| y.1.total_cmp(&x.1));
+    if let Some(path) = &a.save {
+        if path.exists() {
+            anyhow::bail!("--save {}: the file exists; lora predict never replaces a file (choose a new name)", path.display());
+        }
+        let mut canvas = img.clone();
+        for (id, _, bx) in &found {
+            draw_box(&mut canvas, bx, PALETTE[id % PALETTE.len()]);
+        }
+        canvas.save_png(path)?;
+    }
+    if a.json {
+        let preds: Vec<_> = found
+            .iter()
+            .map(|(id, p, b)| serde_json::json!({"label": labels[*id], "id": id, "score": p, "box": b}))
+            .collect();
+        outln!("{}", serde_json::json!({ "predictions": preds }));
+    } else {
+        if found.is_empty() {
+            outln!("no box scores {} or more", a.conf);
+        }
+        for (id, p, b) in &found {
+            outln!(
+                "{:>6.2}%  {}  [{:.1}, {:.1}, {:.1}, {:.1}]",
+                100.0 * p,
+                labels[*id],
+                b[0],
+                b[1],
+                b[2],
+                b[3]
+            );
+        }
+        if let Some(p) = &a.save {
+            let legend: Vec<String> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| format!("{l} = rgb{:?}", PALETTE[i % PALETTE.len()]))
+                .collect();
+            outln!("wrote {} (colours: {})", p.display(), legend.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// A 2-pixel rectangle outline, clipped to the image.
+fn draw_box(img: &mut lora_io::images::Rgb8, b: &[f64; 4], c: [u8; 3]) {
+    let (w, h) = (img.width as i64, img.height as i64);
+    let clamp = |v: f64, hi: i64| (v.round() as i64).clamp(0, hi - 1);
+    let (x0, y0, x1, y1) = (
+        clamp(b[0], w),
+        clamp(b[1], h),
+        clamp(b[2], w),
+        clamp(b[3], h),
+    );
+    let mut put = |x: i64, y: i64| {
+        if (0..w).contains(&x) && (0..h).contains(&y) {
+            let p = ((y * w + x) * 3) as usize;
+            img.data[p..p + 3].copy_from_slice(&c);
+        }
+    };
+    for t in 0..2 {
+        for x in x0..=x1 {
+            put(x, y0 + t);
+            put(x, y1 - t);
+        }
+        for y in y0..=y1 {
+            put(x0 + t, y);
+            put(x1 - t, y);
+        }
+    }
 }

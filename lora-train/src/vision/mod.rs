@@ -12,6 +12,7 @@
 //! ```
 
 pub mod data;
+pub mod detect;
 pub mod detect_data;
 pub mod map;
 
@@ -254,7 +255,8 @@ pub fn processor_json(p: &ImageProcessor, arch: &VisionArch) -> Value {
         "image_processor_type": match arch {
             VisionArch::Vit(_) => "ViTImageProcessor",
             VisionArch::ResNet(_) => "ConvNextImageProcessor",
-            VisionArch::Yolos(_) => "YolosImageProcessor",
+            // Our fixed-size resize, which ViT's processor describes exactly.
+            VisionArch::Yolos(_) => "ViTImageProcessor",
         },
         "do_resize": p.resize.is_some(),
         "resample": match p.filter { lora_io::images::Filter::Bilinear => 2, lora_io::images::Filter::Bicubic => 3 },

@@ -1,0 +1,136 @@
+//! Detection runs end to end with the tiny YOLOS of the parity fixtures on a generated YOLO tree
+//! (coloured rectangles: the class is the colour): the training loss falls, the run writes a PEFT
+//! adapter with both heads and a config with the data's classes, and the adapter reloads to the
+//! same evaluation (loss and pycocotools' mAP).
+
+use lora_io::images::Rgb8;
+use lora_io::peft::Targets;
+use lora_train::vision::data::Augment;
+use lora_train::vision::detect::{
+    evaluate_detection, load_detector_for_inference, train_detection,
+};
+use lora_train::vision::detect_data::read_yolo;
+use lora_train::vision::{VisionEvent, VisionTrainConfig};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-dettrain-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A 32x32 gray image with one or two rectangles; class 0 red, class 1 blue.
+fn sample(root: &Path, split: &str, i: usize) {
+    let mut r = lora_kernels::rng::Rng::new(i as u64 * 7 + split.len() as u64);
+    let (h, w) = (32usize, 32usize);
+    let mut data = vec![100u8; h * w * 3];
+    let mut lines = String::new();
+    for k in 0..1 + i % 2 {
+        let c = (i + k) % 2;
+        let (bw, bh) = (
+            8 + (r.next_u64() % 10) as usize,
+            8 + (r.next_u64() % 10) as usize,
+        );
+        let (x0, y0) = (
+            (r.next_u64() as usize) % (w - bw),
+            (r.next_u64() as usize) % (h - bh),
+        );
+        for y in y0..y0 + bh {
+            for x in x0..x0 + bw {
+                let p = (y * w + x) * 3;
+                data[p..p + 3].copy_from_slice(if c == 0 {
+                    &[230, 30, 30]
+                } else {
+                    &[30, 30, 230]
+                });
+            }
+        }
+        lines += &format!(
+            "{c} {} {} {} {}\n",
+            (x0 as f32 + bw as f32 / 2.0) / w as f32,
+            (y0 as f32 + bh as f32 / 2.0) / h as f32,
+            bw as f32 / w as f32,
+            bh as f32 / h as f32
+        );
+    }
+    let img = root.join(format!("images/{split}/{i:03}.png"));
+    std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+    Rgb8::new(h, w, data).unwrap().save_png(&img).unwrap();
+    let lab = root.join(format!("labels/{split}/{i:03}.txt"));
+    std::fs::create_dir_all(lab.parent().unwrap()).unwrap();
+    std::fs::write(lab, lines).unwrap();
+}
+
+#[test]
+fn yolos_learns_a_yolo_tree() {
+    let data = tmp("data");
+    for i in 0..12 {
+        sample(&data, "train", i);
+    }
+    for i in 0..4 {
+        sample(&data, "val", i);
+    }
+    std::fs::write(
+        data.join("data.yaml"),
+        "train: images/train\nval: images/val\nnames: [red, blue]\n",
+    )
+    .unwrap();
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity/vision/yolos/model");
+    let out = tmp("out");
+    let cfg = VisionTrainConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: Targets::List(vec!["query".into(), "value".into()]),
+        epochs: 20,
+        batch_size: 4,
+        lr: 5e-3,
+        image_size: Some(32),
+        augment: Augment {
+            flip: true,
+            min_scale: 0.9,
+        },
+        ..VisionTrainConfig::new(&model, &data.join("data.yaml"), &out)
+    };
+    let mut losses = Vec::new();
+    let (sum, before, after) = train_detection(
+        &cfg,
+        false,
+        &mut |e| {
+            if let VisionEvent::Step(_, _, l, _) = e {
+                losses.push(l)
+            }
+        },
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(sum.steps, 60);
+    let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;
+    let last: f32 = losses[losses.len() - 3..].iter().sum::<f32>() / 3.0;
+    assert!(last < 0.8 * first, "training loss {first} -> {last}");
+    let (b, a) = (before.unwrap(), after.unwrap());
+    assert!(a.loss < b.loss, "eval loss {} -> {}", b.loss, a.loss);
+    assert!((0.0..=1.0).contains(&a.map) && (0.0..=1.0).contains(&a.map50));
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        c["modules_to_save"],
+        serde_json::json!(["class_labels_classifier", "bbox_predictor"])
+    );
+    assert_eq!(c["target_modules"], serde_json::json!(["query", "value"]));
+    // Reloaded: the same evaluation.
+    // The run's processor (32 x 32, from its preprocessor_config.json) comes with it.
+    let (labels, det, proc) = load_detector_for_inference(&model, Some(&out)).unwrap();
+    assert_eq!(labels, ["red", "blue"]);
+    assert_eq!(proc.resize, Some(lora_io::images::Resize::Exact(32, 32)));
+    let (_, val) = read_yolo(&data.join("data.yaml")).unwrap();
+    let r = evaluate_detection(&det, &val.unwrap(), &proc, lora_core::Device::Cpu).unwrap();
+    assert!(
+        (r.loss - a.loss).abs() < 1e-9 && r.map == a.map,
+        "{r:?} vs {a:?}"
+    );
+    for d in [data, out] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
