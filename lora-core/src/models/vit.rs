@@ -201,8 +201,33 @@ pub struct Vit {
     head: ClassifierHead,
 }
 
-fn invalid(field: &'static str, reason: String) -> CoreError {
+pub(crate) fn invalid(field: &'static str, reason: String) -> CoreError {
     CoreError::InvalidConfig { field, reason }
+}
+
+/// `num_attention_heads` must divide `hidden_size`.
+pub(crate) fn check_heads(heads: usize, hidden: usize) -> Result<()> {
+    if heads == 0 || hidden % heads != 0 {
+        return Err(invalid(
+            "num_attention_heads",
+            format!("{heads} must divide hidden_size {hidden}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The patch convolution's output `(B, C, gh, gw)` as `(B, gh * gw, C)` tokens, and the count.
+pub(crate) fn patch_tokens(
+    tape: &Tape,
+    patch: &Conv,
+    pixels: &Tensor,
+    adapters: bool,
+) -> Result<(Tensor, usize)> {
+    let planes = patch.forward(tape, pixels, adapters)?;
+    let (b, c) = (planes.shape()[0], planes.shape()[1]);
+    let p = planes.numel() / (b * c).max(1);
+    let planes = ops::reshape(tape, &planes, &[b, c, p])?;
+    Ok((ops::transpose(tape, &planes)?, p))
 }
 
 impl Vit {
@@ -212,13 +237,7 @@ impl Vit {
         load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>,
     ) -> std::result::Result<Self, E> {
         let c = cfg.hidden_size;
-        if cfg.num_attention_heads == 0 || c % cfg.num_attention_heads != 0 {
-            return Err(invalid(
-                "num_attention_heads",
-                format!("{} must divide hidden_size {c}", cfg.num_attention_heads),
-            )
-            .into());
-        }
+        check_heads(cfg.num_attention_heads, c)?;
         let (ph, pw) = cfg.patch_size;
         if ph == 0 || pw == 0 || cfg.image_size.0 < ph || cfg.image_size.1 < pw {
             return Err(invalid(
@@ -293,11 +312,8 @@ impl Vit {
                 ),
             });
         }
-        let (b, c) = (s[0], cfg.hidden_size);
-        let planes = self.patch.forward(tape, pixels, adapters)?; // (B, C, H', W')
-        let p = planes.numel() / (b * c).max(1);
-        let planes = ops::reshape(tape, &planes, &[b, c, p])?;
-        let tokens = ops::transpose(tape, &planes)?; // (B, P, C)
+        let b = s[0];
+        let (tokens, _) = patch_tokens(tape, &self.patch, pixels, adapters)?; // (B, P, C)
         let cls = ops::expand(tape, &self.cls_token, b)?;
         let x = ops::concat(tape, &cls, &tokens, 1)?;
         let pos = ops::expand(tape, &self.positions, b)?;

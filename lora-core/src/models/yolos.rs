@@ -14,7 +14,7 @@
 //! `vit.encoder.layer.N.attention.attention.query`, `class_labels_classifier.layers.0`, ...).
 
 use super::vision::{ClassifierHead, VisionModel};
-use super::vit::{legacy_name, Activation, Block};
+use super::vit::{check_heads, invalid, legacy_name, patch_tokens, Activation, Block};
 use super::{Conv, Linear};
 use crate::autograd::Tape;
 use crate::error::{CoreError, Result};
@@ -140,10 +140,6 @@ pub struct Yolos {
     pub bbox_head: MlpHead,
 }
 
-fn invalid(field: &'static str, reason: String) -> CoreError {
-    CoreError::InvalidConfig { field, reason }
-}
-
 impl Yolos {
     /// Builds the model from `load(name, shape)` (the checkpoint's names).
     pub fn load<E: From<CoreError>>(
@@ -151,13 +147,7 @@ impl Yolos {
         load: &mut dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E>,
     ) -> std::result::Result<Self, E> {
         let c = cfg.hidden_size;
-        if cfg.num_attention_heads == 0 || c % cfg.num_attention_heads != 0 {
-            return Err(invalid(
-                "num_attention_heads",
-                format!("{} must divide hidden_size {c}", cfg.num_attention_heads),
-            )
-            .into());
-        }
+        check_heads(cfg.num_attention_heads, c)?;
         let (gh, gw) = cfg.grid();
         if cfg.patch_size == 0 || gh == 0 || gw == 0 {
             return Err(invalid(
@@ -301,10 +291,7 @@ impl Yolos {
         }
         let (b, c, d) = (s[0], cfg.hidden_size, cfg.num_detection_tokens);
         let grid = (s[2] / cfg.patch_size, s[3] / cfg.patch_size);
-        let planes = self.patch.forward(tape, pixels, adapters)?; // (B, C, gh, gw)
-        let p = grid.0 * grid.1;
-        let planes = ops::reshape(tape, &planes, &[b, c, p])?;
-        let tokens = ops::transpose(tape, &planes)?; // (B, P, C)
+        let (tokens, p) = patch_tokens(tape, &self.patch, pixels, adapters)?; // (B, P, C)
         let cls = ops::expand(tape, &self.cls_token, b)?;
         let det = ops::expand(tape, &self.det_tokens, b)?;
         let x = ops::concat(tape, &cls, &tokens, 1)?;

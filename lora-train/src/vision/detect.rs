@@ -489,24 +489,7 @@ pub fn train_detection(
         }
     }
     let (steps, final_loss, eval_after, images_per_s, interrupted) = r?;
-    let n_train: usize = trainable.iter().map(|t| t.numel()).sum();
-    let frozen: usize = {
-        let mut all: Vec<&Tensor> = model.other_tensors();
-        for (_, l) in model.linears() {
-            let (w, _, b) = l.base();
-            all.push(w);
-            all.extend(b);
-        }
-        for (_, c) in model.convs() {
-            let (w, b, _) = c.base();
-            all.push(w);
-            all.extend(b);
-        }
-        for h in model.heads() {
-            all.extend(h.base.tensors());
-        }
-        all.iter().map(|t| t.numel()).sum()
-    };
+    let params = super::param_counts(&model);
     Ok((
         VisionSummary {
             steps,
@@ -514,7 +497,7 @@ pub fn train_detection(
             eval_before: None,
             eval_after: None,
             images_per_s,
-            params: (n_train, frozen + n_train),
+            params,
             interrupted,
         },
         eval_before,

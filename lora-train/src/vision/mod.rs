@@ -19,7 +19,7 @@ pub mod map;
 use crate::optim::{clip_grad_norm, lr_factor, Optimizer, OptimizerKind, ParamGroup, Schedule};
 use crate::{Result, TrainError};
 use data::{find_splits, load_batch, Augment, ImageFolder};
-use lora_core::models::ImageClassifier;
+use lora_core::models::{ImageClassifier, VisionModel};
 use lora_core::{Device, Tape, Tensor};
 use lora_io::images::ImageProcessor;
 use lora_io::outdir::{self, Existing, Owned};
@@ -351,6 +351,30 @@ fn labelled_config(md: &VisionModelDir) -> Result<Value> {
     Ok(v)
 }
 
+/// Trainable (adapters, trained head copies) and all parameters of a vision model (PEFT's
+/// `print_trainable_parameters` numbers).
+pub fn param_counts(model: &dyn VisionModel) -> (usize, usize) {
+    let trainable: usize = adapter_tensors(model).iter().map(|(_, t)| t.numel()).sum();
+    let mut frozen: Vec<&Tensor> = model.other_tensors();
+    for (_, l) in model.linears() {
+        let (w, _, b) = l.base();
+        frozen.push(w);
+        frozen.extend(b);
+    }
+    for (_, c) in model.convs() {
+        let (w, b, _) = c.base();
+        frozen.push(w);
+        frozen.extend(b);
+    }
+    for h in model.heads() {
+        frozen.extend(h.base.tensors());
+    }
+    (
+        trainable,
+        trainable + frozen.iter().map(|t| t.numel()).sum::<usize>(),
+    )
+}
+
 /// Runs an image-classification fine-tune; `stop` ends it after the current step (the adapter
 /// so far is written).
 pub fn train_vision(
@@ -439,22 +463,7 @@ pub fn train_vision(
         .into_iter()
         .map(|(_, t)| t.clone())
         .collect();
-    let n_train: usize = trainable.iter().map(|t| t.numel()).sum();
-    let n_frozen: usize = {
-        let mut all: Vec<&Tensor> = model.other_tensors();
-        for (_, l) in model.linears() {
-            let (w, _, b) = l.base();
-            all.push(w);
-            all.extend(b);
-        }
-        for (_, c) in model.convs() {
-            let (w, b, _) = c.base();
-            all.push(w);
-            all.extend(b);
-        }
-        all.extend(model.head().base.tensors());
-        all.iter().map(|t| t.numel()).sum()
-    };
+    let (n_train, n_all) = param_counts(model.as_ref());
     let groups = vec![ParamGroup {
         params: trainable.clone(),
         lr_scale: 1.0,
@@ -498,7 +507,7 @@ pub fn train_vision(
         eval_before,
         eval_after,
         images_per_s,
-        params: (n_train, n_frozen + n_train),
+        params: (n_train, n_all),
         interrupted,
     })
 }
