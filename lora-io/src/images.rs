@@ -290,8 +290,8 @@ pub enum Resize {
     ShortestEdgeCrop {
         /// `size.shortest_edge`
         edge: usize,
-        /// `crop_pct`
-        crop_pct: f32,
+        /// `crop_pct` (f64, as Python divides by it)
+        crop_pct: f64,
     },
 }
 
@@ -324,16 +324,32 @@ impl ImageProcessor {
         }
     }
 
-    /// `ConvNextImageProcessor`'s defaults (ResNet checkpoints use it).
+    /// What ResNet checkpoints' `preprocessor_config.json` says (`microsoft/resnet-50`: a
+    /// `ConvNextImageProcessor` with shortest edge `edge`, `crop_pct` 0.875, bicubic, ImageNet's
+    /// statistics): used for a ResNet directory without that file.
     pub fn convnext(edge: usize) -> Self {
         Self {
             resize: Some(Resize::ShortestEdgeCrop {
                 edge,
                 crop_pct: 224.0 / 256.0,
             }),
-            filter: Filter::Bilinear,
+            filter: Filter::Bicubic,
             rescale: Some(1.0 / 255.0),
             normalize: Some(IMAGENET_DEFAULT),
+        }
+    }
+
+    /// `ConvNextImageProcessor`'s class defaults (what a `preprocessor_config.json` leaves out
+    /// takes): shortest edge 384, `crop_pct` 224/256, bicubic, mean and std 0.5.
+    pub fn convnext_class() -> Self {
+        Self {
+            resize: Some(Resize::ShortestEdgeCrop {
+                edge: 384,
+                crop_pct: 224.0 / 256.0,
+            }),
+            filter: Filter::Bicubic,
+            rescale: Some(1.0 / 255.0),
+            normalize: Some(IMAGENET_STANDARD),
         }
     }
 
@@ -394,8 +410,21 @@ impl ImageProcessor {
                     .filter(|c| *c > 0.0 && *c <= 1.0)
                     .ok_or_else(|| {
                         err("crop_pct", format!("expected a number in (0, 1], got {x}"))
-                    })? as f32,
+                    })?,
             ),
+        };
+        // ConvNeXT's processor reads a bare size as the shortest edge (`default_to_square =
+        // False`); ViT's as a square.
+        let shortest_edge_kind = get("image_processor_type")
+            .and_then(Value::as_str)
+            .map(|t| t.starts_with("ConvNext"))
+            .unwrap_or(matches!(
+                defaults.resize,
+                Some(Resize::ShortestEdgeCrop { .. })
+            ));
+        let default_crop = match defaults.resize {
+            Some(Resize::ShortestEdgeCrop { crop_pct, .. }) => crop_pct,
+            _ => 224.0 / 256.0,
         };
         if let Some(s) = get("size") {
             out.resize = Some(match s {
@@ -404,7 +433,7 @@ impl ImageProcessor {
                     (Some(h), Some(w), _) => Resize::Exact(size_of(h)?, size_of(w)?),
                     (_, _, Some(e)) => Resize::ShortestEdgeCrop {
                         edge: size_of(e)?,
-                        crop_pct: crop_pct.unwrap_or(224.0 / 256.0),
+                        crop_pct: crop_pct.unwrap_or(default_crop),
                     },
                     _ => {
                         return Err(err(
@@ -412,6 +441,10 @@ impl ImageProcessor {
                             format!("{s}: expected height and width, or shortest_edge"),
                         ))
                     }
+                },
+                x if shortest_edge_kind => Resize::ShortestEdgeCrop {
+                    edge: size_of(x)?,
+                    crop_pct: crop_pct.unwrap_or(default_crop),
                 },
                 x => {
                     let n = size_of(x)?;
@@ -499,7 +532,7 @@ impl ImageProcessor {
                 if edge >= 384 {
                     return resize(img, edge, edge, self.filter);
                 }
-                let short_target = (edge as f64 / *crop_pct as f64) as usize;
+                let short_target = (edge as f64 / *crop_pct) as usize;
                 let (h, w) = (img.height, img.width);
                 let (rh, rw) = if w <= h {
                     (

@@ -13,7 +13,7 @@ use crate::hf::{read_json, Fields, Weights};
 use crate::peft::{PeftConfig, Targets};
 use crate::safetensors::SafetensorsFile;
 use lora_core::models::resnet::{ResNet, ResNetConfig};
-use lora_core::models::vision::head_init;
+use lora_core::models::vision::{head_init, head_init_uniform};
 use lora_core::models::vit::{legacy_name, Activation, Vit, VitConfig};
 use lora_core::models::yolos::{Yolos, YolosConfig};
 use lora_core::models::{ImageClassifier, VisionModel};
@@ -202,6 +202,17 @@ pub fn parse_vision_config(path: &Path, v: &Value) -> Result<VisionConfig> {
                 None => (512, 864), // YolosConfig's default
                 Some(_) => pair(&f, "image_size", 0)?,
             };
+            let costs = (
+                f.f32_or("class_cost", 1.0)?,
+                f.f32_or("bbox_cost", 5.0)?,
+                f.f32_or("giou_cost", 2.0)?,
+            );
+            if costs == (0.0, 0.0, 0.0) {
+                return Err(f.err(
+                    "class_cost",
+                    "the matcher's three costs are all 0 (transformers refuses that too)",
+                ));
+            }
             VisionArch::Yolos(YolosConfig {
                 hidden_size: f.usize_or("hidden_size", Some(768))?,
                 num_hidden_layers: f.usize_or("num_hidden_layers", Some(12))?,
@@ -216,11 +227,7 @@ pub fn parse_vision_config(path: &Path, v: &Value) -> Result<VisionConfig> {
                 num_detection_tokens: f.usize_or("num_detection_tokens", Some(100))?,
                 use_mid_position_embeddings: f.bool_or("use_mid_position_embeddings", true)?,
                 num_labels: labels.len(),
-                costs: (
-                    f.f32_or("class_cost", 1.0)?,
-                    f.f32_or("bbox_cost", 5.0)?,
-                    f.f32_or("giou_cost", 2.0)?,
-                ),
+                costs,
                 bbox_loss_coefficient: f.f32_or("bbox_loss_coefficient", 5.0)?,
                 giou_loss_coefficient: f.f32_or("giou_loss_coefficient", 2.0)?,
                 eos_coefficient: f.f32_or("eos_coefficient", 0.1)?,
@@ -367,11 +374,13 @@ impl VisionModelDir {
                 if let Some(key) = self.resolve(&w, k) {
                     used.insert(key);
                 }
-                return if k == head_w {
-                    Tensor::new(head_init(nl, inp, std, seed), shape).map_err(Into::into)
-                } else {
-                    Tensor::new(vec![0.0; nl], shape).map_err(Into::into)
+                // As transformers initialises the head: ResNet keeps PyTorch's default linear
+                // init, ViT and YOLOS draw a (truncated) normal of `initializer_range`, bias 0.
+                let (wv, bv) = match self.config.arch {
+                    VisionArch::ResNet(_) => head_init_uniform(nl, inp, seed),
+                    _ => (head_init(nl, inp, std, seed), vec![0.0; nl]),
                 };
+                return Tensor::new(if k == head_w { wv } else { bv }, shape).map_err(Into::into);
             }
             let key = self.resolve(&w, k).unwrap_or_else(|| k.to_string());
             let t = w.tensor(&key, shape)?;
@@ -428,13 +437,15 @@ impl VisionModelDir {
     }
 }
 
-/// Whether `modules_to_save` entry `entry` names the head `head` (PEFT matches a module whose
-/// path is the entry or ends with `.entry`; the head may be inside it, as ResNet's
-/// `classifier.1` is inside `classifier`).
+/// Whether `modules_to_save` entry `entry` names the head layer `head` (PEFT wraps every module
+/// whose path ends with the entry; the head may be inside it, as ResNet's `classifier.1` is
+/// inside `classifier`).
 fn saves_head(entry: &str, head: &str) -> bool {
     let mut module = head;
     loop {
-        if module == entry || module.ends_with(&format!(".{entry}")) {
+        // PEFT's test is a plain suffix (`key.endswith(target_key)`): `classifier` names YOLOS's
+        // `class_labels_classifier` too.
+        if module.ends_with(entry) {
             return true;
         }
         match module.rsplit_once('.') {
@@ -690,13 +701,30 @@ pub fn save_adapter(model: &dyn VisionModel, cfg: &PeftConfig, dir: &Path) -> Re
         .map(|n| cfg.selects(n, ""))
         .collect::<Result<Vec<bool>>>()?;
     if current.iter().any(|s| !s) {
+        // Targets given in names the model no longer has (ViT's original ones): written so that
+        // PEFT selects exactly the adapted modules: their leaf names when those select no other
+        // module, else their full paths.
         let mut leaves: Vec<String> = adapted
             .iter()
             .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
             .collect();
         leaves.sort();
         leaves.dedup();
-        out_cfg.target_modules = Targets::List(leaves);
+        let by_leaf = PeftConfig::new(cfg.r, cfg.lora_alpha, &[]);
+        let by_leaf = PeftConfig {
+            target_modules: Targets::List(leaves.clone()),
+            ..by_leaf
+        };
+        let mut all: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
+        all.extend(model.convs().into_iter().map(|(n, _)| n));
+        let mut exact = true;
+        for n in &all {
+            if by_leaf.selects(n, "")? != adapted.contains(n) {
+                exact = false;
+                break;
+            }
+        }
+        out_cfg.target_modules = Targets::List(if exact { leaves } else { adapted.clone() });
     }
     let trained: Vec<String> = model
         .heads()

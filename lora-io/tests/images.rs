@@ -47,7 +47,7 @@ fn processors_match_transformers() {
         let key = case["key"].as_str().unwrap();
         let image = case["image"].as_str().unwrap();
         let defaults = if case["processor"].as_str().unwrap().starts_with("ConvNext") {
-            ImageProcessor::convnext(224)
+            ImageProcessor::convnext_class()
         } else {
             ImageProcessor::vit(224, 224)
         };
@@ -69,4 +69,34 @@ fn processors_match_transformers() {
         checked += 1;
     }
     assert_eq!(checked, 12);
+}
+
+#[test]
+fn convnext_reads_a_bare_size_as_the_shortest_edge() {
+    use lora_io::images::Resize;
+    let p = std::path::Path::new("preprocessor_config.json");
+    let v = serde_json::json!({"image_processor_type": "ConvNextImageProcessor", "size": 224, "crop_pct": 0.8});
+    let proc = ImageProcessor::from_json(p, &v, &ImageProcessor::convnext_class()).unwrap();
+    assert_eq!(
+        proc.resize,
+        Some(Resize::ShortestEdgeCrop {
+            edge: 224,
+            crop_pct: 0.8
+        })
+    );
+    // What it leaves out is the class's: bicubic, mean and std 0.5.
+    assert_eq!(proc.filter, lora_io::images::Filter::Bicubic);
+    assert_eq!(proc.normalize, Some(([0.5; 3], [0.5; 3])));
+    // int(224 / 0.8) = 280 as Python computes it (an f32 crop_pct gave 279): a 100 x 50 image's
+    // short side goes to 280 before the 224 crop.
+    let img = Rgb8::new(50, 100, vec![7; 50 * 100 * 3]).unwrap();
+    let r = proc.resized(&img);
+    assert_eq!((r.height, r.width), (224, 224));
+    let v = serde_json::json!({"image_processor_type": "ViTImageProcessor", "size": 32});
+    let vit = ImageProcessor::from_json(p, &v, &ImageProcessor::vit(224, 224)).unwrap();
+    assert_eq!(
+        vit.resize,
+        Some(Resize::Exact(32, 32)),
+        "ViT's bare size is a square"
+    );
 }

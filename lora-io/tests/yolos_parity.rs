@@ -133,3 +133,35 @@ fn a_detector_for_other_classes_gets_a_new_class_layer() {
     // The box head and the first class layers are the checkpoint's.
     assert_eq!(heads[5].dims(), (24, 4));
 }
+
+#[test]
+fn modules_to_save_names_heads_by_suffix_as_peft_does() {
+    use lora_core::models::VisionModel;
+    use lora_io::peft::PeftConfig;
+    let md = VisionModelDir::open(dir().join("model")).unwrap();
+    let (mut model, _) = md.load_detector(0).unwrap();
+    let mut cfg = PeftConfig::new(2, 4.0, &["query"]);
+    // PEFT's `key.endswith("classifier")` wraps `class_labels_classifier`, not the box head.
+    cfg.modules_to_save = vec!["classifier".into()];
+    lora_io::vision::inject(&mut model, &cfg, 0).unwrap();
+    let trained: Vec<&str> = model
+        .heads()
+        .into_iter()
+        .filter(|h| h.trained.is_some())
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(
+        trained,
+        [
+            "class_labels_classifier.layers.0",
+            "class_labels_classifier.layers.1",
+            "class_labels_classifier.layers.2"
+        ]
+    );
+    let (mut model, _) = md.load_detector(0).unwrap();
+    cfg.modules_to_save = vec!["layernorm".into()];
+    let e = lora_io::vision::inject(&mut model, &cfg, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`layernorm` is not a head"), "{e}");
+}

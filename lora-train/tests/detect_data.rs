@@ -79,8 +79,15 @@ fn bad_labels_are_named_with_their_line() {
     );
     assert!(e("2 0.5 0.5 0.2 0.2\n").contains("class 2 is past the 2 names"));
     assert!(e("x 0.5 0.5 0.2 0.2\n").contains("not a class id"));
-    assert!(e("0 0.9 0.5 0.4 0.2\n").contains("not inside the image"));
-    assert!(e("0 0.5 0.5 0 0.2\n").contains("not inside the image"));
+    assert!(e("0 1.2 0.5 0.4 0.2\n").contains("outside [0, 1]"));
+    assert!(e("0 0.5 0.5 0 0.2\n").contains("outside [0, 1]"));
+    // Corners past the border are clipped: 0.9 +- 0.2 -> [0.7, 1.0].
+    let (_, b) = parse_labels("0 0.9 0.5 0.4 0.2\n", p, 2).unwrap();
+    assert!(
+        (b[0][0] - 0.85).abs() < 1e-6 && (b[0][2] - 0.3).abs() < 1e-6,
+        "{:?}",
+        b[0]
+    );
     assert!(e("0 0.5 nan 0.1 0.2\n").contains("not a number"));
     assert!(e("0 0.5 0.5 0.2 0.2\n1 1.2 0.5 0.2 0.2\n").contains("labels/x.txt: line 2"));
     // Blank lines are fine.

@@ -153,6 +153,27 @@ fn original_vit_target_names_select_the_same_layers() {
         cfg["target_modules"],
         serde_json::json!(["q_proj", "v_proj"])
     );
+    // An old-naming regex that picks one layer is written as the adapted modules' paths (their
+    // leaf names would select every layer), and the adapter reloads.
+    let out2 = tmp("out-legacy-regex");
+    let cfg2 = VisionTrainConfig {
+        rank: 4,
+        targets: Targets::Regex(r".*layer\.1\..*(query|value)".into()),
+        epochs: 1,
+        ..VisionTrainConfig::new(&fixture("vit"), &data, &out2)
+    };
+    train_vision(&cfg2, true, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let c2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        c2["target_modules"],
+        serde_json::json!([
+            "vit.layers.1.attention.q_proj",
+            "vit.layers.1.attention.v_proj"
+        ])
+    );
+    load_for_inference(&fixture("vit"), Some(&out2)).unwrap();
+    std::fs::remove_dir_all(out2).unwrap();
     for d in [data, out] {
         std::fs::remove_dir_all(d).unwrap();
     }

@@ -109,6 +109,21 @@ pub fn head_init(num_labels: usize, inp: usize, std: f32, seed: u64) -> Vec<f32>
         .collect()
 }
 
+/// PyTorch's default `nn.Linear` initialisation (`kaiming_uniform_(a=sqrt(5))`, which
+/// transformers' ResNet keeps for its head): weight `(num_labels, in)` then bias `(num_labels)`,
+/// both uniform in `[-1/sqrt(in), 1/sqrt(in)]`.
+pub fn head_init_uniform(num_labels: usize, inp: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let bound = 1.0 / (inp.max(1) as f64).sqrt();
+    let mut draw = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| rng.uniform_range(-bound, bound) as f32)
+            .collect()
+    };
+    let w = draw(num_labels * inp);
+    (w, draw(num_labels))
+}
+
 /// A head layer: the pretrained linear layer, and (when `modules_to_save` names it or a module
 /// around it) a trainable copy that is used while adapters are on, as PEFT's
 /// `ModulesToSaveWrapper` does; the original stays for `adapters == false`.

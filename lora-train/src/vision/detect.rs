@@ -264,7 +264,7 @@ pub fn train_detection(
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(VisionSummary, Option<DetEval>, Option<DetEval>)> {
     let out = &cfg.out;
-    let data_root = cfg.data.parent().unwrap_or(Path::new("."));
+    cfg.validate()?;
     outdir::check_not_input(
         "--out",
         out,
@@ -273,12 +273,6 @@ pub fn train_detection(
             ("training data (--data)", &cfg.data),
         ],
     )?;
-    if outdir::resolve(out).starts_with(outdir::resolve(data_root)) {
-        return Err(data_err(
-            out,
-            "--out is inside the data tree: write the run elsewhere",
-        ));
-    }
     outdir::DirLock::check_free(out)?;
     let found = outdir::inspect_output("--out", out, "lora train", Owned::Matching(&is_output))?;
     if matches!(found, Existing::Ours(_)) && !force {
@@ -287,13 +281,19 @@ pub fn train_detection(
             "output directory is not empty (pass --force to start over)",
         ));
     }
-    if cfg.epochs == 0 || cfg.batch_size == 0 || cfg.rank == 0 || !(cfg.lr > 0.0) {
-        return Err(TrainError::Setting {
-            setting: "epochs",
-            reason: "--epochs, --batch-size, --rank and --lr must be positive".into(),
-        });
-    }
     let (train, val) = read_yolo(&cfg.data)?;
+    // The output must not land among the images or labels (it would join the data).
+    for root in std::iter::once(&train.root).chain(val.as_ref().map(|v| &v.root)) {
+        let labels = super::detect_data::label_path(&root.join("x.png"));
+        for dir in [root.as_path(), labels.parent().unwrap_or(root)] {
+            if outdir::resolve(out).starts_with(outdir::resolve(dir)) {
+                return Err(data_err(
+                    out,
+                    format!("--out is inside {}: write the run elsewhere", dir.display()),
+                ));
+            }
+        }
+    }
     let mut note = |s: &str| on_event(VisionEvent::Note(s));
     let mut md = VisionModelDir::open(&cfg.model)?;
     md.set_labels(train.classes.clone());

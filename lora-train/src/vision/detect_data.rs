@@ -1,11 +1,11 @@
 //! Object detection data: the YOLO layout that labelling and training tools write (a
 //! `data.yaml` naming the `train` / `val` image folders and the class `names`; for
 //! `.../images/<split>/x.jpg` the labels in `.../labels/<split>/x.txt`, one `class cx cy w h`
-//! line per object, normalised to the image) and COCO JSON (`images`, `annotations` with pixel
-//! `[x, y, w, h]` boxes, `categories`).
+//! line per object, normalised to the image; corners past the border are clipped) and COCO
+//! JSON (`images`, `annotations` with pixel `[x, y, w, h]` boxes, `categories`).
 //!
 //! Every problem is an error naming the file (and line): a label line without exactly five
-//! fields, a class id past `names`, a box outside the image or without area, a label file without
+//! fields, a class id past `names`, a value outside `[0, 1]` or no area, a label file without
 //! its image, an image that is not one. An image without a label file has no objects (a
 //! background image), as in YOLO tools.
 
@@ -41,6 +41,8 @@ pub struct DetItem {
 /// A detection split.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DetectionSet {
+    /// The images' folder.
+    pub root: PathBuf,
     /// Class names, by index.
     pub classes: Vec<String>,
     /// The images.
@@ -189,16 +191,16 @@ pub fn parse_labels(
                 .ok_or_else(|| at(format!("`{}` is not a number", f[k + 1])))?;
         }
         let [cx, cy, w, h] = v;
-        let inside = |lo: f32, hi: f32| lo >= -1e-6 && hi <= 1.0 + 1e-6;
-        if w <= 0.0
-            || h <= 0.0
-            || !inside(cx - w / 2.0, cx + w / 2.0)
-            || !inside(cy - h / 2.0, cy + h / 2.0)
-        {
+        // As YOLO tools check: each value normalised to [0, 1], a positive size. A box whose
+        // corners pass the border (rounding in exporters) is clipped to the image.
+        if v.iter().any(|x| !(0.0..=1.0).contains(x)) || w <= 0.0 || h <= 0.0 {
             return Err(at(format!(
-                "box {cx} {cy} {w} {h} is not inside the image (normalised centre and size in [0, 1], positive size)"
+                "box {cx} {cy} {w} {h} is outside [0, 1] (normalised centre and size, positive size)"
             )));
         }
+        let (x0, x1) = ((cx - w / 2.0).max(0.0), (cx + w / 2.0).min(1.0));
+        let (y0, y1) = ((cy - h / 2.0).max(0.0), (cy + h / 2.0).min(1.0));
+        let v = [(x0 + x1) / 2.0, (y0 + y1) / 2.0, x1 - x0, y1 - y0];
         classes.push(class);
         boxes.push(v);
     }
@@ -274,6 +276,7 @@ pub fn read_yolo_split(images: &Path, classes: &[String]) -> Result<DetectionSet
         }
     }
     Ok(DetectionSet {
+        root: images.to_path_buf(),
         classes: classes.to_vec(),
         items,
     })
@@ -366,6 +369,7 @@ pub fn read_coco(json: &Path, image_dir: &Path) -> Result<DetectionSet> {
         it.crowd.push(a["iscrowd"].as_u64() == Some(1));
     }
     Ok(DetectionSet {
+        root: image_dir.to_path_buf(),
         classes: cats.into_iter().map(|c| c.1).collect(),
         items,
     })

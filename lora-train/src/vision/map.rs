@@ -5,6 +5,8 @@
 //! points; AP is the mean over the classes that have ground truth and over the thresholds.
 //! `map50` is the same at IoU 0.5 alone, `map75` at 0.75.
 
+use std::collections::BTreeMap;
+
 /// A ground-truth box: image, class, `[x, y, w, h]` (any consistent unit), crowd flag.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroundTruth {
@@ -77,30 +79,27 @@ pub fn coco_map(gts: &[GroundTruth], dets: &[Detection], num_classes: usize) -> 
     let thresholds: Vec<f64> = (0..10)
         .map(|i| if i == 9 { 0.95 } else { i as f64 * step + 0.5 })
         .collect();
-    let images = gts
-        .iter()
-        .map(|g| g.image + 1)
-        .chain(dets.iter().map(|d| d.image + 1))
-        .max()
-        .unwrap_or(0);
     // precision[t][class] = 101 sampled values, or None for a class without ground truth.
     let mut precision: Vec<Vec<Option<Vec<f64>>>> = vec![vec![None; num_classes]; thresholds.len()];
+    // Boxes by (class, image), each list in its given order: one pass over the inputs.
+    type Boxes<'a> = (Vec<&'a GroundTruth>, Vec<&'a Detection>);
+    let mut at: BTreeMap<(usize, usize), Boxes> = BTreeMap::new();
+    for g in gts {
+        at.entry((g.class, g.image)).or_default().0.push(g);
+    }
+    for d in dets {
+        at.entry((d.class, d.image)).or_default().1.push(d);
+    }
     for class in 0..num_classes {
-        // Per image: this class's ground truth (regular first, crowd last: COCO's order) and
-        // its detections sorted by score and cut to MAX_DETS.
-        let mut per_image: Vec<(Vec<&GroundTruth>, Vec<&Detection>)> = Vec::with_capacity(images);
+        // Per image (in image order; an image with neither box of this class is skipped, as
+        // pycocotools skips it): the ground truth, regular first and crowd last (COCO's order),
+        // and the detections sorted by score and cut to MAX_DETS.
+        let mut per_image: Vec<Boxes> = Vec::new();
         let mut npig = 0usize;
-        for img in 0..images {
-            let mut g: Vec<&GroundTruth> = gts
-                .iter()
-                .filter(|g| g.image == img && g.class == class)
-                .collect();
+        for (_, (g, d)) in at.range((class, 0)..(class + 1, 0)) {
+            let mut g = g.clone();
             g.sort_by_key(|g| g.crowd); // stable: regular boxes in order, then crowd ones
             npig += g.iter().filter(|g| !g.crowd).count();
-            let d: Vec<&Detection> = dets
-                .iter()
-                .filter(|d| d.image == img && d.class == class)
-                .collect();
             let order = by_score(&d.iter().map(|d| d.score).collect::<Vec<_>>());
             let d: Vec<&Detection> = order.into_iter().take(MAX_DETS).map(|i| d[i]).collect();
             per_image.push((g, d));

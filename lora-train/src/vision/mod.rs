@@ -106,7 +106,7 @@ impl VisionTrainConfig {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad =
             |setting: &'static str, reason: String| Err(TrainError::Setting { setting, reason });
         if self.rank == 0 {
@@ -204,22 +204,30 @@ pub fn is_vision_output(name: &str) -> bool {
 /// The image processor of a model directory: its `preprocessor_config.json`, else the
 /// architecture's processor defaults; `size` overrides the target size.
 pub fn processor_for(md: &VisionModelDir, size: Option<usize>) -> Result<ImageProcessor> {
-    let defaults = match &md.config.arch {
-        VisionArch::Vit(c) => ImageProcessor::vit(c.image_size.0, c.image_size.1),
-        VisionArch::ResNet(_) => ImageProcessor::convnext(224),
+    // With a preprocessor_config.json, what it leaves out takes the processor class's defaults;
+    // without one, the settings such checkpoints ship (ViT's class defaults at the config's
+    // size; microsoft/resnet-50's for ResNet).
+    let (class_defaults, without_file) = match &md.config.arch {
+        VisionArch::Vit(c) => {
+            let d = ImageProcessor::vit(c.image_size.0, c.image_size.1);
+            (d.clone(), d)
+        }
+        VisionArch::ResNet(_) => (
+            ImageProcessor::convnext_class(),
+            ImageProcessor::convnext(224),
+        ),
         VisionArch::Yolos(_) => {
             return Err(TrainError::Setting {
                 setting: "task",
-                reason: "YOLOS is an object detector: detection training is not implemented yet"
-                    .into(),
+                reason: "YOLOS is an object detector: it takes the detection processor".into(),
             })
         }
     };
     let path = md.dir.join("preprocessor_config.json");
     let mut p = if path.exists() {
-        ImageProcessor::from_file(&path, &defaults)?
+        ImageProcessor::from_file(&path, &class_defaults)?
     } else {
-        defaults
+        without_file
     };
     if let Some(n) = size {
         p.resize = Some(match (&md.config.arch, &p.resize) {
@@ -229,6 +237,10 @@ pub fn processor_for(md: &VisionModelDir, size: Option<usize>) -> Result<ImagePr
             ) => lora_io::images::Resize::ShortestEdgeCrop {
                 edge: n,
                 crop_pct: *crop_pct,
+            },
+            (VisionArch::ResNet(_), _) => lora_io::images::Resize::ShortestEdgeCrop {
+                edge: n,
+                crop_pct: 224.0 / 256.0,
             },
             _ => lora_io::images::Resize::Exact(n, n),
         });
@@ -272,7 +284,7 @@ pub fn processor_json(p: &ImageProcessor, arch: &VisionArch) -> Value {
         Some(lora_io::images::Resize::Exact(h, w)) => v["size"] = json!({"height": h, "width": w}),
         Some(lora_io::images::Resize::ShortestEdgeCrop { edge, crop_pct }) => {
             v["size"] = json!({ "shortest_edge": edge });
-            v["crop_pct"] = json!(*crop_pct as f64);
+            v["crop_pct"] = json!(*crop_pct);
         }
         None => {}
     }
