@@ -459,8 +459,15 @@ fn predict_boxes(a: &PredictArgs) -> Result<()> {
             anyhow::bail!("--save {}: the file exists; lora predict never replaces a file (choose a new name)", path.display());
         }
         let mut canvas = img.clone();
-        for (id, _, bx) in &found {
-            draw_box(&mut canvas, bx, PALETTE[id % PALETTE.len()]);
+        for (id, p, bx) in &found {
+            let c = PALETTE[id % PALETTE.len()];
+            draw_box(&mut canvas, bx, c);
+            draw_label(
+                &mut canvas,
+                &format!("{} {:.0}%", labels[*id], 100.0 * p),
+                bx,
+                c,
+            );
         }
         canvas.save_png(path)?;
     }
@@ -491,7 +498,11 @@ fn predict_boxes(a: &PredictArgs) -> Result<()> {
                 .enumerate()
                 .map(|(i, l)| format!("{l} = rgb{:?}", PALETTE[i % PALETTE.len()]))
                 .collect();
-            outln!("wrote {} (colours: {})", p.display(), legend.join(", "));
+            outln!(
+                "wrote {} (boxes labelled; colours: {})",
+                p.display(),
+                legend.join(", ")
+            );
         }
     }
     Ok(())
@@ -522,5 +533,129 @@ fn draw_box(img: &mut lora_io::images::Rgb8, b: &[f64; 4], c: [u8; 3]) {
             put(x0 + t, y);
             put(x1 - t, y);
         }
+    }
+}
+
+/// A 3x5 pixel font for labels: lowercase letters (upper case drawn the same), digits and a few
+/// signs; each glyph is 5 rows of 3 bits, the high bit leftmost. Anything else draws as `?`.
+fn glyph(ch: char) -> [u8; 5] {
+    match ch.to_ascii_lowercase() {
+        'a' => [2, 5, 7, 5, 5],
+        'b' => [6, 5, 6, 5, 6],
+        'c' => [3, 4, 4, 4, 3],
+        'd' => [6, 5, 5, 5, 6],
+        'e' => [7, 4, 6, 4, 7],
+        'f' => [7, 4, 6, 4, 4],
+        'g' => [3, 4, 5, 5, 3],
+        'h' => [5, 5, 7, 5, 5],
+        'i' => [7, 2, 2, 2, 7],
+        'j' => [1, 1, 1, 5, 2],
+        'k' => [5, 5, 6, 5, 5],
+        'l' => [4, 4, 4, 4, 7],
+        'm' => [5, 7, 7, 5, 5],
+        'n' => [6, 5, 5, 5, 5],
+        'o' => [2, 5, 5, 5, 2],
+        'p' => [6, 5, 6, 4, 4],
+        'q' => [2, 5, 5, 6, 3],
+        'r' => [6, 5, 6, 5, 5],
+        's' => [3, 4, 2, 1, 6],
+        't' => [7, 2, 2, 2, 2],
+        'u' => [5, 5, 5, 5, 7],
+        'v' => [5, 5, 5, 5, 2],
+        'w' => [5, 5, 7, 7, 5],
+        'x' => [5, 5, 2, 5, 5],
+        'y' => [5, 5, 2, 2, 2],
+        'z' => [7, 1, 2, 4, 7],
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [6, 1, 2, 4, 7],
+        '3' => [6, 1, 2, 1, 6],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 6, 1, 6],
+        '6' => [3, 4, 7, 5, 7],
+        '7' => [7, 1, 2, 2, 2],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 6],
+        '.' => [0, 0, 0, 0, 2],
+        '%' => [5, 1, 2, 4, 5],
+        '-' => [0, 0, 7, 0, 0],
+        '_' => [0, 0, 0, 0, 7],
+        ' ' => [0, 0, 0, 0, 0],
+        _ => [6, 1, 2, 0, 2],
+    }
+}
+
+/// `text` in black on a tag of colour `c` at the box's top-left corner (above the box when
+/// there is room, else inside it), glyphs at twice the font's size, clipped to the image.
+fn draw_label(img: &mut lora_io::images::Rgb8, text: &str, b: &[f64; 4], c: [u8; 3]) {
+    const S: i64 = 2; // pixels per font pixel
+    let (w, h) = (img.width as i64, img.height as i64);
+    let n = text.chars().count() as i64;
+    let (tw, th) = (n * 4 * S + S, 5 * S + 2 * S);
+    let x0 = (b[0].round() as i64).clamp(0, (w - 1).max(0));
+    let top = b[1].round() as i64;
+    let y0 = if top - th >= 0 {
+        top - th
+    } else {
+        top.clamp(0, (h - 1).max(0))
+    };
+    let mut put = |x: i64, y: i64, v: [u8; 3]| {
+        if (0..w).contains(&x) && (0..h).contains(&y) {
+            let p = ((y * w + x) * 3) as usize;
+            img.data[p..p + 3].copy_from_slice(&v);
+        }
+    };
+    for y in y0..y0 + th {
+        for x in x0..x0 + tw {
+            put(x, y, c);
+        }
+    }
+    for (k, ch) in text.chars().enumerate() {
+        let g = glyph(ch);
+        let gx = x0 + S + k as i64 * 4 * S;
+        for (row, bits) in g.iter().enumerate() {
+            for col in 0..3 {
+                if bits & (4 >> col) != 0 {
+                    for dy in 0..S {
+                        for dx in 0..S {
+                            put(gx + col * S + dx, y0 + S + row as i64 * S + dy, [0, 0, 0]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_drawn_on_a_tag_above_the_box() {
+        let mut img = lora_io::images::Rgb8::new(40, 60, vec![255; 40 * 60 * 3]).unwrap();
+        draw_label(&mut img, "t1", &[10.0, 30.0, 50.0, 39.0], [200, 0, 0]);
+        fn px(img: &lora_io::images::Rgb8, x: usize, y: usize) -> [u8; 3] {
+            let p = (y * img.width + x) * 3;
+            [img.data[p], img.data[p + 1], img.data[p + 2]]
+        }
+        // The tag: 2 glyphs x 8 + 2 = 18 wide, 14 high, ending at the box's top (y 30).
+        assert_eq!(px(&img, 10, 16), [200, 0, 0]);
+        assert_eq!(px(&img, 27, 29), [200, 0, 0]);
+        assert_eq!(px(&img, 28, 29), [255, 255, 255], "nothing past the tag");
+        // 't': its top row is 3 pixels on (black), its second row only the middle one.
+        let (gx, gy) = (12, 18);
+        for col in 0..3 {
+            assert_eq!(
+                px(&img, gx + 2 * col, gy),
+                [0, 0, 0],
+                "top of t, column {col}"
+            );
+        }
+        assert_eq!(px(&img, gx, gy + 2), [200, 0, 0]);
+        assert_eq!(px(&img, gx + 2, gy + 2), [0, 0, 0]);
+        // A box at the top edge: the tag goes inside it, and nothing is drawn out of bounds.
+        draw_label(&mut img, "x%_?", &[55.0, 0.0, 70.0, 5.0], [0, 0, 200]);
+        assert_eq!(px(&img, 55, 0), [0, 0, 200]);
     }
 }
