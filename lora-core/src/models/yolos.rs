@@ -100,6 +100,9 @@ pub struct DetrLoss {
     pub loss_bbox: f32,
     /// The GIoU loss.
     pub loss_giou: f32,
+    /// The forward pass's outputs the loss was computed from (evaluation reads them instead of
+    /// running the model again).
+    pub detections: Detections,
 }
 
 /// A 3-layer MLP head (`layers.0..2`, ReLU between), each layer trainable in full.
@@ -311,6 +314,13 @@ impl Yolos {
         let mut x = ops::add(tape, &x, &pos)?;
         let mids: Vec<Tensor> = match &self.mid_positions {
             None => Vec::new(),
+            // On the config's grid the tables are used where they live (no host copy).
+            Some(m) if grid == cfg.grid() => (0..cfg.num_hidden_layers - 1)
+                .map(|i| {
+                    let t = ops::narrow_dim(tape, m, 0, i, 1)?;
+                    ops::reshape(tape, &t, &[1, seq, c])
+                })
+                .collect::<Result<_>>()?,
             Some(m) => {
                 let all = self.frozen_table(m, "YOLOS: trainable mid-layer position embeddings")?;
                 let per = all.len() / (cfg.num_hidden_layers - 1);
@@ -427,6 +437,7 @@ impl Yolos {
                 loss_ce,
                 loss_bbox: 0.0,
                 loss_giou: 0.0,
+                detections: det,
             });
         }
         let num_boxes = objects.iter().map(|o| o.boxes.len()).sum::<usize>().max(1) as f32;
@@ -449,6 +460,7 @@ impl Yolos {
             loss_ce,
             loss_bbox: pv[0],
             loss_giou: pv[1],
+            detections: det,
         })
     }
 }

@@ -195,7 +195,7 @@ pub fn evaluate_detection(
         let tape = Tape::inference();
         let r = model.loss(&tape, &pixels, &objects, true)?;
         loss_sum += r.total.scalar()? as f64 * chunk.len() as f64;
-        let det = model.forward(&tape, &pixels, true)?;
+        let det = r.detections;
         let logits = det.logits.try_to_vec()?;
         let boxes = det.boxes.try_to_vec()?;
         let q = model.config().num_detection_tokens;
