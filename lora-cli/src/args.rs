@@ -44,13 +44,18 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Output directory for the adapter, metrics.jsonl and loss.svg (an earlier demo output
-    /// there is replaced).
-    #[arg(long, default_value = "lora-demo-out")]
-    pub out: std::path::PathBuf,
-    /// Training steps (batch 16).
-    #[arg(long, default_value_t = 1200)]
-    pub steps: usize,
+    /// Which demo: `translate` (a tiny GPT-2 learns English to French) or `detect` (a tiny
+    /// YOLOS learns to find rare defects on images of parts).
+    #[arg(long, default_value = "translate")]
+    pub task: String,
+    /// Output directory (an earlier demo output there is replaced). translate: the adapter,
+    /// metrics.jsonl and loss.svg (default lora-demo-out); detect: data/, adapter/ and
+    /// predictions/ (default lora-demo-detect).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Training steps (translate: batch 16; default 1200) or epochs (detect: default 12).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -67,9 +72,10 @@ pub struct DemoArgs {
     /// pretrained from scratch (full-parameter training; about 10 minutes on 2 cores).
     #[arg(long)]
     pub build: bool,
-    /// Pretraining steps for --build (batch 32 x 64 tokens).
-    #[arg(long, default_value_t = 2000)]
-    pub pretrain_steps: usize,
+    /// Pretraining steps for --build (translate: batch 32 x 64 tokens, default 2000; detect:
+    /// batch 32 images, default 6000).
+    #[arg(long)]
+    pub pretrain_steps: Option<usize>,
 }
 
 #[derive(Args)]
@@ -302,6 +308,12 @@ pub struct TrainArgs {
     /// Image tasks: no random horizontal flips.
     #[arg(long)]
     pub no_flip: bool,
+    /// Image tasks: when the dataset's classes differ from the checkpoint's, start the new
+    /// head's rows for classes the checkpoint already names (matched by name; a detector's
+    /// "no object" too) from the checkpoint's rows, instead of all anew as transformers'
+    /// ignore_mismatched_sizes does: the model keeps recognising what it knew.
+    #[arg(long)]
+    pub keep_classes: bool,
     /// Image tasks: scale jitter, the smallest side fraction of the random crop taken before
     /// resizing (1 = off).
     #[arg(long, default_value_t = 0.8)]

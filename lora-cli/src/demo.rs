@@ -302,17 +302,22 @@ pub fn run(r: &DemoRun) -> Result<()> {
 
 /// `lora demo` (`--build`: remake the shipped base model and data).
 pub fn command(a: crate::args::DemoArgs) -> Result<()> {
+    match a.task.as_str() {
+        "translate" => {}
+        "detect" => return crate::demo_detect::command(a),
+        other => bail!("--task {other:?}: the demos are `translate` and `detect`"),
+    }
     if a.build {
         build(&BuildRun {
             dir: locate(a.dir.as_deref()),
-            pretrain_steps: a.pretrain_steps,
+            pretrain_steps: a.pretrain_steps.unwrap_or(2000),
             threads: a.threads,
         })
     } else {
         run(&DemoRun {
             dir: a.dir,
-            out: a.out,
-            steps: a.steps,
+            out: a.out.unwrap_or_else(|| "lora-demo-out".into()),
+            steps: a.steps.unwrap_or(1200),
             threads: a.threads,
             samples: a.samples,
             json: a.json,

@@ -24,6 +24,8 @@ mod config;
 mod convert;
 mod demo;
 mod demo_data;
+mod demo_detect;
+mod demo_detect_data;
 mod device;
 mod eval;
 mod generate;

@@ -119,6 +119,7 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
             min_scale: a.scale_jitter,
         },
         image_size: a.image_size,
+        keep_classes: a.keep_classes,
         device,
         ..VisionTrainConfig::new(&a.model, &a.data, &a.out)
     };
@@ -245,7 +246,7 @@ fn train_detector(
         crate::train::clear_signal();
     }
     let rep = |e: &Option<lora_train::vision::detect::DetEval>| {
-        e.map(|e| serde_json::json!({"loss": e.loss, "map50": e.map50, "map": e.map, "images": e.images}))
+        e.as_ref().map(|e| serde_json::json!({"loss": e.loss, "map50": e.map50, "map": e.map, "images": e.images}))
     };
     if json {
         outln!(
@@ -418,17 +419,21 @@ const PALETTE: [[u8; 3]; 8] = [
     [240, 50, 230],
 ];
 
-/// `lora predict` on a detector: the boxes scoring at least `--conf`.
-fn predict_boxes(a: &PredictArgs) -> Result<()> {
-    let (labels, det, proc) = lora_train::vision::detect::load_detector_for_inference(
-        &a.model.model,
-        a.model.adapter.as_deref(),
-    )?;
-    let img = lora_io::images::Rgb8::open(&a.image)?;
-    let (px, h, w) = proc.pixels(&img);
+/// A detected box: class id, score, `[x0, y0, x1, y1]` in the image's pixels.
+pub(crate) type Found = (usize, f64, [f64; 4]);
+
+/// The boxes `det` finds in `img` scoring at least `conf`, best first.
+pub(crate) fn detect_boxes(
+    det: &lora_core::models::yolos::Yolos,
+    num_labels: usize,
+    proc: &lora_io::images::ImageProcessor,
+    img: &lora_io::images::Rgb8,
+    conf: f64,
+) -> Result<Vec<Found>> {
+    let (px, h, w) = proc.pixels(img);
     let out = det.forward(&Tape::inference(), &Tensor::new(px, &[1, 3, h, w])?, true)?;
     let (logits, boxes) = (out.logits.try_to_vec()?, out.boxes.try_to_vec()?);
-    let l = labels.len();
+    let l = num_labels;
     let (ih, iw) = (img.height as f64, img.width as f64);
     let mut found = Vec::new();
     for (row, b) in logits.chunks(l + 1).zip(boxes.chunks(4)) {
@@ -439,7 +444,7 @@ fn predict_boxes(a: &PredictArgs) -> Result<()> {
             .enumerate()
             .map(|(i, &v)| (i, (v as f64 - m).exp() / z))
             .fold((0, -1.0), |x, y| if y.1 > x.1 { y } else { x });
-        if p >= a.conf as f64 {
+        if p >= conf {
             let (cx, cy, bw, bh) = (b[0] as f64, b[1] as f64, b[2] as f64, b[3] as f64);
             found.push((
                 id,
@@ -454,22 +459,54 @@ fn predict_boxes(a: &PredictArgs) -> Result<()> {
         }
     }
     found.sort_by(|x, y| y.1.total_cmp(&x.1));
+    Ok(found)
+}
+
+/// `img` enlarged `zoom` times (nearest neighbour) with `found`'s boxes drawn and labelled in
+/// their class colours.
+pub(crate) fn annotate(
+    img: &lora_io::images::Rgb8,
+    found: &[Found],
+    labels: &[String],
+    zoom: usize,
+) -> lora_io::images::Rgb8 {
+    let z = zoom.max(1);
+    let (h, w) = (img.height * z, img.width * z);
+    let mut data = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            let s = ((y / z) * img.width + x / z) * 3;
+            data[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&img.data[s..s + 3]);
+        }
+    }
+    let mut canvas = lora_io::images::Rgb8::new(h, w, data).expect("h * w * 3 bytes");
+    for (id, p, bx) in found {
+        let c = PALETTE[id % PALETTE.len()];
+        let bx = bx.map(|v| v * z as f64);
+        draw_box(&mut canvas, &bx, c);
+        draw_label(
+            &mut canvas,
+            &format!("{} {:.0}%", labels[*id], 100.0 * p),
+            &bx,
+            c,
+        );
+    }
+    canvas
+}
+
+/// `lora predict` on a detector: the boxes scoring at least `--conf`.
+fn predict_boxes(a: &PredictArgs) -> Result<()> {
+    let (labels, det, proc) = lora_train::vision::detect::load_detector_for_inference(
+        &a.model.model,
+        a.model.adapter.as_deref(),
+    )?;
+    let img = lora_io::images::Rgb8::open(&a.image)?;
+    let found = detect_boxes(&det, labels.len(), &proc, &img, a.conf as f64)?;
     if let Some(path) = &a.save {
         if path.exists() {
             anyhow::bail!("--save {}: the file exists; lora predict never replaces a file (choose a new name)", path.display());
         }
-        let mut canvas = img.clone();
-        for (id, p, bx) in &found {
-            let c = PALETTE[id % PALETTE.len()];
-            draw_box(&mut canvas, bx, c);
-            draw_label(
-                &mut canvas,
-                &format!("{} {:.0}%", labels[*id], 100.0 * p),
-                bx,
-                c,
-            );
-        }
-        canvas.save_png(path)?;
+        annotate(&img, &found, &labels, 1).save_png(path)?;
     }
     if a.json {
         let preds: Vec<_> = found

@@ -266,6 +266,10 @@ pub enum HeadSource {
     /// The checkpoint's head has another number of classes: a new one
     /// (`ignore_mismatched_sizes`); the checkpoint's class count.
     Mismatched(usize),
+    /// The checkpoint's head has other classes and [`VisionModelDir::keep_known_classes`] is
+    /// set: a new head whose rows for classes the checkpoint names (by name; and a detector's
+    /// "no object") are the checkpoint's, the others new. `(checkpoint's head rows, rows kept)`.
+    Extended(usize, usize),
 }
 
 /// A vision model directory.
@@ -274,6 +278,12 @@ pub struct VisionModelDir {
     pub dir: PathBuf,
     /// Its parsed config.
     pub config: VisionConfig,
+    /// The checkpoint's own class names (its `config.json`'s, whatever `set_labels` sets).
+    pub checkpoint_labels: Vec<String>,
+    /// When the classes differ from the checkpoint's, start the new head from the checkpoint's
+    /// rows for the classes it already names instead of all anew (transformers'
+    /// `ignore_mismatched_sizes` makes it all new): a detector keeps what it recognised.
+    pub keep_known_classes: bool,
 }
 
 impl VisionModelDir {
@@ -289,7 +299,12 @@ impl VisionModelDir {
         }
         let v = read_json(&cfg_path)?;
         let config = parse_vision_config(&cfg_path, &v)?;
-        Ok(Self { dir, config })
+        Ok(Self {
+            dir,
+            checkpoint_labels: config.labels.clone(),
+            config,
+            keep_known_classes: false,
+        })
     }
 
     /// Replaces the class names (a dataset's classes): the head is then built for them, anew
@@ -360,12 +375,60 @@ impl VisionModelDir {
                     .find(|(n, _, _)| n == k)
                     .map(|(_, _, s)| s)
                     .unwrap_or_default();
-                if shape.first() == Some(&nl) {
+                let rows = shape.first().copied().unwrap_or(0);
+                if rows == nl && self.config.labels == self.checkpoint_labels {
+                    HeadSource::Checkpoint
+                } else if self.keep_known_classes {
+                    HeadSource::Extended(rows, 0)
+                } else if rows == nl {
                     HeadSource::Checkpoint
                 } else {
-                    HeadSource::Mismatched(shape.first().copied().unwrap_or(0))
+                    HeadSource::Mismatched(rows)
                 }
             }
+        };
+        // The checkpoint rows a kept head takes: new row -> checkpoint row.
+        let mut kept: Vec<(usize, usize)> = Vec::new();
+        if let HeadSource::Extended(rows, _) = &source {
+            let detector = matches!(self.config.arch, VisionArch::Yolos(_));
+            let old_classes = if detector {
+                rows.saturating_sub(1)
+            } else {
+                *rows
+            };
+            if old_classes == self.checkpoint_labels.len() {
+                for (i, l) in self.config.labels.iter().enumerate() {
+                    if let Some(j) = self.checkpoint_labels.iter().position(|o| o == l) {
+                        kept.push((i, j));
+                    }
+                }
+                if detector {
+                    kept.push((nl - 1, rows - 1));
+                }
+            }
+        }
+        // The same classes in the same order: the checkpoint's head as it is.
+        let source = match source {
+            HeadSource::Extended(rows, _)
+                if rows == nl && kept.len() == nl && kept.iter().all(|(i, j)| i == j) =>
+            {
+                HeadSource::Checkpoint
+            }
+            HeadSource::Extended(rows, _) => HeadSource::Extended(rows, kept.len()),
+            s => s,
+        };
+        let ckpt_rows = match (&source, &ckpt_head) {
+            (HeadSource::Extended(rows, _), Some(k)) => {
+                let bias_key = self.resolve(&w, &head_b);
+                Some((
+                    w.tensor(k, &[*rows, inp])?.try_to_vec()?,
+                    match bias_key {
+                        Some(b) => Some(w.tensor(&b, &[*rows])?.try_to_vec()?),
+                        None => None,
+                    },
+                ))
+            }
+            _ => None,
         };
         let mut used = HashSet::new();
         let std = self.config.initializer_range;
@@ -376,10 +439,18 @@ impl VisionModelDir {
                 }
                 // As transformers initialises the head: ResNet keeps PyTorch's default linear
                 // init, ViT and YOLOS draw a (truncated) normal of `initializer_range`, bias 0.
-                let (wv, bv) = match self.config.arch {
+                let (mut wv, mut bv) = match self.config.arch {
                     VisionArch::ResNet(_) => head_init_uniform(nl, inp, seed),
                     _ => (head_init(nl, inp, std, seed), vec![0.0; nl]),
                 };
+                if let Some((cw, cb)) = &ckpt_rows {
+                    for &(i, j) in &kept {
+                        wv[i * inp..(i + 1) * inp].copy_from_slice(&cw[j * inp..(j + 1) * inp]);
+                        if let Some(cb) = cb {
+                            bv[i] = cb[j];
+                        }
+                    }
+                }
                 return Tensor::new(if k == head_w { wv } else { bv }, shape).map_err(Into::into);
             }
             let key = self.resolve(&w, k).unwrap_or_else(|| k.to_string());

@@ -165,3 +165,67 @@ fn modules_to_save_names_heads_by_suffix_as_peft_does() {
         .to_string();
     assert!(e.contains("`layernorm` is not a head"), "{e}");
 }
+
+#[test]
+fn keep_known_classes_starts_the_new_class_layer_from_the_checkpoint_rows() {
+    use lora_core::models::VisionModel;
+    let md0 = VisionModelDir::open(dir().join("model")).unwrap();
+    let old = md0.config.labels.clone();
+    assert_eq!(old.len(), 3);
+    let (base, _) = md0.load_detector(0).unwrap();
+    let rows = |m: &lora_core::models::yolos::Yolos| {
+        let (w, _, b) = m.heads()[2].base.base();
+        (w.try_to_vec().unwrap(), b.unwrap().try_to_vec().unwrap())
+    };
+    let (bw, bb) = rows(&base);
+    let c = 24;
+    // The checkpoint's second class, a new one, its first class; then "no object".
+    let mut md = VisionModelDir::open(dir().join("model")).unwrap();
+    md.set_labels(vec![old[1].clone(), "scratch".into(), old[0].clone()]);
+    md.keep_known_classes = true;
+    let (m, head) = md.load_detector(5).unwrap();
+    assert_eq!(head, HeadSource::Extended(4, 3));
+    let (w, b) = rows(&m);
+    for (new, ckpt) in [(0, 1), (2, 0), (3, 3)] {
+        assert_eq!(
+            w[new * c..(new + 1) * c],
+            bw[ckpt * c..(ckpt + 1) * c],
+            "row {new}"
+        );
+        assert_eq!(b[new], bb[ckpt]);
+    }
+    // The new class: initialised anew (normal(0, initializer_range), bias 0).
+    assert!(w[c..2 * c].iter().all(|v| v.abs() < 0.2) && w[c..2 * c].iter().any(|&v| v != 0.0));
+    assert_eq!(b[1], 0.0);
+    // Without the flag, the same classes get an all-new layer (transformers' semantics)...
+    let mut plain = VisionModelDir::open(dir().join("model")).unwrap();
+    plain.set_labels(vec![old[1].clone(), "scratch".into(), old[0].clone()]);
+    let (pm, head) = plain.load_detector(5).unwrap();
+    assert_eq!(
+        head,
+        HeadSource::Checkpoint,
+        "3 classes: the checkpoint's shape"
+    );
+    assert_eq!(rows(&pm).0, bw);
+    // ...and with it, the checkpoint's own classes in order are its head as it is.
+    let mut same = VisionModelDir::open(dir().join("model")).unwrap();
+    same.keep_known_classes = true;
+    let (sm, head) = same.load_detector(5).unwrap();
+    assert_eq!(head, HeadSource::Checkpoint);
+    assert_eq!(rows(&sm).0, bw);
+    // More classes: the kept rows and "no object" move to their new places.
+    let mut more = VisionModelDir::open(dir().join("model")).unwrap();
+    more.set_labels(
+        old.iter()
+            .cloned()
+            .chain(["scratch".to_string(), "hole".to_string()])
+            .collect(),
+    );
+    more.keep_known_classes = true;
+    let (mm, head) = more.load_detector(5).unwrap();
+    assert_eq!(head, HeadSource::Extended(4, 4));
+    let (w, _) = rows(&mm);
+    assert_eq!(w.len(), 6 * c);
+    assert_eq!(w[..3 * c], bw[..3 * c]);
+    assert_eq!(w[5 * c..], bw[3 * c..]);
+}

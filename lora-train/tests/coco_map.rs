@@ -54,6 +54,34 @@ fn matches_pycocotools() {
                 "case {n} {what}: {got} vs pycocotools {want}"
             );
         }
+        // Each class's AP is that class evaluated alone, and the headline means are their mean
+        // (every class with ground truth weighs the same, as in pycocotools).
+        let present: Vec<[f64; 2]> = r.per_class.iter().flatten().copied().collect();
+        assert!(!present.is_empty());
+        let mean = |k: usize| present.iter().map(|a| a[k]).sum::<f64>() / present.len() as f64;
+        assert!((mean(0) - r.map).abs() < 1e-12 && (mean(1) - r.map50).abs() < 1e-12);
+        for (class, ap) in r.per_class.iter().enumerate() {
+            let g: Vec<GroundTruth> = gts
+                .iter()
+                .filter(|g| g.class == class)
+                .map(|g| GroundTruth { class: 0, ..*g })
+                .collect();
+            let d: Vec<Detection> = dets
+                .iter()
+                .filter(|d| d.class == class)
+                .map(|d| Detection { class: 0, ..*d })
+                .collect();
+            let alone = coco_map(&g, &d, 1);
+            match ap {
+                Some(ap) => assert!(
+                    (ap[0] - alone.map).abs() < 1e-12 && ap[1] == alone.map50,
+                    "case {n} class {class}: {ap:?} vs {} {}",
+                    alone.map,
+                    alone.map50
+                ),
+                None => assert!(g.iter().all(|g| g.crowd), "case {n} class {class}"),
+            }
+        }
         n += 1;
     }
     assert_eq!(n, 5);

@@ -33,7 +33,7 @@ fn data_err(path: &Path, reason: impl Into<String>) -> TrainError {
 }
 
 /// Evaluation of a detector on a split.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DetEval {
     /// DETR's loss, the mean over the images of each image's loss.
     pub loss: f64,
@@ -43,6 +43,8 @@ pub struct DetEval {
     pub map50: f64,
     /// Images evaluated.
     pub images: usize,
+    /// Each class's `[AP@[.5:.95], AP@.5]`; `None` for a class with no object in the split.
+    pub per_class: Vec<Option<[f64; 2]>>,
 }
 
 /// The processor a detector's images go through: a fixed-size resize (the config's
@@ -239,13 +241,19 @@ pub fn evaluate_detection(
             }
         }
     }
-    let MapReport { map, map50, .. } = coco_map(&gts, &dets, l);
+    let MapReport {
+        map,
+        map50,
+        per_class,
+        ..
+    } = coco_map(&gts, &dets, l);
     let n = split.items.len();
     Ok(DetEval {
         loss: loss_sum / n.max(1) as f64,
         map,
         map50,
         images: n,
+        per_class,
     })
 }
 
@@ -297,6 +305,7 @@ pub fn train_detection(
     let mut note = |s: &str| on_event(VisionEvent::Note(s));
     let mut md = VisionModelDir::open(&cfg.model)?;
     md.set_labels(train.classes.clone());
+    md.keep_known_classes = cfg.keep_classes;
     let proc = detection_processor(&md, cfg.image_size)?;
     let (mut model, head) = md.load_detector(cfg.seed)?;
     match head {
@@ -306,6 +315,14 @@ pub fn train_detection(
             "the checkpoint's class head has {} classes, the data {}: a new last class layer",
             n.saturating_sub(1),
             train.classes.len()
+        )),
+        HeadSource::Extended(n, kept) => note(&format!(
+            "the checkpoint's class head has {} classes, the data {}: a new last class layer \
+             keeping the checkpoint's rows for the {} classes it already names and \"no object\" \
+             (--keep-classes)",
+            n.saturating_sub(1),
+            train.classes.len(),
+            kept.saturating_sub(1)
         )),
     }
     let mut peft = PeftConfig::new(cfg.rank, cfg.alpha, &[]);
@@ -368,7 +385,7 @@ pub fn train_detection(
         let total = n.div_ceil(cfg.batch_size) * cfg.epochs;
         let t0 = Instant::now();
         let (mut step, mut last, mut images, mut after, mut interrupted) =
-            (0usize, f32::NAN, 0usize, eval_before, false);
+            (0usize, f32::NAN, 0usize, eval_before.clone(), false);
         'epochs: for epoch in 0..cfg.epochs {
             let order =
                 crate::batches::Sampler::resume(n, cfg.seed ^ 0xDE7, epoch as u64, 0).take(n);

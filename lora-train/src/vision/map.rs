@@ -35,7 +35,7 @@ pub struct Detection {
 }
 
 /// The summary numbers.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MapReport {
     /// AP averaged over IoU 0.50:0.95 (COCO's "mAP").
     pub map: f64,
@@ -43,6 +43,9 @@ pub struct MapReport {
     pub map50: f64,
     /// AP at IoU 0.75.
     pub map75: f64,
+    /// Each class's `[AP@[.5:.95], AP@.5]` (`None` for a class without ground truth, which
+    /// the means leave out as pycocotools does).
+    pub per_class: Vec<Option<[f64; 2]>>,
 }
 
 /// COCO's `maxDets` for the headline numbers.
@@ -188,9 +191,21 @@ pub fn coco_map(gts: &[GroundTruth], dets: &[Detection], num_classes: usize) -> 
             s / n as f64
         }
     };
+    let per_class = (0..num_classes)
+        .map(|c| {
+            let ap = |t: usize| {
+                precision[t][c]
+                    .as_ref()
+                    .map(|q| q.iter().sum::<f64>() / q.len() as f64)
+            };
+            let all: Option<Vec<f64>> = (0..10).map(ap).collect();
+            all.map(|v| [v.iter().sum::<f64>() / v.len() as f64, v[0]])
+        })
+        .collect();
     MapReport {
         map: mean(&(0..10).collect::<Vec<_>>()),
         map50: mean(&[0]),
         map75: mean(&[5]),
+        per_class,
     }
 }

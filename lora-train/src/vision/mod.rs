@@ -15,6 +15,7 @@ pub mod data;
 pub mod detect;
 pub mod detect_data;
 pub mod map;
+pub mod pretrain;
 
 use crate::optim::{clip_grad_norm, lr_factor, Optimizer, OptimizerKind, ParamGroup, Schedule};
 use crate::{Result, TrainError};
@@ -71,6 +72,10 @@ pub struct VisionTrainConfig {
     /// The processor's target size (ViT: must equal the config's `image_size`; ResNet: the
     /// shortest edge), instead of `preprocessor_config.json`'s.
     pub image_size: Option<usize>,
+    /// When the dataset's classes differ from the checkpoint's, start the new head from the
+    /// checkpoint's rows for the classes it already names (see
+    /// [`VisionModelDir::keep_known_classes`]) instead of all anew.
+    pub keep_classes: bool,
     /// Where to compute.
     pub device: Device,
 }
@@ -102,6 +107,7 @@ impl VisionTrainConfig {
                 min_scale: 0.8,
             },
             image_size: None,
+            keep_classes: false,
             device: Device::Cpu,
         }
     }
@@ -444,6 +450,7 @@ pub fn train_vision(
     let mut md = VisionModelDir::open(&cfg.model)?;
     let ckpt_labels = md.config.labels.clone();
     md.set_labels(train.classes.clone());
+    md.keep_known_classes = cfg.keep_classes;
     let proc = processor_for(&md, cfg.image_size)?;
     let (mut model, head) = md.load_model(cfg.seed)?;
     match head {
@@ -464,6 +471,10 @@ pub fn train_vision(
         HeadSource::Mismatched(n) => note(&format!(
             "the checkpoint's head has {n} classes, the dataset {}: a new head \
              (ignore_mismatched_sizes)",
+            train.classes.len()
+        )),
+        HeadSource::Extended(n, kept) => note(&format!(
+            "the checkpoint's head has {n} classes, the dataset {}: a new head keeping the              checkpoint's rows for the {kept} classes it already names (--keep-classes)",
             train.classes.len()
         )),
     }
