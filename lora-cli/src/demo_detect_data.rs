@@ -1,8 +1,9 @@
 //! The detection demo's generated images (deterministic in their seed and index).
 //!
 //! - **Generic shapes** (what the base detector is pretrained on): circles, squares and
-//!   triangles of any colour and size, one to four per image, sometimes overlapping or one on
-//!   another, over a random smooth background with noise.
+//!   triangles of any bright colour and size, one to four per image, sometimes overlapping or a
+//!   small one on a larger one (in any colour unlike it), over a dark random gradient with
+//!   noise.
 //! - **Factory parts**: a grey metal disc or plate on a striped conveyor belt, and on some parts
 //!   a defect: a `scratch` (a thin dark line), a `hole` (a small dark round pit) or `rust` (a
 //!   small orange-brown blot). Defects are rare: most images have none.
@@ -216,18 +217,19 @@ pub fn shapes_image(seed: u64, index: u64, size: usize) -> (Rgb8, Objects) {
     let bg = [0, 1, 2].map(|k| (c0[k] + c1[k]) / 2.0);
     let mut obj = Objects::default();
     let count = 1 + (rng.uniform() * 4.0) as usize;
-    let mut last: Option<(f64, f64, f64)> = None;
+    let mut last: Option<(f64, f64, f64, [f64; 3])> = None;
     for _ in 0..count {
         let class = (rng.uniform() * 3.0) as usize;
         // Sometimes a small shape on the previous one (as a defect sits on a part).
-        let (cx, cy, r) = match last {
-            Some((px, py, pr)) if pr > 9.0 && rng.uniform() < 0.35 => {
+        let (cx, cy, r, on) = match last {
+            Some((px, py, pr, pc)) if pr > 9.0 && rng.uniform() < 0.35 => {
                 let r = rng.uniform_range(2.0, 5.0);
                 let off = pr - r - 1.0;
                 (
                     px + rng.uniform_range(-off, off) * 0.7,
                     py + rng.uniform_range(-off, off) * 0.7,
                     r,
+                    Some(pc),
                 )
             }
             _ => {
@@ -236,14 +238,29 @@ pub fn shapes_image(seed: u64, index: u64, size: usize) -> (Rgb8, Objects) {
                 } else {
                     rng.uniform_range(5.0, n * 0.3)
                 };
-                (rng.uniform_range(r, n - r), rng.uniform_range(r, n - r), r)
+                (
+                    rng.uniform_range(r, n - r),
+                    rng.uniform_range(r, n - r),
+                    r,
+                    None,
+                )
             }
         };
         let shape = shape_of(class, cx, cy, r, &mut rng);
-        let colour = distinct(&mut rng, bg);
+        // On another shape: any colour unlike that shape's (darker ones too, as a pit or a
+        // stain on a part); elsewhere a colour brighter than the background.
+        let colour = match on {
+            Some(pc) => loop {
+                let c = random_colour(&mut rng);
+                if c.iter().zip(&pc).map(|(a, b)| (a - b).abs()).sum::<f64>() > 150.0 {
+                    break c;
+                }
+            },
+            None => distinct(&mut rng, bg),
+        };
         canvas.draw(&[&shape], &|_, _| colour);
         push(&mut obj, class, &shape, size);
-        last = Some((cx, cy, r));
+        last = Some((cx, cy, r, colour));
     }
     let img = canvas.finish(&mut rng, 6.0);
     (img, obj)

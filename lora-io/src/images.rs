@@ -293,6 +293,53 @@ pub enum Resize {
         /// `crop_pct` (f64, as Python divides by it)
         crop_pct: f64,
     },
+    /// YOLOS's processor: the aspect ratio kept, the shorter side to `shortest` unless the
+    /// longer would pass `longest` (then the longer to about `longest`), both sides floored to
+    /// multiples of 16; a batch is then padded (bottom and right) to its largest image.
+    ShortestLongest {
+        /// `size.shortest_edge`
+        shortest: usize,
+        /// `size.longest_edge`
+        longest: usize,
+    },
+}
+
+/// The `(height, width)` YOLOS's processor resizes an `(h, w)` image to
+/// (`get_size_with_aspect_ratio_yolos` in transformers, its float steps in f64 and Python's
+/// round-half-to-even); `None` when a side would be 0 (an image under 16 pixels).
+pub fn yolos_size(
+    (h, w): (usize, usize),
+    shortest: usize,
+    longest: usize,
+) -> Option<(usize, usize)> {
+    let mut size = shortest as f64;
+    let (hf, wf) = (h as f64, w as f64);
+    let mut raw: Option<f64> = None;
+    let (lo, hi) = (hf.min(wf), hf.max(wf));
+    if hi / lo * size > longest as f64 {
+        let r = longest as f64 * lo / hi;
+        raw = Some(r);
+        size = r.round_ties_even();
+    }
+    let (oh, ow) = if w < h {
+        let ow = size;
+        let oh = match raw {
+            Some(r) => (r * hf / wf).trunc(),
+            None => (size * hf / wf).trunc(),
+        };
+        (oh, ow)
+    } else if (h <= w && hf == size) || (w <= h && wf == size) {
+        (hf, wf)
+    } else {
+        let ow = match raw {
+            Some(r) => (r * wf / hf).trunc(),
+            None => (size * wf / hf).trunc(),
+        };
+        (size, ow)
+    };
+    let (oh, ow) = (oh as usize, ow as usize);
+    let (oh, ow) = (oh - oh % 16, ow - ow % 16);
+    (oh > 0 && ow > 0).then_some((oh, ow))
 }
 
 /// An image processor's settings (`preprocessor_config.json`).
@@ -396,11 +443,74 @@ impl ImageProcessor {
                     | "ConvNextImageProcessorFast"
                     | "ViTFeatureExtractor"
                     | "ConvNextFeatureExtractor"
+                    | "YolosImageProcessor"
+                    | "YolosImageProcessorFast"
+                    | "YolosImageProcessorPil"
+                    | "YolosFeatureExtractor"
             ) {
                 return Err(err(
                     "image_processor_type",
-                    format!("{t:?} is not supported (ViTImageProcessor, ConvNextImageProcessor)"),
+                    format!(
+                        "{t:?} is not supported (ViTImageProcessor, ConvNextImageProcessor, \
+                         YolosImageProcessor)"
+                    ),
                 ));
+            }
+        }
+        // YOLOS's processor: its own size forms (a bare size is the shortest edge, `max_size`
+        // the longest, 1333 by default), always padding batches.
+        let yolos = get("image_processor_type")
+            .and_then(Value::as_str)
+            .map(|t| t.starts_with("Yolos"))
+            .unwrap_or(matches!(
+                defaults.resize,
+                Some(Resize::ShortestLongest { .. })
+            ));
+        if yolos {
+            if !flag("do_pad", true)? || get("pad_size").is_some() {
+                return Err(err(
+                    "do_pad",
+                    "YOLOS batches are padded to their largest image (do_pad true, no pad_size)"
+                        .into(),
+                ));
+            }
+            if let Some(f) = get("format").and_then(Value::as_str) {
+                if f != "coco_detection" {
+                    return Err(err("format", format!("{f:?}: only coco_detection")));
+                }
+            }
+            let max_size = match get("max_size") {
+                None => 1333,
+                Some(x) => size_of(x)?,
+            };
+            if let Some(sz) = get("size") {
+                out.resize = Some(match sz {
+                    Value::Object(o) => match (
+                        o.get("height"),
+                        o.get("width"),
+                        o.get("shortest_edge"),
+                        o.get("longest_edge"),
+                    ) {
+                        (Some(h), Some(w), _, _) => Resize::Exact(size_of(h)?, size_of(w)?),
+                        (_, _, Some(a), Some(b)) => Resize::ShortestLongest {
+                            shortest: size_of(a)?,
+                            longest: size_of(b)?,
+                        },
+                        _ => {
+                            return Err(err(
+                                "size",
+                                format!(
+                                    "{sz}: expected height and width, or shortest_edge and \
+                                     longest_edge"
+                                ),
+                            ))
+                        }
+                    },
+                    x => Resize::ShortestLongest {
+                        shortest: size_of(x)?,
+                        longest: max_size,
+                    },
+                });
             }
         }
         let crop_pct = match get("crop_pct") {
@@ -426,7 +536,7 @@ impl ImageProcessor {
             Some(Resize::ShortestEdgeCrop { crop_pct, .. }) => crop_pct,
             _ => 224.0 / 256.0,
         };
-        if let Some(s) = get("size") {
+        if let (Some(s), false) = (get("size"), yolos) {
             out.resize = Some(match s {
                 Value::Object(o) => match (o.get("height"), o.get("width"), o.get("shortest_edge"))
                 {
@@ -527,6 +637,14 @@ impl ImageProcessor {
         match &self.resize {
             None => img.clone(),
             Some(Resize::Exact(h, w)) => resize(img, *h, *w, self.filter),
+            Some(Resize::ShortestLongest { shortest, longest }) => {
+                // An image under 16 pixels a side: transformers fails; kept as it is here, and
+                // the model refuses what is smaller than a patch.
+                match yolos_size((img.height, img.width), *shortest, *longest) {
+                    Some((h, w)) => resize(img, h, w, self.filter),
+                    None => img.clone(),
+                }
+            }
             Some(Resize::ShortestEdgeCrop { edge, crop_pct }) => {
                 let edge = *edge;
                 if edge >= 384 {

@@ -100,3 +100,62 @@ fn convnext_reads_a_bare_size_as_the_shortest_edge() {
         "ViT's bare size is a square"
     );
 }
+
+#[test]
+fn yolos_processor_settings_are_read_or_refused_by_name() {
+    use lora_io::images::{ImageProcessor, Resize};
+    let defaults = ImageProcessor {
+        resize: Some(Resize::ShortestLongest {
+            shortest: 800,
+            longest: 1333,
+        }),
+        ..ImageProcessor::vit(1, 1)
+    };
+    let p = std::path::Path::new("preprocessor_config.json");
+    let read = |v: serde_json::Value| ImageProcessor::from_json(p, &v, &defaults);
+    let y = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"image_processor_type": "YolosImageProcessor"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    // hustvl/yolos-tiny's form: a bare size and max_size.
+    assert_eq!(
+        read(y(serde_json::json!({"size": 512, "max_size": 1333})))
+            .unwrap()
+            .resize,
+        Some(Resize::ShortestLongest {
+            shortest: 512,
+            longest: 1333
+        })
+    );
+    assert_eq!(
+        read(y(serde_json::json!({"size": 512}))).unwrap().resize,
+        Some(Resize::ShortestLongest {
+            shortest: 512,
+            longest: 1333
+        })
+    );
+    assert_eq!(
+        read(y(serde_json::json!({}))).unwrap().resize,
+        defaults.resize,
+        "the class defaults"
+    );
+    for (bad, field) in [
+        (serde_json::json!({"do_pad": false}), "do_pad"),
+        (
+            serde_json::json!({"pad_size": {"height": 64, "width": 64}}),
+            "do_pad",
+        ),
+        (serde_json::json!({"format": "coco_panoptic"}), "format"),
+        (serde_json::json!({"size": {"shortest_edge": 512}}), "size"),
+        (serde_json::json!({"size": 0}), "size"),
+    ] {
+        let e = read(y(bad.clone())).unwrap_err().to_string();
+        assert!(
+            e.contains(field) && e.contains("preprocessor_config.json"),
+            "{bad}: {e}"
+        );
+    }
+}

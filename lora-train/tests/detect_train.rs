@@ -20,10 +20,11 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// A 32x32 gray image with one or two rectangles; class 0 red, class 1 blue.
+/// A 32x32 or 32x48 gray image (batches mix both: YOLOS's processor pads them) with one or two
+/// rectangles; class 0 red, class 1 blue.
 fn sample(root: &Path, split: &str, i: usize) {
     let mut r = lora_kernels::rng::Rng::new(i as u64 * 7 + split.len() as u64);
-    let (h, w) = (32usize, 32usize);
+    let (h, w) = (32usize, if i % 3 == 0 { 48 } else { 32 });
     let mut data = vec![100u8; h * w * 3];
     let mut lines = String::new();
     for k in 0..1 + i % 2 {
@@ -120,10 +121,17 @@ fn yolos_learns_a_yolo_tree() {
     );
     assert_eq!(c["target_modules"], serde_json::json!(["query", "value"]));
     // Reloaded: the same evaluation.
-    // The run's processor (32 x 32, from its preprocessor_config.json) comes with it.
+    // The run's processor (YOLOS's, from its preprocessor_config.json: --image-size 32 is the
+    // shortest edge, the class default's longest edge 1333/800 in proportion) comes with it.
     let (labels, det, proc) = load_detector_for_inference(&model, Some(&out)).unwrap();
     assert_eq!(labels, ["red", "blue"]);
-    assert_eq!(proc.resize, Some(lora_io::images::Resize::Exact(32, 32)));
+    assert_eq!(
+        proc.resize,
+        Some(lora_io::images::Resize::ShortestLongest {
+            shortest: 32,
+            longest: 53
+        })
+    );
     let (_, val) = read_yolo(&data.join("data.yaml")).unwrap();
     let r = evaluate_detection(&det, &val.unwrap(), &proc, lora_core::Device::Cpu).unwrap();
     assert!(

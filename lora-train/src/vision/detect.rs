@@ -2,9 +2,10 @@
 //! encoder's query/value projections, both heads (class and box MLPs) trained in full through
 //! `modules_to_save`, DETR's loss; evaluation reports the loss and pycocotools' mAP.
 //!
-//! Images are resized to one size (the config's `image_size`, or `--image-size` square), so a
-//! batch needs no padding and the boxes stay normalised to the image; transformers' YOLOS
-//! processor (shortest edge, then padding) is not reproduced yet.
+//! Images go through YOLOS's image processor as transformers runs it: shortest/longest edge
+//! (multiples of 16), rescale, normalise, and each batch padded to its largest image with the
+//! boxes rescaled to the padded size ([`pad_batch`]); the model resizes its position tables to
+//! each batch's patch grid.
 
 use super::data::Augment;
 use super::detect_data::{read_yolo, DetItem, DetectionSet};
@@ -47,49 +48,52 @@ pub struct DetEval {
     pub per_class: Vec<Option<[f64; 2]>>,
 }
 
-/// The processor a detector's images go through: a fixed-size resize (the config's
-/// `image_size`, or `size` square), rescale, and `preprocessor_config.json`'s normalisation
-/// (ImageNet's statistics by default, as YOLOS's processor).
+/// YOLOS's image processor's class defaults (`YolosImageProcessor`): the shortest edge to 800,
+/// the longest at most 1333, bilinear, rescale, ImageNet's statistics, batches padded.
+pub fn yolos_processor_defaults() -> ImageProcessor {
+    ImageProcessor {
+        resize: Some(Resize::ShortestLongest {
+            shortest: 800,
+            longest: 1333,
+        }),
+        filter: lora_io::images::Filter::Bilinear,
+        rescale: Some(1.0 / 255.0),
+        normalize: Some(IMAGENET_DEFAULT),
+    }
+}
+
+/// The processor a detector's images go through: `preprocessor_config.json` read as YOLOS's
+/// processor reads it (its class defaults for what it leaves out, or all of them without the
+/// file). `size` (`--image-size`) sets the shortest edge, and the longest edge in proportion
+/// (a fixed-size processor becomes `size x size`).
 pub fn detection_processor(md: &VisionModelDir, size: Option<usize>) -> Result<ImageProcessor> {
     let VisionArch::Yolos(c) = &md.config.arch else {
         return Err(data_err(&md.dir, "not an object detector"));
     };
-    let mut p = ImageProcessor {
-        resize: Some(Resize::Exact(c.image_size.0, c.image_size.1)),
-        filter: lora_io::images::Filter::Bilinear,
-        rescale: Some(1.0 / 255.0),
-        normalize: Some(IMAGENET_DEFAULT),
-    };
+    let defaults = yolos_processor_defaults();
     let path = md.dir.join("preprocessor_config.json");
-    if path.exists() {
-        // Only the value settings: the size logic of YOLOS's processor is not used (see the
-        // module documentation).
-        let mut v = lora_io::hf::read_json(&path)?;
-        if let Some(o) = v.as_object_mut() {
-            for k in [
-                "size",
-                "image_processor_type",
-                "do_pad",
-                "format",
-                "crop_pct",
-                "do_resize",
-                "pad_size",
-            ] {
-                o.remove(k);
-            }
-        }
-        let keep = p.resize.clone();
-        p = ImageProcessor::from_json(&path, &v, &p)?;
-        p.resize = keep;
-    }
+    let mut p = if path.exists() {
+        ImageProcessor::from_file(&path, &defaults)?
+    } else {
+        defaults
+    };
     if let Some(n) = size {
-        if n < c.patch_size {
+        if n < c.patch_size.max(16) {
             return Err(TrainError::Setting {
                 setting: "image-size",
-                reason: format!("{n} is smaller than a patch ({})", c.patch_size),
+                reason: format!(
+                    "{n} is smaller than a patch ({}) or 16 pixels",
+                    c.patch_size
+                ),
             });
         }
-        p.resize = Some(Resize::Exact(n, n));
+        p.resize = Some(match p.resize {
+            Some(Resize::ShortestLongest { shortest, longest }) => Resize::ShortestLongest {
+                shortest: n,
+                longest: ((longest as f64 * n as f64 / shortest as f64).round() as usize).max(n),
+            },
+            _ => Resize::Exact(n, n),
+        });
     }
     Ok(p)
 }
@@ -147,8 +151,9 @@ fn augmented(item: &DetItem, img: &Rgb8, aug: &Augment, key: u64) -> (Rgb8, Obje
     (out, objects)
 }
 
-/// Pixels `(B, 3, H, W)` and objects for `items`.
-fn load_batch(
+/// Pixels `(B, 3, H, W)` and objects for `items` (augmented with `aug`, keyed per item by
+/// `key_of(i)`), each image processed by `proc` and the batch padded by [`pad_batch`].
+pub fn load_batch(
     items: &[&DetItem],
     proc: &ImageProcessor,
     aug: &Augment,
@@ -165,16 +170,40 @@ fn load_batch(
             Ok((v, h, w, obj))
         })
         .collect();
-    let mut pixels = Vec::new();
-    let mut objects = Vec::new();
-    let mut size = (0, 0);
-    for r in done {
-        let (v, h, w, o) = r?;
-        size = (h, w);
-        pixels.extend(v);
+    let done: Vec<(Vec<f32>, usize, usize, Objects)> = done.into_iter().collect::<Result<_>>()?;
+    Ok(pad_batch(done))
+}
+
+/// One batch of processed images, padded as YOLOS's processor pads: each image at the top left
+/// of the largest height and width in the batch, zeros (the normalised mean) elsewhere, and its
+/// boxes (normalised to the image) rescaled to the padded size.
+pub fn pad_batch(
+    images: Vec<(Vec<f32>, usize, usize, Objects)>,
+) -> (Vec<f32>, [usize; 4], Vec<Objects>) {
+    let bh = images.iter().map(|x| x.1).max().unwrap_or(0);
+    let bw = images.iter().map(|x| x.2).max().unwrap_or(0);
+    let mut pixels = vec![0.0f32; images.len() * 3 * bh * bw];
+    let mut objects = Vec::with_capacity(images.len());
+    for (i, (v, h, w, mut o)) in images.into_iter().enumerate() {
+        if (h, w) == (bh, bw) {
+            pixels[i * 3 * bh * bw..(i + 1) * 3 * bh * bw].copy_from_slice(&v);
+        } else {
+            for c in 0..3 {
+                for y in 0..h {
+                    let dst = ((i * 3 + c) * bh + y) * bw;
+                    pixels[dst..dst + w].copy_from_slice(&v[(c * h + y) * w..(c * h + y + 1) * w]);
+                }
+            }
+            // transformers multiplies the normalised boxes by input / output size (f32).
+            let (sx, sy) = ((w as f64 / bw as f64) as f32, (h as f64 / bh as f64) as f32);
+            for b in &mut o.boxes {
+                *b = [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy];
+            }
+        }
         objects.push(o);
     }
-    Ok((pixels, [items.len(), 3, size.0, size.1], objects))
+    let n = objects.len();
+    (pixels, [n, 3, bh, bw], objects)
 }
 
 /// DETR's loss and pycocotools' mAP of `model` over `split`. The loss is the mean over the

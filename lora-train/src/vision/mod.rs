@@ -273,8 +273,7 @@ pub fn processor_json(p: &ImageProcessor, arch: &VisionArch) -> Value {
         "image_processor_type": match arch {
             VisionArch::Vit(_) => "ViTImageProcessor",
             VisionArch::ResNet(_) => "ConvNextImageProcessor",
-            // Our fixed-size resize, which ViT's processor describes exactly.
-            VisionArch::Yolos(_) => "ViTImageProcessor",
+            VisionArch::Yolos(_) => "YolosImageProcessor",
         },
         "do_resize": p.resize.is_some(),
         "resample": match p.filter { lora_io::images::Filter::Bilinear => 2, lora_io::images::Filter::Bicubic => 3 },
@@ -292,7 +291,15 @@ pub fn processor_json(p: &ImageProcessor, arch: &VisionArch) -> Value {
             v["size"] = json!({ "shortest_edge": edge });
             v["crop_pct"] = json!(*crop_pct);
         }
+        Some(lora_io::images::Resize::ShortestLongest { shortest, longest }) => {
+            v["size"] = json!({ "shortest_edge": shortest, "longest_edge": longest });
+        }
         None => {}
+    }
+    if let VisionArch::Yolos(_) = arch {
+        v["format"] = json!("coco_detection");
+        v["do_pad"] = json!(true);
+        v["do_convert_annotations"] = json!(true);
     }
     v
 }
