@@ -53,7 +53,8 @@ pub struct DemoArgs {
     /// predictions/ (default lora-demo-detect).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-    /// Training steps (translate: batch 16; default 1200) or epochs (detect: default 12).
+    /// Training steps (translate: batch 16; default 1200) or epochs (detect: 1,000 images
+    /// in batches of 8; default 24).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Worker threads (default: all cores).
@@ -73,7 +74,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub build: bool,
     /// Pretraining steps for --build (translate: batch 32 x 64 tokens, default 2000; detect:
-    /// batch 32 images, default 6000).
+    /// batch 32 images, default 10000).
     #[arg(long)]
     pub pretrain_steps: Option<usize>,
 }

@@ -24,6 +24,8 @@ const MODEL_SEED: u64 = 3;
 const FACTORY_SEED: u64 = 11;
 /// Image side (pixels) of every demo image.
 pub const SIDE: usize = 64;
+/// Pretraining steps of the committed base (batch 32).
+const PRETRAIN_STEPS: usize = 10_000;
 /// The base model's `initializer_range`.
 const INIT_STD: f64 = 0.02;
 
@@ -182,12 +184,12 @@ pub fn build(r: &BuildRun) -> Result<()> {
 }
 
 /// Factory images in the training and validation splits.
-const TRAIN_IMAGES: usize = 480;
-const VAL_IMAGES: usize = 120;
+const TRAIN_IMAGES: usize = 1000;
+const VAL_IMAGES: usize = 200;
 /// The share of parts with a defect.
 const DEFECT_RATE: f64 = 0.4;
 /// Default training epochs.
-const EPOCHS: usize = 12;
+const EPOCHS: usize = 24;
 /// The score a box needs to be drawn.
 const DRAW_CONF: f64 = 0.5;
 
@@ -245,10 +247,10 @@ pub fn run(r: &DemoRun) -> Result<()> {
     let labels: Vec<String> = FACTORY.iter().map(|s| s.to_string()).collect();
     if !r.json {
         outln!(
-            "lora demo --task detect: a LoRA adapter teaches a tiny YOLOS detector ({}) to find rare defects\n\
-             on metal parts: {}. The base model was pretrained by this project on generated images of\n\
-             generic shapes ({}); it has never seen a defect. Data (YOLO layout): {} ({} training and\n\
-             {} validation images, a defect on {:.0}% of the parts).",
+            "lora demo --task detect: a LoRA adapter teaches a tiny YOLOS detector ({})\n\
+             to find rare defects on metal parts: {}. The base model was pretrained by this project\n\
+             on generated images of generic shapes ({}); it has never seen a defect.\n\
+             Data (YOLO layout): {} ({} training and {} validation images, a defect on {:.0}% of the parts).",
             base.display(),
             FACTORY[SHAPES.len()..].join(", "),
             SHAPES.join(", "),
@@ -261,7 +263,13 @@ pub fn run(r: &DemoRun) -> Result<()> {
     let mut cfg = VisionTrainConfig::new(&base, &yaml, &r.out.join("adapter"));
     cfg.rank = 16;
     cfg.alpha = 32.0;
-    cfg.targets = Targets::List(vec!["query".into(), "value".into()]);
+    // Every linear layer of the encoder (attention and MLP: `dense` names three of them), for
+    // capacity on defects the base never saw (PEFT's recipe uses query/value only).
+    cfg.targets = Targets::List(
+        ["query", "key", "value", "dense"]
+            .map(String::from)
+            .to_vec(),
+    );
     cfg.lr = 3e-3;
     cfg.schedule = Schedule::Cosine;
     cfg.warmup = 20;
@@ -422,7 +430,7 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
     if a.build {
         return build(&BuildRun {
             dir,
-            pretrain_steps: a.pretrain_steps.unwrap_or(6000),
+            pretrain_steps: a.pretrain_steps.unwrap_or(PRETRAIN_STEPS),
             threads: a.threads,
         });
     }
@@ -434,4 +442,87 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
         samples: a.samples,
         json: a.json,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_demo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo")
+    }
+
+    #[test]
+    fn committed_base_is_what_build_writes() {
+        let base = base_dir(&repo_demo());
+        let read = |f: &str| std::fs::read_to_string(base.join(f)).unwrap();
+        let labels: Vec<String> = SHAPES.map(String::from).to_vec();
+        let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap();
+        assert_eq!(
+            read("config.json"),
+            pretty(&lora_train::vision::pretrain::yolos_config_json(
+                &base_config(),
+                &labels,
+                INIT_STD
+            ))
+        );
+        let arch = lora_io::vision::VisionArch::Yolos(base_config());
+        assert_eq!(
+            read("preprocessor_config.json"),
+            pretty(&lora_train::vision::processor_json(&processor(), &arch))
+        );
+        // And it loads: every tensor used, the processor read back as the one trained with.
+        let md = lora_io::vision::VisionModelDir::open(&base).unwrap();
+        assert_eq!(md.config.labels, labels);
+        md.load_detector(0).unwrap();
+        let p = lora_train::vision::detect::detection_processor(&md, None).unwrap();
+        assert_eq!(p, processor());
+    }
+
+    #[test]
+    fn the_demo_runs_end_to_end_and_keeps_what_is_not_its_own() {
+        let out = std::env::temp_dir().join(format!("lora-demo-detect-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let run = |out: &Path| {
+            run(&DemoRun {
+                dir: repo_demo(),
+                out: out.to_path_buf(),
+                epochs: 1,
+                threads: Some(2),
+                samples: 2,
+                json: true,
+            })
+        };
+        run(&out).unwrap();
+        for f in [
+            "data/data.yaml",
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+            "adapter/config.json",
+            "adapter/metrics.jsonl",
+        ] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+        let preds: Vec<_> = std::fs::read_dir(out.join("predictions"))
+            .unwrap()
+            .collect();
+        assert_eq!(preds.len(), 2);
+        // The adapter names the dataset's classes: the base's first, then the defects.
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("adapter/config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["id2label"]["0"], "circle");
+        assert_eq!(cfg["id2label"]["5"], "rust");
+        // A second run replaces its own output.
+        run(&out).unwrap();
+        // A directory holding anything else is refused, untouched.
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        let e = run(&out).unwrap_err().to_string();
+        assert!(e.contains("notes.txt"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }

@@ -58,6 +58,8 @@ pub fn yolos_config_json(cfg: &YolosConfig, labels: &[String], init_std: f64) ->
         Activation::Relu => "relu",
         Activation::Silu => "silu",
     };
+    // f32 settings written as their shortest decimal (0.1, not 0.10000000149011612).
+    let dec = |x: f32| -> f64 { x.to_string().parse().unwrap_or(x as f64) };
     json!({
         "architectures": ["YolosForObjectDetection"],
         "model_type": "yolos",
@@ -69,7 +71,7 @@ pub fn yolos_config_json(cfg: &YolosConfig, labels: &[String], init_std: f64) ->
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": init_std,
-        "layer_norm_eps": cfg.layer_norm_eps,
+        "layer_norm_eps": dec(cfg.layer_norm_eps),
         "image_size": [cfg.image_size.0, cfg.image_size.1],
         "patch_size": cfg.patch_size,
         "num_channels": cfg.num_channels,
@@ -77,12 +79,12 @@ pub fn yolos_config_json(cfg: &YolosConfig, labels: &[String], init_std: f64) ->
         "num_detection_tokens": cfg.num_detection_tokens,
         "use_mid_position_embeddings": cfg.use_mid_position_embeddings,
         "auxiliary_loss": false,
-        "class_cost": cfg.costs.0,
-        "bbox_cost": cfg.costs.1,
-        "giou_cost": cfg.costs.2,
-        "bbox_loss_coefficient": cfg.bbox_loss_coefficient,
-        "giou_loss_coefficient": cfg.giou_loss_coefficient,
-        "eos_coefficient": cfg.eos_coefficient,
+        "class_cost": dec(cfg.costs.0),
+        "bbox_cost": dec(cfg.costs.1),
+        "giou_cost": dec(cfg.costs.2),
+        "bbox_loss_coefficient": dec(cfg.bbox_loss_coefficient),
+        "giou_loss_coefficient": dec(cfg.giou_loss_coefficient),
+        "eos_coefficient": dec(cfg.eos_coefficient),
         "id2label": labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect::<serde_json::Map<_, _>>(),
         "label2id": labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect::<serde_json::Map<_, _>>(),
         "torch_dtype": "float32",
