@@ -60,7 +60,7 @@ pub struct DemoArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Sample translations to print.
+    /// Sample translations to print (detect: annotated validation images to write).
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
     /// The demo directory (base/, data/); default: the repository's demo/.
@@ -303,7 +303,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "auto")]
     pub task: String,
     /// Image tasks: the image processor's target size (ViT: must be the config's image_size;
-    /// ResNet: the shortest edge, center-cropped), instead of preprocessor_config.json's.
+    /// ResNet: the shortest edge, center-cropped; YOLOS: the shortest edge, the longest in
+    /// proportion), instead of preprocessor_config.json's.
     #[arg(long)]
     pub image_size: Option<usize>,
     /// Image tasks: no random horizontal flips.

@@ -17,7 +17,8 @@ use lora_train::vision::detect::DetEval;
 use lora_train::vision::{VisionEvent, VisionTrainConfig};
 use std::path::{Path, PathBuf};
 
-/// Seeds of the committed base model; `--build` with the defaults reproduces it.
+/// Seeds of the committed base model; `--build` with the defaults reproduces it (for the same
+/// thread count and CPU: the kernels' summation order follows both).
 const SHAPES_SEED: u64 = 20261130;
 const MODEL_SEED: u64 = 3;
 /// The factory dataset's seed.
@@ -78,6 +79,9 @@ pub struct BuildRun {
 /// Pretrains the demo detector from scratch on generated shapes and writes `dir/detect/base`.
 pub fn build(r: &BuildRun) -> Result<()> {
     let base = base_dir(&r.dir);
+    if r.pretrain_steps == 0 {
+        bail!("--pretrain-steps must be at least 1");
+    }
     const FILES: [&str; 3] = [
         "config.json",
         "model.safetensors",
@@ -151,8 +155,16 @@ pub fn build(r: &BuildRun) -> Result<()> {
         base.display()
     );
     // The result on shapes it has not seen.
-    let scratch =
-        std::env::temp_dir().join(format!("lora-demo-detect-build-{}", std::process::id()));
+    // A scratch folder of our own (a new name; never one that was there before).
+    let scratch = std::env::temp_dir().join(format!(
+        "lora-demo-detect-build-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let held_out = data::write_yolo(&scratch, &SHAPES, "held-out shapes", (0, 200), &|i| {
         data::shapes_image(SHAPES_SEED, (1 << 40) + i, SIDE)
     });
@@ -215,6 +227,63 @@ fn per_class_line(labels: &[String], e: &DetEval) -> String {
         .join(", ")
 }
 
+/// Whether `rel` (a path inside a demo output, `/`-separated) is one the demo writes: its data
+/// tree (`data.yaml`, `images|labels/train|val/NNNN.png|txt`), the adapter folder's files and
+/// the drawn `predictions/NNNN.png`.
+fn demo_writes(rel: &[String], is_dir: bool) -> bool {
+    let numbered = |n: &str, ext: &str| {
+        n.strip_suffix(ext)
+            .is_some_and(|d| d.len() == 4 && d.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let split = |s: &str| s == "train" || s == "val";
+    let marker = |n: &str| n == lora_io::outdir::MARKER || n == lora_io::outdir::LOCK;
+    match rel
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [top] => OUT_ENTRIES.contains(top) && is_dir || marker(top),
+        ["data", "data.yaml"] => !is_dir,
+        ["data", kind] => is_dir && (*kind == "images" || *kind == "labels"),
+        ["data", _, sp] => is_dir && split(sp),
+        ["data", "images", sp, f] => !is_dir && split(sp) && numbered(f, ".png"),
+        ["data", "labels", sp, f] => !is_dir && split(sp) && numbered(f, ".txt"),
+        ["predictions", f] => !is_dir && numbered(f, ".png"),
+        ["adapter", f] => !is_dir && (lora_train::vision::is_vision_output(f) || marker(f)),
+        _ => false,
+    }
+}
+
+/// Refuses an earlier output that holds anything the demo did not write (named), so that
+/// replacing it loses nothing of anyone else's.
+fn check_own_tree(out: &Path) -> Result<()> {
+    let mut stack = vec![(out.to_path_buf(), Vec::<String>::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for e in entries {
+            let e = e.with_context(|| format!("reading {}", dir.display()))?;
+            let mut r = rel.clone();
+            r.push(e.file_name().to_string_lossy().to_string());
+            let ty = e
+                .file_type()
+                .with_context(|| format!("reading {}", e.path().display()))?;
+            if ty.is_symlink() || !demo_writes(&r, ty.is_dir()) {
+                bail!(
+                    "--out {}: holds {}, which `lora demo --task detect` did not write; the demo replaces only its own output (choose another --out or remove it yourself)",
+                    out.display(),
+                    e.path().display()
+                );
+            }
+            if ty.is_dir() {
+                stack.push((e.path(), r));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Trains the factory adapter and reports before/after.
 pub fn run(r: &DemoRun) -> Result<()> {
     let base = base_dir(&r.dir);
@@ -227,7 +296,12 @@ pub fn run(r: &DemoRun) -> Result<()> {
     if r.epochs == 0 {
         bail!("--steps (epochs for the detection demo) must be at least 1");
     }
-    // An earlier demo output is replaced; anything else there is refused (see outdir).
+    // An earlier demo output is replaced; anything else there is refused (see outdir), down
+    // to a file of someone else's inside one of the demo's folders.
+    if r.out.join(lora_io::outdir::MARKER).exists() {
+        check_own_tree(&r.out)?;
+    }
+    lora_io::outdir::DirLock::check_free(&r.out)?;
     lora_io::outdir::prepare_dir_output(
         "--out",
         &r.out,
@@ -236,6 +310,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         true,
         &[("the demo directory (--dir)", &r.dir)],
     )?;
+    let _lock = lora_io::outdir::DirLock::acquire(&r.out)?;
     let data_dir = r.out.join("data");
     let yaml = data::write_factory(
         &data_dir,
@@ -314,11 +389,18 @@ pub fn run(r: &DemoRun) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if sum.interrupted {
-        outln!(
-            "interrupted at step {}: the adapter so far is in {}",
-            sum.steps,
-            cfg.out.display()
-        );
+        if r.json {
+            outln!(
+                "{}",
+                serde_json::json!({"interrupted": true, "steps": sum.steps, "adapter": cfg.out})
+            );
+        } else {
+            outln!(
+                "interrupted at step {}: the adapter so far is in {}",
+                sum.steps,
+                cfg.out.display()
+            );
+        }
         return Ok(());
     }
     crate::train::clear_signal();
@@ -515,6 +597,19 @@ mod tests {
         assert_eq!(cfg["id2label"]["5"], "rust");
         // A second run replaces its own output.
         run(&out).unwrap();
+        // A file of someone else's inside one of the demo's folders is kept: refused, named.
+        for (inside, name) in [
+            ("predictions", "keep.png"),
+            ("data/images/train", "mine.png"),
+            ("adapter", "notes.md"),
+        ] {
+            let f = out.join(inside).join(name);
+            std::fs::write(&f, "mine").unwrap();
+            let e = run(&out).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+            assert_eq!(std::fs::read_to_string(&f).unwrap(), "mine");
+            std::fs::remove_file(&f).unwrap();
+        }
         // A directory holding anything else is refused, untouched.
         std::fs::write(out.join("notes.txt"), "mine").unwrap();
         let e = run(&out).unwrap_err().to_string();

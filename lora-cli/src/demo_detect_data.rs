@@ -292,17 +292,24 @@ pub fn factory_image(seed: u64, index: u64, size: usize, defect_rate: f64) -> (R
     push(&mut obj, class, &part, size);
     if rng.uniform() < defect_rate {
         let kind = 3 + (rng.uniform() * 3.0) as usize;
-        // Somewhere well inside the part.
-        let reach = r * 0.5;
-        let (dx, dy) = (
-            cx + rng.uniform_range(-reach, reach),
-            cy + rng.uniform_range(-reach, reach),
+        // The defect's reach from its centre, then a centre that keeps all of it on the part
+        // (within 0.8 r of the part's centre: inside a disc, and inside a plate, whose half
+        // sides are at least r / 1.15).
+        let extent = match kind {
+            3 => rng.uniform_range(n * 0.075, n * 0.125), // half the scratch's length
+            4 => rng.uniform_range(n * 0.06, n * 0.085),  // the hole's radius
+            _ => 3.0 + n * 0.065,                         // the rust blobs' farthest reach
+        };
+        let room = (0.8 * r - extent - 1.25).max(0.0);
+        let (ang, dist) = (
+            rng.uniform_range(0.0, 2.0 * std::f64::consts::PI),
+            room * rng.uniform().sqrt(),
         );
+        let (dx, dy) = (cx + dist * ang.cos(), cy + dist * ang.sin());
         match kind {
             3 => {
-                let len = rng.uniform_range(n * 0.15, n * 0.25);
                 let a = rng.uniform_range(0.0, std::f64::consts::PI);
-                let (ux, uy) = (a.cos() * len / 2.0, a.sin() * len / 2.0);
+                let (ux, uy) = (a.cos() * extent, a.sin() * extent);
                 let s = Shape::Line {
                     a: (dx - ux, dy - uy),
                     b: (dx + ux, dy + uy),
@@ -316,7 +323,7 @@ pub fn factory_image(seed: u64, index: u64, size: usize, defect_rate: f64) -> (R
                 let s = Shape::Disc {
                     cx: dx,
                     cy: dy,
-                    r: rng.uniform_range(n * 0.06, n * 0.085),
+                    r: extent,
                 };
                 canvas.draw(&[&s], &|_, _| [18.0, 18.0, 22.0]);
                 push(&mut obj, kind, &s, size);
@@ -447,7 +454,17 @@ mod tests {
             if let Some(&d) = ob.classes.get(1) {
                 assert!(d >= SHAPES.len());
                 let (p, q) = (ob.boxes[0], ob.boxes[1]);
-                assert!((q[0] - p[0]).abs() < p[2] / 2.0 && (q[1] - p[1]).abs() < p[3] / 2.0);
+                // The whole defect lies on the part.
+                assert!(
+                    q[0] - q[2] / 2.0 >= p[0] - p[2] / 2.0
+                        && q[0] + q[2] / 2.0 <= p[0] + p[2] / 2.0,
+                    "{ob:?}"
+                );
+                assert!(
+                    q[1] - q[3] / 2.0 >= p[1] - p[3] / 2.0
+                        && q[1] + q[3] / 2.0 <= p[1] + p[3] / 2.0,
+                    "{ob:?}"
+                );
             }
         }
     }

@@ -430,6 +430,9 @@ pub(crate) fn detect_boxes(
     img: &lora_io::images::Rgb8,
     conf: f64,
 ) -> Result<Vec<Found>> {
+    if let Some(why) = proc.refuses(img) {
+        anyhow::bail!("{why}");
+    }
     let (px, h, w) = proc.pixels(img);
     let out = det.forward(&Tape::inference(), &Tensor::new(px, &[1, 3, h, w])?, true)?;
     let (logits, boxes) = (out.logits.try_to_vec()?, out.boxes.try_to_vec()?);

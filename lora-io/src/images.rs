@@ -467,7 +467,12 @@ impl ImageProcessor {
                 Some(Resize::ShortestLongest { .. })
             ));
         if yolos {
-            if !flag("do_pad", true)? || get("pad_size").is_some() {
+            // `pad_and_return_pixel_mask` is the older name of `do_pad`.
+            let pad = match get("do_pad") {
+                Some(_) => flag("do_pad", true)?,
+                None => flag("pad_and_return_pixel_mask", true)?,
+            };
+            if !pad || get("pad_size").is_some() {
                 return Err(err(
                     "do_pad",
                     "YOLOS batches are padded to their largest image (do_pad true, no pad_size)"
@@ -479,9 +484,25 @@ impl ImageProcessor {
                     return Err(err("format", format!("{f:?}: only coco_detection")));
                 }
             }
+            // Boxes are always given to the model as normalised (cx, cy, w, h).
+            if !flag("do_convert_annotations", flag("do_normalize", true)?)? {
+                return Err(err(
+                    "do_convert_annotations",
+                    "false is not supported (boxes are always normalised centre and size)".into(),
+                ));
+            }
             let max_size = match get("max_size") {
                 None => 1333,
-                Some(x) => size_of(x)?,
+                Some(x) => x
+                    .as_u64()
+                    .filter(|&n| (1..=MAX_SIDE as u64).contains(&n))
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        err(
+                            "max_size",
+                            format!("expected a size from 1 to {MAX_SIDE}, got {x}"),
+                        )
+                    })?,
             };
             if let Some(sz) = get("size") {
                 out.resize = Some(match sz {
@@ -630,6 +651,24 @@ impl ImageProcessor {
         }
         out.normalize = flag("do_normalize", true)?.then_some((mean, std));
         Ok(out)
+    }
+
+    /// Why this processor cannot take `img`, if it cannot: YOLOS's resize of an image whose
+    /// side would floor to 0 (under 16 pixels, or an extreme aspect ratio), which transformers
+    /// fails on too.
+    pub fn refuses(&self, img: &Rgb8) -> Option<String> {
+        match &self.resize {
+            Some(Resize::ShortestLongest { shortest, longest })
+                if yolos_size((img.height, img.width), *shortest, *longest).is_none() =>
+            {
+                Some(format!(
+                    "a {}x{} image has a side under 16 pixels after YOLOS's resize (shortest edge \
+                     {shortest}, longest {longest}, multiples of 16)",
+                    img.width, img.height
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// The resized (and cropped) 8-bit image.

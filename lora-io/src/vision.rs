@@ -418,7 +418,7 @@ impl VisionModelDir {
             s => s,
         };
         let ckpt_rows = match (&source, &ckpt_head) {
-            (HeadSource::Extended(rows, _), Some(k)) => {
+            (HeadSource::Extended(rows, _), Some(k)) if !kept.is_empty() => {
                 let bias_key = self.resolve(&w, &head_b);
                 Some((
                     w.tensor(k, &[*rows, inp])?.try_to_vec()?,

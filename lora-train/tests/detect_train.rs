@@ -142,3 +142,37 @@ fn yolos_learns_a_yolo_tree() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+#[test]
+fn a_new_class_layer_that_would_not_train_is_refused() {
+    let data = tmp("frozen-head");
+    for i in 0..2 {
+        sample(&data, "train", i);
+    }
+    std::fs::write(
+        data.join("data.yaml"),
+        "train: images/train\nnames: [red, blue]\n",
+    )
+    .unwrap();
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity/vision/yolos/model");
+    let out = tmp("frozen-head-out");
+    for keep in [false, true] {
+        let cfg = VisionTrainConfig {
+            modules_to_save: Some(vec!["bbox_predictor".into()]),
+            keep_classes: keep,
+            image_size: Some(32),
+            ..VisionTrainConfig::new(&model, &data.join("data.yaml"), &out)
+        };
+        let e = train_detection(&cfg, false, &mut |_| {}, &AtomicBool::new(false))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("modules-to-save") && e.contains("class_labels_classifier"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing written");
+    }
+    std::fs::remove_dir_all(data).unwrap();
+}

@@ -166,6 +166,9 @@ pub fn load_batch(
         .map(|(i, it)| {
             let img = Rgb8::open(&it.image)?;
             let (img, obj) = augmented(it, &img, aug, key_of(i));
+            if let Some(why) = proc.refuses(&img) {
+                return Err(data_err(&it.image, why));
+            }
             let (v, h, w) = proc.pixels(&img);
             Ok((v, h, w, obj))
         })
@@ -194,10 +197,12 @@ pub fn pad_batch(
                     pixels[dst..dst + w].copy_from_slice(&v[(c * h + y) * w..(c * h + y + 1) * w]);
                 }
             }
-            // transformers multiplies the normalised boxes by input / output size (f32).
-            let (sx, sy) = ((w as f64 / bw as f64) as f32, (h as f64 / bh as f64) as f32);
+            // transformers multiplies the f32 normalised boxes by the f64 ratios input / output
+            // size (NumPy computes in f64), then keeps f32.
+            let (sx, sy) = (w as f64 / bw as f64, h as f64 / bh as f64);
             for b in &mut o.boxes {
-                *b = [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy];
+                let f = |v: f32, s: f64| (v as f64 * s) as f32;
+                *b = [f(b[0], sx), f(b[1], sy), f(b[2], sx), f(b[3], sy)];
             }
         }
         objects.push(o);
@@ -345,6 +350,11 @@ pub fn train_detection(
             n.saturating_sub(1),
             train.classes.len()
         )),
+        HeadSource::Extended(n, 0) => note(&format!(
+            "the checkpoint's class head has {n} rows, which do not fit its {} class names: a \
+             new last class layer, nothing kept",
+            md.checkpoint_labels.len()
+        )),
         HeadSource::Extended(n, kept) => note(&format!(
             "the checkpoint's class head has {} classes, the data {}: a new last class layer \
              keeping the checkpoint's rows for the {} classes it already names and \"no object\" \
@@ -369,6 +379,17 @@ pub fn train_detection(
         .unwrap_or_else(|| vec!["class_labels_classifier".into(), "bbox_predictor".into()]);
     peft.base_model_name_or_path = Some(cfg.model.to_string_lossy().to_string());
     inject(&mut model, &peft, cfg.seed)?;
+    // A new (or re-ordered) class layer must train and be saved with the adapter: a frozen one
+    // would stay as drawn, and nothing could rebuild it when the adapter is loaded.
+    let class_layer = model.class_head.layers.last().map(|l| l.trained.is_some());
+    if head != HeadSource::Checkpoint && class_layer != Some(true) {
+        return Err(TrainError::Setting {
+            setting: "modules-to-save",
+            reason: "the class head's last layer is new for these classes, so it must train in \
+                     full: keep class_labels_classifier in --modules-to-save"
+                .into(),
+        });
+    }
     model.to_device(cfg.device)?;
     let trainable: Vec<Tensor> = adapter_tensors(&model)
         .into_iter()

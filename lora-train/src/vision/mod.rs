@@ -481,13 +481,25 @@ pub fn train_vision(
             train.classes.len()
         )),
         HeadSource::Extended(n, kept) => note(&format!(
-            "the checkpoint's head has {n} classes, the dataset {}: a new head keeping the              checkpoint's rows for the {kept} classes it already names (--keep-classes)",
+            "the checkpoint's head has {n} classes, the dataset {}: a new head keeping the \
+             checkpoint's rows for the {kept} classes it already names (--keep-classes)",
             train.classes.len()
         )),
     }
     let head_name = model.head().name.clone();
     let peft = cfg.peft(&head_name);
     inject(model.as_mut(), &peft, cfg.seed)?;
+    // A new (or re-ordered) head must train and be saved with the adapter: a frozen one would
+    // stay as drawn, and nothing could rebuild it when the adapter is loaded.
+    if head != HeadSource::Checkpoint && model.head().trained.is_none() {
+        return Err(TrainError::Setting {
+            setting: "modules-to-save",
+            reason: format!(
+                "the head `{head_name}` is new for these classes, so it must train in full: \
+                 keep it in --modules-to-save"
+            ),
+        });
+    }
     model.to_device(cfg.device)?;
     let trainable: Vec<Tensor> = adapter_tensors(model.as_ref())
         .into_iter()
