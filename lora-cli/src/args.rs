@@ -251,7 +251,8 @@ pub struct TrainArgs {
     /// Seed for initialisation, shuffling and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Held-out data file (otherwise --eval-split of the data is held out).
+    /// Held-out data file (otherwise --eval-split of the data is held out). Detection with a
+    /// COCO JSON --data: the validation split's COCO JSON.
     #[arg(long)]
     pub eval_data: Option<std::path::PathBuf>,
     /// Fraction of the data held out for evaluation when no --eval-data is given.

@@ -49,12 +49,14 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
             "--resume: image-classification runs do not checkpoint yet; start over with --force"
         );
     }
+    let md = lora_io::vision::VisionModelDir::open(&a.model)?;
+    let detector = matches!(md.config.arch, VisionArch::Yolos(_));
     for (set, flag) in [
         (a.steps.is_some(), "--steps (image runs count --epochs)"),
         (a.pack, "--pack"),
         (a.assistant_only_loss, "--assistant-only-loss"),
         (
-            a.eval_data.is_some(),
+            a.eval_data.is_some() && !detector,
             "--eval-data (put the held-out images in val/)",
         ),
         (a.grad_accum != 1, "--grad-accum"),
@@ -63,14 +65,12 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
         (a.gradient_checkpointing, "--gradient-checkpointing"),
     ] {
         if set {
-            anyhow::bail!("{flag} does not apply to image classification");
+            anyhow::bail!("{flag} does not apply to image runs");
         }
     }
     if !a.json {
         outln!("{note}");
     }
-    let md = lora_io::vision::VisionModelDir::open(&a.model)?;
-    let detector = matches!(md.config.arch, VisionArch::Yolos(_));
     let targets = match &a.target {
         Some(t) => Targets::from_flag(t),
         None => match md.config.arch {
@@ -120,6 +120,7 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
         },
         image_size: a.image_size,
         keep_classes: a.keep_classes,
+        eval_data: a.eval_data.clone(),
         device,
         ..VisionTrainConfig::new(&a.model, &a.data, &a.out)
     };
@@ -291,7 +292,8 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
             a.model.adapter.as_deref(),
         )?;
         det.to_device(device)?;
-        let (train, val) = lora_train::vision::detect_data::read_yolo(&a.data)?;
+        let coco = lora_train::vision::detect_data::is_coco(&a.data);
+        let (train, val) = lora_train::vision::detect_data::read_detection_data(&a.data, None)?;
         if train.classes != labels {
             anyhow::bail!(
                 "{}: the data's classes ({}) are not the model's ({})",
@@ -300,8 +302,13 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
                 labels.join(", ")
             );
         }
-        let val =
-            val.with_context(|| format!("{}: no `val` split to evaluate", a.data.display()))?;
+        // A COCO JSON is itself the evaluation set; a data.yaml names its `val` split.
+        let val = match (coco, val) {
+            (true, _) => train,
+            (false, v) => {
+                v.with_context(|| format!("{}: no `val` split to evaluate", a.data.display()))?
+            }
+        };
         let r = lora_train::vision::detect::evaluate_detection(&det, &val, &proc, device)?;
         if a.json {
             outln!(

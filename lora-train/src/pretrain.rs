@@ -91,10 +91,19 @@ pub fn save_gpt2(
             .expect("serialises")
             .as_bytes(),
     )?;
+    write_f32_weights(&dir.join("model.safetensors"), params)?;
+    let tok = std::fs::read(tokenizer).map_err(|e| err(tokenizer, e.to_string()))?;
+    write_atomic(&dir.join("tokenizer.json"), &tok)?;
+    Ok(())
+}
+
+/// Writes `params` (by name) as an f32 safetensors file with PyTorch's `format: pt` metadata,
+/// atomically: a trained model's `model.safetensors`.
+pub fn write_f32_weights(path: &Path, params: &[(String, Tensor)]) -> Result<()> {
     let data: Vec<(String, Vec<usize>, Vec<f32>)> = params
         .iter()
-        .map(|(n, t)| (n.clone(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
+        .map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), t.try_to_vec()?)))
+        .collect::<std::result::Result<_, CoreError>>()?;
     let tensors: Vec<OutTensor> = data
         .iter()
         .map(|(n, s, v)| OutTensor {
@@ -105,9 +114,7 @@ pub fn save_gpt2(
         })
         .collect();
     let meta = [("format".to_string(), "pt".to_string())].into();
-    write_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
-    let tok = std::fs::read(tokenizer).map_err(|e| err(tokenizer, e.to_string()))?;
-    write_atomic(&dir.join("tokenizer.json"), &tok)?;
+    write_safetensors(path, &tensors, meta)?;
     Ok(())
 }
 

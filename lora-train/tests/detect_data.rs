@@ -167,3 +167,50 @@ fn reads_coco_json() {
     );
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn coco_files_find_their_images_in_either_common_layout() {
+    use lora_train::vision::detect_data::{coco_image_dir, read_detection_data};
+    let root = tmp("coco-layouts");
+    let ann = |classes: &[(i64, &str)], file: &str| {
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": file, "width": 20, "height": 10}],
+            "categories": classes.iter().map(|(i, n)| serde_json::json!({"id": i, "name": n})).collect::<Vec<_>>(),
+            "annotations": [{"id": 1, "image_id": 1, "category_id": classes[0].0, "bbox": [2, 2, 4, 4], "iscrowd": 0}]
+        })
+        .to_string()
+    };
+    // COCO's own: annotations/instances_<split>.json, images in <split>/.
+    png(&root.join("coco/train2017/a.png"), 10, 20);
+    png(&root.join("coco/val2017/b.png"), 10, 20);
+    std::fs::create_dir_all(root.join("coco/annotations")).unwrap();
+    let (tj, vj) = (
+        root.join("coco/annotations/instances_train2017.json"),
+        root.join("coco/annotations/instances_val2017.json"),
+    );
+    std::fs::write(&tj, ann(&[(1, "dent"), (2, "scratch")], "a.png")).unwrap();
+    std::fs::write(&vj, ann(&[(1, "dent"), (2, "scratch")], "b.png")).unwrap();
+    assert_eq!(coco_image_dir(&tj), root.join("coco/train2017"));
+    let (train, val) = read_detection_data(&tj, Some(&vj)).unwrap();
+    assert_eq!(train.items[0].image, root.join("coco/train2017/a.png"));
+    assert_eq!(val.unwrap().items[0].image, root.join("coco/val2017/b.png"));
+    // Roboflow's: <split>/_annotations.coco.json beside the images.
+    png(&root.join("rf/train/c.png"), 10, 20);
+    let rj = root.join("rf/train/_annotations.coco.json");
+    std::fs::write(&rj, ann(&[(0, "dent"), (1, "scratch")], "c.png")).unwrap();
+    let (train, val) = read_detection_data(&rj, None).unwrap();
+    assert_eq!(train.items[0].image, root.join("rf/train/c.png"));
+    assert!(val.is_none());
+    // A validation file with other categories, or --eval-data beside a data.yaml: refused.
+    let other = root.join("rf/other.json");
+    std::fs::write(&other, ann(&[(0, "dent"), (1, "rust")], "train/c.png")).unwrap();
+    let e = read_detection_data(&rj, Some(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other.json") && e.contains("rust"), "{e}");
+    let e = read_detection_data(&root.join("data.yaml"), Some(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--eval-data"), "{e}");
+    std::fs::remove_dir_all(root).unwrap();
+}

@@ -176,3 +176,79 @@ fn a_new_class_layer_that_would_not_train_is_refused() {
     }
     std::fs::remove_dir_all(data).unwrap();
 }
+
+#[test]
+fn trains_from_coco_json_with_its_validation_file() {
+    use lora_train::vision::detect_data::read_yolo;
+    let data = tmp("coco-data");
+    for i in 0..6 {
+        sample(&data, "train", i);
+    }
+    for i in 0..2 {
+        sample(&data, "val", i);
+    }
+    std::fs::write(
+        data.join("data.yaml"),
+        "train: images/train\nval: images/val\nnames: [red, blue]\n",
+    )
+    .unwrap();
+    // The same tree as COCO files (Roboflow's layout: the JSON beside its images).
+    let (train, val) = read_yolo(&data.join("data.yaml")).unwrap();
+    let coco = |set: &lora_train::vision::detect_data::DetectionSet, dir: &Path| {
+        let (mut images, mut anns) = (vec![], vec![]);
+        for (i, it) in set.items.iter().enumerate() {
+            let name = it.image.file_name().unwrap().to_string_lossy().to_string();
+            std::fs::copy(&it.image, dir.join(&name)).unwrap();
+            let (h, w) = (it.size.0 as f64, it.size.1 as f64);
+            images.push(serde_json::json!({"id": i, "file_name": name, "width": w, "height": h}));
+            for (c, b) in it.classes.iter().zip(&it.boxes) {
+                let (bw, bh) = (b[2] as f64 * w, b[3] as f64 * h);
+                anns.push(serde_json::json!({"id": anns.len(), "image_id": i, "category_id": c,
+                    "bbox": [b[0] as f64 * w - bw / 2.0, b[1] as f64 * h - bh / 2.0, bw, bh], "iscrowd": 0}));
+            }
+        }
+        let j = dir.join("_annotations.coco.json");
+        let cats = serde_json::json!([{"id": 0, "name": "red"}, {"id": 1, "name": "blue"}]);
+        std::fs::write(
+            &j,
+            serde_json::json!({"images": images, "annotations": anns, "categories": cats})
+                .to_string(),
+        )
+        .unwrap();
+        j
+    };
+    let (tdir, vdir) = (data.join("coco/train"), data.join("coco/valid"));
+    std::fs::create_dir_all(&tdir).unwrap();
+    std::fs::create_dir_all(&vdir).unwrap();
+    let (tj, vj) = (coco(&train, &tdir), coco(&val.unwrap(), &vdir));
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity/vision/yolos/model");
+    let out = tmp("coco-out");
+    let cfg = VisionTrainConfig {
+        epochs: 2,
+        batch_size: 3,
+        image_size: Some(32),
+        eval_data: Some(vj.clone()),
+        ..VisionTrainConfig::new(&model, &tj, &out)
+    };
+    let (sum, before, after) =
+        train_detection(&cfg, false, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    assert_eq!(sum.steps, 4);
+    assert_eq!(before.unwrap().images, 2);
+    assert_eq!(after.unwrap().images, 2);
+    assert!(out.join("adapter_model.safetensors").is_file());
+    // --out among the images is refused before anything is written.
+    let inside = VisionTrainConfig {
+        out: tdir.join("run"),
+        ..cfg.clone()
+    };
+    let e = train_detection(&inside, false, &mut |_| {}, &AtomicBool::new(false))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("--out"), "{e}");
+    assert!(!tdir.join("run").exists());
+    for d in [data, out] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -8,7 +8,7 @@
 //! each batch's patch grid.
 
 use super::data::Augment;
-use super::detect_data::{read_yolo, DetItem, DetectionSet};
+use super::detect_data::{read_detection_data, DetItem, DetectionSet};
 use super::map::{coco_map, Detection, GroundTruth, MapReport};
 use super::{VisionEvent, VisionSummary, VisionTrainConfig};
 use crate::optim::{clip_grad_norm, lr_factor, Optimizer, OptimizerKind, ParamGroup};
@@ -296,8 +296,8 @@ fn is_output(name: &str) -> bool {
     super::is_vision_output(name)
 }
 
-/// Runs a detection fine-tune of the YOLOS at `cfg.model` on the YOLO tree `cfg.data`
-/// (`data.yaml`); the events report evaluations through `VisionEvent::Note` lines and steps
+/// Runs a detection fine-tune of the YOLOS at `cfg.model` on `cfg.data` (a YOLO `data.yaml`,
+/// or a COCO JSON with `cfg.eval_data` as its validation split); the events report evaluations through `VisionEvent::Note` lines and steps
 /// through `VisionEvent::Step`. Returns the summary and the evaluations before and after.
 pub fn train_detection(
     cfg: &VisionTrainConfig,
@@ -313,6 +313,10 @@ pub fn train_detection(
         &[
             ("model directory (--model)", &cfg.model),
             ("training data (--data)", &cfg.data),
+            (
+                "evaluation data (--eval-data)",
+                cfg.eval_data.as_deref().unwrap_or(&cfg.data),
+            ),
         ],
     )?;
     outdir::DirLock::check_free(out)?;
@@ -323,7 +327,7 @@ pub fn train_detection(
             "output directory is not empty (pass --force to start over)",
         ));
     }
-    let (train, val) = read_yolo(&cfg.data)?;
+    let (train, val) = read_detection_data(&cfg.data, cfg.eval_data.as_deref())?;
     // The output must not land among the images or labels (it would join the data).
     for root in std::iter::once(&train.root).chain(val.as_ref().map(|v| &v.root)) {
         let labels = super::detect_data::label_path(&root.join("x.png"));

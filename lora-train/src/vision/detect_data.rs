@@ -374,3 +374,66 @@ pub fn read_coco(json: &Path, image_dir: &Path) -> Result<DetectionSet> {
         items,
     })
 }
+
+/// Whether `data` is a COCO annotation file (`.json`) rather than a YOLO `data.yaml`.
+pub fn is_coco(data: &Path) -> bool {
+    data.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// The image folder of a COCO annotation file: COCO's own layout
+/// (`<root>/annotations/instances_<split>.json` with the images in `<root>/<split>/`), else the
+/// JSON's own folder (Roboflow's `<split>/_annotations.coco.json` beside its images).
+pub fn coco_image_dir(json: &Path) -> PathBuf {
+    let dir = json.parent().unwrap_or(Path::new("."));
+    let stem = json.file_stem().map(|s| s.to_string_lossy().to_string());
+    if let (Some(split), Some(root)) = (
+        stem.as_deref().and_then(|s| s.strip_prefix("instances_")),
+        dir.file_name()
+            .filter(|n| *n == "annotations")
+            .and(dir.parent()),
+    ) {
+        let images = root.join(split);
+        if images.is_dir() {
+            return images;
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// Detection data from `--data`: a YOLO `data.yaml` (its training split and its `val`), or a
+/// COCO annotation file (the training split; `eval`, another COCO file, the validation split,
+/// whose classes must be the same). Images of a COCO file are found by [`coco_image_dir`].
+pub fn read_detection_data(
+    data: &Path,
+    eval: Option<&Path>,
+) -> Result<(DetectionSet, Option<DetectionSet>)> {
+    if !is_coco(data) {
+        if let Some(e) = eval {
+            return Err(err(
+                e,
+                "--eval-data goes with a COCO JSON --data; a data.yaml names its own `val` split",
+            ));
+        }
+        return read_yolo(data);
+    }
+    let train = read_coco(data, &coco_image_dir(data))?;
+    let val = match eval {
+        None => None,
+        Some(e) => {
+            let v = read_coco(e, &coco_image_dir(e))?;
+            if v.classes != train.classes {
+                return Err(err(
+                    e,
+                    format!(
+                        "its categories ({}) are not the training file's ({})",
+                        v.classes.join(", "),
+                        train.classes.join(", ")
+                    ),
+                ));
+            }
+            Some(v)
+        }
+    };
+    Ok((train, val))
+}

@@ -76,6 +76,8 @@ pub struct VisionTrainConfig {
     /// checkpoint's rows for the classes it already names (see
     /// [`VisionModelDir::keep_known_classes`]) instead of all anew.
     pub keep_classes: bool,
+    /// Detection: the validation split's COCO JSON when `data` is a COCO JSON.
+    pub eval_data: Option<PathBuf>,
     /// Where to compute.
     pub device: Device,
 }
@@ -108,6 +110,7 @@ impl VisionTrainConfig {
             },
             image_size: None,
             keep_classes: false,
+            eval_data: None,
             device: Device::Cpu,
         }
     }

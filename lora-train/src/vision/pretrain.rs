@@ -11,7 +11,7 @@ use lora_core::models::yolos::{Objects, Yolos, YolosConfig};
 use lora_core::{CoreError, Tape, Tensor};
 use lora_io::images::{ImageProcessor, Rgb8};
 use lora_io::vision::VisionArch;
-use lora_io::write::{write_atomic, write_safetensors, OutDtype, OutTensor};
+use lora_io::write::write_atomic;
 use lora_kernels::rng::Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -107,21 +107,7 @@ pub fn save_yolos(
         &dir.join("config.json"),
         pretty(&yolos_config_json(cfg, labels, init_std)).as_bytes(),
     )?;
-    let data: Vec<(String, Vec<usize>, Vec<f32>)> = params
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), t.try_to_vec()?)))
-        .collect::<std::result::Result<_, CoreError>>()?;
-    let tensors: Vec<OutTensor> = data
-        .iter()
-        .map(|(n, s, v)| OutTensor {
-            name: n.clone(),
-            shape: s.clone(),
-            values: v,
-            dtype: OutDtype::F32,
-        })
-        .collect();
-    let meta = [("format".to_string(), "pt".to_string())].into();
-    write_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
+    crate::pretrain::write_f32_weights(&dir.join("model.safetensors"), params)?;
     let pj = super::processor_json(proc, &VisionArch::Yolos(cfg.clone()));
     write_atomic(
         &dir.join("preprocessor_config.json"),
@@ -295,27 +281,32 @@ mod tests {
         }
     }
 
+    /// Two random 16x16 images, with two objects and one. The targets are away from the
+    /// untrained boxes (about 0.5 everywhere): L1 has a kink at equality, where a finite
+    /// difference averages its two sides.
+    fn batch(seed: u64) -> (Tensor, Vec<Objects>) {
+        let mut rng = Rng::new(seed);
+        let px: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.normal() as f32).collect();
+        let objects = vec![
+            Objects {
+                classes: vec![0, 1],
+                boxes: vec![[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]],
+            },
+            Objects {
+                classes: vec![1],
+                boxes: vec![[0.62, 0.41, 0.33, 0.27]],
+            },
+        ];
+        (Tensor::new(px, &[2, 3, 16, 16]).unwrap(), objects)
+    }
+
     #[test]
     fn full_parameter_gradients_match_finite_differences() {
-        // Targets away from the untrained boxes (about 0.5 everywhere): L1 has a kink at
-        // equality, where a finite difference averages its two sides.
         let mut checked = 0;
         for mid in [false, true] {
             let cfg = tiny(mid);
             let TrainableYolos { model, params } = init_yolos(&cfg, 0.2, 7).unwrap();
-            let mut rng = Rng::new(3);
-            let px: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.normal() as f32).collect();
-            let pixels = Tensor::new(px, &[2, 3, 16, 16]).unwrap();
-            let objects = vec![
-                Objects {
-                    classes: vec![0, 1],
-                    boxes: vec![[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]],
-                },
-                Objects {
-                    classes: vec![1],
-                    boxes: vec![[0.62, 0.41, 0.33, 0.27]],
-                },
-            ];
+            let (pixels, objects) = batch(3);
             // The loss and the Hungarian matching it used.
             let loss = |m: &Yolos| -> (f64, Vec<Vec<(usize, usize)>>) {
                 let tape = Tape::inference();
@@ -371,19 +362,7 @@ mod tests {
     fn every_parameter_gets_a_gradient() {
         let cfg = tiny(true);
         let TrainableYolos { model, params } = init_yolos(&cfg, 0.02, 1).unwrap();
-        let mut rng = Rng::new(2);
-        let px: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.normal() as f32).collect();
-        let pixels = Tensor::new(px, &[2, 3, 16, 16]).unwrap();
-        let objects = vec![
-            Objects {
-                classes: vec![0, 1],
-                boxes: vec![[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]],
-            },
-            Objects {
-                classes: vec![1],
-                boxes: vec![[0.5, 0.5, 0.5, 0.5]],
-            },
-        ];
+        let (pixels, objects) = batch(2);
         let tape = Tape::new(0);
         let loss = model.loss(&tape, &pixels, &objects, true).unwrap();
         let grads = tape.backward(&loss.total).unwrap();
