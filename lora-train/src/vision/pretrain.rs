@@ -60,6 +60,15 @@ pub fn yolos_config_json(cfg: &YolosConfig, labels: &[String], init_std: f64) ->
     };
     // f32 settings written as their shortest decimal (0.1, not 0.10000000149011612).
     let dec = |x: f32| -> f64 { x.to_string().parse().unwrap_or(x as f64) };
+    // transformers' YolosConfig types the matcher costs and the box loss weights as `int` and
+    // refuses a float there (1.0) when it loads the file: whole values are written as integers.
+    let int = |x: f32| -> Value {
+        if x.fract() == 0.0 && x.abs() < 1e9 {
+            json!(x as i64)
+        } else {
+            json!(dec(x))
+        }
+    };
     json!({
         "architectures": ["YolosForObjectDetection"],
         "model_type": "yolos",
@@ -79,11 +88,11 @@ pub fn yolos_config_json(cfg: &YolosConfig, labels: &[String], init_std: f64) ->
         "num_detection_tokens": cfg.num_detection_tokens,
         "use_mid_position_embeddings": cfg.use_mid_position_embeddings,
         "auxiliary_loss": false,
-        "class_cost": dec(cfg.costs.0),
-        "bbox_cost": dec(cfg.costs.1),
-        "giou_cost": dec(cfg.costs.2),
-        "bbox_loss_coefficient": dec(cfg.bbox_loss_coefficient),
-        "giou_loss_coefficient": dec(cfg.giou_loss_coefficient),
+        "class_cost": int(cfg.costs.0),
+        "bbox_cost": int(cfg.costs.1),
+        "giou_cost": int(cfg.costs.2),
+        "bbox_loss_coefficient": int(cfg.bbox_loss_coefficient),
+        "giou_loss_coefficient": int(cfg.giou_loss_coefficient),
         "eos_coefficient": dec(cfg.eos_coefficient),
         "id2label": labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect::<serde_json::Map<_, _>>(),
         "label2id": labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect::<serde_json::Map<_, _>>(),
