@@ -150,3 +150,52 @@ fn resnet_basic_matches_transformers_and_peft() {
 fn resnet_bottleneck_matches_transformers_and_peft() {
     check("resnet_bottleneck");
 }
+
+#[test]
+fn keep_known_classes_maps_a_classifiers_rows_by_name() {
+    let rows = |m: &dyn ImageClassifier| {
+        let (w, _, b) = m.head().base.base();
+        (w.try_to_vec().unwrap(), b.unwrap().try_to_vec().unwrap())
+    };
+    for case in ["vit", "resnet_basic"] {
+        let path = dir(case).join("model");
+        let md = VisionModelDir::open(&path).unwrap();
+        let old = md.config.labels.clone();
+        let c = md.config.head_in();
+        let (base, _) = md.load_model(0).unwrap();
+        let (bw, bb) = rows(base.as_ref());
+        // The same number of classes, re-ordered, one new: without the flag the checkpoint's head
+        // loads as it is (transformers' semantics: the shapes match); with it, rows move by name.
+        let mut labels = old.clone();
+        labels.swap(0, 1);
+        labels[2] = "scratch".into();
+        let mut plain = VisionModelDir::open(&path).unwrap();
+        plain.set_labels(labels.clone());
+        let (pm, head) = plain.load_model(0).unwrap();
+        assert_eq!(head, HeadSource::Checkpoint, "{case}");
+        assert_eq!(rows(pm.as_ref()).0, bw, "{case}");
+        let mut keep = VisionModelDir::open(&path).unwrap();
+        keep.set_labels(labels.clone());
+        keep.keep_known_classes = true;
+        let (km, head) = keep.load_model(0).unwrap();
+        assert_eq!(
+            head,
+            HeadSource::Extended(old.len(), old.len() - 1),
+            "{case}"
+        );
+        let (w, b) = rows(km.as_ref());
+        for (new, ckpt) in [(0, 1), (1, 0), (3, 3)] {
+            assert_eq!(
+                w[new * c..(new + 1) * c],
+                bw[ckpt * c..(ckpt + 1) * c],
+                "{case} row {new}"
+            );
+            assert_eq!(b[new], bb[ckpt], "{case}");
+        }
+        assert_ne!(
+            w[2 * c..3 * c],
+            bw[2 * c..3 * c],
+            "{case}: the new class starts anew"
+        );
+    }
+}
