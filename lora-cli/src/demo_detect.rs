@@ -409,7 +409,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         bail!("the demo's data has a validation split, so both evaluations exist");
     };
 
-    // Annotated validation images: those with a defect first.
+    // Annotated validation images: the first `samples` with a defect.
     let (names, det, proc) =
         lora_train::vision::detect::load_detector_for_inference(&base, Some(&cfg.out))?;
     let (_, val) = lora_train::vision::detect_data::read_yolo(&yaml)?;

@@ -366,92 +366,79 @@ impl VisionModelDir {
         let head_w = format!("{head}.weight");
         let head_b = format!("{head}.bias");
         let ckpt_head = self.resolve(&w, &head_w);
-        let source = match &ckpt_head {
-            None => HeadSource::Missing,
-            Some(k) => {
-                let shape = w
-                    .entries()
-                    .into_iter()
-                    .find(|(n, _, _)| n == k)
-                    .map(|(_, _, s)| s)
-                    .unwrap_or_default();
-                let rows = shape.first().copied().unwrap_or(0);
-                if rows == nl && self.config.labels == self.checkpoint_labels {
-                    HeadSource::Checkpoint
-                } else if self.keep_known_classes {
-                    HeadSource::Extended(rows, 0)
-                } else if rows == nl {
-                    HeadSource::Checkpoint
-                } else {
-                    HeadSource::Mismatched(rows)
-                }
-            }
-        };
-        // The checkpoint rows a kept head takes: new row -> checkpoint row.
-        let mut kept: Vec<(usize, usize)> = Vec::new();
-        if let HeadSource::Extended(rows, _) = &source {
-            let detector = matches!(self.config.arch, VisionArch::Yolos(_));
-            let old_classes = if detector {
-                rows.saturating_sub(1)
-            } else {
-                *rows
-            };
-            if old_classes == self.checkpoint_labels.len() {
-                for (i, l) in self.config.labels.iter().enumerate() {
-                    if let Some(j) = self.checkpoint_labels.iter().position(|o| o == l) {
-                        kept.push((i, j));
-                    }
-                }
-                if detector {
-                    kept.push((nl - 1, rows - 1));
-                }
-            }
-        }
-        // The same classes in the same order: the checkpoint's head as it is.
-        let source = match source {
-            HeadSource::Extended(rows, _)
-                if rows == nl && kept.len() == nl && kept.iter().all(|(i, j)| i == j) =>
+        let rows = ckpt_head.as_ref().map(|k| {
+            w.entries()
+                .into_iter()
+                .find(|(n, _, _)| n == k)
+                .and_then(|(_, _, s)| s.first().copied())
+                .unwrap_or(0)
+        });
+        // With keep_known_classes: new row -> checkpoint row for each class the checkpoint names
+        // (and a detector's "no object", last in both), when its rows fit its class names.
+        let detector = matches!(self.config.arch, VisionArch::Yolos(_));
+        let kept: Vec<(usize, usize)> = match rows {
+            Some(r)
+                if self.keep_known_classes
+                    && r == self.checkpoint_labels.len() + detector as usize =>
             {
-                HeadSource::Checkpoint
-            }
-            HeadSource::Extended(rows, _) => HeadSource::Extended(rows, kept.len()),
-            s => s,
-        };
-        let ckpt_rows = match (&source, &ckpt_head) {
-            (HeadSource::Extended(rows, _), Some(k)) if !kept.is_empty() => {
-                let bias_key = self.resolve(&w, &head_b);
-                Some((
-                    w.tensor(k, &[*rows, inp])?.try_to_vec()?,
-                    match bias_key {
-                        Some(b) => Some(w.tensor(&b, &[*rows])?.try_to_vec()?),
-                        None => None,
-                    },
-                ))
-            }
-            _ => None,
-        };
-        let mut used = HashSet::new();
-        let std = self.config.initializer_range;
-        let mut load = |k: &str, shape: &[usize]| -> Result<Tensor> {
-            if source != HeadSource::Checkpoint && (k == head_w || k == head_b) {
-                if let Some(key) = self.resolve(&w, k) {
-                    used.insert(key);
+                let mut v: Vec<(usize, usize)> = (self.config.labels.iter().enumerate())
+                    .filter_map(|(i, l)| {
+                        Some((i, self.checkpoint_labels.iter().position(|o| o == l)?))
+                    })
+                    .collect();
+                if detector {
+                    v.push((nl - 1, r - 1));
                 }
-                // As transformers initialises the head: ResNet keeps PyTorch's default linear
-                // init, ViT and YOLOS draw a (truncated) normal of `initializer_range`, bias 0.
+                v
+            }
+            _ => Vec::new(),
+        };
+        let same_classes = self.config.labels == self.checkpoint_labels;
+        let source = match rows {
+            None => HeadSource::Missing,
+            Some(r) if r == nl && same_classes => HeadSource::Checkpoint,
+            Some(r) if self.keep_known_classes => HeadSource::Extended(r, kept.len()),
+            // transformers' semantics: a head of the right shape loads, whatever the names.
+            Some(r) if r == nl => HeadSource::Checkpoint,
+            Some(r) => HeadSource::Mismatched(r),
+        };
+        // A new head, made once: initialised as transformers does (ResNet keeps PyTorch's
+        // default linear init, ViT and YOLOS draw a truncated normal of `initializer_range`,
+        // bias 0), then the kept rows copied from the checkpoint.
+        let new_head = match (&source, &ckpt_head) {
+            (HeadSource::Checkpoint, _) => None,
+            (src, key) => {
                 let (mut wv, mut bv) = match self.config.arch {
                     VisionArch::ResNet(_) => head_init_uniform(nl, inp, seed),
-                    _ => (head_init(nl, inp, std, seed), vec![0.0; nl]),
+                    _ => (
+                        head_init(nl, inp, self.config.initializer_range, seed),
+                        vec![0.0; nl],
+                    ),
                 };
-                if let Some((cw, cb)) = &ckpt_rows {
+                if let (HeadSource::Extended(r, 1..), Some(k)) = (src, key) {
+                    let cw = w.tensor(k, &[*r, inp])?.try_to_vec()?;
+                    let cb = match self.resolve(&w, &head_b) {
+                        Some(b) => Some(w.tensor(&b, &[*r])?.try_to_vec()?),
+                        None => None,
+                    };
                     for &(i, j) in &kept {
                         wv[i * inp..(i + 1) * inp].copy_from_slice(&cw[j * inp..(j + 1) * inp]);
-                        if let Some(cb) = cb {
+                        if let Some(cb) = &cb {
                             bv[i] = cb[j];
                         }
                     }
                 }
-                return Tensor::new(if k == head_w { wv } else { bv }, shape).map_err(Into::into);
+                Some((wv, bv))
+            }
+        };
+        let mut used = HashSet::new();
+        let mut load = |k: &str, shape: &[usize]| -> Result<Tensor> {
+            if let (Some((wv, bv)), true) = (&new_head, k == head_w || k == head_b) {
+                if let Some(key) = self.resolve(&w, k) {
+                    used.insert(key);
+                }
+                let v = if k == head_w { wv.clone() } else { bv.clone() };
+                return Tensor::new(v, shape).map_err(Into::into);
             }
             let key = self.resolve(&w, k).unwrap_or_else(|| k.to_string());
             let t = w.tensor(&key, shape)?;

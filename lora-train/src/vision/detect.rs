@@ -297,8 +297,8 @@ fn is_output(name: &str) -> bool {
 }
 
 /// Runs a detection fine-tune of the YOLOS at `cfg.model` on `cfg.data` (a YOLO `data.yaml`,
-/// or a COCO JSON with `cfg.eval_data` as its validation split); the events report evaluations through `VisionEvent::Note` lines and steps
-/// through `VisionEvent::Step`. Returns the summary and the evaluations before and after.
+/// or a COCO JSON with `cfg.eval_data` as its validation split); the events report evaluations
+/// through `VisionEvent::Note` lines and steps through `VisionEvent::Step`. Returns the summary and the evaluations before and after.
 pub fn train_detection(
     cfg: &VisionTrainConfig,
     force: bool,
@@ -307,18 +307,16 @@ pub fn train_detection(
 ) -> Result<(VisionSummary, Option<DetEval>, Option<DetEval>)> {
     let out = &cfg.out;
     cfg.validate()?;
-    outdir::check_not_input(
-        "--out",
-        out,
-        &[
-            ("model directory (--model)", &cfg.model),
-            ("training data (--data)", &cfg.data),
-            (
-                "evaluation data (--eval-data)",
-                cfg.eval_data.as_deref().unwrap_or(&cfg.data),
-            ),
-        ],
-    )?;
+    let mut inputs = vec![
+        ("model directory (--model)", cfg.model.as_path()),
+        ("training data (--data)", cfg.data.as_path()),
+    ];
+    inputs.extend(
+        cfg.eval_data
+            .as_deref()
+            .map(|e| ("evaluation data (--eval-data)", e)),
+    );
+    outdir::check_not_input("--out", out, &inputs)?;
     outdir::DirLock::check_free(out)?;
     let found = outdir::inspect_output("--out", out, "lora train", Owned::Matching(&is_output))?;
     if matches!(found, Existing::Ours(_)) && !force {
