@@ -51,6 +51,15 @@ impl Op {
         }
     }
 
+    /// Whether backward reads input `i` through its tensor ([`OpNode::reads_stored`]); a
+    /// checkpointed segment reads its input as a tensor.
+    fn reads_stored(&self, i: usize) -> bool {
+        match self {
+            Op::Node { op, .. } => op.reads_stored(i),
+            Op::Checkpoint { .. } => true,
+        }
+    }
+
     /// Elements (f32 values or 4-byte ids) the op saved for its own backward.
     fn saved_elems(&self) -> usize {
         match self {
@@ -60,12 +69,47 @@ impl Op {
     }
 }
 
-/// An input as the tape keeps it: always its identity, its values only if backward reads them.
+/// An input as the tape keeps it: always its identity, its values only if backward reads them:
+/// the tensor itself, or (for a norm's output, see [`Remat`]) the recipe that recomputes it.
 pub(crate) struct Input {
     pub(crate) id: u64,
     pub(crate) shape: Vec<usize>,
     pub(crate) requires_grad: bool,
     pub(crate) values: Option<Tensor>,
+    remat: Option<Rc<Remat>>,
+}
+
+/// Recomputes an op's output from what the tape keeps anyway (rematerialization): a norm's
+/// output from its input, which the norm's own backward holds, and its parameters. A node whose
+/// backward reads a norm's output (a LoRA linear's `x`, for `dA`) keeps this recipe instead of
+/// the output, so the output is freed after the forward pass: one activation of the
+/// hidden size per norm, at the price of one norm forward in backward. The recipe runs the
+/// same deterministic kernel on the same values, so what backward reads is bit for bit what
+/// the forward computed (tested). The value is recomputed once per backward and shared by
+/// every node that reads it.
+pub(crate) struct Remat {
+    compute: RematFn,
+    /// Recording nodes whose backward has not yet read the value.
+    readers: Cell<usize>,
+    cache: RefCell<Option<Rc<DBuf>>>,
+}
+
+/// How a [`Remat`] recomputes its value.
+pub(crate) type RematFn = Box<dyn Fn() -> Result<DBuf>>;
+
+impl Remat {
+    /// The value, recomputed by the first reader, dropped by the recipe after the last.
+    fn take(&self) -> Result<Rc<DBuf>> {
+        let cached = self.cache.borrow().clone();
+        let v = match cached {
+            Some(v) => v,
+            None => Rc::new((self.compute)()?),
+        };
+        let left = self.readers.get().saturating_sub(1);
+        self.readers.set(left);
+        *self.cache.borrow_mut() = (left > 0).then(|| v.clone());
+        Ok(v)
+    }
 }
 
 impl Input {
@@ -95,6 +139,9 @@ pub struct Tape {
     checkpoint: bool,
     seed: u64,
     draws: Cell<u64>,
+    /// Recipes for recorded outputs that are cheaper to recompute than to keep ([`Remat`]),
+    /// by output id.
+    remats: RefCell<HashMap<u64, Rc<Remat>>>,
 }
 
 impl Tape {
@@ -107,6 +154,7 @@ impl Tape {
             checkpoint: false,
             seed,
             draws: Cell::new(0),
+            remats: RefCell::new(HashMap::new()),
         }
     }
 
@@ -119,6 +167,7 @@ impl Tape {
             checkpoint: false,
             seed: 0,
             draws: Cell::new(0),
+            remats: RefCell::new(HashMap::new()),
         }
     }
 
@@ -168,7 +217,8 @@ impl Tape {
     /// Activation memory the tape holds for backward, in 4-byte elements: the values of
     /// recorded ops' outputs that some backward reads (each counted once), plus what the ops
     /// saved for themselves (LoRA `u`, norm and attention statistics, ids). Parameters and
-    /// frozen weights are not counted; outputs no backward reads are not held at all.
+    /// frozen weights are not counted; outputs no backward reads are not held at all, nor
+    /// those a node recomputes ([`Remat`]: a norm's output).
     pub fn saved_elems(&self) -> usize {
         let nodes = self.nodes.borrow();
         let outputs: std::collections::HashSet<u64> = nodes.iter().map(|n| n.output_id).collect();
@@ -192,19 +242,52 @@ impl Tape {
         lora_kernels::rng::splitmix64(self.seed ^ lora_kernels::rng::splitmix64(k))
     }
 
+    /// Whether this tape records nodes (training, outside a checkpointed segment's first run).
+    pub(crate) fn records(&self) -> bool {
+        self.record
+    }
+
+    /// Lets later nodes that read `output` keep `compute`, which recomputes it, instead of its
+    /// values ([`Remat`]). Only for an output whose own node was recorded and keeps what
+    /// `compute` reads, so that the recipe holds no memory of its own.
+    pub(crate) fn rematerializable(&self, output: &Tensor, compute: RematFn) {
+        if self.record && output.requires_grad() {
+            let r = Remat {
+                compute,
+                readers: Cell::new(0),
+                cache: RefCell::new(None),
+            };
+            self.remats.borrow_mut().insert(output.id(), Rc::new(r));
+        }
+    }
+
     /// Appends a node when training and the output needs a gradient.
     pub(crate) fn record(&self, op: Op, inputs: Vec<Tensor>, output: &Tensor) {
         if self.record && output.requires_grad() {
+            let remats = self.remats.borrow();
             let kept = inputs
                 .iter()
                 .enumerate()
-                .map(|(i, t)| Input {
-                    id: t.id(),
-                    shape: t.shape().to_vec(),
-                    requires_grad: t.requires_grad(),
-                    values: op.reads_input(i, &inputs).then(|| t.clone()),
+                .map(|(i, t)| {
+                    let reads = op.reads_input(i, &inputs);
+                    let remat = reads
+                        .then(|| remats.get(&t.id()))
+                        .flatten()
+                        .filter(|_| !op.reads_stored(i))
+                        .cloned();
+                    if let Some(r) = &remat {
+                        r.readers.set(r.readers.get() + 1);
+                    }
+                    Input {
+                        id: t.id(),
+                        shape: t.shape().to_vec(),
+                        requires_grad: t.requires_grad(),
+                        values: (reads && remat.is_none()).then(|| t.clone()),
+                        remat,
+                    }
                 })
                 .collect();
+            drop(remats);
             self.nodes.borrow_mut().push(Node {
                 op,
                 inputs: kept,
@@ -251,6 +334,7 @@ impl Tape {
     /// Reverse pass from `output` with upstream gradient `dout` (same length and device).
     fn backward_from(&self, output: &Tensor, dout: Grad) -> Result<Gradients> {
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
+        self.remats.borrow_mut().clear(); // the nodes hold the recipes they read
         let mut grads: HashMap<u64, Grad> = HashMap::new();
         if output.requires_grad() {
             grads.insert(output.id(), dout);
@@ -299,15 +383,26 @@ impl Tape {
                                 .transpose()
                         })
                         .collect::<Result<_>>()?;
+                    let recomputed: Vec<Option<Rc<DBuf>>> = node
+                        .inputs
+                        .iter()
+                        .map(|t| t.remat.as_ref().map(|r| r.take()).transpose())
+                        .collect::<Result<_>>()?;
                     let empty = DBuf::Host(Vec::new());
                     let data: Vec<&DBuf> = guards
                         .iter()
-                        .map(|g| g.as_ref().map_or(Ok(&empty), crate::ops::f32_of))
+                        .zip(&recomputed)
+                        .map(|(g, r)| match (g, r) {
+                            (_, Some(r)) => Ok(&**r),
+                            (Some(g), None) => crate::ops::f32_of(g),
+                            (None, None) => Ok(&empty),
+                        })
                         .collect::<Result<_>>()?;
                     let mut slots = Slots(bufs.iter_mut().map(|b| b.as_mut()).collect());
                     op.backward(&**accel, &node.inputs, &data, &dout.buf, &mut slots)?;
                     drop(data);
                     drop(guards);
+                    drop(recomputed);
                     for (t, buf) in node.inputs.iter().zip(bufs) {
                         if let Some(buf) = buf {
                             let on = accel.clone();
@@ -499,5 +594,34 @@ impl Gradients {
             accumulate_into(&mut self.map, id, g)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe runs once however many nodes read it, and lets its value go after the last.
+    #[test]
+    fn a_remat_computes_once_and_drops_after_its_last_reader() {
+        let calls = Rc::new(Cell::new(0));
+        let c = calls.clone();
+        let r = Remat {
+            compute: Box::new(move || {
+                c.set(c.get() + 1);
+                Ok(DBuf::Host(vec![1.0, 2.0]))
+            }),
+            readers: Cell::new(3),
+            cache: RefCell::new(None),
+        };
+        let first = r.take().unwrap();
+        assert!(r.cache.borrow().is_some());
+        let second = r.take().unwrap();
+        let third = r.take().unwrap();
+        assert_eq!(calls.get(), 1);
+        assert!(Rc::ptr_eq(&first, &third) && Rc::ptr_eq(&second, &third));
+        assert!(r.cache.borrow().is_none(), "kept after the last reader");
+        drop((first, second));
+        assert_eq!(Rc::strong_count(&third), 1);
     }
 }

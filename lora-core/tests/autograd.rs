@@ -271,3 +271,66 @@ fn the_tape_keeps_only_activations_a_backward_reads() {
     let (saved, _) = run(Some(args));
     assert_eq!(saved, 2 * n * m + 2 * n + n * r);
 }
+
+/// A norm's output read by LoRA linears is recomputed in backward instead of kept (the
+/// tape's `Remat`): the gradients are bit for bit those of a graph that keeps it (an exact
+/// `* 1.0` in between makes the linears read a kept copy), and the tape holds one activation
+/// less. Two adapters read the same output, as q_proj and v_proj do, and a frozen linear that
+/// reads nothing sits beside them.
+#[test]
+fn norm_outputs_are_recomputed_not_kept_and_gradients_are_unchanged() {
+    let (n, c, m, r) = (6, 9, 5, 3);
+    let p = Tensor::param(rand(n * c, 11, 1.0), &[n, c]).unwrap();
+    let gamma = Tensor::param(rand(c, 12, 1.0), &[c]).unwrap();
+    let beta = Tensor::param(rand(c, 13, 0.5), &[c]).unwrap();
+    let w = [14, 15, 16].map(|s| Tensor::new(rand(m * c, s, 0.5), &[m, c]).unwrap());
+    let la = [17, 18].map(|s| Tensor::param(rand(r * c, s, 0.5), &[r, c]).unwrap());
+    let lb = [19, 20].map(|s| Tensor::param(rand(m * r, s, 0.5), &[m, r]).unwrap());
+    let targets: Vec<i32> = (0..n as i32).map(|i| i % m as i32).collect();
+    for rms in [false, true] {
+        let run = |keep: bool| {
+            let tape = Tape::new(0);
+            let x = ops::gelu(&tape, &p).unwrap();
+            let a = if rms {
+                ops::rms_norm(&tape, &x, &gamma, 1e-5).unwrap()
+            } else {
+                ops::layer_norm(&tape, &x, &gamma, Some(&beta), 1e-5).unwrap()
+            };
+            let a = if keep {
+                ops::scale(&tape, &a, 1.0).unwrap()
+            } else {
+                a
+            };
+            let lora = |i: usize| LoraArgs {
+                a: &la[i],
+                b: &lb[i],
+                scale: 0.5,
+                dropout: 0.0,
+            };
+            let q = ops::linear(&tape, &a, &w[0], WeightLayout::OutIn, None, Some(lora(0)));
+            let k = ops::linear(&tape, &a, &w[1], WeightLayout::OutIn, None, None);
+            let v = ops::linear(&tape, &a, &w[2], WeightLayout::OutIn, None, Some(lora(1)));
+            drop(a);
+            let y = ops::add(&tape, &q.unwrap(), &k.unwrap()).unwrap();
+            let y = ops::add(&tape, &y, &v.unwrap()).unwrap();
+            let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
+            let saved = tape.saved_elems();
+            let g = tape.backward(&loss).unwrap();
+            let mut params = vec![&p, &gamma];
+            if !rms {
+                params.push(&beta);
+            }
+            params.extend(la.iter().chain(&lb));
+            let bits: Vec<Vec<u32>> = params
+                .iter()
+                .map(|t| g.get(t).unwrap().iter().map(|v| v.to_bits()).collect())
+                .collect();
+            (saved, bits, loss.scalar().unwrap().to_bits())
+        };
+        let (saved_kept, g_kept, l_kept) = run(true);
+        let (saved, g, l) = run(false);
+        assert_eq!(l, l_kept, "rms {rms}: loss");
+        assert_eq!(g, g_kept, "rms {rms}: gradients");
+        assert_eq!(saved + n * c, saved_kept, "rms {rms}: saved elements");
+    }
+}

@@ -78,9 +78,11 @@ fn check(name: &str) {
             "{name}: adapter tensor {i}: relative difference {err:.2e}"
         );
     }
-    // The checkpointed tape holds the blocks' inputs (B * T * C each) and the head's state.
+    // The checkpointed tape holds the blocks' inputs (B * T * C each) and the head's state:
+    // under 40% of the plain tape (2.9x smaller for llama_gqa; over 3x before the plain tape
+    // stopped keeping norm outputs).
     assert!(
-        saved_c * 3 < saved,
+        saved_c * 5 < saved * 2,
         "{name}: checkpointed tape holds {saved_c} elements vs {saved}"
     );
     println!("{name}: saved elements {saved} -> {saved_c}");

@@ -108,8 +108,10 @@ fn check_step_on(b: &Backend, name: &str) {
         e <= b.tol.max(1e-5),
         "{name}: checkpointed adapter gradients: {e:.2e}"
     );
+    // Under 40% of the plain tape (2.9x smaller on these fixtures; it was over 3x before the
+    // plain tape stopped keeping norm outputs, which both now recompute).
     assert!(
-        saved_c * 3 < saved_d,
+        saved_c * 5 < saved_d * 2,
         "{name}: checkpointed tape {saved_c} vs {saved_d}"
     );
     if !b.exact {

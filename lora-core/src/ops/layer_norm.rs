@@ -29,6 +29,21 @@ pub fn layer_norm(
     inputs.extend(beta.cloned());
     let y = on.tensor(out, x.shape(), inputs.iter().any(|t| t.requires_grad()))?;
     on.record(tape, LayerNormNode { mean, rstd }, inputs, &y);
+    if tape.records() {
+        // Its node keeps x, gamma and beta: readers of y (a LoRA linear) recompute y from them.
+        let (x, gamma, beta, accel) = (x.clone(), gamma.clone(), beta.cloned(), on.accel);
+        tape.rematerializable(
+            &y,
+            Box::new(move || {
+                let (gx, gg) = (read(&x)?, read(&gamma)?);
+                let gb = beta.as_ref().map(read).transpose()?;
+                let bb = gb.as_ref().map(f32_of).transpose()?;
+                let [out, _, _] =
+                    accel.layernorm_forward(f32_of(&gx)?, f32_of(&gg)?, bb, c, eps)?;
+                Ok(out)
+            }),
+        );
+    }
     Ok(y)
 }
 

@@ -19,6 +19,18 @@ pub fn rms_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Ten
         vec![x.clone(), gamma.clone()],
         &y,
     );
+    if tape.records() {
+        // Its node keeps x and gamma: readers of y (a LoRA linear) recompute y from them.
+        let (x, gamma, accel) = (x.clone(), gamma.clone(), on.accel);
+        tape.rematerializable(
+            &y,
+            Box::new(move || {
+                let (gx, gg) = (read(&x)?, read(&gamma)?);
+                let [out, _] = accel.rmsnorm_forward(f32_of(&gx)?, f32_of(&gg)?, c, eps)?;
+                Ok(out)
+            }),
+        );
+    }
     Ok(y)
 }
 
