@@ -137,6 +137,26 @@ pub fn sum_exp(row: &[f32], shift: f32) -> f32 {
     s
 }
 
+/// `row_j = e^{row_j - shift}` in place; returns their sum, added as [`sum_exp`] adds (so
+/// the same value).
+#[inline(always)]
+pub fn exp_in_place_sum(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            c[k] = exp(c[k] - shift);
+            acc[k] += c[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for z in chunks.into_remainder() {
+        *z = exp(*z - shift);
+        s += *z;
+    }
+    s
+}
+
 /// `row_j = scale * e^{row_j - shift}` in place.
 #[inline(always)]
 pub fn exp_scaled_in_place(row: &mut [f32], shift: f32, scale: f32) {

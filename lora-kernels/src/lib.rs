@@ -37,6 +37,7 @@ pub mod mixed;
 pub mod operands;
 pub mod ops;
 mod par;
+pub mod peak;
 pub mod rng;
 mod simd;
 pub mod workload;

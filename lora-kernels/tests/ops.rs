@@ -518,10 +518,10 @@ fn out_of_range_indices_are_named_errors() {
 
 #[test]
 fn large_attention_and_norms_run_in_parallel_paths() {
-    // Shapes above the parallel thresholds, checked against the oracle.
-    // 150 rows: two full query blocks and a partial one.
-    let t = 2 * attention::ATTN_BLOCK + 22;
-    for causal in [true, false] {
+    // Shapes above the parallel thresholds, checked against the oracle, with several query
+    // blocks: causal, 150 rows = two full blocks of ATTN_BLOCK and a partial one;
+    // bidirectional (larger blocks, as many rows as fit the scratch), 300 rows = 218 + 82.
+    for (causal, t) in [(true, 2 * attention::ATTN_BLOCK + 22), (false, 300)] {
         let d = AttnDims {
             batch: 2,
             seq: t,
@@ -530,6 +530,8 @@ fn large_attention_and_norms_run_in_parallel_paths() {
             head_dim: 16,
             causal,
         };
+        let blk = d.block_rows();
+        assert!(blk < t && t % blk != 0, "{t} rows in blocks of {blk}");
         let q = rand_vec(2 * t * 4 * 16, 1, 1.0);
         let k = rand_vec(2 * t * 2 * 16, 2, 1.0);
         let v = rand_vec(2 * t * 2 * 16, 3, 1.0);

@@ -24,8 +24,28 @@ use crate::gemm::{gemm_raw, Par};
 use crate::par::SendPtr;
 use rayon::prelude::*;
 
-/// Query rows per block in [`attention_forward`] and [`attention_backward`].
+/// Query rows per block in [`attention_forward`] and [`attention_backward`] with a causal mask
+/// (and the least without one).
 pub const ATTN_BLOCK: usize = 64;
+
+/// Scratch floats per task a bidirectional block may use: `rows x T` scores (and as many
+/// gradients in backward), 256 KiB each.
+const ATTN_SCRATCH: usize = 1 << 16;
+
+impl AttnDims {
+    /// Query rows per block: [`ATTN_BLOCK`] with a causal mask (the mask skips the key columns
+    /// after a block's last row, so small blocks skip more); without one, as many rows as fit
+    /// [`ATTN_SCRATCH`] (ViT's 197 tokens: the whole sequence, one product per head instead of
+    /// four, each packing K once).
+    pub fn block_rows(&self) -> usize {
+        let rows = if self.causal {
+            ATTN_BLOCK
+        } else {
+            ATTN_BLOCK.max(ATTN_SCRATCH / self.seq.max(1))
+        };
+        rows.min(self.seq).max(1)
+    }
+}
 
 /// Attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,9 +163,10 @@ pub fn attention_forward(
         let g = h / rep;
         let qo = bi * t * hq * hd + h * hd;
         let ko = bi * t * hkv * hd + g * hd;
-        let mut s = vec![0.0f32; ATTN_BLOCK.min(t) * t];
-        for i0 in (0..t).step_by(ATTN_BLOCK) {
-            let rows = ATTN_BLOCK.min(t - i0);
+        let blk = d.block_rows();
+        let mut s = vec![0.0f32; blk * t];
+        for i0 in (0..t).step_by(blk) {
+            let rows = blk.min(t - i0);
             // Causal: no row of the block sees a key after the block's last row.
             let cols = if d.causal { i0 + rows } else { t };
             let s = &mut s[..rows * cols];
@@ -167,11 +188,12 @@ pub fn attention_forward(
                 let n = d.keys(i);
                 let row = &mut s[r * cols..(r + 1) * cols];
                 let m = row[..n].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-                let z = crate::fastmath::map(|| crate::fastmath::sum_exp(&row[..n], m));
+                // One exp per score: e^{s - m} in place, summed, then scaled (the same values
+                // as exponentiating twice, summed in the same order).
+                let z =
+                    crate::fastmath::map(|| crate::fastmath::exp_in_place_sum(&mut row[..n], m));
                 let inv = 1.0 / z;
-                crate::fastmath::map(|| {
-                    crate::fastmath::exp_scaled_in_place(&mut row[..n], m, inv)
-                });
+                crate::fastmath::map(|| row[..n].iter_mut().for_each(|e| *e *= inv));
                 row[n..].fill(0.0);
                 l[i] = m + z.ln();
             }
@@ -247,13 +269,14 @@ pub fn attention_backward(
     (0..b * hkv).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / hkv, bg % hkv);
         let ko = bi * t * hkv * hd + g * hd;
-        let mut p = vec![0.0f32; ATTN_BLOCK.min(t) * t];
-        let mut ds = vec![0.0f32; ATTN_BLOCK.min(t) * t];
+        let blk = d.block_rows();
+        let mut p = vec![0.0f32; blk * t];
+        let mut ds = vec![0.0f32; blk * t];
         for h in g * rep..(g + 1) * rep {
             let qo = bi * t * hq * hd + h * hd;
             let l = &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t];
-            for i0 in (0..t).step_by(ATTN_BLOCK) {
-                let rows = ATTN_BLOCK.min(t - i0);
+            for i0 in (0..t).step_by(blk) {
+                let rows = blk.min(t - i0);
                 let cols = if d.causal { i0 + rows } else { t };
                 let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
                 let ro = i0 * hq * hd; // offset of the block's first row in a q-shaped buffer
@@ -296,9 +319,11 @@ pub fn attention_backward(
                     });
                     pr[n..].fill(0.0);
                     let dotp: f32 = pr[..n].iter().zip(&dr[..n]).map(|(a, b)| a * b).sum();
-                    for j in 0..n {
-                        dr[j] = pr[j] * (dr[j] - dotp);
-                    }
+                    crate::fastmath::map(|| {
+                        for (d, &p) in dr[..n].iter_mut().zip(&pr[..n]) {
+                            *d = p * (*d - dotp);
+                        }
+                    });
                     dr[n..].fill(0.0);
                 }
                 unsafe {
