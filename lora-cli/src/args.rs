@@ -424,6 +424,9 @@ pub enum BenchCommand {
     Linear(LinearArgs),
     /// Square f32 GEMM: this machine's dense matrix-product ceiling.
     Gemm(GemmArgs),
+    /// The CPU's arithmetic peak: f32 FMAs on its widest vectors and, where it has
+    /// AVX512-BF16, the bf16 dot-product instruction (register-only loops on every thread).
+    Peak(PeakArgs),
     /// Inference batch whose rows use different adapters: the mixed kernel vs one layer call
     /// per adapter.
     Mixed(MixedArgs),
@@ -583,6 +586,19 @@ pub struct LinearArgs {
     /// 4096 -> 11008, r16).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+#[derive(Args)]
+pub struct PeakArgs {
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seconds to time each instruction.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

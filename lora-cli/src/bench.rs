@@ -139,6 +139,48 @@ pub fn run_gemm(size: usize, threads: Option<usize>, iters: usize, json: bool) -
     Ok(())
 }
 
+/// `lora bench peak`: the f32 FMA and bf16 dot-product peaks of this CPU.
+pub fn run_peak(a: &crate::args::PeakArgs) -> Result<()> {
+    if !(a.seconds > 0.0 && a.seconds <= 600.0) {
+        bail!(
+            "--seconds must be above 0 and at most 600, got {}",
+            a.seconds
+        );
+    }
+    let pool = pool(a.threads)?;
+    let (f32p, bf16p) = pool.install(|| {
+        (
+            lora_kernels::peak::f32_fma(a.seconds),
+            lora_kernels::peak::bf16_dot(a.seconds),
+        )
+    });
+    let threads = pool.current_num_threads();
+    if a.json {
+        let one = |p: &Option<lora_kernels::peak::Peak>| {
+            p.as_ref()
+                .map(|p| serde_json::json!({"instruction": p.what, "gflops": p.gflops}))
+        };
+        outln!(
+            "{}",
+            serde_json::json!({"threads": threads, "f32": one(&f32p), "bf16": one(&bf16p)})
+        );
+        return Ok(());
+    }
+    outln!(
+        "{threads} threads, register-only loops, best of {} s each:",
+        a.seconds
+    );
+    match &f32p {
+        Some(p) => outln!("  f32  peak: {:>8.1} GFLOP/s  ({})", p.gflops, p.what),
+        None => outln!("  f32  peak: not measured (no AVX2+FMA on this CPU)"),
+    }
+    match &bf16p {
+        Some(p) => outln!("  bf16 peak: {:>8.1} GFLOP/s  ({})", p.gflops, p.what),
+        None => outln!("  bf16 peak: none (this CPU has no AVX512-BF16)"),
+    }
+    Ok(())
+}
+
 pub fn run_linear(cfg: &LinearBench) -> Result<()> {
     if cfg.iters == Some(0) {
         bail!("--iters must be at least 1");
@@ -314,6 +356,7 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
             run_linear(&cfg)
         }
         crate::args::BenchCommand::Gemm(a) => run_gemm(a.size, a.threads, a.iters, a.json),
+        crate::args::BenchCommand::Peak(a) => run_peak(&a),
         crate::args::BenchCommand::Train(a) => {
             let device = match a.device.as_str() {
                 "auto" => anyhow::bail!("--device: name cpu or the GPU (cuda, cuda:N) to time"),

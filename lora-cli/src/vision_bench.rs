@@ -28,6 +28,7 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
         dropout: 0.0,
         init: LoraInit::KaimingUniform,
     };
+    let mut flops = None;
     let (what, params, step): (String, Vec<Tensor>, Box<dyn Fn(u64) -> Result<Gradients>>) = match a
         .arch
         .as_str()
@@ -54,6 +55,7 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
                 let n: usize = shape.iter().product();
                 Tensor::new(random(&mut rng, n, 0.02), shape)
             };
+            flops = Some(vit_step_flops(&cfg, a.batch, a.rank));
             let mut m = Vit::load(&cfg, &mut load)?;
             for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
                 if name.ends_with("q_proj") || name.ends_with("v_proj") {
@@ -146,12 +148,18 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
     let med = crate::bench::median(&mut times);
     let ips = a.batch as f64 / med;
     let rss = crate::train_bench::peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
+    // The step's products against this CPU's f32 FMA peak, measured now on the same threads.
+    let gflops = flops.map(|f| f / med / 1e9);
+    let peak = flops
+        .and(lora_kernels::peak::f32_fma(0.5))
+        .map(|p| p.gflops);
     if a.json {
         outln!(
             "{}",
             serde_json::json!({"arch": a.arch, "batch": a.batch, "size": size, "rank": a.rank, "layers": a.layers,
                 "threads": rayon::current_num_threads(), "steps": a.steps, "median_step_s": med,
-                "images_per_s": ips, "peak_rss_gib": rss})
+                "images_per_s": ips, "peak_rss_gib": rss, "step_gflop": flops.map(|f| f / 1e9),
+                "gflops": gflops, "f32_peak_gflops": peak})
         );
     } else {
         outln!(
@@ -164,6 +172,50 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
             a.steps,
             rss.map_or("n/a".into(), |g| format!("{g:.2} GiB"))
         );
+        if let (Some(f), Some(g)) = (flops, gflops) {
+            let share = peak.map_or(String::new(), |p| {
+                format!(
+                    " = {:.0}% of this CPU's f32 FMA peak ({p:.1} GFLOP/s)",
+                    100.0 * g / p
+                )
+            });
+            outln!(
+                "products: {:.1} GFLOP per step (forward and backward, no recomputation counted) | {g:.1} GFLOP/s{share}",
+                f / 1e9
+            );
+        }
     }
     Ok(())
+}
+
+/// FLOPs of the matrix products one LoRA training step of `cfg` (batch `batch`, rank `rank` on
+/// q_proj and v_proj, the head trained) must do, a multiply-add counted as two: the forward
+/// (patch embedding, the blocks' linears, attention's two products, the adapters, the head)
+/// and the backward the tape runs (input gradients of every linear whose input needs one:
+/// not block 0's q/k/v or their adapters, whose input derives only from frozen tensors; attention's four
+/// products; the adapters' four; the head's weight and input gradients). Recomputation
+/// (attention's scores in backward) is not counted: this is the work any implementation needs.
+pub fn vit_step_flops(cfg: &VitConfig, batch: usize, rank: usize) -> f64 {
+    let (b, c, i) = (
+        batch as f64,
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+    );
+    let p = cfg.num_patches() as f64;
+    let t = p + 1.0;
+    let (pw, ph) = cfg.patch_size;
+    let patch_in = (cfg.num_channels * pw * ph) as f64;
+    let (r, labels, layers) = (
+        rank as f64,
+        cfg.num_labels as f64,
+        cfg.num_hidden_layers as f64,
+    );
+    let linears = 2.0 * b * t * (4.0 * c * c + 2.0 * c * i); // per block, one direction
+    let attention = 4.0 * b * t * t * c; // QK^T and PV, per block
+    let lora = 2.0 * 4.0 * b * t * r * c; // q and v: x A^T and u B^T, per block
+    let forward = 2.0 * b * p * patch_in * c + layers * (linears + attention + lora);
+    let qkv_dx = 3.0 * 2.0 * b * t * c * c + 2.0 * 2.0 * b * t * r * c; // and q/v adapters' dX
+    let backward = layers * (linears + 2.0 * attention + 2.0 * lora) - qkv_dx;
+    let head = 2.0 * b * c * labels;
+    forward + head + backward + 2.0 * head
 }

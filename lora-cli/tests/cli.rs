@@ -54,6 +54,74 @@ fn bench_linear_json_has_the_documented_fields() {
     assert_eq!(v["rank"], 3);
 }
 
+/// `bench peak` and `bench vision` report the figures the performance notes quote: the f32
+/// FMA peak (and the bf16 one exactly where the CPU has AVX512-BF16), and a ViT step's product
+/// FLOPs with their rate and share of the peak.
+#[test]
+fn bench_peak_and_vision_json_have_the_documented_fields() {
+    let ok = |args: &[&str]| -> serde_json::Value {
+        let out = lora(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap()
+    };
+    let v = ok(&[
+        "bench",
+        "peak",
+        "--threads",
+        "1",
+        "--seconds",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(v["threads"], 1);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(v["f32"]["gflops"].as_f64().is_some_and(|g| g > 0.1), "{v}");
+        let bf16 = std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f");
+        assert_eq!(v["bf16"].is_null(), !bf16, "{v}");
+    }
+    let v = ok(&[
+        "bench",
+        "vision",
+        "--layers",
+        "1",
+        "--batch",
+        "1",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    // 1 block, 4 patches + [CLS] = 5 tokens, hidden 768, MLP 3072, r16, 10 labels:
+    // forward 2*4*768*768 (patches) + 2*5*(4*768^2 + 2*768*3072) + 4*25*768 + 8*5*16*768
+    // + 2*768*10; backward without block 0's q/k/v input gradients and their adapters' dX.
+    let fwd = 2.0 * 4.0 * 768.0 * 768.0
+        + 2.0 * 5.0 * (4.0 * 768.0 * 768.0 + 2.0 * 768.0 * 3072.0)
+        + 4.0 * 25.0 * 768.0
+        + 8.0 * 5.0 * 16.0 * 768.0
+        + 2.0 * 768.0 * 10.0;
+    let bwd = 2.0 * 5.0 * (768.0 * 768.0 + 2.0 * 768.0 * 3072.0)
+        + 8.0 * 25.0 * 768.0
+        + 12.0 * 5.0 * 16.0 * 768.0
+        + 4.0 * 768.0 * 10.0;
+    let got = v["step_gflop"].as_f64().unwrap() * 1e9;
+    assert!((got - (fwd + bwd)).abs() < 1.0, "{got} vs {}", fwd + bwd);
+    for key in ["median_step_s", "images_per_s", "gflops"] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x.is_finite() && x > 0.0),
+            "{key}: {v}"
+        );
+    }
+}
+
 #[test]
 fn bad_arguments_fail_cleanly() {
     for (args, needle) in [
@@ -70,6 +138,14 @@ fn bad_arguments_fail_cleanly() {
             "--threads must be from 1 to",
         ),
         (vec!["bench", "gemm", "--size", "0"], "--size and --iters"),
+        (
+            vec!["bench", "peak", "--seconds", "0"],
+            "--seconds must be above 0",
+        ),
+        (
+            vec!["bench", "peak", "--seconds", "NaN"],
+            "--seconds must be above 0",
+        ),
         (
             vec!["inspect", "/nonexistent/file.safetensors"],
             "/nonexistent/file.safetensors: No such file",
