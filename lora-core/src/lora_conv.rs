@@ -120,6 +120,19 @@ impl LoraConv2d {
 
     /// `conv(x, W) + b + s * conv(conv(x, A), B)`; after [`merge`](Self::merge) the base alone.
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
+        if !self.merged && self.params.groups == 1 {
+            // A's convolution has the base's kernel, stride and padding: one pass over the
+            // input patches for both.
+            let (base, h) = ops::conv2d_pair(
+                tape,
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                &self.lora_a,
+                self.params,
+            )?;
+            return self.up(tape, base, &h);
+        }
         let base = ops::conv2d(tape, x, &self.weight, self.bias.as_ref(), self.params)?;
         if self.merged {
             if tape.is_training() {
@@ -134,12 +147,17 @@ impl LoraConv2d {
             groups: 1,
             ..self.params
         };
+        let h = ops::conv2d(tape, x, &self.lora_a, None, down)?;
+        self.up(tape, base, &h)
+    }
+
+    /// `base + s * conv1x1(h, B)` (B with the base's groups).
+    fn up(&self, tape: &Tape, base: Tensor, h: &Tensor) -> Result<Tensor> {
         let up = Conv2dParams {
             groups: self.params.groups,
             ..Conv2dParams::default()
         };
-        let h = ops::conv2d(tape, x, &self.lora_a, None, down)?;
-        let u = ops::conv2d(tape, &h, &self.lora_b, None, up)?;
+        let u = ops::conv2d(tape, h, &self.lora_b, None, up)?;
         let u = ops::scale(tape, &u, self.scale())?;
         ops::add(tape, &base, &u)
     }

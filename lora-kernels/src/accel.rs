@@ -318,6 +318,25 @@ pub trait Accel: Send + Sync {
         bias: Option<&DBuf>,
         d: Conv2dDims,
     ) -> Result<DBuf>;
+    /// `(conv2d(x, w) + bias, conv2d(x, a))` for `groups == 1`: a conv LoRA's base convolution
+    /// and its `lora_A` (`a` `(R, C, KH, KW)`, same kernel, stride and padding), the values of
+    /// two [`Accel::conv2d_forward`] calls. This default makes those two calls; a backend may
+    /// share the work between them (the CPU builds each image's im2col matrix once).
+    fn conv2d_pair_forward(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        a: &DBuf,
+        bias: Option<&DBuf>,
+        d: Conv2dDims,
+    ) -> Result<[DBuf; 2]> {
+        let r = a.len() / (d.w_len() / d.out_ch.max(1)).max(1);
+        let da = Conv2dDims { out_ch: r, ..d };
+        Ok([
+            self.conv2d_forward(x, w, bias, d)?,
+            self.conv2d_forward(x, a, None, da)?,
+        ])
+    }
     /// Its backward into the gradients given; `x` may be empty without `dw`.
     fn conv2d_backward(
         &self,

@@ -429,6 +429,21 @@ impl Accel for Cpu {
         conv::conv2d_forward(&mut y, h(x)?, h(w)?, bias.map(h).transpose()?, d)?;
         Ok(DBuf::Host(y))
     }
+    fn conv2d_pair_forward(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        a: &DBuf,
+        bias: Option<&DBuf>,
+        d: Conv2dDims,
+    ) -> Result<[DBuf; 2]> {
+        let r = a.len() / (d.w_len() / d.out_ch.max(1)).max(1);
+        let mut y = vec![0.0; d.y_len()];
+        let mut hv = vec![0.0; Conv2dDims { out_ch: r, ..d }.y_len()];
+        let b = bias.map(h).transpose()?;
+        conv::conv2d_pair_forward(&mut y, &mut hv, h(x)?, h(w)?, h(a)?, b, d)?;
+        Ok([DBuf::Host(y), DBuf::Host(hv)])
+    }
     fn conv2d_backward(
         &self,
         g: ConvGrads,

@@ -7,7 +7,7 @@ mod common;
 
 use common::{assert_close_bound, f64s, fd_grad, rand_vec};
 use lora_kernels::ops::conv::{
-    conv2d_backward, conv2d_forward, reference, Conv2dDims, Conv2dGrads,
+    conv2d_backward, conv2d_forward, conv2d_pair_forward, reference, Conv2dDims, Conv2dGrads,
 };
 use proptest::prelude::*;
 
@@ -116,6 +116,10 @@ fn dims(n: usize, c: usize, hw: (usize, usize), o: usize, k: (usize, usize)) -> 
 fn edge_shapes() {
     // A 1x1 convolution (a per-pixel linear layer), one image.
     check(dims(1, 3, (4, 5), 2, (1, 1)), 1);
+    // A grouped 1x1 convolution (a conv LoRA's B with the base's groups): read in place.
+    let mut d = dims(2, 6, (3, 4), 4, (1, 1));
+    d.groups = 2;
+    check(d, 6);
     // One output pixel: the kernel covers the whole image.
     check(dims(2, 2, (3, 3), 3, (3, 3)), 2);
     // Depthwise with stride 2 and padding (ResNet / MobileNet style).
@@ -165,6 +169,67 @@ fn images_in_parallel_equal_one_thread() {
         })
     };
     assert_eq!(run(1), run(4));
+}
+
+/// The pair (a conv LoRA's base and A from one im2col per image) gives exactly the two
+/// convolutions' values, on one thread and in parallel; grouped convolutions are refused.
+#[test]
+fn pair_forward_equals_two_convolutions() {
+    let mut shapes = vec![];
+    let mut d = dims(5, 6, (9, 7), 8, (3, 3));
+    d.padding = (1, 1);
+    shapes.push(d);
+    let mut d = dims(3, 4, (8, 9), 5, (3, 2));
+    d.stride = (2, 1);
+    d.padding = (0, 1);
+    shapes.push(d);
+    shapes.push(dims(4, 6, (5, 5), 3, (1, 1)));
+    shapes.push(dims(1, 2, (3, 3), 2, (3, 3)));
+    for (i, d) in shapes.into_iter().enumerate() {
+        let r = 3;
+        let da = Conv2dDims { out_ch: r, ..d };
+        let seed = 20 + 4 * i as u64;
+        let (x, w, a) = (
+            rand_vec(d.x_len(), seed, 1.0),
+            rand_vec(d.w_len(), seed + 1, 1.0),
+            rand_vec(da.w_len(), seed + 2, 1.0),
+        );
+        let bias = rand_vec(d.out_ch, seed + 3, 1.0);
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (mut y, mut h) = (vec![f32::NAN; d.y_len()], vec![f32::NAN; da.y_len()]);
+                conv2d_pair_forward(&mut y, &mut h, &x, &w, &a, Some(&bias), d).unwrap();
+                let (mut y2, mut h2) = (vec![0.0; d.y_len()], vec![0.0; da.y_len()]);
+                conv2d_forward(&mut y2, &x, &w, Some(&bias), d).unwrap();
+                conv2d_forward(&mut h2, &x, &a, None, da).unwrap();
+                assert_eq!(y, y2, "shape {i}, {threads} threads: y");
+                assert_eq!(h, h2, "shape {i}, {threads} threads: h");
+            });
+        }
+    }
+    let mut d = dims(1, 4, (5, 5), 4, (3, 3));
+    d.groups = 2;
+    let da = Conv2dDims {
+        out_ch: 2,
+        groups: 1,
+        ..d
+    };
+    let (mut y, mut h) = (vec![0.0; d.y_len()], vec![0.0; da.y_len()]);
+    let e = conv2d_pair_forward(
+        &mut y,
+        &mut h,
+        &vec![0.0; d.x_len()],
+        &vec![0.0; d.w_len()],
+        &vec![0.0; 2 * 36],
+        None,
+        d,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("groups"), "{e}");
 }
 
 #[test]

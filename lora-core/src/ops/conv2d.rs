@@ -44,6 +44,71 @@ pub fn conv2d(
     Ok(y)
 }
 
+/// `(conv2d(x, w) + bias, conv2d(x, a))` with the same params and `groups == 1`: a conv LoRA's
+/// base convolution and its `lora_A` (`a` `(R, C, KH, KW)`), computed together where the
+/// backend can share their input patches (the CPU's im2col), recorded as the two convolutions
+/// they are, so each output's backward is exactly [`conv2d`]'s.
+pub fn conv2d_pair(
+    tape: &Tape,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    p: Conv2dParams,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "conv2d_pair";
+    let xs = four(OP, "x", x, "(N, C, H, W)")?;
+    let ws = four(OP, "w", w, "(O, C, KH, KW)")?;
+    if p.groups != 1 {
+        return Err(shape_err(
+            OP,
+            "w",
+            w,
+            format!("an ungrouped convolution's weight (groups {})", p.groups),
+        ));
+    }
+    let as_ = four(OP, "a", a, "(R, C, KH, KW)")?;
+    if as_[1..] != ws[1..] {
+        return Err(shape_err(
+            OP,
+            "a",
+            a,
+            format!("[rank, {}, {}, {}]", ws[1], ws[2], ws[3]),
+        ));
+    }
+    let d = Conv2dDims::new(xs, ws, p)?;
+    let da = Conv2dDims::new(xs, as_, p)?;
+    if let Some(b) = bias {
+        check_vec(OP, "bias", b, ws[0])?;
+    }
+    let mut operands = vec![("x", x), ("w", w), ("a", a)];
+    operands.extend(bias.map(|b| ("bias", b)));
+    let on = placement(OP, &operands)?;
+    let (gx, gw, ga) = (read(x)?, read(w)?, read(a)?);
+    let gb = bias.map(read).transpose()?;
+    let bb = gb.as_ref().map(f32_of).transpose()?;
+    let [y, h] = on
+        .accel
+        .conv2d_pair_forward(f32_of(&gx)?, f32_of(&gw)?, f32_of(&ga)?, bb, d)?;
+    drop((gx, gw, ga, gb));
+    let mut inputs = vec![x.clone(), w.clone()];
+    inputs.extend(bias.cloned());
+    let requires = inputs.iter().any(|t| t.requires_grad());
+    let y = on.tensor(y, &d.out_shape(), requires)?;
+    let node = Conv2dNode {
+        d,
+        has_bias: bias.is_some(),
+    };
+    on.record(tape, node, inputs, &y);
+    let h = on.tensor(h, &da.out_shape(), x.requires_grad() || a.requires_grad())?;
+    let node = Conv2dNode {
+        d: da,
+        has_bias: false,
+    };
+    on.record(tape, node, vec![x.clone(), a.clone()], &h);
+    Ok((y, h))
+}
+
 /// [x, w, (bias)]
 struct Conv2dNode {
     d: Conv2dDims,
@@ -166,5 +231,91 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("(N, C, H, W)"), "{e}");
+    }
+
+    /// The pair records the two convolutions it computes: outputs, saved activations and every
+    /// gradient (x, the trained A and bias, a trainable W) are bit for bit those of two
+    /// `conv2d` calls, on every backend; a grouped convolution or an A of another kernel shape
+    /// is a named error.
+    #[test]
+    fn conv2d_pair_is_two_convolutions() {
+        let p = Conv2dParams {
+            stride: (2, 1),
+            padding: (1, 1),
+            ..Conv2dParams::default()
+        };
+        let mut r = lora_kernels::rng::Rng::new(9);
+        let mut rand =
+            |k: usize| -> Vec<f32> { (0..k).map(|_| r.uniform_range(-1.0, 1.0) as f32).collect() };
+        let (xv, wv, av, bv) = (
+            rand(3 * 4 * 6 * 5),
+            rand(5 * 4 * 3 * 3),
+            rand(2 * 4 * 3 * 3),
+            rand(5),
+        );
+        let (dy, dh) = (rand(3 * 5 * 3 * 5), rand(3 * 2 * 3 * 5));
+        let run = |device: Device, pair: bool| {
+            let t =
+                |v: &[f32], s: &[usize], g: bool| Tensor::new_on(v.to_vec(), s, g, device).unwrap();
+            let x0 = t(&xv, &[3, 4, 6, 5], true);
+            let (w, a, b) = (
+                t(&wv, &[5, 4, 3, 3], true),
+                t(&av, &[2, 4, 3, 3], true),
+                t(&bv, &[5], true),
+            );
+            let tape = Tape::new(0);
+            let x = crate::ops::gelu(&tape, &x0).unwrap();
+            let (y, h) = if pair {
+                conv2d_pair(&tape, &x, &w, Some(&b), &a, p).unwrap()
+            } else {
+                (
+                    conv2d(&tape, &x, &w, Some(&b), p).unwrap(),
+                    conv2d(&tape, &x, &a, None, p).unwrap(),
+                )
+            };
+            let y2 = crate::ops::reshape(&tape, &y, &[1, 225]).unwrap();
+            let h2 = crate::ops::reshape(&tape, &h, &[1, 90]).unwrap();
+            let both = crate::ops::concat(&tape, &y2, &h2, 1).unwrap();
+            let saved = tape.saved_elems();
+            let dout: Vec<f32> = dy.iter().chain(&dh).copied().collect();
+            let g = tape.backward_with(&both, &dout).unwrap();
+            let grads: Vec<Vec<f32>> = [&x0, &w, &a, &b]
+                .iter()
+                .map(|t| g.to_vec(t).unwrap().unwrap())
+                .collect();
+            (
+                y.try_to_vec().unwrap(),
+                h.try_to_vec().unwrap(),
+                grads,
+                saved,
+            )
+        };
+        let want = run(Device::Cpu, false);
+        assert_eq!(run(Device::Cpu, true), want);
+        for dev in crate::device::test_devices() {
+            let got = run(dev, true);
+            crate::device::assert_close("y", dev, &got.0, &want.0);
+            crate::device::assert_close("h", dev, &got.1, &want.1);
+            for (i, (g, w)) in got.2.iter().zip(&want.2).enumerate() {
+                crate::device::assert_close(&format!("gradient {i}"), dev, g, w);
+            }
+        }
+        let x = Tensor::new(vec![0.0; 4 * 5 * 5], &[1, 4, 5, 5]).unwrap();
+        let w = Tensor::new(vec![0.0; 4 * 2 * 9], &[4, 2, 3, 3]).unwrap();
+        let a = Tensor::new(vec![0.0; 2 * 4 * 9], &[2, 4, 3, 3]).unwrap();
+        let grouped = Conv2dParams {
+            groups: 2,
+            ..Conv2dParams::default()
+        };
+        let e = conv2d_pair(&Tape::new(0), &x, &w, None, &a, grouped)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("groups 2"), "{e}");
+        let w = Tensor::new(vec![0.0; 4 * 4 * 9], &[4, 4, 3, 3]).unwrap();
+        let a = Tensor::new(vec![0.0; 2 * 4], &[2, 4, 1, 1]).unwrap();
+        let e = conv2d_pair(&Tape::new(0), &x, &w, None, &a, Conv2dParams::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[rank, 4, 3, 3]"), "{e}");
     }
 }

@@ -38,7 +38,7 @@ pub use add::add;
 pub use attention::{attention, attention_bidirectional};
 pub use box_losses::box_losses;
 pub use concat::concat;
-pub use conv2d::{conv2d, Conv2dParams};
+pub use conv2d::{conv2d, conv2d_pair, Conv2dParams};
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;
 pub use expand::expand;

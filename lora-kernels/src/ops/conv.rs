@@ -210,6 +210,26 @@ fn tap(o: usize, k: usize, s: usize, p: usize, d: usize, size: usize) -> Option<
     (pos < size).then_some(pos)
 }
 
+/// The output columns `lo..hi` whose kernel column `k` reads inside the input row (the others
+/// read the padding), and the input column `x0` that output column `lo` reads (output `lo + i`
+/// reads `x0 + i * s`): [`tap`] over a whole row, without a branch per pixel. `lo == hi` when
+/// no column reads inside.
+#[inline]
+fn tap_range(
+    out: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    d: usize,
+    size: usize,
+) -> (usize, usize, usize) {
+    let off = k * d; // output o reads o * s + off - p
+                     // First o with o * s + off >= p, and first o with o * s + off >= p + size.
+    let lo = p.saturating_sub(off).div_ceil(s).min(out);
+    let hi = (p + size).saturating_sub(off).div_ceil(s).min(out).max(lo);
+    (lo, hi, (lo * s + off).saturating_sub(p))
+}
+
 /// im2col of one image's group `grp`: `cols (K, P)` from `x_img (C, H, W)`.
 fn im2col(cols: &mut [f32], x_img: &[f32], grp: usize, d: &Conv2dDims) {
     let (oh, ow) = d.out();
@@ -227,9 +247,16 @@ fn im2col(cols: &mut [f32], x_img: &[f32], grp: usize, d: &Conv2dDims) {
                         continue;
                     };
                     let src = &plane[y * d.w..(y + 1) * d.w];
-                    for (ox, v) in out.iter_mut().enumerate() {
-                        *v = tap(ox, j, d.stride.1, d.padding.1, d.dilation.1, d.w)
-                            .map_or(0.0, |x| src[x]);
+                    let (lo, hi, x0) = tap_range(ow, j, d.stride.1, d.padding.1, d.dilation.1, d.w);
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if hi == lo {
+                    } else if d.stride.1 == 1 {
+                        out[lo..hi].copy_from_slice(&src[x0..x0 + (hi - lo)]);
+                    } else {
+                        for (k, v) in out[lo..hi].iter_mut().enumerate() {
+                            *v = src[x0 + k * d.stride.1];
+                        }
                     }
                 }
             }
@@ -253,15 +280,46 @@ fn col2im(dx_img: &mut [f32], dcols: &[f32], grp: usize, d: &Conv2dDims) {
                         continue;
                     };
                     let dst = &mut plane[y * d.w..(y + 1) * d.w];
-                    for (ox, g) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
-                        if let Some(x) = tap(ox, j, d.stride.1, d.padding.1, d.dilation.1, d.w) {
-                            dst[x] += g;
+                    let (lo, hi, x0) = tap_range(ow, j, d.stride.1, d.padding.1, d.dilation.1, d.w);
+                    let src = &row[oy * ow + lo..oy * ow + hi];
+                    if hi == lo {
+                    } else if d.stride.1 == 1 {
+                        for (v, g) in dst[x0..x0 + (hi - lo)].iter_mut().zip(src) {
+                            *v += g;
+                        }
+                    } else {
+                        for (k, g) in src.iter().enumerate() {
+                            dst[x0 + k * d.stride.1] += g;
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// A 1x1 convolution with stride 1 and no padding: its im2col matrix of a group is the
+/// group's input planes as they lie, so it is read in place instead of copied.
+fn pointwise(d: &Conv2dDims) -> bool {
+    d.kh == 1 && d.kw == 1 && d.stride == (1, 1) && d.padding == (0, 0)
+}
+
+/// Group `grp`'s `(K, P)` im2col matrix of one image: in place for a [`pointwise`]
+/// convolution, else built in `cols`.
+fn group_cols<'a>(
+    cols: &'a mut Vec<f32>,
+    x_img: &'a [f32],
+    grp: usize,
+    d: &Conv2dDims,
+) -> &'a [f32] {
+    let (oh, ow) = d.out();
+    let kp = d.k() * oh * ow;
+    if pointwise(d) {
+        return &x_img[grp * kp..(grp + 1) * kp];
+    }
+    cols.resize(kp, 0.0);
+    im2col(cols, x_img, grp, d);
+    cols
 }
 
 /// Images run in parallel (each with single-threaded products) when there are enough of them
@@ -286,41 +344,114 @@ pub fn conv2d_forward(
     if let Some(b) = bias {
         check_len(OP, "bias", b.len(), &[d.out_ch])?;
     }
+    forward_images(y, None, x, w, bias, d)
+}
+
+/// `y = conv2d(x, w) + bias` and `h = conv2d(x, a)` from one im2col per image: a conv LoRA's
+/// base convolution and its `lora_A` (same kernel, stride and padding; `groups == 1`), whose
+/// products read the same input patches. `a` is `(R, C, KH, KW)`, `h` `(N, R, OH, OW)`. The
+/// values are those of two [`conv2d_forward`] calls (the same products on the same patches).
+pub fn conv2d_pair_forward(
+    y: &mut [f32],
+    h: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    bias: Option<&[f32]>,
+    d: Conv2dDims,
+) -> Result<()> {
+    const OP: &str = "conv2d_pair_forward";
+    let (oh, ow) = d.check()?;
+    if d.groups != 1 {
+        return Err(bad(
+            "groups",
+            format!("{}: the pair shares im2col only for groups = 1", d.groups),
+        ));
+    }
+    check_len(OP, "x", x.len(), &[d.batch, d.in_ch, d.h, d.w])?;
+    check_len(OP, "w", w.len(), &[d.out_ch, d.k()])?;
+    check_len(OP, "y", y.len(), &[d.batch, d.out_ch, oh, ow])?;
+    let r = a.len() / d.k().max(1);
+    check_len(OP, "a", a.len(), &[r, d.k()])?;
+    check_len(OP, "h", h.len(), &[d.batch, r, oh, ow])?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", b.len(), &[d.out_ch])?;
+    }
+    forward_images(y, Some((h, a)), x, w, bias, d)
+}
+
+/// The image loop of [`conv2d_forward`] (and, with `second = (h, a)`, of
+/// [`conv2d_pair_forward`]: `h`'s image from the same patches, groups == 1).
+fn forward_images(
+    y: &mut [f32],
+    second: Option<(&mut [f32], &[f32])>,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    d: Conv2dDims,
+) -> Result<()> {
+    let (oh, ow) = d.out();
     let (p, k, og) = (oh * ow, d.k(), d.out_ch / d.groups);
-    let image = |(y_img, x_img): (&mut [f32], &[f32]), par: Par| -> Result<()> {
-        let mut cols = vec![0.0f32; k * p];
+    let (h_all, a) = match second {
+        Some((h, a)) => (Some(h), Some(a)),
+        None => (None, None),
+    };
+    let r = a.map_or(0, |a| a.len() / k.max(1));
+    let image = |y_img: &mut [f32], mut h_img: Option<&mut [f32]>, x_img: &[f32], par: Par| {
+        let mut buf = Vec::new();
         for grp in 0..d.groups {
-            im2col(&mut cols, x_img, grp, &d);
+            let cols = group_cols(&mut buf, x_img, grp, &d);
             let yg = &mut y_img[grp * og * p..(grp + 1) * og * p];
             let wg = &w[grp * og * k..(grp + 1) * og * k];
             matmul(
                 yg,
                 wg,
                 Trans::No,
-                &cols,
+                cols,
                 Trans::No,
                 (og, p, k),
                 1.0,
                 false,
                 par,
             )?;
+            // The pair (groups == 1): A's product on the same patches.
+            if let (Some(h_img), Some(a)) = (h_img.as_deref_mut(), a) {
+                matmul(
+                    h_img,
+                    a,
+                    Trans::No,
+                    cols,
+                    Trans::No,
+                    (r, p, k),
+                    1.0,
+                    false,
+                    par,
+                )?;
+            }
         }
         if let Some(b) = bias {
             for (plane, &bo) in y_img.chunks_exact_mut(p).zip(b) {
                 plane.iter_mut().for_each(|v| *v += bo);
             }
         }
-        Ok(())
+        Ok::<(), crate::error::KernelError>(())
     };
     let x_img = d.in_ch * d.h * d.w;
-    let pairs = y.chunks_mut(d.out_ch * p).zip(x.chunks(x_img));
+    let h_imgs: Vec<Option<&mut [f32]>> = match h_all {
+        Some(h) => h.chunks_mut((r * p).max(1)).map(Some).collect(),
+        None => (0..d.batch).map(|_| None).collect(),
+    };
+    let work: Vec<_> = y
+        .chunks_mut(d.out_ch * p)
+        .zip(h_imgs)
+        .zip(x.chunks(x_img))
+        .collect();
     if per_image_par(&d) {
-        let pairs: Vec<_> = pairs.collect();
-        pairs
-            .into_par_iter()
-            .try_for_each(|pr| image(pr, Par::Single))
+        work.into_par_iter()
+            .try_for_each(|((y, h), x)| image(y, h, x, Par::Single))
     } else {
-        pairs.into_iter().try_for_each(|pr| image(pr, Par::Auto))
+        work.into_iter()
+            .try_for_each(|((y, h), x)| image(y, h, x, Par::Auto))
     }
 }
 
@@ -362,17 +493,17 @@ pub fn conv2d_backward(
     if let Some(dw) = dw {
         check_len(OP, "x", x.len(), &[d.batch, d.in_ch, d.h, d.w])?;
         check_len(OP, "dw", dw.len(), &[d.out_ch, k])?;
-        let mut cols = vec![0.0f32; k * p];
+        let mut buf = Vec::new();
         for (dy_img, x_img) in dy.chunks_exact(d.out_ch * p).zip(x.chunks_exact(x_img)) {
             for grp in 0..d.groups {
-                im2col(&mut cols, x_img, grp, &d);
+                let cols = group_cols(&mut buf, x_img, grp, &d);
                 let dyg = &dy_img[grp * og * p..(grp + 1) * og * p];
                 let dwg = &mut dw[grp * og * k..(grp + 1) * og * k];
                 matmul(
                     dwg,
                     dyg,
                     Trans::No,
-                    &cols,
+                    cols,
                     Trans::Yes,
                     (og, k, p),
                     1.0,
@@ -416,6 +547,37 @@ pub fn conv2d_backward(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `tap_range` is `tap` over a whole row: the same columns read inside, the same positions.
+    #[test]
+    fn tap_range_agrees_with_tap() {
+        for size in 1..9 {
+            for out in 0..12 {
+                for (k, s, p, d) in tap_params(4, 4, 5, 3) {
+                    let (lo, hi, x0) = super::tap_range(out, k, s, p, d, size);
+                    for o in 0..out {
+                        let want = super::tap(o, k, s, p, d, size);
+                        let got = (lo..hi).contains(&o).then(|| x0 + (o - lo) * s);
+                        assert_eq!(got, want, "o {o} k {k} s {s} p {p} d {d} size {size}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn tap_params(
+        k: usize,
+        s: usize,
+        p: usize,
+        d: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        (0..k).flat_map(move |k| {
+            (1..=s).flat_map(move |s| (0..p).flat_map(move |p| (1..=d).map(move |d| (k, s, p, d))))
+        })
+    }
 }
 
 /// `f64` oracle: the convolution by its definition, and its gradients.
