@@ -29,6 +29,7 @@
 
 pub mod autograd;
 pub mod device;
+pub mod diffusion;
 pub mod error;
 /// Small dense `f64` linear algebra (QR, Jacobi SVD) from `lora-kernels`, for the adapter tools.
 pub use lora_kernels::linalg;

@@ -13,6 +13,7 @@
 pub mod adapters;
 pub mod chat;
 pub mod combine;
+pub mod diffusion;
 pub mod error;
 pub mod files;
 pub mod hf;
