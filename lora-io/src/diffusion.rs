@@ -17,12 +17,61 @@ pub enum SamplerKind {
     Ddim,
     /// `EulerDiscreteScheduler`.
     Euler,
+    /// `DPMSolverMultistepScheduler` (DPM++ 2M).
+    DpmPP,
 }
 
 /// Reads `path` (a `scheduler_config.json`) for `kind`.
 pub fn read_scheduler_config(path: &Path, kind: SamplerKind) -> Result<ScheduleConfig> {
-    let v = crate::hf::read_json(path)?;
+    let Some(bytes) = crate::files::read_small(path, "scheduler config")? else {
+        return Err(IoError::Missing {
+            path: path.into(),
+            what: "scheduler config",
+        });
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let v: Value =
+        serde_json::from_str(&quote_python_literals(&text)).map_err(|source| IoError::Json {
+            path: path.into(),
+            source,
+        })?;
     scheduler_config(path, &v, kind)
+}
+
+/// diffusers writes its configs with Python's `json`, which spells non-finite floats as the
+/// bare words `-Infinity`, `Infinity` and `NaN` (DPMSolverMultistepScheduler's
+/// `lambda_min_clipped` is `-Infinity` by default): outside strings they become the strings
+/// `"-Infinity"`, `"Infinity"`, `"NaN"`, which the fields that accept them read and the others
+/// refuse as not a number.
+fn quote_python_literals(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_str, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|w| rest.starts_with(w))
+        {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// [`read_scheduler_config`] of an already parsed file (`path` names it in errors).
@@ -96,7 +145,7 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
     };
     let default_spacing = match kind {
         SamplerKind::Ddim => "leading",
-        SamplerKind::Euler => "linspace",
+        SamplerKind::Euler | SamplerKind::DpmPP => "linspace",
     };
     let spacing = match text("timestep_spacing", default_spacing)?.as_str() {
         "leading" => Spacing::Leading,
@@ -127,7 +176,7 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
         ("use_exponential_sigmas", false),
         ("use_beta_sigmas", false),
     ] {
-        if kind == SamplerKind::Euler && flag(k, ok)? != ok {
+        if kind != SamplerKind::Ddim && flag(k, ok)? != ok {
             return Err(err(k, "this sigma schedule is not supported yet".into()));
         }
     }
@@ -137,7 +186,11 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
         ("timestep_type", "discrete"),
     ] {
         let got = text(k, want)?;
-        if kind == SamplerKind::Euler && got != want {
+        let applies = match k {
+            "interpolation_type" | "timestep_type" => kind == SamplerKind::Euler,
+            _ => kind != SamplerKind::Ddim,
+        };
+        if applies && got != want {
             return Err(err(
                 k,
                 format!("`{got}` is not supported yet (only `{want}`)"),
@@ -145,11 +198,60 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
         }
     }
     let rescale = flag("rescale_betas_zero_snr", false)?;
-    if rescale && kind == SamplerKind::Euler {
+    if rescale && kind != SamplerKind::Ddim {
         return Err(err(
             "rescale_betas_zero_snr",
-            "Euler with zero terminal SNR is not supported yet".into(),
+            "Euler and DPM++ with zero terminal SNR are not supported yet".into(),
         ));
+    }
+    let (mut solver_order, mut solver_heun) = (2, false);
+    if kind == SamplerKind::DpmPP {
+        let algo = text("algorithm_type", "dpmsolver++")?;
+        if algo != "dpmsolver++" {
+            return Err(err(
+                "algorithm_type",
+                format!("`{algo}` is not supported yet (only dpmsolver++)"),
+            ));
+        }
+        solver_order = uint("solver_order", 2)?;
+        if !(1..=2).contains(&solver_order) {
+            return Err(err(
+                "solver_order",
+                format!("{solver_order}: only 1 and 2 are supported"),
+            ));
+        }
+        solver_heun = match text("solver_type", "midpoint")?.as_str() {
+            "midpoint" => false,
+            "heun" => true,
+            other => {
+                return Err(err(
+                    "solver_type",
+                    format!("`{other}`: expected midpoint or heun"),
+                ))
+            }
+        };
+        if flag("use_lu_lambdas", false)? || flag("use_flow_sigmas", false)? {
+            return Err(err(
+                "use_lu_lambdas",
+                "this sigma schedule is not supported yet".into(),
+            ));
+        }
+        if get("variance_type").is_some() {
+            return Err(err(
+                "variance_type",
+                "learned variance is not supported".into(),
+            ));
+        }
+        match get("lambda_min_clipped") {
+            None => {}
+            Some(x) if x.as_str() == Some("-Infinity") => {}
+            Some(x) => {
+                return Err(err(
+                    "lambda_min_clipped",
+                    format!("{x}: clipping lambda is not supported yet (only -Infinity)"),
+                ))
+            }
+        }
     }
     // DDIM clips by default (diffusers' DDIMScheduler: clip_sample=True, range 1).
     let clip = match kind {
@@ -164,8 +266,25 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
         prediction,
         spacing,
         steps_offset: uint("steps_offset", 0)?,
-        set_alpha_to_one: flag("set_alpha_to_one", true)?,
+        // DDIM's alone (false, unused, for the others).
+        set_alpha_to_one: kind == SamplerKind::Ddim && flag("set_alpha_to_one", true)?,
         rescale_betas_zero_snr: rescale,
         clip_sample: clip,
+        solver_order,
+        solver_heun,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Python's non-finite literals become strings outside strings only.
+    #[test]
+    fn python_literals_are_quoted_outside_strings() {
+        let t = r#"{"a": -Infinity, "b": "NaN and \" Infinity", "c": [NaN, Infinity]}"#;
+        let v: serde_json::Value = serde_json::from_str(&super::quote_python_literals(t)).unwrap();
+        assert_eq!(v["a"], "-Infinity");
+        assert_eq!(v["b"], "NaN and \" Infinity");
+        assert_eq!(v["c"][0], "NaN");
+        assert_eq!(v["c"][1], "Infinity");
+    }
 }

@@ -5,7 +5,7 @@
 //! result, from diffusers' previous sample), for SD 1.5's config, v-prediction with trailing spacing, the cosine schedule
 //! with sample prediction and linspace spacing, and zero-terminal-SNR rescaling.
 
-use lora_core::diffusion::{Ddim, Euler, NoiseSchedule, Sampler};
+use lora_core::diffusion::{Ddim, DpmSolverPP, Euler, NoiseSchedule, Sampler};
 use lora_io::diffusion::{read_scheduler_config, SamplerKind};
 use lora_io::safetensors::SafetensorsFile;
 use std::path::PathBuf;
@@ -87,13 +87,19 @@ fn schedulers_match_diffusers() {
                 }
             }
         }
-        for kind in ["ddim", "euler"] {
+        for kind in ["ddim", "euler", "dpmpp", "dpmpp_heun"] {
             let Some(want) = case.get(kind) else { continue };
-            let sampler: Box<dyn Sampler> = if kind == "ddim" {
-                Box::new(Ddim::new(&cfg, steps).unwrap())
-            } else {
-                let cfg = read_scheduler_config(&file, SamplerKind::Euler).unwrap();
-                Box::new(Euler::new(&cfg, steps).unwrap())
+            let mut sampler: Box<dyn Sampler> = match kind {
+                "ddim" => Box::new(Ddim::new(&cfg, steps).unwrap()),
+                "euler" => {
+                    let cfg = read_scheduler_config(&file, SamplerKind::Euler).unwrap();
+                    Box::new(Euler::new(&cfg, steps).unwrap())
+                }
+                _ => {
+                    let mut cfg = read_scheduler_config(&file, SamplerKind::DpmPP).unwrap();
+                    cfg.solver_heun = kind == "dpmpp_heun";
+                    Box::new(DpmSolverPP::new(&cfg, steps).unwrap())
+                }
             };
             let wt: Vec<f64> = want["timesteps"]
                 .as_array()
@@ -117,7 +123,8 @@ fn schedulers_match_diffusers() {
             );
             let s = sampler.init_noise_sigma() as f32;
             // Each step from diffusers' previous sample (its own f32 rounding, up to 3e-4 at the
-            // cosine schedule's first step, is then not carried into the next comparison).
+            // cosine schedule's first step, is then not carried into the next comparison;
+            // DPM++ still uses its own earlier x0 predictions, made from those same samples).
             let mut x: Vec<f32> = latents.iter().map(|v| v * s).collect();
             for i in 0..steps {
                 let tag = format!("{name}.{kind}");
@@ -149,7 +156,20 @@ fn schedulers_match_diffusers() {
             }
         }
     }
-    assert_eq!(checked, 3 * 2 * steps, "every trajectory step was compared");
+    assert_eq!(checked, 3 * 4 * steps, "every trajectory step was compared");
+    // SD 1.5's config as DPMSolverMultistepScheduler saves it (its own keys, and Python's
+    // `-Infinity`) reads as the DDIM-saved one does.
+    let dpm = read_scheduler_config(
+        &dir().join("sd15_dpm/scheduler_config.json"),
+        SamplerKind::DpmPP,
+    )
+    .unwrap();
+    let ddim_saved = read_scheduler_config(
+        &dir().join("sd15/scheduler_config.json"),
+        SamplerKind::DpmPP,
+    )
+    .unwrap();
+    assert_eq!(dpm, ddim_saved);
 }
 
 /// Settings the samplers do not implement are refused by name; DDIM reads diffusers' class

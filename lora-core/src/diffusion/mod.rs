@@ -4,5 +4,6 @@
 pub mod schedulers;
 
 pub use schedulers::{
-    BetaSchedule, Ddim, Euler, NoiseSchedule, Prediction, Sampler, ScheduleConfig, Spacing,
+    BetaSchedule, Ddim, DpmSolverPP, Euler, NoiseSchedule, Prediction, Sampler, ScheduleConfig,
+    Spacing,
 };

@@ -5,9 +5,9 @@
 //!   `scaled_linear`, `squaredcos_cap_v2`, optionally rescaled to zero terminal SNR),
 //!   `alphas_cumprod`, `add_noise`, the v-prediction target (`get_velocity`), and SNR(t) for
 //!   min-SNR weighting.
-//! - [`Ddim`] (deterministic, eta = 0) and [`Euler`] (`EulerDiscreteScheduler`, linear sigma
-//!   interpolation, final sigma 0): inference, for epsilon, v and sample prediction, with the
-//!   three `timestep_spacing`s.
+//! - [`Ddim`] (deterministic, eta = 0), [`Euler`] (`EulerDiscreteScheduler`, linear sigma
+//!   interpolation, final sigma 0) and [`DpmSolverPP`] (DPM++ 2M): inference, for epsilon, v and
+//!   sample prediction, with the three `timestep_spacing`s.
 //!
 //! The schedule is computed in f64 (diffusers computes it in f32; the fixtures compare within
 //! f32 rounding); latents are f32 slices, one sample or a whole batch at the same timestep.
@@ -75,6 +75,10 @@ pub struct ScheduleConfig {
     /// DDIM's `clip_sample` / `clip_sample_range`: the predicted x0 clamped to
     /// `[-range, range]` (`None`: not clipped). Euler has no such step.
     pub clip_sample: Option<f64>,
+    /// DPM++'s `solver_order` (1 or 2).
+    pub solver_order: usize,
+    /// DPM++'s `solver_type`: `heun` (true) or `midpoint` (false, diffusers' default).
+    pub solver_heun: bool,
 }
 
 impl Default for ScheduleConfig {
@@ -91,6 +95,8 @@ impl Default for ScheduleConfig {
             set_alpha_to_one: false,
             rescale_betas_zero_snr: false,
             clip_sample: None,
+            solver_order: 2,
+            solver_heun: false,
         }
     }
 }
@@ -208,6 +214,32 @@ impl NoiseSchedule {
         Ok(a / (1.0 - a))
     }
 
+    /// `sigma(t) = sqrt((1 - a) / a)` at each of `timesteps` (interpolated linearly between
+    /// training timesteps, as `np.interp`), and a final 0.
+    fn sigmas_at(&self, timesteps: &[f64]) -> Result<Vec<f64>> {
+        let t = self.alphas_cumprod.len();
+        let table: Vec<f64> = self
+            .alphas_cumprod
+            .iter()
+            .map(|a| ((1.0 - a) / a).sqrt())
+            .collect();
+        let mut sigmas = Vec::with_capacity(timesteps.len() + 1);
+        for &ts in timesteps {
+            if !(0.0..=(t - 1) as f64).contains(&ts) {
+                return Err(invalid(
+                    "steps_offset",
+                    format!("timestep {ts} is past the {t} training timesteps"),
+                ));
+            }
+            let lo = ts.floor() as usize;
+            let hi = (lo + 1).min(t - 1);
+            let f = ts - lo as f64;
+            sigmas.push(table[lo] + (table[hi] - table[lo]) * f);
+        }
+        sigmas.push(0.0);
+        Ok(sigmas)
+    }
+
     /// `(x0, eps)` predicted from the model output at `alpha_bar = a`.
     fn predict(&self, out: f64, x: f64, a: f64) -> (f64, f64) {
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
@@ -266,8 +298,9 @@ pub trait Sampler {
     fn init_noise_sigma(&self) -> f64;
     /// The model input at step `i` (diffusers' `scale_model_input`).
     fn scale_model_input(&self, x: &[f32], i: usize) -> Vec<f32>;
-    /// The sample after step `i`, from the model's output at `timesteps()[i]`.
-    fn step(&self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>>;
+    /// The sample after step `i`, from the model's output at `timesteps()[i]` (multistep
+    /// samplers remember earlier steps' predictions: run the steps in order from 0).
+    fn step(&mut self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>>;
 }
 
 fn check_steps(cfg: &ScheduleConfig, n: usize) -> Result<()> {
@@ -366,7 +399,7 @@ impl Sampler for Ddim {
     fn scale_model_input(&self, x: &[f32], _: usize) -> Vec<f32> {
         x.to_vec()
     }
-    fn step(&self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>> {
+    fn step(&mut self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>> {
         let n = self.timesteps.len();
         check_step(i, n, model_out, x)?;
         let cfg = self.sched.config();
@@ -420,26 +453,7 @@ impl Euler {
                 .collect(),
             Spacing::Trailing => trailing(t, steps).into_iter().map(|x| x as f64).collect(),
         };
-        let table: Vec<f64> = sched
-            .alphas_cumprod
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect();
-        let mut sigmas = Vec::with_capacity(steps + 1);
-        for &ts in &timesteps {
-            if !(0.0..=(t - 1) as f64).contains(&ts) {
-                return Err(invalid(
-                    "steps_offset",
-                    format!("timestep {ts} is past the {t} training timesteps"),
-                ));
-            }
-            // np.interp(ts, arange(T), table)
-            let lo = ts.floor() as usize;
-            let hi = (lo + 1).min(t - 1);
-            let f = ts - lo as f64;
-            sigmas.push(table[lo] + (table[hi] - table[lo]) * f);
-        }
-        sigmas.push(0.0);
+        let sigmas = sched.sigmas_at(&timesteps)?;
         Ok(Self {
             sched,
             timesteps,
@@ -471,7 +485,7 @@ impl Sampler for Euler {
         let inv = 1.0 / (s * s + 1.0).sqrt();
         x.iter().map(|&v| (v as f64 * inv) as f32).collect()
     }
-    fn step(&self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>> {
+    fn step(&mut self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>> {
         check_step(i, self.timesteps.len(), model_out, x)?;
         let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
         let pred = self.sched.config().prediction;
@@ -488,6 +502,144 @@ impl Sampler for Euler {
                 (v + (v - x0) / s * (s_next - s)) as f32
             })
             .collect())
+    }
+}
+
+/// DPM-Solver++ (`DPMSolverMultistepScheduler` with `algorithm_type = "dpmsolver++"`, final
+/// sigma 0): second order from the second step on ("DPM++ 2M"), first order on the first and the
+/// last; `solver_order` 1 or 2, `solver_type` midpoint or heun.
+#[derive(Clone, Debug)]
+pub struct DpmSolverPP {
+    sched: NoiseSchedule,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f64>,
+    order: usize,
+    heun: bool,
+    /// The previous step's index and x0 prediction.
+    prev: Option<(usize, Vec<f64>)>,
+}
+
+impl DpmSolverPP {
+    /// DPM++ over `steps` inference steps of `cfg`'s schedule (its `solver_order` and
+    /// `solver_type`).
+    pub fn new(cfg: &ScheduleConfig, steps: usize) -> Result<Self> {
+        check_steps(cfg, steps)?;
+        let (order, heun) = (cfg.solver_order, cfg.solver_heun);
+        if !(1..=2).contains(&order) {
+            return Err(invalid(
+                "solver_order",
+                format!("{order}: DPM++ is implemented for orders 1 and 2"),
+            ));
+        }
+        let sched = NoiseSchedule::new(cfg)?;
+        let t = cfg.num_train_timesteps;
+        // diffusers spaces n + 1 points and drops the last (0) for linspace and leading.
+        let timesteps: Vec<f64> = match cfg.spacing {
+            Spacing::Linspace => (1..=steps)
+                .rev()
+                .map(|i| linspace(t, steps + 1, i).round_ties_even())
+                .collect(),
+            Spacing::Leading => (1..=steps)
+                .rev()
+                .map(|i| (i * (t / (steps + 1)) + cfg.steps_offset) as f64)
+                .collect(),
+            Spacing::Trailing => trailing(t, steps).into_iter().map(|x| x as f64).collect(),
+        };
+        let sigmas = sched.sigmas_at(&timesteps)?;
+        Ok(Self {
+            sched,
+            timesteps,
+            sigmas,
+            order,
+            heun,
+            prev: None,
+        })
+    }
+
+    /// The sigmas, one per timestep and a final 0.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+}
+
+/// `(alpha_t, sigma_t, lambda_t)` of the VP parametrisation at Karras sigma `s`.
+fn vp(s: f64) -> (f64, f64, f64) {
+    let a = 1.0 / (s * s + 1.0).sqrt();
+    let sig = s * a;
+    (a, sig, a.ln() - sig.ln())
+}
+
+impl Sampler for DpmSolverPP {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    fn scale_model_input(&self, x: &[f32], _: usize) -> Vec<f32> {
+        x.to_vec()
+    }
+    fn step(&mut self, model_out: &[f32], i: usize, x: &[f32]) -> Result<Vec<f32>> {
+        let n = self.timesteps.len();
+        check_step(i, n, model_out, x)?;
+        let follows = matches!(&self.prev, Some((j, _)) if j + 1 == i);
+        if !follows && i != 0 {
+            return Err(invalid(
+                "step",
+                format!("DPM++ steps run in order from 0: step {i} after another"),
+            ));
+        }
+        let prev = self.prev.take().filter(|_| follows).map(|(_, m)| m);
+        let (s0, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
+        let (a0, sg0, l0) = vp(s0);
+        // x0 predicted at this step (diffusers' convert_model_output).
+        let pred = self.sched.config().prediction;
+        let m0: Vec<f64> = model_out
+            .iter()
+            .zip(x)
+            .map(|(&o, &v)| {
+                let (o, v) = (o as f64, v as f64);
+                match pred {
+                    Prediction::Epsilon => (v - sg0 * o) / a0,
+                    Prediction::V => a0 * v - sg0 * o,
+                    Prediction::Sample => o,
+                }
+            })
+            .collect();
+        let out: Vec<f32> = if s_next == 0.0 {
+            // The last step (final sigma 0): alpha_t = 1, sigma_t = 0, so x_t = x0.
+            m0.iter().map(|&m| m as f32).collect()
+        } else {
+            let (at, sgt, lt) = vp(s_next);
+            let h = lt - l0;
+            let e = (-h).exp_m1(); // exp(-h) - 1
+            let first = i == n - 1 || self.order == 1;
+            match prev.filter(|_| !first) {
+                None => x
+                    .iter()
+                    .zip(&m0)
+                    .map(|(&v, &m)| ((sgt / sg0) * v as f64 - at * e * m) as f32)
+                    .collect(),
+                Some(m1) => {
+                    let (_, _, l1) = vp(self.sigmas[i - 1]);
+                    let r0 = (l0 - l1) / h;
+                    x.iter()
+                        .zip(m0.iter().zip(&m1))
+                        .map(|(&v, (&m, &mp))| {
+                            let d1 = (m - mp) / r0;
+                            let second = if self.heun {
+                                at * (e / h + 1.0) * d1
+                            } else {
+                                -0.5 * at * e * d1
+                            };
+                            ((sgt / sg0) * v as f64 - at * e * m + second) as f32
+                        })
+                        .collect()
+                }
+            }
+        };
+        self.prev = Some((i, m0));
+        Ok(out)
     }
 }
 
@@ -530,7 +682,7 @@ mod tests {
             prediction: Prediction::Sample,
             ..Default::default()
         };
-        let d = Ddim::new(&cfg, 1).unwrap();
+        let mut d = Ddim::new(&cfg, 1).unwrap();
         let (t, x, o) = (d.timesteps()[0] as usize, 0.5f32, 3.0f32);
         let s = NoiseSchedule::new(&cfg).unwrap();
         let a = s.alphas_cumprod()[t];
@@ -559,10 +711,22 @@ mod tests {
         };
         assert!(e(Ddim::new(&cfg, 1000)).contains("past"));
         assert!(Ddim::new(&cfg, 10).is_ok());
-        let d = Ddim::new(&ScheduleConfig::default(), 4).unwrap();
+        let mut d = Ddim::new(&ScheduleConfig::default(), 4).unwrap();
         assert!(d.step(&[0.0; 3], 0, &[0.0; 4]).is_err());
         assert!(d.step(&[0.0; 4], 4, &[0.0; 4]).is_err());
         let s = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
         assert!(s.add_noise(&[0.0; 2], &[0.0; 2], 1000).is_err());
+        // DPM++ remembers the previous step: steps run in order from 0.
+        let mut p = DpmSolverPP::new(&ScheduleConfig::default(), 5).unwrap();
+        let e = p.step(&[0.0; 2], 1, &[0.0; 2]).unwrap_err().to_string();
+        assert!(e.contains("in order"), "{e}");
+        p.step(&[0.0; 2], 0, &[0.0; 2]).unwrap();
+        assert!(p.step(&[0.0; 2], 2, &[0.0; 2]).is_err());
+        p.step(&[0.0; 2], 1, &[0.0; 2]).unwrap(); // the refused call changed nothing
+        let cfg = ScheduleConfig {
+            solver_order: 3,
+            ..Default::default()
+        };
+        assert!(DpmSolverPP::new(&cfg, 5).is_err());
     }
 }
