@@ -12,6 +12,7 @@
 
 pub mod adapters;
 pub mod chat;
+pub mod clip_tokenizer;
 pub mod combine;
 pub mod diffusion;
 pub mod error;

@@ -69,6 +69,18 @@ impl TextTokenizer {
         Ok(Self { inner, path })
     }
 
+    /// A tokenizer from the text of a `tokenizer.json` (`path` names it in errors).
+    pub fn from_json_str(json: &str, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let inner = json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| IoError::Tokenizer {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self { inner, path })
+    }
+
     /// Loads `dir/tokenizer.json`.
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
         Self::open(dir.as_ref().join("tokenizer.json"))
