@@ -79,6 +79,21 @@ extern "C" __global__ void gelu_erf_backward(float* dx, const float* dout, const
     }
 }
 
+// out = x sigmoid(1.702 x) (CLIP's quick_gelu)
+extern "C" __global__ void quick_gelu_forward(float* out, const float* x, long long n) {
+    FOR_EACH(i, n) out[i] = x[i] * sigmoidf(1.702f * x[i]);
+}
+
+// dx += dout * (s + z s sigmoid(-z)), z = 1.702 x, s = sigmoid(z)
+extern "C" __global__ void quick_gelu_backward(float* dx, const float* dout, const float* x,
+                                               long long n) {
+    FOR_EACH(i, n) {
+        float z = 1.702f * x[i];
+        float s = sigmoidf(z);
+        dx[i] += dout[i] * (s + z * s * sigmoidf(-z));
+    }
+}
+
 // out = max(x, 0), NaN kept
 extern "C" __global__ void relu_forward(float* out, const float* x, long long n) {
     FOR_EACH(i, n) out[i] = x[i] <= 0.0f ? 0.0f : x[i];

@@ -34,6 +34,8 @@ pub enum Unary {
     Relu,
     /// `sigmoid_forward` / `sigmoid_backward`.
     Sigmoid,
+    /// `x sigmoid(1.702 x)` (CLIP's `quick_gelu`): `quick_gelu_forward` / `quick_gelu_backward`.
+    QuickGelu,
 }
 
 impl Unary {
@@ -45,6 +47,7 @@ impl Unary {
             Unary::Silu => ("silu_forward", "silu_backward"),
             Unary::Relu => ("relu_forward", "relu_backward"),
             Unary::Sigmoid => ("sigmoid_forward", "sigmoid_backward"),
+            Unary::QuickGelu => ("quick_gelu_forward", "quick_gelu_backward"),
         }
     }
 }

@@ -132,6 +132,7 @@ impl Accel for Cpu {
             Unary::Silu => elementwise::silu_forward(&mut out, h(x)?)?,
             Unary::Relu => elementwise::relu_forward(&mut out, h(x)?)?,
             Unary::Sigmoid => elementwise::sigmoid_forward(&mut out, h(x)?)?,
+            Unary::QuickGelu => elementwise::quick_gelu_forward(&mut out, h(x)?)?,
         }
         Ok(DBuf::Host(out))
     }
@@ -142,6 +143,7 @@ impl Accel for Cpu {
             Unary::Silu => elementwise::silu_backward(hm(dx)?, h(dout)?, h(x)?),
             Unary::Relu => elementwise::relu_backward(hm(dx)?, h(dout)?, h(x)?),
             Unary::Sigmoid => elementwise::sigmoid_backward(hm(dx)?, h(dout)?, h(x)?),
+            Unary::QuickGelu => elementwise::quick_gelu_backward(hm(dx)?, h(dout)?, h(x)?),
         }
     }
     fn swiglu_forward(&self, gate: &DBuf, up: &DBuf) -> Result<DBuf> {

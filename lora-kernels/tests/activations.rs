@@ -1,13 +1,13 @@
-//! ReLU, sigmoid and exact (erf) GELU against their f64 definitions, the oracle's derivative against
-//! central finite differences, and the edge values PyTorch defines (ReLU'(0) = 0, NaN kept,
-//! GELU's far tails).
+//! ReLU, sigmoid, exact (erf) GELU and quick_gelu against their f64 definitions, the oracle's
+//! derivative against central finite differences, and the edge values PyTorch defines
+//! (ReLU'(0) = 0, NaN kept, GELU's far tails).
 
 mod common;
 
 use common::{assert_close_f64, assert_close_stable, f64s, fd_grad, rand_vec};
 use lora_kernels::ops::elementwise::{
-    gelu_erf_backward, gelu_erf_forward, reference, relu_backward, relu_forward, sigmoid_backward,
-    sigmoid_forward,
+    gelu_erf_backward, gelu_erf_forward, quick_gelu_backward, quick_gelu_forward, reference,
+    relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
 };
 use proptest::prelude::*;
 
@@ -31,6 +31,19 @@ fn check(len: usize, seed: u64, scale: f64) {
     // The finite-difference sum over all elements rounds at about 1e-16 * sum |f| / h: the
     // bound the other activations' oracles use.
     assert_close_f64("gelu_erf' oracle vs finite differences", &an, &fd, 1e-7);
+
+    quick_gelu_forward(&mut out, &x).unwrap();
+    assert_close_stable("quick_gelu", &out, &x, reference::quick_gelu, 1e-6);
+    let mut dx = vec![0.0; len];
+    quick_gelu_backward(&mut dx, &vec![1.0; len], &x).unwrap();
+    assert_close_stable("quick_gelu'", &dx, &x, reference::quick_gelu_grad, 1e-6);
+    let h = 1e-5;
+    let fd: Vec<f64> = x64
+        .iter()
+        .map(|&t| (reference::quick_gelu(t + h) - reference::quick_gelu(t - h)) / (2.0 * h))
+        .collect();
+    let an: Vec<f64> = x64.iter().map(|&t| reference::quick_gelu_grad(t)).collect();
+    assert_close_f64("quick_gelu' oracle vs finite differences", &an, &fd, 1e-7);
 
     sigmoid_forward(&mut out, &x).unwrap();
     assert_close_stable("sigmoid", &out, &x, reference::sigmoid, 1e-6);

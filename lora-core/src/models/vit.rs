@@ -25,6 +25,8 @@ pub enum Activation {
     Relu,
     /// `silu`, `swish`
     Silu,
+    /// `quick_gelu` (CLIP: `x sigmoid(1.702 x)`)
+    QuickGelu,
 }
 
 impl Activation {
@@ -35,11 +37,12 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
             "silu" | "swish" => Activation::Silu,
+            "quick_gelu" => Activation::QuickGelu,
             other => {
                 return Err(CoreError::InvalidConfig {
                     field: "hidden_act",
                     reason: format!(
-                        "{other:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu are)"
+                        "{other:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu, quick_gelu are)"
                     ),
                 })
             }
@@ -53,6 +56,7 @@ impl Activation {
             Activation::GeluTanh => ops::gelu(tape, x),
             Activation::Relu => ops::relu(tape, x),
             Activation::Silu => ops::silu(tape, x),
+            Activation::QuickGelu => ops::quick_gelu(tape, x),
         }
     }
 }

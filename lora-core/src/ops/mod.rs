@@ -53,7 +53,7 @@ pub use rope::{rope, RopeTables};
 pub use scale::scale;
 pub use swiglu::swiglu;
 pub use transpose::transpose;
-pub use unary::{gelu, gelu_erf, relu, sigmoid, silu};
+pub use unary::{gelu, gelu_erf, quick_gelu, relu, sigmoid, silu};
 
 pub(crate) use crate::autograd::Input;
 use crate::autograd::{Op, Tape};

@@ -22,6 +22,11 @@ pub fn gelu_erf(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     unary(tape, x, Unary::GeluErf)
 }
 
+/// CLIP's `quick_gelu` (`x sigmoid(1.702 x)`).
+pub fn quick_gelu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    unary(tape, x, Unary::QuickGelu)
+}
+
 /// ReLU (`max(x, 0)`).
 pub fn relu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     unary(tape, x, Unary::Relu)
@@ -44,6 +49,7 @@ fn unary_name(f: Unary) -> &'static str {
         Unary::Silu => "silu",
         Unary::Relu => "relu",
         Unary::Sigmoid => "sigmoid",
+        Unary::QuickGelu => "quick_gelu",
     }
 }
 

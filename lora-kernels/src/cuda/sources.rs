@@ -62,6 +62,8 @@ pub const SOURCES: &[Source] = &[
             "silu_backward",
             "gelu_erf_forward",
             "gelu_erf_backward",
+            "quick_gelu_forward",
+            "quick_gelu_backward",
             "relu_forward",
             "relu_backward",
             "sigmoid_forward",

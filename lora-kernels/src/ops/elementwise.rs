@@ -65,6 +65,8 @@ elem!(GeluErf, |x| gelu_erf(x));
 elem!(DGeluErf, |g, x| g * gelu_erf_grad(x));
 elem!(Silu, |x| x * sigmoid(x));
 elem!(DSilu, |g, x| g * silu_grad(x));
+elem!(QuickGelu, |x| x * sigmoid(QUICK * x));
+elem!(DQuickGelu, |g, x| g * quick_gelu_grad(x));
 
 /// `out[i] = E::f(x[i])` over parallel chunks, the loop compiled for AVX2+FMA where available.
 fn map_unary<E: Elem>(out: &mut [f32], x: &[f32]) {
@@ -264,6 +266,32 @@ pub fn gelu_erf_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> 
     Ok(())
 }
 
+/// CLIP's `quick_gelu` slope.
+const QUICK: f32 = 1.702;
+
+/// `d/dx [x s(kx)] = s(kx) + k x s(kx) s(-kx)` (no `1 - s` cancellation).
+#[inline(always)]
+fn quick_gelu_grad(x: f32) -> f32 {
+    let z = QUICK * x;
+    let s = sigmoid(z);
+    s + z * s * sigmoid(-z)
+}
+
+/// `out = x * sigmoid(1.702 x)` (CLIP's `quick_gelu`, the text encoder of Stable Diffusion).
+pub fn quick_gelu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
+    check_len("quick_gelu_forward", "x", x.len(), &[out.len()])?;
+    map_unary::<QuickGelu>(out, x);
+    Ok(())
+}
+
+/// `dx += dout * quick_gelu'(x)`.
+pub fn quick_gelu_backward(dx: &mut [f32], dout: &[f32], x: &[f32]) -> Result<()> {
+    check_len("quick_gelu_backward", "x", x.len(), &[dx.len()])?;
+    check_len("quick_gelu_backward", "dout", dout.len(), &[dx.len()])?;
+    acc_unary::<DQuickGelu>(dx, dout, x);
+    Ok(())
+}
+
 /// `out = x * sigmoid(x)`.
 pub fn silu_forward(out: &mut [f32], x: &[f32]) -> Result<()> {
     check_len("silu_forward", "x", x.len(), &[out.len()])?;
@@ -362,6 +390,15 @@ pub mod reference {
     /// `1 / (1 + e^-x)`.
     pub fn sigmoid(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
+    }
+    /// `x sigmoid(1.702 x)`.
+    pub fn quick_gelu(x: f64) -> f64 {
+        x * sigmoid(1.702 * x)
+    }
+    /// Its derivative `s + 1.702 x s (1 - s)`, `s = sigmoid(1.702 x)`.
+    pub fn quick_gelu_grad(x: f64) -> f64 {
+        let s = sigmoid(1.702 * x);
+        s + 1.702 * x * s * (1.0 - s)
     }
 
     /// Exact GELU `0.5 x erfc(-x / sqrt 2)` (musl's f64 `erfc`).
