@@ -1,4 +1,5 @@
-//! Stable Diffusion files: `scheduler/scheduler_config.json` read into the core's
+//! Stable Diffusion files: `text_encoder/` (the CLIP text model), and
+//! `scheduler/scheduler_config.json` read into the core's
 //! [`ScheduleConfig`] with diffusers' defaults for the sampler that will use it (a field a file
 //! leaves out takes the default of the scheduler class that loads it, as `from_config` does:
 //! SD 1.x's files, saved by `PNDMScheduler`, have no `timestep_spacing`, which DDIM then reads
@@ -7,6 +8,8 @@
 
 use crate::error::{IoError, Result};
 use lora_core::diffusion::{BetaSchedule, Prediction, ScheduleConfig, Spacing};
+use lora_core::models::clip_text::{ClipTextConfig, ClipTextModel};
+use lora_core::models::vit::Activation;
 use serde_json::Value;
 use std::path::Path;
 
@@ -273,6 +276,79 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
         solver_order,
         solver_heun,
     })
+}
+
+/// Reads a `text_encoder/config.json` (`CLIPTextModel`) into the core's config. CLIP's text
+/// defaults (transformers' `CLIPTextConfig`) apply to absent fields.
+pub fn read_clip_text_config(path: &Path) -> Result<ClipTextConfig> {
+    let v = crate::hf::read_json(path)?;
+    let f = crate::hf::Fields { path, v: &v };
+    let act = f.str_or("hidden_act", "quick_gelu")?;
+    let hidden_act = Activation::parse(act).map_err(|e| f.err("hidden_act", e.to_string()))?;
+    let cfg = ClipTextConfig {
+        vocab_size: f.usize_or("vocab_size", Some(49408))?,
+        hidden_size: f.usize_or("hidden_size", Some(512))?,
+        intermediate_size: f.usize_or("intermediate_size", Some(2048))?,
+        num_hidden_layers: f.usize_or("num_hidden_layers", Some(12))?,
+        num_attention_heads: f.usize_or("num_attention_heads", Some(8))?,
+        max_position_embeddings: f.usize_or("max_position_embeddings", Some(77))?,
+        hidden_act,
+        layer_norm_eps: f.positive_f32_or("layer_norm_eps", 1e-5)?,
+    };
+    for (k, n) in [
+        ("vocab_size", cfg.vocab_size),
+        ("hidden_size", cfg.hidden_size),
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("max_position_embeddings", cfg.max_position_embeddings),
+    ] {
+        if n == 0 {
+            return Err(f.err(k, "must be at least 1"));
+        }
+    }
+    Ok(cfg)
+}
+
+/// Loads a `text_encoder/` directory (config.json, model.safetensors): the Hub's SD checkpoints
+/// name the parameters `text_model.…`, transformers 5 saves them without that prefix; both
+/// read. A tensor the model does not use is an error naming it (a config with fewer layers
+/// than its checkpoint).
+pub fn load_clip_text(dir: &Path) -> Result<ClipTextModel> {
+    let cfg = read_clip_text_config(&dir.join("config.json"))?;
+    let w = crate::hf::Weights::open(dir)?;
+    let mut used = std::collections::HashSet::new();
+    let mut load = |k: &str, shape: &[usize]| -> Result<lora_core::Tensor> {
+        let key = [k, k.strip_prefix("text_model.").unwrap_or(k)]
+            .into_iter()
+            .find(|c| w.contains(c))
+            .unwrap_or(k)
+            .to_string();
+        let t = w.tensor(&key, shape)?;
+        used.insert(key);
+        Ok(t)
+    };
+    let model = ClipTextModel::load(&cfg, &mut load).map_err(|e| match e {
+        IoError::Core(lora_core::CoreError::InvalidConfig { field, reason }) => IoError::Config {
+            path: dir.join("config.json"),
+            field: field.into(),
+            reason,
+        },
+        e => e,
+    })?;
+    // position_ids is a buffer some checkpoints carry; the projection belongs to
+    // CLIPTextModelWithProjection (SDXL's second encoder), not used here.
+    let ignorable = |k: &str| k.ends_with("position_ids") || k.starts_with("text_projection");
+    if let Some(extra) = w
+        .names()
+        .into_iter()
+        .find(|k| !used.contains(*k) && !ignorable(k))
+    {
+        return Err(IoError::Config {
+            path: dir.join("config.json"),
+            field: "num_hidden_layers".into(),
+            reason: format!("the weights hold `{extra}`, which this config's model does not use"),
+        });
+    }
+    Ok(model)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! Models are built from a weight loader (`FnMut(name, shape) -> Tensor`), which keeps this crate
 //! free of file formats: `lora-io` supplies the loader for a Hugging Face directory.
 
+pub mod clip_text;
 pub mod conv;
 pub mod generate;
 pub mod gpt2;

@@ -342,14 +342,31 @@ impl Block {
         &self,
         tape: &Tape,
         x: &Tensor,
+        hp: (usize, f32, Activation),
+        adapters: bool,
+    ) -> Result<Tensor> {
+        self.forward_masked(tape, x, hp, false, adapters)
+    }
+
+    /// The block with causal self-attention when `causal` (CLIP's text encoder), else
+    /// bidirectional.
+    pub(crate) fn forward_masked(
+        &self,
+        tape: &Tape,
+        x: &Tensor,
         (h, eps, act): (usize, f32, Activation),
+        causal: bool,
         adapters: bool,
     ) -> Result<Tensor> {
         let a = ops::layer_norm(tape, x, &self.ln_before.0, Some(&self.ln_before.1), eps)?;
         let q = self.q.forward(tape, &a, adapters)?;
         let k = self.k.forward(tape, &a, adapters)?;
         let v = self.v.forward(tape, &a, adapters)?;
-        let att = ops::attention_bidirectional(tape, &q, &k, &v, h, h)?;
+        let att = if causal {
+            ops::attention(tape, &q, &k, &v, h, h)?
+        } else {
+            ops::attention_bidirectional(tape, &q, &k, &v, h, h)?
+        };
         let o = self.o.forward(tape, &att, adapters)?;
         let x = ops::add(tape, x, &o)?;
         let m = ops::layer_norm(tape, &x, &self.ln_after.0, Some(&self.ln_after.1), eps)?;
