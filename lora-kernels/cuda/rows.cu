@@ -290,3 +290,80 @@ extern "C" __global__ void batchnorm_backward_params(float* dgamma, float* dbeta
         if (dbeta) dbeta[ch] += sb;
     }
 }
+
+// GroupNorm over x (N, C, S), G groups of cg = C / G channels: one block per (sample, group)
+// row of cg * s values. out = (x - mean) rstd gamma[ch] + beta[ch]; mean, rstd (N * G).
+extern "C" __global__ void groupnorm_forward(float* out, float* mean, float* rstd, const float* x,
+                                             const float* gamma, const float* beta, int rows,
+                                             int g, int cg, int s, float eps) {
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    long long len = (long long)cg * s;
+    const float* xr = x + (size_t)row * len;
+    float sum = 0.0f;
+    for (long long j = threadIdx.x; j < len; j += blockDim.x) sum += xr[j];
+    float m = block_sum(sum) / (float)len;
+    float q = 0.0f;
+    for (long long j = threadIdx.x; j < len; j += blockDim.x) q += (xr[j] - m) * (xr[j] - m);
+    float rs = 1.0f / sqrtf(block_sum(q) / (float)len + eps);
+    int ch0 = (row % g) * cg;
+    for (long long j = threadIdx.x; j < len; j += blockDim.x) {
+        int ch = ch0 + (int)(j / s);
+        out[(size_t)row * len + j] = (xr[j] - m) * rs * gamma[ch] + (beta ? beta[ch] : 0.0f);
+    }
+    if (threadIdx.x == 0) {
+        mean[row] = m;
+        rstd[row] = rs;
+    }
+}
+
+// dx += rs * (dn - mean(dn) - xhat * mean(dn * xhat)), dn = dout * gamma[ch]. grid (N * G).
+extern "C" __global__ void groupnorm_backward(float* dx, const float* dout, const float* x,
+                                              const float* gamma, const float* mean,
+                                              const float* rstd, int rows, int g, int cg, int s) {
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    long long len = (long long)cg * s;
+    const float *xr = x + (size_t)row * len, *dr = dout + (size_t)row * len;
+    float m = mean[row], rs = rstd[row], s1 = 0.0f, s2 = 0.0f;
+    int ch0 = (row % g) * cg;
+    for (long long j = threadIdx.x; j < len; j += blockDim.x) {
+        float dn = dr[j] * gamma[ch0 + (int)(j / s)];
+        s1 += dn;
+        s2 += dn * (xr[j] - m) * rs;
+    }
+    s1 = block_sum(s1) / (float)len;
+    s2 = block_sum(s2) / (float)len;
+    for (long long j = threadIdx.x; j < len; j += blockDim.x) {
+        float dn = dr[j] * gamma[ch0 + (int)(j / s)], nv = (xr[j] - m) * rs;
+        dx[(size_t)row * len + j] += rs * (dn - s1 - nv * s2);
+    }
+}
+
+// dgamma[ch] += sum over samples and pixels of dout * xhat, dbeta[ch] += of dout (either may be
+// null). One block per channel.
+extern "C" __global__ void groupnorm_backward_params(float* dgamma, float* dbeta,
+                                                     const float* dout, const float* x,
+                                                     const float* mean, const float* rstd, int n,
+                                                     int c, int g, int s) {
+    int ch = blockIdx.x;
+    if (ch >= c) return;
+    int cg = c / g;
+    float sg = 0.0f, sb = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int row = i * g + ch / cg;
+        float m = mean[row], rs = rstd[row];
+        size_t off = ((size_t)i * c + ch) * s;
+        for (int j = threadIdx.x; j < s; j += blockDim.x) {
+            float dy = dout[off + j];
+            sg += dy * (x[off + j] - m) * rs;
+            sb += dy;
+        }
+    }
+    sg = block_sum(sg);
+    sb = block_sum(sb);
+    if (threadIdx.x == 0) {
+        if (dgamma) dgamma[ch] += sg;
+        if (dbeta) dbeta[ch] += sb;
+    }
+}

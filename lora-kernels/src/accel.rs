@@ -19,6 +19,7 @@ use crate::operands::{Dropout, LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::Conv2dDims;
+use crate::ops::norm::GroupDims;
 use crate::ops::pool::PoolDims;
 
 /// The unary activations.
@@ -194,6 +195,29 @@ pub trait Accel: Send + Sync {
         mean: &DBuf,
         rstd: &DBuf,
         c: usize,
+    ) -> Result<()>;
+    /// GroupNorm over `x (N, C, S)`: `[out, mean, rstd]` (statistics `(N, G)`).
+    fn groupnorm_forward(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: Option<&DBuf>,
+        d: GroupDims,
+        eps: f32,
+    ) -> Result<[DBuf; 3]>;
+    /// GroupNorm backward into whichever gradients are given.
+    #[allow(clippy::too_many_arguments)]
+    fn groupnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dout: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        mean: &DBuf,
+        rstd: &DBuf,
+        d: GroupDims,
     ) -> Result<()>;
     /// RMSNorm over rows of `c`: `[out, rstd]`.
     fn rmsnorm_forward(&self, x: &DBuf, gamma: &DBuf, c: usize, eps: f32) -> Result<[DBuf; 2]>;

@@ -12,6 +12,7 @@ use crate::operands::{LinearDims, WeightData, WeightLayout};
 use crate::ops::adamw::{adamw_step, AdamStep};
 use crate::ops::attention::{self, AttnDims};
 use crate::ops::conv::{self, Conv2dDims};
+use crate::ops::norm::GroupDims;
 use crate::ops::pool::{self, PoolDims};
 use crate::ops::{cross_entropy, elementwise, embedding, norm, rope, slice};
 
@@ -206,6 +207,44 @@ impl Accel for Cpu {
             h(mean)?,
             h(rstd)?,
             c,
+        )
+    }
+    fn groupnorm_forward(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: Option<&DBuf>,
+        d: GroupDims,
+        eps: f32,
+    ) -> Result<[DBuf; 3]> {
+        let ng = d.batch * d.groups;
+        let (mut out, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; ng], vec![0.0; ng]);
+        let b = beta.map(h).transpose()?;
+        norm::groupnorm_forward(&mut out, &mut mean, &mut rstd, h(x)?, h(gamma)?, b, d, eps)?;
+        Ok([DBuf::Host(out), DBuf::Host(mean), DBuf::Host(rstd)])
+    }
+    fn groupnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dout: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        mean: &DBuf,
+        rstd: &DBuf,
+        d: GroupDims,
+    ) -> Result<()> {
+        norm::groupnorm_backward(
+            hm_opt(dx)?,
+            hm_opt(dgamma)?,
+            hm_opt(dbeta)?,
+            h(dout)?,
+            h(x)?,
+            h(gamma)?,
+            h(mean)?,
+            h(rstd)?,
+            d,
         )
     }
     fn rmsnorm_forward(&self, x: &DBuf, gamma: &DBuf, c: usize, eps: f32) -> Result<[DBuf; 2]> {

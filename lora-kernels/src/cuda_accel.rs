@@ -15,6 +15,7 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::Conv2dDims;
 use crate::ops::cross_entropy::check_targets;
 use crate::ops::embedding::check_ids;
+use crate::ops::norm::GroupDims;
 use crate::ops::pool::PoolDims;
 use crate::ops::rope::check as check_rope;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -297,6 +298,118 @@ impl Accel for CudaDevice {
             l.arg(&ni).arg(&ci).arg(&eps);
         })?;
         Ok([DBuf::Cuda(out), DBuf::Cuda(mean), DBuf::Cuda(rstd)])
+    }
+    fn groupnorm_forward(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: Option<&DBuf>,
+        d: GroupDims,
+        eps: f32,
+    ) -> Result<[DBuf; 3]> {
+        const OP: &str = "groupnorm_forward";
+        check_len(OP, "x", x.len(), &[d.batch, d.channels, d.spatial])?;
+        check_len(OP, "gamma", gamma.len(), &[d.channels])?;
+        if d.groups == 0 || d.channels % d.groups != 0 {
+            return Err(crate::error::invalid(
+                OP,
+                "groups",
+                format!("{} groups do not divide {} channels", d.groups, d.channels),
+            ));
+        }
+        let rows = d.batch * d.groups;
+        let (mut out, mut mean, mut rstd) = (self.out(x.len())?, self.out(rows)?, self.out(rows)?);
+        let (xs, gs, bs) = (c(x)?, c(gamma)?, beta.map(c).transpose()?);
+        let (ri, gi, cgi, si) = (
+            rows as i32,
+            d.groups as i32,
+            (d.channels / d.groups) as i32,
+            d.spatial as i32,
+        );
+        self.run(OP, rows_cfg(rows), |l| {
+            l.arg(&mut out)
+                .arg(&mut mean)
+                .arg(&mut rstd)
+                .arg(xs)
+                .arg(gs);
+            match bs {
+                Some(b) => l.arg(b),
+                None => l.arg(&NULL),
+            };
+            l.arg(&ri).arg(&gi).arg(&cgi).arg(&si).arg(&eps);
+        })?;
+        Ok([DBuf::Cuda(out), DBuf::Cuda(mean), DBuf::Cuda(rstd)])
+    }
+    fn groupnorm_backward(
+        &self,
+        dx: Option<&mut DBuf>,
+        dgamma: Option<&mut DBuf>,
+        dbeta: Option<&mut DBuf>,
+        dout: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        mean: &DBuf,
+        rstd: &DBuf,
+        d: GroupDims,
+    ) -> Result<()> {
+        const OP: &str = "groupnorm_backward";
+        check_len(OP, "dout", dout.len(), &[d.batch, d.channels, d.spatial])?;
+        if d.groups == 0 || d.channels % d.groups != 0 {
+            return Err(crate::error::invalid(
+                OP,
+                "groups",
+                format!("{} groups do not divide {} channels", d.groups, d.channels),
+            ));
+        }
+        let (ds, xs, gs, ms, rs) = (c(dout)?, c(x)?, c(gamma)?, c(mean)?, c(rstd)?);
+        let rows = d.batch * d.groups;
+        let (ni, ci, gi, cgi, si) = (
+            d.batch as i32,
+            d.channels as i32,
+            d.groups as i32,
+            (d.channels / d.groups) as i32,
+            d.spatial as i32,
+        );
+        let ri = rows as i32;
+        if let Some(dx) = dx {
+            check_len(OP, "dx", dx.len(), &[d.batch, d.channels, d.spatial])?;
+            let dx = cm(dx)?;
+            self.run(OP, rows_cfg(rows), |l| {
+                l.arg(dx)
+                    .arg(ds)
+                    .arg(xs)
+                    .arg(gs)
+                    .arg(ms)
+                    .arg(rs)
+                    .arg(&ri)
+                    .arg(&gi)
+                    .arg(&cgi)
+                    .arg(&si);
+            })?;
+        }
+        if dgamma.is_some() || dbeta.is_some() {
+            let dg = dgamma.map(cm).transpose()?;
+            let db = dbeta.map(cm).transpose()?;
+            self.run("groupnorm_backward_params", rows_cfg(d.channels), |l| {
+                match dg {
+                    Some(g) => l.arg(g),
+                    None => l.arg(&NULL),
+                };
+                match db {
+                    Some(b) => l.arg(b),
+                    None => l.arg(&NULL),
+                };
+                l.arg(ds)
+                    .arg(xs)
+                    .arg(ms)
+                    .arg(rs)
+                    .arg(&ni)
+                    .arg(&ci)
+                    .arg(&gi)
+                    .arg(&si);
+            })?;
+        }
+        Ok(())
     }
     fn layernorm_backward(
         &self,
