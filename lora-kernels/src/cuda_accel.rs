@@ -310,7 +310,7 @@ impl Accel for CudaDevice {
         const OP: &str = "groupnorm_forward";
         check_len(OP, "x", x.len(), &[d.batch, d.channels, d.spatial])?;
         check_len(OP, "gamma", gamma.len(), &[d.channels])?;
-        if d.groups == 0 || d.channels % d.groups != 0 {
+        if d.groups == 0 || !d.channels.is_multiple_of(d.groups) {
             return Err(crate::error::invalid(
                 OP,
                 "groups",
@@ -354,7 +354,7 @@ impl Accel for CudaDevice {
     ) -> Result<()> {
         const OP: &str = "groupnorm_backward";
         check_len(OP, "dout", dout.len(), &[d.batch, d.channels, d.spatial])?;
-        if d.groups == 0 || d.channels % d.groups != 0 {
+        if d.groups == 0 || !d.channels.is_multiple_of(d.groups) {
             return Err(crate::error::invalid(
                 OP,
                 "groups",

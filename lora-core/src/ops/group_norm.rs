@@ -19,7 +19,7 @@ pub fn group_norm(
         return Err(shape_err(OP, "x", x, "(N, C, ...)"));
     }
     let (n, c) = (sh[0], sh[1]);
-    if groups == 0 || c % groups != 0 {
+    if groups == 0 || !c.is_multiple_of(groups) {
         return Err(shape_err(
             OP,
             "x",

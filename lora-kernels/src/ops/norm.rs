@@ -290,7 +290,7 @@ pub struct GroupDims {
 
 impl GroupDims {
     fn check(&self, op: &'static str) -> Result<()> {
-        if self.groups == 0 || self.channels % self.groups != 0 {
+        if self.groups == 0 || !self.channels.is_multiple_of(self.groups) {
             return Err(crate::error::invalid(
                 op,
                 "groups",
