@@ -194,10 +194,11 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
 /// FLOPs of the matrix products one LoRA training step of `cfg` (batch `batch`, rank `rank` on
 /// q_proj and v_proj, the head trained) must do, a multiply-add counted as two: the forward
 /// (patch embedding, the blocks' linears, attention's two products, the adapters, the head)
-/// and the backward the tape runs (input gradients of every linear whose input needs one:
-/// not block 0's q/k/v or their adapters, whose input derives only from frozen tensors; attention's four
-/// products; the adapters' four; the head's weight and input gradients). Recomputation
-/// (attention's scores in backward) is not counted: this is the work any implementation needs.
+/// and the backward (input gradients of every linear whose input needs one: not block 0's
+/// q/k/v or their adapters, whose input derives only from frozen tensors; attention's four
+/// products, three in block 0, whose keys need no gradient; the adapters' four; the head's
+/// weight and input gradients). Recomputation (attention's scores in backward) is not
+/// counted: this is the work any implementation needs.
 pub fn vit_step_flops(cfg: &VitConfig, batch: usize, rank: usize) -> f64 {
     let (b, c, i) = (
         batch as f64,
@@ -217,7 +218,9 @@ pub fn vit_step_flops(cfg: &VitConfig, batch: usize, rank: usize) -> f64 {
     let attention = 4.0 * b * t * t * c; // QK^T and PV, per block
     let lora = 2.0 * 4.0 * b * t * r * c; // q and v: x A^T and u B^T, per block
     let forward = 2.0 * b * p * patch_in * c + layers * (linears + attention + lora);
-    let qkv_dx = 3.0 * 2.0 * b * t * c * c + 2.0 * 2.0 * b * t * r * c; // and q/v adapters' dX
+    // Block 0's q/k/v input gradients and its adapters' dX, and its dK (k derives only from
+    // frozen tensors there).
+    let qkv_dx = 3.0 * 2.0 * b * t * c * c + 2.0 * 2.0 * b * t * r * c + 2.0 * b * t * t * c;
     let backward = layers * (linears + 2.0 * attention + 2.0 * lora) - qkv_dx;
     let head = 2.0 * b * c * labels;
     forward + head + backward + 2.0 * head

@@ -247,11 +247,16 @@ impl Tape {
         self.record
     }
 
-    /// Lets later nodes that read `output` keep `compute`, which recomputes it, instead of its
-    /// values ([`Remat`]). Only for an output whose own node was recorded and keeps what
-    /// `compute` reads, so that the recipe holds no memory of its own.
-    pub(crate) fn rematerializable(&self, output: &Tensor, compute: RematFn) {
-        if self.record && output.requires_grad() {
+    /// Lets later nodes that read `output` keep `compute`, which recomputes it from `sources`,
+    /// instead of its values ([`Remat`]). Only for an output whose own node was recorded and
+    /// keeps `sources`, so that the recipe holds no memory of its own; not when a source is
+    /// itself recomputed (a norm of a norm: the recipe would keep that source alive anyway).
+    pub(crate) fn rematerializable(&self, output: &Tensor, sources: &[&Tensor], compute: RematFn) {
+        let nested = {
+            let remats = self.remats.borrow();
+            sources.iter().any(|s| remats.contains_key(&s.id()))
+        };
+        if self.record && output.requires_grad() && !nested {
             let r = Remat {
                 compute,
                 readers: Cell::new(0),

@@ -120,7 +120,7 @@ impl LoraConv2d {
 
     /// `conv(x, W) + b + s * conv(conv(x, A), B)`; after [`merge`](Self::merge) the base alone.
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
-        if !self.merged && self.params.groups == 1 {
+        if !self.merged && self.params.groups == 1 && self.params.dilation == (1, 1) {
             // A's convolution has the base's kernel, stride and padding: one pass over the
             // input patches for both.
             let (base, h) = ops::conv2d_pair(

@@ -49,6 +49,47 @@ fn text_encoder_matches_transformers() {
     }
 }
 
+/// The Hub's SD checkpoints name the parameters `text_model.…` (transformers 4): the same
+/// weights under those names give the same conditioning.
+#[test]
+fn hub_prefixed_names_load_the_same_model() {
+    use lora_io::write::{write_safetensors, OutDtype, OutTensor};
+    let src = dir().join("quick_gelu");
+    let f = SafetensorsFile::open(src.join("model.safetensors")).unwrap();
+    let vals: Vec<(String, Vec<f32>, Vec<usize>)> = f
+        .names()
+        .iter()
+        .map(|k| {
+            let (v, s) = f.read_f32(k).unwrap();
+            (format!("text_model.{k}"), v, s)
+        })
+        .collect();
+    let tmp = std::env::temp_dir().join(format!("lora-clip-hub-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+    let out: Vec<OutTensor> = vals
+        .iter()
+        .map(|(name, v, s)| OutTensor {
+            name: name.clone(),
+            shape: s.clone(),
+            values: v,
+            dtype: OutDtype::F32,
+        })
+        .collect();
+    write_safetensors(&tmp.join("model.safetensors"), &out, Default::default()).unwrap();
+    let ids: Vec<u32> = (0..77).map(|i| (i * 7 % 651) as u32).collect();
+    let run = |d: &std::path::Path| {
+        load_clip_text(d)
+            .unwrap()
+            .forward(&Tape::inference(), &ids, (1, 77), 0, false)
+            .unwrap()
+            .try_to_vec()
+            .unwrap()
+    };
+    assert_eq!(run(&tmp), run(&src));
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 #[test]
 fn bad_text_encoder_input_is_named() {
     let model = load_clip_text(&dir().join("quick_gelu")).unwrap();

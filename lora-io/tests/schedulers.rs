@@ -115,6 +115,33 @@ fn schedulers_match_diffusers() {
                 );
             }
             assert_eq!(sampler.timesteps().len(), wt.len());
+            if let Some(ws) = want.get("sigmas") {
+                let got: Vec<f64> = match kind {
+                    "euler" => {
+                        let cfg = read_scheduler_config(&file, SamplerKind::Euler).unwrap();
+                        Euler::new(&cfg, steps).unwrap().sigmas().to_vec()
+                    }
+                    _ => {
+                        let cfg = read_scheduler_config(&file, SamplerKind::DpmPP).unwrap();
+                        DpmSolverPP::new(&cfg, steps).unwrap().sigmas().to_vec()
+                    }
+                };
+                let ws: Vec<f64> = ws
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                assert_eq!(got.len(), ws.len(), "{name} {kind}: sigmas");
+                for (g, w) in got.iter().zip(&ws) {
+                    // diffusers' f32 schedule: its sigma = sqrt((1 - a) / a) is off by half of
+                    // alpha_bar's relative error (2e-6, checked above) divided by (1 - a).
+                    assert!(
+                        (g - w).abs() <= 2e-5 * w.max(1.0),
+                        "{name} {kind}: sigmas {got:?} vs {ws:?}"
+                    );
+                }
+            }
             let ins = want["init_noise_sigma"].as_f64().unwrap();
             assert!(
                 (sampler.init_noise_sigma() - ins).abs() <= 1e-5 * ins.max(1.0),
@@ -157,6 +184,67 @@ fn schedulers_match_diffusers() {
         }
     }
     assert_eq!(checked, 3 * 4 * steps, "every trajectory step was compared");
+    // Timesteps for many step counts and every spacing (numpy's tie rounding and arange length).
+    let (mut lists, mut wrapped) = (0, 0);
+    for (name, by_spacing) in cases["timesteps_by_steps"].as_object().unwrap() {
+        let file = dir().join(name).join("scheduler_config.json");
+        for (spacing, by_kind) in by_spacing.as_object().unwrap() {
+            let spacing = match spacing.as_str() {
+                "leading" => lora_core::diffusion::Spacing::Leading,
+                "trailing" => lora_core::diffusion::Spacing::Trailing,
+                _ => lora_core::diffusion::Spacing::Linspace,
+            };
+            for (kind, by_n) in by_kind.as_object().unwrap() {
+                let sk = match kind.as_str() {
+                    "ddim" => SamplerKind::Ddim,
+                    "euler" => SamplerKind::Euler,
+                    _ => SamplerKind::DpmPP,
+                };
+                let mut cfg = read_scheduler_config(&file, sk).unwrap();
+                cfg.spacing = spacing;
+                for (n, want) in by_n.as_object().unwrap() {
+                    let n: usize = n.parse().unwrap();
+                    let got = match sk {
+                        SamplerKind::Ddim => Ddim::new(&cfg, n).unwrap().timesteps().to_vec(),
+                        SamplerKind::Euler => Euler::new(&cfg, n).unwrap().timesteps().to_vec(),
+                        SamplerKind::DpmPP => {
+                            DpmSolverPP::new(&cfg, n).unwrap().timesteps().to_vec()
+                        }
+                    };
+                    let mut want: Vec<f64> = want
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap())
+                        .collect();
+                    // diffusers' trailing spacing sometimes appends a timestep -1 (numpy's
+                    // arange length rounds up: 62 steps for 61 of 1000); we run the n asked.
+                    if want.last().is_some_and(|&w| w < 0.0) {
+                        want.pop();
+                        wrapped += 1;
+                    }
+                    assert_eq!(want.len(), n);
+                    assert_eq!(
+                        got.len(),
+                        want.len(),
+                        "{name} {spacing:?} {kind} {n} steps: {got:?} vs {want:?}"
+                    );
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4,
+                            "{name} {spacing:?} {kind} {n} steps: {got:?} vs {want:?}"
+                        );
+                    }
+                    lists += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(lists, 2 * 3 * 3 * 23, "every timestep list was compared");
+    assert!(
+        wrapped > 0,
+        "the fixture holds diffusers' extra -1 timestep case"
+    );
     // SD 1.5's config as DPMSolverMultistepScheduler saves it (its own keys, and Python's
     // `-Infinity`) reads as the DDIM-saved one does.
     let dpm = read_scheduler_config(

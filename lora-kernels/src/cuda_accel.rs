@@ -310,6 +310,9 @@ impl Accel for CudaDevice {
         const OP: &str = "groupnorm_forward";
         check_len(OP, "x", x.len(), &[d.batch, d.channels, d.spatial])?;
         check_len(OP, "gamma", gamma.len(), &[d.channels])?;
+        if let Some(b) = beta {
+            check_len(OP, "beta", b.len(), &[d.channels])?;
+        }
         if d.groups == 0 || !d.channels.is_multiple_of(d.groups) {
             return Err(crate::error::invalid(
                 OP,
@@ -353,7 +356,20 @@ impl Accel for CudaDevice {
         d: GroupDims,
     ) -> Result<()> {
         const OP: &str = "groupnorm_backward";
-        check_len(OP, "dout", dout.len(), &[d.batch, d.channels, d.spatial])?;
+        for (what, len, want) in [
+            ("dout", dout.len(), d.batch * d.channels * d.spatial),
+            ("x", x.len(), d.batch * d.channels * d.spatial),
+            ("gamma", gamma.len(), d.channels),
+            ("mean", mean.len(), d.batch * d.groups),
+            ("rstd", rstd.len(), d.batch * d.groups),
+        ] {
+            check_len(OP, what, len, &[want])?;
+        }
+        for (what, g) in [("dgamma", &dgamma), ("dbeta", &dbeta)] {
+            if let Some(g) = g {
+                check_len(OP, what, g.len(), &[d.channels])?;
+            }
+        }
         if d.groups == 0 || !d.channels.is_multiple_of(d.groups) {
             return Err(crate::error::invalid(
                 OP,

@@ -316,6 +316,18 @@ fn check_steps(cfg: &ScheduleConfig, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Zero terminal SNR makes the first sigma infinite (diffusers clamps alpha_bar there; not
+/// implemented here): refused rather than stepping to NaN.
+fn no_zero_snr(cfg: &ScheduleConfig, sampler: &str) -> Result<()> {
+    if cfg.rescale_betas_zero_snr {
+        return Err(invalid(
+            "rescale_betas_zero_snr",
+            format!("{sampler} with zero terminal SNR is not supported yet"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_step(i: usize, n: usize, model_out: &[f32], x: &[f32]) -> Result<()> {
     if i >= n {
         return Err(invalid("step", format!("step {i} of {n}")));
@@ -365,28 +377,34 @@ impl Ddim {
     }
 }
 
-/// `linspace(0, T - 1, n)[i]` as numpy computes it.
+/// `linspace(0, T - 1, n)[i]` as numpy computes it: `i * ((T - 1) / (n - 1))`, the last point
+/// exactly `T - 1` (the order of the operations decides ties when rounding: 499.49999999999994,
+/// not 499.5, at i = 13 of 27 over 1000).
 fn linspace(t: usize, n: usize, i: usize) -> f64 {
     if n == 1 {
         return 0.0;
     }
-    (t - 1) as f64 * i as f64 / (n - 1) as f64
+    if i == n - 1 {
+        return (t - 1) as f64;
+    }
+    i as f64 * ((t - 1) as f64 / (n - 1) as f64)
 }
 
-/// `round(arange(T, 0, -T / n)) - 1` (numpy's round: half to even).
+/// `round(arange(T, 0, -T / n)) - 1` as numpy computes it: values `T + k * ((T - T / n) - T)`,
+/// rounded half to even; the first `n` of them. (numpy's `arange` length, `ceil(T / (T / n))`,
+/// can round up to n + 1, e.g. T = 1000, n = 61: diffusers 0.42.1 then runs 62 steps, the last
+/// at timestep -1, which indexes its noisiest alpha_bar. The n steps asked for are given here.)
 fn trailing(t: usize, n: usize) -> Vec<usize> {
     let ratio = t as f64 / n as f64;
-    let mut out = Vec::new();
-    let mut k = 0usize;
-    loop {
-        let v = t as f64 - k as f64 * ratio;
-        if v <= 0.0 {
-            break;
-        }
-        out.push(v.round_ties_even() as usize - 1);
-        k += 1;
-    }
-    out
+    let len = ((t as f64 / ratio).ceil() as usize).min(n);
+    let delta = (t as f64 - ratio) - t as f64;
+    (0..len)
+        .map(|k| {
+            // The last value is about T / n >= 1 (n <= T is checked), so v - 1 >= 0.
+            let v = (t as f64 + k as f64 * delta).round_ties_even();
+            (v as usize).saturating_sub(1)
+        })
+        .collect()
 }
 
 impl Sampler for Ddim {
@@ -439,6 +457,7 @@ impl Euler {
     /// Euler over `steps` inference steps of `cfg`'s schedule.
     pub fn new(cfg: &ScheduleConfig, steps: usize) -> Result<Self> {
         check_steps(cfg, steps)?;
+        no_zero_snr(cfg, "Euler")?;
         let sched = NoiseSchedule::new(cfg)?;
         let t = cfg.num_train_timesteps;
         let timesteps: Vec<f64> = match cfg.spacing {
@@ -525,6 +544,7 @@ impl DpmSolverPP {
     pub fn new(cfg: &ScheduleConfig, steps: usize) -> Result<Self> {
         check_steps(cfg, steps)?;
         let (order, heun) = (cfg.solver_order, cfg.solver_heun);
+        no_zero_snr(cfg, "DPM++")?;
         if !(1..=2).contains(&order) {
             return Err(invalid(
                 "solver_order",

@@ -54,8 +54,10 @@ pub fn group_norm(
     if tape.records() {
         // Its node keeps x, gamma and beta: readers of y (a LoRA convolution) recompute it.
         let (x, gamma, beta, accel) = (x.clone(), gamma.clone(), beta.cloned(), on.accel);
+        let source = x.clone();
         tape.rematerializable(
             &y,
+            &[&source],
             Box::new(move || {
                 let (gx, gg) = (read(&x)?, read(&gamma)?);
                 let gb = beta.as_ref().map(read).transpose()?;

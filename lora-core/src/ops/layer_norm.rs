@@ -32,8 +32,10 @@ pub fn layer_norm(
     if tape.records() {
         // Its node keeps x, gamma and beta: readers of y (a LoRA linear) recompute y from them.
         let (x, gamma, beta, accel) = (x.clone(), gamma.clone(), beta.cloned(), on.accel);
+        let source = x.clone();
         tape.rematerializable(
             &y,
+            &[&source],
             Box::new(move || {
                 let (gx, gg) = (read(&x)?, read(&gamma)?);
                 let gb = beta.as_ref().map(read).transpose()?;

@@ -22,8 +22,10 @@ pub fn rms_norm(tape: &Tape, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Ten
     if tape.records() {
         // Its node keeps x and gamma: readers of y (a LoRA linear) recompute y from them.
         let (x, gamma, accel) = (x.clone(), gamma.clone(), on.accel);
+        let source = x.clone();
         tape.rematerializable(
             &y,
+            &[&source],
             Box::new(move || {
                 let (gx, gg) = (read(&x)?, read(&gamma)?);
                 let [out, _] = accel.rmsnorm_forward(f32_of(&gx)?, f32_of(&gg)?, c, eps)?;

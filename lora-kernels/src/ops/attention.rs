@@ -12,8 +12,9 @@
 //! The probabilities are never stored: forward keeps one float per query row (`lse`), and the
 //! backward recomputes `S` (one more `T x T x D` product per head, about a fifth more attention
 //! FLOPs) instead of holding `B * Hq * T * T` floats from forward to backward. Both passes work
-//! on blocks of [`ATTN_BLOCK`] query rows, so the scratch is `ATTN_BLOCK x T` per task and the
-//! causal mask skips the key columns after the block's last row.
+//! on blocks of query rows ([`AttnDims::block_rows`]: [`ATTN_BLOCK`] with a causal mask, which
+//! then skips the key columns after the block's last row; without one, as many rows as a
+//! 256 KiB scratch holds), so the scratch is `rows x T` per task.
 //!
 //! One rayon task per (batch, head) in forward and per (batch, kv head) in backward, so the key
 //! and value gradients of a group are summed by one task in a fixed order (deterministic), and

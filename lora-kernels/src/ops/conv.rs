@@ -299,8 +299,9 @@ fn col2im(dx_img: &mut [f32], dcols: &[f32], grp: usize, d: &Conv2dDims) {
 }
 
 /// At most this many partial sums of dW, each over a fixed range of images (see
-/// [`conv2d_backward`]).
-const DW_PARTS: usize = 4;
+/// [`conv2d_backward`]): two patch matrices built at once, as the forward's two workers do on
+/// two cores; their products may still use every thread.
+const DW_PARTS: usize = 2;
 
 /// A 1x1 convolution with stride 1 and no padding: its im2col matrix of a group is the
 /// group's input planes as they lie, so it is read in place instead of copied.
@@ -376,6 +377,9 @@ pub fn conv2d_pair_forward(
     check_len(OP, "w", w.len(), &[d.out_ch, d.k()])?;
     check_len(OP, "y", y.len(), &[d.batch, d.out_ch, oh, ow])?;
     let r = a.len() / d.k().max(1);
+    if r == 0 {
+        return Err(bad("a", "lora_A has no rows (rank 0)".into()));
+    }
     check_len(OP, "a", a.len(), &[r, d.k()])?;
     check_len(OP, "h", h.len(), &[d.batch, r, oh, ow])?;
     if let Some(b) = bias {
@@ -483,8 +487,8 @@ pub struct Conv2dGrads<'a> {
     pub dbias: Option<&'a mut [f32]>,
 }
 
-/// Backward of [`conv2d_forward`]: `dx += col2im(W^T dy)`, `dW += sum_n dy cols^T` (images in
-/// order: deterministic), `dbias += sum over images and pixels of dy`. `x` is read for `dW` only
+/// Backward of [`conv2d_forward`]: `dx += col2im(W^T dy)`, `dW += sum_n dy cols^T` (over at
+/// most [`DW_PARTS`] fixed ranges of images, each in order: deterministic), `dbias += sum over images and pixels of dy`. `x` is read for `dW` only
 /// (pass it empty otherwise), `w` for `dx` only.
 pub fn conv2d_backward(
     g: Conv2dGrads,
@@ -511,9 +515,10 @@ pub fn conv2d_backward(
         check_len(OP, "x", x.len(), &[d.batch, d.in_ch, d.h, d.w])?;
         check_len(OP, "dw", dw.len(), &[d.out_ch, k])?;
         // Images in up to DW_PARTS fixed ranges (by batch size, not by thread count, so the
-        // sums are the same on any pool), each summed in order into its own partial with
-        // single-threaded products, the partials then added to dW in range order: the patch
-        // matrices of different images are built and read in parallel.
+        // sums are the same on any pool), each summed in order into its own partial, the
+        // partials then added to dW in range order: the patch matrices of different images are
+        // built and read in parallel, and at most DW_PARTS of them exist at once (each is
+        // K x P floats).
         let parts = d.batch.clamp(1, DW_PARTS);
         let range = |c: usize| c * d.batch / parts..(c + 1) * d.batch / parts;
         let accumulate_images = |acc: &mut [f32], images: std::ops::Range<usize>, par: Par| {
@@ -547,7 +552,7 @@ pub fn conv2d_backward(
                 .into_par_iter()
                 .map(|c| {
                     let mut acc = vec![0.0f32; dw.len()];
-                    accumulate_images(&mut acc, range(c), Par::Single).map(|_| acc)
+                    accumulate_images(&mut acc, range(c), Par::Auto).map(|_| acc)
                 })
                 .collect::<Result<_>>()?;
             for part in &partials {

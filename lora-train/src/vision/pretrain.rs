@@ -57,6 +57,7 @@ pub fn yolos_config_json(cfg: &YolosConfig, labels: &[String], init_std: f64) ->
         Activation::GeluTanh => "gelu_new",
         Activation::Relu => "relu",
         Activation::Silu => "silu",
+        Activation::QuickGelu => "quick_gelu",
     };
     // f32 settings written as their shortest decimal (0.1, not 0.10000000149011612).
     let dec = |x: f32| -> f64 { x.to_string().parse().unwrap_or(x as f64) };
