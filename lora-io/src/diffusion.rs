@@ -79,15 +79,14 @@ fn quote_python_literals(text: &str) -> String {
 
 /// [`read_scheduler_config`] of an already parsed file (`path` names it in errors).
 pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<ScheduleConfig> {
-    let err = |field: &str, reason: String| IoError::Config {
-        path: path.into(),
-        field: field.into(),
-        reason,
-    };
+    // The config-field readers hf.rs gives model configs (sizes, flags, strings, errors naming
+    // the file and field); numbers stay f64 here (the schedule is computed in f64).
+    let f = crate::hf::Fields { path, v };
+    let err = |field: &str, reason: String| f.err(field, reason);
     if !v.is_object() {
         return Err(err("(file)", "expected a JSON object".into()));
     }
-    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let get = |k: &str| f.get(k);
     let num = |k: &str, default: f64| -> Result<f64> {
         match get(k) {
             None => Ok(default),
@@ -97,33 +96,9 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
                 .ok_or_else(|| err(k, format!("expected a number, got {x}"))),
         }
     };
-    let uint = |k: &str, default: usize| -> Result<usize> {
-        match get(k) {
-            None => Ok(default),
-            Some(x) => x
-                .as_u64()
-                .filter(|&n| n <= 1 << 20)
-                .map(|n| n as usize)
-                .ok_or_else(|| err(k, format!("expected a whole number up to 2^20, got {x}"))),
-        }
-    };
-    let flag = |k: &str, default: bool| -> Result<bool> {
-        match get(k) {
-            None => Ok(default),
-            Some(x) => x
-                .as_bool()
-                .ok_or_else(|| err(k, format!("expected true or false, got {x}"))),
-        }
-    };
-    let text = |k: &str, default: &'static str| -> Result<String> {
-        match get(k) {
-            None => Ok(default.into()),
-            Some(x) => x
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| err(k, format!("expected a string, got {x}"))),
-        }
-    };
+    let uint = |k: &str, default: usize| f.usize_or(k, Some(default));
+    let flag = |k: &str, default: bool| f.bool_or(k, default);
+    let text = |k: &str, default: &'static str| f.str_or(k, default).map(str::to_owned);
     let beta_schedule = match text("beta_schedule", "linear")?.as_str() {
         "linear" => BetaSchedule::Linear,
         "scaled_linear" => BetaSchedule::ScaledLinear,
