@@ -1,7 +1,7 @@
-// Softmax attention with grouped-query heads, causal (query i sees keys 0..=i) or not (every
-// key; `causal` = 0): CUDA twins of ops/attention.rs
-// (attention_forward, attention_backward), same layouts and the same saved state:
-//   q, out, dout: (B, T, Hq, D)    k, v: (B, T, Hkv, D)    lse: (B, Hq, T)
+// Softmax attention with grouped-query heads, causal (query i sees keys 0..=i; S = T) or not
+// (every key; `causal` = 0; S keys per sequence, S != T for cross-attention): CUDA twins of
+// ops/attention.rs (attention_forward, attention_backward), same layouts and the same saved state:
+//   q, out, dout: (B, T, Hq, D)    k, v: (B, S, Hkv, D)    lse: (B, Hq, T)
 // Query head h reads kv head h / (Hq / Hkv). The probabilities are never stored: forward saves
 // the log-sum-exp of each row, backward recomputes P = exp(scale q.k - lse).
 //
@@ -13,7 +13,7 @@
 //   attention_forward        grid (ceil(T / 8), Hq, B): online softmax over key tiles -> out, lse
 //   attention_backward_delta same walk, writes delta_i = dO_i . O_i (= sum_j P_ij dP_ij)
 //   attention_backward_dq    grid (ceil(T / 8), Hq, B): dq_i += scale sum_j P_ij (dP_ij - delta_i) k_j
-//   attention_backward_dkv   grid (ceil(T / 8), Hkv, B): per key row j, over the group's heads
+//   attention_backward_dkv   grid (ceil(S / 8), Hkv, B): per key row j, over the group's heads
 //                            and query tiles i >= j (every i when not causal):
 //                            dk_j += scale dS_ij q_i, dv_j += P_ij dO_i
 // Head dims up to ATT_MAX_D; the host refuses larger ones.
@@ -52,8 +52,8 @@ __device__ __forceinline__ void att_load_rows(float* rows, int ld, const float* 
 // DELTA = true: writes delta_i = dout_i . out_i instead (out recomputed, never stored).
 template <bool DELTA>
 __device__ void att_forward_rows(float* out, float* lse, float* delta, const float* dout,
-                                 const float* q, const float* k, const float* v, int T, int Hq,
-                                 int Hkv, int D, float scale, int causal) {
+                                 const float* q, const float* k, const float* v, int T, int S,
+                                 int Hq, int Hkv, int D, float scale, int causal) {
     __shared__ float ks[ATT_TILE][ATT_PAD];
     __shared__ float vs[ATT_TILE][ATT_PAD];
     __shared__ float qs[ATT_BLOCK_ROWS][ATT_MAX_D];
@@ -62,8 +62,8 @@ __device__ void att_forward_rows(float* out, float* lse, float* delta, const flo
     int row0 = blockIdx.x * ATT_BLOCK_ROWS;
     size_t qstride = (size_t)Hq * D, kstride = (size_t)Hkv * D;
     const float* qb = q + (size_t)b * T * qstride + (size_t)h * D;
-    const float* kb = k + (size_t)b * T * kstride + (size_t)g * D;
-    const float* vb = v + (size_t)b * T * kstride + (size_t)g * D;
+    const float* kb = k + (size_t)b * S * kstride + (size_t)g * D;
+    const float* vb = v + (size_t)b * S * kstride + (size_t)g * D;
     att_load_rows(&qs[0][0], ATT_MAX_D, qb, qstride, row0, ATT_BLOCK_ROWS, T, D);
     float m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][ATT_CHUNKS];
 #pragma unroll
@@ -73,17 +73,17 @@ __device__ void att_forward_rows(float* out, float* lse, float* delta, const flo
 #pragma unroll
         for (int cc = 0; cc < ATT_CHUNKS; cc++) acc[rr][cc] = 0.0f;
     }
-    // The block's rows see keys 0 .. last - 1; row i sees 0 .. kend - 1 (i + 1, or T).
-    int last = causal ? min(row0 + ATT_BLOCK_ROWS, T) : T;
+    // The block's rows see keys 0 .. last - 1; row i sees 0 .. kend - 1 (i + 1, or S).
+    int last = causal ? min(row0 + ATT_BLOCK_ROWS, T) : S;
     for (int j0 = 0; j0 < last; j0 += ATT_TILE) {
         __syncthreads();
-        att_load_rows(&ks[0][0], ATT_PAD, kb, kstride, j0, ATT_TILE, T, D);
-        att_load_rows(&vs[0][0], ATT_PAD, vb, kstride, j0, ATT_TILE, T, D);
+        att_load_rows(&ks[0][0], ATT_PAD, kb, kstride, j0, ATT_TILE, S, D);
+        att_load_rows(&vs[0][0], ATT_PAD, vb, kstride, j0, ATT_TILE, S, D);
         __syncthreads();
 #pragma unroll
         for (int rr = 0; rr < ATT_ROWS; rr++) {
             int r = warp * ATT_ROWS + rr, i = row0 + r;
-            int kend = causal ? i + 1 : T;
+            int kend = causal ? i + 1 : S;
             if (i >= T || j0 >= kend) continue;  // warp-uniform
             int j = j0 + lane;
             float s = ATT_NEG_INF;
@@ -140,24 +140,27 @@ __device__ void att_forward_rows(float* out, float* lse, float* delta, const flo
 // out = softmax(scale q k^T (+ causal mask)) v per head; lse (B, Hq, T). grid (ceil(T/8), Hq,
 // B), 128 threads.
 extern "C" __global__ void attention_forward(float* out, float* lse, const float* q,
-                                             const float* k, const float* v, int T, int Hq,
-                                             int Hkv, int D, float scale, int causal) {
-    att_forward_rows<false>(out, lse, nullptr, nullptr, q, k, v, T, Hq, Hkv, D, scale, causal);
+                                             const float* k, const float* v, int T, int S,
+                                             int Hq, int Hkv, int D, float scale, int causal) {
+    att_forward_rows<false>(out, lse, nullptr, nullptr, q, k, v, T, S, Hq, Hkv, D, scale,
+                            causal);
 }
 
 // delta (B, Hq, T) = rowsum(dout * out), out recomputed. Launch as attention_forward.
 extern "C" __global__ void attention_backward_delta(float* delta, const float* dout,
                                                     const float* q, const float* k,
-                                                    const float* v, int T, int Hq, int Hkv,
-                                                    int D, float scale, int causal) {
-    att_forward_rows<true>(nullptr, nullptr, delta, dout, q, k, v, T, Hq, Hkv, D, scale, causal);
+                                                    const float* v, int T, int S, int Hq,
+                                                    int Hkv, int D, float scale, int causal) {
+    att_forward_rows<true>(nullptr, nullptr, delta, dout, q, k, v, T, S, Hq, Hkv, D, scale,
+                           causal);
 }
 
 // dq += scale * dS k, dS_ij = P_ij (dout_i . v_j - delta_i). grid (ceil(T/8), Hq, B).
 extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, const float* lse,
                                                  const float* delta, const float* q,
-                                                 const float* k, const float* v, int T, int Hq,
-                                                 int Hkv, int D, float scale, int causal) {
+                                                 const float* k, const float* v, int T, int S,
+                                                 int Hq, int Hkv, int D, float scale,
+                                                 int causal) {
     __shared__ float ks[ATT_TILE][ATT_PAD];
     __shared__ float vs[ATT_TILE][ATT_PAD];
     __shared__ float qs[ATT_BLOCK_ROWS][ATT_MAX_D];
@@ -167,8 +170,8 @@ extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, c
     int row0 = blockIdx.x * ATT_BLOCK_ROWS;
     size_t qstride = (size_t)Hq * D, kstride = (size_t)Hkv * D;
     size_t qoff = (size_t)b * T * qstride + (size_t)h * D;
-    const float* kb = k + (size_t)b * T * kstride + (size_t)g * D;
-    const float* vb = v + (size_t)b * T * kstride + (size_t)g * D;
+    const float* kb = k + (size_t)b * S * kstride + (size_t)g * D;
+    const float* vb = v + (size_t)b * S * kstride + (size_t)g * D;
     att_load_rows(&qs[0][0], ATT_MAX_D, q + qoff, qstride, row0, ATT_BLOCK_ROWS, T, D);
     att_load_rows(&dos[0][0], ATT_MAX_D, dout + qoff, qstride, row0, ATT_BLOCK_ROWS, T, D);
     float acc[ATT_ROWS][ATT_CHUNKS], lrow[ATT_ROWS], drow[ATT_ROWS];
@@ -181,16 +184,16 @@ extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, c
 #pragma unroll
         for (int cc = 0; cc < ATT_CHUNKS; cc++) acc[rr][cc] = 0.0f;
     }
-    int last = causal ? min(row0 + ATT_BLOCK_ROWS, T) : T;
+    int last = causal ? min(row0 + ATT_BLOCK_ROWS, T) : S;
     for (int j0 = 0; j0 < last; j0 += ATT_TILE) {
         __syncthreads();
-        att_load_rows(&ks[0][0], ATT_PAD, kb, kstride, j0, ATT_TILE, T, D);
-        att_load_rows(&vs[0][0], ATT_PAD, vb, kstride, j0, ATT_TILE, T, D);
+        att_load_rows(&ks[0][0], ATT_PAD, kb, kstride, j0, ATT_TILE, S, D);
+        att_load_rows(&vs[0][0], ATT_PAD, vb, kstride, j0, ATT_TILE, S, D);
         __syncthreads();
 #pragma unroll
         for (int rr = 0; rr < ATT_ROWS; rr++) {
             int r = warp * ATT_ROWS + rr, i = row0 + r;
-            int kend = causal ? i + 1 : T;
+            int kend = causal ? i + 1 : S;
             if (i >= T || j0 >= kend) continue;  // warp-uniform
             int j = j0 + lane;
             float ds = 0.0f;
@@ -227,12 +230,12 @@ extern "C" __global__ void attention_backward_dq(float* dq, const float* dout, c
     }
 }
 
-// dk_j += scale sum_{h in group, i >= j} dS_ij q_i;  dv_j += sum P_ij dout_i. grid (ceil(T/8), Hkv, B).
+// dk_j += scale sum_{h in group, i >= j} dS_ij q_i;  dv_j += sum P_ij dout_i. grid (ceil(S/8), Hkv, B).
 extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const float* dout,
                                                   const float* lse, const float* delta,
                                                   const float* q, const float* k,
-                                                  const float* v, int T, int Hq, int Hkv, int D,
-                                                  float scale, int causal) {
+                                                  const float* v, int T, int S, int Hq, int Hkv,
+                                                  int D, float scale, int causal) {
     __shared__ float qt[ATT_TILE][ATT_PAD];
     __shared__ float dot[ATT_TILE][ATT_PAD];
     __shared__ float kr[ATT_BLOCK_ROWS][ATT_MAX_D];
@@ -241,9 +244,9 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int row0 = blockIdx.x * ATT_BLOCK_ROWS;  // key rows of this block
     size_t qstride = (size_t)Hq * D, kstride = (size_t)Hkv * D;
-    size_t koff = (size_t)b * T * kstride + (size_t)g * D;
-    att_load_rows(&kr[0][0], ATT_MAX_D, k + koff, kstride, row0, ATT_BLOCK_ROWS, T, D);
-    att_load_rows(&vr[0][0], ATT_MAX_D, v + koff, kstride, row0, ATT_BLOCK_ROWS, T, D);
+    size_t koff = (size_t)b * S * kstride + (size_t)g * D;
+    att_load_rows(&kr[0][0], ATT_MAX_D, k + koff, kstride, row0, ATT_BLOCK_ROWS, S, D);
+    att_load_rows(&vr[0][0], ATT_MAX_D, v + koff, kstride, row0, ATT_BLOCK_ROWS, S, D);
     float ak[ATT_ROWS][ATT_CHUNKS], av[ATT_ROWS][ATT_CHUNKS];
 #pragma unroll
     for (int rr = 0; rr < ATT_ROWS; rr++) {
@@ -269,7 +272,7 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
 #pragma unroll
             for (int rr = 0; rr < ATT_ROWS; rr++) {
                 int r = warp * ATT_ROWS + rr, j = row0 + r;
-                if (j >= T || (causal && i0 + ihi - 1 < j)) continue;  // warp-uniform: no i >= j
+                if (j >= S || (causal && i0 + ihi - 1 < j)) continue;  // warp-uniform: no i >= j
                 float p = 0.0f, ds = 0.0f;
                 if (i < T && (!causal || i >= j)) {
                     float sd = 0.0f, dp = 0.0f;
@@ -298,8 +301,8 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
 #pragma unroll
     for (int rr = 0; rr < ATT_ROWS; rr++) {
         int j = row0 + warp * ATT_ROWS + rr;
-        if (j >= T) continue;
-        size_t o = ((size_t)b * T + j) * kstride + (size_t)g * D;
+        if (j >= S) continue;
+        size_t o = ((size_t)b * S + j) * kstride + (size_t)g * D;
 #pragma unroll
         for (int cc = 0; cc < ATT_CHUNKS; cc++) {
             int c = lane + 32 * cc;

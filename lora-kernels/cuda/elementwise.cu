@@ -147,6 +147,52 @@ extern "C" __global__ void swiglu_backward(float* dgate, float* dup, const float
     }
 }
 
+// GEGLU: out (rows, f) = hidden * gelu_erf(gate), each row of x (rows, 2f) = [hidden | gate];
+// n = rows * f outputs.
+extern "C" __global__ void geglu_forward(float* out, const float* x, long long n, int f) {
+    FOR_EACH(i, n) {
+        long long r = i / f, j = i - r * f;
+        float h = x[r * 2 * f + j], g = x[r * 2 * f + f + j];
+        out[i] = h * (0.5f * g * erfcf(-g * 0.70710678118654752f));
+    }
+}
+
+// dx (rows, 2f) += [dout * gelu_erf(gate) | dout * hidden * gelu_erf'(gate)]; one thread per
+// output element (it alone writes its hidden and gate positions).
+extern "C" __global__ void geglu_backward(float* dx, const float* dout, const float* x,
+                                          long long n, int f) {
+    FOR_EACH(i, n) {
+        long long r = i / f, j = i - r * f;
+        long long hi = r * 2 * f + j, gi = hi + f;
+        float h = x[hi], g = x[gi];
+        float ge = 0.5f * g * erfcf(-g * 0.70710678118654752f);
+        float grad = 0.5f * erfcf(-g * 0.70710678118654752f)
+                   + g * 0.39894228040143268f * expf(-0.5f * g * g);
+        dx[hi] += dout[i] * ge;
+        dx[gi] += dout[i] * h * grad;
+    }
+}
+
+// out = x + bias[i / inner]: a (B, C) bias over (B, C, H, W) planes of `inner` values.
+extern "C" __global__ void add_planes_forward(float* out, const float* x, const float* bias,
+                                              long long n, int inner) {
+    FOR_EACH(i, n) out[i] = x[i] + bias[i / inner];
+}
+
+// dbias[p] += sum of dout's plane p: one warp per plane (lane partial sums in index order,
+// then a fixed shuffle tree: deterministic). Launch planes * 32 threads.
+extern "C" __global__ void add_planes_backward_bias(float* dbias, const float* dout,
+                                                    long long planes, int inner) {
+    long long p = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (p >= planes) return;  // warp-uniform
+    const float* src = dout + p * inner;
+    float s = 0.0f;
+    for (int k = lane; k < inner; k += 32) s += src[k];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) dbias[p] += s;
+}
+
 // out = f32(bits): bfloat16 (the top half of an f32) or IEEE half, the twin of
 // lora_linear.rs `WeightData::widen`. Frozen weights can live on the device as 16-bit and be
 // widened into an f32 scratch right before their GEMMs (exact).

@@ -2,7 +2,8 @@
 // pooling takes the first maximum in row-major window order, NaN winning, padding never; its
 // backward gathers, for each input element, the gradients of the outputs whose window picked it
 // (no atomics: deterministic). Adaptive average pooling uses PyTorch's windows
-// [floor(i size / o), ceil((i + 1) size / o)).
+// [floor(i size / o), ceil((i + 1) size / o)). Nearest upsampling by an integer factor f
+// repeats each input f x f times; its backward sums each block in row-major order.
 
 struct PoolDims {
     int h, w, kh, kw, sh, sw, ph, pw, oh, ow;
@@ -103,4 +104,35 @@ extern "C" __global__ void adaptive_avg_pool2d_backward(float* dx, const float* 
         }
     }
     dx[e] += acc;
+}
+
+// y (planes, h f, w f) = x[.., oy / f, ox / f]. One thread per output.
+extern "C" __global__ void upsample_nearest_forward(float* y, const float* x, long long planes,
+                                                    int h, int w, int f) {
+    long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int ow = w * f;
+    long long op = (long long)h * f * ow;
+    if (o >= planes * op) return;
+    long long q = o / op;
+    int i = (int)(o % op), oy = i / ow, ox = i % ow;
+    y[o] = x[q * h * w + (long long)(oy / f) * w + ox / f];
+}
+
+// dx (planes, h, w) += the sum of dy over each input's f x f block. One thread per input.
+extern "C" __global__ void upsample_nearest_backward(float* dx, const float* dy,
+                                                     long long planes, int h, int w, int f) {
+    long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long ip = (long long)h * w;
+    if (o >= planes * ip) return;
+    long long q = o / ip;
+    int i = (int)(o % ip), iy = i / w, ix = i % w, ow = w * f;
+    const float* yp = dy + q * ip * f * f;
+    float s = 0.0f;
+    for (int a = 0; a < f; ++a) {
+        const float* r = yp + (long long)(iy * f + a) * ow + ix * f;
+        float rs = 0.0f;
+        for (int b = 0; b < f; ++b) rs += r[b];
+        s += rs;
+    }
+    dx[o] += s;
 }

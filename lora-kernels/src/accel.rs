@@ -403,6 +403,33 @@ pub trait Accel: Send + Sync {
         dims: (usize, usize, usize),
         eps: f32,
     ) -> Result<()>;
+    /// GEGLU: `out` `(rows, f)` = `hidden * gelu_erf(gate)` of `x` rows `[hidden | gate]`
+    /// `(rows, 2f)` (see [`crate::ops::elementwise::geglu_forward`]).
+    fn geglu_forward(&self, x: &DBuf, f: usize) -> Result<DBuf>;
+    /// Its backward, accumulated into `dx` `(rows, 2f)`.
+    fn geglu_backward(&self, dx: &mut DBuf, dout: &DBuf, x: &DBuf, f: usize) -> Result<()>;
+    /// `x + bias` with one bias value per plane of `inner` values (a `(B, C)` bias over
+    /// `(B, C, H, W)`).
+    fn add_planes_forward(&self, x: &DBuf, bias: &DBuf, inner: usize) -> Result<DBuf>;
+    /// `dbias += ` the sum of each plane of `dout` (the input's gradient is `dout` itself).
+    fn add_planes_backward_bias(&self, dbias: &mut DBuf, dout: &DBuf, inner: usize) -> Result<()>;
+    /// Nearest upsampling of `planes` planes of `hw` by the integer factor `f`.
+    fn upsample_nearest_forward(
+        &self,
+        x: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        f: usize,
+    ) -> Result<DBuf>;
+    /// Its backward (accumulates into `dx`).
+    fn upsample_nearest_backward(
+        &self,
+        dx: &mut DBuf,
+        dy: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        f: usize,
+    ) -> Result<()>;
     /// Max pooling of planes (see [`crate::ops::pool`]).
     fn max_pool2d_forward(&self, x: &DBuf, d: PoolDims) -> Result<DBuf>;
     /// `dx[argmax] += dy`.

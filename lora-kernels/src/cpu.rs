@@ -532,6 +532,43 @@ impl Accel for Cpu {
         let (m, v, g) = (h(mean)?, h(var)?, h(gamma)?);
         pool::batchnorm_backward(dx, dg, db, h(dy)?, h(x)?, m, v, g, dims, eps)
     }
+    fn geglu_forward(&self, x: &DBuf, f: usize) -> Result<DBuf> {
+        let mut out = vec![0.0; x.len() / 2];
+        elementwise::geglu_forward(&mut out, h(x)?, f)?;
+        Ok(DBuf::Host(out))
+    }
+    fn geglu_backward(&self, dx: &mut DBuf, dout: &DBuf, x: &DBuf, f: usize) -> Result<()> {
+        elementwise::geglu_backward(hm(dx)?, h(dout)?, h(x)?, f)
+    }
+    fn add_planes_forward(&self, x: &DBuf, bias: &DBuf, inner: usize) -> Result<DBuf> {
+        let mut out = vec![0.0; x.len()];
+        elementwise::add_planes_forward(&mut out, h(x)?, h(bias)?, inner)?;
+        Ok(DBuf::Host(out))
+    }
+    fn add_planes_backward_bias(&self, dbias: &mut DBuf, dout: &DBuf, inner: usize) -> Result<()> {
+        elementwise::add_planes_backward_bias(hm(dbias)?, h(dout)?, inner)
+    }
+    fn upsample_nearest_forward(
+        &self,
+        x: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        f: usize,
+    ) -> Result<DBuf> {
+        let mut y = vec![0.0; planes * hw.0 * hw.1 * f * f];
+        pool::upsample_nearest_forward(&mut y, h(x)?, planes, hw, f)?;
+        Ok(DBuf::Host(y))
+    }
+    fn upsample_nearest_backward(
+        &self,
+        dx: &mut DBuf,
+        dy: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        f: usize,
+    ) -> Result<()> {
+        pool::upsample_nearest_backward(hm(dx)?, h(dy)?, planes, hw, f)
+    }
     fn max_pool2d_forward(&self, x: &DBuf, d: PoolDims) -> Result<DBuf> {
         let (oh, ow) = d.check()?;
         let mut y = vec![0.0; d.planes * oh * ow];

@@ -843,6 +843,43 @@ impl Accel for CudaDevice {
         let (m, v, g) = (c(mean)?, c(var)?, c(gamma)?);
         CudaDevice::batchnorm_backward(self, dx, dg, db, c(dy)?, x, m, v, g, dims, eps)
     }
+    fn geglu_forward(&self, x: &DBuf, f: usize) -> Result<DBuf> {
+        let mut out = self.out(x.len() / 2)?;
+        CudaDevice::geglu(self, false, &mut out, &[c(x)?], f)?;
+        Ok(DBuf::Cuda(out))
+    }
+    fn geglu_backward(&self, dx: &mut DBuf, dout: &DBuf, x: &DBuf, f: usize) -> Result<()> {
+        CudaDevice::geglu(self, true, cm(dx)?, &[c(dout)?, c(x)?], f)
+    }
+    fn add_planes_forward(&self, x: &DBuf, bias: &DBuf, inner: usize) -> Result<DBuf> {
+        let mut out = self.out(x.len())?;
+        CudaDevice::add_planes(self, false, &mut out, &[c(x)?, c(bias)?], inner)?;
+        Ok(DBuf::Cuda(out))
+    }
+    fn add_planes_backward_bias(&self, dbias: &mut DBuf, dout: &DBuf, inner: usize) -> Result<()> {
+        CudaDevice::add_planes(self, true, cm(dbias)?, &[c(dout)?], inner)
+    }
+    fn upsample_nearest_forward(
+        &self,
+        x: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        f: usize,
+    ) -> Result<DBuf> {
+        let mut y = self.out(planes * hw.0 * hw.1 * f * f)?;
+        CudaDevice::upsample_nearest(self, false, &mut y, c(x)?, planes, hw, f)?;
+        Ok(DBuf::Cuda(y))
+    }
+    fn upsample_nearest_backward(
+        &self,
+        dx: &mut DBuf,
+        dy: &DBuf,
+        planes: usize,
+        hw: (usize, usize),
+        f: usize,
+    ) -> Result<()> {
+        CudaDevice::upsample_nearest(self, true, cm(dx)?, c(dy)?, planes, hw, f)
+    }
     fn max_pool2d_forward(&self, x: &DBuf, d: PoolDims) -> Result<DBuf> {
         CudaDevice::max_pool2d_forward(self, c(x)?, d).map(DBuf::Cuda)
     }

@@ -257,18 +257,18 @@ fn run_all(a: &dyn Accel) -> Vec<(String, Vec<f32>)> {
     a.rope(true, &mut dr, &xr, &cos, &sin, &pos, h, d).unwrap();
     out.push(("rope bwd".into(), down(&dr)));
 
-    // Attention: B 2, T 5, 4 query heads over 2 kv heads, D 8.
-    for causal in [true, false] {
-        let tag = if causal { "" } else { " (bidirectional)" };
-        let ad = AttnDims {
-            batch: 2,
-            seq: 5,
-            q_heads: 4,
-            kv_heads: 2,
-            head_dim: 8,
-            causal,
+    // Attention: B 2, T 5, 4 query heads over 2 kv heads, D 8; and cross-attention to S 3.
+    for (causal, s) in [(true, 5), (false, 5), (false, 3)] {
+        let tag = match (causal, s) {
+            (true, _) => "",
+            (false, 5) => " (bidirectional)",
+            _ => " (cross)",
         };
-        let (qn, kn) = (2 * 5 * 4 * 8, 2 * 5 * 2 * 8);
+        let ad = AttnDims {
+            kv_seq: s,
+            ..AttnDims::self_attn(2, 5, (4, 2, 8), causal)
+        };
+        let (qn, kn) = (2 * 5 * 4 * 8, 2 * s * 2 * 8);
         let (q, k, vv) = (up(&rand(qn, 13)), up(&rand(kn, 14)), up(&rand(kn, 15)));
         let [o, lse] = a.attention_forward(&q, &k, &vv, ad, 0.35).unwrap();
         out.push((format!("attention out{tag}"), down(&o)));

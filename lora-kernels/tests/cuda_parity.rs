@@ -548,9 +548,10 @@ fn cuda_row_ops_match_their_cpu_twins() {
     close("rope dx", &dev.download(&dxg).unwrap(), &dx, 1e-6);
 }
 
-/// Causal GQA attention, forward (out, lse) and backward (dq, dk, dv accumulated onto random
+/// GQA attention, forward (out, lse) and backward (dq, dk, dv accumulated onto random
 /// values), against the CPU twin on shapes with one token, odd head dims, groups of 1-4 query
-/// heads, several 32-row tiles and the largest head dim the kernels take.
+/// heads, several 32-row tiles and the largest head dim the kernels take: causal, and
+/// cross-attention (S keys != T queries, unmasked) on each shape.
 #[test]
 fn cuda_attention_matches_its_cpu_twin() {
     use lora_kernels::cuda::ATTN_MAX_HEAD_DIM;
@@ -568,18 +569,19 @@ fn cuda_attention_matches_its_cpu_twin() {
         (1, 150, 12, 12, 64),
         (1, 97, 8, 2, ATTN_MAX_HEAD_DIM),
     ];
-    for &(batch, seq, q_heads, kv_heads, head_dim) in &shapes {
-        let d = AttnDims {
-            batch,
-            seq,
-            q_heads,
-            kv_heads,
-            head_dim,
-            causal: true,
-        };
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let nq = batch * seq * q_heads * head_dim;
-        let nk = batch * seq * kv_heads * head_dim;
+    let cases = shapes.iter().flat_map(|&(b, t, hq, hkv, hd)| {
+        [
+            AttnDims::self_attn(b, t, (hq, hkv, hd), true),
+            AttnDims {
+                kv_seq: (t * 7) % 45 + 1,
+                ..AttnDims::self_attn(b, t, (hq, hkv, hd), false)
+            },
+        ]
+    });
+    for d in cases {
+        let scale = 1.0 / (d.head_dim as f32).sqrt();
+        let nq = d.batch * d.seq * d.q_heads * d.head_dim;
+        let nk = d.batch * d.kv_seq * d.kv_heads * d.head_dim;
         let (q, k, v, dout) = (
             rand(nq, &mut rng),
             rand(nk, &mut rng),

@@ -363,12 +363,14 @@ proptest! {
     }
 
     #[test]
-    fn gqa_attention_causal_and_bidirectional(b in 1usize..3, t in 1usize..9, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, causal in any::<bool>(), seed in any::<u64>()) {
-        let d = AttnDims { batch: b, seq: t, q_heads: hkv * rep, kv_heads: hkv, head_dim: hd, causal };
+    fn gqa_attention_causal_bidirectional_and_cross(b in 1usize..3, t in 1usize..9, cross in 0usize..9, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, causal in any::<bool>(), seed in any::<u64>()) {
+        // Without a mask, `cross` > 0 gives S = cross keys per sequence (cross-attention).
+        let s = if causal || cross == 0 { t } else { cross };
+        let d = AttnDims { batch: b, seq: t, kv_seq: s, q_heads: hkv * rep, kv_heads: hkv, head_dim: hd, causal };
         let hq = hkv * rep;
         let q = rand_vec(b * t * hq * hd, seed, 1.0);
-        let k = rand_vec(b * t * hkv * hd, seed ^ 1, 1.0);
-        let v = rand_vec(b * t * hkv * hd, seed ^ 2, 1.0);
+        let k = rand_vec(b * s * hkv * hd, seed ^ 1, 1.0);
+        let v = rand_vec(b * s * hkv * hd, seed ^ 2, 1.0);
         let dout = rand_vec(q.len(), seed ^ 3, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; b * hq * t]);
@@ -396,7 +398,7 @@ proptest! {
     fn cached_decode_equals_the_last_rows_of_full_attention(t in 1usize..10, n0 in 0usize..10, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, seed in any::<u64>()) {
         let n = n0 % t + 1;
         let hq = hkv * rep;
-        let d = AttnDims { batch: 1, seq: t, q_heads: hq, kv_heads: hkv, head_dim: hd, causal: true };
+        let d = AttnDims::self_attn(1, t, (hq, hkv, hd), true);
         let q = rand_vec(t * hq * hd, seed, 1.0);
         let k = rand_vec(t * hkv * hd, seed ^ 1, 1.0);
         let v = rand_vec(t * hkv * hd, seed ^ 2, 1.0);
@@ -495,14 +497,7 @@ fn out_of_range_indices_are_named_errors() {
     let (cos, sin) = rope_tables(&rope_inv_freq(4, 10000.0), 2);
     let e = rope_forward(&mut [0.0; 4], &[0.0; 4], &cos, &sin, &[2], 1, 4).unwrap_err();
     assert!(e.to_string().contains("`positions`[0] = 2"), "{e}");
-    let d = AttnDims {
-        batch: 1,
-        seq: 1,
-        q_heads: 3,
-        kv_heads: 2,
-        head_dim: 1,
-        causal: true,
-    };
+    let d = AttnDims::self_attn(1, 1, (3, 2, 1), true);
     let e = attention_forward(
         &mut [0.0; 3],
         &mut [0.0; 3],
@@ -514,27 +509,48 @@ fn out_of_range_indices_are_named_errors() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("kv_heads"), "{e}");
+    // A causal mask needs S = T; queries need keys.
+    for (kv_seq, causal) in [(2, true), (0, false)] {
+        let d = AttnDims {
+            kv_seq,
+            causal,
+            ..AttnDims::self_attn(1, 1, (1, 1, 1), causal)
+        };
+        let e = attention_forward(
+            &mut [0.0; 1],
+            &mut [0.0; 1],
+            &[0.0; 1],
+            &[0.0; 2],
+            &[0.0; 2],
+            d,
+            1.0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("kv_seq"), "{e}");
+    }
 }
 
 #[test]
 fn large_attention_and_norms_run_in_parallel_paths() {
     // Shapes above the parallel thresholds, checked against the oracle, with several query
     // blocks: causal, 150 rows = two full blocks of ATTN_BLOCK and a partial one;
-    // bidirectional (larger blocks, as many rows as fit the scratch), 300 rows = 218 + 82.
-    for (causal, t) in [(true, 2 * attention::ATTN_BLOCK + 22), (false, 300)] {
+    // bidirectional (larger blocks, as many rows as fit the scratch), 300 rows = 218 + 82;
+    // cross-attention of 1100 rows to 77 keys (blocks of 851 rows).
+    for (causal, t, s) in [
+        (true, 2 * attention::ATTN_BLOCK + 22, 0),
+        (false, 300, 0),
+        (false, 1100, 77),
+    ] {
+        let s = if s == 0 { t } else { s };
         let d = AttnDims {
-            batch: 2,
-            seq: t,
-            q_heads: 4,
-            kv_heads: 2,
-            head_dim: 16,
-            causal,
+            kv_seq: s,
+            ..AttnDims::self_attn(2, t, (4, 2, 16), causal)
         };
         let blk = d.block_rows();
         assert!(blk < t && t % blk != 0, "{t} rows in blocks of {blk}");
         let q = rand_vec(2 * t * 4 * 16, 1, 1.0);
-        let k = rand_vec(2 * t * 2 * 16, 2, 1.0);
-        let v = rand_vec(2 * t * 2 * 16, 3, 1.0);
+        let k = rand_vec(2 * s * 2 * 16, 2, 1.0);
+        let v = rand_vec(2 * s * 2 * 16, 3, 1.0);
         let dout = rand_vec(q.len(), 4, 1.0);
         let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; d.lse_len()]);
         attention_forward(&mut out, &mut lse, &q, &k, &v, d, 0.25).unwrap();

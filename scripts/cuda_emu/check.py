@@ -190,6 +190,30 @@ def elementwise(k):
     k("swiglu_backward", g, (256,), dg, du, d, x, y, n)
     check("swiglu_backward dgate", dg, DG + D * Y * sg * (1 + X * (1 - sg)), 1e-5)
     check("swiglu_backward dup", du, DU + D * X * sg, 1e-5)
+    # GEGLU over rows [hidden | gate] of width 2f (diffusers' GEGLU, exact GELU on the gate).
+    for rows, f in [(7, 5), (3, 64), (1, 1)]:
+        xg = rnd(rows, 2 * f); XG = xg.astype(np.float64)
+        H, G = XG[:, :f], XG[:, f:]
+        erfc_g = np.vectorize(math.erfc)(-G / math.sqrt(2))
+        ge_g = 0.5 * G * erfc_g
+        o = nan(rows, f); k("geglu_forward", (4,), (256,), o, xg, rows * f, f)
+        check(f"geglu_forward {rows}x{f}", o, H * ge_g, 1e-6)
+        dgo = rnd(rows, f); DGO = dgo.astype(np.float64)
+        dx = rnd(rows, 2 * f); want = dx.astype(np.float64)
+        want[:, :f] += DGO * ge_g
+        want[:, f:] += DGO * H * (0.5 * erfc_g + G * np.exp(-0.5 * G * G) / math.sqrt(2 * math.pi))
+        k("geglu_backward", (4,), (256,), dx, dgo, xg, rows * f, f)
+        check(f"geglu_backward {rows}x{f}", dx, want, 1e-5)
+    # A per-plane bias (the UNet's time embedding over (B, C, H, W)) and its gradient: one warp
+    # per plane, planes of fewer and more than 32 values.
+    for planes, inner in [(6, 35), (3, 1), (40, 100)]:
+        xb, bb = rnd(planes, inner), rnd(planes)
+        o = nan(planes, inner)
+        k("add_planes_forward", (3,), (256,), o, xb, bb, planes * inner, inner)
+        check(f"add_planes_forward {planes}x{inner}", o, xb + bb[:, None], 0.0)  # one f32 add: exact
+        db = rnd(planes); want = db.astype(np.float64) + xb.astype(np.float64).sum(1)
+        k("add_planes_backward_bias", ((planes * 32 + 255) // 256,), (256,), db, xb, planes, inner)
+        check(f"add_planes_backward_bias {planes}x{inner}", db, want, 1e-5)
     bits = (np.arange(65536, dtype=np.uint32)).astype(np.uint16)
     o = nan(65536); k("widen_bf16", (64,), (256,), o, bits, 65536)
     want = (bits.astype(np.uint32) << 16).view(np.float32)
@@ -445,12 +469,15 @@ def lora(k):
 
 
 def attention(k):
-    for (B, T, Hq, Hkv, D, causal) in [(2, 5, 4, 2, 8, 1), (1, 40, 2, 1, 16, 1), (1, 70, 3, 3, 128, 1),
-                                       (2, 33, 6, 2, 5, 1), (2, 5, 4, 2, 8, 0), (1, 40, 2, 1, 16, 0),
-                                       (2, 33, 6, 2, 5, 0)]:
-        tag = f"B{B} T{T} Hq{Hq} Hkv{Hkv} D{D}" + ("" if causal else " bidirectional")
+    # (B, T, S, Hq, Hkv, D, causal): S keys per sequence (S != T: cross-attention).
+    for (B, T, S, Hq, Hkv, D, causal) in [(2, 5, 5, 4, 2, 8, 1), (1, 40, 40, 2, 1, 16, 1),
+                                          (1, 70, 70, 3, 3, 128, 1), (2, 33, 33, 6, 2, 5, 1),
+                                          (2, 5, 5, 4, 2, 8, 0), (1, 40, 40, 2, 1, 16, 0),
+                                          (2, 33, 33, 6, 2, 5, 0), (2, 37, 7, 2, 2, 8, 0),
+                                          (1, 6, 45, 4, 2, 16, 0), (2, 9, 1, 2, 1, 4, 0)]:
+        tag = f"B{B} T{T} S{S} Hq{Hq} Hkv{Hkv} D{D}" + ("" if causal else " bidirectional")
         scale = np.float32(1 / np.sqrt(D))
-        q, kk, v = rnd(B, T, Hq, D), rnd(B, T, Hkv, D), rnd(B, T, Hkv, D)
+        q, kk, v = rnd(B, T, Hq, D), rnd(B, S, Hkv, D), rnd(B, S, Hkv, D)
         dout = rnd(B, T, Hq, D)
         Q, Kk, V, DO = (a.astype(np.float64) for a in (q, kk, v, dout))
         rep = Hq // Hkv
@@ -463,11 +490,11 @@ def attention(k):
         O = np.einsum("bhij,bjhd->bihd", P, Vq)
         grid = ((T + 7) // 8, Hq, B)
         out, lse = nan(B, T, Hq, D), nan(B, Hq, T)
-        k("attention_forward", grid, (128,), out, lse, q, kk, v, T, Hq, Hkv, D, scale, causal)
+        k("attention_forward", grid, (128,), out, lse, q, kk, v, T, S, Hq, Hkv, D, scale, causal)
         check(f"attention_forward out {tag}", out, O, 1e-5)
         check(f"attention_forward lse {tag}", lse, lse_w, 1e-5)
         delta = nan(B, Hq, T)
-        k("attention_backward_delta", grid, (128,), delta, dout, q, kk, v, T, Hq, Hkv, D, scale, causal)
+        k("attention_backward_delta", grid, (128,), delta, dout, q, kk, v, T, S, Hq, Hkv, D, scale, causal)
         delta_w = np.einsum("bihd,bihd->bhi", DO, O)
         check(f"attention_backward_delta {tag}", delta, delta_w, 1e-5)
         dP = np.einsum("bihd,bjhd->bhij", DO, Vq)
@@ -475,15 +502,15 @@ def attention(k):
         dQ = np.einsum("bhij,bjhd->bihd", dS, Kq) * float(scale)
         dKq = np.einsum("bhij,bihd->bjhd", dS, Q) * float(scale)
         dVq = np.einsum("bhij,bihd->bjhd", P, DO)
-        dK = dKq.reshape(B, T, Hkv, rep, D).sum(3)
-        dV = dVq.reshape(B, T, Hkv, rep, D).sum(3)
+        dK = dKq.reshape(B, S, Hkv, rep, D).sum(3)
+        dV = dVq.reshape(B, S, Hkv, rep, D).sum(3)
         dq = rnd(B, T, Hq, D)
         want = dq.astype(np.float64) + dQ
-        k("attention_backward_dq", grid, (128,), dq, dout, lse, delta, q, kk, v, T, Hq, Hkv, D, scale, causal)
+        k("attention_backward_dq", grid, (128,), dq, dout, lse, delta, q, kk, v, T, S, Hq, Hkv, D, scale, causal)
         check(f"attention_backward_dq {tag}", dq, want, 1e-5)
-        dk, dv = rnd(B, T, Hkv, D), rnd(B, T, Hkv, D)
+        dk, dv = rnd(B, S, Hkv, D), rnd(B, S, Hkv, D)
         wk, wv = dk.astype(np.float64) + dK, dv.astype(np.float64) + dV
-        k("attention_backward_dkv", ((T + 7) // 8, Hkv, B), (128,), dk, dv, dout, lse, delta, q, kk, v, T, Hq, Hkv, D, scale, causal)
+        k("attention_backward_dkv", ((S + 7) // 8, Hkv, B), (128,), dk, dv, dout, lse, delta, q, kk, v, T, S, Hq, Hkv, D, scale, causal)
         check(f"attention_backward_dkv dk {tag}", dk, wk, 1e-5)
         check(f"attention_backward_dkv dv {tag}", dv, wv, 1e-5)
 
@@ -554,6 +581,17 @@ def pools(k):
     k("batchnorm_backward_params", (c,), (256,), dg, db, dy, x, mean, var, n, c, p, eps)
     check("batchnorm_backward_params dgamma", dg, wdg, 1e-6)
     check("batchnorm_backward_params dbeta", db, wdb, 1e-6)
+    # Nearest upsampling by 2 and 3 (the UNet's and VAE's Upsample2D) and its block-sum backward.
+    for f in (2, 3):
+        oh_, ow_ = h * f, w * f
+        yu = nan(n, c, oh_, ow_)
+        k("upsample_nearest_forward", ((n * c * oh_ * ow_ + 255) // 256,), (256,), yu, x, n * c, h, w, f)
+        check(f"upsample_nearest_forward x{f}", yu, X.repeat(f, 2).repeat(f, 3), 0.0)
+        gu = rnd(n, c, oh_, ow_)
+        du = rnd(n, c, h, w)
+        want = du.astype(np.float64) + gu.astype(np.float64).reshape(n, c, h, f, w, f).sum((3, 5))
+        k("upsample_nearest_backward", ((total + 255) // 256,), (256,), du, gu, n * c, h, w, f)
+        check(f"upsample_nearest_backward x{f}", du, want, 1e-6)
     # Max pooling 3x3 s2 p1 (the padding never wins).
     kh = kw = 3; s_ = 2; pd = 1
     oh, ow = (h + 2 * pd - kh) // s_ + 1, (w + 2 * pd - kw) // s_ + 1

@@ -1,4 +1,5 @@
-//! Grouped-query attention: causal (decoders) or bidirectional (encoders).
+//! Grouped-query attention: causal (decoders), bidirectional (encoders) or cross-attention
+//! (queries from one sequence, keys and values from another: Stable Diffusion's UNet).
 
 use super::*;
 use lora_kernels::ops::attention;
@@ -29,6 +30,19 @@ pub fn attention_bidirectional(
     attention_masked(tape, q, k, v, q_heads, kv_heads, false)
 }
 
+/// Cross-attention: `q` `(B, T, H * D)` attends to every row of `k`, `v` `(B, S, H * D)` (S may
+/// differ from T: latent pixels attending to text tokens); returns `(B, T, H * D)`. Scale
+/// `1 / sqrt(D)`.
+pub fn cross_attention(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
+    attention_masked(tape, q, k, v, heads, heads, false)
+}
+
 fn attention_masked(
     tape: &Tape,
     q: &Tensor,
@@ -49,19 +63,26 @@ fn attention_masked(
     }
     let (b, t) = (q.shape()[0], q.shape()[1]);
     let hd = q.shape()[2] / q_heads;
+    // Self-attention reads T keys; cross-attention (no mask) takes k's own length.
+    let s = match k.shape() {
+        [_, s, _] if !causal && *s > 0 => *s,
+        _ => t,
+    };
     for (what, x) in [("k", k), ("v", v)] {
-        if x.shape() != [b, t, kv_heads * hd] {
+        if x.shape() != [b, s, kv_heads * hd] {
+            let seq = if causal { t.to_string() } else { "seq".into() };
             return Err(shape_err(
                 OP,
                 what,
                 x,
-                format!("[{b}, {t}, {}]", kv_heads * hd),
+                format!("[{b}, {seq}, {}]", kv_heads * hd),
             ));
         }
     }
     let dims = attention::AttnDims {
         batch: b,
         seq: t,
+        kv_seq: s,
         q_heads,
         kv_heads,
         head_dim: hd,
@@ -140,6 +161,7 @@ mod tests {
         let d = AttnDims {
             batch: b,
             seq: t,
+            kv_seq: t,
             q_heads: hq,
             kv_heads: hkv,
             head_dim: hd,

@@ -34,9 +34,10 @@ mod shape_tests;
 mod swiglu;
 mod transpose;
 mod unary;
+mod unet_ops;
 
 pub use add::add;
-pub use attention::{attention, attention_bidirectional};
+pub use attention::{attention, attention_bidirectional, cross_attention};
 pub use box_losses::box_losses;
 pub use concat::concat;
 pub use conv2d::{conv2d, conv2d_pair, Conv2dParams};
@@ -56,6 +57,7 @@ pub use scale::scale;
 pub use swiglu::swiglu;
 pub use transpose::transpose;
 pub use unary::{gelu, gelu_erf, quick_gelu, relu, sigmoid, silu};
+pub use unet_ops::{add_planes, geglu, upsample_nearest2d};
 
 pub(crate) use crate::autograd::Input;
 use crate::autograd::{Op, Tape};

@@ -1,4 +1,4 @@
-//! `attention.cu`: causal grouped-query attention, forward and backward.
+//! `attention.cu`: grouped-query attention (causal, bidirectional or cross), forward and backward.
 
 use super::*;
 
@@ -9,10 +9,9 @@ const ATTN_BLOCK_ROWS: usize = 8;
 
 fn attn_check(d: AttnDims, q_like: &[usize], kv_like: &[usize], lse: usize) -> Result<()> {
     let q_len = d.batch * d.seq * d.q_heads * d.head_dim;
-    let kv_len = d.batch * d.seq * d.kv_heads * d.head_dim;
-    let ok = d.kv_heads > 0
-        && d.q_heads % d.kv_heads == 0
-        && q_like.iter().all(|&n| n == q_len)
+    let kv_len = d.batch * d.kv_seq * d.kv_heads * d.head_dim;
+    d.check("attention (CUDA)")?;
+    let ok = q_like.iter().all(|&n| n == q_len)
         && kv_like.iter().all(|&n| n == kv_len)
         && lse == d.lse_len();
     if !ok {
@@ -31,15 +30,15 @@ fn attn_check(d: AttnDims, q_like: &[usize], kv_like: &[usize], lse: usize) -> R
     Ok(())
 }
 
-fn attn_ints(d: AttnDims) -> [i32; 4] {
-    [d.seq, d.q_heads, d.kv_heads, d.head_dim].map(|v| v as i32)
+fn attn_ints(d: AttnDims) -> [i32; 5] {
+    [d.seq, d.kv_seq, d.q_heads, d.kv_heads, d.head_dim].map(|v| v as i32)
 }
 
-/// `(ceil(T / 8), heads, B)` blocks of 128 threads.
-fn attn_grid(d: AttnDims, heads: usize) -> LaunchConfig {
+/// `(ceil(rows / 8), heads, B)` blocks of 128 threads (`rows`: T query rows, or S key rows).
+fn attn_grid(d: AttnDims, rows: usize, heads: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
-            d.seq.div_ceil(ATTN_BLOCK_ROWS) as u32,
+            rows.div_ceil(ATTN_BLOCK_ROWS) as u32,
             heads as u32,
             d.batch as u32,
         ),
@@ -49,7 +48,7 @@ fn attn_grid(d: AttnDims, heads: usize) -> LaunchConfig {
 }
 
 impl CudaDevice {
-    /// Causal GQA attention, the twin of [`crate::ops::attention::attention_forward`]: writes
+    /// GQA attention (causal, bidirectional or cross), the twin of [`crate::ops::attention::attention_forward`]: writes
     /// `out` `(B, T, Hq, D)` and the per-row log-sum-exp `lse` `(B, Hq, T)`. Head dims up to
     /// [`ATTN_MAX_HEAD_DIM`].
     #[allow(clippy::too_many_arguments)]
@@ -67,18 +66,19 @@ impl CudaDevice {
         if d.seq == 0 {
             return Ok(());
         }
-        let [t, hq, hkv, hd] = attn_ints(d);
+        let [t, sk, hq, hkv, hd] = attn_ints(d);
         let causal = d.causal as i32;
         let mut l = self.stream.launch_builder(self.func("attention_forward"));
         l.arg(out).arg(lse).arg(q).arg(k).arg(v);
         l.arg(&t)
+            .arg(&sk)
             .arg(&hq)
             .arg(&hkv)
             .arg(&hd)
             .arg(&scale)
             .arg(&causal);
         // SAFETY: argument types and order match attention.cu; lengths checked above.
-        unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_forward"))?;
+        unsafe { l.launch(attn_grid(d, d.seq, d.q_heads)) }.map_err(cerr("attention_forward"))?;
         Ok(())
     }
 
@@ -109,7 +109,7 @@ impl CudaDevice {
         if d.seq == 0 {
             return Ok(());
         }
-        let [t, hq, hkv, hd] = attn_ints(d);
+        let [t, sk, hq, hkv, hd] = attn_ints(d);
         let causal = d.causal as i32;
         let mut delta = self.output(d.lse_len())?;
         let mut l = self
@@ -117,13 +117,15 @@ impl CudaDevice {
             .launch_builder(self.func("attention_backward_delta"));
         l.arg(&mut delta).arg(dout).arg(q).arg(k).arg(v);
         l.arg(&t)
+            .arg(&sk)
             .arg(&hq)
             .arg(&hkv)
             .arg(&hd)
             .arg(&scale)
             .arg(&causal);
         // SAFETY: as in attention_forward; delta holds B * Hq * T values.
-        unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_backward_delta"))?;
+        unsafe { l.launch(attn_grid(d, d.seq, d.q_heads)) }
+            .map_err(cerr("attention_backward_delta"))?;
         let mut l = self
             .stream
             .launch_builder(self.func("attention_backward_dq"));
@@ -135,13 +137,15 @@ impl CudaDevice {
             .arg(k)
             .arg(v);
         l.arg(&t)
+            .arg(&sk)
             .arg(&hq)
             .arg(&hkv)
             .arg(&hd)
             .arg(&scale)
             .arg(&causal);
         // SAFETY: as above.
-        unsafe { l.launch(attn_grid(d, d.q_heads)) }.map_err(cerr("attention_backward_dq"))?;
+        unsafe { l.launch(attn_grid(d, d.seq, d.q_heads)) }
+            .map_err(cerr("attention_backward_dq"))?;
         let mut l = self
             .stream
             .launch_builder(self.func("attention_backward_dkv"));
@@ -154,13 +158,15 @@ impl CudaDevice {
             .arg(k)
             .arg(v);
         l.arg(&t)
+            .arg(&sk)
             .arg(&hq)
             .arg(&hkv)
             .arg(&hd)
             .arg(&scale)
             .arg(&causal);
         // SAFETY: as above; this grid runs over kv heads.
-        unsafe { l.launch(attn_grid(d, d.kv_heads)) }.map_err(cerr("attention_backward_dkv"))?;
+        unsafe { l.launch(attn_grid(d, d.kv_seq, d.kv_heads)) }
+            .map_err(cerr("attention_backward_dkv"))?;
         Ok(())
     }
 }

@@ -28,6 +28,93 @@ impl CudaDevice {
             .map_err(cerr("element-wise kernel"))
     }
 
+    /// GEGLU forward (`out` `(rows, f)` from `x` `(rows, 2f)`) or backward (`dx` += from
+    /// `dout`, `x`): the twins of [`crate::ops::elementwise::geglu_forward`] / `geglu_backward`.
+    pub fn geglu(
+        &self,
+        backward: bool,
+        out: &mut CudaSlice<f32>,
+        ins: &[&CudaSlice<f32>],
+        f: usize,
+    ) -> Result<()> {
+        let n = if backward { ins[0].len() } else { out.len() }; // rows * f
+        let x = ins[ins.len() - 1];
+        if x.len() != 2 * n || (backward && out.len() != 2 * n) || (f > 0 && n % f != 0) {
+            return Err(KernelError::Device(format!(
+                "geglu: x holds {}, out {}, {n} outputs of rows of {f}",
+                x.len(),
+                out.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (n_i, f_i) = (
+            n as i64,
+            i32::try_from(f)
+                .map_err(|_| KernelError::Device(format!("geglu: {f} features per row")))?,
+        );
+        let name = if backward {
+            "geglu_backward"
+        } else {
+            "geglu_forward"
+        };
+        let cfg = grid(blocks(n, THREADS as usize).clamp(1, 65535), 1);
+        let mut l = self.stream.launch_builder(self.func(name));
+        l.arg(out);
+        for i in ins {
+            l.arg(*i);
+        }
+        l.arg(&n_i).arg(&f_i);
+        // SAFETY: argument order matches elementwise.cu; lengths checked above.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(cerr(name))
+    }
+
+    /// `out = x + bias` over planes of `inner` values, or (`backward`) `dbias += ` the plane
+    /// sums of `dout`: the twins of [`crate::ops::elementwise::add_planes_forward`] /
+    /// `add_planes_backward_bias`.
+    pub fn add_planes(
+        &self,
+        backward: bool,
+        out: &mut CudaSlice<f32>,
+        ins: &[&CudaSlice<f32>],
+        inner: usize,
+    ) -> Result<()> {
+        let (planes, n) = if backward {
+            (out.len(), ins[0].len())
+        } else {
+            (ins[1].len(), ins[0].len())
+        };
+        if n != planes * inner || (!backward && out.len() != n) {
+            return Err(KernelError::Device(format!(
+                "add_planes: {n} values are not {planes} planes of {inner}"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let inner_i = i32::try_from(inner)
+            .map_err(|_| KernelError::Device(format!("add_planes: planes of {inner}")))?;
+        let (name, count, threads) = if backward {
+            ("add_planes_backward_bias", planes as i64, planes * 32)
+        } else {
+            ("add_planes_forward", n as i64, n)
+        };
+        let cfg = if backward {
+            grid(blocks(threads, THREADS as usize), 1)
+        } else {
+            grid(blocks(threads, THREADS as usize).clamp(1, 65535), 1)
+        };
+        let mut l = self.stream.launch_builder(self.func(name));
+        l.arg(out);
+        for i in ins {
+            l.arg(*i);
+        }
+        l.arg(&count).arg(&inner_i);
+        // SAFETY: argument order matches elementwise.cu; lengths checked above.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(cerr(name))
+    }
+
     /// A 16-bit frozen weight (bf16 or f16 bits, `half = true` for f16) widened to f32 on the
     /// device: the twin of [`crate::operands::WeightData::widen`].
     pub fn widen(&self, bits: &CudaSlice<u16>, f16: bool) -> Result<CudaSlice<f32>> {

@@ -132,6 +132,36 @@ impl CudaDevice {
         })
     }
 
+    /// Nearest upsampling by `f` (`backward`: `out` is `dx`, `src` is `dy`, accumulated).
+    pub fn upsample_nearest(
+        &self,
+        backward: bool,
+        out: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        planes: usize,
+        (h, w): (usize, usize),
+        f: usize,
+    ) -> Result<()> {
+        let (inp, outp) = (planes * h * w, planes * h * w * f * f);
+        let (name, n) = if backward {
+            len("upsample_nearest dx", out.len(), inp)?;
+            len("upsample_nearest dy", src.len(), outp)?;
+            ("upsample_nearest_backward", inp)
+        } else {
+            len("upsample_nearest x", src.len(), inp)?;
+            len("upsample_nearest y", out.len(), outp)?;
+            ("upsample_nearest_forward", outp)
+        };
+        if f == 0 {
+            return Err(KernelError::Device("upsample_nearest: factor 0".into()));
+        }
+        let (pl, hi, wi, fi) = (planes as i64, int("h", h)?, int("w", w)?, int("factor", f)?);
+        int("h * factor * w * factor", h * f * w * f)?;
+        self.launch_1d(name, n, |l| {
+            l.arg(out).arg(src).arg(&pl).arg(&hi).arg(&wi).arg(&fi);
+        })
+    }
+
     /// Batch norm in eval mode: forward into a new buffer.
     #[allow(clippy::too_many_arguments)]
     pub fn batchnorm_forward(

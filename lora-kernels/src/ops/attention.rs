@@ -1,8 +1,10 @@
-//! Causal softmax self-attention with grouped-query heads (GQA): query head `h` reads key/value
+//! Softmax attention with grouped-query heads (GQA): query head `h` reads key/value
 //! head `h / (Hq / Hkv)`, as Llama/Mistral/Qwen2 do (Hkv = Hq is ordinary multi-head attention).
+//! Causal self-attention (decoders), bidirectional self-attention (encoders), or cross-attention
+//! (Stable Diffusion's UNet: `T` latent pixels attend to `S` text tokens; `S = T` otherwise).
 //!
 //! ```text
-//! q, out: (B, T, Hq, D)    k, v: (B, T, Hkv, D)    lse: (B, Hq, T) saved log-sum-exp per row
+//! q, out: (B, T, Hq, D)    k, v: (B, S, Hkv, D)    lse: (B, Hq, T) saved log-sum-exp per row
 //! S = scale * Q_h K_g^T, masked to j <= i;  P = softmax(S) per row;  O_h = P V_g
 //! lse_i = log sum_j<=i exp(S_ij)  (so P_ij = exp(S_ij - lse_i))
 //! backward: recompute S and P from Q, K and lse; dP = dO_h V_g^T; dS = P * (dP - rowsum(P * dP));
@@ -42,7 +44,7 @@ impl AttnDims {
         let rows = if self.causal {
             ATTN_BLOCK
         } else {
-            ATTN_BLOCK.max(ATTN_SCRATCH / self.seq.max(1))
+            ATTN_BLOCK.max(ATTN_SCRATCH / self.kv_seq.max(1))
         };
         rows.min(self.seq).max(1)
     }
@@ -53,8 +55,10 @@ impl AttnDims {
 pub struct AttnDims {
     /// B
     pub batch: usize,
-    /// T
+    /// T: query rows per sequence.
     pub seq: usize,
+    /// S: key/value rows per sequence (`T` for self-attention; a causal mask needs `S = T`).
+    pub kv_seq: usize,
     /// Hq
     pub q_heads: usize,
     /// Hkv (divides Hq)
@@ -67,7 +71,26 @@ pub struct AttnDims {
 }
 
 impl AttnDims {
-    fn check(&self, op: &'static str) -> Result<()> {
+    /// Self-attention shape (`S = T`).
+    pub fn self_attn(
+        batch: usize,
+        seq: usize,
+        (q_heads, kv_heads, head_dim): (usize, usize, usize),
+        causal: bool,
+    ) -> Self {
+        Self {
+            batch,
+            seq,
+            kv_seq: seq,
+            q_heads,
+            kv_heads,
+            head_dim,
+            causal,
+        }
+    }
+    /// Checks the heads, and that a causal mask has as many keys as queries and a query row
+    /// has at least one key.
+    pub fn check(&self, op: &'static str) -> Result<()> {
         if self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 {
             return Err(invalid(
                 op,
@@ -75,20 +98,33 @@ impl AttnDims {
                 format!("{} must divide q_heads {}", self.kv_heads, self.q_heads),
             ));
         }
+        if self.causal && self.kv_seq != self.seq {
+            return Err(invalid(
+                op,
+                "kv_seq",
+                format!(
+                    "a causal mask needs as many keys as queries ({} keys, {} queries)",
+                    self.kv_seq, self.seq
+                ),
+            ));
+        }
+        if self.kv_seq == 0 && self.seq > 0 {
+            return Err(invalid(op, "kv_seq", "queries but no keys"));
+        }
         Ok(())
     }
     fn q_len(&self) -> usize {
         self.batch * self.seq * self.q_heads * self.head_dim
     }
     fn kv_len(&self) -> usize {
-        self.batch * self.seq * self.kv_heads * self.head_dim
+        self.batch * self.kv_seq * self.kv_heads * self.head_dim
     }
     /// The keys query row `i` attends to: `0..keys(i)`.
     pub fn keys(&self, i: usize) -> usize {
         if self.causal {
             i + 1
         } else {
-            self.seq
+            self.kv_seq
         }
     }
     /// Length of the saved log-sum-exp, `B * Hq * T`.
@@ -143,14 +179,15 @@ pub fn attention_forward(
     let AttnDims {
         batch: b,
         seq: t,
+        kv_seq: sk,
         q_heads: hq,
         kv_heads: hkv,
         head_dim: hd,
         ..
     } = d;
     check_len(OP, "q", q.len(), &[b, t, hq, hd])?;
-    check_len(OP, "k", k.len(), &[b, t, hkv, hd])?;
-    check_len(OP, "v", v.len(), &[b, t, hkv, hd])?;
+    check_len(OP, "k", k.len(), &[b, sk, hkv, hd])?;
+    check_len(OP, "v", v.len(), &[b, sk, hkv, hd])?;
     check_len(OP, "out", out.len(), &[d.q_len()])?;
     check_len(OP, "lse", lse.len(), &[b, hq, t])?;
     if t == 0 {
@@ -163,16 +200,16 @@ pub fn attention_forward(
         let (bi, h) = (bh / hq, bh % hq);
         let g = h / rep;
         let qo = bi * t * hq * hd + h * hd;
-        let ko = bi * t * hkv * hd + g * hd;
+        let ko = bi * sk * hkv * hd + g * hd;
         let blk = d.block_rows();
-        let mut s = vec![0.0f32; blk * t];
+        let mut s = vec![0.0f32; blk * sk];
         for i0 in (0..t).step_by(blk) {
             let rows = blk.min(t - i0);
             // Causal: no row of the block sees a key after the block's last row.
-            let cols = if d.causal { i0 + rows } else { t };
+            let cols = if d.causal { i0 + rows } else { sk };
             let s = &mut s[..rows * cols];
-            // SAFETY: q/k were length-checked for (B, T, H, D); the views address rows < T
-            // and columns < D of head h (g) of batch bi.
+            // SAFETY: q/k were length-checked for (B, T, Hq, D) / (B, S, Hkv, D); the views
+            // address rows < T (< S) and columns < D of head h (g) of batch bi.
             unsafe {
                 scores(
                     s,
@@ -240,6 +277,7 @@ pub fn attention_backward(
     let AttnDims {
         batch: b,
         seq: t,
+        kv_seq: sk,
         q_heads: hq,
         kv_heads: hkv,
         head_dim: hd,
@@ -269,16 +307,16 @@ pub fn attention_backward(
     );
     (0..b * hkv).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / hkv, bg % hkv);
-        let ko = bi * t * hkv * hd + g * hd;
+        let ko = bi * sk * hkv * hd + g * hd;
         let blk = d.block_rows();
-        let mut p = vec![0.0f32; blk * t];
-        let mut ds = vec![0.0f32; blk * t];
+        let mut p = vec![0.0f32; blk * sk];
+        let mut ds = vec![0.0f32; blk * sk];
         for h in g * rep..(g + 1) * rep {
             let qo = bi * t * hq * hd + h * hd;
             let l = &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t];
             for i0 in (0..t).step_by(blk) {
                 let rows = blk.min(t - i0);
-                let cols = if d.causal { i0 + rows } else { t };
+                let cols = if d.causal { i0 + rows } else { sk };
                 let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
                 let ro = i0 * hq * hd; // offset of the block's first row in a q-shaped buffer
                                        // SAFETY (all products): every view is a head slice of a buffer checked above
@@ -454,27 +492,28 @@ pub mod reference {
     fn probs(q: &[f64], k: &[f64], d: AttnDims, scale: f64, bi: usize, h: usize) -> Vec<f64> {
         let AttnDims {
             seq: t,
+            kv_seq: sk,
             q_heads: hq,
             kv_heads: hkv,
             head_dim: hd,
             ..
         } = d;
         let g = h / (hq / hkv);
-        let mut p = vec![0.0; t * t];
+        let mut p = vec![0.0; t * sk];
         for i in 0..t {
             let qi = &q[((bi * t + i) * hq + h) * hd..][..hd];
             let n = d.keys(i);
             for j in 0..n {
-                let kj = &k[((bi * t + j) * hkv + g) * hd..][..hd];
-                p[i * t + j] = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+                let kj = &k[((bi * sk + j) * hkv + g) * hd..][..hd];
+                p[i * sk + j] = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
             }
-            let m = p[i * t..i * t + n]
+            let m = p[i * sk..i * sk + n]
                 .iter()
                 .cloned()
                 .fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = p[i * t..i * t + n].iter().map(|s| (s - m).exp()).sum();
+            let z: f64 = p[i * sk..i * sk + n].iter().map(|s| (s - m).exp()).sum();
             for j in 0..n {
-                p[i * t + j] = (p[i * t + j] - m).exp() / z;
+                p[i * sk + j] = (p[i * sk + j] - m).exp() / z;
             }
         }
         p
@@ -492,6 +531,7 @@ pub mod reference {
         let AttnDims {
             batch: b,
             seq: t,
+            kv_seq: sk,
             q_heads: hq,
             kv_heads: hkv,
             head_dim: hd,
@@ -499,7 +539,7 @@ pub mod reference {
         } = d;
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         let qi = |bi: usize, i: usize, h: usize| ((bi * t + i) * hq + h) * hd;
-        let ki = |bi: usize, j: usize, g: usize| ((bi * t + j) * hkv + g) * hd;
+        let ki = |bi: usize, j: usize, g: usize| ((bi * sk + j) * hkv + g) * hd;
         for bi in 0..b {
             for h in 0..hq {
                 let g = h / (hq / hkv);
@@ -513,9 +553,9 @@ pub mod reference {
                                 .sum()
                         })
                         .collect();
-                    let dot: f64 = (0..n).map(|j| p[i * t + j] * dp[j]).sum();
+                    let dot: f64 = (0..n).map(|j| p[i * sk + j] * dp[j]).sum();
                     for j in 0..n {
-                        let pij = p[i * t + j];
+                        let pij = p[i * sk + j];
                         let dsij = pij * (dp[j] - dot);
                         for c in 0..hd {
                             dq[qi(bi, i, h) + c] += scale * dsij * k[ki(bi, j, g) + c];
@@ -534,6 +574,7 @@ pub mod reference {
         let AttnDims {
             batch: b,
             seq: t,
+            kv_seq: sk,
             q_heads: hq,
             kv_heads: hkv,
             head_dim: hd,
@@ -551,7 +592,7 @@ pub mod reference {
                         .map(|j| {
                             scale
                                 * qi.iter()
-                                    .zip(&k[((bi * t + j) * hkv + g) * hd..][..hd])
+                                    .zip(&k[((bi * sk + j) * hkv + g) * hd..][..hd])
                                     .map(|(a, b)| a * b)
                                     .sum::<f64>()
                         })
@@ -561,7 +602,7 @@ pub mod reference {
                     let z: f64 = e.iter().sum();
                     for c in 0..hd {
                         out[((bi * t + i) * hq + h) * hd + c] = (0..n)
-                            .map(|j| e[j] / z * v[((bi * t + j) * hkv + g) * hd + c])
+                            .map(|j| e[j] / z * v[((bi * sk + j) * hkv + g) * hd + c])
                             .sum();
                     }
                 }

@@ -359,6 +359,90 @@ pub fn swiglu_backward(
     Ok(())
 }
 
+/// GEGLU (Stable Diffusion's feed-forward, diffusers' `GEGLU`): each row of `x` `(n, 2f)` is
+/// `[hidden | gate]`; `out` `(n, f)` = `hidden * gelu_erf(gate)`.
+pub fn geglu_forward(out: &mut [f32], x: &[f32], f: usize) -> Result<()> {
+    check_len("geglu_forward", "x", x.len(), &[out.len() * 2])?;
+    if f == 0 {
+        return Ok(());
+    }
+    check_len("geglu_forward", "out", out.len() % f, &[0])?;
+    for_row_blocks(out, f, |row0, blk| {
+        crate::fastmath::map(|| {
+            for (r, o) in blk.chunks_exact_mut(f).enumerate() {
+                let xr = &x[(row0 + r) * 2 * f..(row0 + r + 1) * 2 * f];
+                let (hid, gate) = xr.split_at(f);
+                for ((o, &h), &g) in o.iter_mut().zip(hid).zip(gate) {
+                    *o = h * gelu_erf(g);
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// `dx` `(n, 2f)` += the gradient of [`geglu_forward`]: `dhidden = dout * gelu_erf(gate)`,
+/// `dgate = dout * hidden * gelu_erf'(gate)`.
+pub fn geglu_backward(dx: &mut [f32], dout: &[f32], x: &[f32], f: usize) -> Result<()> {
+    check_len("geglu_backward", "x", x.len(), &[dx.len()])?;
+    check_len("geglu_backward", "dout", dout.len() * 2, &[dx.len()])?;
+    if f == 0 {
+        return Ok(());
+    }
+    check_len("geglu_backward", "dout", dout.len() % f, &[0])?;
+    for_row_blocks(dx, 2 * f, |row0, blk| {
+        crate::fastmath::map(|| {
+            for (r, d) in blk.chunks_exact_mut(2 * f).enumerate() {
+                let i = row0 + r;
+                let (hid, gate) = x[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+                let g = &dout[i * f..(i + 1) * f];
+                let (dh, dg) = d.split_at_mut(f);
+                for j in 0..f {
+                    dh[j] += g[j] * gelu_erf(gate[j]);
+                    dg[j] += g[j] * hid[j] * gelu_erf_grad(gate[j]);
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// `out = x + bias` broadcast over planes: `x` is `bias.len()` planes of `inner` values
+/// (`(B, C, H, W)` with a `(B, C)` bias: the UNet's time embedding added to each channel).
+pub fn add_planes_forward(out: &mut [f32], x: &[f32], bias: &[f32], inner: usize) -> Result<()> {
+    check_len("add_planes_forward", "x", x.len(), &[out.len()])?;
+    check_len("add_planes_forward", "x", x.len(), &[bias.len(), inner])?;
+    for_row_blocks(out, inner, |row0, blk| {
+        for (r, o) in blk.chunks_exact_mut(inner).enumerate() {
+            let p = row0 + r;
+            let b = bias[p];
+            for (o, &x) in o.iter_mut().zip(&x[p * inner..(p + 1) * inner]) {
+                *o = x + b;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// `dbias[p] += sum(dout[p * inner..(p + 1) * inner])` (the bias's gradient of
+/// [`add_planes_forward`], summed in index order in f64).
+pub fn add_planes_backward_bias(dbias: &mut [f32], dout: &[f32], inner: usize) -> Result<()> {
+    check_len(
+        "add_planes_backward_bias",
+        "dout",
+        dout.len(),
+        &[dbias.len(), inner],
+    )?;
+    for (p, d) in dbias.iter_mut().enumerate() {
+        let s: f64 = dout[p * inner..(p + 1) * inner]
+            .iter()
+            .map(|&v| v as f64)
+            .sum();
+        *d += s as f32;
+    }
+    Ok(())
+}
+
 /// `f64` oracles.
 pub mod reference {
     /// GELU, tanh approximation, by its definition `0.5 x (1 + tanh z)`,

@@ -1,5 +1,5 @@
 //! The image ops around convolutions (NCHW, as PyTorch): batch norm in inference mode (frozen
-//! running statistics), max pooling and adaptive average pooling. Each works plane by plane (one
+//! running statistics), max pooling, adaptive average pooling and nearest upsampling. Each works plane by plane (one
 //! `(n, c)` image channel of `H x W` values); planes run in parallel, and every reduction runs
 //! in a fixed order, so results do not depend on the thread count.
 //!
@@ -353,6 +353,83 @@ pub fn adaptive_avg_pool2d_backward(
             }
         }
     });
+    Ok(())
+}
+
+/// Nearest-neighbour upsampling by an integer factor `f` (PyTorch's
+/// `F.interpolate(scale_factor=f, mode="nearest")`, the UNet's and the VAE's `Upsample2D`):
+/// `y[.., oy, ox] = x[.., oy / f, ox / f]` for `planes` planes of `(h, w)`.
+pub fn upsample_nearest_forward(
+    y: &mut [f32],
+    x: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    f: usize,
+) -> Result<()> {
+    const OP: &str = "upsample_nearest_forward";
+    if f == 0 {
+        return Err(invalid(OP, "factor", "must be at least 1"));
+    }
+    check_len(OP, "x", x.len(), &[planes, h, w])?;
+    check_len(OP, "y", y.len(), &[planes, h * f, w * f])?;
+    let (oh, ow) = (h * f, w * f);
+    if y.is_empty() {
+        return Ok(());
+    }
+    y.par_chunks_mut(oh * ow * planes_per_task(oh * ow))
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let p0 = t * planes_per_task(oh * ow);
+            for (pi, yp) in chunk.chunks_exact_mut(oh * ow).enumerate() {
+                let xp = &x[(p0 + pi) * h * w..(p0 + pi + 1) * h * w];
+                for (oy, row) in yp.chunks_exact_mut(ow).enumerate() {
+                    let xr = &xp[(oy / f) * w..(oy / f + 1) * w];
+                    for (ox, v) in row.iter_mut().enumerate() {
+                        *v = xr[ox / f];
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+/// `dx[.., iy, ix] += sum of dy over its `f x f` block` (in row-major order), the backward of
+/// [`upsample_nearest_forward`].
+pub fn upsample_nearest_backward(
+    dx: &mut [f32],
+    dy: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    f: usize,
+) -> Result<()> {
+    const OP: &str = "upsample_nearest_backward";
+    if f == 0 {
+        return Err(invalid(OP, "factor", "must be at least 1"));
+    }
+    check_len(OP, "dx", dx.len(), &[planes, h, w])?;
+    check_len(OP, "dy", dy.len(), &[planes, h * f, w * f])?;
+    let (oh, ow) = (h * f, w * f);
+    if dx.is_empty() {
+        return Ok(());
+    }
+    dx.par_chunks_mut(h * w * planes_per_task(h * w))
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let p0 = t * planes_per_task(h * w);
+            for (pi, dp) in chunk.chunks_exact_mut(h * w).enumerate() {
+                let yp = &dy[(p0 + pi) * oh * ow..(p0 + pi + 1) * oh * ow];
+                for (iy, row) in dp.chunks_exact_mut(w).enumerate() {
+                    for (ix, d) in row.iter_mut().enumerate() {
+                        let mut s = 0.0f32;
+                        for dy_ in 0..f {
+                            let r = &yp[(iy * f + dy_) * ow + ix * f..][..f];
+                            s += r.iter().sum::<f32>();
+                        }
+                        *d += s;
+                    }
+                }
+            }
+        });
     Ok(())
 }
 
