@@ -1,4 +1,4 @@
-//! Stable Diffusion files: `text_encoder/` (the CLIP text model), and
+//! Stable Diffusion files: `text_encoder/` (the CLIP text model), `unet/` (the denoiser), and
 //! `scheduler/scheduler_config.json` read into the core's
 //! [`ScheduleConfig`] with diffusers' defaults for the sampler that will use it (a field a file
 //! leaves out takes the default of the scheduler class that loads it, as `from_config` does:
@@ -9,6 +9,7 @@
 use crate::error::{IoError, Result};
 use lora_core::diffusion::{BetaSchedule, Prediction, ScheduleConfig, Spacing};
 use lora_core::models::clip_text::{ClipTextConfig, ClipTextModel};
+use lora_core::models::unet::{BlockKind, UNet2DCondition, UNetConfig};
 use lora_core::models::vit::Activation;
 use serde_json::Value;
 use std::path::Path;
@@ -320,6 +321,231 @@ pub fn load_clip_text(dir: &Path) -> Result<ClipTextModel> {
         return Err(IoError::Config {
             path: dir.join("config.json"),
             field: "num_hidden_layers".into(),
+            reason: format!("the weights hold `{extra}`, which this config's model does not use"),
+        });
+    }
+    Ok(model)
+}
+
+/// A per-block size that diffusers takes as one integer or a list of one per down block.
+fn per_block(
+    f: &crate::hf::Fields,
+    field: &str,
+    default: Option<usize>,
+    blocks: usize,
+) -> Result<Vec<usize>> {
+    match f.get(field) {
+        Some(Value::Array(items)) => {
+            if items.len() != blocks {
+                return Err(f.err(
+                    field,
+                    format!("{} entries for {blocks} blocks", items.len()),
+                ));
+            }
+            items
+                .iter()
+                .map(|x| match x.as_u64() {
+                    Some(n) if n >= 1 && n <= crate::hf::MAX_SIZE as u64 => Ok(n as usize),
+                    _ => Err(f.err(field, format!("expected positive integers, got {x}"))),
+                })
+                .collect()
+        }
+        _ => Ok(vec![f.usize_or(field, default)?; blocks]),
+    }
+}
+
+/// The block kinds of `down_block_types` / `up_block_types`.
+fn block_kinds(
+    f: &crate::hf::Fields,
+    field: &str,
+    plain: &str,
+    cross: &str,
+) -> Result<Vec<BlockKind>> {
+    let items = f
+        .get(field)
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| f.err(field, "missing or not a list"))?;
+    items
+        .iter()
+        .map(|x| match x.as_str() {
+            Some(t) if t == plain => Ok(BlockKind::Plain),
+            Some(t) if t == cross => Ok(BlockKind::CrossAttn),
+            _ => Err(f.err(
+                field,
+                format!("{x} is not supported (only {plain} and {cross})"),
+            )),
+        })
+        .collect()
+}
+
+/// Reads `unet/config.json` (diffusers' `UNet2DConditionModel`) as SD 1.x and 2.x use it. The
+/// fields of variants not implemented here (SDXL's added conditioning, class embeddings,
+/// scale-shift time conditioning, other block types, ...) are refused by name when set.
+pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
+    let v = crate::hf::read_json(path)?;
+    let f = crate::hf::Fields { path, v: &v };
+    let block_out_channels: Vec<usize> = match f.get("block_out_channels") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|x| match x.as_u64() {
+                Some(n) if n >= 1 && n <= crate::hf::MAX_SIZE as u64 => Ok(n as usize),
+                _ => Err(f.err(
+                    "block_out_channels",
+                    format!("expected positive integers, got {x}"),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        None => vec![320, 640, 1280, 1280],
+        Some(x) => {
+            return Err(f.err(
+                "block_out_channels",
+                format!("expected a list of sizes, got {x}"),
+            ))
+        }
+    };
+    let n = block_out_channels.len();
+    // Unsupported variants: each must be absent, null or its default.
+    for (field, default) in [
+        ("addition_embed_type", Value::Null),
+        ("class_embed_type", Value::Null),
+        ("num_class_embeds", Value::Null),
+        ("encoder_hid_dim", Value::Null),
+        ("encoder_hid_dim_type", Value::Null),
+        ("time_cond_proj_dim", Value::Null),
+        ("time_embedding_act_fn", Value::Null),
+        ("timestep_post_act", Value::Null),
+        ("cross_attention_norm", Value::Null),
+        ("projection_class_embeddings_input_dim", Value::Null),
+        ("reverse_transformer_layers_per_block", Value::Null),
+        ("mid_block_only_cross_attention", Value::Null),
+        ("time_embedding_type", Value::from("positional")),
+        ("resnet_time_scale_shift", Value::from("default")),
+        ("act_fn", Value::from("silu")),
+        ("attention_type", Value::from("default")),
+        ("dual_cross_attention", Value::from(false)),
+        ("only_cross_attention", Value::from(false)),
+        ("resnet_skip_time_act", Value::from(false)),
+        ("class_embeddings_concat", Value::from(false)),
+    ] {
+        if let Some(x) = f.get(field) {
+            let same = x == &default || (x.is_number() && x.as_f64() == default.as_f64());
+            if !same {
+                return Err(f.err(
+                    field,
+                    format!("{x} is not supported (only {default} is; SD 1.x and 2.x UNets)"),
+                ));
+            }
+        }
+    }
+    if f.f32_or("resnet_out_scale_factor", 1.0)? != 1.0 {
+        return Err(f.err("resnet_out_scale_factor", "only 1.0 is supported"));
+    }
+    let mid_block = match f.get("mid_block_type") {
+        None => false,
+        Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => true,
+        Some(x) => {
+            return Err(f.err(
+                "mid_block_type",
+                format!("{x} is not supported (UNetMidBlock2DCrossAttn or null)"),
+            ))
+        }
+    };
+    // diffusers' legacy naming: `attention_head_dim` is the head count when
+    // `num_attention_heads` is absent.
+    let heads = if f.get("num_attention_heads").is_some() {
+        per_block(&f, "num_attention_heads", None, n)?
+    } else {
+        per_block(&f, "attention_head_dim", Some(8), n)?
+    };
+    let cross_attention_dim = match f.get("cross_attention_dim") {
+        Some(Value::Array(_)) => {
+            let v = per_block(&f, "cross_attention_dim", None, n)?;
+            if v.iter().any(|&d| d != v[0]) {
+                return Err(f.err(
+                    "cross_attention_dim",
+                    "different widths per block are not supported",
+                ));
+            }
+            v[0]
+        }
+        _ => f.usize_or("cross_attention_dim", Some(1280))?,
+    };
+    let freq_shift = f.f32_or("freq_shift", 0.0)?;
+    let mid_block_scale_factor = f.f32_or("mid_block_scale_factor", 1.0)?;
+    for (field, x) in [
+        ("freq_shift", freq_shift),
+        ("mid_block_scale_factor", mid_block_scale_factor),
+    ] {
+        if !x.is_finite() {
+            return Err(f.err(field, format!("must be finite, got {x}")));
+        }
+    }
+    if mid_block_scale_factor == 0.0 {
+        return Err(f.err("mid_block_scale_factor", "must not be 0"));
+    }
+    let cfg = UNetConfig {
+        in_channels: f.usize_or("in_channels", Some(4))?,
+        out_channels: f.usize_or("out_channels", Some(4))?,
+        down_blocks: block_kinds(
+            &f,
+            "down_block_types",
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+        )?,
+        up_blocks: block_kinds(&f, "up_block_types", "UpBlock2D", "CrossAttnUpBlock2D")?,
+        layers_per_block: per_block(&f, "layers_per_block", Some(2), n)?,
+        transformer_layers: per_block(&f, "transformer_layers_per_block", Some(1), n)?,
+        heads,
+        cross_attention_dim,
+        norm_num_groups: f.usize_or("norm_num_groups", Some(32))?,
+        norm_eps: f.positive_f32_or("norm_eps", 1e-5)?,
+        use_linear_projection: f.bool_or("use_linear_projection", false)?,
+        flip_sin_to_cos: f.bool_or("flip_sin_to_cos", true)?,
+        freq_shift,
+        downsample_padding: f.usize_or("downsample_padding", Some(1))?,
+        mid_block_scale_factor,
+        mid_block,
+        center_input_sample: f.bool_or("center_input_sample", false)?,
+        conv_in_kernel: f.usize_or("conv_in_kernel", Some(3))?,
+        conv_out_kernel: f.usize_or("conv_out_kernel", Some(3))?,
+        time_embed_dim: f.usize_or("time_embedding_dim", Some(4 * block_out_channels[0]))?,
+        block_out_channels,
+    };
+    if cfg.downsample_padding > 1 {
+        return Err(f.err("downsample_padding", "only 0 or 1 is supported"));
+    }
+    cfg.check().map_err(|e| match e {
+        lora_core::CoreError::InvalidConfig { field, reason } => f.err(field, reason),
+        e => IoError::Core(e),
+    })?;
+    Ok(cfg)
+}
+
+/// Loads a diffusers `unet/` directory (config.json and `diffusion_pytorch_model.safetensors`,
+/// sharded or not; fp16/bf16 weights stay 16-bit). A tensor the model does not use is an error
+/// naming it.
+pub fn load_unet(dir: &Path) -> Result<UNet2DCondition> {
+    let cfg_path = dir.join("config.json");
+    let cfg = read_unet_config(&cfg_path)?;
+    let w = crate::hf::Weights::open_stem(dir, "diffusion_pytorch_model")?;
+    let mut used = std::collections::HashSet::new();
+    let mut load = |k: &str, shape: &[usize]| -> Result<lora_core::Tensor> {
+        let t = w.tensor(k, shape)?;
+        used.insert(k.to_string());
+        Ok(t)
+    };
+    let model = UNet2DCondition::load(&cfg, &mut load).map_err(|e| match e {
+        IoError::Core(lora_core::CoreError::InvalidConfig { field, reason }) => IoError::Config {
+            path: cfg_path.clone(),
+            field: field.into(),
+            reason,
+        },
+        e => e,
+    })?;
+    if let Some(extra) = w.names().into_iter().find(|k| !used.contains(*k)) {
+        return Err(IoError::Config {
+            path: cfg_path,
+            field: "block_out_channels".into(),
             reason: format!("the weights hold `{extra}`, which this config's model does not use"),
         });
     }

@@ -321,8 +321,14 @@ pub struct Weights {
 impl Weights {
     /// Opens `model.safetensors.index.json` (and its shards) or `model.safetensors` in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let index = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
+        Self::open_stem(dir, "model")
+    }
+
+    /// Opens `<stem>.safetensors.index.json` (and its shards) or `<stem>.safetensors` in `dir`
+    /// (diffusers names its weights `diffusion_pytorch_model`).
+    pub fn open_stem(dir: &Path, stem: &str) -> Result<Self> {
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        let single = dir.join(format!("{stem}.safetensors"));
         let mut files = Vec::new();
         let mut map = HashMap::new();
         // transformers reads model.safetensors when it is there, the index only otherwise.
@@ -358,7 +364,7 @@ impl Weights {
                 if !p.exists() {
                     return Err(IoError::Missing {
                         path: p,
-                        what: "shard listed in model.safetensors.index.json",
+                        what: "shard listed in the weights' index file",
                     });
                 }
                 by_file.insert(name.to_string(), files.len());
@@ -373,7 +379,10 @@ impl Weights {
                 map.insert(k.clone(), by_file[f]);
             }
         } else {
-            return Err(IoError::Missing { path: single, what: "model weights (model.safetensors or model.safetensors.index.json); pickle .bin checkpoints are not read" });
+            return Err(IoError::Missing {
+                path: single,
+                what: "model weights (<name>.safetensors or <name>.safetensors.index.json); pickle .bin checkpoints are not read",
+            });
         }
         Ok(Self {
             dir: dir.to_path_buf(),

@@ -12,6 +12,7 @@ pub mod gpt2;
 pub mod linear;
 pub mod llama;
 pub mod resnet;
+pub mod unet;
 pub mod vision;
 pub mod vit;
 pub mod yolos;

@@ -1,0 +1,128 @@
+//! Stable Diffusion's UNet against diffusers (fixtures/parity/make_unet.py): two tiny random
+//! `UNet2DConditionModel`s, laid out as SD 1.x's (1x1-convolution projections, three levels,
+//! two layers per block) and SD 2.x's (linear projections, per-block head lists, two transformer
+//! layers per block), loaded from fp16 `unet/` directories; the noise prediction for two latents
+//! at two timesteps conditioned on 7 text tokens. Bad configs are named errors.
+
+use lora_core::{Tape, Tensor};
+use lora_io::diffusion::{load_unet, read_unet_config};
+use lora_io::safetensors::SafetensorsFile;
+use std::path::{Path, PathBuf};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity/unet")
+}
+
+fn tensor(r: &SafetensorsFile, key: &str) -> Tensor {
+    let (v, shape) = r.read_f32(key).unwrap();
+    Tensor::new(v, &shape).unwrap()
+}
+
+#[test]
+fn unet_prediction_matches_diffusers() {
+    let r = SafetensorsFile::open(dir().join("reference.safetensors")).unwrap();
+    for name in ["sd1", "sd2"] {
+        let model = load_unet(&dir().join(name)).unwrap();
+        let sample = tensor(&r, &format!("{name}.sample"));
+        let context = tensor(&r, &format!("{name}.context"));
+        let (ts, _) = r.read_f32(&format!("{name}.timesteps")).unwrap();
+        let out = model
+            .forward(&Tape::inference(), &sample, &ts, &context, false)
+            .unwrap();
+        assert_eq!(out.shape(), sample.shape());
+        let got = out.try_to_vec().unwrap();
+        let (want, _) = r.read_f32(&format!("{name}.out")).unwrap();
+        let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+        eprintln!("{name}: worst difference {worst:.2e}, outputs up to {scale:.3}");
+        // f32 rounding through ~40 layers (group norms, attention, convolutions); seen: 1.0e-6
+        // (sd1) and 8.3e-7 (sd2) on outputs up to 1.4.
+        assert!(
+            worst <= 1e-5 * scale.max(1.0),
+            "{name}: worst difference {worst:.2e} (outputs up to {scale:.2})"
+        );
+        // One timestep for the whole batch means that timestep for each image.
+        let one = model
+            .forward(&Tape::inference(), &sample, &ts[..1], &context, false)
+            .unwrap();
+        let both = model
+            .forward(
+                &Tape::inference(),
+                &sample,
+                &[ts[0], ts[0]],
+                &context,
+                false,
+            )
+            .unwrap();
+        assert_eq!(one.try_to_vec().unwrap(), both.try_to_vec().unwrap());
+    }
+}
+
+#[test]
+fn unet_config_and_input_errors_are_named() {
+    let src = dir().join("sd1");
+    let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let tmp = std::env::temp_dir().join(format!("lora-unet-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let with = |field: &str, value: &str| -> String {
+        let mut v: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        let p = tmp.join("config.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        read_unet_config(&p).unwrap_err().to_string()
+    };
+    for (field, value) in [
+        ("addition_embed_type", "\"text_time\""),
+        ("resnet_time_scale_shift", "\"scale_shift\""),
+        (
+            "down_block_types",
+            "[\"SimpleCrossAttnDownBlock2D\", \"CrossAttnDownBlock2D\", \"DownBlock2D\"]",
+        ),
+        ("attention_head_dim", "[2, 3]"),
+        ("attention_head_dim", "3"),
+        ("norm_num_groups", "5"),
+        ("layers_per_block", "-1"),
+        ("mid_block_type", "\"UNetMidBlock2DSimpleCrossAttn\""),
+    ] {
+        let e = with(field, value);
+        assert!(
+            e.contains(field) && e.contains("config.json"),
+            "{field}: {e}"
+        );
+    }
+    // A sample whose size the downsamplers cannot halve, and a context of the wrong width.
+    let model = load_unet(&src).unwrap();
+    let ctx = Tensor::new(vec![0.0; 2 * 3 * 24], &[2, 3, 24]).unwrap();
+    let odd = Tensor::new(vec![0.0; 2 * 4 * 6 * 8], &[2, 4, 6, 8]).unwrap();
+    let e = model
+        .forward(&Tape::inference(), &odd, &[1.0], &ctx, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("multiples of 4"), "{e}");
+    let x = Tensor::new(vec![0.0; 2 * 4 * 8 * 8], &[2, 4, 8, 8]).unwrap();
+    let bad_ctx = Tensor::new(vec![0.0; 2 * 3 * 5], &[2, 3, 5]).unwrap();
+    let e = model
+        .forward(&Tape::inference(), &x, &[1.0], &bad_ctx, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("encoder_hidden_states"), "{e}");
+    let e = model
+        .forward(&Tape::inference(), &x, &[1.0, 2.0, 3.0], &ctx, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("timesteps"), "{e}");
+    // A checkpoint with weights the config does not use (a config with fewer layers).
+    let fewer = tmp.join("fewer");
+    std::fs::create_dir_all(&fewer).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    v["layers_per_block"] = 1.into();
+    std::fs::write(fewer.join("config.json"), v.to_string()).unwrap();
+    copy(&src, &fewer, "diffusion_pytorch_model.safetensors");
+    let e = load_unet(&fewer).err().unwrap().to_string();
+    assert!(e.contains("does not use") || e.contains("shape"), "{e}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+fn copy(from: &Path, to: &Path, name: &str) {
+    std::fs::copy(from.join(name), to.join(name)).unwrap();
+}
