@@ -1,4 +1,5 @@
-//! Stable Diffusion files: `text_encoder/` (the CLIP text model), `unet/` (the denoiser), and
+//! Stable Diffusion files: `text_encoder/` (the CLIP text model), `unet/` (the denoiser), `vae/`
+//! (the autoencoder), and
 //! `scheduler/scheduler_config.json` read into the core's
 //! [`ScheduleConfig`] with diffusers' defaults for the sampler that will use it (a field a file
 //! leaves out takes the default of the scheduler class that loads it, as `from_config` does:
@@ -10,6 +11,7 @@ use crate::error::{IoError, Result};
 use lora_core::diffusion::{BetaSchedule, Prediction, ScheduleConfig, Spacing};
 use lora_core::models::clip_text::{ClipTextConfig, ClipTextModel};
 use lora_core::models::unet::{BlockKind, UNet2DCondition, UNetConfig};
+use lora_core::models::vae::{AutoencoderKl, VaeConfig};
 use lora_core::models::vit::Activation;
 use serde_json::Value;
 use std::path::Path;
@@ -550,6 +552,137 @@ pub fn load_unet(dir: &Path) -> Result<UNet2DCondition> {
         });
     }
     Ok(model)
+}
+
+/// Reads `vae/config.json` (diffusers' `AutoencoderKL`); other block types, latent statistics
+/// and a disabled mid-block attention's alternatives are refused by name.
+pub fn read_vae_config(path: &Path) -> Result<VaeConfig> {
+    let v = crate::hf::read_json(path)?;
+    let f = crate::hf::Fields { path, v: &v };
+    let block_out_channels: Vec<usize> = match f.get("block_out_channels") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|x| match x.as_u64() {
+                Some(n) if n >= 1 && n <= crate::hf::MAX_SIZE as u64 => Ok(n as usize),
+                _ => Err(f.err(
+                    "block_out_channels",
+                    format!("expected positive integers, got {x}"),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        None => vec![64],
+        Some(x) => {
+            return Err(f.err(
+                "block_out_channels",
+                format!("expected a list of sizes, got {x}"),
+            ))
+        }
+    };
+    for (field, kind) in [
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ] {
+        if let Some(x) = f.get(field) {
+            let items = x
+                .as_array()
+                .ok_or_else(|| f.err(field, "expected a list"))?;
+            if items.len() != block_out_channels.len() {
+                return Err(f.err(
+                    field,
+                    format!(
+                        "{} entries for {} block_out_channels",
+                        items.len(),
+                        block_out_channels.len()
+                    ),
+                ));
+            }
+            if let Some(bad) = items.iter().find(|t| t.as_str() != Some(kind)) {
+                return Err(f.err(field, format!("{bad} is not supported (only {kind})")));
+            }
+        }
+    }
+    for field in ["latents_mean", "latents_std"] {
+        if f.get(field).is_some() {
+            return Err(f.err(field, "per-channel latent statistics are not supported"));
+        }
+    }
+    if f.str_or("act_fn", "silu")? != "silu" {
+        return Err(f.err("act_fn", "only silu is supported"));
+    }
+    let cfg = VaeConfig {
+        in_channels: f.usize_or("in_channels", Some(3))?,
+        out_channels: f.usize_or("out_channels", Some(3))?,
+        latent_channels: f.usize_or("latent_channels", Some(4))?,
+        layers_per_block: f.usize_or("layers_per_block", Some(1))?,
+        norm_num_groups: f.usize_or("norm_num_groups", Some(32))?,
+        scaling_factor: f.f32_or("scaling_factor", 0.18215)?,
+        shift_factor: f.f32_or("shift_factor", 0.0)?,
+        use_quant_conv: f.bool_or("use_quant_conv", true)?,
+        use_post_quant_conv: f.bool_or("use_post_quant_conv", true)?,
+        mid_block_attention: f.bool_or("mid_block_add_attention", true)?,
+        block_out_channels,
+    };
+    cfg.check().map_err(|e| match e {
+        lora_core::CoreError::InvalidConfig { field, reason } => f.err(field, reason),
+        e => IoError::Core(e),
+    })?;
+    Ok(cfg)
+}
+
+/// Loads a diffusers `vae/` directory (config.json and `diffusion_pytorch_model.safetensors`).
+/// The mid blocks' attention is read under diffusers' current names (`to_q`, `to_k`, `to_v`,
+/// `to_out.0`) or the older ones many SD 1.x repositories still ship (`query`, `key`, `value`,
+/// `proj_attn`), as diffusers converts them on load. A tensor the model does not use is an
+/// error naming it.
+pub fn load_vae(dir: &Path) -> Result<AutoencoderKl> {
+    let cfg_path = dir.join("config.json");
+    let cfg = read_vae_config(&cfg_path)?;
+    let w = crate::hf::Weights::open_stem(dir, "diffusion_pytorch_model")?;
+    let mut used = std::collections::HashSet::new();
+    let mut load = |k: &str, shape: &[usize]| -> Result<lora_core::Tensor> {
+        let key = if w.contains(k) {
+            k.to_string()
+        } else {
+            legacy_vae_name(k)
+                .filter(|l| w.contains(l))
+                .unwrap_or_else(|| k.to_string())
+        };
+        let t = w.tensor(&key, shape)?;
+        used.insert(key);
+        Ok(t)
+    };
+    let model = AutoencoderKl::load(&cfg, &mut load).map_err(|e| match e {
+        IoError::Core(lora_core::CoreError::InvalidConfig { field, reason }) => IoError::Config {
+            path: cfg_path.clone(),
+            field: field.into(),
+            reason,
+        },
+        e => e,
+    })?;
+    if let Some(extra) = w.names().into_iter().find(|k| !used.contains(*k)) {
+        return Err(IoError::Config {
+            path: cfg_path,
+            field: "block_out_channels".into(),
+            reason: format!("the weights hold `{extra}`, which this config's model does not use"),
+        });
+    }
+    Ok(model)
+}
+
+/// The pre-0.14 diffusers name of a VAE attention parameter (`...attentions.0.to_q.weight` was
+/// `...attentions.0.query.weight`), if `name` is one of those.
+fn legacy_vae_name(name: &str) -> Option<String> {
+    let i = name.find(".attentions.0.")? + ".attentions.0.".len();
+    let (head, tail) = name.split_at(i);
+    let old = [
+        ("to_q.", "query."),
+        ("to_k.", "key."),
+        ("to_v.", "value."),
+        ("to_out.0.", "proj_attn."),
+    ]
+    .iter()
+    .find_map(|(new, old)| tail.strip_prefix(new).map(|rest| format!("{old}{rest}")))?;
+    Some(format!("{head}{old}"))
 }
 
 #[cfg(test)]

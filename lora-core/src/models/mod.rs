@@ -13,6 +13,7 @@ pub mod linear;
 pub mod llama;
 pub mod resnet;
 pub mod unet;
+pub mod vae;
 pub mod vision;
 pub mod vit;
 pub mod yolos;

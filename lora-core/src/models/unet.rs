@@ -175,19 +175,23 @@ pub fn timestep_embedding(timesteps: &[f32], dim: usize, flip: bool, shift: f32)
     out
 }
 
-type Norm = (Tensor, Tensor);
+pub(crate) type Norm = (Tensor, Tensor);
 
 /// A weight loader: `load(name, shape)`.
 pub type Loader<'a, E> = dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E> + 'a;
 
-fn load_norm<E>(load: &mut Loader<E>, name: &str, c: usize) -> std::result::Result<Norm, E> {
+pub(crate) fn load_norm<E>(
+    load: &mut Loader<E>,
+    name: &str,
+    c: usize,
+) -> std::result::Result<Norm, E> {
     Ok((
         load(&format!("{name}.weight"), &[c])?,
         load(&format!("{name}.bias"), &[c])?,
     ))
 }
 
-fn load_linear<E>(
+pub(crate) fn load_linear<E>(
     load: &mut Loader<E>,
     name: &str,
     (inp, out): (usize, usize),
@@ -202,7 +206,7 @@ fn load_linear<E>(
     Ok(Linear::frozen(w, WeightLayout::OutIn, b))
 }
 
-fn load_conv<E>(
+pub(crate) fn load_conv<E>(
     load: &mut Loader<E>,
     name: &str,
     (inp, out, k): (usize, usize, usize),
@@ -218,19 +222,26 @@ fn load_conv<E>(
     Ok(Conv::frozen(w, Some(b), p))
 }
 
-fn norm_silu(tape: &Tape, x: &Tensor, n: &Norm, groups: usize, eps: f32) -> Result<Tensor> {
+pub(crate) fn norm_silu(
+    tape: &Tape,
+    x: &Tensor,
+    n: &Norm,
+    groups: usize,
+    eps: f32,
+) -> Result<Tensor> {
     let h = ops::group_norm(tape, x, &n.0, Some(&n.1), groups, eps)?;
     ops::silu(tape, &h)
 }
 
 /// `ResnetBlock2D`: `x + conv2(silu(gn2(conv1(silu(gn1(x))) + proj(silu(temb)))))`, the
-/// skip through a 1x1 convolution when the channels change, divided by the output scale.
+/// skip through a 1x1 convolution when the channels change, divided by the output scale. The
+/// VAE's have no time embedding (`temb_channels=None`).
 #[derive(Clone)]
-struct Resnet {
+pub(crate) struct Resnet {
     name: String,
     norm1: Norm,
     conv1: Conv,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: Norm,
     conv2: Conv,
     shortcut: Option<Conv>,
@@ -240,17 +251,20 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn load<E>(
+    pub(crate) fn load<E>(
         load: &mut Loader<E>,
         name: String,
-        (inp, out, temb): (usize, usize, usize),
+        (inp, out, temb): (usize, usize, Option<usize>),
         (groups, eps, out_scale): (usize, f32, f32),
     ) -> std::result::Result<Self, E> {
         let n = |p: &str| format!("{name}.{p}");
         Ok(Self {
             norm1: load_norm(load, &n("norm1"), inp)?,
             conv1: load_conv(load, &n("conv1"), (inp, out, 3), (1, 1))?,
-            time_emb_proj: load_linear(load, &n("time_emb_proj"), (temb, out), true)?,
+            time_emb_proj: match temb {
+                Some(t) => Some(load_linear(load, &n("time_emb_proj"), (t, out), true)?),
+                None => None,
+            },
             norm2: load_norm(load, &n("norm2"), out)?,
             conv2: load_conv(load, &n("conv2"), (out, out, 3), (1, 1))?,
             shortcut: if inp != out {
@@ -265,12 +279,29 @@ impl Resnet {
         })
     }
 
-    /// `temb_act` is `silu(temb)` (every block applies the same activation to it first).
-    fn forward(&self, tape: &Tape, x: &Tensor, temb_act: &Tensor, ad: bool) -> Result<Tensor> {
+    /// `temb_act` is `silu(temb)` (every block applies the same activation to it first);
+    /// `None` for the VAE's blocks, which have no time embedding.
+    pub(crate) fn forward(
+        &self,
+        tape: &Tape,
+        x: &Tensor,
+        temb_act: Option<&Tensor>,
+        ad: bool,
+    ) -> Result<Tensor> {
         let h = norm_silu(tape, x, &self.norm1, self.groups, self.eps)?;
-        let h = self.conv1.forward(tape, &h, ad)?;
-        let t = self.time_emb_proj.forward(tape, temb_act, ad)?;
-        let h = ops::add_planes(tape, &h, &t)?;
+        let mut h = self.conv1.forward(tape, &h, ad)?;
+        match (&self.time_emb_proj, temb_act) {
+            (Some(p), Some(t)) => {
+                let t = p.forward(tape, t, ad)?;
+                h = ops::add_planes(tape, &h, &t)?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(CoreError::Internal(
+                    "a time embedding for a block without one",
+                ))
+            }
+        }
         let h = norm_silu(tape, &h, &self.norm2, self.groups, self.eps)?;
         let h = self.conv2.forward(tape, &h, ad)?;
         let skip = match &self.shortcut {
@@ -285,16 +316,21 @@ impl Resnet {
         }
     }
 
-    fn linears(&self) -> Vec<(String, &Linear)> {
-        vec![(format!("{}.time_emb_proj", self.name), &self.time_emb_proj)]
+    pub(crate) fn linears(&self) -> Vec<(String, &Linear)> {
+        let name = format!("{}.time_emb_proj", self.name);
+        self.time_emb_proj
+            .iter()
+            .map(|l| (name.clone(), l))
+            .collect()
     }
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        vec![(
-            format!("{}.time_emb_proj", self.name),
-            &mut self.time_emb_proj,
-        )]
+    pub(crate) fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let name = format!("{}.time_emb_proj", self.name);
+        self.time_emb_proj
+            .iter_mut()
+            .map(|l| (name.clone(), l))
+            .collect()
     }
-    fn convs(&self) -> Vec<(String, &Conv)> {
+    pub(crate) fn convs(&self) -> Vec<(String, &Conv)> {
         let mut v = vec![
             (format!("{}.conv1", self.name), &self.conv1),
             (format!("{}.conv2", self.name), &self.conv2),
@@ -304,7 +340,7 @@ impl Resnet {
         }
         v
     }
-    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
+    pub(crate) fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
         let mut v = vec![
             (format!("{}.conv1", self.name), &mut self.conv1),
             (format!("{}.conv2", self.name), &mut self.conv2),
@@ -314,7 +350,7 @@ impl Resnet {
         }
         v
     }
-    fn norms(&self) -> [&Norm; 2] {
+    pub(crate) fn norms(&self) -> [&Norm; 2] {
         [&self.norm1, &self.norm2]
     }
 }
@@ -700,8 +736,12 @@ impl UNet2DCondition {
             for j in 0..cfg.layers_per_block[i] {
                 let rin = if j == 0 { in_c } else { out_c };
                 let rn = format!("{name}.resnets.{j}");
-                st.resnets
-                    .push(Resnet::load(load, rn, (rin, out_c, temb), (g, eps, 1.0))?);
+                st.resnets.push(Resnet::load(
+                    load,
+                    rn,
+                    (rin, out_c, Some(temb)),
+                    (g, eps, 1.0),
+                )?);
                 if cfg.down_blocks[i] == BlockKind::CrossAttn {
                     let an = format!("{name}.attentions.{j}");
                     let dims = (out_c, d, cfg.heads[i], cfg.transformer_layers[i]);
@@ -721,7 +761,7 @@ impl UNet2DCondition {
             let sc = cfg.mid_block_scale_factor;
             let r = |load: &mut Loader<E>, j: usize| {
                 let rn = format!("mid_block.resnets.{j}");
-                Resnet::load(load, rn, (top, top, temb), (g, eps, sc))
+                Resnet::load(load, rn, (top, top, Some(temb)), (g, eps, sc))
             };
             let r0 = r(load, 0)?;
             let dims = (top, d, cfg.heads[n - 1], cfg.transformer_layers[n - 1]);
@@ -761,7 +801,7 @@ impl UNet2DCondition {
                 st.resnets.push(Resnet::load(
                     load,
                     rn,
-                    (rin + skip, out_c, temb),
+                    (rin + skip, out_c, Some(temb)),
                     (g, eps, 1.0),
                 )?);
                 if cfg.up_blocks[i] == BlockKind::CrossAttn {
@@ -879,7 +919,7 @@ impl UNet2DCondition {
         let mut skips = vec![x.clone()];
         for st in &self.down {
             for (j, r) in st.resnets.iter().enumerate() {
-                x = r.forward(tape, &x, &temb_act, adapters)?;
+                x = r.forward(tape, &x, Some(&temb_act), adapters)?;
                 if let Some(a) = st.attentions.get(j) {
                     x = a.forward(tape, &x, context, adapters)?;
                 }
@@ -891,10 +931,10 @@ impl UNet2DCondition {
             }
         }
         if let Some(mid) = &self.mid {
-            x = mid.resnets[0].forward(tape, &x, &temb_act, adapters)?;
+            x = mid.resnets[0].forward(tape, &x, Some(&temb_act), adapters)?;
             for (a, r) in mid.attentions.iter().zip(&mid.resnets[1..]) {
                 x = a.forward(tape, &x, context, adapters)?;
-                x = r.forward(tape, &x, &temb_act, adapters)?;
+                x = r.forward(tape, &x, Some(&temb_act), adapters)?;
             }
         }
         for st in &self.up {
@@ -903,7 +943,7 @@ impl UNet2DCondition {
                     "the up path ran out of skip connections",
                 ))?;
                 x = ops::concat(tape, &x, &skip, 1)?;
-                x = r.forward(tape, &x, &temb_act, adapters)?;
+                x = r.forward(tape, &x, Some(&temb_act), adapters)?;
                 if let Some(a) = st.attentions.get(j) {
                     x = a.forward(tape, &x, context, adapters)?;
                 }
