@@ -25,6 +25,7 @@ pub mod merge;
 pub mod outdir;
 pub mod peft;
 pub mod safetensors;
+pub mod sd;
 pub mod tokenizer;
 pub mod vision;
 pub mod write;

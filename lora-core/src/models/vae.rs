@@ -308,6 +308,11 @@ impl AutoencoderKl {
         &self.cfg
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> crate::Device {
+        self.enc_conv_in.base().0.device()
+    }
+
     fn check_input(&self, what: &'static str, x: &Tensor, c: usize, m: usize) -> Result<()> {
         let s = x.shape();
         let ok = s.len() == 4
