@@ -40,6 +40,68 @@ pub enum Command {
     /// Measure kernel speed on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Stable Diffusion (1.x, 2.x): generate images with a diffusers pipeline directory.
+    #[command(subcommand)]
+    Sd(SdCommand),
+}
+
+#[derive(Subcommand)]
+pub enum SdCommand {
+    /// Text to image: classifier-free guided sampling (DDIM, Euler or DPM++ 2M), decoded by the
+    /// VAE, written as one PNG (a grid for --batch > 1).
+    Generate(SdGenerateArgs),
+}
+
+#[derive(Args)]
+pub struct SdGenerateArgs {
+    /// A diffusers pipeline directory (model_index.json, unet/, vae/, text_encoder/,
+    /// tokenizer/, scheduler/).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (default: the empty prompt, as diffusers).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (at most 1: the prompt alone, no negative pass).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    /// Sampler: euler, ddim or dpm++ (DPM++ 2M), configured from scheduler/scheduler_config.json.
+    #[arg(long, default_value = "euler")]
+    pub scheduler: String,
+    /// Image size WIDTHxHEIGHT (multiples of the model's latent factor, 8 for SD; 64 for a
+    /// standard UNet's three downsamplings).
+    #[arg(long, default_value = "512x512")]
+    pub size: String,
+    /// Seed of the initial latents (lora-rs's generator; use --init-noise to reproduce a
+    /// diffusers run).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images to generate (each from its own latents), written as one grid.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// The initial latents as a safetensors file (one tensor, or one named `latents`) of shape
+    /// (batch, 4, height / 8, width / 8): what diffusers' `latents=` argument means, before the
+    /// sampler's initial-sigma scaling.
+    #[arg(long)]
+    pub init_noise: Option<std::path::PathBuf>,
+    /// Condition on the text encoder's output this many layers before the last (diffusers'
+    /// clip_skip).
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Replace an existing --out that lora-rs wrote.
+    #[arg(long)]
+    pub force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Args)]

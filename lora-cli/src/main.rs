@@ -33,13 +33,14 @@ mod hub;
 mod inspect;
 mod merge;
 mod model;
+mod sd;
 mod train;
 mod train_bench;
 mod vision;
 mod vision_bench;
 
 use anyhow::Result;
-use args::{Cli, Command};
+use args::{Cli, Command, SdCommand};
 use clap::{CommandFactory, FromArgMatches};
 use config::{expand_config, negatives_as_values};
 use std::ffi::OsString;
@@ -117,5 +118,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::command(a),
         Command::Combine(a) => combine::command(a),
         Command::Bench(b) => bench::command(b),
+        Command::Sd(SdCommand::Generate(a)) => sd::generate(a),
     }
 }

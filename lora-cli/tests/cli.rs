@@ -1129,3 +1129,124 @@ fn conversations_train_through_the_chat_template() {
     );
     let _ = std::fs::remove_dir_all(&t);
 }
+
+/// `lora sd generate` on the committed tiny pipeline (fixtures/parity/make_sd_pipeline.py) from
+/// diffusers' initial latents: the first image of the grid equals diffusers' within 2/255 per
+/// pixel (Euler, guidance 7.5, the fixture's negative prompt); the output is never written over
+/// a file lora-rs did not write, and bad flags are named.
+#[test]
+fn sd_generate_matches_diffusers_and_guards_its_output() {
+    use lora_io::images::Rgb8;
+    use lora_io::safetensors::SafetensorsFile;
+    use lora_io::write::{write_safetensors, OutDtype, OutTensor};
+    let fx =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity/sd_pipeline");
+    let r = SafetensorsFile::open(fx.join("reference.safetensors")).unwrap();
+    let (latents, shape) = r.read_f32("latents").unwrap();
+    let tmp = std::env::temp_dir().join(format!("lora-sd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let noise = tmp.join("noise.safetensors");
+    let t = OutTensor {
+        name: "latents".into(),
+        shape: shape.clone(),
+        values: &latents,
+        dtype: OutDtype::F32,
+    };
+    write_safetensors(&noise, &[t], Default::default()).unwrap();
+    let out = tmp.join("grid.png");
+    let model = fx.join("model");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "sd",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red fox in the snow",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "5",
+            "--scheduler",
+            "euler",
+            "--size",
+            "16x24",
+            "--batch",
+            "2",
+            "--init-noise",
+            noise.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--threads",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        lora(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = Rgb8::open(&out).unwrap();
+    assert_eq!(
+        (img.height, img.width),
+        (24, 32),
+        "two 16x24 images side by side"
+    );
+    let (want, _) = r.read_f32("euler.images").unwrap(); // (2, 24, 16, 3) in [0, 1]
+    let mut worst = 0u8;
+    for y in 0..24 {
+        for x in 0..16 {
+            for c in 0..3 {
+                let got = img.data[(y * 32 + x) * 3 + c];
+                let w = (want[(y * 16 + x) * 3 + c] * 255.0).round_ties_even() as u8;
+                worst = worst.max(got.abs_diff(w));
+            }
+        }
+    }
+    assert!(
+        worst <= 2,
+        "first image differs from diffusers' by {worst}/255"
+    );
+    // Again: refused without --force, replaced with it (the file is ours).
+    let o = run(&[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    let o = run(&["--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A PNG lora-rs did not write is never replaced.
+    Rgb8::new(2, 2, vec![7; 12])
+        .unwrap()
+        .save_png(&out)
+        .unwrap();
+    let o = run(&["--force"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a PNG lora-rs wrote"));
+    assert_eq!(Rgb8::open(&out).unwrap().data, vec![7; 12]);
+    // Bad flags are named.
+    std::fs::remove_file(&out).unwrap();
+    for (extra, what) in [
+        (&["--size", "15x24"][..], "multiples of"),
+        (&["--scheduler", "pndm"][..], "unknown scheduler"),
+        (&["--batch", "3"][..], "--init-noise"),
+    ] {
+        let mut a = args(&[]);
+        // Later flags override earlier ones in clap only for repeated single-value options:
+        // replace the value instead.
+        let i = a.iter().position(|s| s == extra[0]).unwrap();
+        a[i + 1] = extra[1].to_string();
+        let o = lora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            !o.status.success() && err.contains(what),
+            "{extra:?}: {err}"
+        );
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}

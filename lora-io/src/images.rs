@@ -19,6 +19,80 @@ pub struct Rgb8 {
     pub data: Vec<u8>,
 }
 
+/// The `Software` text of the PNGs lora-rs writes.
+pub const PNG_MARK: &str = "lora-rs";
+
+/// The CRC-32 (IEEE) of `data`, as PNG chunks carry it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// `png` with a `tEXt` chunk `key`=`value` inserted after its header chunk (IHDR).
+fn with_text_chunk(png: &[u8], key: &str, value: &str) -> Vec<u8> {
+    // 8-byte signature, then IHDR: 4 length + 4 type + 13 data + 4 CRC.
+    let at = 8 + 4 + 4 + 13 + 4;
+    let mut body = b"tEXt".to_vec();
+    body.extend_from_slice(key.as_bytes());
+    body.push(0);
+    body.extend_from_slice(value.as_bytes());
+    let mut out = png[..at].to_vec();
+    out.extend_from_slice(&((body.len() - 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
+    out.extend_from_slice(&png[at..]);
+    out
+}
+
+/// Whether `path` is a PNG lora-rs wrote (its chunks before the image data hold the
+/// `Software` = [`PNG_MARK`] text).
+pub fn png_is_ours(path: &Path) -> bool {
+    use std::io::Read;
+    // Never open a FIFO or device (opening one can block).
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    // The marker sits right after the header: the first 64 KiB are enough.
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(1 << 16).read_to_end(&mut bytes));
+    if read.is_err() {
+        return false;
+    }
+    if bytes.len() < 8 || &bytes[..8] != b"\x89PNG\r\n\x1a\n" {
+        return false;
+    }
+    let mut i = 8;
+    while i + 8 <= bytes.len() {
+        let len = u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
+        let kind = &bytes[i + 4..i + 8];
+        let Some(data) = bytes.get(i + 8..i + 8 + len) else {
+            return false;
+        };
+        if kind == b"tEXt" {
+            let mut want = b"Software\0".to_vec();
+            want.extend_from_slice(PNG_MARK.as_bytes());
+            if data == want.as_slice() {
+                return true;
+            }
+        }
+        if kind == b"IDAT" || kind == b"IEND" {
+            return false;
+        }
+        i += 12 + len;
+    }
+    false
+}
+
 /// The largest image side decoded (a header claiming more is refused before any allocation).
 pub const MAX_SIDE: u32 = 16_384;
 
@@ -84,6 +158,29 @@ impl Rgb8 {
             width: w,
             data: img.into_raw(),
         })
+    }
+
+    /// Writes the image as a PNG marked as lora-rs's (a `tEXt` chunk `Software` =
+    /// [`PNG_MARK`]), so that `--force` may later replace it and nothing else.
+    pub fn save_png_marked(&self, path: &Path) -> Result<()> {
+        let bytes = self.png_bytes(path)?;
+        crate::write::write_atomic(path, &with_text_chunk(&bytes, "Software", PNG_MARK))
+    }
+
+    fn png_bytes(&self, path: &Path) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut bytes)
+            .write_image(
+                &self.data,
+                self.width as u32,
+                self.height as u32,
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| IoError::Image {
+                path: path.into(),
+                reason: format!("cannot encode: {e}"),
+            })?;
+        Ok(bytes)
     }
 
     /// Writes the image as a PNG.

@@ -100,13 +100,14 @@ impl SdPipeline {
         let f = self.vae.config().downscale();
         let m = f * self.unet.config().size_multiple();
         if height == 0 || width == 0 || !height.is_multiple_of(m) || !width.is_multiple_of(m) {
-            return Err(IoError::Config {
-                path: self.dir.join("unet/config.json"),
-                field: "size".into(),
+            return Err(IoError::Core(lora_core::CoreError::InvalidConfig {
+                field: "size",
                 reason: format!(
-                    "{width}x{height}: this model needs sides that are positive multiples of {m}"
+                    "{width}x{height}: this model needs sides that are positive multiples of \
+                     {m} (the VAE's factor {f} times the UNet's {})",
+                    self.unet.config().size_multiple()
                 ),
-            });
+            }));
         }
         Ok([batch, self.unet.config().in_channels, height / f, width / f])
     }
