@@ -58,6 +58,14 @@ pub struct SdGenerateArgs {
     /// tokenizer/, scheduler/).
     #[arg(long)]
     pub model: std::path::PathBuf,
+    /// A LoRA file to merge first (diffusers/PEFT or kohya, LoCon included), optionally with a
+    /// weight: `FILE:0.8`. Repeat for several; their updates add up.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
+    /// Merge the modules of a --lora file that match this pipeline and count the rest, instead
+    /// of refusing a file with modules that match no layer.
+    #[arg(long)]
+    pub allow_unmatched: bool,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,

@@ -1,4 +1,5 @@
-//! `lora sd generate`: text-to-image with a Stable Diffusion 1.x/2.x pipeline directory.
+//! `lora sd generate`: text-to-image with a Stable Diffusion 1.x/2.x pipeline directory and
+//! the LoRA files merged into it.
 
 use crate::args::SdGenerateArgs;
 use anyhow::{bail, Context, Result};
@@ -65,10 +66,17 @@ pub fn generate(a: SdGenerateArgs) -> Result<()> {
             a.guidance
         );
     }
-    lora_io::outdir::check_not_input("--out", &a.out, &[("--model", &a.model)])?;
+    let loras: Vec<(std::path::PathBuf, f32)> = a
+        .loras
+        .iter()
+        .map(|s| lora_io::sd_lora::parse_lora_arg(s))
+        .collect();
+    let mut inputs: Vec<(&str, &Path)> = vec![("--model", a.model.as_path())];
+    inputs.extend(loras.iter().map(|(p, _)| ("--lora file", p.as_path())));
+    lora_io::outdir::check_not_input("--out", &a.out, &inputs)?;
     check_png_output(&a.out, a.force)?;
     let pool = crate::bench::pool(a.threads)?;
-    pool.install(|| run(&a, (width, height), kind))
+    pool.install(|| run(&a, &loras, (width, height), kind))
 }
 
 fn check_png_output(out: &Path, force: bool) -> Result<()> {
@@ -96,9 +104,35 @@ fn check_png_output(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn run(a: &SdGenerateArgs, (width, height): (usize, usize), kind: SamplerKind) -> Result<()> {
-    let pipe = SdPipeline::open(&a.model)
+fn run(
+    a: &SdGenerateArgs,
+    loras: &[(std::path::PathBuf, f32)],
+    (width, height): (usize, usize),
+    kind: SamplerKind,
+) -> Result<()> {
+    let mut pipe = SdPipeline::open(&a.model)
         .with_context(|| format!("loading the pipeline in {}", a.model.display()))?;
+    for (path, weight) in loras {
+        let f = lora_io::sd_lora::read_sd_lora(path)?;
+        let rep = lora_io::sd_lora::merge_sd_lora(&mut pipe, &f, *weight, a.allow_unmatched)?;
+        let merged: Vec<String> = rep.merged.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        eprintln!(
+            "merged {} ({}, weight {weight}): {} modules{}",
+            path.display(),
+            f.format,
+            merged.join(", "),
+            if rep.unmatched.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} matched no layer (--allow-unmatched), e.g. {}",
+                    rep.unmatched.len(),
+                    rep.unmatched[0]
+                )
+            }
+        );
+    }
+    let pipe = pipe;
     let shape1 = pipe.latent_shape(1, height, width)?;
     let all = [a.batch, shape1[1], shape1[2], shape1[3]];
     let per = shape1[1] * shape1[2] * shape1[3];

@@ -1213,6 +1213,34 @@ fn sd_generate_matches_diffusers_and_guards_its_output() {
         worst <= 2,
         "first image differs from diffusers' by {worst}/255"
     );
+    // With two LoRA files (kohya LoCon at 0.8, diffusers/PEFT at 1.0) the first image is
+    // diffusers' after load_lora_weights + set_adapters (fixtures/parity/make_sd_lora.py).
+    let lora_out = tmp.join("lora.png");
+    let sdl = fx.join("../sd_lora");
+    let kohya = format!("{}:0.8", sdl.join("kohya.safetensors").display());
+    let peft = sdl.join("peft.safetensors").display().to_string();
+    let mut a = args(&["--lora", &kohya, "--lora", &peft]);
+    let i = a.iter().position(|s| s == "--steps").unwrap();
+    a[i + 1] = "4".into();
+    let i = a.iter().position(|s| s == "--out").unwrap();
+    a[i + 1] = lora_out.display().to_string();
+    let o = lora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("45 unet modules"));
+    let img = Rgb8::open(&lora_out).unwrap();
+    let rl = SafetensorsFile::open(sdl.join("reference.safetensors")).unwrap();
+    let (want, _) = rl.read_f32("both.images").unwrap();
+    let mut worst = 0u8;
+    for y in 0..24 {
+        for x in 0..16 {
+            for c in 0..3 {
+                let got = img.data[(y * 32 + x) * 3 + c];
+                let w = (want[(y * 16 + x) * 3 + c] * 255.0).round_ties_even() as u8;
+                worst = worst.max(got.abs_diff(w));
+            }
+        }
+    }
+    assert!(worst <= 2, "with LoRAs: {worst}/255 from diffusers");
     // Again: refused without --force, replaced with it (the file is ours).
     let o = run(&[]);
     assert!(!o.status.success());

@@ -177,6 +177,9 @@ pub fn timestep_embedding(timesteps: &[f32], dim: usize, flip: bool, shift: f32)
 
 pub(crate) type Norm = (Tensor, Tensor);
 
+/// Named mutable linear layers and convolutions.
+pub type LayersMut<'a> = (Vec<(String, &'a mut Linear)>, Vec<(String, &'a mut Conv)>);
+
 /// A weight loader: `load(name, shape)`.
 pub type Loader<'a, E> = dyn FnMut(&str, &[usize]) -> std::result::Result<Tensor, E> + 'a;
 
@@ -349,6 +352,22 @@ impl Resnet {
             v.push((format!("{}.conv_shortcut", self.name), c));
         }
         v
+    }
+    fn layers_mut(&mut self) -> LayersMut<'_> {
+        let n = &self.name;
+        let lin = self
+            .time_emb_proj
+            .iter_mut()
+            .map(|l| (format!("{n}.time_emb_proj"), l))
+            .collect();
+        let mut conv = vec![
+            (format!("{n}.conv1"), &mut self.conv1),
+            (format!("{n}.conv2"), &mut self.conv2),
+        ];
+        if let Some(c) = &mut self.shortcut {
+            conv.push((format!("{n}.conv_shortcut"), c));
+        }
+        (lin, conv)
     }
     pub(crate) fn norms(&self) -> [&Norm; 2] {
         [&self.norm1, &self.norm2]
@@ -621,6 +640,25 @@ impl Transformer2D {
         }
         v
     }
+    fn layers_mut(&mut self) -> LayersMut<'_> {
+        let name = &self.name;
+        let (mut lin, mut conv) = (Vec::new(), Vec::new());
+        for (p, proj) in [
+            ("proj_in", &mut self.proj_in),
+            ("proj_out", &mut self.proj_out),
+        ] {
+            match proj {
+                Proj::Conv(c) => conv.push((format!("{name}.{p}"), c)),
+                Proj::Linear(l) => lin.push((format!("{name}.{p}"), l)),
+            }
+        }
+        for (i, blk) in self.blocks.iter_mut().enumerate() {
+            for (p, l) in blk.linears_mut() {
+                lin.push((format!("{name}.transformer_blocks.{i}.{p}"), l));
+            }
+        }
+        (lin, conv)
+    }
     fn norms(&self) -> Vec<&Norm> {
         let mut v = vec![&self.norm];
         for b in &self.blocks {
@@ -679,6 +717,24 @@ impl Stage {
             v.push((rn, c));
         }
         v
+    }
+    fn layers_mut(&mut self) -> LayersMut<'_> {
+        let rn = self.resample_name();
+        let (mut lin, mut conv) = (Vec::new(), Vec::new());
+        for r in &mut self.resnets {
+            let (l, c) = r.layers_mut();
+            lin.extend(l);
+            conv.extend(c);
+        }
+        for a in &mut self.attentions {
+            let (l, c) = a.layers_mut();
+            lin.extend(l);
+            conv.extend(c);
+        }
+        if let Some(c) = &mut self.resample {
+            conv.push((rn, c));
+        }
+        (lin, conv)
     }
     fn norms(&self) -> Vec<&Norm> {
         let mut v: Vec<&Norm> = self.resnets.iter().flat_map(|r| r.norms()).collect();
@@ -1015,6 +1071,34 @@ impl UNet2DCondition {
         v.extend(stages.flat_map(|s| s.convs_mut()));
         v.push(("conv_out".to_string(), &mut self.conv_out));
         v
+    }
+
+    /// Every linear layer and every convolution with their module paths, mutable at once (to
+    /// merge a LoRA file that touches both).
+    pub fn layers_mut(&mut self) -> LayersMut<'_> {
+        let mut lin = vec![
+            (
+                "time_embedding.linear_1".to_string(),
+                &mut self.time_linear_1,
+            ),
+            (
+                "time_embedding.linear_2".to_string(),
+                &mut self.time_linear_2,
+            ),
+        ];
+        let mut conv = vec![("conv_in".to_string(), &mut self.conv_in)];
+        let stages = self
+            .down
+            .iter_mut()
+            .chain(self.mid.iter_mut())
+            .chain(self.up.iter_mut());
+        for st in stages {
+            let (l, c) = st.layers_mut();
+            lin.extend(l);
+            conv.extend(c);
+        }
+        conv.push(("conv_out".to_string(), &mut self.conv_out));
+        (lin, conv)
     }
 
     /// The norms' gains and biases (with the linears and convolutions: every tensor).

@@ -1,0 +1,215 @@
+//! Stable Diffusion LoRA files against diffusers and PEFT (fixtures/parity/make_sd_lora.py, on
+//! the tiny pipeline of make_sd_pipeline.py): a diffusers/PEFT file (UNet attention, an alpha
+//! pattern in diffusers' header metadata) and a kohya LoCon file (attention, 1x1 and 3x3
+//! convolutions, time_emb_proj, a downsampler, per-module alphas) merged into the pipeline give
+//! diffusers' images after `load_lora_weights`, alone and together with weights 1.0 and 0.8;
+//! text-encoder files in both formats give PEFT's text states. Bad files are named errors.
+
+use lora_core::diffusion::{decode_latents, denoise, Conditioning};
+use lora_io::diffusion::SamplerKind;
+use lora_io::safetensors::SafetensorsFile;
+use lora_io::sd::SdPipeline;
+use lora_io::sd_lora::{merge_sd_lora, read_sd_lora};
+use std::path::PathBuf;
+
+fn fx(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/parity")
+        .join(p)
+}
+
+const PROMPTS: [&str; 2] = [
+    "a red fox in the snow",
+    "a photograph of an astronaut riding a horse",
+];
+
+/// The images (B, H, W, 3) the pipeline makes with the fixture's settings.
+fn images(pipe: &SdPipeline) -> Vec<f32> {
+    let r = SafetensorsFile::open(fx("sd_pipeline/reference.safetensors")).unwrap();
+    let (noise, _) = r.read_f32("latents").unwrap();
+    let shape = pipe.latent_shape(2, 24, 16).unwrap();
+    let cond = pipe.encode_prompts(&PROMPTS, 0).unwrap();
+    let uncond = pipe.encode_prompts(&["blurry", "blurry"], 0).unwrap();
+    let mut sampler = pipe.sampler(SamplerKind::Euler, 4).unwrap();
+    let c = Conditioning {
+        cond: &cond,
+        uncond: &uncond,
+        guidance: 7.5,
+    };
+    let lat = denoise(
+        &pipe.unet,
+        sampler.as_mut(),
+        &noise,
+        shape,
+        &c,
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let img = decode_latents(&pipe.vae, &lat, shape).unwrap();
+    let (h, w) = (24, 16);
+    let mut out = vec![0.0; img.len()];
+    for b in 0..2 {
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    out[((b * h + y) * w + x) * 3 + c] = img[((b * 3 + c) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn merged_unet_loras_give_diffusers_images() {
+    let r = SafetensorsFile::open(fx("sd_lora/reference.safetensors")).unwrap();
+    let peft = read_sd_lora(&fx("sd_lora/peft.safetensors")).unwrap();
+    let kohya = read_sd_lora(&fx("sd_lora/kohya.safetensors")).unwrap();
+    assert_eq!((peft.format, kohya.format), ("diffusers", "kohya"));
+    assert_eq!(kohya.modules.len(), 45);
+    for (case, files) in [
+        ("base", vec![]),
+        ("peft", vec![(&peft, 1.0)]),
+        ("kohya", vec![(&kohya, 1.0)]),
+        ("both", vec![(&peft, 1.0), (&kohya, 0.8)]),
+    ] {
+        let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
+        for (f, w) in files {
+            let rep = merge_sd_lora(&mut pipe, f, w, false).unwrap();
+            assert!(rep.unmatched.is_empty());
+            assert_eq!(rep.merged.values().sum::<usize>(), f.modules.len());
+        }
+        let (want, _) = r.read_f32(&format!("{case}.images")).unwrap();
+        let e = worst(&images(&pipe), &want);
+        eprintln!("{case}: worst pixel difference {e:.2e}");
+        assert!(e < 1e-5, "{case}: {e:.2e}");
+    }
+}
+
+#[test]
+fn text_encoder_loras_give_peft_states() {
+    let r = SafetensorsFile::open(fx("sd_lora/reference.safetensors")).unwrap();
+    for case in ["te_peft", "te_kohya"] {
+        let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
+        let f = read_sd_lora(&fx(&format!("sd_lora/{case}.safetensors"))).unwrap();
+        let rep = merge_sd_lora(&mut pipe, &f, 1.0, false).unwrap();
+        assert_eq!(rep.merged.get("text_encoder"), Some(&f.modules.len()));
+        let got = pipe
+            .encode_prompts(&PROMPTS, 0)
+            .unwrap()
+            .try_to_vec()
+            .unwrap();
+        let (want, _) = r.read_f32(&format!("{case}.states")).unwrap();
+        let e = worst(&got, &want);
+        eprintln!("{case}: worst difference {e:.2e}");
+        assert!(e < 2e-5, "{case}: {e:.2e}");
+    }
+}
+
+#[test]
+fn bad_lora_files_are_named_errors() {
+    use lora_io::write::{write_safetensors, OutDtype, OutTensor};
+    let tmp = std::env::temp_dir().join(format!("lora-sd-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let write = |name: &str, tensors: &[(&str, Vec<usize>)]| {
+        let vals: Vec<Vec<f32>> = tensors
+            .iter()
+            .map(|(k, s)| {
+                // Alphas are written as 0 (kohya's "alpha = rank"), weights as 0.01.
+                let v = if k.ends_with(".alpha") { 0.0 } else { 0.01 };
+                vec![v; s.iter().product()]
+            })
+            .collect();
+        let ts: Vec<OutTensor> = tensors
+            .iter()
+            .zip(&vals)
+            .map(|((k, s), v)| OutTensor {
+                name: k.to_string(),
+                shape: s.clone(),
+                values: v,
+                dtype: OutDtype::F32,
+            })
+            .collect();
+        let p = tmp.join(name);
+        write_safetensors(&p, &ts, Default::default()).unwrap();
+        p
+    };
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let cases: Vec<(&str, Vec<(String, Vec<usize>)>, &str)> = vec![
+        (
+            "loha",
+            vec![(format!("{q}.hada_w1_a"), vec![2, 2])],
+            "not supported yet",
+        ),
+        (
+            "half",
+            vec![(format!("{q}.lora_down.weight"), vec![2, 16])],
+            "both its down",
+        ),
+        (
+            "rank",
+            vec![
+                (format!("{q}.lora_down.weight"), vec![2, 16]),
+                (format!("{q}.lora_up.weight"), vec![16, 3]),
+            ],
+            "low-rank pair",
+        ),
+        (
+            "odd",
+            vec![("something.else".into(), vec![1])],
+            "not a LoRA key",
+        ),
+    ];
+    for (name, tensors, what) in cases {
+        let t: Vec<(&str, Vec<usize>)> = tensors
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.clone()))
+            .collect();
+        let p = write(&format!("{name}.safetensors"), &t);
+        let e = read_sd_lora(&p).unwrap_err().to_string();
+        assert!(e.contains(what) && e.contains(name), "{name}: {e}");
+    }
+    // Modules that match no layer: an error listing them, or (allowed) a count; nothing is
+    // merged when the file does not fit.
+    let p = write(
+        "unmatched.safetensors",
+        &[
+            (&format!("{q}.lora_down.weight"), vec![2, 16]),
+            (&format!("{q}.lora_up.weight"), vec![16, 2]),
+            ("lora_unet_no_such_module.lora_down.weight", vec![2, 16]),
+            ("lora_unet_no_such_module.lora_up.weight", vec![16, 2]),
+        ],
+    );
+    let f = read_sd_lora(&p).unwrap();
+    let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
+    let e = merge_sd_lora(&mut pipe, &f, 1.0, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no_such_module") && e.contains("--allow-unmatched"),
+        "{e}"
+    );
+    let rep = merge_sd_lora(&mut pipe, &f, 1.0, true).unwrap();
+    assert_eq!(rep.unmatched.len(), 1);
+    assert_eq!(rep.merged.get("unet"), Some(&1));
+    // kohya's rule: a zero alpha means alpha = rank (scale 1).
+    let p = write(
+        "alpha0.safetensors",
+        &[
+            (&format!("{q}.lora_down.weight"), vec![2, 16]),
+            (&format!("{q}.lora_up.weight"), vec![16, 2]),
+            (&format!("{q}.alpha"), vec![]),
+        ],
+    );
+    let f = read_sd_lora(&p).unwrap();
+    assert_eq!(f.modules[0].scale, 1.0);
+    std::fs::remove_dir_all(&tmp).ok();
+}
