@@ -1073,6 +1073,72 @@ impl UNet2DCondition {
         v
     }
 
+    /// Adds a LoRA adapter to every linear layer and convolution whose module path matches
+    /// one of `targets` (PEFT's `target_modules` rule: the path is the target or ends with
+    /// `.` + target; `to_q`, `to_out.0`, `attn2.to_k`, `conv1`, ...). Convolutions get PEFT's
+    /// conv LoRA (LoCon). Layer `i` of the model order is initialised from `seed + i`. Returns
+    /// how many layers were adapted; an error when a target matches nothing.
+    pub fn inject_lora(
+        &mut self,
+        cfg: &crate::lora::LoraConfig,
+        targets: &[String],
+        seed: u64,
+    ) -> Result<usize> {
+        let hit = |name: &str| {
+            targets
+                .iter()
+                .any(|t| name == t || name.ends_with(&format!(".{t}")))
+        };
+        let (lin, conv) = self.layers_mut();
+        let mut used = vec![false; targets.len()];
+        let mut n = 0;
+        let mut mark = |name: &str| {
+            for (u, t) in used.iter_mut().zip(targets) {
+                *u |= name == t || name.ends_with(&format!(".{t}"));
+            }
+        };
+        for (i, (name, l)) in lin.into_iter().enumerate() {
+            if hit(&name) {
+                l.inject(cfg, seed.wrapping_add(i as u64))?;
+                mark(&name);
+                n += 1;
+            }
+        }
+        for (i, (name, c)) in conv.into_iter().enumerate() {
+            if hit(&name) {
+                c.inject(cfg, seed.wrapping_add((1 << 20) + i as u64))?;
+                mark(&name);
+                n += 1;
+            }
+        }
+        if let Some(i) = used.iter().position(|u| !u) {
+            return Err(CoreError::InvalidConfig {
+                field: "target_modules",
+                reason: format!("`{}` matches no layer of the UNet", targets[i]),
+            });
+        }
+        Ok(n)
+    }
+
+    /// The adapters' trainable tensors with PEFT's names (`<module>.lora_A.weight`,
+    /// `<module>.lora_B.weight`), in model order.
+    pub fn lora_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut v = Vec::new();
+        for (name, l) in self.linears() {
+            if let Some(a) = l.lora() {
+                v.push((format!("{name}.lora_A.weight"), &a.lora_a));
+                v.push((format!("{name}.lora_B.weight"), &a.lora_b));
+            }
+        }
+        for (name, c) in self.convs() {
+            if let Some(a) = c.lora() {
+                v.push((format!("{name}.lora_A.weight"), &a.lora_a));
+                v.push((format!("{name}.lora_B.weight"), &a.lora_b));
+            }
+        }
+        v
+    }
+
     /// Every linear layer and every convolution with their module paths, mutable at once (to
     /// merge a LoRA file that touches both).
     pub fn layers_mut(&mut self) -> LayersMut<'_> {
