@@ -244,12 +244,13 @@ pub struct TrainArgs {
     /// Output directory (final adapter, metrics.jsonl, checkpoint-* folders).
     #[arg(long)]
     pub out: std::path::PathBuf,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with --rslora).
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f32,
+    /// LoRA rank (default 8; 4 for Stable Diffusion, as diffusers' LoRA script).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with --rslora; default 16; the
+    /// rank for Stable Diffusion, as diffusers' LoRA script).
+    #[arg(long)]
+    pub alpha: Option<f32>,
     /// Modules to adapt: comma-separated names (exact or dotted suffix), a regex, or all-linear.
     /// Default: all-linear for language models; q_proj,v_proj for ViT (PEFT's
     /// image-classification recipe; the original names query,value also work); every
@@ -373,6 +374,32 @@ pub struct TrainArgs {
     /// image-classification.
     #[arg(long, default_value = "auto")]
     pub task: String,
+    /// Stable Diffusion: the square training resolution in pixels (default 512).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Stable Diffusion: crop each image at random each step instead of the center (then the
+    /// latents cannot be cached: every step encodes its crops).
+    #[arg(long)]
+    pub random_crop: bool,
+    /// Stable Diffusion: flip images horizontally at random.
+    #[arg(long)]
+    pub random_flip: bool,
+    /// Stable Diffusion: per-channel noise offset (diffusers' --noise_offset).
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f32,
+    /// Stable Diffusion: min-SNR loss weighting gamma (5.0 is the paper's choice).
+    #[arg(long)]
+    pub snr_gamma: Option<f32>,
+    /// Stable Diffusion: the LoRA file's format: diffusers (PEFT keys, what
+    /// load_lora_weights reads) or kohya (lora_unet_* keys with alphas).
+    #[arg(long, default_value = "diffusers")]
+    pub format: String,
+    /// Stable Diffusion: generate --sample-prompt every N steps into --out/samples (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub sample_every: usize,
+    /// Stable Diffusion: the prompt of the sample images.
+    #[arg(long)]
+    pub sample_prompt: Option<String>,
     /// Image tasks: the image processor's target size (ViT: must be the config's image_size;
     /// ResNet: the shortest edge, center-cropped; YOLOS: the shortest edge, the longest in
     /// proportion), instead of preprocessor_config.json's.

@@ -211,3 +211,161 @@ fn grid(images: &[Vec<f32>], h: usize, w: usize) -> Rgb8 {
     }
     Rgb8::new(gh, gw, data).expect("sized above")
 }
+
+/// The entries `lora train` writes into an SD run's --out.
+fn sd_train_owns(name: &str) -> bool {
+    matches!(
+        name,
+        "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors" | "metrics.jsonl" | "samples"
+    )
+}
+
+/// `lora train` on a Stable Diffusion pipeline directory: LoRA on the UNet.
+pub fn train(a: crate::args::TrainArgs) -> Result<()> {
+    use lora_core::lora::{LoraConfig, LoraInit};
+    use lora_train::diffusion::{
+        read_image_folder, save_sd_lora, train_sd_lora, Crop, SdTrainConfig,
+    };
+    use std::io::Write;
+    if a.resume {
+        bail!("--resume is not supported for Stable Diffusion runs yet");
+    }
+    let kohya = match a.format.as_str() {
+        "diffusers" | "peft" => false,
+        "kohya" => true,
+        other => bail!("--format must be diffusers or kohya, got `{other}`"),
+    };
+    let rank = a.rank.unwrap_or(4);
+    let targets: Vec<String> = match &a.target {
+        Some(t) => t
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => ["to_k", "to_q", "to_v", "to_out.0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let cfg = SdTrainConfig {
+        resolution: a.resolution.unwrap_or(512),
+        crop: if a.random_crop {
+            Crop::Random
+        } else {
+            Crop::Center
+        },
+        flip: a.random_flip,
+        lora: LoraConfig {
+            rank,
+            alpha: a.alpha.unwrap_or(rank as f32),
+            use_rslora: a.rslora,
+            dropout: a.dropout,
+            init: LoraInit::Gaussian,
+        },
+        targets,
+        steps: a.steps.unwrap_or(100),
+        batch: a.batch_size,
+        lr: a.lr.unwrap_or(1e-4),
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        noise_offset: a.noise_offset,
+        snr_gamma: a.snr_gamma,
+    };
+    cfg.lora.validate()?;
+    if a.epochs.is_some() {
+        bail!("--epochs is not supported for Stable Diffusion runs yet; give --steps");
+    }
+    if a.sample_every > 0 && a.sample_prompt.is_none() {
+        bail!("--sample-every needs --sample-prompt");
+    }
+    lora_io::outdir::check_not_input(
+        "--out",
+        &a.out,
+        &[("--model", &a.model), ("--data", &a.data)],
+    )?;
+    let command = "lora train (stable diffusion)";
+    match lora_io::outdir::inspect_output(
+        "--out",
+        &a.out,
+        command,
+        lora_io::outdir::Owned::Matching(&sd_train_owns),
+    )? {
+        lora_io::outdir::Existing::Empty => {}
+        lora_io::outdir::Existing::Ours(entries) => {
+            if !a.force {
+                bail!(
+                    "--out {} holds an earlier run (pass --force to replace it)",
+                    a.out.display()
+                );
+            }
+            lora_io::outdir::remove_owned(&entries)?;
+        }
+    }
+    let data = read_image_folder(&a.data)?;
+    let pool = crate::bench::pool(a.threads)?;
+    pool.install(|| -> Result<()> {
+        let mut pipe = SdPipeline::open(&a.model)
+            .with_context(|| format!("loading the pipeline in {}", a.model.display()))?;
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("creating {}", a.out.display()))?;
+        lora_io::outdir::write_marker(&a.out, command, None)?;
+        let metrics_path = a.out.join("metrics.jsonl");
+        let mut metrics = std::fs::File::create(&metrics_path)
+            .with_context(|| format!("creating {}", metrics_path.display()))?;
+        eprintln!(
+            "training LoRA r{} alpha {} on {} UNet target(s) over {} images at {}px, {} steps of {}",
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            cfg.targets.join(","),
+            data.len(),
+            cfg.resolution,
+            cfg.steps,
+            cfg.batch
+        );
+        let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+        let sample_noise: Vec<f32> = {
+            let mut rng = lora_kernels::rng::Rng::new(a.seed ^ 0x5a3_91e);
+            let f = pipe.vae.config().downscale();
+            let n = pipe.unet.config().in_channels * (cfg.resolution / f).pow(2);
+            (0..n).map(|_| rng.normal() as f32).collect()
+        };
+        let hist = train_sd_lora(&mut pipe, &data, &cfg, |pipe, s| {
+            bar.set_position(s.step as u64);
+            bar.set_message(format!("loss {:.4}", s.loss));
+            let line = serde_json::json!({"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr});
+            writeln!(metrics, "{line}").map_err(|e| lora_io::error::IoError::Io {
+                path: metrics_path.clone(),
+                source: e,
+            })?;
+            if a.sample_every > 0 && (s.step % a.sample_every == 0 || s.step == cfg.steps) {
+                let prompt = a.sample_prompt.as_deref().unwrap_or("");
+                let shape = pipe.latent_shape(1, cfg.resolution, cfg.resolution)?;
+                let cond = pipe.encode_prompts(&[prompt], 0)?;
+                let uncond = pipe.encode_prompts(&[""], 0)?;
+                let c = Conditioning { cond: &cond, uncond: &uncond, guidance: 7.5 };
+                let mut sampler = pipe.sampler(SamplerKind::Euler, 20)?;
+                let lat = denoise(&pipe.unet, sampler.as_mut(), &sample_noise, shape, &c, true, &mut |_, _| {})?;
+                let img = decode_latents(&pipe.vae, &lat, shape)?;
+                let dir = a.out.join("samples");
+                std::fs::create_dir_all(&dir).map_err(|e| lora_io::error::IoError::Io { path: dir.clone(), source: e })?;
+                grid(&[img], cfg.resolution, cfg.resolution)
+                    .save_png_marked(&dir.join(format!("step-{:06}.png", s.step)))?;
+            }
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+        let name = if kohya { "lora_kohya.safetensors" } else { "pytorch_lora_weights.safetensors" };
+        save_sd_lora(&pipe, &cfg, kohya, &a.out.join(name))?;
+        let first = hist.first().map_or(f32::NAN, |s| s.loss);
+        let k = hist.len().min(10);
+        let last: f32 = hist[hist.len() - k..].iter().map(|s| s.loss).sum::<f32>() / k as f32;
+        eprintln!(
+            "wrote {} ({} format); loss {first:.4} at step 1, {last:.4} over the last {k} steps",
+            a.out.join(name).display(),
+            if kohya { "kohya" } else { "diffusers" }
+        );
+        Ok(())
+    })
+}

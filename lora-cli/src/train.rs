@@ -10,6 +10,9 @@ use anyhow::{Context, Result};
 /// `lora train`.
 pub fn command(mut a: TrainArgs) -> Result<()> {
     a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
+    if a.model.join("model_index.json").exists() {
+        return crate::sd::train(a);
+    }
     let (device, note) = resolve_device(&a.device)?;
     if crate::vision::is_image_task(&a.model, &a.task)? {
         return crate::vision::train(a, device, &note);
@@ -57,8 +60,8 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
         model: a.model,
         data: a.data,
         out: a.out,
-        rank: a.rank,
-        alpha: a.alpha,
+        rank: a.rank.unwrap_or(8),
+        alpha: a.alpha.unwrap_or(16.0),
         target: a.target.unwrap_or_else(|| "all-linear".into()),
         dropout: a.dropout,
         rslora: a.rslora,

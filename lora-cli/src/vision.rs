@@ -103,8 +103,8 @@ pub fn train(a: TrainArgs, device: Device, note: &str) -> Result<()> {
                 .filter(|s| !s.is_empty())
                 .collect()
         }),
-        rank: a.rank,
-        alpha: a.alpha,
+        rank: a.rank.unwrap_or(8),
+        alpha: a.alpha.unwrap_or(16.0),
         rslora: a.rslora,
         lr: a.lr.unwrap_or(5e-3),
         weight_decay: a.weight_decay,

@@ -143,7 +143,8 @@ fn bad_lora_files_are_named_errors() {
         p
     };
     let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    let cases: Vec<(&str, Vec<(String, Vec<usize>)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(String, Vec<usize>)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "loha",
             vec![(format!("{q}.hada_w1_a"), vec![2, 2])],

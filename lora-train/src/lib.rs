@@ -8,6 +8,7 @@
 
 pub mod batches;
 pub mod data;
+pub mod diffusion;
 pub mod eval;
 pub mod optim;
 pub mod plot;
