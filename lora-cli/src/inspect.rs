@@ -72,6 +72,54 @@ pub fn run_inspect(path: &Path, json: bool) -> Result<()> {
                 outln!("warning: {damaged} values of A and B are NaN or infinite: this adapter is damaged, and eval, generate and merge refuse it");
             }
         }
+        Report::SdLora {
+            format,
+            params,
+            blocks,
+            modules,
+        } => {
+            outln!(
+                "Stable Diffusion LoRA ({format}): {} modules, {params} parameters",
+                modules.len()
+            );
+            outln!(
+                "  {:<32} {:>7} {:>10} {:>18} {:>12}",
+                "block",
+                "modules",
+                "ranks",
+                "scales",
+                "|s*B@A|"
+            );
+            let list = |v: Vec<String>| v.join(",");
+            for b in &blocks {
+                outln!(
+                    "  {:<32} {:>7} {:>10} {:>18} {:>12.4}",
+                    b.block,
+                    b.modules,
+                    list(b.ranks.iter().map(|r| r.to_string()).collect()),
+                    list(b.scales.iter().map(|s| format!("{s}")).collect()),
+                    b.norm_delta
+                );
+            }
+            outln!(
+                "  {:<70} {:>10} {:>4} {:>8} {:>12}",
+                "module",
+                "kind",
+                "r",
+                "scale",
+                "|s*B@A|"
+            );
+            for m in &modules {
+                outln!(
+                    "  {:<70} {:>10} {:>4} {:>8.4} {:>12.4}",
+                    format!("{} {}", m.component, m.module),
+                    m.kind,
+                    m.r,
+                    m.scale,
+                    m.norm_delta
+                );
+            }
+        }
         Report::File {
             params,
             metadata,

@@ -68,6 +68,17 @@ pub enum Report {
         /// Per module.
         modules: Vec<AdapterModule>,
     },
+    /// A Stable Diffusion LoRA file (diffusers/PEFT or kohya).
+    SdLora {
+        /// `diffusers` or `kohya`.
+        format: String,
+        /// Parameters in the file's pairs.
+        params: usize,
+        /// Per block (`unet down_blocks.1`, `text_encoder layers.3`, ...), in order.
+        blocks: Vec<SdLoraBlock>,
+        /// Per module.
+        modules: Vec<SdLoraModuleInfo>,
+    },
     /// A bare safetensors file.
     File {
         /// Parameters stored.
@@ -77,6 +88,138 @@ pub enum Report {
         /// Stored tensors.
         tensors: Vec<TensorEntry>,
     },
+}
+
+/// A block of an SD LoRA file.
+#[derive(Clone, Debug, Serialize)]
+pub struct SdLoraBlock {
+    /// `unet down_blocks.1`, `unet mid_block`, `text_encoder layers.0`, ...
+    pub block: String,
+    /// Modules in it.
+    pub modules: usize,
+    /// Distinct ranks.
+    pub ranks: Vec<usize>,
+    /// Distinct scales.
+    pub scales: Vec<f32>,
+    /// The Frobenius norm of the block's updates taken together.
+    pub norm_delta: f64,
+}
+
+/// A module of an SD LoRA file.
+#[derive(Clone, Debug, Serialize)]
+pub struct SdLoraModuleInfo {
+    /// `unet` or `text_encoder`.
+    pub component: String,
+    /// The module as the file names it.
+    pub module: String,
+    /// `linear`, or `conv KxK`.
+    pub kind: String,
+    /// Rank.
+    pub r: usize,
+    /// Scale (alpha / r, or as the file's metadata says).
+    pub scale: f32,
+    /// `|scale * up @ down|_F`.
+    pub norm_delta: f64,
+}
+
+/// The block a module belongs to: the UNet's `down_blocks.N` / `mid_block` / `up_blocks.N` /
+/// top-level layer, the text encoder's `layers.N`; from dotted or kohya's flattened names.
+fn sd_block(component: &str, key: &str) -> String {
+    let flat = key.replace('.', "_");
+    let toks: Vec<&str> = flat.split('_').collect();
+    let find = |word: &[&str]| -> Option<String> {
+        let i = toks.windows(word.len()).position(|w| w == word)?;
+        let n = toks
+            .get(i + word.len())
+            .filter(|t| t.parse::<usize>().is_ok());
+        Some(match n {
+            Some(n) => format!("{}.{n}", word.join("_")),
+            None => word.join("_"),
+        })
+    };
+    let block = find(&["down", "blocks"])
+        .or_else(|| find(&["up", "blocks"]))
+        .or_else(|| find(&["mid", "block"]))
+        .or_else(|| find(&["layers"]))
+        .or_else(|| find(&["time", "embedding"]))
+        .unwrap_or_else(|| toks.iter().take(2).copied().collect::<Vec<_>>().join("_"));
+    format!("{component} {block}")
+}
+
+/// The SD LoRA report of `path`, or `None` when its keys are not an SD LoRA's.
+fn inspect_sd_lora(path: &Path, f: &SafetensorsFile) -> Result<Option<Report>> {
+    let names = f.names();
+    let sd = !names.is_empty()
+        && names.iter().all(|k| {
+            k.starts_with("lora_unet_")
+                || k.starts_with("lora_te")
+                || k.starts_with("unet.")
+                || k.starts_with("text_encoder")
+        });
+    if !sd {
+        return Ok(None);
+    }
+    let lora = crate::sd_lora::read_sd_lora(path)?;
+    let mut modules = Vec::new();
+    let mut params = 0;
+    let mut blocks: Vec<SdLoraBlock> = Vec::new();
+    let mut sq: Vec<f64> = Vec::new();
+    for m in &lora.modules {
+        let (r, out) = (m.rank(), m.up.1[0]);
+        let inner: usize = m.down.1[1..].iter().product();
+        params += m.down.0.len() + m.up.0.len();
+        let d2 = delta_norm2(&m.down.0, &m.up.0, r, out, inner);
+        let norm_delta = m.scale as f64 * d2.max(0.0).sqrt();
+        let kind = match m.down.1.as_slice() {
+            [_, _, kh, kw] => format!("conv {kh}x{kw}"),
+            _ => "linear".into(),
+        };
+        let component = match m.component {
+            crate::sd_lora::Component::Unet => "unet",
+            crate::sd_lora::Component::TextEncoder => "text_encoder",
+        };
+        let block = sd_block(component, &m.key);
+        let bi = match blocks.iter().position(|b| b.block == block) {
+            Some(i) => i,
+            None => {
+                blocks.push(SdLoraBlock {
+                    block,
+                    modules: 0,
+                    ranks: Vec::new(),
+                    scales: Vec::new(),
+                    norm_delta: 0.0,
+                });
+                sq.push(0.0);
+                blocks.len() - 1
+            }
+        };
+        let b = &mut blocks[bi];
+        b.modules += 1;
+        if !b.ranks.contains(&r) {
+            b.ranks.push(r);
+        }
+        if !b.scales.contains(&m.scale) {
+            b.scales.push(m.scale);
+        }
+        sq[bi] += norm_delta * norm_delta;
+        modules.push(SdLoraModuleInfo {
+            component: component.into(),
+            module: m.key.clone(),
+            kind,
+            r,
+            scale: m.scale,
+            norm_delta,
+        });
+    }
+    for (b, s) in blocks.iter_mut().zip(sq) {
+        b.norm_delta = s.sqrt();
+    }
+    Ok(Some(Report::SdLora {
+        format: lora.format.into(),
+        params,
+        blocks,
+        modules,
+    }))
 }
 
 fn gram_rows(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
@@ -227,6 +370,9 @@ pub fn inspect(path: &Path) -> Result<Report> {
         });
     }
     let f = SafetensorsFile::open(path)?;
+    if let Some(rep) = inspect_sd_lora(path, &f)? {
+        return Ok(rep);
+    }
     let tensors: Vec<TensorEntry> = f
         .names()
         .into_iter()

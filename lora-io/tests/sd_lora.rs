@@ -214,3 +214,53 @@ fn bad_lora_files_are_named_errors() {
     assert_eq!(f.modules[0].scale, 1.0);
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// `lora inspect`'s report of an SD LoRA file: format, blocks, kinds, and each update's norm
+/// equal to `|scale * up @ down|_F` formed directly.
+#[test]
+fn inspect_reports_sd_lora_blocks_and_norms() {
+    use lora_io::inspect::{inspect, Report};
+    let path = fx("sd_lora/kohya.safetensors");
+    let Report::SdLora {
+        format,
+        blocks,
+        modules,
+        ..
+    } = inspect(&path).unwrap()
+    else {
+        panic!("not reported as an SD LoRA");
+    };
+    assert_eq!(format, "kohya");
+    assert_eq!(modules.len(), 45);
+    // make_sd_lora.py: 45 UNet modules, 13 of them convolutions (3x3 conv1s and a
+    // downsampler, 1x1 proj_in).
+    let convs = modules
+        .iter()
+        .filter(|m| m.kind.starts_with("conv"))
+        .count();
+    assert_eq!(convs, 13);
+    assert!(modules.iter().any(|m| m.kind == "conv 3x3"));
+    assert!(modules.iter().any(|m| m.kind == "conv 1x1"));
+    assert!(blocks.iter().any(|b| b.block == "unet mid_block"));
+    assert_eq!(blocks.iter().map(|b| b.modules).sum::<usize>(), 45);
+    let lora = read_sd_lora(&path).unwrap();
+    for (m, info) in lora.modules.iter().zip(&modules) {
+        let (r, out) = (m.rank(), m.up.1[0]);
+        let inner: usize = m.down.1[1..].iter().product();
+        let mut s = 0.0f64;
+        for o in 0..out {
+            for i in 0..inner {
+                let v: f64 = (0..r)
+                    .map(|k| m.up.0[o * r + k] as f64 * m.down.0[k * inner + i] as f64)
+                    .sum();
+                s += v * v;
+            }
+        }
+        let want = m.scale as f64 * s.sqrt();
+        assert!(
+            (info.norm_delta - want).abs() <= 1e-9 * want.max(1.0),
+            "{}",
+            m.key
+        );
+    }
+}
