@@ -386,25 +386,7 @@ fn block_kinds(
 pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
     let v = crate::hf::read_json(path)?;
     let f = crate::hf::Fields { path, v: &v };
-    let block_out_channels: Vec<usize> = match f.get("block_out_channels") {
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .map(|x| match x.as_u64() {
-                Some(n) if n >= 1 && n <= crate::hf::MAX_SIZE as u64 => Ok(n as usize),
-                _ => Err(f.err(
-                    "block_out_channels",
-                    format!("expected positive integers, got {x}"),
-                )),
-            })
-            .collect::<Result<_>>()?,
-        None => vec![320, 640, 1280, 1280],
-        Some(x) => {
-            return Err(f.err(
-                "block_out_channels",
-                format!("expected a list of sizes, got {x}"),
-            ))
-        }
-    };
+    let block_out_channels = sizes_list(&f, "block_out_channels", vec![320, 640, 1280, 1280])?;
     let n = block_out_channels.len();
     // Unsupported variants: each must be absent, null or its default.
     for (field, default) in [
@@ -529,29 +511,12 @@ pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
 pub fn load_unet(dir: &Path) -> Result<UNet2DCondition> {
     let cfg_path = dir.join("config.json");
     let cfg = read_unet_config(&cfg_path)?;
-    let w = crate::hf::Weights::open_stem(dir, "diffusion_pytorch_model")?;
-    let mut used = std::collections::HashSet::new();
-    let mut load = |k: &str, shape: &[usize]| -> Result<lora_core::Tensor> {
-        let t = w.tensor(k, shape)?;
-        used.insert(k.to_string());
-        Ok(t)
-    };
-    let model = UNet2DCondition::load(&cfg, &mut load).map_err(|e| match e {
-        IoError::Core(lora_core::CoreError::InvalidConfig { field, reason }) => IoError::Config {
-            path: cfg_path.clone(),
-            field: field.into(),
-            reason,
-        },
-        e => e,
-    })?;
-    if let Some(extra) = w.names().into_iter().find(|k| !used.contains(*k)) {
-        return Err(IoError::Config {
-            path: cfg_path,
-            field: "block_out_channels".into(),
-            reason: format!("the weights hold `{extra}`, which this config's model does not use"),
-        });
-    }
-    Ok(model)
+    load_part(
+        dir,
+        &cfg_path,
+        |_| None,
+        |load| UNet2DCondition::load(&cfg, load),
+    )
 }
 
 /// Reads `vae/config.json` (diffusers' `AutoencoderKL`); other block types, latent statistics
@@ -559,25 +524,7 @@ pub fn load_unet(dir: &Path) -> Result<UNet2DCondition> {
 pub fn read_vae_config(path: &Path) -> Result<VaeConfig> {
     let v = crate::hf::read_json(path)?;
     let f = crate::hf::Fields { path, v: &v };
-    let block_out_channels: Vec<usize> = match f.get("block_out_channels") {
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .map(|x| match x.as_u64() {
-                Some(n) if n >= 1 && n <= crate::hf::MAX_SIZE as u64 => Ok(n as usize),
-                _ => Err(f.err(
-                    "block_out_channels",
-                    format!("expected positive integers, got {x}"),
-                )),
-            })
-            .collect::<Result<_>>()?,
-        None => vec![64],
-        Some(x) => {
-            return Err(f.err(
-                "block_out_channels",
-                format!("expected a list of sizes, got {x}"),
-            ))
-        }
-    };
+    let block_out_channels = sizes_list(&f, "block_out_channels", vec![64])?;
     for (field, kind) in [
         ("down_block_types", "DownEncoderBlock2D"),
         ("up_block_types", "UpDecoderBlock2D"),
@@ -637,13 +584,42 @@ pub fn read_vae_config(path: &Path) -> Result<VaeConfig> {
 pub fn load_vae(dir: &Path) -> Result<AutoencoderKl> {
     let cfg_path = dir.join("config.json");
     let cfg = read_vae_config(&cfg_path)?;
+    load_part(dir, &cfg_path, legacy_vae_name, |load| {
+        AutoencoderKl::load(&cfg, load)
+    })
+}
+
+/// A non-empty list of sizes (`block_out_channels`), `default` when absent.
+fn sizes_list(f: &crate::hf::Fields, field: &str, default: Vec<usize>) -> Result<Vec<usize>> {
+    match f.get(field) {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|x| match x.as_u64() {
+                Some(n) if n >= 1 && n <= crate::hf::MAX_SIZE as u64 => Ok(n as usize),
+                _ => Err(f.err(field, format!("expected positive integers, got {x}"))),
+            })
+            .collect(),
+        None => Ok(default),
+        Some(x) => Err(f.err(field, format!("expected a list of sizes, got {x}"))),
+    }
+}
+
+/// Builds a diffusers model part from `dir`'s `diffusion_pytorch_model` weights: `build` gets
+/// the loader; a key the file lacks is tried under `fallback(key)` (older names); a config
+/// error is reported against `cfg_path`, and so is a stored tensor the model did not use.
+fn load_part<T>(
+    dir: &Path,
+    cfg_path: &Path,
+    fallback: impl Fn(&str) -> Option<String>,
+    build: impl FnOnce(&mut lora_core::models::unet::Loader<IoError>) -> Result<T>,
+) -> Result<T> {
     let w = crate::hf::Weights::open_stem(dir, "diffusion_pytorch_model")?;
     let mut used = std::collections::HashSet::new();
     let mut load = |k: &str, shape: &[usize]| -> Result<lora_core::Tensor> {
         let key = if w.contains(k) {
             k.to_string()
         } else {
-            legacy_vae_name(k)
+            fallback(k)
                 .filter(|l| w.contains(l))
                 .unwrap_or_else(|| k.to_string())
         };
@@ -651,9 +627,9 @@ pub fn load_vae(dir: &Path) -> Result<AutoencoderKl> {
         used.insert(key);
         Ok(t)
     };
-    let model = AutoencoderKl::load(&cfg, &mut load).map_err(|e| match e {
+    let model = build(&mut load).map_err(|e| match e {
         IoError::Core(lora_core::CoreError::InvalidConfig { field, reason }) => IoError::Config {
-            path: cfg_path.clone(),
+            path: cfg_path.into(),
             field: field.into(),
             reason,
         },
@@ -661,7 +637,7 @@ pub fn load_vae(dir: &Path) -> Result<AutoencoderKl> {
     })?;
     if let Some(extra) = w.names().into_iter().find(|k| !used.contains(*k)) {
         return Err(IoError::Config {
-            path: cfg_path,
+            path: cfg_path.into(),
             field: "block_out_channels".into(),
             reason: format!("the weights hold `{extra}`, which this config's model does not use"),
         });
