@@ -165,14 +165,30 @@ fn inspect_sd_lora(path: &Path, f: &SafetensorsFile) -> Result<Option<Report>> {
     let mut blocks: Vec<SdLoraBlock> = Vec::new();
     let mut sq: Vec<f64> = Vec::new();
     for m in &lora.modules {
-        let (r, out) = (m.rank(), m.up.1[0]);
-        let inner: usize = m.down.1[1..].iter().product();
-        params += m.down.0.len() + m.up.0.len();
-        let d2 = delta_norm2(&m.down.0, &m.up.0, r, out, inner);
-        let norm_delta = m.scale as f64 * d2.max(0.0).sqrt();
-        let kind = match m.down.1.as_slice() {
+        let r = m.rank();
+        params += m.parts.values().map(|p| p.0.len()).sum::<usize>();
+        let shape = m.natural_shape();
+        let d = m.delta(&shape).map_err(|why| IoError::Config {
+            path: path.into(),
+            field: m.key.clone(),
+            reason: why,
+        })?;
+        let norm_delta = d.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let base = match shape.as_slice() {
             [_, _, kh, kw] => format!("conv {kh}x{kw}"),
             _ => "linear".into(),
+        };
+        let kind = match m.kind {
+            crate::sd_lora::Kind::Lora if m.part("lora_mid.weight").is_some() => {
+                format!("Tucker {base}")
+            }
+            crate::sd_lora::Kind::Lora => base,
+            // Without a Tucker core a LoHa's kernel dims are flattened into `in`.
+            crate::sd_lora::Kind::LoHa if m.part("hada_t1").is_none() => "LoHa".into(),
+            crate::sd_lora::Kind::LoHa => format!("LoHa {base}"),
+            // A 2-D second factor may hold a convolution's kernel flattened: not labelled.
+            crate::sd_lora::Kind::LoKr if shape.len() == 2 => "LoKr".into(),
+            crate::sd_lora::Kind::LoKr => format!("LoKr {base}"),
         };
         let component = match m.component {
             crate::sd_lora::Component::Unet => "unet",

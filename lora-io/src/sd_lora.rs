@@ -14,9 +14,11 @@
 //!   paths, so `transformer_blocks` or `to_out_0` are never split at the wrong underscore.
 //!
 //! Each module's update `scale * weight * up @ down` (reshaped to the layer's weight) is added to
-//! the frozen weight, so several files with their own weights add up. LyCORIS' other
-//! decompositions (LoHa, LoKr, Tucker `lora_mid`) and DoRA magnitudes are refused by key, not
-//! ignored.
+//! the frozen weight, so several files with their own weights add up. LyCORIS' LoHa
+//! (`hada_w1_a` ... with Tucker cores `hada_t1/2`), LoKr (`lokr_w1` or `lokr_w1_a/b`, `lokr_w2`
+//! or `lokr_w2_a/b`, Tucker `lokr_t2`) and Tucker LoCon (`lora_mid`) are rebuilt as LyCORIS does
+//! (`alpha / r`, a missing or zero alpha meaning `r`; a LoKr of two full factors at scale 1).
+//! DoRA magnitudes are refused by key, not ignored.
 
 use crate::error::{IoError, Result};
 use crate::safetensors::SafetensorsFile;
@@ -52,26 +54,282 @@ enum Name {
     Flat(String),
 }
 
-/// One module's low-rank pair.
+/// How a module's update is factored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// LoRA / LoCon: `up @ down` (with a Tucker core `lora_mid` for convolutions).
+    Lora,
+    /// LyCORIS LoHa: `(w1a @ w1b) * (w2a @ w2b)` (Hadamard product; Tucker cores `hada_t1`,
+    /// `hada_t2` for convolutions).
+    LoHa,
+    /// LyCORIS LoKr: `kron(w1, w2)`, each factor full or `a @ b` (w2 with a Tucker core
+    /// `lokr_t2` for convolutions).
+    LoKr,
+}
+
+/// A tensor of a module: values and shape.
+pub type Part = (Vec<f32>, Vec<usize>);
+
+/// One module of a LoRA file: its factors by part name (`lora_down.weight`, `lora_up.weight`,
+/// `lora_mid.weight`, `hada_w1_a`, ..., `lokr_w2_b`, `lokr_t2`).
 #[derive(Clone, Debug)]
 pub struct LoraModule {
     /// Which model.
     pub component: Component,
     /// The file's key stem (for messages).
     pub key: String,
-    /// `down` (`A`): `(r, in)` or `(r, in, kh, kw)`.
-    pub down: (Vec<f32>, Vec<usize>),
-    /// `up` (`B`): `(out, r)` or `(out, r, 1, 1)`.
-    pub up: (Vec<f32>, Vec<usize>),
-    /// The scale `alpha / r` (`alpha / sqrt(r)` with rsLoRA) this file gives the module.
+    /// The factorization.
+    pub kind: Kind,
+    /// The factors by part name.
+    pub parts: BTreeMap<&'static str, Part>,
+    /// The scale the file gives the module (`alpha / r`, LyCORIS' and kohya's rules; PEFT's
+    /// metadata for diffusers files); 1 for a LoKr of two full factors.
     pub scale: f32,
     name: Name,
 }
 
 impl LoraModule {
-    /// The rank.
+    /// A factor, by part name.
+    pub fn part(&self, name: &str) -> Option<&Part> {
+        self.parts.get(name)
+    }
+
+    fn need(&self, name: &str) -> &Part {
+        &self.parts[name]
+    }
+
+    /// The rank (LoKr: of its low-rank factor; 0 when both factors are full).
     pub fn rank(&self) -> usize {
-        self.down.1[0]
+        match self.kind {
+            Kind::Lora => self.need("lora_down.weight").1[0],
+            Kind::LoHa => self.need("hada_w1_b").1[0],
+            Kind::LoKr => ["lokr_w1_b", "lokr_w2_b"]
+                .iter()
+                .find_map(|p| self.part(p))
+                .map_or(0, |b| b.1[0]),
+        }
+    }
+
+    /// The weight shape the factors make on their own (`(out, in)` or `(out, in, kh, kw)`;
+    /// a convolution's LoRA or non-Tucker LoHa without its kernel split: `(out, in * kh * kw)`).
+    pub fn natural_shape(&self) -> Vec<usize> {
+        let dims = |p: &str| self.part(p).map(|x| x.1.clone()).unwrap_or_default();
+        match self.kind {
+            Kind::Lora => {
+                let (down, up) = (dims("lora_down.weight"), dims("lora_up.weight"));
+                match self.part("lora_mid.weight") {
+                    Some(mid) => [vec![up[0], down[1]], mid.1[2..].to_vec()].concat(),
+                    None => [vec![up[0]], down[1..].to_vec()].concat(),
+                }
+            }
+            Kind::LoHa => match self.part("hada_t1") {
+                Some(t) => [
+                    vec![dims("hada_w1_a")[1], dims("hada_w1_b")[1]],
+                    t.1[2..].to_vec(),
+                ]
+                .concat(),
+                None => vec![dims("hada_w1_a")[0], dims("hada_w1_b")[1]],
+            },
+            Kind::LoKr => {
+                let (a, b) = match self.part("lokr_w1") {
+                    Some(w) => (w.1[0], w.1[1]),
+                    None => (dims("lokr_w1_a")[0], dims("lokr_w1_b")[1]),
+                };
+                let w2: Vec<usize> = match (self.part("lokr_w2"), self.part("lokr_t2")) {
+                    (Some(w), _) => w.1.clone(),
+                    (None, Some(t)) => [
+                        vec![dims("lokr_w2_a")[1], dims("lokr_w2_b")[1]],
+                        t.1[2..].to_vec(),
+                    ]
+                    .concat(),
+                    (None, None) => {
+                        let wb = dims("lokr_w2_b");
+                        [vec![dims("lokr_w2_a")[0]], wb[1..].to_vec()].concat()
+                    }
+                };
+                [vec![a * w2[0], b * w2[1]], w2[2..].to_vec()].concat()
+            }
+        }
+    }
+
+    /// The update `scale * ΔW` in f64, laid out as a weight of `shape` (`(out, in)` or
+    /// `(out, in, kh, kw)`), or why the factors do not make one.
+    pub fn delta(&self, shape: &[usize]) -> std::result::Result<Vec<f64>, String> {
+        let (out, inp) = (shape[0], *shape.get(1).unwrap_or(&1));
+        let sp: usize = shape.iter().skip(2).product();
+        let n = out * inp * sp;
+        let bad = |what: String| format!("{what} does not fit a weight of shape {shape:?}");
+        let numel = |p: &Part| p.1.iter().product::<usize>();
+        // (P, Q) = a^T-less product: m[p, q] = sum_k a[p, k] b[k, q] for a (P, R), b (R, Q).
+        let matmul = |a: &[f32], b: &[f32], (pp, r, q): (usize, usize, usize)| -> Vec<f64> {
+            let mut m = vec![0.0f64; pp * q];
+            for i in 0..pp {
+                for k in 0..r {
+                    let x = a[i * r + k] as f64;
+                    for j in 0..q {
+                        m[i * q + j] += x * b[k * q + j] as f64;
+                    }
+                }
+            }
+            m
+        };
+        // Tucker: m[p, q, s] = sum_ij t[i, j, s] a[i, p] b[j, q], a (R1, P), b (R2, Q).
+        let tucker = |t: &Part, a: &[f32], b: &[f32], (pp, q): (usize, usize)| -> Vec<f64> {
+            let (r1, r2) = (t.1[0], t.1[1]);
+            let ts: usize = t.1[2..].iter().product();
+            let mut m = vec![0.0f64; pp * q * ts];
+            for i in 0..r1 {
+                for j in 0..r2 {
+                    for s in 0..ts {
+                        let tv = t.0[(i * r2 + j) * ts + s] as f64;
+                        if tv == 0.0 {
+                            continue;
+                        }
+                        for p in 0..pp {
+                            let ap = tv * a[i * pp + p] as f64;
+                            for qq in 0..q {
+                                m[(p * q + qq) * ts + s] += ap * b[j * q + qq] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+            m
+        };
+        let mut d = match self.kind {
+            Kind::Lora => {
+                let (down, up) = (self.need("lora_down.weight"), self.need("lora_up.weight"));
+                let r = down.1[0];
+                match self.part("lora_mid.weight") {
+                    Some(mid) => {
+                        // up (out, r, 1, 1) as (r, out)^T; down (r, in, 1, 1).
+                        if numel(up) != out * r
+                            || numel(down) != r * inp
+                            || numel(mid) != r * r * sp
+                        {
+                            return Err(bad(format!(
+                                "up {:?}, mid {:?}, down {:?}",
+                                up.1, mid.1, down.1
+                            )));
+                        }
+                        let mut ut = vec![0.0f32; r * out];
+                        for o in 0..out {
+                            for i in 0..r {
+                                ut[i * out + o] = up.0[o * r + i];
+                            }
+                        }
+                        tucker(mid, &ut, &down.0, (out, inp))
+                    }
+                    None => {
+                        if numel(up) != out * r || numel(down) != r * inp * sp {
+                            return Err(bad(format!("up {:?} x down {:?}", up.1, down.1)));
+                        }
+                        matmul(&up.0, &down.0, (out, r, inp * sp))
+                    }
+                }
+            }
+            Kind::LoHa => {
+                let half = |w: &str| -> std::result::Result<Vec<f64>, String> {
+                    let (a, b) = (
+                        self.need(&format!("hada_{w}_a")),
+                        self.need(&format!("hada_{w}_b")),
+                    );
+                    let t = format!("hada_t{}", &w[1..]);
+                    match self.part(&t) {
+                        Some(t) => {
+                            if numel(a) != t.1[0] * out
+                                || numel(b) != t.1[1] * inp
+                                || numel(t) != t.1[0] * t.1[1] * sp
+                            {
+                                return Err(bad(format!(
+                                    "Tucker LoHa {:?} {:?} {:?}",
+                                    t.1, a.1, b.1
+                                )));
+                            }
+                            Ok(tucker(t, &a.0, &b.0, (out, inp)))
+                        }
+                        None => {
+                            let r = b.1[0];
+                            if numel(a) != out * r || numel(b) != r * inp * sp {
+                                return Err(bad(format!("LoHa {:?} x {:?}", a.1, b.1)));
+                            }
+                            Ok(matmul(&a.0, &b.0, (out, r, inp * sp)))
+                        }
+                    }
+                };
+                let (h1, h2) = (half("w1")?, half("w2")?);
+                h1.iter().zip(&h2).map(|(x, y)| x * y).collect()
+            }
+            Kind::LoKr => {
+                // w1 (a, b); w2 (c, d, sp): the update is kron(w1, w2), (a c, b d, sp).
+                let (w1, (a, b)) = match (
+                    self.part("lokr_w1"),
+                    self.part("lokr_w1_a"),
+                    self.part("lokr_w1_b"),
+                ) {
+                    (Some(w), _, _) if w.1.len() == 2 => (
+                        w.0.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                        (w.1[0], w.1[1]),
+                    ),
+                    (None, Some(wa), Some(wb))
+                        if wa.1.len() == 2 && wb.1.len() == 2 && wa.1[1] == wb.1[0] =>
+                    {
+                        (
+                            matmul(&wa.0, &wb.0, (wa.1[0], wa.1[1], wb.1[1])),
+                            (wa.1[0], wb.1[1]),
+                        )
+                    }
+                    _ => return Err(bad("LoKr w1 (lokr_w1, or lokr_w1_a and lokr_w1_b)".into())),
+                };
+                if a == 0 || b == 0 || out % a != 0 || inp % b != 0 {
+                    return Err(bad(format!("LoKr w1 ({a}, {b})")));
+                }
+                let (c, dd) = (out / a, inp / b);
+                let w2: Vec<f64> = match (
+                    self.part("lokr_w2"),
+                    self.part("lokr_w2_a"),
+                    self.part("lokr_w2_b"),
+                    self.part("lokr_t2"),
+                ) {
+                    (Some(w), _, _, _) if numel(w) == c * dd * sp => {
+                        w.0.iter().map(|&v| v as f64).collect()
+                    }
+                    (None, Some(wa), Some(wb), Some(t))
+                        if numel(wa) == t.1[0] * c
+                            && numel(wb) == t.1[1] * dd
+                            && numel(t) == t.1[0] * t.1[1] * sp =>
+                    {
+                        tucker(t, &wa.0, &wb.0, (c, dd))
+                    }
+                    (None, Some(wa), Some(wb), None)
+                        if wa.1.len() == 2 && wa.1[0] == c && numel(wb) == wa.1[1] * dd * sp =>
+                    {
+                        matmul(&wa.0, &wb.0, (c, wa.1[1], dd * sp))
+                    }
+                    _ => return Err(bad(format!("LoKr w2 for a w1 of ({a}, {b})"))),
+                };
+                let mut m = vec![0.0f64; n];
+                for i in 0..a {
+                    for j in 0..b {
+                        let x = w1[i * b + j];
+                        for k in 0..c {
+                            for l in 0..dd {
+                                let dst = ((i * c + k) * inp + j * dd + l) * sp;
+                                let src = (k * dd + l) * sp;
+                                for s in 0..sp {
+                                    m[dst + s] = x * w2[src + s];
+                                }
+                            }
+                        }
+                    }
+                }
+                m
+            }
+        };
+        debug_assert_eq!(d.len(), n);
+        let s = self.scale as f64;
+        d.iter_mut().for_each(|v| *v *= s);
+        Ok(d)
     }
 }
 
@@ -105,28 +363,34 @@ fn err(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> IoEr
     }
 }
 
+/// The parts of kohya/LyCORIS keys (`<module>.<part>`).
+const KOHYA_PARTS: [(&str, &str); 17] = [
+    (".lora_down.weight", "lora_down.weight"),
+    (".lora_up.weight", "lora_up.weight"),
+    (".lora_mid.weight", "lora_mid.weight"),
+    (".alpha", "alpha"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".hada_t1", "hada_t1"),
+    (".hada_t2", "hada_t2"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2", "lokr_w2"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_t2", "lokr_t2"),
+];
+
 /// The (component, module name, part) of a key, or `None` for a key no format here knows.
-/// `part` is `down`, `up` or `alpha`.
+/// `part` is one of [`KOHYA_PARTS`]' names (`lora_down.weight` for PEFT's `lora_A`).
 fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static str)>, String> {
-    // LyCORIS and DoRA parts, refused by name.
-    for bad in [
-        "hada_w1_a",
-        "hada_w1_b",
-        "hada_w2_a",
-        "hada_w2_b",
-        "hada_t1",
-        "hada_t2",
-        "lokr_w1",
-        "lokr_w2",
-        "lokr_t2",
-        "lora_mid",
-        "dora_scale",
-        "lora_magnitude_vector",
-    ] {
+    // DoRA magnitudes, refused by name (the file does not say which DoRA variant).
+    for bad in ["dora_scale", "lora_magnitude_vector"] {
         if key.contains(bad) {
-            return Err(format!(
-                "`{key}`: `{bad}` (LyCORIS LoHa/LoKr, Tucker or DoRA) is not supported yet"
-            ));
+            return Err(format!("`{key}`: `{bad}` (DoRA) is not supported yet"));
         }
     }
     let kohya = [
@@ -135,11 +399,7 @@ fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static
     ];
     for (p, comp) in kohya {
         if let Some(rest) = key.strip_prefix(p) {
-            for (suffix, part) in [
-                (".lora_down.weight", "down"),
-                (".lora_up.weight", "up"),
-                (".alpha", "alpha"),
-            ] {
+            for (suffix, part) in KOHYA_PARTS {
                 if let Some(stem) = rest.strip_suffix(suffix) {
                     return Ok(Some((comp, Name::Flat(stem.to_string()), part)));
                 }
@@ -166,12 +426,12 @@ fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static
         (Component::Unet, key)
     };
     for (suffix, part) in [
-        (".lora_A.weight", "down"),
-        (".lora_B.weight", "up"),
-        (".lora.down.weight", "down"),
-        (".lora.up.weight", "up"),
-        (".lora_linear_layer.down.weight", "down"),
-        (".lora_linear_layer.up.weight", "up"),
+        (".lora_A.weight", "lora_down.weight"),
+        (".lora_B.weight", "lora_up.weight"),
+        (".lora.down.weight", "lora_down.weight"),
+        (".lora.up.weight", "lora_up.weight"),
+        (".lora_linear_layer.down.weight", "lora_down.weight"),
+        (".lora_linear_layer.up.weight", "lora_up.weight"),
         (".alpha", "alpha"),
     ] {
         if let Some(stem) = rest.strip_suffix(suffix) {
@@ -264,8 +524,7 @@ fn pattern_matches(key: &str, module: &str) -> bool {
 /// and of matching ranks.
 pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
     let f = SafetensorsFile::open(path)?;
-    type Parts = (Option<String>, Option<String>, Option<String>);
-    let mut groups: BTreeMap<(Component, Name), Parts> = BTreeMap::new();
+    let mut groups: BTreeMap<(Component, Name), BTreeMap<&'static str, String>> = BTreeMap::new();
     let mut kohya = false;
     for key in f.names() {
         let (comp, name, part) = match parse_key(key) {
@@ -275,95 +534,138 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
                     path,
                     key,
                     "not a LoRA key this reader knows (diffusers/PEFT `lora_A`/`lora_B`, \
-                     `lora.down`/`lora.up`, or kohya `lora_unet_`/`lora_te_` with \
-                     `lora_down`/`lora_up`/`alpha`)",
+                     `lora.down`/`lora.up`, or kohya/LyCORIS `lora_unet_`/`lora_te_` with \
+                     `lora_down`/`lora_up`/`lora_mid`/`hada_*`/`lokr_*`/`alpha`)",
                 ))
             }
             Err(reason) => return Err(err(path, key, reason)),
         };
         kohya |= matches!(name, Name::Flat(_));
-        let g = groups.entry((comp, name)).or_default();
-        let slot = match part {
-            "down" => &mut g.0,
-            "up" => &mut g.1,
-            _ => &mut g.2,
-        };
-        *slot = Some(key.to_string());
+        groups
+            .entry((comp, name))
+            .or_default()
+            .insert(part, key.to_string());
     }
     let rules = [
         alpha_rules(path, &f.metadata, Component::Unet)?,
         alpha_rules(path, &f.metadata, Component::TextEncoder)?,
     ];
     let mut modules = Vec::new();
-    for ((comp, name), (down, up, alpha)) in groups {
+    for ((comp, name), keys) in groups {
         let stem = match &name {
             Name::Dotted(s) | Name::Flat(s) => s.clone(),
         };
-        let (Some(dk), Some(uk)) = (down, up) else {
-            return Err(err(
-                path,
-                stem,
-                "a LoRA module needs both its down (A) and up (B) weights",
-            ));
+        let has = |p: &str| keys.contains_key(p);
+        let kind = if has("lora_down.weight") || has("lora_up.weight") {
+            Kind::Lora
+        } else if keys.keys().any(|k| k.starts_with("hada_")) {
+            Kind::LoHa
+        } else if keys.keys().any(|k| k.starts_with("lokr_")) {
+            Kind::LoKr
+        } else {
+            return Err(err(path, stem, "an alpha without any weights"));
         };
-        let down = f.read_f32_finite(&dk)?;
-        let up = f.read_f32_finite(&uk)?;
-        let r = *down.1.first().unwrap_or(&0);
-        let ok = r > 0
-            && (down.1.len() == 2 || down.1.len() == 4)
-            && up.1.len() == down.1.len()
-            && up.1[1] == r
-            && up.1[2..].iter().all(|&d| d == 1);
-        if !ok {
+        let required: &[&str] = match kind {
+            Kind::Lora => &["lora_down.weight", "lora_up.weight"],
+            Kind::LoHa => &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+            Kind::LoKr => &[],
+        };
+        if let Some(missing) = required.iter().find(|p| !has(p)) {
             return Err(err(
                 path,
                 stem,
                 format!(
-                    "down {:?} and up {:?} are not a low-rank pair ((r, in[, kh, kw]) and \
-                     (out, r[, 1, 1]))",
-                    down.1, up.1
+                    "`{missing}` is missing: a LoRA module needs both its down (A) and up (B) \
+                     weights, a LoHa its four hada_w* factors"
                 ),
             ));
         }
-        let file_alpha = match alpha {
-            Some(k) => {
-                let (v, _) = f.read_f32_finite(&k)?;
+        let mixed = keys.keys().any(|k| {
+            let family = if k.starts_with("hada_") {
+                Kind::LoHa
+            } else if k.starts_with("lokr_") {
+                Kind::LoKr
+            } else if *k == "alpha" {
+                kind
+            } else {
+                Kind::Lora
+            };
+            family != kind
+        });
+        if mixed {
+            return Err(err(
+                path,
+                stem,
+                "mixes the parts of different kinds of adapters",
+            ));
+        }
+        let mut parts = BTreeMap::new();
+        let mut file_alpha = None;
+        for (part, key) in &keys {
+            let (v, shape) = f.read_f32_finite(key)?;
+            if *part == "alpha" {
                 if v.len() != 1 {
-                    return Err(err(path, k, "an alpha is one number"));
+                    return Err(err(path, key.as_str(), "an alpha is one number"));
                 }
-                Some(v[0])
+                file_alpha = Some(v[0]);
+            } else {
+                parts.insert(*part, (v, shape));
             }
-            None => None,
+        }
+        let m = LoraModule {
+            component: comp,
+            key: stem.clone(),
+            kind,
+            parts,
+            scale: 1.0,
+            name,
         };
+        if kind == Kind::Lora {
+            let (down, up) = (m.need("lora_down.weight"), m.need("lora_up.weight"));
+            let r = *down.1.first().unwrap_or(&0);
+            let ok = r > 0
+                && (down.1.len() == 2 || down.1.len() == 4)
+                && up.1.len() == down.1.len()
+                && up.1[1] == r
+                && up.1[2..].iter().all(|&d| d == 1);
+            if !ok {
+                return Err(err(
+                    path,
+                    stem,
+                    format!(
+                        "down {:?} and up {:?} are not a low-rank pair ((r, in[, kh, kw]) and \
+                         (out, r[, 1, 1]))",
+                        down.1, up.1
+                    ),
+                ));
+            }
+        }
+        let rank = m.rank();
+        let rf = rank as f32;
         let rule = &rules[(comp == Component::TextEncoder) as usize];
-        let rf = r as f32;
-        let scale = if matches!(name, Name::Flat(_)) {
-            // kohya: a missing or zero alpha means alpha = rank.
-            match file_alpha {
+        let scale = match (&m.name, kind) {
+            // LoKr of two full factors: scale 1 whatever the alpha (LyCORIS).
+            (_, Kind::LoKr) if rank == 0 => 1.0,
+            // kohya and LyCORIS: a missing or zero alpha means alpha = rank.
+            (Name::Flat(_), _) => match file_alpha {
                 Some(a) if a != 0.0 => a / rf,
                 _ => 1.0,
-            }
-        } else {
-            let patterned = rule
-                .pattern
-                .iter()
-                .find(|(k, _)| pattern_matches(k, &stem))
-                .map(|p| p.1);
-            let alpha = patterned.or(rule.alpha).or(file_alpha).unwrap_or(rf);
-            if rule.rslora {
-                alpha / rf.sqrt()
-            } else {
-                alpha / rf
+            },
+            (Name::Dotted(_), _) => {
+                let patterned = rule
+                    .pattern
+                    .iter()
+                    .find(|(k, _)| pattern_matches(k, &stem))
+                    .map(|p| p.1);
+                let alpha = patterned.or(rule.alpha).or(file_alpha).unwrap_or(rf);
+                if rule.rslora {
+                    alpha / rf.sqrt()
+                } else {
+                    alpha / rf
+                }
             }
         };
-        modules.push(LoraModule {
-            component: comp,
-            key: stem,
-            down,
-            up,
-            scale,
-            name,
-        });
+        modules.push(LoraModule { scale, ..m });
     }
     if modules.is_empty() {
         return Err(err(path, "tensors", "no LoRA modules in the file"));
@@ -466,42 +768,26 @@ pub fn merge_sd_lora(
             ),
         ));
     }
+    // Every update is formed before anything is merged: a file that does not fit changes
+    // nothing.
+    let mut deltas = Vec::with_capacity(plan.len());
     for (m, t) in &plan {
         let layer = &layers[&(m.component, t.clone())];
         let shape = layer.weight().shape().to_vec();
-        let out = m.up.1[0];
-        let inner: usize = m.down.1[1..].iter().product();
-        if shape.iter().product::<usize>() != out * inner || shape[0] != out {
-            return Err(err(
-                &lora.path,
-                &m.key,
-                format!(
-                    "up {:?} x down {:?} does not fit the layer `{t}` of shape {shape:?}",
-                    m.up.1, m.down.1
-                ),
-            ));
-        }
+        let d = m
+            .delta(&shape)
+            .map_err(|why| err(&lora.path, &m.key, format!("{why} (the layer `{t}`)")))?;
+        deltas.push(d);
     }
-    for (m, t) in plan {
+    for ((m, t), d) in plan.into_iter().zip(deltas) {
         let layer = layers
             .get_mut(&(m.component, t.clone()))
             .expect("resolved above");
         let w = layer.weight();
         let shape = w.shape().to_vec();
         let mut data = w.try_to_vec()?;
-        let (out, r) = (m.up.1[0], m.rank());
-        let inner: usize = m.down.1[1..].iter().product();
-        let s = m.scale * weight;
-        // data[o, i] += s * sum_k up[o, k] down[k, i], in f64 per element.
-        for o in 0..out {
-            let up_row = &m.up.0[o * r..(o + 1) * r];
-            for i in 0..inner {
-                let mut acc = 0.0f64;
-                for (k, &u) in up_row.iter().enumerate() {
-                    acc += u as f64 * m.down.0[k * inner + i] as f64;
-                }
-                data[o * inner + i] += (s as f64 * acc) as f32;
-            }
+        for (v, dv) in data.iter_mut().zip(&d) {
+            *v += (weight as f64 * dv) as f32;
         }
         let merged = Tensor::new(data, &shape)?;
         match layer {

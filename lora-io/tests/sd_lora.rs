@@ -146,9 +146,23 @@ fn bad_lora_files_are_named_errors() {
     type Case<'a> = (&'a str, Vec<(String, Vec<usize>)>, &'a str);
     let cases: Vec<Case> = vec![
         (
-            "loha",
-            vec![(format!("{q}.hada_w1_a"), vec![2, 2])],
+            "dora",
+            vec![(format!("{q}.dora_scale"), vec![16, 1])],
             "not supported yet",
+        ),
+        (
+            "loha",
+            vec![(format!("{q}.hada_w1_a"), vec![16, 2])],
+            "hada_w1_b",
+        ),
+        (
+            "mixed",
+            vec![
+                (format!("{q}.lora_down.weight"), vec![2, 16]),
+                (format!("{q}.lora_up.weight"), vec![16, 2]),
+                (format!("{q}.hada_w1_a"), vec![16, 2]),
+            ],
+            "mixes",
         ),
         (
             "half",
@@ -245,13 +259,17 @@ fn inspect_reports_sd_lora_blocks_and_norms() {
     assert_eq!(blocks.iter().map(|b| b.modules).sum::<usize>(), 45);
     let lora = read_sd_lora(&path).unwrap();
     for (m, info) in lora.modules.iter().zip(&modules) {
-        let (r, out) = (m.rank(), m.up.1[0]);
-        let inner: usize = m.down.1[1..].iter().product();
+        let (up, down) = (
+            m.part("lora_up.weight").unwrap(),
+            m.part("lora_down.weight").unwrap(),
+        );
+        let (r, out) = (m.rank(), up.1[0]);
+        let inner: usize = down.1[1..].iter().product();
         let mut s = 0.0f64;
         for o in 0..out {
             for i in 0..inner {
                 let v: f64 = (0..r)
-                    .map(|k| m.up.0[o * r + k] as f64 * m.down.0[k * inner + i] as f64)
+                    .map(|k| up.0[o * r + k] as f64 * down.0[k * inner + i] as f64)
                     .sum();
                 s += v * v;
             }
@@ -263,4 +281,41 @@ fn inspect_reports_sd_lora_blocks_and_norms() {
             m.key
         );
     }
+}
+
+/// LyCORIS files (fixtures/parity/make_lycoris.py: modules made by the lycoris-lora library):
+/// LoHa (linear, flattened conv, Tucker conv, alpha 0 meaning the rank), LoKr (full and
+/// decomposed factors, both decomposed, two full factors at scale 1, conv, Tucker conv) and
+/// Tucker LoCon updates equal LyCORIS' `get_diff_weight()`, and merge into the pipeline.
+#[test]
+fn lycoris_updates_equal_lycoris() {
+    let f = read_sd_lora(&fx("sd_lora/lycoris.safetensors")).unwrap();
+    assert_eq!(f.format, "kohya");
+    let want = SafetensorsFile::open(fx("sd_lora/lycoris_delta.safetensors")).unwrap();
+    assert_eq!(f.modules.len(), want.names().len());
+    let mut worst = 0.0f64;
+    for m in &f.modules {
+        let (w, shape) = want.read_f32(&format!("lora_unet_{}", m.key)).unwrap();
+        let d = m.delta(&shape).unwrap();
+        let scale = w
+            .iter()
+            .fold(0.0f64, |a, v| a.max(v.abs() as f64))
+            .max(1e-6);
+        let e = d
+            .iter()
+            .zip(&w)
+            .fold(0.0f64, |a, (x, y)| a.max((x - *y as f64).abs()))
+            / scale;
+        assert!(e < 1e-5, "{} ({:?}): {e:.2e}", m.key, m.kind);
+        worst = worst.max(e);
+    }
+    eprintln!("LyCORIS updates: worst relative difference {worst:.2e}");
+    let kinds: Vec<_> = f.modules.iter().map(|m| m.kind).collect();
+    use lora_io::sd_lora::Kind;
+    for k in [Kind::Lora, Kind::LoHa, Kind::LoKr] {
+        assert!(kinds.contains(&k), "{k:?}");
+    }
+    let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
+    let rep = merge_sd_lora(&mut pipe, &f, 0.5, false).unwrap();
+    assert_eq!(rep.merged.get("unet"), Some(&f.modules.len()));
 }
