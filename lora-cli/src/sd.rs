@@ -28,7 +28,7 @@ pub fn parse_size(s: &str) -> Result<(usize, usize)> {
 }
 
 /// Initial latents from `path`: its only tensor, or the one named `latents`, of `shape`.
-fn read_init_noise(path: &Path, shape: [usize; 4]) -> Result<Vec<f32>> {
+fn read_init_noise(path: &Path, shape: [usize; 4], factor: usize) -> Result<Vec<f32>> {
     let f = lora_io::safetensors::SafetensorsFile::open(path)?;
     let names = f.names();
     let key = match names.as_slice() {
@@ -44,10 +44,8 @@ fn read_init_noise(path: &Path, shape: [usize; 4]) -> Result<Vec<f32>> {
     if got != shape {
         bail!(
             "--init-noise {}: `{key}` has shape {got:?}; this run's latents are {shape:?} \
-             (batch, channels, height / {}, width / {})",
-            path.display(),
-            shape[2].max(1),
-            shape[3].max(1)
+             (batch, channels, height / {factor}, width / {factor})",
+            path.display()
         );
     }
     Ok(v)
@@ -137,7 +135,7 @@ fn run(
     let all = [a.batch, shape1[1], shape1[2], shape1[3]];
     let per = shape1[1] * shape1[2] * shape1[3];
     let noise = match &a.init_noise {
-        Some(p) => read_init_noise(p, all)?,
+        Some(p) => read_init_noise(p, all, pipe.vae.config().downscale())?,
         None => {
             // Standard normal latents from the seed (not torch's generator: a run equals
             // diffusers' only through --init-noise).
@@ -216,8 +214,8 @@ fn grid(images: &[Vec<f32>], h: usize, w: usize) -> Rgb8 {
 fn sd_train_owns(name: &str) -> bool {
     matches!(
         name,
-        "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors" | "metrics.jsonl" | "samples"
-    )
+        "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors" | "metrics.jsonl"
+    ) || (name.starts_with("sample-step-") && name.ends_with(".png"))
 }
 
 /// `lora train` on a Stable Diffusion pipeline directory: LoRA on the UNet.
@@ -230,6 +228,36 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
     if a.resume {
         bail!("--resume is not supported for Stable Diffusion runs yet");
     }
+    // Flags of the language-model runs that an SD run would otherwise ignore in silence.
+    if a.device != "auto" && a.device != "cpu" {
+        bail!(
+            "--device {}: Stable Diffusion runs on the CPU only for now",
+            a.device
+        );
+    }
+    for (set, flag) in [
+        (a.grad_accum != 1, "--grad-accum"),
+        (a.loraplus_ratio != 1.0, "--loraplus-ratio"),
+        (a.optimizer != "adamw", "--optimizer"),
+        (a.gradient_checkpointing, "--gradient-checkpointing"),
+        (
+            a.eval_data.is_some() || a.eval_split > 0.0,
+            "--eval-data / --eval-split",
+        ),
+        (a.pack, "--pack"),
+        (a.seq_len.is_some(), "--seq-len"),
+        (a.tf32, "--tf32"),
+    ] {
+        if set {
+            bail!("{flag} does not apply to Stable Diffusion runs (yet)");
+        }
+    }
+    let schedule = match a.schedule.as_str() {
+        "cosine" => lora_train::optim::Schedule::Cosine,
+        "linear" => lora_train::optim::Schedule::Linear,
+        "constant" => lora_train::optim::Schedule::Constant,
+        other => bail!("--schedule must be cosine, linear or constant, got `{other}`"),
+    };
     let kohya = match a.format.as_str() {
         "diffusers" | "peft" => false,
         "kohya" => true,
@@ -267,6 +295,7 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         batch: a.batch_size,
         lr: a.lr.unwrap_or(1e-4),
         warmup: a.warmup,
+        schedule,
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         seed: a.seed,
@@ -348,10 +377,8 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
                 let mut sampler = pipe.sampler(SamplerKind::Euler, 20)?;
                 let lat = denoise(&pipe.unet, sampler.as_mut(), &sample_noise, shape, &c, true, &mut |_, _| {})?;
                 let img = decode_latents(&pipe.vae, &lat, shape)?;
-                let dir = a.out.join("samples");
-                std::fs::create_dir_all(&dir).map_err(|e| lora_io::error::IoError::Io { path: dir.clone(), source: e })?;
                 grid(&[img], cfg.resolution, cfg.resolution)
-                    .save_png_marked(&dir.join(format!("step-{:06}.png", s.step)))?;
+                    .save_png_marked(&a.out.join(format!("sample-step-{:06}.png", s.step)))?;
             }
             Ok(())
         })?;

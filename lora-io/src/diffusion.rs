@@ -424,8 +424,11 @@ pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
     if f.f32_or("resnet_out_scale_factor", 1.0)? != 1.0 {
         return Err(f.err("resnet_out_scale_factor", "only 1.0 is supported"));
     }
-    let mid_block = match f.get("mid_block_type") {
-        None => false,
+    // Absent means diffusers' default (SD 1.4/1.5's configs, written by diffusers 0.6, have no
+    // such key); only an explicit null removes the mid block.
+    let mid_block = match v.get("mid_block_type") {
+        None => true,
+        Some(Value::Null) => false,
         Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => true,
         Some(x) => {
             return Err(f.err(
@@ -637,9 +640,13 @@ fn load_part<T>(
     })?;
     if let Some(extra) = w.names().into_iter().find(|k| !used.contains(*k)) {
         return Err(IoError::Config {
-            path: cfg_path.into(),
-            field: "block_out_channels".into(),
-            reason: format!("the weights hold `{extra}`, which this config's model does not use"),
+            path: dir.join("diffusion_pytorch_model.safetensors"),
+            field: extra.to_string(),
+            reason: format!(
+                "a tensor the model {} describes does not use (do the config and the weights \
+                 belong together?)",
+                cfg_path.display()
+            ),
         });
     }
     Ok(model)

@@ -168,12 +168,39 @@ fn inspect_sd_lora(path: &Path, f: &SafetensorsFile) -> Result<Option<Report>> {
         let r = m.rank();
         params += m.parts.values().map(|p| p.0.len()).sum::<usize>();
         let shape = m.natural_shape();
-        let d = m.delta(&shape).map_err(|why| IoError::Config {
-            path: path.into(),
-            field: m.key.clone(),
-            reason: why,
-        })?;
-        let norm_delta = d.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let norm_delta = match (m.kind, m.part("lora_mid.weight")) {
+            // Through the r x r Grams: no update matrix formed.
+            (crate::sd_lora::Kind::Lora, None) => {
+                let (down, up) = (m.part("lora_down.weight"), m.part("lora_up.weight"));
+                let (down, up) = (down.expect("validated"), up.expect("validated"));
+                let inner: usize = down.1[1..].iter().product();
+                m.scale as f64
+                    * delta_norm2(&down.0, &up.0, r, up.1[0], inner)
+                        .max(0.0)
+                        .sqrt()
+            }
+            _ => {
+                // The other kinds are formed: refused past any real layer's size (SD's largest
+                // holds 1280 x 1280 x 9 = 14.7M values) rather than allocated from the file's
+                // claim.
+                let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                if n.is_none_or(|n| n > 1 << 27) {
+                    return Err(IoError::Config {
+                        path: path.into(),
+                        field: m.key.clone(),
+                        reason: format!(
+                            "its update would be a {shape:?} matrix, larger than any layer"
+                        ),
+                    });
+                }
+                let d = m.delta(&shape).map_err(|why| IoError::Config {
+                    path: path.into(),
+                    field: m.key.clone(),
+                    reason: why,
+                })?;
+                d.iter().map(|v| v * v).sum::<f64>().sqrt()
+            }
+        };
         let base = match shape.as_slice() {
             [_, _, kh, kw] => format!("conv {kh}x{kw}"),
             _ => "linear".into(),

@@ -53,11 +53,24 @@ impl SdPipeline {
                 });
             }
         }
+        let vae = load_vae(&dir.join("vae"))?;
+        for (field, n) in [
+            ("in_channels", vae.config().in_channels),
+            ("out_channels", vae.config().out_channels),
+        ] {
+            if n != 3 {
+                return Err(IoError::Config {
+                    path: dir.join("vae/config.json"),
+                    field: field.into(),
+                    reason: format!("{n}: RGB images need 3"),
+                });
+            }
+        }
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
             text_encoder: load_clip_text(&dir.join("text_encoder"))?,
             unet: load_unet(&dir.join("unet"))?,
-            vae: load_vae(&dir.join("vae"))?,
+            vae,
             dir: dir.to_path_buf(),
         })
     }

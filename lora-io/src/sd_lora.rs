@@ -110,6 +110,96 @@ impl LoraModule {
         }
     }
 
+    /// Checks that the parts are a well-formed module of its kind (dimensions and the ranks
+    /// the factors share), so that the shapes below index only what exists.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let d = |p: &str| self.part(p).map(|x| x.1.as_slice());
+        let dims = |p: &str, n: &[usize]| -> std::result::Result<Vec<usize>, String> {
+            match d(p) {
+                Some(s) if n.contains(&s.len()) && s.iter().all(|&x| x > 0) => Ok(s.to_vec()),
+                Some(s) => Err(format!("`{p}` has shape {s:?}, expected {n:?} dimensions")),
+                None => Err(format!("`{p}` is missing")),
+            }
+        };
+        let same = |what: &str, x: usize, y: usize| -> std::result::Result<(), String> {
+            if x == y {
+                Ok(())
+            } else {
+                Err(format!("{what}: {x} and {y} differ"))
+            }
+        };
+        match self.kind {
+            Kind::Lora => {
+                let down = dims("lora_down.weight", &[2, 4])?;
+                let up = dims("lora_up.weight", &[2, 4])?;
+                if d("lora_mid.weight").is_some() {
+                    let mid = dims("lora_mid.weight", &[3, 4])?;
+                    same("lora_mid's first dimension and the rank", mid[0], down[0])?;
+                    same(
+                        "lora_mid's second dimension and lora_up's rank",
+                        mid[1],
+                        up[1],
+                    )?;
+                    if down.len() != 4 || down[2..].iter().any(|&k| k != 1) {
+                        return Err(format!("a Tucker lora_down is (r, in, 1, 1), got {down:?}"));
+                    }
+                }
+            }
+            Kind::LoHa => {
+                let tucker = d("hada_t1").is_some() || d("hada_t2").is_some();
+                for w in ["w1", "w2"] {
+                    let a = dims(&format!("hada_{w}_a"), &[2])?;
+                    let b = dims(&format!("hada_{w}_b"), &[2])?;
+                    if tucker {
+                        let t = dims(&format!("hada_t{}", &w[1..]), &[3, 4])?;
+                        same("a Tucker core's first dimension and hada_*_a's", t[0], a[0])?;
+                        same(
+                            "a Tucker core's second dimension and hada_*_b's",
+                            t[1],
+                            b[0],
+                        )?;
+                    } else {
+                        same("hada_*_a's columns and hada_*_b's rows", a[1], b[0])?;
+                    }
+                }
+            }
+            Kind::LoKr => {
+                match (d("lokr_w1"), d("lokr_w1_a"), d("lokr_w1_b")) {
+                    (Some(_), None, None) => {
+                        dims("lokr_w1", &[2])?;
+                    }
+                    (None, Some(_), Some(_)) => {
+                        let (a, b) = (dims("lokr_w1_a", &[2])?, dims("lokr_w1_b", &[2])?);
+                        same("lokr_w1_a's columns and lokr_w1_b's rows", a[1], b[0])?;
+                    }
+                    _ => return Err("needs lokr_w1, or lokr_w1_a and lokr_w1_b".into()),
+                }
+                match (d("lokr_w2"), d("lokr_w2_a"), d("lokr_w2_b"), d("lokr_t2")) {
+                    (Some(_), None, None, None) => {
+                        dims("lokr_w2", &[2, 4])?;
+                    }
+                    (None, Some(_), Some(_), t) => {
+                        let a = dims("lokr_w2_a", &[2])?;
+                        let b = dims("lokr_w2_b", &[2, 4])?;
+                        if t.is_some() {
+                            let t = dims("lokr_t2", &[3, 4])?;
+                            same("lokr_t2's first dimension and lokr_w2_a's", t[0], a[0])?;
+                            same("lokr_t2's second dimension and lokr_w2_b's", t[1], b[0])?;
+                        } else {
+                            same("lokr_w2_a's columns and lokr_w2_b's rows", a[1], b[0])?;
+                        }
+                    }
+                    _ => {
+                        return Err(
+                            "needs lokr_w2, or lokr_w2_a and lokr_w2_b (with lokr_t2)".into()
+                        )
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The weight shape the factors make on their own (`(out, in)` or `(out, in, kh, kw)`;
     /// a convolution's LoRA or non-Tucker LoHa without its kernel split: `(out, in * kh * kw)`).
     pub fn natural_shape(&self) -> Vec<usize> {
@@ -262,28 +352,32 @@ impl LoraModule {
             }
             Kind::LoKr => {
                 // w1 (a, b); w2 (c, d, sp): the update is kron(w1, w2), (a c, b d, sp).
-                let (w1, (a, b)) = match (
+                let (a, b) = match (
                     self.part("lokr_w1"),
                     self.part("lokr_w1_a"),
                     self.part("lokr_w1_b"),
                 ) {
-                    (Some(w), _, _) if w.1.len() == 2 => (
-                        w.0.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-                        (w.1[0], w.1[1]),
-                    ),
+                    (Some(w), _, _) if w.1.len() == 2 => (w.1[0], w.1[1]),
                     (None, Some(wa), Some(wb))
                         if wa.1.len() == 2 && wb.1.len() == 2 && wa.1[1] == wb.1[0] =>
                     {
-                        (
-                            matmul(&wa.0, &wb.0, (wa.1[0], wa.1[1], wb.1[1])),
-                            (wa.1[0], wb.1[1]),
-                        )
+                        (wa.1[0], wb.1[1])
                     }
                     _ => return Err(bad("LoKr w1 (lokr_w1, or lokr_w1_a and lokr_w1_b)".into())),
                 };
+                // Checked before anything sized by the file is allocated.
                 if a == 0 || b == 0 || out % a != 0 || inp % b != 0 {
                     return Err(bad(format!("LoKr w1 ({a}, {b})")));
                 }
+                let w1: Vec<f64> = match (
+                    self.part("lokr_w1"),
+                    self.part("lokr_w1_a"),
+                    self.part("lokr_w1_b"),
+                ) {
+                    (Some(w), _, _) => w.0.iter().map(|&v| v as f64).collect(),
+                    (_, Some(wa), Some(wb)) => matmul(&wa.0, &wb.0, (a, wa.1[1], b)),
+                    _ => unreachable!("matched above"),
+                };
                 let (c, dd) = (out / a, inp / b);
                 let w2: Vec<f64> = match (
                     self.part("lokr_w2"),
@@ -436,6 +530,19 @@ fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static
     ] {
         if let Some(stem) = rest.strip_suffix(suffix) {
             return Ok(Some((comp, Name::Dotted(processor_name(stem)), part)));
+        }
+    }
+    // The attention-processor form: `...attn1.processor.to_q_lora.down.weight`.
+    if rest.contains(".processor.") {
+        for (suffix, part) in [
+            (".down.weight", "lora_down.weight"),
+            (".up.weight", "lora_up.weight"),
+        ] {
+            if let Some(stem) = rest.strip_suffix(suffix) {
+                if stem.ends_with("_lora") {
+                    return Ok(Some((comp, Name::Dotted(processor_name(stem)), part)));
+                }
+            }
         }
     }
     Ok(None)
@@ -620,6 +727,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
             scale: 1.0,
             name,
         };
+        m.validate().map_err(|why| err(path, stem.as_str(), why))?;
         if kind == Kind::Lora {
             let (down, up) = (m.need("lora_down.weight"), m.need("lora_up.weight"));
             let r = *down.1.first().unwrap_or(&0);
@@ -768,21 +876,28 @@ pub fn merge_sd_lora(
             ),
         ));
     }
-    // Every update is formed before anything is merged: a file that does not fit changes
-    // nothing.
-    let mut deltas = Vec::with_capacity(plan.len());
+    // Every update is formed once before anything is merged (a file that does not fit changes
+    // nothing), then again, one at a time, to merge it: never all of them in memory at once.
     for (m, t) in &plan {
         let layer = &layers[&(m.component, t.clone())];
+        let trainable = match layer {
+            Layer::Linear(l) => l.lora().is_some(),
+            Layer::Conv(c) => c.lora().is_some(),
+        };
+        if trainable {
+            return Err(err(&lora.path, t, "the layer carries a trainable adapter"));
+        }
         let shape = layer.weight().shape().to_vec();
-        let d = m
-            .delta(&shape)
+        m.delta(&shape)
             .map_err(|why| err(&lora.path, &m.key, format!("{why} (the layer `{t}`)")))?;
-        deltas.push(d);
     }
-    for ((m, t), d) in plan.into_iter().zip(deltas) {
+    for (m, t) in plan {
         let layer = layers
             .get_mut(&(m.component, t.clone()))
             .expect("resolved above");
+        let d = m
+            .delta(layer.weight().shape())
+            .map_err(|why| err(&lora.path, &m.key, why))?;
         let w = layer.weight();
         let shape = w.shape().to_vec();
         let mut data = w.try_to_vec()?;
@@ -793,17 +908,11 @@ pub fn merge_sd_lora(
         match layer {
             Layer::Linear(l) => {
                 let (_, layout, bias) = l.base();
-                if l.lora().is_some() {
-                    return Err(err(&lora.path, t, "the layer carries a trainable adapter"));
-                }
                 let bias = bias.cloned();
                 **l = Linear::frozen(merged, layout, bias);
             }
             Layer::Conv(c) => {
                 let (_, bias, params) = c.base();
-                if c.lora().is_some() {
-                    return Err(err(&lora.path, t, "the layer carries a trainable adapter"));
-                }
                 let bias = bias.cloned();
                 **c = Conv::frozen(merged, bias, params);
             }

@@ -156,6 +156,30 @@ fn bad_lora_files_are_named_errors() {
             "hada_w1_b",
         ),
         (
+            "scalar_factor",
+            vec![
+                (format!("{q}.hada_w1_a"), vec![16, 2]),
+                (format!("{q}.hada_w1_b"), vec![]),
+                (format!("{q}.hada_w2_a"), vec![16, 2]),
+                (format!("{q}.hada_w2_b"), vec![2, 16]),
+            ],
+            "hada_w1_b` has shape []",
+        ),
+        (
+            "lokr_half",
+            vec![(format!("{q}.lokr_w2"), vec![4, 4])],
+            "needs lokr_w1",
+        ),
+        (
+            "bad_mid",
+            vec![
+                (format!("{q}.lora_down.weight"), vec![2, 16, 1, 1]),
+                (format!("{q}.lora_mid.weight"), vec![4, 1, 3, 3]),
+                (format!("{q}.lora_up.weight"), vec![16, 2, 1, 1]),
+            ],
+            "lora_mid's first dimension",
+        ),
+        (
             "mixed",
             vec![
                 (format!("{q}.lora_down.weight"), vec![2, 16]),
@@ -318,4 +342,56 @@ fn lycoris_updates_equal_lycoris() {
     let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
     let rep = merge_sd_lora(&mut pipe, &f, 0.5, false).unwrap();
     assert_eq!(rep.merged.get("unet"), Some(&f.modules.len()));
+}
+
+/// diffusers' older attention-processor names (`attn1.processor.to_q_lora.down.weight`) read as
+/// the same modules as the PEFT names, with the same factors and scales.
+#[test]
+fn attention_processor_names_read_as_module_paths() {
+    use lora_io::write::{write_safetensors, OutDtype, OutTensor};
+    let src = fx("sd_lora/peft.safetensors");
+    let f = SafetensorsFile::open(&src).unwrap();
+    let renamed: Vec<(String, Vec<f32>, Vec<usize>)> = f
+        .names()
+        .iter()
+        .map(|k| {
+            let (v, s) = f.read_f32(k).unwrap();
+            let mut n = k.to_string();
+            for (new, old) in [
+                ("to_q", "to_q_lora"),
+                ("to_k", "to_k_lora"),
+                ("to_v", "to_v_lora"),
+                ("to_out.0", "to_out_lora"),
+            ] {
+                for (ab, du) in [("lora_A", "down"), ("lora_B", "up")] {
+                    n = n.replace(
+                        &format!(".{new}.{ab}.weight"),
+                        &format!(".processor.{old}.{du}.weight"),
+                    );
+                }
+            }
+            (n, v, s)
+        })
+        .collect();
+    assert!(renamed.iter().all(|(k, _, _)| k.contains(".processor.")));
+    let tmp = std::env::temp_dir().join(format!("lora-sd-proc-{}.safetensors", std::process::id()));
+    let out: Vec<OutTensor> = renamed
+        .iter()
+        .map(|(name, v, s)| OutTensor {
+            name: name.clone(),
+            shape: s.clone(),
+            values: v,
+            dtype: OutDtype::F32,
+        })
+        .collect();
+    let meta = f.metadata.clone();
+    write_safetensors(&tmp, &out, meta).unwrap();
+    let (a, b) = (read_sd_lora(&src).unwrap(), read_sd_lora(&tmp).unwrap());
+    std::fs::remove_file(&tmp).ok();
+    assert_eq!(a.modules.len(), b.modules.len());
+    for (x, y) in a.modules.iter().zip(&b.modules) {
+        assert_eq!(x.key, y.key);
+        assert_eq!(x.scale, y.scale);
+        assert_eq!(x.parts, y.parts);
+    }
 }

@@ -111,6 +111,31 @@ fn unet_config_and_input_errors_are_named() {
         .forward(&Tape::inference(), &x, &[1.0, 2.0, 3.0], &ctx, false)
         .unwrap_err();
     assert!(e.to_string().contains("timesteps"), "{e}");
+    // SD 1.4/1.5's configs (diffusers 0.6) have no `mid_block_type`: the default mid block;
+    // an explicit null has none, and then the mid block's weights are unused (named).
+    let legacy = tmp.join("legacy");
+    std::fs::create_dir_all(&legacy).unwrap();
+    copy(&src, &legacy, "diffusion_pytorch_model.safetensors");
+    let mut v: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    v.as_object_mut().unwrap().remove("mid_block_type");
+    std::fs::write(legacy.join("config.json"), v.to_string()).unwrap();
+    let a = load_unet(&legacy).unwrap();
+    let b = load_unet(&src).unwrap();
+    let ts = [10.0f32];
+    let run = |m: &lora_core::models::unet::UNet2DCondition| {
+        m.forward(&Tape::inference(), &x, &ts, &ctx, false)
+            .unwrap()
+            .try_to_vec()
+            .unwrap()
+    };
+    assert_eq!(run(&a), run(&b));
+    v["mid_block_type"] = serde_json::Value::Null;
+    std::fs::write(legacy.join("config.json"), v.to_string()).unwrap();
+    let e = load_unet(&legacy).err().unwrap().to_string();
+    assert!(
+        e.contains("mid_block.") && e.contains("diffusion_pytorch_model"),
+        "{e}"
+    );
     // A checkpoint with weights the config does not use (a config with fewer layers).
     let fewer = tmp.join("fewer");
     std::fs::create_dir_all(&fewer).unwrap();

@@ -12,7 +12,7 @@
 //! them. Random crops change the pixels every step: then each step encodes its crops.
 
 use crate::batches::Sampler;
-use crate::optim::{clip_grad_norm, AdamW, Optimizer, ParamGroup};
+use crate::optim::{clip_grad_norm, lr_factor, AdamW, Optimizer, ParamGroup, Schedule};
 use lora_core::diffusion::{NoiseSchedule, Prediction};
 use lora_core::lora::LoraConfig;
 use lora_core::{ops, CoreError, Tape, Tensor};
@@ -155,10 +155,13 @@ pub struct SdTrainConfig {
     pub steps: usize,
     /// Images per step.
     pub batch: usize,
-    /// Learning rate (constant after `warmup` linear warmup steps).
+    /// Peak learning rate.
     pub lr: f32,
     /// Warmup steps.
     pub warmup: usize,
+    /// The learning-rate schedule after warmup (transformers' `get_*_schedule_with_warmup`;
+    /// diffusers' LoRA script defaults to constant).
+    pub schedule: Schedule,
     /// AdamW weight decay.
     pub weight_decay: f32,
     /// Gradient clipping norm (0: none).
@@ -182,9 +185,10 @@ fn preprocess(img: &Rgb8, res: usize, crop_at: Option<(usize, usize)>, flip: boo
         ((res * h / w).max(res), res)
     };
     let r = resize(img, nh, nw, Filter::Bilinear);
+    // torchvision's CenterCrop: int(round((size - res) / 2.0)), Python's half-to-even.
     let (top, left) = crop_at.unwrap_or((
-        ((nh - res) as f64 / 2.0).round() as usize,
-        ((nw - res) as f64 / 2.0).round() as usize,
+        ((nh - res) as f64 / 2.0).round_ties_even() as usize,
+        ((nw - res) as f64 / 2.0).round_ties_even() as usize,
     ));
     let mut out = vec![0.0f32; 3 * res * res];
     for y in 0..res {
@@ -377,11 +381,7 @@ pub fn train_sd_lora(
         } else {
             f32::NAN
         };
-        let lr = if cfg.warmup > 0 && step <= cfg.warmup {
-            cfg.lr * step as f32 / cfg.warmup as f32
-        } else {
-            cfg.lr
-        };
+        let lr = cfg.lr * lr_factor(cfg.schedule, step - 1, cfg.warmup, cfg.steps);
         opt.step(&groups, &grads, lr)?;
         if !loss_v.is_finite() {
             return Err(IoError::Core(CoreError::InvalidConfig {
@@ -535,6 +535,7 @@ mod tests {
             batch: 2,
             lr: 1e-2,
             warmup: 1,
+            schedule: Schedule::Constant,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             seed: 3,
@@ -589,10 +590,8 @@ mod tests {
                 let hist = train_sd_lora(&mut pipe, &data, &cfg, |_, _| Ok(())).unwrap();
                 assert_eq!(hist.len(), 4);
                 assert!(hist.iter().all(|s| s.loss.is_finite() && s.loss > 0.0));
-                assert_eq!(
-                    hist[0].lr, 1e-2,
-                    "warmup of 1 step reaches the rate at step 1"
-                );
+                // transformers' warmup: the first step at 0, the rate from the second on.
+                assert_eq!((hist[0].lr, hist[1].lr, hist[3].lr), (0.0, 1e-2, 1e-2));
                 runs.push(pipe);
             }
             let a: Vec<Vec<f32>> = runs[0]
