@@ -43,6 +43,38 @@ pub enum Command {
     /// Stable Diffusion (1.x, 2.x): generate images with a diffusers pipeline directory.
     #[command(subcommand)]
     Sd(SdCommand),
+    /// A LoRA file from the difference of a fine-tuned Stable Diffusion pipeline and its base
+    /// (truncated SVD per layer, kohya format; language models not yet).
+    Extract(ExtractArgs),
+}
+
+#[derive(Args)]
+pub struct ExtractArgs {
+    /// The base pipeline directory.
+    #[arg(long)]
+    pub base: std::path::PathBuf,
+    /// The fine-tuned pipeline directory (same architecture).
+    #[arg(long)]
+    pub tuned: std::path::PathBuf,
+    /// Rank of each linear layer's (and 1x1 convolution's) update.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Rank of the larger convolutions' updates (LoCon); without it they are left out.
+    #[arg(long)]
+    pub conv_rank: Option<usize>,
+    /// Layers whose largest change is at most this fraction of their largest weight are left
+    /// out.
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_diff: f32,
+    /// The .safetensors file to write (kohya keys, alpha = rank).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Replace an existing --out that lora-rs wrote.
+    #[arg(long)]
+    pub force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Subcommand)]

@@ -119,5 +119,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Combine(a) => combine::command(a),
         Command::Bench(b) => bench::command(b),
         Command::Sd(SdCommand::Generate(a)) => sd::generate(a),
+        Command::Extract(a) => sd::extract(a),
     }
 }

@@ -396,3 +396,55 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         Ok(())
     })
 }
+
+/// `lora extract`.
+pub fn extract(a: crate::args::ExtractArgs) -> Result<()> {
+    for (flag, dir) in [("--base", &a.base), ("--tuned", &a.tuned)] {
+        if !dir.join("model_index.json").exists() {
+            bail!(
+                "{flag} {}: not a diffusers pipeline directory (no model_index.json); extracting \
+                 from language models is not supported yet",
+                dir.display()
+            );
+        }
+    }
+    if !(a.min_diff.is_finite() && a.min_diff >= 0.0) {
+        bail!(
+            "--min-diff must be a non-negative number, got {}",
+            a.min_diff
+        );
+    }
+    lora_io::outdir::check_not_input(
+        "--out",
+        &a.out,
+        &[("--base", &a.base), ("--tuned", &a.tuned)],
+    )?;
+    lora_io::outdir::check_output_file("--out", &a.out, a.force)?;
+    let pool = crate::bench::pool(a.threads)?;
+    pool.install(|| -> Result<()> {
+        let mut base = SdPipeline::open(&a.base)?;
+        let mut tuned = SdPipeline::open(&a.tuned)?;
+        let ex = lora_io::sd_extract::extract_sd_lora(
+            &mut base,
+            &mut tuned,
+            a.rank,
+            a.conv_rank,
+            a.min_diff,
+        )?;
+        if ex.is_empty() {
+            bail!(
+                "no layer differs between --base and --tuned (beyond --min-diff {})",
+                a.min_diff
+            );
+        }
+        lora_io::sd_extract::write_kohya(&a.out, &ex)?;
+        let worst = ex.iter().map(|e| e.kept).fold(1.0f64, f64::min);
+        eprintln!(
+            "wrote {} ({} modules; the least-kept layer keeps {:.1}% of its difference's norm)",
+            a.out.display(),
+            ex.len(),
+            worst * 100.0
+        );
+        Ok(())
+    })
+}

@@ -33,6 +33,7 @@ pub mod diffusion;
 pub mod error;
 /// Small dense `f64` linear algebra (QR, Jacobi SVD) from `lora-kernels`, for the adapter tools.
 pub use lora_kernels::linalg;
+pub use lora_kernels::rng;
 pub mod lora;
 pub mod lora_conv;
 pub mod models;

@@ -26,6 +26,7 @@ pub mod outdir;
 pub mod peft;
 pub mod safetensors;
 pub mod sd;
+pub mod sd_extract;
 pub mod sd_lora;
 pub mod tokenizer;
 pub mod vision;
