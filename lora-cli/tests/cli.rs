@@ -1278,3 +1278,37 @@ fn sd_generate_matches_diffusers_and_guards_its_output() {
     }
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// `lora extract`: identical pipelines have nothing to extract (an error, nothing written);
+/// a language-model directory is named as unsupported.
+#[test]
+fn extract_names_what_it_cannot_do() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sd = root.join("fixtures/parity/sd_pipeline/model");
+    let out = std::env::temp_dir().join(format!(
+        "lora-extract-cli-{}.safetensors",
+        std::process::id()
+    ));
+    let run = |base: &std::path::Path| {
+        lora(&[
+            "extract",
+            "--base",
+            base.to_str().unwrap(),
+            "--tuned",
+            sd.to_str().unwrap(),
+            "--rank",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
+    };
+    let o = run(&sd);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no layer differs"));
+    assert!(!out.exists());
+    let o = run(&root.join("demo/base"));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a diffusers pipeline"));
+}
