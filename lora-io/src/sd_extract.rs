@@ -246,34 +246,25 @@ fn mismatch(name: &str) -> IoError {
 
 /// Writes `modules` as a kohya LoRA file (alpha = rank: scale 1), marked as lora-rs's.
 pub fn write_kohya(path: &Path, modules: &[Extracted]) -> Result<()> {
-    use crate::write::{write_safetensors, OutDtype, OutTensor};
-    let alphas: Vec<[f32; 1]> = modules.iter().map(|m| [m.down.1[0] as f32]).collect();
-    let mut ts = Vec::new();
-    for (m, a) in modules.iter().zip(&alphas) {
-        ts.push(OutTensor {
-            name: format!("{}.lora_down.weight", m.name),
-            shape: m.down.1.clone(),
-            values: &m.down.0,
-            dtype: OutDtype::F32,
-        });
-        ts.push(OutTensor {
-            name: format!("{}.lora_up.weight", m.name),
-            shape: m.up.1.clone(),
-            values: &m.up.0,
-            dtype: OutDtype::F32,
-        });
-        ts.push(OutTensor {
-            name: format!("{}.alpha", m.name),
-            shape: vec![],
-            values: a,
-            dtype: OutDtype::F32,
-        });
-    }
-    let mut meta = HashMap::new();
-    meta.insert(
-        crate::outdir::FILE_MARK.to_string(),
-        "lora extract".to_string(),
-    );
-    meta.insert("ss_network_module".into(), "networks.lora".into());
-    write_safetensors(path, &ts, meta)
+    use crate::kohya::{KohyaLora, KohyaModule};
+    let mut modules: Vec<KohyaModule> = modules
+        .iter()
+        .map(|m| KohyaModule {
+            name: m.name.clone(),
+            down: (m.down.1.clone(), m.down.0.clone()),
+            up: (m.up.1.clone(), m.up.0.clone()),
+            alpha: m.down.1[0] as f32,
+        })
+        .collect();
+    modules.sort_by(|a, b| a.name.cmp(&b.name));
+    let metadata = [
+        (
+            crate::outdir::FILE_MARK.to_string(),
+            "lora extract".to_string(),
+        ),
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    KohyaLora { modules, metadata }.write(path)
 }
