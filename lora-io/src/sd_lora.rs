@@ -818,7 +818,7 @@ pub fn merge_sd_lora(
     let mut layers: HashMap<(Component, String), Layer> = HashMap::new();
     let mut flat: HashMap<(Component, String), String> = HashMap::new();
     let unet = &mut pipe.unet;
-    let (lin, conv) = unet_layers(unet);
+    let (lin, conv) = unet.layers_mut();
     for (n, l) in lin {
         flat.insert((Component::Unet, n.replace('.', "_")), n.clone());
         layers.insert((Component::Unet, n), Layer::Linear(l));
@@ -923,12 +923,6 @@ pub fn merge_sd_lora(
             .or_default() += 1;
     }
     Ok(report)
-}
-
-fn unet_layers(
-    unet: &mut lora_core::models::unet::UNet2DCondition,
-) -> lora_core::models::unet::LayersMut<'_> {
-    unet.layers_mut()
 }
 
 /// Parses `FILE[:WEIGHT]` (the weight after the last `:`, when it is a number).

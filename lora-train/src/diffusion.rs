@@ -177,13 +177,7 @@ pub struct SdTrainConfig {
 /// `img` as the training transform makes it: `(3, res, res)` in `[-1, 1]`. `crop_at` is the
 /// crop's top-left corner for random crops (`None`: centered, torchvision's rounding).
 fn preprocess(img: &Rgb8, res: usize, crop_at: Option<(usize, usize)>, flip: bool) -> Vec<f32> {
-    // torchvision's Resize(res): the shorter side to res, the longer scaled (truncated).
-    let (h, w) = (img.height, img.width);
-    let (nh, nw) = if h <= w {
-        (res, (res * w / h).max(res))
-    } else {
-        ((res * h / w).max(res), res)
-    };
+    let (nh, nw) = resized(img, res);
     let r = resize(img, nh, nw, Filter::Bilinear);
     // torchvision's CenterCrop: int(round((size - res) / 2.0)), Python's half-to-even.
     let (top, left) = crop_at.unwrap_or((
@@ -203,14 +197,20 @@ fn preprocess(img: &Rgb8, res: usize, crop_at: Option<(usize, usize)>, flip: boo
     out
 }
 
-/// The resized size and the random crop corner for `img` at `res`.
-fn random_corner(img: &Rgb8, res: usize, rng: &mut Rng) -> (usize, usize) {
+/// torchvision's `Resize(res)` size for `img`: the shorter side to `res`, the longer scaled
+/// (truncated).
+fn resized(img: &Rgb8, res: usize) -> (usize, usize) {
     let (h, w) = (img.height, img.width);
-    let (nh, nw) = if h <= w {
+    if h <= w {
         (res, (res * w / h).max(res))
     } else {
         ((res * h / w).max(res), res)
-    };
+    }
+}
+
+/// A random crop corner for `img` resized for `res`.
+fn random_corner(img: &Rgb8, res: usize, rng: &mut Rng) -> (usize, usize) {
+    let (nh, nw) = resized(img, res);
     let pick = |n: usize, rng: &mut Rng| (rng.next_u64() % (n - res + 1) as u64) as usize;
     (pick(nh, rng), pick(nw, rng))
 }
@@ -268,7 +268,12 @@ pub fn train_sd_lora(
             text.insert(e.caption.clone(), s);
         }
     }
-    let ctx_shape = pipe.encode_prompts(&[""], 0)?.shape().to_vec();
+    // The text states' (tokens, width), as `encode_prompts` makes them.
+    let ctx_shape = [
+        1,
+        pipe.tokenizer.max_len(),
+        pipe.text_encoder.config().hidden_size,
+    ];
     let res = cfg.resolution;
     let lat = [
         pipe.vae.config().latent_channels,

@@ -326,29 +326,12 @@ impl Resnet {
             .map(|l| (name.clone(), l))
             .collect()
     }
-    pub(crate) fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let name = format!("{}.time_emb_proj", self.name);
-        self.time_emb_proj
-            .iter_mut()
-            .map(|l| (name.clone(), l))
-            .collect()
-    }
     pub(crate) fn convs(&self) -> Vec<(String, &Conv)> {
         let mut v = vec![
             (format!("{}.conv1", self.name), &self.conv1),
             (format!("{}.conv2", self.name), &self.conv2),
         ];
         if let Some(c) = &self.shortcut {
-            v.push((format!("{}.conv_shortcut", self.name), c));
-        }
-        v
-    }
-    pub(crate) fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
-        let mut v = vec![
-            (format!("{}.conv1", self.name), &mut self.conv1),
-            (format!("{}.conv2", self.name), &mut self.conv2),
-        ];
-        if let Some(c) = &mut self.shortcut {
             v.push((format!("{}.conv_shortcut", self.name), c));
         }
         v
@@ -602,40 +585,11 @@ impl Transformer2D {
         }
         v
     }
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let name = self.name.clone();
-        let mut v = Vec::new();
-        if let Proj::Linear(l) = &mut self.proj_in {
-            v.push((format!("{name}.proj_in"), l));
-        }
-        for (i, blk) in self.blocks.iter_mut().enumerate() {
-            for (p, l) in blk.linears_mut() {
-                v.push((format!("{name}.transformer_blocks.{i}.{p}"), l));
-            }
-        }
-        if let Proj::Linear(l) = &mut self.proj_out {
-            v.push((format!("{name}.proj_out"), l));
-        }
-        v
-    }
     fn convs(&self) -> Vec<(String, &Conv)> {
         let mut v = Vec::new();
         for (p, proj) in [("proj_in", &self.proj_in), ("proj_out", &self.proj_out)] {
             if let Proj::Conv(c) = proj {
                 v.push((format!("{}.{p}", self.name), c));
-            }
-        }
-        v
-    }
-    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
-        let name = self.name.clone();
-        let mut v = Vec::new();
-        for (p, proj) in [
-            ("proj_in", &mut self.proj_in),
-            ("proj_out", &mut self.proj_out),
-        ] {
-            if let Proj::Conv(c) = proj {
-                v.push((format!("{name}.{p}"), c));
             }
         }
         v
@@ -684,11 +638,6 @@ impl Stage {
         r.chain(self.attentions.iter().flat_map(|a| a.linears()))
             .collect()
     }
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let r = self.resnets.iter_mut().flat_map(|r| r.linears_mut());
-        r.chain(self.attentions.iter_mut().flat_map(|a| a.linears_mut()))
-            .collect()
-    }
     fn resample_name(&self) -> String {
         let kind = if self.name.starts_with("up") {
             "upsamplers"
@@ -702,19 +651,6 @@ impl Stage {
         v.extend(self.attentions.iter().flat_map(|a| a.convs()));
         if let Some(c) = &self.resample {
             v.push((self.resample_name(), c));
-        }
-        v
-    }
-    fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
-        let rn = self.resample_name();
-        let mut v: Vec<(String, &mut Conv)> = self
-            .resnets
-            .iter_mut()
-            .flat_map(|r| r.convs_mut())
-            .collect();
-        v.extend(self.attentions.iter_mut().flat_map(|a| a.convs_mut()));
-        if let Some(c) = &mut self.resample {
-            v.push((rn, c));
         }
         v
     }
@@ -1031,45 +967,11 @@ impl UNet2DCondition {
         v
     }
 
-    /// The same, mutable.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v = vec![
-            (
-                "time_embedding.linear_1".to_string(),
-                &mut self.time_linear_1,
-            ),
-            (
-                "time_embedding.linear_2".to_string(),
-                &mut self.time_linear_2,
-            ),
-        ];
-        let stages = self
-            .down
-            .iter_mut()
-            .chain(self.mid.iter_mut())
-            .chain(self.up.iter_mut());
-        v.extend(stages.flat_map(|s| s.linears_mut()));
-        v
-    }
-
     /// Every convolution with its module path, in model order (LoCon targets).
     pub fn convs(&self) -> Vec<(String, &Conv)> {
         let mut v = vec![("conv_in".to_string(), &self.conv_in)];
         v.extend(self.stages().flat_map(|s| s.convs()));
         v.push(("conv_out".to_string(), &self.conv_out));
-        v
-    }
-
-    /// The same, mutable.
-    pub fn convs_mut(&mut self) -> Vec<(String, &mut Conv)> {
-        let mut v = vec![("conv_in".to_string(), &mut self.conv_in)];
-        let stages = self
-            .down
-            .iter_mut()
-            .chain(self.mid.iter_mut())
-            .chain(self.up.iter_mut());
-        v.extend(stages.flat_map(|s| s.convs_mut()));
-        v.push(("conv_out".to_string(), &mut self.conv_out));
         v
     }
 
