@@ -259,8 +259,12 @@ pub fn scheduler_config(path: &Path, v: &Value, kind: SamplerKind) -> Result<Sch
 /// Reads a `text_encoder/config.json` (`CLIPTextModel`) into the core's config. CLIP's text
 /// defaults (transformers' `CLIPTextConfig`) apply to absent fields.
 pub fn read_clip_text_config(path: &Path) -> Result<ClipTextConfig> {
-    let v = crate::hf::read_json(path)?;
-    let f = crate::hf::Fields { path, v: &v };
+    clip_text_config(path, &crate::hf::read_json(path)?)
+}
+
+/// [`read_clip_text_config`] on JSON already read (`path` names it in errors).
+pub fn clip_text_config(path: &Path, v: &Value) -> Result<ClipTextConfig> {
+    let f = crate::hf::Fields { path, v };
     let act = f.str_or("hidden_act", "quick_gelu")?;
     let hidden_act = Activation::parse(act).map_err(|e| f.err("hidden_act", e.to_string()))?;
     let cfg = ClipTextConfig {
@@ -384,8 +388,12 @@ fn block_kinds(
 /// fields of variants not implemented here (SDXL's added conditioning, class embeddings,
 /// scale-shift time conditioning, other block types, ...) are refused by name when set.
 pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
-    let v = crate::hf::read_json(path)?;
-    let f = crate::hf::Fields { path, v: &v };
+    unet_config(path, &crate::hf::read_json(path)?)
+}
+
+/// [`read_unet_config`] on JSON already read (`path` names it in errors).
+pub fn unet_config(path: &Path, v: &Value) -> Result<UNetConfig> {
+    let f = crate::hf::Fields { path, v };
     let block_out_channels = sizes_list(&f, "block_out_channels", vec![320, 640, 1280, 1280])?;
     let n = block_out_channels.len();
     // Unsupported variants: each must be absent, null or its default.
@@ -525,8 +533,12 @@ pub fn load_unet(dir: &Path) -> Result<UNet2DCondition> {
 /// Reads `vae/config.json` (diffusers' `AutoencoderKL`); other block types, latent statistics
 /// and a disabled mid-block attention's alternatives are refused by name.
 pub fn read_vae_config(path: &Path) -> Result<VaeConfig> {
-    let v = crate::hf::read_json(path)?;
-    let f = crate::hf::Fields { path, v: &v };
+    vae_config(path, &crate::hf::read_json(path)?)
+}
+
+/// [`read_vae_config`] on JSON already read (`path` names it in errors).
+pub fn vae_config(path: &Path, v: &Value) -> Result<VaeConfig> {
+    let f = crate::hf::Fields { path, v };
     let block_out_channels = sizes_list(&f, "block_out_channels", vec![64])?;
     for (field, kind) in [
         ("down_block_types", "DownEncoderBlock2D"),

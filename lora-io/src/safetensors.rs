@@ -227,34 +227,66 @@ impl SafetensorsFile {
                 expected: expected.to_vec(),
             });
         }
-        let offset = self.data_start + m.start;
-        let len = (m.end - m.start) / 4;
-        let aligned = (self.mmap.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
-        if m.dtype == Dtype::F32 && aligned && cfg!(target_endian = "little") {
-            let mapped = MappedF32 {
-                map: self.mmap.clone(),
-                offset,
-                len,
-            };
-            return Ok(Tensor::from_external(Arc::new(mapped), expected)?);
+        self.tensor_slice(key, 0, expected)
+    }
+
+    /// Elements `start .. start + expected.iter().product()` of `key` (row-major) as a frozen
+    /// tensor of shape `expected`, in place like [`tensor`](Self::tensor): rows of a fused
+    /// tensor (OpenCLIP's `in_proj_weight`), or a tensor stored with unit dimensions the model
+    /// does not have (a 1x1 convolution read as a linear weight). The caller checks that the
+    /// stored shape means what it asks for; a range past the stored elements is an error.
+    pub fn tensor_slice(&self, key: &str, start: usize, expected: &[usize]) -> Result<Tensor> {
+        let m = self.meta(key).ok_or_else(|| IoError::MissingTensor {
+            path: self.path.clone(),
+            key: key.into(),
+        })?;
+        let stored: usize = m.shape.iter().product();
+        let count: usize = expected.iter().product();
+        if start.checked_add(count).is_none_or(|end| end > stored) {
+            return Err(IoError::TensorShape {
+                path: self.path.clone(),
+                key: key.into(),
+                got: m.shape.clone(),
+                expected: expected.to_vec(),
+            });
         }
-        let half = match m.dtype {
-            Dtype::BF16 => Some(HalfFormat::Bf16),
-            Dtype::F16 => Some(HalfFormat::F16),
-            _ => None,
+        let size = match m.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => {
+                return Err(IoError::Dtype {
+                    path: self.path.clone(),
+                    key: key.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         };
-        let aligned2 = (self.mmap.as_ptr() as usize + offset) % 2 == 0;
-        if let (Some(format), true, true) = (half, aligned2, cfg!(target_endian = "little")) {
+        let offset = self.data_start + m.start + start * size;
+        let base = self.mmap.as_ptr() as usize + offset;
+        if cfg!(target_endian = "little") && base % size == 0 {
+            if m.dtype == Dtype::F32 {
+                let mapped = MappedF32 {
+                    map: self.mmap.clone(),
+                    offset,
+                    len: count,
+                };
+                return Ok(Tensor::from_external(Arc::new(mapped), expected)?);
+            }
+            let format = if m.dtype == Dtype::BF16 {
+                HalfFormat::Bf16
+            } else {
+                HalfFormat::F16
+            };
             let mapped = MappedHalf {
                 map: self.mmap.clone(),
                 offset,
-                len: (m.end - m.start) / 2,
+                len: count,
                 format,
             };
             return Ok(Tensor::from_external_half(Arc::new(mapped), expected)?);
         }
         let (v, _) = self.read_f32(key)?;
-        Ok(Tensor::new(v, expected)?)
+        Ok(Tensor::new(v[start..start + count].to_vec(), expected)?)
     }
 
     /// Reads an integer tensor (I64/I32) as i64 values (used for token-id fixtures).

@@ -1,21 +1,42 @@
-//! A Stable Diffusion pipeline directory as diffusers saves it (`model_index.json`,
-//! `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`), loaded into the core's models,
-//! with the prompt encoding and sampler construction `lora sd generate` needs.
+//! A Stable Diffusion pipeline, from a directory as diffusers saves it (`model_index.json`,
+//! `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`) or from a single-file
+//! checkpoint (see [`crate::sd_single`]), loaded into the core's models, with the prompt
+//! encoding and sampler construction `lora sd generate` needs.
 
 use crate::clip_tokenizer::ClipTokenizer;
-use crate::diffusion::{load_clip_text, load_unet, load_vae, read_scheduler_config, SamplerKind};
+use crate::diffusion::{load_clip_text, load_unet, load_vae, scheduler_config, SamplerKind};
 use crate::error::{IoError, Result};
+use crate::sd_single::{cached_tokenizer, SingleFile};
 use lora_core::diffusion::{Ddim, DpmSolverPP, Euler, Sampler, ScheduleConfig};
 use lora_core::models::clip_text::ClipTextModel;
 use lora_core::models::unet::UNet2DCondition;
 use lora_core::models::vae::AutoencoderKl;
 use lora_core::{Tape, Tensor};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
+
+/// How a pipeline is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// A diffusers directory.
+    Diffusers,
+    /// A single `.safetensors` file with the original keys; `config`: the diffusers directory
+    /// its configurations, tokenizer and scheduler came from (`None`: inferred from the shapes,
+    /// the tokenizer from the Hugging Face cache).
+    SingleFile {
+        /// The configuration directory given.
+        config: Option<PathBuf>,
+    },
+}
 
 /// A loaded Stable Diffusion 1.x / 2.x pipeline.
 pub struct SdPipeline {
-    /// The directory.
-    pub dir: PathBuf,
+    /// The directory, or the single file.
+    pub path: PathBuf,
+    /// How it is stored.
+    pub layout: Layout,
+    /// `scheduler/scheduler_config.json` (or what stands for it), and its content.
+    scheduler: (PathBuf, Value),
     /// `tokenizer/`.
     pub tokenizer: ClipTokenizer,
     /// `text_encoder/`.
@@ -27,9 +48,18 @@ pub struct SdPipeline {
 }
 
 impl SdPipeline {
-    /// Opens a diffusers pipeline directory. `model_index.json` must name the SD components;
-    /// SDXL's (a second text encoder) is refused by name.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens a diffusers pipeline directory, or a single-file checkpoint with its
+    /// configurations inferred (see [`open_single`](Self::open_single)).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            return Self::open_single(path, None);
+        }
+        Self::open_dir(path)
+    }
+
+    /// Checks a directory's `model_index.json`: it must name the SD components; SDXL's (a
+    /// second text encoder) is refused by name. `components`: their directories must exist.
+    fn check_index(dir: &Path, components: bool) -> Result<()> {
         let index = dir.join("model_index.json");
         let v = crate::hf::read_json(&index)?;
         let f = crate::hf::Fields {
@@ -46,38 +76,73 @@ impl SdPipeline {
             if f.get(part).is_none() {
                 return Err(f.err(part, "missing: a Stable Diffusion pipeline needs it"));
             }
-            if !dir.join(part).is_dir() {
+            if components && !dir.join(part).is_dir() {
                 return Err(IoError::Missing {
                     path: dir.join(part),
                     what: "pipeline component directory named in model_index.json",
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Opens a diffusers pipeline directory.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        Self::check_index(dir, true)?;
         let vae = load_vae(&dir.join("vae"))?;
-        for (field, n) in [
-            ("in_channels", vae.config().in_channels),
-            ("out_channels", vae.config().out_channels),
-        ] {
-            if n != 3 {
-                return Err(IoError::Config {
-                    path: dir.join("vae/config.json"),
-                    field: field.into(),
-                    reason: format!("{n}: RGB images need 3"),
-                });
-            }
-        }
+        check_rgb(&vae, &dir.join("vae/config.json"))?;
+        let scheduler = dir.join("scheduler/scheduler_config.json");
+        let v = crate::hf::read_json(&scheduler)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
             text_encoder: load_clip_text(&dir.join("text_encoder"))?,
             unet: load_unet(&dir.join("unet"))?,
             vae,
-            dir: dir.to_path_buf(),
+            path: dir.to_path_buf(),
+            layout: Layout::Diffusers,
+            scheduler: (scheduler, v),
+        })
+    }
+
+    /// Opens a single-file checkpoint. `config`: a diffusers pipeline directory of the same
+    /// family whose configurations, tokenizer and scheduler to use (its weights are not read;
+    /// diffusers' `from_single_file(config=...)`); without it they are inferred from the
+    /// tensors for SD 1.x and 2.x, and the tokenizer is looked up in the Hugging Face cache.
+    pub fn open_single(file: &Path, config: Option<&Path>) -> Result<Self> {
+        let single = SingleFile::open(file)?;
+        let (cfgs, tokenizer, scheduler_path) = match config {
+            Some(dir) => {
+                Self::check_index(dir, false)?;
+                (
+                    single.configs_from_dir(dir)?,
+                    dir.join("tokenizer"),
+                    dir.join("scheduler/scheduler_config.json"),
+                )
+            }
+            None => {
+                let cfgs = single.infer_configs()?;
+                let family = cfgs.family.expect("inferred");
+                (cfgs, cached_tokenizer(file, family)?, file.to_path_buf())
+            }
+        };
+        let (text_encoder, unet, vae) = single.load(&cfgs)?;
+        check_rgb(&vae, file)?;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_dir(tokenizer)?,
+            text_encoder,
+            unet,
+            vae,
+            path: file.to_path_buf(),
+            layout: Layout::SingleFile {
+                config: config.map(Path::to_path_buf),
+            },
+            scheduler: (scheduler_path, cfgs.scheduler),
         })
     }
 
     /// The scheduler settings for `kind` from `scheduler/scheduler_config.json`.
     pub fn schedule(&self, kind: SamplerKind) -> Result<ScheduleConfig> {
-        read_scheduler_config(&self.dir.join("scheduler/scheduler_config.json"), kind)
+        scheduler_config(&self.scheduler.0, &self.scheduler.1, kind)
     }
 
     /// A sampler of `kind` running `steps` steps.
@@ -124,6 +189,23 @@ impl SdPipeline {
         }
         Ok([batch, self.unet.config().in_channels, height / f, width / f])
     }
+}
+
+/// A VAE must map RGB images (3 channels in and out).
+fn check_rgb(vae: &AutoencoderKl, path: &Path) -> Result<()> {
+    for (field, n) in [
+        ("in_channels", vae.config().in_channels),
+        ("out_channels", vae.config().out_channels),
+    ] {
+        if n != 3 {
+            return Err(IoError::Config {
+                path: path.into(),
+                field: field.into(),
+                reason: format!("{n}: RGB images need 3"),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl std::str::FromStr for SamplerKind {

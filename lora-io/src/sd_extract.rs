@@ -191,7 +191,7 @@ pub fn extract_sd_lora(
         let shape = wb.shape().to_vec();
         if wt.shape() != shape.as_slice() {
             return Err(IoError::Config {
-                path: tuned.dir.clone(),
+                path: tuned.path.clone(),
                 field: name,
                 reason: format!(
                     "shape {:?}, the base's is {shape:?}: not the same architecture",
