@@ -50,12 +50,17 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct ExtractArgs {
-    /// The base pipeline directory.
+    /// The base pipeline: a diffusers directory or a single-file checkpoint.
     #[arg(long)]
     pub base: std::path::PathBuf,
-    /// The fine-tuned pipeline directory (same architecture).
+    /// The fine-tuned pipeline (same architecture; either layout).
     #[arg(long)]
     pub tuned: std::path::PathBuf,
+    /// With a single-file checkpoint: a diffusers pipeline directory of the same family whose
+    /// configurations, tokenizer and scheduler to use (its weights are not read); without it
+    /// they are inferred for SD 1.x/2.x and the tokenizer is taken from the Hugging Face cache.
+    #[arg(long, value_name = "DIR")]
+    pub sd_config: Option<std::path::PathBuf>,
     /// Rank of each linear layer's (and 1x1 convolution's) update.
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
@@ -87,9 +92,15 @@ pub enum SdCommand {
 #[derive(Args)]
 pub struct SdGenerateArgs {
     /// A diffusers pipeline directory (model_index.json, unet/, vae/, text_encoder/,
-    /// tokenizer/, scheduler/).
+    /// tokenizer/, scheduler/) or a single-file checkpoint (.safetensors with the original
+    /// model.diffusion_model.* / first_stage_model.* / cond_stage_model.* keys).
     #[arg(long)]
     pub model: std::path::PathBuf,
+    /// With a single-file checkpoint: a diffusers pipeline directory of the same family whose
+    /// configurations, tokenizer and scheduler to use (its weights are not read); without it
+    /// they are inferred for SD 1.x/2.x and the tokenizer is taken from the Hugging Face cache.
+    #[arg(long, value_name = "DIR")]
+    pub sd_config: Option<std::path::PathBuf>,
     /// A LoRA file to merge first (diffusers/PEFT or kohya, LoCon included), optionally with a
     /// weight: `FILE:0.8`. Repeat for several; their updates add up.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
@@ -406,6 +417,11 @@ pub struct TrainArgs {
     /// image-classification.
     #[arg(long, default_value = "auto")]
     pub task: String,
+    /// Stable Diffusion, with a single-file checkpoint: a diffusers pipeline directory of the same family whose
+    /// configurations, tokenizer and scheduler to use (its weights are not read); without it
+    /// they are inferred for SD 1.x/2.x and the tokenizer is taken from the Hugging Face cache.
+    #[arg(long, value_name = "DIR")]
+    pub sd_config: Option<std::path::PathBuf>,
     /// Stable Diffusion: the square training resolution in pixels (default 512).
     #[arg(long)]
     pub resolution: Option<usize>,
@@ -426,7 +442,8 @@ pub struct TrainArgs {
     /// load_lora_weights reads) or kohya (lora_unet_* keys with alphas).
     #[arg(long, default_value = "diffusers")]
     pub format: String,
-    /// Stable Diffusion: generate --sample-prompt every N steps into --out/samples (0: never).
+    /// Stable Diffusion: generate --sample-prompt every N steps into --out as
+    /// sample-step-N.png (0: never).
     #[arg(long, default_value_t = 0)]
     pub sample_every: usize,
     /// Stable Diffusion: the prompt of the sample images.

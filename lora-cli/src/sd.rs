@@ -108,8 +108,7 @@ fn run(
     (width, height): (usize, usize),
     kind: SamplerKind,
 ) -> Result<()> {
-    let mut pipe = SdPipeline::open(&a.model)
-        .with_context(|| format!("loading the pipeline in {}", a.model.display()))?;
+    let mut pipe = open_pipeline(&a.model, a.sd_config.as_deref())?;
     for (path, weight) in loras {
         let f = lora_io::sd_lora::read_sd_lora(path)?;
         let rep = lora_io::sd_lora::merge_sd_lora(&mut pipe, &f, *weight, a.allow_unmatched)?;
@@ -208,6 +207,34 @@ fn grid(images: &[Vec<f32>], h: usize, w: usize) -> Rgb8 {
         }
     }
     Rgb8::new(gh, gw, data).expect("sized above")
+}
+
+/// Whether `model` is a Stable Diffusion pipeline: a diffusers directory (model_index.json) or
+/// a single file (what it holds is checked when it is opened).
+pub fn is_sd_model(model: &std::path::Path) -> bool {
+    model.join("model_index.json").is_file() || model.is_file()
+}
+
+/// Opens `--model`: a diffusers directory, or a single file with `--sd-config` (which only a
+/// single file takes).
+pub fn open_pipeline(
+    model: &std::path::Path,
+    sd_config: Option<&std::path::Path>,
+) -> Result<SdPipeline> {
+    let pipe = if model.is_file() {
+        SdPipeline::open_single(model, sd_config)
+    } else {
+        if let Some(c) = sd_config {
+            bail!(
+                "--sd-config {}: applies to a single-file checkpoint; {} is a directory with its \
+                 own configurations",
+                c.display(),
+                model.display()
+            );
+        }
+        SdPipeline::open_dir(model)
+    };
+    pipe.with_context(|| format!("loading the pipeline {}", model.display()))
 }
 
 /// The entries `lora train` writes into an SD run's --out.
@@ -335,8 +362,7 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
     let data = read_image_folder(&a.data)?;
     let pool = crate::bench::pool(a.threads)?;
     pool.install(|| -> Result<()> {
-        let mut pipe = SdPipeline::open(&a.model)
-            .with_context(|| format!("loading the pipeline in {}", a.model.display()))?;
+        let mut pipe = open_pipeline(&a.model, a.sd_config.as_deref())?;
         std::fs::create_dir_all(&a.out)
             .with_context(|| format!("creating {}", a.out.display()))?;
         lora_io::outdir::write_marker(&a.out, command, None)?;
@@ -400,10 +426,11 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
 /// `lora extract`.
 pub fn extract(a: crate::args::ExtractArgs) -> Result<()> {
     for (flag, dir) in [("--base", &a.base), ("--tuned", &a.tuned)] {
-        if !dir.join("model_index.json").exists() {
+        if !is_sd_model(dir) {
             bail!(
-                "{flag} {}: not a diffusers pipeline directory (no model_index.json); extracting \
-                 from language models is not supported yet",
+                "{flag} {}: not a Stable Diffusion pipeline (a diffusers directory with \
+                 model_index.json, or a single .safetensors checkpoint); extracting from language \
+                 models is not supported yet",
                 dir.display()
             );
         }
@@ -422,8 +449,8 @@ pub fn extract(a: crate::args::ExtractArgs) -> Result<()> {
     lora_io::outdir::check_output_file("--out", &a.out, a.force)?;
     let pool = crate::bench::pool(a.threads)?;
     pool.install(|| -> Result<()> {
-        let mut base = SdPipeline::open(&a.base)?;
-        let mut tuned = SdPipeline::open(&a.tuned)?;
+        let mut base = open_pipeline(&a.base, a.sd_config.as_deref())?;
+        let mut tuned = open_pipeline(&a.tuned, a.sd_config.as_deref())?;
         let ex = lora_io::sd_extract::extract_sd_lora(
             &mut base,
             &mut tuned,

@@ -10,8 +10,11 @@ use anyhow::{Context, Result};
 /// `lora train`.
 pub fn command(mut a: TrainArgs) -> Result<()> {
     a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
-    if a.model.join("model_index.json").exists() {
+    if crate::sd::is_sd_model(&a.model) {
         return crate::sd::train(a);
+    }
+    if a.sd_config.is_some() {
+        anyhow::bail!("--sd-config applies to Stable Diffusion single-file checkpoints only");
     }
     let (device, note) = resolve_device(&a.device)?;
     if crate::vision::is_image_task(&a.model, &a.task)? {

@@ -1241,6 +1241,29 @@ fn sd_generate_matches_diffusers_and_guards_its_output() {
         }
     }
     assert!(worst <= 2, "with LoRAs: {worst}/255 from diffusers");
+    // The same pipeline as a single-file checkpoint (original keys; fixtures/parity/
+    // make_sd_single_file.py) with its configurations from the directory: the same image.
+    let single = fx.join("../sd_single/sd1.safetensors");
+    let single_out = tmp.join("single.png");
+    let mut b = a.clone();
+    let i = b.iter().position(|s| s == "--model").unwrap();
+    b[i + 1] = single.display().to_string();
+    let i = b.iter().position(|s| s == "--out").unwrap();
+    b[i + 1] = single_out.display().to_string();
+    b.extend(["--sd-config".to_string(), model.display().to_string()]);
+    let o = lora(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(Rgb8::open(&single_out).unwrap().data, img.data);
+    // --sd-config is for single files only.
+    let mut c = a.clone();
+    let never = tmp.join("never.png");
+    let i = c.iter().position(|s| s == "--out").unwrap();
+    c[i + 1] = never.display().to_string();
+    c.extend(["--sd-config".to_string(), model.display().to_string()]);
+    let o = lora(&c.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("applies to a single-file"));
+    assert!(!never.exists());
     // Again: refused without --force, replaced with it (the file is ours).
     let o = run(&[]);
     assert!(!o.status.success());
