@@ -251,10 +251,23 @@ pub struct MergeArgs {
     /// With a Hub id: the branch, tag or commit in the cache (default: main).
     #[arg(long)]
     pub revision: Option<String>,
-    /// PEFT adapter directory.
+    /// PEFT adapter directory (language models).
     #[arg(long)]
-    pub adapter: std::path::PathBuf,
-    /// Output directory (config, tokenizer and model.safetensors with W + s*B@A).
+    pub adapter: Option<std::path::PathBuf>,
+    /// Stable Diffusion: a LoRA file to merge (diffusers/PEFT, kohya/LoCon, LyCORIS), with an
+    /// optional weight `FILE:0.8`; repeat for several.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
+    /// Stable Diffusion: merge the modules that match and count the rest, instead of refusing
+    /// a LoRA file with modules that match no layer.
+    #[arg(long)]
+    pub allow_unmatched: bool,
+    /// Stable Diffusion, with a single-file checkpoint: a diffusers pipeline directory of the
+    /// same family whose configurations to use (as for `lora sd generate`).
+    #[arg(long, value_name = "DIR")]
+    pub sd_config: Option<std::path::PathBuf>,
+    /// Output: a directory for a model directory (config, tokenizer and weights with
+    /// W + s*B@A); for a single-file SD checkpoint, a .safetensors file in the same layout.
     #[arg(long)]
     pub out: std::path::PathBuf,
     /// Storage dtype of the output: f32, bf16 or f16 (default: the checkpoint's).

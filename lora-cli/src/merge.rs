@@ -1,12 +1,23 @@
-//! `lora merge`: fold an adapter into its base model and write a complete model directory.
+//! `lora merge`: fold an adapter into its base model and write a complete model in the layout
+//! the model was read from (a model directory; for Stable Diffusion a pipeline directory or a
+//! single-file checkpoint).
 
 use crate::args::MergeArgs;
 use crate::hub;
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 /// `lora merge`.
 pub fn command(mut a: MergeArgs) -> Result<()> {
     a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
+    if crate::sd::is_sd_model(&a.model) {
+        return sd(a);
+    }
+    if !a.loras.is_empty() || a.sd_config.is_some() || a.allow_unmatched {
+        bail!("--lora, --sd-config and --allow-unmatched apply to Stable Diffusion pipelines; a language model's adapter is merged with --adapter DIR");
+    }
+    let Some(adapter) = a.adapter else {
+        bail!("--adapter: the PEFT adapter directory to merge is required");
+    };
     let dtype = match a.dtype.as_deref() {
         None => None,
         Some(d) => Some(
@@ -16,22 +27,68 @@ pub fn command(mut a: MergeArgs) -> Result<()> {
     };
     let rep = lora_io::merge::merge_to_dir(
         &a.model,
-        &a.adapter,
+        &adapter,
         &a.out,
         lora_io::merge::MergeOptions {
             dtype,
             force: a.force,
         },
     )?;
-    for p in &rep.removed_stale {
+    report_stale(&rep.removed_stale);
+    outln!(
+        "merged {} layers; wrote {} tensors to {}",
+        rep.merged.len(),
+        rep.tensors,
+        rep.out.display()
+    );
+    Ok(())
+}
+
+fn report_stale(removed: &[std::path::PathBuf]) {
+    for p in removed {
         eprintln!(
             "note: removed {}, left by a merge that was stopped",
             p.display()
         );
     }
+}
+
+/// `lora merge` on a Stable Diffusion pipeline: every --lora merged with its weight, written in
+/// the layout read.
+fn sd(a: MergeArgs) -> Result<()> {
+    if a.adapter.is_some() {
+        bail!("--adapter is for language models' PEFT directories; pass a Stable Diffusion LoRA file with --lora FILE[:WEIGHT]");
+    }
+    if a.loras.is_empty() {
+        bail!("--lora FILE[:WEIGHT]: at least one LoRA file to merge is required");
+    }
+    if a.dtype.is_some() {
+        bail!("--dtype: a Stable Diffusion merge keeps each tensor's stored dtype");
+    }
+    let loras: Vec<(std::path::PathBuf, f32)> = a
+        .loras
+        .iter()
+        .map(|s| lora_io::sd_lora::parse_lora_arg(s))
+        .collect();
+    // Refuse a bad --out before the (long) load.
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--model", a.model.as_path())];
+    for (p, _) in &loras {
+        inputs.push(("--lora", p.as_path()));
+    }
+    lora_io::outdir::check_not_input("--out", &a.out, &inputs)?;
+    let mut pipe = crate::sd::open_pipeline(&a.model, a.sd_config.as_deref())?;
+    let mut changed = Vec::new();
+    for (path, weight) in &loras {
+        let f = lora_io::sd_lora::read_sd_lora(path)?;
+        let rep = lora_io::sd_lora::merge_sd_lora(&mut pipe, &f, *weight, a.allow_unmatched)?;
+        crate::sd::report_merge(path, f.format, *weight, &rep);
+        changed.extend(rep.layers);
+    }
+    let rep = lora_io::sd_merge::write_merged(&pipe, &changed, &a.out, a.force, &inputs)?;
+    report_stale(&rep.removed_stale);
     outln!(
-        "merged {} layers; wrote {} tensors to {}",
-        rep.merged.len(),
+        "replaced {} of {} tensors; wrote {}",
+        rep.replaced,
         rep.tensors,
         rep.out.display()
     );

@@ -112,22 +112,7 @@ fn run(
     for (path, weight) in loras {
         let f = lora_io::sd_lora::read_sd_lora(path)?;
         let rep = lora_io::sd_lora::merge_sd_lora(&mut pipe, &f, *weight, a.allow_unmatched)?;
-        let merged: Vec<String> = rep.merged.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        eprintln!(
-            "merged {} ({}, weight {weight}): {} modules{}",
-            path.display(),
-            f.format,
-            merged.join(", "),
-            if rep.unmatched.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; {} matched no layer (--allow-unmatched), e.g. {}",
-                    rep.unmatched.len(),
-                    rep.unmatched[0]
-                )
-            }
-        );
+        report_merge(path, f.format, *weight, &rep);
     }
     let pipe = pipe;
     let shape1 = pipe.latent_shape(1, height, width)?;
@@ -207,6 +192,30 @@ fn grid(images: &[Vec<f32>], h: usize, w: usize) -> Rgb8 {
         }
     }
     Rgb8::new(gh, gw, data).expect("sized above")
+}
+
+/// Says what merging one LoRA file did.
+pub fn report_merge(
+    path: &std::path::Path,
+    format: &str,
+    weight: f32,
+    rep: &lora_io::sd_lora::MergeReport,
+) {
+    let merged: Vec<String> = rep.merged.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    eprintln!(
+        "merged {} ({format}, weight {weight}): {} modules{}",
+        path.display(),
+        merged.join(", "),
+        if rep.unmatched.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} matched no layer (--allow-unmatched), e.g. {}",
+                rep.unmatched.len(),
+                rep.unmatched[0]
+            )
+        }
+    );
 }
 
 /// Whether `model` is a Stable Diffusion pipeline: a diffusers directory (model_index.json) or

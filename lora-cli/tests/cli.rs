@@ -1302,6 +1302,65 @@ fn sd_generate_matches_diffusers_and_guards_its_output() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
+/// `lora merge` on a Stable Diffusion single file writes a single file that `lora sd generate`
+/// reads; language-model flags are named, not ignored.
+#[test]
+fn sd_merge_writes_the_layout_it_read() {
+    let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity");
+    let model = fx.join("sd_single/sd1.safetensors");
+    let cfg = fx.join("sd_pipeline/model");
+    let kohya = format!("{}:0.8", fx.join("sd_lora/kohya.safetensors").display());
+    let tmp = std::env::temp_dir().join(format!("lora-sd-merge-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("merged.safetensors");
+    let (m, c, o) = (
+        model.to_str().unwrap(),
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let base = ["merge", "--model", m, "--sd-config", c, "--out", o];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend(extra);
+        lora(&a)
+    };
+    for (extra, what) in [
+        (&["--adapter", c][..], "--lora FILE"),
+        (&[][..], "at least one LoRA"),
+        (&["--lora", &kohya, "--dtype", "f32"][..], "stored dtype"),
+    ] {
+        let r = run(extra);
+        let e = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && e.contains(what), "{extra:?}: {e}");
+        assert!(!out.exists());
+    }
+    let r = run(&["--lora", &kohya]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("replaced 45 of"));
+    let png = tmp.join("x.png");
+    let r = lora(&[
+        "sd",
+        "generate",
+        "--model",
+        o,
+        "--sd-config",
+        c,
+        "--prompt",
+        "a fox",
+        "--steps",
+        "2",
+        "--size",
+        "16x24",
+        "--out",
+        png.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(png.exists());
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 /// `lora extract`: identical pipelines have nothing to extract (an error, nothing written);
 /// a language-model directory is named as unsupported.
 #[test]

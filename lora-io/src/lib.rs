@@ -28,6 +28,7 @@ pub mod safetensors;
 pub mod sd;
 pub mod sd_extract;
 pub mod sd_lora;
+pub mod sd_merge;
 pub mod sd_single;
 pub mod tokenizer;
 pub mod vision;

@@ -95,7 +95,9 @@ pub fn merge_to_dir(
     // What the output holds: every stored tensor, the merged ones replaced. Written one tensor
     // at a time (see below), so memory holds the model's own weights and one tensor more.
     let weights = Weights::open(model_dir)?;
-    let mut plan: Vec<(StreamedTensor, Option<&lora_core::Tensor>, OutDtype)> = Vec::new();
+    // (name, output dtype, shape), the merged weight if any, the stored dtype.
+    type Entry = (String, OutDtype, Vec<usize>);
+    let mut plan: Vec<(Entry, Option<&lora_core::Tensor>, OutDtype)> = Vec::new();
     for (key, dtype, shape) in weights.entries() {
         let stored = OutDtype::from_dtype(dtype).ok_or_else(|| IoError::Dtype {
             path: model_dir.into(),
@@ -108,15 +110,7 @@ pub fn merge_to_dir(
             .or_else(|| merged.get(&format!("transformer.{key}")))
             .copied();
         let dtype = opts.dtype.unwrap_or(stored);
-        plan.push((
-            StreamedTensor {
-                name: key,
-                dtype,
-                shape,
-            },
-            m,
-            stored,
-        ));
+        plan.push(((key, dtype, shape), m, stored));
     }
     let used = plan.iter().filter(|p| p.1.is_some()).count();
     if used != merged.len() {
@@ -130,42 +124,25 @@ pub fn merge_to_dir(
         });
     }
 
-    // Assemble next to the target, then rename into place.
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let out_name = out
-        .file_name()
-        .map_or("out".into(), |n| n.to_string_lossy().to_string());
-    // A merge into the same output that was killed left `.<out>.merge-tmp-<pid>[.old]`.
-    let stale_prefix = format!(".{out_name}.merge-tmp-");
-    let removed_stale = crate::outdir::clean_stale(parent, |n| {
-        n.starts_with(&stale_prefix) && crate::outdir::is_dead_temp(n)
-    })?;
-    let tmp = parent.join(format!("{stale_prefix}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let result = (|| -> Result<()> {
+    let removed_stale = crate::outdir::build_dir_atomically(out, "lora merge", |tmp| {
         let meta = [("format".to_string(), "pt".to_string())]
             .into_iter()
             .collect();
         let heads: Vec<StreamedTensor> = plan
             .iter()
-            .map(|(t, _, _)| StreamedTensor {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
+            .map(|((name, dtype, shape), _, _)| StreamedTensor {
+                name: name.clone(),
+                dtype: (*dtype).into(),
+                shape: shape.clone(),
             })
             .collect();
         write_safetensors_streamed(&tmp.join("model.safetensors"), &heads, meta, |i| {
-            let (t, merged, stored) = &plan[i];
+            let ((name, dtype, _), merged, stored) = &plan[i];
             Ok(match merged {
-                Some(w) => t.dtype.encode(&w.try_to_vec()?),
+                Some(w) => dtype.encode(&w.try_to_vec()?),
                 // Unchanged and in its own dtype: the stored bytes as they are.
-                None if t.dtype == *stored => weights.raw_bytes(&t.name)?.to_vec(),
-                None => t.dtype.encode(&weights.read_f32(&t.name)?),
+                None if dtype == stored => weights.raw_bytes(name)?.to_vec(),
+                None => dtype.encode(&weights.read_f32(name)?),
             })
         })?;
         let mut written = vec!["model.safetensors".to_string()];
@@ -199,23 +176,8 @@ pub fn merge_to_dir(
             }
             written.push(fname);
         }
-        crate::outdir::write_marker(&tmp, "lora merge", Some(&written))?;
-        // Replace: move the old directory aside, move the new one in, then delete the old one,
-        // so at every moment `out` is either the old model or the complete new one.
-        let old = tmp.with_extension("old");
-        if out.exists() {
-            std::fs::rename(out, &old).map_err(io_err(out))?;
-        }
-        std::fs::rename(&tmp, out).map_err(io_err(out))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result?;
+        Ok(written)
+    })?;
     Ok(MergeReport {
         merged: names,
         tensors: plan.len(),

@@ -508,3 +508,47 @@ pub fn prepare_dir_output(
     let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
     write_marker(dir, command, Some(&files))
 }
+
+/// Builds a directory output beside `out` and moves it into place: `build(tmp)` writes the
+/// entries into a fresh temporary directory and returns their names (listed in the marker, as
+/// `command`'s); then an existing `out` (the caller has checked it may be replaced) is moved
+/// aside, the new one renamed in, and the old one deleted, so at every moment `out` is either
+/// the old output or the complete new one. On failure the temporary is removed. Temporaries a
+/// killed run of the same command left for the same `out` are removed first and returned.
+pub fn build_dir_atomically(
+    out: &Path,
+    command: &str,
+    build: impl FnOnce(&Path) -> Result<Vec<String>>,
+) -> Result<Vec<PathBuf>> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let out_name = out
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().to_string());
+    // A run into the same output that was killed left `.<out>.merge-tmp-<pid>[.old]`.
+    let stale_prefix = format!(".{out_name}.merge-tmp-");
+    let removed_stale = clean_stale(parent, |n| n.starts_with(&stale_prefix) && is_dead_temp(n))?;
+    let tmp = parent.join(format!("{stale_prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let result = (|| -> Result<()> {
+        let written = build(&tmp)?;
+        write_marker(&tmp, command, Some(&written))?;
+        let old = tmp.with_extension("old");
+        if out.exists() {
+            std::fs::rename(out, &old).map_err(io_err(out))?;
+        }
+        std::fs::rename(&tmp, out).map_err(io_err(out))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|()| removed_stale)
+}

@@ -38,7 +38,8 @@ pub enum Component {
 }
 
 impl Component {
-    fn prefix(self) -> &'static str {
+    /// The prefix the model's keys carry in a diffusers LoRA file (`unet`, `text_encoder`).
+    pub fn prefix(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
@@ -445,6 +446,8 @@ pub struct MergeReport {
     pub merged: BTreeMap<String, usize>,
     /// Modules that matched nothing in the model (with `allow_unmatched`).
     pub unmatched: Vec<String>,
+    /// The layers whose weights changed (their module paths in the model).
+    pub layers: Vec<(Component, String)>,
 }
 
 const KEY_LIMIT: usize = 5;
@@ -921,6 +924,7 @@ pub fn merge_sd_lora(
             .merged
             .entry(m.component.prefix().to_string())
             .or_default() += 1;
+        report.layers.push((m.component, t));
     }
     Ok(report)
 }

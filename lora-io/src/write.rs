@@ -133,12 +133,19 @@ pub fn write_atomic_with(
     result
 }
 
-/// A tensor of a streamed safetensors file: its name, storage dtype and shape.
+impl From<OutDtype> for Dtype {
+    fn from(d: OutDtype) -> Dtype {
+        d.dtype()
+    }
+}
+
+/// A tensor of a streamed safetensors file: its name, storage dtype (any safetensors dtype: a
+/// file's integer buffers pass through as they are) and shape.
 pub struct StreamedTensor {
     /// Key.
     pub name: String,
     /// Storage dtype.
-    pub dtype: OutDtype,
+    pub dtype: Dtype,
     /// Shape.
     pub shape: Vec<usize>,
 }
@@ -177,17 +184,22 @@ pub fn write_safetensors_streamed(
     let mut sizes = Vec::with_capacity(order.len());
     for &i in &order {
         let t = &tensors[i];
-        let n = t
+        let bits = t
             .shape
             .iter()
-            .try_fold(t.dtype.size(), |a, &d| a.checked_mul(d))
+            .try_fold(t.dtype.bitsize(), |a, &d| a.checked_mul(d))
+            .filter(|b| b % 8 == 0)
             .ok_or_else(|| IoError::Safetensors {
                 path: path.into(),
-                reason: format!("tensor `{}`: shape {:?} overflows", t.name, t.shape),
+                reason: format!(
+                    "tensor `{}`: shape {:?} overflows or is not whole bytes",
+                    t.name, t.shape
+                ),
             })?;
+        let n = bits / 8;
         header.insert(
             t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + n]}),
+            serde_json::json!({"dtype": t.dtype.to_string(), "shape": t.shape, "data_offsets": [offset, offset + n]}),
         );
         sizes.push(n);
         offset += n;

@@ -222,24 +222,25 @@ fn streamed_safetensors_read_back_and_refuse_wrong_sizes() {
     let heads = vec![
         StreamedTensor {
             name: "b".into(),
-            dtype: OutDtype::F32,
+            dtype: OutDtype::F32.into(),
             shape: vec![3],
         },
         StreamedTensor {
             name: "a".into(),
-            dtype: OutDtype::BF16,
+            dtype: OutDtype::BF16.into(),
             shape: vec![2, 2],
         },
         StreamedTensor {
             name: "c".into(),
-            dtype: OutDtype::F16,
+            dtype: OutDtype::F16.into(),
             shape: vec![],
         },
     ];
     let meta = [("format".to_string(), "pt".to_string())]
         .into_iter()
         .collect();
-    write_safetensors_streamed(&p, &heads, meta, |i| Ok(heads[i].dtype.encode(&vals[i]))).unwrap();
+    let dtypes = [OutDtype::F32, OutDtype::BF16, OutDtype::F16];
+    write_safetensors_streamed(&p, &heads, meta, |i| Ok(dtypes[i].encode(&vals[i]))).unwrap();
     let f = SafetensorsFile::open(&p).unwrap();
     assert_eq!(f.names(), ["a", "b", "c"]);
     assert_eq!(f.read_f32("b").unwrap(), (vals[0].clone(), vec![3]));
@@ -251,7 +252,7 @@ fn streamed_safetensors_read_back_and_refuse_wrong_sizes() {
         Ok(if i == 1 {
             vec![0u8; 3]
         } else {
-            heads[i].dtype.encode(&vals[i])
+            dtypes[i].encode(&vals[i])
         })
     })
     .unwrap_err()
