@@ -86,10 +86,79 @@ pub struct LoraModule {
     /// The scale the file gives the module (`alpha / r`, LyCORIS' and kohya's rules; PEFT's
     /// metadata for diffusers files); 1 for a LoKr of two full factors.
     pub scale: f32,
+    /// LyCORIS' DoRA magnitude (`dora_scale`): `(out, 1[, 1, 1])` per output row or
+    /// `(1, in[, 1, 1])` per input column of the weight (see [`LoraModule::apply`]).
+    pub dora_scale: Option<Part>,
     name: Name,
 }
 
 impl LoraModule {
+    /// The merged weight: `weight` (stored values, shape `shape`) plus this module's update at
+    /// the file weight `mult`. Without a DoRA magnitude that is `W + mult * dW`; with one,
+    /// LyCORIS' rule `(W + dW) * (mult * (m / |W + dW| - 1) + 1)`, the norm per output row or
+    /// per input column as the magnitude's shape says, plus f32's epsilon (as LyCORIS). Errors
+    /// name what does not fit the layer.
+    pub fn apply(
+        &self,
+        weight: &[f32],
+        shape: &[usize],
+        mult: f32,
+    ) -> std::result::Result<Vec<f32>, String> {
+        let d = self.delta(shape)?;
+        let mult = mult as f64;
+        let Some((m, ms)) = &self.dora_scale else {
+            return Ok(weight
+                .iter()
+                .zip(&d)
+                .map(|(w, dv)| (*w as f64 + mult * dv) as f32)
+                .collect());
+        };
+        let (out, inp) = (shape[0], shape.get(1).copied().unwrap_or(1));
+        let spatial: usize = shape[2..].iter().product();
+        let unit = |dims: &[usize]| dims.iter().all(|&x| x == 1);
+        let on_out = if ms.len() == shape.len() && ms[0] == out && unit(&ms[1..]) {
+            true
+        } else if ms.len() == shape.len() && ms[0] == 1 && ms[1] == inp && unit(&ms[2..]) {
+            false
+        } else {
+            return Err(format!(
+                "the DoRA magnitude {ms:?} fits neither the rows ({out}) nor the columns ({inp}) \
+                 of a {shape:?} weight"
+            ));
+        };
+        let full: Vec<f64> = weight
+            .iter()
+            .zip(&d)
+            .map(|(w, dv)| *w as f64 + dv)
+            .collect();
+        let at = |o: usize, i: usize, s: usize| (o * inp + i) * spatial + s;
+        let groups = if on_out { out } else { inp };
+        let mut norm = vec![0.0f64; groups];
+        for o in 0..out {
+            for i in 0..inp {
+                for s in 0..spatial {
+                    let v = full[at(o, i, s)];
+                    norm[if on_out { o } else { i }] += v * v;
+                }
+            }
+        }
+        let factor: Vec<f64> = norm
+            .iter()
+            .zip(m)
+            .map(|(n, m)| mult * (*m as f64 / (n.sqrt() + f32::EPSILON as f64) - 1.0) + 1.0)
+            .collect();
+        let mut w = vec![0.0f32; full.len()];
+        for o in 0..out {
+            for i in 0..inp {
+                for s in 0..spatial {
+                    let k = at(o, i, s);
+                    w[k] = (full[k] * factor[if on_out { o } else { i }]) as f32;
+                }
+            }
+        }
+        Ok(w)
+    }
+
     /// A factor, by part name.
     pub fn part(&self, name: &str) -> Option<&Part> {
         self.parts.get(name)
@@ -461,7 +530,8 @@ fn err(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> IoEr
 }
 
 /// The parts of kohya/LyCORIS keys (`<module>.<part>`).
-const KOHYA_PARTS: [(&str, &str); 17] = [
+const KOHYA_PARTS: [(&str, &str); 18] = [
+    (".dora_scale", "dora_scale"),
     (".lora_down.weight", "lora_down.weight"),
     (".lora_up.weight", "lora_up.weight"),
     (".lora_mid.weight", "lora_mid.weight"),
@@ -484,11 +554,12 @@ const KOHYA_PARTS: [(&str, &str); 17] = [
 /// The (component, module name, part) of a key, or `None` for a key no format here knows.
 /// `part` is one of [`KOHYA_PARTS`]' names (`lora_down.weight` for PEFT's `lora_A`).
 fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static str)>, String> {
-    // DoRA magnitudes, refused by name (the file does not say which DoRA variant).
-    for bad in ["dora_scale", "lora_magnitude_vector"] {
-        if key.contains(bad) {
-            return Err(format!("`{key}`: `{bad}` (DoRA) is not supported yet"));
-        }
+    // PEFT's DoRA magnitudes, refused by name (LyCORIS' `dora_scale` is read).
+    if key.contains("lora_magnitude_vector") {
+        return Err(format!(
+            "`{key}`: PEFT's DoRA (`lora_magnitude_vector`) is not supported yet; LyCORIS' \
+             `dora_scale` is"
+        ));
     }
     let kohya = [
         ("lora_unet_", Component::Unet),
@@ -673,7 +744,11 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
         } else if keys.keys().any(|k| k.starts_with("lokr_")) {
             Kind::LoKr
         } else {
-            return Err(err(path, stem, "an alpha without any weights"));
+            return Err(err(
+                path,
+                stem,
+                "an alpha or DoRA magnitude without any weights",
+            ));
         };
         let required: &[&str] = match kind {
             Kind::Lora => &["lora_down.weight", "lora_up.weight"],
@@ -695,7 +770,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
                 Kind::LoHa
             } else if k.starts_with("lokr_") {
                 Kind::LoKr
-            } else if *k == "alpha" {
+            } else if *k == "alpha" || *k == "dora_scale" {
                 kind
             } else {
                 Kind::Lora
@@ -711,6 +786,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
         }
         let mut parts = BTreeMap::new();
         let mut file_alpha = None;
+        let mut dora_scale = None;
         for (part, key) in &keys {
             let (v, shape) = f.read_f32_finite(key)?;
             if *part == "alpha" {
@@ -718,6 +794,18 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
                     return Err(err(path, key.as_str(), "an alpha is one number"));
                 }
                 file_alpha = Some(v[0]);
+            } else if *part == "dora_scale" {
+                if !matches!(shape.len(), 2 | 4) || v.iter().any(|x| *x < 0.0) {
+                    return Err(err(
+                        path,
+                        key.as_str(),
+                        format!(
+                            "a DoRA magnitude is a non-negative (out, 1[, 1, 1]) or (1, in[, 1, \
+                             1]) tensor, got {shape:?}"
+                        ),
+                    ));
+                }
+                dora_scale = Some((v, shape));
             } else {
                 parts.insert(*part, (v, shape));
             }
@@ -728,6 +816,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
             kind,
             parts,
             scale: 1.0,
+            dora_scale,
             name,
         };
         m.validate().map_err(|why| err(path, stem.as_str(), why))?;
@@ -891,22 +980,19 @@ pub fn merge_sd_lora(
             return Err(err(&lora.path, t, "the layer carries a trainable adapter"));
         }
         let shape = layer.weight().shape().to_vec();
-        m.delta(&shape)
+        let w = layer.weight().try_to_vec()?;
+        m.apply(&w, &shape, weight)
             .map_err(|why| err(&lora.path, &m.key, format!("{why} (the layer `{t}`)")))?;
     }
     for (m, t) in plan {
         let layer = layers
             .get_mut(&(m.component, t.clone()))
             .expect("resolved above");
-        let d = m
-            .delta(layer.weight().shape())
-            .map_err(|why| err(&lora.path, &m.key, why))?;
         let w = layer.weight();
         let shape = w.shape().to_vec();
-        let mut data = w.try_to_vec()?;
-        for (v, dv) in data.iter_mut().zip(&d) {
-            *v += (weight as f64 * dv) as f32;
-        }
+        let data = m
+            .apply(&w.try_to_vec()?, &shape, weight)
+            .map_err(|why| err(&lora.path, &m.key, why))?;
         let merged = Tensor::new(data, &shape)?;
         match layer {
             Layer::Linear(l) => {

@@ -148,7 +148,24 @@ fn bad_lora_files_are_named_errors() {
         (
             "dora",
             vec![(format!("{q}.dora_scale"), vec![16, 1])],
-            "not supported yet",
+            "DoRA magnitude without any weights",
+        ),
+        (
+            "peft_dora",
+            vec![(
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector".into(),
+                vec![16],
+            )],
+            "PEFT's DoRA",
+        ),
+        (
+            "dora_shape",
+            vec![
+                (format!("{q}.lora_down.weight"), vec![2, 16]),
+                (format!("{q}.lora_up.weight"), vec![16, 2]),
+                (format!("{q}.dora_scale"), vec![16]),
+            ],
+            "a DoRA magnitude is",
         ),
         (
             "loha",
@@ -342,6 +359,49 @@ fn lycoris_updates_equal_lycoris() {
     let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
     let rep = merge_sd_lora(&mut pipe, &f, 0.5, false).unwrap();
     assert_eq!(rep.merged.get("unet"), Some(&f.modules.len()));
+}
+
+/// LyCORIS DoRA (fixtures/parity/make_lycoris_dora.py: `weight_decompose=True` LoCon, LoHa and
+/// LoKr modules, magnitudes per output row and per input column, linear and convolution layers):
+/// the merged weights equal LyCORIS' at multipliers 1 and 0.6.
+#[test]
+fn lycoris_dora_merges_equal_lycoris() {
+    let f = read_sd_lora(&fx("sd_lora/lycoris_dora.safetensors")).unwrap();
+    assert_eq!(f.modules.len(), 7);
+    assert!(f.modules.iter().all(|m| m.dora_scale.is_some()));
+    let want = SafetensorsFile::open(fx("sd_lora/lycoris_dora_merged.safetensors")).unwrap();
+    let mut worst = 0.0f64;
+    for mult in [1.0f32, 0.6] {
+        let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
+        let rep = merge_sd_lora(&mut pipe, &f, mult, false).unwrap();
+        assert_eq!(rep.layers.len(), 7);
+        let mut layers: Vec<(String, Vec<f32>)> = Vec::new();
+        for (n, l) in pipe.unet.linears() {
+            layers.push((n, l.base().0.try_to_vec().unwrap()));
+        }
+        for (n, c) in pipe.unet.convs() {
+            layers.push((n, c.base().0.try_to_vec().unwrap()));
+        }
+        for m in &f.modules {
+            let (w, _) = want
+                .read_f32(&format!("lora_unet_{}@{mult:?}", m.key))
+                .unwrap();
+            let got = &layers
+                .iter()
+                .find(|(n, _)| n.replace('.', "_") == m.key)
+                .unwrap()
+                .1;
+            let scale = w.iter().fold(0.0f64, |a, v| a.max(v.abs() as f64));
+            let e = got
+                .iter()
+                .zip(&w)
+                .fold(0.0f64, |a, (x, y)| a.max((*x as f64 - *y as f64).abs()))
+                / scale;
+            assert!(e < 2e-6, "{} at {mult}: {e:.2e}", m.key);
+            worst = worst.max(e);
+        }
+    }
+    eprintln!("LyCORIS DoRA merges: worst relative difference {worst:.2e}");
 }
 
 /// diffusers' older attention-processor names (`attn1.processor.to_q_lora.down.weight`) read as
