@@ -43,14 +43,15 @@ pub enum Command {
     /// Stable Diffusion (1.x, 2.x): generate images with a diffusers pipeline directory.
     #[command(subcommand)]
     Sd(SdCommand),
-    /// A LoRA file from the difference of a fine-tuned Stable Diffusion pipeline and its base
-    /// (truncated SVD per layer, kohya format; language models not yet).
+    /// A LoRA from the difference of a fine-tuned model and its base (truncated SVD per layer):
+    /// a kohya file for Stable Diffusion, a PEFT adapter directory for language models.
     Extract(ExtractArgs),
 }
 
 #[derive(Args)]
 pub struct ExtractArgs {
-    /// The base pipeline: a diffusers directory or a single-file checkpoint.
+    /// The base model: a language-model directory, or a Stable Diffusion pipeline (a diffusers
+    /// directory or a single-file checkpoint).
     #[arg(long)]
     pub base: std::path::PathBuf,
     /// The fine-tuned pipeline (same architecture; either layout).
@@ -71,7 +72,8 @@ pub struct ExtractArgs {
     /// out.
     #[arg(long, default_value_t = 1e-6)]
     pub min_diff: f32,
-    /// The .safetensors file to write (kohya keys, alpha = rank).
+    /// Stable Diffusion: the .safetensors file to write (kohya keys, alpha = rank); language
+    /// models: the PEFT adapter directory to write (lora_alpha = r).
     #[arg(long)]
     pub out: std::path::PathBuf,
     /// Replace an existing --out that lora-rs wrote.

@@ -194,6 +194,70 @@ fn grid(images: &[Vec<f32>], h: usize, w: usize) -> Rgb8 {
     Rgb8::new(gh, gw, data).expect("sized above")
 }
 
+/// `lora extract` on two language-model directories: a PEFT adapter directory.
+fn extract_llm(a: crate::args::ExtractArgs) -> Result<()> {
+    if a.conv_rank.is_some() || a.sd_config.is_some() {
+        bail!("--conv-rank and --sd-config apply to Stable Diffusion pipelines");
+    }
+    if !(a.min_diff.is_finite() && a.min_diff >= 0.0) {
+        bail!(
+            "--min-diff must be a non-negative number, got {}",
+            a.min_diff
+        );
+    }
+    const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+    lora_io::outdir::prepare_dir_output(
+        "--out",
+        &a.out,
+        "lora extract",
+        &FILES,
+        a.force,
+        &[("--base", &a.base), ("--tuned", &a.tuned)],
+    )?;
+    let pool = crate::bench::pool(a.threads)?;
+    pool.install(|| -> Result<()> {
+        let ex = lora_io::llm_extract::extract_llm(&a.base, &a.tuned, a.rank, a.min_diff)?;
+        if ex.modules.is_empty() {
+            bail!(
+                "no linear layer differs between --base and --tuned (beyond --min-diff {})",
+                a.min_diff
+            );
+        }
+        lora_io::combine::write(&a.out, &ex.config, &ex.modules)?;
+        let (worst_name, worst) =
+            ex.kept.iter().fold(
+                ("", 1.0f64),
+                |m, (n, k)| if *k < m.1 { (n.as_str(), *k) } else { m },
+            );
+        eprintln!(
+            "wrote {} (PEFT, r={}, {} layers; the least-kept layer, {worst_name}, keeps {:.1}% \
+             of its difference's norm)",
+            a.out.display(),
+            a.rank,
+            ex.modules.len(),
+            worst * 100.0
+        );
+        if !ex.not_carried.is_empty() {
+            eprintln!(
+                "warning: {} other tensors differ and a LoRA adapter cannot carry them: {}{}",
+                ex.not_carried.len(),
+                ex.not_carried
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if ex.not_carried.len() > 5 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
+    })
+}
+
 /// Says what merging one LoRA file did.
 pub fn report_merge(
     path: &std::path::Path,
@@ -434,12 +498,18 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
 
 /// `lora extract`.
 pub fn extract(a: crate::args::ExtractArgs) -> Result<()> {
-    for (flag, dir) in [("--base", &a.base), ("--tuned", &a.tuned)] {
-        if !is_sd_model(dir) {
+    let sd = [&a.base, &a.tuned].map(|d| is_sd_model(d));
+    if sd == [false, false] {
+        return extract_llm(a);
+    }
+    for ((flag, dir), is_sd) in [("--base", &a.base), ("--tuned", &a.tuned)]
+        .into_iter()
+        .zip(sd)
+    {
+        if !is_sd {
             bail!(
                 "{flag} {}: not a Stable Diffusion pipeline (a diffusers directory with \
-                 model_index.json, or a single .safetensors checkpoint); extracting from language \
-                 models is not supported yet",
+                 model_index.json, or a single .safetensors checkpoint) while the other is",
                 dir.display()
             );
         }

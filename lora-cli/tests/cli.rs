@@ -1392,5 +1392,55 @@ fn extract_names_what_it_cannot_do() {
     assert!(!out.exists());
     let o = run(&root.join("demo/base"));
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a diffusers pipeline"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a Stable Diffusion pipeline"));
+    // Two language models: a PEFT adapter directory, which `lora eval`-style loading reads.
+    let tuned = std::env::temp_dir().join(format!("lora-extract-llm-{}", std::process::id()));
+    let adapter = tuned.with_extension("adapter");
+    let (b, t, ad) = (
+        root.join("demo/base"),
+        tuned.clone(),
+        root.join("demo/adapter"),
+    );
+    let o = lora(&[
+        "merge",
+        "--model",
+        b.to_str().unwrap(),
+        "--adapter",
+        ad.to_str().unwrap(),
+        "--out",
+        t.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ex = |extra: &[&str]| {
+        let mut v = vec![
+            "extract",
+            "--base",
+            b.to_str().unwrap(),
+            "--tuned",
+            t.to_str().unwrap(),
+            "--rank",
+            "8",
+            "--out",
+            adapter.to_str().unwrap(),
+            "--threads",
+            "1",
+        ];
+        v.extend(extra);
+        lora(&v)
+    };
+    let o = ex(&["--conv-rank", "2"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--conv-rank"));
+    let o = ex(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("PEFT, r=8") && !err.contains("warning"),
+        "{err}"
+    );
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    let o = ex(&[]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert!(ex(&["--force"]).status.success());
+    std::fs::remove_dir_all(&tuned).ok();
+    std::fs::remove_dir_all(&adapter).ok();
 }

@@ -21,6 +21,7 @@ pub mod hf;
 pub mod images;
 pub mod inspect;
 pub mod kohya;
+pub mod llm_extract;
 pub mod merge;
 pub mod outdir;
 pub mod peft;
