@@ -599,6 +599,38 @@ pub enum BenchCommand {
     /// 16 at 224x224, r16 on q_proj/v_proj, the head trained in full) or, with --arch conv, one
     /// conv LoRA layer (forward + backward): median time, images/s, peak memory.
     Vision(VisionBenchArgs),
+    /// One step of a Stable Diffusion 1.5-shaped UNet with random weights: a LoRA training step
+    /// (r4 on to_q/to_k/to_v/to_out.0, as diffusers' script) or a guided sampling step: median
+    /// time and peak memory.
+    Sd(SdBenchArgs),
+}
+
+#[derive(Args)]
+pub struct SdBenchArgs {
+    /// train (a LoRA training step) or generate (a classifier-free-guided sampling step).
+    #[arg(long, default_value = "train")]
+    pub mode: String,
+    /// Image side in pixels (the latents are an eighth of it: 512 -> 64x64).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// LoRA rank (train).
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+    /// The first block's channels (SD 1.5: 320; the others are 2x, 4x, 4x).
+    #[arg(long, default_value_t = 320)]
+    pub base_channels: usize,
+    /// Timed steps (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Worker threads.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

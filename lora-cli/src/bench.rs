@@ -434,6 +434,25 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
             )?;
             pool(a.threads)?.install(|| crate::vision_bench::run(&a, size))
         }
+        crate::args::BenchCommand::Sd(a) => {
+            anyhow::ensure!(
+                a.steps > 0 && a.batch > 0 && a.rank > 0,
+                "--steps, --batch and --rank must be at least 1"
+            );
+            anyhow::ensure!(
+                (64..=2048).contains(&a.size),
+                "--size must be from 64 to 2048"
+            );
+            ensure_fits(
+                sum_of_products(&[
+                    // The UNet (860M floats at width 320), and its activations.
+                    &[8400, a.base_channels, a.base_channels],
+                    &[1000, a.batch, a.base_channels, a.size / 8, a.size / 8],
+                ]),
+                "--base-channels, --batch, --size",
+            )?;
+            pool(a.threads)?.install(|| crate::sd_bench::run(&a))
+        }
         crate::args::BenchCommand::Mixed(a) => run_mixed(
             (a.tokens, a.inp, a.out, a.rank, a.adapters),
             a.threads,

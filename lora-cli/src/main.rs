@@ -34,6 +34,7 @@ mod inspect;
 mod merge;
 mod model;
 mod sd;
+mod sd_bench;
 mod train;
 mod train_bench;
 mod vision;

@@ -70,12 +70,27 @@ fn sd(a: MergeArgs) -> Result<()> {
         .iter()
         .map(|s| lora_io::sd_lora::parse_lora_arg(s))
         .collect();
-    // Refuse a bad --out before the (long) load.
+    // Refuse a bad --out before the (long) load; write_merged checks again when writing.
     let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--model", a.model.as_path())];
     for (p, _) in &loras {
         inputs.push(("--lora", p.as_path()));
     }
     lora_io::outdir::check_not_input("--out", &a.out, &inputs)?;
+    if a.model.is_file() {
+        lora_io::sd_merge::check_single_output(&a.out, a.force)?;
+    } else if let lora_io::outdir::Existing::Ours(_) = lora_io::outdir::inspect_output(
+        "--out",
+        &a.out,
+        "lora merge",
+        lora_io::outdir::Owned::Listed,
+    )? {
+        if !a.force {
+            bail!(
+                "--out {} exists (pass --force to replace an earlier merge)",
+                a.out.display()
+            );
+        }
+    }
     let mut pipe = crate::sd::open_pipeline(&a.model, a.sd_config.as_deref())?;
     let mut changed = Vec::new();
     for (path, weight) in &loras {

@@ -206,14 +206,22 @@ fn extract_llm(a: crate::args::ExtractArgs) -> Result<()> {
         );
     }
     const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
-    lora_io::outdir::prepare_dir_output(
+    let inputs = [("--base", a.base.as_path()), ("--tuned", a.tuned.as_path())];
+    // Refuse a bad --out before the extraction; write it only after one succeeded.
+    lora_io::outdir::check_not_input("--out", &a.out, &inputs)?;
+    if let lora_io::outdir::Existing::Ours(_) = lora_io::outdir::inspect_output(
         "--out",
         &a.out,
         "lora extract",
-        &FILES,
-        a.force,
-        &[("--base", &a.base), ("--tuned", &a.tuned)],
-    )?;
+        lora_io::outdir::Owned::Listed,
+    )? {
+        if !a.force {
+            bail!(
+                "--out {} exists (pass --force to replace an earlier `lora extract`)",
+                a.out.display()
+            );
+        }
+    }
     let pool = crate::bench::pool(a.threads)?;
     pool.install(|| -> Result<()> {
         let ex = lora_io::llm_extract::extract_llm(&a.base, &a.tuned, a.rank, a.min_diff)?;
@@ -223,6 +231,14 @@ fn extract_llm(a: crate::args::ExtractArgs) -> Result<()> {
                 a.min_diff
             );
         }
+        lora_io::outdir::prepare_dir_output(
+            "--out",
+            &a.out,
+            "lora extract",
+            &FILES,
+            a.force,
+            &inputs,
+        )?;
         lora_io::combine::write(&a.out, &ex.config, &ex.modules)?;
         let (worst_name, worst) =
             ex.kept.iter().fold(
@@ -528,8 +544,13 @@ pub fn extract(a: crate::args::ExtractArgs) -> Result<()> {
     lora_io::outdir::check_output_file("--out", &a.out, a.force)?;
     let pool = crate::bench::pool(a.threads)?;
     pool.install(|| -> Result<()> {
-        let mut base = open_pipeline(&a.base, a.sd_config.as_deref())?;
-        let mut tuned = open_pipeline(&a.tuned, a.sd_config.as_deref())?;
+        // --sd-config configures whichever side is a single file.
+        let config_for = |p: &std::path::Path| a.sd_config.as_deref().filter(|_| p.is_file());
+        if a.sd_config.is_some() && !a.base.is_file() && !a.tuned.is_file() {
+            bail!("--sd-config applies to a single-file checkpoint; --base and --tuned are directories");
+        }
+        let mut base = open_pipeline(&a.base, config_for(&a.base))?;
+        let mut tuned = open_pipeline(&a.tuned, config_for(&a.tuned))?;
         let ex = lora_io::sd_extract::extract_sd_lora(
             &mut base,
             &mut tuned,

@@ -1390,6 +1390,25 @@ fn extract_names_what_it_cannot_do() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no layer differs"));
     assert!(!out.exists());
+    // A directory against the same pipeline as a single file (--sd-config configures the file
+    // side only): the same weights.
+    let single = root.join("fixtures/parity/sd_single/sd1.safetensors");
+    let o = lora(&[
+        "extract",
+        "--base",
+        single.to_str().unwrap(),
+        "--tuned",
+        sd.to_str().unwrap(),
+        "--sd-config",
+        sd.to_str().unwrap(),
+        "--rank",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("no layer differs"), "{e}");
+    assert!(!out.exists());
     let o = run(&root.join("demo/base"));
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a Stable Diffusion pipeline"));

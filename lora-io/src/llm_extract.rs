@@ -157,6 +157,13 @@ pub fn extract_llm(
             not_carried.push(format!("{key} {shape:?}"));
         }
     }
+    for (key, _, _) in wt.entries() {
+        let adapted =
+            weight_keys.contains(&key) || weight_keys.contains(&format!("transformer.{key}"));
+        if !adapted && !wb.contains(&key) {
+            not_carried.push(format!("{key} (absent from the base model)"));
+        }
+    }
     // Targets: a leaf name when every layer of that name changed, else the full paths.
     let mut leaves: BTreeMap<&str, (usize, Vec<&str>)> = BTreeMap::new();
     for (name, _) in &base_layers {

@@ -537,12 +537,14 @@ pub fn build_dir_atomically(
     let result = (|| -> Result<()> {
         let written = build(&tmp)?;
         write_marker(&tmp, command, Some(&written))?;
-        let old = tmp.with_extension("old");
-        if out.exists() {
+        // `.<out>.merge-tmp-<pid>.old`: ours by name, so the stale sweep above finds it too.
+        let old = parent.join(format!("{stale_prefix}{}.old", std::process::id()));
+        let moved = out.exists();
+        if moved {
             std::fs::rename(out, &old).map_err(io_err(out))?;
         }
         std::fs::rename(&tmp, out).map_err(io_err(out))?;
-        if old.exists() {
+        if moved {
             std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
         }
         Ok(())

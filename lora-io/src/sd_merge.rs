@@ -7,7 +7,7 @@
 //!   its stored dtype; their other weight files (`.bin`, `.fp16` variants, shards' index) are
 //!   left out, since they would hold the unmerged weights;
 //! - a single-file checkpoint becomes a single file: every tensor of the input (EMA copies,
-//!   buffers, integer tensors included) in its dtype and order, the merged layers' tensors
+//!   buffers, integer tensors included) in its dtype (in name order), the merged layers' tensors
 //!   replaced (OpenCLIP's fused `in_proj` patched row-wise), the input's metadata kept.
 //!
 //! Every merged weight is checked finite before a byte is written; the output is assembled under
@@ -16,6 +16,7 @@
 
 use crate::error::{io_err, IoError, Result};
 use crate::outdir::{FILE_MARK, LOCK, MARKER};
+use crate::safetensors::SafetensorsFile;
 use crate::sd::{Layout, SdPipeline};
 use crate::sd_lora::Component;
 use crate::sd_single::{Configs, Part, SingleFile};
@@ -37,11 +38,11 @@ pub struct SdMergeReport {
     pub removed_stale: Vec<PathBuf>,
 }
 
-/// The merged layers' weights (f32, their shapes), checked finite.
-fn merged_weights(
-    pipe: &SdPipeline,
-    changed: &[(Component, String)],
-) -> Result<HashMap<(Component, String), (Vec<f32>, Vec<usize>)>> {
+/// Merged weights (f32 values, shape) by layer.
+type Merged = HashMap<(Component, String), (Vec<f32>, Vec<usize>)>;
+
+/// The merged layers' weights, checked finite.
+fn merged_weights(pipe: &SdPipeline, changed: &[(Component, String)]) -> Result<Merged> {
     let mut all: HashMap<(Component, String), &lora_core::Tensor> = HashMap::new();
     let bad_layout = |n: &str| IoError::Config {
         path: pipe.path.clone(),
@@ -185,12 +186,21 @@ fn rewrite_weights(
     Ok((entries.len(), replaced))
 }
 
-fn write_dir(
-    pipe: &SdPipeline,
-    merged: &HashMap<(Component, String), (Vec<f32>, Vec<usize>)>,
-    out: &Path,
-    force: bool,
-) -> Result<SdMergeReport> {
+fn write_dir(pipe: &SdPipeline, merged: &Merged, out: &Path, force: bool) -> Result<SdMergeReport> {
+    // Never inside the pipeline being copied (the copy would take in its own output).
+    let (src_r, out_r) = (
+        crate::outdir::resolve(&pipe.path),
+        crate::outdir::resolve(out),
+    );
+    if out_r.starts_with(&src_r) {
+        return Err(IoError::Output {
+            path: out.into(),
+            reason: format!(
+                "--out is inside the pipeline directory {} (--model); choose a place outside it",
+                pipe.path.display()
+            ),
+        });
+    }
     let _lock = crate::outdir::OutputLock::beside(out)?;
     match crate::outdir::inspect_output("--out", out, "lora merge", crate::outdir::Owned::Listed)? {
         crate::outdir::Existing::Empty => {}
@@ -262,13 +272,36 @@ fn write_dir(
     })
 }
 
+/// A single-file output: absent, or (with `force`) an earlier single-file `lora merge` output:
+/// never another file lora-rs wrote (a trained LoRA), nor anyone else's.
+pub fn check_single_output(out: &Path, force: bool) -> Result<()> {
+    crate::outdir::check_output_file("--out", out, force)?;
+    if out.exists() {
+        let by = SafetensorsFile::open(out)
+            .ok()
+            .and_then(|f| f.metadata.get(FILE_MARK).cloned());
+        if by.as_deref() != Some("lora merge") {
+            return Err(IoError::Output {
+                path: out.into(),
+                reason: format!(
+                    "--out was written by `{}`, not by `lora merge`; --force replaces only an \
+                     earlier merge",
+                    by.unwrap_or_default()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn write_single(
     pipe: &SdPipeline,
-    merged: &HashMap<(Component, String), (Vec<f32>, Vec<usize>)>,
+    merged: &Merged,
     out: &Path,
     force: bool,
 ) -> Result<SdMergeReport> {
-    crate::outdir::check_output_file("--out", out, force)?;
+    check_single_output(out, force)?;
+    let _lock = crate::outdir::OutputLock::beside(out)?;
     let single = SingleFile::open(&pipe.path)?;
     let cfgs = Configs {
         unet: pipe.unet.config().clone(),

@@ -547,8 +547,24 @@ impl SingleFile {
         let (vp, vv) = read("vae/config.json")?;
         let (tp, tv) = read("text_encoder/config.json")?;
         let (_, scheduler) = read("scheduler/scheduler_config.json")?;
+        let unet = unet_config(&up, &uv)?;
+        // The single-file layout numbers blocks with one layers_per_block for all.
+        if unet
+            .layers_per_block
+            .iter()
+            .any(|&l| l != unet.layers_per_block[0])
+        {
+            return Err(bad(
+                &up,
+                "layers_per_block",
+                format!(
+                    "{:?}: a single-file checkpoint's layout has one count for every block",
+                    unet.layers_per_block
+                ),
+            ));
+        }
         Ok(Configs {
-            unet: unet_config(&up, &uv)?,
+            unet,
             vae: vae_config(&vp, &vv)?,
             text: clip_text_config(&tp, &tv)?,
             scheduler,
@@ -567,14 +583,21 @@ impl SingleFile {
 /// the text encoder's activation, the scheduler); a family the shapes do not identify is an
 /// error asking for a configuration directory. `path` names the file in errors.
 pub fn infer_configs(path: &Path, layout: &KeyLayout, shapes: &Shapes) -> Result<Configs> {
+    // Every tensor read here is a matrix or a convolution kernel: at least two dimensions.
     let shape = |k: &str| -> Result<Vec<usize>> {
-        shapes
-            .get(k)
-            .cloned()
-            .ok_or_else(|| IoError::MissingTensor {
+        let s = shapes.get(k).ok_or_else(|| IoError::MissingTensor {
+            path: path.into(),
+            key: k.into(),
+        })?;
+        if s.len() < 2 {
+            return Err(IoError::TensorShape {
                 path: path.into(),
                 key: k.into(),
-            })
+                got: s.clone(),
+                expected: vec![0, 0],
+            });
+        }
+        Ok(s.clone())
     };
     let count = |prefix: &str| -> usize {
         let mut seen = HashSet::new();
@@ -644,7 +667,14 @@ pub fn infer_configs(path: &Path, layout: &KeyLayout, shapes: &Shapes) -> Result
         .ok_or_else(|| bad(path, u("input_blocks"), "no downsampling found"))?;
     let layers = first_down - 1;
     let per = layers + 1;
-    if layers == 0 || outputs == 0 || !outputs.is_multiple_of(per) || conv_in.len() != 4 {
+    if conv_in.len() != 4 {
+        return Err(bad(
+            path,
+            u("input_blocks.0.0.weight"),
+            format!("{conv_in:?}: not a convolution kernel"),
+        ));
+    }
+    if layers == 0 || outputs == 0 || !outputs.is_multiple_of(per) {
         return Err(bad(
             path,
             u("output_blocks"),

@@ -125,7 +125,33 @@ fn a_diffusers_directory_is_merged_into_a_directory() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--force"), "{e}");
+    // A user's `.merged.old` beside it stays; no temporary is left.
+    let users = out.parent().unwrap().join(".merged.old");
+    std::fs::create_dir_all(&users).unwrap();
+    std::fs::write(users.join("keep.txt"), "mine").unwrap();
     write_merged(&pipe, &changed, &out, true, &[]).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(users.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, [".merged.old", "merged"]);
+    // Never inside the pipeline it copies.
+    let e = write_merged(
+        &pipe,
+        &changed,
+        &src.join("merged"),
+        false,
+        &[("--model", &src)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("inside the pipeline"), "{e}");
+    assert!(!src.join("merged").exists());
     // Never into the model itself.
     let e = write_merged(&pipe, &changed, &src, true, &[("--model", &src)])
         .unwrap_err()
@@ -198,6 +224,28 @@ fn a_single_file_is_merged_into_a_single_file() {
         .to_string();
     assert!(e.contains("--force"), "{e}");
     write_merged(&pipe, &changed, &out, true, &[]).unwrap();
+    // --force replaces an earlier merge only, not another file lora-rs wrote (a trained LoRA).
+    let lora = dir.join("trained.safetensors");
+    let meta = [(
+        lora_io::outdir::FILE_MARK.to_string(),
+        "lora train (stable diffusion)".to_string(),
+    )]
+    .into_iter()
+    .collect();
+    let v = [0.0f32; 4];
+    let t = lora_io::write::OutTensor {
+        name: "x".into(),
+        shape: vec![4],
+        values: &v,
+        dtype: lora_io::write::OutDtype::F32,
+    };
+    lora_io::write::write_safetensors(&lora, &[t], meta).unwrap();
+    let before = std::fs::read(&lora).unwrap();
+    let e = write_merged(&pipe, &changed, &lora, true, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not by `lora merge`"), "{e}");
+    assert_eq!(std::fs::read(&lora).unwrap(), before);
     std::fs::remove_dir_all(&dir).ok();
 }
 
