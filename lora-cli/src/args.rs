@@ -437,6 +437,14 @@ pub struct TrainArgs {
     /// they are inferred for SD 1.x/2.x and the tokenizer is taken from the Hugging Face cache.
     #[arg(long, value_name = "DIR")]
     pub sd_config: Option<std::path::PathBuf>,
+    /// Stable Diffusion: also train LoRA on the text encoder's q_proj, k_proj, v_proj and
+    /// out_proj (as diffusers' DreamBooth LoRA script; kohya-style tools do by default).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Stable Diffusion: the text encoder's learning rate with --train-text-encoder (default:
+    /// --lr).
+    #[arg(long)]
+    pub text_encoder_lr: Option<f32>,
     /// Stable Diffusion: the square training resolution in pixels (default 512).
     #[arg(long)]
     pub resolution: Option<usize>,

@@ -417,7 +417,15 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         seed: a.seed,
         noise_offset: a.noise_offset,
         snr_gamma: a.snr_gamma,
+        text_encoder_lr: if a.train_text_encoder {
+            Some(a.text_encoder_lr.or(a.lr).unwrap_or(1e-4))
+        } else {
+            None
+        },
     };
+    if a.text_encoder_lr.is_some() && !a.train_text_encoder {
+        bail!("--text-encoder-lr applies with --train-text-encoder");
+    }
     cfg.lora.validate()?;
     if a.epochs.is_some() {
         bail!("--epochs is not supported for Stable Diffusion runs yet; give --steps");
@@ -459,10 +467,14 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         let mut metrics = std::fs::File::create(&metrics_path)
             .with_context(|| format!("creating {}", metrics_path.display()))?;
         eprintln!(
-            "training LoRA r{} alpha {} on {} UNet target(s) over {} images at {}px, {} steps of {}",
+            "training LoRA r{} alpha {} on {} UNet target(s){} over {} images at {}px, {} steps of {}",
             cfg.lora.rank,
             cfg.lora.alpha,
             cfg.targets.join(","),
+            match cfg.text_encoder_lr {
+                Some(lr) => format!(" and the text encoder's q/k/v/out_proj (lr {lr})"),
+                None => String::new(),
+            },
             data.len(),
             cfg.resolution,
             cfg.steps,

@@ -13,8 +13,11 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
     if crate::sd::is_sd_model(&a.model) {
         return crate::sd::train(a);
     }
-    if a.sd_config.is_some() {
-        anyhow::bail!("--sd-config applies to Stable Diffusion single-file checkpoints only");
+    if a.sd_config.is_some() || a.train_text_encoder || a.text_encoder_lr.is_some() {
+        anyhow::bail!(
+            "--sd-config, --train-text-encoder and --text-encoder-lr apply to Stable Diffusion \
+             pipelines only"
+        );
     }
     let (device, note) = resolve_device(&a.device)?;
     if crate::vision::is_image_task(&a.model, &a.task)? {

@@ -156,8 +156,20 @@ impl SdPipeline {
     }
 
     /// The text states `(prompts.len(), 77, D)` of `prompts` (each padded to the tokenizer's
-    /// length, as the pipelines encode them), with diffusers' `clip_skip`.
+    /// length, as the pipelines encode them), with diffusers' `clip_skip`, through the text
+    /// encoder's live adapters if it has any (a run training them).
     pub fn encode_prompts(&self, prompts: &[&str], clip_skip: usize) -> Result<Tensor> {
+        self.encode_prompts_with(prompts, clip_skip, true)
+    }
+
+    /// [`encode_prompts`](Self::encode_prompts), with (`adapters`) or without the text
+    /// encoder's live adapters.
+    pub fn encode_prompts_with(
+        &self,
+        prompts: &[&str],
+        clip_skip: usize,
+        adapters: bool,
+    ) -> Result<Tensor> {
         let mut ids = Vec::new();
         for p in prompts {
             ids.extend(self.tokenizer.encode_prompt(p)?);
@@ -168,7 +180,7 @@ impl SdPipeline {
             &ids,
             (prompts.len(), len),
             clip_skip,
-            false,
+            adapters,
         )?)
     }
 

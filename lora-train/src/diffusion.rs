@@ -172,7 +172,14 @@ pub struct SdTrainConfig {
     pub noise_offset: f32,
     /// Min-SNR weighting gamma (diffusers' `--snr_gamma`).
     pub snr_gamma: Option<f32>,
+    /// Also train LoRA on the text encoder's attention projections ([`TEXT_ENCODER_TARGETS`],
+    /// as diffusers' DreamBooth LoRA script), at this learning rate; `None`: the text encoder
+    /// stays frozen (and its states are computed once per caption).
+    pub text_encoder_lr: Option<f32>,
 }
+
+/// The text-encoder layers `text_encoder_lr` adapts (diffusers' `train_dreambooth_lora.py`).
+pub const TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
 
 /// `img` as the training transform makes it: `(3, res, res)` in `[-1, 1]`. `crop_at` is the
 /// crop's top-left corner for random crops (`None`: centered, torchvision's rounding).
@@ -248,20 +255,31 @@ pub fn train_sd_lora(
             ),
         }));
     }
-    if cfg.batch == 0 || cfg.steps == 0 || !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+    let te_lr = cfg.text_encoder_lr;
+    if cfg.batch == 0
+        || cfg.steps == 0
+        || !(cfg.lr.is_finite() && cfg.lr > 0.0)
+        || te_lr.is_some_and(|l| !(l.is_finite() && l > 0.0))
+    {
         return Err(IoError::Core(CoreError::InvalidConfig {
             field: "steps",
-            reason: "steps, batch size and learning rate must be positive".into(),
+            reason: "steps, batch size and learning rates must be positive".into(),
         }));
     }
     let images: Vec<Rgb8> = data
         .iter()
         .map(|e| Rgb8::open(&e.image))
         .collect::<std::result::Result<_, _>>()?;
-    // Text states per distinct caption (the text encoder is frozen).
+    // Text states per distinct caption when the text encoder is frozen; its token ids when it
+    // is trained.
     let mut text: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
     for e in data {
-        if !text.contains_key(&e.caption) {
+        if te_lr.is_some() {
+            if !ids.contains_key(&e.caption) {
+                ids.insert(e.caption.clone(), pipe.tokenizer.encode_prompt(&e.caption)?);
+            }
+        } else if !text.contains_key(&e.caption) {
             let s = pipe
                 .encode_prompts(&[e.caption.as_str()], 0)?
                 .try_to_vec()?;
@@ -304,16 +322,39 @@ pub fn train_sd_lora(
             reason: "no layer to adapt".into(),
         }));
     }
-    let params: Vec<Tensor> = pipe
+    let unet_params: Vec<Tensor> = pipe
         .unet
         .lora_tensors()
         .into_iter()
         .map(|(_, t)| t.clone())
         .collect();
-    let groups = [ParamGroup {
-        params: params.clone(),
+    let mut groups = vec![ParamGroup {
+        params: unet_params,
         lr_scale: 1.0,
     }];
+    if let Some(lr) = te_lr {
+        let targets: Vec<String> = TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect();
+        let n = pipe
+            .text_encoder
+            .inject_lora(&cfg.lora, &targets, cfg.seed)?;
+        if n == 0 {
+            return Err(IoError::Core(CoreError::InvalidConfig {
+                field: "text_encoder_lr",
+                reason: "the text encoder has no q_proj/k_proj/v_proj/out_proj layer".into(),
+            }));
+        }
+        groups.push(ParamGroup {
+            params: pipe
+                .text_encoder
+                .lora_tensors()
+                .into_iter()
+                .map(|(_, t)| t.clone())
+                .collect(),
+            lr_scale: lr / cfg.lr,
+        });
+    }
+    // Clipped together, as diffusers clips `params_to_optimize`.
+    let params: Vec<Tensor> = groups.iter().flat_map(|g| g.params.clone()).collect();
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, cfg.weight_decay);
     let mut sampler = Sampler::new(images.len(), cfg.seed);
     let mut rng = Rng::new(cfg.seed ^ 0x5d11_5eed);
@@ -326,6 +367,7 @@ pub fn train_sd_lora(
         let b = idx.len();
         let (mut noisy, mut target, mut ctx, mut ts, mut w) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut tokens: Vec<u32> = Vec::new();
         for &i in &idx {
             let flip = cfg.flip && rng.uniform() < 0.5;
             let dist = match &cache[i][flip as usize] {
@@ -357,7 +399,10 @@ pub fn train_sd_lora(
             let t = (rng.next_u64() % t_max as u64) as usize;
             noisy.extend(schedule.add_noise(&x0, &noise, t)?);
             target.extend(schedule.target(&x0, &noise, t)?);
-            ctx.extend_from_slice(&text[&data[i].caption]);
+            match te_lr {
+                Some(_) => tokens.extend_from_slice(&ids[&data[i].caption]),
+                None => ctx.extend_from_slice(&text[&data[i].caption]),
+            }
             ts.push(t as f32);
             w.push(match cfg.snr_gamma {
                 None => 1.0,
@@ -375,8 +420,14 @@ pub fn train_sd_lora(
         let dev = pipe.vae.device();
         let noisy = Tensor::new_on(noisy, &[b, lat[0], lat[1], lat[2]], false, dev)?;
         let target = Tensor::new_on(target, &[b, lat[0], lat[1], lat[2]], false, dev)?;
-        let ctx = Tensor::new_on(ctx, &[b, ctx_shape[1], ctx_shape[2]], false, dev)?;
         let tape = Tape::new(cfg.seed.wrapping_add(step as u64));
+        let ctx = match te_lr {
+            // The text states on the tape, through the text encoder's adapters.
+            Some(_) => pipe
+                .text_encoder
+                .forward(&tape, &tokens, (b, ctx_shape[1]), 0, true)?,
+            None => Tensor::new_on(ctx, &[b, ctx_shape[1], ctx_shape[2]], false, dev)?,
+        };
         let pred = pipe.unet.forward(&tape, &noisy, &ts, &ctx, true)?;
         let loss = ops::mse_loss(&tape, &pred, &target, cfg.snr_gamma.map(|_| w.as_slice()))?;
         let loss_v = loss.try_to_vec()?[0];
@@ -417,7 +468,11 @@ pub fn save_sd_lora(
     path: &Path,
 ) -> Result<()> {
     use lora_io::write::{write_safetensors, OutDtype, OutTensor};
-    let tensors = pipe.unet.lora_tensors();
+    // (diffusers prefix, kohya prefix, tensors)
+    let parts = [
+        ("unet", "lora_unet_", pipe.unet.lora_tensors()),
+        ("text_encoder", "lora_te_", pipe.text_encoder.lora_tensors()),
+    ];
     let mut vals: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
     // kohya's scale is alpha / r: rsLoRA's alpha / sqrt(r) is written as alpha * sqrt(r).
     let kohya_alpha = if cfg.lora.use_rslora {
@@ -426,26 +481,31 @@ pub fn save_sd_lora(
         cfg.lora.alpha
     };
     let alpha_vals = [kohya_alpha];
-    for (name, t) in &tensors {
-        let v = t.try_to_vec()?;
-        let shape = t.shape().to_vec();
-        if kohya {
-            let (module, part) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
-                (m, "lora_down.weight")
-            } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
-                (m, "lora_up.weight")
+    for (prefix, kohya_prefix, tensors) in &parts {
+        for (name, t) in tensors {
+            let v = t.try_to_vec()?;
+            let shape = t.shape().to_vec();
+            if kohya {
+                let (module, part) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
+                    (m, "lora_down.weight")
+                } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+                    (m, "lora_up.weight")
+                } else {
+                    continue;
+                };
+                let flat = format!("{kohya_prefix}{}", module.replace('.', "_"));
+                if part == "lora_down.weight" {
+                    vals.push((format!("{flat}.alpha"), alpha_vals.to_vec(), vec![]));
+                }
+                vals.push((format!("{flat}.{part}"), v, shape));
             } else {
-                continue;
-            };
-            let flat = format!("lora_unet_{}", module.replace('.', "_"));
-            if part == "lora_down.weight" {
-                vals.push((format!("{flat}.alpha"), alpha_vals.to_vec(), vec![]));
+                // The text encoder's module paths keep transformers' `text_model.` (diffusers
+                // strips it for a text encoder without that level).
+                vals.push((format!("{prefix}.{name}"), v, shape));
             }
-            vals.push((format!("{flat}.{part}"), v, shape));
-        } else {
-            vals.push((format!("unet.{name}"), v, shape));
         }
     }
+    let with_te = !parts[1].2.is_empty();
     let out: Vec<OutTensor> = vals
         .iter()
         .map(|(n, v, s)| OutTensor {
@@ -465,20 +525,33 @@ pub fn save_sd_lora(
         meta.insert("ss_network_dim".into(), cfg.lora.rank.to_string());
         meta.insert("ss_network_alpha".into(), kohya_alpha.to_string());
     } else {
-        let m = serde_json::json!({
-            "unet.r": cfg.lora.rank,
-            "unet.lora_alpha": cfg.lora.alpha,
-            "unet.target_modules": cfg.targets,
-            "unet.use_rslora": cfg.lora.use_rslora,
-            "unet.use_dora": false,
-            "unet.lora_bias": false,
-            "unet.rank_pattern": {},
-            "unet.alpha_pattern": {},
-            "unet.init_lora_weights": "gaussian",
-            "unet.bias": "none",
-            "unet.peft_type": "LORA",
-        });
-        meta.insert("lora_adapter_metadata".into(), m.to_string());
+        let mut m = serde_json::Map::new();
+        let te_targets: Vec<String> = TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect();
+        let mut components = vec![("unet", cfg.targets.clone())];
+        if with_te {
+            components.push(("text_encoder", te_targets));
+        }
+        for (c, targets) in components {
+            for (k, v) in [
+                ("r", serde_json::json!(cfg.lora.rank)),
+                ("lora_alpha", serde_json::json!(cfg.lora.alpha)),
+                ("target_modules", serde_json::json!(targets)),
+                ("use_rslora", serde_json::json!(cfg.lora.use_rslora)),
+                ("use_dora", serde_json::json!(false)),
+                ("lora_bias", serde_json::json!(false)),
+                ("rank_pattern", serde_json::json!({})),
+                ("alpha_pattern", serde_json::json!({})),
+                ("init_lora_weights", serde_json::json!("gaussian")),
+                ("bias", serde_json::json!("none")),
+                ("peft_type", serde_json::json!("LORA")),
+            ] {
+                m.insert(format!("{c}.{k}"), v);
+            }
+        }
+        meta.insert(
+            "lora_adapter_metadata".into(),
+            serde_json::Value::Object(m).to_string(),
+        );
         meta.insert("format".into(), "pt".into());
     }
     write_safetensors(path, &out, meta)?;
@@ -546,6 +619,7 @@ mod tests {
             seed: 3,
             noise_offset: 0.05,
             snr_gamma: Some(5.0),
+            text_encoder_lr: None,
         }
     }
 
@@ -554,8 +628,10 @@ mod tests {
         let noise: Vec<f32> = (0..shape.iter().product::<usize>())
             .map(|i| ((i as f32) * 0.731).sin())
             .collect();
-        let cond = pipe.encode_prompts(&["a red disc"], 0).unwrap();
-        let uncond = pipe.encode_prompts(&[""], 0).unwrap();
+        let cond = pipe
+            .encode_prompts_with(&["a red disc"], 0, adapters)
+            .unwrap();
+        let uncond = pipe.encode_prompts_with(&[""], 0, adapters).unwrap();
         let c = Conditioning {
             cond: &cond,
             uncond: &uncond,
@@ -641,6 +717,130 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// With `text_encoder_lr` the text encoder's q/k/v/out projections train too: their B
+    /// factors leave zero, both file formats carry them (`text_encoder.` / `lora_te_` keys),
+    /// and a fresh pipeline with the file merged generates what the live adapters do.
+    #[test]
+    fn text_encoder_adapters_train_save_and_reload() {
+        let dir = image_folder("te");
+        let data = read_image_folder(&dir).unwrap();
+        let mut cfg = config(&["to_q", "to_v"]);
+        cfg.text_encoder_lr = Some(5e-3);
+        let mut pipe = SdPipeline::open(&model()).unwrap();
+        let hist = train_sd_lora(&mut pipe, &data, &cfg, |_, _| Ok(())).unwrap();
+        assert!(hist.iter().all(|s| s.loss.is_finite()));
+        let te = pipe.text_encoder.lora_tensors();
+        assert_eq!(te.len(), 2 * 4 * 2, "q, k, v, out of two layers, A and B");
+        for (name, t) in &te {
+            if name.ends_with("lora_B.weight") {
+                let v = t.try_to_vec().unwrap();
+                assert!(v.iter().any(|x| *x != 0.0), "{name} did not train");
+            }
+        }
+        let live = sample(&pipe, true);
+        for kohya in [false, true] {
+            let file = dir.join(format!("te-{kohya}.safetensors"));
+            save_sd_lora(&pipe, &cfg, kohya, &file).unwrap();
+            let lora = lora_io::sd_lora::read_sd_lora(&file).unwrap();
+            let mut fresh = SdPipeline::open(&model()).unwrap();
+            let rep = lora_io::sd_lora::merge_sd_lora(&mut fresh, &lora, 1.0, false).unwrap();
+            assert_eq!(rep.merged.get("text_encoder"), Some(&8), "kohya {kohya}");
+            assert_eq!(rep.merged.get("unet").copied(), Some(rep.layers.len() - 8));
+            let e = sample(&fresh, false)
+                .iter()
+                .zip(&live)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                e < 1e-5,
+                "kohya {kohya}: merged file vs live adapters {e:.2e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The gradient of the denoising loss reaches the text encoder's adapters through the
+    /// UNet's cross-attention: autograd against central differences of the whole loss.
+    #[test]
+    fn text_encoder_adapter_gradients_match_finite_differences() {
+        let mut pipe = SdPipeline::open(&model()).unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            init: lora_core::lora::LoraInit::Gaussian,
+            ..Default::default()
+        };
+        let targets: Vec<String> = TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            pipe.text_encoder.inject_lora(&lora, &targets, 1).unwrap(),
+            8
+        );
+        // B away from zero, so every path carries gradient.
+        for (_, t) in pipe.text_encoder.lora_tensors() {
+            let n = t.numel();
+            t.set_data((0..n).map(|i| ((i % 5) as f32 - 2.0) * 0.05).collect())
+                .unwrap();
+        }
+        let ids = pipe.tokenizer.encode_prompt("a red disc").unwrap();
+        let len = ids.len();
+        let shape = pipe.latent_shape(1, 16, 16).unwrap();
+        let n: usize = shape.iter().product();
+        let noisy =
+            Tensor::new((0..n).map(|i| ((i as f32) * 0.37).sin()).collect(), &shape).unwrap();
+        let target =
+            Tensor::new((0..n).map(|i| ((i as f32) * 0.11).cos()).collect(), &shape).unwrap();
+        let loss_of = |pipe: &SdPipeline, tape: &Tape| -> Tensor {
+            let ctx = pipe
+                .text_encoder
+                .forward(tape, &ids, (1, len), 0, true)
+                .unwrap();
+            let pred = pipe
+                .unet
+                .forward(tape, &noisy, &[500.0], &ctx, true)
+                .unwrap();
+            ops::mse_loss(tape, &pred, &target, None).unwrap()
+        };
+        let tape = Tape::new(0);
+        let loss = loss_of(&pipe, &tape);
+        let grads = tape.backward(&loss).unwrap();
+        let tensors: Vec<(String, Tensor)> = pipe
+            .text_encoder
+            .lora_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.clone()))
+            .collect();
+        // Per tensor, the derivative along a fixed direction (many elements at once, so the
+        // loss moves well above f32's rounding): autograd's g.d against central differences
+        // of the f32 loss (h = 2e-2: 6.7e-3 seen; 5e-3 and 1e-2 drown in rounding).
+        let (mut checked, mut worst) = (0, 0.0f64);
+        for (name, t) in &tensors {
+            let g = grads.get(t).unwrap().to_vec();
+            let base = t.try_to_vec().unwrap();
+            let d: Vec<f32> = (0..base.len())
+                .map(|i| ((i as f32) * 1.7 + 0.3).sin())
+                .collect();
+            let ad: f64 = g.iter().zip(&d).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let h = 2e-2f32;
+            let at = |e: f32| -> f64 {
+                let v: Vec<f32> = base.iter().zip(&d).map(|(x, y)| x + e * y).collect();
+                t.set_data(v).unwrap();
+                let l = loss_of(&pipe, &Tape::inference()).try_to_vec().unwrap()[0] as f64;
+                t.set_data(base.clone()).unwrap();
+                l
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            let scale = fd.abs().max(ad.abs());
+            assert!(scale > 1e-5, "{name}: no gradient ({ad:.3e})");
+            assert!(
+                (fd - ad).abs() <= 2e-2 * scale,
+                "{name}: autograd {ad:.6e}, differences {fd:.6e}"
+            );
+            worst = worst.max((fd - ad).abs() / scale);
+            checked += 1;
+        }
+        eprintln!("text-encoder adapter gradients: worst relative difference {worst:.2e}");
+        assert_eq!(checked, 2 * 4 * 2);
     }
 
     #[test]

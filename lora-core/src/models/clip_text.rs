@@ -165,6 +165,37 @@ impl ClipTextModel {
         out
     }
 
+    /// The adapters' tensors in PEFT's naming (`<module>.lora_A.weight`, `.lora_B.weight`).
+    pub fn lora_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut v = Vec::new();
+        for (name, l) in self.linears() {
+            if let Some(a) = l.lora() {
+                v.push((format!("{name}.lora_A.weight"), &a.lora_a));
+                v.push((format!("{name}.lora_B.weight"), &a.lora_b));
+            }
+        }
+        v
+    }
+
+    /// Adds an adapter to every linear layer whose last name (`q_proj`, `fc1`, ...) is in
+    /// `targets`; returns how many.
+    pub fn inject_lora(
+        &mut self,
+        cfg: &crate::lora::LoraConfig,
+        targets: &[String],
+        seed: u64,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (i, (name, l)) in self.linears_mut().into_iter().enumerate() {
+            let leaf = name.rsplit('.').next().unwrap_or(&name);
+            if targets.iter().any(|t| t == leaf || t == &name) {
+                l.inject(cfg, seed.wrapping_add(0x7e_0000 + i as u64))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The same, mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
