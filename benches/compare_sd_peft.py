@@ -14,6 +14,9 @@ alternating the two sides:
     python3 benches/compare_sd_peft.py --threads 2 --bf16       # autocast bf16 (AVX512-BF16/AMX)
     ./target/release/lora bench sd --mode generate --threads 2 --json
     python3 benches/compare_sd_peft.py --mode generate --threads 2 [--bf16]
+`lora bench sd --weights f16` holds the frozen weights as an fp16 checkpoint's are held (16-bit
+in memory, computed in f32); PyTorch's f32 run upcasts such a checkpoint, so its side is the same
+either way.
 Needs torch, diffusers, peft.
 """
 import argparse

@@ -627,6 +627,10 @@ pub struct SdBenchArgs {
     /// LoRA rank (train).
     #[arg(long, default_value_t = 4)]
     pub rank: usize,
+    /// How the frozen weights are held: f32, or f16 (as an fp16 checkpoint such as the Hub's
+    /// SD 1.5 is loaded: 16-bit in memory, computed in f32).
+    #[arg(long, default_value = "f32")]
+    pub weights: String,
     /// The first block's channels (SD 1.5: 320; the others are 2x, 4x, 4x).
     #[arg(long, default_value_t = 320)]
     pub base_channels: usize,

@@ -31,8 +31,25 @@ fn init(rng: &mut Rng, name: &str, shape: &[usize]) -> Vec<f32> {
         .collect()
 }
 
+/// 16-bit weights held as a checkpoint's fp16 tensors are (in memory, 2 bytes each).
+struct OwnedHalf(Vec<u16>);
+
+impl lora_core::ExternalHalf for OwnedHalf {
+    fn bits(&self) -> &[u16] {
+        &self.0
+    }
+    fn format(&self) -> lora_core::HalfFormat {
+        lora_core::HalfFormat::F16
+    }
+}
+
 /// Runs `a`.
 pub fn run(a: &SdBenchArgs) -> Result<()> {
+    let half = match a.weights.as_str() {
+        "f32" => false,
+        "f16" => true,
+        other => anyhow::bail!("--weights must be f32 or f16, got `{other}`"),
+    };
     let c = a.base_channels;
     let train = match a.mode.as_str() {
         "train" => true,
@@ -56,7 +73,16 @@ pub fn run(a: &SdBenchArgs) -> Result<()> {
     let cfg = lora_io::diffusion::unet_config(std::path::Path::new("sd1.5"), &cfg_json)?;
     let mut rng = Rng::new(0);
     let mut load = |name: &str, shape: &[usize]| -> std::result::Result<Tensor, CoreError> {
-        Tensor::new(init(&mut rng, name, shape), shape)
+        let v = init(&mut rng, name, shape);
+        if half && shape.len() > 1 {
+            // As an fp16 checkpoint's weights are held: 16-bit in memory.
+            let bits = v
+                .iter()
+                .map(|x| half::f16::from_f32(*x).to_bits())
+                .collect();
+            return Tensor::from_external_half(std::sync::Arc::new(OwnedHalf(bits)), shape);
+        }
+        Tensor::new(v, shape)
     };
     let t0 = Instant::now();
     let mut unet = UNet2DCondition::load(&cfg, &mut load)?;
@@ -136,15 +162,16 @@ pub fn run(a: &SdBenchArgs) -> Result<()> {
     if a.json {
         outln!(
             "{}",
-            serde_json::json!({"mode": a.mode, "batch": a.batch, "size": a.size, "rank": a.rank,
+            serde_json::json!({"mode": a.mode, "weights": a.weights, "batch": a.batch, "size": a.size, "rank": a.rank,
                 "base_channels": c, "unet_params": params_n, "adapted_layers": adapted,
                 "threads": rayon::current_num_threads(), "steps": a.steps, "median_step_s": med,
                 "step_times_s": times, "peak_rss_gib": rss, "build_s": built})
         );
     } else {
         outln!(
-            "SD 1.5-shaped UNet ({:.0}M parameters, base width {c}), {}x{} images ({lat}x{lat} latents), {}; {} threads",
+            "SD 1.5-shaped UNet ({:.0}M {} parameters, base width {c}), {}x{} images ({lat}x{lat} latents), {}; {} threads",
             params_n as f64 / 1e6,
+            a.weights,
             a.size,
             a.size,
             if train {

@@ -381,10 +381,17 @@ impl Tape {
                         .enumerate()
                         .map(|(i, t)| {
                             let stored = op.reads_stored(i);
+                            let transient = op.reads_transient(i);
                             t.values
                                 .as_ref()
                                 .filter(|_| !stored)
-                                .map(crate::ops::read)
+                                .map(|v| {
+                                    if transient {
+                                        v.read_transient()
+                                    } else {
+                                        crate::ops::read(v)
+                                    }
+                                })
                                 .transpose()
                         })
                         .collect::<Result<_>>()?;

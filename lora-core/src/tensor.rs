@@ -69,6 +69,14 @@ impl Store {
         }
         Ok(())
     }
+    /// 16-bit values widened to f32 into a new buffer where they live, leaving the store as it
+    /// is (`None` when it holds f32 values).
+    fn widened_copy(&self) -> Result<Option<DBuf>> {
+        match &self.vals {
+            Vals::F32(_) => Ok(None),
+            Vals::Half(bits, fmt) => Ok(Some(self.on.widen(bits, *fmt == HalfFormat::F16)?)),
+        }
+    }
     /// The values as f32 on the host: downloaded from a device, widened from 16 bits.
     fn to_host_vec(&self) -> Result<Vec<f32>> {
         match &self.vals {
@@ -252,6 +260,19 @@ impl Tensor {
             self.write().widen()?;
         }
         Ok(self.store())
+    }
+
+    /// The storage with f32 values for an op to read once: a frozen 16-bit tensor is widened
+    /// into a buffer of its own that the caller drops after use (the tensor stays 16-bit: a
+    /// convolution's weight from an fp16 checkpoint); anything else as [`Tensor::read`].
+    pub(crate) fn read_transient(&self) -> Result<crate::ops::Guard<'_>> {
+        if !self.requires_grad() {
+            let s = self.store();
+            if let Some(b) = s.widened_copy()? {
+                return Ok(crate::ops::Guard::Widened(b));
+            }
+        }
+        Ok(crate::ops::Guard::Store(self.read()?))
     }
 
     /// Write access to the storage (the optimizer).

@@ -107,7 +107,11 @@ impl Accel for Cpu {
             WeightData::Bf16(b)
         };
         let mut out = vec![0.0; b.len()];
-        data.widen(0, &mut out);
+        const CHUNK: usize = 1 << 16;
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| data.widen(i * CHUNK, c));
         Ok(DBuf::Host(out))
     }
     fn add(&self, a: &DBuf, b: &DBuf) -> Result<DBuf> {

@@ -57,10 +57,14 @@ impl WeightData<'_> {
                 .iter_mut()
                 .zip(&w[start..start + n])
                 .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16)),
-            WeightData::F16(w) => dst
-                .iter_mut()
-                .zip(&w[start..start + n])
-                .for_each(|(d, &b)| *d = half::f16::from_bits(b).to_f32()),
+            // `half`'s slice conversion uses F16C where the CPU has it (exact either way: every
+            // f16 is an f32); the per-value `to_f32` is a software conversion here.
+            WeightData::F16(w) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                w[start..start + n]
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(dst)
+            }
         }
     }
 }

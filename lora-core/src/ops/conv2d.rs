@@ -27,7 +27,8 @@ pub fn conv2d(
     let mut operands = vec![("x", x), ("w", w)];
     operands.extend(bias.map(|b| ("bias", b)));
     let on = placement(OP, &operands)?;
-    let (gx, gw) = (read(x)?, read(w)?);
+    // A frozen 16-bit weight (an fp16 checkpoint's) is widened for this product only.
+    let (gx, gw) = (read(x)?, w.read_transient()?);
     let gb = bias.map(read).transpose()?;
     let bb = gb.as_ref().map(f32_of).transpose()?;
     let y = on.accel.conv2d_forward(f32_of(&gx)?, f32_of(&gw)?, bb, d)?;
@@ -84,7 +85,7 @@ pub fn conv2d_pair(
     let mut operands = vec![("x", x), ("w", w), ("a", a)];
     operands.extend(bias.map(|b| ("bias", b)));
     let on = placement(OP, &operands)?;
-    let (gx, gw, ga) = (read(x)?, read(w)?, read(a)?);
+    let (gx, gw, ga) = (read(x)?, w.read_transient()?, read(a)?);
     let gb = bias.map(read).transpose()?;
     let bb = gb.as_ref().map(f32_of).transpose()?;
     let [y, h] = on
@@ -118,6 +119,9 @@ struct Conv2dNode {
 impl OpNode for Conv2dNode {
     fn name(&self) -> &'static str {
         "conv2d"
+    }
+    fn reads_transient(&self, i: usize) -> bool {
+        i == 1
     }
     /// dW reads x; dx reads w. The weight is kept (it is alive anyway); x, an activation, only
     /// when the weight trains.
@@ -317,5 +321,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("[rank, 4, 3, 3]"), "{e}");
+    }
+
+    /// A frozen fp16 weight (a checkpoint's) is widened for each product only: after forward
+    /// and backward it is still held as 16 bits, and every value equals the same convolution
+    /// with the widened weight in f32.
+    #[test]
+    fn a_16_bit_weight_stays_16_bit() {
+        struct Bits(Vec<u16>);
+        impl crate::ExternalHalf for Bits {
+            fn bits(&self) -> &[u16] {
+                &self.0
+            }
+            fn format(&self) -> crate::HalfFormat {
+                crate::HalfFormat::F16
+            }
+        }
+        let mut r = lora_kernels::rng::Rng::new(9);
+        let xv: Vec<f32> = (0..2 * 3 * 5 * 5).map(|_| r.normal() as f32).collect();
+        let bits: Vec<u16> = (0..4 * 3 * 3 * 3)
+            .map(|_| half::f16::from_f32(r.normal() as f32 * 0.3).to_bits())
+            .collect();
+        let wide: Vec<f32> = bits
+            .iter()
+            .map(|b| half::f16::from_bits(*b).to_f32())
+            .collect();
+        let p = Conv2dParams {
+            padding: (1, 1),
+            ..Conv2dParams::default()
+        };
+        let run = |w: &Tensor| {
+            let x = Tensor::param(xv.clone(), &[2, 3, 5, 5]).unwrap();
+            let tape = Tape::new(0);
+            let y = conv2d(&tape, &x, w, None, p).unwrap();
+            let loss =
+                crate::ops::mse_loss(&tape, &y, &Tensor::zeros(y.shape()).unwrap(), None).unwrap();
+            let g = tape.backward(&loss).unwrap();
+            (y.try_to_vec().unwrap(), g.to_vec(&x).unwrap().unwrap())
+        };
+        let w16 =
+            Tensor::from_external_half(std::sync::Arc::new(Bits(bits)), &[4, 3, 3, 3]).unwrap();
+        let got = run(&w16);
+        assert!(w16.is_half_stored(), "the weight was widened for good");
+        let want = run(&Tensor::new(wide, &[4, 3, 3, 3]).unwrap());
+        assert_eq!(got, want);
     }
 }

@@ -99,6 +99,12 @@ pub(crate) trait OpNode {
     fn reads_stored(&self, _i: usize) -> bool {
         false
     }
+    /// Whether backward reads input `i` widened for that use only when it is a frozen 16-bit
+    /// tensor (a convolution's weight, which then stays 16-bit in memory) instead of widening
+    /// it in place for good.
+    fn reads_transient(&self, _i: usize) -> bool {
+        false
+    }
     /// Accumulates the local gradient into the inputs' buffers (`g`) on the backend `a`;
     /// `data[i]` holds input `i`'s values when backward reads them (else it is empty).
     fn backward(
@@ -195,16 +201,24 @@ pub(crate) fn placement(op: &'static str, operands: &[(&'static str, &Tensor)]) 
     }
 }
 
-pub(crate) type Guard<'a> = RwLockReadGuard<'a, Store>;
+pub(crate) enum Guard<'a> {
+    /// The tensor's own storage, locked for reading.
+    Store(RwLockReadGuard<'a, Store>),
+    /// A frozen 16-bit tensor's values widened for one use ([`Tensor::read_transient`]).
+    Widened(DBuf),
+}
 
 /// The f32 buffer behind a guard (16-bit tensors are widened first by [`read`]).
 pub(crate) fn f32_of<'a>(g: &'a Guard<'_>) -> Result<&'a DBuf> {
-    g.f32()
+    match g {
+        Guard::Store(s) => s.f32(),
+        Guard::Widened(b) => Ok(b),
+    }
 }
 
 /// Reads a (non-weight) operand as f32, widening a 16-bit one where it lives, once.
 pub(crate) fn read(t: &Tensor) -> Result<Guard<'_>> {
-    t.read()
+    Ok(Guard::Store(t.read()?))
 }
 
 /// The gradient buffer a kernel that writes several gradients at once should write: the
