@@ -391,7 +391,7 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             .map(|s| s.to_string())
             .collect(),
     };
-    let cfg = SdTrainConfig {
+    let mut cfg = SdTrainConfig {
         resolution: a.resolution.unwrap_or(512),
         crop: if a.random_crop {
             Crop::Random
@@ -427,8 +427,10 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         bail!("--text-encoder-lr applies with --train-text-encoder");
     }
     cfg.lora.validate()?;
-    if a.epochs.is_some() {
-        bail!("--epochs is not supported for Stable Diffusion runs yet; give --steps");
+    if let Some(e) = a.epochs {
+        if !(e.is_finite() && e > 0.0) {
+            bail!("--epochs must be a positive number, got {e}");
+        }
     }
     if a.sample_every > 0 && a.sample_prompt.is_none() {
         bail!("--sample-every needs --sample-prompt");
@@ -457,6 +459,11 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         }
     }
     let data = read_image_folder(&a.data)?;
+    if let Some(e) = a.epochs {
+        // A pass is ceil(images / batch) steps, as diffusers' scripts count them.
+        let per_epoch = data.len().div_ceil(cfg.batch.max(1));
+        cfg.steps = ((e as f64 * per_epoch as f64).ceil() as usize).max(1);
+    }
     let pool = crate::bench::pool(a.threads)?;
     pool.install(|| -> Result<()> {
         let mut pipe = open_pipeline(&a.model, a.sd_config.as_deref())?;

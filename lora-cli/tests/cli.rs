@@ -1302,6 +1302,103 @@ fn sd_generate_matches_diffusers_and_guards_its_output() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
+/// `lora train` on a Stable Diffusion single file (its configs from --sd-config) with the text
+/// encoder trained and --epochs: the steps a pass takes, a file with both models' modules; LM-only
+/// and contradictory flags are named.
+#[test]
+fn sd_train_runs_on_a_single_file_with_the_text_encoder() {
+    use lora_io::images::Rgb8;
+    let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity");
+    let tmp = std::env::temp_dir().join(format!("lora-sd-train-cli-{}", std::process::id()));
+    let data = tmp.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (i, (rgb, cap)) in [
+        ([220u8, 40, 40], "a red square"),
+        ([40, 60, 220], "a blue square"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut px = vec![240u8; 20 * 20 * 3];
+        for y in 5..15 {
+            for x in 5..15 {
+                px[(y * 20 + x) * 3..(y * 20 + x) * 3 + 3].copy_from_slice(rgb);
+            }
+        }
+        Rgb8::new(20, 20, px)
+            .unwrap()
+            .save_png(&data.join(format!("{i}.png")))
+            .unwrap();
+        std::fs::write(data.join(format!("{i}.txt")), cap).unwrap();
+    }
+    let out = tmp.join("run");
+    let (m, c, d, o) = (
+        fx.join("sd_single/sd1.safetensors"),
+        fx.join("sd_pipeline/model"),
+        data.clone(),
+        out.clone(),
+    );
+    let base: Vec<String> = [
+        "train",
+        "--model",
+        m.to_str().unwrap(),
+        "--sd-config",
+        c.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+        "--resolution",
+        "16",
+        "--threads",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let run = |extra: &[&str]| {
+        let mut a = base.clone();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        lora(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for (extra, what) in [
+        (&["--epochs", "0"][..], "--epochs must be"),
+        (
+            &["--text-encoder-lr", "1e-4"][..],
+            "with --train-text-encoder",
+        ),
+        (&["--pack"][..], "--pack"),
+    ] {
+        let r = run(extra);
+        let e = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && e.contains(what), "{extra:?}: {e}");
+    }
+    let r = run(&[
+        "--epochs",
+        "2",
+        "--batch-size",
+        "1",
+        "--train-text-encoder",
+        "--lr",
+        "1e-3",
+    ]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{e}");
+    assert!(e.contains("the text encoder's q/k/v/out_proj"), "{e}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "2 epochs of 2 images, batch 1");
+    let f =
+        lora_io::safetensors::SafetensorsFile::open(out.join("pytorch_lora_weights.safetensors"))
+            .unwrap();
+    let te = f
+        .names()
+        .iter()
+        .filter(|k| k.starts_with("text_encoder.text_model."))
+        .count();
+    assert_eq!(te, 2 * 4 * 2, "q/k/v/out of two layers, A and B");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 /// `lora merge` on a Stable Diffusion single file writes a single file that `lora sd generate`
 /// reads; language-model flags are named, not ignored.
 #[test]

@@ -217,6 +217,14 @@ fn inspect_sd_lora(path: &Path, f: &SafetensorsFile) -> Result<Option<Report>> {
             crate::sd_lora::Kind::LoKr if shape.len() == 2 => "LoKr".into(),
             crate::sd_lora::Kind::LoKr => format!("LoKr {base}"),
         };
+        // DoRA: the norm shown is the update's before the decomposition rescales the weight.
+        let kind = match &m.dora_scale {
+            Some((_, s)) if s.first() == Some(&1) && s.len() > 1 && s[1] > 1 => {
+                format!("{kind} + DoRA (per input column)")
+            }
+            Some(_) => format!("{kind} + DoRA"),
+            None => kind,
+        };
         let component = match m.component {
             crate::sd_lora::Component::Unet => "unet",
             crate::sd_lora::Component::TextEncoder => "text_encoder",
