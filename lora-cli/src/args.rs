@@ -126,8 +126,7 @@ pub struct SdGenerateArgs {
     /// Sampler: euler, ddim or dpm++ (DPM++ 2M), configured from scheduler/scheduler_config.json.
     #[arg(long, default_value = "euler")]
     pub scheduler: String,
-    /// Image size WIDTHxHEIGHT (multiples of the model's latent factor, 8 for SD; 64 for a
-    /// standard UNet's three downsamplings).
+    /// Image size WIDTHxHEIGHT (multiples of the VAE's factor: 8 for SD, e.g. 600x800).
     #[arg(long, default_value = "512x512")]
     pub size: String,
     /// Seed of the initial latents (lora-rs's generator; use --init-noise to reproduce a

@@ -506,8 +506,13 @@ pub fn unet_config(path: &Path, v: &Value) -> Result<UNetConfig> {
         time_embed_dim: f.usize_or("time_embedding_dim", Some(4 * block_out_channels[0]))?,
         block_out_channels,
     };
-    if cfg.downsample_padding > 1 {
-        return Err(f.err("downsample_padding", "only 0 or 1 is supported"));
+    // 0 means diffusers' asymmetric (0, 1, 0, 1) padding before an unpadded convolution, which
+    // this UNet does not implement (SD's configs have 1).
+    if cfg.downsample_padding != 1 {
+        return Err(f.err(
+            "downsample_padding",
+            "only 1 is supported (SD 1.x and 2.x's)",
+        ));
     }
     cfg.check().map_err(|e| match e {
         lora_core::CoreError::InvalidConfig { field, reason } => f.err(field, reason),

@@ -185,17 +185,16 @@ impl SdPipeline {
     }
 
     /// The latent shape `(batch, C, H / f, W / f)` for images of `height x width` pixels
-    /// (`f` = the VAE's downscale); an error naming the size when it does not divide.
+    /// (`f` = the VAE's downscale: any multiple of it, as diffusers, e.g. 600x800 for SD); an
+    /// error naming the size when it does not divide.
     pub fn latent_shape(&self, batch: usize, height: usize, width: usize) -> Result<[usize; 4]> {
         let f = self.vae.config().downscale();
-        let m = f * self.unet.config().size_multiple();
-        if height == 0 || width == 0 || !height.is_multiple_of(m) || !width.is_multiple_of(m) {
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             return Err(IoError::Core(lora_core::CoreError::InvalidConfig {
                 field: "size",
                 reason: format!(
                     "{width}x{height}: this model needs sides that are positive multiples of \
-                     {m} (the VAE's factor {f} times the UNet's {})",
-                    self.unet.config().size_multiple()
+                     {f} (the VAE's factor)"
                 ),
             }));
         }

@@ -245,7 +245,7 @@ pub fn train_sd_lora(
 ) -> Result<Vec<SdStep>> {
     let sched_cfg = pipe.schedule(lora_io::diffusion::SamplerKind::Ddim)?;
     let schedule = NoiseSchedule::new(&sched_cfg)?;
-    let f = pipe.vae.config().downscale() * pipe.unet.config().size_multiple();
+    let f = pipe.vae.config().downscale();
     if cfg.resolution == 0 || !cfg.resolution.is_multiple_of(f) {
         return Err(IoError::Core(CoreError::InvalidConfig {
             field: "resolution",
@@ -871,12 +871,12 @@ mod tests {
         );
         let mut pipe = SdPipeline::open(&model()).unwrap();
         let mut cfg = config(&["to_q"]);
-        cfg.resolution = 18;
+        cfg.resolution = 17;
         let e = train_sd_lora(&mut pipe, &data, &cfg, |_, _| Ok(()))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("resolution") && e.contains("multiple of 4"),
+            e.contains("resolution") && e.contains("multiple of 2"),
             "{e}"
         );
         let mut cfg = config(&["no_such_layer"]);

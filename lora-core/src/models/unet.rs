@@ -140,7 +140,8 @@ impl UNetConfig {
         Ok(())
     }
 
-    /// The factor the latent height and width must be multiples of (2 per downsampling).
+    /// 2 per downsampling: latent sides that are multiples of it need no resizing on the way
+    /// up (any side works; others are cropped to their skip connection's size, as diffusers).
     pub fn size_multiple(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
@@ -837,8 +838,9 @@ impl UNet2DCondition {
 
     /// The noise (or v) prediction `(B, out_channels, H, W)` for the noisy latents `sample`
     /// `(B, in_channels, H, W)` at `timesteps` (one per image, or one for all), conditioned on
-    /// `context` `(B, S, cross_attention_dim)` (the text encoder's states). H and W must be
-    /// multiples of [`UNetConfig::size_multiple`]. `adapters == false` bypasses every adapter.
+    /// `context` `(B, S, cross_attention_dim)` (the text encoder's states). Any H and W (sides
+    /// that are not multiples of [`UNetConfig::size_multiple`] are matched to their skip
+    /// connections on the way up). `adapters == false` bypasses every adapter.
     pub fn forward(
         &self,
         tape: &Tape,
@@ -849,20 +851,13 @@ impl UNet2DCondition {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let sh = sample.shape();
-        let m = cfg.size_multiple();
-        let ok = sh.len() == 4
-            && sh[1] == cfg.in_channels
-            && sh[2].is_multiple_of(m)
-            && sh[3].is_multiple_of(m);
+        let ok = sh.len() == 4 && sh[1] == cfg.in_channels;
         if !ok || sh[2] == 0 || sh[3] == 0 {
             return Err(CoreError::Shape {
                 op: "unet",
                 what: "sample",
                 got: sh.to_vec(),
-                expected: format!(
-                    "[batch, {}, H, W] with H and W positive multiples of {m}",
-                    cfg.in_channels
-                ),
+                expected: format!("[batch, {}, H, W] with H, W >= 1", cfg.in_channels),
             });
         }
         let b = sh[0];
@@ -942,6 +937,18 @@ impl UNet2DCondition {
             }
             if let Some(c) = &st.resample {
                 x = ops::upsample_nearest2d(tape, &x, 2)?;
+                // A side that was odd before its downsampling (stride 2, padding 1: ceil(n/2))
+                // comes back one longer: nearest to the skip connection's size, as diffusers'
+                // `upsample_size`, is the doubled map without its last row/column.
+                if let Some(skip) = skips.last() {
+                    let (th, tw) = (skip.shape()[2], skip.shape()[3]);
+                    if x.shape()[2] == th + 1 {
+                        x = ops::narrow_dim(tape, &x, 2, 0, th)?;
+                    }
+                    if x.shape()[3] == tw + 1 {
+                        x = ops::narrow_dim(tape, &x, 3, 0, tw)?;
+                    }
+                }
                 x = c.forward(tape, &x, adapters)?;
             }
         }
