@@ -218,6 +218,11 @@ fn inspect_sd_lora(path: &Path, f: &SafetensorsFile) -> Result<Option<Report>> {
             crate::sd_lora::Kind::LoKr => format!("LoKr {base}"),
         };
         // DoRA: the norm shown is the update's before the decomposition rescales the weight.
+        let kind = if m.peft_magnitude.is_some() {
+            format!("{kind} + DoRA (PEFT)")
+        } else {
+            kind
+        };
         let kind = match &m.dora_scale {
             Some((_, s)) if s.first() == Some(&1) && s.len() > 1 && s[1] > 1 => {
                 format!("{kind} + DoRA (per input column)")

@@ -89,13 +89,17 @@ pub struct LoraModule {
     /// LyCORIS' DoRA magnitude (`dora_scale`): `(out, 1[, 1, 1])` per output row or
     /// `(1, in[, 1, 1])` per input column of the weight (see [`LoraModule::apply`]).
     pub dora_scale: Option<Part>,
+    /// PEFT's DoRA magnitude (`lora_magnitude_vector`): one per output channel, `(out)` or
+    /// `(1, out, 1, 1)` (see [`LoraModule::apply`]).
+    pub peft_magnitude: Option<Part>,
     name: Name,
 }
 
 impl LoraModule {
     /// The merged weight: `weight` (stored values, shape `shape`) plus this module's update at
-    /// the file weight `mult`. Without a DoRA magnitude that is `W + mult * dW`; with one,
-    /// LyCORIS' rule `(W + dW) * (mult * (m / |W + dW| - 1) + 1)`, the norm per output row or
+    /// the file weight `mult`. Without a DoRA magnitude that is `W + mult * dW`; with PEFT's
+    /// (`lora_magnitude_vector`), `m (W + mult dW) / |W + mult dW|` per output channel; with
+    /// LyCORIS' (`dora_scale`), its rule `(W + dW) * (mult * (m / |W + dW| - 1) + 1)`, the norm per output row or
     /// per input column as the magnitude's shape says, plus f32's epsilon (as LyCORIS). Errors
     /// name what does not fit the layer.
     pub fn apply(
@@ -106,6 +110,33 @@ impl LoraModule {
     ) -> std::result::Result<Vec<f32>, String> {
         let d = self.delta(shape)?;
         let mult = mult as f64;
+        if let Some((m, ms)) = &self.peft_magnitude {
+            // PEFT: W' = m (W + w dW) / |W + w dW|, the norm per output channel (no epsilon);
+            // the file weight scales the update, as set_adapters scales PEFT's `scaling`.
+            let out = shape[0];
+            let per: usize = shape[1..].iter().product();
+            if m.len() != out {
+                return Err(format!(
+                    "the DoRA magnitude {ms:?} does not have one value per output channel of a \
+                     {shape:?} weight"
+                ));
+            }
+            let full: Vec<f64> = weight
+                .iter()
+                .zip(&d)
+                .map(|(w, dv)| *w as f64 + mult * dv)
+                .collect();
+            let mut w = vec![0.0f32; full.len()];
+            for o in 0..out {
+                let row = &full[o * per..(o + 1) * per];
+                let n = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+                let f = m[o] as f64 / n;
+                for (dst, v) in w[o * per..(o + 1) * per].iter_mut().zip(row) {
+                    *dst = (v * f) as f32;
+                }
+            }
+            return Ok(w);
+        }
         let Some((m, ms)) = &self.dora_scale else {
             return Ok(weight
                 .iter()
@@ -554,13 +585,6 @@ const KOHYA_PARTS: [(&str, &str); 18] = [
 /// The (component, module name, part) of a key, or `None` for a key no format here knows.
 /// `part` is one of [`KOHYA_PARTS`]' names (`lora_down.weight` for PEFT's `lora_A`).
 fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static str)>, String> {
-    // PEFT's DoRA magnitudes, refused by name (LyCORIS' `dora_scale` is read).
-    if key.contains("lora_magnitude_vector") {
-        return Err(format!(
-            "`{key}`: PEFT's DoRA (`lora_magnitude_vector`) is not supported yet; LyCORIS' \
-             `dora_scale` is"
-        ));
-    }
     let kohya = [
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
@@ -600,6 +624,7 @@ fn parse_key(key: &str) -> std::result::Result<Option<(Component, Name, &'static
         (".lora.up.weight", "lora_up.weight"),
         (".lora_linear_layer.down.weight", "lora_down.weight"),
         (".lora_linear_layer.up.weight", "lora_up.weight"),
+        (".lora_magnitude_vector", "lora_magnitude_vector"),
         (".alpha", "alpha"),
     ] {
         if let Some(stem) = rest.strip_suffix(suffix) {
@@ -770,7 +795,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
                 Kind::LoHa
             } else if k.starts_with("lokr_") {
                 Kind::LoKr
-            } else if *k == "alpha" || *k == "dora_scale" {
+            } else if matches!(*k, "alpha" | "dora_scale" | "lora_magnitude_vector") {
                 kind
             } else {
                 Kind::Lora
@@ -787,6 +812,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
         let mut parts = BTreeMap::new();
         let mut file_alpha = None;
         let mut dora_scale = None;
+        let mut peft_magnitude = None;
         for (part, key) in &keys {
             let (v, shape) = f.read_f32_finite(key)?;
             if *part == "alpha" {
@@ -806,6 +832,11 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
                     ));
                 }
                 dora_scale = Some((v, shape));
+            } else if *part == "lora_magnitude_vector" {
+                if v.iter().any(|x| *x < 0.0) {
+                    return Err(err(path, key.as_str(), "a DoRA magnitude is non-negative"));
+                }
+                peft_magnitude = Some((v, shape));
             } else {
                 parts.insert(*part, (v, shape));
             }
@@ -817,6 +848,7 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
             parts,
             scale: 1.0,
             dora_scale,
+            peft_magnitude,
             name,
         };
         m.validate().map_err(|why| err(path, stem.as_str(), why))?;

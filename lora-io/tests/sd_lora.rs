@@ -156,7 +156,7 @@ fn bad_lora_files_are_named_errors() {
                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector".into(),
                 vec![16],
             )],
-            "PEFT's DoRA",
+            "DoRA magnitude without any weights",
         ),
         (
             "dora_shape",
@@ -402,6 +402,43 @@ fn lycoris_dora_merges_equal_lycoris() {
         }
     }
     eprintln!("LyCORIS DoRA merges: worst relative difference {worst:.2e}");
+}
+
+/// PEFT DoRA in a diffusers file (fixtures/parity/make_peft_dora.py: `use_dora=True` on attention
+/// projections and 3x3 convolutions, saved by diffusers): merged weights equal diffusers'
+/// `load_lora_weights` + `set_adapters` + `fuse_lora` at weights 1 and 0.7.
+#[test]
+fn peft_dora_merges_equal_diffusers() {
+    let f = read_sd_lora(&fx("sd_lora/peft_dora.safetensors")).unwrap();
+    assert_eq!(f.format, "diffusers");
+    assert!(f.modules.iter().all(|m| m.peft_magnitude.is_some()));
+    let want = SafetensorsFile::open(fx("sd_lora/peft_dora_fused.safetensors")).unwrap();
+    let mut worst = 0.0f64;
+    for w in [1.0f32, 0.7] {
+        let mut pipe = SdPipeline::open(&fx("sd_pipeline/model")).unwrap();
+        let rep = merge_sd_lora(&mut pipe, &f, w, false).unwrap();
+        assert_eq!(rep.layers.len(), f.modules.len());
+        let mut layers: std::collections::HashMap<String, Vec<f32>> = Default::default();
+        for (n, l) in pipe.unet.linears() {
+            layers.insert(n, l.base().0.try_to_vec().unwrap());
+        }
+        for (n, c) in pipe.unet.convs() {
+            layers.insert(n, c.base().0.try_to_vec().unwrap());
+        }
+        for (_, t) in rep.layers {
+            let (v, _) = want.read_f32(&format!("{t}@{w:?}")).unwrap();
+            let got = &layers[&t];
+            let scale = v.iter().fold(0.0f64, |a, x| a.max(x.abs() as f64));
+            let e = got
+                .iter()
+                .zip(&v)
+                .fold(0.0f64, |a, (x, y)| a.max((*x as f64 - *y as f64).abs()))
+                / scale;
+            assert!(e < 2e-6, "{t} at {w}: {e:.2e}");
+            worst = worst.max(e);
+        }
+    }
+    eprintln!("PEFT DoRA merges: worst relative difference {worst:.2e}");
 }
 
 /// diffusers' older attention-processor names (`attn1.processor.to_q_lora.down.weight`) read as
