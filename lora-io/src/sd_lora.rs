@@ -669,6 +669,8 @@ struct AlphaRules {
     alpha: Option<f32>,
     pattern: Vec<(String, f32)>,
     rslora: bool,
+    /// The metadata's `use_dora`: every module must then carry its magnitude.
+    dora: bool,
 }
 
 fn alpha_rules(path: &Path, meta: &HashMap<String, String>, comp: Component) -> Result<AlphaRules> {
@@ -676,6 +678,7 @@ fn alpha_rules(path: &Path, meta: &HashMap<String, String>, comp: Component) -> 
         alpha: None,
         pattern: Vec::new(),
         rslora: false,
+        dora: false,
     };
     let Some(text) = meta.get("lora_adapter_metadata") else {
         return Ok(rules);
@@ -704,13 +707,7 @@ fn alpha_rules(path: &Path, meta: &HashMap<String, String>, comp: Component) -> 
     if let Some(r) = field("use_rslora") {
         rules.rslora = r.as_bool().unwrap_or(false);
     }
-    if field("use_dora").and_then(|d| d.as_bool()) == Some(true) {
-        return Err(err(
-            path,
-            format!("{p}.use_dora"),
-            "DoRA is not supported yet",
-        ));
-    }
+    rules.dora = field("use_dora").and_then(|d| d.as_bool()) == Some(true);
     if field("lora_bias").and_then(|d| d.as_bool()) == Some(true) {
         return Err(err(
             path,
@@ -875,6 +872,15 @@ pub fn read_sd_lora(path: &Path) -> Result<SdLora> {
         let rank = m.rank();
         let rf = rank as f32;
         let rule = &rules[(comp == Component::TextEncoder) as usize];
+        // PEFT would start a magnitude the file lacks from the weight's norms: not what was
+        // trained, so refused rather than guessed.
+        if rule.dora && m.peft_magnitude.is_none() {
+            return Err(err(
+                path,
+                stem,
+                "the metadata says use_dora but the module has no lora_magnitude_vector",
+            ));
+        }
         let scale = match (&m.name, kind) {
             // LoKr of two full factors: scale 1 whatever the alpha (LyCORIS).
             (_, Kind::LoKr) if rank == 0 => 1.0,

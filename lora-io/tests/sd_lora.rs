@@ -441,6 +441,46 @@ fn peft_dora_merges_equal_diffusers() {
     eprintln!("PEFT DoRA merges: worst relative difference {worst:.2e}");
 }
 
+/// A diffusers file whose metadata says `use_dora` but whose modules carry no magnitude is
+/// refused (PEFT would start one from the weights' norms: not what was trained).
+#[test]
+fn use_dora_without_magnitudes_is_refused() {
+    use lora_io::write::{write_safetensors, OutDtype, OutTensor};
+    let p = std::env::temp_dir().join(format!(
+        "lora-sd-dora-meta-{}.safetensors",
+        std::process::id()
+    ));
+    let q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let (a, b) = (vec![0.01f32; 2 * 16], vec![0.01f32; 16 * 2]);
+    let ts = [
+        OutTensor {
+            name: format!("{q}.lora_A.weight"),
+            shape: vec![2, 16],
+            values: &a,
+            dtype: OutDtype::F32,
+        },
+        OutTensor {
+            name: format!("{q}.lora_B.weight"),
+            shape: vec![16, 2],
+            values: &b,
+            dtype: OutDtype::F32,
+        },
+    ];
+    let meta = [(
+        "lora_adapter_metadata".to_string(),
+        r#"{"unet.r": 2, "unet.lora_alpha": 2, "unet.use_dora": true}"#.to_string(),
+    )]
+    .into_iter()
+    .collect();
+    write_safetensors(&p, &ts, meta).unwrap();
+    let e = read_sd_lora(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("use_dora") && e.contains("lora_magnitude_vector"),
+        "{e}"
+    );
+    std::fs::remove_file(&p).ok();
+}
+
 /// diffusers' older attention-processor names (`attn1.processor.to_q_lora.down.weight`) read as
 /// the same modules as the PEFT names, with the same factors and scales.
 #[test]
