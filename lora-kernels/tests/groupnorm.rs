@@ -64,9 +64,91 @@ fn check(d: GroupDims, seed: u64) {
     let fdx = fd_grad(&x64, &w, |v| f(v, &g64, &b64));
     let fdg = fd_grad(&g64, &w, |v| f(&x64, v, &b64));
     let fdb = fd_grad(&b64, &w, |v| f(&x64, &g64, v));
-    assert_close("dx", &dx, &plus(&dx0, fdx), 1e-4);
-    assert_close("dgamma", &dg, &plus(&dg0, fdg), 1e-4);
-    assert_close("dbeta", &db, &plus(&db0, fdb), 1e-4);
+    // Every gradient is a sum whose terms can cancel to a result far smaller than they are
+    // (seen in CI: dgamma of four terms of ~1 summing to ~1e-3, off by 1.6e-7; dx of a
+    // two-pixel group, which is ~0 exactly), and f32 rounds relative to the terms: so each is
+    // measured against its terms' size. For dx that is, per element, rstd times the three
+    // terms of `rstd (g dy - mean(g dy) - xhat mean(g dy xhat))`, times the group's
+    // conditioning `(max |x| + |mean|) rstd` (the rounding of x - mean, which xhat carries).
+    let (xh, means) = normalized(&x64, d, eps as f64);
+    let cg = d.channels / d.groups;
+    let n = cg * d.spatial;
+    let mut dx_terms = vec![0.0f64; len];
+    for b in 0..d.batch {
+        for g in 0..d.groups {
+            let start = (b * d.channels + g * cg) * d.spatial;
+            let idx = start..start + n;
+            let gd = |i: usize| w[i] * g64[(i / d.spatial) % d.channels];
+            let var = x64[idx.clone()]
+                .iter()
+                .map(|a| (a - means[b * d.groups + g]).powi(2))
+                .sum::<f64>()
+                / n as f64;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            let m1 = idx.clone().map(|i| gd(i).abs()).sum::<f64>() / n as f64;
+            let m2 = idx.clone().map(|i| (gd(i) * xh[i]).abs()).sum::<f64>() / n as f64;
+            let xmax = idx.clone().fold(0.0f64, |m, i| m.max(x64[i].abs()));
+            let kappa = 1.0 + (xmax + means[b * d.groups + g].abs()) * rstd;
+            for i in idx {
+                dx_terms[i] =
+                    rstd * kappa * (gd(i).abs() + m1 + xh[i].abs() * m2) + dx0[i].abs() as f64;
+            }
+        }
+    }
+    assert_close_to_terms("dx", &dx, &plus(&dx0, fdx), &dx_terms, 1e-4);
+    let per = d.spatial;
+    let terms = |with_xhat: bool, base: &[f32]| -> Vec<f64> {
+        (0..d.channels)
+            .map(|c| {
+                let mut t = base[c].abs() as f64;
+                for b in 0..d.batch {
+                    for s in 0..per {
+                        let i = (b * d.channels + c) * per + s;
+                        t += (w[i] * if with_xhat { xh[i] } else { 1.0 }).abs();
+                    }
+                }
+                t
+            })
+            .collect()
+    };
+    assert_close_to_terms("dgamma", &dg, &plus(&dg0, fdg), &terms(true, &dg0), 1e-4);
+    assert_close_to_terms("dbeta", &db, &plus(&db0, fdb), &terms(false, &db0), 1e-4);
+}
+
+/// The normalized input (f64) and each group's mean.
+fn normalized(x: &[f64], d: GroupDims, eps: f64) -> (Vec<f64>, Vec<f64>) {
+    let cg = d.channels / d.groups;
+    let n = cg * d.spatial;
+    let mut out = vec![0.0; x.len()];
+    let mut means = Vec::new();
+    for b in 0..d.batch {
+        for g in 0..d.groups {
+            let start = (b * d.channels + g * cg) * d.spatial;
+            let v = &x[start..start + n];
+            let mean = v.iter().sum::<f64>() / n as f64;
+            let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / n as f64;
+            for (o, a) in out[start..start + n].iter_mut().zip(v) {
+                *o = (a - mean) / (var + eps).sqrt();
+            }
+            means.push(mean);
+        }
+    }
+    (out, means)
+}
+
+/// `max_i |got_i - want_i| <= tol * max_i terms_i`: a sum's error against the size of the
+/// terms it adds (what f32 rounding is relative to).
+fn assert_close_to_terms(what: &str, got: &[f32], want: &[f64], terms: &[f64], tol: f64) {
+    let scale = terms.iter().fold(0.0f64, |m, v| m.max(*v)).max(1e-3);
+    let e = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+        / scale;
+    assert!(
+        e <= tol,
+        "{what}: error {e:.3e} of its terms' size > {tol:.1e}"
+    );
 }
 
 fn dims(batch: usize, channels: usize, spatial: usize, groups: usize) -> GroupDims {
@@ -149,4 +231,12 @@ proptest! {
     ) {
         check(dims(batch, cg * groups, spatial, groups), seed);
     }
+}
+
+/// Cases the tensor-relative measure failed: a cancelling dgamma (CI), a two-pixel group's dx
+/// (~0 exactly; 4000 random cases).
+#[test]
+fn cancelling_gradients_are_measured_against_their_terms() {
+    check(dims(2, 1, 2, 1), 3057016130562628236);
+    check(dims(1, 1, 2, 1), 11805166560995550994);
 }
