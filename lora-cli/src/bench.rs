@@ -49,6 +49,22 @@ struct LinearResult {
 }
 
 /// Median of `v` (sorted in place).
+/// One warm-up `step(0)`, then `steps` timed `step(1..=steps)`: the median seconds and each
+/// step's, in run order.
+pub fn time_steps(
+    steps: usize,
+    mut step: impl FnMut(u64) -> Result<()>,
+) -> Result<(f64, Vec<f64>)> {
+    step(0)?;
+    let mut times = Vec::with_capacity(steps);
+    for s in 1..=steps as u64 {
+        let t = std::time::Instant::now();
+        step(s)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((median(&mut times.clone()), times))
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();

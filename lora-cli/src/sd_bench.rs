@@ -150,14 +150,7 @@ pub fn run(a: &SdBenchArgs) -> Result<()> {
         }
         Ok(())
     };
-    step(0)?;
-    let mut times = Vec::new();
-    for s in 0..a.steps {
-        let t = Instant::now();
-        step(s as u64 + 1)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    let med = crate::bench::median(&mut times);
+    let (med, times) = crate::bench::time_steps(a.steps, &mut step)?;
     let rss = crate::train_bench::peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     if a.json {
         outln!(

@@ -12,7 +12,6 @@ use lora_core::ops::Conv2dParams;
 use lora_core::{CoreError, Gradients, LoraConv2d, Tape, Tensor};
 use lora_kernels::rng::Rng;
 use lora_train::optim::{clip_grad_norm, AdamW, Optimizer, ParamGroup};
-use std::time::Instant;
 
 fn random(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
     (0..n).map(|_| (rng.normal() * scale) as f32).collect()
@@ -143,14 +142,7 @@ pub fn run(a: &VisionBenchArgs, size: usize) -> Result<()> {
         opt.step(&groups, &g, 1e-4)?;
         Ok(())
     };
-    full_step(0)?;
-    let mut times = Vec::new();
-    for s in 0..a.steps {
-        let t = Instant::now();
-        full_step(s as u64 + 1)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    let med = crate::bench::median(&mut times);
+    let (med, _) = crate::bench::time_steps(a.steps, &mut full_step)?;
     let ips = a.batch as f64 / med;
     let rss = crate::train_bench::peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     // The step's products against this CPU's f32 FMA peak, measured now on the same threads.

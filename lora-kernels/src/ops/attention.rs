@@ -228,8 +228,7 @@ pub fn attention_forward(
                 let m = row[..n].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
                 // One exp per score: e^{s - m} in place, summed, then scaled (the same values
                 // as exponentiating twice, summed in the same order).
-                let z =
-                    crate::fastmath::map(|| crate::fastmath::exp_in_place_sum(&mut row[..n], m));
+                let z = crate::fastmath::exp_in_place_sum(&mut row[..n], m);
                 let inv = 1.0 / z;
                 crate::fastmath::map(|| row[..n].iter_mut().for_each(|e| *e *= inv));
                 row[n..].fill(0.0);
@@ -353,9 +352,7 @@ pub fn attention_backward(
                     let pr = &mut p[r * cols..(r + 1) * cols];
                     let dr = &mut ds[r * cols..(r + 1) * cols];
                     let li = l[i];
-                    crate::fastmath::map(|| {
-                        crate::fastmath::exp_scaled_in_place(&mut pr[..n], li, 1.0)
-                    });
+                    crate::fastmath::exp_scaled_in_place(&mut pr[..n], li, 1.0);
                     pr[n..].fill(0.0);
                     let dotp: f32 = pr[..n].iter().zip(&dr[..n]).map(|(a, b)| a * b).sum();
                     crate::fastmath::map(|| {

@@ -26,7 +26,7 @@ pub fn cross_entropy_forward(
         .for_each(|(i, l)| {
             let row = &logits[i * v..(i + 1) * v];
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let s = crate::fastmath::map(|| crate::fastmath::sum_exp(row, m));
+            let s = crate::fastmath::sum_exp(row, m);
             *l = m + s.ln();
         });
     let mut total = 0.0f64;
@@ -198,7 +198,7 @@ pub fn linear_cross_entropy(
                     continue;
                 }
                 let l = ls[row0 + bi];
-                crate::fastmath::map(|| crate::fastmath::exp_scaled_in_place(drow, l, scale));
+                crate::fastmath::exp_scaled_in_place(drow, l, scale);
                 drow[t as usize] -= scale;
             }
         });
@@ -309,7 +309,7 @@ pub fn linear_cross_entropy_stored(
             .for_each(|(i, (((m, l), tl), z))| {
                 let bm = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mn = m.max(bm);
-                let s = crate::fastmath::map(|| crate::fastmath::sum_exp(z, mn));
+                let s = crate::fastmath::sum_exp(z, mn);
                 *l = *l * crate::fastmath::exp(*m - mn) + s;
                 *m = mn;
                 let t = targets[r0 + i];
@@ -345,7 +345,7 @@ pub fn linear_cross_entropy_stored(
                         continue;
                     }
                     let l = lse[r];
-                    crate::fastmath::map(|| crate::fastmath::exp_scaled_in_place(drow, l, scale));
+                    crate::fastmath::exp_scaled_in_place(drow, l, scale);
                     if (t as usize) >= v0 && (t as usize) < v0 + nv {
                         drow[t as usize - v0] -= scale;
                     }
