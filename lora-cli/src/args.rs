@@ -158,17 +158,19 @@ pub struct SdGenerateArgs {
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Which demo: `translate` (a tiny GPT-2 learns English to French) or `detect` (a tiny
-    /// YOLOS learns to find rare defects on images of parts).
+    /// Which demo: `translate` (a tiny GPT-2 learns English to French), `detect` (a tiny
+    /// YOLOS learns to find rare defects on images of parts) or `diffusion` (a tiny Stable
+    /// Diffusion pipeline learns a new drawing style through a LoRA file).
     #[arg(long, default_value = "translate")]
     pub task: String,
     /// Output directory (an earlier demo output there is replaced). translate: the adapter,
     /// metrics.jsonl and loss.svg (default lora-demo-out); detect: data/, adapter/ and
-    /// predictions/ (default lora-demo-detect).
+    /// predictions/ (default lora-demo-detect); diffusion: data/, the LoRA file and grid.png
+    /// (default lora-demo-diffusion).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-    /// Training steps (translate: batch 16; default 1200) or epochs (detect: 1,000 images
-    /// in batches of 8; default 24).
+    /// Training steps (translate: batch 16, default 1200; diffusion: batch 8, default 600) or
+    /// epochs (detect: 1,000 images in batches of 8; default 24).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Worker threads (default: all cores).
@@ -188,7 +190,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub build: bool,
     /// Pretraining steps for --build (translate: batch 32 x 64 tokens, default 2000; detect:
-    /// batch 32 images, default 10000).
+    /// batch 32 images, default 10000; diffusion: the UNet's, batch 32, the VAE's two fifths of
+    /// them up to 1200 at batch 16; default 3000).
     #[arg(long)]
     pub pretrain_steps: Option<usize>,
 }

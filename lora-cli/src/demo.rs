@@ -305,7 +305,8 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
     match a.task.as_str() {
         "translate" => {}
         "detect" => return crate::demo_detect::command(a),
-        other => bail!("--task {other:?}: the demos are `translate` and `detect`"),
+        "diffusion" => return crate::demo_diffusion::command(a),
+        other => bail!("--task {other:?}: the demos are `translate`, `detect` and `diffusion`"),
     }
     if a.build {
         build(&BuildRun {

@@ -26,6 +26,8 @@ mod demo;
 mod demo_data;
 mod demo_detect;
 mod demo_detect_data;
+mod demo_diffusion;
+mod demo_diffusion_data;
 mod device;
 mod eval;
 mod generate;

@@ -332,18 +332,58 @@ fn sd_train_owns(name: &str) -> bool {
         name,
         "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors" | "metrics.jsonl"
     ) || (name.starts_with("sample-step-") && name.ends_with(".png"))
+        || lora_train::sd_checkpoint::is_checkpoint_entry(name)
+}
+
+/// A digest of the training examples (file names and captions, in order): a resumed run must
+/// see the same data.
+fn data_digest(data: &[lora_train::diffusion::SdExample]) -> String {
+    // FNV-1a, 64 bits.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for e in data {
+        let name = e.image.file_name().map(|n| n.to_string_lossy().to_string());
+        for b in name
+            .unwrap_or_default()
+            .bytes()
+            .chain([0])
+            .chain(e.caption.bytes())
+            .chain([0])
+        {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The settings a checkpoint records and a resume must repeat.
+fn sd_settings(
+    model: &std::path::Path,
+    cfg: &lora_train::diffusion::SdTrainConfig,
+    kohya: bool,
+    data: &[lora_train::diffusion::SdExample],
+) -> serde_json::Value {
+    let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+    serde_json::json!({
+        "model": model.display().to_string(),
+        "resolution": cfg.resolution, "crop": format!("{:?}", cfg.crop), "flip": cfg.flip,
+        "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "rslora": cfg.lora.use_rslora,
+        "dropout": cfg.lora.dropout, "targets": cfg.targets, "steps": cfg.steps,
+        "batch": cfg.batch, "lr": cfg.lr, "warmup": cfg.warmup,
+        "schedule": format!("{:?}", cfg.schedule), "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "noise_offset": cfg.noise_offset,
+        "snr_gamma": cfg.snr_gamma, "text_encoder_lr": cfg.text_encoder_lr,
+        "format": if kohya { "kohya" } else { "diffusers" },
+        "images": data.len(), "data": data_digest(data),
+    })
 }
 
 /// `lora train` on a Stable Diffusion pipeline directory: LoRA on the UNet.
 pub fn train(a: crate::args::TrainArgs) -> Result<()> {
     use lora_core::lora::{LoraConfig, LoraInit};
     use lora_train::diffusion::{
-        read_image_folder, save_sd_lora, train_sd_lora, Crop, SdTrainConfig,
+        read_image_folder, save_sd_lora, train_sd_lora_from, Crop, SdTrainConfig,
     };
     use std::io::Write;
-    if a.resume {
-        bail!("--resume is not supported for Stable Diffusion runs yet");
-    }
     // Flags of the language-model runs that an SD run would otherwise ignore in silence.
     if a.device != "auto" && a.device != "cpu" {
         bail!(
@@ -363,6 +403,16 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         (a.pack, "--pack"),
         (a.seq_len.is_some(), "--seq-len"),
         (a.tf32, "--tf32"),
+        // Checkpoints are taken every --save-every steps only.
+        (a.save_minutes != 5.0, "--save-minutes (use --save-every)"),
+        (a.eval_every > 0, "--eval-every"),
+        (a.log_every.is_some(), "--log-every"),
+        (a.no_eos || a.assistant_only_loss, "--no-eos / --assistant-only-loss"),
+        (
+            a.image_size.is_some() || a.no_flip || a.keep_classes || a.scale_jitter != 0.8,
+            "--image-size / --no-flip / --keep-classes / --scale-jitter (image tasks; SD runs use --resolution, --random-flip)",
+        ),
+        (a.modules_to_save.is_some(), "--modules-to-save"),
     ] {
         if set {
             bail!("{flag} does not apply to Stable Diffusion runs (yet)");
@@ -441,29 +491,60 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
         &[("--model", &a.model), ("--data", &a.data)],
     )?;
     let command = "lora train (stable diffusion)";
-    match lora_io::outdir::inspect_output(
+    let existing = lora_io::outdir::inspect_output(
         "--out",
         &a.out,
         command,
         lora_io::outdir::Owned::Matching(&sd_train_owns),
-    )? {
-        lora_io::outdir::Existing::Empty => {}
-        lora_io::outdir::Existing::Ours(entries) => {
-            if !a.force {
-                bail!(
-                    "--out {} holds an earlier run (pass --force to replace it)",
-                    a.out.display()
-                );
-            }
-            lora_io::outdir::remove_owned(&entries)?;
-        }
-    }
+    )?;
     let data = read_image_folder(&a.data)?;
     if let Some(e) = a.epochs {
         // A pass is ceil(images / batch) steps, as diffusers' scripts count them.
         let per_epoch = data.len().div_ceil(cfg.batch.max(1));
         cfg.steps = ((e as f64 * per_epoch as f64).ceil() as usize).max(1);
     }
+    let name = if kohya {
+        "lora_kohya.safetensors"
+    } else {
+        "pytorch_lora_weights.safetensors"
+    };
+    let settings = sd_settings(&a.model, &cfg, kohya, &data);
+    let resume = match (existing, a.resume) {
+        (lora_io::outdir::Existing::Empty, true) => bail!(
+            "--resume: {} holds no earlier run of `lora train` on a Stable Diffusion model",
+            a.out.display()
+        ),
+        (lora_io::outdir::Existing::Ours(_), true) => {
+            let (st, saved, dir) =
+                lora_train::sd_checkpoint::newest(&a.out, &mut |n| eprintln!("{n}"))?;
+            if let Some(m) = lora_train::sd_checkpoint::settings_mismatch(&saved, &settings) {
+                bail!(
+                    "--resume from {}: {m}; resume with the run's settings and data, or start \
+                     anew with --force",
+                    dir.display()
+                );
+            }
+            eprintln!(
+                "resuming from {} (step {} of {})",
+                dir.display(),
+                st.step,
+                cfg.steps
+            );
+            Some(st)
+        }
+        (lora_io::outdir::Existing::Empty, false) => None,
+        (lora_io::outdir::Existing::Ours(entries), false) => {
+            if !a.force {
+                bail!(
+                    "--out {} holds an earlier run (pass --force to replace it, or --resume to \
+                     continue it from its newest checkpoint)",
+                    a.out.display()
+                );
+            }
+            lora_io::outdir::remove_owned(&entries)?;
+            None
+        }
+    };
     let pool = crate::bench::pool(a.threads)?;
     pool.install(|| -> Result<()> {
         let mut pipe = open_pipeline(&a.model, a.sd_config.as_deref())?;
@@ -471,8 +552,31 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             .with_context(|| format!("creating {}", a.out.display()))?;
         lora_io::outdir::write_marker(&a.out, command, None)?;
         let metrics_path = a.out.join("metrics.jsonl");
-        let mut metrics = std::fs::File::create(&metrics_path)
-            .with_context(|| format!("creating {}", metrics_path.display()))?;
+        if let Some(st) = &resume {
+            // The steps up to the checkpoint's; the rest were lost with the interrupted run.
+            let old = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+            let kept: String = old
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= st.step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            lora_io::write::write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        if resume.is_none() {
+            metrics
+                .set_len(0)
+                .with_context(|| format!("truncating {}", metrics_path.display()))?;
+        }
         eprintln!(
             "training LoRA r{} alpha {} on {} UNet target(s){} over {} images at {}px, {} steps of {}",
             cfg.lora.rank,
@@ -488,13 +592,16 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             cfg.batch
         );
         let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+        if let Some(st) = &resume {
+            bar.set_position(st.step as u64);
+        }
         let sample_noise: Vec<f32> = {
             let mut rng = lora_kernels::rng::Rng::new(a.seed ^ 0x5a3_91e);
             let f = pipe.vae.config().downscale();
             let n = pipe.unet.config().in_channels * (cfg.resolution / f).pow(2);
             (0..n).map(|_| rng.normal() as f32).collect()
         };
-        let hist = train_sd_lora(&mut pipe, &data, &cfg, |pipe, s| {
+        let hist = train_sd_lora_from(&mut pipe, &data, &cfg, resume.as_ref(), |pipe, s, state| {
             bar.set_position(s.step as u64);
             bar.set_message(format!("loss {:.4}", s.loss));
             let line = serde_json::json!({"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr});
@@ -514,16 +621,29 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
                 grid(&[img], cfg.resolution, cfg.resolution)
                     .save_png_marked(&a.out.join(format!("sample-step-{:06}.png", s.step)))?;
             }
+            if a.save_every > 0 && s.step % a.save_every == 0 && s.step < cfg.steps {
+                let st = state()?;
+                let notes = lora_train::sd_checkpoint::save(
+                    &a.out,
+                    &st,
+                    &settings,
+                    name,
+                    &|p| save_sd_lora(pipe, &cfg, kohya, p),
+                    a.keep_checkpoints,
+                )?;
+                for n in notes {
+                    bar.suspend(|| eprintln!("{n}"));
+                }
+            }
             Ok(())
         })?;
         bar.finish_and_clear();
-        let name = if kohya { "lora_kohya.safetensors" } else { "pytorch_lora_weights.safetensors" };
         save_sd_lora(&pipe, &cfg, kohya, &a.out.join(name))?;
-        let first = hist.first().map_or(f32::NAN, |s| s.loss);
+        let (first_step, first) = hist.first().map_or((0, f32::NAN), |s| (s.step, s.loss));
         let k = hist.len().min(10);
         let last: f32 = hist[hist.len() - k..].iter().map(|s| s.loss).sum::<f32>() / k as f32;
         eprintln!(
-            "wrote {} ({} format); loss {first:.4} at step 1, {last:.4} over the last {k} steps",
+            "wrote {} ({} format); loss {first:.4} at step {first_step}, {last:.4} over the last {k} steps",
             a.out.join(name).display(),
             if kohya { "kohya" } else { "diffusers" }
         );

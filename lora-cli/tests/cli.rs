@@ -1368,6 +1368,11 @@ fn sd_train_runs_on_a_single_file_with_the_text_encoder() {
             "with --train-text-encoder",
         ),
         (&["--pack"][..], "--pack"),
+        // Flags an SD run would otherwise ignore in silence.
+        (&["--save-minutes", "1"][..], "--save-minutes"),
+        (&["--eval-every", "5"][..], "--eval-every"),
+        (&["--no-flip"][..], "--no-flip"),
+        (&["--modules-to-save", "conv_out"][..], "--modules-to-save"),
     ] {
         let r = run(extra);
         let e = String::from_utf8_lossy(&r.stderr);
@@ -1559,4 +1564,128 @@ fn extract_names_what_it_cannot_do() {
     assert!(ex(&["--force"]).status.success());
     std::fs::remove_dir_all(&tuned).ok();
     std::fs::remove_dir_all(&adapter).ok();
+}
+
+/// An SD run's checkpoints: `--save-every` writes them (rotated by `--keep-checkpoints`),
+/// `--resume` continues from the newest and ends with the LoRA file of the uninterrupted run,
+/// byte for byte; other settings are refused by name.
+#[test]
+fn sd_train_resumes_from_its_checkpoint_exactly() {
+    use lora_io::images::Rgb8;
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/parity/sd_pipeline/model");
+    let tmp = std::env::temp_dir().join(format!("lora-sd-resume-cli-{}", std::process::id()));
+    let data = tmp.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (i, (rgb, cap)) in [
+        ([220u8, 40, 40], "a red square"),
+        ([40, 60, 220], "a blue square"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut px = vec![240u8; 20 * 24 * 3];
+        for y in 5..15 {
+            for x in 5..15 {
+                px[(y * 24 + x) * 3..(y * 24 + x) * 3 + 3].copy_from_slice(rgb);
+            }
+        }
+        Rgb8::new(20, 24, px)
+            .unwrap()
+            .save_png(&data.join(format!("{i}.png")))
+            .unwrap();
+        std::fs::write(data.join(format!("{i}.txt")), cap).unwrap();
+    }
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--resolution",
+            "16",
+            "--threads",
+            "1",
+            "--steps",
+            "5",
+            "--batch-size",
+            "1",
+            "--lr",
+            "1e-3",
+            "--random-crop",
+            "--random-flip",
+            "--target",
+            "to_q,to_v,conv1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        lora(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let ok = |r: std::process::Output| {
+        let e = String::from_utf8_lossy(&r.stderr).to_string();
+        assert!(r.status.success(), "{e}");
+        e
+    };
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    ok(run(&a, &[]));
+    ok(run(&b, &["--save-every", "2"]));
+    let lora_file = "pytorch_lora_weights.safetensors";
+    for c in ["checkpoint-000002", "checkpoint-000004"] {
+        for f in [lora_file, "trainer_state.json", "trainer_state.safetensors"] {
+            assert!(b.join(c).join(f).is_file(), "{c}/{f}");
+        }
+    }
+    // Checkpoints do not change the run.
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    assert_eq!(read(a.join(lora_file)), read(b.join(lora_file)));
+    // As if killed after step 4: the final file and the newest checkpoint's successors gone.
+    std::fs::remove_file(b.join(lora_file)).unwrap();
+    let e = ok(run(&b, &["--save-every", "2", "--resume"]));
+    assert!(
+        e.contains("resuming from") && e.contains("step 4 of 5"),
+        "{e}"
+    );
+    assert_eq!(read(a.join(lora_file)), read(b.join(lora_file)));
+    let metrics = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5]);
+    // From the older checkpoint (the newer one damaged): the same end, and said why.
+    std::fs::write(b.join("checkpoint-000004/trainer_state.json"), "{").unwrap();
+    let e = ok(run(&b, &["--save-every", "2", "--resume"]));
+    assert!(e.contains("damaged") && e.contains("step 2 of 5"), "{e}");
+    assert_eq!(read(a.join(lora_file)), read(b.join(lora_file)));
+    // Other settings or no earlier run: refused, named.
+    let r = run(&b, &["--resume", "--lr", "2e-3"]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("`lr`"), "{e}");
+    let r = run(&tmp.join("none"), &["--resume"]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && e.contains("holds no earlier run"),
+        "{e}"
+    );
+    // Rotation keeps the newest --keep-checkpoints.
+    let c = tmp.join("c");
+    ok(run(&c, &["--save-every", "1", "--keep-checkpoints", "2"]));
+    let mut left: Vec<String> = std::fs::read_dir(&c)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-000003", "checkpoint-000004"]);
+    std::fs::remove_dir_all(&tmp).ok();
 }

@@ -252,7 +252,31 @@ pub struct OutTensor<'a> {
     pub dtype: OutDtype,
 }
 
-/// Serialises tensors (sorted by name, as safetensors does) with `metadata`, atomically.
+/// Puts the `__metadata__` entries of a serialised file in key order. The safetensors crate
+/// writes them in its hash map's order, which changes from run to run, so the same tensors
+/// and metadata gave different bytes; the sorted object has the same length, so it replaces
+/// the written one in place (the header's length and the offsets stay). Left as is unless the
+/// header begins with exactly that object holding exactly `sorted`.
+fn sort_metadata(bytes: &mut [u8], sorted: &std::collections::BTreeMap<String, String>) {
+    if sorted.len() < 2 {
+        return;
+    }
+    const LEAD: &[u8] = br#"{"__metadata__":"#;
+    let want = serde_json::to_string(sorted).expect("a string map serialises");
+    let (start, end) = (8 + LEAD.len(), 8 + LEAD.len() + want.len());
+    if bytes.len() < end || &bytes[8..start] != LEAD {
+        return;
+    }
+    let same =
+        serde_json::from_slice::<std::collections::BTreeMap<String, String>>(&bytes[start..end])
+            .is_ok_and(|got| got == *sorted);
+    if same {
+        bytes[start..end].copy_from_slice(want.as_bytes());
+    }
+}
+
+/// Serialises tensors (sorted by name, as safetensors does) with `metadata` (in key order),
+/// atomically: the same tensors and metadata always give the same bytes.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[OutTensor],
@@ -288,14 +312,57 @@ pub fn write_safetensors(
             Ok((n.clone(), v))
         })
         .collect::<Result<_>>()?;
+    let sorted: std::collections::BTreeMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let meta = if metadata.is_empty() {
         None
     } else {
         Some(metadata)
     };
-    let bytes = safetensors::serialize(views, meta).map_err(|e| IoError::Safetensors {
+    let mut bytes = safetensors::serialize(views, meta).map_err(|e| IoError::Safetensors {
         path: path.into(),
         reason: format!("{e:?}"),
     })?;
+    sort_metadata(&mut bytes, &sorted);
     write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes() {
+        let dir = std::env::temp_dir().join(format!("lora-write-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values = [1.0f32, -2.0, 3.5];
+        let tensors = [OutTensor {
+            name: "w".into(),
+            shape: vec![3],
+            values: &values,
+            dtype: OutDtype::F32,
+        }];
+        let mut files = Vec::new();
+        for i in 0..6 {
+            // A fresh map each time: its iteration order is drawn anew.
+            let meta: HashMap<String, String> = (0..9)
+                .map(|k| (format!("key{k}"), format!("value \"{k}\"")))
+                .collect();
+            let p = dir.join(format!("{i}.safetensors"));
+            write_safetensors(&p, &tensors, meta).unwrap();
+            files.push(std::fs::read(&p).unwrap());
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]));
+        // Still a valid file with every entry.
+        let f = crate::safetensors::SafetensorsFile::open(dir.join("0.safetensors")).unwrap();
+        assert_eq!(f.read_f32("w").unwrap().0, values);
+        let text = String::from_utf8_lossy(&files[0]);
+        let keys: Vec<usize> = (0..9)
+            .map(|k| text.find(&format!("key{k}")).unwrap())
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -12,7 +12,9 @@
 //! them. Random crops change the pixels every step: then each step encodes its crops.
 
 use crate::batches::Sampler;
-use crate::optim::{clip_grad_norm, lr_factor, AdamW, Optimizer, ParamGroup, Schedule};
+use crate::optim::{
+    clip_grad_norm, lr_factor, AdamW, Optimizer, OptimizerState, ParamGroup, Schedule,
+};
 use lora_core::diffusion::{NoiseSchedule, Prediction};
 use lora_core::lora::LoraConfig;
 use lora_core::{ops, CoreError, Tape, Tensor};
@@ -235,6 +237,25 @@ pub struct SdStep {
     pub lr: f32,
 }
 
+/// A run's position after a step: everything a checkpoint holds to resume it exactly (the
+/// latents, captions and per-step seeds are derived again from the data and the settings).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SdTrainState {
+    /// Steps done.
+    pub step: usize,
+    /// The example sampler's completed epochs.
+    pub epoch: u64,
+    /// The example sampler's position in this epoch.
+    pub pos: usize,
+    /// The state of the generator of noise, timesteps, flips and crops.
+    pub rng: u64,
+    /// Every adapter tensor by name (`unet.<module>.lora_A.weight`,
+    /// `text_encoder.<module>.lora_B.weight`, ...).
+    pub adapters: Vec<(String, Vec<f32>)>,
+    /// AdamW's moments and step counts, keyed by the same names.
+    pub optimizer: OptimizerState,
+}
+
 /// Trains LoRA adapters on `pipe`'s UNet (injected here) over `data`; `on_step` sees every
 /// step and may save or sample (the adapters are live in `pipe.unet`).
 pub fn train_sd_lora(
@@ -242,6 +263,26 @@ pub fn train_sd_lora(
     data: &[SdExample],
     cfg: &SdTrainConfig,
     mut on_step: impl FnMut(&SdPipeline, &SdStep) -> Result<()>,
+) -> Result<Vec<SdStep>> {
+    train_sd_lora_from(pipe, data, cfg, None, |p, s, _| on_step(p, s))
+}
+
+fn state_err(what: String) -> IoError {
+    IoError::Core(CoreError::InvalidConfig {
+        field: "resume",
+        reason: what,
+    })
+}
+
+/// [`train_sd_lora`], starting from `resume` (a checkpoint's state, for the same data and
+/// settings) when given: the run then continues exactly as the uninterrupted one would have.
+/// `on_step` also gets the state after the step, computed when it asks (a checkpoint).
+pub fn train_sd_lora_from(
+    pipe: &mut SdPipeline,
+    data: &[SdExample],
+    cfg: &SdTrainConfig,
+    resume: Option<&SdTrainState>,
+    mut on_step: impl FnMut(&SdPipeline, &SdStep, &dyn Fn() -> Result<SdTrainState>) -> Result<()>,
 ) -> Result<Vec<SdStep>> {
     let sched_cfg = pipe.schedule(lora_io::diffusion::SamplerKind::Ddim)?;
     let schedule = NoiseSchedule::new(&sched_cfg)?;
@@ -358,11 +399,70 @@ pub fn train_sd_lora(
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, cfg.weight_decay);
     let mut sampler = Sampler::new(images.len(), cfg.seed);
     let mut rng = Rng::new(cfg.seed ^ 0x5d11_5eed);
+    // The adapters by the names a checkpoint keys them with.
+    let named: Vec<(String, Tensor)> = pipe
+        .unet
+        .lora_tensors()
+        .into_iter()
+        .map(|(n, t)| (format!("unet.{n}"), t.clone()))
+        .chain(
+            pipe.text_encoder
+                .lora_tensors()
+                .into_iter()
+                .map(|(n, t)| (format!("text_encoder.{n}"), t.clone())),
+        )
+        .collect();
+    let mut first = 1;
+    if let Some(st) = resume {
+        if st.step >= cfg.steps {
+            return Err(state_err(format!(
+                "the checkpoint is at step {}, the run has {} steps",
+                st.step, cfg.steps
+            )));
+        }
+        let saved: HashMap<&str, &Vec<f32>> =
+            st.adapters.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        for (n, t) in &named {
+            match saved.get(n.as_str()) {
+                Some(v) if v.len() == t.numel() => t.set_data((*v).clone())?,
+                Some(v) => {
+                    return Err(state_err(format!(
+                        "the checkpoint's `{n}` has {} values, this run's {} (another rank?)",
+                        v.len(),
+                        t.numel()
+                    )))
+                }
+                None => {
+                    return Err(state_err(format!(
+                        "the checkpoint has no `{n}` (its run adapted other layers)"
+                    )))
+                }
+            }
+            if let Some(missing) = opt.missing_state(n, t.numel(), &st.optimizer) {
+                return Err(state_err(format!(
+                    "the checkpoint has no optimizer state {missing} for `{n}`"
+                )));
+            }
+        }
+        if let Some((extra, _)) = st
+            .adapters
+            .iter()
+            .find(|(n, _)| !named.iter().any(|(m, _)| m == n))
+        {
+            return Err(state_err(format!(
+                "the checkpoint has `{extra}`, which this run does not adapt"
+            )));
+        }
+        opt.import(&named, &st.optimizer)?;
+        sampler = Sampler::resume(images.len(), cfg.seed, st.epoch, st.pos);
+        rng = Rng::new(st.rng);
+        first = st.step + 1;
+    }
     let sf = pipe.vae.config().scaling_factor;
     let shift = pipe.vae.config().shift_factor;
     let t_max = sched_cfg.num_train_timesteps;
     let mut history = Vec::new();
-    for step in 1..=cfg.steps {
+    for step in first..=cfg.steps {
         let idx = sampler.take(cfg.batch);
         let b = idx.len();
         let (mut noisy, mut target, mut ctx, mut ts, mut w) =
@@ -451,7 +551,20 @@ pub fn train_sd_lora(
             grad_norm,
             lr,
         };
-        on_step(pipe, &s)?;
+        let state = || -> Result<SdTrainState> {
+            Ok(SdTrainState {
+                step,
+                epoch: sampler.epoch,
+                pos: sampler.pos,
+                rng: rng.state(),
+                adapters: named
+                    .iter()
+                    .map(|(n, t)| Ok((n.clone(), t.try_to_vec()?)))
+                    .collect::<std::result::Result<_, CoreError>>()?,
+                optimizer: opt.export(&named)?,
+            })
+        };
+        on_step(pipe, &s, &state)?;
         history.push(s);
     }
     Ok(history)
@@ -621,6 +734,67 @@ mod tests {
             snr_gamma: Some(5.0),
             text_encoder_lr: None,
         }
+    }
+
+    fn adapter_values(pipe: &SdPipeline) -> Vec<Vec<f32>> {
+        pipe.unet
+            .lora_tensors()
+            .into_iter()
+            .chain(pipe.text_encoder.lora_tensors())
+            .map(|(_, t)| t.try_to_vec().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_resumed_run_ends_exactly_where_the_uninterrupted_one_does() {
+        let dir = image_folder("resume");
+        let data = read_image_folder(&dir).unwrap();
+        let mut cfg = config(&["to_q", "to_v", "conv1"]);
+        cfg.steps = 6;
+        cfg.schedule = Schedule::Cosine;
+        // Random crops and flips draw from the generator the checkpoint carries.
+        cfg.crop = Crop::Random;
+        cfg.text_encoder_lr = Some(5e-3);
+        let mut pipe = SdPipeline::open(&model()).unwrap();
+        let mut at3 = None;
+        let full = train_sd_lora_from(&mut pipe, &data, &cfg, None, |_, s, st| {
+            if s.step == 3 {
+                at3 = Some(st()?);
+            }
+            Ok(())
+        })
+        .unwrap();
+        let at3 = at3.unwrap();
+        assert_eq!(at3.step, 3);
+        assert!(at3
+            .adapters
+            .iter()
+            .any(|(n, _)| n.starts_with("text_encoder.")));
+        let mut resumed = SdPipeline::open(&model()).unwrap();
+        let rest =
+            train_sd_lora_from(&mut resumed, &data, &cfg, Some(&at3), |_, _, _| Ok(())).unwrap();
+        assert_eq!(rest.len(), 3);
+        for (a, b) in full[3..].iter().zip(&rest) {
+            assert_eq!((a.step, a.loss.to_bits()), (b.step, b.loss.to_bits()));
+        }
+        assert_eq!(adapter_values(&pipe), adapter_values(&resumed));
+        // Resuming into a run that adapts other layers, or with another rank, is refused.
+        let mut other = config(&["to_q", "to_k", "conv1"]);
+        other.steps = 6;
+        other.text_encoder_lr = Some(5e-3);
+        let mut p = SdPipeline::open(&model()).unwrap();
+        let e = train_sd_lora_from(&mut p, &data, &other, Some(&at3), |_, _, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("to_k"), "{e}");
+        let mut other = cfg.clone();
+        other.lora.rank = 3;
+        let mut p = SdPipeline::open(&model()).unwrap();
+        let e = train_sd_lora_from(&mut p, &data, &other, Some(&at3), |_, _, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("values"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     fn sample(pipe: &SdPipeline, adapters: bool) -> Vec<f32> {

@@ -14,6 +14,8 @@ pub mod optim;
 pub mod plot;
 pub mod pretrain;
 pub mod run;
+pub mod sd_checkpoint;
+pub mod sd_pretrain;
 pub mod trainer;
 pub mod vision;
 
