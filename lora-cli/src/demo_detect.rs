@@ -256,8 +256,13 @@ fn demo_writes(rel: &[String], is_dir: bool) -> bool {
 }
 
 /// Refuses an earlier output that holds anything the demo did not write (named), so that
-/// replacing it loses nothing of anyone else's.
-fn check_own_tree(out: &Path) -> Result<()> {
+/// replacing it loses nothing of anyone else's: each entry of `out`, at any depth, must be one
+/// `writes(path components, is_dir)` says `command` writes (never a symlink).
+pub fn check_own_tree(
+    out: &Path,
+    command: &str,
+    writes: &dyn Fn(&[String], bool) -> bool,
+) -> Result<()> {
     let mut stack = vec![(out.to_path_buf(), Vec::<String>::new())];
     while let Some((dir, rel)) = stack.pop() {
         let entries =
@@ -269,9 +274,9 @@ fn check_own_tree(out: &Path) -> Result<()> {
             let ty = e
                 .file_type()
                 .with_context(|| format!("reading {}", e.path().display()))?;
-            if ty.is_symlink() || !demo_writes(&r, ty.is_dir()) {
+            if ty.is_symlink() || !writes(&r, ty.is_dir()) {
                 bail!(
-                    "--out {}: holds {}, which `lora demo --task detect` did not write; the demo replaces only its own output (choose another --out or remove it yourself)",
+                    "--out {}: holds {}, which `{command}` did not write; the demo replaces only its own output (choose another --out or remove it yourself)",
                     out.display(),
                     e.path().display()
                 );
@@ -299,7 +304,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
     // An earlier demo output is replaced; anything else there is refused (see outdir), down
     // to a file of someone else's inside one of the demo's folders.
     if r.out.join(lora_io::outdir::MARKER).exists() {
-        check_own_tree(&r.out)?;
+        check_own_tree(&r.out, "lora demo --task detect", &demo_writes)?;
     }
     lora_io::outdir::DirLock::check_free(&r.out)?;
     lora_io::outdir::prepare_dir_output(

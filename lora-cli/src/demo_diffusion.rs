@@ -245,11 +245,42 @@ pub fn build(r: &BuildRun) -> Result<()> {
         "lora demo --task diffusion --build",
         lora_io::outdir::Owned::Listed,
     )?;
-    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-    let files: Vec<String> = BASE_ENTRIES.iter().map(|s| s.to_string()).collect();
-    lora_io::outdir::write_marker(&base, "lora demo --task diffusion --build", Some(&files))?;
-    let vocab_size = write_small_files(&base)?;
+    // Everything is written into a scratch directory beside the base and swapped in at the end,
+    // so an interrupted build leaves the old base whole (never half old, half new).
+    let scratch = base.with_file_name(format!(".base.build-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let pool = crate::bench::pool(r.threads)?;
+    let built = pretrain_into(&scratch, r, &pool).and_then(|()| {
+        lora_io::outdir::build_dir_atomically(&base, "lora demo --task diffusion --build", |t| {
+            for e in BASE_ENTRIES {
+                std::fs::rename(scratch.join(e), t.join(e)).map_err(|source| {
+                    lora_io::error::IoError::Io {
+                        path: t.join(e),
+                        source,
+                    }
+                })?;
+            }
+            Ok(BASE_ENTRIES.iter().map(|s| s.to_string()).collect())
+        })?;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    built?;
+    outln!("wrote {}", base.display());
+    // What the base draws.
+    let pipe = SdPipeline::open_dir(&base)?;
+    let (_, scores) = pool.install(|| sample_grid(&pipe, false))?;
+    outln!(
+        "the base model on the demo's prompts: {}",
+        summarize(&scores)
+    );
+    Ok(())
+}
+
+/// Both pretraining stages, writing the pipeline's files into `base`.
+fn pretrain_into(base: &Path, r: &BuildRun, pool: &rayon::ThreadPool) -> Result<()> {
+    let vocab_size = write_small_files(base)?;
 
     // Stage 1: the autoencoder.
     let vae_steps = (r.pretrain_steps * 2 / 5).clamp(1, VAE_STEPS);
@@ -374,19 +405,11 @@ pub fn build(r: &BuildRun) -> Result<()> {
         &den.unet_params,
     )?;
     outln!(
-        "{} parameters; loss {:.4} (first 10% of steps) -> {:.4} (last 10%) in {:.0} s; wrote {}",
+        "{} parameters; loss {:.4} (first 10% of steps) -> {:.4} (last 10%) in {:.0} s",
         dsum.params,
         dsum.first_loss,
         dsum.last_loss,
         dsum.seconds,
-        base.display()
-    );
-    // What the base draws.
-    let pipe = SdPipeline::open_dir(&base)?;
-    let (_, scores) = pool.install(|| sample_grid(&pipe, false))?;
-    outln!(
-        "the base model on the demo's prompts: {}",
-        summarize(&scores)
     );
     Ok(())
 }
@@ -608,32 +631,6 @@ fn demo_writes(rel: &[String], is_dir: bool) -> bool {
     }
 }
 
-/// Refuses an earlier output that holds anything the demo did not write (named).
-fn check_own_tree(out: &Path) -> Result<()> {
-    let mut stack = vec![(out.to_path_buf(), Vec::<String>::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let e = e.with_context(|| format!("reading {}", dir.display()))?;
-            let mut r = rel.clone();
-            r.push(e.file_name().to_string_lossy().to_string());
-            let ty = e
-                .file_type()
-                .with_context(|| format!("reading {}", e.path().display()))?;
-            if ty.is_symlink() || !demo_writes(&r, ty.is_dir()) {
-                bail!(
-                    "--out {}: holds {}, which `lora demo --task diffusion` did not write; the demo replaces only its own output (choose another --out or remove it yourself)",
-                    out.display(),
-                    e.path().display()
-                );
-            }
-            if ty.is_dir() {
-                stack.push((e.path(), r));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Writes the style set as an image folder (`NNNN.png` + `NNNN.txt`).
 fn write_style_set(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -659,7 +656,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     if r.out.join(lora_io::outdir::MARKER).exists() {
-        check_own_tree(&r.out)?;
+        crate::demo_detect::check_own_tree(&r.out, "lora demo --task diffusion", &demo_writes)?;
     }
     lora_io::outdir::DirLock::check_free(&r.out)?;
     lora_io::outdir::prepare_dir_output(

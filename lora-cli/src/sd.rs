@@ -355,26 +355,44 @@ fn data_digest(data: &[lora_train::diffusion::SdExample]) -> String {
     format!("{h:016x}")
 }
 
-/// The settings a checkpoint records and a resume must repeat.
+/// The settings a checkpoint records and a resume must repeat. Numbers are written as the
+/// strings Rust prints (shortest round-trip), so that reading them back compares equal (a JSON
+/// reader may be one unit off in a double's last digit).
 fn sd_settings(
-    model: &std::path::Path,
+    (model, sd_config): (&std::path::Path, Option<&std::path::Path>),
     cfg: &lora_train::diffusion::SdTrainConfig,
     kohya: bool,
     data: &[lora_train::diffusion::SdExample],
 ) -> serde_json::Value {
-    let model = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+    let path = |p: &std::path::Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
+    let f = |x: f32| x.to_string();
+    let opt = |x: Option<f32>| x.map(|x| x.to_string());
     serde_json::json!({
-        "model": model.display().to_string(),
+        "model": path(model), "sd_config": sd_config.map(path),
         "resolution": cfg.resolution, "crop": format!("{:?}", cfg.crop), "flip": cfg.flip,
-        "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "rslora": cfg.lora.use_rslora,
-        "dropout": cfg.lora.dropout, "targets": cfg.targets, "steps": cfg.steps,
-        "batch": cfg.batch, "lr": cfg.lr, "warmup": cfg.warmup,
-        "schedule": format!("{:?}", cfg.schedule), "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "noise_offset": cfg.noise_offset,
-        "snr_gamma": cfg.snr_gamma, "text_encoder_lr": cfg.text_encoder_lr,
+        "rank": cfg.lora.rank, "alpha": f(cfg.lora.alpha), "rslora": cfg.lora.use_rslora,
+        "dropout": f(cfg.lora.dropout), "targets": cfg.targets, "steps": cfg.steps,
+        "batch": cfg.batch, "lr": f(cfg.lr), "warmup": cfg.warmup,
+        "schedule": format!("{:?}", cfg.schedule), "weight_decay": f(cfg.weight_decay),
+        "max_grad_norm": f(cfg.max_grad_norm), "seed": cfg.seed.to_string(),
+        "noise_offset": f(cfg.noise_offset), "snr_gamma": opt(cfg.snr_gamma),
+        "text_encoder_lr": opt(cfg.text_encoder_lr),
         "format": if kohya { "kohya" } else { "diffusers" },
         "images": data.len(), "data": data_digest(data),
     })
+}
+
+/// The lora-rs files of an SD run's checkpoint directory.
+fn checkpoint_file(name: &str) -> bool {
+    matches!(
+        name,
+        "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors"
+    ) || lora_train::sd_checkpoint::STATE_FILES.contains(&name)
 }
 
 /// `lora train` on a Stable Diffusion pipeline directory: LoRA on the UNet.
@@ -508,7 +526,7 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
     } else {
         "pytorch_lora_weights.safetensors"
     };
-    let settings = sd_settings(&a.model, &cfg, kohya, &data);
+    let settings = sd_settings((&a.model, a.sd_config.as_deref()), &cfg, kohya, &data);
     let resume = match (existing, a.resume) {
         (lora_io::outdir::Existing::Empty, true) => bail!(
             "--resume: {} holds no earlier run of `lora train` on a Stable Diffusion model",
@@ -540,6 +558,23 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
                      continue it from its newest checkpoint)",
                     a.out.display()
                 );
+            }
+            // A checkpoint directory holding someone else's file is not ours to remove.
+            for e in &entries {
+                let foreign = lora_io::outdir::foreign_entries(e, checkpoint_file);
+                let named = e.file_name().map(|n| n.to_string_lossy().to_string());
+                if e.is_dir()
+                    && named.is_some_and(|n| lora_train::sd_checkpoint::is_checkpoint_entry(&n))
+                    && !foreign.is_empty()
+                {
+                    bail!(
+                        "--out {}: {} holds files lora-rs did not write ({}); --force replaces \
+                         only what a run wrote (move them, or choose another --out)",
+                        a.out.display(),
+                        e.display(),
+                        foreign.join(", ")
+                    );
+                }
             }
             lora_io::outdir::remove_owned(&entries)?;
             None

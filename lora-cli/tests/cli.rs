@@ -1302,16 +1302,9 @@ fn sd_generate_matches_diffusers_and_guards_its_output() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
-/// `lora train` on a Stable Diffusion single file (its configs from --sd-config) with the text
-/// encoder trained and --epochs: the steps a pass takes, a file with both models' modules; LM-only
-/// and contradictory flags are named.
-#[test]
-fn sd_train_runs_on_a_single_file_with_the_text_encoder() {
-    use lora_io::images::Rgb8;
-    let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity");
-    let tmp = std::env::temp_dir().join(format!("lora-sd-train-cli-{}", std::process::id()));
-    let data = tmp.join("data");
-    std::fs::create_dir_all(&data).unwrap();
+/// Two captioned images (a red and a blue square on grey, 20 x `width` pixels) in `dir`.
+fn squares_folder(dir: &std::path::Path, width: usize) {
+    std::fs::create_dir_all(dir).unwrap();
     for (i, (rgb, cap)) in [
         ([220u8, 40, 40], "a red square"),
         ([40, 60, 220], "a blue square"),
@@ -1319,18 +1312,29 @@ fn sd_train_runs_on_a_single_file_with_the_text_encoder() {
     .iter()
     .enumerate()
     {
-        let mut px = vec![240u8; 20 * 20 * 3];
+        let mut px = vec![240u8; 20 * width * 3];
         for y in 5..15 {
             for x in 5..15 {
-                px[(y * 20 + x) * 3..(y * 20 + x) * 3 + 3].copy_from_slice(rgb);
+                px[(y * width + x) * 3..(y * width + x) * 3 + 3].copy_from_slice(rgb);
             }
         }
-        Rgb8::new(20, 20, px)
+        lora_io::images::Rgb8::new(20, width, px)
             .unwrap()
-            .save_png(&data.join(format!("{i}.png")))
+            .save_png(&dir.join(format!("{i}.png")))
             .unwrap();
-        std::fs::write(data.join(format!("{i}.txt")), cap).unwrap();
+        std::fs::write(dir.join(format!("{i}.txt")), cap).unwrap();
     }
+}
+
+/// `lora train` on a Stable Diffusion single file (its configs from --sd-config) with the text
+/// encoder trained and --epochs: the steps a pass takes, a file with both models' modules; LM-only
+/// and contradictory flags are named.
+#[test]
+fn sd_train_runs_on_a_single_file_with_the_text_encoder() {
+    let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/parity");
+    let tmp = std::env::temp_dir().join(format!("lora-sd-train-cli-{}", std::process::id()));
+    let data = tmp.join("data");
+    squares_folder(&data, 20);
     let out = tmp.join("run");
     let (m, c, d, o) = (
         fx.join("sd_single/sd1.safetensors"),
@@ -1571,31 +1575,11 @@ fn extract_names_what_it_cannot_do() {
 /// byte for byte; other settings are refused by name.
 #[test]
 fn sd_train_resumes_from_its_checkpoint_exactly() {
-    use lora_io::images::Rgb8;
     let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures/parity/sd_pipeline/model");
     let tmp = std::env::temp_dir().join(format!("lora-sd-resume-cli-{}", std::process::id()));
     let data = tmp.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    for (i, (rgb, cap)) in [
-        ([220u8, 40, 40], "a red square"),
-        ([40, 60, 220], "a blue square"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut px = vec![240u8; 20 * 24 * 3];
-        for y in 5..15 {
-            for x in 5..15 {
-                px[(y * 24 + x) * 3..(y * 24 + x) * 3 + 3].copy_from_slice(rgb);
-            }
-        }
-        Rgb8::new(20, 24, px)
-            .unwrap()
-            .save_png(&data.join(format!("{i}.png")))
-            .unwrap();
-        std::fs::write(data.join(format!("{i}.txt")), cap).unwrap();
-    }
+    squares_folder(&data, 24);
     let run = |out: &std::path::Path, extra: &[&str]| {
         let mut a: Vec<String> = [
             "train",
@@ -1615,6 +1599,11 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
             "1",
             "--lr",
             "1e-3",
+            // Values whose doubles a JSON reader may not read back bit for bit.
+            "--noise-offset",
+            "0.03",
+            "--weight-decay",
+            "0.12",
             "--random-crop",
             "--random-flip",
             "--target",
@@ -1676,6 +1665,16 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
         !r.status.success() && e.contains("holds no earlier run"),
         "{e}"
     );
+    // --force replaces the run, but not a checkpoint holding someone else's file.
+    let mine = b.join("checkpoint-000002/notes.txt");
+    std::fs::write(&mine, "mine").unwrap();
+    let r = run(&b, &["--force"]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("notes.txt"), "{e}");
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
+    std::fs::remove_file(&mine).unwrap();
+    ok(run(&b, &["--force"]));
+    assert!(!b.join("checkpoint-000002").exists());
     // Rotation keeps the newest --keep-checkpoints.
     let c = tmp.join("c");
     ok(run(&c, &["--save-every", "1", "--keep-checkpoints", "2"]));

@@ -438,7 +438,13 @@ pub fn train_sd_lora_from(
                     )))
                 }
             }
-            if let Some(missing) = opt.missing_state(n, t.numel(), &st.optimizer) {
+            // A tensor AdamW never stepped (no gradient yet) has no state in either run; one it
+            // stepped must have all of it.
+            let stepped = st.optimizer.steps.iter().any(|(k, _)| k == n);
+            if let Some(missing) = opt
+                .missing_state(n, t.numel(), &st.optimizer)
+                .filter(|_| stepped)
+            {
                 return Err(state_err(format!(
                     "the checkpoint has no optimizer state {missing} for `{n}`"
                 )));
@@ -451,6 +457,13 @@ pub fn train_sd_lora_from(
         {
             return Err(state_err(format!(
                 "the checkpoint has `{extra}`, which this run does not adapt"
+            )));
+        }
+        if st.pos > images.len() {
+            return Err(state_err(format!(
+                "the checkpoint's sampler is at position {} of an epoch of {} images",
+                st.pos,
+                images.len()
             )));
         }
         opt.import(&named, &st.optimizer)?;

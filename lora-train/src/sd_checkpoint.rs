@@ -8,6 +8,8 @@
 
 use crate::diffusion::{Result, SdTrainState};
 use crate::optim::OptimizerState;
+use crate::run::is_checkpoint_tmp;
+pub use crate::run::{checkpoint_step, checkpoints};
 use lora_io::error::IoError;
 use lora_io::safetensors::SafetensorsFile;
 use lora_io::write::{write_atomic, write_safetensors, OutDtype, OutTensor};
@@ -17,21 +19,9 @@ use std::path::{Path, PathBuf};
 /// The state files of a checkpoint (besides its LoRA file).
 pub const STATE_FILES: [&str; 2] = ["trainer_state.json", "trainer_state.safetensors"];
 
-/// The step a `checkpoint-NNNNNN` name holds.
-pub fn checkpoint_step(name: &str) -> Option<usize> {
-    let digits = name.strip_prefix("checkpoint-")?;
-    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
-}
-
 /// Whether `name` is a checkpoint directory or one being assembled (a run's own entries).
 pub fn is_checkpoint_entry(name: &str) -> bool {
-    checkpoint_step(name).is_some()
-        || name
-            .strip_prefix('.')
-            .and_then(|n| n.strip_suffix(".tmp"))
-            .is_some_and(|n| checkpoint_step(n).is_some())
+    checkpoint_step(name).is_some() || is_checkpoint_tmp(name)
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> IoError {
@@ -40,22 +30,6 @@ fn err(path: &Path, reason: impl Into<String>) -> IoError {
         field: "checkpoint".into(),
         reason: reason.into(),
     }
-}
-
-/// The `checkpoint-*` directories of `out`, newest first.
-pub fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
-    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let step = checkpoint_step(&e.file_name().to_string_lossy())?;
-                    (e.path().is_dir() && !e.path().is_symlink()).then(|| (step, e.path()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
-    v
 }
 
 /// Writes `out/checkpoint-<step>` for `state`: `write_lora(path)` writes the LoRA file named
@@ -81,7 +55,10 @@ pub fn save(
     r?;
     let mut notes = Vec::new();
     if keep > 0 {
-        for (_, p) in checkpoints(out).into_iter().skip(keep) {
+        // Counted among those up to this step (one above it is a stale one of an interrupted
+        // run, overwritten when the run gets there): this one is always kept.
+        let older = checkpoints(out).into_iter().filter(|(s, _)| *s <= step);
+        for (_, p) in older.skip(keep) {
             let foreign = lora_io::outdir::foreign_entries(&p, |n| {
                 n == lora_name || STATE_FILES.contains(&n)
             });
@@ -141,7 +118,23 @@ fn write_dir(
             .expect("serialises")
             .as_bytes(),
     )?;
-    let _ = std::fs::remove_dir_all(final_dir);
+    if final_dir.exists() {
+        // A stale checkpoint of the same step (a resumed run passed a damaged one): replaced
+        // only when it holds nothing but a checkpoint's files.
+        let foreign = lora_io::outdir::foreign_entries(final_dir, |n| {
+            n == lora_name || STATE_FILES.contains(&n)
+        });
+        if !foreign.is_empty() {
+            return Err(err(
+                final_dir,
+                format!(
+                    "holds files lora-rs did not write ({}); not replaced (move them away)",
+                    foreign.join(", ")
+                ),
+            ));
+        }
+        std::fs::remove_dir_all(final_dir).map_err(|e| err(final_dir, e.to_string()))?;
+    }
     std::fs::rename(tmp, final_dir).map_err(|e| err(final_dir, e.to_string()))
 }
 
@@ -325,6 +318,14 @@ mod tests {
         assert!(notes.iter().any(|n| n.contains("mine.txt")), "{notes:?}");
         assert!(out.join("checkpoint-000004/mine.txt").is_file());
         assert!(!out.join("checkpoint-000006").exists());
+        // A resumed run saving below a stale newer checkpoint keeps what it just wrote.
+        save(&out, &state(3), &settings, "l.safetensors", &lora, 1).unwrap();
+        assert!(out.join("checkpoint-000003").is_dir() && out.join("checkpoint-000008").is_dir());
+        // And does not replace a same-step checkpoint holding someone else's file.
+        std::fs::write(out.join("checkpoint-000003/mine.txt"), "x").unwrap();
+        let e = save(&out, &state(3), &settings, "l.safetensors", &lora, 1).unwrap_err();
+        assert!(e.to_string().contains("mine.txt"), "{e}");
+        assert!(out.join("checkpoint-000003/mine.txt").is_file());
         std::fs::remove_dir_all(&out).unwrap();
     }
 

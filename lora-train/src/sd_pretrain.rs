@@ -590,20 +590,7 @@ mod tests {
 
     #[test]
     fn the_autoencoder_starts_with_its_variance_fixed() {
-        let cfg = VaeConfig {
-            in_channels: 3,
-            out_channels: 3,
-            latent_channels: 4,
-            block_out_channels: vec![8, 8],
-            layers_per_block: 1,
-            norm_num_groups: 4,
-            scaling_factor: 1.0,
-            shift_factor: 0.0,
-            use_quant_conv: true,
-            use_post_quant_conv: true,
-            mid_block_attention: true,
-        };
-        let (vae, _) = init_vae(&cfg, 7).unwrap();
+        let (vae, _) = init_vae(&tiny_vae(), 7).unwrap();
         let mut rng = Rng::new(2);
         let px: Vec<f32> = (0..2 * 3 * 8 * 8).map(|_| rng.uniform() as f32).collect();
         let t = Tensor::new(px, &[2, 3, 8, 8]).unwrap();

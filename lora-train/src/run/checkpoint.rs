@@ -20,7 +20,7 @@ pub(super) fn named_params(model: &dyn CausalLm) -> Vec<(String, Tensor)> {
 }
 
 /// The step a `checkpoint-NNNNNN` name holds.
-pub(super) fn checkpoint_step(name: &str) -> Option<usize> {
+pub fn checkpoint_step(name: &str) -> Option<usize> {
     let digits = name.strip_prefix("checkpoint-")?;
     (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
@@ -56,14 +56,14 @@ pub(super) fn foreign_in_checkpoint(dir: &Path) -> Vec<String> {
 
 /// A checkpoint being assembled (`.checkpoint-NNNNNN.tmp`); one found when a run starts was
 /// left by a run that was killed while writing it.
-pub(super) fn is_checkpoint_tmp(name: &str) -> bool {
+pub fn is_checkpoint_tmp(name: &str) -> bool {
     name.strip_prefix('.')
         .and_then(|n| n.strip_suffix(".tmp"))
         .is_some_and(|n| checkpoint_step(n).is_some())
 }
 
 /// The `checkpoint-*` directories of `out`, newest first.
-pub(super) fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
+pub fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
     let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
         .map(|rd| {
             rd.filter_map(|e| e.ok())

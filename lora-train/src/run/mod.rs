@@ -49,8 +49,8 @@ mod config;
 mod data;
 mod output;
 
-pub use checkpoint::is_train_output;
 use checkpoint::*;
+pub use checkpoint::{checkpoint_step, checkpoints, is_checkpoint_tmp, is_train_output};
 pub use config::TrainConfig;
 use config::*;
 pub use data::check_vocab;
