@@ -636,7 +636,12 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             let n = pipe.unet.config().in_channels * (cfg.resolution / f).pow(2);
             (0..n).map(|_| rng.normal() as f32).collect()
         };
-        let hist = train_sd_lora_from(&mut pipe, &data, &cfg, resume.as_ref(), |pipe, s, state| {
+        // A signal after the first step: checkpoint at the end of the current step, then stop
+        // (the exit status says which signal); before it, the process ends at once.
+        crate::train::install_signal_handlers();
+        let mut stopped: Option<usize> = None;
+        let result = train_sd_lora_from(&mut pipe, &data, &cfg, resume.as_ref(), |pipe, s, state| {
+            crate::train::STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
             bar.set_position(s.step as u64);
             bar.set_message(format!("loss {:.4}", s.loss));
             let line = serde_json::json!({"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr});
@@ -656,7 +661,9 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
                 grid(&[img], cfg.resolution, cfg.resolution)
                     .save_png_marked(&a.out.join(format!("sample-step-{:06}.png", s.step)))?;
             }
-            if a.save_every > 0 && s.step % a.save_every == 0 && s.step < cfg.steps {
+            let stop = crate::train::STOP.load(std::sync::atomic::Ordering::SeqCst);
+            let due = a.save_every > 0 && s.step % a.save_every == 0;
+            if (due || stop) && s.step < cfg.steps {
                 let st = state()?;
                 let notes = lora_train::sd_checkpoint::save(
                     &a.out,
@@ -669,10 +676,29 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
                 for n in notes {
                     bar.suspend(|| eprintln!("{n}"));
                 }
+                if stop {
+                    stopped = Some(s.step);
+                    // Ends the loop; told apart from a real error below.
+                    return Err(lora_io::error::IoError::Core(
+                        lora_core::CoreError::InvalidConfig {
+                            field: "interrupted",
+                            reason: "stopped by a signal".into(),
+                        },
+                    ));
+                }
             }
             Ok(())
-        })?;
+        });
         bar.finish_and_clear();
+        if let Some(step) = stopped {
+            eprintln!(
+                "interrupted: checkpoint written at step {step} ({}); continue with the same flags and --resume",
+                a.out.join(format!("checkpoint-{step:06}")).display()
+            );
+            return Ok(());
+        }
+        let hist = result?;
+        crate::train::clear_signal();
         save_sd_lora(&pipe, &cfg, kohya, &a.out.join(name))?;
         let (first_step, first) = hist.first().map_or((0, f32::NAN), |s| (s.step, s.loss));
         let k = hist.len().min(10);

@@ -1675,6 +1675,60 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
     std::fs::remove_file(&mine).unwrap();
     ok(run(&b, &["--force"]));
     assert!(!b.join("checkpoint-000002").exists());
+    // SIGINT mid-run: a checkpoint at the step it was in, exit status 130, and --resume ends
+    // where the uninterrupted run does.
+    let long = ["--steps", "3000"];
+    let (full, int) = (tmp.join("full"), tmp.join("int"));
+    ok(run(&full, &long));
+    let mut args: Vec<String> = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        int.to_str().unwrap(),
+        "--resolution",
+        "16",
+        "--threads",
+        "1",
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e-3",
+        "--noise-offset",
+        "0.03",
+        "--weight-decay",
+        "0.12",
+        "--random-crop",
+        "--random-flip",
+        "--target",
+        "to_q,to_v,conv1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(long.iter().map(|s| s.to_string()));
+    let child = Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::metadata(int.join("metrics.jsonl")).map_or(true, |m| m.len() == 0) {
+        assert!(start.elapsed().as_secs() < 60, "no step finished");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{e}");
+    assert!(e.contains("interrupted: checkpoint written at step"), "{e}");
+    assert!(!int.join(lora_file).exists());
+    let e = ok(run(&int, &["--steps", "3000", "--resume"]));
+    assert!(e.contains("resuming from"), "{e}");
+    assert_eq!(read(full.join(lora_file)), read(int.join(lora_file)));
     // Rotation keeps the newest --keep-checkpoints.
     let c = tmp.join("c");
     ok(run(&c, &["--save-every", "1", "--keep-checkpoints", "2"]));
