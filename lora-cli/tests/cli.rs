@@ -1580,7 +1580,7 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
     let tmp = std::env::temp_dir().join(format!("lora-sd-resume-cli-{}", std::process::id()));
     let data = tmp.join("data");
     squares_folder(&data, 24);
-    let run = |out: &std::path::Path, extra: &[&str]| {
+    let args = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
             "train",
             "--model",
@@ -1613,6 +1613,10 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
         .map(|s| s.to_string())
         .collect();
         a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let a = args(out, extra);
         lora(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let ok = |r: std::process::Output| {
@@ -1680,37 +1684,9 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
     let long = ["--steps", "3000"];
     let (full, int) = (tmp.join("full"), tmp.join("int"));
     ok(run(&full, &long));
-    let mut args: Vec<String> = vec![
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        int.to_str().unwrap(),
-        "--resolution",
-        "16",
-        "--threads",
-        "1",
-        "--batch-size",
-        "1",
-        "--lr",
-        "1e-3",
-        "--noise-offset",
-        "0.03",
-        "--weight-decay",
-        "0.12",
-        "--random-crop",
-        "--random-flip",
-        "--target",
-        "to_q,to_v,conv1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(long.iter().map(|s| s.to_string()));
+
     let child = Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(&args)
+        .args(args(&int, &long))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
