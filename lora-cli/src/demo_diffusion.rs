@@ -247,7 +247,17 @@ pub fn build(r: &BuildRun) -> Result<()> {
     )?;
     // Everything is written into a scratch directory beside the base and swapped in at the end,
     // so an interrupted build leaves the old base whole (never half old, half new).
-    let scratch = base.with_file_name(format!(".base.build-{}", std::process::id()));
+    // `.base.tmp-<pid>`: one a killed build left (its process gone) is removed here.
+    let parent = base.parent().unwrap_or(Path::new("."));
+    if let Ok(rd) = std::fs::read_dir(parent) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(".base.tmp-") && lora_io::outdir::is_dead_temp(&n) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let scratch = base.with_file_name(format!(".base.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let pool = crate::bench::pool(r.threads)?;

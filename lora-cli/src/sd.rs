@@ -333,6 +333,7 @@ fn sd_train_owns(name: &str) -> bool {
         "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors" | "metrics.jsonl"
     ) || (name.starts_with("sample-step-") && name.ends_with(".png"))
         || lora_train::sd_checkpoint::is_checkpoint_entry(name)
+        || lora_io::outdir::is_dead_temp(name)
 }
 
 /// A digest of the training examples (file names and captions, in order): a resumed run must
@@ -393,6 +394,8 @@ fn checkpoint_file(name: &str) -> bool {
         name,
         "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors"
     ) || lora_train::sd_checkpoint::STATE_FILES.contains(&name)
+        // A file a killed write left (`.<name>.tmp-<pid>`).
+        || lora_io::outdir::is_temp_name(name)
 }
 
 /// `lora train` on a Stable Diffusion pipeline directory: LoRA on the UNet.
@@ -698,7 +701,6 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             return Ok(());
         }
         let hist = result?;
-        crate::train::clear_signal();
         save_sd_lora(&pipe, &cfg, kohya, &a.out.join(name))?;
         let (first_step, first) = hist.first().map_or((0, f32::NAN), |s| (s.step, s.loss));
         let k = hist.len().min(10);
@@ -708,6 +710,9 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             a.out.join(name).display(),
             if kohya { "kohya" } else { "diffusers" }
         );
+        // Finished: a signal that came after the last step (or while the file was written)
+        // does not make the run report itself interrupted.
+        crate::train::clear_signal();
         Ok(())
     })
 }

@@ -129,12 +129,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
         unsafe { libc::_exit(128 + sig) };
     }
     // Only atomics and _exit: async-signal-safe. A second signal ends the process at once
-    // (checkpoints are written atomically, so nothing half-written is left to read).
+    // (checkpoints are written atomically, so nothing half-written is left to read). The signal
+    // is recorded before STOP is set, so a loop that sees STOP always finds it.
+    SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
     if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
         // SAFETY: _exit is async-signal-safe and takes any status.
         unsafe { libc::_exit(128 + sig) };
     }
-    SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// A signal that came after the last step: the run finished, and exits as finished.

@@ -440,7 +440,9 @@ pub fn train_sd_lora_from(
             }
             // A tensor AdamW never stepped (no gradient yet) has no state in either run; one it
             // stepped must have all of it.
-            let stepped = st.optimizer.steps.iter().any(|(k, _)| k == n);
+            let moment = format!("exp_avg.{n}");
+            let stepped = st.optimizer.steps.iter().any(|(k, _)| k == n)
+                || st.optimizer.buffers.iter().any(|(k, _)| *k == moment);
             if let Some(missing) = opt
                 .missing_state(n, t.numel(), &st.optimizer)
                 .filter(|_| stepped)
