@@ -390,12 +390,10 @@ fn sd_settings(
 
 /// The lora-rs files of an SD run's checkpoint directory.
 fn checkpoint_file(name: &str) -> bool {
-    matches!(
-        name,
-        "pytorch_lora_weights.safetensors" | "lora_kohya.safetensors"
-    ) || lora_train::sd_checkpoint::STATE_FILES.contains(&name)
-        // A file a killed write left (`.<name>.tmp-<pid>`).
-        || lora_io::outdir::is_temp_name(name)
+    // Either format: the earlier run's may differ from this one's.
+    ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]
+        .iter()
+        .any(|lora| lora_train::sd_checkpoint::checkpoint_file(name, lora))
 }
 
 /// `lora train` on a Stable Diffusion pipeline directory: LoRA on the UNet.

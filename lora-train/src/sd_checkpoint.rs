@@ -19,6 +19,12 @@ use std::path::{Path, PathBuf};
 /// The state files of a checkpoint (besides its LoRA file).
 pub const STATE_FILES: [&str; 2] = ["trainer_state.json", "trainer_state.safetensors"];
 
+/// A file of an SD checkpoint directory whose LoRA file is `lora_name`, or one a killed write
+/// left there.
+pub fn checkpoint_file(name: &str, lora_name: &str) -> bool {
+    name == lora_name || STATE_FILES.contains(&name) || lora_io::outdir::is_temp_name(name)
+}
+
 /// Whether `name` is a checkpoint directory or one being assembled (a run's own entries).
 pub fn is_checkpoint_entry(name: &str) -> bool {
     checkpoint_step(name).is_some() || is_checkpoint_tmp(name)
@@ -53,27 +59,9 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     r?;
-    let mut notes = Vec::new();
-    if keep > 0 {
-        // Counted among those up to this step (one above it is a stale one of an interrupted
-        // run, overwritten when the run gets there): this one is always kept.
-        let older = checkpoints(out).into_iter().filter(|(s, _)| *s <= step);
-        for (_, p) in older.skip(keep) {
-            let foreign = lora_io::outdir::foreign_entries(&p, |n| {
-                n == lora_name || STATE_FILES.contains(&n)
-            });
-            if foreign.is_empty() {
-                let _ = std::fs::remove_dir_all(&p);
-            } else {
-                notes.push(format!(
-                    "kept {} beyond --keep-checkpoints: it holds files lora-rs did not write ({})",
-                    p.display(),
-                    foreign.join(", ")
-                ));
-            }
-        }
-    }
-    Ok(notes)
+    Ok(crate::run::rotate(out, keep, step, &|n| {
+        checkpoint_file(n, lora_name)
+    }))
 }
 
 fn write_dir(
@@ -118,24 +106,8 @@ fn write_dir(
             .expect("serialises")
             .as_bytes(),
     )?;
-    if final_dir.exists() {
-        // A stale checkpoint of the same step (a resumed run passed a damaged one): replaced
-        // only when it holds nothing but a checkpoint's files.
-        let foreign = lora_io::outdir::foreign_entries(final_dir, |n| {
-            n == lora_name || STATE_FILES.contains(&n)
-        });
-        if !foreign.is_empty() {
-            return Err(err(
-                final_dir,
-                format!(
-                    "holds files lora-rs did not write ({}); not replaced (move them away)",
-                    foreign.join(", ")
-                ),
-            ));
-        }
-        std::fs::remove_dir_all(final_dir).map_err(|e| err(final_dir, e.to_string()))?;
-    }
-    std::fs::rename(tmp, final_dir).map_err(|e| err(final_dir, e.to_string()))
+    crate::run::put_in_place(tmp, final_dir, &|n| checkpoint_file(n, lora_name))
+        .map_err(|e| err(final_dir, e))
 }
 
 /// Reads checkpoint `dir` (of `step`) back whole: `(state, settings)`, or why it cannot be
@@ -206,37 +178,15 @@ pub fn read(dir: &Path, step: usize) -> std::result::Result<(SdTrainState, Value
 /// newer one that does not is reported through `note` with the reason. None whole is an error
 /// listing why.
 pub fn newest(out: &Path, note: &mut dyn FnMut(&str)) -> Result<(SdTrainState, Value, PathBuf)> {
-    let all = checkpoints(out);
-    if all.is_empty() {
-        return Err(err(
-            out,
-            "--resume: no checkpoint-* directory found (the run stopped before its first \
-             checkpoint, was started without --save-every, or --out differs)",
-        ));
-    }
-    let mut why = Vec::new();
-    for (step, dir) in &all {
-        match read(dir, *step) {
-            Ok((st, settings)) => {
-                if !why.is_empty() {
-                    note(&format!(
-                        "resuming from {} (the newer checkpoints are damaged: {})",
-                        dir.display(),
-                        why.join("; ")
-                    ));
-                }
-                return Ok((st, settings, dir.clone()));
-            }
-            Err(e) => why.push(e),
-        }
-    }
-    Err(err(
+    let ((st, settings), dir) = crate::run::newest_whole(
         out,
-        format!(
-            "--resume: no checkpoint reads back whole: {}",
-            why.join("; ")
-        ),
-    ))
+        |step, dir| read(dir, step),
+        "the run stopped before its first checkpoint, was started without --save-every, or \
+         --out differs",
+        note,
+    )
+    .map_err(|e| err(out, e))?;
+    Ok((st, settings, dir))
 }
 
 /// The first setting that differs between a checkpoint's run (`saved`) and this one (`now`),

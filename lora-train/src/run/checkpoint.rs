@@ -49,9 +49,7 @@ pub(super) const CHECKPOINT_FILES: [&str; 4] = [
 /// What a checkpoint directory (or one being assembled) holds besides the files a checkpoint
 /// is made of: someone else's, so the directory is not ours to remove.
 pub(super) fn foreign_in_checkpoint(dir: &Path) -> Vec<String> {
-    outdir::foreign_entries(dir, |n| {
-        CHECKPOINT_FILES.contains(&n) || outdir::is_temp_name(n)
-    })
+    outdir::foreign_entries(dir, lm_checkpoint_file)
 }
 
 /// A checkpoint being assembled (`.checkpoint-NNNNNN.tmp`); one found when a run starts was
@@ -176,17 +174,35 @@ pub(super) fn newest_resumable(
     opt: &dyn Optimizer,
     note: &mut dyn FnMut(&str),
 ) -> Result<Resumable> {
+    newest_whole(
+        out,
+        |step, dir| read_checkpoint(step, dir, opt),
+        "the run stopped before its first checkpoint, or --out differs",
+        note,
+    )
+    .map(|(r, _)| r)
+    .map_err(|e| err(out, e))
+}
+
+/// The newest `checkpoint-*` directory of `out` that `read(step, dir)` accepts, with that
+/// directory; each newer one it refuses is reported through `note` with the reason. The error
+/// (a message for `out`) says there is none (`hint`: why that may be) or why each failed.
+/// Shared by the language-model and the Stable Diffusion trainers.
+pub fn newest_whole<T>(
+    out: &Path,
+    read: impl Fn(usize, &Path) -> std::result::Result<T, String>,
+    hint: &str,
+    note: &mut dyn FnMut(&str),
+) -> std::result::Result<(T, PathBuf), String> {
     let all = checkpoints(out);
     if all.is_empty() {
-        return Err(err(
-            out,
-            "--resume: no checkpoint-* directory found (the run stopped before its first \
-             checkpoint, or --out differs)",
+        return Err(format!(
+            "--resume: no checkpoint-* directory found ({hint})"
         ));
     }
     let mut why = Vec::new();
     for (step, dir) in &all {
-        match read_checkpoint(*step, dir, opt) {
+        match read(*step, dir) {
             Ok(r) => {
                 if !why.is_empty() {
                     note(&format!(
@@ -195,18 +211,66 @@ pub(super) fn newest_resumable(
                         why.join("; ")
                     ));
                 }
-                return Ok(r);
+                return Ok((r, dir.clone()));
             }
             Err(e) => why.push(e),
         }
     }
-    Err(err(
-        out,
-        format!(
-            "--resume: no checkpoint reads back whole: {}",
-            why.join("; ")
-        ),
+    Err(format!(
+        "--resume: no checkpoint reads back whole: {}",
+        why.join("; ")
     ))
+}
+
+/// Removes the checkpoints of `out` beyond the newest `keep` of those up to `step` (the one
+/// just written among them, so never it; one above `step` is a stale one of an interrupted run,
+/// replaced when the run gets there). One holding a file `ours` does not name stays; the
+/// returned notes say so.
+pub fn rotate(out: &Path, keep: usize, step: usize, ours: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let mut notes = Vec::new();
+    if keep == 0 {
+        return notes;
+    }
+    let older = checkpoints(out).into_iter().filter(|(s, _)| *s <= step);
+    for (_, p) in older.skip(keep) {
+        let foreign = outdir::foreign_entries(&p, ours);
+        if foreign.is_empty() {
+            let _ = std::fs::remove_dir_all(&p);
+        } else {
+            notes.push(format!(
+                "kept {} beyond --keep-checkpoints: it holds files lora-rs did not write ({})",
+                p.display(),
+                foreign.join(", ")
+            ));
+        }
+    }
+    notes
+}
+
+/// Moves the assembled checkpoint `tmp` to `final_dir`. A checkpoint already there (a stale
+/// one of the same step: a resumed run passed a damaged newer one) is replaced only when `ours`
+/// names everything in it.
+pub fn put_in_place(
+    tmp: &Path,
+    final_dir: &Path,
+    ours: &dyn Fn(&str) -> bool,
+) -> std::result::Result<(), String> {
+    if final_dir.exists() {
+        let foreign = outdir::foreign_entries(final_dir, ours);
+        if !foreign.is_empty() {
+            return Err(format!(
+                "holds files lora-rs did not write ({}); not replaced (move them away)",
+                foreign.join(", ")
+            ));
+        }
+        std::fs::remove_dir_all(final_dir).map_err(|e| e.to_string())?;
+    }
+    std::fs::rename(tmp, final_dir).map_err(|e| e.to_string())
+}
+
+/// A file of a language-model checkpoint directory, or one a killed write left there.
+fn lm_checkpoint_file(n: &str) -> bool {
+    CHECKPOINT_FILES.contains(&n) || outdir::is_temp_name(n)
 }
 
 /// What [`save_checkpoint`] records besides the model and optimizer.
@@ -246,24 +310,8 @@ pub(super) fn save_checkpoint(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     r?;
-    let mut kept = Vec::new();
-    if cfg.keep_checkpoints > 0 {
-        // Only after the new one is complete: older ones go, newest first kept; one holding
-        // someone else's files stays (and is reported).
-        for (_, p) in checkpoints(out).into_iter().skip(cfg.keep_checkpoints) {
-            let foreign = foreign_in_checkpoint(&p);
-            if foreign.is_empty() {
-                let _ = std::fs::remove_dir_all(p);
-            } else {
-                kept.push(format!(
-                    "kept {} beyond --keep-checkpoints: it holds files lora-rs did not write ({})",
-                    p.display(),
-                    foreign.join(", ")
-                ));
-            }
-        }
-    }
-    Ok(kept)
+    // Only after the new one is complete.
+    Ok(rotate(out, cfg.keep_checkpoints, step, &lm_checkpoint_file))
 }
 
 /// Assembles a checkpoint in `tmp` and renames it to `final_dir`.
@@ -316,6 +364,5 @@ pub(super) fn write_checkpoint(
             .expect("serialises")
             .as_bytes(),
     )?;
-    let _ = std::fs::remove_dir_all(final_dir);
-    std::fs::rename(tmp, final_dir).map_err(|e| err(final_dir, e.to_string()))
+    put_in_place(tmp, final_dir, &lm_checkpoint_file).map_err(|e| err(final_dir, e))
 }

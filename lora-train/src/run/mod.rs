@@ -50,7 +50,10 @@ mod data;
 mod output;
 
 use checkpoint::*;
-pub use checkpoint::{checkpoint_step, checkpoints, is_checkpoint_tmp, is_train_output};
+pub use checkpoint::{
+    checkpoint_step, checkpoints, is_checkpoint_tmp, is_train_output, newest_whole, put_in_place,
+    rotate,
+};
 pub use config::TrainConfig;
 use config::*;
 pub use data::check_vocab;
