@@ -8,7 +8,6 @@
 
 use crate::demo_diffusion_data::{self as data, COLOURS, HELD_OUT, SHAPES};
 use anyhow::{bail, Context, Result};
-use lora_core::diffusion::{decode_latents, denoise, Conditioning};
 use lora_core::lora::LoraConfig;
 use lora_io::diffusion::SamplerKind;
 use lora_io::images::Rgb8;
@@ -549,26 +548,21 @@ fn sample_grid(pipe: &SdPipeline, adapters: bool) -> Result<(Vec<Vec<f32>>, Vec<
             noise.extend((0..per).map(|_| rng.normal() as f32));
         }
     }
-    let b = all_prompts.len();
-    let cond = pipe.encode_prompts(&all_prompts, 0)?;
-    let uncond = pipe.encode_prompts(&vec![""; b], 0)?;
-    let c = Conditioning {
-        cond: &cond,
-        uncond: &uncond,
+    let sampling = lora_io::sd::Sampling {
+        kind: SamplerKind::DpmPP,
+        steps: SAMPLE_STEPS,
         guidance: GUIDANCE,
-    };
-    let mut sampler = pipe.sampler(SamplerKind::DpmPP, SAMPLE_STEPS)?;
-    let shape = [b, shape1[1], shape1[2], shape1[3]];
-    let lat = denoise(
-        &pipe.unet,
-        sampler.as_mut(),
-        &noise,
-        shape,
-        &c,
+        clip_skip: 0,
         adapters,
+    };
+    let empty = vec![""; all_prompts.len()];
+    let px = pipe.generate(
+        (&all_prompts, &empty),
+        &noise,
+        (SIDE, SIDE),
+        &sampling,
         &mut |_, _| {},
     )?;
-    let px = decode_latents(&pipe.vae, &lat, shape)?;
     let one = 3 * SIDE * SIDE;
     let images: Vec<Vec<f32>> = px.chunks(one).map(<[f32]>::to_vec).collect();
     let scores = images

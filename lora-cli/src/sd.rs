@@ -3,7 +3,7 @@
 
 use crate::args::SdGenerateArgs;
 use anyhow::{bail, Context, Result};
-use lora_core::diffusion::{decode_latents, denoise, to_u8, Conditioning};
+use lora_core::diffusion::to_u8;
 use lora_io::diffusion::SamplerKind;
 use lora_io::images::Rgb8;
 use lora_io::sd::SdPipeline;
@@ -127,13 +127,13 @@ fn run(
             (0..a.batch * per).map(|_| rng.normal() as f32).collect()
         }
     };
-    let cond = pipe.encode_prompts(&[a.prompt.as_str()], a.clip_skip)?;
     let neg = a.negative_prompt.as_deref().unwrap_or("");
-    let uncond = pipe.encode_prompts(&[neg], a.clip_skip)?;
-    let c = Conditioning {
-        cond: &cond,
-        uncond: &uncond,
+    let sampling = lora_io::sd::Sampling {
+        kind,
+        steps: a.steps,
         guidance: a.guidance,
+        clip_skip: a.clip_skip,
+        adapters: false,
     };
     let mut images = Vec::new();
     for i in 0..a.batch {
@@ -146,18 +146,14 @@ fn run(
             ))
             .expect("valid template"),
         );
-        let mut sampler = pipe.sampler(kind, a.steps)?;
-        let latents = denoise(
-            &pipe.unet,
-            sampler.as_mut(),
+        images.push(pipe.generate(
+            (&[a.prompt.as_str()], &[neg]),
             &noise[i * per..(i + 1) * per],
-            shape1,
-            &c,
-            false,
+            (height, width),
+            &sampling,
             &mut |s, _| bar.set_position(s as u64),
-        )?;
+        )?);
         bar.finish_and_clear();
-        images.push(decode_latents(&pipe.vae, &latents, shape1)?);
     }
     let grid = grid(&images, height, width);
     grid.save_png_marked(&a.out)?;
@@ -652,13 +648,15 @@ pub fn train(a: crate::args::TrainArgs) -> Result<()> {
             })?;
             if a.sample_every > 0 && (s.step % a.sample_every == 0 || s.step == cfg.steps) {
                 let prompt = a.sample_prompt.as_deref().unwrap_or("");
-                let shape = pipe.latent_shape(1, cfg.resolution, cfg.resolution)?;
-                let cond = pipe.encode_prompts(&[prompt], 0)?;
-                let uncond = pipe.encode_prompts(&[""], 0)?;
-                let c = Conditioning { cond: &cond, uncond: &uncond, guidance: 7.5 };
-                let mut sampler = pipe.sampler(SamplerKind::Euler, 20)?;
-                let lat = denoise(&pipe.unet, sampler.as_mut(), &sample_noise, shape, &c, true, &mut |_, _| {})?;
-                let img = decode_latents(&pipe.vae, &lat, shape)?;
+                let sampling = lora_io::sd::Sampling {
+                    kind: SamplerKind::Euler,
+                    steps: 20,
+                    guidance: 7.5,
+                    clip_skip: 0,
+                    adapters: true,
+                };
+                let res = (cfg.resolution, cfg.resolution);
+                let img = pipe.generate((&[prompt], &[""]), &sample_noise, res, &sampling, &mut |_, _| {})?;
                 grid(&[img], cfg.resolution, cfg.resolution)
                     .save_png_marked(&a.out.join(format!("sample-step-{:06}.png", s.step)))?;
             }

@@ -7,7 +7,9 @@ use crate::clip_tokenizer::ClipTokenizer;
 use crate::diffusion::{load_clip_text, load_unet, load_vae, scheduler_config, SamplerKind};
 use crate::error::{IoError, Result};
 use crate::sd_single::{cached_tokenizer, SingleFile};
-use lora_core::diffusion::{Ddim, DpmSolverPP, Euler, Sampler, ScheduleConfig};
+use lora_core::diffusion::{
+    decode_latents, denoise, Conditioning, Ddim, DpmSolverPP, Euler, Sampler, ScheduleConfig,
+};
 use lora_core::models::clip_text::ClipTextModel;
 use lora_core::models::unet::UNet2DCondition;
 use lora_core::models::vae::AutoencoderKl;
@@ -184,6 +186,46 @@ impl SdPipeline {
         )?)
     }
 
+    /// Text to image as diffusers' `StableDiffusionPipeline` runs it: the prompts and their
+    /// negatives (one each; `""` for none) encoded, `noise` (the starting latents of all the
+    /// images, diffusers' `latents=`, `(B, C, height / f, width / f)`) denoised by `s.kind` over
+    /// `s.steps` with classifier-free guidance, through the live adapters when `s.adapters`, and
+    /// decoded: pixels `(B, 3, height, width)` in `[0, 1]`. `on_step(i, n)` after each step.
+    pub fn generate(
+        &self,
+        (prompts, negatives): (&[&str], &[&str]),
+        noise: &[f32],
+        (height, width): (usize, usize),
+        s: &Sampling,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        if negatives.len() != prompts.len() {
+            return Err(IoError::Core(lora_core::CoreError::InvalidConfig {
+                field: "negative_prompt",
+                reason: format!("{} for {} prompts", negatives.len(), prompts.len()),
+            }));
+        }
+        let shape = self.latent_shape(prompts.len(), height, width)?;
+        let cond = self.encode_prompts_with(prompts, s.clip_skip, s.adapters)?;
+        let uncond = self.encode_prompts_with(negatives, s.clip_skip, s.adapters)?;
+        let c = Conditioning {
+            cond: &cond,
+            uncond: &uncond,
+            guidance: s.guidance,
+        };
+        let mut sampler = self.sampler(s.kind, s.steps)?;
+        let lat = denoise(
+            &self.unet,
+            sampler.as_mut(),
+            noise,
+            shape,
+            &c,
+            s.adapters,
+            on_step,
+        )?;
+        Ok(decode_latents(&self.vae, &lat, shape)?)
+    }
+
     /// The latent shape `(batch, C, H / f, W / f)` for images of `height x width` pixels
     /// (`f` = the VAE's downscale: any multiple of it, as diffusers, e.g. 600x800 for SD); an
     /// error naming the size when it does not divide.
@@ -200,6 +242,21 @@ impl SdPipeline {
         }
         Ok([batch, self.unet.config().in_channels, height / f, width / f])
     }
+}
+
+/// How [`SdPipeline::generate`] samples.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// The scheduler.
+    pub kind: SamplerKind,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (at most 1: the prompt alone).
+    pub guidance: f32,
+    /// diffusers' `clip_skip` (0: none).
+    pub clip_skip: usize,
+    /// Through the UNet's and text encoder's live adapters.
+    pub adapters: bool,
 }
 
 /// A VAE must map RGB images (3 channels in and out).
