@@ -1,6 +1,7 @@
 //! Benchmark workloads shared by the criterion benches and `lora bench`: one LoRA linear layer's
 //! forward + backward on seeded random data, and the same layer with the adapter removed (the
-//! frozen-base baseline), plus a square GEMM for the machine's ceiling.
+//! frozen-base baseline), plus a square GEMM for the machine's ceiling, and a frozen 3x3
+//! convolution's forward + input gradient by each algorithm.
 //!
 //! FLOP counts are the multiply-adds of the formulas times two (useful work only): base forward
 //! `2NKM`, input gradient `2NKM`; the adapter adds `2NR(K + M)` in forward (shrink, expand) and
@@ -11,6 +12,7 @@ use crate::lora_linear::{
     lora_linear_backward, lora_linear_forward, BaseLinear, LinearDims, LinearGrads, LoraWeights,
     WeightData, WeightLayout,
 };
+use crate::ops::conv::{conv2d_backward_by, conv2d_forward_by, Conv2dDims, Conv2dGrads, ConvAlgo};
 use crate::rng::Rng;
 
 fn random(len: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
@@ -137,6 +139,74 @@ impl GemmWorkload {
             false,
             Par::Auto,
         )
+    }
+}
+
+/// A frozen 3x3 convolution (stride 1, padding 1, with a bias) as a LoRA step runs it: the
+/// forward and the input gradient, by a chosen algorithm.
+pub struct ConvWorkload {
+    /// Shape.
+    pub dims: Conv2dDims,
+    x: Vec<f32>,    // (N, C, H, W)
+    w: Vec<f32>,    // (O, C, 3, 3)
+    bias: Vec<f32>, // (O)
+    y: Vec<f32>,    // (N, O, H, W)
+    dy: Vec<f32>,   // (N, O, H, W)
+    dx: Vec<f32>,   // (N, C, H, W)
+}
+
+impl ConvWorkload {
+    /// Seeded random convolution from `c` to `o` channels on `n` images of `side x side`.
+    pub fn new(n: usize, c: usize, o: usize, side: usize) -> Self {
+        let dims = Conv2dDims {
+            batch: n,
+            in_ch: c,
+            h: side,
+            w: side,
+            out_ch: o,
+            kh: 3,
+            kw: 3,
+            stride: (1, 1),
+            padding: (1, 1),
+            dilation: (1, 1),
+            groups: 1,
+        };
+        let mut rng = Rng::new(3);
+        let ws = 1.0 / ((9 * c) as f32).sqrt();
+        Self {
+            dims,
+            x: random(dims.x_len(), &mut rng, 1.0),
+            w: random(dims.w_len(), &mut rng, ws),
+            bias: random(o, &mut rng, 0.1),
+            y: vec![0.0; dims.y_len()],
+            dy: random(dims.y_len(), &mut rng, 1.0),
+            dx: vec![0.0; dims.x_len()],
+        }
+    }
+
+    /// Useful FLOPs of the forward and `dx` as direct convolution counts them (`2 * 9 C O` per
+    /// output pixel, twice): Winograd's rate in these units is an effective one, above the
+    /// machine's peak when it does fewer multiplications.
+    pub fn flops(&self) -> f64 {
+        let d = &self.dims;
+        4.0 * (d.batch * d.in_ch * d.out_ch * 9 * d.h * d.w) as f64
+    }
+
+    /// Forward, then `dx` (accumulated, as backward does).
+    pub fn step(&mut self, algo: ConvAlgo) -> crate::Result<()> {
+        conv2d_forward_by(
+            algo,
+            &mut self.y,
+            &self.x,
+            &self.w,
+            Some(&self.bias),
+            self.dims,
+        )?;
+        let g = Conv2dGrads {
+            dx: Some(&mut self.dx),
+            ..Default::default()
+        };
+        conv2d_backward_by(algo, g, &self.dy, &[], &self.w, self.dims)
     }
 }
 

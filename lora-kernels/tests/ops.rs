@@ -543,12 +543,12 @@ fn out_of_range_indices_are_named_errors() {
 fn large_attention_and_norms_run_in_parallel_paths() {
     // Shapes above the parallel thresholds, checked against the oracle, with several query
     // blocks: causal, 150 rows = two full blocks of ATTN_BLOCK and a partial one;
-    // bidirectional (larger blocks, as many rows as fit the scratch), 300 rows = 218 + 82;
-    // cross-attention of 1100 rows to 77 keys (blocks of 851 rows).
+    // bidirectional (larger blocks, as many rows as fit the scratch), 1100 rows = 953 + 147;
+    // cross-attention of 14000 rows to 77 keys (blocks of 13617 rows).
     for (causal, t, s) in [
         (true, 2 * attention::ATTN_BLOCK + 22, 0),
-        (false, 300, 0),
-        (false, 1100, 77),
+        (false, 1100, 0),
+        (false, 14000, 77),
     ] {
         let s = if s == 0 { t } else { s };
         let d = AttnDims {

@@ -3,13 +3,15 @@
 //! `cols (K, P)` holds, for every output pixel `p`, the `K = C/g * KH * KW` input values its
 //! kernel window covers (zeros outside the image), so `y_g (O/g, P) = W_g (O/g, K) cols` and
 //! backward is two more products, `dcols = W_g^T dy_g` (scattered back into `dx`, col2im) and
-//! `dW_g += dy_g cols^T`.
+//! `dW_g += dy_g cols^T`. Large 3x3 stride-1 convolutions (the forward and `dx`) take the
+//! Winograd route instead ([`super::winograd`]), four times fewer multiplications.
 //!
 //! Legend: N = batch, C = input channels, O = output channels, g = groups, (H, W) input size,
 //! (KH, KW) kernel, (OH, OW) output size, P = OH * OW, K = C/g * KH * KW. Layouts: `x (N, C, H,
 //! W)`, `w (O, C/g, KH, KW)`, `bias (O)`, `y (N, O, OH, OW)`, all row-major. Backward
 //! accumulates (`+=`) into the gradients it is given and computes only those.
 
+use super::winograd;
 use crate::error::{check_len, invalid, Result};
 use crate::gemm::{matmul, Par, Trans};
 use rayon::prelude::*;
@@ -333,8 +335,52 @@ fn per_image_par(d: &Conv2dDims) -> bool {
     d.batch > 1 && d.batch >= rayon::current_num_threads()
 }
 
+/// How a convolution's forward and `dx` are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// Winograd where [`winograd::worth_it`] says it gains, im2col + GEMM otherwise: what
+    /// [`conv2d_forward`] and [`conv2d_backward`] use.
+    Auto,
+    /// im2col + GEMM always.
+    Im2col,
+    /// Winograd F(4x4, 3x3); an error for a convolution it does not handle
+    /// ([`winograd::supported`]).
+    Winograd,
+}
+
+impl ConvAlgo {
+    /// Whether `d` takes the Winograd route under this choice.
+    fn winograd(self, d: &Conv2dDims) -> Result<bool> {
+        match self {
+            ConvAlgo::Auto => Ok(winograd::worth_it(d)),
+            ConvAlgo::Im2col => Ok(false),
+            ConvAlgo::Winograd if winograd::supported(d) => Ok(true),
+            ConvAlgo::Winograd => Err(bad(
+                "dims",
+                format!(
+                    "Winograd handles 3x3 kernels with stride 1, no dilation, one group and \
+                     padding up to 2, not {}x{} stride {:?} dilation {:?} groups {} padding {:?}",
+                    d.kh, d.kw, d.stride, d.dilation, d.groups, d.padding
+                ),
+            )),
+        }
+    }
+}
+
 /// `y = conv2d(x, w) + bias`.
 pub fn conv2d_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    d: Conv2dDims,
+) -> Result<()> {
+    conv2d_forward_by(ConvAlgo::Auto, y, x, w, bias, d)
+}
+
+/// [`conv2d_forward`] by the algorithm `algo` (for benchmarks and tests).
+pub fn conv2d_forward_by(
+    algo: ConvAlgo,
     y: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -348,6 +394,18 @@ pub fn conv2d_forward(
     check_len(OP, "y", y.len(), &[d.batch, d.out_ch, oh, ow])?;
     if let Some(b) = bias {
         check_len(OP, "bias", b.len(), &[d.out_ch])?;
+    }
+    if algo.winograd(&d)? {
+        return winograd::conv3x3(
+            y,
+            false,
+            x,
+            winograd::Kernels::Forward(w),
+            bias,
+            (d.batch, d.in_ch, d.h, d.w),
+            d.out_ch,
+            d.padding,
+        );
     }
     forward_images(y, None, x, w, bias, d)
 }
@@ -497,8 +555,22 @@ pub fn conv2d_backward(
     w: &[f32],
     d: Conv2dDims,
 ) -> Result<()> {
+    conv2d_backward_by(ConvAlgo::Auto, g, dy, x, w, d)
+}
+
+/// [`conv2d_backward`] with `dx` by the algorithm `algo` (`dW` is always by im2col; for
+/// benchmarks and tests).
+pub fn conv2d_backward_by(
+    algo: ConvAlgo,
+    g: Conv2dGrads,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    d: Conv2dDims,
+) -> Result<()> {
     const OP: &str = "conv2d_backward";
     let (oh, ow) = d.check()?;
+    let use_winograd = algo.winograd(&d)?;
     let (p, k, og) = (oh * ow, d.k(), d.out_ch / d.groups);
     check_len(OP, "dy", dy.len(), &[d.batch, d.out_ch, oh, ow])?;
     let Conv2dGrads { dx, dw, dbias } = g;
@@ -563,6 +635,19 @@ pub fn conv2d_backward(
     if let Some(dx) = dx {
         check_len(OP, "w", w.len(), &[d.out_ch, k])?;
         check_len(OP, "dx", dx.len(), &[d.batch, d.in_ch, d.h, d.w])?;
+        if use_winograd {
+            // dx is the 3x3 convolution of dy by the flipped, channel-swapped kernel.
+            return winograd::conv3x3(
+                dx,
+                true,
+                dy,
+                winograd::Kernels::Transposed(w),
+                None,
+                (d.batch, d.out_ch, oh, ow),
+                d.in_ch,
+                (2 - d.padding.0, 2 - d.padding.1),
+            );
+        }
         let image = |(dx_img, dy_img): (&mut [f32], &[f32]), par: Par| -> Result<()> {
             let mut dcols = vec![0.0f32; k * p];
             for grp in 0..d.groups {

@@ -15,3 +15,4 @@ pub mod norm;
 pub mod pool;
 pub mod rope;
 pub mod slice;
+pub mod winograd;
