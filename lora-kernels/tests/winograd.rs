@@ -145,7 +145,7 @@ fn err(got: &[f32], want: &[f64], bound: &[f64]) -> f64 {
 fn edge_shapes_match_the_definition() {
     let _one = serial();
     // One output pixel from a 3x3 image; one pixel padded to 1x1 output; sizes one short of and
-    // one past a tile; a row; wide padding; many channels with a partial lane group of tiles.
+    // one past a tile; a row; wide padding; channels with a partial lane group of tiles.
     for (d, seed) in [
         (dims(1, 1, (3, 3), 1, (0, 0)), 1),
         (dims(2, 3, (1, 1), 2, (1, 1)), 2),
@@ -155,6 +155,9 @@ fn edge_shapes_match_the_definition() {
         (dims(2, 3, (2, 3), 4, (2, 2)), 6),
         (dims(1, 3, (7, 4), 2, (2, 0)), 7),
         (dims(2, 9, (9, 13), 7, (1, 1)), 8),
+        // Enough input channels that the output channels run in two blocks (the transformed
+        // kernels of one block are capped at 48 MB).
+        (dims(1, 1100, (6, 7), 400, (1, 1)), 9),
     ] {
         errors(d, seed);
     }

@@ -47,9 +47,8 @@ const LANES: usize = 8;
 /// holds (never fewer than [`MIN_CHUNK_TILES`]).
 const CHUNK_BYTES: usize = 16 << 20;
 const MIN_CHUNK_TILES: usize = 64;
-/// The largest scratch buffer kept between calls (128 MB: the transformed kernels of SD's
-/// 1280 -> 640 convolutions); larger ones are freed.
-const KEEP_FLOATS: usize = 32 << 20;
+/// Bytes the transformed kernels of one block of output channels may take.
+const U_BYTES: usize = 48 << 20;
 
 type Lanes = [f32; LANES];
 
@@ -128,40 +127,48 @@ pub fn conv3x3(
     for (i, p) in y.chunks_mut(oh * ow).enumerate() {
         planes[i % o].push(p);
     }
+    // Output channels in equal blocks whose transformed kernels take at most U_BYTES (in SD
+    // 1.5 at 512x512: one block for the 320-input convolutions, two to five for the others): the
+    // whole U of a 1920 -> 640 convolution would be 177 MB, more than the step's other scratch
+    // together, and each further block costs only one more packing of V per product.
+    let blocks = o.div_ceil((U_BYTES / (XI * 4 * c)).max(16));
+    let ob_max = o.div_ceil(blocks);
     let (mut u, mut v, mut m) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    u.resize(o * XI * c, 0.0);
-    u.par_chunks_mut(XI * c)
-        .enumerate()
-        .for_each(|(oc, uo)| kernel_lanes(uo, kernels, oc, o, c));
     let mut start = 0;
     while start < total {
         let tc = per_chunk.min(total - start);
         v.resize(c * XI * tc, 0.0);
-        m.resize(o * XI * tc, 0.0);
         v.par_chunks_mut(XI * tc)
             .enumerate()
             .for_each(|(ci, vc)| transform_inputs(vc, x, ci, start, tc, &geo));
-        products(&mut m, &u, &v, (o, c, tc));
-        let mc = &m;
-        planes.par_iter_mut().enumerate().for_each(|(oc, pl)| {
-            let b = bias.map_or(0.0, |b| b[oc]);
-            let mo = &mc[oc * XI * tc..][..XI * tc];
-            transform_outputs(pl, mo, b, accumulate, start, &geo)
-        });
-        start += tc;
-    }
-    for b in [&mut u, &mut v, &mut m] {
-        if b.capacity() > KEEP_FLOATS {
-            *b = Vec::new();
+        for (bi, pl) in planes.chunks_mut(ob_max).enumerate() {
+            let (o0, ob) = (bi * ob_max, pl.len());
+            // One block's kernels serve every chunk; several blocks are rebuilt per chunk.
+            if blocks > 1 || start == 0 {
+                u.resize(ob * XI * c, 0.0);
+                u.par_chunks_mut(XI * c)
+                    .enumerate()
+                    .for_each(|(k, uo)| kernel_lanes(uo, kernels, o0 + k, o, c));
+            }
+            m.resize(ob * XI * tc, 0.0);
+            products(&mut m, &u, &v, (ob, c, tc));
+            let mc = &m;
+            pl.par_iter_mut().enumerate().for_each(|(k, pk)| {
+                let b = bias.map_or(0.0, |b| b[o0 + k]);
+                let mo = &mc[k * XI * tc..][..XI * tc];
+                transform_outputs(pk, mo, b, accumulate, start, &geo)
+            });
         }
+        start += tc;
     }
     SCRATCH.with(|s| *s.borrow_mut() = (u, v, m));
     Ok(())
 }
 
 thread_local! {
-    /// The `U`, `V` and `M` buffers of the last call on this thread, each kept when it holds at
-    /// most [`KEEP_FLOATS`]: a UNet step makes dozens of calls, and fresh buffers cost their
+    /// The `U`, `V` and `M` buffers of the last call on this thread (at most [`U_BYTES`] and
+    /// twice [`CHUNK_BYTES`], or one block of 16 output channels and one chunk of
+    /// [`MIN_CHUNK_TILES`]): a UNet step makes dozens of calls, and fresh buffers cost their
     /// zeroing and page faults every time (a fifth of a 640-channel call's time). All three
     /// are overwritten before being read.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const {
