@@ -52,6 +52,29 @@ const U_BYTES: usize = 48 << 20;
 
 type Lanes = [f32; LANES];
 
+/// `fn name(args) { body }`: `name` runs `body` compiled for AVX2+FMA where the CPU has them (the
+/// lane loops then run 8 wide), else as portable code. Both compile the same operations (Rust
+/// never contracts `a * b + c` into an FMA), so the values are the same either way.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if crate::simd::has_avx2_fma() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    body($($a),*)
+                }
+                // SAFETY: the CPU was just checked to support avx2 and fma.
+                return unsafe { avx2($($a),*) };
+            }
+            body($($a),*)
+        }
+    };
+}
+
 /// Whether a convolution can run here: 3x3, stride 1, no dilation, one group, padding at most 2
 /// (so that its `dx` is a convolution with non-negative padding too).
 pub fn supported(d: &Conv2dDims) -> bool {
@@ -200,42 +223,39 @@ impl Geometry {
 wide_fn! {
     /// `U`'s rows for output channel `oc` (`(36, C)`): `G g G^T` of its kernels, in f64 and
     /// rounded once; eight input channels at a time (one lane each).
-    fn kernel_lanes(uo: &mut [f32], k: Kernels, oc: usize, o: usize, c: usize) => kernel_lanes_body
-}
-
-#[inline(always)]
-fn kernel_lanes_body(uo: &mut [f32], k: Kernels, oc: usize, o: usize, c: usize) {
-    for c0 in (0..c).step_by(LANES) {
-        let lanes = LANES.min(c - c0);
-        // g[i][j][lane]: tap (i, j) of the kernel from input channel c0 + lane to output
-        // channel oc.
-        // Each kernel's 9 taps lie together: in order, or reversed (flipped) for
-        // the transposed kernels.
-        let mut g = [[[0.0f64; LANES]; 3]; 3];
-        for lane in 0..lanes {
-            let ci = c0 + lane;
-            let (taps, flip): (&[f32; 9], bool) = match k {
-                Kernels::Forward(w) => (tap9(w, oc * c + ci), false),
-                Kernels::Transposed(w) => (tap9(w, ci * o + oc), true),
-            };
-            for (t, &v) in taps.iter().enumerate() {
-                let t = if flip { 8 - t } else { t };
-                g[t / 3][t % 3][lane] = f64::from(v);
+    fn kernel_lanes(uo: &mut [f32], k: Kernels, oc: usize, o: usize, c: usize) {
+        for c0 in (0..c).step_by(LANES) {
+            let lanes = LANES.min(c - c0);
+            // g[i][j][lane]: tap (i, j) of the kernel from input channel c0 + lane to output
+            // channel oc.
+            // Each kernel's 9 taps lie together: in order, or reversed (flipped) for
+            // the transposed kernels.
+            let mut g = [[[0.0f64; LANES]; 3]; 3];
+            for lane in 0..lanes {
+                let ci = c0 + lane;
+                let (taps, flip): (&[f32; 9], bool) = match k {
+                    Kernels::Forward(w) => (tap9(w, oc * c + ci), false),
+                    Kernels::Transposed(w) => (tap9(w, ci * o + oc), true),
+                };
+                for (t, &v) in taps.iter().enumerate() {
+                    let t = if flip { 8 - t } else { t };
+                    g[t / 3][t % 3][lane] = f64::from(v);
+                }
             }
-        }
-        // Columns first (G g), then rows ((G g) G^T).
-        let mut gg = [[[0.0f64; LANES]; 3]; PATCH];
-        for j in 0..3 {
-            let col = g_col([g[0][j], g[1][j], g[2][j]]);
-            for (r, v) in col.into_iter().enumerate() {
-                gg[r][j] = v;
+            // Columns first (G g), then rows ((G g) G^T).
+            let mut gg = [[[0.0f64; LANES]; 3]; PATCH];
+            for j in 0..3 {
+                let col = g_col([g[0][j], g[1][j], g[2][j]]);
+                for (r, v) in col.into_iter().enumerate() {
+                    gg[r][j] = v;
+                }
             }
-        }
-        for (r, row) in gg.iter().enumerate() {
-            for (s, v) in g_col(*row).iter().enumerate() {
-                let dst = &mut uo[(r * PATCH + s) * c + c0..][..lanes];
-                for (d, x) in dst.iter_mut().zip(v) {
-                    *d = *x as f32;
+            for (r, row) in gg.iter().enumerate() {
+                for (s, v) in g_col(*row).iter().enumerate() {
+                    let dst = &mut uo[(r * PATCH + s) * c + c0..][..lanes];
+                    for (d, x) in dst.iter_mut().zip(v) {
+                        *d = *x as f32;
+                    }
                 }
             }
         }
@@ -300,28 +320,6 @@ fn at(m: &[Lanes; PATCH]) -> [Lanes; TILE] {
     r
 }
 
-/// `fn name(args) => body`: `name` runs `body(args)` compiled for AVX2+FMA where the CPU has them
-/// (the lane loops then run 8 wide), else as portable code. Both compile the same operations
-/// (Rust never contracts `a * b + c` into an FMA), so the values are the same either way.
-macro_rules! wide_fn {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) => $body:ident) => {
-        $(#[$m])*
-        fn $name($($a: $t),*) {
-            #[cfg(target_arch = "x86_64")]
-            if crate::simd::has_avx2_fma() {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) {
-                    $body($($a),*)
-                }
-                // SAFETY: the CPU was just checked to support avx2 and fma.
-                return unsafe { avx2($($a),*) };
-            }
-            $body($($a),*)
-        }
-    };
-}
-use wide_fn;
-
 /// `dst[..lanes] = v[..lanes]`, a fixed-size copy (vector moves) for a full lane group.
 #[inline(always)]
 fn store(dst: &mut [f32], v: &Lanes, lanes: usize) {
@@ -347,54 +345,44 @@ fn load(src: &[f32], lanes: usize) -> Lanes {
 wide_fn! {
     /// `V`'s block for input channel `ci` (`(36, tc)`): `B^T d B` of the patches of tiles
     /// `start..start + tc`.
-    fn transform_inputs(vc: &mut [f32], x: &[f32], ci: usize, start: usize, tc: usize, g: &Geometry) => transform_inputs_body
-}
-
-#[inline(always)]
-fn transform_inputs_body(
-    vc: &mut [f32],
-    x: &[f32],
-    ci: usize,
-    start: usize,
-    tc: usize,
-    g: &Geometry,
-) {
-    for l0 in (0..tc).step_by(LANES) {
-        let lanes = LANES.min(tc - l0);
-        // d[r][s][lane]: patch row r, column s.
-        let mut d = [[[0.0f32; LANES]; PATCH]; PATCH];
-        for lane in 0..lanes {
-            let (img, ty, tx) = g.tile(start + l0 + lane);
-            let plane = &x[(img * g.c + ci) * g.h * g.w..][..g.h * g.w];
-            let (y0, x0) = (
-                (ty * TILE) as isize - g.pad.0 as isize,
-                (tx * TILE) as isize - g.pad.1 as isize,
-            );
-            for (r, drow) in d.iter_mut().enumerate() {
-                let yy = y0 + r as isize;
-                if yy < 0 || yy >= g.h as isize {
-                    continue;
-                }
-                let src = &plane[yy as usize * g.w..][..g.w];
-                for (s, dv) in drow.iter_mut().enumerate() {
-                    let xx = x0 + s as isize;
-                    if xx >= 0 && xx < g.w as isize {
-                        dv[lane] = src[xx as usize];
+    fn transform_inputs(vc: &mut [f32], x: &[f32], ci: usize, start: usize, tc: usize, g: &Geometry) {
+        for l0 in (0..tc).step_by(LANES) {
+            let lanes = LANES.min(tc - l0);
+            // d[r][s][lane]: patch row r, column s.
+            let mut d = [[[0.0f32; LANES]; PATCH]; PATCH];
+            for lane in 0..lanes {
+                let (img, ty, tx) = g.tile(start + l0 + lane);
+                let plane = &x[(img * g.c + ci) * g.h * g.w..][..g.h * g.w];
+                let (y0, x0) = (
+                    (ty * TILE) as isize - g.pad.0 as isize,
+                    (tx * TILE) as isize - g.pad.1 as isize,
+                );
+                for (r, drow) in d.iter_mut().enumerate() {
+                    let yy = y0 + r as isize;
+                    if yy < 0 || yy >= g.h as isize {
+                        continue;
+                    }
+                    let src = &plane[yy as usize * g.w..][..g.w];
+                    for (s, dv) in drow.iter_mut().enumerate() {
+                        let xx = x0 + s as isize;
+                        if xx >= 0 && xx < g.w as isize {
+                            dv[lane] = src[xx as usize];
+                        }
                     }
                 }
             }
-        }
-        // Columns (B^T d), then rows ((B^T d) B).
-        let mut t = [[[0.0f32; LANES]; PATCH]; PATCH];
-        for s in 0..PATCH {
-            let col = bt(&std::array::from_fn(|r| d[r][s]));
-            for r in 0..PATCH {
-                t[r][s] = col[r];
+            // Columns (B^T d), then rows ((B^T d) B).
+            let mut t = [[[0.0f32; LANES]; PATCH]; PATCH];
+            for s in 0..PATCH {
+                let col = bt(&std::array::from_fn(|r| d[r][s]));
+                for r in 0..PATCH {
+                    t[r][s] = col[r];
+                }
             }
-        }
-        for (r, row) in t.iter().enumerate() {
-            for (s, v) in bt(row).iter().enumerate() {
-                store(&mut vc[(r * PATCH + s) * tc + l0..], v, lanes);
+            for (r, row) in t.iter().enumerate() {
+                for (s, v) in bt(row).iter().enumerate() {
+                    store(&mut vc[(r * PATCH + s) * tc + l0..], v, lanes);
+                }
             }
         }
     }
@@ -410,51 +398,41 @@ wide_fn! {
         accumulate: bool,
         start: usize,
         g: &Geometry,
-    ) => transform_outputs_body
-}
-
-#[inline(always)]
-fn transform_outputs_body(
-    planes: &mut [&mut [f32]],
-    mo: &[f32],
-    bias: f32,
-    accumulate: bool,
-    start: usize,
-    g: &Geometry,
-) {
-    let tc = mo.len() / XI;
-    for l0 in (0..tc).step_by(LANES) {
-        let lanes = LANES.min(tc - l0);
-        // Columns (A^T m), then rows ((A^T m) A).
-        let mut t = [[[0.0f32; LANES]; PATCH]; TILE];
-        for s in 0..PATCH {
-            let col = at(&std::array::from_fn(|r| {
-                load(&mo[(r * PATCH + s) * tc + l0..], lanes)
-            }));
-            for r in 0..TILE {
-                t[r][s] = col[r];
-            }
-        }
-        let out: [[Lanes; TILE]; TILE] = std::array::from_fn(|r| at(&t[r]));
-        for lane in 0..lanes {
-            let (img, ty, tx) = g.tile(start + l0 + lane);
-            let plane = &mut *planes[img];
-            for (r, orow) in out.iter().enumerate() {
-                let yy = ty * TILE + r;
-                if yy >= g.oh {
-                    break;
+    ) {
+        let tc = mo.len() / XI;
+        for l0 in (0..tc).step_by(LANES) {
+            let lanes = LANES.min(tc - l0);
+            // Columns (A^T m), then rows ((A^T m) A).
+            let mut t = [[[0.0f32; LANES]; PATCH]; TILE];
+            for s in 0..PATCH {
+                let col = at(&std::array::from_fn(|r| {
+                    load(&mo[(r * PATCH + s) * tc + l0..], lanes)
+                }));
+                for r in 0..TILE {
+                    t[r][s] = col[r];
                 }
-                let dst = &mut plane[yy * g.ow..][..g.ow];
-                for (s, ov) in orow.iter().enumerate() {
-                    let xx = tx * TILE + s;
-                    if xx >= g.ow {
+            }
+            let out: [[Lanes; TILE]; TILE] = std::array::from_fn(|r| at(&t[r]));
+            for lane in 0..lanes {
+                let (img, ty, tx) = g.tile(start + l0 + lane);
+                let plane = &mut *planes[img];
+                for (r, orow) in out.iter().enumerate() {
+                    let yy = ty * TILE + r;
+                    if yy >= g.oh {
                         break;
                     }
-                    let v = ov[lane] + bias;
-                    if accumulate {
-                        dst[xx] += v;
-                    } else {
-                        dst[xx] = v;
+                    let dst = &mut plane[yy * g.ow..][..g.ow];
+                    for (s, ov) in orow.iter().enumerate() {
+                        let xx = tx * TILE + s;
+                        if xx >= g.ow {
+                            break;
+                        }
+                        let v = ov[lane] + bias;
+                        if accumulate {
+                            dst[xx] += v;
+                        } else {
+                            dst[xx] = v;
+                        }
                     }
                 }
             }
