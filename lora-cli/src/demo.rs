@@ -327,10 +327,11 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn repo_demo() -> PathBuf {
+    /// The repository's `demo/` folder (the committed bases), for the demos' tests.
+    pub(crate) fn repo_demo() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo")
     }
 

@@ -534,10 +534,7 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn repo_demo() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo")
-    }
+    use crate::demo::tests::repo_demo;
 
     #[test]
     fn committed_base_is_what_build_writes() {

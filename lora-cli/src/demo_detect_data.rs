@@ -112,20 +112,8 @@ impl Canvas {
         let (xs, xe) = (x0.floor().max(0.0) as usize, (x1.ceil().min(n)) as usize);
         for y in ys..ye {
             for x in xs..xe {
-                let mut hit = 0;
-                for sy in 0..4 {
-                    for sx in 0..4 {
-                        let (fx, fy) = (
-                            x as f64 + (sx as f64 + 0.5) / 4.0,
-                            y as f64 + (sy as f64 + 0.5) / 4.0,
-                        );
-                        if shapes.iter().any(|s| s.inside(fx, fy)) {
-                            hit += 1;
-                        }
-                    }
-                }
-                if hit > 0 {
-                    let a = hit as f64 / 16.0;
+                let a = coverage(x, y, |fx, fy| shapes.iter().any(|s| s.inside(fx, fy)));
+                if a > 0.0 {
                     let c = colour(x as f64 + 0.5, y as f64 + 0.5);
                     let p = &mut self.px[y * self.size + x];
                     for k in 0..3 {
@@ -148,6 +136,22 @@ impl Canvas {
 }
 
 /// Adds `shape`'s box (clipped to the image) as class `class`.
+/// The share of pixel `(x, y)` that `inside` covers, from a 4x4 grid of samples in it (the
+/// demos' anti-aliasing).
+pub(crate) fn coverage(x: usize, y: usize, inside: impl Fn(f64, f64) -> bool) -> f64 {
+    let mut hit = 0u32;
+    for sy in 0..4 {
+        for sx in 0..4 {
+            let (fx, fy) = (
+                x as f64 + (sx as f64 + 0.5) / 4.0,
+                y as f64 + (sy as f64 + 0.5) / 4.0,
+            );
+            hit += inside(fx, fy) as u32;
+        }
+    }
+    f64::from(hit) / 16.0
+}
+
 fn push(obj: &mut Objects, class: usize, shape: &Shape, size: usize) {
     let n = size as f64;
     let (x0, y0, x1, y1) = shape.bounds();

@@ -818,11 +818,8 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::demo::tests::repo_demo;
     use crate::demo_diffusion_data::Look;
-
-    fn repo_demo() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo")
-    }
 
     #[test]
     fn committed_base_is_what_build_writes() {

@@ -106,22 +106,13 @@ fn paint(
     let mut data = Vec::with_capacity(size * size * 3);
     for y in 0..size {
         for x in 0..size {
-            let mut hit = 0;
-            for sy in 0..4 {
-                for sx in 0..4 {
-                    let (fx, fy) = (
-                        x as f64 + (sx as f64 + 0.5) / 4.0,
-                        y as f64 + (sy as f64 + 0.5) / 4.0,
-                    );
-                    let outer = inside(s, (cx, cy, r), fx, fy);
-                    let on = match look {
-                        Look::Base => outer,
-                        Look::Outline => outer && !inside(s, (cx, cy, inner), fx, fy),
-                    };
-                    hit += on as u32;
+            let a = crate::demo_detect_data::coverage(x, y, |fx, fy| {
+                let outer = inside(s, (cx, cy, r), fx, fy);
+                match look {
+                    Look::Base => outer,
+                    Look::Outline => outer && !inside(s, (cx, cy, inner), fx, fy),
                 }
-            }
-            let a = hit as f64 / 16.0;
+            });
             for k in 0..3 {
                 let v = bg[k] * (1.0 - a) + fg[k] * a;
                 data.push(v.round().clamp(0.0, 255.0) as u8);

@@ -113,23 +113,13 @@ fn write_dir(
 /// Reads checkpoint `dir` (of `step`) back whole: `(state, settings)`, or why it cannot be
 /// resumed.
 pub fn read(dir: &Path, step: usize) -> std::result::Result<(SdTrainState, Value), String> {
-    let sp = dir.join("trainer_state.json");
-    let doc = lora_io::hf::read_json(&sp).map_err(|e| e.to_string())?;
-    let uint = |k: &str| {
-        doc[k].as_u64().ok_or_else(|| {
-            format!(
-                "{}: `{k}` missing or not a non-negative integer",
-                sp.display()
-            )
-        })
-    };
-    if uint("step")? != step as u64 {
-        return Err(format!(
-            "{}: `step` is {}, the directory's name says {step}",
-            sp.display(),
-            doc["step"]
-        ));
-    }
+    let crate::run::SavedState {
+        path: sp,
+        doc,
+        sampler_epoch,
+        sampler_pos,
+        optimizer_steps,
+    } = crate::run::read_trainer_state(dir, step)?;
     let rng = doc["rng"]
         .as_str()
         .and_then(|s| s.parse::<u64>().ok())
@@ -138,16 +128,11 @@ pub fn read(dir: &Path, step: usize) -> std::result::Result<(SdTrainState, Value
     if !settings.is_object() {
         return Err(format!("{}: `settings` missing", sp.display()));
     }
-    let mut optimizer = OptimizerState::default();
-    for (k, v) in doc["optimizer_steps"]
-        .as_object()
-        .ok_or_else(|| format!("{}: `optimizer_steps` missing", sp.display()))?
-    {
-        let n = v
-            .as_u64()
-            .ok_or_else(|| format!("{}: `optimizer_steps.{k}` is not an integer", sp.display()))?;
-        optimizer.steps.push((k.clone(), n));
-    }
+    let mut optimizer = OptimizerState {
+        steps: optimizer_steps
+            .ok_or_else(|| format!("{}: `optimizer_steps` missing", sp.display()))?,
+        ..Default::default()
+    };
     let tp = dir.join("trainer_state.safetensors");
     let f = SafetensorsFile::open(&tp).map_err(|e| e.to_string())?;
     let mut adapters = Vec::new();
@@ -164,8 +149,8 @@ pub fn read(dir: &Path, step: usize) -> std::result::Result<(SdTrainState, Value
     Ok((
         SdTrainState {
             step,
-            epoch: uint("sampler_epoch")?,
-            pos: usize::try_from(uint("sampler_pos")?).map_err(|e| e.to_string())?,
+            epoch: sampler_epoch,
+            pos: sampler_pos,
             rng,
             adapters,
             optimizer,

@@ -86,6 +86,66 @@ pub(super) struct Resumable {
     pub(super) optimizer: OptimizerState,
 }
 
+/// The fields every trainer writes in a checkpoint's `trainer_state.json`.
+pub struct SavedState {
+    /// The file.
+    pub path: PathBuf,
+    /// The whole document (for the trainer's own fields).
+    pub doc: Value,
+    /// The sampler's epoch.
+    pub sampler_epoch: u64,
+    /// The sampler's position in its epoch.
+    pub sampler_pos: usize,
+    /// The optimizer's step count per tensor; `None` when the file has none.
+    pub optimizer_steps: Option<Vec<(String, u64)>>,
+}
+
+/// Reads `trainer_state.json` of checkpoint `dir`, which its name says is of `step`, and checks
+/// the fields every trainer writes (the error is the reason it cannot be resumed).
+pub fn read_trainer_state(dir: &Path, step: usize) -> std::result::Result<SavedState, String> {
+    let path = dir.join("trainer_state.json");
+    let doc = lora_io::hf::read_json(&path).map_err(|e| e.to_string())?;
+    let uint = |k: &str| {
+        doc[k].as_u64().ok_or_else(|| {
+            format!(
+                "{}: `{k}` missing or not a non-negative integer",
+                path.display()
+            )
+        })
+    };
+    if uint("step")? != step as u64 {
+        return Err(format!(
+            "{}: `step` is {}, the directory's name says {step}",
+            path.display(),
+            doc["step"]
+        ));
+    }
+    let sampler_epoch = uint("sampler_epoch")?;
+    let sampler_pos = usize::try_from(uint("sampler_pos")?).map_err(|e| e.to_string())?;
+    let optimizer_steps = match doc["optimizer_steps"].as_object() {
+        None => None,
+        Some(m) => Some(
+            m.iter()
+                .map(|(k, v)| {
+                    v.as_u64().map(|n| (k.clone(), n)).ok_or_else(|| {
+                        format!(
+                            "{}: `optimizer_steps.{k}` is not an integer",
+                            path.display()
+                        )
+                    })
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?,
+        ),
+    };
+    Ok(SavedState {
+        path,
+        doc,
+        sampler_epoch,
+        sampler_pos,
+        optimizer_steps,
+    })
+}
+
 /// Reads a checkpoint back and checks it is whole: the trainer state with every field a resume
 /// needs, an adapter whose tensors are all finite, and optimizer state for every adapter tensor
 /// of the right length (a moment missing would silently restart from zero). The error is the
@@ -95,25 +155,13 @@ pub(super) fn read_checkpoint(
     dir: &Path,
     opt: &dyn Optimizer,
 ) -> std::result::Result<Resumable, String> {
-    let sp = dir.join("trainer_state.json");
-    let state = lora_io::hf::read_json(&sp).map_err(|e| e.to_string())?;
-    let uint = |k: &str| {
-        state[k].as_u64().ok_or_else(|| {
-            format!(
-                "{}: `{k}` missing or not a non-negative integer",
-                sp.display()
-            )
-        })
-    };
-    if uint("step")? != step as u64 {
-        return Err(format!(
-            "{}: `step` is {}, the directory's name says {step}",
-            sp.display(),
-            state["step"]
-        ));
-    }
-    let sampler_epoch = uint("sampler_epoch")?;
-    let sampler_pos = usize::try_from(uint("sampler_pos")?).map_err(|e| e.to_string())?;
+    let SavedState {
+        path: sp,
+        doc: state,
+        sampler_epoch,
+        sampler_pos,
+        optimizer_steps,
+    } = read_trainer_state(dir, step)?;
     if !state["config"].is_object() {
         return Err(format!("{}: `config` missing", sp.display()));
     }
@@ -133,19 +181,14 @@ pub(super) fn read_checkpoint(
     }
     let of = dir.join("optimizer.safetensors");
     let f = SafetensorsFile::open(&of).map_err(|e| e.to_string())?;
-    let mut optimizer = OptimizerState::default();
+    let mut optimizer = OptimizerState {
+        steps: optimizer_steps.unwrap_or_default(),
+        ..Default::default()
+    };
     for k in f.names() {
         optimizer
             .buffers
             .push((k.to_string(), f.read_f32(k).map_err(|e| e.to_string())?.0));
-    }
-    if let Some(m) = state["optimizer_steps"].as_object() {
-        for (k, v) in m {
-            let n = v.as_u64().ok_or_else(|| {
-                format!("{}: `optimizer_steps.{k}` is not an integer", sp.display())
-            })?;
-            optimizer.steps.push((k.clone(), n));
-        }
     }
     if step > 0 {
         for (name, len) in &sizes {

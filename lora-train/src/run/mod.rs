@@ -52,7 +52,7 @@ mod output;
 use checkpoint::*;
 pub use checkpoint::{
     checkpoint_step, checkpoints, is_checkpoint_tmp, is_train_output, newest_whole, put_in_place,
-    rotate,
+    read_trainer_state, rotate, SavedState,
 };
 pub use config::TrainConfig;
 use config::*;
