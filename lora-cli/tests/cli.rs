@@ -1681,7 +1681,9 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
     assert!(!b.join("checkpoint-000002").exists());
     // SIGINT mid-run: a checkpoint at the step it was in, exit status 130, and --resume ends
     // where the uninterrupted run does.
-    let long = ["--steps", "3000"];
+    // (Long enough that the signal lands mid-run: a step here takes milliseconds, the signal
+    // follows the first step's metrics line within a few.)
+    let long = ["--steps", "800"];
     let (full, int) = (tmp.join("full"), tmp.join("int"));
     ok(run(&full, &long));
 
@@ -1702,7 +1704,7 @@ fn sd_train_resumes_from_its_checkpoint_exactly() {
     assert_eq!(out.status.code(), Some(130), "{e}");
     assert!(e.contains("interrupted: checkpoint written at step"), "{e}");
     assert!(!int.join(lora_file).exists());
-    let e = ok(run(&int, &["--steps", "3000", "--resume"]));
+    let e = ok(run(&int, &["--steps", "800", "--resume"]));
     assert!(e.contains("resuming from"), "{e}");
     assert_eq!(read(full.join(lora_file)), read(int.join(lora_file)));
     // Rotation keeps the newest --keep-checkpoints.

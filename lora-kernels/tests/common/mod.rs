@@ -30,6 +30,20 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
+/// [`fd_grad`] for an element-wise `f` (`f(x)_i` depends on `x_i` alone, given as `f(i, x_i)`):
+/// the same central differences, one element at a time, so `O(n)` evaluations instead of the
+/// `O(n^2)` of perturbing `x_i` and re-evaluating the whole vector (and without the rounding of
+/// the other `n - 1` unchanged terms in each difference).
+pub fn fd_grad_elementwise(x: &[f64], w: &[f64], f: impl Fn(usize, f64) -> f64) -> Vec<f64> {
+    assert_eq!(x.len(), w.len(), "length mismatch");
+    let h = 1e-5;
+    x.iter()
+        .zip(w)
+        .enumerate()
+        .map(|(i, (&t, &wi))| (f(i, t + h) * wi - f(i, t - h) * wi) / (2.0 * h))
+        .collect()
+}
+
 /// Gradient of `L(x) = sum_i f(x)_i * w_i` with respect to `x`, by central differences in f64.
 pub fn fd_grad(x: &[f64], w: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
     let h = 1e-5;
