@@ -404,6 +404,33 @@ proptest! {
         }
     }
 
+    /// Bidirectional attention with head dims that are multiples of 8 (the fused route on AVX2
+    /// CPUs): query rows across several 48-row blocks and not a multiple of the 6-row tile,
+    /// keys across several 256-key blocks with a partial 16-key panel, head dims covering each
+    /// register-tile width (8..40) and several chunks (64, 80), large score ranges (the running
+    /// maximum rises across key blocks). The backward reads the saved log-sum-exp.
+    #[test]
+    fn bidirectional_attention_in_fused_blocks(t in 1usize..110, s in 1usize..600, hd8 in 1usize..11, rep in 1usize..3, spread in 0.5f64..6.0, seed in any::<u64>()) {
+        let hd = hd8 * 8;
+        let d = AttnDims { batch: 1, seq: t, kv_seq: s, q_heads: 2 * rep, kv_heads: 2, head_dim: hd, causal: false };
+        let q = rand_vec(t * 2 * rep * hd, seed, spread);
+        // Keys growing along the sequence: later key blocks hold larger scores.
+        let k: Vec<f32> = rand_vec(s * 2 * hd, seed ^ 1, 1.0).iter().enumerate().map(|(i, x)| x * (1.0 + (i / (2 * hd)) as f32 / 200.0)).collect();
+        let v = rand_vec(s * 2 * hd, seed ^ 2, 1.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; d.lse_len()]);
+        attention_forward(&mut out, &mut lse, &q, &k, &v, d, scale).unwrap();
+        let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
+        assert_close("attention", &out, &attention::reference::forward(&q64, &k64, &v64, d, scale as f64), 1e-5);
+        let dout = rand_vec(q.len(), seed ^ 3, 1.0);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &lse, &q, &k, &v, d, scale).unwrap();
+        let (rq, rk, rv) = attention::reference::backward(&f64s(&dout), &q64, &k64, &v64, d, scale as f64);
+        assert_close("dq", &dq, &rq, 1e-5);
+        assert_close("dk", &dk, &rk, 1e-5);
+        assert_close("dv", &dv, &rv, 1e-5);
+    }
+
     #[test]
     fn cached_decode_equals_the_last_rows_of_full_attention(t in 1usize..10, n0 in 0usize..10, hkv in 1usize..3, rep in 1usize..3, hd in 1usize..9, seed in any::<u64>()) {
         let n = n0 % t + 1;
@@ -546,21 +573,24 @@ fn large_attention_and_norms_run_in_parallel_paths() {
     // blocks: causal, 150 rows = two full blocks of ATTN_BLOCK and a partial one;
     // bidirectional (larger blocks, as many rows as fit the scratch), 1100 rows = 953 + 147;
     // cross-attention of 14000 rows to 77 keys (blocks of 13617 rows).
-    for (causal, t, s) in [
-        (true, 2 * attention::ATTN_BLOCK + 22, 0),
-        (false, 1100, 0),
-        (false, 14000, 77),
+    // Head dim 12 keeps the bidirectional cases on the blocked route on every CPU; 16 takes the
+    // fused one where the CPU has AVX2.
+    for (causal, t, s, hd) in [
+        (true, 2 * attention::ATTN_BLOCK + 22, 0, 16),
+        (false, 1100, 0, 12),
+        (false, 14000, 77, 12),
+        (false, 1100, 0, 16),
     ] {
         let s = if s == 0 { t } else { s };
         let d = AttnDims {
             kv_seq: s,
-            ..AttnDims::self_attn(2, t, (4, 2, 16), causal)
+            ..AttnDims::self_attn(2, t, (4, 2, hd), causal)
         };
         let blk = d.block_rows();
         assert!(blk < t && t % blk != 0, "{t} rows in blocks of {blk}");
-        let q = rand_vec(2 * t * 4 * 16, 1, 1.0);
-        let k = rand_vec(2 * s * 2 * 16, 2, 1.0);
-        let v = rand_vec(2 * s * 2 * 16, 3, 1.0);
+        let q = rand_vec(2 * t * 4 * hd, 1, 1.0);
+        let k = rand_vec(2 * s * 2 * hd, 2, 1.0);
+        let v = rand_vec(2 * s * 2 * hd, 3, 1.0);
         let dout = rand_vec(q.len(), 4, 1.0);
         let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; d.lse_len()]);
         attention_forward(&mut out, &mut lse, &q, &k, &v, d, 0.25).unwrap();

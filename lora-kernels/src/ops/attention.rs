@@ -27,6 +27,9 @@ use crate::gemm::{gemm_raw, Par};
 use crate::par::SendPtr;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod flash;
+
 /// Query rows per block in [`attention_forward`] and [`attention_backward`] with a causal mask
 /// (and the least without one).
 pub const ATTN_BLOCK: usize = 64;
@@ -198,6 +201,33 @@ pub fn attention_forward(
     let rep = hq / hkv;
     let (qs, ks) = ((hq * hd) as isize, (hkv * hd) as isize);
     let out_p = SendPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if flash::applies(&d) {
+        lse.par_chunks_mut(t).enumerate().for_each_init(
+            flash::Scratch::default,
+            |scratch, (bh, l)| {
+                let (bi, h) = (bh / hq, bh % hq);
+                let qo = bi * t * hq * hd + h * hd;
+                let ko = bi * sk * hkv * hd + (h / rep) * hd;
+                // SAFETY: `applies` checked AVX2+FMA and D % 8 == 0; q/k/v/out were
+                // length-checked for their shapes, and the head views address rows < T (< S)
+                // and columns < D of head h (h / rep) of batch bi; this task alone writes
+                // out's rows of head h of batch bi.
+                unsafe {
+                    flash::forward_head(
+                        scratch,
+                        out_p.get().add(qo),
+                        l,
+                        (q.as_ptr().add(qo), qs as usize),
+                        (k.as_ptr().add(ko), v.as_ptr().add(ko), ks as usize),
+                        (t, sk, hd),
+                        scale,
+                    )
+                }
+            },
+        );
+        return Ok(());
+    }
     lse.par_chunks_mut(t).enumerate().for_each(|(bh, l)| {
         let (bi, h) = (bh / hq, bh % hq);
         let g = h / rep;
@@ -306,38 +336,75 @@ pub fn attention_backward(
         SendPtr(dk.as_mut_ptr()),
         SendPtr(dv.as_mut_ptr()),
     );
+    // Where the fused forward ran, the scores are recomputed by its kernel (the same bits, so
+    // `e^{S - lse}` is the forward's P exactly), on keys packed once per task, in buffers whose
+    // rows and row stride are rounded up to its tile.
+    #[cfg(target_arch = "x86_64")]
+    let fused = flash::applies(&d);
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused = false;
+    let round = |n: usize, to: usize| if fused { n.div_ceil(to) * to } else { n };
+    #[cfg(target_arch = "x86_64")]
+    let (mr, nr) = (flash::MR, flash::NR);
+    #[cfg(not(target_arch = "x86_64"))]
+    let (mr, nr) = (1, 1);
     (0..b * hkv).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / hkv, bg % hkv);
         let ko = bi * sk * hkv * hd + g * hd;
         let blk = d.block_rows();
-        let mut p = vec![0.0f32; blk * sk];
-        let mut ds = vec![0.0f32; blk * sk];
+        let mut p = vec![0.0f32; round(blk, mr) * round(sk, nr)];
+        let mut ds = vec![0.0f32; round(blk, mr) * round(sk, nr)];
+        #[cfg(target_arch = "x86_64")]
+        let (mut kp, mut qb) = (Vec::new(), Vec::new());
+        #[cfg(target_arch = "x86_64")]
+        if fused {
+            // SAFETY: k was length-checked; head g's view has sk rows of hd at stride ks.
+            unsafe { flash::pack_keys(&mut kp, k.as_ptr().add(ko), ks as usize, sk, hd) };
+        }
         for h in g * rep..(g + 1) * rep {
             let qo = bi * t * hq * hd + h * hd;
             let l = &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t];
             for i0 in (0..t).step_by(blk) {
                 let rows = blk.min(t - i0);
                 let cols = if d.causal { i0 + rows } else { sk };
-                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+                let ld = round(cols, nr);
+                let (p, ds) = (
+                    &mut p[..round(rows, mr) * ld],
+                    &mut ds[..round(rows, mr) * ld],
+                );
                 let ro = i0 * hq * hd; // offset of the block's first row in a q-shaped buffer
                                        // SAFETY (all products): every view is a head slice of a buffer checked above
                                        // (rows < T, columns < D), or this task's (rows, cols) scratch; dq head h rows
                                        // i0.. and dk/dv head g of batch bi are written by this task only (h ranges
                                        // over g's group).
                 unsafe {
-                    scores(
-                        p,
-                        q.as_ptr().add(qo),
-                        qs,
-                        k.as_ptr().add(ko),
-                        ks,
-                        (i0, rows, cols, hd),
-                        scale,
-                    );
+                    #[cfg(target_arch = "x86_64")]
+                    if fused {
+                        flash::scores(
+                            p.as_mut_ptr(),
+                            ld,
+                            &mut qb,
+                            (q.as_ptr().add(qo), qs as usize),
+                            &kp,
+                            (i0, rows, 0, cols, hd),
+                            scale,
+                        );
+                    }
+                    if !fused {
+                        scores(
+                            p,
+                            q.as_ptr().add(qo),
+                            qs,
+                            k.as_ptr().add(ko),
+                            ks,
+                            (i0, rows, cols, hd),
+                            scale,
+                        );
+                    }
                     // dP (rows, cols) = dO_h (rows, D) @ V_g^T (D, cols)
                     gemm_raw(
                         ds.as_mut_ptr(),
-                        (cols as isize, 1),
+                        (ld as isize, 1),
                         dout.as_ptr().add(qo + ro),
                         (qs, 1),
                         v.as_ptr().add(ko),
@@ -351,8 +418,8 @@ pub fn attention_backward(
                 for r in 0..rows {
                     let i = i0 + r;
                     let n = d.keys(i);
-                    let pr = &mut p[r * cols..(r + 1) * cols];
-                    let dr = &mut ds[r * cols..(r + 1) * cols];
+                    let pr = &mut p[r * ld..r * ld + cols];
+                    let dr = &mut ds[r * ld..r * ld + cols];
                     let li = l[i];
                     crate::fastmath::exp_scaled_in_place(&mut pr[..n], li, 1.0);
                     pr[n..].fill(0.0);
@@ -370,7 +437,7 @@ pub fn attention_backward(
                         dq_p.get().add(qo + ro),
                         (qs, 1),
                         ds.as_ptr(),
-                        (cols as isize, 1),
+                        (ld as isize, 1),
                         k.as_ptr().add(ko),
                         (ks, 1),
                         (rows, hd, cols),
@@ -383,7 +450,7 @@ pub fn attention_backward(
                         dk_p.get().add(ko),
                         (ks, 1),
                         ds.as_ptr(),
-                        (1, cols as isize),
+                        (1, ld as isize),
                         q.as_ptr().add(qo + ro),
                         (qs, 1),
                         (cols, hd, rows),
@@ -396,7 +463,7 @@ pub fn attention_backward(
                         dv_p.get().add(ko),
                         (ks, 1),
                         p.as_ptr(),
-                        (1, cols as isize),
+                        (1, ld as isize),
                         dout.as_ptr().add(qo + ro),
                         (qs, 1),
                         (cols, hd, rows),
