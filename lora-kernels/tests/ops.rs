@@ -406,7 +406,7 @@ proptest! {
 
     /// Bidirectional attention with head dims that are multiples of 8 (the fused route on AVX2
     /// CPUs): query rows across several 48-row blocks and not a multiple of the 6-row tile,
-    /// keys across several 256-key blocks with a partial 16-key panel, head dims covering each
+    /// keys across several 64-key blocks with a partial 16-key panel, head dims covering each
     /// register-tile width (8..40) and several chunks (64, 80), large score ranges (the running
     /// maximum rises across key blocks). The backward reads the saved log-sum-exp.
     #[test]

@@ -336,8 +336,9 @@ pub fn attention_backward(
         SendPtr(dk.as_mut_ptr()),
         SendPtr(dv.as_mut_ptr()),
     );
-    // Where the fused forward ran, the scores are recomputed by its kernel (the same bits, so
-    // `e^{S - lse}` is the forward's P exactly), on keys packed once per task, in buffers whose
+    // Where the fused forward ran, the scores are recomputed by its kernel (the same bits of S,
+    // so `e^{S - lse}` differs from the forward's P only by the rounding of the softmax itself,
+    // not by a score rounded another way and amplified by `e^x`), on keys packed once per task, in buffers whose
     // rows and row stride are rounded up to its tile.
     #[cfg(target_arch = "x86_64")]
     let fused = flash::applies(&d);
