@@ -45,6 +45,7 @@ pub(super) fn applies(d: &AttnDims) -> bool {
 #[derive(Default)]
 pub(super) struct Scratch {
     kp: Vec<f32>,
+    vp: Vec<f32>,
     qb: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
@@ -112,6 +113,19 @@ pub(super) unsafe fn scores(
     scale: f32,
 ) {
     copy_queries(qb, q, qs, (i0, rows, hd));
+    score_tiles(s, lds, qb, kp, (rows, j0, cols, hd), scale);
+}
+
+/// [`scores`] on queries already copied into `qb` by [`copy_queries`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_tiles(
+    s: *mut f32,
+    lds: usize,
+    qb: &[f32],
+    kp: &[f32],
+    (rows, j0, cols, hd): (usize, usize, usize, usize),
+    scale: f32,
+) {
     for r0 in (0..rows).step_by(MR) {
         for pi in 0..cols.div_ceil(NR) {
             score_tile(
@@ -144,8 +158,13 @@ pub(super) unsafe fn forward_head(
     (t, sk, hd): (usize, usize, usize),
     scale: f32,
 ) {
-    let Scratch { kp, qb, s, o } = scratch;
+    let Scratch { kp, vp, qb, s, o } = scratch;
     pack_keys(kp, k, ks, sk, hd);
+    // The values as contiguous rows: the output tiles read one row per key.
+    vp.clear();
+    for j in 0..sk {
+        vp.extend_from_slice(std::slice::from_raw_parts(v.add(j * ks), hd));
+    }
     s.resize(BR * BC, 0.0);
     o.resize(BR * hd, 0.0);
     let (mut m, mut l) = ([f32::NEG_INFINITY; BR], [0.0f32; BR]);
@@ -153,17 +172,10 @@ pub(super) unsafe fn forward_head(
         let rows = BR.min(t - i0);
         let rpad = rows.div_ceil(MR) * MR;
         o[..rpad * hd].fill(0.0);
+        copy_queries(qb, q, qs, (i0, rows, hd));
         for j0 in (0..sk).step_by(BC) {
             let cols = BC.min(sk - j0);
-            scores(
-                s.as_mut_ptr(),
-                BC,
-                qb,
-                (q, qs),
-                kp,
-                (i0, rows, j0, cols, hd),
-                scale,
-            );
+            score_tiles(s.as_mut_ptr(), BC, qb, kp, (rows, j0, cols, hd), scale);
             for r in 0..rows {
                 let row = &mut s[r * BC..r * BC + cols];
                 let mb = row.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
@@ -183,8 +195,8 @@ pub(super) unsafe fn forward_head(
             pv(
                 s.as_ptr(),
                 cols,
-                v.add(j0 * ks),
-                ks,
+                vp.as_ptr().add(j0 * hd),
+                hd,
                 o.as_mut_ptr(),
                 (rpad, hd),
             );
@@ -228,7 +240,7 @@ unsafe fn score_tile(
     }
 }
 
-/// `o[r, :] += sum_{j < cols} p[r * BC + j] * v[j * ks, :]` for `r < rows` (a multiple of
+/// `o[r, :] += sum_{j < cols} p[r * BC + j] * v[j * vs, :]` for `r < rows` (a multiple of
 /// [`MR`]), in chunks of at most 5 vectors of the head dimension, each over row groups sized
 /// so the accumulators, one chunk of `v`'s row and the broadcast probability fit the 16
 /// registers.
@@ -238,7 +250,7 @@ unsafe fn pv(
     p: *const f32,
     cols: usize,
     v: *const f32,
-    ks: usize,
+    vs: usize,
     o: *mut f32,
     (rows, hd): (usize, usize),
 ) {
@@ -247,11 +259,11 @@ unsafe fn pv(
         let nv = ((hd - c0) / 8).min(5);
         let (vc, oc) = (v.add(c0), o.add(c0));
         match nv {
-            1 => pv_tiles::<6, 1>(p, cols, vc, ks, oc, (rows, hd)),
-            2 => pv_tiles::<6, 2>(p, cols, vc, ks, oc, (rows, hd)),
-            3 => pv_tiles::<3, 3>(p, cols, vc, ks, oc, (rows, hd)),
-            4 => pv_tiles::<2, 4>(p, cols, vc, ks, oc, (rows, hd)),
-            _ => pv_tiles::<2, 5>(p, cols, vc, ks, oc, (rows, hd)),
+            1 => pv_tiles::<6, 1>(p, cols, vc, vs, oc, (rows, hd)),
+            2 => pv_tiles::<6, 2>(p, cols, vc, vs, oc, (rows, hd)),
+            3 => pv_tiles::<3, 3>(p, cols, vc, vs, oc, (rows, hd)),
+            4 => pv_tiles::<2, 4>(p, cols, vc, vs, oc, (rows, hd)),
+            _ => pv_tiles::<2, 5>(p, cols, vc, vs, oc, (rows, hd)),
         }
         c0 += nv * 8;
     }
@@ -263,7 +275,7 @@ unsafe fn pv_tiles<const RR: usize, const NV: usize>(
     p: *const f32,
     cols: usize,
     v: *const f32,
-    ks: usize,
+    vs: usize,
     o: *mut f32,
     (rows, hd): (usize, usize),
 ) {
@@ -275,7 +287,7 @@ unsafe fn pv_tiles<const RR: usize, const NV: usize>(
             }
         }
         for j in 0..cols {
-            let vr = v.add(j * ks);
+            let vr = v.add(j * vs);
             let mut vv = [_mm256_setzero_ps(); NV];
             for (x, vx) in vv.iter_mut().enumerate() {
                 *vx = _mm256_loadu_ps(vr.add(x * 8));
