@@ -20,7 +20,9 @@
 //!
 //! One rayon task per (batch, head) in forward and per (batch, kv head) in backward, so the key
 //! and value gradients of a group are summed by one task in a fixed order (deterministic), and
-//! no two tasks write the same elements. The products are `gemm` calls on strided head views.
+//! no two tasks write the same elements. The products are `gemm` calls on strided head views,
+//! except bidirectional attention with a head dim divisible by 8 on AVX2+FMA CPUs, which runs
+//! the fused kernels of [`flash`] (same tasks, same saved `lse`).
 
 use crate::error::{check_len, invalid, Result};
 use crate::gemm::{gemm_raw, Par};
@@ -336,76 +338,80 @@ pub fn attention_backward(
         SendPtr(dk.as_mut_ptr()),
         SendPtr(dv.as_mut_ptr()),
     );
-    // Where the fused forward ran, the scores are recomputed by its kernel (the same bits of S,
-    // so `e^{S - lse}` differs from the forward's P only by the rounding of the softmax itself,
-    // not by a score rounded another way and amplified by `e^x`), on keys packed once per task, in buffers whose
-    // rows and row stride are rounded up to its tile.
     #[cfg(target_arch = "x86_64")]
-    let fused = flash::applies(&d);
-    #[cfg(not(target_arch = "x86_64"))]
-    let fused = false;
-    let round = |n: usize, to: usize| if fused { n.div_ceil(to) * to } else { n };
-    #[cfg(target_arch = "x86_64")]
-    let (mr, nr) = (flash::MR, flash::NR);
-    #[cfg(not(target_arch = "x86_64"))]
-    let (mr, nr) = (1, 1);
+    if flash::applies(&d) {
+        let blk = d.block_rows();
+        (0..b * hkv)
+            .into_par_iter()
+            .for_each_init(flash::BackScratch::default, |sc, bg| {
+                let (bi, g) = (bg / hkv, bg % hkv);
+                let ko = bi * sk * hkv * hd + g * hd;
+                // SAFETY: `applies` checked AVX2+FMA and D % 8 == 0; every buffer was
+                // length-checked above; the views address rows < T (< S) and columns < D of
+                // head h (g) of batch bi; dq's heads g*rep.. and dk/dv's head g of batch bi are
+                // written by this task only.
+                unsafe {
+                    flash::backward_begin(
+                        sc,
+                        (k.as_ptr().add(ko), v.as_ptr().add(ko), ks as usize),
+                        (sk, hd),
+                    );
+                    for h in g * rep..(g + 1) * rep {
+                        let qo = bi * t * hq * hd + h * hd;
+                        flash::backward_head(
+                            sc,
+                            (
+                                q.as_ptr().add(qo),
+                                dout.as_ptr().add(qo),
+                                dq_p.get().add(qo),
+                                qs as usize,
+                            ),
+                            &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t],
+                            (t, sk, hd, blk),
+                            scale,
+                        );
+                    }
+                    flash::backward_end(
+                        sc,
+                        (dk_p.get().add(ko), dv_p.get().add(ko), ks as usize),
+                        (sk, hd),
+                    );
+                }
+            });
+        return Ok(());
+    }
     (0..b * hkv).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / hkv, bg % hkv);
         let ko = bi * sk * hkv * hd + g * hd;
         let blk = d.block_rows();
-        let mut p = vec![0.0f32; round(blk, mr) * round(sk, nr)];
-        let mut ds = vec![0.0f32; round(blk, mr) * round(sk, nr)];
-        #[cfg(target_arch = "x86_64")]
-        let (mut kp, mut qb) = (Vec::new(), Vec::new());
-        #[cfg(target_arch = "x86_64")]
-        if fused {
-            // SAFETY: k was length-checked; head g's view has sk rows of hd at stride ks.
-            unsafe { flash::pack_keys(&mut kp, k.as_ptr().add(ko), ks as usize, sk, hd) };
-        }
+        let mut p = vec![0.0f32; blk * sk];
+        let mut ds = vec![0.0f32; blk * sk];
         for h in g * rep..(g + 1) * rep {
             let qo = bi * t * hq * hd + h * hd;
             let l = &lse[(bi * hq + h) * t..(bi * hq + h + 1) * t];
             for i0 in (0..t).step_by(blk) {
                 let rows = blk.min(t - i0);
                 let cols = if d.causal { i0 + rows } else { sk };
-                let ld = round(cols, nr);
-                let (p, ds) = (
-                    &mut p[..round(rows, mr) * ld],
-                    &mut ds[..round(rows, mr) * ld],
-                );
+                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
                 let ro = i0 * hq * hd; // offset of the block's first row in a q-shaped buffer
                                        // SAFETY (all products): every view is a head slice of a buffer checked above
                                        // (rows < T, columns < D), or this task's (rows, cols) scratch; dq head h rows
                                        // i0.. and dk/dv head g of batch bi are written by this task only (h ranges
                                        // over g's group).
                 unsafe {
-                    #[cfg(target_arch = "x86_64")]
-                    if fused {
-                        flash::scores(
-                            p.as_mut_ptr(),
-                            ld,
-                            &mut qb,
-                            (q.as_ptr().add(qo), qs as usize),
-                            &kp,
-                            (i0, rows, 0, cols, hd),
-                            scale,
-                        );
-                    }
-                    if !fused {
-                        scores(
-                            p,
-                            q.as_ptr().add(qo),
-                            qs,
-                            k.as_ptr().add(ko),
-                            ks,
-                            (i0, rows, cols, hd),
-                            scale,
-                        );
-                    }
+                    scores(
+                        p,
+                        q.as_ptr().add(qo),
+                        qs,
+                        k.as_ptr().add(ko),
+                        ks,
+                        (i0, rows, cols, hd),
+                        scale,
+                    );
                     // dP (rows, cols) = dO_h (rows, D) @ V_g^T (D, cols)
                     gemm_raw(
                         ds.as_mut_ptr(),
-                        (ld as isize, 1),
+                        (cols as isize, 1),
                         dout.as_ptr().add(qo + ro),
                         (qs, 1),
                         v.as_ptr().add(ko),
@@ -419,8 +425,8 @@ pub fn attention_backward(
                 for r in 0..rows {
                     let i = i0 + r;
                     let n = d.keys(i);
-                    let pr = &mut p[r * ld..r * ld + cols];
-                    let dr = &mut ds[r * ld..r * ld + cols];
+                    let pr = &mut p[r * cols..(r + 1) * cols];
+                    let dr = &mut ds[r * cols..(r + 1) * cols];
                     let li = l[i];
                     crate::fastmath::exp_scaled_in_place(&mut pr[..n], li, 1.0);
                     pr[n..].fill(0.0);
@@ -438,7 +444,7 @@ pub fn attention_backward(
                         dq_p.get().add(qo + ro),
                         (qs, 1),
                         ds.as_ptr(),
-                        (ld as isize, 1),
+                        (cols as isize, 1),
                         k.as_ptr().add(ko),
                         (ks, 1),
                         (rows, hd, cols),
@@ -451,7 +457,7 @@ pub fn attention_backward(
                         dk_p.get().add(ko),
                         (ks, 1),
                         ds.as_ptr(),
-                        (1, ld as isize),
+                        (1, cols as isize),
                         q.as_ptr().add(qo + ro),
                         (qs, 1),
                         (cols, hd, rows),
@@ -464,7 +470,7 @@ pub fn attention_backward(
                         dv_p.get().add(ko),
                         (ks, 1),
                         p.as_ptr(),
-                        (1, ld as isize),
+                        (1, cols as isize),
                         dout.as_ptr().add(qo + ro),
                         (qs, 1),
                         (cols, hd, rows),

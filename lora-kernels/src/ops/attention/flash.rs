@@ -15,6 +15,9 @@
 //!     out = O / l;  lse = m + ln l
 //! ```
 //!
+//! The backward ([`backward_head`]) recomputes the scores with the same kernel, so they are the
+//! forward's bits, and makes every product of the same register tile ([`tile`]).
+//!
 //! The same quantities as [`super::attention_forward`]'s two-pass route, rounded differently
 //! (the running maximum rescales earlier partial sums; `1 / l` is applied to `O`, not `P`);
 //! both are tested against the f64 definition. Used only where it applies ([`applies`]): no
@@ -91,32 +94,15 @@ unsafe fn copy_queries(
     }
 }
 
-/// The scores of query rows `i0..i0 + rows` against keys `j0..j0 + cols` of packed `kp`:
-/// `s[r * lds + j] = scale * sum_c q[i0 + r][c] k[j0 + j][c]`, summed over `c` in order. Writes
-/// `rows` and `cols` rounded up to [`MR`] and [`NR`] (the padding holds zeros' scores); the same
-/// bits for an element whatever the block it is computed in, so the backward's recomputed
-/// scores equal the forward's.
+/// The scores of the `rows` queries in `qb` (copied by [`copy_queries`]) against keys
+/// `j0..j0 + cols` of packed `kp`: `s[r * lds + j] = scale * sum_c qb[r][c] k[j0 + j][c]`,
+/// summed over `c` in order. Writes `rows` and `cols` rounded up to [`MR`] and [`NR`] (the
+/// padding holds zeros' scores); the same bits for an element whatever the block it is
+/// computed in, so the backward's recomputed scores are the forward's.
 ///
 /// # Safety
-/// AVX2+FMA; `q` as for [`copy_queries`]; `j0` a multiple of [`NR`]; `kp` packed by
-/// [`pack_keys`] for at least `j0 + cols` keys; `s` holds `rows` rounded up to [`MR`] rows of
-/// `lds >= cols` rounded up to [`NR`] values.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn scores(
-    s: *mut f32,
-    lds: usize,
-    qb: &mut Vec<f32>,
-    (q, qs): (*const f32, usize),
-    kp: &[f32],
-    (i0, rows, j0, cols, hd): (usize, usize, usize, usize, usize),
-    scale: f32,
-) {
-    copy_queries(qb, q, qs, (i0, rows, hd));
-    score_tiles(s, lds, qb, kp, (rows, j0, cols, hd), scale);
-}
-
-/// [`scores`] on queries already copied into `qb` by [`copy_queries`].
+/// AVX2+FMA; `j0` a multiple of [`NR`]; `kp` packed by [`pack_keys`] for at least `j0 + cols`
+/// keys; `s` holds `rows` rounded up to [`MR`] rows of `lds >= cols` rounded up to [`NR`] values.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn score_tiles(
     s: *mut f32,
@@ -193,7 +179,7 @@ pub(super) unsafe fn forward_head(
                 l[r] += crate::fastmath::exp_in_place_sum(row, m[r]);
             }
             pv(
-                s.as_ptr(),
+                (s.as_ptr(), BC),
                 cols,
                 vp.as_ptr().add(j0 * hd),
                 hd,
@@ -223,31 +209,91 @@ unsafe fn score_tile(
     lds: usize,
     scale: f32,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for c in 0..hd {
-        let k0 = _mm256_loadu_ps(kp.add(c * NR));
-        let k1 = _mm256_loadu_ps(kp.add(c * NR + 8));
-        for (r, a) in acc.iter_mut().enumerate() {
-            let qv = _mm256_broadcast_ss(&*q.add(r * hd + c));
-            a[0] = _mm256_fmadd_ps(qv, k0, a[0]);
-            a[1] = _mm256_fmadd_ps(qv, k1, a[1]);
+    tile::<MR>((q, hd, 1), (kp, NR), hd, (s, lds), scale, false);
+}
+
+/// The register tile every product here is made of: for `i < R`, `j < NR`,
+/// `c[i * ldc + j] = alpha * sum_{k < n} a[i * ars + k * aks] * b[k * bks + j]` (`+=` with
+/// `add`), the sum over `k` in order, fused multiply-adds from zero, `alpha` applied once.
+///
+/// # Safety
+/// AVX2+FMA; the addressed elements of `a`, `b` (read) and `c` (written) exist.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const R: usize>(
+    (a, ars, aks): (*const f32, usize, usize),
+    (b, bks): (*const f32, usize),
+    n: usize,
+    (c, ldc): (*mut f32, usize),
+    alpha: f32,
+    add: bool,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for k in 0..n {
+        let b0 = _mm256_loadu_ps(b.add(k * bks));
+        let b1 = _mm256_loadu_ps(b.add(k * bks + 8));
+        for (i, t) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*a.add(i * ars + k * aks));
+            t[0] = _mm256_fmadd_ps(av, b0, t[0]);
+            t[1] = _mm256_fmadd_ps(av, b1, t[1]);
         }
     }
-    let sc = _mm256_set1_ps(scale);
-    for (r, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(s.add(r * lds), _mm256_mul_ps(a[0], sc));
-        _mm256_storeu_ps(s.add(r * lds + 8), _mm256_mul_ps(a[1], sc));
+    let al = _mm256_set1_ps(alpha);
+    for (i, t) in acc.iter().enumerate() {
+        for (h, &th) in t.iter().enumerate() {
+            let dst = c.add(i * ldc + 8 * h);
+            let x = _mm256_mul_ps(th, al);
+            let x = if add {
+                _mm256_add_ps(_mm256_loadu_ps(dst), x)
+            } else {
+                x
+            };
+            _mm256_storeu_ps(dst, x);
+        }
     }
 }
 
-/// `o[r, :] += sum_{j < cols} p[r * BC + j] * v[j * vs, :]` for `r < rows` (a multiple of
+/// `ct[c * ldc + j] += sum_{r < n} a[r * hd + c] * b[r * ldb + j]` for `c < hd`, `j < cols`
+/// rounded up to [`NR`]: a transposed product `A^T B` (the backward's `dS^T Q` and `P^T dO`,
+/// written transposed), in tiles of 6 rows of `c` and a tail tile.
+///
+/// # Safety
+/// AVX2+FMA; `a` holds `n` rows of `hd`, `b` `n` rows of `ldb >= cols` rounded up to [`NR`],
+/// `ct` `hd` rows of `ldc` (same bound).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_at_b(
+    ct: *mut f32,
+    ldc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    (n, cols, hd): (usize, usize, usize),
+) {
+    for j0 in (0..cols).step_by(NR) {
+        let mut c0 = 0;
+        while c0 < hd {
+            let (ap, bp, cp) = (a.add(c0), b.add(j0), (ct.add(c0 * ldc + j0), ldc));
+            match (hd - c0).min(MR) {
+                6 => tile::<6>((ap, 1, hd), (bp, ldb), n, cp, 1.0, true),
+                5 => tile::<5>((ap, 1, hd), (bp, ldb), n, cp, 1.0, true),
+                4 => tile::<4>((ap, 1, hd), (bp, ldb), n, cp, 1.0, true),
+                3 => tile::<3>((ap, 1, hd), (bp, ldb), n, cp, 1.0, true),
+                2 => tile::<2>((ap, 1, hd), (bp, ldb), n, cp, 1.0, true),
+                _ => tile::<1>((ap, 1, hd), (bp, ldb), n, cp, 1.0, true),
+            }
+            c0 += MR;
+        }
+    }
+}
+
+/// `o[r, :] += sum_{j < cols} p[r * lp + j] * v[j * vs, :]` for `r < rows` (a multiple of
 /// [`MR`]), in chunks of at most 5 vectors of the head dimension, each over row groups sized
 /// so the accumulators, one chunk of `v`'s row and the broadcast probability fit the 16
 /// registers.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pv(
-    p: *const f32,
+    (p, lp): (*const f32, usize),
     cols: usize,
     v: *const f32,
     vs: usize,
@@ -259,11 +305,11 @@ unsafe fn pv(
         let nv = ((hd - c0) / 8).min(5);
         let (vc, oc) = (v.add(c0), o.add(c0));
         match nv {
-            1 => pv_tiles::<6, 1>(p, cols, vc, vs, oc, (rows, hd)),
-            2 => pv_tiles::<6, 2>(p, cols, vc, vs, oc, (rows, hd)),
-            3 => pv_tiles::<3, 3>(p, cols, vc, vs, oc, (rows, hd)),
-            4 => pv_tiles::<2, 4>(p, cols, vc, vs, oc, (rows, hd)),
-            _ => pv_tiles::<2, 5>(p, cols, vc, vs, oc, (rows, hd)),
+            1 => pv_tiles::<6, 1>((p, lp), cols, vc, vs, oc, (rows, hd)),
+            2 => pv_tiles::<6, 2>((p, lp), cols, vc, vs, oc, (rows, hd)),
+            3 => pv_tiles::<3, 3>((p, lp), cols, vc, vs, oc, (rows, hd)),
+            4 => pv_tiles::<2, 4>((p, lp), cols, vc, vs, oc, (rows, hd)),
+            _ => pv_tiles::<2, 5>((p, lp), cols, vc, vs, oc, (rows, hd)),
         }
         c0 += nv * 8;
     }
@@ -272,7 +318,7 @@ unsafe fn pv(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pv_tiles<const RR: usize, const NV: usize>(
-    p: *const f32,
+    (p, lp): (*const f32, usize),
     cols: usize,
     v: *const f32,
     vs: usize,
@@ -293,7 +339,7 @@ unsafe fn pv_tiles<const RR: usize, const NV: usize>(
                 *vx = _mm256_loadu_ps(vr.add(x * 8));
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let pr = _mm256_broadcast_ss(&*p.add((r0 + r) * BC + j));
+                let pr = _mm256_broadcast_ss(&*p.add((r0 + r) * lp + j));
                 for (ax, &vx) in a.iter_mut().zip(&vv) {
                     *ax = _mm256_fmadd_ps(pr, vx, *ax);
                 }
@@ -305,4 +351,169 @@ unsafe fn pv_tiles<const RR: usize, const NV: usize>(
             }
         }
     }
+}
+
+/// Per-task buffers of the fused backward.
+#[derive(Default)]
+pub(super) struct BackScratch {
+    kp: Vec<f32>,
+    vp: Vec<f32>,
+    kc: Vec<f32>,
+    qb: Vec<f32>,
+    dob: Vec<f32>,
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    dqb: Vec<f32>,
+    dkt: Vec<f32>,
+    dvt: Vec<f32>,
+}
+
+/// Starts the backward of one kv head: packs its keys and values into panels (for the scores
+/// and `dP = dO V^T`), keeps the keys as contiguous rows (for `dQ = dS K`), and zeroes the
+/// transposed `dK`, `dV` accumulators (`D x S` rounded up to [`NR`]).
+///
+/// # Safety
+/// `k`, `v` address `sk` rows of `hd` readable values at stride `ks`.
+pub(super) unsafe fn backward_begin(
+    sc: &mut BackScratch,
+    (k, v, ks): (*const f32, *const f32, usize),
+    (sk, hd): (usize, usize),
+) {
+    pack_keys(&mut sc.kp, k, ks, sk, hd);
+    pack_keys(&mut sc.vp, v, ks, sk, hd);
+    sc.kc.clear();
+    for j in 0..sk {
+        sc.kc
+            .extend_from_slice(std::slice::from_raw_parts(k.add(j * ks), hd));
+    }
+    let ld = sk.div_ceil(NR) * NR;
+    for acc in [&mut sc.dkt, &mut sc.dvt] {
+        acc.clear();
+        acc.resize(hd * ld, 0.0);
+    }
+}
+
+/// One query head's share: for each block of `blk` query rows against all `sk` keys,
+/// `S` (the forward's kernel and bits), `P = e^{S - lse}`, `dP = dO V^T`,
+/// `dS = scale * P (dP - rowsum(P dP))`; `dq` rows `+= dS K`; the accumulators
+/// `dK^T += Q^T dS`, `dV^T += dO^T P`.
+///
+/// # Safety
+/// AVX2+FMA; [`backward_begin`] ran for this kv head; `q`, `dout` and `dq` address `t` rows of
+/// `hd` values at stride `qs` (`dq` writable, by this task only); `lse.len() >= t`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn backward_head(
+    sc: &mut BackScratch,
+    (q, dout, dq, qs): (*const f32, *const f32, *mut f32, usize),
+    lse: &[f32],
+    (t, sk, hd, blk): (usize, usize, usize, usize),
+    scale: f32,
+) {
+    let BackScratch {
+        kp,
+        vp,
+        kc,
+        qb,
+        dob,
+        p,
+        ds,
+        dqb,
+        dkt,
+        dvt,
+    } = sc;
+    let ld = sk.div_ceil(NR) * NR;
+    for i0 in (0..t).step_by(blk) {
+        let rows = blk.min(t - i0);
+        let rpad = rows.div_ceil(MR) * MR;
+        p.resize(rpad * ld, 0.0);
+        ds.resize(rpad * ld, 0.0);
+        copy_queries(qb, q, qs, (i0, rows, hd));
+        copy_queries(dob, dout, qs, (i0, rows, hd));
+        score_tiles(p.as_mut_ptr(), ld, qb, kp, (rows, 0, sk, hd), scale);
+        score_tiles(ds.as_mut_ptr(), ld, dob, vp, (rows, 0, sk, hd), 1.0);
+        for r in 0..rows {
+            let pr = &mut p[r * ld..r * ld + sk];
+            let dr = &mut ds[r * ld..r * ld + sk];
+            crate::fastmath::exp_scaled_in_place(pr, lse[i0 + r], 1.0);
+            let delta = dot(pr, dr);
+            for (d, &pj) in dr.iter_mut().zip(pr.iter()) {
+                *d = scale * (pj * (*d - delta));
+            }
+        }
+        dqb.clear();
+        dqb.resize(rpad * hd, 0.0);
+        pv(
+            (ds.as_ptr(), ld),
+            sk,
+            kc.as_ptr(),
+            hd,
+            dqb.as_mut_ptr(),
+            (rpad, hd),
+        );
+        for r in 0..rows {
+            let dst = std::slice::from_raw_parts_mut(dq.add((i0 + r) * qs), hd);
+            for (x, &y) in dst.iter_mut().zip(&dqb[r * hd..(r + 1) * hd]) {
+                *x += y;
+            }
+        }
+        add_at_b(
+            dkt.as_mut_ptr(),
+            ld,
+            qb.as_ptr(),
+            ds.as_ptr(),
+            ld,
+            (rows, sk, hd),
+        );
+        add_at_b(
+            dvt.as_mut_ptr(),
+            ld,
+            dob.as_ptr(),
+            p.as_ptr(),
+            ld,
+            (rows, sk, hd),
+        );
+    }
+}
+
+/// Adds the transposed accumulators into `dk`, `dv` (`sk` rows of `hd` at stride `ks`).
+///
+/// # Safety
+/// `dk`, `dv` address `sk` writable rows of `hd` values at stride `ks`, written by this task
+/// only; [`backward_begin`] ran with the same `sk`, `hd`.
+pub(super) unsafe fn backward_end(
+    sc: &BackScratch,
+    (dk, dv, ks): (*mut f32, *mut f32, usize),
+    (sk, hd): (usize, usize),
+) {
+    let ld = sk.div_ceil(NR) * NR;
+    for (dst, acc) in [(dk, &sc.dkt), (dv, &sc.dvt)] {
+        for j in 0..sk {
+            let row = std::slice::from_raw_parts_mut(dst.add(j * ks), hd);
+            for (c, x) in row.iter_mut().enumerate() {
+                *x += acc[c * ld + j];
+            }
+        }
+    }
+}
+
+/// `sum_j a[j] b[j]` in 8 lanes (a fixed order: deterministic).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n8 = a.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for j in (0..n8).step_by(8) {
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(j)),
+            _mm256_loadu_ps(b.as_ptr().add(j)),
+            acc,
+        );
+    }
+    let mut l = [0.0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), acc);
+    let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    for j in n8..a.len() {
+        s += a[j] * b[j];
+    }
+    s
 }
