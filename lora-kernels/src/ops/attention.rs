@@ -16,7 +16,8 @@
 //! FLOPs) instead of holding `B * Hq * T * T` floats from forward to backward. Both passes work
 //! on blocks of query rows ([`AttnDims::block_rows`]: [`ATTN_BLOCK`] with a causal mask, which
 //! then skips the key columns after the block's last row; without one, as many rows as a
-//! 4 MiB scratch holds), so the scratch is `rows x T` per task.
+//! 4 MiB scratch holds), so the scratch is `rows x T` per task. (The fused route of [`flash`]
+//! packs K and V once per head and uses its own, smaller blocks.)
 //!
 //! One rayon task per (batch, head) in forward and per (batch, kv head) in backward, so the key
 //! and value gradients of a group are summed by one task in a fixed order (deterministic), and
@@ -340,7 +341,7 @@ pub fn attention_backward(
     );
     #[cfg(target_arch = "x86_64")]
     if flash::applies(&d) {
-        let blk = d.block_rows();
+        let blk = flash::BACK_ROWS;
         (0..b * hkv)
             .into_par_iter()
             .for_each_init(flash::BackScratch::default, |sc, bg| {

@@ -353,6 +353,22 @@ unsafe fn pv_tiles<const RR: usize, const NV: usize>(
     }
 }
 
+/// Query rows per block of the fused backward (a multiple of [`MR`]): its scores and their
+/// gradients (`2 x rows x S` floats, 1.5 MiB at S = 4096) stay near the core.
+pub(super) const BACK_ROWS: usize = 48;
+
+/// Row stride of the backward's `rows x S` buffers and of the transposed accumulators: `S`
+/// rounded up to [`NR`], plus one panel when that is a multiple of 256 floats (a 1 KiB power of
+/// two would map a column walk's rows onto a few cache sets).
+fn back_stride(sk: usize) -> usize {
+    let ld = sk.div_ceil(NR) * NR;
+    if ld % 256 == 0 {
+        ld + NR
+    } else {
+        ld
+    }
+}
+
 /// Per-task buffers of the fused backward.
 #[derive(Default)]
 pub(super) struct BackScratch {
@@ -386,7 +402,7 @@ pub(super) unsafe fn backward_begin(
         sc.kc
             .extend_from_slice(std::slice::from_raw_parts(k.add(j * ks), hd));
     }
-    let ld = sk.div_ceil(NR) * NR;
+    let ld = back_stride(sk);
     for acc in [&mut sc.dkt, &mut sc.dvt] {
         acc.clear();
         acc.resize(hd * ld, 0.0);
@@ -421,7 +437,7 @@ pub(super) unsafe fn backward_head(
         dkt,
         dvt,
     } = sc;
-    let ld = sk.div_ceil(NR) * NR;
+    let ld = back_stride(sk);
     for i0 in (0..t).step_by(blk) {
         let rows = blk.min(t - i0);
         let rpad = rows.div_ceil(MR) * MR;
@@ -485,7 +501,7 @@ pub(super) unsafe fn backward_end(
     (dk, dv, ks): (*mut f32, *mut f32, usize),
     (sk, hd): (usize, usize),
 ) {
-    let ld = sk.div_ceil(NR) * NR;
+    let ld = back_stride(sk);
     for (dst, acc) in [(dk, &sc.dkt), (dv, &sc.dvt)] {
         for j in 0..sk {
             let row = std::slice::from_raw_parts_mut(dst.add(j * ks), hd);
