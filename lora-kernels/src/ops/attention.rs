@@ -206,9 +206,10 @@ pub fn attention_forward(
     let out_p = SendPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     if flash::applies(&d) {
-        lse.par_chunks_mut(t).enumerate().for_each_init(
-            flash::Scratch::default,
-            |scratch, (bh, l)| {
+        // Buffers kept per pool thread between calls (no allocation churn between a training
+        // forward's saved activations).
+        lse.par_chunks_mut(t).enumerate().for_each(|(bh, l)| {
+            flash::FORWARD.with_borrow_mut(|scratch| {
                 let (bi, h) = (bh / hq, bh % hq);
                 let qo = bi * t * hq * hd + h * hd;
                 let ko = bi * sk * hkv * hd + (h / rep) * hd;
@@ -227,8 +228,8 @@ pub fn attention_forward(
                         scale,
                     )
                 }
-            },
-        );
+            })
+        });
         return Ok(());
     }
     lse.par_chunks_mut(t).enumerate().for_each(|(bh, l)| {
@@ -342,9 +343,8 @@ pub fn attention_backward(
     #[cfg(target_arch = "x86_64")]
     if flash::applies(&d) {
         let blk = flash::BACK_ROWS;
-        (0..b * hkv)
-            .into_par_iter()
-            .for_each_init(flash::BackScratch::default, |sc, bg| {
+        (0..b * hkv).into_par_iter().for_each(|bg| {
+            flash::BACKWARD.with_borrow_mut(|sc| {
                 let (bi, g) = (bg / hkv, bg % hkv);
                 let ko = bi * sk * hkv * hd + g * hd;
                 // SAFETY: `applies` checked AVX2+FMA and D % 8 == 0; every buffer was
@@ -378,7 +378,8 @@ pub fn attention_backward(
                         (sk, hd),
                     );
                 }
-            });
+            })
+        });
         return Ok(());
     }
     (0..b * hkv).into_par_iter().for_each(|bg| {

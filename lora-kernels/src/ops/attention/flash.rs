@@ -44,6 +44,13 @@ pub(super) fn applies(d: &AttnDims) -> bool {
     !d.causal && d.head_dim % 8 == 0 && d.head_dim > 0 && crate::simd::has_avx2_fma()
 }
 
+thread_local! {
+    /// The forward's buffers, kept per thread between calls.
+    pub(super) static FORWARD: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    /// The backward's buffers, kept per thread between calls.
+    pub(super) static BACKWARD: std::cell::RefCell<BackScratch> = std::cell::RefCell::default();
+}
+
 /// Per-task buffers, kept between heads.
 #[derive(Default)]
 pub(super) struct Scratch {
