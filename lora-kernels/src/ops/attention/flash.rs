@@ -1,4 +1,4 @@
-//! Fused forward of bidirectional attention for one (batch, head) on AVX2+FMA (flash-style):
+//! Fused bidirectional attention on AVX2+FMA (flash-style). Forward, per (batch, head):
 //! the scores of a block of query rows against a block of keys are computed, exponentiated and
 //! multiplied into the output while they sit in L1, instead of a `rows x S` score matrix
 //! written by one GEMM, swept three times by the softmax and packed again by the next GEMM.
@@ -15,8 +15,10 @@
 //!     out = O / l;  lse = m + ln l
 //! ```
 //!
-//! The backward ([`backward_head`]) recomputes the scores with the same kernel, so they are the
-//! forward's bits, and makes every product of the same register tile ([`tile`]).
+//! The backward ([`backward_head`], blocks of [`BACK_ROWS`] query rows against all keys)
+//! recomputes the scores with the same kernel, so they are the forward's bits; `dP`, `dK^T` and
+//! `dV^T` come from the same register tile ([`tile`]) with other strides, `dQ` from the
+//! forward's output tiles ([`pv`]).
 //!
 //! The same quantities as [`super::attention_forward`]'s two-pass route, rounded differently
 //! (the running maximum rescales earlier partial sums; `1 / l` is applied to `O`, not `P`);
