@@ -6,7 +6,7 @@
 //! ceiling in one table, use `lora bench linear --suite`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use lora_kernels::workload::{GemmWorkload, LinearWorkload, MixedWorkload};
+use lora_kernels::workload::{GemmBf16Workload, GemmWorkload, LinearWorkload, MixedWorkload};
 use std::time::Duration;
 
 const SCENARIOS: [(&str, usize, usize, usize, usize); 4] = [
@@ -38,6 +38,20 @@ fn ceiling(c: &mut Criterion) {
     let mut w = GemmWorkload::new(2048);
     g.throughput(Throughput::Elements(w.flops() as u64));
     g.bench_function("square_2048", |b| b.iter(|| w.step().unwrap()));
+    // bf16 operands, f32 accumulation (VDPBF16PS where the CPU has AVX512-BF16, otherwise the
+    // widening fallback): the right operand prepacked as a frozen weight is; with and without
+    // the left operand's rounding and packing.
+    let mut w = GemmBf16Workload::new(2048).unwrap();
+    g.throughput(Throughput::Elements(w.flops() as u64));
+    g.bench_function("square_2048_bf16_prepacked", |b| {
+        b.iter(|| w.step(true, false).unwrap())
+    });
+    g.bench_function("square_2048_bf16_pack_lhs", |b| {
+        b.iter(|| w.step(false, false).unwrap())
+    });
+    g.bench_function("square_2048_bf16_widened", |b| {
+        b.iter(|| w.step(true, true).unwrap())
+    });
     g.finish();
 }
 

@@ -31,6 +31,7 @@ pub mod cuda_libs;
 pub mod error;
 pub mod fastmath;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod linalg;
 pub mod lora_linear;
 pub mod mixed;

@@ -142,6 +142,58 @@ impl GemmWorkload {
     }
 }
 
+/// A square `n x n x n` bf16 product (f32 accumulation, [`crate::gemm_bf16`]): the bf16
+/// ceiling. The right operand is packed once (as a frozen weight is); the left one, an f32
+/// activation, is rounded and packed on every call unless `prepacked`.
+pub struct GemmBf16Workload {
+    n: usize,
+    a: Vec<f32>,
+    packed_a: crate::gemm_bf16::PackedLhs,
+    packed_b: crate::gemm_bf16::PackedRhs,
+    c: Vec<f32>,
+}
+
+impl GemmBf16Workload {
+    /// Seeded random operands.
+    pub fn new(n: usize) -> crate::Result<Self> {
+        use crate::gemm_bf16::{pack_lhs, pack_rhs, Source, View};
+        let mut rng = Rng::new(1);
+        let a = random(n * n, &mut rng, 1.0);
+        let b = random(n * n, &mut rng, 1.0);
+        Ok(Self {
+            n,
+            packed_a: pack_lhs(View::row_major(Source::F32(&a), n, n))?,
+            packed_b: pack_rhs(View::row_major(Source::F32(&b), n, n))?,
+            a,
+            c: vec![0.0; n * n],
+        })
+    }
+    /// `2 n^3`.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n as f64).powi(3)
+    }
+    /// One product: `prepacked` times the micro-kernels alone, otherwise the left operand's
+    /// packing is included; `widened` forces the fallback micro-kernel.
+    pub fn step(&mut self, prepacked: bool, widened: bool) -> crate::Result<()> {
+        use crate::gemm_bf16::{matmul_packed, matmul_packed_widened, pack_lhs, Source, View};
+        if !prepacked {
+            self.packed_a = pack_lhs(View::row_major(Source::F32(&self.a), self.n, self.n))?;
+        }
+        let f = if widened {
+            matmul_packed_widened
+        } else {
+            matmul_packed
+        };
+        f(
+            &mut self.c,
+            &self.packed_a,
+            &self.packed_b,
+            false,
+            Par::Auto,
+        )
+    }
+}
+
 /// A frozen 3x3 convolution (stride 1, padding 1, with a bias) as a LoRA step runs it: the
 /// forward and the input gradient, by a chosen algorithm.
 pub struct ConvWorkload {

@@ -1,0 +1,693 @@
+//! bf16 matrix products with f32 accumulation: PyTorch autocast's semantics on the CPU (both
+//! operands rounded to bfloat16, round-to-nearest-even; every product and sum in f32).
+//!
+//! Legend for this file: `dst (M, N) [+]= lhs (M, K) @ rhs (K, N)`, `dst` row-major f32. A
+//! *pair* is two consecutive `k` values of one row (of `lhs`) or one column (of `rhs`) packed in
+//! one `u32`, the lower `k` in the low 16 bits: the layout of one 32-bit lane of the
+//! dot-product instruction `VDPBF16PS` (AVX512-BF16), which adds `a[2q] b[2q] + a[2q+1] b[2q+1]`
+//! into each f32 lane. `P = ceil(K / 2)` pairs (an odd `K` is padded with a zero).
+//!
+//! Packed layouts (both operands are packed before a product; a frozen weight once, at load):
+//! - [`PackedLhs`]: panels of [`MR`] rows; panel `p` holds, for each pair `q`, the `MR` rows'
+//!   pairs: `data[(p P + q) MR + r]`. Rows past `M` are zero.
+//! - [`PackedRhs`]: panels of [`NR`] columns; panel `p` holds, for each pair `q`, the `NR`
+//!   columns' pairs: `data[(p P + q) NR + c]` (two 512-bit registers per pair). Columns past `N`
+//!   are zero.
+//!
+//! The micro-kernel computes one `MR x NR` tile over a run of pairs: with AVX512-BF16, 24
+//! accumulator registers, one broadcast of an `lhs` pair and two `VDPBF16PS` per row and pair.
+//! Without it (AVX2-only and older CPUs, and non-x86) the same packed operands are widened to
+//! f32 (exact: a bf16 is the top half of an f32) and multiplied with f32 FMAs, so the result has
+//! the same semantics at f32 speed; [`native`] tells which one runs. AMX tiles are not used (no
+//! development machine has them to test on).
+//!
+//! Blocking (GotoBLAS order): the output is cut in tasks of [`MC`] rows x [`NC`] columns (run in
+//! parallel); a task walks the pairs in runs of [`KC_PAIRS`] (one `rhs` micro-panel of such a
+//! run is 16 KiB, kept in L1 while the task's `MC` rows of `lhs` stream from L2).
+
+use crate::error::{KernelError, Result};
+use crate::gemm::Par;
+use crate::par::SendPtr;
+use rayon::prelude::*;
+
+/// Rows of a micro-tile (and of an `lhs` panel).
+pub const MR: usize = 12;
+/// Columns of a micro-tile (and of an `rhs` panel): two 16-lane registers.
+pub const NR: usize = 32;
+/// Pairs per run of the reduction (512 values of `K`).
+pub const KC_PAIRS: usize = 256;
+/// Rows of `dst` per parallel task.
+pub const MC: usize = 8 * MR;
+/// Columns of `dst` per parallel task.
+pub const NC: usize = 8 * NR;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 18;
+
+/// Rounds an f32 to the nearest bfloat16 (ties to even), as `torch.Tensor.to(torch.bfloat16)`
+/// does; a NaN stays a (quiet) NaN. Returns the bit pattern.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of a bfloat16 bit pattern (exact).
+#[inline(always)]
+pub fn widen_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Where an operand's values come from: f32 (rounded to bf16 when packed) or bf16 bits.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bfloat16 bit patterns, used as they are.
+    Bf16(&'a [u16]),
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Source::F32(s) => s.len(),
+            Source::Bf16(s) => s.len(),
+        }
+    }
+}
+
+/// A logical `(rows, cols)` matrix over a [`Source`]: element `(i, j)` at `i * rs + j * cs`
+/// (a transpose is a swap of the strides, nothing is copied).
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    /// The values.
+    pub src: Source<'a>,
+    /// Logical rows.
+    pub rows: usize,
+    /// Logical columns.
+    pub cols: usize,
+    /// Distance between consecutive rows.
+    pub rs: usize,
+    /// Distance between consecutive columns.
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major `(rows, cols)` matrix.
+    pub fn row_major(src: Source<'a>, rows: usize, cols: usize) -> Self {
+        View {
+            src,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The same values read as the `(cols, rows)` transpose.
+    pub fn t(self) -> Self {
+        View {
+            src: self.src,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Checks that every element the view addresses is inside its source.
+    fn check(&self, op: &'static str, arg: &'static str) -> Result<()> {
+        if self.rows == 0 || self.cols == 0 {
+            return Ok(());
+        }
+        let last = (self.rows - 1).checked_mul(self.rs).and_then(|a| {
+            (self.cols - 1)
+                .checked_mul(self.cs)
+                .and_then(|b| a.checked_add(b))
+        });
+        match last {
+            Some(l) if l < self.src.len() => Ok(()),
+            _ => Err(KernelError::InvalidArg {
+                op,
+                arg,
+                reason: format!(
+                    "a ({}, {}) view with strides ({}, {}) reaches past its {} values",
+                    self.rows,
+                    self.cols,
+                    self.rs,
+                    self.cs,
+                    self.src.len()
+                ),
+            }),
+        }
+    }
+
+    /// The pair `(i, 2q), (i, 2q + 1)` (the second zero past the last column).
+    #[inline(always)]
+    fn row_pair(&self, i: usize, q: usize) -> u32 {
+        let j = 2 * q;
+        let at = i * self.rs + j * self.cs;
+        let two = j + 1 < self.cols;
+        match self.src {
+            Source::F32(s) => {
+                let lo = round_bf16(s[at]) as u32;
+                let hi = if two {
+                    round_bf16(s[at + self.cs]) as u32
+                } else {
+                    0
+                };
+                lo | hi << 16
+            }
+            Source::Bf16(s) => {
+                let lo = s[at] as u32;
+                let hi = if two { s[at + self.cs] as u32 } else { 0 };
+                lo | hi << 16
+            }
+        }
+    }
+}
+
+/// The pair count of a reduction of length `k`.
+fn pairs_of(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// A left operand packed in [`MR`]-row panels of pairs (see the module legend).
+#[derive(Clone, Debug)]
+pub struct PackedLhs {
+    rows: usize,
+    depth: usize,
+    data: Vec<u32>,
+}
+
+/// A right operand packed in [`NR`]-column panels of pairs (see the module legend).
+#[derive(Clone, Debug)]
+pub struct PackedRhs {
+    depth: usize,
+    cols: usize,
+    data: Vec<u32>,
+}
+
+impl PackedLhs {
+    /// `(M, K)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.depth)
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+impl PackedRhs {
+    /// `(K, N)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.depth, self.cols)
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Allocates a packed buffer of `panels * pairs * width` pairs, refusing a size that overflows.
+fn packed_buffer(op: &'static str, panels: usize, pairs: usize, width: usize) -> Result<Vec<u32>> {
+    let n = panels
+        .checked_mul(pairs)
+        .and_then(|v| v.checked_mul(width))
+        .filter(|&v| v <= isize::MAX as usize / 4)
+        .ok_or_else(|| KernelError::InvalidArg {
+            op,
+            arg: "dims",
+            reason: format!("{panels} panels x {pairs} pairs x {width} is too large"),
+        })?;
+    Ok(vec![0u32; n])
+}
+
+/// Packs `(M, K)` `lhs` (rounding f32 values to bf16).
+pub fn pack_lhs(v: View) -> Result<PackedLhs> {
+    const OP: &str = "pack_lhs";
+    v.check(OP, "lhs")?;
+    let (m, k) = (v.rows, v.cols);
+    let pairs = pairs_of(k);
+    let mut data = packed_buffer(OP, m.div_ceil(MR), pairs, MR)?;
+    if pairs > 0 {
+        data.par_chunks_mut(pairs * MR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let rows = MR.min(m - p * MR);
+                for r in 0..rows {
+                    let i = p * MR + r;
+                    for q in 0..pairs {
+                        panel[q * MR + r] = v.row_pair(i, q);
+                    }
+                }
+            });
+    }
+    Ok(PackedLhs {
+        rows: m,
+        depth: k,
+        data,
+    })
+}
+
+/// Packs `(K, N)` `rhs` (rounding f32 values to bf16).
+pub fn pack_rhs(v: View) -> Result<PackedRhs> {
+    const OP: &str = "pack_rhs";
+    v.check(OP, "rhs")?;
+    let (k, n) = (v.rows, v.cols);
+    let pairs = pairs_of(k);
+    let mut data = packed_buffer(OP, n.div_ceil(NR), pairs, NR)?;
+    // Column c of rhs is row c of its transpose, whose pairs run along k.
+    let t = v.t();
+    if pairs > 0 {
+        data.par_chunks_mut(pairs * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let cols = NR.min(n - p * NR);
+                for c in 0..cols {
+                    let j = p * NR + c;
+                    for q in 0..pairs {
+                        panel[q * NR + c] = t.row_pair(j, q);
+                    }
+                }
+            });
+    }
+    Ok(PackedRhs {
+        depth: k,
+        cols: n,
+        data,
+    })
+}
+
+/// Whether the products run on `VDPBF16PS` (AVX512-BF16) on this CPU; otherwise the packed
+/// operands are widened to f32 inside the micro-kernel.
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// What the micro-kernel runs on, for reports.
+pub fn kernel_name() -> &'static str {
+    if native() {
+        "AVX512-BF16 VDPBF16PS"
+    } else if crate::simd::has_avx2_fma() {
+        "bf16 widened to f32 (AVX2 FMA)"
+    } else {
+        "bf16 widened to f32 (portable)"
+    }
+}
+
+/// `dst (M, N) [+]= lhs @ rhs` for packed operands. `dst` is row-major with row stride `N`.
+pub fn matmul_packed(
+    dst: &mut [f32],
+    lhs: &PackedLhs,
+    rhs: &PackedRhs,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    packed_product(dst, lhs, rhs, accumulate, par, select_kernel())
+}
+
+/// [`matmul_packed`] on the widening micro-kernel whatever the CPU has: the fallback, for tests
+/// and benchmarks on machines with AVX512-BF16.
+pub fn matmul_packed_widened(
+    dst: &mut [f32],
+    lhs: &PackedLhs,
+    rhs: &PackedRhs,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    packed_product(dst, lhs, rhs, accumulate, par, widening_kernel())
+}
+
+fn packed_product(
+    dst: &mut [f32],
+    lhs: &PackedLhs,
+    rhs: &PackedRhs,
+    accumulate: bool,
+    par: Par,
+    kernel: Kernel,
+) -> Result<()> {
+    const OP: &str = "matmul_bf16";
+    if lhs.depth != rhs.depth {
+        return Err(KernelError::InvalidArg {
+            op: OP,
+            arg: "rhs",
+            reason: format!(
+                "lhs is ({}, {}) but rhs has {} rows",
+                lhs.rows, lhs.depth, rhs.depth
+            ),
+        });
+    }
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.depth);
+    crate::error::check_len(OP, "dst", dst.len(), &[m, n])?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let tasks_m = m.div_ceil(MC);
+    let tasks_n = n.div_ceil(NC);
+    let out = SendPtr(dst.as_mut_ptr());
+    let run = |t: usize| {
+        let (tm, tn) = (t / tasks_n, t % tasks_n);
+        // SAFETY: task (tm, tn) writes only rows tm*MC.. and columns tn*NC.. of dst, disjoint
+        // from every other task's; the packed operands hold every pair the tiles read.
+        unsafe { run_task(out, (m, n), lhs, rhs, (tm, tn), accumulate, kernel) }
+    };
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    if par == Par::Single || macs < PAR_MIN_MACS || rayon::current_num_threads() <= 1 {
+        (0..tasks_m * tasks_n).for_each(run);
+    } else {
+        (0..tasks_m * tasks_n).into_par_iter().for_each(run);
+    }
+    Ok(())
+}
+
+/// `dst (M, N) [+]= lhs (M, K) @ rhs (K, N)` with both operands rounded to bf16: packs both,
+/// then [`matmul_packed`]. Products against a frozen weight should pack it once instead.
+pub fn matmul_bf16(
+    dst: &mut [f32],
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    let a = pack_lhs(lhs)?;
+    let b = pack_rhs(rhs)?;
+    matmul_packed(dst, &a, &b, accumulate, par)
+}
+
+/// A micro-kernel: `c[r][j] (rows x cols valid, row stride ldc) [+]=` the tile's products over
+/// `pairs` pairs of the `a` panel run (stride MR) and `b` panel run (stride NR).
+type Kernel = unsafe fn(*const u32, *const u32, usize, *mut f32, usize, usize, usize, bool);
+
+fn select_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if native() {
+        return x86::tile_dpbf16;
+    }
+    widening_kernel()
+}
+
+fn widening_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx2_fma() {
+        return x86::tile_widen_avx2;
+    }
+    tile_widen_portable
+}
+
+/// One task: rows `tm*MC ..`, columns `tn*NC ..` of `dst`, over all pairs in runs of KC_PAIRS.
+///
+/// # Safety
+/// `out` points to an `(m, n)` row-major buffer that no other thread writes in this task's
+/// rows and columns; `lhs` is `(m, K)` and `rhs` `(K, n)` packed.
+unsafe fn run_task(
+    out: SendPtr,
+    (m, n): (usize, usize),
+    lhs: &PackedLhs,
+    rhs: &PackedRhs,
+    (tm, tn): (usize, usize),
+    accumulate: bool,
+    kernel: Kernel,
+) {
+    let pairs = pairs_of(lhs.depth);
+    let (r0, r1) = (tm * MC, (tm * MC + MC).min(m));
+    let (c0, c1) = (tn * NC, (tn * NC + NC).min(n));
+    for q0 in (0..pairs).step_by(KC_PAIRS) {
+        let qn = KC_PAIRS.min(pairs - q0);
+        let load = accumulate || q0 > 0;
+        for c in (c0..c1).step_by(NR) {
+            let b = rhs.data.as_ptr().add((c / NR * pairs + q0) * NR);
+            for r in (r0..r1).step_by(MR) {
+                let a = lhs.data.as_ptr().add((r / MR * pairs + q0) * MR);
+                let dst = out.get().add(r * n + c);
+                kernel(a, b, qn, dst, n, MR.min(m - r), NR.min(n - c), load);
+            }
+        }
+    }
+}
+
+/// The low and high bf16 of a pair, as f32.
+#[inline(always)]
+fn split_pair(p: u32) -> (f32, f32) {
+    (f32::from_bits(p << 16), f32::from_bits(p & 0xffff_0000))
+}
+
+/// The widening micro-kernel's body, in 4-row x 16-column sub-tiles (the accumulators of one
+/// sub-tile fit in registers); inlined into a target-feature wrapper per CPU family.
+///
+/// # Safety
+/// As [`Kernel`]: `a` holds `pairs * MR` pairs, `b` `pairs * NR`, `c` a `rows x cols` tile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_widen_body(
+    a: *const u32,
+    b: *const u32,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    load: bool,
+) {
+    const SR: usize = 4;
+    const SC: usize = 16;
+    for r0 in (0..rows).step_by(SR) {
+        for c0 in (0..cols).step_by(SC) {
+            let mut acc = [[0.0f32; SC]; SR];
+            if load {
+                for (r, row) in acc.iter_mut().enumerate().take(rows - r0) {
+                    for (j, v) in row.iter_mut().enumerate().take(cols - c0) {
+                        *v = *c.add((r0 + r) * ldc + c0 + j);
+                    }
+                }
+            }
+            for q in 0..pairs {
+                let bq = std::slice::from_raw_parts(b.add(q * NR + c0), SC);
+                let mut lo = [0.0f32; SC];
+                let mut hi = [0.0f32; SC];
+                for j in 0..SC {
+                    (lo[j], hi[j]) = split_pair(bq[j]);
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let (al, ah) = split_pair(*a.add(q * MR + r0 + r));
+                    for j in 0..SC {
+                        row[j] = al.mul_add(lo[j], row[j]);
+                        row[j] = ah.mul_add(hi[j], row[j]);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate().take(rows - r0) {
+                for (j, v) in row.iter().enumerate().take(cols - c0) {
+                    *c.add((r0 + r) * ldc + c0 + j) = *v;
+                }
+            }
+        }
+    }
+}
+
+/// The widening micro-kernel without target features (non-x86, or x86 without AVX2+FMA).
+///
+/// # Safety
+/// As [`Kernel`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_widen_portable(
+    a: *const u32,
+    b: *const u32,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    load: bool,
+) {
+    tile_widen_body(a, b, pairs, c, ldc, rows, cols, load)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The widening micro-kernel on AVX2+FMA: the tile in 4-row x 16-column sub-tiles (eight
+    /// accumulator registers); per pair, the `rhs` pairs are split into their low and high
+    /// bf16 as f32 (a shift and a mask), each row's pair likewise, and four FMAs per row.
+    /// Partial sub-tiles (edges) go through a scratch tile.
+    ///
+    /// # Safety
+    /// As [`super::Kernel`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_widen_avx2(
+        a: *const u32,
+        b: *const u32,
+        pairs: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        load: bool,
+    ) {
+        const SR: usize = 4;
+        const SC: usize = 16;
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        for r0 in (0..rows).step_by(SR) {
+            for c0 in (0..cols).step_by(SC) {
+                let (nr, nc) = (SR.min(rows - r0), SC.min(cols - c0));
+                let mut scratch = [0.0f32; SR * SC];
+                // Full sub-tiles read and write dst directly; edges through the scratch.
+                let (t, ldt) = if nr == SR && nc == SC {
+                    (c.add(r0 * ldc + c0), ldc)
+                } else {
+                    if load {
+                        for r in 0..nr {
+                            for j in 0..nc {
+                                scratch[r * SC + j] = *c.add((r0 + r) * ldc + c0 + j);
+                            }
+                        }
+                    }
+                    (scratch.as_mut_ptr(), SC)
+                };
+                let mut acc = [[_mm256_setzero_ps(); 2]; SR];
+                if load {
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        row[0] = _mm256_loadu_ps(t.add(r * ldt));
+                        row[1] = _mm256_loadu_ps(t.add(r * ldt + 8));
+                    }
+                }
+                for q in 0..pairs {
+                    let bq = b.add(q * NR + c0) as *const __m256i;
+                    let v0 = _mm256_loadu_si256(bq);
+                    let v1 = _mm256_loadu_si256(bq.add(1));
+                    let lo0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+                    let lo1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+                    let hi0 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+                    let hi1 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
+                    let aq = a.add(q * MR + r0);
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let p = _mm256_set1_epi32(*aq.add(r) as i32);
+                        let al = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+                        let ah = _mm256_castsi256_ps(_mm256_and_si256(p, high));
+                        row[0] = _mm256_fmadd_ps(al, lo0, row[0]);
+                        row[1] = _mm256_fmadd_ps(al, lo1, row[1]);
+                        row[0] = _mm256_fmadd_ps(ah, hi0, row[0]);
+                        row[1] = _mm256_fmadd_ps(ah, hi1, row[1]);
+                    }
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(t.add(r * ldt), row[0]);
+                    _mm256_storeu_ps(t.add(r * ldt + 8), row[1]);
+                }
+                if t == scratch.as_mut_ptr() {
+                    for r in 0..nr {
+                        for j in 0..nc {
+                            *c.add((r0 + r) * ldc + c0 + j) = scratch[r * SC + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `VDPBF16PS` micro-kernel: an `MR x NR` tile in 24 registers.
+    ///
+    /// # Safety
+    /// As [`super::Kernel`]; the CPU has AVX512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_dpbf16(
+        a: *const u32,
+        b: *const u32,
+        pairs: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        load: bool,
+    ) {
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1: __mmask16 = if cols >= NR {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if load {
+            for (r, row) in acc.iter_mut().enumerate().take(rows) {
+                row[0] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                row[1] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
+            }
+        }
+        for q in 0..pairs {
+            let bq = b.add(q * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(16) as *const _));
+            let aq = a.add(q * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(r) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], ar, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], ar, b1);
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, row[0]);
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, row[1]);
+        }
+    }
+}
+
+/// The reference the fast products are tested against: f64 sums of the bf16-rounded operands.
+pub mod reference {
+    use super::{round_bf16, widen_bf16, Source, View};
+
+    /// The value the product reads for element `(i, j)` of `v`: rounded to bf16.
+    pub fn at(v: &View, i: usize, j: usize) -> f64 {
+        let idx = i * v.rs + j * v.cs;
+        let b = match v.src {
+            Source::F32(s) => round_bf16(s[idx]),
+            Source::Bf16(s) => s[idx],
+        };
+        widen_bf16(b) as f64
+    }
+
+    /// `(M, N)` row-major `lhs @ rhs` in f64, and the sum of `|lhs_ik rhs_kj|` per element
+    /// (the scale of the f32 accumulation's rounding error).
+    pub fn matmul(lhs: &View, rhs: &View) -> (Vec<f64>, Vec<f64>) {
+        let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+        let mut out = vec![0.0; m * n];
+        let mut mag = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for kk in 0..k {
+                    let p = at(lhs, i, kk) * at(rhs, kk, j);
+                    out[i * n + j] += p;
+                    mag[i * n + j] += p.abs();
+                }
+            }
+        }
+        (out, mag)
+    }
+}

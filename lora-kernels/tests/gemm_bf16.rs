@@ -1,0 +1,192 @@
+//! The bf16 product (`gemm_bf16`) against the f64 reference on the bf16-rounded operands, on
+//! both micro-kernels (VDPBF16PS where the CPU has it, and the widening fallback everywhere).
+
+mod common;
+
+use common::rand_vec;
+use lora_kernels::gemm::Par;
+use lora_kernels::gemm_bf16::{
+    matmul_packed, matmul_packed_widened, pack_lhs, pack_rhs, reference, round_bf16, widen_bf16,
+    Source, View, KC_PAIRS, MC, NC,
+};
+use proptest::prelude::*;
+
+/// Every element within `(K + 2) 2^-23` of `sum |a b|` (about twice the worst-case f32
+/// accumulation error) of the f64 product of the rounded operands.
+fn check(what: &str, got: &[f32], want: &[f64], mag: &[f64], start: &[f32], k: usize) {
+    let tol = (k as f64 + 2.0) * (2f64).powi(-23);
+    for (i, ((g, w), m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let w = w + start[i] as f64;
+        let bound = tol * (m + (start[i] as f64).abs()) + 1e-30;
+        assert!(
+            (*g as f64 - w).abs() <= bound,
+            "{what}: element {i}: {g} vs {w} (bound {bound:.3e})"
+        );
+    }
+}
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    lt: bool,
+    rt: bool,
+    bf16_src: bool,
+    acc: bool,
+    seed: u64,
+}
+
+fn run(c: &Case, par: Par) {
+    let a = rand_vec(c.m * c.k, c.seed, 1.0);
+    let b = rand_vec(c.k * c.n, c.seed ^ 1, 1.0);
+    let ab: Vec<u16> = a.iter().map(|&v| round_bf16(v * 3.0)).collect();
+    let bb: Vec<u16> = b.iter().map(|&v| round_bf16(v * 3.0)).collect();
+    let (sa, sb) = if c.bf16_src {
+        (Source::Bf16(&ab), Source::Bf16(&bb))
+    } else {
+        (Source::F32(&a), Source::F32(&b))
+    };
+    // Stored (k, m) when transposed, so the view reads it back as (m, k).
+    let lhs = if c.lt {
+        View::row_major(sa, c.k, c.m).t()
+    } else {
+        View::row_major(sa, c.m, c.k)
+    };
+    let rhs = if c.rt {
+        View::row_major(sb, c.n, c.k).t()
+    } else {
+        View::row_major(sb, c.k, c.n)
+    };
+    let (want, mag) = reference::matmul(&lhs, &rhs);
+    let start = if c.acc {
+        rand_vec(c.m * c.n, c.seed ^ 2, 1.0)
+    } else {
+        vec![0.0; c.m * c.n]
+    };
+    let pa = pack_lhs(lhs).unwrap();
+    let pb = pack_rhs(rhs).unwrap();
+    assert_eq!(pa.dims(), (c.m, c.k));
+    assert_eq!(pb.dims(), (c.k, c.n));
+    // A garbage start when not accumulating: it must be overwritten, not added to.
+    let mut got = if c.acc {
+        start.clone()
+    } else {
+        vec![f32::NAN; c.m * c.n]
+    };
+    matmul_packed(&mut got, &pa, &pb, c.acc, par).unwrap();
+    check("native", &got, &want, &mag, &start, c.k);
+    let mut got = if c.acc {
+        start.clone()
+    } else {
+        vec![f32::NAN; c.m * c.n]
+    };
+    matmul_packed_widened(&mut got, &pa, &pb, c.acc, par).unwrap();
+    check("widened", &got, &want, &mag, &start, c.k);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+    /// Random shapes (odd K, one row, one column included), transposed views, f32 or bf16
+    /// sources, accumulate or overwrite.
+    #[test]
+    fn bf16_product_matches_the_rounded_f64_reference(
+        m in 1usize..40, n in 1usize..80, k in 1usize..1100,
+        lt in any::<bool>(), rt in any::<bool>(), bf16_src in any::<bool>(),
+        acc in any::<bool>(), seed in any::<u64>(),
+    ) {
+        run(&Case { m, n, k, lt, rt, bf16_src, acc, seed }, Par::Auto);
+    }
+}
+
+/// Shapes past one parallel task in both directions and past one run of pairs, on two threads
+/// and on one.
+#[test]
+fn bf16_product_crosses_task_and_reduction_blocks() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for (m, n, k) in [
+        (MC + 5, NC + 7, 4 * KC_PAIRS + 3),
+        (1, 2 * NC + 1, 2 * KC_PAIRS + 1),
+        (2 * MC + 1, 3, 5),
+    ] {
+        for par in [Par::Auto, Par::Single] {
+            let c = Case {
+                m,
+                n,
+                k,
+                lt: false,
+                rt: true,
+                bf16_src: false,
+                acc: true,
+                seed: (m * n + k) as u64,
+            };
+            pool.install(|| run(&c, par));
+        }
+    }
+}
+
+/// The rounding is round-to-nearest-even, as `half` (and torch) round, on random bit patterns
+/// and the edge values; bf16 widening is exact.
+#[test]
+fn rounding_to_bf16_is_nearest_even() {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bits = vec![
+        0u32,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7f7f_ffff,
+        0x0000_8000,
+        0x0001_8000,
+        0x3f80_8000,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x7fc0_0001,
+        0x7f80_0001,
+    ];
+    for _ in 0..200_000 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        bits.push(s as u32);
+    }
+    for b in bits {
+        let x = f32::from_bits(b);
+        let got = round_bf16(x);
+        let want = half::bf16::from_f32(x);
+        if x.is_nan() {
+            assert!(widen_bf16(got).is_nan(), "{b:#x}");
+        } else {
+            assert_eq!(got, want.to_bits(), "{b:#x}");
+            assert_eq!(widen_bf16(got), want.to_f32());
+        }
+    }
+}
+
+/// Mismatched operands and views that reach outside their buffers are errors, not panics.
+#[test]
+fn bad_operands_are_errors() {
+    let v = vec![1.0f32; 12];
+    let lhs = pack_lhs(View::row_major(Source::F32(&v), 3, 4)).unwrap();
+    let rhs = pack_rhs(View::row_major(Source::F32(&v), 3, 4)).unwrap();
+    let mut out = vec![0.0; 12];
+    let e = matmul_packed(&mut out, &lhs, &rhs, false, Par::Auto).unwrap_err();
+    assert!(e.to_string().contains("rhs"), "{e}");
+    let rhs = pack_rhs(View::row_major(Source::F32(&v), 4, 3)).unwrap();
+    let mut short = vec![0.0; 8];
+    let e = matmul_packed(&mut short, &lhs, &rhs, false, Par::Auto).unwrap_err();
+    assert!(e.to_string().contains("dst"), "{e}");
+    let e = pack_lhs(View::row_major(Source::F32(&v), 4, 4)).unwrap_err();
+    assert!(e.to_string().contains("reaches past"), "{e}");
+    let e = pack_rhs(View {
+        src: Source::F32(&v),
+        rows: 2,
+        cols: usize::MAX / 2,
+        rs: 3,
+        cs: 4,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("rhs"), "{e}");
+}
