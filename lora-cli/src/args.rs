@@ -716,6 +716,10 @@ pub struct TrainBenchArgs {
     /// products) instead of f32.
     #[arg(long)]
     pub bf16: bool,
+    /// Precision of the products: f32, or bf16 (autocast's: the frozen layers' products take
+    /// bf16 operands, packed once, and accumulate in f32; CPU only).
+    #[arg(long, default_value = "f32")]
+    pub precision: lora_core::models::Precision,
     /// cpu, cuda or cuda:N: where the step runs.
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -426,6 +426,7 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                     steps: a.steps,
                     checkpoint: a.gradient_checkpointing,
                     bf16: a.bf16,
+                    precision: a.precision,
                     json: a.json,
                     device,
                 })

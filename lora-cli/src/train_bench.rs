@@ -5,7 +5,7 @@ use anyhow::Result;
 use lora_core::lora::{LoraConfig, LoraInit};
 use lora_core::models::gpt2::{Gpt2, Gpt2Config};
 use lora_core::models::llama::{Llama, LlamaConfig, RopeScaling};
-use lora_core::models::CausalLm;
+use lora_core::models::{set_precision, CausalLm, Precision};
 use lora_core::{CoreError, Tensor};
 use lora_kernels::rng::Rng;
 use lora_train::batches::Batch;
@@ -49,6 +49,8 @@ pub struct TrainBench {
     pub steps: usize,
     pub checkpoint: bool,
     pub bf16: bool,
+    /// Precision of the products.
+    pub precision: lora_core::models::Precision,
     pub json: bool,
     /// Where the step runs (the model is moved there before the warm-up step).
     pub device: lora_core::Device,
@@ -165,6 +167,14 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     let model: &dyn CausalLm = model.as_ref();
     let device = cfg.device;
     model.to_device(device)?;
+    if cfg.precision != Precision::F32 {
+        anyhow::ensure!(
+            device == lora_core::Device::Cpu,
+            "--precision {} runs on the CPU (the GPU products are f32 or TF32)",
+            cfg.precision
+        );
+    }
+    set_precision(model, cfg.precision)?;
     let groups = adapter_groups(model, 1.0);
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     train_step(
@@ -202,7 +212,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     if json {
         outln!(
             "{}",
-            serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
+            serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "precision": cfg.precision.name(), "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
         );
     } else {
         let ck = match (checkpoint, bf16) {
@@ -211,7 +221,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             (false, true) => "; bf16 frozen weights",
             (false, false) => "",
         };
-        outln!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}", rayon::current_num_threads());
+        outln!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}; {} products", rayon::current_num_threads(), cfg.precision);
         outln!(
             "median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}",
             med,

@@ -91,6 +91,9 @@ pub enum CoreError {
     /// An operation that needs an unmerged (or merged) layer.
     #[error("{0}")]
     MergeState(&'static str),
+    /// A weight cannot be packed for the bf16 products (why, naming the tensor).
+    #[error("{0}")]
+    Packing(String),
 }
 
 /// Result alias.

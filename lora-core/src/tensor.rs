@@ -16,6 +16,7 @@ use crate::device::Device;
 use crate::error::{CoreError, Result};
 use lora_kernels::accel::{Accel, DBits, DBuf, DWeight};
 pub use lora_kernels::buffers::{ExternalF32, ExternalHalf, HalfFormat};
+use lora_kernels::gemm_bf16::PackedWeight;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -31,10 +32,20 @@ pub(crate) struct Store {
     pub vals: Vals,
 }
 
-/// f32 values, or a frozen weight's 16-bit bits as stored.
+/// f32 values, or a frozen weight's 16-bit bits as stored, or a frozen linear weight packed
+/// for the CPU's bf16 products (`--precision bf16`, [`Tensor::pack_bf16`]).
 pub(crate) enum Vals {
     F32(DBuf),
     Half(DBits, HalfFormat),
+    Packed(Arc<PackedWeight>),
+}
+
+/// A packed weight's values as f32 (its bf16 values, exactly), in the stored layout.
+fn unpack(p: &PackedWeight) -> Vec<f32> {
+    let (m, k) = p.dims();
+    let mut out = vec![0.0f32; m * k];
+    lora_kernels::operands::WeightData::PackedBf16(p).widen(0, &mut out);
+    out
 }
 
 impl Store {
@@ -42,7 +53,7 @@ impl Store {
     pub(crate) fn f32(&self) -> Result<&DBuf> {
         match &self.vals {
             Vals::F32(b) => Ok(b),
-            Vals::Half(..) => Err(CoreError::Internal(
+            Vals::Half(..) | Vals::Packed(_) => Err(CoreError::Internal(
                 "a 16-bit tensor was read as f32 without widening",
             )),
         }
@@ -52,20 +63,25 @@ impl Store {
         match &self.vals {
             Vals::F32(b) => DWeight::F32(b),
             Vals::Half(b, f) => DWeight::Half(b, *f),
+            Vals::Packed(p) => DWeight::PackedBf16(p),
         }
     }
     /// Host f32 values, when that is what it holds.
     fn host(&self) -> Option<&[f32]> {
         match &self.vals {
             Vals::F32(b) => b.host(),
-            Vals::Half(..) => None,
+            Vals::Half(..) | Vals::Packed(_) => None,
         }
     }
     /// Widens 16-bit values to f32 where they are (once; the bits are dropped).
     fn widen(&mut self) -> Result<()> {
-        if let Vals::Half(bits, fmt) = &self.vals {
-            let wide = self.on.widen(bits, *fmt == HalfFormat::F16)?;
-            self.vals = Vals::F32(wide);
+        match &self.vals {
+            Vals::Half(bits, fmt) => {
+                let wide = self.on.widen(bits, *fmt == HalfFormat::F16)?;
+                self.vals = Vals::F32(wide);
+            }
+            Vals::Packed(p) => self.vals = Vals::F32(DBuf::Host(unpack(p))),
+            Vals::F32(_) => {}
         }
         Ok(())
     }
@@ -75,6 +91,7 @@ impl Store {
         match &self.vals {
             Vals::F32(_) => Ok(None),
             Vals::Half(bits, fmt) => Ok(Some(self.on.widen(bits, *fmt == HalfFormat::F16)?)),
+            Vals::Packed(p) => Ok(Some(DBuf::Host(unpack(p)))),
         }
     }
     /// The values as f32 on the host: downloaded from a device, widened from 16 bits.
@@ -84,6 +101,7 @@ impl Store {
             Vals::Half(bits, fmt) => Ok(self
                 .on
                 .download(&self.on.widen(bits, *fmt == HalfFormat::F16)?)?),
+            Vals::Packed(p) => Ok(unpack(p)),
         }
     }
 }
@@ -154,7 +172,7 @@ impl std::ops::DerefMut for HostDataMut<'_> {
     fn deref_mut(&mut self) -> &mut [f32] {
         match &mut self.0.vals {
             Vals::F32(b) => b.host_mut().unwrap_or(&mut []),
-            Vals::Half(..) => &mut [],
+            Vals::Half(..) | Vals::Packed(_) => &mut [],
         }
     }
 }
@@ -190,6 +208,7 @@ impl Tensor {
         let len = match &vals {
             Vals::F32(b) => b.len(),
             Vals::Half(b, _) => b.len(),
+            Vals::Packed(p) => p.dims().0 * p.dims().1,
         };
         let store = Store {
             on: cpu(),
@@ -234,6 +253,8 @@ impl Tensor {
                 Some(v) => Vals::Half(to.upload_bits(v)?, *fmt),
                 None => Vals::Half(to.upload_bits(&g.on.download_bits(b)?)?, *fmt),
             },
+            // The packing is the CPU products' layout: a device gets the (bf16) values.
+            Vals::Packed(p) => Vals::F32(to.upload(&unpack(p))?),
         };
         *g = Store {
             on: to,
@@ -256,7 +277,7 @@ impl Tensor {
     /// The storage with f32 values for an op to read: a 16-bit tensor is widened where it
     /// lives, once (linear weights are read through [`Store::weight`] instead and stay 16-bit).
     pub(crate) fn read(&self) -> Result<RwLockReadGuard<'_, Store>> {
-        if matches!(self.store().vals, Vals::Half(..)) {
+        if matches!(self.store().vals, Vals::Half(..) | Vals::Packed(_)) {
             self.write().widen()?;
         }
         Ok(self.store())
@@ -334,6 +355,65 @@ impl Tensor {
         matches!(self.store().vals, Vals::Half(..))
     }
 
+    /// Re-stores a frozen 2-D linear weight (`(out, in)` for `OutIn`, `(in, out)` for `InOut`)
+    /// packed for the CPU's bf16 products, in place (every handle sees it): the linear op then
+    /// rounds its input to bf16 too and accumulates in f32 (PyTorch autocast's semantics for
+    /// the layer's products). f32 values are rounded to bf16 (nearest-even), bf16 ones kept,
+    /// f16 ones rounded from their f32 values. The original storage is released; anything that
+    /// later asks for f32 values gets the bf16 values widened. Packing twice is a no-op.
+    pub fn pack_bf16(&self, layout: lora_kernels::operands::WeightLayout) -> Result<()> {
+        use lora_kernels::gemm_bf16::Source;
+        use lora_kernels::operands::WeightLayout;
+        let why = |r: &str| CoreError::Packing(format!("pack_bf16: tensor {}: {r}", self.id()));
+        if self.requires_grad() {
+            return Err(why(
+                "a trained tensor cannot be packed (only frozen weights are)",
+            ));
+        }
+        if self.device() != Device::Cpu {
+            return Err(why(
+                "bf16 packing is for CPU products; the tensor is on a device",
+            ));
+        }
+        let &[rows, cols] = self.shape() else {
+            return Err(why(&format!(
+                "expected a 2-D weight, got shape {:?}",
+                self.shape()
+            )));
+        };
+        let (out, inp) = match layout {
+            WeightLayout::OutIn => (rows, cols),
+            WeightLayout::InOut => (cols, rows),
+        };
+        let mut g = self.write();
+        let packed = match &g.vals {
+            Vals::Packed(p) if p.layout() == layout => return Ok(()),
+            Vals::Packed(_) => return Err(why("already packed in the other layout")),
+            Vals::F32(b) => {
+                let v = b.host().ok_or_else(|| why("values are not on the host"))?;
+                PackedWeight::new(Source::F32(v), layout, out, inp)?
+            }
+            Vals::Half(b, HalfFormat::Bf16) => {
+                let v = b.host().ok_or_else(|| why("values are not on the host"))?;
+                PackedWeight::new(Source::Bf16(v), layout, out, inp)?
+            }
+            Vals::Half(..) => {
+                let wide = g.widened_copy()?.ok_or_else(|| why("nothing to widen"))?;
+                let v = wide
+                    .host()
+                    .ok_or_else(|| why("values are not on the host"))?;
+                PackedWeight::new(Source::F32(v), layout, out, inp)?
+            }
+        };
+        g.vals = Vals::Packed(Arc::new(packed));
+        Ok(())
+    }
+
+    /// Whether the values are held packed for the bf16 products ([`Tensor::pack_bf16`]).
+    pub fn is_packed_bf16(&self) -> bool {
+        matches!(self.store().vals, Vals::Packed(_))
+    }
+
     /// Zeros, frozen.
     pub fn zeros(shape: &[usize]) -> Result<Self> {
         Self::new(vec![0.0; shape.iter().product()], shape)
@@ -378,7 +458,7 @@ impl Tensor {
     pub fn data(&self) -> HostData<'_> {
         let widen = {
             let g = self.store();
-            g.device == Device::Cpu && matches!(g.vals, Vals::Half(..))
+            g.device == Device::Cpu && matches!(g.vals, Vals::Half(..) | Vals::Packed(_))
         };
         if widen {
             if let Err(e) = self.write().widen() {
@@ -457,6 +537,7 @@ fn store_len(s: &Store) -> usize {
     match &s.vals {
         Vals::F32(b) => b.len(),
         Vals::Half(b, _) => b.len(),
+        Vals::Packed(p) => p.dims().0 * p.dims().1,
     }
 }
 

@@ -88,7 +88,7 @@ pub fn adamw_update(
     }
     match vals {
         Vals::F32(pb) => on.adamw(pb, &g.buf, &mut m.buf, &mut v.buf, h)?,
-        Vals::Half(..) => {
+        Vals::Half(..) | Vals::Packed(_) => {
             return Err(CoreError::Unsupported(
                 "adamw: a 16-bit frozen weight cannot be trained",
             ))

@@ -120,4 +120,6 @@ pub enum DWeight<'a> {
     F32(&'a DBuf),
     /// 16-bit bits and their format.
     Half(&'a DBits, HalfFormat),
+    /// Packed once for the CPU's bf16 products (`--precision bf16`): a host form only.
+    PackedBf16(&'a crate::gemm_bf16::PackedWeight),
 }

@@ -47,6 +47,7 @@ fn weight<'a>(w: &DWeight<'a>) -> Result<WeightData<'a>> {
         DWeight::F32(b) => WeightData::F32(h(b)?),
         DWeight::Half(b, HalfFormat::Bf16) => WeightData::Bf16(hb(b)?),
         DWeight::Half(b, HalfFormat::F16) => WeightData::F16(hb(b)?),
+        DWeight::PackedBf16(p) => WeightData::PackedBf16(p),
     })
 }
 
@@ -659,7 +660,7 @@ impl Accel for Cpu {
                     chunk,
                 )?
             }
-            DWeight::Half(..) if want_dw => {
+            DWeight::Half(..) | DWeight::PackedBf16(_) if want_dw => {
                 return Err(crate::error::invalid(
                     "linear_cross_entropy",
                     "w",
@@ -668,7 +669,7 @@ impl Accel for Cpu {
             }
             // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored, one vocabulary
             // block at a time, never widened as a whole.
-            DWeight::Half(..) => {
+            DWeight::Half(..) | DWeight::PackedBf16(_) => {
                 let block = (HEAD_WIDEN_ELEMS / c.max(1)).max(1);
                 cross_entropy::linear_cross_entropy_stored(
                     h(x)?,

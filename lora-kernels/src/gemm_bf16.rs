@@ -27,6 +27,7 @@
 
 use crate::error::{KernelError, Result};
 use crate::gemm::Par;
+use crate::operands::WeightLayout;
 use crate::par::SendPtr;
 use rayon::prelude::*;
 
@@ -281,6 +282,100 @@ pub fn pack_rhs(v: View) -> Result<PackedRhs> {
         cols: n,
         data,
     })
+}
+
+/// A frozen linear weight packed for the two bf16 products of a step: the forward's
+/// `x (N, K) W^T` reads `W^T (K, M)` as its right operand, the input gradient's `dy (N, M) W`
+/// reads `W (M, K)`. Pairs run along each product's reduction, so the two need different
+/// packings: the forward one is made at construction (the original values may then go), the
+/// backward one from it on first use (inference never makes it). Values are bf16 (rounded
+/// from f32 once, or bf16 as stored).
+#[derive(Debug)]
+pub struct PackedWeight {
+    out: usize,
+    inp: usize,
+    layout: WeightLayout,
+    fwd: PackedRhs,
+    bwd: std::sync::OnceLock<PackedRhs>,
+}
+
+impl PackedWeight {
+    /// Packs `w`, stored `(out, inp)` (`OutIn`) or `(inp, out)` (`InOut`), for the forward.
+    pub fn new(w: Source, layout: WeightLayout, out: usize, inp: usize) -> Result<Self> {
+        let expected = out.checked_mul(inp);
+        if expected != Some(w.len()) {
+            return Err(KernelError::InvalidArg {
+                op: "PackedWeight::new",
+                arg: "w",
+                reason: format!("{} values for a {out} x {inp} weight", w.len()),
+            });
+        }
+        let wt = match layout {
+            WeightLayout::OutIn => View::row_major(w, out, inp).t(),
+            WeightLayout::InOut => View::row_major(w, inp, out),
+        };
+        Ok(PackedWeight {
+            out,
+            inp,
+            layout,
+            fwd: pack_rhs(wt)?,
+            bwd: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// `(out, inp)`: M and K.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    /// The layout the values were stored in (and are read back in by [`Self::bits_at`]).
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+
+    /// `W^T (K, M)` packed: the forward's right operand.
+    pub fn forward(&self) -> &PackedRhs {
+        &self.fwd
+    }
+
+    /// `W (M, K)` packed: the input gradient's right operand (made on the first call).
+    pub fn backward(&self) -> Result<&PackedRhs> {
+        if let Some(b) = self.bwd.get() {
+            return Ok(b);
+        }
+        let (m, k) = (self.out, self.inp);
+        let mut w = vec![0u16; m * k];
+        w.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = self.fwd_bits(i, o);
+            }
+        });
+        let b = pack_rhs(View::row_major(Source::Bf16(&w), m, k))?;
+        // A concurrent first call may have packed it too: either copy is the same.
+        let _ = self.bwd.set(b);
+        Ok(self.bwd.get().expect("set above"))
+    }
+
+    /// Element `(kk, j)` of `W^T` from the forward packing.
+    fn fwd_bits(&self, kk: usize, j: usize) -> u16 {
+        let pairs = pairs_of(self.inp);
+        let pair = self.fwd.data[(j / NR * pairs + kk / 2) * NR + j % NR];
+        (pair >> (16 * (kk % 2))) as u16
+    }
+
+    /// The bf16 bits of the value at `idx` of the weight as it was stored.
+    pub fn bits_at(&self, idx: usize) -> u16 {
+        let (o, i) = match self.layout {
+            WeightLayout::OutIn => (idx / self.inp, idx % self.inp),
+            WeightLayout::InOut => (idx % self.out, idx / self.out),
+        };
+        self.fwd_bits(i, o)
+    }
+
+    /// Bytes held (the backward packing included once made).
+    pub fn bytes(&self) -> usize {
+        self.fwd.bytes() + self.bwd.get().map_or(0, PackedRhs::bytes)
+    }
 }
 
 /// Whether the products run on `VDPBF16PS` (AVX512-BF16) on this CPU; otherwise the packed

@@ -28,6 +28,7 @@
 
 use crate::error::{check_len, invalid, Result};
 use crate::gemm::{matmul, Par, Trans};
+use crate::gemm_bf16::{matmul_packed, pack_lhs, Source, View};
 use crate::par::{rows_per_task, SendPtr, PAR_THRESHOLD};
 use crate::rng::dropout_mult;
 use crate::simd::{axpy_many, dot_many, with_simd, Simd};
@@ -61,6 +62,12 @@ fn base_forward(
     block: usize,
 ) -> Result<()> {
     let (n, k, m) = (d.tokens, d.inp, d.out);
+    if let WeightData::PackedBf16(p) = w {
+        check_packed("base_forward", p, layout, d)?;
+        check_len("base_forward", "y", y.len(), &[n, m])?;
+        let lhs = pack_lhs(View::row_major(Source::F32(x), n, k))?;
+        return matmul_packed(y, &lhs, p.forward(), accumulate, Par::Auto);
+    }
     if let WeightData::F32(w) = w {
         let w_t = match layout {
             WeightLayout::OutIn => Trans::Yes,
@@ -111,6 +118,12 @@ fn base_backward_dx(
     block: usize,
 ) -> Result<()> {
     let (n, k, m) = (d.tokens, d.inp, d.out);
+    if let WeightData::PackedBf16(p) = w {
+        check_packed("base_backward_dx", p, layout, d)?;
+        check_len("base_backward_dx", "dx", dx.len(), &[n, k])?;
+        let lhs = pack_lhs(View::row_major(Source::F32(dy), n, m))?;
+        return matmul_packed(dx, &lhs, p.backward()?, true, Par::Auto);
+    }
     if let WeightData::F32(w) = w {
         let w_t = match layout {
             WeightLayout::OutIn => Trans::No,
@@ -138,6 +151,30 @@ fn base_backward_dx(
             );
         }
     });
+    Ok(())
+}
+
+/// A packed weight must have been packed for this layer's shape and layout.
+fn check_packed(
+    op: &'static str,
+    p: &crate::gemm_bf16::PackedWeight,
+    layout: WeightLayout,
+    d: LinearDims,
+) -> Result<()> {
+    if p.dims() != (d.out, d.inp) || p.layout() != layout {
+        return Err(invalid(
+            op,
+            "weight",
+            format!(
+                "packed as a {:?} {} x {} weight, used as a {layout:?} {} x {} one",
+                p.layout(),
+                p.dims().0,
+                p.dims().1,
+                d.out,
+                d.inp
+            ),
+        ));
+    }
     Ok(())
 }
 

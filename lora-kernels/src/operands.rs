@@ -34,6 +34,9 @@ pub enum WeightData<'a> {
     Bf16(&'a [u16]),
     /// IEEE half bit patterns.
     F16(&'a [u16]),
+    /// bf16 values packed for the bf16 products ([`crate::gemm_bf16::PackedWeight`]): the
+    /// base products then round their other operand to bf16 too (autocast's semantics).
+    PackedBf16(&'a crate::gemm_bf16::PackedWeight),
 }
 
 impl WeightData<'_> {
@@ -42,6 +45,7 @@ impl WeightData<'_> {
         match self {
             WeightData::F32(w) => w.len(),
             WeightData::Bf16(w) | WeightData::F16(w) => w.len(),
+            WeightData::PackedBf16(p) => p.dims().0 * p.dims().1,
         }
     }
     /// Whether there are no values.
@@ -65,6 +69,10 @@ impl WeightData<'_> {
                     .reinterpret_cast::<half::f16>()
                     .convert_to_f32_slice(dst)
             }
+            WeightData::PackedBf16(p) => dst
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, d)| *d = crate::gemm_bf16::widen_bf16(p.bits_at(start + i))),
         }
     }
 }

@@ -190,3 +190,111 @@ fn bad_operands_are_errors() {
     .unwrap_err();
     assert!(e.to_string().contains("rhs"), "{e}");
 }
+
+/// A LoRA linear layer over a packed bf16 weight: the base products are the bf16 products of
+/// the rounded input (or output gradient) and weight, the adapter's are f32 as they are with an
+/// f32 weight (its gradients bit for bit), in both storage layouts.
+fn packed_layer_case(n: usize, k: usize, m: usize, r: usize, out_in: bool, bias: bool, seed: u64) {
+    use lora_kernels::gemm_bf16::PackedWeight;
+    use lora_kernels::lora_linear::*;
+    let d = LinearDims {
+        tokens: n,
+        inp: k,
+        out: m,
+    };
+    let layout = if out_in {
+        WeightLayout::OutIn
+    } else {
+        WeightLayout::InOut
+    };
+    let w = rand_vec(m * k, seed, 0.5);
+    let x = rand_vec(n * k, seed ^ 3, 1.0);
+    let dy = rand_vec(n * m, seed ^ 4, 1.0);
+    let a = rand_vec(r * k, seed ^ 5, 0.3);
+    let b = rand_vec(m * r, seed ^ 6, 0.3);
+    let bv = rand_vec(m, seed ^ 7, 0.1);
+    let packed = PackedWeight::new(Source::F32(&w), layout, m, k).unwrap();
+    // The stored values read back are the rounded ones.
+    for (i, &v) in w.iter().enumerate() {
+        assert_eq!(packed.bits_at(i), round_bf16(v));
+    }
+    let lora = LoraWeights {
+        a: &a,
+        b: &b,
+        rank: r,
+        scale: 1.5,
+        dropout: None,
+    };
+    let run = |weight: WeightData| {
+        let base = BaseLinear {
+            weight,
+            layout,
+            bias: bias.then_some(&bv[..]),
+        };
+        let (mut y, mut u) = (vec![0.0; n * m], vec![0.0; n * r]);
+        lora_linear_forward(&mut y, Some(&mut u), &x, &base, Some(&lora), d).unwrap();
+        let (mut dx, mut da, mut db) = (vec![0.0; n * k], vec![0.0; r * k], vec![0.0; m * r]);
+        let g = LinearGrads {
+            dx: Some(&mut dx),
+            dw: None,
+            dbias: None,
+            da: Some(&mut da),
+            db: Some(&mut db),
+        };
+        lora_linear_backward(g, &dy, &x, &base, Some(&lora), Some(&u), d).unwrap();
+        (y, dx, da, db)
+    };
+    let (y, dx, da, db) = run(WeightData::PackedBf16(&packed));
+    // The adapter's share alone: the same layer over a zero weight.
+    let zero = vec![0.0f32; m * k];
+    let (y0, dx0, da0, db0) = run(WeightData::F32(&zero));
+    assert_eq!(da, da0, "dA does not read W");
+    assert_eq!(db, db0, "dB does not read W");
+    let wv = if out_in {
+        View::row_major(Source::F32(&w), m, k).t()
+    } else {
+        View::row_major(Source::F32(&w), k, m)
+    };
+    let (want, mag) =
+        lora_kernels::gemm_bf16::reference::matmul(&View::row_major(Source::F32(&x), n, k), &wv);
+    check("forward", &y, &want, &mag, &y0, k);
+    let (want, mag) = lora_kernels::gemm_bf16::reference::matmul(
+        &View::row_major(Source::F32(&dy), n, m),
+        &wv.t(),
+    );
+    check("dx", &dx, &want, &mag, &dx0, m);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn lora_layer_over_a_packed_bf16_weight(
+        n in 1usize..20, k in 1usize..90, m in 1usize..70, r in 1usize..20,
+        out_in in any::<bool>(), bias in any::<bool>(), seed in any::<u64>(),
+    ) {
+        packed_layer_case(n, k, m, r, out_in, bias, seed);
+    }
+}
+
+/// A packed weight used with another shape or layout is an error naming both.
+#[test]
+fn packed_weight_must_match_the_layer() {
+    use lora_kernels::gemm_bf16::PackedWeight;
+    use lora_kernels::lora_linear::*;
+    let w = vec![0.5f32; 12];
+    assert!(PackedWeight::new(Source::F32(&w), WeightLayout::OutIn, 5, 3).is_err());
+    let p = PackedWeight::new(Source::F32(&w), WeightLayout::OutIn, 4, 3).unwrap();
+    let d = LinearDims {
+        tokens: 1,
+        inp: 4,
+        out: 3,
+    };
+    let base = BaseLinear {
+        weight: WeightData::PackedBf16(&p),
+        layout: WeightLayout::OutIn,
+        bias: None,
+    };
+    let mut y = vec![0.0; 3];
+    let e = lora_linear_forward(&mut y, None, &[1.0; 4], &base, None, d).unwrap_err();
+    assert!(e.to_string().contains("packed as a OutIn 4 x 3"), "{e}");
+}

@@ -193,6 +193,68 @@ pub(crate) fn linear_base_params(model: &dyn CausalLm) -> usize {
         .sum()
 }
 
+/// The precision of a model's matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// PyTorch autocast's bf16: the frozen linear layers' products take bf16 operands (the
+    /// weight packed once, [`Tensor::pack_bf16`]; the input rounded per call) and accumulate in
+    /// f32; adapters, their optimizer state, norms, softmax, the loss and every reduction stay
+    /// f32. Not yet in bf16 (so more exact than autocast there): attention's two products and
+    /// the output head.
+    Bf16,
+}
+
+impl Precision {
+    /// `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("precision must be f32 or bf16, got `{other}`")),
+        }
+    }
+}
+
+/// Sets the precision of `model`'s products: for [`Precision::Bf16`], packs the base weight of
+/// every linear layer but the output head (frozen weights only; a trained base weight is an
+/// error) and returns how many were packed. [`Precision::F32`] changes nothing (a model is f32
+/// as loaded). Call it after the model is on its device (CPU only) and before training.
+pub fn set_precision(model: &dyn CausalLm, precision: Precision) -> Result<usize> {
+    if precision == Precision::F32 {
+        return Ok(0);
+    }
+    let head = model.output_head().to_string();
+    let mut n = 0;
+    for (name, lin) in model.linears() {
+        if name == head {
+            continue;
+        }
+        let (w, layout, _) = lin.base();
+        w.pack_bf16(layout)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Trainable (adapter) and total parameter counts.
 pub fn param_counts(model: &dyn CausalLm) -> (usize, usize) {
     let trainable: usize = model
