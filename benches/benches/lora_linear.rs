@@ -28,6 +28,10 @@ fn linear(c: &mut Criterion) {
         let mut base = LinearWorkload::new(t, k, m, 0, false, 1);
         g.throughput(Throughput::Elements(base.flops() as u64));
         g.bench_function("base_fwd_dx", |b| b.iter(|| base.step().unwrap()));
+        // bf16 products on the prepacked frozen weight (the adapter stays f32).
+        let mut lora = LinearWorkload::new(t, k, m, r, false, 1).bf16().unwrap();
+        g.throughput(Throughput::Elements(lora.flops() as u64));
+        g.bench_function("lora_fwd_bwd_bf16", |b| b.iter(|| lora.step().unwrap()));
         g.finish();
     }
 }

@@ -185,6 +185,10 @@ pub struct DemoArgs {
     /// Print one JSON object with the before/after figures.
     #[arg(long)]
     pub json: bool,
+    /// translate: the products' precision, in training and in the before/after translations
+    /// (f32, or bf16 as `lora train --precision bf16`).
+    #[arg(long, default_value = "f32")]
+    pub precision: lora_core::models::Precision,
     /// Regenerate the demo files instead: the datasets, the tokenizer, and the base model
     /// pretrained from scratch (full-parameter training; about 10 minutes on 2 cores).
     #[arg(long)]
@@ -421,6 +425,14 @@ pub struct TrainArgs {
     /// biases, computed by cuBLAS, follow the mode). Off by default.
     #[arg(long)]
     pub tf32: bool,
+    /// Precision of the matrix products: f32, or bf16 with PyTorch autocast's meaning (the
+    /// inputs and frozen weights of the linear layers and the output head rounded to bf16, the
+    /// weights packed once at load, f32 accumulation; the adapters, optimizer state, norms,
+    /// softmax, attention and the loss stay f32). Faster on CPUs with AVX512-BF16; elsewhere the bf16 operands are widened
+    /// to f32 (same numbers, no speed-up). CPU only; language models only. Recorded in
+    /// checkpoints: --resume refuses a change.
+    #[arg(long, default_value = "f32")]
+    pub precision: lora_core::models::Precision,
     /// Continue from the newest checkpoint in --out (same flags as the original run).
     #[arg(long)]
     pub resume: bool,
@@ -537,7 +549,11 @@ pub struct EvalArgs {
     /// cpu, cuda, cuda:N or auto (as for train): where the forward passes run.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Print one JSON object: {"loss", "perplexity", "tokens", "examples"}.
+    /// Precision of the matrix products: f32, or bf16 as `lora train --precision bf16` trains
+    /// (PyTorch autocast's meaning; CPU only, language models only).
+    #[arg(long, default_value = "f32")]
+    pub precision: lora_core::models::Precision,
+    /// Print one JSON object: {"loss", "perplexity", "tokens", "examples", "precision"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -709,6 +725,13 @@ pub struct TrainBenchArgs {
     /// Timed steps (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// AdamW learning rate of the adapters.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    /// Also report every step's loss (the warm-up step's first), for comparing the loss curves
+    /// of two precisions: the batch is the same every step, so the adapters learn it.
+    #[arg(long)]
+    pub losses: bool,
     /// Recompute each block's forward during backward (activation checkpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -716,8 +739,9 @@ pub struct TrainBenchArgs {
     /// products) instead of f32.
     #[arg(long)]
     pub bf16: bool,
-    /// Precision of the products: f32, or bf16 (autocast's: the frozen layers' products take
-    /// bf16 operands, packed once, and accumulate in f32; CPU only).
+    /// Precision of the products: f32, or bf16 (autocast's: the frozen linear layers' and the
+    /// output head's products take bf16 operands, the weights packed once, and accumulate in
+    /// f32; CPU only).
     #[arg(long, default_value = "f32")]
     pub precision: lora_core::models::Precision,
     /// cpu, cuda or cuda:N: where the step runs.
@@ -792,6 +816,10 @@ pub struct LinearArgs {
     /// Print one JSON object per shape instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Precision of the base products: f32, or bf16 (PyTorch autocast's: the weight packed
+    /// once, the input rounded per call, f32 accumulation; the adapter stays f32). CPU only.
+    #[arg(long, default_value = "f32")]
+    pub precision: lora_core::models::Precision,
     /// Where to run: cpu, or cuda / cuda:N (the CUDA kernels against cuBLAS doing the base layer
     /// alone; `--suite` then adds two Llama-7B-like shapes, 4096 tokens, 4096 -> 4096 and
     /// 4096 -> 11008, r16).

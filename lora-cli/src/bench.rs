@@ -20,6 +20,34 @@ pub const SUITE: [(usize, usize, usize, usize); 4] = [
 /// Size of the square GEMM that stands for the machine's ceiling.
 const CEILING_SIZE: usize = 2048;
 
+/// The square GEMM a layer's speed is compared with, in the layer's precision.
+enum Ceiling {
+    F32(GemmWorkload),
+    Bf16(lora_kernels::workload::GemmBf16Workload),
+}
+
+impl Ceiling {
+    fn new(bf16: bool) -> Result<Self> {
+        Ok(if bf16 {
+            Ceiling::Bf16(lora_kernels::workload::GemmBf16Workload::new(CEILING_SIZE)?)
+        } else {
+            Ceiling::F32(GemmWorkload::new(CEILING_SIZE))
+        })
+    }
+    fn flops(&self) -> f64 {
+        match self {
+            Ceiling::F32(g) => g.flops(),
+            Ceiling::Bf16(g) => g.flops(),
+        }
+    }
+    fn step(&mut self) -> lora_kernels::Result<()> {
+        match self {
+            Ceiling::F32(g) => g.step(),
+            Ceiling::Bf16(g) => g.step(false, false),
+        }
+    }
+}
+
 /// What `lora bench linear` runs.
 pub struct LinearBench {
     pub shapes: Vec<(usize, usize, usize, usize)>,
@@ -27,10 +55,13 @@ pub struct LinearBench {
     pub threads: Option<usize>,
     pub iters: Option<usize>,
     pub json: bool,
+    /// The products' precision (the ceiling is the GEMM of the same precision).
+    pub precision: lora_core::models::Precision,
 }
 
 #[derive(Serialize)]
 struct LinearResult {
+    precision: &'static str,
     tokens: usize,
     #[serde(rename = "in")]
     inp: usize,
@@ -227,20 +258,48 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
     pool.install(|| -> Result<()> {
         // The ceiling is measured interleaved with each shape's iterations (one square GEMM per
         // iteration), so a noisy neighbour slows it exactly as much as the layers.
-        let mut gemm = GemmWorkload::new(CEILING_SIZE);
+        let bf16 = cfg.precision == lora_core::models::Precision::Bf16;
+        let mut gemm = Ceiling::new(bf16)?;
         gemm.step()?;
         if !cfg.json {
-            outln!("{threads} threads; ceiling = f32 GEMM {CEILING_SIZE}^3, timed between the layer runs");
-            outln!("{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}", "shape N x K x M, rank", "lora ms", "GFLOP/s", "base-only ms", "GFLOP/s", "overhead", "ceiling", "% ceiling");
+            let what = if bf16 {
+                format!(
+                    "bf16 products ({}); ceiling = bf16 GEMM {CEILING_SIZE}^3 (f32 accumulation, \
+                     the left operand rounded and packed per call, as a layer's input is)",
+                    lora_kernels::gemm_bf16::kernel_name()
+                )
+            } else {
+                format!("ceiling = f32 GEMM {CEILING_SIZE}^3")
+            };
+            outln!("{threads} threads; {what}, timed between the layer runs");
+            outln!(
+                "{:>24} {:>11} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
+                "shape N x K x M, rank",
+                "lora ms",
+                "GFLOP/s",
+                "base-only ms",
+                "GFLOP/s",
+                "overhead",
+                "ceiling",
+                "% ceiling"
+            );
         }
         for &(t, k, m, r) in &cfg.shapes {
-            let mut lora = LinearWorkload::new(t, k, m, r, cfg.bias, 1);
-            let mut base = LinearWorkload::new(t, k, m, 0, cfg.bias, 1);
+            let (mut lora, mut base) = (
+                LinearWorkload::new(t, k, m, r, cfg.bias, 1),
+                LinearWorkload::new(t, k, m, 0, cfg.bias, 1),
+            );
+            if bf16 {
+                (lora, base) = (lora.bf16()?, base.bf16()?);
+            }
+            // The bf16 backward packs its weight on first use: the warm-up covers both.
+            base.step()?;
             // Warm-up, and a first timing to size the run.
             lora.step()?;
             let once = time(|| base.step())?.max(1e-6);
             let iters = cfg.iters.unwrap_or(((2.0 / once) as usize).clamp(9, 200));
-            let (mut tl, mut tb, mut ratio, mut tg) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut tl, mut tb, mut ratio, mut tg) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for i in 0..iters {
                 let a = time(|| lora.step())?;
                 let b = time(|| base.step())?;
@@ -255,6 +314,7 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
             let (ml, mb, mr) = (median(&mut tl), median(&mut tb), median(&mut ratio));
             let ceiling = gemm.flops() / median(&mut tg) / 1e9;
             let res = LinearResult {
+                precision: cfg.precision.name(),
                 tokens: t,
                 inp: k,
                 out: m,
@@ -360,6 +420,11 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                         .all(|&(t, k, m, r)| t > 0 && k > 0 && m > 0 && (1..=64).contains(&r)),
                     "--tokens, --in, --out must be at least 1 and --rank 1..=64 on CUDA"
                 );
+                anyhow::ensure!(
+                    a.precision == lora_core::models::Precision::F32,
+                    "--precision {} runs on the CPU only (the CUDA benchmark is f32)",
+                    a.precision
+                );
                 return crate::bench_cuda::run_linear(&shapes, device, a.iters, a.json);
             }
             let cfg = LinearBench {
@@ -368,6 +433,7 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                 threads: a.threads,
                 iters: a.iters,
                 json: a.json,
+                precision: a.precision,
             };
             run_linear(&cfg)
         }
@@ -424,6 +490,8 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                     seq: a.seq,
                     rank: a.rank,
                     steps: a.steps,
+                    lr: a.lr,
+                    losses: a.losses,
                     checkpoint: a.gradient_checkpointing,
                     bf16: a.bf16,
                     precision: a.precision,

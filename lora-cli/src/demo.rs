@@ -142,6 +142,8 @@ pub struct DemoRun {
     pub threads: Option<usize>,
     pub samples: usize,
     pub json: bool,
+    /// The products' precision, in training and in the translations.
+    pub precision: lora_core::models::Precision,
 }
 
 /// Greedy translations of `pairs` with and without the adapter: (exact matches, outputs).
@@ -231,6 +233,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
         gradient_checkpointing: false,
         device: lora_core::Device::Cpu,
         stop_after: None,
+        precision: r.precision,
     };
     let report = if r.json {
         crate::train::Report::Silent
@@ -253,6 +256,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
     let tok = TextTokenizer::from_model_dir(&base)?;
     let mut model = md.load_model()?;
     load_adapter(model.as_mut(), &r.out)?;
+    lora_core::models::set_precision(model.as_ref(), r.precision)?;
     let stop = tok
         .token_id(".")
         .context("the demo tokenizer has no `.` token")?;
@@ -273,7 +277,7 @@ pub fn run(r: &DemoRun) -> Result<()> {
             serde_json::json!({
                 "eval_loss_before": sum.eval_before, "eval_loss_after": sum.eval_after,
                 "exact_match_before": before as f64 / n as f64, "exact_match_after": after as f64 / n as f64,
-                "held_out_sentences": pairs.len(), "training": training,
+                "held_out_sentences": pairs.len(), "precision": r.precision.name(), "training": training,
             })
         );
         return Ok(());
@@ -302,6 +306,12 @@ pub fn run(r: &DemoRun) -> Result<()> {
 
 /// `lora demo` (`--build`: remake the shipped base model and data).
 pub fn command(a: crate::args::DemoArgs) -> Result<()> {
+    if a.precision != lora_core::models::Precision::F32 && (a.task != "translate" || a.build) {
+        bail!(
+            "--precision {} applies to the translate demo's training only",
+            a.precision
+        );
+    }
     match a.task.as_str() {
         "translate" => {}
         "detect" => return crate::demo_detect::command(a),
@@ -322,6 +332,7 @@ pub fn command(a: crate::args::DemoArgs) -> Result<()> {
             threads: a.threads,
             samples: a.samples,
             json: a.json,
+            precision: a.precision,
         })
     }
 }

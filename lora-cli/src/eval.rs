@@ -14,8 +14,22 @@ pub fn command(mut a: EvalArgs) -> Result<()> {
     if !a.json && device != lora_core::Device::Cpu {
         outln!("{note}");
     }
+    let bf16 = a.precision != lora_core::models::Precision::F32;
     if crate::vision::is_image_task(&a.model.model, "auto")? {
+        if bf16 {
+            anyhow::bail!(
+                "--precision {} applies to language models for now; image models evaluate in f32",
+                a.precision
+            );
+        }
         return crate::vision::eval(&a, device);
+    }
+    if bf16 && device != lora_core::Device::Cpu {
+        anyhow::bail!(
+            "--precision {} runs on the CPU only (the GPU products are f32); got --device {}",
+            a.precision,
+            a.device
+        );
     }
     run_eval(&EvalRun {
         model: a.model.model,
@@ -26,6 +40,7 @@ pub fn command(mut a: EvalArgs) -> Result<()> {
         assistant_only_loss: a.assistant_only_loss,
         json: a.json,
         device,
+        precision: a.precision,
     })
 }
 
@@ -42,11 +57,14 @@ pub struct EvalRun {
     pub json: bool,
     /// Where the forward passes run.
     pub device: lora_core::Device,
+    /// The products' precision (bf16: CPU only).
+    pub precision: lora_core::models::Precision,
 }
 
 pub fn run_eval(r: &EvalRun) -> Result<()> {
     let (md, model, tok) = load(&r.model, r.adapter.as_deref())?;
     model.to_device(r.device)?;
+    lora_core::models::set_precision(model.as_ref(), r.precision)?;
     let examples = lora_train::data::read_examples(&r.data)?;
     let eos = if r.eos {
         lora_train::batches::training_eos(&md, &tok, &examples, "drop --eos")?
@@ -93,15 +111,19 @@ pub fn run_eval(r: &EvalRun) -> Result<()> {
     if r.json {
         outln!(
             "{}",
-            serde_json::json!({"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "examples": res.examples})
+            serde_json::json!({"loss": res.loss, "perplexity": res.perplexity, "tokens": res.tokens, "examples": res.examples, "precision": r.precision.name()})
         );
     } else {
         outln!(
-            "loss {:.6} | perplexity {:.4} | {} tokens in {} examples (seq-len {seq_len})",
+            "loss {:.6} | perplexity {:.4} | {} tokens in {} examples (seq-len {seq_len}{})",
             res.loss,
             res.perplexity,
             res.tokens,
-            res.examples
+            res.examples,
+            match r.precision {
+                lora_core::models::Precision::F32 => String::new(),
+                p => format!(", {p} products"),
+            }
         );
     }
     Ok(())

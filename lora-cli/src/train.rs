@@ -11,6 +11,13 @@ use anyhow::{Context, Result};
 pub fn command(mut a: TrainArgs) -> Result<()> {
     a.model = hub::model_dir(&a.model, a.revision.as_deref())?;
     if crate::sd::is_sd_model(&a.model) {
+        if a.precision != lora_core::models::Precision::F32 {
+            anyhow::bail!(
+                "--precision {} applies to language models for now; Stable Diffusion trains in \
+                 f32 (its 16-bit checkpoints are widened inside the products)",
+                a.precision
+            );
+        }
         return crate::sd::train(a);
     }
     if a.sd_config.is_some() || a.train_text_encoder || a.text_encoder_lr.is_some() {
@@ -20,7 +27,14 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
         );
     }
     let (device, note) = resolve_device(&a.device)?;
-    if crate::vision::is_image_task(&a.model, &a.task)? {
+    let image = crate::vision::is_image_task(&a.model, &a.task)?;
+    if a.precision != lora_core::models::Precision::F32 && image {
+        anyhow::bail!(
+            "--precision {} applies to language models for now; image models train in f32",
+            a.precision
+        );
+    }
+    if image {
         return crate::vision::train(a, device, &note);
     }
     // `--device auto --tf32` stays portable: on a machine without a GPU the flag has
@@ -35,7 +49,14 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
             (true, false) => " (--tf32 has no effect on the CPU)",
             _ => "",
         };
-        outln!("{note}{mode}");
+        let products = match a.precision {
+            lora_core::models::Precision::F32 => String::new(),
+            p => format!(
+                "; {p} products ({})",
+                lora_kernels::gemm_bf16::kernel_name()
+            ),
+        };
+        outln!("{note}{mode}{products}");
     }
     // The default sequence length yields to a model with fewer positions (say so); an
     // explicit --seq-len past the model's maximum stays an error.
@@ -99,6 +120,7 @@ pub fn command(mut a: TrainArgs) -> Result<()> {
         gradient_checkpointing: a.gradient_checkpointing,
         device,
         stop_after: None,
+        precision: a.precision,
     };
     run_train(
         &cfg,
@@ -291,7 +313,7 @@ pub fn run_train_report(
         "tokens": sum.tokens, "seconds": sum.seconds, "tokens_per_s": sum.tokens as f64 / sum.seconds.max(1e-9),
         "trainable_params": sum.trainable, "all_params": sum.all_params, "out": sum.out,
         "peak_rss_bytes": crate::train_bench::peak_rss_bytes(), "interrupted": sum.interrupted,
-        "already_complete": sum.already_complete, "device": cfg.device.to_string(),
+        "already_complete": sum.already_complete, "device": cfg.device.to_string(), "precision": cfg.precision.name(),
     });
     if report == Report::Json {
         outln!("{obj}");

@@ -47,6 +47,10 @@ pub struct TrainBench {
     pub seq: usize,
     pub rank: usize,
     pub steps: usize,
+    /// The adapters' learning rate.
+    pub lr: f32,
+    /// Report every step's loss.
+    pub losses: bool,
     pub checkpoint: bool,
     pub bf16: bool,
     /// Precision of the products.
@@ -176,27 +180,32 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     }
     set_precision(model, cfg.precision)?;
     let groups = adapter_groups(model, 1.0);
+    anyhow::ensure!(
+        cfg.lr.is_finite() && cfg.lr > 0.0,
+        "--lr must be positive, got {}",
+        cfg.lr
+    );
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
-    train_step(
+    let first = train_step(
         model,
         &mut opt,
         &groups,
         std::slice::from_ref(&b),
-        1e-4,
+        cfg.lr,
         Some(1.0),
         0,
         0,
         checkpoint,
     )?;
-    let mut times = Vec::new();
+    let (mut times, mut losses) = (Vec::new(), vec![first.loss]);
     for s in 0..steps {
         let t = Instant::now();
-        train_step(
+        let st = train_step(
             model,
             &mut opt,
             &groups,
             std::slice::from_ref(&b),
-            1e-4,
+            cfg.lr,
             Some(1.0),
             0,
             s as u64 + 1,
@@ -204,16 +213,18 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
         )?;
         device.synchronize()?; // the last optimizer kernels are queued, not done
         times.push(t.elapsed().as_secs_f64());
+        losses.push(st.loss);
     }
     let med = crate::bench::median(&mut times);
     let tps = (batch * seq) as f64 / med;
     let rss = peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     let params: usize = model.base_params();
     if json {
-        outln!(
-            "{}",
-            serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "precision": cfg.precision.name(), "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss})
-        );
+        let mut obj = serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "precision": cfg.precision.name(), "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss, "lr": cfg.lr.to_string().parse::<f64>().ok()});
+        if cfg.losses {
+            obj["losses"] = serde_json::json!(losses);
+        }
+        outln!("{obj}");
     } else {
         let ck = match (checkpoint, bf16) {
             (true, true) => "; gradient checkpointing; bf16 frozen weights",
@@ -227,6 +238,10 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             med,
             rss.map_or("n/a".into(), |g| format!("{g:.2} GiB"))
         );
+        if cfg.losses {
+            let l: Vec<String> = losses.iter().map(|x| format!("{x:.4}")).collect();
+            outln!("losses (warm-up step first): {}", l.join(" "));
+        }
     }
     Ok(())
 }

@@ -52,6 +52,39 @@ fn bench_linear_json_has_the_documented_fields() {
     }
     assert_eq!(v["threads"], 1);
     assert_eq!(v["rank"], 3);
+    assert_eq!(v["precision"], "f32");
+    // bf16 products: same fields, and the ceiling is the bf16 GEMM.
+    let out = lora(&[
+        "bench",
+        "linear",
+        "--tokens",
+        "33",
+        "--in",
+        "17",
+        "--out",
+        "29",
+        "--rank",
+        "3",
+        "--iters",
+        "3",
+        "--threads",
+        "1",
+        "--precision",
+        "bf16",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(v["precision"], "bf16");
+    assert!(v["gflops"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    let out = lora(&["bench", "linear", "--precision", "fp8"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("precision must be f32 or bf16"));
 }
 
 /// `bench peak` and `bench vision` report the figures the performance notes quote: the f32
@@ -201,6 +234,42 @@ fn eval_json_matches_the_transformers_reference() {
     assert!(((got - want) / want).abs() < 1e-5, "{got} vs {want}");
     assert_eq!(v["tokens"], reference["eval.txt.tokens"]);
     assert!((v["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-6);
+    assert_eq!(v["precision"], "f32");
+    // bf16 products: near transformers' f32 loss (the tolerance of the parity tests' bf16
+    // check), not equal to ours in f32 (the setting took effect); CPU only.
+    let args = [
+        "eval",
+        "--model",
+        &fixture("qwen2_bias/model"),
+        "--adapter",
+        &fixture("qwen2_bias/adapter"),
+        "--data",
+        &fixture("eval.txt"),
+        "--seq-len",
+        "16",
+        "--json",
+        "--precision",
+        "bf16",
+    ];
+    let out = lora(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bf = v["loss"].as_f64().unwrap();
+    assert_eq!(v["precision"], "bf16");
+    assert!(
+        (bf - want).abs() < 1e-3 && bf != got,
+        "bf16 {bf}, f32 {got}, reference {want}"
+    );
+    let mut on_gpu = args.to_vec();
+    on_gpu.extend(["--device", "cuda"]);
+    let out = lora(&on_gpu);
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--precision") || e.contains("cuda"), "{e}");
 }
 
 #[test]
@@ -717,6 +786,24 @@ fn train_config_file_with_flag_overrides() {
     )
     .unwrap();
     assert_eq!(saved["use_rslora"], true);
+    assert_eq!(v["precision"], "f32");
+    // `precision` from the file reaches the run (and its JSON summary).
+    std::fs::write(&cfg, "steps = 2\nrank = 4\ntarget = \"c_attn\"\nseq_len = 16\nbatch_size = 2\nprecision = \"bf16\"\n").unwrap();
+    let r = lora(&[
+        "train",
+        "--model",
+        &fixture("gpt2/model"),
+        "--data",
+        &d,
+        "--out",
+        &t.join("p").to_string_lossy(),
+        "--config",
+        &c,
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["precision"], "bf16");
     std::fs::write(&cfg, "lr = 5e-3\nlearning_rate = 1\n").unwrap();
     let r = lora(&[
         "train",

@@ -30,6 +30,10 @@ pub(crate) struct Store {
     pub device: Device,
     /// The values.
     pub vals: Vals,
+    /// A bf16 packing kept beside f32 values ([`Tensor::pack_bf16_beside`]): a tied output
+    /// head's, for the head's products, while the embedding lookup reads the f32 values.
+    /// Dropped whenever the values change or move.
+    pub beside: Option<Arc<PackedWeight>>,
 }
 
 /// f32 values, or a frozen weight's 16-bit bits as stored, or a frozen linear weight packed
@@ -64,6 +68,15 @@ impl Store {
             Vals::F32(b) => DWeight::F32(b),
             Vals::Half(b, f) => DWeight::Half(b, *f),
             Vals::Packed(p) => DWeight::PackedBf16(p),
+        }
+    }
+    /// The values as the matrix products read them (the linear op, the fused output head):
+    /// the bf16 packing kept beside them when there is one, else as [`Store::weight`] (which
+    /// the embedding lookup reads).
+    pub(crate) fn product_weight(&self) -> DWeight<'_> {
+        match &self.beside {
+            Some(p) => DWeight::PackedBf16(p),
+            None => self.weight(),
         }
     }
     /// Host f32 values, when that is what it holds.
@@ -214,6 +227,7 @@ impl Tensor {
             on: cpu(),
             device: Device::Cpu,
             vals,
+            beside: None,
         };
         let t = Self::make(len, shape, requires_grad, store)?;
         t.to_device(device)?;
@@ -232,6 +246,7 @@ impl Tensor {
             on: on.clone(),
             device,
             vals: Vals::F32(buf),
+            beside: None,
         };
         Self::make(store_len(&store), shape, requires_grad, store)
     }
@@ -260,6 +275,7 @@ impl Tensor {
             on: to,
             device,
             vals,
+            beside: None,
         };
         self.0.device.store(device_code(device), Ordering::SeqCst);
         Ok(())
@@ -296,9 +312,12 @@ impl Tensor {
         Ok(crate::ops::Guard::Store(self.read()?))
     }
 
-    /// Write access to the storage (the optimizer).
+    /// Write access to the storage (the optimizer); drops a packing kept beside the values.
     pub(crate) fn store_mut(&self) -> RwLockWriteGuard<'_, Store> {
-        self.write()
+        let mut g = self.write();
+        // The values may change: a packing kept beside them would go stale.
+        g.beside = None;
+        g
     }
 
     /// A copy of the values, downloading a device tensor's: like [`Tensor::to_vec`] but a
@@ -362,9 +381,41 @@ impl Tensor {
     /// f16 ones rounded from their f32 values. The original storage is released; anything that
     /// later asks for f32 values gets the bf16 values widened. Packing twice is a no-op.
     pub fn pack_bf16(&self, layout: lora_kernels::operands::WeightLayout) -> Result<()> {
+        if let Some(packed) = self.bf16_packing(layout, "pack_bf16")? {
+            self.write().vals = Vals::Packed(Arc::new(packed));
+        }
+        Ok(())
+    }
+
+    /// Keeps a bf16 packing of a frozen 2-D weight beside its values (which stay as they are,
+    /// f32 or 16-bit): the products that read it as a weight (the fused output head
+    /// [`crate::ops::linear_cross_entropy`], [`crate::ops::linear`]) then multiply in bf16, as
+    /// autocast does a tied `lm_head`, while the embedding lookup reads the values. Costs the packing's memory on top. Dropped when
+    /// the values are replaced or moved; a no-op on a weight packed in place.
+    pub fn pack_bf16_beside(&self, layout: lora_kernels::operands::WeightLayout) -> Result<()> {
+        if self.store().beside.is_some() {
+            return Ok(());
+        }
+        if let Some(packed) = self.bf16_packing(layout, "pack_bf16_beside")? {
+            self.write().beside = Some(Arc::new(packed));
+        }
+        Ok(())
+    }
+
+    /// Whether a bf16 packing is kept beside the values ([`Tensor::pack_bf16_beside`]).
+    pub fn has_bf16_beside(&self) -> bool {
+        self.store().beside.is_some()
+    }
+
+    /// The bf16 packing of a frozen 2-D weight's values (`None`: already packed so in place).
+    fn bf16_packing(
+        &self,
+        layout: lora_kernels::operands::WeightLayout,
+        op: &str,
+    ) -> Result<Option<PackedWeight>> {
         use lora_kernels::gemm_bf16::Source;
         use lora_kernels::operands::WeightLayout;
-        let why = |r: &str| CoreError::Packing(format!("pack_bf16: tensor {}: {r}", self.id()));
+        let why = |r: &str| CoreError::Packing(format!("{op}: tensor {}: {r}", self.id()));
         if self.requires_grad() {
             return Err(why(
                 "a trained tensor cannot be packed (only frozen weights are)",
@@ -385,9 +436,9 @@ impl Tensor {
             WeightLayout::OutIn => (rows, cols),
             WeightLayout::InOut => (cols, rows),
         };
-        let mut g = self.write();
+        let g = self.store();
         let packed = match &g.vals {
-            Vals::Packed(p) if p.layout() == layout => return Ok(()),
+            Vals::Packed(p) if p.layout() == layout => return Ok(None),
             Vals::Packed(_) => return Err(why("already packed in the other layout")),
             Vals::F32(b) => {
                 let v = b.host().ok_or_else(|| why("values are not on the host"))?;
@@ -405,8 +456,7 @@ impl Tensor {
                 PackedWeight::new(Source::F32(v), layout, out, inp)?
             }
         };
-        g.vals = Vals::Packed(Arc::new(packed));
-        Ok(())
+        Ok(Some(packed))
     }
 
     /// Whether the values are held packed for the bf16 products ([`Tensor::pack_bf16`]).
@@ -490,6 +540,7 @@ impl Tensor {
         if let Vals::F32(b) = &mut g.vals {
             b.host_mut(); // copy on write, now rather than on every write access
         }
+        g.beside = None; // the values may change
         HostDataMut(g)
     }
     /// Replaces all values (same length) where the tensor lives.
@@ -507,6 +558,7 @@ impl Tensor {
             _ => g.on.upload(&values)?,
         };
         g.vals = Vals::F32(buf);
+        g.beside = None;
         Ok(())
     }
     /// Whether the values are borrowed (e.g. memory-mapped) rather than owned.
@@ -598,6 +650,47 @@ mod tests {
         assert_eq!(t.to_vec(), vec![1.0, 5.0, 3.0]);
         assert!(Tensor::from_external(Arc::new(Ext(vec![1.0])), &[2]).is_err());
         assert!(t.set_data(vec![0.0; 2]).is_err());
+    }
+
+    /// A packing kept beside f32 values: the values read as before, the products read the
+    /// packing (its bf16 values), and any write, replacement or move drops it.
+    #[test]
+    fn a_packing_beside_the_values_goes_stale_never() {
+        use lora_kernels::operands::WeightLayout;
+        let vals = vec![1.0f32 + 1.0 / 1024.0, -3.0, 0.1, 7.0, 2.0, 0.5];
+        let t = Tensor::new(vals.clone(), &[2, 3]).unwrap();
+        t.pack_bf16_beside(WeightLayout::OutIn).unwrap();
+        assert!(t.has_bf16_beside() && !t.is_packed_bf16());
+        assert_eq!(t.to_vec(), vals, "the values stay f32");
+        assert!(matches!(t.store().weight(), DWeight::F32(_)));
+        match t.store().product_weight() {
+            DWeight::PackedBf16(p) => {
+                assert_eq!(p.dims(), (2, 3));
+                // 1 + 2^-10 rounds to 1 in bf16.
+                assert_eq!(p.bits_at(0), half::bf16::from_f32(1.0).to_bits());
+            }
+            _ => panic!("the products read the packing"),
+        }
+        t.set_data(vals.clone()).unwrap();
+        assert!(!t.has_bf16_beside(), "set_data drops it");
+        t.pack_bf16_beside(WeightLayout::OutIn).unwrap();
+        t.data_mut()[0] = 4.0;
+        assert!(!t.has_bf16_beside(), "a write drops it");
+        t.pack_bf16_beside(WeightLayout::OutIn).unwrap();
+        let dev = *crate::device::test_devices().last().unwrap();
+        if dev != Device::Cpu {
+            t.to_device(dev).unwrap();
+            assert!(!t.has_bf16_beside(), "a move drops it");
+        }
+        let p = Tensor::param(vals, &[2, 3]).unwrap();
+        let e = p
+            .pack_bf16_beside(WeightLayout::OutIn)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pack_bf16_beside") && e.contains("trained"),
+            "{e}"
+        );
     }
 
     struct Bits(Vec<u16>, HalfFormat);

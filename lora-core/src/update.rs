@@ -79,7 +79,9 @@ pub fn adamw_update(
         return Ok(false);
     };
     let mut guard = p.store_mut();
-    let Store { on, vals, device } = &mut *guard;
+    let Store {
+        on, vals, device, ..
+    } = &mut *guard;
     if !Arc::ptr_eq(on, &g.on) {
         return Err(CoreError::MixedGradients(format!(
             "adamw: tensor {} (on {device})",

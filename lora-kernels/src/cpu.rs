@@ -667,9 +667,22 @@ impl Accel for Cpu {
                     "a 16-bit head is frozen: it has no gradient",
                 ))
             }
+            // A head packed for the bf16 products (`--precision bf16`): autocast's lm_head.
+            DWeight::PackedBf16(p) => {
+                let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
+                cross_entropy::linear_cross_entropy_packed(
+                    h(x)?,
+                    p,
+                    targets,
+                    c,
+                    v,
+                    dx.as_deref_mut(),
+                    chunk,
+                )?
+            }
             // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored, one vocabulary
             // block at a time, never widened as a whole.
-            DWeight::Half(..) | DWeight::PackedBf16(_) => {
+            DWeight::Half(..) => {
                 let block = (HEAD_WIDEN_ELEMS / c.max(1)).max(1);
                 cross_entropy::linear_cross_entropy_stored(
                     h(x)?,

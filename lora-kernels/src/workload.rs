@@ -38,6 +38,8 @@ pub struct LinearWorkload {
     dx: Vec<f32>,           // (N, K)
     da: Vec<f32>,           // (R, K)
     db: Vec<f32>,           // (M, R)
+    /// `w` packed in bf16 ([`LinearWorkload::bf16`]): the products then take bf16 operands.
+    packed: Option<crate::gemm_bf16::PackedWeight>,
 }
 
 impl LinearWorkload {
@@ -59,7 +61,21 @@ impl LinearWorkload {
             dx: vec![0.0; tokens * inp],
             da: vec![0.0; rank * inp],
             db: vec![0.0; out * rank],
+            packed: None,
         }
+    }
+
+    /// The same layer with bf16 products (PyTorch autocast's): the frozen weight packed once,
+    /// the activations rounded per call, f32 accumulation; the adapter stays f32.
+    pub fn bf16(mut self) -> crate::Result<Self> {
+        let LinearDims { inp, out, .. } = self.dims;
+        self.packed = Some(crate::gemm_bf16::PackedWeight::new(
+            crate::gemm_bf16::Source::F32(&self.w),
+            WeightLayout::OutIn,
+            out,
+            inp,
+        )?);
+        Ok(self)
     }
 
     /// Useful FLOPs of one forward + backward.
@@ -76,7 +92,10 @@ impl LinearWorkload {
     /// Forward then backward (input gradient, and A/B gradients when there is an adapter).
     pub fn step(&mut self) -> crate::Result<()> {
         let base = BaseLinear {
-            weight: WeightData::F32(&self.w),
+            weight: match &self.packed {
+                Some(p) => WeightData::PackedBf16(p),
+                None => WeightData::F32(&self.w),
+            },
             layout: WeightLayout::OutIn,
             bias: self.bias.as_deref(),
         };

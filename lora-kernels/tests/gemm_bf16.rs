@@ -298,3 +298,122 @@ fn packed_weight_must_match_the_layer() {
     let e = lora_linear_forward(&mut y, None, &[1.0; 4], &base, None, d).unwrap_err();
     assert!(e.to_string().contains("packed as a OutIn 4 x 3"), "{e}");
 }
+
+/// The fused output head over a packed bf16 weight (autocast's `lm_head`): the loss against the
+/// f64 cross-entropy of the logits of the bf16-rounded `x` and `W`; `dx` against
+/// `dlogits @ W` in f64 on the rounded `W`, within one bf16 rounding of each `dlogits` element
+/// (`2^-8 sum_j |dl_j W_jk|`: the kernel rounds its f32 `dlogits` to bf16 before the product),
+/// in any chunking, accumulating onto what `dx` held.
+fn packed_head_case(n: usize, c: usize, v: usize, chunk: usize, seed: u64) {
+    use lora_kernels::gemm_bf16::PackedWeight;
+    use lora_kernels::lora_linear::WeightLayout;
+    use lora_kernels::ops::cross_entropy;
+    let x = rand_vec(n * c, seed, 2.0);
+    let w = rand_vec(v * c, seed ^ 7, 2.0);
+    let targets: Vec<i32> = rand_vec(n, seed ^ 1, 1.0)
+        .iter()
+        .map(|z| {
+            let t = ((z.abs() * 1000.0) as i32) % (v as i32 + 1);
+            if t == v as i32 {
+                -100
+            } else {
+                t
+            }
+        })
+        .collect();
+    let p = PackedWeight::new(Source::F32(&w), WeightLayout::OutIn, v, c).unwrap();
+    let mut dx = vec![0.5f32; n * c];
+    let (loss, count) =
+        cross_entropy::linear_cross_entropy_packed(&x, &p, &targets, c, v, Some(&mut dx), chunk)
+            .unwrap();
+    assert_eq!(count, targets.iter().filter(|&&t| t >= 0).count());
+    let r = |z: f32| widen_bf16(round_bf16(z)) as f64;
+    let (xr, wr): (Vec<f64>, Vec<f64>) = (
+        x.iter().map(|&z| r(z)).collect(),
+        w.iter().map(|&z| r(z)).collect(),
+    );
+    let mut logits = vec![0.0f64; n * v];
+    let mut mag = 0.0f64;
+    for i in 0..n {
+        for j in 0..v {
+            logits[i * v + j] = (0..c).map(|k| xr[i * c + k] * wr[j * c + k]).sum();
+            mag = mag.max((0..c).map(|k| (xr[i * c + k] * wr[j * c + k]).abs()).sum());
+        }
+    }
+    let want = cross_entropy::reference::forward(&logits, &targets, v);
+    // Each logit within (C + 2) 2^-23 of its magnitude; the loss moves by at most twice that.
+    let tol = 2.0 * (c as f64 + 2.0) * 2f64.powi(-23) * mag + 1e-6 * want.abs().max(1.0);
+    assert!(
+        ((loss as f64) - want).abs() <= tol,
+        "loss {loss} vs {want} (tol {tol:.2e})"
+    );
+    for i in 0..n {
+        let t = targets[i];
+        let row = &logits[i * v..(i + 1) * v];
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = row.iter().map(|z| (z - m).exp()).sum();
+        for k in 0..c {
+            let (mut want, mut bound) = (0.5f64, 1e-6);
+            if t >= 0 {
+                for j in 0..v {
+                    let mut dl = (row[j] - m).exp() / s / count as f64;
+                    if j as i32 == t {
+                        dl -= 1.0 / count as f64;
+                    }
+                    want += dl * wr[j * c + k];
+                    bound += 2f64.powi(-8) * (dl * wr[j * c + k]).abs();
+                }
+            }
+            let got = dx[i * c + k] as f64;
+            assert!(
+                (got - want).abs() <= bound,
+                "dx[{i}, {k}]: {got} vs {want} (bound {bound:.2e}; n {n} c {c} v {v} chunk {chunk})"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn fused_head_over_a_packed_bf16_weight(
+        n in 1usize..24, c in 1usize..70, v in 1usize..90, chunk in 1usize..30, seed in any::<u64>(),
+    ) {
+        packed_head_case(n, c, v, chunk, seed);
+    }
+}
+
+/// Edge sizes of the packed head: one row, one feature, a vocabulary of one, and a
+/// vocabulary and width that cross the kernel's panel and block sizes.
+#[test]
+fn fused_head_over_a_packed_bf16_weight_edge_sizes() {
+    for (n, c, v, chunk) in [
+        (1, 1, 1, 1),
+        (1, 5, 1, 4),
+        (3, 1, 7, 1),
+        (13, 37, 600, 5),
+        (40, 600, 70, 16),
+    ] {
+        packed_head_case(n, c, v, chunk, 3);
+    }
+    // A packed weight of another shape is refused by name.
+    let w = vec![0.5f32; 12];
+    let p = lora_kernels::gemm_bf16::PackedWeight::new(
+        Source::F32(&w),
+        lora_kernels::lora_linear::WeightLayout::OutIn,
+        4,
+        3,
+    )
+    .unwrap();
+    let e = lora_kernels::ops::cross_entropy::linear_cross_entropy_packed(
+        &[0.0; 4],
+        &p,
+        &[0],
+        4,
+        3,
+        None,
+        8,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`w`"), "{e}");
+}

@@ -46,6 +46,7 @@ fn config(model: &Path, data: &Path, out: PathBuf) -> TrainConfig {
         gradient_checkpointing: false,
         device: lora_core::Device::Cpu,
         stop_after: None,
+        precision: lora_core::models::Precision::F32,
     }
 }
 

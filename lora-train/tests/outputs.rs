@@ -66,6 +66,7 @@ fn config(out: PathBuf, data: PathBuf) -> TrainConfig {
         gradient_checkpointing: false,
         device: lora_core::Device::Cpu,
         stop_after: None,
+        precision: lora_core::models::Precision::F32,
     }
 }
 

@@ -271,6 +271,10 @@ impl CausalLm for Gpt2 {
         "lm_head"
     }
 
+    fn tied_embedding(&self) -> Option<&Tensor> {
+        self.lm_head.is_none().then_some(&self.wte)
+    }
+
     fn base_params(&self) -> usize {
         let lin = super::linear_base_params(self);
         let ln = self.blocks.len() * 4 * self.cfg.n_embd + 2 * self.cfg.n_embd;

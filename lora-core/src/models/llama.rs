@@ -424,6 +424,10 @@ impl CausalLm for Llama {
         "lm_head"
     }
 
+    fn tied_embedding(&self) -> Option<&Tensor> {
+        self.lm_head.is_none().then_some(&self.embed)
+    }
+
     fn base_params(&self) -> usize {
         let lin = super::linear_base_params(self);
         self.embed.numel() + lin + (2 * self.layers.len() + 1) * self.cfg.hidden_size

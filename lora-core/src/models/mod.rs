@@ -67,6 +67,9 @@ pub trait CausalLm {
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
     /// Module path of the output head, which `all-linear` never targets (PEFT's rule).
     fn output_head(&self) -> &str;
+    /// The token embedding the output head is tied to (`None`: the head is its own layer,
+    /// listed in [`CausalLm::linears`] under [`CausalLm::output_head`]).
+    fn tied_embedding(&self) -> Option<&Tensor>;
     /// Number of base (pretrained) parameters, counting tied tensors once.
     fn base_params(&self) -> usize;
     /// Vocabulary size.
@@ -202,8 +205,9 @@ pub enum Precision {
     /// PyTorch autocast's bf16: the frozen linear layers' products take bf16 operands (the
     /// weight packed once, [`Tensor::pack_bf16`]; the input rounded per call) and accumulate in
     /// f32; adapters, their optimizer state, norms, softmax, the loss and every reduction stay
-    /// f32. Not yet in bf16 (so more exact than autocast there): attention's two products and
-    /// the output head.
+    /// f32. The output head is bf16 too (a tied one through a packing kept beside the
+    /// embedding's f32 values). Not yet in bf16 (so more exact than autocast there):
+    /// attention's two products.
     Bf16,
 }
 
@@ -235,21 +239,24 @@ impl std::str::FromStr for Precision {
 }
 
 /// Sets the precision of `model`'s products: for [`Precision::Bf16`], packs the base weight of
-/// every linear layer but the output head (frozen weights only; a trained base weight is an
-/// error) and returns how many were packed. [`Precision::F32`] changes nothing (a model is f32
-/// as loaded). Call it after the model is on its device (CPU only) and before training.
+/// every linear layer, the output head included (frozen weights only; a trained base weight is
+/// an error), and returns how many were packed. A head tied to the token embedding keeps its
+/// f32 values for the embedding lookup and gets a bf16 packing beside them
+/// ([`Tensor::pack_bf16_beside`]: the memory of a second copy at half size), as autocast runs
+/// a tied `lm_head` in bf16 and the lookup in f32. [`Precision::F32`] changes nothing (a model
+/// is f32 as loaded). Call it after the model is on its device (CPU only) and before training.
 pub fn set_precision(model: &dyn CausalLm, precision: Precision) -> Result<usize> {
     if precision == Precision::F32 {
         return Ok(0);
     }
-    let head = model.output_head().to_string();
     let mut n = 0;
-    for (name, lin) in model.linears() {
-        if name == head {
-            continue;
-        }
+    for (_, lin) in model.linears() {
         let (w, layout, _) = lin.base();
         w.pack_bf16(layout)?;
+        n += 1;
+    }
+    if let Some(e) = model.tied_embedding() {
+        e.pack_bf16_beside(WeightLayout::OutIn)?;
         n += 1;
     }
     Ok(n)

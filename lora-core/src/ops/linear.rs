@@ -76,9 +76,14 @@ pub fn linear(
     let bias_buf = gb.as_ref().map(f32_of).transpose()?;
     let (y, saved) = match lora {
         None => {
-            let (y, _) =
-                on.accel
-                    .linear_forward(f32_of(&gx)?, gw.weight(), layout, bias_buf, None, dims)?;
+            let (y, _) = on.accel.linear_forward(
+                f32_of(&gx)?,
+                gw.product_weight(),
+                layout,
+                bias_buf,
+                None,
+                dims,
+            )?;
             (y, None)
         }
         Some(l) => {
@@ -97,7 +102,7 @@ pub fn linear(
             };
             let (y, u) = on.accel.linear_forward(
                 f32_of(&gx)?,
-                gw.weight(),
+                gw.product_weight(),
                 layout,
                 bias_buf,
                 Some(dl),
@@ -207,7 +212,16 @@ impl OpNode for LinearNode {
         ))?;
         let u = lora.as_ref().map(|l| &l.u);
         let gw = w.store();
-        a.linear_backward(grads, dout, data[0], gw.weight(), *layout, dl, u, *dims)?;
+        a.linear_backward(
+            grads,
+            dout,
+            data[0],
+            gw.product_weight(),
+            *layout,
+            dl,
+            u,
+            *dims,
+        )?;
         Ok(())
     }
 }

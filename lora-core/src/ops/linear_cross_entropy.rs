@@ -54,9 +54,10 @@ fn head_chunked(
     rows: usize,
 ) -> Result<(f32, Option<DBuf>, Option<DBuf>)> {
     let (c, v, n) = (x.last_dim(), w.shape()[0], targets.len());
-    // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored.
+    // A frozen 16-bit head (bf16 / f16 checkpoint) is read as stored; one packed for the bf16
+    // products (in place, or beside a tied embedding's f32 values) multiplies in bf16.
     let (gx, gw) = (read(x)?, w.store());
-    let (xb, wb) = (f32_of(&gx)?, gw.weight());
+    let (xb, wb) = (f32_of(&gx)?, gw.product_weight());
     if n <= rows {
         let h = a.linear_cross_entropy(xb, wb, targets, c, v, want_dx, want_dw)?;
         return Ok((h.loss, h.dx, h.dw));

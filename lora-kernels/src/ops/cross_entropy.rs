@@ -146,12 +146,11 @@ pub fn linear_cross_entropy(
     targets: &[i32],
     c: usize,
     v: usize,
-    mut dx: Option<&mut [f32]>,
-    mut dw: Option<&mut [f32]>,
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
     chunk_rows: usize,
 ) -> Result<(f32, usize)> {
-    let n = targets.len();
-    let count = check_head(
+    check_head(
         (x.len(), w.len(), targets, c, v),
         (
             dx.as_deref().map(<[f32]>::len),
@@ -159,6 +158,129 @@ pub fn linear_cross_entropy(
         ),
         ("chunk_rows", chunk_rows),
     )?;
+    head_in_chunks(&F32Head { w, c, v }, x, targets, dx, dw, chunk_rows)
+}
+
+/// [`linear_cross_entropy`] for a frozen head packed for the bf16 products
+/// ([`crate::gemm_bf16::PackedWeight`], `(V, C)`): PyTorch autocast's `lm_head`. The chunk's
+/// rows of `x` and, in backward, of `dlogits` are rounded to bf16; both products accumulate in
+/// f32; the softmax, the loss and its sum stay f32. No `dw` (a packed weight is frozen).
+pub fn linear_cross_entropy_packed(
+    x: &[f32],
+    w: &crate::gemm_bf16::PackedWeight,
+    targets: &[i32],
+    c: usize,
+    v: usize,
+    dx: Option<&mut [f32]>,
+    chunk_rows: usize,
+) -> Result<(f32, usize)> {
+    let (wv, wc) = w.dims();
+    check_head(
+        (x.len(), wv * wc, targets, c, v),
+        (dx.as_deref().map(<[f32]>::len), None),
+        ("chunk_rows", chunk_rows),
+    )?;
+    if (wv, wc) != (v, c) {
+        return Err(KernelError::InvalidArg {
+            op: "linear_cross_entropy",
+            arg: "w",
+            reason: format!("packed as {wv} x {wc}, expected {v} x {c}"),
+        });
+    }
+    head_in_chunks(&PackedHead { w, c, v }, x, targets, dx, None, chunk_rows)
+}
+
+/// The two products of the fused head that read its weight, for one chunk of `rows` rows.
+trait HeadProducts {
+    /// `(C, V)`.
+    fn dims(&self) -> (usize, usize);
+    /// `lg (rows, V) = xs (rows, C) W^T`.
+    fn logits(&self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()>;
+    /// `dx (rows, C) += dl (rows, V) W`.
+    fn dx(&self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()>;
+}
+
+/// The f32 head.
+struct F32Head<'a> {
+    w: &'a [f32],
+    c: usize,
+    v: usize,
+}
+
+impl HeadProducts for F32Head<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.c, self.v)
+    }
+    fn logits(&self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()> {
+        use crate::gemm::{matmul, Par, Trans};
+        let (c, v) = (self.c, self.v);
+        matmul(
+            lg,
+            xs,
+            Trans::No,
+            self.w,
+            Trans::Yes,
+            (rows, v, c),
+            1.0,
+            false,
+            Par::Auto,
+        )
+    }
+    fn dx(&self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
+        use crate::gemm::{matmul, Par, Trans};
+        let (c, v) = (self.c, self.v);
+        matmul(
+            dx,
+            dl,
+            Trans::No,
+            self.w,
+            Trans::No,
+            (rows, c, v),
+            1.0,
+            true,
+            Par::Auto,
+        )
+    }
+}
+
+/// The packed bf16 head: each chunk's left operand is rounded and packed, then multiplied by
+/// the weight's forward (`W^T`) or backward (`W`) packing.
+struct PackedHead<'a> {
+    w: &'a crate::gemm_bf16::PackedWeight,
+    c: usize,
+    v: usize,
+}
+
+impl HeadProducts for PackedHead<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.c, self.v)
+    }
+    fn logits(&self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()> {
+        use crate::gemm_bf16::{matmul_packed, pack_lhs, Source, View};
+        let lhs = pack_lhs(View::row_major(Source::F32(xs), rows, self.c))?;
+        matmul_packed(lg, &lhs, self.w.forward(), false, crate::gemm::Par::Auto)
+    }
+    fn dx(&self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
+        use crate::gemm_bf16::{matmul_packed, pack_lhs, Source, View};
+        let lhs = pack_lhs(View::row_major(Source::F32(dl), rows, self.v))?;
+        matmul_packed(dx, &lhs, self.w.backward()?, true, crate::gemm::Par::Auto)
+    }
+}
+
+/// The fused head's loop over row chunks (shapes already checked): logits, log-sum-exp and
+/// loss; then, with gradients asked for, the chunk's logits become `dlogits` in place and feed
+/// `dx += dlogits W` and `dw += dlogits^T x`.
+fn head_in_chunks(
+    prods: &dyn HeadProducts,
+    x: &[f32],
+    targets: &[i32],
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+    chunk_rows: usize,
+) -> Result<(f32, usize)> {
+    let (c, v) = prods.dims();
+    let n = targets.len();
+    let count = targets.iter().filter(|&&t| t >= 0).count();
     let grads = dx.is_some() || dw.is_some();
     let mut total = 0.0f64;
     let mut logits = vec![0.0f32; chunk_rows.min(n.max(1)) * v];
@@ -168,17 +290,7 @@ pub fn linear_cross_entropy(
         let (lg, ls) = (&mut logits[..rows * v], &mut lse[..rows]);
         let xs = &x[r0 * c..(r0 + rows) * c];
         let ts = &targets[r0..r0 + rows];
-        crate::gemm::matmul(
-            lg,
-            xs,
-            crate::gemm::Trans::No,
-            w,
-            crate::gemm::Trans::Yes,
-            (rows, v, c),
-            1.0,
-            false,
-            crate::gemm::Par::Auto,
-        )?;
+        prods.logits(lg, xs, rows)?;
         let (_, _) = cross_entropy_forward(ls, lg, ts, v)?;
         for (i, &t) in ts.iter().enumerate() {
             if t >= 0 {
@@ -203,17 +315,7 @@ pub fn linear_cross_entropy(
             }
         });
         if let Some(dx) = dx.as_deref_mut() {
-            crate::gemm::matmul(
-                &mut dx[r0 * c..(r0 + rows) * c],
-                lg,
-                crate::gemm::Trans::No,
-                w,
-                crate::gemm::Trans::No,
-                (rows, c, v),
-                1.0,
-                true,
-                crate::gemm::Par::Auto,
-            )?;
+            prods.dx(&mut dx[r0 * c..(r0 + rows) * c], lg, rows)?;
         }
         if let Some(dw) = dw.as_deref_mut() {
             crate::gemm::matmul(

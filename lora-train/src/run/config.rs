@@ -80,6 +80,10 @@ pub struct TrainConfig {
     /// Where the model trains (the whole step runs there). Not part of the run's identity: a
     /// run checkpointed on one device resumes on another.
     pub device: lora_core::Device,
+    /// The products' precision: f32, or bf16 as PyTorch autocast computes them (the frozen
+    /// linear layers' operands rounded to bf16, f32 accumulation; adapters, optimizer state,
+    /// norms, softmax and the loss in f32). Part of the run's identity: resume refuses a change.
+    pub precision: lora_core::models::Precision,
 }
 
 impl TrainConfig {
@@ -92,7 +96,7 @@ impl TrainConfig {
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seq_len": self.seq_len, "steps": self.steps, "epochs": self.epochs.map(f),
             "warmup": self.warmup, "schedule": format!("{:?}", self.schedule).to_lowercase(), "weight_decay": f(self.weight_decay),
             "optimizer": self.optimizer.to_string(), "max_grad_norm": self.max_grad_norm.map(f), "pack": self.pack, "eos": self.eos, "assistant_only_loss": self.assistant_only_loss, "seed": self.seed,
-            "eval_data": self.eval_data, "eval_split": f(self.eval_split),
+            "eval_data": self.eval_data, "eval_split": f(self.eval_split), "precision": self.precision.name(),
         })
     }
 
@@ -185,6 +189,18 @@ impl TrainConfig {
                 format!("sgd runs on the CPU only; use adamw on {}", self.device),
             );
         }
+        if self.precision != lora_core::models::Precision::F32
+            && self.device != lora_core::Device::Cpu
+        {
+            return bad(
+                "precision",
+                format!(
+                    "{} runs on the CPU only (the GPU products are f32, or TF32 with --tf32); \
+                     got --device {}",
+                    self.precision, self.device
+                ),
+            );
+        }
         if let Err(e) = self.peft().target_modules.check() {
             return bad("target", e);
         }
@@ -224,7 +240,8 @@ pub(super) fn short_f32(x: f32) -> Value {
 
 /// The settings that differ between a checkpoint's config and this run's, as
 /// `key: checkpoint VALUE, now VALUE`. A checkpoint written before `eos` or
-/// `assistant_only_loss` existed trained without them, so a missing key reads as `false`.
+/// `assistant_only_loss` existed trained without them, so a missing key reads as `false`; one
+/// written before `precision` existed trained in f32.
 /// Numbers compare as the f32 settings they are (older checkpoints wrote their f64 widening).
 /// `steps` and `epochs` are not part of a run's identity: a resumed run may be extended.
 pub(super) fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
@@ -233,6 +250,7 @@ pub(super) fn config_diff(saved: &Value, now: &Value) -> Vec<String> {
         for k in ["eos", "assistant_only_loss"] {
             m.entry(k).or_insert(Value::Bool(false));
         }
+        m.entry("precision").or_insert(Value::from("f32"));
     }
     let empty = serde_json::Map::new();
     let (a, b) = (

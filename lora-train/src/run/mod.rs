@@ -31,7 +31,7 @@ use crate::eval::eval_sequences;
 use crate::optim::{lr_factor, Optimizer, OptimizerKind, OptimizerState, Schedule};
 use crate::trainer::{adapter_groups, train_step, StepStats};
 use crate::{Result, TrainError};
-use lora_core::models::{param_counts, CausalLm};
+use lora_core::models::{param_counts, set_precision, CausalLm};
 use lora_core::Tensor;
 use lora_io::hf::ModelDir;
 use lora_io::outdir::{self, Existing, Owned};
@@ -223,6 +223,9 @@ pub fn train_until(
     // Everything the step touches moves to the device now (weights, adapters; the optimizer
     // state follows its tensors on the first step).
     model.to_device(cfg.device)?;
+    // bf16 products: the frozen weights are packed once, here, after the adapters are in
+    // place (validate() kept this to the CPU).
+    set_precision(model.as_ref(), cfg.precision)?;
     let (trainable, all_params) = param_counts(model.as_ref());
     let eval_before = match &checkpoint {
         None => eval_sequences(model.as_ref(), &data.eval, true)?.map(|r| r.loss),
