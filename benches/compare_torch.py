@@ -6,6 +6,9 @@ iterations, on the same number of threads.
 
 Run (after `pip install torch`), on the same machine and right after the Rust bench:
     python3 benches/compare_torch.py --threads 2
+bf16 (PyTorch's best CPU mode where the CPU has AVX512-BF16 or AMX), against
+`lora bench linear --suite --precision bf16`:
+    python3 benches/compare_torch.py --threads 2 --autocast-bf16
 Prints one line per shape: median ms of LoRA fwd+bwd, of the base layer alone (fwd + input
 gradient), and the overhead.
 """
@@ -29,11 +32,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=9)
     ap.add_argument("--json", action="store_true", help="one JSON object per shape")
+    ap.add_argument("--autocast-bf16", action="store_true",
+                    help="run the layer under torch.autocast('cpu', dtype=torch.bfloat16)")
     args = ap.parse_args()
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if not args.json:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        mode = "autocast bf16" if args.autocast_bf16 else "f32"
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {mode}")
     for n, k, m, r in SUITE:
         x = torch.randn(n, k, requires_grad=True)
         w = torch.randn(m, k) / k**0.5  # frozen
@@ -43,11 +50,13 @@ def main():
         s = 2.0
 
         def lora_step():
-            y = x @ w.t() + s * ((x @ a.t()) @ b.t())
+            with cast:
+                y = x @ w.t() + s * ((x @ a.t()) @ b.t())
             y.backward(dy)
 
         def base_step():
-            y = x @ w.t()
+            with cast:
+                y = x @ w.t()
             y.backward(dy)
 
         lora_step()
@@ -64,7 +73,8 @@ def main():
         if args.json:
             print(json.dumps({"tokens": n, "in": k, "out": m, "rank": r, "median_ms": ml * 1e3,
                               "base_only_median_ms": mb * 1e3, "gflops": flops / ml / 1e9,
-                              "torch": torch.__version__, "threads": torch.get_num_threads()}))
+                              "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "autocast_bf16": args.autocast_bf16}))
         else:
             print(f"{n} x {k} x {m}, r{r}: lora {ml * 1e3:.2f} ms ({flops / ml / 1e9:.1f} GFLOP/s), "
                   f"base-only {mb * 1e3:.2f} ms, overhead {(ml / mb - 1) * 100:.1f}%")

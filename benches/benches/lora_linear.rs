@@ -32,6 +32,13 @@ fn linear(c: &mut Criterion) {
         let mut lora = LinearWorkload::new(t, k, m, r, false, 1).bf16().unwrap();
         g.throughput(Throughput::Elements(lora.flops() as u64));
         g.bench_function("lora_fwd_bwd_bf16", |b| b.iter(|| lora.step().unwrap()));
+        // The same with the weight packed on every call: what prepacking at load saves.
+        let mut lora = LinearWorkload::new(t, k, m, r, false, 1)
+            .bf16_repacked()
+            .unwrap();
+        g.bench_function("lora_fwd_bwd_bf16_repacked", |b| {
+            b.iter(|| lora.step().unwrap())
+        });
         g.finish();
     }
 }

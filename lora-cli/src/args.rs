@@ -732,6 +732,10 @@ pub struct TrainBenchArgs {
     /// of two precisions: the batch is the same every step, so the adapters learn it.
     #[arg(long)]
     pub losses: bool,
+    /// LoRA on every linear layer but the output head (PEFT's all-linear) instead of c_attn
+    /// (gpt2) or q_proj, v_proj (llama).
+    #[arg(long)]
+    pub all_linear: bool,
     /// Recompute each block's forward during backward (activation checkpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,

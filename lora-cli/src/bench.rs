@@ -77,6 +77,12 @@ struct LinearResult {
     overhead_pct: f64,
     gemm_ceiling_gflops: f64,
     fraction_of_ceiling: f64,
+    /// bf16: the LoRA layer with its weight packed on every call (both layouts), and what
+    /// packing once at load saves of that time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repacked_median_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prepacking_saves_pct: Option<f64>,
 }
 
 /// Median of `v` (sorted in place).
@@ -289,8 +295,10 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                 LinearWorkload::new(t, k, m, r, cfg.bias, 1),
                 LinearWorkload::new(t, k, m, 0, cfg.bias, 1),
             );
+            let mut repacked = None;
             if bf16 {
                 (lora, base) = (lora.bf16()?, base.bf16()?);
+                repacked = Some(LinearWorkload::new(t, k, m, r, cfg.bias, 1).bf16_repacked()?);
             }
             // The bf16 backward packs its weight on first use: the warm-up covers both.
             base.step()?;
@@ -298,11 +306,14 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
             lora.step()?;
             let once = time(|| base.step())?.max(1e-6);
             let iters = cfg.iters.unwrap_or(((2.0 / once) as usize).clamp(9, 200));
-            let (mut tl, mut tb, mut ratio, mut tg) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut tl, mut tb, mut ratio, mut tg, mut tp) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for i in 0..iters {
                 let a = time(|| lora.step())?;
                 let b = time(|| base.step())?;
+                if let Some(w) = repacked.as_mut() {
+                    tp.push(time(|| w.step())?);
+                }
                 tl.push(a);
                 tb.push(b);
                 ratio.push(a / b);
@@ -329,6 +340,14 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                 overhead_pct: (mr - 1.0) * 100.0,
                 gemm_ceiling_gflops: ceiling,
                 fraction_of_ceiling: lora.flops() / ml / 1e9 / ceiling,
+                repacked_median_ms: (!tp.is_empty()).then(|| median(&mut tp) * 1e3),
+                prepacking_saves_pct: None,
+            };
+            let res = LinearResult {
+                prepacking_saves_pct: res
+                    .repacked_median_ms
+                    .map(|p| (1.0 - res.median_ms / p) * 100.0),
+                ..res
             };
             if cfg.json {
                 outln!("{}", serde_json::to_string(&res)?);
@@ -344,6 +363,9 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                     res.gemm_ceiling_gflops,
                     res.fraction_of_ceiling * 100.0
                 );
+                if let (Some(p), Some(s)) = (res.repacked_median_ms, res.prepacking_saves_pct) {
+                    outln!("{:>24} packing the weight on every call instead: {p:.2} ms (prepacking saves {s:.1}%)", "");
+                }
             }
         }
         Ok(())
@@ -492,6 +514,7 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
                     steps: a.steps,
                     lr: a.lr,
                     losses: a.losses,
+                    all_linear: a.all_linear,
                     checkpoint: a.gradient_checkpointing,
                     bf16: a.bf16,
                     precision: a.precision,

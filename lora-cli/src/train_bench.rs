@@ -51,6 +51,8 @@ pub struct TrainBench {
     pub lr: f32,
     /// Report every step's loss.
     pub losses: bool,
+    /// LoRA on every linear layer but the head, instead of the architecture's usual targets.
+    pub all_linear: bool,
     pub checkpoint: bool,
     pub bf16: bool,
     /// Precision of the products.
@@ -147,8 +149,10 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
         dropout: 0.0,
         init: LoraInit::KaimingUniform,
     };
+    let head_name = model.output_head().to_string();
     for (i, (name, lin)) in model.linears_mut().into_iter().enumerate() {
-        if targets.iter().any(|t| name.ends_with(t)) {
+        let head = name == head_name;
+        if (cfg.all_linear && !head) || targets.iter().any(|t| name.ends_with(t)) {
             lin.inject(&lora, i as u64)?;
             // Non-zero B so the adapter path carries real values, as after a few steps.
             if let Some(l) = lin.lora() {
@@ -220,7 +224,7 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     let rss = peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64);
     let params: usize = model.base_params();
     if json {
-        let mut obj = serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "precision": cfg.precision.name(), "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss, "lr": cfg.lr.to_string().parse::<f64>().ok()});
+        let mut obj = serde_json::json!({"arch": cfg.arch, "layers": layers, "hidden": hidden, "params": params, "batch": batch, "seq": seq, "rank": rank, "threads": rayon::current_num_threads(), "steps": steps, "gradient_checkpointing": checkpoint, "weights": if bf16 { "bf16" } else { "f32" }, "precision": cfg.precision.name(), "all_linear": cfg.all_linear, "device": device.describe()?, "median_step_s": med, "tokens_per_s": tps, "peak_rss_gib": rss, "lr": cfg.lr.to_string().parse::<f64>().ok()});
         if cfg.losses {
             obj["losses"] = serde_json::json!(losses);
         }
@@ -231,6 +235,11 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             (true, false) => "; gradient checkpointing",
             (false, true) => "; bf16 frozen weights",
             (false, false) => "",
+        };
+        let what = if cfg.all_linear {
+            what.split(';').next().unwrap_or(what).to_string() + "; LoRA on every linear layer"
+        } else {
+            what.to_string()
         };
         outln!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}; {} products", rayon::current_num_threads(), cfg.precision);
         outln!(

@@ -12,76 +12,52 @@ fn lora(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn bench_linear_json_has_the_documented_fields() {
-    let out = lora(&[
-        "bench",
-        "linear",
-        "--tokens",
-        "33",
-        "--in",
-        "17",
-        "--out",
-        "29",
-        "--rank",
-        "3",
-        "--iters",
-        "3",
-        "--threads",
-        "1",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
-    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
-    for key in [
-        "median_ms",
-        "gflops",
-        "base_only_median_ms",
-        "base_only_gflops",
-        "overhead_pct",
-        "gemm_ceiling_gflops",
-        "fraction_of_ceiling",
-    ] {
+    // Both precisions report the same fields; bf16's ceiling is the bf16 GEMM.
+    for precision in ["f32", "bf16"] {
+        let out = lora(&[
+            "bench",
+            "linear",
+            "--tokens",
+            "33",
+            "--in",
+            "17",
+            "--out",
+            "29",
+            "--rank",
+            "3",
+            "--iters",
+            "3",
+            "--threads",
+            "1",
+            "--precision",
+            precision,
+            "--json",
+        ]);
         assert!(
-            v[key].as_f64().is_some_and(|x| x.is_finite() && x > -100.0),
-            "{key}: {v}"
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        let line = String::from_utf8(out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        for key in [
+            "median_ms",
+            "gflops",
+            "base_only_median_ms",
+            "base_only_gflops",
+            "overhead_pct",
+            "gemm_ceiling_gflops",
+            "fraction_of_ceiling",
+        ] {
+            assert!(
+                v[key].as_f64().is_some_and(|x| x.is_finite() && x > -100.0),
+                "{key}: {v}"
+            );
+        }
+        assert_eq!(v["threads"], 1);
+        assert_eq!(v["rank"], 3);
+        assert_eq!(v["precision"], precision);
     }
-    assert_eq!(v["threads"], 1);
-    assert_eq!(v["rank"], 3);
-    assert_eq!(v["precision"], "f32");
-    // bf16 products: same fields, and the ceiling is the bf16 GEMM.
-    let out = lora(&[
-        "bench",
-        "linear",
-        "--tokens",
-        "33",
-        "--in",
-        "17",
-        "--out",
-        "29",
-        "--rank",
-        "3",
-        "--iters",
-        "3",
-        "--threads",
-        "1",
-        "--precision",
-        "bf16",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
-    assert_eq!(v["precision"], "bf16");
-    assert!(v["gflops"].as_f64().is_some_and(|x| x > 0.0), "{v}");
     let out = lora(&["bench", "linear", "--precision", "fp8"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("precision must be f32 or bf16"));
@@ -976,9 +952,15 @@ fn train_bench_runs_both_architectures_and_names_a_bad_one() {
             "--rank",
             "2",
             "--steps",
-            "1",
+            "2",
             "--gradient-checkpointing",
             "--bf16",
+            "--precision",
+            "bf16",
+            "--all-linear",
+            "--losses",
+            "--lr",
+            "1e-2",
             "--json",
         ]);
         let text = String::from_utf8_lossy(&out.stdout);
@@ -991,6 +973,18 @@ fn train_bench_runs_both_architectures_and_names_a_bad_one() {
         assert_eq!(v["arch"], arch);
         assert!(v["median_step_s"].as_f64().unwrap() > 0.0);
         assert_eq!(v["weights"], "bf16");
+        assert_eq!(
+            (v["precision"].as_str(), v["all_linear"].as_bool()),
+            (Some("bf16"), Some(true))
+        );
+        // The warm-up step's loss and the two timed ones; the adapters learn the fixed batch.
+        let l: Vec<f64> = v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(l.len() == 3 && l[2] < l[0], "{l:?}");
     }
     let out = lora(&["bench", "train", "--arch", "t5", "--steps", "1"]);
     let e = String::from_utf8_lossy(&out.stderr);

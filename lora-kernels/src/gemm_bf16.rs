@@ -23,7 +23,7 @@
 //!
 //! Blocking (GotoBLAS order): the output is cut in tasks of [`MC`] rows x [`NC`] columns (run in
 //! parallel); a task walks the pairs in runs of [`KC_PAIRS`] (one `rhs` micro-panel of such a
-//! run is 16 KiB, kept in L1 while the task's `MC` rows of `lhs` stream from L2).
+//! run is 32 KiB, kept in L1 while the task's `MC` rows of `lhs` stream from L2).
 
 use crate::error::{KernelError, Result};
 use crate::gemm::Par;
@@ -228,29 +228,79 @@ fn packed_buffer(op: &'static str, panels: usize, pairs: usize, width: usize) ->
     Ok(vec![0u32; n])
 }
 
-/// Packs `(M, K)` `lhs` (rounding f32 values to bf16).
-pub fn pack_lhs(v: View) -> Result<PackedLhs> {
-    const OP: &str = "pack_lhs";
-    v.check(OP, "lhs")?;
-    let (m, k) = (v.rows, v.cols);
-    let pairs = pairs_of(k);
-    let mut data = packed_buffer(OP, m.div_ceil(MR), pairs, MR)?;
+/// Packs `lines` lines of `depth` values into panels of `width` lines laid out
+/// `[pair][line]` (the last panel zero-padded): `line(l, buf)` writes line `l`'s
+/// `depth.div_ceil(2)` pairs into `buf`.
+fn pack_with(
+    op: &'static str,
+    lines: usize,
+    depth: usize,
+    width: usize,
+    line: impl Fn(usize, &mut [u32]) + Sync,
+) -> Result<Vec<u32>> {
+    let pairs = pairs_of(depth);
+    let mut data = packed_buffer(op, lines.div_ceil(width), pairs, width)?;
     if pairs > 0 {
-        data.par_chunks_mut(pairs * MR)
+        data.par_chunks_mut(pairs * width)
             .enumerate()
             .for_each(|(p, panel)| {
-                let rows = MR.min(m - p * MR);
-                for r in 0..rows {
-                    let i = p * MR + r;
-                    for q in 0..pairs {
-                        panel[q * MR + r] = v.row_pair(i, q);
+                let mut buf = vec![0u32; pairs];
+                for r in 0..width.min(lines - p * width) {
+                    line(p * width + r, &mut buf);
+                    for (q, &x) in buf.iter().enumerate() {
+                        panel[q * width + r] = x;
                     }
                 }
             });
     }
+    Ok(data)
+}
+
+impl View<'_> {
+    /// Row `i`'s pairs (the last one's second half zero when `cols` is odd) into `out`
+    /// (`cols.div_ceil(2)` long). Contiguous rows take a loop the compiler vectorises.
+    fn row_pairs(&self, i: usize, out: &mut [u32]) {
+        let k = self.cols;
+        if self.cs != 1 {
+            for (q, o) in out.iter_mut().enumerate() {
+                *o = self.row_pair(i, q);
+            }
+            return;
+        }
+        let at = i * self.rs;
+        match self.src {
+            Source::F32(s) => {
+                let row = &s[at..at + k];
+                let mut it = row.chunks_exact(2);
+                for (o, c) in out.iter_mut().zip(&mut it) {
+                    *o = round_bf16(c[0]) as u32 | (round_bf16(c[1]) as u32) << 16;
+                }
+                if let [last] = it.remainder() {
+                    out[k / 2] = round_bf16(*last) as u32;
+                }
+            }
+            Source::Bf16(s) => {
+                let row = &s[at..at + k];
+                let mut it = row.chunks_exact(2);
+                for (o, c) in out.iter_mut().zip(&mut it) {
+                    *o = c[0] as u32 | (c[1] as u32) << 16;
+                }
+                if let [last] = it.remainder() {
+                    out[k / 2] = *last as u32;
+                }
+            }
+        }
+    }
+}
+
+/// Packs `(M, K)` `lhs` (rounding f32 values to bf16).
+pub fn pack_lhs(v: View) -> Result<PackedLhs> {
+    const OP: &str = "pack_lhs";
+    v.check(OP, "lhs")?;
+    let data = pack_with(OP, v.rows, v.cols, MR, |i, buf| v.row_pairs(i, buf))?;
     Ok(PackedLhs {
-        rows: m,
-        depth: k,
+        rows: v.rows,
+        depth: v.cols,
         data,
     })
 }
@@ -259,27 +309,12 @@ pub fn pack_lhs(v: View) -> Result<PackedLhs> {
 pub fn pack_rhs(v: View) -> Result<PackedRhs> {
     const OP: &str = "pack_rhs";
     v.check(OP, "rhs")?;
-    let (k, n) = (v.rows, v.cols);
-    let pairs = pairs_of(k);
-    let mut data = packed_buffer(OP, n.div_ceil(NR), pairs, NR)?;
     // Column c of rhs is row c of its transpose, whose pairs run along k.
     let t = v.t();
-    if pairs > 0 {
-        data.par_chunks_mut(pairs * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                let cols = NR.min(n - p * NR);
-                for c in 0..cols {
-                    let j = p * NR + c;
-                    for q in 0..pairs {
-                        panel[q * NR + c] = t.row_pair(j, q);
-                    }
-                }
-            });
-    }
+    let data = pack_with(OP, v.cols, v.rows, NR, |j, buf| t.row_pairs(j, buf))?;
     Ok(PackedRhs {
-        depth: k,
-        cols: n,
+        depth: v.rows,
+        cols: v.cols,
         data,
     })
 }
@@ -338,19 +373,30 @@ impl PackedWeight {
         &self.fwd
     }
 
-    /// `W (M, K)` packed: the input gradient's right operand (made on the first call).
+    /// `W (M, K)` packed: the input gradient's right operand (made on the first call, from the
+    /// forward packing, with no copy of the weight in between).
     pub fn backward(&self) -> Result<&PackedRhs> {
         if let Some(b) = self.bwd.get() {
             return Ok(b);
         }
         let (m, k) = (self.out, self.inp);
-        let mut w = vec![0u16; m * k];
-        w.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
-            for (i, v) in row.iter_mut().enumerate() {
-                *v = self.fwd_bits(i, o);
+        // Column i of W (input feature i): its pairs run along the outputs.
+        let data = pack_with("PackedWeight::backward", k, m, NR, |i, buf| {
+            for (q, o) in buf.iter_mut().enumerate() {
+                let lo = self.fwd_bits(i, 2 * q) as u32;
+                let hi = if 2 * q + 1 < m {
+                    self.fwd_bits(i, 2 * q + 1) as u32
+                } else {
+                    0
+                };
+                *o = lo | hi << 16;
             }
-        });
-        let b = pack_rhs(View::row_major(Source::Bf16(&w), m, k))?;
+        })?;
+        let b = PackedRhs {
+            depth: m,
+            cols: k,
+            data,
+        };
         // A concurrent first call may have packed it too: either copy is the same.
         let _ = self.bwd.set(b);
         Ok(self.bwd.get().expect("set above"))

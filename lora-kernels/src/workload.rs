@@ -40,6 +40,8 @@ pub struct LinearWorkload {
     db: Vec<f32>,           // (M, R)
     /// `w` packed in bf16 ([`LinearWorkload::bf16`]): the products then take bf16 operands.
     packed: Option<crate::gemm_bf16::PackedWeight>,
+    /// Pack the weight again on every step (what prepacking at load saves).
+    repack: bool,
 }
 
 impl LinearWorkload {
@@ -62,6 +64,7 @@ impl LinearWorkload {
             da: vec![0.0; rank * inp],
             db: vec![0.0; out * rank],
             packed: None,
+            repack: false,
         }
     }
 
@@ -78,6 +81,14 @@ impl LinearWorkload {
         Ok(self)
     }
 
+    /// [`LinearWorkload::bf16`], but the weight is packed again on every step, both layouts
+    /// (the forward's before it, the input gradient's on first use): the cost prepacking saves.
+    pub fn bf16_repacked(self) -> crate::Result<Self> {
+        let mut s = self.bf16()?;
+        s.repack = true;
+        Ok(s)
+    }
+
     /// Useful FLOPs of one forward + backward.
     pub fn flops(&self) -> f64 {
         let LinearDims {
@@ -91,6 +102,15 @@ impl LinearWorkload {
 
     /// Forward then backward (input gradient, and A/B gradients when there is an adapter).
     pub fn step(&mut self) -> crate::Result<()> {
+        if self.repack {
+            let LinearDims { inp, out, .. } = self.dims;
+            self.packed = Some(crate::gemm_bf16::PackedWeight::new(
+                crate::gemm_bf16::Source::F32(&self.w),
+                WeightLayout::OutIn,
+                out,
+                inp,
+            )?);
+        }
         let base = BaseLinear {
             weight: match &self.packed {
                 Some(p) => WeightData::PackedBf16(p),

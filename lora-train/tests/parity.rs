@@ -180,8 +180,9 @@ fn bad_data_files_are_named_errors() {
     }
 }
 
-/// `--precision bf16` (the frozen layers' and the output head's products on bf16 operands, f32 accumulation): the
-/// eval loss stays within 1e-3 relative of transformers' f32 loss on every fixture (bf16 keeps
+/// `--precision bf16` (the frozen layers' and the output head's products on bf16 operands, f32
+/// accumulation): the eval loss stays within 1e-3 relative of transformers' f32 loss on every
+/// fixture (bf16 keeps
 /// 8 bits of mantissa: each product's operands move by up to 2^-9 relative; measured 2.6e-6 to
 /// 3.3e-5 on these fixtures with the head in bf16 too, 2026-12-02), and it is not the f32 loss
 /// bit for bit (the bf16 products did run).
