@@ -179,3 +179,75 @@ fn mistral_matches() {
 fn llama3_rope_scaling_matches() {
     check("llama3_rope", 4);
 }
+
+/// `--precision bf16` (PyTorch autocast's: every frozen product, the output head's included, on
+/// bf16-rounded operands with f32 accumulation; the adapters in f32) against the same f32
+/// transformers + PEFT references. bf16 keeps 8 significant bits, so each operand moves by up to
+/// 2^-9 relative and a product of length K by about 2^-9 sqrt(K) of its magnitude when the
+/// roundings are independent; through a few layers that is 1e-3..1e-2 of the logits' scale.
+/// Stated bounds (relative to each tensor's largest magnitude, as above): logits 2e-2, loss
+/// 1e-3, LoRA gradients 5e-2 (measured on these fixtures, 2026-12-02, Zen 5: logits 2.8e-3 to
+/// 1.0e-2, loss 5.3e-6 to 5.9e-5, gradients 4.3e-3 to 1.7e-2; the printed line per fixture).
+/// The bf16 run is not the f32 run bit for bit (the products did change).
+#[test]
+fn bf16_precision_stays_within_stated_bounds_of_transformers_f32() {
+    use lora_core::models::{set_precision, Precision};
+    for name in [
+        "gpt2",
+        "llama_gqa",
+        "llama_bf16",
+        "qwen2_bias",
+        "mistral",
+        "llama3_rope",
+    ] {
+        let dir = fixture(name);
+        let md = ModelDir::open(dir.join("model")).unwrap();
+        let mut model: Box<dyn CausalLm> = md.load_model().unwrap();
+        load_adapter(model.as_mut(), &dir.join("adapter")).unwrap();
+        assert!(set_precision(model.as_ref(), Precision::Bf16).unwrap() > 0);
+        let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+        let (ids, shape) = reference.read_i64("input_ids").unwrap();
+        let (b, t) = (shape[0], shape[1]);
+        let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+        let logits = model
+            .forward(&Tape::inference(), &ids_u32, b, t, true)
+            .unwrap();
+        let (ref_logits, _) = reference.read_f32("logits").unwrap();
+        let e_logits = rel_err(&logits.to_vec(), &ref_logits);
+        let tape = Tape::new(0);
+        let loss = model.loss(&tape, &ids_u32, &ids, b, t, true).unwrap();
+        let (ref_loss, _) = reference.read_f32("loss").unwrap();
+        let got = loss.scalar().unwrap();
+        let e_loss = ((got - ref_loss[0]) / ref_loss[0]).abs() as f64;
+        let grads = tape.backward(&loss).unwrap();
+        let mut e_grad = 0.0f64;
+        for (module, lin) in model.linears() {
+            let Linear::Lora(l) = lin else { continue };
+            for (part, tensor) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
+                let key = format!("grad.base_model.model.{module}.{part}.weight");
+                let (want, _) = reference.read_f32(&key).unwrap();
+                e_grad = e_grad.max(rel_err(grads.get(tensor).unwrap(), &want));
+            }
+        }
+        println!(
+            "{name} bf16: logits {e_logits:.2e}, loss {e_loss:.2e}, LoRA gradients {e_grad:.2e}"
+        );
+        assert!(
+            e_logits <= 2e-2,
+            "{name}: bf16 logits relative error {e_logits:.2e}"
+        );
+        assert!(
+            e_loss <= 1e-3,
+            "{name}: bf16 loss {got} vs {} (rel {e_loss:.2e})",
+            ref_loss[0]
+        );
+        assert!(
+            e_grad <= 5e-2,
+            "{name}: bf16 LoRA gradient relative error {e_grad:.2e}"
+        );
+        assert!(
+            e_logits > 0.0,
+            "{name}: bf16 gave transformers' f32 logits exactly"
+        );
+    }
+}
