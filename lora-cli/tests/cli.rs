@@ -181,18 +181,24 @@ fn fixture(p: &str) -> String {
 
 #[test]
 fn eval_json_matches_the_transformers_reference() {
-    let out = lora(&[
+    let (model, adapter, data) = (
+        fixture("qwen2_bias/model"),
+        fixture("qwen2_bias/adapter"),
+        fixture("eval.txt"),
+    );
+    let args = [
         "eval",
         "--model",
-        &fixture("qwen2_bias/model"),
+        &model,
         "--adapter",
-        &fixture("qwen2_bias/adapter"),
+        &adapter,
         "--data",
-        &fixture("eval.txt"),
+        &data,
         "--seq-len",
         "16",
         "--json",
-    ]);
+    ];
+    let out = lora(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -213,20 +219,8 @@ fn eval_json_matches_the_transformers_reference() {
     assert_eq!(v["precision"], "f32");
     // bf16 products: near transformers' f32 loss (the tolerance of the parity tests' bf16
     // check), not equal to ours in f32 (the setting took effect); CPU only.
-    let args = [
-        "eval",
-        "--model",
-        &fixture("qwen2_bias/model"),
-        "--adapter",
-        &fixture("qwen2_bias/adapter"),
-        "--data",
-        &fixture("eval.txt"),
-        "--seq-len",
-        "16",
-        "--json",
-        "--precision",
-        "bf16",
-    ];
+    let mut args = args.to_vec();
+    args.extend(["--precision", "bf16"]);
     let out = lora(&args);
     assert!(
         out.status.success(),

@@ -31,11 +31,39 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
         / scale
 }
 
-fn check(name: &str, expect_modules: usize) {
+/// The fixture's model with its PEFT adapter loaded, and its reference file.
+fn adapted(name: &str) -> (Box<dyn CausalLm>, SafetensorsFile) {
     let dir = fixture(name);
     let md = ModelDir::open(dir.join("model")).unwrap();
     let mut model: Box<dyn CausalLm> = md.load_model().unwrap();
     load_adapter(model.as_mut(), &dir.join("adapter")).unwrap();
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    (model, reference)
+}
+
+/// Each LoRA tensor's gradient error against the reference, as `(module.part, error)`.
+fn lora_grad_errors(
+    model: &dyn CausalLm,
+    grads: &lora_core::Gradients,
+    reference: &SafetensorsFile,
+) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for (module, lin) in model.linears() {
+        let Linear::Lora(l) = lin else { continue };
+        for (part, tensor) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
+            let key = format!("grad.base_model.model.{module}.{part}.weight");
+            let (want, _) = reference.read_f32(&key).unwrap();
+            let got = grads
+                .get(tensor)
+                .unwrap_or_else(|| panic!("no gradient for {module}.{part}"));
+            out.push((format!("{module}.{part}"), rel_err(got, &want)));
+        }
+    }
+    out
+}
+
+fn check(name: &str, expect_modules: usize) {
+    let (model, reference) = adapted(name);
     let adapted: Vec<String> = model
         .linears()
         .into_iter()
@@ -48,7 +76,6 @@ fn check(name: &str, expect_modules: usize) {
         "{name}: adapted modules {adapted:?}"
     );
 
-    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
     let (ids, shape) = reference.read_i64("input_ids").unwrap();
     let (b, t) = (shape[0], shape[1]);
     let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
@@ -70,24 +97,11 @@ fn check(name: &str, expect_modules: usize) {
     );
 
     let grads = tape.backward(&loss).unwrap();
-    let mut checked = 0;
-    for (module, lin) in model.linears() {
-        let Linear::Lora(l) = lin else { continue };
-        for (part, tensor) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
-            let key = format!("grad.base_model.model.{module}.{part}.weight");
-            let (want, _) = reference.read_f32(&key).unwrap();
-            let got = grads
-                .get(tensor)
-                .unwrap_or_else(|| panic!("{name}: no gradient for {module}.{part}"));
-            let e = rel_err(got, &want);
-            assert!(
-                e <= 1e-4,
-                "{name}: {module}.{part} gradient relative error {e:.2e}"
-            );
-            checked += 1;
-        }
+    let errors = lora_grad_errors(model.as_ref(), &grads, &reference);
+    for (what, e) in &errors {
+        assert!(*e <= 1e-4, "{name}: {what} gradient relative error {e:.2e}");
     }
-    assert_eq!(checked, 2 * expect_modules);
+    assert_eq!(errors.len(), 2 * expect_modules);
     // Only the adapter tensors got gradient buffers.
     assert_eq!(
         grads.len(),
@@ -200,12 +214,8 @@ fn bf16_precision_stays_within_stated_bounds_of_transformers_f32() {
         "mistral",
         "llama3_rope",
     ] {
-        let dir = fixture(name);
-        let md = ModelDir::open(dir.join("model")).unwrap();
-        let mut model: Box<dyn CausalLm> = md.load_model().unwrap();
-        load_adapter(model.as_mut(), &dir.join("adapter")).unwrap();
+        let (model, reference) = adapted(name);
         assert!(set_precision(model.as_ref(), Precision::Bf16).unwrap() > 0);
-        let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
         let (ids, shape) = reference.read_i64("input_ids").unwrap();
         let (b, t) = (shape[0], shape[1]);
         let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
@@ -220,15 +230,9 @@ fn bf16_precision_stays_within_stated_bounds_of_transformers_f32() {
         let got = loss.scalar().unwrap();
         let e_loss = ((got - ref_loss[0]) / ref_loss[0]).abs() as f64;
         let grads = tape.backward(&loss).unwrap();
-        let mut e_grad = 0.0f64;
-        for (module, lin) in model.linears() {
-            let Linear::Lora(l) = lin else { continue };
-            for (part, tensor) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
-                let key = format!("grad.base_model.model.{module}.{part}.weight");
-                let (want, _) = reference.read_f32(&key).unwrap();
-                e_grad = e_grad.max(rel_err(grads.get(tensor).unwrap(), &want));
-            }
-        }
+        let e_grad = lora_grad_errors(model.as_ref(), &grads, &reference)
+            .iter()
+            .fold(0.0f64, |m, (_, e)| m.max(*e));
         println!(
             "{name} bf16: logits {e_logits:.2e}, loss {e_loss:.2e}, LoRA gradients {e_grad:.2e}"
         );

@@ -71,14 +71,19 @@ impl LinearWorkload {
     /// The same layer with bf16 products (PyTorch autocast's): the frozen weight packed once,
     /// the activations rounded per call, f32 accumulation; the adapter stays f32.
     pub fn bf16(mut self) -> crate::Result<Self> {
+        self.packed = Some(self.pack()?);
+        Ok(self)
+    }
+
+    /// `w` packed for the bf16 products (the forward layout; the backward one on first use).
+    fn pack(&self) -> crate::Result<crate::gemm_bf16::PackedWeight> {
         let LinearDims { inp, out, .. } = self.dims;
-        self.packed = Some(crate::gemm_bf16::PackedWeight::new(
+        crate::gemm_bf16::PackedWeight::new(
             crate::gemm_bf16::Source::F32(&self.w),
             WeightLayout::OutIn,
             out,
             inp,
-        )?);
-        Ok(self)
+        )
     }
 
     /// [`LinearWorkload::bf16`], but the weight is packed again on every step, both layouts
@@ -103,13 +108,7 @@ impl LinearWorkload {
     /// Forward then backward (input gradient, and A/B gradients when there is an adapter).
     pub fn step(&mut self) -> crate::Result<()> {
         if self.repack {
-            let LinearDims { inp, out, .. } = self.dims;
-            self.packed = Some(crate::gemm_bf16::PackedWeight::new(
-                crate::gemm_bf16::Source::F32(&self.w),
-                WeightLayout::OutIn,
-                out,
-                inp,
-            )?);
+            self.packed = Some(self.pack()?);
         }
         let base = BaseLinear {
             weight: match &self.packed {

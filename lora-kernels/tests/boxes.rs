@@ -1,6 +1,6 @@
 //! Box losses (DETR's `loss_bbox` and `loss_giou`) against their f64 definition on random
 //! boxes (proptest; overlapping, nested and disjoint pairs), and the predictions' gradient against
-//! central finite differences of that definition where it is smooth (the two step sizes agree).
+//! central finite differences of that definition where it is smooth (two step sizes agree).
 
 mod common;
 use common::*;
@@ -59,12 +59,18 @@ proptest! {
                 b[i] -= h;
                 (f(&a) - f(&b)) / (2.0 * h)
             };
-            let (f1, f2) = (fd(1e-4), fd(1e-5));
-            // A kink (a tie of two sides, |p - t| = 0) within the step: skip that value.
-            if (f1 - f2).abs() > 1e-6 * scale {
+            // A kink (a tie of two sides, |p - t| = 0) within a step makes two step sizes
+            // disagree: the smaller pair that agrees is used (a tie 3e-5 away spoils 1e-4 but
+            // not 1e-5; seen with two left edges 3e-5 apart); with neither, the value is skipped.
+            let (f1, f2, f3) = (fd(1e-4), fd(1e-5), fd(1e-6));
+            let want = if (f1 - f2).abs() <= 1e-6 * scale {
+                f2
+            } else if (f2 - f3).abs() <= 1e-6 * scale {
+                f3
+            } else {
                 continue;
-            }
-            prop_assert!((dp[i] as f64 - f2).abs() <= 2e-5 * scale, "value {i}: backward {} vs {f2}", dp[i]);
+            };
+            prop_assert!((dp[i] as f64 - want).abs() <= 2e-5 * scale, "value {i}: backward {} vs {want}", dp[i]);
             compared += 1;
         }
         prop_assert!(compared * 4 >= p.len() * 3, "{compared} of {} compared", p.len());
