@@ -758,34 +758,22 @@ fn train_config_file_with_flag_overrides() {
     assert_eq!(saved["use_rslora"], true);
     assert_eq!(v["precision"], "f32");
     // `precision` from the file reaches the run (and its JSON summary).
-    std::fs::write(&cfg, "steps = 2\nrank = 4\ntarget = \"c_attn\"\nseq_len = 16\nbatch_size = 2\nprecision = \"bf16\"\n").unwrap();
-    let r = lora(&[
-        "train",
-        "--model",
-        &fixture("gpt2/model"),
-        "--data",
-        &d,
-        "--out",
-        &t.join("p").to_string_lossy(),
-        "--config",
-        &c,
-        "--json",
-    ]);
+    let with_file = |file: &str, out: &str| {
+        std::fs::write(&cfg, file).unwrap();
+        let out = t.join(out).to_string_lossy().to_string();
+        let (model, cfg) = (fixture("gpt2/model"), cfg.to_string_lossy().to_string());
+        lora(&[
+            "train", "--model", &model, "--data", &d, "--out", &out, "--config", &cfg, "--json",
+        ])
+    };
+    let r = with_file(
+        "steps = 2\nrank = 4\ntarget = \"c_attn\"\nseq_len = 16\nbatch_size = 2\nprecision = \"bf16\"\n",
+        "p",
+    );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["precision"], "bf16");
-    std::fs::write(&cfg, "lr = 5e-3\nlearning_rate = 1\n").unwrap();
-    let r = lora(&[
-        "train",
-        "--model",
-        &fixture("gpt2/model"),
-        "--data",
-        &d,
-        "--out",
-        &t.join("b").to_string_lossy(),
-        "--config",
-        &c,
-    ]);
+    let r = with_file("lr = 5e-3\nlearning_rate = 1\n", "b");
     assert!(String::from_utf8_lossy(&r.stderr).contains("unknown key `learning_rate`"));
 }
 
