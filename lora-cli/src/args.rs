@@ -428,9 +428,9 @@ pub struct TrainArgs {
     /// Precision of the matrix products: f32, or bf16 with PyTorch autocast's meaning (the
     /// inputs and frozen weights of the linear layers and the output head rounded to bf16, the
     /// weights packed once at load, f32 accumulation; the adapters, optimizer state, norms,
-    /// softmax, attention and the loss stay f32). Faster on CPUs with AVX512-BF16; elsewhere the bf16 operands are widened
-    /// to f32 (same numbers, no speed-up). CPU only; language models only. Recorded in
-    /// checkpoints: --resume refuses a change.
+    /// softmax, attention and the loss stay f32). Faster on CPUs with AVX512-BF16; elsewhere
+    /// the bf16 operands are widened to f32 (same numbers, no speed-up). CPU only; language
+    /// models only. Recorded in checkpoints: --resume refuses a change.
     #[arg(long, default_value = "f32")]
     pub precision: lora_core::models::Precision,
     /// Continue from the newest checkpoint in --out (same flags as the original run).

@@ -324,6 +324,7 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
             }
             let (ml, mb, mr) = (median(&mut tl), median(&mut tb), median(&mut ratio));
             let ceiling = gemm.flops() / median(&mut tg) / 1e9;
+            let repacked_ms = (!tp.is_empty()).then(|| median(&mut tp) * 1e3);
             let res = LinearResult {
                 precision: cfg.precision.name(),
                 tokens: t,
@@ -340,14 +341,8 @@ pub fn run_linear(cfg: &LinearBench) -> Result<()> {
                 overhead_pct: (mr - 1.0) * 100.0,
                 gemm_ceiling_gflops: ceiling,
                 fraction_of_ceiling: lora.flops() / ml / 1e9 / ceiling,
-                repacked_median_ms: (!tp.is_empty()).then(|| median(&mut tp) * 1e3),
-                prepacking_saves_pct: None,
-            };
-            let res = LinearResult {
-                prepacking_saves_pct: res
-                    .repacked_median_ms
-                    .map(|p| (1.0 - res.median_ms / p) * 100.0),
-                ..res
+                repacked_median_ms: repacked_ms,
+                prepacking_saves_pct: repacked_ms.map(|p| (1.0 - ml * 1e3 / p) * 100.0),
             };
             if cfg.json {
                 outln!("{}", serde_json::to_string(&res)?);
@@ -472,6 +467,11 @@ pub fn command(cmd: crate::args::BenchCommand) -> Result<()> {
             anyhow::ensure!(
                 a.steps > 0 && a.batch > 0 && a.seq > 1 && a.rank > 0,
                 "--steps, --batch, --rank must be at least 1 and --seq at least 2"
+            );
+            anyhow::ensure!(
+                a.lr.is_finite() && a.lr > 0.0,
+                "--lr must be positive, got {}",
+                a.lr
             );
             anyhow::ensure!(
                 a.layers > 0 && a.hidden > 0 && a.heads > 0 && a.kv_heads > 0 && a.vocab > 0,

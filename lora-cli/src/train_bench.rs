@@ -94,54 +94,56 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             Tensor::new(v, shape)
         }
     };
-    let (mut model, targets, what): (Box<dyn CausalLm>, &[&str], &str) = match cfg.arch.as_str() {
-        "gpt2" => {
-            let c = Gpt2Config {
-                vocab_size: vocab,
-                n_positions: seq.max(1024),
-                n_embd: hidden,
-                n_layer: layers,
-                n_head: heads,
-                n_inner: 4 * hidden,
-                layer_norm_epsilon: 1e-5,
-                tie_word_embeddings: true,
-            };
-            let m = Gpt2::load(&c, &mut load)?;
-            (Box::new(m), &["attn.c_attn"], "GPT-2 shape; LoRA on c_attn")
-        }
-        "llama" => {
-            anyhow::ensure!(
-                heads > 0 && hidden % heads == 0 && kv_heads > 0 && heads % kv_heads == 0,
-                "--heads must divide --hidden and --kv-heads must divide --heads"
-            );
-            let c = LlamaConfig {
-                vocab_size: vocab,
-                hidden_size: hidden,
-                // SwiGLU's 8/3 width, rounded up to a multiple of 64 (Llama's convention).
-                intermediate_size: (8 * hidden / 3).div_ceil(64) * 64,
-                num_hidden_layers: layers,
-                num_attention_heads: heads,
-                num_key_value_heads: kv_heads,
-                head_dim: hidden / heads,
-                rms_norm_eps: 1e-5,
-                rope_theta: 10000.0,
-                rope_scaling: RopeScaling::None,
-                max_position_embeddings: seq.max(1024),
-                tie_word_embeddings: false,
-                qkv_bias: false,
-                o_bias: false,
-                mlp_bias: false,
-                sliding_window: None,
-            };
-            let m = Llama::load(&c, &mut load)?;
-            (
-                Box::new(m),
-                &["self_attn.q_proj", "self_attn.v_proj"],
-                "Llama shape (RMSNorm, RoPE, SwiGLU, GQA); LoRA on q_proj, v_proj",
-            )
-        }
-        other => anyhow::bail!("--arch must be gpt2 or llama, got `{other}`"),
-    };
+    let (mut model, targets, shape, lora_on): (Box<dyn CausalLm>, &[&str], &str, &str) =
+        match cfg.arch.as_str() {
+            "gpt2" => {
+                let c = Gpt2Config {
+                    vocab_size: vocab,
+                    n_positions: seq.max(1024),
+                    n_embd: hidden,
+                    n_layer: layers,
+                    n_head: heads,
+                    n_inner: 4 * hidden,
+                    layer_norm_epsilon: 1e-5,
+                    tie_word_embeddings: true,
+                };
+                let m = Gpt2::load(&c, &mut load)?;
+                (Box::new(m), &["attn.c_attn"], "GPT-2 shape", "c_attn")
+            }
+            "llama" => {
+                anyhow::ensure!(
+                    heads > 0 && hidden % heads == 0 && kv_heads > 0 && heads % kv_heads == 0,
+                    "--heads must divide --hidden and --kv-heads must divide --heads"
+                );
+                let c = LlamaConfig {
+                    vocab_size: vocab,
+                    hidden_size: hidden,
+                    // SwiGLU's 8/3 width, rounded up to a multiple of 64 (Llama's convention).
+                    intermediate_size: (8 * hidden / 3).div_ceil(64) * 64,
+                    num_hidden_layers: layers,
+                    num_attention_heads: heads,
+                    num_key_value_heads: kv_heads,
+                    head_dim: hidden / heads,
+                    rms_norm_eps: 1e-5,
+                    rope_theta: 10000.0,
+                    rope_scaling: RopeScaling::None,
+                    max_position_embeddings: seq.max(1024),
+                    tie_word_embeddings: false,
+                    qkv_bias: false,
+                    o_bias: false,
+                    mlp_bias: false,
+                    sliding_window: None,
+                };
+                let m = Llama::load(&c, &mut load)?;
+                (
+                    Box::new(m),
+                    &["self_attn.q_proj", "self_attn.v_proj"],
+                    "Llama shape (RMSNorm, RoPE, SwiGLU, GQA)",
+                    "q_proj, v_proj",
+                )
+            }
+            other => anyhow::bail!("--arch must be gpt2 or llama, got `{other}`"),
+        };
     let lora = LoraConfig {
         rank,
         alpha: 2.0 * rank as f32,
@@ -184,11 +186,6 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
     }
     set_precision(model, cfg.precision)?;
     let groups = adapter_groups(model, 1.0);
-    anyhow::ensure!(
-        cfg.lr.is_finite() && cfg.lr > 0.0,
-        "--lr must be positive, got {}",
-        cfg.lr
-    );
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     let first = train_step(
         model,
@@ -236,11 +233,12 @@ pub fn run(cfg: &TrainBench) -> Result<()> {
             (false, true) => "; bf16 frozen weights",
             (false, false) => "",
         };
-        let what = if cfg.all_linear {
-            what.split(';').next().unwrap_or(what).to_string() + "; LoRA on every linear layer"
+        let lora_on = if cfg.all_linear {
+            "every linear layer"
         } else {
-            what.to_string()
+            lora_on
         };
+        let what = format!("{shape}; LoRA on {lora_on}");
         outln!("{what}: {layers} layers, {hidden} hidden, {params} params; LoRA r{rank}; batch {batch} x {seq}; {} threads{ck}; {} products", rayon::current_num_threads(), cfg.precision);
         outln!(
             "median step {:.3} s ({steps} steps) | {tps:.0} tokens/s | peak RSS {}",

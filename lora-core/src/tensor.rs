@@ -390,8 +390,9 @@ impl Tensor {
     /// Keeps a bf16 packing of a frozen 2-D weight beside its values (which stay as they are,
     /// f32 or 16-bit): the products that read it as a weight (the fused output head
     /// [`crate::ops::linear_cross_entropy`], [`crate::ops::linear`]) then multiply in bf16, as
-    /// autocast does a tied `lm_head`, while the embedding lookup reads the values. Costs the packing's memory on top. Dropped when
-    /// the values are replaced or moved; a no-op on a weight packed in place.
+    /// autocast does a tied `lm_head`, while the embedding lookup reads the values. Costs the
+    /// packing's memory on top. Dropped when the values are replaced or moved; a no-op on a
+    /// weight packed in place.
     pub fn pack_bf16_beside(&self, layout: lora_kernels::operands::WeightLayout) -> Result<()> {
         if self.store().beside.is_some() {
             return Ok(());

@@ -193,6 +193,14 @@ pub struct PackedRhs {
 }
 
 impl PackedLhs {
+    /// An empty packing, to be filled by [`pack_lhs_into`].
+    pub fn empty() -> Self {
+        PackedLhs {
+            rows: 0,
+            depth: 0,
+            data: Vec::new(),
+        }
+    }
     /// `(M, K)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.depth)
@@ -214,9 +222,9 @@ impl PackedRhs {
     }
 }
 
-/// Allocates a packed buffer of `panels * pairs * width` pairs, refusing a size that overflows.
-fn packed_buffer(op: &'static str, panels: usize, pairs: usize, width: usize) -> Result<Vec<u32>> {
-    let n = panels
+/// The length of a packed buffer of `panels * pairs * width` pairs, refusing one that overflows.
+fn packed_len(op: &'static str, panels: usize, pairs: usize, width: usize) -> Result<usize> {
+    panels
         .checked_mul(pairs)
         .and_then(|v| v.checked_mul(width))
         .filter(|&v| v <= isize::MAX as usize / 4)
@@ -224,13 +232,46 @@ fn packed_buffer(op: &'static str, panels: usize, pairs: usize, width: usize) ->
             op,
             arg: "dims",
             reason: format!("{panels} panels x {pairs} pairs x {width} is too large"),
-        })?;
-    Ok(vec![0u32; n])
+        })
 }
 
-/// Packs `lines` lines of `depth` values into panels of `width` lines laid out
-/// `[pair][line]` (the last panel zero-padded): `line(l, buf)` writes line `l`'s
-/// `depth.div_ceil(2)` pairs into `buf`.
+/// Packs `lines` lines of `depth` values into `data`, resized to panels of `width` lines laid
+/// out `[pair][line]`: `line(l, buf)` writes line `l`'s `depth.div_ceil(2)` pairs into `buf`;
+/// the last panel's lines past `lines` are zeroed. Every element is written, so a buffer
+/// reused from an earlier packing needs no clearing.
+fn pack_with_into(
+    op: &'static str,
+    data: &mut Vec<u32>,
+    lines: usize,
+    depth: usize,
+    width: usize,
+    line: impl Fn(usize, &mut [u32]) + Sync,
+) -> Result<()> {
+    let pairs = pairs_of(depth);
+    let n = packed_len(op, lines.div_ceil(width), pairs, width)?;
+    data.resize(n, 0);
+    if pairs > 0 {
+        data.par_chunks_mut(pairs * width)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let mut buf = vec![0u32; pairs];
+                let valid = width.min(lines - p * width);
+                for r in 0..width {
+                    if r < valid {
+                        line(p * width + r, &mut buf);
+                    } else {
+                        buf.fill(0);
+                    }
+                    for (q, &x) in buf.iter().enumerate() {
+                        panel[q * width + r] = x;
+                    }
+                }
+            });
+    }
+    Ok(())
+}
+
+/// [`pack_with_into`] a new buffer (zeroed lazily by the allocator).
 fn pack_with(
     op: &'static str,
     lines: usize,
@@ -238,21 +279,8 @@ fn pack_with(
     width: usize,
     line: impl Fn(usize, &mut [u32]) + Sync,
 ) -> Result<Vec<u32>> {
-    let pairs = pairs_of(depth);
-    let mut data = packed_buffer(op, lines.div_ceil(width), pairs, width)?;
-    if pairs > 0 {
-        data.par_chunks_mut(pairs * width)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                let mut buf = vec![0u32; pairs];
-                for r in 0..width.min(lines - p * width) {
-                    line(p * width + r, &mut buf);
-                    for (q, &x) in buf.iter().enumerate() {
-                        panel[q * width + r] = x;
-                    }
-                }
-            });
-    }
+    let mut data = vec![0u32; packed_len(op, lines.div_ceil(width), pairs_of(depth), width)?];
+    pack_with_into(op, &mut data, lines, depth, width, line)?;
     Ok(data)
 }
 
@@ -303,6 +331,18 @@ pub fn pack_lhs(v: View) -> Result<PackedLhs> {
         depth: v.cols,
         data,
     })
+}
+
+/// [`pack_lhs`] into `dst`, reusing its buffer (a loop packing one chunk after another
+/// allocates once).
+pub fn pack_lhs_into(dst: &mut PackedLhs, v: View) -> Result<()> {
+    const OP: &str = "pack_lhs";
+    v.check(OP, "lhs")?;
+    pack_with_into(OP, &mut dst.data, v.rows, v.cols, MR, |i, buf| {
+        v.row_pairs(i, buf)
+    })?;
+    (dst.rows, dst.depth) = (v.rows, v.cols);
+    Ok(())
 }
 
 /// Packs `(K, N)` `rhs` (rounding f32 values to bf16).

@@ -417,3 +417,24 @@ fn fused_head_over_a_packed_bf16_weight_edge_sizes() {
     .unwrap_err();
     assert!(e.to_string().contains("`w`"), "{e}");
 }
+
+/// A left operand packed into a reused buffer (larger, then smaller, then odd-sized matrices)
+/// gives the products a fresh packing gives, bit for bit: nothing of an earlier packing leaks.
+#[test]
+fn packing_into_a_reused_buffer_equals_a_fresh_packing() {
+    use lora_kernels::gemm_bf16::{pack_lhs_into, PackedLhs};
+    let (k, n) = (37, 45);
+    let b = rand_vec(k * n, 9, 1.0);
+    let rhs = pack_rhs(View::row_major(Source::F32(&b), k, n)).unwrap();
+    let mut reused = PackedLhs::empty();
+    for (m, seed) in [(40, 1), (5, 2), (13, 3), (1, 4)] {
+        let a = rand_vec(m * k, seed, f64::from(seed as u32));
+        let va = View::row_major(Source::F32(&a), m, k);
+        pack_lhs_into(&mut reused, va).unwrap();
+        assert_eq!(reused.dims(), (m, k));
+        let (mut got, mut want) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        matmul_packed(&mut got, &reused, &rhs, false, Par::Single).unwrap();
+        matmul_packed(&mut want, &pack_lhs(va).unwrap(), &rhs, false, Par::Single).unwrap();
+        assert_eq!(got, want, "m = {m}");
+    }
+}

@@ -237,7 +237,8 @@ fn bf16_precision_trains_close_to_f32_and_resumes_exactly() {
     let read = |d: &PathBuf| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_ne!(read(&f), read(&a), "bf16 products changed nothing");
     // bf16 operands carry 8 significant bits (relative rounding 2^-9 per operand): after six
-    // steps the losses agree to well under a percent (measured: see the assertion message).
+    // steps the losses agree within 1e-3, the eval-loss bound of the parity tests (measured
+    // 3.3e-6 to 1.8e-5 on Zen 5, 2026-12-02; printed below).
     for (x, y, what) in [
         (
             sf.final_loss as f64,
@@ -256,7 +257,8 @@ fn bf16_precision_trains_close_to_f32_and_resumes_exactly() {
         ),
     ] {
         let rel = (x - y).abs() / x.abs();
-        assert!(rel < 5e-3, "{what}: f32 {x}, bf16 {y} ({rel:.2e} relative)");
+        println!("{what}: f32 {x}, bf16 {y} ({rel:.2e} relative)");
+        assert!(rel < 1e-3, "{what}: f32 {x}, bf16 {y} ({rel:.2e} relative)");
     }
     let mut cfg = bf16(&b);
     cfg.stop_after = Some(3);

@@ -150,7 +150,7 @@ pub fn linear_cross_entropy(
     dw: Option<&mut [f32]>,
     chunk_rows: usize,
 ) -> Result<(f32, usize)> {
-    check_head(
+    let count = check_head(
         (x.len(), w.len(), targets, c, v),
         (
             dx.as_deref().map(<[f32]>::len),
@@ -158,7 +158,8 @@ pub fn linear_cross_entropy(
         ),
         ("chunk_rows", chunk_rows),
     )?;
-    head_in_chunks(&F32Head { w, c, v }, x, targets, dx, dw, chunk_rows)
+    let mut prods = F32Head { w, c, v };
+    head_in_chunks(&mut prods, x, (targets, count), dx, dw, chunk_rows)
 }
 
 /// [`linear_cross_entropy`] for a frozen head packed for the bf16 products
@@ -175,7 +176,7 @@ pub fn linear_cross_entropy_packed(
     chunk_rows: usize,
 ) -> Result<(f32, usize)> {
     let (wv, wc) = w.dims();
-    check_head(
+    let count = check_head(
         (x.len(), wv * wc, targets, c, v),
         (dx.as_deref().map(<[f32]>::len), None),
         ("chunk_rows", chunk_rows),
@@ -187,7 +188,13 @@ pub fn linear_cross_entropy_packed(
             reason: format!("packed as {wv} x {wc}, expected {v} x {c}"),
         });
     }
-    head_in_chunks(&PackedHead { w, c, v }, x, targets, dx, None, chunk_rows)
+    let mut prods = PackedHead {
+        w,
+        c,
+        v,
+        scratch: crate::gemm_bf16::PackedLhs::empty(),
+    };
+    head_in_chunks(&mut prods, x, (targets, count), dx, None, chunk_rows)
 }
 
 /// The two products of the fused head that read its weight, for one chunk of `rows` rows.
@@ -195,9 +202,9 @@ trait HeadProducts {
     /// `(C, V)`.
     fn dims(&self) -> (usize, usize);
     /// `lg (rows, V) = xs (rows, C) W^T`.
-    fn logits(&self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()>;
+    fn logits(&mut self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()>;
     /// `dx (rows, C) += dl (rows, V) W`.
-    fn dx(&self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()>;
+    fn dx(&mut self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()>;
 }
 
 /// The f32 head.
@@ -211,7 +218,7 @@ impl HeadProducts for F32Head<'_> {
     fn dims(&self) -> (usize, usize) {
         (self.c, self.v)
     }
-    fn logits(&self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()> {
+    fn logits(&mut self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()> {
         use crate::gemm::{matmul, Par, Trans};
         let (c, v) = (self.c, self.v);
         matmul(
@@ -226,7 +233,7 @@ impl HeadProducts for F32Head<'_> {
             Par::Auto,
         )
     }
-    fn dx(&self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
+    fn dx(&mut self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
         use crate::gemm::{matmul, Par, Trans};
         let (c, v) = (self.c, self.v);
         matmul(
@@ -243,44 +250,63 @@ impl HeadProducts for F32Head<'_> {
     }
 }
 
-/// The packed bf16 head: each chunk's left operand is rounded and packed, then multiplied by
-/// the weight's forward (`W^T`) or backward (`W`) packing.
+/// The packed bf16 head: each chunk's left operand is rounded and packed (into one buffer
+/// reused by every chunk and both products), then multiplied by the weight's forward (`W^T`)
+/// or backward (`W`) packing.
 struct PackedHead<'a> {
     w: &'a crate::gemm_bf16::PackedWeight,
     c: usize,
     v: usize,
+    scratch: crate::gemm_bf16::PackedLhs,
 }
 
 impl HeadProducts for PackedHead<'_> {
     fn dims(&self) -> (usize, usize) {
         (self.c, self.v)
     }
-    fn logits(&self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()> {
-        use crate::gemm_bf16::{matmul_packed, pack_lhs, Source, View};
-        let lhs = pack_lhs(View::row_major(Source::F32(xs), rows, self.c))?;
-        matmul_packed(lg, &lhs, self.w.forward(), false, crate::gemm::Par::Auto)
+    fn logits(&mut self, lg: &mut [f32], xs: &[f32], rows: usize) -> Result<()> {
+        use crate::gemm_bf16::{matmul_packed, pack_lhs_into, Source, View};
+        pack_lhs_into(
+            &mut self.scratch,
+            View::row_major(Source::F32(xs), rows, self.c),
+        )?;
+        matmul_packed(
+            lg,
+            &self.scratch,
+            self.w.forward(),
+            false,
+            crate::gemm::Par::Auto,
+        )
     }
-    fn dx(&self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
-        use crate::gemm_bf16::{matmul_packed, pack_lhs, Source, View};
-        let lhs = pack_lhs(View::row_major(Source::F32(dl), rows, self.v))?;
-        matmul_packed(dx, &lhs, self.w.backward()?, true, crate::gemm::Par::Auto)
+    fn dx(&mut self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
+        use crate::gemm_bf16::{matmul_packed, pack_lhs_into, Source, View};
+        pack_lhs_into(
+            &mut self.scratch,
+            View::row_major(Source::F32(dl), rows, self.v),
+        )?;
+        matmul_packed(
+            dx,
+            &self.scratch,
+            self.w.backward()?,
+            true,
+            crate::gemm::Par::Auto,
+        )
     }
 }
 
-/// The fused head's loop over row chunks (shapes already checked): logits, log-sum-exp and
-/// loss; then, with gradients asked for, the chunk's logits become `dlogits` in place and feed
-/// `dx += dlogits W` and `dw += dlogits^T x`.
+/// The fused head's loop over row chunks (shapes already checked, `count` the targets not
+/// ignored): logits, log-sum-exp and loss; then, with gradients asked for, the chunk's logits
+/// become `dlogits` in place and feed `dx += dlogits W` and `dw += dlogits^T x`.
 fn head_in_chunks(
-    prods: &dyn HeadProducts,
+    prods: &mut dyn HeadProducts,
     x: &[f32],
-    targets: &[i32],
+    (targets, count): (&[i32], usize),
     mut dx: Option<&mut [f32]>,
     mut dw: Option<&mut [f32]>,
     chunk_rows: usize,
 ) -> Result<(f32, usize)> {
     let (c, v) = prods.dims();
     let n = targets.len();
-    let count = targets.iter().filter(|&&t| t >= 0).count();
     let grads = dx.is_some() || dw.is_some();
     let mut total = 0.0f64;
     let mut logits = vec![0.0f32; chunk_rows.min(n.max(1)) * v];

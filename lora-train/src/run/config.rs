@@ -80,9 +80,9 @@ pub struct TrainConfig {
     /// Where the model trains (the whole step runs there). Not part of the run's identity: a
     /// run checkpointed on one device resumes on another.
     pub device: lora_core::Device,
-    /// The products' precision: f32, or bf16 as PyTorch autocast computes them (the frozen
-    /// linear layers' operands rounded to bf16, f32 accumulation; adapters, optimizer state,
-    /// norms, softmax and the loss in f32). Part of the run's identity: resume refuses a change.
+    /// The products' precision: f32, or bf16 as PyTorch autocast computes them (the operands of
+    /// the frozen linear layers and the output head rounded to bf16, f32 accumulation; adapters,
+    /// optimizer state, norms, softmax, attention and the loss in f32). Part of the run's identity: resume refuses a change.
     pub precision: lora_core::models::Precision,
 }
 
