@@ -51,6 +51,14 @@ impl Op {
         }
     }
 
+    /// Whether backward may read input `i` rounded to bf16 ([`OpNode::saves_bf16`]).
+    fn saves_bf16(&self, i: usize) -> bool {
+        match self {
+            Op::Node { op, .. } => op.saves_bf16(i),
+            Op::Checkpoint { .. } => false,
+        }
+    }
+
     /// Whether backward reads input `i` through its tensor ([`OpNode::reads_stored`]); a
     /// checkpointed segment reads its input as a tensor.
     fn reads_stored(&self, i: usize) -> bool {
@@ -77,6 +85,9 @@ pub(crate) struct Input {
     pub(crate) requires_grad: bool,
     pub(crate) values: Option<Tensor>,
     remat: Option<Rc<Remat>>,
+    /// `values` is a bf16-rounded copy ([`Tape::with_bf16_activations`]), widened for each
+    /// read.
+    low: bool,
 }
 
 /// Recomputes an op's output from what the tape keeps anyway (rematerialization): a norm's
@@ -142,6 +153,12 @@ pub struct Tape {
     /// Recipes for recorded outputs that are cheaper to recompute than to keep ([`Remat`]),
     /// by output id.
     remats: RefCell<HashMap<u64, Rc<Remat>>>,
+    /// Keep the activations autocast holds in bf16 rounded to bf16 ([`Tape::with_bf16_activations`]).
+    bf16: bool,
+    /// Ids of the recorded nodes' outputs (the activations).
+    outputs: RefCell<std::collections::HashSet<u64>>,
+    /// The bf16 copies made so far, by the original's id, shared by every node that reads it.
+    rounded: RefCell<HashMap<u64, Tensor>>,
 }
 
 impl Tape {
@@ -155,6 +172,9 @@ impl Tape {
             seed,
             draws: Cell::new(0),
             remats: RefCell::new(HashMap::new()),
+            bf16: false,
+            outputs: RefCell::new(std::collections::HashSet::new()),
+            rounded: RefCell::new(HashMap::new()),
         }
     }
 
@@ -168,6 +188,9 @@ impl Tape {
             seed: 0,
             draws: Cell::new(0),
             remats: RefCell::new(HashMap::new()),
+            bf16: false,
+            outputs: RefCell::new(std::collections::HashSet::new()),
+            rounded: RefCell::new(HashMap::new()),
         }
     }
 
@@ -180,16 +203,38 @@ impl Tape {
         self
     }
 
+    /// Activations kept in bf16 for backward (`--precision bf16`): an op's input that autocast
+    /// would hold in bf16, being the output of a product (what GELU, SiLU, SwiGLU and attention
+    /// read: [`OpNode::saves_bf16`]), is kept for backward as a copy rounded to bf16
+    /// (nearest-even), half the memory, and widened when backward reads it; the f32 values
+    /// are freed once the forward pass is done with them. The forward pass is f32 as before,
+    /// except attention, which reads its q, k, v rounded (autocast's attention on bf16
+    /// inputs; its backward needs the forward's softmax of the values it keeps); elsewhere
+    /// backward reads values within one bf16 rounding (2^-9 relative) of what the forward
+    /// read. Only host f32 activations are rounded; parameters, frozen
+    /// weights and what norms and linear layers keep stay as they are.
+    pub fn with_bf16_activations(mut self, on: bool) -> Self {
+        self.bf16 = on && self.training;
+        self
+    }
+
+    /// Whether this tape keeps activations in bf16 ([`Tape::with_bf16_activations`]).
+    pub fn bf16_activations(&self) -> bool {
+        self.bf16
+    }
+
     /// Whether models should checkpoint their blocks on this tape.
     pub fn checkpointing(&self) -> bool {
         self.checkpoint
     }
 
-    /// A training tape for a checkpointed segment: draws continue from `draws` of `seed`.
-    fn segment(seed: u64, draws: u64, record: bool) -> Self {
+    /// A training tape for a checkpointed segment: draws continue from `draws` of `seed`;
+    /// activations are kept as this tape keeps them.
+    fn segment(&self, seed: u64, draws: u64, record: bool) -> Self {
         Self {
             record,
             draws: Cell::new(draws),
+            bf16: self.bf16,
             ..Self::new(seed)
         }
     }
@@ -228,7 +273,12 @@ impl Tape {
             total += n.op.saved_elems();
             for i in &n.inputs {
                 if i.values.is_some() && outputs.contains(&i.id) && seen.insert(i.id) {
-                    total += i.numel();
+                    // A bf16 copy holds two values per 4 bytes.
+                    total += if i.low {
+                        i.numel().div_ceil(2)
+                    } else {
+                        i.numel()
+                    };
                 }
             }
         }
@@ -283,22 +333,43 @@ impl Tape {
                     if let Some(r) = &remat {
                         r.readers.set(r.readers.get() + 1);
                     }
+                    let keep = reads && remat.is_none();
+                    let rounded = (keep && op.saves_bf16(i))
+                        .then(|| self.rounded_copy(t))
+                        .flatten();
                     Input {
                         id: t.id(),
                         shape: t.shape().to_vec(),
                         requires_grad: t.requires_grad(),
-                        values: (reads && remat.is_none()).then(|| t.clone()),
+                        low: rounded.is_some(),
+                        values: rounded.or_else(|| keep.then(|| t.clone())),
                         remat,
                     }
                 })
                 .collect();
             drop(remats);
+            self.outputs.borrow_mut().insert(output.id());
             self.nodes.borrow_mut().push(Node {
                 op,
                 inputs: kept,
                 output_id: output.id(),
             });
         }
+    }
+
+    /// The bf16 copy of an activation `t` to keep instead of its values, when this tape keeps
+    /// activations in bf16 and `t` is the output of a recorded node (never a parameter or an
+    /// input the caller holds); made once per activation.
+    pub(crate) fn rounded_copy(&self, t: &Tensor) -> Option<Tensor> {
+        if !self.bf16 || !self.outputs.borrow().contains(&t.id()) {
+            return None;
+        }
+        if let Some(r) = self.rounded.borrow().get(&t.id()) {
+            return Some(r.clone());
+        }
+        let r = t.rounded_bf16_copy()?;
+        self.rounded.borrow_mut().insert(t.id(), r.clone());
+        Some(r)
     }
 
     /// Reverse pass from a scalar `loss`. Returns the gradients of the leaf tensors that require
@@ -340,6 +411,8 @@ impl Tape {
     fn backward_from(&self, output: &Tensor, dout: Grad) -> Result<Gradients> {
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
         self.remats.borrow_mut().clear(); // the nodes hold the recipes they read
+        self.rounded.borrow_mut().clear(); // and the bf16 copies they read
+        self.outputs.borrow_mut().clear();
         let mut grads: HashMap<u64, Grad> = HashMap::new();
         if output.requires_grad() {
             grads.insert(output.id(), dout);
@@ -353,7 +426,7 @@ impl Tape {
                     let x = &node.inputs[0];
                     let xv = x.values.as_ref().expect("checkpoint keeps its input");
                     // The segment again, recorded this time, from a copy of x that is a leaf.
-                    let sub = Tape::segment(*seed, *draws, true);
+                    let sub = self.segment(*seed, *draws, true);
                     let x2 = {
                         let g = xv.read()?;
                         let copy = g.on.copy(g.f32()?)?;
@@ -381,7 +454,8 @@ impl Tape {
                         .enumerate()
                         .map(|(i, t)| {
                             let stored = op.reads_stored(i);
-                            let transient = op.reads_transient(i);
+                            // A bf16 copy is widened for this read only.
+                            let transient = op.reads_transient(i) || t.low;
                             t.values
                                 .as_ref()
                                 .filter(|_| !stored)
@@ -487,7 +561,7 @@ pub(crate) fn checkpoint(tape: &Tape, x: &Tensor, f: Segment) -> Result<Tensor> 
         return f(tape, x);
     }
     let draws = tape.draws.get();
-    let sub = Tape::segment(tape.seed, draws, false);
+    let sub = tape.segment(tape.seed, draws, false);
     let y = f(&sub, x)?;
     tape.draws.set(sub.draws.get()); // later ops draw as if the segment had run on this tape
     let seed = tape.seed;

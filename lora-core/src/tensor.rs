@@ -74,9 +74,10 @@ impl Store {
     /// the bf16 packing kept beside them when there is one, else as [`Store::weight`] (which
     /// the embedding lookup reads).
     pub(crate) fn product_weight(&self) -> DWeight<'_> {
-        match &self.beside {
-            Some(p) => DWeight::PackedBf16(p),
-            None => self.weight(),
+        match (&self.beside, &self.vals) {
+            (Some(p), Vals::F32(b)) if b.host().is_some() => DWeight::PackedBeside(p, b),
+            (Some(p), _) => DWeight::PackedBf16(p),
+            (None, _) => self.weight(),
         }
     }
     /// Host f32 values, when that is what it holds.
@@ -367,6 +368,30 @@ impl Tensor {
             false,
             Device::Cpu,
         )
+    }
+
+    /// A frozen copy of the values rounded to bf16 (nearest-even) and held as 16-bit bits: what
+    /// a tape keeping activations in bf16 holds for backward instead of the f32 values
+    /// ([`crate::Tape::with_bf16_activations`]). `None` unless the values are f32 in host
+    /// memory.
+    pub(crate) fn rounded_bf16_copy(&self) -> Option<Tensor> {
+        let bits = {
+            let g = self.store();
+            let v = match &g.vals {
+                Vals::F32(b) => b.host()?,
+                _ => return None,
+            };
+            let mut bits = vec![0u16; v.len()];
+            lora_kernels::gemm_bf16::round_slice_bf16(v, &mut bits).ok()?;
+            bits
+        };
+        Self::build(
+            Vals::Half(DBits::Host(bits), HalfFormat::Bf16),
+            self.shape(),
+            false,
+            Device::Cpu,
+        )
+        .ok()
     }
 
     /// Whether the values are still held as 16-bit floats only (never widened to f32).
@@ -665,7 +690,8 @@ mod tests {
         assert_eq!(t.to_vec(), vals, "the values stay f32");
         assert!(matches!(t.store().weight(), DWeight::F32(_)));
         match t.store().product_weight() {
-            DWeight::PackedBf16(p) => {
+            DWeight::PackedBeside(p, b) => {
+                assert_eq!(b.host().unwrap(), &vals[..], "beside the f32 values");
                 assert_eq!(p.dims(), (2, 3));
                 // 1 + 2^-10 rounds to 1 in bf16.
                 assert_eq!(p.bits_at(0), half::bf16::from_f32(1.0).to_bits());

@@ -334,3 +334,102 @@ fn norm_outputs_are_recomputed_not_kept_and_gradients_are_unchanged() {
         assert_eq!(saved + n * c, saved_kept, "rms {rms}: saved elements");
     }
 }
+
+/// `Tape::with_bf16_activations` (`--precision bf16`): what backward reads of the products'
+/// outputs (attention's q, k, v, SwiGLU's gate and up, GELU's and SiLU's inputs) is kept
+/// rounded to bf16, so the tape holds less; attention's forward reads the rounded q, k, v
+/// too (autocast's), so the loss moves by bf16 rounding (bound 1e-3 relative) and the
+/// gradients stay within bf16's rounding of the f32 tape's (each operand moves by at most
+/// 2^-9 relative; bound 2e-2 of each gradient's largest magnitude, as for the finite
+/// differences above), and are not the f32 ones exactly.
+#[test]
+fn bf16_activations_keep_less_and_stay_close() {
+    let g = Graph::new();
+    let run = |bf16: bool| {
+        let tape = Tape::new(0).with_bf16_activations(bf16);
+        assert_eq!(tape.bf16_activations(), bf16);
+        let loss = g.loss(&tape);
+        let saved = tape.saved_elems();
+        let grads = tape.backward(&loss).unwrap();
+        let gs: Vec<Vec<f32>> = g
+            .params
+            .iter()
+            .map(|p| grads.get(p).unwrap().to_vec())
+            .collect();
+        (loss.scalar().unwrap().to_bits(), saved, gs)
+    };
+    let (l32, s32, g32) = run(false);
+    let (l16, s16, g16) = run(true);
+    let (l32, l16) = (f32::from_bits(l32), f32::from_bits(l16));
+    assert!(
+        ((l16 - l32) / l32).abs() <= 1e-3 && l16 != l32,
+        "loss {l16} (bf16 activations) vs {l32}"
+    );
+    // Rounded: q (2 heads of 4), k and v (1 head of 4) of the attention, gate and up of
+    // SwiGLU, and the inputs of GELU and SiLU (2C each); each holds half its f32 size.
+    let rounded = B * T * (C + 4 + 4) + 4 * B * T * 2 * C;
+    assert_eq!(s32 - s16, rounded / 2, "saved {s32} (f32) vs {s16} (bf16)");
+    let mut worst = 0.0f32;
+    for (pi, (a, b)) in g32.iter().zip(&g16).enumerate() {
+        let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        assert!(
+            err <= 2e-2,
+            "param {pi}: bf16 activations moved the gradient by {err:.2e}"
+        );
+        worst = worst.max(err);
+    }
+    println!("bf16 activations: worst gradient change {worst:.2e}");
+    assert!(worst > 0.0, "nothing was rounded");
+    // Inference tapes keep nothing, bf16 or not.
+    assert!(!Tape::inference()
+        .with_bf16_activations(true)
+        .bf16_activations());
+}
+
+/// Only activations are rounded: an op reading a leaf (a parameter, or a tensor the caller
+/// made) keeps it as it is, so its gradient is the f32 tape's bit for bit; an activation whose
+/// values are already bf16-exact gives the f32 gradients bit for bit too (the rounding is all
+/// that differs), and one that is not gives different ones.
+#[test]
+fn bf16_activations_round_only_activations() {
+    let n = 24;
+    let targets: Vec<i32> = (0..4).map(|i| i % 6).collect();
+    let grads = |p: &Tensor, bf16: bool, through: bool| {
+        let tape = Tape::new(0).with_bf16_activations(bf16);
+        let x = if through {
+            ops::scale(&tape, p, 1.0).unwrap() // an activation with p's values
+        } else {
+            p.clone()
+        };
+        let y = ops::gelu(&tape, &x).unwrap();
+        let loss = ops::cross_entropy(&tape, &y, &targets).unwrap();
+        let saved = tape.saved_elems();
+        let g = tape.backward(&loss).unwrap().get(p).unwrap().to_vec();
+        (saved, g)
+    };
+    let raw = rand(n, 31, 2.0);
+    let exact: Vec<f32> = raw
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    for (vals, bf16_exact) in [(raw, false), (exact, true)] {
+        let p = Tensor::param(vals, &[4, 6]).unwrap();
+        let (s32, leaf32) = grads(&p, false, false);
+        let (s16, leaf16) = grads(&p, true, false);
+        assert_eq!((s32, &leaf32), (s16, &leaf16), "a leaf is kept as it is");
+        let (a32, act32) = grads(&p, false, true);
+        let (a16, act16) = grads(&p, true, true);
+        assert_eq!(a32 - a16, n / 2, "the activation is kept in bf16");
+        assert_eq!(act32, leaf32);
+        if bf16_exact {
+            assert_eq!(act16, act32, "rounding bf16-exact values changes nothing");
+        } else {
+            assert_ne!(act16, act32, "rounded values give other gradients");
+        }
+    }
+}

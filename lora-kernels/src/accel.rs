@@ -13,7 +13,9 @@
 //! the gradients it is given. Integer inputs (token ids, positions, targets) are host slices;
 //! a device implementation copies them over per call (they are small).
 
-pub use crate::buffers::{DBits, DBuf, DWeight, ExternalF32, ExternalHalf, HalfFormat};
+pub use crate::buffers::{
+    release_free_memory, DBits, DBuf, DWeight, ExternalF32, ExternalHalf, HalfFormat,
+};
 use crate::error::Result;
 use crate::operands::{Dropout, LinearDims, WeightLayout};
 use crate::ops::adamw::AdamStep;

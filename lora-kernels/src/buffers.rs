@@ -112,6 +112,18 @@ impl DBits {
     }
 }
 
+/// Hands the heap's free pages back to the operating system (glibc's `malloc_trim`; a no-op
+/// elsewhere). glibc keeps the pages of large buffers freed amid long-lived ones: without it,
+/// a model whose f32 weights were just replaced by their bf16 packings would keep the f32
+/// weights' memory as well.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers; it only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A linear layer's base weight as the products read it: f32, or 16-bit as stored (widened
 /// inside the products, never as a whole on the CPU).
 #[derive(Clone, Copy)]
@@ -122,4 +134,8 @@ pub enum DWeight<'a> {
     Half(&'a DBits, HalfFormat),
     /// Packed once for the CPU's bf16 products (`--precision bf16`): a host form only.
     PackedBf16(&'a crate::gemm_bf16::PackedWeight),
+    /// A packing for the bf16 products kept beside the weight's own f32 values (a head tied
+    /// to the token embedding): the fused head's input gradient multiplies the f32 values, so
+    /// the packing is never given its backward layout; other products read the packing.
+    PackedBeside(&'a crate::gemm_bf16::PackedWeight, &'a DBuf),
 }

@@ -47,7 +47,7 @@ fn weight<'a>(w: &DWeight<'a>) -> Result<WeightData<'a>> {
         DWeight::F32(b) => WeightData::F32(h(b)?),
         DWeight::Half(b, HalfFormat::Bf16) => WeightData::Bf16(hb(b)?),
         DWeight::Half(b, HalfFormat::F16) => WeightData::F16(hb(b)?),
-        DWeight::PackedBf16(p) => WeightData::PackedBf16(p),
+        DWeight::PackedBf16(p) | DWeight::PackedBeside(p, _) => WeightData::PackedBf16(p),
     })
 }
 
@@ -660,19 +660,25 @@ impl Accel for Cpu {
                     chunk,
                 )?
             }
-            DWeight::Half(..) | DWeight::PackedBf16(_) if want_dw => {
+            DWeight::Half(..) | DWeight::PackedBf16(_) | DWeight::PackedBeside(..) if want_dw => {
                 return Err(crate::error::invalid(
                     "linear_cross_entropy",
                     "w",
                     "a 16-bit head is frozen: it has no gradient",
                 ))
             }
-            // A head packed for the bf16 products (`--precision bf16`): autocast's lm_head.
-            DWeight::PackedBf16(p) => {
+            // A head packed for the bf16 products (`--precision bf16`): autocast's lm_head;
+            // a tied one's input gradient multiplies the f32 values it keeps.
+            DWeight::PackedBf16(p) | DWeight::PackedBeside(p, _) => {
+                let values = match w {
+                    DWeight::PackedBeside(_, b) => Some(h(b)?),
+                    _ => None,
+                };
                 let chunk = (cross_entropy::HEAD_CHUNK_ELEMS / v.max(1)).max(16);
                 cross_entropy::linear_cross_entropy_packed(
                     h(x)?,
                     p,
+                    values,
                     targets,
                     c,
                     v,

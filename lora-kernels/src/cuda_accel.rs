@@ -47,7 +47,7 @@ fn wide<'a>(dev: &CudaDevice, w: DWeight<'a>, tmp: &'a mut Option<DBuf>) -> Resu
             let b = Accel::widen(dev, bits, fmt == HalfFormat::F16)?;
             Ok(tmp.insert(b))
         }
-        DWeight::PackedBf16(_) => Err(KernelError::Device(
+        DWeight::PackedBf16(_) | DWeight::PackedBeside(..) => Err(KernelError::Device(
             "a weight packed for the CPU's bf16 products was passed to a CUDA device".into(),
         )),
     }

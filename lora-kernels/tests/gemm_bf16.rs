@@ -6,8 +6,8 @@ mod common;
 use common::rand_vec;
 use lora_kernels::gemm::Par;
 use lora_kernels::gemm_bf16::{
-    matmul_packed, matmul_packed_widened, pack_lhs, pack_rhs, reference, round_bf16, widen_bf16,
-    Source, View, KC_PAIRS, MC, NC,
+    matmul_packed, matmul_packed_widened, pack_lhs, pack_rhs, reference, round_bf16,
+    round_slice_bf16, widen_bf16, Source, View, KC_PAIRS, MC, NC,
 };
 use proptest::prelude::*;
 
@@ -152,6 +152,24 @@ fn rounding_to_bf16_is_nearest_even() {
         s ^= s << 17;
         bits.push(s as u32);
     }
+    // The slice rounding (parallel blocks, branch-free loop) gives round_bf16's bits, NaNs
+    // included, at lengths across its block boundary and of one value.
+    let xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    for len in [0, 1, 7, (1 << 15) - 1, 1 << 15, (1 << 15) + 3, xs.len()] {
+        let mut out = vec![0u16; len];
+        round_slice_bf16(&xs[..len], &mut out).unwrap();
+        for (i, (&o, &x)) in out.iter().zip(&xs).enumerate() {
+            assert_eq!(
+                o,
+                round_bf16(x),
+                "slice of {len}: value {i} ({:#x})",
+                x.to_bits()
+            );
+        }
+    }
+    let mut short = vec![0u16; 3];
+    let e = round_slice_bf16(&xs[..4], &mut short).unwrap_err();
+    assert!(e.to_string().contains("3 slots for 4 values"), "{e}");
     for b in bits {
         let x = f32::from_bits(b);
         let got = round_bf16(x);
@@ -323,9 +341,17 @@ fn packed_head_case(n: usize, c: usize, v: usize, chunk: usize, seed: u64) {
         .collect();
     let p = PackedWeight::new(Source::F32(&w), WeightLayout::OutIn, v, c).unwrap();
     let mut dx = vec![0.5f32; n * c];
-    let (loss, count) =
-        cross_entropy::linear_cross_entropy_packed(&x, &p, &targets, c, v, Some(&mut dx), chunk)
-            .unwrap();
+    let (loss, count) = cross_entropy::linear_cross_entropy_packed(
+        &x,
+        &p,
+        None,
+        &targets,
+        c,
+        v,
+        Some(&mut dx),
+        chunk,
+    )
+    .unwrap();
     assert_eq!(count, targets.iter().filter(|&&t| t >= 0).count());
     let r = |z: f32| widen_bf16(round_bf16(z)) as f64;
     let (xr, wr): (Vec<f64>, Vec<f64>) = (
@@ -408,6 +434,7 @@ fn fused_head_over_a_packed_bf16_weight_edge_sizes() {
     let e = lora_kernels::ops::cross_entropy::linear_cross_entropy_packed(
         &[0.0; 4],
         &p,
+        None,
         &[0],
         4,
         3,
@@ -416,6 +443,95 @@ fn fused_head_over_a_packed_bf16_weight_edge_sizes() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("`w`"), "{e}");
+}
+
+/// A head that keeps its f32 values beside its packing (a tied embedding) takes `dx` in f32
+/// from them: the same loss, bit for bit, as without them (the forward reads the packing), and
+/// `dx` within f32 accumulation of `dlogits @ W` on the *unrounded* `W`. The logits are kept
+/// tiny (x ~ 1e-4) so `dlogits` is exact to ~1e-5 and the bound (2^-14 of the terms'
+/// magnitudes) is well under what rounding `W` to bf16 would cost (~2^-9 per term). Values of
+/// the wrong length are refused by name.
+#[test]
+fn packed_head_with_values_takes_dx_in_f32() {
+    use lora_kernels::gemm_bf16::PackedWeight;
+    use lora_kernels::lora_linear::WeightLayout;
+    use lora_kernels::ops::cross_entropy;
+    for (n, c, v, chunk, seed) in [(5, 37, 20, 2, 1), (3, 600, 70, 16, 2), (1, 1, 1, 1, 3)] {
+        let x: Vec<f32> = rand_vec(n * c, seed, 1.0)
+            .iter()
+            .map(|z| z * 1e-4)
+            .collect();
+        let w = rand_vec(v * c, seed ^ 7, 2.0);
+        let targets: Vec<i32> = (0..n).map(|i| ((i * 7) % v) as i32).collect();
+        let p = PackedWeight::new(Source::F32(&w), WeightLayout::OutIn, v, c).unwrap();
+        let (mut dx, mut dx_packed) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+        let (loss, count) = cross_entropy::linear_cross_entropy_packed(
+            &x,
+            &p,
+            Some(&w),
+            &targets,
+            c,
+            v,
+            Some(&mut dx),
+            chunk,
+        )
+        .unwrap();
+        let (loss_packed, _) = cross_entropy::linear_cross_entropy_packed(
+            &x,
+            &p,
+            None,
+            &targets,
+            c,
+            v,
+            Some(&mut dx_packed),
+            chunk,
+        )
+        .unwrap();
+        assert_eq!(
+            loss.to_bits(),
+            loss_packed.to_bits(),
+            "the forward reads the packing"
+        );
+        let r = |z: f32| widen_bf16(round_bf16(z)) as f64;
+        for i in 0..n {
+            let row: Vec<f64> = (0..v)
+                .map(|j| (0..c).map(|k| r(x[i * c + k]) * r(w[j * c + k])).sum())
+                .collect();
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = row.iter().map(|z| (z - m).exp()).sum();
+            for k in 0..c {
+                let (mut want, mut mag) = (0.0f64, 0.0f64);
+                for j in 0..v {
+                    let mut dl = (row[j] - m).exp() / s / count as f64;
+                    if j as i32 == targets[i] {
+                        dl -= 1.0 / count as f64;
+                    }
+                    want += dl * w[j * c + k] as f64;
+                    mag += (dl * w[j * c + k] as f64).abs();
+                }
+                let bound = 2f64.powi(-14) * mag + 1e-12;
+                let got = dx[i * c + k] as f64;
+                assert!(
+                    (got - want).abs() <= bound,
+                    "dx[{i}, {k}]: {got} vs {want} (bound {bound:.2e}; n {n} c {c} v {v})"
+                );
+            }
+        }
+    }
+    let w = vec![0.5f32; 12];
+    let p = PackedWeight::new(Source::F32(&w), WeightLayout::OutIn, 4, 3).unwrap();
+    let e = cross_entropy::linear_cross_entropy_packed(
+        &[0.0; 3],
+        &p,
+        Some(&w[..11]),
+        &[0],
+        3,
+        4,
+        None,
+        8,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("11 values for a 4 x 3 head"), "{e}");
 }
 
 /// A left operand packed into a reused buffer (larger, then smaller, then odd-sized matrices)

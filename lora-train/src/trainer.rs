@@ -69,11 +69,14 @@ pub fn train_step(
     // all of them, so micro-batch k weighs n_k / N (as transformers does with
     // `num_items_in_batch`): batch 4 and batch 2 x --grad-accum 2 take the same step.
     let all_tokens: usize = micro.iter().map(Batch::target_tokens).sum();
+    // A model in bf16 keeps its products' outputs for backward in bf16 too, as autocast does.
+    let bf16 = lora_core::models::precision(model) == lora_core::models::Precision::Bf16;
     for (k, b) in micro.iter().enumerate() {
         let tape = Tape::new(lora_kernels::rng::splitmix64(
             seed ^ (step << 16) ^ k as u64,
         ))
-        .with_checkpointing(checkpoint);
+        .with_checkpointing(checkpoint)
+        .with_bf16_activations(bf16);
         // The output head fused with the loss: no (B, T, V) logits.
         let loss = model.loss(&tape, &b.ids, &b.labels, b.batch, b.seq, true)?;
         let l = loss.scalar()?;

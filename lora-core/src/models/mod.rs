@@ -243,8 +243,11 @@ impl std::str::FromStr for Precision {
 /// an error), and returns how many were packed. A head tied to the token embedding keeps its
 /// f32 values for the embedding lookup and gets a bf16 packing beside them
 /// ([`Tensor::pack_bf16_beside`]: the memory of a second copy at half size), as autocast runs
-/// a tied `lm_head` in bf16 and the lookup in f32. [`Precision::F32`] changes nothing (a model
-/// is f32 as loaded). Call it after the model is on its device (CPU only) and before training.
+/// a tied `lm_head` in bf16 and the lookup in f32 (its input gradient multiplies the f32
+/// values, so that packing needs no backward layout). [`Precision::F32`] changes nothing (a
+/// model is f32 as loaded). Call it after the model is on its device (CPU only) and before
+/// training: [`crate::Tape::with_bf16_activations`] is the activations' half of it, which
+/// `lora_train::train_step` turns on for a model in bf16.
 pub fn set_precision(model: &dyn CausalLm, precision: Precision) -> Result<usize> {
     if precision == Precision::F32 {
         return Ok(0);
@@ -259,7 +262,23 @@ pub fn set_precision(model: &dyn CausalLm, precision: Precision) -> Result<usize
         e.pack_bf16_beside(WeightLayout::OutIn)?;
         n += 1;
     }
+    // The replaced f32 weights' pages go back to the system (glibc would keep them).
+    lora_kernels::accel::release_free_memory();
     Ok(n)
+}
+
+/// The precision [`set_precision`] gave `model`: bf16 when its linear layers' weights are
+/// packed for the bf16 products.
+pub fn precision(model: &dyn CausalLm) -> Precision {
+    let packed = model
+        .linears()
+        .iter()
+        .any(|(_, l)| l.base().0.is_packed_bf16());
+    if packed {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
 }
 
 /// Trainable (adapter) and total parameter counts.

@@ -90,7 +90,18 @@ fn attention_masked(
     };
     let scale = 1.0 / (hd as f32).sqrt();
     let on = placement(OP, &[("q", q), ("k", k), ("v", v)])?;
-    let (gq, gk, gv) = (read(q)?, read(k)?, read(v)?);
+    // On a tape keeping bf16 activations, q, k and v (products' outputs) are rounded to bf16
+    // before the forward too, as autocast's attention reads them: backward recomputes the
+    // softmax from the kept (rounded) q and k with the forward's log-sum-exp, which must come
+    // from the same values (with f32 scores in the forward, Qwen2's large q/k biases moved a
+    // LoRA gradient by 9e-2 of its scale, against 1.4e-2 this way).
+    let rounded = [q, k, v].map(|t| tape.rounded_copy(t));
+    let [sq, sk, sv] = [0, 1, 2].map(|i| rounded[i].as_ref().unwrap_or([q, k, v][i]));
+    let (gq, gk, gv) = (
+        sq.read_transient()?,
+        sk.read_transient()?,
+        sv.read_transient()?,
+    );
     let [out, lse] =
         on.accel
             .attention_forward(f32_of(&gq)?, f32_of(&gk)?, f32_of(&gv)?, dims, scale)?;
@@ -114,6 +125,11 @@ impl OpNode for AttentionNode {
         "attention"
     }
     fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
+        true
+    }
+    /// q, k, v come from products; on a tape keeping bf16 activations the forward already
+    /// read them rounded (see [`attention_masked`]), so backward reads what it read.
+    fn saves_bf16(&self, _: usize) -> bool {
         true
     }
     fn saved_elems(&self) -> usize {

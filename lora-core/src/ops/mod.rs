@@ -99,6 +99,13 @@ pub(crate) trait OpNode {
     fn reads_stored(&self, _i: usize) -> bool {
         false
     }
+    /// Whether, on a tape that keeps activations in bf16 ([`Tape::with_bf16_activations`]),
+    /// backward may read input `i` rounded to bf16: an input autocast would hold in bf16
+    /// because a product made it (an activation function's or attention's inputs). Ops whose
+    /// backward needs the f32 values (norms, the linear layers' `x`, losses) keep the default.
+    fn saves_bf16(&self, _i: usize) -> bool {
+        false
+    }
     /// Whether backward reads input `i` widened for that use only when it is a frozen 16-bit
     /// tensor (a convolution's weight, which then stays 16-bit in memory) instead of widening
     /// it in place for good.

@@ -35,6 +35,10 @@ impl OpNode for SwiGluNode {
     fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
+    /// gate and up are products' outputs (bf16 under autocast).
+    fn saves_bf16(&self, _: usize) -> bool {
+        true
+    }
     fn backward(
         &self,
         a: &dyn Accel,

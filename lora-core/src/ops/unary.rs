@@ -63,6 +63,10 @@ impl OpNode for UnaryNode {
     fn reads_input(&self, _: usize, _: &[Tensor]) -> bool {
         true
     }
+    /// The input is a product's output in the models (bf16 under autocast).
+    fn saves_bf16(&self, _: usize) -> bool {
+        true
+    }
     fn backward(
         &self,
         a: &dyn Accel,

@@ -166,9 +166,17 @@ pub fn linear_cross_entropy(
 /// ([`crate::gemm_bf16::PackedWeight`], `(V, C)`): PyTorch autocast's `lm_head`. The chunk's
 /// rows of `x` and, in backward, of `dlogits` are rounded to bf16; both products accumulate in
 /// f32; the softmax, the loss and its sum stay f32. No `dw` (a packed weight is frozen).
+///
+/// `values`: the head's own f32 values `(V, C)` when it keeps them (a head tied to the token
+/// embedding, whose lookup reads them): `dx` then multiplies `dlogits` by them in f32, so the
+/// packing never needs its backward layout (`V x C` bf16 values less in memory, for one
+/// product at f32 speed; `dx` only gets more exact). They must be the values `w` was packed
+/// from.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy_packed(
     x: &[f32],
     w: &crate::gemm_bf16::PackedWeight,
+    values: Option<&[f32]>,
     targets: &[i32],
     c: usize,
     v: usize,
@@ -188,8 +196,18 @@ pub fn linear_cross_entropy_packed(
             reason: format!("packed as {wv} x {wc}, expected {v} x {c}"),
         });
     }
+    if let Some(vals) = values {
+        if vals.len() != v * c {
+            return Err(KernelError::InvalidArg {
+                op: "linear_cross_entropy",
+                arg: "values",
+                reason: format!("{} values for a {v} x {c} head", vals.len()),
+            });
+        }
+    }
     let mut prods = PackedHead {
         w,
+        values,
         c,
         v,
         scratch: crate::gemm_bf16::PackedLhs::empty(),
@@ -255,6 +273,8 @@ impl HeadProducts for F32Head<'_> {
 /// or backward (`W`) packing.
 struct PackedHead<'a> {
     w: &'a crate::gemm_bf16::PackedWeight,
+    /// The f32 values the head keeps beside its packing, for `dx` in f32.
+    values: Option<&'a [f32]>,
     c: usize,
     v: usize,
     scratch: crate::gemm_bf16::PackedLhs,
@@ -280,6 +300,10 @@ impl HeadProducts for PackedHead<'_> {
     }
     fn dx(&mut self, dx: &mut [f32], dl: &[f32], rows: usize) -> Result<()> {
         use crate::gemm_bf16::{matmul_packed, pack_lhs_into, Source, View};
+        if let Some(w) = self.values {
+            let (c, v) = (self.c, self.v);
+            return F32Head { w, c, v }.dx(dx, dl, rows);
+        }
         pack_lhs_into(
             &mut self.scratch,
             View::row_major(Source::F32(dl), rows, self.v),
