@@ -603,6 +603,11 @@ pub struct GenerateArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Precision of the matrix products: f32, or bf16 as `lora train --precision bf16` trains
+    /// (PyTorch autocast's meaning: the frozen linear layers and the output head multiply
+    /// bf16 operands with f32 accumulation, the weights packed once at load).
+    #[arg(long, default_value = "f32")]
+    pub precision: lora_core::models::Precision,
 }
 
 #[derive(Subcommand)]

@@ -18,6 +18,7 @@ pub fn command(a: GenerateArgs) -> Result<()> {
         temperature: a.temperature,
         top_p: a.top_p,
         seed: a.seed,
+        precision: a.precision,
     })
 }
 
@@ -32,10 +33,19 @@ pub struct GenerateRun {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// The products' precision.
+    pub precision: lora_core::models::Precision,
 }
 
 pub fn run_generate(r: &GenerateRun) -> Result<()> {
     let (md, model, tok) = load(&r.model, r.adapter.as_deref())?;
+    if lora_core::models::set_precision(model.as_ref(), r.precision)? > 0 {
+        eprintln!(
+            "{} products ({})",
+            r.precision,
+            lora_kernels::gemm_bf16::kernel_name()
+        );
+    }
     let prompt = if r.chat {
         let t = lora_io::chat::ChatTemplate::from_model_dir(&r.model)?.with_context(|| {
             format!(

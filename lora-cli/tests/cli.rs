@@ -271,6 +271,25 @@ fn generate_prints_the_greedy_continuation() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
+    // In bf16 (the weights packed at load, as `lora train --precision bf16` trains): it says
+    // which products ran, and continues the prompt.
+    let out = lora(&[
+        "generate",
+        "--model",
+        &fixture("gpt2/model"),
+        "--adapter",
+        &fixture("gpt2/adapter"),
+        "--prompt",
+        "the red cat",
+        "--max-new-tokens",
+        "4",
+        "--precision",
+        "bf16",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("bf16 products ("), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
     let out = lora(&["generate", "--model", &fixture("gpt2"), "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -359,9 +359,19 @@ impl Tape {
 
     /// The bf16 copy of an activation `t` to keep instead of its values, when this tape keeps
     /// activations in bf16 and `t` is the output of a recorded node (never a parameter or an
-    /// input the caller holds); made once per activation.
+    /// input the caller holds); made once per activation. On a checkpointed segment's first,
+    /// unrecorded run, every operand is taken for an activation.
     pub(crate) fn rounded_copy(&self, t: &Tensor) -> Option<Tensor> {
-        if !self.bf16 || !self.outputs.borrow().contains(&t.id()) {
+        if !self.bf16 {
+            return None;
+        }
+        if !self.record {
+            // A checkpointed segment's first run (nothing recorded, every operand an
+            // activation of the segment): round as its recording rerun will, so the forward
+            // and the rerun compute the same values; nothing is kept.
+            return t.rounded_bf16_copy();
+        }
+        if !self.outputs.borrow().contains(&t.id()) {
             return None;
         }
         if let Some(r) = self.rounded.borrow().get(&t.id()) {

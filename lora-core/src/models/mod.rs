@@ -206,8 +206,11 @@ pub enum Precision {
     /// weight packed once, [`Tensor::pack_bf16`]; the input rounded per call) and accumulate in
     /// f32; adapters, their optimizer state, norms, softmax, the loss and every reduction stay
     /// f32. The output head is bf16 too (a tied one through a packing kept beside the
-    /// embedding's f32 values). Not yet in bf16 (so more exact than autocast there):
-    /// attention's two products.
+    /// embedding's f32 values). In training ([`crate::Tape::with_bf16_activations`]) the
+    /// products' outputs kept for backward are bf16 and attention reads its q, k, v rounded
+    /// to bf16 (its products then multiply bf16 values exactly and accumulate in f32, its
+    /// probabilities stay f32: more exact than autocast there); inference tapes (eval,
+    /// generation) read q, k, v in f32.
     Bf16,
 }
 
