@@ -28,7 +28,7 @@
 
 use crate::error::{check_len, invalid, Result};
 use crate::gemm::{matmul, Par, Trans};
-use crate::gemm_bf16::{matmul_packed, pack_lhs_into, PackedLhs, Source, View};
+use crate::gemm_bf16::{matmul_packed, pack_lhs, Source, View};
 use crate::par::{rows_per_task, SendPtr, PAR_THRESHOLD};
 use crate::rng::dropout_mult;
 use crate::simd::{axpy_many, dot_many, with_simd, Simd};
@@ -45,36 +45,6 @@ pub struct BaseLinear<'a> {
     pub layout: WeightLayout,
     /// `(M)`, optional.
     pub bias: Option<&'a [f32]>,
-}
-
-thread_local! {
-    /// The calling thread's buffer for the left operand of the bf16 products (the layer's
-    /// input, or its output gradient, rounded and packed): reused by every layer's call, so a
-    /// step packs into memory it already has instead of allocating (and faulting in) a fresh
-    /// buffer per product.
-    static LHS_SCRATCH: std::cell::RefCell<PackedLhs> =
-        std::cell::RefCell::new(PackedLhs::empty());
-}
-
-/// `dst [+]= lhs @ rhs` with `lhs` packed into the thread's reused buffer (a fresh one if that
-/// is in use: a product called from inside another's packing, which does not happen today).
-fn packed_product(
-    dst: &mut [f32],
-    lhs: View,
-    rhs: &crate::gemm_bf16::PackedRhs,
-    accumulate: bool,
-) -> Result<()> {
-    LHS_SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => {
-            pack_lhs_into(&mut scratch, lhs)?;
-            matmul_packed(dst, &scratch, rhs, accumulate, Par::Auto)
-        }
-        Err(_) => {
-            let mut own = PackedLhs::empty();
-            pack_lhs_into(&mut own, lhs)?;
-            matmul_packed(dst, &own, rhs, accumulate, Par::Auto)
-        }
-    })
 }
 
 /// f32 values widened per block of a 16-bit weight: at most this many (4 MiB of scratch).
@@ -95,8 +65,8 @@ fn base_forward(
     if let WeightData::PackedBf16(p) = w {
         check_packed("base_forward", p, layout, d)?;
         check_len("base_forward", "y", y.len(), &[n, m])?;
-        let lhs = View::row_major(Source::F32(x), n, k);
-        return packed_product(y, lhs, p.forward(), accumulate);
+        let lhs = pack_lhs(View::row_major(Source::F32(x), n, k))?;
+        return matmul_packed(y, &lhs, p.forward(), accumulate, Par::Auto);
     }
     if let WeightData::F32(w) = w {
         let w_t = match layout {
@@ -151,8 +121,8 @@ fn base_backward_dx(
     if let WeightData::PackedBf16(p) = w {
         check_packed("base_backward_dx", p, layout, d)?;
         check_len("base_backward_dx", "dx", dx.len(), &[n, k])?;
-        let lhs = View::row_major(Source::F32(dy), n, m);
-        return packed_product(dx, lhs, p.backward()?, true);
+        let lhs = pack_lhs(View::row_major(Source::F32(dy), n, m))?;
+        return matmul_packed(dx, &lhs, p.backward()?, true, Par::Auto);
     }
     if let WeightData::F32(w) = w {
         let w_t = match layout {
