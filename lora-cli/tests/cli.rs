@@ -254,42 +254,31 @@ fn eval_json_matches_the_transformers_reference() {
 
 #[test]
 fn generate_prints_the_greedy_continuation() {
-    let out = lora(&[
-        "generate",
-        "--model",
-        &fixture("gpt2/model"),
-        "--adapter",
-        &fixture("gpt2/adapter"),
-        "--prompt",
-        "the red cat",
-        "--max-new-tokens",
-        "4",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
-    // In bf16 (the weights packed at load, as `lora train --precision bf16` trains): it says
-    // which products ran, and continues the prompt.
-    let out = lora(&[
-        "generate",
-        "--model",
-        &fixture("gpt2/model"),
-        "--adapter",
-        &fixture("gpt2/adapter"),
-        "--prompt",
-        "the red cat",
-        "--max-new-tokens",
-        "4",
-        "--precision",
-        "bf16",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("bf16 products ("), "{err}");
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
+    let (model, adapter) = (fixture("gpt2/model"), fixture("gpt2/adapter"));
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--prompt",
+            "the red cat",
+            "--max-new-tokens",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        lora(&args)
+    };
+    // f32, then bf16 (the weights packed at load, as `lora train --precision bf16` trains):
+    // both continue the prompt; bf16 says which products ran.
+    for extra in [&[][..], &["--precision", "bf16"][..]] {
+        let out = generate(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("the red cat"));
+        assert_eq!(err.contains("bf16 products ("), !extra.is_empty(), "{err}");
+    }
     let out = lora(&["generate", "--model", &fixture("gpt2"), "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
