@@ -359,19 +359,21 @@ impl Tape {
 
     /// The bf16 copy of an activation `t` to keep instead of its values, when this tape keeps
     /// activations in bf16 and `t` is the output of a recorded node (never a parameter or an
-    /// input the caller holds); made once per activation. On a checkpointed segment's first,
-    /// unrecorded run, every operand is taken for an activation.
+    /// input the caller holds, nor one a [`Remat`] recomputes); made once per activation. On a
+    /// checkpointed segment's first, unrecorded run, every operand that needs a gradient is
+    /// taken for an activation.
     pub(crate) fn rounded_copy(&self, t: &Tensor) -> Option<Tensor> {
         if !self.bf16 {
             return None;
         }
         if !self.record {
-            // A checkpointed segment's first run (nothing recorded, every operand an
-            // activation of the segment): round as its recording rerun will, so the forward
-            // and the rerun compute the same values; nothing is kept.
-            return t.rounded_bf16_copy();
+            // A checkpointed segment's first run (nothing recorded): round what its recording
+            // rerun will, the operands that need a gradient (those the rerun records as
+            // outputs), so the forward and the rerun compute the same values; nothing is kept.
+            return t.requires_grad().then(|| t.rounded_bf16_copy()).flatten();
         }
-        if !self.outputs.borrow().contains(&t.id()) {
+        // Not an activation, or one a node recomputes ([`Remat`]) rather than keeps.
+        if !self.outputs.borrow().contains(&t.id()) || self.remats.borrow().contains_key(&t.id()) {
             return None;
         }
         if let Some(r) = self.rounded.borrow().get(&t.id()) {

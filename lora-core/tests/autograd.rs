@@ -435,24 +435,33 @@ fn bf16_activations_round_only_activations() {
 }
 
 /// bf16 activations under activation checkpointing: the segment's first (unrecorded) run
-/// rounds attention's q, k, v as its recording rerun in backward does, so the loss and the
-/// gradients are those of the same graph without checkpointing, bit for bit.
+/// rounds attention's q, k, v as its recording rerun in backward does (those that need a
+/// gradient; a k computed from frozen values only is read in f32 by both, as without
+/// checkpointing), so the loss and the gradients are those of the same graph without
+/// checkpointing, bit for bit.
 #[test]
 fn bf16_activations_agree_with_and_without_checkpointing() {
     let (b, t, c, heads) = (2, 5, 8, 2);
     let p = Tensor::param(rand(b * t * c, 41, 1.0), &[b, t, c]).unwrap();
     let w = Tensor::new(rand(3 * c * c, 42, 0.5), &[3 * c, c]).unwrap();
+    let frozen = Tensor::new(rand(b * t * c, 43, 1.0), &[b, t, c]).unwrap();
     let targets: Vec<i32> = (0..(b * t) as i32).map(|i| i % c as i32).collect();
-    let run = |ckpt: bool| {
+    let run = |ckpt: bool, frozen_k: bool| {
         let tape = Tape::new(0)
             .with_bf16_activations(true)
             .with_checkpointing(ckpt);
         let x = ops::scale(&tape, &p, 1.0).unwrap();
-        let w = w.clone();
+        let (w, frozen) = (w.clone(), frozen.clone());
         let block = move |tape: &Tape, x: &Tensor| {
             let qkv = ops::linear(tape, x, &w, WeightLayout::OutIn, None, None)?;
             let q = ops::narrow(tape, &qkv, 0, c)?;
-            let k = ops::narrow(tape, &qkv, c, c)?;
+            let k = if frozen_k {
+                // Needs no gradient: no node records it.
+                let kf = ops::linear(tape, &frozen, &w, WeightLayout::OutIn, None, None)?;
+                ops::narrow(tape, &kf, c, c)?
+            } else {
+                ops::narrow(tape, &qkv, c, c)?
+            };
             let v = ops::narrow(tape, &qkv, 2 * c, c)?;
             let a = ops::attention(tape, &q, &k, &v, heads, heads)?;
             ops::gelu(tape, &a)
@@ -474,7 +483,9 @@ fn bf16_activations_agree_with_and_without_checkpointing() {
             .collect();
         (l, g)
     };
-    let (plain, ckpt) = (run(false), run(true));
-    assert_eq!(plain.0, ckpt.0, "the same loss");
-    assert_eq!(plain.1, ckpt.1, "the same gradient");
+    for frozen_k in [false, true] {
+        let (plain, ckpt) = (run(false, frozen_k), run(true, frozen_k));
+        assert_eq!(plain.0, ckpt.0, "the same loss (frozen k: {frozen_k})");
+        assert_eq!(plain.1, ckpt.1, "the same gradient (frozen k: {frozen_k})");
+    }
 }
