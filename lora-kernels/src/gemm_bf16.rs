@@ -50,16 +50,16 @@ const PAR_MIN_MACS: usize = 1 << 18;
 /// does; a NaN stays a (quiet) NaN. Returns the bit pattern.
 #[inline(always)]
 pub fn round_bf16(x: f32) -> u16 {
+    // Branch-free (a select), so loops over slices vectorize ([`round_slice_bf16`]).
     let b = x.to_bits();
-    if b & 0x7fff_ffff > 0x7f80_0000 {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let nan = b & 0x7fff_ffff > 0x7f80_0000;
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
 }
 
-/// Rounds `src` into `dst` as [`round_bf16`] does each value (same bits, NaN included), in
-/// parallel blocks with a branch-free loop the compiler vectorizes: activations kept in bf16 for
-/// backward are rounded once per step, millions of values. `dst` must be as long as `src`.
+/// Rounds `src` into `dst` with [`round_bf16`], in parallel blocks (activations kept in bf16
+/// for backward are rounded once per step, millions of values). `dst` must be as long as
+/// `src`.
 pub fn round_slice_bf16(src: &[f32], dst: &mut [u16]) -> Result<()> {
     if src.len() != dst.len() {
         return Err(KernelError::InvalidArg {
@@ -73,10 +73,7 @@ pub fn round_slice_bf16(src: &[f32], dst: &mut [u16]) -> Result<()> {
         .zip(src.par_chunks(BLOCK))
         .for_each(|(d, s)| {
             for (o, &x) in d.iter_mut().zip(s) {
-                let b = x.to_bits();
-                let nan = b & 0x7fff_ffff > 0x7f80_0000;
-                let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-                *o = if nan { (b >> 16) | 0x40 } else { rounded } as u16;
+                *o = round_bf16(x);
             }
         });
     Ok(())
@@ -315,8 +312,8 @@ fn fill_panels(
 }
 
 /// [`pack_with_into`] a new buffer, written once without being zeroed first (a fresh buffer
-/// from the heap would be cleared by a `memset`: 2-3% of a bf16 GPT-2 step went to clearing
-/// the activations' packings that the packing then overwrote).
+/// from the heap would be cleared by a `memset` the packing then overwrites; in a bf16 GPT-2
+/// step's profile on a Zen 5, `memset` went from 2.9% to 2.6% of the samples).
 fn pack_with(
     op: &'static str,
     lines: usize,
