@@ -49,20 +49,27 @@ fn ceiling(c: &mut Criterion) {
     let mut w = GemmWorkload::new(2048);
     g.throughput(Throughput::Elements(w.flops() as u64));
     g.bench_function("square_2048", |b| b.iter(|| w.step().unwrap()));
-    // bf16 operands, f32 accumulation (VDPBF16PS where the CPU has AVX512-BF16, otherwise the
-    // widening fallback): the right operand prepacked as a frozen weight is; with and without
-    // the left operand's rounding and packing.
+    // bf16 operands, f32 accumulation on the kernel this CPU chose, the right operand prepacked
+    // as a frozen weight is; with and without the left operand's rounding and packing; then
+    // every other vector kernel the CPU runs, prepacked (not the portable one: about 1 GFLOP/s
+    // on x86, 14 s a product).
+    use lora_kernels::gemm_bf16::Bf16Kernel;
+    let chosen = lora_kernels::gemm_bf16::chosen();
     let mut w = GemmBf16Workload::new(2048).unwrap();
     g.throughput(Throughput::Elements(w.flops() as u64));
     g.bench_function("square_2048_bf16_prepacked", |b| {
-        b.iter(|| w.step(true, false).unwrap())
+        b.iter(|| w.step(true, chosen).unwrap())
     });
     g.bench_function("square_2048_bf16_pack_lhs", |b| {
-        b.iter(|| w.step(false, false).unwrap())
+        b.iter(|| w.step(false, chosen).unwrap())
     });
-    g.bench_function("square_2048_bf16_widened", |b| {
-        b.iter(|| w.step(true, true).unwrap())
-    });
+    for k in Bf16Kernel::ALL {
+        if k != chosen && k != Bf16Kernel::Portable && k.available() {
+            let name = format!("square_2048_bf16_prepacked_{k:?}");
+            w.step(false, k).unwrap();
+            g.bench_function(name, |b| b.iter(|| w.step(true, k).unwrap()));
+        }
+    }
     g.finish();
 }
 

@@ -43,7 +43,7 @@ impl Ceiling {
     fn step(&mut self) -> lora_kernels::Result<()> {
         match self {
             Ceiling::F32(g) => g.step(),
-            Ceiling::Bf16(g) => g.step(false, false),
+            Ceiling::Bf16(g) => g.step(false, lora_kernels::gemm_bf16::chosen()),
         }
     }
 }
@@ -215,7 +215,8 @@ pub fn run_peak(a: &crate::args::PeakArgs) -> Result<()> {
         };
         outln!(
             "{}",
-            serde_json::json!({"threads": threads, "f32": one(&f32p), "bf16": one(&bf16p)})
+            serde_json::json!({"threads": threads, "f32": one(&f32p), "bf16": one(&bf16p),
+                "bf16_kernel": lora_kernels::gemm_bf16::kernel_name()})
         );
         return Ok(());
     }
@@ -231,6 +232,12 @@ pub fn run_peak(a: &crate::args::PeakArgs) -> Result<()> {
         Some(p) => outln!("  bf16 peak: {:>8.1} GFLOP/s  ({})", p.gflops, p.what),
         None => outln!("  bf16 peak: none (this CPU has no AVX512-BF16)"),
     }
+    // On some CPUs VDPBF16PS runs at half the FMA's rate, and the bf16 products are faster
+    // widened to f32 (`lora_kernels::gemm_bf16::chosen`).
+    outln!(
+        "  bf16 products run on: {}",
+        lora_kernels::gemm_bf16::kernel_name()
+    );
     Ok(())
 }
 

@@ -93,6 +93,12 @@ fn bench_peak_and_vision_json_have_the_documented_fields() {
         let bf16 = std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512f");
         assert_eq!(v["bf16"].is_null(), !bf16, "{v}");
+        // The product kernel is one of the four, VDPBF16PS only where the CPU has it.
+        let kernel = v["bf16_kernel"].as_str().unwrap();
+        assert!(
+            kernel.contains("VDPBF16PS") && bf16 || kernel.starts_with("bf16 widened"),
+            "{v}"
+        );
     }
     let v = ok(&[
         "bench",

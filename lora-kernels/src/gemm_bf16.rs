@@ -9,17 +9,29 @@
 //!
 //! Packed layouts (both operands are packed before a product; a frozen weight once, at load):
 //! - [`PackedLhs`]: panels of [`MR`] rows; panel `p` holds, for each pair `q`, the `MR` rows'
-//!   pairs: `data[(p P + q) MR + r]`. Rows past `M` are zero.
+//!   pairs: `data[(p P + q) MR + r]`. Rows past `M` are zero. The *wide* form (for the
+//!   AVX-512 widening kernel) holds each pair's two values as f32 bits, the `MR` low ones then
+//!   the `MR` high ones: `data[((p P + q) 2 + h) MR + r]`, twice the memory.
 //! - [`PackedRhs`]: panels of [`NR`] columns; panel `p` holds, for each pair `q`, the `NR`
 //!   columns' pairs: `data[(p P + q) NR + c]` (two 512-bit registers per pair). Columns past `N`
 //!   are zero.
 //!
-//! The micro-kernel computes one `MR x NR` tile over a run of pairs: with AVX512-BF16, 24
-//! accumulator registers, one broadcast of an `lhs` pair and two `VDPBF16PS` per row and pair.
-//! Without it (AVX2-only and older CPUs, and non-x86) the same packed operands are widened to
-//! f32 (exact: a bf16 is the top half of an f32) and multiplied with f32 FMAs, so the result has
-//! the same semantics at f32 speed; [`native`] tells which one runs. AMX tiles are not used (no
-//! development machine has them to test on).
+//! The micro-kernel computes one `MR x NR` tile over a run of pairs ([`Bf16Kernel`]; the one a
+//! process uses is [`chosen`]):
+//! - `VDPBF16PS` (AVX512-BF16): 24 accumulator registers, one broadcast of an `lhs` pair and two
+//!   `VDPBF16PS` per row and pair. Chosen where the instruction runs at least 0.6 times as
+//!   many instructions per second as an f32 FMA (AMD Zen 4 and Zen 5: as many; it does twice
+//!   an FMA's work).
+//! - Widened on AVX-512: the `rhs` pairs are split into their two bf16 as f32 (exact: a bf16 is
+//!   the top half of an f32) and multiplied with f32 FMAs; the `lhs` is packed *wide*, its
+//!   bf16-rounded values stored as f32 ([`PackedLhs`] legend), so each row's value is one
+//!   broadcast load with no splitting. Chosen on AVX-512 CPUs whose `VDPBF16PS` is slow: on an
+//!   Intel Xeon (family 6, model 207, no AMX exposed) it ran at a quarter of the FMA's
+//!   instruction rate (0.23-0.26), so its bf16 products ran at about half the f32 ones' speed.
+//! - Widened on AVX2+FMA (and a portable version): both operands' pairs split in the kernel.
+//! All give PyTorch autocast's semantics (bf16 operands, f32 accumulation); they differ only in
+//! the order of the f32 sums. AMX tiles are not used (no development machine has them to test
+//! on).
 //!
 //! Blocking (GotoBLAS order): the output is cut in tasks of [`MC`] rows x [`NC`] columns (run in
 //! parallel); a task walks the pairs in runs of [`KC_PAIRS`] (one `rhs` micro-panel of such a
@@ -204,6 +216,8 @@ fn pairs_of(k: usize) -> usize {
 pub struct PackedLhs {
     rows: usize,
     depth: usize,
+    /// The wide form (see the module legend): values as f32 bits, for [`Bf16Kernel::Wide512`].
+    wide: bool,
     data: Vec<u32>,
 }
 
@@ -221,6 +235,7 @@ impl PackedLhs {
         PackedLhs {
             rows: 0,
             depth: 0,
+            wide: false,
             data: Vec::new(),
         }
     }
@@ -231,6 +246,10 @@ impl PackedLhs {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 4
+    }
+    /// Whether it is in the wide form (the AVX-512 widening kernel's).
+    pub fn is_wide(&self) -> bool {
+        self.wide
     }
 }
 
@@ -258,19 +277,19 @@ fn packed_len(op: &'static str, panels: usize, pairs: usize, width: usize) -> Re
         })
 }
 
-/// Packs `lines` lines of `depth` values into `data`, resized to panels of `width` lines laid
-/// out `[pair][line]`: `line(l, buf)` writes line `l`'s `depth.div_ceil(2)` pairs into `buf`;
-/// the last panel's lines past `lines` are zeroed. Every element is written, so a buffer
-/// reused from an earlier packing needs no clearing.
+/// Packs `lines` lines of `units` 32-bit slots (pairs, or values in the wide form) into `data`,
+/// resized to panels of `width` lines laid out `[unit][line]`: `line(l, u0, buf)` writes line
+/// `l`'s slots `u0 .. u0 + buf.len()` into `buf` (`u0` is a multiple of [`PACK_BLOCK`], so
+/// even); the last panel's lines past `lines` are zeroed. Every element is
+/// written, so a buffer reused from an earlier packing needs no clearing.
 fn pack_with_into(
     op: &'static str,
     data: &mut Vec<u32>,
     lines: usize,
-    depth: usize,
+    pairs: usize,
     width: usize,
-    line: impl Fn(usize, &mut [u32]) + Sync,
+    line: impl Fn(usize, usize, &mut [u32]) + Sync,
 ) -> Result<()> {
-    let pairs = pairs_of(depth);
     let n = packed_len(op, lines.div_ceil(width), pairs, width)?;
     data.resize(n, 0);
     // SAFETY: the same memory seen as possibly-uninitialised u32s; only u32 values are
@@ -280,14 +299,21 @@ fn pack_with_into(
     Ok(())
 }
 
+/// Slots of a line made at a time when packing: a block of `width` lines' slots (6 KiB for an
+/// lhs panel) is made in L1, then written out in the panel's order. (Writing each whole line
+/// into its strided places instead touched every cache line of the panel once per line: 2 to 5
+/// ns per value for a 2048 x 2048 operand on an Intel Xeon.)
+const PACK_BLOCK: usize = 128;
+
 /// Writes every element of `slots` (whole panels of `pairs * width`): line `l` of panel `p`
-/// (`line(p * width + r, buf)`, zeros past `lines`) into `[pair][line]` order.
+/// (`line(p * width + r, ..)`, zeros past `lines`) into `[unit][line]` order, a block of
+/// [`PACK_BLOCK`] units of the panel's lines at a time.
 fn fill_panels(
     slots: &mut [MaybeUninit<u32>],
     lines: usize,
     pairs: usize,
     width: usize,
-    line: impl Fn(usize, &mut [u32]) + Sync,
+    line: impl Fn(usize, usize, &mut [u32]) + Sync,
 ) {
     if pairs == 0 {
         return;
@@ -296,16 +322,23 @@ fn fill_panels(
         .par_chunks_mut(pairs * width)
         .enumerate()
         .for_each(|(p, panel)| {
-            let mut buf = vec![0u32; pairs];
+            let mut block = vec![0u32; width * PACK_BLOCK];
             let valid = width.min(lines - p * width);
-            for r in 0..width {
-                if r < valid {
-                    line(p * width + r, &mut buf);
-                } else {
-                    buf.fill(0);
+            for u0 in (0..pairs).step_by(PACK_BLOCK) {
+                let n = PACK_BLOCK.min(pairs - u0);
+                for r in 0..width {
+                    let buf = &mut block[r * PACK_BLOCK..r * PACK_BLOCK + n];
+                    if r < valid {
+                        line(p * width + r, u0, buf);
+                    } else {
+                        buf.fill(0);
+                    }
                 }
-                for (q, &x) in buf.iter().enumerate() {
-                    panel[q * width + r].write(x);
+                let out = &mut panel[u0 * width..(u0 + n) * width];
+                for (q, col) in out.chunks_exact_mut(width).enumerate() {
+                    for (r, o) in col.iter_mut().enumerate() {
+                        o.write(block[r * PACK_BLOCK + q]);
+                    }
                 }
             }
         });
@@ -317,11 +350,10 @@ fn fill_panels(
 fn pack_with(
     op: &'static str,
     lines: usize,
-    depth: usize,
+    pairs: usize,
     width: usize,
-    line: impl Fn(usize, &mut [u32]) + Sync,
+    line: impl Fn(usize, usize, &mut [u32]) + Sync,
 ) -> Result<Vec<u32>> {
-    let pairs = pairs_of(depth);
     let n = packed_len(op, lines.div_ceil(width), pairs, width)?;
     let mut data: Vec<u32> = Vec::with_capacity(n);
     fill_panels(
@@ -338,63 +370,95 @@ fn pack_with(
 }
 
 impl View<'_> {
-    /// Row `i`'s pairs (the last one's second half zero when `cols` is odd) into `out`
-    /// (`cols.div_ceil(2)` long). Contiguous rows take a loop the compiler vectorises.
-    fn row_pairs(&self, i: usize, out: &mut [u32]) {
-        let k = self.cols;
+    /// Row `i`'s pairs `q0 .. q0 + out.len()` (the last one's second half zero when `cols` is
+    /// odd) into `out`, which must not reach past the row's last pair. Contiguous rows take a
+    /// loop the compiler vectorises.
+    fn row_pairs(&self, i: usize, q0: usize, out: &mut [u32]) {
         if self.cs != 1 {
             for (q, o) in out.iter_mut().enumerate() {
-                *o = self.row_pair(i, q);
+                *o = self.row_pair(i, q0 + q);
             }
             return;
         }
+        let j0 = 2 * q0;
+        let j1 = (j0 + 2 * out.len()).min(self.cols);
         let at = i * self.rs;
+        let last = out.len().wrapping_sub(1);
         match self.src {
             Source::F32(s) => {
-                let row = &s[at..at + k];
+                let row = &s[at + j0..at + j1];
                 let mut it = row.chunks_exact(2);
                 for (o, c) in out.iter_mut().zip(&mut it) {
                     *o = round_bf16(c[0]) as u32 | (round_bf16(c[1]) as u32) << 16;
                 }
-                if let [last] = it.remainder() {
-                    out[k / 2] = round_bf16(*last) as u32;
+                if let [odd] = it.remainder() {
+                    out[last] = round_bf16(*odd) as u32;
                 }
             }
             Source::Bf16(s) => {
-                let row = &s[at..at + k];
+                let row = &s[at + j0..at + j1];
                 let mut it = row.chunks_exact(2);
                 for (o, c) in out.iter_mut().zip(&mut it) {
                     *o = c[0] as u32 | (c[1] as u32) << 16;
                 }
-                if let [last] = it.remainder() {
-                    out[k / 2] = *last as u32;
+                if let [odd] = it.remainder() {
+                    out[last] = *odd as u32;
                 }
             }
         }
     }
 }
 
-/// Packs `(M, K)` `lhs` (rounding f32 values to bf16).
+/// Packs `(M, K)` `lhs` (rounding f32 values to bf16) for the [`chosen`] kernel (the wide form for [`Bf16Kernel::Wide512`]).
 pub fn pack_lhs(v: View) -> Result<PackedLhs> {
-    const OP: &str = "pack_lhs";
-    v.check(OP, "lhs")?;
-    let data = pack_with(OP, v.rows, v.cols, MR, |i, buf| v.row_pairs(i, buf))?;
-    Ok(PackedLhs {
-        rows: v.rows,
-        depth: v.cols,
-        data,
-    })
+    pack_lhs_for(chosen(), v)
+}
+
+/// [`pack_lhs`] in the form `kernel` reads.
+pub fn pack_lhs_for(kernel: Bf16Kernel, v: View) -> Result<PackedLhs> {
+    let mut dst = PackedLhs::empty();
+    pack_lhs_into_for(kernel, &mut dst, v)?;
+    Ok(dst)
 }
 
 /// [`pack_lhs`] into `dst`, reusing its buffer (a loop packing one chunk after another
 /// allocates once).
 pub fn pack_lhs_into(dst: &mut PackedLhs, v: View) -> Result<()> {
+    pack_lhs_into_for(chosen(), dst, v)
+}
+
+/// [`pack_lhs_into`] in the form `kernel` reads.
+pub fn pack_lhs_into_for(kernel: Bf16Kernel, dst: &mut PackedLhs, v: View) -> Result<()> {
     const OP: &str = "pack_lhs";
     v.check(OP, "lhs")?;
-    pack_with_into(OP, &mut dst.data, v.rows, v.cols, MR, |i, buf| {
-        v.row_pairs(i, buf)
-    })?;
-    (dst.rows, dst.depth) = (v.rows, v.cols);
+    let pairs = pairs_of(v.cols);
+    let wide = kernel.wide_lhs();
+    if wide {
+        let units = pairs
+            .checked_mul(2)
+            .ok_or_else(|| KernelError::InvalidArg {
+                op: OP,
+                arg: "lhs",
+                reason: format!("{} columns is too many", v.cols),
+            })?;
+        pack_with_into(OP, &mut dst.data, v.rows, units, MR, |i, u0, buf| {
+            // Units u0.. are the values of pairs u0 / 2.. (blocks start at even units).
+            let n = buf.len() / 2;
+            v.row_pairs(i, u0 / 2, &mut buf[..n]);
+            // Each pair q becomes slots 2q (low value) and 2q + 1 (high), in place: from the
+            // last pair down, slot q is read before anything at or above 2q is written.
+            for q in (0..n).rev() {
+                let p = buf[q];
+                buf[2 * q + 1] = p & 0xffff_0000;
+                buf[2 * q] = p << 16;
+            }
+        })?;
+    } else {
+        pack_with_into(OP, &mut dst.data, v.rows, pairs, MR, |i, q0, buf| {
+            v.row_pairs(i, q0, buf)
+        })?;
+    }
+    (dst.rows, dst.depth, dst.wide) = (v.rows, v.cols, wide);
     Ok(())
 }
 
@@ -404,7 +468,9 @@ pub fn pack_rhs(v: View) -> Result<PackedRhs> {
     v.check(OP, "rhs")?;
     // Column c of rhs is row c of its transpose, whose pairs run along k.
     let t = v.t();
-    let data = pack_with(OP, v.cols, v.rows, NR, |j, buf| t.row_pairs(j, buf))?;
+    let data = pack_with(OP, v.cols, pairs_of(v.rows), NR, |j, q0, buf| {
+        t.row_pairs(j, q0, buf)
+    })?;
     Ok(PackedRhs {
         depth: v.rows,
         cols: v.cols,
@@ -474,17 +540,23 @@ impl PackedWeight {
         }
         let (m, k) = (self.out, self.inp);
         // Column i of W (input feature i): its pairs run along the outputs.
-        let data = pack_with("PackedWeight::backward", k, m, NR, |i, buf| {
-            for (q, o) in buf.iter_mut().enumerate() {
-                let lo = self.fwd_bits(i, 2 * q) as u32;
-                let hi = if 2 * q + 1 < m {
-                    self.fwd_bits(i, 2 * q + 1) as u32
-                } else {
-                    0
-                };
-                *o = lo | hi << 16;
-            }
-        })?;
+        let data = pack_with(
+            "PackedWeight::backward",
+            k,
+            pairs_of(m),
+            NR,
+            |i, q0, buf| {
+                for (q, o) in (q0..).zip(buf.iter_mut()) {
+                    let lo = self.fwd_bits(i, 2 * q) as u32;
+                    let hi = if 2 * q + 1 < m {
+                        self.fwd_bits(i, 2 * q + 1) as u32
+                    } else {
+                        0
+                    };
+                    *o = lo | hi << 16;
+                }
+            },
+        )?;
         let b = PackedRhs {
             depth: m,
             cols: k,
@@ -517,32 +589,143 @@ impl PackedWeight {
     }
 }
 
-/// Whether the products run on `VDPBF16PS` (AVX512-BF16) on this CPU; otherwise the packed
-/// operands are widened to f32 inside the micro-kernel.
+/// A bf16 micro-kernel (see the module docs for what each does and when it is chosen).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `VDPBF16PS` (AVX512-BF16).
+    Dpbf16,
+    /// Widened to f32, AVX-512 FMAs, over a wide `lhs`.
+    Wide512,
+    /// Widened to f32, AVX2 FMAs.
+    WidenAvx2,
+    /// Widened to f32, no target features.
+    Portable,
+}
+
+impl Bf16Kernel {
+    /// Every kernel, fastest first where each runs well.
+    pub const ALL: [Bf16Kernel; 4] = [
+        Bf16Kernel::Dpbf16,
+        Bf16Kernel::Wide512,
+        Bf16Kernel::WidenAvx2,
+        Bf16Kernel::Portable,
+    ];
+
+    /// Whether this CPU can run it.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+            match self {
+                Bf16Kernel::Dpbf16 => avx512 && std::arch::is_x86_feature_detected!("avx512bf16"),
+                Bf16Kernel::Wide512 => avx512,
+                Bf16Kernel::WidenAvx2 => crate::simd::has_avx2_fma(),
+                Bf16Kernel::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Bf16Kernel::Portable
+        }
+    }
+
+    /// For reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Dpbf16 => "AVX512-BF16 VDPBF16PS",
+            Bf16Kernel::Wide512 => "bf16 widened to f32 (AVX-512 FMA)",
+            Bf16Kernel::WidenAvx2 => "bf16 widened to f32 (AVX2 FMA)",
+            Bf16Kernel::Portable => "bf16 widened to f32 (portable)",
+        }
+    }
+
+    /// The kernel named by `LORA_BF16_KERNEL`'s values: `dpbf16`, `avx512`, `avx2`, `portable`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "dpbf16" => Some(Bf16Kernel::Dpbf16),
+            "avx512" => Some(Bf16Kernel::Wide512),
+            "avx2" => Some(Bf16Kernel::WidenAvx2),
+            "portable" => Some(Bf16Kernel::Portable),
+            _ => None,
+        }
+    }
+
+    /// Whether it reads the wide `lhs` form.
+    pub fn wide_lhs(self) -> bool {
+        self == Bf16Kernel::Wide512
+    }
+
+    fn tile(self) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            Bf16Kernel::Dpbf16 => return x86::tile_dpbf16,
+            Bf16Kernel::Wide512 => return x86::tile_wide512,
+            Bf16Kernel::WidenAvx2 => return x86::tile_widen_avx2,
+            Bf16Kernel::Portable => {}
+        }
+        tile_widen_portable
+    }
+}
+
+/// `VDPBF16PS` is chosen when it runs at least this share of the f32 FMA's instruction rate.
+/// It does twice an FMA's multiply-adds; its kernel reached about 0.8 of its peak, the
+/// widening one about 0.9 of the FMA's less its pair splitting (4 of every 52 vector
+/// instructions), so the two break even near 0.5. About 1 on Zen 4 and Zen 5 (from their peaks; the
+/// dot-product kernel about twice as fast), 0.25 on the Intel Xeon (about half as fast).
+const DPBF16_MIN_RATE: f64 = 0.6;
+
+/// The kernel the products use in this process, fixed at first use: `LORA_BF16_KERNEL`
+/// (`dpbf16`, `avx512`, `avx2` or `portable`) when set to one this CPU runs (otherwise a
+/// warning and the automatic choice); automatically, `VDPBF16PS` where the CPU has it and it
+/// runs at [`DPBF16_MIN_RATE`] of the FMA's rate or more (timed once, about a millisecond),
+/// else the widest widening kernel the CPU runs.
+pub fn chosen() -> Bf16Kernel {
+    static CHOSEN: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        if let Ok(v) = std::env::var("LORA_BF16_KERNEL") {
+            match Bf16Kernel::from_name(v.trim()) {
+                Some(k) if k.available() => return k,
+                Some(k) => eprintln!(
+                    "warning: LORA_BF16_KERNEL={v}: this CPU cannot run {}; choosing automatically",
+                    k.name()
+                ),
+                None => eprintln!(
+                    "warning: LORA_BF16_KERNEL={v} is not one of dpbf16, avx512, avx2, portable; \
+                     choosing automatically"
+                ),
+            }
+        }
+        automatic()
+    })
+}
+
+/// [`chosen`]'s automatic choice.
+fn automatic() -> Bf16Kernel {
+    if Bf16Kernel::Dpbf16.available()
+        && crate::peak::dpbf16_per_fma().is_some_and(|r| r >= DPBF16_MIN_RATE)
+    {
+        return Bf16Kernel::Dpbf16;
+    }
+    Bf16Kernel::ALL[1..]
+        .iter()
+        .copied()
+        .find(|k| k.available())
+        .unwrap_or(Bf16Kernel::Portable)
+}
+
+/// Whether the products run on `VDPBF16PS` (AVX512-BF16) in this process ([`chosen`]).
 pub fn native() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    chosen() == Bf16Kernel::Dpbf16
 }
 
 /// What the micro-kernel runs on, for reports.
 pub fn kernel_name() -> &'static str {
-    if native() {
-        "AVX512-BF16 VDPBF16PS"
-    } else if crate::simd::has_avx2_fma() {
-        "bf16 widened to f32 (AVX2 FMA)"
-    } else {
-        "bf16 widened to f32 (portable)"
-    }
+    chosen().name()
 }
 
 /// `dst (M, N) [+]= lhs @ rhs` for packed operands. `dst` is row-major with row stride `N`.
+/// Runs the [`chosen`] kernel, or for an `lhs` packed in the other form
+/// ([`pack_lhs_for`]) the best kernel that reads that form.
 pub fn matmul_packed(
     dst: &mut [f32],
     lhs: &PackedLhs,
@@ -550,19 +733,46 @@ pub fn matmul_packed(
     accumulate: bool,
     par: Par,
 ) -> Result<()> {
-    packed_product(dst, lhs, rhs, accumulate, par, select_kernel())
+    let mut kernel = chosen();
+    if kernel.wide_lhs() != lhs.wide {
+        kernel = Bf16Kernel::ALL
+            .into_iter()
+            .find(|k| k.wide_lhs() == lhs.wide && k.available())
+            .unwrap_or(Bf16Kernel::Wide512);
+    }
+    matmul_packed_with(kernel, dst, lhs, rhs, accumulate, par)
 }
 
-/// [`matmul_packed`] on the widening micro-kernel whatever the CPU has: the fallback, for tests
-/// and benchmarks on machines with AVX512-BF16.
-pub fn matmul_packed_widened(
+/// [`matmul_packed`] on a given kernel (tests and benchmarks compare them); an error when the
+/// CPU cannot run it or `lhs` is not in the form it reads.
+pub fn matmul_packed_with(
+    kernel: Bf16Kernel,
     dst: &mut [f32],
     lhs: &PackedLhs,
     rhs: &PackedRhs,
     accumulate: bool,
     par: Par,
 ) -> Result<()> {
-    packed_product(dst, lhs, rhs, accumulate, par, widening_kernel())
+    let reason = if !kernel.available() {
+        Some(format!("this CPU cannot run {}", kernel.name()))
+    } else if kernel.wide_lhs() != lhs.wide {
+        Some(format!(
+            "{} reads a{} lhs packing; this one is {}",
+            kernel.name(),
+            if kernel.wide_lhs() { " wide" } else { " pair" },
+            if lhs.wide { "wide" } else { "in pairs" }
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Err(KernelError::InvalidArg {
+            op: "matmul_bf16",
+            arg: "kernel",
+            reason,
+        });
+    }
+    packed_product(dst, lhs, rhs, accumulate, par, kernel.tile())
 }
 
 fn packed_product(
@@ -628,24 +838,9 @@ pub fn matmul_bf16(
 }
 
 /// A micro-kernel: `c[r][j] (rows x cols valid, row stride ldc) [+]=` the tile's products over
-/// `pairs` pairs of the `a` panel run (stride MR) and `b` panel run (stride NR).
+/// `pairs` pairs of the `a` panel run (stride MR per pair, 2 MR in the wide form) and `b`
+/// panel run (stride NR).
 type Kernel = unsafe fn(*const u32, *const u32, usize, *mut f32, usize, usize, usize, bool);
-
-fn select_kernel() -> Kernel {
-    #[cfg(target_arch = "x86_64")]
-    if native() {
-        return x86::tile_dpbf16;
-    }
-    widening_kernel()
-}
-
-fn widening_kernel() -> Kernel {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2_fma() {
-        return x86::tile_widen_avx2;
-    }
-    tile_widen_portable
-}
 
 /// One task: rows `tm*MC ..`, columns `tn*NC ..` of `dst`, over all pairs in runs of KC_PAIRS.
 ///
@@ -662,15 +857,23 @@ unsafe fn run_task(
     kernel: Kernel,
 ) {
     let pairs = pairs_of(lhs.depth);
+    // An lhs panel's stride per pair: MR pairs, or 2 MR values in the wide form. A wide
+    // micro-panel is twice as large, so its runs are half as long: the rhs micro-panel of a
+    // run (kept in L1) and the lhs one streaming past it then take as much L1 as in pairs.
+    let (a_step, kc) = if lhs.wide {
+        (2 * MR, KC_PAIRS / 2)
+    } else {
+        (MR, KC_PAIRS)
+    };
     let (r0, r1) = (tm * MC, (tm * MC + MC).min(m));
     let (c0, c1) = (tn * NC, (tn * NC + NC).min(n));
-    for q0 in (0..pairs).step_by(KC_PAIRS) {
-        let qn = KC_PAIRS.min(pairs - q0);
+    for q0 in (0..pairs).step_by(kc) {
+        let qn = kc.min(pairs - q0);
         let load = accumulate || q0 > 0;
         for c in (c0..c1).step_by(NR) {
             let b = rhs.data.as_ptr().add((c / NR * pairs + q0) * NR);
             for r in (r0..r1).step_by(MR) {
-                let a = lhs.data.as_ptr().add((r / MR * pairs + q0) * MR);
+                let a = lhs.data.as_ptr().add((r / MR * pairs + q0) * a_step);
                 let dst = out.get().add(r * n + c);
                 kernel(a, b, qn, dst, n, MR.min(m - r), NR.min(n - c), load);
             }
@@ -840,6 +1043,66 @@ mod x86 {
         }
     }
 
+    /// The column masks of a tile `cols` wide: the first and the second 16 columns (the
+    /// second empty when `cols <= 16`).
+    #[inline(always)]
+    fn col_masks(cols: usize) -> (__mmask16, __mmask16) {
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1: __mmask16 = if cols >= NR {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        (m0, m1)
+    }
+
+    /// What dst holds is added after the reduction, not loaded before it: its rows are asked
+    /// for now (prefetch) and arrive while the loop runs, instead of stalling the tile's start
+    /// on a cache miss (7.7% of the `VDPBF16PS` kernel's time in a GPT-2 step's profile went to
+    /// those loads when they came first). The second half of a row is touched only when its
+    /// mask is not empty (a pointer past the last row's end is not even formed).
+    #[inline(always)]
+    unsafe fn prefetch_tile(c: *mut f32, ldc: usize, rows: usize, m1: __mmask16) {
+        for r in 0..rows {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
+            if m1 != 0 {
+                _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16) as *const i8);
+            }
+        }
+    }
+
+    /// Writes the tile's `rows` rows (plus what dst held when `load`), masked to its columns.
+    /// Inlined into the kernels, whose target features its intrinsics then compile with.
+    #[inline(always)]
+    unsafe fn store_tile(
+        acc: &[[__m512; 2]; MR],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        (m0, m1): (__mmask16, __mmask16),
+        load: bool,
+    ) {
+        for (r, row) in acc.iter().enumerate().take(rows) {
+            let (mut lo, mut hi) = (row[0], row[1]);
+            if load {
+                lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, c.add(r * ldc)));
+            }
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo);
+            if m1 != 0 {
+                if load {
+                    hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16)));
+                }
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi);
+            }
+        }
+    }
+
     /// The `VDPBF16PS` micro-kernel: an `MR x NR` tile in 24 registers.
     ///
     /// # Safety
@@ -856,31 +1119,9 @@ mod x86 {
         cols: usize,
         load: bool,
     ) {
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1: __mmask16 = if cols >= NR {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
-        // What dst holds is added after the reduction, not loaded before it: its rows are
-        // asked for now (prefetch) and arrive while the loop runs, instead of stalling the
-        // tile's start on a cache miss (7.7% of this kernel's time in a GPT-2 step's profile
-        // went to those loads when they came first).
-        // The second half of a row is touched only when its mask is not empty (a pointer past
-        // the last row's end is not even formed).
+        let masks = col_masks(cols);
         if load {
-            for r in 0..rows {
-                _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
-                if m1 != 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16) as *const i8);
-                }
-            }
+            prefetch_tile(c, ldc, rows, masks.1);
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for q in 0..pairs {
@@ -894,19 +1135,66 @@ mod x86 {
                 row[1] = _mm512_dpbf16_ps(row[1], ar, b1);
             }
         }
-        for (r, row) in acc.iter().enumerate().take(rows) {
-            let (mut lo, mut hi) = (row[0], row[1]);
-            if load {
-                lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, c.add(r * ldc)));
+        store_tile(&acc, c, ldc, rows, masks, load);
+    }
+
+    /// How far ahead [`tile_wide512`] prefetches its `rhs`, in pairs.
+    const PF_PAIRS: usize = 8;
+
+    /// The AVX-512 widening micro-kernel: an `MR x NR` tile in 24 registers over a wide `lhs`
+    /// (f32 values). Per pair, the two `rhs` registers of pairs are split into four of f32
+    /// (a shift and a mask each: the only work besides the FMAs), then each row's low and high
+    /// value is broadcast from memory and multiplied into both halves: 48 FMAs per pair.
+    ///
+    /// # Safety
+    /// As [`super::Kernel`], with `a` in the wide form (`pairs * 2 MR` values); the CPU has
+    /// AVX512F.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_wide512(
+        a: *const u32,
+        b: *const u32,
+        pairs: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        load: bool,
+    ) {
+        let masks = col_masks(cols);
+        if load {
+            prefetch_tile(c, ldc, rows, masks.1);
+        }
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let a = a as *const f32;
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for q in 0..pairs {
+            let bq = b.add(q * NR);
+            // The rhs micro-panel's first pass (its first row tile) reads it from L2 or
+            // farther: ask for it PF_PAIRS pairs ahead (later passes find it in L1).
+            _mm_prefetch::<_MM_HINT_T0>(bq.wrapping_add(PF_PAIRS * NR) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bq.wrapping_add(PF_PAIRS * NR + 16) as *const i8);
+            let v0 = _mm512_loadu_si512(bq as *const _);
+            let v1 = _mm512_loadu_si512(bq.add(16) as *const _);
+            let lo0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0));
+            let lo1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1));
+            let hi0 = _mm512_castsi512_ps(_mm512_and_si512(v0, high));
+            let hi1 = _mm512_castsi512_ps(_mm512_and_si512(v1, high));
+            let aq = a.add(q * 2 * MR);
+            // All rows' low halves, then all rows' high halves: an accumulator's two FMAs of a
+            // pair are 24 FMAs apart, not adjacent.
+            for (r, row) in acc.iter_mut().enumerate() {
+                let al = _mm512_set1_ps(*aq.add(r));
+                row[0] = _mm512_fmadd_ps(al, lo0, row[0]);
+                row[1] = _mm512_fmadd_ps(al, lo1, row[1]);
             }
-            _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo);
-            if m1 != 0 {
-                if load {
-                    hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16)));
-                }
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let ah = _mm512_set1_ps(*aq.add(MR + r));
+                row[0] = _mm512_fmadd_ps(ah, hi0, row[0]);
+                row[1] = _mm512_fmadd_ps(ah, hi1, row[1]);
             }
         }
+        store_tile(&acc, c, ldc, rows, masks, load);
     }
 }
 

@@ -77,6 +77,39 @@ pub fn bf16_dot(seconds: f64) -> Option<Peak> {
     None
 }
 
+/// `VDPBF16PS` instructions per f32 FMA instruction that one thread runs per second (both on
+/// 512-bit registers, register-only loops, best of three alternating rounds of tens of
+/// microseconds each): about 1 on AMD Zen 4 and Zen 5 (inferred from their peaks: bf16 FLOP/s
+/// twice f32's; not timed by this function there), 0.23-0.26 on the Intel Xeon measured (family 6, model 207: half). `None` without AVX512-BF16. It picks the bf16 product kernel
+/// ([`crate::gemm_bf16::chosen`]).
+pub fn dpbf16_per_fma() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            const ITERS: u64 = 1 << 12;
+            let time = |f: &dyn Fn() -> f32| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            };
+            // SAFETY (both closures): the features were just detected.
+            let fma = || unsafe { x86::fma512(ITERS) };
+            let dp = || unsafe { x86::dpbf16(ITERS) };
+            // A first round of each warms the vector units up.
+            let (_, _) = (time(&fma), time(&dp));
+            let (mut best_fma, mut best_dp) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..3 {
+                best_fma = best_fma.min(time(&fma));
+                best_dp = best_dp.min(time(&dp));
+            }
+            return Some(best_fma / best_dp);
+        }
+    }
+    None
+}
+
 /// Runs `kernel(iters)` (which does `flops_per_iter` FLOPs per iteration and returns a value
 /// that depends on all of them) on every pool thread at once, doubling `iters`
 /// until one round takes a tenth of `seconds`, then timing rounds for `seconds`; the best

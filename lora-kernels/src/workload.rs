@@ -210,19 +210,21 @@ impl GemmBf16Workload {
     pub fn flops(&self) -> f64 {
         2.0 * (self.n as f64).powi(3)
     }
-    /// One product: `prepacked` times the micro-kernels alone, otherwise the left operand's
-    /// packing is included; `widened` forces the fallback micro-kernel.
-    pub fn step(&mut self, prepacked: bool, widened: bool) -> crate::Result<()> {
-        use crate::gemm_bf16::{matmul_packed, matmul_packed_widened, pack_lhs, Source, View};
-        if !prepacked {
-            self.packed_a = pack_lhs(View::row_major(Source::F32(&self.a), self.n, self.n))?;
+    /// One product on `kernel`: `prepacked` times the micro-kernel alone (the left operand is
+    /// packed here only when the last packing was in another kernel's form), otherwise the
+    /// left operand's rounding and packing is included.
+    pub fn step(
+        &mut self,
+        prepacked: bool,
+        kernel: crate::gemm_bf16::Bf16Kernel,
+    ) -> crate::Result<()> {
+        use crate::gemm_bf16::{matmul_packed_with, pack_lhs_for, Source, View};
+        if !prepacked || self.packed_a.is_wide() != kernel.wide_lhs() {
+            let a = View::row_major(Source::F32(&self.a), self.n, self.n);
+            self.packed_a = pack_lhs_for(kernel, a)?;
         }
-        let f = if widened {
-            matmul_packed_widened
-        } else {
-            matmul_packed
-        };
-        f(
+        matmul_packed_with(
+            kernel,
             &mut self.c,
             &self.packed_a,
             &self.packed_b,

@@ -1,13 +1,14 @@
 //! The bf16 product (`gemm_bf16`) against the f64 reference on the bf16-rounded operands, on
-//! both micro-kernels (VDPBF16PS where the CPU has it, and the widening fallback everywhere).
+//! every micro-kernel the CPU runs (VDPBF16PS and the AVX-512 widening one where the CPU has
+//! them, the AVX2 and portable widening ones everywhere).
 
 mod common;
 
 use common::rand_vec;
 use lora_kernels::gemm::Par;
 use lora_kernels::gemm_bf16::{
-    matmul_packed, matmul_packed_widened, pack_lhs, pack_rhs, reference, round_bf16,
-    round_slice_bf16, widen_bf16, Source, View, KC_PAIRS, MC, NC,
+    matmul_packed, matmul_packed_with, pack_lhs, pack_lhs_for, pack_rhs, reference, round_bf16,
+    round_slice_bf16, widen_bf16, Bf16Kernel, Source, View, KC_PAIRS, MC, NC,
 };
 use proptest::prelude::*;
 
@@ -74,14 +75,26 @@ fn run(c: &Case, par: Par) {
         vec![f32::NAN; c.m * c.n]
     };
     matmul_packed(&mut got, &pa, &pb, c.acc, par).unwrap();
-    check("native", &got, &want, &mag, &start, c.k);
-    let mut got = if c.acc {
-        start.clone()
-    } else {
-        vec![f32::NAN; c.m * c.n]
-    };
-    matmul_packed_widened(&mut got, &pa, &pb, c.acc, par).unwrap();
-    check("widened", &got, &want, &mag, &start, c.k);
+    check("chosen", &got, &want, &mag, &start, c.k);
+    for kernel in Bf16Kernel::ALL.into_iter().filter(|k| k.available()) {
+        let pa = pack_lhs_for(kernel, lhs).unwrap();
+        assert_eq!(pa.is_wide(), kernel.wide_lhs());
+        let mut got = if c.acc {
+            start.clone()
+        } else {
+            vec![f32::NAN; c.m * c.n]
+        };
+        matmul_packed_with(kernel, &mut got, &pa, &pb, c.acc, par).unwrap();
+        check(kernel.name(), &got, &want, &mag, &start, c.k);
+        // The default entry takes either form (the chosen kernel, or one for the other form).
+        let mut got = if c.acc {
+            start.clone()
+        } else {
+            vec![f32::NAN; c.m * c.n]
+        };
+        matmul_packed(&mut got, &pa, &pb, c.acc, par).unwrap();
+        check("default entry", &got, &want, &mag, &start, c.k);
+    }
 }
 
 proptest! {
@@ -196,6 +209,20 @@ fn bad_operands_are_errors() {
     let mut short = vec![0.0; 8];
     let e = matmul_packed(&mut short, &lhs, &rhs, false, Par::Auto).unwrap_err();
     assert!(e.to_string().contains("dst"), "{e}");
+    // A kernel given an lhs packed in the other form (or, on a CPU without AVX-512, one it
+    // cannot run).
+    let pairs = pack_lhs_for(Bf16Kernel::Portable, View::row_major(Source::F32(&v), 3, 4)).unwrap();
+    let mut out = vec![0.0; 9];
+    let e = matmul_packed_with(
+        Bf16Kernel::Wide512,
+        &mut out,
+        &pairs,
+        &rhs,
+        false,
+        Par::Auto,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("kernel"), "{e}");
     let e = pack_lhs(View::row_major(Source::F32(&v), 4, 4)).unwrap_err();
     assert!(e.to_string().contains("reaches past"), "{e}");
     let e = pack_rhs(View {
