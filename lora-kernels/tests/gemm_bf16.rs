@@ -69,29 +69,24 @@ fn run(c: &Case, par: Par) {
     assert_eq!(pa.dims(), (c.m, c.k));
     assert_eq!(pb.dims(), (c.k, c.n));
     // A garbage start when not accumulating: it must be overwritten, not added to.
-    let mut got = if c.acc {
-        start.clone()
-    } else {
-        vec![f32::NAN; c.m * c.n]
+    let fresh = || {
+        if c.acc {
+            start.clone()
+        } else {
+            vec![f32::NAN; c.m * c.n]
+        }
     };
+    let mut got = fresh();
     matmul_packed(&mut got, &pa, &pb, c.acc, par).unwrap();
     check("chosen", &got, &want, &mag, &start, c.k);
     for kernel in Bf16Kernel::ALL.into_iter().filter(|k| k.available()) {
         let pa = pack_lhs_for(kernel, lhs).unwrap();
         assert_eq!(pa.is_wide(), kernel.wide_lhs());
-        let mut got = if c.acc {
-            start.clone()
-        } else {
-            vec![f32::NAN; c.m * c.n]
-        };
+        let mut got = fresh();
         matmul_packed_with(kernel, &mut got, &pa, &pb, c.acc, par).unwrap();
         check(kernel.name(), &got, &want, &mag, &start, c.k);
         // The default entry takes either form (the chosen kernel, or one for the other form).
-        let mut got = if c.acc {
-            start.clone()
-        } else {
-            vec![f32::NAN; c.m * c.n]
-        };
+        let mut got = fresh();
         matmul_packed(&mut got, &pa, &pb, c.acc, par).unwrap();
         check("default entry", &got, &want, &mag, &start, c.k);
     }
