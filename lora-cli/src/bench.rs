@@ -232,7 +232,7 @@ pub fn run_peak(a: &crate::args::PeakArgs) -> Result<()> {
         Some(p) => outln!("  bf16 peak: {:>8.1} GFLOP/s  ({})", p.gflops, p.what),
         None => outln!("  bf16 peak: none (this CPU has no AVX512-BF16)"),
     }
-    // On some CPUs VDPBF16PS runs at half the FMA's rate, and the bf16 products are faster
+    // On some CPUs VDPBF16PS runs at half the FMA's FLOP rate, and the bf16 products are faster
     // widened to f32 (`lora_kernels::gemm_bf16::chosen`).
     outln!(
         "  bf16 products run on: {}",

@@ -29,13 +29,15 @@
 //!   Intel Xeon (family 6, model 207, no AMX exposed) it ran at a quarter of the FMA's
 //!   instruction rate (0.23-0.26), so its bf16 products ran at about half the f32 ones' speed.
 //! - Widened on AVX2+FMA (and a portable version): both operands' pairs split in the kernel.
-//! All give PyTorch autocast's semantics (bf16 operands, f32 accumulation); they differ only in
-//! the order of the f32 sums. AMX tiles are not used (no development machine has them to test
+//! All give PyTorch autocast's semantics (bf16 operands, f32 accumulation); they differ in the
+//! order of the f32 sums, and `VDPBF16PS` flushes denormal inputs and outputs to zero (it
+//! ignores MXCSR) where the FMA kernels keep them. AMX tiles are not used (no development machine has them to test
 //! on).
 //!
 //! Blocking (GotoBLAS order): the output is cut in tasks of [`MC`] rows x [`NC`] columns (run in
 //! parallel); a task walks the pairs in runs of [`KC_PAIRS`] (one `rhs` micro-panel of such a
-//! run is 32 KiB, kept in L1 while the task's `MC` rows of `lhs` stream from L2).
+//! run is 32 KiB, kept in L1 while the task's `MC` rows of `lhs` stream from L2), half as long
+//! over a wide `lhs` (its micro-panel per run then stays 12 KiB, the `rhs` one 16 KiB).
 
 use crate::error::{KernelError, Result};
 use crate::gemm::Par;
@@ -48,7 +50,7 @@ use std::mem::MaybeUninit;
 pub const MR: usize = 12;
 /// Columns of a micro-tile (and of an `rhs` panel): two 16-lane registers.
 pub const NR: usize = 32;
-/// Pairs per run of the reduction (512 values of `K`).
+/// Pairs per run of the reduction (512 values of `K`; half that over a wide `lhs`).
 pub const KC_PAIRS: usize = 256;
 /// Rows of `dst` per parallel task.
 pub const MC: usize = 8 * MR;
@@ -211,7 +213,8 @@ fn pairs_of(k: usize) -> usize {
     k.div_ceil(2)
 }
 
-/// A left operand packed in [`MR`]-row panels of pairs (see the module legend).
+/// A left operand packed in [`MR`]-row panels of pairs, or of values in the wide form (see the
+/// module legend).
 #[derive(Clone, Debug)]
 pub struct PackedLhs {
     rows: usize,
@@ -446,7 +449,8 @@ pub fn pack_lhs_into_for(kernel: Bf16Kernel, dst: &mut PackedLhs, v: View) -> Re
             let n = buf.len() / 2;
             v.row_pairs(i, u0 / 2, &mut buf[..n]);
             // Each pair q becomes slots 2q (low value) and 2q + 1 (high), in place: from the
-            // last pair down, slot q is read before anything at or above 2q is written.
+            // last pair down, when pair q is read only slots 2q + 2 and above (all > q) have
+            // been written.
             for q in (0..n).rev() {
                 let p = buf[q];
                 buf[2 * q + 1] = p & 0xffff_0000;
@@ -725,7 +729,10 @@ pub fn kernel_name() -> &'static str {
 
 /// `dst (M, N) [+]= lhs @ rhs` for packed operands. `dst` is row-major with row stride `N`.
 /// Runs the [`chosen`] kernel, or for an `lhs` packed in the other form
-/// ([`pack_lhs_for`]) the best kernel that reads that form.
+/// ([`pack_lhs_for`]) the first kernel in [`Bf16Kernel::ALL`]'s order that reads that form and
+/// runs here: for pairs on an AVX512-BF16 CPU `VDPBF16PS` even where it was passed over (on
+/// the Intel Xeon it still beat the AVX2 widening kernel: 141 vs 90 GFLOP/s at 2048^3), and
+/// for a wide packing the AVX-512 kernel, an error on a CPU without AVX-512.
 pub fn matmul_packed(
     dst: &mut [f32],
     lhs: &PackedLhs,
@@ -842,7 +849,8 @@ pub fn matmul_bf16(
 /// panel run (stride NR).
 type Kernel = unsafe fn(*const u32, *const u32, usize, *mut f32, usize, usize, usize, bool);
 
-/// One task: rows `tm*MC ..`, columns `tn*NC ..` of `dst`, over all pairs in runs of KC_PAIRS.
+/// One task: rows `tm*MC ..`, columns `tn*NC ..` of `dst`, over all pairs in runs of KC_PAIRS
+/// (half as long over a wide `lhs`).
 ///
 /// # Safety
 /// `out` points to an `(m, n)` row-major buffer that no other thread writes in this task's
@@ -858,8 +866,8 @@ unsafe fn run_task(
 ) {
     let pairs = pairs_of(lhs.depth);
     // An lhs panel's stride per pair: MR pairs, or 2 MR values in the wide form. A wide
-    // micro-panel is twice as large, so its runs are half as long: the rhs micro-panel of a
-    // run (kept in L1) and the lhs one streaming past it then take as much L1 as in pairs.
+    // micro-panel is twice as large, so its runs are half as long: the lhs micro-panel of a
+    // run stays 12 KiB as in pairs, the rhs one (kept in L1) is 16 KiB instead of 32.
     let (a_step, kc) = if lhs.wide {
         (2 * MR, KC_PAIRS / 2)
     } else {
@@ -1228,5 +1236,52 @@ pub mod reference {
             }
         }
         (out, mag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wide packing (made on any CPU, read only by the AVX-512 kernel) holds exactly the
+    /// pair packing's values split per the legend, for odd K, K = 1, K over one packing block
+    /// and fewer rows than a panel; zeros past the last row and in an odd K's padding.
+    #[test]
+    fn wide_packing_is_the_pair_packing_split() {
+        for (m, k) in [
+            (1, 1),
+            (5, 3),
+            (13, 2 * PACK_BLOCK * 2 + 5),
+            (MR, 2),
+            (25, 600),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let v = View::row_major(Source::F32(&a), m, k);
+            let pairs = pack_lhs_for(Bf16Kernel::Portable, v).unwrap();
+            let wide = pack_lhs_for(Bf16Kernel::Wide512, v).unwrap();
+            assert!(!pairs.wide && wide.wide);
+            assert_eq!(wide.data.len(), 2 * pairs.data.len(), "{m} x {k}");
+            let p = pairs_of(k);
+            for panel in 0..m.div_ceil(MR) {
+                for q in 0..p {
+                    for r in 0..MR {
+                        let pair = pairs.data[(panel * p + q) * MR + r];
+                        let base = (panel * p + q) * 2 * MR;
+                        assert_eq!(wide.data[base + r], pair << 16, "{m} x {k} lo {q} {r}");
+                        assert_eq!(wide.data[base + MR + r], pair & 0xffff_0000, "hi {q} {r}");
+                        let row = panel * MR + r;
+                        let want = |j: usize| {
+                            if row < m && j < k {
+                                widen_bf16(round_bf16(a[row * k + j])).to_bits()
+                            } else {
+                                0
+                            }
+                        };
+                        assert_eq!(wide.data[base + r], want(2 * q), "{m} x {k}");
+                        assert_eq!(wide.data[base + MR + r], want(2 * q + 1), "{m} x {k}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -80,8 +80,9 @@ pub fn bf16_dot(seconds: f64) -> Option<Peak> {
 /// `VDPBF16PS` instructions per f32 FMA instruction that one thread runs per second (both on
 /// 512-bit registers, register-only loops, best of three alternating rounds of tens of
 /// microseconds each): about 1 on AMD Zen 4 and Zen 5 (inferred from their peaks: bf16 FLOP/s
-/// twice f32's; not timed by this function there), 0.23-0.26 on the Intel Xeon measured (family 6, model 207: half). `None` without AVX512-BF16. It picks the bf16 product kernel
-/// ([`crate::gemm_bf16::chosen`]).
+/// twice f32's; not timed by this function there), 0.23-0.26 on the Intel Xeon measured
+/// (family 6, model 207: half the FLOP rate). `None` without AVX512-BF16. It picks the bf16
+/// product kernel ([`crate::gemm_bf16::chosen`]).
 pub fn dpbf16_per_fma() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
