@@ -31,8 +31,8 @@
 //! - Widened on AVX2+FMA (and a portable version): both operands' pairs split in the kernel.
 //! All give PyTorch autocast's semantics (bf16 operands, f32 accumulation); they differ in the
 //! order of the f32 sums, and `VDPBF16PS` flushes denormal inputs and outputs to zero (it
-//! ignores MXCSR) where the FMA kernels keep them. AMX tiles are not used (no development machine has them to test
-//! on).
+//! ignores MXCSR) where the FMA kernels keep them. AMX tiles are not used (no development
+//! machine has them to test on).
 //!
 //! Blocking (GotoBLAS order): the output is cut in tasks of [`MC`] rows x [`NC`] columns (run in
 //! parallel); a task walks the pairs in runs of [`KC_PAIRS`] (one `rhs` micro-panel of such a
@@ -283,22 +283,22 @@ fn packed_len(op: &'static str, panels: usize, pairs: usize, width: usize) -> Re
 /// Packs `lines` lines of `units` 32-bit slots (pairs, or values in the wide form) into `data`,
 /// resized to panels of `width` lines laid out `[unit][line]`: `line(l, u0, buf)` writes line
 /// `l`'s slots `u0 .. u0 + buf.len()` into `buf` (`u0` is a multiple of [`PACK_BLOCK`], so
-/// even); the last panel's lines past `lines` are zeroed. Every element is
-/// written, so a buffer reused from an earlier packing needs no clearing.
+/// even); the last panel's lines past `lines` are zeroed. Every element is written, so a
+/// buffer reused from an earlier packing needs no clearing.
 fn pack_with_into(
     op: &'static str,
     data: &mut Vec<u32>,
     lines: usize,
-    pairs: usize,
+    units: usize,
     width: usize,
     line: impl Fn(usize, usize, &mut [u32]) + Sync,
 ) -> Result<()> {
-    let n = packed_len(op, lines.div_ceil(width), pairs, width)?;
+    let n = packed_len(op, lines.div_ceil(width), units, width)?;
     data.resize(n, 0);
     // SAFETY: the same memory seen as possibly-uninitialised u32s; only u32 values are
     // written through it, so it stays initialised.
     let slots = unsafe { &mut *(data.as_mut_slice() as *mut [u32] as *mut [MaybeUninit<u32>]) };
-    fill_panels(slots, lines, pairs, width, line);
+    fill_panels(slots, lines, units, width, line);
     Ok(())
 }
 
@@ -308,43 +308,45 @@ fn pack_with_into(
 /// ns per value for a 2048 x 2048 operand on an Intel Xeon.)
 const PACK_BLOCK: usize = 128;
 
-/// Writes every element of `slots` (whole panels of `pairs * width`): line `l` of panel `p`
+/// Writes every element of `slots` (whole panels of `units * width`): line `l` of panel `p`
 /// (`line(p * width + r, ..)`, zeros past `lines`) into `[unit][line]` order, a block of
 /// [`PACK_BLOCK`] units of the panel's lines at a time.
 fn fill_panels(
     slots: &mut [MaybeUninit<u32>],
     lines: usize,
-    pairs: usize,
+    units: usize,
     width: usize,
     line: impl Fn(usize, usize, &mut [u32]) + Sync,
 ) {
-    if pairs == 0 {
+    if units == 0 {
         return;
     }
     slots
-        .par_chunks_mut(pairs * width)
+        .par_chunks_mut(units * width)
         .enumerate()
-        .for_each(|(p, panel)| {
-            let mut block = vec![0u32; width * PACK_BLOCK];
-            let valid = width.min(lines - p * width);
-            for u0 in (0..pairs).step_by(PACK_BLOCK) {
-                let n = PACK_BLOCK.min(pairs - u0);
-                for r in 0..width {
-                    let buf = &mut block[r * PACK_BLOCK..r * PACK_BLOCK + n];
-                    if r < valid {
-                        line(p * width + r, u0, buf);
-                    } else {
-                        buf.fill(0);
+        .for_each_init(
+            || vec![0u32; width * PACK_BLOCK],
+            |block, (p, panel)| {
+                let valid = width.min(lines - p * width);
+                for u0 in (0..units).step_by(PACK_BLOCK) {
+                    let n = PACK_BLOCK.min(units - u0);
+                    for r in 0..width {
+                        let buf = &mut block[r * PACK_BLOCK..r * PACK_BLOCK + n];
+                        if r < valid {
+                            line(p * width + r, u0, buf);
+                        } else {
+                            buf.fill(0);
+                        }
+                    }
+                    let out = &mut panel[u0 * width..(u0 + n) * width];
+                    for (q, col) in out.chunks_exact_mut(width).enumerate() {
+                        for (r, o) in col.iter_mut().enumerate() {
+                            o.write(block[r * PACK_BLOCK + q]);
+                        }
                     }
                 }
-                let out = &mut panel[u0 * width..(u0 + n) * width];
-                for (q, col) in out.chunks_exact_mut(width).enumerate() {
-                    for (r, o) in col.iter_mut().enumerate() {
-                        o.write(block[r * PACK_BLOCK + q]);
-                    }
-                }
-            }
-        });
+            },
+        );
 }
 
 /// [`pack_with_into`] a new buffer, written once without being zeroed first (a fresh buffer
@@ -353,21 +355,21 @@ fn fill_panels(
 fn pack_with(
     op: &'static str,
     lines: usize,
-    pairs: usize,
+    units: usize,
     width: usize,
     line: impl Fn(usize, usize, &mut [u32]) + Sync,
 ) -> Result<Vec<u32>> {
-    let n = packed_len(op, lines.div_ceil(width), pairs, width)?;
+    let n = packed_len(op, lines.div_ceil(width), units, width)?;
     let mut data: Vec<u32> = Vec::with_capacity(n);
     fill_panels(
         &mut data.spare_capacity_mut()[..n],
         lines,
-        pairs,
+        units,
         width,
         line,
     );
-    // SAFETY: n = panels * pairs * width (`packed_len`), so `fill_panels` wrote every element
-    // of the whole panels it was given; with no pairs, n is 0.
+    // SAFETY: n = panels * units * width (`packed_len`), so `fill_panels` wrote every element
+    // of the whole panels it was given; with no units, n is 0.
     unsafe { data.set_len(n) };
     Ok(data)
 }
@@ -412,7 +414,8 @@ impl View<'_> {
     }
 }
 
-/// Packs `(M, K)` `lhs` (rounding f32 values to bf16) for the [`chosen`] kernel (the wide form for [`Bf16Kernel::Wide512`]).
+/// Packs `(M, K)` `lhs` (rounding f32 values to bf16) for the [`chosen`] kernel (the wide form
+/// for [`Bf16Kernel::Wide512`]).
 pub fn pack_lhs(v: View) -> Result<PackedLhs> {
     pack_lhs_for(chosen(), v)
 }
@@ -674,14 +677,15 @@ impl Bf16Kernel {
 /// `VDPBF16PS` is chosen when it runs at least this share of the f32 FMA's instruction rate.
 /// It does twice an FMA's multiply-adds; its kernel reached about 0.8 of its peak, the
 /// widening one about 0.9 of the FMA's less its pair splitting (4 of every 52 vector
-/// instructions), so the two break even near 0.5. About 1 on Zen 4 and Zen 5 (from their peaks; the
-/// dot-product kernel about twice as fast), 0.25 on the Intel Xeon (about half as fast).
+/// instructions), so the two break even near 0.5. About 1 on Zen 4 and Zen 5 (from their
+/// peaks; the dot-product kernel about twice as fast), 0.25 on the Intel Xeon (about half as
+/// fast).
 const DPBF16_MIN_RATE: f64 = 0.6;
 
 /// The kernel the products use in this process, fixed at first use: `LORA_BF16_KERNEL`
 /// (`dpbf16`, `avx512`, `avx2` or `portable`) when set to one this CPU runs (otherwise a
 /// warning and the automatic choice); automatically, `VDPBF16PS` where the CPU has it and it
-/// runs at [`DPBF16_MIN_RATE`] of the FMA's rate or more (timed once, about a millisecond),
+/// runs at [`DPBF16_MIN_RATE`] of the FMA's rate or more (timed once, tens of microseconds),
 /// else the widest widening kernel the CPU runs.
 pub fn chosen() -> Bf16Kernel {
     static CHOSEN: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
@@ -715,11 +719,6 @@ fn automatic() -> Bf16Kernel {
         .copied()
         .find(|k| k.available())
         .unwrap_or(Bf16Kernel::Portable)
-}
-
-/// Whether the products run on `VDPBF16PS` (AVX512-BF16) in this process ([`chosen`]).
-pub fn native() -> bool {
-    chosen() == Bf16Kernel::Dpbf16
 }
 
 /// What the micro-kernel runs on, for reports.
